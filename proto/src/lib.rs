@@ -1,0 +1,4 @@
+//! Wire formats shared by the Fissile VMM, snapshotd and the guest agent.
+//!
+//! Every protocol here is framed, versioned and size-capped; see each module's docs for the
+//! exact encoding.
