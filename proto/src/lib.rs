@@ -3,4 +3,5 @@
 //! Every protocol here is framed, versioned and size-capped; see each module's docs for the
 //! exact encoding.
 
+pub mod control;
 pub mod frame;

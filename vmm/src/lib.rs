@@ -1,1 +1,26 @@
-//! placeholder
+//! Fissile's virtual machine monitor: one process (or one embedded instance) per sandbox.
+//!
+//! Code map:
+//! - [`config`]: validated user-facing configuration (flags or a TOML file).
+//! - [`host`]: checks that this host's KVM can boot a standard guest (and the lab quirks).
+//! - [`memory`]: guest RAM backed by a shared memfd, and the guest physical layout.
+//! - [`arch`]: x86_64 boot state: PVH start info, GDT, registers, CPUID, MSRs, MP table.
+//! - [`vstate`]: thin owners of the KVM VM and the vCPU threads (run/pause state machine).
+//! - [`devices`]: legacy port devices (serial, i8042) and virtio-mmio devices.
+//! - [`device_manager`]: the port-I/O and MMIO buses the vCPUs dispatch exits to.
+//! - [`builder`]: turns a config into a running [`Vmm`].
+//! - [`api`]: the JSON-lines control socket.
+
+pub mod api;
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod device_manager;
+pub mod devices;
+pub mod host;
+pub mod memory;
+pub mod vstate;
+
+pub use builder::{BuildError, Vmm, VmmBuilder, VmmHandle};
+pub use config::{ConfigError, VmConfig};
+pub use vstate::vcpu::VmExit;

@@ -1,0 +1,340 @@
+//! virtio-mmio transport, version 2 register layout (virtio 1.x spec, section 4.2.2).
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::memory::GuestMemory;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4653_4c46; // "FLSF"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Device status bits.
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+/// One virtio-mmio window: transport registers in front of a [`VirtioDevice`].
+#[derive(Debug)]
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    irq: Arc<IrqTrigger>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    /// Queue ready bits kept after the queues moved into the device on activation.
+    queue_ready: Vec<bool>,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+    bad_access_log: super::chain::LogLimiter,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `irq` is the device's interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        irq: Arc<IrqTrigger>,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = fresh_queues(device.queue_max_sizes())?;
+        let queue_ready = vec![false; queues.len()];
+        Ok(Self {
+            device,
+            mem,
+            irq,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            queues,
+            queue_ready,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+            bad_access_log: Default::default(),
+        })
+    }
+
+    /// The wrapped device.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The interrupt line.
+    pub fn irq(&self) -> &Arc<IrqTrigger> {
+        &self.irq
+    }
+
+    /// Current device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// True once the driver set DRIVER_OK and the device started.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.activated {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Guest read of `data.len()` bytes at `offset` within the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 {
+            self.log_bad_access("read", offset, data.len());
+            data.fill(0);
+            return;
+        }
+        let sel = self.queue_sel as usize;
+        let value = match offset {
+            REG_MAGIC => MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => {
+                let features = self.device.avail_features() | VIRTIO_F_VERSION_1;
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            REG_QUEUE_NUM_MAX => self
+                .device
+                .queue_max_sizes()
+                .get(sel)
+                .copied()
+                .map_or(0, u32::from),
+            REG_QUEUE_READY => {
+                if self.activated {
+                    u32::from(self.queue_ready.get(sel).copied().unwrap_or(false))
+                } else {
+                    self.queues.get(sel).map_or(0, |q| u32::from(q.ready()))
+                }
+            }
+            REG_INTERRUPT_STATUS => self.irq.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                self.log_bad_access("read", offset, data.len());
+                0
+            }
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// Guest write of `data` at `offset` within the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if self.status & STATUS_DRIVER_OK == 0 || self.activated {
+                self.device.write_config(offset - CONFIG_SPACE, data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.log_bad_access("write", offset, data.len());
+            return;
+        };
+        let value = u32::from_le_bytes(bytes);
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => self.set_driver_features(value),
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    // try_set_size rejects zero, non-powers of two and sizes above the max.
+                    if q.try_set_size(u16::try_from(value).unwrap_or(0)).is_err() {
+                        tracing::debug!(value, "virtio-mmio: invalid queue size ignored");
+                    }
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW => {
+                self.set_queue_addr(|q, v| q.set_desc_table_address(Some(v), None), value)
+            }
+            REG_QUEUE_DESC_HIGH => {
+                self.set_queue_addr(|q, v| q.set_desc_table_address(None, Some(v)), value)
+            }
+            REG_QUEUE_DRIVER_LOW => {
+                self.set_queue_addr(|q, v| q.set_avail_ring_address(Some(v), None), value)
+            }
+            REG_QUEUE_DRIVER_HIGH => {
+                self.set_queue_addr(|q, v| q.set_avail_ring_address(None, Some(v)), value)
+            }
+            REG_QUEUE_DEVICE_LOW => {
+                self.set_queue_addr(|q, v| q.set_used_ring_address(Some(v), None), value)
+            }
+            REG_QUEUE_DEVICE_HIGH => {
+                self.set_queue_addr(|q, v| q.set_used_ring_address(None, Some(v)), value)
+            }
+            REG_QUEUE_NOTIFY => {
+                if self.activated {
+                    self.device.queue_notify(value);
+                }
+            }
+            REG_INTERRUPT_ACK => self.irq.ack(value),
+            REG_STATUS => self.set_status(value),
+            _ => self.log_bad_access("write", offset, data.len()),
+        }
+    }
+
+    fn set_queue_addr(&mut self, f: impl FnOnce(&mut Queue, u32), value: u32) {
+        if self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != STATUS_FEATURES_OK {
+            return;
+        }
+        if let Some(q) = self.selected_queue() {
+            f(q, value);
+        }
+    }
+
+    fn set_driver_features(&mut self, value: u32) {
+        if self.status & STATUS_FEATURES_OK != 0 {
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        let offered = self.device.avail_features() | VIRTIO_F_VERSION_1;
+        let mask = 0xffff_ffffu64 << shift;
+        self.acked_features =
+            (self.acked_features & !mask) | ((u64::from(value) << shift) & offered & mask);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver may only add bits (virtio 1.x 3.1.1), except FAILED.
+        let new_bits = value & !self.status;
+        if value & self.status != self.status {
+            tracing::debug!(
+                value,
+                status = self.status,
+                "virtio-mmio: status bits cleared without reset"
+            );
+            return;
+        }
+        self.status = value;
+        if new_bits & STATUS_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // Legacy drivers are not supported: refuse FEATURES_OK.
+            self.status &= !STATUS_FEATURES_OK;
+        }
+        if new_bits & STATUS_DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let needed = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        if self.activated || self.status & needed != needed {
+            return;
+        }
+        let all_valid = self
+            .queues
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        if !all_valid {
+            tracing::warn!(
+                device = self.device.device_type(),
+                "virtio-mmio: driver set up an invalid queue; device failed"
+            );
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        self.device.set_acked_features(self.acked_features);
+        self.queue_ready = self.queues.iter().map(|q| q.ready()).collect();
+        let queues = std::mem::take(&mut self.queues);
+        match self
+            .device
+            .activate(self.mem.clone(), queues, self.irq.clone())
+        {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                tracing::warn!(device = self.device.device_type(), error = %e, "virtio device activation failed");
+                self.status |= STATUS_FAILED;
+            }
+        }
+        if let Ok(queues) = fresh_queues(self.device.queue_max_sizes()) {
+            self.queues = queues;
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.status = 0;
+        self.activated = false;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.irq.ack(u32::MAX);
+        if let Ok(queues) = fresh_queues(self.device.queue_max_sizes()) {
+            self.queue_ready = vec![false; queues.len()];
+            self.queues = queues;
+        }
+    }
+
+    fn log_bad_access(&mut self, what: &str, offset: u64, len: usize) {
+        if self.bad_access_log.allow() {
+            tracing::debug!(
+                what,
+                offset,
+                len,
+                "virtio-mmio: unsupported register access"
+            );
+        }
+    }
+}
+
+fn fresh_queues(max_sizes: &[u16]) -> Result<Vec<Queue>, virtio_queue::Error> {
+    max_sizes.iter().map(|&max| Queue::new(max)).collect()
+}

@@ -1,0 +1,128 @@
+//! Virtio devices on the virtio-mmio transport (virtio 1.x, split virtqueues).
+
+pub mod block;
+pub mod chain;
+pub mod mmio;
+pub mod rng;
+pub mod vsock;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+/// Feature bit: virtio 1.x device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device type: block.
+pub const TYPE_BLOCK: u32 = 2;
+/// Device type: entropy source.
+pub const TYPE_RNG: u32 = 4;
+/// Device type: vsock.
+pub const TYPE_VSOCK: u32 = 19;
+/// Interrupt status bit: a used ring was updated.
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one virtio-mmio device: the InterruptStatus register plus the irqfd
+/// that KVM turns into a guest interrupt.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqTrigger {
+    /// A new line with a fresh non-blocking eventfd.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the interrupt.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!(error = %e, "virtio interrupt eventfd write failed");
+        }
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears `bits` (InterruptACK).
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The eventfd to register with `KVM_IRQFD`.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// A device could not start with the queues the driver set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// Wrong number of queues.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues handed over.
+        got: usize,
+    },
+    /// A device-specific resource failed to start.
+    #[error("device backend: {0}")]
+    Backend(String),
+}
+
+/// What a virtio device implements; the transport does the rest.
+pub trait VirtioDevice: Send + std::fmt::Debug {
+    /// Virtio device type id.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue (its length is the number of queues).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver accepted (a subset of the offered ones).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads device config space at `offset`; bytes past the end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space (ignored by devices with a read-only config).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        irq: Arc<IrqTrigger>,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index`.
+    fn queue_notify(&mut self, index: u32);
+    /// The driver reset the device: drop queues and in-flight state.
+    fn reset(&mut self);
+}
+
+/// Copies `src` (a device config struct as bytes) at `offset` into `data`; out of range reads
+/// yield zeros.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(avail) = src.get(offset..) {
+        let n = avail.len().min(data.len());
+        data[..n].copy_from_slice(&avail[..n]);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils;

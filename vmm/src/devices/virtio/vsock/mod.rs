@@ -1,0 +1,161 @@
+//! virtio-vsock with the host side on a unix socket (Firecracker's hybrid model).
+//!
+//! - [`packet`]: the 44-byte header.
+//! - [`connection`]: one stream's state machine and credit-based flow control.
+//! - [`muxer`]: host sockets <-> guest queues, and the `CONNECT <port>` handshake.
+//!
+//! Threads: queue notifications are handled on the vCPU thread that wrote QueueNotify; host
+//! socket readiness on a dedicated event thread (epoll). Both lock the same backend.
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use muxer::{VsockBackend, VsockError};
+
+use crate::devices::virtio::{
+    ActivateError, IrqTrigger, TYPE_VSOCK, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+};
+use crate::memory::GuestMemory;
+
+/// Size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// The virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    queue_sizes: [u16; 3],
+    backend: Arc<Mutex<VsockBackend>>,
+    stop: Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn lock(b: &Mutex<VsockBackend>) -> MutexGuard<'_, VsockBackend> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vsock {
+    /// A device for guest `guest_cid`, listening for host clients on `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        let epoll = Arc::new(Epoll::new().map_err(VsockError::Epoll)?);
+        let mut backend = VsockBackend::new(guest_cid, uds_path, epoll.clone())?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Epoll)?);
+        backend
+            .add_wakeup_fd(stop.as_raw_fd())
+            .map_err(VsockError::Epoll)?;
+        let backend = Arc::new(Mutex::new(backend));
+        let thread = {
+            let backend = backend.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("fissile-vsock".into())
+                .spawn(move || event_loop(&epoll, &backend, &stop))
+                .map_err(VsockError::Thread)?
+        };
+        Ok(Self {
+            guest_cid,
+            queue_sizes: [QUEUE_SIZE; 3],
+            backend,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The shared backend (tests and the future snapshot code use it).
+    pub fn backend(&self) -> &Arc<Mutex<VsockBackend>> {
+        &self.backend
+    }
+
+    /// Sends a transport-reset event to the guest and drops every connection.
+    pub fn send_transport_reset(&self) -> bool {
+        lock(&self.backend).send_transport_reset()
+    }
+}
+
+fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, stop: &EventFd) {
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "vsock: epoll_wait failed; vsock thread exits");
+                return;
+            }
+        };
+        if stop.read().is_ok() {
+            return;
+        }
+        let mut b = lock(backend);
+        for ev in &events[..n] {
+            b.handle_event(ev.fd(), ev.event_set());
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        irq: Arc<IrqTrigger>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: queues.len(),
+            });
+        }
+        lock(&self.backend).activate(mem, queues, irq);
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u32) {
+        lock(&self.backend).notify(index as usize);
+    }
+
+    fn reset(&mut self) {
+        lock(&self.backend).reset();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,756 @@
+//! The vsock backend: host unix sockets on one side, the guest's rx/tx/event queues on the
+//! other. Host clients connect to the listening socket and write `CONNECT <port>\n`; we open
+//! a stream to that guest port and answer `OK <host port>\n` once the guest accepts (the
+//! Firecracker hybrid-vsock convention). Guest connections to host port P are forwarded to
+//! `<uds path>_P` if such a socket exists.
+//!
+//! Bounded memory: at most [`MAX_CONNECTIONS`] connections, [`CONN_BUF_ALLOC`] held bytes per
+//! connection, [`MAX_PENDING_CONTROL`] queued control packets, one 64 KiB bounce buffer.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::{CONN_BUF_ALLOC, ConnState, Connection};
+use super::packet::*;
+use crate::devices::virtio::chain::{LogLimiter, collect_chain};
+use crate::devices::virtio::{INT_VRING, IrqTrigger};
+use crate::memory::GuestMemory;
+
+/// Largest payload we send or accept per packet.
+pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Most simultaneous connections (host- or guest-initiated, including half-open ones).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most control packets waiting for rx buffers.
+pub const MAX_PENDING_CONTROL: usize = 1024;
+/// Longest accepted `CONNECT <port>\n` line.
+const MAX_CONNECT_LINE: usize = 32;
+/// Most tx packets handled per notification (the largest queue size).
+const MAX_TX_PER_NOTIFY: usize = 32768;
+/// First host-side port number we hand out.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Event id: transport reset (virtio 1.2, 5.10.6.5).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Queue indexes.
+pub const RXQ: usize = 0;
+/// Transmit queue (guest to host).
+pub const TXQ: usize = 1;
+/// Event queue.
+pub const EVQ: usize = 2;
+
+/// Key of a connection: (host-side port, guest-side port).
+pub type ConnKey = (u32, u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Listener,
+    Wakeup,
+    Handshake,
+    Conn(ConnKey),
+}
+
+/// A host client that has not finished its `CONNECT` line yet.
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    irq: Arc<IrqTrigger>,
+}
+
+/// Backend state; lives behind a mutex shared by the vCPU threads (queue notifications) and
+/// the vsock event thread (host socket readiness).
+#[derive(Debug)]
+pub struct VsockBackend {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Arc<Epoll>,
+    owners: HashMap<RawFd, Owner>,
+    handshakes: HashMap<RawFd, Handshake>,
+    conns: HashMap<ConnKey, Connection>,
+    control: VecDeque<(ConnKey, u16, u32)>,
+    next_local_port: u32,
+    active: Option<Active>,
+    buf: Vec<u8>,
+    log: LogLimiter,
+}
+
+/// Creating the backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// Binding the host unix socket.
+    #[error("binding vsock socket {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// epoll setup.
+    #[error("vsock epoll setup")]
+    Epoll(#[source] std::io::Error),
+    /// Spawning the event thread.
+    #[error("spawning the vsock thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl VsockBackend {
+    /// Binds `uds_path` (replacing a stale socket) and registers it with `epoll`.
+    pub fn new(guest_cid: u64, uds_path: &Path, epoll: Arc<Epoll>) -> Result<Self, VsockError> {
+        if uds_path.exists() {
+            let _ = std::fs::remove_file(uds_path);
+        }
+        let listener = UnixListener::bind(uds_path)
+            .map_err(|e| VsockError::Bind(uds_path.to_path_buf(), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VsockError::Bind(uds_path.to_path_buf(), e))?;
+        let fd = listener.as_raw_fd();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, fd as u64),
+            )
+            .map_err(VsockError::Epoll)?;
+        let mut owners = HashMap::new();
+        owners.insert(fd, Owner::Listener);
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            epoll,
+            owners,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            control: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            active: None,
+            buf: vec![0; MAX_PKT_PAYLOAD],
+            log: LogLimiter::default(),
+        })
+    }
+
+    /// Registers an fd whose readiness only wakes the loop (e.g. a stop eventfd).
+    pub fn add_wakeup_fd(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, fd as u64),
+        )?;
+        self.owners.insert(fd, Owner::Wakeup);
+        Ok(())
+    }
+
+    /// Guest CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// State of a connection.
+    pub fn connection_state(&self, key: ConnKey) -> Option<ConnState> {
+        self.conns.get(&key).map(|c| c.state)
+    }
+
+    /// Starts using the guest's queues.
+    pub fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, irq: Arc<IrqTrigger>) {
+        self.active = Some(Active { mem, queues, irq });
+        self.process_rx();
+    }
+
+    /// Forgets the queues and every connection (driver reset).
+    pub fn reset(&mut self) {
+        self.active = None;
+        self.drop_all_connections();
+    }
+
+    fn drop_all_connections(&mut self) {
+        for (_, conn) in self.conns.drain() {
+            let fd = conn.stream.as_raw_fd();
+            self.owners.remove(&fd);
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        self.control.clear();
+    }
+
+    /// Handles readiness of `fd` reported by epoll.
+    pub fn handle_event(&mut self, fd: RawFd, events: EventSet) {
+        match self.owners.get(&fd).copied() {
+            Some(Owner::Listener) => self.accept_all(),
+            Some(Owner::Wakeup) | None => {}
+            Some(Owner::Handshake) => self.read_handshake(fd),
+            Some(Owner::Conn(key)) => self.conn_ready(key, events),
+        }
+        self.process_rx();
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+                        if self.log.allow() {
+                            tracing::warn!("vsock: connection limit reached; refusing host client");
+                        }
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    let ev = EpollEvent::new(EventSet::IN, fd as u64);
+                    if self.epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
+                        continue;
+                    }
+                    self.owners.insert(fd, Owner::Handshake);
+                    self.handshakes.insert(
+                        fd,
+                        Handshake {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock: accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close_handshake(&mut self, fd: RawFd) -> Option<Handshake> {
+        self.owners.remove(&fd);
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        self.handshakes.remove(&fd)
+    }
+
+    /// Reads the `CONNECT <port>\n` line one byte at a time, so no data after it is consumed.
+    fn read_handshake(&mut self, fd: RawFd) {
+        let Some(hs) = self.handshakes.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        loop {
+            match hs.stream.read(&mut byte) {
+                Ok(0) => {
+                    self.close_handshake(fd);
+                    return;
+                }
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => {
+                    hs.line.push(byte[0]);
+                    if hs.line.len() > MAX_CONNECT_LINE {
+                        self.close_handshake(fd);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_handshake(fd);
+                    return;
+                }
+            }
+        }
+        let Some(mut hs) = self.close_handshake(fd) else {
+            return;
+        };
+        let Some(port) = parse_connect(&hs.line) else {
+            let _ = hs.stream.write_all(b"ERR bad CONNECT line\n");
+            return;
+        };
+        let local_port = self.allocate_local_port(port);
+        let conn = Connection::new(hs.stream, ConnState::LocalInit, local_port, port);
+        if self.insert_conn(conn) {
+            self.queue_control((local_port, port), OP_REQUEST, 0);
+        }
+    }
+
+    fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&(port, peer_port)) {
+                return port;
+            }
+        }
+    }
+
+    fn insert_conn(&mut self, conn: Connection) -> bool {
+        let key = (conn.local_port, conn.peer_port);
+        let fd = conn.stream.as_raw_fd();
+        let ev = EpollEvent::new(
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            fd as u64,
+        );
+        if self.epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
+            return false;
+        }
+        self.owners.insert(fd, Owner::Conn(key));
+        self.conns.insert(key, conn);
+        true
+    }
+
+    fn remove_conn(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.remove(&key) {
+            let fd = conn.stream.as_raw_fd();
+            self.owners.remove(&fd);
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    fn reset_conn(&mut self, key: ConnKey) {
+        self.remove_conn(key);
+        self.queue_control(key, OP_RST, 0);
+    }
+
+    fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
+        if self.control.len() >= MAX_PENDING_CONTROL {
+            if self.log.allow() {
+                tracing::warn!(op, "vsock: control queue full; packet dropped");
+            }
+            return;
+        }
+        self.control.push_back((key, op, flags));
+    }
+
+    fn conn_ready(&mut self, key: ConnKey, events: EventSet) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+        {
+            conn.host_readable = true;
+        }
+        if events.contains(EventSet::OUT) && !conn.pending_to_host.is_empty() {
+            if conn.flush_to_host().is_err() {
+                self.reset_conn(key);
+                return;
+            }
+            self.after_host_write(key);
+        }
+    }
+
+    /// After guest data reached the host socket: credit updates and deferred closes.
+    fn after_host_write(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.state == ConnState::PeerClosing && conn.pending_to_host.is_empty() {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            self.reset_conn(key);
+            return;
+        }
+        if conn.peer_send_closed && !conn.host_write_shut && conn.pending_to_host.is_empty() {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+            conn.host_write_shut = true;
+        }
+        if conn.needs_credit_update() {
+            self.queue_control(key, OP_CREDIT_UPDATE, 0);
+        }
+    }
+
+    /// Notification on any queue: drain tx, then fill rx.
+    pub fn notify(&mut self, queue: usize) {
+        if queue == TXQ {
+            self.process_tx();
+        }
+        self.process_rx();
+    }
+
+    /// Handles every packet the guest has sent (at most one queue's worth per call).
+    pub fn process_tx(&mut self) {
+        let mut used = false;
+        for _ in 0..MAX_TX_PER_NOTIFY {
+            let parsed = {
+                let Some(active) = self.active.as_mut() else {
+                    return;
+                };
+                let mem = &active.mem;
+                let Some(txq) = active.queues.get_mut(TXQ) else {
+                    return;
+                };
+                let max = usize::from(txq.size());
+                let Some(chain) = txq.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let parsed = collect_chain(chain, max)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| read_packet(mem, &d, &mut self.buf));
+                let _ = txq.add_used(mem, head, 0);
+                used = true;
+                parsed
+            };
+            match parsed {
+                Ok((hdr, len)) => {
+                    let payload = std::mem::take(&mut self.buf);
+                    self.handle_guest_packet(&hdr, &payload[..len]);
+                    self.buf = payload;
+                }
+                Err(why) => {
+                    if self.log.allow() {
+                        tracing::warn!(why, "vsock: dropped malformed tx packet");
+                    }
+                }
+            }
+        }
+        if used {
+            self.signal_used(TXQ);
+        }
+    }
+
+    /// One packet from the guest.
+    pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
+            if self.log.allow() {
+                tracing::warn!(
+                    src = hdr.src_cid,
+                    dst = hdr.dst_cid,
+                    "vsock: packet with wrong CIDs dropped"
+                );
+            }
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.type_ != TYPE_STREAM {
+            if hdr.op != OP_RST {
+                self.queue_control(key, OP_RST, 0);
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            match hdr.op {
+                OP_REQUEST => self.guest_connect(key, hdr),
+                OP_RST => {}
+                _ => self.queue_control(key, OP_RST, 0),
+            }
+            return;
+        };
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        match (hdr.op, conn.state) {
+            (OP_RESPONSE, ConnState::LocalInit) => {
+                conn.state = ConnState::Established;
+                let line = format!("OK {}\n", conn.local_port);
+                if conn.stream.write_all(line.as_bytes()).is_err() {
+                    self.reset_conn(key);
+                    return;
+                }
+                conn.host_readable = true;
+            }
+            (OP_RW, ConnState::Established | ConnState::LocalClosing) => {
+                if let Err(e) = conn.push_to_host(payload) {
+                    if self.log.allow() {
+                        tracing::warn!(error = %e, "vsock: resetting connection");
+                    }
+                    self.reset_conn(key);
+                    return;
+                }
+                self.after_host_write(key);
+            }
+            (OP_CREDIT_UPDATE, _) => {}
+            (OP_CREDIT_REQUEST, _) => self.queue_control(key, OP_CREDIT_UPDATE, 0),
+            (OP_SHUTDOWN, _) => {
+                if hdr.flags & SHUTDOWN_SEND != 0 {
+                    conn.peer_send_closed = true;
+                }
+                if hdr.flags & SHUTDOWN_SEND != 0 && hdr.flags & SHUTDOWN_RCV != 0 {
+                    conn.state = ConnState::PeerClosing;
+                }
+                self.after_host_write(key);
+            }
+            (OP_RST, _) => self.remove_conn(key),
+            _ => self.reset_conn(key),
+        }
+    }
+
+    /// The guest connects to host port `key.0`: forward to `<uds>_<port>` if it exists.
+    fn guest_connect(&mut self, key: ConnKey, hdr: &VsockHeader) {
+        if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+            self.queue_control(key, OP_RST, 0);
+            return;
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", key.0));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                self.queue_control(key, OP_RST, 0);
+                return;
+            }
+        };
+        let mut conn = Connection::new(stream, ConnState::Established, key.0, key.1);
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        if self.insert_conn(conn) {
+            self.queue_control(key, OP_RESPONSE, 0);
+        } else {
+            self.queue_control(key, OP_RST, 0);
+        }
+    }
+
+    fn header_for(&self, key: ConnKey, op: u16, flags: u32, len: u32) -> VsockHeader {
+        let fwd_cnt = self.conns.get(&key).map_or(0, |c| c.fwd_cnt.0);
+        VsockHeader {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: CONN_BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    /// Fills guest rx buffers: queued control packets first, then host data within credit.
+    pub fn process_rx(&mut self) {
+        let mut used = false;
+        loop {
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let mem = active.mem.clone();
+            let Some(rxq) = active.queues.get_mut(RXQ) else {
+                return;
+            };
+            let max = usize::from(rxq.size());
+            let Some(chain) = rxq.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let descs = match collect_chain(chain, max) {
+                Ok(d) if d.iter().all(|d| d.is_write_only()) && capacity(&d) >= HDR_SIZE => d,
+                _ => {
+                    if self.log.allow() {
+                        tracing::warn!("vsock: unusable rx buffer dropped");
+                    }
+                    let _ = self.rx_queue().map(|q| q.add_used(&mem, head, 0));
+                    used = true;
+                    continue;
+                }
+            };
+            match self.next_rx_packet(capacity(&descs) - HDR_SIZE) {
+                Some((hdr, payload_len)) => {
+                    let mut packet = hdr.to_bytes().to_vec();
+                    packet.extend_from_slice(&self.buf[..payload_len]);
+                    let written = write_descs(&mem, &descs, &packet);
+                    let _ = self
+                        .rx_queue()
+                        .map(|q| q.add_used(&mem, head, written as u32));
+                    if let Some(conn) = self.conns.get_mut(&(hdr.src_port, hdr.dst_port)) {
+                        conn.last_fwd_cnt_sent = Wrapping(hdr.fwd_cnt);
+                    }
+                    used = true;
+                }
+                None => {
+                    if let Some(q) = self.rx_queue() {
+                        q.go_to_previous_position();
+                    }
+                    break;
+                }
+            }
+        }
+        if used {
+            self.signal_used(RXQ);
+        }
+    }
+
+    /// Interrupts the guest for queue `index` unless it suppressed notifications.
+    fn signal_used(&mut self, index: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let notify = active
+            .queues
+            .get_mut(index)
+            .is_some_and(|q| q.needs_notification(mem).unwrap_or(true));
+        if notify {
+            active.irq.trigger(INT_VRING);
+        }
+    }
+
+    fn rx_queue(&mut self) -> Option<&mut Queue> {
+        self.active.as_mut()?.queues.get_mut(RXQ)
+    }
+
+    /// The next packet for the guest; its payload (if any) is in `self.buf`.
+    fn next_rx_packet(&mut self, room: usize) -> Option<(VsockHeader, usize)> {
+        if let Some((key, op, flags)) = self.control.pop_front() {
+            return Some((self.header_for(key, op, flags, 0), 0));
+        }
+        let room = room.min(self.buf.len());
+        let keys: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.host_readable && c.state == ConnState::Established)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if conn.peer_credit() == 0 {
+                if !conn.credit_requested {
+                    conn.credit_requested = true;
+                    return Some((self.header_for(key, OP_CREDIT_REQUEST, 0, 0), 0));
+                }
+                continue;
+            }
+            match conn.read_from_host(&mut self.buf[..room]) {
+                Ok(Some(0)) => {
+                    conn.state = ConnState::LocalClosing;
+                    // EOF only says the host will send no more; it may still read.
+                    return Some((self.header_for(key, OP_SHUTDOWN, SHUTDOWN_SEND, 0), 0));
+                }
+                Ok(Some(n)) => return Some((self.header_for(key, OP_RW, 0, n as u32), n)),
+                Ok(None) => {}
+                Err(_) => {
+                    self.remove_conn(key);
+                    return Some((self.header_for(key, OP_RST, 0, 0), 0));
+                }
+            }
+        }
+        None
+    }
+
+    /// Tells the guest driver that all connections are gone (after restore/fork).
+    pub fn send_transport_reset(&mut self) -> bool {
+        self.drop_all_connections();
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let Some(evq) = active.queues.get_mut(EVQ) else {
+            return false;
+        };
+        let max = usize::from(evq.size());
+        let Some(chain) = evq.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = match collect_chain(chain, max) {
+            Ok(d) if d.iter().all(|d| d.is_write_only()) => {
+                write_descs(mem, &d, &EVENT_TRANSPORT_RESET.to_le_bytes())
+            }
+            _ => 0,
+        };
+        let _ = evq.add_used(mem, head, written as u32);
+        active.irq.trigger(INT_VRING);
+        written == 4
+    }
+}
+
+/// Parses `CONNECT <port>` (the newline already stripped; a trailing `\r` is tolerated).
+pub fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = text.strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+fn capacity(descs: &[Descriptor]) -> usize {
+    descs.iter().map(|d| d.len() as usize).sum()
+}
+
+/// Reads header + payload from device-readable descriptors. Payload goes to `buf`.
+fn read_packet(
+    mem: &GuestMemory,
+    descs: &[Descriptor],
+    buf: &mut [u8],
+) -> Result<(VsockHeader, usize), String> {
+    if descs.iter().any(|d| d.is_write_only()) {
+        return Err("tx descriptor is device-writable".into());
+    }
+    let total = capacity(descs);
+    if total < HDR_SIZE {
+        return Err("tx packet shorter than the header".into());
+    }
+    let mut hdr_bytes = [0u8; HDR_SIZE];
+    read_descs(mem, descs, 0, &mut hdr_bytes)?;
+    let hdr = VsockHeader::parse(&hdr_bytes);
+    let len = hdr.len as usize;
+    if len > MAX_PKT_PAYLOAD || len > buf.len() || HDR_SIZE + len > total {
+        return Err(format!("tx payload length {len} is invalid"));
+    }
+    read_descs(mem, descs, HDR_SIZE, &mut buf[..len])?;
+    Ok((hdr, len))
+}
+
+/// Copies bytes starting at logical offset `skip` of the descriptor list into `out`.
+fn read_descs(
+    mem: &GuestMemory,
+    descs: &[Descriptor],
+    mut skip: usize,
+    out: &mut [u8],
+) -> Result<(), String> {
+    let mut done = 0;
+    for d in descs {
+        if done == out.len() {
+            break;
+        }
+        let len = d.len() as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(out.len() - done);
+        mem.read_slice(
+            &mut out[done..done + n],
+            GuestAddress(d.addr().0 + skip as u64),
+        )
+        .map_err(|e| e.to_string())?;
+        done += n;
+        skip = 0;
+    }
+    if done < out.len() {
+        return Err("descriptor chain too short".into());
+    }
+    Ok(())
+}
+
+/// Writes `data` across the descriptors; returns the bytes written.
+fn write_descs(mem: &GuestMemory, descs: &[Descriptor], data: &[u8]) -> usize {
+    let mut done = 0;
+    for d in descs {
+        if done == data.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(data.len() - done);
+        if mem.write_slice(&data[done..done + n], d.addr()).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}

@@ -1,0 +1,489 @@
+//! Backend tests on test memory with real unix sockets, driven the way the event thread
+//! drives it (epoll readiness), but step by step.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
+
+use super::connection::{CONN_BUF_ALLOC, ConnState};
+use super::muxer::{TXQ, parse_connect};
+use super::packet::*;
+use super::*;
+use crate::devices::virtio::test_utils::{TestQueue, test_irq, test_memory};
+
+const GUEST_CID: u64 = 3;
+const GUEST_PORT: u32 = 1024;
+/// Guest rx buffers: 4 KiB each, like the Linux driver's.
+const RX_BUF: u32 = 4096;
+const RX_BUFS_BASE: u64 = 0x40_0000;
+const TX_BUFS_BASE: u64 = 0x80_0000;
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    epoll: Arc<Epoll>,
+    backend: VsockBackend,
+    mem: GuestMemory,
+    rx: TestQueue,
+    tx: TestQueue,
+    ev: TestQueue,
+    rx_addr: HashMap<u16, u64>,
+    rx_seen: u16,
+    next_rx_buf: u64,
+    next_tx_buf: u64,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vsock.sock");
+    let epoll = Arc::new(Epoll::new().unwrap());
+    let mut backend = VsockBackend::new(GUEST_CID, &path, epoll.clone()).unwrap();
+    let mem = test_memory();
+    let rx = TestQueue::new(&mem, 0x10_0000, 64);
+    let tx = TestQueue::new(&mem, 0x20_0000, 64);
+    let ev = TestQueue::new(&mem, 0x30_0000, 4);
+    backend.activate(
+        mem.clone(),
+        vec![rx.queue(), tx.queue(), ev.queue()],
+        test_irq(),
+    );
+    Rig {
+        _dir: dir,
+        path,
+        epoll,
+        backend,
+        mem,
+        rx,
+        tx,
+        ev,
+        rx_addr: HashMap::new(),
+        rx_seen: 0,
+        next_rx_buf: RX_BUFS_BASE,
+        next_tx_buf: TX_BUFS_BASE,
+    }
+}
+
+impl Rig {
+    fn give_rx_buffers(&mut self, n: usize) {
+        for _ in 0..n {
+            let addr = self.next_rx_buf;
+            self.next_rx_buf += u64::from(RX_BUF);
+            let head = self.rx.add_chain(&self.mem, &[(addr, RX_BUF, true)]);
+            self.rx_addr.insert(head, addr);
+            self.rx.publish(&self.mem, head);
+        }
+        self.backend.notify(0);
+    }
+
+    /// Waits for host-socket readiness (up to 2 s per wait) and lets the backend handle it,
+    /// until `done` holds.
+    fn pump_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) {
+        let mut events = vec![EpollEvent::default(); 16];
+        for _ in 0..200 {
+            if done(self) {
+                return;
+            }
+            let n = self.epoll.wait(2000, &mut events).unwrap();
+            for ev in &events[..n] {
+                self.backend.handle_event(ev.fd(), ev.event_set());
+            }
+        }
+        panic!("condition not reached");
+    }
+
+    /// Packets the device has put in the rx queue since the last call.
+    fn take_rx(&mut self) -> Vec<(VsockHeader, Vec<u8>)> {
+        let mut out = Vec::new();
+        while self.rx_seen != self.rx.used_idx(&self.mem) {
+            let (head, len) = self.rx.used_entry(&self.mem, self.rx_seen);
+            self.rx_seen = self.rx_seen.wrapping_add(1);
+            let addr = self.rx_addr[&(head as u16)];
+            let mut raw = vec![0u8; len as usize];
+            self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+            let hdr = VsockHeader::parse(raw[..HDR_SIZE].try_into().unwrap());
+            out.push((hdr, raw[HDR_SIZE..].to_vec()));
+        }
+        out
+    }
+
+    /// The guest sends a packet on the tx queue.
+    fn guest_send(&mut self, hdr: VsockHeader, payload: &[u8]) {
+        let addr = self.next_tx_buf;
+        self.next_tx_buf += 0x1_0000 + HDR_SIZE as u64;
+        if self.next_tx_buf > 0xe0_0000 {
+            self.next_tx_buf = TX_BUFS_BASE;
+        }
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(addr))
+            .unwrap();
+        self.mem
+            .write_slice(payload, GuestAddress(addr + HDR_SIZE as u64))
+            .unwrap();
+        let head = self.tx.add_chain(
+            &self.mem,
+            &[(addr, (HDR_SIZE + payload.len()) as u32, false)],
+        );
+        self.tx.publish(&self.mem, head);
+        self.backend.notify(TXQ);
+    }
+
+    fn guest_hdr(
+        &self,
+        local_port: u32,
+        op: u16,
+        len: u32,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    ) -> VsockHeader {
+        VsockHeader {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: GUEST_PORT,
+            dst_port: local_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc,
+            fwd_cnt,
+        }
+    }
+
+    /// Host client connects and the guest accepts; returns (client, host-side port).
+    fn connect(&mut self, guest_buf_alloc: u32) -> (UnixStream, u32) {
+        let mut client = UnixStream::connect(&self.path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+            .unwrap();
+        self.give_rx_buffers(1);
+        let mut pkts = Vec::new();
+        self.pump_until(|r| {
+            pkts.extend(r.take_rx());
+            !pkts.is_empty()
+        });
+        let (req, _) = pkts[0];
+        assert_eq!(req.op, OP_REQUEST);
+        assert_eq!(
+            (req.src_cid, req.dst_cid, req.dst_port),
+            (HOST_CID, GUEST_CID, GUEST_PORT)
+        );
+        assert_eq!(req.buf_alloc, CONN_BUF_ALLOC);
+        let local = req.src_port;
+        let resp = self.guest_hdr(local, OP_RESPONSE, 0, guest_buf_alloc, 0);
+        self.guest_send(resp, &[]);
+        let mut line = String::new();
+        BufReader::new(&client).read_line(&mut line).unwrap();
+        assert_eq!(line, format!("OK {local}\n"));
+        assert_eq!(
+            self.backend.connection_state((local, GUEST_PORT)),
+            Some(ConnState::Established)
+        );
+        (client, local)
+    }
+}
+
+#[test]
+fn connect_handshake_sends_request_and_answers_ok() {
+    let mut r = rig();
+    let (_client, local) = r.connect(CONN_BUF_ALLOC);
+    assert!(local >= 1 << 30);
+    assert_eq!(r.backend.connection_count(), 1);
+}
+
+#[test]
+fn bytes_flow_both_ways() {
+    let mut r = rig();
+    let (mut client, local) = r.connect(CONN_BUF_ALLOC);
+
+    client.write_all(b"hello").unwrap();
+    r.give_rx_buffers(2);
+    let mut got = Vec::new();
+    r.pump_until(|r| {
+        got.extend(
+            r.take_rx()
+                .into_iter()
+                .filter(|(h, _)| h.op == OP_RW)
+                .flat_map(|(_, p)| p),
+        );
+        got.len() >= 5
+    });
+    assert_eq!(got, b"hello");
+
+    r.guest_send(r.guest_hdr(local, OP_RW, 5, CONN_BUF_ALLOC, 5), b"world");
+    let mut buf = [0u8; 5];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"world");
+}
+
+#[test]
+fn host_to_guest_respects_guest_credit_until_credit_update() {
+    let mut r = rig();
+    let guest_buf = 6000;
+    let (mut client, local) = r.connect(guest_buf);
+    client.write_all(&[0x5a; 20_000]).unwrap();
+    r.give_rx_buffers(16);
+
+    let mut delivered = 0usize;
+    let mut credit_requested = false;
+    r.pump_until(|r| {
+        for (h, p) in r.take_rx() {
+            match h.op {
+                OP_RW => delivered += p.len(),
+                OP_CREDIT_REQUEST => credit_requested = true,
+                _ => {}
+            }
+        }
+        credit_requested
+    });
+    assert_eq!(
+        delivered, guest_buf as usize,
+        "never more than the guest's buffer"
+    );
+
+    // The guest consumed everything and says so: the rest flows.
+    r.guest_send(
+        r.guest_hdr(local, OP_CREDIT_UPDATE, 0, guest_buf, guest_buf),
+        &[],
+    );
+    r.give_rx_buffers(16);
+    r.pump_until(|r| {
+        delivered += r
+            .take_rx()
+            .iter()
+            .filter(|(h, _)| h.op == OP_RW)
+            .map(|(_, p)| p.len())
+            .sum::<usize>();
+        delivered >= 2 * guest_buf as usize
+    });
+    assert_eq!(delivered, 2 * guest_buf as usize);
+}
+
+#[test]
+fn guest_exceeding_our_credit_gets_reset_and_memory_stays_bounded() {
+    let mut r = rig();
+    let (client, local) = r.connect(CONN_BUF_ALLOC);
+    r.give_rx_buffers(8);
+    let chunk = vec![1u8; 64 * 1024];
+
+    // Nobody reads `client`: the socket buffer fills, then our 256 KiB buffer, then RST.
+    for i in 0..16u32 {
+        r.guest_send(
+            r.guest_hdr(local, OP_RW, chunk.len() as u32, CONN_BUF_ALLOC, 0),
+            &chunk,
+        );
+        if r.backend.connection_count() == 0 {
+            assert!(i >= 4, "reset only after our buffer was exceeded");
+            break;
+        }
+    }
+
+    assert_eq!(r.backend.connection_count(), 0);
+    let rst = r
+        .take_rx()
+        .into_iter()
+        .any(|(h, _)| h.op == OP_RST && h.src_port == local);
+    assert!(rst, "guest told about the reset");
+    drop(client);
+}
+
+#[test]
+fn host_eof_sends_shutdown_and_guest_rst_removes_the_connection() {
+    let mut r = rig();
+    let (client, local) = r.connect(CONN_BUF_ALLOC);
+    r.give_rx_buffers(2);
+
+    drop(client);
+    let mut shutdown = None;
+    r.pump_until(|r| {
+        shutdown = r
+            .take_rx()
+            .into_iter()
+            .find(|(h, _)| h.op == OP_SHUTDOWN)
+            .map(|(h, _)| h);
+        shutdown.is_some()
+    });
+    assert_eq!(shutdown.unwrap().flags, SHUTDOWN_SEND);
+    assert_eq!(
+        r.backend.connection_state((local, GUEST_PORT)),
+        Some(ConnState::LocalClosing)
+    );
+
+    r.guest_send(r.guest_hdr(local, OP_RST, 0, 0, 0), &[]);
+    assert_eq!(r.backend.connection_count(), 0);
+}
+
+#[test]
+fn host_half_close_still_receives_guest_output() {
+    let mut r = rig();
+    let (mut client, local) = r.connect(CONN_BUF_ALLOC);
+    r.give_rx_buffers(2);
+
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    r.pump_until(|r| r.take_rx().iter().any(|(h, _)| h.op == OP_SHUTDOWN));
+    r.guest_send(r.guest_hdr(local, OP_RW, 6, CONN_BUF_ALLOC, 0), b"output");
+    let mut hdr = r.guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
+    hdr.flags = SHUTDOWN_SEND;
+    r.guest_send(hdr, &[]);
+
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"output");
+}
+
+#[test]
+fn guest_full_shutdown_flushes_then_resets() {
+    let mut r = rig();
+    let (mut client, local) = r.connect(CONN_BUF_ALLOC);
+    r.give_rx_buffers(2);
+
+    r.guest_send(r.guest_hdr(local, OP_RW, 3, CONN_BUF_ALLOC, 0), b"bye");
+    let mut hdr = r.guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
+    hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    r.guest_send(hdr, &[]);
+
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        rest, b"bye",
+        "data before the shutdown is delivered, then EOF"
+    );
+    assert_eq!(r.backend.connection_count(), 0);
+    assert!(r.take_rx().iter().any(|(h, _)| h.op == OP_RST));
+}
+
+#[test]
+fn hostile_tx_packets_are_dropped_or_reset_without_panic() {
+    let mut r = rig();
+    r.give_rx_buffers(4);
+
+    // Length field larger than the buffer the guest provided.
+    let mut lying = r.guest_hdr(5, OP_RW, 60_000, 0, 0);
+    r.guest_send(lying, b"short");
+    // Wrong source CID (spoofing another VM).
+    lying = r.guest_hdr(5, OP_RW, 0, 0, 0);
+    lying.src_cid = 42;
+    r.guest_send(lying, &[]);
+    // Header descriptor outside guest RAM.
+    let head = r.tx.add_chain(&r.mem, &[(1 << 40, HDR_SIZE as u32, false)]);
+    r.tx.publish(&r.mem, head);
+    r.backend.notify(TXQ);
+    // Device-writable descriptor on the tx queue.
+    let head =
+        r.tx.add_chain(&r.mem, &[(TX_BUFS_BASE, HDR_SIZE as u32, true)]);
+    r.tx.publish(&r.mem, head);
+    r.backend.notify(TXQ);
+    // Data for a connection that does not exist: answered with RST.
+    r.guest_send(r.guest_hdr(77, OP_RW, 0, 0, 0), &[]);
+
+    let replies = r.take_rx();
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].0.op, OP_RST);
+    assert_eq!(replies[0].0.src_port, 77);
+    assert_eq!(
+        r.tx.used_idx(&r.mem),
+        5,
+        "every tx chain is returned to the guest"
+    );
+    assert_eq!(r.backend.connection_count(), 0);
+}
+
+#[test]
+fn guest_connect_to_missing_host_port_is_reset() {
+    let mut r = rig();
+    r.give_rx_buffers(1);
+
+    r.guest_send(r.guest_hdr(52, OP_REQUEST, 0, CONN_BUF_ALLOC, 0), &[]);
+
+    let replies = r.take_rx();
+    assert_eq!(replies[0].0.op, OP_RST);
+}
+
+#[test]
+fn guest_connect_forwards_to_port_suffixed_socket() {
+    let mut r = rig();
+    let mut side = r.path.clone().into_os_string();
+    side.push("_52");
+    let listener = std::os::unix::net::UnixListener::bind(&side).unwrap();
+    r.give_rx_buffers(1);
+
+    r.guest_send(r.guest_hdr(52, OP_REQUEST, 0, CONN_BUF_ALLOC, 0), &[]);
+    let (mut host, _) = listener.accept().unwrap();
+    r.guest_send(r.guest_hdr(52, OP_RW, 2, CONN_BUF_ALLOC, 0), b"hi");
+
+    assert_eq!(r.take_rx()[0].0.op, OP_RESPONSE);
+    let mut buf = [0u8; 2];
+    host.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hi");
+}
+
+#[test]
+fn bad_connect_line_closes_the_client() {
+    let mut r = rig();
+    let mut client = UnixStream::connect(&r.path).unwrap();
+    client.write_all(b"HELLO there\n").unwrap();
+    client.set_nonblocking(true).unwrap();
+
+    let mut answer = Vec::new();
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        let n = r.epoll.wait(2000, &mut events).unwrap();
+        assert!(n > 0, "backend never answered");
+        for ev in &events[..n] {
+            r.backend.handle_event(ev.fd(), ev.event_set());
+        }
+        match client.read_to_end(&mut answer) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    assert!(answer.starts_with(b"ERR"), "{answer:?}");
+    assert_eq!(r.backend.connection_count(), 0);
+}
+
+#[test]
+fn connect_line_parser_accepts_only_connect_port() {
+    assert_eq!(parse_connect(b"CONNECT 1024"), Some(1024));
+    assert_eq!(parse_connect(b"CONNECT 1024\r"), Some(1024));
+    assert_eq!(parse_connect(b"CONNECT"), None);
+    assert_eq!(parse_connect(b"CONNECT -1"), None);
+    assert_eq!(parse_connect(b"connect 5"), None);
+    assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+}
+
+#[test]
+fn transport_reset_event_drops_connections() {
+    let mut r = rig();
+    let (_client, _local) = r.connect(CONN_BUF_ALLOC);
+    let head = r.ev.add_chain(&r.mem, &[(0xf0_0000, 4, true)]);
+    r.ev.publish(&r.mem, head);
+    r.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(0xf0_0000))
+        .unwrap();
+
+    assert!(r.backend.send_transport_reset());
+
+    assert_eq!(r.ev.used_entry(&r.mem, 0), (u32::from(head), 4));
+    assert_eq!(r.mem.read_obj::<u32>(GuestAddress(0xf0_0000)).unwrap(), 0);
+    assert_eq!(r.backend.connection_count(), 0);
+}
+
+#[test]
+fn device_config_space_holds_the_guest_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Vsock::new(7, &dir.path().join("v.sock")).unwrap();
+    let mut cid = [0u8; 8];
+
+    dev.read_config(0, &mut cid);
+
+    assert_eq!(u64::from_le_bytes(cid), 7);
+    assert_eq!(dev.queue_max_sizes().len(), 3);
+}

@@ -1,0 +1,168 @@
+//! `fissile-vmm`: boots one microVM from flags or a TOML config file and runs it until the
+//! guest resets or powers off (exit 0), the control socket asks for shutdown (exit 0), or
+//! something fails (exit 1 with the reason). Host problems (no KVM, KVM-PVM) exit 3.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use fissile_vmm::{VmConfig, VmmBuilder, host};
+
+/// Exit status for "this host cannot run the VM".
+const EXIT_HOST: u8 = 3;
+/// Exit status for a bad configuration.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fissile-vmm",
+    version,
+    about = "Fissile microVM monitor: one KVM microVM per process"
+)]
+struct Args {
+    /// TOML config file (flags given as well override its values).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Uncompressed ELF vmlinux with a PVH entry point.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Read-only root filesystem image (/dev/vda).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Writable scratch image (/dev/vdb).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    mem_mib: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Extra kernel command line.
+    #[arg(long)]
+    cmdline_extra: Option<String>,
+    /// Root filesystem type (rootfstype=).
+    #[arg(long)]
+    root_fstype: Option<String>,
+    /// Guest init program (init=).
+    #[arg(long)]
+    init: Option<String>,
+    /// Write the guest serial console to this file.
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// Write the guest serial console to stderr (when no --serial-log).
+    #[arg(long)]
+    serial_stderr: bool,
+    /// Host unix socket for virtio-vsock (clients write "CONNECT <port>\n").
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest vsock CID.
+    #[arg(long)]
+    guest_cid: Option<u32>,
+    /// Control socket (JSON lines: status, pause, resume, shutdown).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Do not add a virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Try to run even if this host's KVM looks unable to boot the guest.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let raw_args: Vec<String> = std::env::args().skip(1).collect();
+    let args = Args::parse();
+
+    if !args.force
+        && let Err(e) = host::check_kvm(&raw_args)
+    {
+        eprintln!("fissile-vmm: {e}");
+        return ExitCode::from(EXIT_HOST);
+    }
+    let config = match config_from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fissile-vmm: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let vmm = match VmmBuilder::new(config).build() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("fissile-vmm: {:#}", anyhow::Error::from(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let exit = vmm.wait();
+    eprintln!("fissile-vmm: {exit}");
+    if exit.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn config_from_args(args: Args) -> anyhow::Result<VmConfig> {
+    let mut config = match &args.config {
+        Some(path) => VmConfig::from_toml_file(path)?,
+        None => VmConfig::new(
+            args.kernel
+                .clone()
+                .context("missing --kernel (or --config)")?,
+            args.rootfs
+                .clone()
+                .context("missing --rootfs (or --config)")?,
+        ),
+    };
+    if let Some(v) = args.kernel {
+        config.kernel = v;
+    }
+    if let Some(v) = args.rootfs {
+        config.rootfs = v;
+    }
+    if args.scratch.is_some() {
+        config.scratch = args.scratch;
+    }
+    if let Some(v) = args.mem_mib {
+        config.mem_mib = v;
+    }
+    if let Some(v) = args.vcpus {
+        config.vcpus = v;
+    }
+    if let Some(v) = args.cmdline_extra {
+        config.cmdline_extra = v;
+    }
+    if let Some(v) = args.root_fstype {
+        config.root_fstype = v;
+    }
+    if let Some(v) = args.init {
+        config.init = v;
+    }
+    if args.serial_log.is_some() {
+        config.serial_log = args.serial_log;
+    }
+    config.serial_stderr |= args.serial_stderr;
+    if args.vsock_uds.is_some() {
+        config.vsock_uds = args.vsock_uds;
+    }
+    if let Some(v) = args.guest_cid {
+        config.guest_cid = v;
+    }
+    if args.api_sock.is_some() {
+        config.api_sock = args.api_sock;
+    }
+    if args.no_rng {
+        config.rng = false;
+    }
+    config.validate()?;
+    Ok(config)
+}

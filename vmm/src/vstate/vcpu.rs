@@ -1,0 +1,483 @@
+//! vCPU threads and the run/pause/exit state machine.
+//!
+//! Every vCPU runs `KVM_RUN` on its own thread. [`RunControl`] holds the target state
+//! (Running, Paused, Exited). To pause, the target becomes Paused and each vCPU thread is
+//! kicked with a real-time signal whose handler sets `kvm_run.immediate_exit`, so `KVM_RUN`
+//! returns `EINTR` whether the signal lands inside the guest or just before entry. The thread
+//! then parks on a condvar. [`RunControl::pause`] returns only once every live vCPU is parked,
+//! i.e. out of `KVM_RUN` (what snapshot and fork need).
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::Duration;
+
+use kvm_bindings::{CpuId, kvm_run};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::x86_64::cpuid::{CpuidParams, filter_cpuid};
+use crate::arch::x86_64::{msrs, regs};
+use crate::device_manager::{BusAction, DeviceManager};
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset itself (i8042 reset, triple fault or a KVM reset event): clean exit.
+    GuestReset,
+    /// The guest powered off (KVM shutdown/system event): clean exit.
+    GuestPoweroff,
+    /// The host asked the VMM to stop (control socket or library call).
+    Stopped,
+    /// KVM or the VMM failed; the message says how.
+    Failed(String),
+}
+
+impl VmExit {
+    /// True for exits that are not errors (process exit status 0).
+    pub fn is_clean(&self) -> bool {
+        !matches!(self, VmExit::Failed(_))
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::GuestReset => f.write_str("guest requested reset"),
+            VmExit::GuestPoweroff => f.write_str("guest requested poweroff"),
+            VmExit::Stopped => f.write_str("stopped by the host"),
+            VmExit::Failed(msg) => write!(f, "VM failed: {msg}"),
+        }
+    }
+}
+
+/// Configuring a vCPU failed; each variant names the KVM step.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU.
+    #[error("creating vCPU {0}")]
+    Create(u8, #[source] kvm_ioctls::Error),
+    /// KVM_SET_CPUID2.
+    #[error("setting CPUID")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+    /// Building the MSR list.
+    #[error("building the boot MSR list")]
+    MsrList,
+    /// KVM_SET_MSRS.
+    #[error("setting boot MSRs")]
+    SetMsrs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_MSRS accepted fewer MSRs than given.
+    #[error("KVM accepted only {0} of {1} boot MSRs")]
+    PartialMsrs(usize, usize),
+    /// KVM_SET_FPU.
+    #[error("setting FPU state")]
+    SetFpu(#[source] kvm_ioctls::Error),
+    /// KVM_GET_SREGS / KVM_SET_SREGS.
+    #[error("setting segment registers")]
+    Sregs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_REGS.
+    #[error("setting general registers")]
+    SetRegs(#[source] kvm_ioctls::Error),
+    /// KVM_GET_LAPIC / KVM_SET_LAPIC.
+    #[error("configuring the local APIC")]
+    Lapic(#[source] kvm_ioctls::Error),
+    /// Spawning the thread.
+    #[error("spawning the vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    /// Registering the kick signal handler.
+    #[error("registering the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// Per-vCPU boot settings.
+#[derive(Debug, Clone)]
+pub struct VcpuBoot {
+    /// vCPU index (= APIC id).
+    pub id: u8,
+    /// Total vCPUs.
+    pub vcpus: u8,
+    /// PVH entry point (used by vCPU 0; APs wait for INIT/SIPI).
+    pub entry: u64,
+    /// Hide XSAVE/AVX (lab quirk).
+    pub hide_xsave: bool,
+}
+
+/// Sets CPUID, MSRs, FPU, registers and LAPIC LINT0/LINT1 of a fresh vCPU.
+pub fn configure_vcpu(fd: &VcpuFd, supported: &CpuId, boot: &VcpuBoot) -> Result<(), VcpuError> {
+    let mut cpuid = supported.clone();
+    filter_cpuid(
+        cpuid.as_mut_slice(),
+        CpuidParams {
+            vcpu_id: boot.id,
+            vcpus: boot.vcpus,
+            hide_xsave: boot.hide_xsave,
+        },
+    );
+    fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;
+
+    let msrs = msrs::boot_msrs().map_err(|_| VcpuError::MsrList)?;
+    let set = fd.set_msrs(&msrs).map_err(VcpuError::SetMsrs)?;
+    if set != msrs.as_slice().len() {
+        return Err(VcpuError::PartialMsrs(set, msrs.as_slice().len()));
+    }
+    fd.set_fpu(&regs::boot_fpu()).map_err(VcpuError::SetFpu)?;
+
+    let sregs = fd.get_sregs().map_err(VcpuError::Sregs)?;
+    fd.set_sregs(&regs::pvh_sregs(sregs))
+        .map_err(VcpuError::Sregs)?;
+    fd.set_regs(&regs::pvh_regs(boot.entry))
+        .map_err(VcpuError::SetRegs)?;
+
+    let mut lapic = fd.get_lapic().map_err(VcpuError::Lapic)?;
+    let lint0 = regs::lapic_reg(&lapic.regs, regs::APIC_LVT0);
+    regs::set_lapic_reg(
+        &mut lapic.regs,
+        regs::APIC_LVT0,
+        regs::set_delivery_mode(lint0, regs::APIC_MODE_EXTINT),
+    );
+    let lint1 = regs::lapic_reg(&lapic.regs, regs::APIC_LVT1);
+    regs::set_lapic_reg(
+        &mut lapic.regs,
+        regs::APIC_LVT1,
+        regs::set_delivery_mode(lint1, regs::APIC_MODE_NMI),
+    );
+    fd.set_lapic(&lapic).map_err(VcpuError::Lapic)?;
+    Ok(())
+}
+
+/// Target state of all vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Run guest code.
+    Running,
+    /// Park outside `KVM_RUN`.
+    Paused,
+    /// Leave the run loop for good.
+    Exited,
+}
+
+/// Pausing or resuming failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The VM has exited.
+    #[error("the VM has exited")]
+    Exited,
+    /// The VM is not paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+}
+
+#[derive(Debug)]
+struct RunState {
+    target: Target,
+    /// Per vCPU: its pthread while the thread is alive and registered.
+    threads: Vec<Option<libc::pthread_t>>,
+    parked: usize,
+    exit: Option<VmExit>,
+}
+
+/// Shared run/pause/exit state of all vCPU threads.
+#[derive(Debug)]
+pub struct RunControl {
+    state: Mutex<RunState>,
+    cv: Condvar,
+}
+
+static KICK_HANDLER: Once = Once::new();
+
+thread_local! {
+    /// This thread's `kvm_run` page, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let ptr = KVM_RUN_PTR.with(Cell::get);
+    if !ptr.is_null() {
+        // SAFETY: `ptr` is this thread's kvm_run mapping, set by the vCPU thread before its
+        // first KVM_RUN and cleared before the VcpuFd (and the mapping) is dropped. Writing
+        // `immediate_exit` is what KVM documents for exactly this use.
+        unsafe { std::ptr::write_volatile(&raw mut (*ptr).immediate_exit, 1) };
+    }
+}
+
+/// Registers the kick handler (once per process).
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    let mut result = Ok(());
+    KICK_HANDLER.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(VcpuError::Signal);
+    });
+    result
+}
+
+impl RunControl {
+    /// State for `vcpus` threads, starting in `target`.
+    pub fn new(vcpus: usize, target: Target) -> Self {
+        Self {
+            state: Mutex::new(RunState {
+                target,
+                threads: vec![None; vcpus],
+                parked: 0,
+                exit: None,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current target state.
+    pub fn target(&self) -> Target {
+        self.lock().target
+    }
+
+    /// Number of vCPU threads alive.
+    pub fn alive(&self) -> usize {
+        self.lock().threads.iter().filter(|t| t.is_some()).count()
+    }
+
+    fn kick_all(state: &RunState) {
+        for thread in state.threads.iter().flatten() {
+            // SAFETY: a pthread id is in `threads` only while that thread is alive: it removes
+            // itself under this same lock before returning, and threads are joined only after
+            // that. pthread_kill with a registered handler has no other effect.
+            unsafe { libc::pthread_kill(*thread, kick_signal()) };
+        }
+    }
+
+    /// Pauses every vCPU; returns once each live vCPU is parked outside `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        match state.target {
+            Target::Exited => return Err(ControlError::Exited),
+            Target::Paused | Target::Running => state.target = Target::Paused,
+        }
+        loop {
+            let alive = state.threads.iter().filter(|t| t.is_some()).count();
+            if state.target == Target::Exited {
+                return Err(ControlError::Exited);
+            }
+            if state.parked >= alive {
+                return Ok(());
+            }
+            Self::kick_all(&state);
+            // Re-kick periodically: robust even if a signal raced with thread start-up.
+            state = self
+                .cv
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        match state.target {
+            Target::Exited => Err(ControlError::Exited),
+            Target::Running => Err(ControlError::NotPaused),
+            Target::Paused => {
+                state.target = Target::Running;
+                self.cv.notify_all();
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the VM with `exit` (the first recorded exit wins) and kicks every vCPU.
+    pub fn request_exit(&self, exit: VmExit) {
+        let mut state = self.lock();
+        state.target = Target::Exited;
+        if state.exit.is_none() {
+            state.exit = Some(exit);
+        }
+        Self::kick_all(&state);
+        self.cv.notify_all();
+    }
+
+    /// Blocks until every vCPU thread has left; returns how the VM ended.
+    pub fn wait_exited(&self) -> VmExit {
+        let mut state = self.lock();
+        while state.target != Target::Exited || state.threads.iter().any(Option::is_some) {
+            state = self.cv.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.exit.clone().unwrap_or(VmExit::Stopped)
+    }
+
+    /// Blocks until `n` vCPU threads have registered.
+    pub fn wait_registered(&self, n: usize) {
+        let mut state = self.lock();
+        while state.threads.iter().filter(|t| t.is_some()).count() < n
+            && state.target != Target::Exited
+        {
+            state = self.cv.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn register(&self, id: usize) {
+        let mut state = self.lock();
+        if let Some(slot) = state.threads.get_mut(id) {
+            // SAFETY: pthread_self has no preconditions.
+            *slot = Some(unsafe { libc::pthread_self() });
+        }
+        self.cv.notify_all();
+    }
+
+    fn unregister(&self, id: usize) {
+        let mut state = self.lock();
+        if let Some(slot) = state.threads.get_mut(id) {
+            *slot = None;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Parks while paused. Returns false when the thread must exit.
+    fn wait_runnable(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            match state.target {
+                Target::Running => return true,
+                Target::Exited => return false,
+                Target::Paused => {
+                    state.parked += 1;
+                    self.cv.notify_all();
+                    state = self.cv.wait(state).unwrap_or_else(|p| p.into_inner());
+                    state.parked -= 1;
+                }
+            }
+        }
+    }
+}
+
+/// Spawns the thread for vCPU `id`.
+pub fn spawn_vcpu(
+    id: u8,
+    fd: VcpuFd,
+    control: Arc<RunControl>,
+    bus: Arc<DeviceManager>,
+) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+    std::thread::Builder::new()
+        .name(format!("fissile-vcpu{id}"))
+        .spawn(move || run_vcpu(usize::from(id), fd, &control, &bus))
+        .map_err(VcpuError::Spawn)
+}
+
+fn run_vcpu(id: usize, mut fd: VcpuFd, control: &RunControl, bus: &DeviceManager) {
+    KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
+    control.register(id);
+    let mut unexpected_exits: u64 = 0;
+    while control.wait_runnable() {
+        match handle_exit(fd.run(), bus, &mut unexpected_exits) {
+            Step::Continue => {}
+            Step::Interrupted => fd.set_kvm_immediate_exit(0),
+            Step::Exit(exit) => control.request_exit(exit),
+        }
+    }
+    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    control.unregister(id);
+}
+
+enum Step {
+    Continue,
+    Interrupted,
+    Exit(VmExit),
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+fn handle_exit(
+    result: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    bus: &DeviceManager,
+    unexpected: &mut u64,
+) -> Step {
+    match result {
+        Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+        Ok(VcpuExit::IoOut(port, data)) => {
+            if bus.pio_write(port, data) == BusAction::GuestReset {
+                return Step::Exit(VmExit::GuestReset);
+            }
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+        Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+        Ok(VcpuExit::Shutdown) => return Step::Exit(VmExit::GuestReset),
+        Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+            return Step::Exit(VmExit::GuestPoweroff);
+        }
+        Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+            return Step::Exit(VmExit::GuestReset);
+        }
+        Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            return Step::Exit(VmExit::Failed(format!(
+                "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on cpu {cpu}"
+            )));
+        }
+        Ok(VcpuExit::InternalError) => {
+            return Step::Exit(VmExit::Failed("KVM_EXIT_INTERNAL_ERROR".to_string()));
+        }
+        Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
+        Ok(other) => {
+            *unexpected += 1;
+            if *unexpected <= 10 {
+                tracing::debug!(exit = ?other, "unexpected vCPU exit ignored");
+            }
+        }
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            return Step::Interrupted;
+        }
+        Err(e) => return Step::Exit(VmExit::Failed(format!("KVM_RUN failed: {e}"))),
+    }
+    Step::Continue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread that behaves like a vCPU thread but "runs" by sleeping on the condvar's
+    /// timeout instead of KVM_RUN, so the state machine can be tested without KVM.
+    fn fake_vcpu(control: Arc<RunControl>, id: usize) -> std::thread::JoinHandle<()> {
+        register_kick_handler().unwrap();
+        std::thread::spawn(move || {
+            control.register(id);
+            while control.wait_runnable() {
+                std::thread::yield_now();
+            }
+            control.unregister(id);
+        })
+    }
+
+    #[test]
+    fn pause_parks_every_thread_and_resume_releases_them() {
+        let control = Arc::new(RunControl::new(2, Target::Running));
+        let threads: Vec<_> = (0..2).map(|i| fake_vcpu(control.clone(), i)).collect();
+        control.wait_registered(2);
+
+        control.pause().unwrap();
+        assert_eq!(control.lock().parked, 2);
+        control.resume().unwrap();
+        assert_eq!(control.resume(), Err(ControlError::NotPaused));
+        control.request_exit(VmExit::Stopped);
+
+        assert_eq!(control.wait_exited(), VmExit::Stopped);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(control.pause(), Err(ControlError::Exited));
+    }
+
+    #[test]
+    fn first_exit_reason_wins() {
+        let control = RunControl::new(0, Target::Running);
+        control.request_exit(VmExit::GuestReset);
+        control.request_exit(VmExit::Stopped);
+        assert_eq!(control.wait_exited(), VmExit::GuestReset);
+        assert!(VmExit::GuestReset.is_clean());
+        assert!(!VmExit::Failed("x".into()).is_clean());
+    }
+}

@@ -1,0 +1,68 @@
+//! The `fissile-vmm` binary on this host: KVM-PVM hosts get a clear "run it in the lab"
+//! error, and bad arguments get a clear message. Both without booting anything.
+
+use std::process::Command;
+
+fn vmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fissile-vmm"))
+}
+
+fn host_is_pvm() -> bool {
+    std::path::Path::new("/dev/kvm").exists() && fissile_vmm::host::is_kvm_pvm()
+}
+
+#[test]
+fn pvm_host_is_refused_with_the_lab_command() {
+    if !host_is_pvm() {
+        eprintln!("skipped: this host's KVM is not PVM");
+        return;
+    }
+
+    let out = vmm()
+        .args(["--kernel", "x", "--rootfs", "y"])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("this host's KVM is PVM and cannot boot a standard guest; run it in the lab: fissile-lab run -- fissile-vmm --kernel x --rootfs y"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout");
+}
+
+#[test]
+fn missing_kernel_with_force_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("root.img");
+    std::fs::write(&rootfs, [0u8; 4096]).unwrap();
+
+    let out = vmm()
+        .arg("--force")
+        .arg("--kernel")
+        .arg(dir.path().join("missing-vmlinux"))
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("missing-vmlinux is missing or unreadable"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn no_kernel_flag_is_a_clear_error() {
+    let out = vmm()
+        .args(["--force", "--rootfs", "/nonexistent"])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("missing --kernel"), "{stderr}");
+}
