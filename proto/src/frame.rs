@@ -67,7 +67,10 @@ pub enum FrameError {
 impl FrameError {
     /// True when the stream is still usable after this error (the bad frame was consumed).
     pub fn is_recoverable(&self) -> bool {
-        matches!(self, FrameError::WrongVersion { .. } | FrameError::Decode(_))
+        matches!(
+            self,
+            FrameError::WrongVersion { .. } | FrameError::Decode(_)
+        )
     }
 }
 
@@ -173,7 +176,10 @@ mod tests {
             read_frame::<_, Msg>(&mut r, 7, 1024).unwrap(),
             Msg::Data(vec![1, 2, 3])
         );
-        assert!(matches!(read_frame::<_, Msg>(&mut r, 7, 1024), Err(FrameError::Eof)));
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut r, 7, 1024),
+            Err(FrameError::Eof)
+        ));
     }
 
     #[test]

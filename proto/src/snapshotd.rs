@@ -1,0 +1,277 @@
+//! The snapshotd protocol: VMMs and tools talk to the snapshot daemon over a unix stream
+//! socket.
+//!
+//! # Framing
+//! Every message is one [`crate::frame`] frame with version byte
+//! [`SNAPSHOTD_PROTOCOL_VERSION`] and a cap of [`SNAPSHOTD_FRAME_CAP`] (1 MiB) in both
+//! directions. Requests are small; page lists and blobs are sent in pieces of at most
+//! [`MAX_PAGES_PER_MESSAGE`] indexes / [`MAX_BLOB_PIECE`] bytes.
+//!
+//! # File descriptors
+//! Requests that hand over a descriptor ([`Request::CreateBegin`]: the memory, a memfd or
+//! any readable file; [`Request::ServeFaults`]: a userfaultfd) carry exactly one fd as
+//! `SCM_RIGHTS` on the `sendmsg` that sends the frame's first byte. The reply to
+//! [`Request::OpenImage`] ([`Response::ImageOpened`]) carries the image memfd the same way.
+//!
+//! # Conversation
+//! Strict request/response, one outstanding request per connection, except:
+//! * create: `CreateBegin` (+fd), then any number of `CreatePages`, `CreateTouchOrder`,
+//!   `CreateBlob`, then `CreateCommit` (→ `Created`, sent only once the snapshot is durable)
+//!   or `CreateAbort`. The pieces are answered with `Ok`.
+//! * fault session: `ServeFaults` (+uffd) → `FaultSessionStarted`; from then on the
+//!   connection carries only daemon → client [`Response::Heartbeat`] every
+//!   [`HEARTBEAT_INTERVAL_MS`] and, on failure, one [`Response::SessionFailed`]. The session
+//!   ends when either side closes. A client that sees no heartbeat for
+//!   [`HEARTBEAT_TIMEOUT_MS`] must treat the page server as gone.
+
+use serde::{Deserialize, Serialize};
+
+/// Version byte of every snapshotd frame.
+pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 1;
+/// Cap on one frame, both directions.
+pub const SNAPSHOTD_FRAME_CAP: u32 = 1 << 20;
+/// Most page indexes in one `CreatePages` / `CreateTouchOrder`.
+pub const MAX_PAGES_PER_MESSAGE: usize = 64 * 1024;
+/// Most bytes in one `CreateBlob` piece or `Blob` reply.
+pub const MAX_BLOB_PIECE: usize = 512 * 1024;
+/// Most VM-state bytes per snapshot (all blobs together).
+pub const MAX_BLOBS_TOTAL: u64 = 256 << 20;
+/// Longest snapshot id, blob name, label key or value.
+pub const MAX_NAME_LEN: usize = 256;
+/// Most labels per snapshot.
+pub const MAX_LABELS: usize = 64;
+/// Most regions in one `ServeFaults`.
+pub const MAX_REGIONS: usize = 64;
+/// Most snapshots listed in one `List` reply.
+pub const MAX_LIST: usize = 2048;
+/// Interval of fault-session heartbeats.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
+/// A client that hears nothing for this long declares the page server gone.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 2000;
+
+/// One guest memory region served by a fault session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    /// Start address in the client's address space (page aligned).
+    pub base: u64,
+    /// Length in bytes (page aligned).
+    pub len: u64,
+    /// Snapshot whose image backs the region.
+    pub snapshot: String,
+    /// Byte offset of `base` within the snapshot's memory (page aligned).
+    pub offset: u64,
+}
+
+/// Client → daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness check → `Pong`.
+    Ping,
+    /// Start a snapshot of the attached memory fd (`memory_size` bytes from offset 0).
+    /// With `parent` and `dirty_only`, only pages listed by `CreatePages` are read.
+    CreateBegin {
+        /// Bytes of memory.
+        memory_size: u64,
+        /// Page size (4096 unless the VMM uses larger pages).
+        page_size: u32,
+        /// Layer on this snapshot.
+        parent: Option<String>,
+        /// Only the pages listed by `CreatePages` may differ from the parent.
+        dirty_only: bool,
+        /// Labels.
+        labels: Vec<(String, String)>,
+    },
+    /// More dirty page indexes.
+    CreatePages {
+        /// Page indexes.
+        pages: Vec<u64>,
+    },
+    /// More of the first-touch order.
+    CreateTouchOrder {
+        /// Page indexes in order.
+        pages: Vec<u64>,
+    },
+    /// Append `data` to the named VM-state blob.
+    CreateBlob {
+        /// Blob name.
+        name: String,
+        /// Next piece.
+        data: Vec<u8>,
+    },
+    /// Ingest and make durable → `Created`.
+    CreateCommit,
+    /// Drop the pending create.
+    CreateAbort,
+    /// Get the snapshot's shared image memfd → `ImageOpened` + fd.
+    OpenImage {
+        /// Snapshot id.
+        snapshot: String,
+    },
+    /// Serve faults of the attached userfaultfd for these regions; turns the connection into
+    /// a fault session.
+    ServeFaults {
+        /// The client's mappings.
+        regions: Vec<Region>,
+    },
+    /// Describe one snapshot → `Info`.
+    Info {
+        /// Snapshot id.
+        snapshot: String,
+    },
+    /// Read `MAX_BLOB_PIECE` bytes of a blob from `offset` → `Blob`.
+    GetBlob {
+        /// Snapshot id.
+        snapshot: String,
+        /// Blob name.
+        name: String,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// List snapshots → `List`.
+    List,
+    /// Delete a snapshot → `Ok`.
+    Delete {
+        /// Snapshot id.
+        snapshot: String,
+    },
+    /// Store figures → `Stats`.
+    Stats,
+}
+
+/// Description of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Id.
+    pub id: String,
+    /// Memory size in bytes.
+    pub memory_size: u64,
+    /// Page size.
+    pub page_size: u32,
+    /// Parent snapshot.
+    pub parent: Option<String>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+    /// Blob names.
+    pub blobs: Vec<String>,
+    /// Creation time (ms since the epoch).
+    pub created_unix_ms: u64,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or out-of-order request, or limits exceeded.
+    BadRequest,
+    /// The request needed an fd and none came.
+    MissingFd,
+    /// No such snapshot or blob.
+    NotFound,
+    /// Stored data failed verification.
+    Corrupt,
+    /// The operation conflicts with the store's state (e.g. deleting a parent).
+    Conflict,
+    /// Anything else.
+    Internal,
+}
+
+/// Daemon → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Reply to `Ping`.
+    Pong,
+    /// Generic success.
+    Ok,
+    /// The snapshot is durable.
+    Created {
+        /// Its id.
+        id: String,
+    },
+    /// The image memfd is attached (map it `MAP_PRIVATE`).
+    ImageOpened {
+        /// Snapshot id.
+        snapshot: String,
+        /// Bytes.
+        memory_size: u64,
+        /// Page size.
+        page_size: u32,
+    },
+    /// Reply to `Info`.
+    Info(SnapshotInfo),
+    /// A piece of a blob.
+    Blob {
+        /// Whole blob length.
+        total_len: u64,
+        /// Bytes from the requested offset.
+        data: Vec<u8>,
+    },
+    /// Reply to `List`.
+    List {
+        /// Snapshots (at most `MAX_LIST`).
+        snapshots: Vec<SnapshotInfo>,
+        /// True if more exist.
+        truncated: bool,
+    },
+    /// Reply to `Stats`.
+    Stats {
+        /// Snapshots.
+        snapshots: u64,
+        /// Chunks.
+        chunks: u64,
+        /// Raw bytes of all chunks.
+        raw_bytes: u64,
+        /// Bytes on disk in packs.
+        pack_bytes: u64,
+    },
+    /// The fault session runs.
+    FaultSessionStarted,
+    /// Fault session liveness, with progress counters.
+    Heartbeat {
+        /// Faults resolved so far.
+        faults: u64,
+        /// Pages prefetched so far.
+        prefetched: u64,
+    },
+    /// The fault session stopped serving (the client must stop the VM).
+    SessionFailed {
+        /// Why.
+        message: String,
+    },
+    /// The request failed.
+    Error {
+        /// Category.
+        code: ErrorCode,
+        /// Human-readable cause.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{encode_frame, read_frame};
+
+    #[test]
+    fn largest_page_list_fits_the_cap() {
+        let req = Request::CreatePages {
+            pages: vec![u64::MAX; MAX_PAGES_PER_MESSAGE],
+        };
+        let buf = encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &req).unwrap();
+        let got: Request = read_frame(
+            &mut &buf[..],
+            SNAPSHOTD_PROTOCOL_VERSION,
+            SNAPSHOTD_FRAME_CAP,
+        )
+        .unwrap();
+        assert_eq!(got, req);
+        let blob = Request::CreateBlob {
+            name: "x".repeat(MAX_NAME_LEN),
+            data: vec![0xff; MAX_BLOB_PIECE],
+        };
+        assert!(
+            encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &blob)
+                .unwrap()
+                .len()
+                < SNAPSHOTD_FRAME_CAP as usize
+        );
+    }
+}
