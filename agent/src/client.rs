@@ -1,0 +1,408 @@
+//! Host-side client of the agent protocol, used by tests, benches, the lab and the HTTP API.
+//!
+//! One [`AgentClient`] is one connection: one request at a time. Open several clients for
+//! concurrency (concurrent shell commands, or an `interrupt` while an exec runs).
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use fissile_proto::agent::{
+    AGENT_FRAME_CAP, AGENT_PROTOCOL_VERSION, AgentInfo, DirEntry, Done, ExecRequest,
+    FILE_CHUNK_MAX, FailureKind, MimeBundle, Request, Response, ShellRequest,
+};
+use fissile_proto::frame::{FrameError, read_frame, write_frame};
+
+/// Errors of client calls.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting to the socket failed.
+    #[error("cannot connect to {0}")]
+    Connect(String, #[source] io::Error),
+    /// The hybrid-vsock `CONNECT` handshake failed.
+    #[error("vsock handshake failed: {0}")]
+    Handshake(String),
+    /// Sending or receiving a frame failed.
+    #[error("agent connection failed")]
+    Frame(#[from] FrameError),
+    /// The agent refused or could not carry out the request.
+    #[error("agent refused the request ({kind:?}): {message}")]
+    Failed {
+        /// Failure kind reported by the agent.
+        kind: FailureKind,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent answered with a response that does not fit the request.
+    #[error("unexpected response: {0}")]
+    Unexpected(String),
+}
+
+/// Everything an exec produced, in order.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutcome {
+    /// The streamed responses (stdout, stderr, display, execute result, error) in order.
+    pub outputs: Vec<Response>,
+    /// The terminal `Done`.
+    pub done: Done,
+}
+
+impl ExecOutcome {
+    /// All stdout, concatenated (lossy UTF-8).
+    pub fn stdout(&self) -> String {
+        self.concat(|r| match r {
+            Response::Stdout(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    /// All stderr, concatenated (lossy UTF-8).
+    pub fn stderr(&self) -> String {
+        self.concat(|r| match r {
+            Response::Stderr(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    fn concat(&self, pick: impl Fn(&Response) -> Option<&Vec<u8>>) -> String {
+        let bytes: Vec<u8> = self
+            .outputs
+            .iter()
+            .filter_map(pick)
+            .flatten()
+            .copied()
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The value of the trailing expression, if any.
+    pub fn result(&self) -> Option<&MimeBundle> {
+        self.outputs.iter().find_map(|r| match r {
+            Response::ExecuteResult(b) => Some(b),
+            _ => None,
+        })
+    }
+
+    /// `text/plain` of the trailing expression, if any.
+    pub fn result_text(&self) -> Option<&str> {
+        self.result().and_then(|b| b.text("text/plain"))
+    }
+
+    /// Display bundles (figures etc.) in order.
+    pub fn displays(&self) -> Vec<&MimeBundle> {
+        self.outputs
+            .iter()
+            .filter_map(|r| match r {
+                Response::Display(b) => Some(b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The error, if the cell raised: `(ename, evalue, traceback)`.
+    pub fn error(&self) -> Option<(&str, &str, &[String])> {
+        self.outputs.iter().find_map(|r| match r {
+            Response::Error {
+                ename,
+                evalue,
+                traceback,
+            } => Some((ename.as_str(), evalue.as_str(), traceback.as_slice())),
+            _ => None,
+        })
+    }
+}
+
+/// What a shell command produced.
+#[derive(Debug, Clone, Default)]
+pub struct ShellOutcome {
+    /// All stdout.
+    pub stdout: Vec<u8>,
+    /// All stderr.
+    pub stderr: Vec<u8>,
+    /// The terminal `Done` (exit status or signal, timed out).
+    pub done: Done,
+}
+
+/// A connection to a guest agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl AgentClient {
+    /// Connects to an agent listening on a unix socket (host mode).
+    pub fn connect_unix(path: &Path) -> Result<Self, ClientError> {
+        let s = UnixStream::connect(path)
+            .map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
+        Self::from_stream(s)
+    }
+
+    /// Connects through a Firecracker-style hybrid vsock: the VMM's unix socket `uds`,
+    /// `CONNECT <port>\n`, `OK <n>\n`, then the protocol.
+    pub fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<Self, ClientError> {
+        let mut s = UnixStream::connect(uds)
+            .map_err(|e| ClientError::Connect(uds.display().to_string(), e))?;
+        let ctx = |e: io::Error| ClientError::Connect(uds.display().to_string(), e);
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(ctx)?;
+        // Byte by byte: nothing after the newline may be consumed.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 64 {
+            if s.read(&mut b).map_err(ctx)? == 0 {
+                break;
+            }
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        if !line.starts_with("OK ") {
+            return Err(ClientError::Handshake(format!(
+                "expected `OK <port>`, got {line:?}"
+            )));
+        }
+        Self::from_stream(s)
+    }
+
+    fn from_stream(s: UnixStream) -> Result<Self, ClientError> {
+        let writer = s
+            .try_clone()
+            .map_err(|e| ClientError::Connect("cloned stream".into(), e))?;
+        Ok(AgentClient {
+            reader: BufReader::with_capacity(64 << 10, s),
+            writer,
+        })
+    }
+
+    /// Sets a timeout on every read and write (`None`: wait forever, the default).
+    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.writer.set_read_timeout(t)?;
+        self.writer.set_write_timeout(t)
+    }
+
+    /// Sends one request (low level; read its responses with [`Self::recv`]).
+    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        write_frame(&mut self.writer, AGENT_PROTOCOL_VERSION, req)?;
+        Ok(())
+    }
+
+    /// Receives one response (low level).
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        Ok(read_frame(
+            &mut self.reader,
+            AGENT_PROTOCOL_VERSION,
+            AGENT_FRAME_CAP,
+        )?)
+    }
+
+    /// Sends a request and returns its single response; `Failed` becomes an error.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        self.send(req)?;
+        match self.recv()? {
+            Response::Failed { kind, message } => Err(ClientError::Failed { kind, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Sends a request and passes every response to `on` until the terminal one, which is
+    /// returned (`Failed` becomes an error).
+    pub fn stream(
+        &mut self,
+        req: &Request,
+        mut on: impl FnMut(&Response),
+    ) -> Result<Response, ClientError> {
+        self.send(req)?;
+        loop {
+            let r = self.recv()?;
+            if r.is_terminal() {
+                return match r {
+                    Response::Failed { kind, message } => {
+                        Err(ClientError::Failed { kind, message })
+                    }
+                    r => Ok(r),
+                };
+            }
+            on(&r);
+        }
+    }
+
+    /// Echo (the transport baseline).
+    pub fn echo(&mut self, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+        match self.call(&Request::Echo {
+            payload: payload.to_vec(),
+        })? {
+            Response::EchoReply(p) => Ok(p),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Agent information.
+    pub fn info(&mut self) -> Result<AgentInfo, ClientError> {
+        match self.call(&Request::Info)? {
+            Response::Info(i) => Ok(i),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Runs a cell with no timeout and collects everything it produced.
+    pub fn exec_code(&mut self, code: &str) -> Result<ExecOutcome, ClientError> {
+        self.exec(&ExecRequest {
+            code: code.into(),
+            ..ExecRequest::default()
+        })
+    }
+
+    /// Runs a cell and collects everything it produced.
+    pub fn exec(&mut self, req: &ExecRequest) -> Result<ExecOutcome, ClientError> {
+        let mut outputs = Vec::new();
+        let done = self.exec_streaming(req, |r| outputs.push(r.clone()))?;
+        Ok(ExecOutcome { outputs, done })
+    }
+
+    /// Runs a cell, passing each streamed response to `on` as it arrives; returns `Done`.
+    pub fn exec_streaming(
+        &mut self,
+        req: &ExecRequest,
+        on: impl FnMut(&Response),
+    ) -> Result<Done, ClientError> {
+        match self.stream(&Request::Exec(req.clone()), on)? {
+            Response::Done(d) => Ok(d),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Runs a command and collects its output.
+    pub fn shell(&mut self, req: &ShellRequest) -> Result<ShellOutcome, ClientError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let done = self.shell_streaming(req, |r| match r {
+            Response::Stdout(d) => stdout.extend_from_slice(d),
+            Response::Stderr(d) => stderr.extend_from_slice(d),
+            _ => {}
+        })?;
+        Ok(ShellOutcome {
+            stdout,
+            stderr,
+            done,
+        })
+    }
+
+    /// Runs a command, passing each output chunk to `on` as it arrives; returns `Done`.
+    pub fn shell_streaming(
+        &mut self,
+        req: &ShellRequest,
+        on: impl FnMut(&Response),
+    ) -> Result<Done, ClientError> {
+        match self.stream(&Request::Shell(req.clone()), on)? {
+            Response::Done(d) => Ok(d),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Writes a whole file (split into [`FILE_CHUNK_MAX`] requests), creating parents.
+    pub fn write_file(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<(), ClientError> {
+        let mut chunks = data.chunks(FILE_CHUNK_MAX);
+        let first = chunks.next().unwrap_or(&[]);
+        self.write_file_part(path, first, false, mode)?;
+        for c in chunks {
+            self.write_file_part(path, c, true, None)?;
+        }
+        Ok(())
+    }
+
+    /// One `WriteFile` request.
+    pub fn write_file_part(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        append: bool,
+        mode: Option<u32>,
+    ) -> Result<(), ClientError> {
+        let req = Request::WriteFile {
+            path: path.into(),
+            data: data.to_vec(),
+            append,
+            mode,
+        };
+        expect_ok(self.call(&req)?)
+    }
+
+    /// Reads a whole file (as many `ReadFile` requests as needed).
+    pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let req = Request::ReadFile {
+                path: path.into(),
+                offset: out.len() as u64,
+                max_len: None,
+            };
+            match self.call(&req)? {
+                Response::FileData { data, eof, .. } => {
+                    out.extend_from_slice(&data);
+                    if eof || data.is_empty() {
+                        return Ok(out);
+                    }
+                }
+                r => return Err(unexpected(&r)),
+            }
+        }
+    }
+
+    /// Lists a directory.
+    pub fn list_dir(&mut self, path: &str) -> Result<Vec<DirEntry>, ClientError> {
+        match self.call(&Request::ListDir { path: path.into() })? {
+            Response::DirEntries { entries, .. } => Ok(entries),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Removes a file or directory.
+    pub fn remove(&mut self, path: &str, recursive: bool) -> Result<(), ClientError> {
+        expect_ok(self.call(&Request::Remove {
+            path: path.into(),
+            recursive,
+        })?)
+    }
+
+    /// Interrupts the running cell; returns whether one was running.
+    pub fn interrupt(&mut self) -> Result<bool, ClientError> {
+        match self.call(&Request::Interrupt)? {
+            Response::Interrupted { was_running } => Ok(was_running),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Reseeds the guest CRNG and sets its clock (first call after a restore or fork).
+    pub fn after_restore(&mut self, entropy: &[u8], wall_clock_ns: u64) -> Result<(), ClientError> {
+        expect_ok(self.call(&Request::AfterRestore {
+            entropy: entropy.to_vec(),
+            wall_clock_ns,
+        })?)
+    }
+
+    /// Powers the guest off (host mode: the agent exits).
+    pub fn poweroff(&mut self) -> Result<(), ClientError> {
+        expect_ok(self.call(&Request::Poweroff)?)
+    }
+}
+
+fn expect_ok(r: Response) -> Result<(), ClientError> {
+    match r {
+        Response::Ok => Ok(()),
+        r => Err(unexpected(&r)),
+    }
+}
+
+fn unexpected(r: &Response) -> ClientError {
+    let mut s = format!("{r:?}");
+    s.truncate(200);
+    ClientError::Unexpected(s)
+}
