@@ -1,1 +1,36 @@
-//! placeholder
+//! snapshotd: Fissile's content-addressed snapshot store and page server.
+//!
+//! * [`store`]: the library. Pages are addressed by blake3, stored once (zstd, append-only
+//!   pack files, rocksdb index with refcounts), verified on every read.
+//! * [`server`]: the daemon. A unix-socket API (protocol in
+//!   [`fissile_proto::snapshotd`]) to create snapshots from memory handed over as an fd, to
+//!   open lazily materialized shared base images, and to serve userfaultfd faults.
+//! * [`client`]: the library VMMs link to talk to the daemon.
+//!
+//! # How faults are served (decision)
+//! A restored VMM maps the snapshot's image memfd `MAP_PRIVATE` and registers the mapping
+//! with userfaultfd (MISSING). Holes fault to snapshotd, which resolves them by writing the
+//! page into the *shared* memfd (`pwrite`) and then `UFFDIO_WAKE`: the faulting thread
+//! retries and maps the page-cache page, so every VM restored from the same snapshot shares
+//! one physical copy of each page it has not written. Zero pages are resolved with
+//! `UFFDIO_ZEROPAGE` and never materialized. The alternative, `UFFDIO_COPY` into the
+//! faulting view, is slightly cheaper per fault but private to one view (no sharing); the
+//! `snapshotd_fault` benchmark measures both on this host.
+
+pub mod client;
+pub mod fdio;
+pub mod server;
+pub mod store;
+pub mod sys;
+
+/// Formats an error with its whole source chain (`a: b: c`), for logs and replies.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,532 @@
+//! Client library for the snapshotd daemon (used by the VMM, tools and tests).
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use fissile_snapshotd::client::{Client, LazyMemory};
+//! let client = Client::connect("/run/fissile/snapshotd.sock".as_ref())?;
+//! // Map a snapshot's memory lazily: pages arrive from snapshotd on first touch.
+//! let mem = LazyMemory::restore(client, "0123abcd", None)?;
+//! let _first = mem.mapping().touch(0);
+//! // If the page server dies, `mem.session().failure()` reports it within the heartbeat
+//! // timeout; the VMM must then stop the VM (faulting vCPUs cannot make progress).
+//! # Ok(()) }
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fissile_proto::frame::FrameError;
+use fissile_proto::snapshotd::{
+    ErrorCode, HEARTBEAT_TIMEOUT_MS, MAX_BLOB_PIECE, MAX_PAGES_PER_MESSAGE, Region, Request,
+    Response, SnapshotInfo,
+};
+use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
+
+use crate::fdio::FdStream;
+use crate::sys::Mapping;
+
+/// Called once, on the session's watchdog thread, with the reason the page server failed.
+pub type FailureCallback = Box<dyn Fn(&str) + Send>;
+
+/// How long a request may take (a create of a large image reads all of it).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting failed.
+    #[error("connecting to snapshotd at {0}")]
+    Connect(PathBuf, #[source] io::Error),
+    /// The connection failed (includes the daemon dying: end of stream).
+    #[error("snapshotd connection")]
+    Frame(#[source] FrameError),
+    /// The daemon refused the request.
+    #[error("snapshotd refused the request ({code:?}): {message}")]
+    Daemon {
+        /// Category.
+        code: ErrorCode,
+        /// Cause.
+        message: String,
+    },
+    /// The daemon answered with something unexpected.
+    #[error("unexpected reply from snapshotd: {0}")]
+    Unexpected(String),
+    /// A reply that should carry a descriptor did not.
+    #[error("snapshotd reply carried no descriptor")]
+    MissingFd,
+    /// A local system call failed.
+    #[error("{0}")]
+    Sys(&'static str, #[source] io::Error),
+    /// Creating or registering the userfaultfd failed.
+    #[error("userfaultfd {0}")]
+    Uffd(&'static str, #[source] userfaultfd::Error),
+}
+
+/// What to snapshot (the memory itself is passed as a descriptor).
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Bytes of memory (from offset 0 of the descriptor).
+    pub memory_size: u64,
+    /// Page size (0 means 4096).
+    pub page_size: u32,
+    /// Layer on this snapshot.
+    pub parent: Option<String>,
+    /// With a parent: only these pages changed.
+    pub dirty_pages: Option<Vec<u64>>,
+    /// First-touch order for prefetch.
+    pub touch_order: Vec<u64>,
+    /// VM-state blobs.
+    pub blobs: Vec<(String, Vec<u8>)>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+}
+
+/// A snapshot's shared image, as handed out by the daemon.
+#[derive(Debug)]
+pub struct OpenedImage {
+    /// Read-only descriptor of the image memfd: map it `MAP_PRIVATE`.
+    pub memfd: File,
+    /// Bytes.
+    pub memory_size: u64,
+    /// Page size.
+    pub page_size: u32,
+}
+
+impl OpenedImage {
+    /// Maps the image copy-on-write.
+    pub fn map_private(&self) -> io::Result<Mapping> {
+        let len = usize::try_from(self.memory_size)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Mapping::private(self.memfd.as_fd(), len)
+    }
+}
+
+/// A connection to snapshotd.
+#[derive(Debug)]
+pub struct Client {
+    conn: FdStream,
+}
+
+impl Client {
+    /// Connects to the daemon's socket.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream =
+            UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_path_buf(), e))?;
+        stream
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(|e| ClientError::Sys("set_read_timeout", e))?;
+        Ok(Client {
+            conn: FdStream::new(stream),
+        })
+    }
+
+    fn call(&mut self, req: &Request, fd: Option<&dyn AsFd>) -> Result<Response, ClientError> {
+        self.conn.write_msg(req, fd).map_err(ClientError::Frame)?;
+        let resp: Response = self.conn.read_msg().map_err(ClientError::Frame)?;
+        match resp {
+            Response::Error { code, message } => Err(ClientError::Daemon { code, message }),
+            other => Ok(other),
+        }
+    }
+
+    fn call_ok(&mut self, req: &Request, fd: Option<&dyn AsFd>) -> Result<(), ClientError> {
+        match self.call(req, fd)? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Liveness check.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        match self.call(&Request::Ping, None)? {
+            Response::Pong => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Snapshots `memory` (a memfd or file); returns the id once the snapshot is durable.
+    pub fn create_snapshot(
+        &mut self,
+        memory: &dyn AsFd,
+        opts: &CreateOptions,
+    ) -> Result<String, ClientError> {
+        let begin = Request::CreateBegin {
+            memory_size: opts.memory_size,
+            page_size: if opts.page_size == 0 {
+                4096
+            } else {
+                opts.page_size
+            },
+            parent: opts.parent.clone(),
+            dirty_only: opts.dirty_pages.is_some(),
+            labels: opts.labels.clone(),
+        };
+        self.call_ok(&begin, Some(memory))?;
+        let result = self.create_rest(opts);
+        if result.is_err() {
+            let _ = self.call_ok(&Request::CreateAbort, None);
+        }
+        result
+    }
+
+    fn create_rest(&mut self, opts: &CreateOptions) -> Result<String, ClientError> {
+        for piece in opts
+            .dirty_pages
+            .as_deref()
+            .unwrap_or(&[])
+            .chunks(MAX_PAGES_PER_MESSAGE)
+        {
+            self.call_ok(
+                &Request::CreatePages {
+                    pages: piece.to_vec(),
+                },
+                None,
+            )?;
+        }
+        for piece in opts.touch_order.chunks(MAX_PAGES_PER_MESSAGE) {
+            self.call_ok(
+                &Request::CreateTouchOrder {
+                    pages: piece.to_vec(),
+                },
+                None,
+            )?;
+        }
+        for (name, data) in &opts.blobs {
+            if data.is_empty() {
+                self.call_ok(
+                    &Request::CreateBlob {
+                        name: name.clone(),
+                        data: Vec::new(),
+                    },
+                    None,
+                )?;
+            }
+            for piece in data.chunks(MAX_BLOB_PIECE) {
+                self.call_ok(
+                    &Request::CreateBlob {
+                        name: name.clone(),
+                        data: piece.to_vec(),
+                    },
+                    None,
+                )?;
+            }
+        }
+        match self.call(&Request::CreateCommit, None)? {
+            Response::Created { id } => Ok(id),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Gets the shared image of `snapshot`.
+    pub fn open_image(&mut self, snapshot: &str) -> Result<OpenedImage, ClientError> {
+        match self.call(
+            &Request::OpenImage {
+                snapshot: snapshot.to_string(),
+            },
+            None,
+        )? {
+            Response::ImageOpened {
+                memory_size,
+                page_size,
+                ..
+            } => {
+                let fd: OwnedFd = self.conn.take_fd().ok_or(ClientError::MissingFd)?;
+                Ok(OpenedImage {
+                    memfd: File::from(fd),
+                    memory_size,
+                    page_size,
+                })
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Describes a snapshot.
+    pub fn info(&mut self, snapshot: &str) -> Result<SnapshotInfo, ClientError> {
+        match self.call(
+            &Request::Info {
+                snapshot: snapshot.to_string(),
+            },
+            None,
+        )? {
+            Response::Info(i) => Ok(i),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Reads a whole blob.
+    pub fn get_blob(&mut self, snapshot: &str, name: &str) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let req = Request::GetBlob {
+                snapshot: snapshot.to_string(),
+                name: name.to_string(),
+                offset: out.len() as u64,
+            };
+            match self.call(&req, None)? {
+                Response::Blob { total_len, data } => {
+                    let done = data.is_empty();
+                    out.extend_from_slice(&data);
+                    if out.len() as u64 >= total_len || done {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Lists snapshots.
+    pub fn list(&mut self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        match self.call(&Request::List, None)? {
+            Response::List { snapshots, .. } => Ok(snapshots),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Deletes a snapshot.
+    pub fn delete(&mut self, snapshot: &str) -> Result<(), ClientError> {
+        self.call_ok(
+            &Request::Delete {
+                snapshot: snapshot.to_string(),
+            },
+            None,
+        )
+    }
+
+    /// Store figures: (snapshots, chunks, raw bytes, pack bytes).
+    pub fn stats(&mut self) -> Result<(u64, u64, u64, u64), ClientError> {
+        match self.call(&Request::Stats, None)? {
+            Response::Stats {
+                snapshots,
+                chunks,
+                raw_bytes,
+                pack_bytes,
+            } => Ok((snapshots, chunks, raw_bytes, pack_bytes)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Hands `uffd` and its regions to the daemon; this connection becomes the fault
+    /// session. `on_failure` runs (once, on the watchdog thread) when the page server fails
+    /// or goes silent for [`HEARTBEAT_TIMEOUT_MS`].
+    pub fn serve_faults(
+        mut self,
+        uffd: &dyn AsFd,
+        regions: Vec<Region>,
+        on_failure: Option<FailureCallback>,
+    ) -> Result<FaultSession, ClientError> {
+        match self.call(&Request::ServeFaults { regions }, Some(uffd))? {
+            Response::FaultSessionStarted => {}
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+        let stream = self
+            .conn
+            .stream()
+            .try_clone()
+            .map_err(|e| ClientError::Sys("clone socket", e))?;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(HEARTBEAT_TIMEOUT_MS)))
+            .map_err(|e| ClientError::Sys("set_read_timeout", e))?;
+        let shared = Arc::new(SessionShared::default());
+        let s2 = shared.clone();
+        let mut conn = self.conn;
+        let thread = std::thread::Builder::new()
+            .name("snapshotd-watchdog".into())
+            .spawn(move || watchdog(&mut conn, &s2, on_failure))
+            .map_err(|e| ClientError::Sys("spawn watchdog", e))?;
+        Ok(FaultSession {
+            shared,
+            stream,
+            thread: Some(thread),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct SessionShared {
+    failure: Mutex<Option<String>>,
+    cv: Condvar,
+    faults: AtomicU64,
+    prefetched: AtomicU64,
+    closing: std::sync::atomic::AtomicBool,
+}
+
+fn watchdog(conn: &mut FdStream, shared: &SessionShared, on_failure: Option<FailureCallback>) {
+    let reason = loop {
+        match conn.read_msg::<Response>() {
+            Ok(Response::Heartbeat { faults, prefetched }) => {
+                shared.faults.store(faults, Ordering::Relaxed);
+                shared.prefetched.store(prefetched, Ordering::Relaxed);
+            }
+            Ok(Response::SessionFailed { message }) => {
+                break format!("page server failed: {message}");
+            }
+            Ok(other) => break format!("page server sent {other:?}"),
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break format!("page server silent for {HEARTBEAT_TIMEOUT_MS} ms");
+            }
+            Err(FrameError::Eof) => break "page server gone (connection closed)".to_string(),
+            Err(e) => break format!("page server gone: {}", crate::error_chain(&e)),
+        }
+    };
+    if shared.closing.load(Ordering::Relaxed) {
+        return;
+    }
+    tracing::error!(%reason, "fault session lost");
+    *shared
+        .failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+    shared.cv.notify_all();
+    if let Some(cb) = on_failure {
+        cb(&reason);
+    }
+}
+
+/// A running fault session (client side). Dropping it ends the session.
+#[derive(Debug)]
+pub struct FaultSession {
+    shared: Arc<SessionShared>,
+    stream: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FaultSession {
+    /// Why the page server failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits up to `timeout` for a failure; `None` if the session is still healthy.
+    pub fn wait_failure(&self, timeout: Duration) -> Option<String> {
+        let g = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (g, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(g, timeout, |f| f.is_none())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.clone()
+    }
+
+    /// (faults served, pages prefetched) as of the last heartbeat.
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.shared.faults.load(Ordering::Relaxed),
+            self.shared.prefetched.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for FaultSession {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A snapshot mapped lazily into this process: a private view of the shared image,
+/// registered with userfaultfd and served by snapshotd.
+#[derive(Debug)]
+pub struct LazyMemory {
+    // Field order matters: the session ends before the uffd closes, and the mapping goes last.
+    session: FaultSession,
+    uffd: Uffd,
+    mapping: Mapping,
+    image: OpenedImage,
+}
+
+impl LazyMemory {
+    /// Opens `snapshot`'s image on `client`, maps it privately, registers it with a new
+    /// userfaultfd and hands that to the daemon (consuming the connection).
+    pub fn restore(
+        mut client: Client,
+        snapshot: &str,
+        on_failure: Option<FailureCallback>,
+    ) -> Result<LazyMemory, ClientError> {
+        let image = client.open_image(snapshot)?;
+        let mapping = image
+            .map_private()
+            .map_err(|e| ClientError::Sys("mmap image", e))?;
+        let uffd = new_uffd()?;
+        register_missing(&uffd, &mapping)?;
+        let regions = vec![Region {
+            base: mapping.addr(),
+            len: mapping.len() as u64,
+            snapshot: snapshot.to_string(),
+            offset: 0,
+        }];
+        let session = client.serve_faults(&uffd, regions, on_failure)?;
+        Ok(LazyMemory {
+            session,
+            uffd,
+            mapping,
+            image,
+        })
+    }
+
+    /// The private view.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// The session (failure reporting, progress).
+    pub fn session(&self) -> &FaultSession {
+        &self.session
+    }
+
+    /// The image descriptor.
+    pub fn image(&self) -> &OpenedImage {
+        &self.image
+    }
+
+    /// The userfaultfd.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+}
+
+/// Creates a non-blocking, close-on-exec userfaultfd that also sees faults taken by the
+/// kernel on the process's behalf (KVM guest accesses).
+pub fn new_uffd() -> Result<Uffd, ClientError> {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .map_err(|e| ClientError::Uffd("create", e))
+}
+
+/// Registers `mapping` with `uffd` in MISSING mode.
+pub fn register_missing(uffd: &Uffd, mapping: &Mapping) -> Result<(), ClientError> {
+    uffd.register_with_mode(
+        mapping.as_ptr().cast(),
+        mapping.len(),
+        RegisterMode::MISSING,
+    )
+    .map(|_| ())
+    .map_err(|e| ClientError::Uffd("register", e))
+}

@@ -1,0 +1,114 @@
+//! `fissile-snapshotd`: the snapshot store daemon and its maintenance commands.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use fissile_snapshotd::client::Client;
+use fissile_snapshotd::server::Server;
+use fissile_snapshotd::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fissile-snapshotd",
+    about = "Fissile content-addressed snapshot store and page server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the store on a unix socket.
+    Serve {
+        /// Store root directory.
+        #[arg(long)]
+        root: PathBuf,
+        /// Socket path.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Verify the whole store (exit status 1 if anything is wrong).
+    Check {
+        /// Store root directory.
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Reclaim unreferenced chunks and compact packs.
+    Gc {
+        /// Store root directory.
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// List snapshots.
+    Ls {
+        /// Store root directory.
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Print store figures (from a store root, or from a running daemon).
+    Stats {
+        /// Store root directory.
+        #[arg(long, conflicts_with = "socket")]
+        root: Option<PathBuf>,
+        /// Socket of a running daemon.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { root, socket } => {
+            let store =
+                Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
+            let server = Server::new(Arc::new(store));
+            let listener = Server::bind(&socket)?;
+            tracing::info!(root = %root.display(), socket = %socket.display(), "snapshotd serving");
+            // Readiness line for supervisors and tests.
+            println!("READY {}", socket.display());
+            server.serve(listener)?;
+        }
+        Cmd::Check { root } => {
+            let store = Store::open(&root)?;
+            let report = store.check()?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.is_ok() {
+                bail!("{} problems found", report.problems.len());
+            }
+        }
+        Cmd::Gc { root } => {
+            let store = Store::open(&root)?;
+            println!("{}", serde_json::to_string_pretty(&store.gc()?)?);
+        }
+        Cmd::Ls { root } => {
+            let store = Store::open(&root)?;
+            for s in store.list()? {
+                println!("{}", serde_json::to_string(&s)?);
+            }
+        }
+        Cmd::Stats { root, socket } => match (root, socket) {
+            (Some(root), _) => {
+                let store = Store::open(&root)?;
+                println!("{}", serde_json::to_string_pretty(&store.stats()?)?);
+            }
+            (None, Some(socket)) => {
+                let (snapshots, chunks, raw, packs) = Client::connect(&socket)?.stats()?;
+                println!(
+                    "{{\"snapshots\":{snapshots},\"chunks\":{chunks},\"raw_bytes\":{raw},\"pack_bytes\":{packs}}}"
+                );
+            }
+            (None, None) => bail!("give --root or --socket"),
+        },
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The userfaultfd fault service: one thread per client session.
+//!
+//! The client created the uffd and registered its private view of the image (MISSING mode);
+//! this thread polls the uffd and the session socket, resolves each fault by materializing
+//! the page in the shared image memfd and waking the faulting thread (or `UFFDIO_ZEROPAGE`
+//! for zero pages), sends heartbeats, and ends when the client closes the socket, the uffd
+//! hangs up, or the daemon shuts down.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fissile_proto::snapshotd::{HEARTBEAT_INTERVAL_MS, Response};
+use userfaultfd::{Event, EventBuffer, Uffd};
+
+use super::image::{Image, MaterializeError, PageState};
+use crate::fdio;
+use crate::sys;
+
+/// One region of the client's address space, with its image.
+#[derive(Debug, Clone)]
+pub struct SessionRegion {
+    /// Client start address.
+    pub base: u64,
+    /// Length.
+    pub len: u64,
+    /// Offset within the snapshot's memory.
+    pub offset: u64,
+    /// The image.
+    pub image: Arc<Image>,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Polling or reading the uffd failed.
+    #[error("userfaultfd read failed")]
+    Uffd(#[source] userfaultfd::Error),
+    /// poll(2) failed.
+    #[error("poll failed")]
+    Poll(#[source] std::io::Error),
+    /// A fault address is outside every region.
+    #[error("fault at {0:#x} is outside the session's regions")]
+    OutsideRegions(u64),
+    /// A page could not be materialized (e.g. corrupt store data).
+    #[error("materializing a page")]
+    Materialize(#[source] MaterializeError),
+    /// Resolving the fault failed.
+    #[error("resolving fault at {addr:#x}")]
+    Resolve {
+        /// Page address.
+        addr: u64,
+        /// Cause.
+        #[source]
+        source: userfaultfd::Error,
+    },
+}
+
+/// Counters of one session.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Faults resolved.
+    pub faults: AtomicU64,
+    /// Pages prefetched.
+    pub prefetched: AtomicU64,
+}
+
+/// A running fault session.
+#[derive(Debug)]
+pub struct Session {
+    uffd: Uffd,
+    regions: Vec<SessionRegion>,
+    socket: UnixStream,
+    stats: Arc<SessionStats>,
+    stop: Arc<AtomicBool>,
+    prefetch_started: bool,
+}
+
+impl Session {
+    /// Prepares a session on `uffd` for `regions`, reporting on `socket`.
+    pub fn new(uffd: Uffd, regions: Vec<SessionRegion>, socket: UnixStream) -> Session {
+        Session {
+            uffd,
+            regions,
+            socket,
+            stats: Arc::new(SessionStats::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+            prefetch_started: false,
+        }
+    }
+
+    /// Serves faults until the client goes away or `shutdown` is set. A failure is reported
+    /// to the client as [`Response::SessionFailed`] before returning it.
+    pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
+        let res = self.serve(shutdown);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Err(e) = &res {
+            let msg = Response::SessionFailed {
+                message: crate::error_chain(e),
+            };
+            let _ = fdio::write_msg(&self.socket, &msg, None);
+        }
+        tracing::info!(
+            faults = self.stats.faults.load(Ordering::Relaxed),
+            prefetched = self.stats.prefetched.load(Ordering::Relaxed),
+            "fault session ended"
+        );
+        res
+    }
+
+    fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
+        let mut events = EventBuffer::new(64);
+        let mut buf = Vec::new();
+        let mut last_beat = Instant::now();
+        let beat = Duration::from_millis(HEARTBEAT_INTERVAL_MS);
+        while !shutdown.load(Ordering::Relaxed) {
+            let (u, s) = sys::poll2(
+                self.uffd.as_raw_fd(),
+                self.socket.as_raw_fd(),
+                HEARTBEAT_INTERVAL_MS as i32,
+            )
+            .map_err(SessionError::Poll)?;
+            if s.readable || s.hangup {
+                // After `FaultSessionStarted` the client sends nothing: data or EOF both end
+                // the session.
+                let mut b = [0u8; 64];
+                match (&self.socket).read(&mut b) {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {
+                        tracing::warn!("client sent data on a fault session; ending it");
+                        return Ok(());
+                    }
+                }
+            }
+            if u.hangup && !u.readable {
+                return Ok(());
+            }
+            if u.readable {
+                let evs: Vec<_> = self
+                    .uffd
+                    .read_events(&mut events)
+                    .map_err(SessionError::Uffd)?
+                    .collect();
+                for ev in evs {
+                    match ev.map_err(SessionError::Uffd)? {
+                        Event::Pagefault { addr, .. } => self.resolve(addr as u64, &mut buf)?,
+                        other => tracing::debug!(?other, "ignoring uffd event"),
+                    }
+                }
+            }
+            if last_beat.elapsed() >= beat {
+                last_beat = Instant::now();
+                let hb = Response::Heartbeat {
+                    faults: self.stats.faults.load(Ordering::Relaxed),
+                    prefetched: self.stats.prefetched.load(Ordering::Relaxed),
+                };
+                if fdio::write_msg(&self.socket, &hb, None).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, addr: u64, buf: &mut Vec<u8>) -> Result<(), SessionError> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .ok_or(SessionError::OutsideRegions(addr))?
+            .clone();
+        let ps = u64::from(r.image.view().page_size());
+        let page_addr = addr & !(ps - 1);
+        let page = (page_addr - r.base + r.offset) / ps;
+        let state = r
+            .image
+            .materialize(page, buf)
+            .map_err(SessionError::Materialize)?;
+        let ptr = page_addr as *mut libc::c_void;
+        let res = match state {
+            // SAFETY: `ptr..ptr+ps` lies in a region the client registered with this uffd;
+            // ZEROPAGE only installs a zero page in the client's address space.
+            PageState::Zero => unsafe { self.uffd.zeropage(ptr, ps as usize, true) }.map(|_| ()),
+            PageState::Present => self.uffd.wake(ptr, ps as usize),
+        };
+        match res {
+            Ok(()) => {}
+            // Already mapped (a racing fault on the same page): just wake.
+            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                let _ = self.uffd.wake(ptr, ps as usize);
+            }
+            Err(source) => {
+                return Err(SessionError::Resolve {
+                    addr: page_addr,
+                    source,
+                });
+            }
+        }
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        if !self.prefetch_started {
+            self.prefetch_started = true;
+            self.start_prefetch();
+        }
+        Ok(())
+    }
+
+    /// After the first fault, fills each image in its recorded first-touch order.
+    fn start_prefetch(&self) {
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.regions {
+            if !seen.insert(r.image.view().id().to_string())
+                || r.image.view().manifest.touch_order.is_empty()
+            {
+                continue;
+            }
+            let image = r.image.clone();
+            let stop = self.stop.clone();
+            let stats = self.stats.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshotd-prefetch".into())
+                .spawn(move || {
+                    let mut buf = Vec::new();
+                    for page in image.view().touch_order() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match image.materialize(page, &mut buf) {
+                            Ok(PageState::Present) => {
+                                stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(PageState::Zero) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
+                                break;
+                            }
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start prefetch");
+            }
+        }
+    }
+}

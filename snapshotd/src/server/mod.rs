@@ -1,0 +1,556 @@
+//! The daemon: a unix-socket server over a [`Store`].
+//!
+//! One thread per connection (capped at [`MAX_CONNECTIONS`]); a connection that starts a
+//! fault session becomes that session's fault-service thread. Every request is validated
+//! against the limits in [`fissile_proto::snapshotd`]; a malformed frame gets an `Error`
+//! reply (or, when the stream can no longer be trusted, the connection is closed), never a
+//! crash. Peers are identified with `SO_PEERCRED` and must run as the daemon's uid or root.
+
+pub mod faults;
+pub mod image;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fissile_proto::frame::FrameError;
+use fissile_proto::snapshotd::{
+    ErrorCode, MAX_BLOB_PIECE, MAX_BLOBS_TOTAL, MAX_LABELS, MAX_LIST, MAX_NAME_LEN,
+    MAX_PAGES_PER_MESSAGE, MAX_REGIONS, Region, Request, Response, SnapshotInfo,
+};
+use userfaultfd::Uffd;
+
+use self::faults::{Session, SessionRegion};
+use self::image::Images;
+use crate::fdio::FdStream;
+use crate::store::manifest::BlobRef;
+use crate::store::{
+    CreateError, CreateRequest, DeleteError, FileSource, ReadError, Store, ViewError,
+};
+use crate::sys;
+
+/// Most concurrent connections.
+pub const MAX_CONNECTIONS: usize = 512;
+/// A reply that cannot be written within this time closes the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding the socket failed.
+    #[error("binding {0}")]
+    Bind(String, #[source] io::Error),
+    /// Accepting failed.
+    #[error("accepting a connection")]
+    Accept(#[source] io::Error),
+}
+
+/// Shared daemon state.
+#[derive(Debug)]
+pub struct Server {
+    store: Arc<Store>,
+    images: Images,
+    shutdown: AtomicBool,
+    connections: AtomicUsize,
+}
+
+/// A pending create on one connection.
+#[derive(Debug)]
+struct PendingCreate {
+    memory: FileSource,
+    page_size: u32,
+    parent: Option<String>,
+    dirty: Option<Vec<u64>>,
+    touch: Vec<u64>,
+    blobs: BTreeMap<String, Vec<u8>>,
+    blob_bytes: u64,
+    labels: BTreeMap<String, String>,
+}
+
+/// A request failure: code + message for the client.
+#[derive(Debug)]
+struct Fail(ErrorCode, String);
+
+fn bad(msg: impl Into<String>) -> Fail {
+    Fail(ErrorCode::BadRequest, msg.into())
+}
+
+impl From<ViewError> for Fail {
+    fn from(e: ViewError) -> Fail {
+        let code = match e {
+            ViewError::NotFound(_) => ErrorCode::NotFound,
+            ViewError::Corrupt(..) | ViewError::Chain(_) => ErrorCode::Corrupt,
+            ViewError::Index(_) => ErrorCode::Internal,
+        };
+        Fail(code, crate::error_chain(&e))
+    }
+}
+
+impl From<ReadError> for Fail {
+    fn from(e: ReadError) -> Fail {
+        let code = match &e {
+            ReadError::NoBlob { .. } | ReadError::OutOfRange { .. } => ErrorCode::NotFound,
+            ReadError::View(ViewError::NotFound(_)) => ErrorCode::NotFound,
+            ReadError::Corrupt { .. } | ReadError::MissingChunk { .. } => ErrorCode::Corrupt,
+            _ => ErrorCode::Internal,
+        };
+        Fail(code, crate::error_chain(&e))
+    }
+}
+
+/// What a handled request asks the connection loop to do next.
+enum Next {
+    Reply(Response, Option<File>),
+    StartSession(Vec<SessionRegion>, Uffd),
+}
+
+impl Server {
+    /// Creates the daemon state over an opened store.
+    pub fn new(store: Arc<Store>) -> Arc<Server> {
+        Arc::new(Server {
+            store,
+            images: Images::default(),
+            shutdown: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Binds `path` (replacing a stale socket file).
+    pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+        let _ = std::fs::remove_file(path);
+        UnixListener::bind(path).map_err(|e| ServeError::Bind(path.display().to_string(), e))
+    }
+
+    /// Accepts connections forever (until [`Server::shutdown`]).
+    pub fn serve(self: &Arc<Server>, listener: UnixListener) -> Result<(), ServeError> {
+        for conn in listener.incoming() {
+            if self.shutdown.load(Ordering::Relaxed) {
+                break;
+            }
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ServeError::Accept(e)),
+            };
+            if self.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                tracing::warn!("connection limit reached; refusing a client");
+                continue;
+            }
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            let server = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshotd-conn".into())
+                .spawn(move || {
+                    server.handle_connection(conn);
+                    server.connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            if let Err(e) = spawned {
+                self.connections.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "could not spawn a connection thread");
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks every loop to stop (fault sessions end within one heartbeat interval).
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+    }
+
+    fn handle_connection(&self, stream: UnixStream) {
+        let peer = match sys::peer_cred(stream.as_fd()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERCRED failed; closing");
+                return;
+            }
+        };
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let my_uid = unsafe { libc::getuid() };
+        if peer.uid != my_uid && peer.uid != 0 {
+            tracing::warn!(?peer, "refusing a client of another user");
+            return;
+        }
+        let span = tracing::info_span!("conn", pid = peer.pid, uid = peer.uid);
+        let _e = span.enter();
+        if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
+            tracing::warn!(error = %e, "set_write_timeout");
+        }
+        let mut conn = FdStream::new(stream);
+        let mut pending: Option<PendingCreate> = None;
+        loop {
+            let req: Request = match conn.read_msg() {
+                Ok(r) => r,
+                Err(FrameError::Eof) => return,
+                Err(e) if e.is_recoverable() => {
+                    conn.drop_fds();
+                    let msg = crate::error_chain(&e);
+                    tracing::warn!(error = %msg, "bad request frame");
+                    if self
+                        .reply(
+                            &mut conn,
+                            Response::Error {
+                                code: ErrorCode::BadRequest,
+                                message: msg,
+                            },
+                            None,
+                        )
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    tracing::warn!(error = %msg, "unusable stream; closing");
+                    let _ = self.reply(
+                        &mut conn,
+                        Response::Error {
+                            code: ErrorCode::BadRequest,
+                            message: msg,
+                        },
+                        None,
+                    );
+                    return;
+                }
+            };
+            let next = self.handle(&mut conn, &mut pending, req);
+            conn.drop_fds();
+            let sent = match next {
+                Ok(Next::Reply(resp, fd)) => self.reply(&mut conn, resp, fd),
+                Ok(Next::StartSession(regions, uffd)) => {
+                    if self
+                        .reply(&mut conn, Response::FaultSessionStarted, None)
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let socket = match conn.stream().try_clone() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cloning session socket");
+                            return;
+                        }
+                    };
+                    let session = Session::new(uffd, regions, socket);
+                    if let Err(e) = session.run(&self.shutdown) {
+                        tracing::warn!(error = %crate::error_chain(&e), "fault session failed");
+                    }
+                    return;
+                }
+                Err(Fail(code, message)) => {
+                    tracing::info!(?code, %message, "request failed");
+                    self.reply(&mut conn, Response::Error { code, message }, None)
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn reply(
+        &self,
+        conn: &mut FdStream,
+        resp: Response,
+        fd: Option<File>,
+    ) -> Result<(), FrameError> {
+        conn.write_msg(&resp, fd.as_ref().map(|f| f as &dyn AsFd))
+    }
+
+    fn handle(
+        &self,
+        conn: &mut FdStream,
+        pending: &mut Option<PendingCreate>,
+        req: Request,
+    ) -> Result<Next, Fail> {
+        let ok = |r| Ok(Next::Reply(r, None));
+        match req {
+            Request::Ping => ok(Response::Pong),
+            Request::CreateBegin {
+                memory_size,
+                page_size,
+                parent,
+                dirty_only,
+                labels,
+            } => {
+                let fd = conn.take_fd().ok_or(Fail(
+                    ErrorCode::MissingFd,
+                    "CreateBegin needs the memory fd".into(),
+                ))?;
+                if labels.len() > MAX_LABELS
+                    || labels
+                        .iter()
+                        .any(|(k, v)| k.len() > MAX_NAME_LEN || v.len() > MAX_NAME_LEN)
+                {
+                    return Err(bad("too many or too long labels"));
+                }
+                if parent.as_ref().is_some_and(|p| p.len() > MAX_NAME_LEN) {
+                    return Err(bad("parent id too long"));
+                }
+                if dirty_only && parent.is_none() {
+                    return Err(bad("dirty_only needs a parent"));
+                }
+                let file = File::from(fd);
+                let actual = file
+                    .metadata()
+                    .map_err(|e| bad(format!("memory fd: {e}")))?
+                    .len();
+                if actual < memory_size {
+                    return Err(bad(format!(
+                        "memory fd holds {actual} bytes, fewer than {memory_size}"
+                    )));
+                }
+                *pending = Some(PendingCreate {
+                    memory: FileSource {
+                        file,
+                        len: memory_size,
+                    },
+                    page_size,
+                    parent,
+                    dirty: dirty_only.then(Vec::new),
+                    touch: Vec::new(),
+                    blobs: BTreeMap::new(),
+                    blob_bytes: 0,
+                    labels: labels.into_iter().collect(),
+                });
+                ok(Response::Ok)
+            }
+            Request::CreatePages { pages } => {
+                let p = pending
+                    .as_mut()
+                    .ok_or_else(|| bad("no create in progress"))?;
+                let max = p.memory.len / u64::from(p.page_size.max(1));
+                let dirty = p
+                    .dirty
+                    .as_mut()
+                    .ok_or_else(|| bad("create is not dirty_only"))?;
+                if pages.len() > MAX_PAGES_PER_MESSAGE
+                    || dirty.len() as u64 + pages.len() as u64 > max
+                {
+                    return Err(bad("too many dirty pages"));
+                }
+                dirty.extend(pages);
+                ok(Response::Ok)
+            }
+            Request::CreateTouchOrder { pages } => {
+                let p = pending
+                    .as_mut()
+                    .ok_or_else(|| bad("no create in progress"))?;
+                let max = p.memory.len / u64::from(p.page_size.max(1));
+                if pages.len() > MAX_PAGES_PER_MESSAGE
+                    || p.touch.len() as u64 + pages.len() as u64 > max
+                {
+                    return Err(bad("touch order too long"));
+                }
+                p.touch.extend(pages);
+                ok(Response::Ok)
+            }
+            Request::CreateBlob { name, data } => {
+                let p = pending
+                    .as_mut()
+                    .ok_or_else(|| bad("no create in progress"))?;
+                if name.len() > MAX_NAME_LEN || data.len() > MAX_BLOB_PIECE {
+                    return Err(bad("blob name or piece too long"));
+                }
+                if p.blob_bytes + data.len() as u64 > MAX_BLOBS_TOTAL
+                    || (!p.blobs.contains_key(&name) && p.blobs.len() >= MAX_LABELS)
+                {
+                    return Err(bad("blobs too large"));
+                }
+                p.blob_bytes += data.len() as u64;
+                p.blobs.entry(name).or_default().extend_from_slice(&data);
+                ok(Response::Ok)
+            }
+            Request::CreateAbort => {
+                *pending = None;
+                ok(Response::Ok)
+            }
+            Request::CreateCommit => {
+                let p = pending.take().ok_or_else(|| bad("no create in progress"))?;
+                let req = CreateRequest {
+                    memory: Box::new(p.memory),
+                    page_size: p.page_size,
+                    parent: p.parent,
+                    dirty_pages: p.dirty,
+                    blobs: p.blobs,
+                    labels: p.labels,
+                    touch_order: p.touch,
+                };
+                let out = self.store.create(&req).map_err(|e| {
+                    let code = match &e {
+                        CreateError::Invalid(_) => ErrorCode::BadRequest,
+                        CreateError::Parent(v) if matches!(**v, ViewError::NotFound(_)) => {
+                            ErrorCode::NotFound
+                        }
+                        _ => ErrorCode::Internal,
+                    };
+                    Fail(code, crate::error_chain(&e))
+                })?;
+                ok(Response::Created { id: out.id })
+            }
+            Request::OpenImage { snapshot } => {
+                let img = self
+                    .images
+                    .get_or_open(&self.store, &snapshot)
+                    .map_err(|e| match e {
+                        image::ImageError::View(v) => Fail::from(v),
+                        other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
+                    })?;
+                let fd = img
+                    .client_fd()
+                    .map_err(|e| Fail(ErrorCode::Internal, e.to_string()))?;
+                Ok(Next::Reply(
+                    Response::ImageOpened {
+                        snapshot,
+                        memory_size: img.view().memory_size(),
+                        page_size: img.view().page_size(),
+                    },
+                    Some(fd),
+                ))
+            }
+            Request::ServeFaults { regions } => {
+                let fd = conn.take_fd().ok_or(Fail(
+                    ErrorCode::MissingFd,
+                    "ServeFaults needs the userfaultfd".into(),
+                ))?;
+                let regions = self.resolve_regions(&regions)?;
+                // SAFETY: `fd` is an owned descriptor we received; ownership moves into the
+                // Uffd, which closes it on drop. If it is not a userfaultfd, the first
+                // ioctl/read fails and the session ends with an error.
+                let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
+                Ok(Next::StartSession(regions, uffd))
+            }
+            Request::Info { snapshot } => {
+                let v = self.store.view(&snapshot)?;
+                ok(Response::Info(info(&v.manifest)))
+            }
+            Request::GetBlob {
+                snapshot,
+                name,
+                offset,
+            } => {
+                let v = self.store.view(&snapshot)?;
+                let blob = match v.manifest.blobs.get(&name) {
+                    Some(BlobRef::Inline(b)) => b.clone(),
+                    Some(BlobRef::Chunks { .. }) => self.store.read_blob(&snapshot, &name)?,
+                    None => return Err(Fail(ErrorCode::NotFound, format!("no blob {name}"))),
+                };
+                let start = usize::try_from(offset)
+                    .ok()
+                    .filter(|o| *o <= blob.len())
+                    .ok_or_else(|| bad("offset beyond blob"))?;
+                let end = (start + MAX_BLOB_PIECE).min(blob.len());
+                ok(Response::Blob {
+                    total_len: blob.len() as u64,
+                    data: blob[start..end].to_vec(),
+                })
+            }
+            Request::List => {
+                let list = self.store.list()?;
+                let truncated = list.len() > MAX_LIST;
+                let snapshots = list
+                    .into_iter()
+                    .take(MAX_LIST)
+                    .map(|s| SnapshotInfo {
+                        id: s.id,
+                        memory_size: s.memory_size,
+                        page_size: s.page_size,
+                        parent: s.parent,
+                        labels: s.labels.into_iter().collect(),
+                        blobs: Vec::new(),
+                        created_unix_ms: s.created_unix_ms,
+                    })
+                    .collect();
+                ok(Response::List {
+                    snapshots,
+                    truncated,
+                })
+            }
+            Request::Delete { snapshot } => {
+                self.store.delete(&snapshot).map_err(|e| {
+                    let code = match &e {
+                        DeleteError::View(ViewError::NotFound(_)) => ErrorCode::NotFound,
+                        DeleteError::HasChildren(_) => ErrorCode::Conflict,
+                        _ => ErrorCode::Internal,
+                    };
+                    Fail(code, crate::error_chain(&e))
+                })?;
+                self.images.remove(&snapshot);
+                ok(Response::Ok)
+            }
+            Request::Stats => {
+                let s = self
+                    .store
+                    .stats()
+                    .map_err(|e| Fail(ErrorCode::Internal, crate::error_chain(&e)))?;
+                ok(Response::Stats {
+                    snapshots: s.snapshots,
+                    chunks: s.chunks,
+                    raw_bytes: s.raw_bytes,
+                    pack_bytes: s.pack_bytes,
+                })
+            }
+        }
+    }
+
+    fn resolve_regions(&self, regions: &[Region]) -> Result<Vec<SessionRegion>, Fail> {
+        if regions.is_empty() || regions.len() > MAX_REGIONS {
+            return Err(bad("need 1..=64 regions"));
+        }
+        let mut out = Vec::with_capacity(regions.len());
+        for r in regions {
+            let img = self
+                .images
+                .get_or_open(&self.store, &r.snapshot)
+                .map_err(|e| match e {
+                    image::ImageError::View(v) => Fail::from(v),
+                    other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
+                })?;
+            let ps = u64::from(img.view().page_size());
+            let aligned = r.base % ps == 0 && r.len % ps == 0 && r.offset % ps == 0 && r.len > 0;
+            let fits = r
+                .offset
+                .checked_add(r.len)
+                .is_some_and(|e| e <= img.view().memory_size())
+                && r.base.checked_add(r.len).is_some();
+            if !aligned || !fits {
+                return Err(bad(format!(
+                    "region {:#x}+{:#x} is unaligned or out of range",
+                    r.base, r.len
+                )));
+            }
+            out.push(SessionRegion {
+                base: r.base,
+                len: r.len,
+                offset: r.offset,
+                image: img,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn info(m: &crate::store::manifest::Manifest) -> SnapshotInfo {
+    SnapshotInfo {
+        id: m.id.clone(),
+        memory_size: m.memory_size,
+        page_size: m.page_size,
+        parent: m.parent.clone(),
+        labels: m.labels.clone().into_iter().collect(),
+        blobs: m.blobs.keys().cloned().collect(),
+        created_unix_ms: m.created_unix_ms,
+    }
+}

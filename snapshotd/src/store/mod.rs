@@ -1,0 +1,1444 @@
+//! The content-addressed page store (a library; the daemon in [`crate::server`] serves it).
+//!
+//! # Layout of a store root
+//! ```text
+//! ROOT/index/            rocksdb; column families:
+//!     chunks     blake3 hash (32 bytes) -> ChunkEntry (pack, offset, stored_len, raw_len, refcount)
+//!     manifests  snapshot id            -> encoded Manifest (see [`manifest`])
+//!     children   parent id \0 child id  -> ""   (a snapshot with children cannot be deleted)
+//!     meta       "format", "pack.active", "pack.committed"
+//! ROOT/packs/NNNNNNNN.pack   append-only pack files (see [`pack`])
+//! ```
+//!
+//! # Durability
+//! `create`: append every new chunk to the active pack, `fdatasync` it, then one rocksdb
+//! `WriteBatch` with `sync = true` holding the chunk entries, refcount increments, the
+//! manifest and the new committed length of the active pack; only then is the id returned.
+//! After a crash, bytes past `pack.committed` (and pack files numbered after the active one)
+//! were never acknowledged: [`Store::open`] truncates/removes them.
+//!
+//! # Reference counts
+//! A chunk's refcount is the number of manifests that reference it *directly* (each manifest
+//! counts every distinct chunk once). A layered manifest (created relative to a parent)
+//! references only its own pages and pins its parent: a snapshot with children cannot be
+//! deleted. [`Store::delete`] drops entries whose count reaches zero; [`Store::gc`] then
+//! rewrites packs that hold dead bytes.
+//!
+//! # Reads
+//! Every chunk read is verified against its blake3 hash; a mismatch is a [`ReadError`]
+//! naming the snapshot and page, never wrong bytes.
+
+pub mod manifest;
+pub mod pack;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+
+use self::manifest::{BLOB_CHUNK_LEN, BlobRef, INLINE_BLOB_MAX, Manifest, ManifestError, Run};
+use self::pack::{Hash, Location, PACK_HEADER_LEN, PackWriter, RecordError};
+
+/// Default page size.
+pub const DEFAULT_PAGE_SIZE: u32 = 4096;
+/// Longest parent chain; a create beyond it writes a flattened (full) manifest instead.
+pub const MAX_CHAIN_DEPTH: u32 = 16;
+/// A pack is sealed and a new one started once it grows past this.
+pub const PACK_TARGET_LEN: u64 = 1 << 30;
+/// Store format version recorded in `meta`.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+const CF_CHUNKS: &str = "chunks";
+const CF_MANIFESTS: &str = "manifests";
+const CF_CHILDREN: &str = "children";
+const CF_META: &str = "meta";
+const META_FORMAT: &[u8] = b"format";
+const META_ACTIVE: &[u8] = b"pack.active";
+const META_COMMITTED: &[u8] = b"pack.committed";
+/// Pages read and hashed per batch during ingest.
+const INGEST_BATCH_PAGES: usize = 256;
+
+/// Index value for one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkEntry {
+    /// Where the chunk is.
+    pub location: Location,
+    /// Number of manifests referencing it.
+    pub refcount: u64,
+}
+
+impl ChunkEntry {
+    const LEN: usize = 28;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..4].copy_from_slice(&self.location.pack.to_le_bytes());
+        b[4..12].copy_from_slice(&self.location.offset.to_le_bytes());
+        b[12..16].copy_from_slice(&self.location.stored_len.to_le_bytes());
+        b[16..20].copy_from_slice(&self.location.raw_len.to_le_bytes());
+        b[20..28].copy_from_slice(&self.refcount.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<ChunkEntry> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        Some(ChunkEntry {
+            location: Location {
+                pack: u32::from_le_bytes(b[0..4].try_into().ok()?),
+                offset: u64::from_le_bytes(b[4..12].try_into().ok()?),
+                stored_len: u32::from_le_bytes(b[12..16].try_into().ok()?),
+                raw_len: u32::from_le_bytes(b[16..20].try_into().ok()?),
+            },
+            refcount: u64::from_le_bytes(b[20..28].try_into().ok()?),
+        })
+    }
+}
+
+/// Errors opening a store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Creating the directory layout failed.
+    #[error("creating store directory {0}")]
+    CreateDir(PathBuf, #[source] io::Error),
+    /// rocksdb refused to open.
+    #[error("opening the index")]
+    Index(#[source] rocksdb::Error),
+    /// The index is from another store format.
+    #[error("store format {0} is not supported")]
+    Format(u32),
+    /// The meta family holds garbage.
+    #[error("index metadata is corrupt: {0}")]
+    Meta(&'static str),
+    /// Recovering the active pack failed.
+    #[error("recovering pack files")]
+    Packs(#[source] io::Error),
+}
+
+/// Errors creating a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// Bad request (sizes, page list).
+    #[error("invalid create request: {0}")]
+    Invalid(String),
+    /// The parent could not be loaded.
+    #[error("loading parent snapshot")]
+    Parent(#[source] Box<ViewError>),
+    /// Reading the source memory failed.
+    #[error("reading source memory")]
+    Source(#[source] io::Error),
+    /// Index read or write failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+    /// Pack append or sync failed.
+    #[error("writing pack")]
+    Pack(#[source] io::Error),
+    /// The manifest could not be encoded.
+    #[error("encoding manifest")]
+    Manifest(#[source] ManifestError),
+    /// The index holds a corrupt chunk entry.
+    #[error("index entry for a chunk is corrupt")]
+    CorruptEntry,
+}
+
+/// Errors loading a snapshot's resolved view.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// No such snapshot.
+    #[error("snapshot {0} not found")]
+    NotFound(String),
+    /// Index read failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+    /// The stored manifest is corrupt.
+    #[error("manifest of snapshot {0} is corrupt")]
+    Corrupt(String, #[source] ManifestError),
+    /// The parent chain is inconsistent.
+    #[error("parent chain of snapshot {0} is inconsistent")]
+    Chain(String),
+}
+
+/// Errors reading a page or blob.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Page index beyond the snapshot's memory.
+    #[error("page {page} is out of range for snapshot {snapshot}")]
+    OutOfRange {
+        /// Snapshot id.
+        snapshot: String,
+        /// Page index.
+        page: u64,
+    },
+    /// The index has no entry for a referenced chunk.
+    #[error("snapshot {snapshot} page {page}: chunk missing from the index")]
+    MissingChunk {
+        /// Snapshot id.
+        snapshot: String,
+        /// Page index (or blob chunk index).
+        page: u64,
+    },
+    /// The chunk failed verification.
+    #[error("snapshot {snapshot} page {page}: stored data is corrupt")]
+    Corrupt {
+        /// Snapshot id.
+        snapshot: String,
+        /// Page index (or blob chunk index).
+        page: u64,
+        /// What failed.
+        #[source]
+        source: RecordError,
+    },
+    /// Opening a pack file failed.
+    #[error("snapshot {snapshot} page {page}: opening pack")]
+    Pack {
+        /// Snapshot id.
+        snapshot: String,
+        /// Page index.
+        page: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Index read failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+    /// No blob of that name.
+    #[error("snapshot {snapshot} has no blob {name}")]
+    NoBlob {
+        /// Snapshot id.
+        snapshot: String,
+        /// Blob name.
+        name: String,
+    },
+    /// The snapshot could not be loaded.
+    #[error("loading snapshot")]
+    View(#[source] ViewError),
+}
+
+/// Errors deleting a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// Loading the snapshot failed.
+    #[error("loading snapshot")]
+    View(#[source] ViewError),
+    /// Other snapshots are layered on it.
+    #[error("snapshot {0} has children; delete them first")]
+    HasChildren(String),
+    /// Index read or write failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+}
+
+/// Errors during garbage collection.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// Index read or write failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+    /// Pack read, write or removal failed.
+    #[error("pack files")]
+    Pack(#[source] io::Error),
+    /// A live chunk could not be read intact while moving it.
+    #[error("live chunk could not be moved")]
+    Record(#[source] RecordError),
+    /// The index holds a corrupt chunk entry.
+    #[error("index entry for a chunk is corrupt")]
+    CorruptEntry,
+}
+
+/// Errors running the consistency check itself (problems found are in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Index read failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+    /// Listing or reading pack files failed.
+    #[error("pack files")]
+    Pack(#[source] io::Error),
+}
+
+/// What to snapshot.
+#[derive(Debug)]
+pub struct CreateRequest<'a> {
+    /// Guest memory, `memory_size` bytes, read page by page.
+    pub memory: Box<dyn PageSource + 'a>,
+    /// Page size (a power of two, 4 KiB..2 MiB).
+    pub page_size: u32,
+    /// Layer on this snapshot.
+    pub parent: Option<String>,
+    /// With a parent: only these pages may differ from it (`None`: compare every page).
+    pub dirty_pages: Option<Vec<u64>>,
+    /// Named VM-state blobs.
+    pub blobs: BTreeMap<String, Vec<u8>>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Pages in first-touch order, for prefetch after restore.
+    pub touch_order: Vec<u64>,
+}
+
+/// A source of guest memory bytes.
+pub trait PageSource: std::fmt::Debug + Sync {
+    /// Total length in bytes.
+    fn len(&self) -> u64;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `buf.len()` bytes at `offset` into `buf`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl PageSource for &[u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let src = self
+            .get(start..start + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl PageSource for Vec<u8> {
+    fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        PageSource::read_at(&self.as_slice(), offset, buf)
+    }
+}
+
+/// A file (e.g. a memfd handed over by a VMM) of a given length, read with `pread`.
+#[derive(Debug)]
+pub struct FileSource {
+    /// The file.
+    pub file: File,
+    /// Bytes to snapshot.
+    pub len: u64,
+}
+
+impl PageSource for FileSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// A snapshot with its parent chain resolved into one page map.
+#[derive(Debug)]
+pub struct SnapshotView {
+    /// The snapshot's own manifest.
+    pub manifest: Manifest,
+    pages: Vec<Option<Hash>>,
+}
+
+impl SnapshotView {
+    /// Snapshot id.
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+    /// Memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.manifest.memory_size
+    }
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u32 {
+        self.manifest.page_size
+    }
+    /// Number of pages.
+    pub fn page_count(&self) -> u64 {
+        self.pages.len() as u64
+    }
+    /// Content hash of `page` (`None` for a zero page), or `None` out of range.
+    pub fn page(&self, page: u64) -> Option<Option<&Hash>> {
+        self.pages
+            .get(usize::try_from(page).ok()?)
+            .map(Option::as_ref)
+    }
+    /// Pages in recorded first-touch order.
+    pub fn touch_order(&self) -> impl Iterator<Item = u64> + '_ {
+        self.manifest
+            .touch_order
+            .iter()
+            .flat_map(|(s, c)| *s..s.saturating_add(*c))
+    }
+    /// Number of non-zero pages.
+    pub fn nonzero_pages(&self) -> u64 {
+        self.pages.iter().filter(|p| p.is_some()).count() as u64
+    }
+}
+
+/// One line of [`Store::list`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Id.
+    pub id: String,
+    /// Memory size.
+    pub memory_size: u64,
+    /// Page size.
+    pub page_size: u32,
+    /// Parent.
+    pub parent: Option<String>,
+    /// Pages stored in this manifest's own runs.
+    pub own_pages: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time.
+    pub created_unix_ms: u64,
+}
+
+/// Result of [`Store::check`].
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CheckReport {
+    /// Snapshots examined.
+    pub snapshots: u64,
+    /// Chunks examined and verified.
+    pub chunks: u64,
+    /// Everything wrong, one line each; empty means consistent.
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when no problem was found.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Result of [`Store::gc`].
+#[derive(Debug, Default, serde::Serialize)]
+pub struct GcReport {
+    /// Packs rewritten or removed.
+    pub packs_compacted: u64,
+    /// Live chunks moved.
+    pub chunks_moved: u64,
+    /// Bytes of pack files before.
+    pub bytes_before: u64,
+    /// Bytes of pack files after.
+    pub bytes_after: u64,
+}
+
+/// Store-wide figures.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct StoreStats {
+    /// Snapshots.
+    pub snapshots: u64,
+    /// Chunks in the index.
+    pub chunks: u64,
+    /// Sum of raw chunk lengths.
+    pub raw_bytes: u64,
+    /// Sum of stored (compressed) lengths incl. record headers.
+    pub stored_bytes: u64,
+    /// Pack file bytes on disk.
+    pub pack_bytes: u64,
+}
+
+/// Result of one ingest.
+#[derive(Debug, Clone)]
+pub struct CreateOutcome {
+    /// New snapshot id.
+    pub id: String,
+    /// Pages hashed.
+    pub pages_scanned: u64,
+    /// Chunks newly written to a pack.
+    pub chunks_written: u64,
+    /// Bytes appended to packs.
+    pub bytes_written: u64,
+}
+
+/// The store: one per root directory (rocksdb holds a lock on the index).
+#[derive(Debug)]
+pub struct Store {
+    packs_dir: PathBuf,
+    db: DB,
+    writer: Mutex<PackWriter>,
+    gc_lock: RwLock<()>,
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+    views: Mutex<HashMap<String, Arc<SnapshotView>>>,
+    seq: AtomicU64,
+    root: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, recovering from any interrupted ingest.
+    pub fn open(root: &Path) -> Result<Store, OpenError> {
+        let packs_dir = root.join("packs");
+        for d in [root.to_path_buf(), root.join("index"), packs_dir.clone()] {
+            fs::create_dir_all(&d).map_err(|e| OpenError::CreateDir(d.clone(), e))?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let mut chunk_opts = Options::default();
+        let mut bbo = rocksdb::BlockBasedOptions::default();
+        bbo.set_bloom_filter(10.0, false);
+        bbo.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
+        chunk_opts.set_block_based_table_factory(&bbo);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
+            ColumnFamilyDescriptor::new(CF_MANIFESTS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHILDREN, Options::default()),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db =
+            DB::open_cf_descriptors(&opts, root.join("index"), cfs).map_err(OpenError::Index)?;
+        let meta = db
+            .cf_handle(CF_META)
+            .ok_or(OpenError::Meta("missing meta family"))?;
+        let get_u64 = |k: &[u8]| -> Result<Option<u64>, OpenError> {
+            match db.get_cf(meta, k).map_err(OpenError::Index)? {
+                None => Ok(None),
+                Some(v) => Ok(Some(u64::from_le_bytes(
+                    v.as_slice()
+                        .try_into()
+                        .map_err(|_| OpenError::Meta("bad meta value"))?,
+                ))),
+            }
+        };
+        match get_u64(META_FORMAT)? {
+            None => {}
+            Some(v) if v == u64::from(STORE_FORMAT_VERSION) => {}
+            Some(v) => return Err(OpenError::Format(v as u32)),
+        }
+        let active = get_u64(META_ACTIVE)?;
+        let writer = match active {
+            None => {
+                // Fresh store (or a crash before the first commit): start pack 0.
+                let w = PackWriter::create(&packs_dir, 0).map_err(OpenError::Packs)?;
+                let mut b = WriteBatch::default();
+                b.put_cf(
+                    meta,
+                    META_FORMAT,
+                    u64::from(STORE_FORMAT_VERSION).to_le_bytes(),
+                );
+                b.put_cf(meta, META_ACTIVE, 0u64.to_le_bytes());
+                b.put_cf(meta, META_COMMITTED, PACK_HEADER_LEN.to_le_bytes());
+                db.write_opt(b, &sync_opts()).map_err(OpenError::Index)?;
+                w
+            }
+            Some(active) => {
+                let active = u32::try_from(active).map_err(|_| OpenError::Meta("active pack"))?;
+                let committed =
+                    get_u64(META_COMMITTED)?.ok_or(OpenError::Meta("committed length"))?;
+                remove_packs_after(&packs_dir, active).map_err(OpenError::Packs)?;
+                PackWriter::open_truncated(&packs_dir, active, committed)
+                    .map_err(OpenError::Packs)?
+            }
+        };
+        let seq = AtomicU64::new(now_ms());
+        Ok(Store {
+            packs_dir,
+            db,
+            writer: Mutex::new(writer),
+            gc_lock: RwLock::new(()),
+            readers: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
+            seq,
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // The four families are created by `open` (create_missing_column_families), so the
+        // handle always exists while the DB is open.
+        match self.db.cf_handle(name) {
+            Some(cf) => cf,
+            None => unreachable!("column family {name} is created at open"),
+        }
+    }
+
+    fn new_id(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let h =
+            blake3::hash(format!("{:?}|{nanos}|{}|{n}", self.root, std::process::id()).as_bytes());
+        hex(&h.as_bytes()[..12])
+    }
+
+    /// Loads the resolved view of snapshot `id` (cached).
+    pub fn view(&self, id: &str) -> Result<Arc<SnapshotView>, ViewError> {
+        if let Some(v) = lock(&self.views).get(id) {
+            return Ok(v.clone());
+        }
+        let view = Arc::new(self.resolve(id)?);
+        let mut views = lock(&self.views);
+        if views.len() >= 64 {
+            views.clear();
+        }
+        views.insert(id.to_string(), view.clone());
+        Ok(view)
+    }
+
+    fn load_manifest(&self, id: &str) -> Result<Manifest, ViewError> {
+        let bytes = self
+            .db
+            .get_pinned_cf(self.cf(CF_MANIFESTS), id.as_bytes())
+            .map_err(ViewError::Index)?
+            .ok_or_else(|| ViewError::NotFound(id.to_string()))?;
+        let m = manifest::decode(&bytes).map_err(|e| ViewError::Corrupt(id.to_string(), e))?;
+        if m.id != id {
+            return Err(ViewError::Chain(id.to_string()));
+        }
+        Ok(m)
+    }
+
+    fn resolve(&self, id: &str) -> Result<SnapshotView, ViewError> {
+        let top = self.load_manifest(id)?;
+        let mut chain = vec![top];
+        while let Some(parent) = chain.last().and_then(|m| m.parent.clone()) {
+            let m = self.load_manifest(&parent)?;
+            let child = &chain[chain.len() - 1];
+            if chain.len() > MAX_CHAIN_DEPTH as usize + 1
+                || m.memory_size != child.memory_size
+                || m.page_size != child.page_size
+                || m.depth + 1 != child.depth
+            {
+                return Err(ViewError::Chain(id.to_string()));
+            }
+            chain.push(m);
+        }
+        let count =
+            usize::try_from(chain[0].page_count()).map_err(|_| ViewError::Chain(id.to_string()))?;
+        let mut pages: Vec<Option<Hash>> = vec![None; count];
+        for m in chain.iter().rev() {
+            for run in &m.runs {
+                match run {
+                    Run::Pages { start, hashes } => {
+                        let s = *start as usize;
+                        for (i, h) in hashes.iter().enumerate() {
+                            pages[s + i] = Some(*h);
+                        }
+                    }
+                    Run::Repeat { start, count, hash } => {
+                        pages[*start as usize..(*start + *count) as usize].fill(Some(*hash));
+                    }
+                    Run::Zero { start, count } => {
+                        pages[*start as usize..(*start + *count) as usize].fill(None);
+                    }
+                }
+            }
+        }
+        let manifest = chain.swap_remove(0);
+        Ok(SnapshotView { manifest, pages })
+    }
+
+    fn pack_file(&self, n: u32) -> io::Result<Arc<File>> {
+        let mut readers = lock(&self.readers);
+        if let Some(f) = readers.get(&n) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(pack::pack_path(&self.packs_dir, n))?);
+        readers.insert(n, f.clone());
+        Ok(f)
+    }
+
+    fn get_entry(&self, hash: &Hash) -> Result<Option<ChunkEntry>, rocksdb::Error> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), hash)?
+            .and_then(|v| ChunkEntry::decode(&v)))
+    }
+
+    /// Reads and verifies chunk `hash`; `what` names the snapshot and page for errors.
+    fn read_chunk(
+        &self,
+        hash: &Hash,
+        snapshot: &str,
+        page: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReadError> {
+        let _g = self
+            .gc_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = self
+            .get_entry(hash)
+            .map_err(ReadError::Index)?
+            .ok_or_else(|| ReadError::MissingChunk {
+                snapshot: snapshot.to_string(),
+                page,
+            })?;
+        let file = self
+            .pack_file(entry.location.pack)
+            .map_err(|source| ReadError::Pack {
+                snapshot: snapshot.to_string(),
+                page,
+                source,
+            })?;
+        let mut scratch = Vec::new();
+        pack::read_record(&file, &entry.location, hash, &mut scratch, out).map_err(|source| {
+            ReadError::Corrupt {
+                snapshot: snapshot.to_string(),
+                page,
+                source,
+            }
+        })
+    }
+
+    /// Reads page `page` of `view` into `out` (resized to the page size). Returns `false`
+    /// (and zero bytes) for a zero page.
+    pub fn read_page(
+        &self,
+        view: &SnapshotView,
+        page: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, ReadError> {
+        let slot = view.page(page).ok_or_else(|| ReadError::OutOfRange {
+            snapshot: view.id().to_string(),
+            page,
+        })?;
+        match slot {
+            None => {
+                out.clear();
+                out.resize(view.page_size() as usize, 0);
+                Ok(false)
+            }
+            Some(hash) => {
+                self.read_chunk(hash, view.id(), page, out)?;
+                if out.len() != view.page_size() as usize {
+                    return Err(ReadError::Corrupt {
+                        snapshot: view.id().to_string(),
+                        page,
+                        source: RecordError::BadHeader { pack: 0, offset: 0 },
+                    });
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Reads a whole snapshot's memory into a buffer (tests, tools).
+    pub fn read_all(&self, id: &str) -> Result<Vec<u8>, ReadError> {
+        let view = self.view(id).map_err(ReadError::View)?;
+        let ps = view.page_size() as usize;
+        let mut mem = vec![0u8; view.memory_size() as usize];
+        let mut buf = Vec::new();
+        for p in 0..view.page_count() {
+            if self.read_page(&view, p, &mut buf)? {
+                mem[p as usize * ps..(p as usize + 1) * ps].copy_from_slice(&buf);
+            }
+        }
+        Ok(mem)
+    }
+
+    /// Reads the named VM-state blob of snapshot `id`.
+    pub fn read_blob(&self, id: &str, name: &str) -> Result<Vec<u8>, ReadError> {
+        let view = self.view(id).map_err(ReadError::View)?;
+        let blob = view
+            .manifest
+            .blobs
+            .get(name)
+            .ok_or_else(|| ReadError::NoBlob {
+                snapshot: id.to_string(),
+                name: name.to_string(),
+            })?;
+        match blob {
+            BlobRef::Inline(b) => Ok(b.clone()),
+            BlobRef::Chunks { len, hashes } => {
+                let mut out = Vec::with_capacity(*len as usize);
+                let mut buf = Vec::new();
+                for (i, h) in hashes.iter().enumerate() {
+                    self.read_chunk(h, id, i as u64, &mut buf)?;
+                    out.extend_from_slice(&buf);
+                }
+                if out.len() as u64 != *len {
+                    return Err(ReadError::MissingChunk {
+                        snapshot: id.to_string(),
+                        page: hashes.len() as u64,
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Creates a snapshot; returns once its chunks and manifest are durable.
+    pub fn create(&self, req: &CreateRequest<'_>) -> Result<CreateOutcome, CreateError> {
+        let t0 = Instant::now();
+        let mut writer = lock(&self.writer);
+        let start_len = writer.len();
+        let result = self.create_locked(&mut writer, req);
+        if result.is_err()
+            && let Err(e) = writer.rollback(start_len)
+        {
+            tracing::error!(error = %e, "rolling back pack after failed create");
+        }
+        if let Ok(o) = &result {
+            tracing::info!(
+                id = %o.id, pages = o.pages_scanned, written = o.chunks_written,
+                bytes = o.bytes_written, ms = t0.elapsed().as_millis() as u64, "snapshot created"
+            );
+        }
+        result
+    }
+
+    fn create_locked(
+        &self,
+        writer: &mut PackWriter,
+        req: &CreateRequest<'_>,
+    ) -> Result<CreateOutcome, CreateError> {
+        let ps = req.page_size;
+        if !(manifest::MIN_PAGE_SIZE..=manifest::MAX_PAGE_SIZE).contains(&ps)
+            || !ps.is_power_of_two()
+        {
+            return Err(CreateError::Invalid(format!("page size {ps}")));
+        }
+        let memory_size = req.memory.len();
+        if memory_size == 0 || memory_size > manifest::MAX_MEMORY_SIZE {
+            return Err(CreateError::Invalid(format!("memory size {memory_size}")));
+        }
+        if !memory_size.is_multiple_of(u64::from(ps)) {
+            return Err(CreateError::Invalid(
+                "memory size is not a multiple of the page size".into(),
+            ));
+        }
+        let page_count = memory_size / u64::from(ps);
+        let parent = match &req.parent {
+            None => None,
+            Some(p) => {
+                let v = self.view(p).map_err(|e| CreateError::Parent(Box::new(e)))?;
+                if v.memory_size() != memory_size || v.page_size() != ps {
+                    return Err(CreateError::Invalid(
+                        "memory or page size differs from the parent's".into(),
+                    ));
+                }
+                Some(v)
+            }
+        };
+        if req.dirty_pages.is_some() && parent.is_none() {
+            return Err(CreateError::Invalid(
+                "a dirty page list needs a parent".into(),
+            ));
+        }
+        let scan: Vec<(u64, u64)> = match &req.dirty_pages {
+            None => vec![(0, page_count)],
+            Some(list) => {
+                let mut list = list.clone();
+                list.sort_unstable();
+                list.dedup();
+                if list.last().is_some_and(|l| *l >= page_count) {
+                    return Err(CreateError::Invalid("dirty page beyond memory size".into()));
+                }
+                manifest::build_ranges(&list)
+            }
+        };
+        if req.touch_order.iter().any(|p| *p >= page_count) {
+            return Err(CreateError::Invalid(
+                "touch order page beyond memory size".into(),
+            ));
+        }
+        let flatten = parent
+            .as_ref()
+            .is_some_and(|p| p.manifest.depth + 1 > MAX_CHAIN_DEPTH);
+        let mut ing = Ingest {
+            store: self,
+            writer,
+            known: HashMap::new(),
+            chunks_written: 0,
+            bytes_written: 0,
+        };
+        // Per changed page: (index, content).
+        let mut entries: Vec<(u64, Option<Hash>)> = Vec::new();
+        let zero = vec![0u8; ps as usize];
+        let mut buf = vec![0u8; INGEST_BATCH_PAGES * ps as usize];
+        let mut hashes: Vec<Option<Hash>> = Vec::with_capacity(INGEST_BATCH_PAGES);
+        let mut pages_scanned = 0u64;
+        for (start, count) in scan {
+            let mut p = start;
+            while p < start + count {
+                let n = (start + count - p).min(INGEST_BATCH_PAGES as u64) as usize;
+                let bytes = &mut buf[..n * ps as usize];
+                req.memory
+                    .read_at(p * u64::from(ps), bytes)
+                    .map_err(CreateError::Source)?;
+                hashes.clear();
+                for page in bytes.chunks_exact(ps as usize) {
+                    hashes.push(if page == zero.as_slice() {
+                        None
+                    } else {
+                        Some(*blake3::hash(page).as_bytes())
+                    });
+                }
+                ing.ensure_chunks(bytes, ps as usize, &hashes)?;
+                for (i, h) in hashes.iter().enumerate() {
+                    let idx = p + i as u64;
+                    let differs = match &parent {
+                        Some(pv) => pv.page(idx).flatten() != h.as_ref(),
+                        None => h.is_some(),
+                    };
+                    if differs {
+                        entries.push((idx, *h));
+                    }
+                }
+                pages_scanned += n as u64;
+                p += n as u64;
+            }
+        }
+        let (parent_id, depth) = match (&parent, flatten) {
+            (Some(pv), false) => (Some(pv.id().to_string()), pv.manifest.depth + 1),
+            _ => (None, 0),
+        };
+        let mut labels = req.labels.clone();
+        if let (Some(pv), true) = (&parent, flatten) {
+            // Too deep: write a full manifest (parent's pages + changes), no data dependency.
+            labels.insert("fissile.flattened_from".into(), pv.id().to_string());
+            let mut full: Vec<Option<Hash>> = pv.pages.clone();
+            for (idx, h) in &entries {
+                full[*idx as usize] = *h;
+            }
+            entries = full
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.map(|h| (i as u64, Some(h))))
+                .collect();
+            let inherited: Vec<Hash> = entries.iter().filter_map(|(_, h)| *h).collect();
+            ing.load_existing(&inherited)?;
+        }
+        let mut blobs = BTreeMap::new();
+        for (name, data) in &req.blobs {
+            blobs.insert(name.clone(), ing.store_blob(data)?);
+        }
+        let id = self.new_id();
+        let m = Manifest {
+            id: id.clone(),
+            memory_size,
+            page_size: ps,
+            parent: parent_id.clone(),
+            depth,
+            runs: manifest::build_runs(&entries),
+            blobs,
+            labels,
+            created_unix_ms: now_ms(),
+            touch_order: manifest::build_ranges(&req.touch_order),
+        };
+        m.validate().map_err(CreateError::Manifest)?;
+        let encoded = manifest::encode(&m).map_err(CreateError::Manifest)?;
+        let referenced = m.distinct_chunks();
+        let (chunks_written, bytes_written) = (ing.chunks_written, ing.bytes_written);
+        let known = std::mem::take(&mut ing.known);
+        let committed = ing.writer.sync().map_err(CreateError::Pack)?;
+        let mut batch = WriteBatch::default();
+        let chunks = self.cf(CF_CHUNKS);
+        for hash in &referenced {
+            let mut e = *known.get(hash).ok_or(CreateError::CorruptEntry)?;
+            e.refcount += 1;
+            batch.put_cf(chunks, hash, e.encode());
+        }
+        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded);
+        if let Some(p) = &parent_id {
+            batch.put_cf(self.cf(CF_CHILDREN), child_key(p, &id), b"");
+        }
+        let meta = self.cf(CF_META);
+        batch.put_cf(
+            meta,
+            META_ACTIVE,
+            u64::from(ing.writer.number).to_le_bytes(),
+        );
+        batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
+        self.db
+            .write_opt(batch, &sync_opts())
+            .map_err(CreateError::Index)?;
+        Ok(CreateOutcome {
+            id,
+            pages_scanned,
+            chunks_written,
+            bytes_written,
+        })
+    }
+
+    /// Deletes snapshot `id` (refused while snapshots are layered on it).
+    pub fn delete(&self, id: &str) -> Result<(), DeleteError> {
+        let _w = lock(&self.writer);
+        let m = self.load_manifest(id).map_err(DeleteError::View)?;
+        let prefix = child_prefix(id);
+        let children = self.cf(CF_CHILDREN);
+        if let Some(item) = self.db.prefix_iterator_cf(children, &prefix).next() {
+            let (k, _) = item.map_err(DeleteError::Index)?;
+            if k.starts_with(&prefix) {
+                return Err(DeleteError::HasChildren(id.to_string()));
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let chunks = self.cf(CF_CHUNKS);
+        for hash in m.distinct_chunks() {
+            match self.get_entry(&hash).map_err(DeleteError::Index)? {
+                Some(mut e) if e.refcount > 1 => {
+                    e.refcount -= 1;
+                    batch.put_cf(chunks, hash, e.encode());
+                }
+                Some(_) => batch.delete_cf(chunks, hash),
+                None => {
+                    tracing::warn!(snapshot = id, chunk = %hex(&hash), "referenced chunk missing")
+                }
+            }
+        }
+        batch.delete_cf(self.cf(CF_MANIFESTS), id.as_bytes());
+        if let Some(p) = &m.parent {
+            batch.delete_cf(children, child_key(p, id));
+        }
+        self.db
+            .write_opt(batch, &sync_opts())
+            .map_err(DeleteError::Index)?;
+        lock(&self.views).remove(id);
+        tracing::info!(snapshot = id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Lists every snapshot.
+    pub fn list(&self) -> Result<Vec<SnapshotInfo>, ViewError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(ViewError::Index)?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let m = manifest::decode(&v).map_err(|e| ViewError::Corrupt(id.clone(), e))?;
+            out.push(SnapshotInfo {
+                own_pages: m.runs.iter().map(|r| r.span().1).sum(),
+                id,
+                memory_size: m.memory_size,
+                page_size: m.page_size,
+                parent: m.parent,
+                labels: m.labels,
+                created_unix_ms: m.created_unix_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    fn pack_numbers(&self) -> io::Result<Vec<u32>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.packs_dir)? {
+            let e = e?;
+            if let Some(n) = e.file_name().to_str().and_then(pack::parse_pack_name) {
+                v.push(n);
+            }
+        }
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    fn pack_bytes(&self) -> io::Result<u64> {
+        let mut total = 0;
+        for n in self.pack_numbers()? {
+            total += fs::metadata(pack::pack_path(&self.packs_dir, n))?.len();
+        }
+        Ok(total)
+    }
+
+    /// Store-wide figures.
+    pub fn stats(&self) -> Result<StoreStats, CheckError> {
+        let mut s = StoreStats::default();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(CheckError::Index)?;
+            if let Some(e) = ChunkEntry::decode(&v) {
+                s.chunks += 1;
+                s.raw_bytes += u64::from(e.location.raw_len);
+                s.stored_bytes += e.location.record_len();
+            }
+        }
+        s.snapshots = self
+            .db
+            .iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start)
+            .count() as u64;
+        s.pack_bytes = self.pack_bytes().map_err(CheckError::Pack)?;
+        Ok(s)
+    }
+
+    /// Verifies the whole store: manifests decode, chains resolve, refcounts match the
+    /// manifests, every indexed chunk reads back and verifies, pack files are intact.
+    pub fn check(&self) -> Result<CheckReport, CheckError> {
+        let _w = lock(&self.writer);
+        let mut rep = CheckReport::default();
+        let mut want_refs: HashMap<Hash, u64> = HashMap::new();
+        let mut ids = HashSet::new();
+        let mut parents = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(CheckError::Index)?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            rep.snapshots += 1;
+            match manifest::decode(&v) {
+                Err(e) => rep
+                    .problems
+                    .push(format!("snapshot {id}: manifest corrupt: {e}")),
+                Ok(m) => {
+                    if m.id != id {
+                        rep.problems
+                            .push(format!("snapshot {id}: manifest names {}", m.id));
+                    }
+                    for h in m.distinct_chunks() {
+                        *want_refs.entry(h).or_default() += 1;
+                    }
+                    if let Some(p) = m.parent.clone() {
+                        parents.push((id.clone(), p));
+                    }
+                    ids.insert(id);
+                }
+            }
+        }
+        for (child, parent) in &parents {
+            if !ids.contains(parent) {
+                rep.problems
+                    .push(format!("snapshot {child}: parent {parent} missing"));
+            }
+            let has = self
+                .db
+                .get_pinned_cf(self.cf(CF_CHILDREN), child_key(parent, child))
+                .map_err(CheckError::Index)?;
+            if has.is_none() {
+                rep.problems.push(format!(
+                    "snapshot {child}: not registered as child of {parent}"
+                ));
+            }
+        }
+        let meta = self.cf(CF_META);
+        let active = self
+            .db
+            .get_cf(meta, META_ACTIVE)
+            .map_err(CheckError::Index)?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0) as u32;
+        let committed = self
+            .db
+            .get_cf(meta, META_COMMITTED)
+            .map_err(CheckError::Index)?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0);
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(CheckError::Index)?;
+            rep.chunks += 1;
+            let Ok(hash) = <Hash>::try_from(&k[..]) else {
+                rep.problems
+                    .push(format!("chunk key {} has a bad length", hex(&k)));
+                continue;
+            };
+            let Some(e) = ChunkEntry::decode(&v) else {
+                rep.problems
+                    .push(format!("chunk {}: index entry corrupt", hex(&hash)));
+                continue;
+            };
+            seen.insert(hash);
+            let want = want_refs.get(&hash).copied().unwrap_or(0);
+            if want != e.refcount {
+                rep.problems.push(format!(
+                    "chunk {}: refcount {} but {} manifests reference it",
+                    hex(&hash),
+                    e.refcount,
+                    want
+                ));
+            }
+            if e.location.pack == active && e.location.offset + e.location.record_len() > committed
+            {
+                rep.problems.push(format!(
+                    "chunk {}: beyond the committed end of the active pack",
+                    hex(&hash)
+                ));
+            }
+            let res = self
+                .pack_file(e.location.pack)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    pack::read_record(&f, &e.location, &hash, &mut scratch, &mut out)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(msg) = res {
+                rep.problems.push(format!("chunk {}: {msg}", hex(&hash)));
+            }
+        }
+        for h in want_refs.keys() {
+            if !seen.contains(h) {
+                rep.problems.push(format!(
+                    "chunk {} referenced but missing from the index",
+                    hex(h)
+                ));
+            }
+        }
+        for n in self.pack_numbers().map_err(CheckError::Pack)? {
+            let f = File::open(pack::pack_path(&self.packs_dir, n)).map_err(CheckError::Pack)?;
+            if let Err(e) = pack::check_pack_header(&f) {
+                rep.problems.push(format!("pack {n}: {e}"));
+            }
+        }
+        Ok(rep)
+    }
+
+    /// Reclaims dead chunks: rewrites every pack holding dead bytes (moving its live records
+    /// to the active pack) and removes packs with no live records.
+    pub fn gc(&self) -> Result<GcReport, GcError> {
+        let mut writer = lock(&self.writer);
+        let mut rep = GcReport {
+            bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
+            ..GcReport::default()
+        };
+        let mut live: HashMap<u32, Vec<(Hash, ChunkEntry)>> = HashMap::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(GcError::Index)?;
+            let hash = <Hash>::try_from(&k[..]).map_err(|_| GcError::CorruptEntry)?;
+            let e = ChunkEntry::decode(&v).ok_or(GcError::CorruptEntry)?;
+            live.entry(e.location.pack).or_default().push((hash, e));
+        }
+        // Seal the active pack if it has dead bytes, so it can be compacted too.
+        let active_live: u64 = live
+            .get(&writer.number)
+            .map_or(0, |v| v.iter().map(|(_, e)| e.location.record_len()).sum());
+        if writer.len() - PACK_HEADER_LEN > active_live {
+            self.rotate(&mut writer).map_err(GcError::Pack)?;
+        }
+        let mut victims = Vec::new();
+        for n in self.pack_numbers().map_err(GcError::Pack)? {
+            if n == writer.number {
+                continue;
+            }
+            let size = fs::metadata(pack::pack_path(&self.packs_dir, n))
+                .map_err(GcError::Pack)?
+                .len();
+            let live_bytes: u64 = live
+                .get(&n)
+                .map_or(0, |v| v.iter().map(|(_, e)| e.location.record_len()).sum());
+            if size - PACK_HEADER_LEN.min(size) > live_bytes {
+                victims.push(n);
+            }
+        }
+        let mut moved: Vec<(Hash, ChunkEntry)> = Vec::new();
+        let mut record = Vec::new();
+        for &n in &victims {
+            let file = self.pack_file(n).map_err(GcError::Pack)?;
+            for (hash, e) in live.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+                record.resize(e.location.record_len() as usize, 0);
+                file.read_exact_at(&mut record, e.location.offset)
+                    .map_err(GcError::Pack)?;
+                // Verify before moving so GC never launders a corrupt record.
+                let mut out = Vec::new();
+                let mut scratch = Vec::new();
+                pack::read_record(&file, &e.location, hash, &mut scratch, &mut out)
+                    .map_err(GcError::Record)?;
+                let loc = writer
+                    .append_encoded(&record, e.location.stored_len, e.location.raw_len)
+                    .map_err(GcError::Pack)?;
+                moved.push((
+                    *hash,
+                    ChunkEntry {
+                        location: loc,
+                        refcount: e.refcount,
+                    },
+                ));
+            }
+        }
+        let committed = writer.sync().map_err(GcError::Pack)?;
+        let mut batch = WriteBatch::default();
+        for (hash, e) in &moved {
+            batch.put_cf(self.cf(CF_CHUNKS), hash, e.encode());
+        }
+        let meta = self.cf(CF_META);
+        batch.put_cf(meta, META_ACTIVE, u64::from(writer.number).to_le_bytes());
+        batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
+        {
+            let _g = self
+                .gc_lock
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.db
+                .write_opt(batch, &sync_opts())
+                .map_err(GcError::Index)?;
+            let mut readers = lock(&self.readers);
+            for &n in &victims {
+                readers.remove(&n);
+                fs::remove_file(pack::pack_path(&self.packs_dir, n)).map_err(GcError::Pack)?;
+            }
+        }
+        File::open(&self.packs_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(GcError::Pack)?;
+        rep.packs_compacted = victims.len() as u64;
+        rep.chunks_moved = moved.len() as u64;
+        rep.bytes_after = self.pack_bytes().map_err(GcError::Pack)?;
+        tracing::info!(?rep, "gc done");
+        Ok(rep)
+    }
+
+    /// Starts a new active pack (recorded in the index with the next commit).
+    fn rotate(&self, writer: &mut PackWriter) -> io::Result<()> {
+        writer.sync()?;
+        *writer = PackWriter::create(&self.packs_dir, writer.number + 1)?;
+        Ok(())
+    }
+}
+
+fn child_prefix(parent: &str) -> Vec<u8> {
+    let mut k = parent.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn child_key(parent: &str, child: &str) -> Vec<u8> {
+    let mut k = child_prefix(parent);
+    k.extend_from_slice(child.as_bytes());
+    k
+}
+
+/// Removes pack files numbered after `active` (created by an ingest that never committed).
+fn remove_packs_after(dir: &Path, active: u32) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if let Some(n) = e.file_name().to_str().and_then(pack::parse_pack_name)
+            && n > active
+        {
+            tracing::warn!(pack = n, "removing uncommitted pack");
+            fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// State of one ingest: chunks this snapshot references, written or found.
+struct Ingest<'a> {
+    store: &'a Store,
+    writer: &'a mut PackWriter,
+    known: HashMap<Hash, ChunkEntry>,
+    chunks_written: u64,
+    bytes_written: u64,
+}
+
+impl Ingest<'_> {
+    /// Makes sure every non-zero page of `bytes` is in the store (looked up in one batch,
+    /// appended if new).
+    fn ensure_chunks(
+        &mut self,
+        bytes: &[u8],
+        ps: usize,
+        hashes: &[Option<Hash>],
+    ) -> Result<(), CreateError> {
+        let mut lookup: Vec<(usize, Hash)> = Vec::new();
+        let mut asked = HashSet::new();
+        for (i, h) in hashes.iter().enumerate() {
+            if let Some(h) = h
+                && !self.known.contains_key(h)
+                && asked.insert(*h)
+            {
+                lookup.push((i, *h));
+            }
+        }
+        if lookup.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&[u8]> = lookup.iter().map(|(_, h)| h.as_slice()).collect();
+        let found = self
+            .store
+            .db
+            .batched_multi_get_cf(self.store.cf(CF_CHUNKS), keys, false);
+        for ((i, h), res) in lookup.iter().zip(found) {
+            match res.map_err(CreateError::Index)? {
+                Some(v) => {
+                    let e = ChunkEntry::decode(&v).ok_or(CreateError::CorruptEntry)?;
+                    self.known.insert(*h, e);
+                }
+                None => {
+                    let e = self.append(h, &bytes[i * ps..(i + 1) * ps])?;
+                    self.known.insert(*h, e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, h: &Hash, raw: &[u8]) -> Result<ChunkEntry, CreateError> {
+        if self.writer.len() >= PACK_TARGET_LEN {
+            self.store.rotate(self.writer).map_err(CreateError::Pack)?;
+        }
+        let location = self.writer.append(h, raw).map_err(CreateError::Pack)?;
+        self.chunks_written += 1;
+        self.bytes_written += location.record_len();
+        Ok(ChunkEntry {
+            location,
+            refcount: 0,
+        })
+    }
+
+    /// Loads index entries for chunks inherited by a flattened manifest.
+    fn load_existing(&mut self, hashes: &[Hash]) -> Result<(), CreateError> {
+        for h in hashes {
+            if !self.known.contains_key(h) {
+                let e = self
+                    .store
+                    .get_entry(h)
+                    .map_err(CreateError::Index)?
+                    .ok_or(CreateError::CorruptEntry)?;
+                self.known.insert(*h, e);
+            }
+        }
+        Ok(())
+    }
+
+    fn store_blob(&mut self, data: &[u8]) -> Result<BlobRef, CreateError> {
+        if data.len() <= INLINE_BLOB_MAX {
+            return Ok(BlobRef::Inline(data.to_vec()));
+        }
+        let mut hashes = Vec::new();
+        for piece in data.chunks(BLOB_CHUNK_LEN) {
+            let h = *blake3::hash(piece).as_bytes();
+            if !self.known.contains_key(&h) {
+                let e = match self.store.get_entry(&h).map_err(CreateError::Index)? {
+                    Some(e) => e,
+                    None => self.append(&h, piece)?,
+                };
+                self.known.insert(h, e);
+            }
+            hashes.push(h);
+        }
+        Ok(BlobRef::Chunks {
+            len: data.len() as u64,
+            hashes,
+        })
+    }
+}

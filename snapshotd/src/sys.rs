@@ -1,0 +1,254 @@
+//! The few system calls libc does not wrap safely: memfd, mmap, poll, SO_PEERCRED.
+//! All `unsafe` of the crate outside the userfaultfd ioctls lives here.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+/// Creates a memfd of `len` bytes (sparse), close-on-exec, with sealing allowed.
+pub fn memfd_create(name: &str, len: u64) -> io::Result<File> {
+    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call; the flags
+    // are valid memfd_create flags.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
+/// Seals a memfd's size (no grow, no shrink, no further seals).
+pub fn seal_size(file: &File) -> io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on a valid fd with valid seal flags; no memory is touched.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reopens `file` read-only through /proc (a new open file description on the same inode),
+/// so a client can map it privately but never write the shared pages.
+pub fn reopen_read_only(file: &File) -> io::Result<File> {
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Credentials of a unix socket's peer.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCred {
+    /// Process id.
+    pub pid: i32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Reads `SO_PEERCRED` of a connected unix socket.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` holds the size of `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Readiness of one fd after [`poll2`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ready {
+    /// Readable.
+    pub readable: bool,
+    /// Hang-up or error.
+    pub hangup: bool,
+}
+
+/// Polls two fds for input with a timeout in milliseconds.
+pub fn poll2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(Ready, Ready)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok((Ready::default(), Ready::default()));
+        }
+        return Err(e);
+    }
+    let conv = |p: &libc::pollfd| Ready {
+        readable: p.revents & libc::POLLIN != 0,
+        hangup: p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+    };
+    Ok((conv(&fds[0]), conv(&fds[1])))
+}
+
+/// A memory mapping owned by this process, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; access through `read_at`/`write_at` copies bytes and
+// the raw pointer is only handed out as an address for uffd registration.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; concurrent `read_at` calls only read.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn map(len: usize, flags: libc::c_int, fd: RawFd) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a fresh mapping at an address chosen by the kernel; it overlaps nothing we
+        // own. For file mappings `fd` is valid for the call.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Maps `len` bytes of `fd` copy-on-write (`MAP_PRIVATE`): writes stay in this process.
+    pub fn private(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Mapping::map(len, libc::MAP_PRIVATE, fd.as_raw_fd())
+    }
+
+    /// Maps `len` bytes of `fd` shared (`MAP_SHARED`).
+    pub fn shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Mapping::map(len, libc::MAP_SHARED, fd.as_raw_fd())
+    }
+
+    /// Maps `len` bytes of anonymous private memory.
+    pub fn anonymous(len: usize) -> io::Result<Mapping> {
+        Mapping::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// Start pointer (for registering with userfaultfd).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if empty (never: mappings are non-empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies bytes out of the mapping (may fault, and through userfaultfd may block until
+    /// the page server resolves the fault).
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) {
+        assert!(
+            offset.checked_add(buf.len()).is_some_and(|e| e <= self.len),
+            "read out of range"
+        );
+        // SAFETY: the range is inside the mapping (checked above), which stays mapped while
+        // `self` lives; `buf` is a distinct Rust buffer so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+    }
+
+    /// Copies bytes into the mapping.
+    pub fn write_at(&self, offset: usize, data: &[u8]) {
+        assert!(
+            offset
+                .checked_add(data.len())
+                .is_some_and(|e| e <= self.len),
+            "write out of range"
+        );
+        // SAFETY: the range is inside the mapping (checked above) and `data` is a distinct
+        // buffer. Concurrent writers to the same bytes race only on plain bytes (no Rust
+        // references into the mapping exist).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
+    }
+
+    /// Reads one byte (touching the page).
+    pub fn touch(&self, offset: usize) -> u8 {
+        assert!(offset < self.len, "touch out of range");
+        // SAFETY: `offset` is inside the mapping (checked above).
+        unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(offset)) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping created by `Mapping::map` and not yet
+        // unmapped; no references into it outlive `self`.
+        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if r != 0 {
+            tracing::error!(error = %io::Error::last_os_error(), "munmap failed");
+        }
+    }
+}
+
+/// Takes ownership of a raw fd received over SCM_RIGHTS.
+///
+/// # Safety
+/// `fd` must be a valid, open descriptor owned by nobody else.
+pub unsafe fn own_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

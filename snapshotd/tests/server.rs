@@ -1,0 +1,502 @@
+//! Daemon tests: the real `fissile-snapshotd` binary, real sockets, real userfaultfd.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fissile_proto::frame::{encode_frame, read_frame};
+use fissile_proto::snapshotd::{
+    Request, Response, SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION,
+};
+use fissile_snapshotd::client::{Client, CreateOptions, LazyMemory};
+use fissile_snapshotd::sys;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+
+const PS: usize = 4096;
+
+/// A daemon process on a temporary store.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    root: PathBuf,
+}
+
+impl Daemon {
+    fn start(root: &Path) -> Daemon {
+        let socket = root.join("snapshotd.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fissile-snapshotd"))
+            .args(["serve", "--root"])
+            .arg(root.join("store"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("READY"), "daemon said {line:?}");
+        Daemon {
+            child,
+            socket,
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Test memory: mostly non-zero pages with distinct content, some zero pages.
+fn memory(seed: u64, pages: usize, zero_every: usize) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut mem = vec![0u8; pages * PS];
+    for (i, page) in mem.chunks_exact_mut(PS).enumerate() {
+        if zero_every == 0 || i % zero_every != 0 {
+            rng.fill(&mut page[..]);
+        }
+    }
+    mem
+}
+
+fn memfd_with(mem: &[u8]) -> std::fs::File {
+    let f = sys::memfd_create("test-mem", mem.len() as u64).unwrap();
+    f.write_all_at(mem, 0).unwrap();
+    f
+}
+
+fn create(client: &mut Client, mem: &[u8], opts: CreateOptions) -> String {
+    let f = memfd_with(mem);
+    client
+        .create_snapshot(
+            &f,
+            &CreateOptions {
+                memory_size: mem.len() as u64,
+                ..opts
+            },
+        )
+        .unwrap()
+}
+
+#[test]
+fn uffd_faults_from_many_threads_in_random_order_read_snapshot_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mem = Arc::new(memory(1, 2048, 5));
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+
+    let lazy = Arc::new(LazyMemory::restore(d.client(), &id, None).unwrap());
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (lazy, mem) = (lazy.clone(), mem.clone());
+            std::thread::spawn(move || {
+                let mut order: Vec<usize> = (0..2048).collect();
+                order.shuffle(&mut StdRng::seed_from_u64(t));
+                let mut buf = vec![0u8; PS];
+                for p in order {
+                    lazy.mapping().read_at(p * PS, &mut buf);
+                    assert!(
+                        buf == mem[p * PS..(p + 1) * PS],
+                        "thread {t} page {p} differs"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(lazy.session().failure(), None);
+    // Private writes stay private: a second view still sees the snapshot's bytes.
+    lazy.mapping().write_at(0, &[0xAA; 16]);
+    let second = LazyMemory::restore(d.client(), &id, None).unwrap();
+    let mut buf = vec![0u8; 16];
+    second.mapping().read_at(0, &mut buf);
+    assert_eq!(buf, mem[..16]);
+}
+
+#[test]
+fn dirty_only_create_blobs_and_prefetch_through_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let base = memory(2, 512, 3);
+    let parent = create(&mut c, &base, CreateOptions::default());
+    let mut mem = base.clone();
+    let dirty = vec![1u64, 7, 100, 511];
+    for p in &dirty {
+        mem[*p as usize * PS..][..PS].fill((*p as u8).wrapping_add(1));
+    }
+    let blob: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    let touch: Vec<u64> = (0..512).rev().collect();
+    let child = create(
+        &mut c,
+        &mem,
+        CreateOptions {
+            parent: Some(parent.clone()),
+            dirty_pages: Some(dirty),
+            touch_order: touch,
+            blobs: vec![("vcpu".into(), blob.clone())],
+            labels: vec![("k".into(), "v".into())],
+            ..CreateOptions::default()
+        },
+    );
+    let info = c.info(&child).unwrap();
+    assert_eq!(info.parent.as_deref(), Some(parent.as_str()));
+    assert_eq!(info.blobs, vec!["vcpu".to_string()]);
+    assert_eq!(c.get_blob(&child, "vcpu").unwrap(), blob);
+
+    let lazy = LazyMemory::restore(d.client(), &child, None).unwrap();
+    let mut buf = vec![0u8; PS];
+    lazy.mapping().read_at(0, &mut buf); // first fault starts the prefetch
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lazy.session().progress().1 < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "prefetch made no progress: {:?}",
+            lazy.session().progress()
+        );
+        assert_eq!(lazy.session().wait_failure(Duration::from_millis(50)), None);
+    }
+    for p in 0..512 {
+        lazy.mapping().read_at(p * PS, &mut buf);
+        assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+    }
+    assert!(matches!(
+        c.delete(&parent),
+        Err(fissile_snapshotd::client::ClientError::Daemon { .. })
+    ));
+    c.delete(&child).unwrap();
+    c.delete(&parent).unwrap();
+    assert!(c.list().unwrap().is_empty());
+}
+
+const SHARE_ENV: &str = "SNAPSHOTD_TEST_SHARE_CHILD";
+
+/// Child side of `two_processes_opening_same_image_share_physical_pages`.
+#[test]
+fn share_child_touch_all_pages() {
+    let Ok(spec) = std::env::var(SHARE_ENV) else {
+        return;
+    };
+    let (socket, id) = spec.split_once('|').unwrap();
+    let lazy = LazyMemory::restore(Client::connect(Path::new(socket)).unwrap(), id, None).unwrap();
+    let mut sum = 0u64;
+    for p in 0..lazy.mapping().len() / PS {
+        sum += u64::from(lazy.mapping().touch(p * PS));
+    }
+    println!("TOUCHED {sum}");
+    std::io::stdout().flush().unwrap();
+    // Stay alive (with the mapping) until the parent closes stdin.
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
+/// Sums the smaps fields of the mapping whose path contains `needle`.
+fn smaps_of(pid: u32, needle: &str) -> std::collections::HashMap<String, u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = std::collections::HashMap::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            inside = line.contains(needle);
+            continue;
+        }
+        if inside
+            && let Some((k, v)) = line.split_once(':')
+            && let Some(kb) = v.trim().strip_suffix(" kB")
+        {
+            *out.entry(k.to_string()).or_default() += kb.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    out
+}
+
+#[test]
+fn two_processes_opening_same_image_share_physical_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let pages = 4096; // 16 MiB, no zero pages
+    let mem = memory(3, pages, 0);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    let exe = std::env::current_exe().unwrap();
+    let mut children: Vec<Child> = (0..2)
+        .map(|_| {
+            let mut ch = Command::new(&exe)
+                .args([
+                    "--exact",
+                    "share_child_touch_all_pages",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(SHARE_ENV, format!("{}|{id}", d.socket.display()))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = BufReader::new(ch.stdout.take().unwrap());
+            loop {
+                let mut line = String::new();
+                assert!(out.read_line(&mut line).unwrap() > 0, "child exited early");
+                if line.contains("TOUCHED") {
+                    break;
+                }
+            }
+            ch
+        })
+        .collect();
+    let kb = (pages * PS / 1024) as u64;
+    for ch in &children {
+        let s = smaps_of(ch.id(), &format!("fissile-image-{id}"));
+        // Every page is resident and shared with the other process, none private.
+        assert!(s["Rss"] >= kb * 95 / 100, "{s:?}");
+        // shmem pages filled with pwrite count as dirty: either kind of shared is fine.
+        assert!(
+            s["Shared_Clean"] + s["Shared_Dirty"] >= kb * 95 / 100,
+            "{s:?}"
+        );
+        assert!(s["Private_Dirty"] + s["Private_Clean"] <= kb / 100, "{s:?}");
+        // Two sharers: proportional share is about half.
+        assert!(s["Pss"] <= kb * 55 / 100, "{s:?}");
+    }
+    for ch in &mut children {
+        drop(ch.stdin.take());
+        ch.wait().unwrap();
+    }
+}
+
+fn raw_send(sock: &mut UnixStream, bytes: &[u8]) {
+    let _ = sock.write_all(bytes);
+}
+
+fn ping_ok(d: &Daemon) {
+    d.client().ping().unwrap();
+}
+
+#[test]
+fn garbage_messages_do_not_crash_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let read_reply = |s: &mut UnixStream| -> Option<Response> {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_frame(s, SNAPSHOTD_PROTOCOL_VERSION, SNAPSHOTD_FRAME_CAP).ok()
+    };
+    // Random bytes.
+    let mut rng = StdRng::seed_from_u64(7);
+    for _ in 0..20 {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        let n = rng.random_range(1..2000);
+        let junk: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+        raw_send(&mut s, &junk);
+    }
+    // Oversize length prefix: an error reply, then the connection closes.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    raw_send(&mut s, &u32::MAX.to_le_bytes());
+    assert!(matches!(read_reply(&mut s), Some(Response::Error { .. })));
+    // Wrong version, then a valid request on the same connection.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    raw_send(&mut s, &encode_frame(9, &Request::Ping).unwrap());
+    assert!(matches!(read_reply(&mut s), Some(Response::Error { .. })));
+    raw_send(
+        &mut s,
+        &encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &Request::Ping).unwrap(),
+    );
+    assert_eq!(read_reply(&mut s), Some(Response::Pong));
+    // Undecodable payload.
+    raw_send(
+        &mut s,
+        &[3, 0, 0, 0, SNAPSHOTD_PROTOCOL_VERSION, 0xff, 0xff],
+    );
+    assert!(matches!(read_reply(&mut s), Some(Response::Error { .. })));
+    // Requests needing an fd, sent without one.
+    raw_send(
+        &mut s,
+        &encode_frame(
+            SNAPSHOTD_PROTOCOL_VERSION,
+            &Request::ServeFaults { regions: vec![] },
+        )
+        .unwrap(),
+    );
+    assert!(matches!(read_reply(&mut s), Some(Response::Error { .. })));
+    // Out-of-order create pieces.
+    raw_send(
+        &mut s,
+        &encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &Request::CreateCommit).unwrap(),
+    );
+    assert!(matches!(read_reply(&mut s), Some(Response::Error { .. })));
+    // Truncated frame, then hang up.
+    let mut t = UnixStream::connect(&d.socket).unwrap();
+    raw_send(&mut t, &[100, 0, 0, 0, SNAPSHOTD_PROTOCOL_VERSION, 1]);
+    drop(t);
+    // A hostile descriptor: a plain file handed over as a "userfaultfd".
+    let mut c = d.client();
+    let mem = memory(4, 16, 0);
+    let id = create(&mut c, &mem, CreateOptions::default());
+    let file = memfd_with(&[0u8; 4096]);
+    let bogus = Client::connect(&d.socket).unwrap().serve_faults(
+        &file.as_fd(),
+        vec![fissile_proto::snapshotd::Region {
+            base: 0x1000_0000,
+            len: 4096,
+            snapshot: id.clone(),
+            offset: 0,
+        }],
+        None,
+    );
+    if let Ok(session) = bogus {
+        // The daemon either refuses at once or ends the session with a failure.
+        let _ = session.wait_failure(Duration::from_secs(3));
+    }
+    // Bad region (unaligned) is refused.
+    let uffd = fissile_snapshotd::client::new_uffd().unwrap();
+    let err = Client::connect(&d.socket).unwrap().serve_faults(
+        &uffd,
+        vec![fissile_proto::snapshotd::Region {
+            base: 0x1001,
+            len: 4096,
+            snapshot: id.clone(),
+            offset: 0,
+        }],
+        None,
+    );
+    assert!(err.is_err());
+    ping_ok(&d);
+    assert_eq!(c.info(&id).unwrap().id, id);
+}
+
+#[test]
+fn daemon_death_fails_fault_session_within_bounded_time_and_restart_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let mem = memory(5, 256, 4);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+    let mut buf = vec![0u8; PS];
+    lazy.mapping().read_at(PS, &mut buf);
+    assert!(buf == mem[PS..2 * PS]);
+    let mut idle = d.client();
+    d.kill();
+    let failure = lazy.session().wait_failure(Duration::from_secs(10));
+    assert!(
+        failure.is_some(),
+        "session did not report the dead page server"
+    );
+    assert!(
+        idle.ping().is_err(),
+        "a request to a dead daemon must fail, not hang"
+    );
+
+    let d2 = Daemon::start(&d.root);
+    let lazy2 = LazyMemory::restore(d2.client(), &id, None).unwrap();
+    for p in 0..256 {
+        lazy2.mapping().read_at(p * PS, &mut buf);
+        assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+    }
+}
+
+const DIE_ENV: &str = "SNAPSHOTD_TEST_DIE_CHILD";
+
+/// Child side of `client_death_ends_its_session`: opens a session, touches one page, and
+/// waits to be killed.
+#[test]
+fn die_child_hold_session() {
+    let Ok(spec) = std::env::var(DIE_ENV) else {
+        return;
+    };
+    let (socket, id) = spec.split_once('|').unwrap();
+    let lazy = LazyMemory::restore(Client::connect(Path::new(socket)).unwrap(), id, None).unwrap();
+    lazy.mapping().touch(0);
+    println!("HOLDING");
+    std::io::stdout().flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
+/// Connection (and fault-session) threads of the daemon: they are named `snapshotd-conn`.
+fn conn_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "snapshotd-conn")
+        })
+        .count()
+}
+
+/// Waits until the daemon has no connection threads left (clients of earlier steps are
+/// gone); panics after `secs`.
+fn wait_no_conn_threads(pid: u32, secs: u64, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while conn_threads(pid) > 0 {
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn client_death_ends_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mem = memory(6, 64, 0);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    wait_no_conn_threads(
+        d.child.id(),
+        10,
+        "the create connection's thread did not end",
+    );
+    let exe = std::env::current_exe().unwrap();
+    for _ in 0..3 {
+        let mut ch = Command::new(&exe)
+            .args([
+                "--exact",
+                "die_child_hold_session",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(DIE_ENV, format!("{}|{id}", d.socket.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(ch.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("HOLDING") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "child exited early");
+        }
+        assert!(
+            conn_threads(d.child.id()) > 0,
+            "no session thread while a client holds one"
+        );
+        ch.kill().unwrap();
+        ch.wait().unwrap();
+    }
+    // Sessions notice the closed socket within one poll interval; allow generous time.
+    wait_no_conn_threads(d.child.id(), 10, "session threads of dead clients remain");
+    ping_ok(&d);
+}

@@ -1,0 +1,401 @@
+//! Store tests on real files and a real rocksdb index.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use fissile_snapshotd::store::{CreateRequest, ReadError, Store};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+const PS: u32 = 4096;
+
+/// Deterministic test memory: `pages` pages, ~1/4 zero, the rest distinct patterns.
+fn memory(seed: u64, pages: usize) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut mem = vec![0u8; pages * PS as usize];
+    for page in mem.chunks_exact_mut(PS as usize) {
+        if rng.random_range(0..4) != 0 {
+            rng.fill(&mut page[..64]);
+            let b = page[0];
+            page[64..]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = b.wrapping_add((i / 97) as u8));
+        }
+    }
+    mem
+}
+
+/// `base` with `n` random pages overwritten (deterministic in `seed`); returns the list.
+fn mutate(base: &mut [u8], seed: u64, n: usize) -> Vec<u64> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xdead_beef);
+    let pages = base.len() / PS as usize;
+    let mut list = Vec::new();
+    for _ in 0..n {
+        let p = rng.random_range(0..pages);
+        rng.fill(&mut base[p * PS as usize..p * PS as usize + 32]);
+        list.push(p as u64);
+    }
+    list
+}
+
+fn full(mem: &[u8]) -> CreateRequest<'_> {
+    CreateRequest {
+        memory: Box::new(mem),
+        page_size: PS,
+        parent: None,
+        dirty_pages: None,
+        blobs: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        touch_order: Vec::new(),
+    }
+}
+
+#[test]
+fn create_full_snapshot_reads_back_identical_with_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mem = memory(1, 300);
+    let big_blob: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut req = full(&mem);
+    req.blobs.insert("vcpu".into(), vec![1, 2, 3]);
+    req.blobs.insert("devices".into(), big_blob.clone());
+    req.labels.insert("sandbox".into(), "abc".into());
+    req.touch_order = vec![5, 6, 7, 1];
+    let out = store.create(&req).unwrap();
+
+    assert_eq!(store.read_all(&out.id).unwrap(), mem);
+    assert_eq!(store.read_blob(&out.id, "vcpu").unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.read_blob(&out.id, "devices").unwrap(), big_blob);
+    let view = store.view(&out.id).unwrap();
+    assert_eq!(view.touch_order().collect::<Vec<_>>(), vec![5, 6, 7, 1]);
+    assert_eq!(view.manifest.labels["sandbox"], "abc");
+    drop(store);
+    // Survives reopening.
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.read_all(&out.id).unwrap(), mem);
+    assert!(store.check().unwrap().is_ok());
+}
+
+#[test]
+fn nearly_identical_snapshots_grow_store_only_by_differing_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let base = memory(2, 1000);
+    let first = store.create(&full(&base)).unwrap();
+    let chunks_after_first = store.stats().unwrap().chunks;
+    let mut total_changed = 0;
+    for i in 0..8 {
+        let mut mem = base.clone();
+        let changed: HashSet<u64> = mutate(&mut mem, 100 + i, 10).into_iter().collect();
+        total_changed += changed.len() as u64;
+        let out = store.create(&full(&mem)).unwrap();
+        assert_eq!(out.chunks_written, changed.len() as u64);
+        assert_eq!(store.read_all(&out.id).unwrap(), mem);
+    }
+    assert_eq!(
+        store.stats().unwrap().chunks,
+        chunks_after_first + total_changed
+    );
+    assert_eq!(store.read_all(&first.id).unwrap(), base);
+    assert!(store.check().unwrap().is_ok());
+}
+
+#[test]
+fn layered_snapshot_from_dirty_pages_reads_back_and_pins_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let base = memory(3, 200);
+    let parent = store.create(&full(&base)).unwrap();
+    let mut mem = base.clone();
+    let mut dirty = mutate(&mut mem, 9, 5);
+    // A page that becomes zero must override the parent's content.
+    let nz = (0..200)
+        .find(|p| {
+            base[p * PS as usize..][..PS as usize]
+                .iter()
+                .any(|b| *b != 0)
+        })
+        .unwrap();
+    mem[nz * PS as usize..(nz + 1) * PS as usize].fill(0);
+    dirty.push(nz as u64);
+    let mut req = full(&mem);
+    req.parent = Some(parent.id.clone());
+    req.dirty_pages = Some(dirty.clone());
+    let child = store.create(&req).unwrap();
+    assert_eq!(store.read_all(&child.id).unwrap(), mem);
+    assert!(child.pages_scanned <= dirty.len() as u64);
+    let v = store.view(&child.id).unwrap();
+    assert_eq!(v.manifest.parent.as_deref(), Some(parent.id.as_str()));
+
+    assert!(
+        store.delete(&parent.id).is_err(),
+        "parent with a child must not be deletable"
+    );
+    store.delete(&child.id).unwrap();
+    store.delete(&parent.id).unwrap();
+    assert_eq!(store.stats().unwrap().chunks, 0);
+    let gc = store.gc().unwrap();
+    assert!(gc.bytes_after < gc.bytes_before, "{gc:?}");
+    assert!(store.check().unwrap().is_ok());
+}
+
+#[test]
+fn deep_chains_are_flattened_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut mem = memory(4, 64);
+    let mut id = store.create(&full(&mem)).unwrap().id;
+    for i in 0..40 {
+        let dirty = mutate(&mut mem, 1000 + i, 2);
+        let mut req = full(&mem);
+        req.parent = Some(id.clone());
+        req.dirty_pages = Some(dirty);
+        id = store.create(&req).unwrap().id;
+        assert_eq!(store.read_all(&id).unwrap(), mem, "generation {i}");
+    }
+    assert!(store.view(&id).unwrap().manifest.depth <= 16);
+    assert!(store.check().unwrap().is_ok());
+}
+
+#[test]
+fn gc_after_delete_keeps_survivors_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = memory(5, 300);
+    let b = memory(6, 300);
+    let ia = store.create(&full(&a)).unwrap().id;
+    let ib = store.create(&full(&b)).unwrap().id;
+    store.delete(&ia).unwrap();
+    let gc = store.gc().unwrap();
+    assert!(
+        gc.chunks_moved > 0 && gc.bytes_after < gc.bytes_before,
+        "{gc:?}"
+    );
+    assert_eq!(store.read_all(&ib).unwrap(), b);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.read_all(&ib).unwrap(), b);
+    assert!(store.check().unwrap().is_ok());
+}
+
+#[test]
+fn flipped_byte_in_pack_gives_read_error_naming_snapshot_and_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mem = memory(7, 50);
+    let id = store.create(&full(&mem)).unwrap().id;
+    // Flip one byte in the middle of the pack's records.
+    let pack = dir.path().join("packs/00000000.pack");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    let pos = len / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, pos).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], pos).unwrap();
+
+    let view = store.view(&id).unwrap();
+    let mut buf = Vec::new();
+    let mut errors = Vec::new();
+    for p in 0..view.page_count() {
+        match store.read_page(&view, p, &mut buf) {
+            Ok(_) => assert_eq!(
+                buf,
+                mem[p as usize * 4096..][..4096],
+                "wrong bytes for page {p}"
+            ),
+            Err(e) => errors.push((p, e)),
+        }
+    }
+    assert_eq!(errors.len(), 1, "exactly one page is damaged");
+    let (page, err) = &errors[0];
+    match err {
+        ReadError::Corrupt {
+            snapshot, page: p, ..
+        } => {
+            assert_eq!(snapshot, &id);
+            assert_eq!(p, page);
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    assert!(err.to_string().contains(&id) && err.to_string().contains(&format!("page {page}")));
+    let report = store.check().unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+}
+
+#[test]
+fn invalid_create_requests_return_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let odd = vec![1u8; 5000];
+    assert!(store.create(&full(&odd)).is_err());
+    let mem = memory(8, 4);
+    let mut req = full(&mem);
+    req.page_size = 3000;
+    assert!(store.create(&req).is_err());
+    let mut req = full(&mem);
+    req.parent = Some("nope".into());
+    assert!(store.create(&req).is_err());
+    let id = store.create(&full(&mem)).unwrap().id;
+    let mut req = full(&mem);
+    req.parent = Some(id);
+    req.dirty_pages = Some(vec![99]);
+    assert!(store.create(&req).is_err());
+    assert!(store.check().unwrap().is_ok());
+}
+
+// ---- SIGKILL durability ------------------------------------------------------------------
+
+const CHILD_ENV: &str = "SNAPSHOTD_TEST_KILL_CHILD_ROOT";
+const CHILD_PAGES: usize = 256;
+
+/// Memory of snapshot `seed`: full if `parent_seed` is None, else the parent's memory with a
+/// few pages changed.
+fn child_memory(seed: u64, parent_seed: Option<u64>) -> (Vec<u8>, Vec<u64>) {
+    match parent_seed {
+        None => (memory(seed, CHILD_PAGES), Vec::new()),
+        Some(ps) => {
+            let mut m = memory(ps, CHILD_PAGES);
+            let dirty = mutate(&mut m, seed, 8);
+            (m, dirty)
+        }
+    }
+}
+
+/// Helper run as a child process by `sigkill_during_ingest_never_loses_acknowledged_snapshots`:
+/// ingests, deletes and collects forever, printing what was acknowledged.
+#[test]
+fn sigkill_child_ingest_loop() {
+    let Ok(root) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let base_seed: u64 = std::env::var("SNAPSHOTD_TEST_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = Store::open(Path::new(&root)).unwrap();
+    let mut fulls: Vec<(String, u64)> = Vec::new();
+    let mut layered: Vec<String> = Vec::new();
+    for i in 0u64.. {
+        let seed = base_seed * 1_000_000 + i;
+        if i % 3 == 2 && !fulls.is_empty() {
+            let (pid, pseed) = fulls[fulls.len() - 1].clone();
+            let (mem, dirty) = child_memory(seed, Some(pseed));
+            let mut req = full(&mem);
+            req.parent = Some(pid);
+            req.dirty_pages = Some(dirty);
+            let id = store.create(&req).unwrap().id;
+            println!("ACK {id} {seed} {pseed}");
+            layered.push(id);
+        } else {
+            let (mem, _) = child_memory(seed, None);
+            let id = store.create(&full(&mem)).unwrap().id;
+            println!("ACK {id} {seed} -");
+            fulls.push((id, seed));
+        }
+        if i % 4 == 3 && layered.len() > 1 {
+            let victim = layered.remove(0);
+            println!("DELETING {victim}");
+            store.delete(&victim).unwrap();
+            println!("DELETED {victim}");
+        }
+        if i % 7 == 6 {
+            println!("GC");
+            store.gc().unwrap();
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_ingest_never_loses_acknowledged_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut acked: HashMap<String, (u64, Option<u64>)> = HashMap::new();
+    let mut maybe_deleted: HashSet<String> = HashSet::new();
+    for round in 0..25u64 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "sigkill_child_ingest_loop",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, &root)
+            .env("SNAPSHOTD_TEST_SEED", (round + 1).to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let kill_after = rng.random_range(1..12);
+        let mut events = 0;
+        let handle = |line: &str, acked: &mut HashMap<_, _>, maybe: &mut HashSet<String>| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["ACK", id, seed, parent] => {
+                    acked.insert(id.to_string(), (seed.parse().unwrap(), parent.parse().ok()));
+                }
+                ["DELETING", id] => {
+                    maybe.insert(id.to_string());
+                }
+                ["DELETED", id] => {
+                    acked.remove(*id);
+                    maybe.remove(*id);
+                }
+                _ => {}
+            }
+        };
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            handle(&line, &mut acked, &mut maybe_deleted);
+            events += 1;
+            if events >= kill_after {
+                break;
+            }
+        }
+        // Kill at a random point in the next operation.
+        std::thread::sleep(std::time::Duration::from_micros(
+            rng.random_range(0..20_000),
+        ));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Lines printed before death were acknowledged before it.
+        for line in lines {
+            let Ok(line) = line else { break };
+            handle(&line, &mut acked, &mut maybe_deleted);
+        }
+
+        let store = Store::open(&root).unwrap();
+        let report = store.check().unwrap();
+        assert!(report.is_ok(), "round {round}: {:?}", report.problems);
+        let existing: HashSet<String> = store.list().unwrap().into_iter().map(|s| s.id).collect();
+        for (id, (seed, parent)) in &acked {
+            if maybe_deleted.contains(id) && !existing.contains(id) {
+                continue;
+            }
+            let (mem, _) = child_memory(*seed, *parent);
+            assert_eq!(
+                store.read_all(id).unwrap(),
+                mem,
+                "round {round}: snapshot {id} differs"
+            );
+        }
+        acked.retain(|id, _| existing.contains(id));
+        maybe_deleted.clear();
+    }
+    assert!(
+        acked.len() > 10,
+        "too few snapshots acknowledged: {}",
+        acked.len()
+    );
+}
