@@ -1,1 +1,7 @@
-//! placeholder
+//! Fissile integration tests and the lab harness.
+//!
+//! * [`lab`]: boots the lab (QEMU TCG with nested SVM) and runs commands in it, or runs them
+//!   natively when the host's KVM can boot our guest. Used by the integration tests in
+//!   `tests/tests/` and by hand through the `fissile-lab` binary.
+
+pub mod lab;

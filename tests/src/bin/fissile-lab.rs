@@ -1,0 +1,110 @@
+//! `fissile-lab`: run a command in the lab (or natively when the host KVM is usable).
+//!
+//! ```text
+//! fissile-lab run [--timeout SECS] [--mem MIB] [--quiet] -- fissile-vmm --kernel ...
+//! fissile-lab run --script checks.sh
+//! fissile-lab info
+//! ```
+//! Inside the command: `$FISSILE_GUEST_KERNEL`, `$FISSILE_GUEST_ROOTFS`, our binaries on
+//! `PATH`, scratch space in `/tmp`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fissile_tests::lab::{Lab, LabConfig, host_kvm_is_pvm, host_kvm_usable};
+
+#[derive(Parser)]
+#[command(
+    about = "Run commands next to a real KVM: in the lab (QEMU TCG + nested SVM) or natively"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command (the words after `--`) or a script file, print its output, exit with its status.
+    Run {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Lab memory in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u32,
+        /// Do not echo the lab console while it runs.
+        #[arg(long)]
+        quiet: bool,
+        /// A shell script to run instead of a command.
+        #[arg(long, conflicts_with = "command")]
+        script: Option<PathBuf>,
+        /// The command.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Say where commands would run and which inputs would be used.
+    Info,
+}
+
+fn shell_quote(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run {
+            timeout,
+            mem,
+            quiet,
+            script,
+            command,
+        } => {
+            let script = match script {
+                Some(p) => {
+                    std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?
+                }
+                None if command.is_empty() => {
+                    anyhow::bail!("nothing to run: give `-- COMMAND...` or --script")
+                }
+                None => shell_quote(&command),
+            };
+            let mut cfg = LabConfig::from_env()?;
+            cfg.mem_mib = mem;
+            cfg.verbose = !quiet;
+            let lab = Lab::prepare(cfg)?;
+            eprintln!(
+                "fissile-lab: running {}",
+                if lab.is_native() {
+                    "natively (host KVM is usable)"
+                } else {
+                    "in the lab (QEMU TCG + nested kvm_amd)"
+                }
+            );
+            let out = lab.run(&script, Duration::from_secs(timeout))?;
+            if quiet {
+                print!("{}", out.output);
+            }
+            eprintln!(
+                "fissile-lab: exit status {} after {:.1} s",
+                out.status,
+                out.wall.as_secs_f64()
+            );
+            std::process::exit(out.status);
+        }
+        Cmd::Info => {
+            println!("host KVM usable for standard guests: {}", host_kvm_usable());
+            println!("host KVM is KVM-PVM: {}", host_kvm_is_pvm());
+            let cfg = LabConfig::from_env()?;
+            println!("guest kernel: {}", cfg.guest_kernel.display());
+            println!("guest rootfs: {}", cfg.guest_rootfs.display());
+            println!("binaries:     {}", cfg.bin_dir.display());
+        }
+    }
+    Ok(())
+}

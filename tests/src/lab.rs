@@ -1,0 +1,841 @@
+//! The lab: real KVM on hosts whose own KVM cannot boot our guest.
+//!
+//! On this project's build hosts `/dev/kvm` is KVM-PVM, which only runs PVM-patched guest
+//! kernels. The lab is a QEMU TCG virtual machine with an emulated AMD SVM CPU (`-cpu EPYC
+//! -smp 1`) running Debian's own kernel with `kvm_amd nested=1 npt=1`, so inside it
+//! `/dev/kvm` is a real (nested) KVM that boots our microVM guest.
+//!
+//! A lab run boots QEMU with:
+//! * `-kernel`: Debian's `linux-image-amd64` vmlinuz from the host's `/boot`;
+//! * `-initrd`: a tiny busybox initramfs with the modules the lab needs (cached by hash);
+//! * disk 1 (`/dev/vda` in the lab): the guest root image, read-only, which our VMM inside
+//!   the lab hands to its guest as the guest's `/dev/vda`;
+//! * disk 2 (`/dev/vdb`, mounted at `/lab`): the payload, an ext4 image written with
+//!   `mkfs.ext4 -d` holding our binaries and their shared libraries, the guest kernel, QEMU
+//!   (the baseline VMM for benchmarks) and the command to run.
+//!
+//! The command's output comes back over the lab's serial console between two marker lines,
+//! followed by its exit status. Inside the lab the command sees the same environment it
+//! would see natively: `FISSILE_GUEST_KERNEL`, `FISSILE_GUEST_ROOTFS`, our binaries on
+//! `PATH`, scratch space in `/tmp` (tmpfs).
+//!
+//! When the host's own KVM can boot a standard guest (VT-x/SVM, not PVM), [`Lab::run`]
+//! runs the command natively with that same environment instead.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Marker printed right before the command runs.
+const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
+/// Marker printed after the command, followed by its exit status.
+const EXIT: &str = "@@FISSILE-LAB-EXIT";
+/// Bumped whenever the initramfs layout or init script changes.
+const INITRAMFS_FORMAT: u32 = 4;
+
+/// Our binaries copied into the lab (those that exist are taken).
+pub const LAB_BINARIES: &[&str] = &[
+    "fissile-vmm",
+    "fissile-agent",
+    "fissile-snapshotd",
+    "fissile-lab-client",
+    "boot_bench",
+];
+
+/// Modules loaded in the lab, in request order; dependencies come from `modules.dep`.
+const LAB_MODULES: &[(&str, &str)] = &[
+    ("virtio_pci", ""),
+    ("virtio_blk", ""),
+    ("crc32c_generic", ""),
+    ("ext4", ""),
+    ("kvm", ""),
+    ("kvm-amd", "nested=1 npt=1"),
+    ("vsock", ""),
+    ("vhost_vsock", ""),
+];
+
+/// Errors preparing or running the lab; each names the failing step.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A required artifact is missing.
+    #[error("{what} not found at {path}: {hint}")]
+    Missing {
+        /// What is missing.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// Building an artifact (kernel, image, payload, initramfs) failed.
+    #[error("building {what} failed: {detail}")]
+    Build {
+        /// The artifact.
+        what: &'static str,
+        /// Command output tail.
+        detail: String,
+    },
+    /// A filesystem or process operation failed.
+    #[error("{0}")]
+    Io(String, #[source] io::Error),
+    /// The lab did not finish in time.
+    #[error("lab run timed out after {secs} s; console tail:\n{tail}")]
+    Timeout {
+        /// The timeout.
+        secs: u64,
+        /// The last console lines.
+        tail: String,
+    },
+    /// The lab ended without reporting the command's exit status.
+    #[error(
+        "lab ended without an exit marker (lab kernel crash or early poweroff); console tail:\n{tail}"
+    )]
+    NoExitMarker {
+        /// The last console lines.
+        tail: String,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
+    let what = what.into();
+    move |e| LabError::Io(what, e)
+}
+
+/// Output of one lab run.
+#[derive(Debug, Clone)]
+pub struct LabOutput {
+    /// What the command printed (stdout and stderr interleaved, as on the console).
+    pub output: String,
+    /// The command's exit status.
+    pub status: i32,
+    /// Wall time from QEMU start to the exit marker.
+    pub wall: Duration,
+    /// True when the command ran natively (host KVM usable), not in the lab.
+    pub native: bool,
+}
+
+impl LabOutput {
+    /// Panics with the full output unless the command exited 0 (for tests).
+    pub fn assert_success(&self) -> &Self {
+        assert_eq!(
+            self.status, 0,
+            "lab command failed; output:\n{}",
+            self.output
+        );
+        self
+    }
+}
+
+/// Where the lab's inputs are.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Cache root (`$FISSILE_CACHE` or `/var/cache/fissile`).
+    pub cache: PathBuf,
+    /// The guest kernel (`vmlinux` with a PVH note).
+    pub guest_kernel: PathBuf,
+    /// The guest root image.
+    pub guest_rootfs: PathBuf,
+    /// Directory holding our release binaries.
+    pub bin_dir: PathBuf,
+    /// Lab memory in MiB.
+    pub mem_mib: u32,
+    /// Echo the lab console to stderr while it runs.
+    pub verbose: bool,
+}
+
+/// True when this host's `/dev/kvm` can boot a standard guest (VT-x/SVM present, not PVM).
+pub fn host_kvm_usable() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "svm" || f == "vmx"));
+    hw && !host_kvm_is_pvm()
+}
+
+/// True when the host kernel is built with KVM-PVM (`CONFIG_KVM_PVM=y`).
+pub fn host_kvm_is_pvm() -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            "zcat /proc/config.gz 2>/dev/null | grep -q '^CONFIG_KVM_PVM=y'",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// The repository root (this crate lives in `<root>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// The cache root: `$FISSILE_CACHE` or `/var/cache/fissile`.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("FISSILE_CACHE")
+        .map(Into::into)
+        .unwrap_or_else(|| "/var/cache/fissile".into())
+}
+
+/// Directory of our release binaries: `$FISSILE_BIN_DIR`, else `$CARGO_TARGET_DIR/release`,
+/// else next to the running executable (`target/release/deps/..` → `target/release`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FISSILE_BIN_DIR") {
+        return d.into();
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(t).join("release");
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+impl LabConfig {
+    /// Locates (building when needed, all cached) the guest kernel and image.
+    ///
+    /// `FISSILE_GUEST_KERNEL` / `FISSILE_GUEST_ROOTFS` override the builds.
+    pub fn from_env() -> Result<LabConfig, LabError> {
+        let cache = cache_root();
+        let bin_dir = bin_dir();
+        let guest_kernel = match std::env::var_os("FISSILE_GUEST_KERNEL") {
+            Some(p) => p.into(),
+            None => run_for_path(
+                Command::new(repo_root().join("kernel/build.sh")).env("FISSILE_CACHE", &cache),
+                "guest kernel",
+            )?,
+        };
+        let guest_rootfs = match std::env::var_os("FISSILE_GUEST_ROOTFS") {
+            Some(p) => p.into(),
+            None => {
+                let tool = bin_dir.join("fissile-rootfs");
+                if !tool.exists() {
+                    return Err(LabError::Missing {
+                        what: "fissile-rootfs",
+                        path: tool,
+                        hint: "run `cargo build --release --workspace --bins` first",
+                    });
+                }
+                run_for_path(
+                    Command::new(tool)
+                        .args(["build", "--template", "python-datasci", "--agent"])
+                        .arg(bin_dir.join("fissile-agent"))
+                        .arg("--cache")
+                        .arg(&cache),
+                    "guest root image",
+                )?
+            }
+        };
+        Ok(LabConfig {
+            cache,
+            guest_kernel,
+            guest_rootfs,
+            bin_dir,
+            mem_mib: 3072,
+            verbose: std::env::var_os("FISSILE_LAB_VERBOSE").is_some(),
+        })
+    }
+}
+
+fn run_for_path(cmd: &mut Command, what: &'static str) -> Result<PathBuf, LabError> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(io_err(format!("spawn builder for {what}")))?;
+    if !out.status.success() {
+        return Err(LabError::Build {
+            what,
+            detail: format!("{}", out.status),
+        });
+    }
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    Ok(PathBuf::from(path))
+}
+
+/// A prepared lab: boot files built and cached, ready to run commands.
+#[derive(Debug)]
+pub struct Lab {
+    cfg: LabConfig,
+    native: bool,
+    lab_kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+impl Lab {
+    /// Prepares the lab (or native mode when the host KVM is usable).
+    pub fn prepare(cfg: LabConfig) -> Result<Lab, LabError> {
+        for (what, path) in [
+            ("guest kernel", &cfg.guest_kernel),
+            ("guest root image", &cfg.guest_rootfs),
+        ] {
+            if !path.exists() {
+                return Err(LabError::Missing {
+                    what,
+                    path: path.clone(),
+                    hint: "see README",
+                });
+            }
+        }
+        if host_kvm_usable() || std::env::var_os("FISSILE_IN_LAB").is_some() {
+            return Ok(Lab {
+                cfg,
+                native: true,
+                lab_kernel: PathBuf::new(),
+                initramfs: PathBuf::new(),
+            });
+        }
+        let (lab_kernel, modules_dir) = find_lab_kernel()?;
+        let initramfs = build_initramfs(&cfg.cache, &modules_dir)?;
+        Ok(Lab {
+            cfg,
+            native: false,
+            lab_kernel,
+            initramfs,
+        })
+    }
+
+    /// True when commands run natively rather than in the lab.
+    pub fn is_native(&self) -> bool {
+        self.native
+    }
+
+    /// Runs a shell script (busybox sh in the lab, /bin/sh natively) and returns its output.
+    pub fn run(&self, script: &str, timeout: Duration) -> Result<LabOutput, LabError> {
+        if self.native {
+            return self.run_native(script, timeout);
+        }
+        let run_dir = tempfile::Builder::new()
+            .prefix("fissile-lab-")
+            .tempdir()
+            .map_err(io_err("create run dir"))?;
+        let payload = build_payload(&self.cfg, run_dir.path(), script)?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
+            .args(["-m", &format!("{}M", self.cfg.mem_mib)])
+            .args(["-machine", "q35", "-nodefaults", "-nographic", "-no-reboot"])
+            .args(["-serial", "stdio", "-monitor", "none"])
+            .arg("-kernel")
+            .arg(&self.lab_kernel)
+            .arg("-initrd")
+            .arg(&self.initramfs)
+            .args([
+                "-append",
+                "console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,readonly=on,cache=unsafe",
+                self.cfg.guest_rootfs.display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,cache=unsafe",
+                payload.display()
+            ));
+        run_qemu(cmd, timeout, self.cfg.verbose)
+    }
+
+    fn run_native(&self, script: &str, timeout: Duration) -> Result<LabOutput, LabError> {
+        let start = Instant::now();
+        let mut cmd = Command::new("timeout");
+        cmd.arg(timeout.as_secs().to_string())
+            .args(["sh", "-c", script])
+            .env("FISSILE_GUEST_KERNEL", &self.cfg.guest_kernel)
+            .env("FISSILE_GUEST_ROOTFS", &self.cfg.guest_rootfs)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    self.cfg.bin_dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            );
+        let out = cmd.output().map_err(io_err("run natively"))?;
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok(LabOutput {
+            output,
+            status: out.status.code().unwrap_or(-1),
+            wall: start.elapsed(),
+            native: true,
+        })
+    }
+}
+
+/// Finds Debian's kernel and its modules on the host (package `linux-image-amd64`).
+fn find_lab_kernel() -> Result<(PathBuf, PathBuf), LabError> {
+    let mut kernels: Vec<PathBuf> = fs::read_dir("/boot")
+        .map_err(io_err("read /boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-amd64"))
+        })
+        .collect();
+    kernels.sort();
+    for k in kernels.into_iter().rev() {
+        let ver = k
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .trim_start_matches("vmlinuz-")
+            .to_owned();
+        let modules = PathBuf::from("/lib/modules").join(&ver);
+        if modules.join("modules.dep").exists() {
+            return Ok((k, modules));
+        }
+    }
+    Err(LabError::Missing {
+        what: "lab kernel (Debian vmlinuz with modules)",
+        path: "/boot".into(),
+        hint: "apt-get install linux-image-amd64",
+    })
+}
+
+/// Resolves `LAB_MODULES` with `modules.dep` into load order (dependencies first).
+fn module_load_order(modules_dir: &Path) -> Result<Vec<(String, String)>, LabError> {
+    let dep_path = modules_dir.join("modules.dep");
+    let deps =
+        fs::read_to_string(&dep_path).map_err(io_err(format!("read {}", dep_path.display())))?;
+    let lookup = |name: &str| -> Option<(String, Vec<String>)> {
+        let norm = name.replace('-', "_");
+        deps.lines().find_map(|l| {
+            let (path, rest) = l.split_once(':')?;
+            let file = Path::new(path).file_name()?.to_str()?;
+            let stem = file.split(".ko").next()?.replace('-', "_");
+            (stem == norm).then(|| {
+                (
+                    path.to_owned(),
+                    rest.split_whitespace().map(str::to_owned).collect(),
+                )
+            })
+        })
+    };
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (name, params) in LAB_MODULES {
+        let (path, mod_deps) = lookup(name).ok_or_else(|| LabError::Missing {
+            what: "kernel module",
+            path: modules_dir.join(name),
+            hint: "the Debian kernel should ship it",
+        })?;
+        // modules.dep lists transitive dependencies, deepest last.
+        for d in mod_deps.iter().rev().chain(std::iter::once(&path)) {
+            if seen.insert(d.clone()) {
+                let p = if d == &path {
+                    (*params).to_owned()
+                } else {
+                    String::new()
+                };
+                order.push((d.clone(), p));
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// The lab's /init: mount, load modules, mount the payload, run the command, report, power off.
+fn init_script(modules: &[(String, String)]) -> String {
+    let mut s = String::from(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm /tmp /lab /lib64
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmp /tmp
+mount -t tmpfs shm /dev/shm
+dmesg -n 1
+"#,
+    );
+    for (path, params) in modules {
+        let file = Path::new(path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        s.push_str(&format!(
+            "insmod /modules/{file} {params} || echo 'lab: insmod {file} failed'\n"
+        ));
+    }
+    s.push_str(
+        r#"i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mount -t ext4 /dev/vdb /lab || { echo 'lab: cannot mount payload'; ls /dev; cat /proc/modules; dmesg | tail -20; }
+ln -sf /lab/lib/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
+export LD_LIBRARY_PATH=/lab/lib
+export PATH=/lab/bin:/bin
+export HOME=/tmp TMPDIR=/tmp FISSILE_IN_LAB=1 FISSILE_CACHE=/tmp/cache
+export FISSILE_GUEST_KERNEL=/lab/vmlinux FISSILE_GUEST_ROOTFS=/dev/vda
+[ -e /dev/kvm ] || echo 'lab: no /dev/kvm'
+cd /tmp
+echo @@FISSILE-LAB-BEGIN@@
+sh /lab/cmd.sh 2>&1
+echo "@@FISSILE-LAB-EXIT $?@@"
+sync
+poweroff -f
+"#,
+    );
+    s
+}
+
+/// Builds (or reuses) the lab initramfs: busybox, the modules, /init.
+fn build_initramfs(cache: &Path, modules_dir: &Path) -> Result<PathBuf, LabError> {
+    let busybox = PathBuf::from("/bin/busybox");
+    if !busybox.exists() {
+        return Err(LabError::Missing {
+            what: "busybox",
+            path: busybox,
+            hint: "apt-get install busybox-static",
+        });
+    }
+    let modules = module_load_order(modules_dir)?;
+    let init = init_script(&modules);
+    let mut h = blake3::Hasher::new();
+    h.update(&INITRAMFS_FORMAT.to_le_bytes());
+    h.update(init.as_bytes());
+    h.update(&fs::read(&busybox).map_err(io_err("read busybox"))?);
+    for (m, _) in &modules {
+        h.update(&fs::read(modules_dir.join(m)).map_err(io_err(format!("read module {m}")))?);
+    }
+    let key = &h.finalize().to_hex()[..16];
+    let dir = cache.join("lab");
+    let out = dir.join(format!("initramfs-{key}.cpio.gz"));
+    if out.exists() {
+        return Ok(out);
+    }
+    let stage = dir.join(format!("initramfs-{key}.d"));
+    let _ = fs::remove_dir_all(&stage);
+    for d in [
+        "bin", "modules", "proc", "sys", "dev", "tmp", "lab", "lib64",
+    ] {
+        fs::create_dir_all(stage.join(d)).map_err(io_err("create initramfs dirs"))?;
+    }
+    fs::copy(&busybox, stage.join("bin/busybox")).map_err(io_err("copy busybox"))?;
+    for (m, _) in &modules {
+        let name = Path::new(m).file_name().unwrap_or_default();
+        fs::copy(modules_dir.join(m), stage.join("modules").join(name))
+            .map_err(io_err(format!("copy {m}")))?;
+    }
+    write_exec(&stage.join("init"), &init)?;
+    let tmp = out.with_extension("tmp");
+    let script = format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+        stage.display(),
+        tmp.display()
+    );
+    let st = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .map_err(io_err("run cpio"))?;
+    if !st.success() {
+        return Err(LabError::Build {
+            what: "lab initramfs",
+            detail: format!("cpio|gzip: {st}"),
+        });
+    }
+    fs::rename(&tmp, &out).map_err(io_err("rename initramfs"))?;
+    let _ = fs::remove_dir_all(&stage);
+    Ok(out)
+}
+
+fn write_exec(path: &Path, text: &str) -> Result<(), LabError> {
+    fs::write(path, text).map_err(io_err(format!("write {}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .map_err(io_err(format!("chmod {}", path.display())))
+}
+
+/// Builds the payload disk for one run: binaries + shared libs + guest kernel + QEMU + cmd.
+fn build_payload(cfg: &LabConfig, run_dir: &Path, script: &str) -> Result<PathBuf, LabError> {
+    let root = run_dir.join("payload");
+    for d in ["bin", "lib", "share"] {
+        fs::create_dir_all(root.join(d)).map_err(io_err("create payload dirs"))?;
+    }
+    let mut binaries: Vec<PathBuf> = LAB_BINARIES
+        .iter()
+        .map(|b| cfg.bin_dir.join(b))
+        .filter(|p| p.exists())
+        .collect();
+    // QEMU is the baseline VMM for benchmarks; its data dir provides the microvm firmware.
+    if let Ok(qemu) = which("qemu-system-x86_64") {
+        binaries.push(qemu);
+        let share = root.join("share/qemu");
+        fs::create_dir_all(&share).map_err(io_err("create share/qemu"))?;
+        for f in [
+            "qboot.rom",
+            "bios-microvm.bin",
+            "bios-256k.bin",
+            "linuxboot_dma.bin",
+            "pvh.bin",
+        ] {
+            let src = Path::new("/usr/share/qemu").join(f);
+            if let Ok(real) = fs::canonicalize(&src) {
+                let _ = fs::copy(real, share.join(f));
+            }
+        }
+    }
+    let mut libs = BTreeSet::new();
+    for b in &binaries {
+        let name = b.file_name().unwrap_or_default();
+        fs::copy(b, root.join("bin").join(name))
+            .map_err(io_err(format!("copy {}", b.display())))?;
+        libs.extend(shared_libs(b)?);
+    }
+    for lib in libs {
+        let name = lib.file_name().unwrap_or_default().to_owned();
+        let real = fs::canonicalize(&lib).map_err(io_err(format!("resolve {}", lib.display())))?;
+        fs::copy(&real, root.join("lib").join(name))
+            .map_err(io_err(format!("copy {}", lib.display())))?;
+    }
+    fs::copy(&cfg.guest_kernel, root.join("vmlinux")).map_err(io_err("copy guest kernel"))?;
+    write_exec(&root.join("cmd.sh"), script)?;
+    let (bytes, _) = dir_size(&root).map_err(io_err("measure payload"))?;
+    let img = run_dir.join("payload.ext4");
+    let size_mib = bytes / (1 << 20) * 12 / 10 + 32;
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+        ])
+        .arg(&root)
+        .arg(&img)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .map_err(io_err("run mkfs.ext4"))?;
+    if !out.status.success() {
+        return Err(LabError::Build {
+            what: "lab payload",
+            detail: String::from_utf8_lossy(&out.stderr).into(),
+        });
+    }
+    Ok(img)
+}
+
+fn dir_size(dir: &Path) -> io::Result<(u64, u64)> {
+    let (mut bytes, mut n) = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let md = e.metadata()?;
+            n += 1;
+            if md.is_dir() {
+                stack.push(e.path())
+            } else {
+                bytes += md.len()
+            }
+        }
+    }
+    Ok((bytes, n))
+}
+
+fn which(name: &str) -> Result<PathBuf, LabError> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| LabError::Missing {
+            what: "program",
+            path: name.into(),
+            hint: "apt-get install qemu-system-x86",
+        })
+}
+
+/// Shared libraries `binary` needs, as reported by ldd (the dynamic loader included).
+fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, LabError> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(io_err("run ldd"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// Runs QEMU, collecting console output until the exit marker, with a timeout.
+fn run_qemu(mut cmd: Command, timeout: Duration, verbose: bool) -> Result<LabOutput, LabError> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(
+            "spawn qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        ))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| LabError::Io("qemu stdout".into(), io::ErrorKind::Other.into()))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| LabError::Io("qemu stderr".into(), io::ErrorKind::Other.into()))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while r
+            .read_until(b'\n', &mut buf)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\n', '\r'])
+                .to_owned();
+            if tx.send(line).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut console: Vec<String> = Vec::new();
+    let mut in_cmd = false;
+    let mut output = String::new();
+    let mut status = None;
+    let tail = |c: &[String]| c[c.len().saturating_sub(40)..].join("\n");
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if verbose {
+                    let _ = writeln!(io::stderr(), "lab| {line}");
+                }
+                if let Some(rest) = line.find(EXIT).map(|i| &line[i + EXIT.len()..]) {
+                    status = rest
+                        .trim()
+                        .trim_end_matches("@@")
+                        .trim()
+                        .parse::<i32>()
+                        .ok();
+                    // Output before the marker on the same line belongs to the command.
+                    output.push_str(&line[..line.find(EXIT).unwrap_or(0)]);
+                    break;
+                }
+                if line.contains(BEGIN) {
+                    in_cmd = true;
+                } else if in_cmd {
+                    output.push_str(&line);
+                    output.push('\n');
+                }
+                console.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LabError::Timeout {
+                    secs: timeout.as_secs(),
+                    tail: tail(&console),
+                });
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let wall = start.elapsed();
+    // After the marker the lab powers off; give it a moment, then make sure QEMU is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let qemu_err = err_thread.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(LabOutput {
+            output,
+            status,
+            wall,
+            native: false,
+        }),
+        None => Err(LabError::NoExitMarker {
+            tail: format!("{}\nqemu stderr: {qemu_err}", tail(&console)),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_order_puts_dependencies_first() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/a/kvm-amd.ko: kernel/c/ccp.ko kernel/a/kvm.ko kernel/v/irqbypass.ko\n\
+             kernel/a/kvm.ko: kernel/v/irqbypass.ko\nkernel/v/irqbypass.ko:\nkernel/c/ccp.ko:\n\
+             kernel/d/virtio_pci.ko: kernel/d/virtio.ko\nkernel/d/virtio.ko:\n\
+             kernel/d/virtio_blk.ko: kernel/d/virtio.ko\nkernel/f/ext4.ko:\nkernel/n/vsock.ko:\n",
+        )
+        .unwrap();
+        let order = module_load_order(dir.path()).unwrap();
+        let names: Vec<&str> = order
+            .iter()
+            .map(|(p, _)| p.rsplit('/').next().unwrap())
+            .collect();
+        let pos = |n: &str| names.iter().position(|x| *x == n).unwrap();
+        assert!(pos("irqbypass.ko") < pos("kvm.ko"));
+        assert!(pos("kvm.ko") < pos("kvm-amd.ko"));
+        assert!(pos("virtio.ko") < pos("virtio_pci.ko"));
+        assert_eq!(names.iter().filter(|n| **n == "virtio.ko").count(), 1);
+        let amd = order
+            .iter()
+            .find(|(p, _)| p.ends_with("kvm-amd.ko"))
+            .unwrap();
+        assert_eq!(amd.1, "nested=1 npt=1");
+    }
+
+    #[test]
+    fn shared_libs_of_a_dynamic_binary_include_libc() {
+        let libs = shared_libs(Path::new("/bin/sh")).unwrap();
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
+    }
+}
