@@ -43,8 +43,7 @@ pub const LAB_BINARIES: &[&str] = &[
     "fissile-vmm",
     "fissile-agent",
     "fissile-snapshotd",
-    "fissile-lab-client",
-    "boot_bench",
+    "fissile",
 ];
 
 /// Modules loaded in the lab, in request order; dependencies come from `modules.dep`.

@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 /// Kernel command line used when nothing else is configured. `root`, `rootfstype` and `init`
 /// are appended separately so they can be overridden.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux i8042.dumbkbd";
 /// Default root filesystem type.
 pub const DEFAULT_ROOT_FSTYPE: &str = "ext4";
 /// Default init program inside the guest.
@@ -242,8 +243,8 @@ mod tests {
 
         assert_eq!(
             line,
-            "console=ttyS0 reboot=k panic=1 pci=off quiet root=/dev/vda ro rootfstype=ext4 \
-             init=/sbin/init loglevel=4"
+            "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux \
+             i8042.dumbkbd root=/dev/vda ro rootfstype=ext4 init=/sbin/init loglevel=4"
         );
     }
 
