@@ -36,7 +36,7 @@ const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
 const EXIT: &str = "@@FISSILE-LAB-EXIT";
 /// Bumped whenever the initramfs layout or init script changes.
-const INITRAMFS_FORMAT: u32 = 4;
+const INITRAMFS_FORMAT: u32 = 5;
 
 /// Our binaries copied into the lab (those that exist are taken).
 pub const LAB_BINARIES: &[&str] = &[
@@ -319,14 +319,26 @@ impl Lab {
 
     /// Runs a shell script (busybox sh in the lab, /bin/sh natively) and returns its output.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<LabOutput, LabError> {
+        self.run_with(script, &[], timeout)
+    }
+
+    /// Like [`Lab::run`], with `extra` programs `(source, name)` on the command's `PATH` as
+    /// `name` (their shared libraries come along). Natively they are linked into a temporary
+    /// directory put first on `PATH`.
+    pub fn run_with(
+        &self,
+        script: &str,
+        extra: &[(PathBuf, String)],
+        timeout: Duration,
+    ) -> Result<LabOutput, LabError> {
         if self.native {
-            return self.run_native(script, timeout);
+            return self.run_native(script, extra, timeout);
         }
         let run_dir = tempfile::Builder::new()
             .prefix("fissile-lab-")
             .tempdir()
             .map_err(io_err("create run dir"))?;
-        let payload = build_payload(&self.cfg, run_dir.path(), script)?;
+        let payload = build_payload(&self.cfg, run_dir.path(), script, extra)?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
             .args(["-m", &format!("{}M", self.cfg.mem_mib)])
@@ -353,17 +365,32 @@ impl Lab {
         run_qemu(cmd, timeout, self.cfg.verbose)
     }
 
-    fn run_native(&self, script: &str, timeout: Duration) -> Result<LabOutput, LabError> {
+    fn run_native(
+        &self,
+        script: &str,
+        extra: &[(PathBuf, String)],
+        timeout: Duration,
+    ) -> Result<LabOutput, LabError> {
         let start = Instant::now();
+        let extra_dir = tempfile::Builder::new()
+            .prefix("fissile-native-")
+            .tempdir()
+            .map_err(io_err("create native bin dir"))?;
+        for (src, name) in extra {
+            std::os::unix::fs::symlink(src, extra_dir.path().join(name))
+                .map_err(io_err(format!("link {}", src.display())))?;
+        }
         let mut cmd = Command::new("timeout");
         cmd.arg(timeout.as_secs().to_string())
             .args(["sh", "-c", script])
             .env("FISSILE_GUEST_KERNEL", &self.cfg.guest_kernel)
             .env("FISSILE_GUEST_ROOTFS", &self.cfg.guest_rootfs)
+            .env("FISSILE_BIN_DIR", &self.cfg.bin_dir)
             .env(
                 "PATH",
                 format!(
-                    "{}:{}",
+                    "{}:{}:{}",
+                    extra_dir.path().display(),
                     self.cfg.bin_dir.display(),
                     std::env::var("PATH").unwrap_or_default()
                 ),
@@ -486,7 +513,7 @@ ln -sf /lab/lib/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
 export LD_LIBRARY_PATH=/lab/lib
 export PATH=/lab/bin:/bin
 export HOME=/tmp TMPDIR=/tmp FISSILE_IN_LAB=1 FISSILE_CACHE=/tmp/cache
-export FISSILE_GUEST_KERNEL=/lab/vmlinux FISSILE_GUEST_ROOTFS=/dev/vda
+export FISSILE_GUEST_KERNEL=/lab/vmlinux FISSILE_GUEST_ROOTFS=/dev/vda FISSILE_BIN_DIR=/lab/bin
 [ -e /dev/kvm ] || echo 'lab: no /dev/kvm'
 cd /tmp
 echo @@FISSILE-LAB-BEGIN@@
@@ -566,7 +593,12 @@ fn write_exec(path: &Path, text: &str) -> Result<(), LabError> {
 }
 
 /// Builds the payload disk for one run: binaries + shared libs + guest kernel + QEMU + cmd.
-fn build_payload(cfg: &LabConfig, run_dir: &Path, script: &str) -> Result<PathBuf, LabError> {
+fn build_payload(
+    cfg: &LabConfig,
+    run_dir: &Path,
+    script: &str,
+    extra: &[(PathBuf, String)],
+) -> Result<PathBuf, LabError> {
     let root = run_dir.join("payload");
     for d in ["bin", "lib", "share"] {
         fs::create_dir_all(root.join(d)).map_err(io_err("create payload dirs"))?;
@@ -600,6 +632,11 @@ fn build_payload(cfg: &LabConfig, run_dir: &Path, script: &str) -> Result<PathBu
         fs::copy(b, root.join("bin").join(name))
             .map_err(io_err(format!("copy {}", b.display())))?;
         libs.extend(shared_libs(b)?);
+    }
+    for (src, name) in extra {
+        fs::copy(src, root.join("bin").join(name))
+            .map_err(io_err(format!("copy {}", src.display())))?;
+        libs.extend(shared_libs(src)?);
     }
     for lib in libs {
         let name = lib.file_name().unwrap_or_default().to_owned();

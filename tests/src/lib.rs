@@ -3,5 +3,8 @@
 //! * [`lab`]: boots the lab (QEMU TCG with nested SVM) and runs commands in it, or runs them
 //!   natively when the host's KVM can boot our guest. Used by the integration tests in
 //!   `tests/tests/` and by hand through the `fissile-lab` binary.
+//! * [`guest`]: guest tests (real microVMs) run directly where KVM is usable, otherwise
+//!   the test binary runs itself inside one lab boot.
 
+pub mod guest;
 pub mod lab;

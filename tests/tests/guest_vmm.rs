@@ -1,0 +1,162 @@
+//! Guest tests of the VMM and the agent: real microVMs booted by `fissile-vmm` from the guest
+//! kernel (`kernel/`) and image (`rootfs-builder`), the agent as init, Python over vsock.
+//!
+//! On a KVM-PVM host `guest_suite_runs_in_the_lab` runs this binary's `guest_` tests inside
+//! one lab boot; where KVM is usable they run directly (see `fissile_tests::guest`).
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::time::{Duration, Instant};
+
+use fissile_proto::agent::{ShellCommand, ShellRequest};
+use fissile_proto::control::VmState;
+use fissile_sandbox::{Sandbox, SandboxConfig};
+use fissile_tests::guest::{GuestEnv, guest_env, run_binary_in_lab};
+
+#[test]
+fn guest_suite_runs_in_the_lab() {
+    run_binary_in_lab("guest_", Duration::from_secs(1800));
+}
+
+fn config(env: &GuestEnv, dir: &std::path::Path) -> SandboxConfig {
+    let mut cfg = SandboxConfig::from_env(dir).unwrap();
+    cfg.kernel = env.kernel.clone();
+    cfg.rootfs = env.rootfs.clone();
+    cfg.mem_mib = 512;
+    cfg
+}
+
+fn shell(sb: &mut Sandbox, script: &str) -> (String, Option<i32>) {
+    let out = sb
+        .agent()
+        .shell(&ShellRequest {
+            command: ShellCommand::Script(script.into()),
+            cwd: None,
+            env: Default::default(),
+            stdin: Vec::new(),
+            timeout_ms: Some(60_000),
+        })
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.done.exit_status,
+    )
+}
+
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let w = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    (w, h)
+}
+
+/// One boot serves many checks (a lab boot costs seconds): the pipeline smoke test (kernel +
+/// image + our VMM + agent + the data-science stack), the agent's exec semantics over vsock,
+/// shell and files in the guest, the control socket, and a clean poweroff.
+#[test]
+fn guest_vmm_boots_the_image_and_the_agent_serves_python_over_vsock() {
+    let Some(env) = guest_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Sandbox::boot(&config(&env, dir.path())).unwrap();
+    eprintln!(
+        "boot: fissile-vmm start -> agent answered: {} ms",
+        sb.timings().to_ready.as_millis()
+    );
+
+    // The agent is init: guest mode, PID 1, our hostname.
+    let info = sb.info().clone();
+    assert!(info.guest_mode);
+    assert_eq!(info.pid, 1);
+    assert_eq!(info.hostname, "fissile");
+
+    // Pipeline smoke test: the image's data-science stack imports and prints its versions.
+    let t = Instant::now();
+    let out = sb
+        .exec(
+            "import numpy, pandas, polars, pyarrow, matplotlib\n\
+             print('SMOKE-OK', numpy.__version__, pandas.__version__, polars.__version__, \
+             matplotlib.__version__)",
+        )
+        .unwrap();
+    eprintln!("first exec (imports): {} ms", t.elapsed().as_millis());
+    assert!(out.error().is_none(), "{:?}", out.outputs);
+    let line = out.stdout();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.len(), 5, "{line}");
+    assert_eq!(fields[0], "SMOKE-OK");
+    assert!(fields[1].starts_with('2'), "numpy 2.x expected: {line}");
+
+    // State persists across calls and across connections (one interpreter per sandbox).
+    assert!(sb.exec("x = 41").unwrap().error().is_none());
+    let mut second = sb.connect_agent().unwrap();
+    assert_eq!(second.exec_code("x + 1").unwrap().result_text(), Some("42"));
+
+    // Output order: stdout and stderr interleaving is kept, fd-level output included.
+    let out = sb
+        .exec(
+            "import sys, os\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\n\
+             os.system('echo c')\nprint('d')",
+        )
+        .unwrap();
+    assert_eq!(out.stdout(), "a\nc\nd\n");
+    assert_eq!(out.stderr(), "b\n");
+
+    // Errors come back as ename/evalue/traceback and do not lose state.
+    let out = sb.exec("1/0").unwrap();
+    let (ename, _, tb) = out.error().unwrap();
+    assert_eq!(ename, "ZeroDivisionError");
+    assert!(!tb.is_empty());
+    assert_eq!(sb.exec("x").unwrap().result_text(), Some("41"));
+
+    // A matplotlib figure comes back as a PNG of the figure's size.
+    let out = sb
+        .exec("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3), dpi=50)\nplt.plot([1, 3, 2])\nplt.show()")
+        .unwrap();
+    let pngs: Vec<&[u8]> = out
+        .displays()
+        .into_iter()
+        .filter_map(|d| d.get("image/png"))
+        .collect();
+    assert_eq!(pngs.len(), 1, "{:?}", out.outputs);
+    // 4 x 3 inches at 50 dpi, tight bounding box: at most 200 x 150 pixels.
+    let (w, h) = png_size(pngs[0]);
+    assert!(
+        (100..=200).contains(&w) && (75..=150).contains(&h),
+        "{w}x{h}"
+    );
+
+    // 1 MB of output streams through vsock intact.
+    let out = sb.exec("print('y' * (1 << 20))").unwrap();
+    assert_eq!(out.stdout().len(), (1 << 20) + 1);
+
+    // Shell commands and files inside the guest: the overlay root is writable (tmpfs upper).
+    let (text, status) = shell(
+        &mut sb,
+        "echo hi > /usr/fissile-w && cat /usr/fissile-w && cat /proc/cmdline",
+    );
+    assert_eq!(status, Some(0));
+    assert!(text.starts_with("hi\n"), "{text}");
+    assert!(text.contains("init=/usr/sbin/fissile-agent"), "{text}");
+    let blob: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    sb.agent().write_file("/tmp/blob.bin", &blob, None).unwrap();
+    assert_eq!(sb.agent().read_file("/tmp/blob.bin").unwrap(), blob);
+
+    // The control socket: status, pause (the guest stops answering), resume.
+    let mut ctl = sb.control().unwrap();
+    let status = ctl.status().unwrap();
+    assert_eq!(
+        (status.state, status.vcpus, status.mem_mib),
+        (VmState::Running, 1, 512)
+    );
+    ctl.pause().unwrap();
+    assert_eq!(ctl.status().unwrap().state, VmState::Paused);
+    second.set_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(second.echo(b"ping").is_err(), "a paused guest answered");
+    ctl.resume().unwrap();
+    let mut third = sb.connect_agent().unwrap();
+    assert_eq!(third.echo(b"ping").unwrap(), b"ping");
+
+    // Poweroff from inside ends the VMM cleanly.
+    let status = sb.poweroff(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "fissile-vmm exited with {status}");
+}
