@@ -123,10 +123,15 @@ impl VmmBuilder {
         host::check_memory(config.mem_mib)?;
         let started = Instant::now();
 
+        let mut steps = StepTimer::new();
         let ram = create_guest_ram(config.mem_mib << 20)?;
+        steps.done("guest RAM");
         let vm = Vm::new(config.vcpus)?;
+        steps.done("KVM VM");
         vm.register_memory(&ram.memory)?;
+        steps.done("memory slots");
         let entry = load_kernel(&config, &ram.memory)?;
+        steps.done("kernel load");
 
         let serial_out = match self.serial_output {
             Some(out) => out,
@@ -148,6 +153,7 @@ impl VmmBuilder {
                 .map_err(|e| VmError::RegisterIrqfd(slot.gsi, e))?;
         }
 
+        steps.done("devices");
         let cmdline = format!("{} {}", config.base_cmdline(), devices.virtio_cmdline());
         write_boot_structures(&ram.memory, &cmdline, config.vcpus, config.mem_mib << 20)?;
         tracing::info!(%cmdline, entry, "kernel loaded");
@@ -181,6 +187,7 @@ impl VmmBuilder {
             vcpu_fds.push(fd);
         }
 
+        steps.done("vCPUs");
         vcpu::register_kick_handler()?;
         let control = Arc::new(RunControl::new(vcpu_fds.len(), Target::Running));
         let bus = Arc::new(devices);
@@ -208,6 +215,8 @@ impl VmmBuilder {
             }
         }
         control.wait_registered(threads.len());
+        steps.done("vCPU threads");
+        tracing::info!(steps = %steps, "VM built");
         Ok(Vmm {
             shared,
             threads,
@@ -216,6 +225,40 @@ impl VmmBuilder {
             _vm: vm,
             ram,
         })
+    }
+}
+
+/// Times the steps of a build, for the log.
+#[derive(Debug)]
+struct StepTimer {
+    last: Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl StepTimer {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for StepTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.steps.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{name} {:.1} ms", d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
     }
 }
 

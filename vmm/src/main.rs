@@ -102,6 +102,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        ms = process_uptime_ms(),
+        "VM built and vCPUs running (time since process start)"
+    );
     let exit = vmm.wait();
     eprintln!("fissile-vmm: {exit}");
     if exit.is_clean() {
@@ -109,6 +113,31 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Milliseconds since this process started (from /proc/self/stat and the boot clock).
+fn process_uptime_ms() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // Field 22 (starttime, in clock ticks since boot) comes after the `(comm)` field.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let Some(start_ticks) = rest
+        .split_whitespace()
+        .nth(19)
+        .and_then(|t| t.parse::<u64>().ok())
+    else {
+        return 0;
+    };
+    let uptime_s = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ((uptime_s - start_ticks as f64 / hz) * 1000.0).max(0.0) as u64
 }
 
 fn config_from_args(args: Args) -> anyhow::Result<VmConfig> {

@@ -73,11 +73,38 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
         ranges.push((GuestAddress(gpa), len, Some(FileOffset::new(fd, offset))));
     }
     let memory = GuestMemory::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+    advise_huge_pages(&memory);
     Ok(GuestRam {
         memory,
         memfd,
         size,
     })
+}
+
+/// Asks for transparent huge pages on guest RAM. Every guest page the host has not mapped
+/// yet costs a nested page fault, and with 4 KiB shmem pages a booting guest takes tens of
+/// thousands of them (in the lab ~50 µs each). With 2 MiB pages it takes dozens. For shmem
+/// (our memfd) this needs `/sys/kernel/mm/transparent_hugepage/shmem_enabled` set to
+/// `advise` (or `within_size`/`always`); with `never` the advice is a no-op.
+fn advise_huge_pages(memory: &GuestMemory) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in memory.iter() {
+        let (ptr, len) = (region.as_ptr(), region.len() as usize);
+        // SAFETY: `ptr..ptr+len` is a live mapping owned by `memory`; MADV_HUGEPAGE only
+        // changes how the kernel backs it, never its contents or validity.
+        let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE refused");
+        }
+    }
+    if std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .is_ok_and(|s| s.contains("[never]") || s.contains("[deny]"))
+    {
+        tracing::info!(
+            "shmem huge pages are off (transparent_hugepage/shmem_enabled); guest RAM uses \
+             4 KiB pages: set it to `advise` for faster boots"
+        );
+    }
 }
 
 #[cfg(test)]
