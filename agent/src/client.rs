@@ -168,6 +168,15 @@ impl AgentClient {
         Self::from_stream(s)
     }
 
+    /// Connects to an agent over AF_VSOCK (`cid`:`port`), as a host reaches a guest behind
+    /// vhost-vsock (QEMU). The stream is then used like the unix one: both are plain stream
+    /// sockets for read, write and the SO_RCVTIMEO/SO_SNDTIMEO timeouts.
+    pub fn connect_vsock(cid: u32, port: u32) -> Result<Self, ClientError> {
+        let fd = crate::sys::vsock_connect(cid, port)
+            .map_err(|e| ClientError::Connect(format!("vsock {cid}:{port}"), e))?;
+        Self::from_stream(UnixStream::from(fd))
+    }
+
     fn from_stream(s: UnixStream) -> Result<Self, ClientError> {
         let writer = s
             .try_clone()
@@ -405,4 +414,70 @@ fn unexpected(r: &Response) -> ClientError {
     let mut s = format!("{r:?}");
     s.truncate(200);
     ClientError::Unexpected(s)
+}
+
+/// Where a host waits for a guest agent's readiness line (see
+/// [`fissile_proto::agent::AGENT_READY_PORT`]): bind it *before* the guest boots.
+#[derive(Debug)]
+pub struct ReadyListener {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl ReadyListener {
+    /// Listens on AF_VSOCK port `port` of the host (a guest behind vhost-vsock, e.g. QEMU).
+    pub fn vsock(port: u32) -> Result<Self, ClientError> {
+        let fd = crate::sys::vsock_listen(port)
+            .map_err(|e| ClientError::Connect(format!("vsock listen {port}"), e))?;
+        Ok(Self { fd })
+    }
+
+    /// Listens on the unix socket a hybrid-vsock VMM forwards guest port `port` to:
+    /// `<vsock uds>_<port>`.
+    pub fn hybrid_vsock(uds: &Path, port: u32) -> Result<Self, ClientError> {
+        let mut path = uds.as_os_str().to_owned();
+        path.push(format!("_{port}"));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| ClientError::Connect(Path::new(&path).display().to_string(), e))?;
+        Ok(Self { fd: l.into() })
+    }
+
+    /// Waits up to `timeout` for one readiness line; `Ok(None)` on timeout.
+    pub fn wait(&self, timeout: Duration) -> Result<Option<String>, ClientError> {
+        use std::os::fd::AsRawFd;
+        let ctx = |e: io::Error| ClientError::Connect("readiness listener".into(), e);
+        crate::sys::set_recv_timeout(self.fd.as_raw_fd(), timeout.max(Duration::from_millis(1)))
+            .map_err(ctx)?;
+        let conn = match crate::sys::accept(&self.fd) {
+            Ok(c) => c,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(ctx(e)),
+        };
+        crate::sys::set_recv_timeout(conn.as_raw_fd(), Duration::from_secs(5)).map_err(ctx)?;
+        let mut stream = std::fs::File::from(conn);
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 128 {
+            match stream.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) if b[0] == b'\n' => break,
+                Ok(_) => line.push(b[0]),
+                Err(e) => return Err(ctx(e)),
+            }
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        if !line.starts_with("READY") {
+            return Err(ClientError::Handshake(format!(
+                "expected `READY ...`, got {line:?}"
+            )));
+        }
+        Ok(Some(line))
+    }
 }

@@ -56,7 +56,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Creates the agent and starts its Python interpreter in the background.
+    /// Creates the agent; its Python interpreter starts in the background once it listens.
     pub fn new(config: AgentConfig) -> Arc<Agent> {
         let agent = Arc::new(Agent {
             repl: ReplManager::new(config.python.clone()),
@@ -64,7 +64,6 @@ impl Agent {
             started: Instant::now(),
             connections: AtomicUsize::new(0),
         });
-        agent.repl.prestart();
         agent
     }
 
@@ -77,12 +76,28 @@ impl Agent {
     /// Serves connections from a bound unix listener forever.
     pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> Result<(), ServeError> {
         let fd = OwnedFd::from(listener);
+        self.repl.prestart();
         self.serve_fd(&fd)
     }
 
     /// Listens on AF_VSOCK `port` (any CID) and serves forever.
+    /// Once listening, signals readiness to the host (see
+    /// [`fissile_proto::agent::AGENT_READY_PORT`]).
     pub fn serve_vsock(self: &Arc<Self>, port: u32) -> Result<(), ServeError> {
         let fd = sys::vsock_listen(port).map_err(|e| ServeError::BindVsock(port, e))?;
+        // Readiness first, then the interpreter: on a one-vCPU guest the interpreter's start
+        // (reading python3 and its libraries from the root image) would delay the signal.
+        let agent = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("ready".into())
+            .spawn(move || {
+                signal_ready();
+                agent.repl.prestart();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the readiness thread");
+            self.repl.prestart();
+        }
         self.serve_fd(&fd)
     }
 
@@ -264,6 +279,25 @@ impl Agent {
             tracing::error!(error = %e, "reboot failed");
         }
         std::process::exit(0)
+    }
+}
+
+/// Tells the host we listen: one line to host port AGENT_READY_PORT. Nobody listening there
+/// (an older host, a restore) is fine: the connection is refused and that is all.
+fn signal_ready() {
+    use std::io::Write;
+    match sys::vsock_connect(
+        libc::VMADDR_CID_HOST,
+        fissile_proto::agent::AGENT_READY_PORT,
+    ) {
+        Ok(fd) => {
+            let mut f = File::from(fd);
+            let line = format!("READY {}\n", env!("CARGO_PKG_VERSION"));
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                tracing::debug!(error = %e, "readiness signal not delivered");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "no host listener for the readiness signal"),
     }
 }
 

@@ -107,6 +107,15 @@ pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Res
 
 /// Sets SO_SNDTIMEO on a socket, so a client that stops reading cannot block the agent.
 pub(crate) fn set_send_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
+    set_timeout_opt(fd, libc::SO_SNDTIMEO, timeout)
+}
+
+/// Sets SO_RCVTIMEO on a socket (also bounds `accept` on a listener).
+pub(crate) fn set_recv_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
+    set_timeout_opt(fd, libc::SO_RCVTIMEO, timeout)
+}
+
+fn set_timeout_opt(fd: RawFd, opt: libc::c_int, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
@@ -116,7 +125,7 @@ pub(crate) fn set_send_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
+            opt,
             (&tv as *const libc::timeval).cast(),
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
@@ -147,6 +156,38 @@ pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: listen(2) on an open socket has no memory-safety preconditions.
     check(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
     Ok(fd)
+}
+
+/// An AF_VSOCK stream socket connected to `cid`:`port` (a host talking to a guest through
+/// vhost-vsock, e.g. under QEMU).
+pub(crate) fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a fresh descriptor that nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = cid;
+    loop {
+        // SAFETY: `addr` is a valid sockaddr_vm and its exact size is passed.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(fd);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Accepts one connection on a listening socket (close-on-exec).

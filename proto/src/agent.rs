@@ -6,6 +6,7 @@
 //!   host side of a Firecracker-style hybrid vsock, connect to the VMM's vsock unix socket,
 //!   send `CONNECT 1024\n`, read the line `OK <host port>\n`; from then on the stream carries
 //!   this protocol.
+//! * Readiness: see [`AGENT_READY_PORT`].
 //! * On a host (development, tests, benches): a unix stream socket
 //!   (`fissile-agent --listen-unix PATH`), same protocol byte for byte.
 //!
@@ -48,6 +49,12 @@ pub const AGENT_PROTOCOL_VERSION: u8 = 1;
 
 /// AF_VSOCK port the guest agent listens on (any CID).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Host port of the readiness signal: once the guest agent listens on
+/// [`AGENT_VSOCK_PORT`], it connects to the host (CID 2) on this port, writes one line
+/// `READY <agent version>\n` and closes. A host waits for that instead of polling. (With a
+/// hybrid vsock the VMM forwards it to the unix socket `<vsock uds>_1025`.)
+pub const AGENT_READY_PORT: u32 = 1025;
 
 /// Cap on one frame in either direction (version byte + payload).
 pub const AGENT_FRAME_CAP: u32 = crate::frame::DEFAULT_FRAME_CAP;
