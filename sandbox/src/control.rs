@@ -58,8 +58,8 @@ impl ControlClient {
         self.reader
             .read_line(&mut answer)
             .map_err(ControlError::Io)?;
-        let resp: ControlResponse = serde_json::from_str(&answer)
-            .map_err(|_| ControlError::BadResponse(answer.clone()))?;
+        let resp: ControlResponse =
+            serde_json::from_str(&answer).map_err(|_| ControlError::BadResponse(answer.clone()))?;
         if !resp.ok {
             return Err(ControlError::Refused(resp.error.unwrap_or_default()));
         }

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use fissile_agent::{AgentClient, ClientError, ExecOutcome};
-use fissile_proto::agent::{AGENT_VSOCK_PORT, AgentInfo, ExecRequest};
+use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
+use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT, AgentInfo, ExecRequest};
 
 pub use control::{ControlClient, ControlError};
 
@@ -72,7 +72,9 @@ pub enum SandboxError {
     #[error("environment variable {0} is not set (scripts/setup.sh sets it)")]
     MissingEnv(&'static str),
     /// A binary could not be found.
-    #[error("cannot find the `{0}` binary (looked in $FISSILE_BIN_DIR, next to this program and on PATH)")]
+    #[error(
+        "cannot find the `{0}` binary (looked in $FISSILE_BIN_DIR, next to this program and on PATH)"
+    )]
     MissingBinary(String),
     /// Creating the working directory or a log file failed.
     #[error("preparing sandbox directory {0}")]
@@ -81,7 +83,9 @@ pub enum SandboxError {
     #[error("starting {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
     /// The VMM exited before the agent answered.
-    #[error("fissile-vmm exited ({status}) before the guest agent answered; vmm log:\n{vmm_log}\nconsole:\n{console}")]
+    #[error(
+        "fissile-vmm exited ({status}) before the guest agent answered; vmm log:\n{vmm_log}\nconsole:\n{console}"
+    )]
     VmmExited {
         /// Its exit status.
         status: ExitStatus,
@@ -91,7 +95,9 @@ pub enum SandboxError {
         console: String,
     },
     /// The agent did not answer in time.
-    #[error("the guest agent did not answer within {secs} s; last error: {last}; console:\n{console}")]
+    #[error(
+        "the guest agent did not answer within {secs} s; last error: {last}; console:\n{console}"
+    )]
     BootTimeout {
         /// The timeout.
         secs: u64,
@@ -134,6 +140,8 @@ impl Sandbox {
         std::fs::create_dir_all(&cfg.dir).map_err(|e| SandboxError::Dir(cfg.dir.clone(), e))?;
         let vmm_log = File::create(cfg.dir.join("vmm.log"))
             .map_err(|e| SandboxError::Dir(cfg.dir.clone(), e))?;
+        // Bound before the guest boots: the agent connects here once it listens.
+        let ready = ReadyListener::hybrid_vsock(&cfg.dir.join("vsock.sock"), AGENT_READY_PORT)?;
         let started = Instant::now();
         let mut cmd = Command::new(&cfg.vmm);
         cmd.arg("--kernel")
@@ -159,21 +167,25 @@ impl Sandbox {
             .stderr(vmm_log)
             .spawn()
             .map_err(|e| SandboxError::Spawn(cfg.vmm.clone(), e))?;
-        let mut sandbox = Self::attach(child, &cfg.dir, cfg.boot_timeout, started)?;
+        let mut sandbox = Self::attach(child, &cfg.dir, cfg.boot_timeout, started, Some(ready))?;
         sandbox.timings.to_ready = started.elapsed();
         Ok(sandbox)
     }
 
-    /// Waits for the agent of an already started VMM `child` whose sockets are in `dir`.
+    /// Waits for the agent of an already started VMM `child` whose sockets are in `dir`:
+    /// for its readiness line on `ready` when given (a booting guest), then connects.
+    /// Without `ready` (a restored guest whose agent already listens) it retries connecting.
     pub fn attach(
         mut child: Child,
         dir: &Path,
         timeout: Duration,
         started: Instant,
+        ready: Option<ReadyListener>,
     ) -> Result<Sandbox, SandboxError> {
         let uds = dir.join("vsock.sock");
         let mut last = String::from("not tried");
         let mut backoff = Duration::from_millis(5);
+        let mut signalled = ready.is_none();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(SandboxError::VmmExited {
@@ -182,7 +194,14 @@ impl Sandbox {
                     console: tail(&dir.join("console.log"), 30),
                 });
             }
-            if uds.exists() {
+            if !signalled && let Some(r) = &ready {
+                match r.wait(Duration::from_millis(100)) {
+                    Ok(Some(_)) => signalled = true,
+                    Ok(None) => {}
+                    Err(e) => last = error_chain(&e),
+                }
+            }
+            if signalled && uds.exists() {
                 match Self::try_connect(&uds) {
                     Ok((agent, info)) => {
                         return Ok(Sandbox {
@@ -207,8 +226,10 @@ impl Sandbox {
                     console: tail(&dir.join("console.log"), 30),
                 });
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(50));
+            if signalled {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
         }
     }
 
@@ -358,8 +379,14 @@ mod tests {
         std::fs::write(dir.path().join("vmm.log"), "fissile-vmm: no kvm\n").unwrap();
         let child = Command::new("false").spawn().unwrap();
 
-        let err = Sandbox::attach(child, dir.path(), Duration::from_secs(10), Instant::now())
-            .unwrap_err();
+        let err = Sandbox::attach(
+            child,
+            dir.path(),
+            Duration::from_secs(10),
+            Instant::now(),
+            None,
+        )
+        .unwrap_err();
 
         assert!(matches!(err, SandboxError::VmmExited { .. }), "{err}");
         assert!(err.to_string().contains("no kvm"), "{err}");

@@ -44,6 +44,8 @@ pub const LAB_BINARIES: &[&str] = &[
     "fissile-agent",
     "fissile-snapshotd",
     "fissile",
+    "boot_bench",
+    "agent_rtt",
 ];
 
 /// Modules loaded in the lab, in request order; dependencies come from `modules.dep`.
@@ -515,6 +517,8 @@ export PATH=/lab/bin:/bin
 export HOME=/tmp TMPDIR=/tmp FISSILE_IN_LAB=1 FISSILE_CACHE=/tmp/cache
 export FISSILE_GUEST_KERNEL=/lab/vmlinux FISSILE_GUEST_ROOTFS=/dev/vda FISSILE_BIN_DIR=/lab/bin
 [ -e /dev/kvm ] || echo 'lab: no /dev/kvm'
+# Huge pages for shmem (fissile-vmm's memfd guest RAM), as a Fissile host should have them.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 cd /tmp
 echo @@FISSILE-LAB-BEGIN@@
 sh /lab/cmd.sh 2>&1

@@ -16,7 +16,11 @@ use fissile_agent::ExecOutcome;
 use fissile_sandbox::{Sandbox, SandboxConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "fissile", version, about = "Run Python in Fissile microVM sandboxes")]
+#[command(
+    name = "fissile",
+    version,
+    about = "Run Python in Fissile microVM sandboxes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -78,7 +82,10 @@ fn boot(cfg: &SandboxConfig) -> anyhow::Result<Sandbox> {
     eprintln!(
         "fissile: guest agent ready after {} ms (Python {})",
         sb.timings().to_ready.as_millis(),
-        sb.info().python_version.as_deref().unwrap_or("not started yet")
+        sb.info()
+            .python_version
+            .as_deref()
+            .unwrap_or("not started yet")
     );
     Ok(sb)
 }
