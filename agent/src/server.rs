@@ -58,13 +58,12 @@ pub struct Agent {
 impl Agent {
     /// Creates the agent; its Python interpreter starts in the background once it listens.
     pub fn new(config: AgentConfig) -> Arc<Agent> {
-        let agent = Arc::new(Agent {
+        Arc::new(Agent {
             repl: ReplManager::new(config.python.clone()),
             config,
             started: Instant::now(),
             connections: AtomicUsize::new(0),
-        });
-        agent
+        })
     }
 
     /// Binds a unix socket at `path` (replacing a stale socket file).
