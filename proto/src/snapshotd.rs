@@ -16,8 +16,14 @@
 //! # Conversation
 //! Strict request/response, one outstanding request per connection, except:
 //! * create: `CreateBegin` (+fd), then any number of `CreatePages`, `CreateTouchOrder`,
-//!   `CreateBlob`, then `CreateCommit` (→ `Created`, sent only once the snapshot is durable)
-//!   or `CreateAbort`. The pieces are answered with `Ok`.
+//!   `CreateBlob`, then `CreateCommit` (→ `Created`) or `CreateAbort`. The pieces are
+//!   answered with `Ok`. `Created { durable: true }` is sent only once the snapshot's chunks
+//!   and manifest are durable: that is the acknowledgement. An *adopting* create
+//!   (`adopt: true`, the fd a sealed memfd) may commit with `wait_durable: false`: the memfd
+//!   becomes the snapshot's image at once (so VMMs can map it: fork), `Created { durable:
+//!   false }` comes back immediately, and the store ingests it in the background;
+//!   `WaitDurable` blocks until that is done. A daemon that dies first loses the snapshot
+//!   (it was never acknowledged as durable).
 //! * fault session: `ServeFaults` (+uffd) → `FaultSessionStarted`; from then on the
 //!   connection carries only daemon → client [`Response::Heartbeat`] every
 //!   [`HEARTBEAT_INTERVAL_MS`] and, on failure, one [`Response::SessionFailed`]. The session
@@ -27,7 +33,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version byte of every snapshotd frame.
-pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 1;
+pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 2;
 /// Cap on one frame, both directions.
 pub const SNAPSHOTD_FRAME_CAP: u32 = 1 << 20;
 /// Most page indexes in one `CreatePages` / `CreateTouchOrder`.
@@ -80,6 +86,11 @@ pub enum Request {
         dirty_only: bool,
         /// Labels.
         labels: Vec<(String, String)>,
+        /// The fd is a memfd sealed with `F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW`
+        /// that the daemon keeps as the snapshot's image: with `dirty_only` it holds the
+        /// dirty pages (the rest come from the parent's image), otherwise the whole memory
+        /// (holes are zero pages). The client must no longer write to it.
+        adopt: bool,
     },
     /// More dirty page indexes.
     CreatePages {
@@ -98,8 +109,12 @@ pub enum Request {
         /// Next piece.
         data: Vec<u8>,
     },
-    /// Ingest and make durable → `Created`.
-    CreateCommit,
+    /// Ingest → `Created`. With `wait_durable` (always, unless the create adopts its
+    /// memfd) the reply comes once the snapshot is durable.
+    CreateCommit {
+        /// Reply only once the snapshot is durable.
+        wait_durable: bool,
+    },
     /// Drop the pending create.
     CreateAbort,
     /// Get the snapshot's shared image memfd → `ImageOpened` + fd.
@@ -136,6 +151,11 @@ pub enum Request {
     },
     /// Store figures → `Stats`.
     Stats,
+    /// Wait until a snapshot is durable → `Ok` (or `Error` if its ingest failed).
+    WaitDurable {
+        /// Snapshot id.
+        snapshot: String,
+    },
 }
 
 /// Description of one snapshot.
@@ -155,6 +175,8 @@ pub struct SnapshotInfo {
     pub blobs: Vec<String>,
     /// Creation time (ms since the epoch).
     pub created_unix_ms: u64,
+    /// True once its chunks and manifest are durable in the store.
+    pub durable: bool,
 }
 
 /// Why a request failed.
@@ -181,10 +203,13 @@ pub enum Response {
     Pong,
     /// Generic success.
     Ok,
-    /// The snapshot is durable.
+    /// The snapshot exists: durable, or (adopting create without `wait_durable`) mapped
+    /// and being ingested.
     Created {
         /// Its id.
         id: String,
+        /// True when its chunks and manifest are durable.
+        durable: bool,
     },
     /// The image memfd is attached (map it `MAP_PRIVATE`).
     ImageOpened {

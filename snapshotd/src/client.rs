@@ -86,6 +86,19 @@ pub struct CreateOptions {
     pub blobs: Vec<(String, Vec<u8>)>,
     /// Labels.
     pub labels: Vec<(String, String)>,
+    /// Hand the memfd over as the snapshot's image (it must be sealed, see
+    /// [`seal_for_adoption`]); with `dirty_pages` it holds only those pages.
+    pub adopt: bool,
+    /// Return before the snapshot is durable (adopting creates only): the image is usable at
+    /// once and the store ingests it in the background ([`Client::wait_durable`]).
+    pub no_wait_durable: bool,
+}
+
+/// Seals a memfd (created with `MFD_ALLOW_SEALING`) for [`CreateOptions::adopt`]: no more
+/// writes through `write(2)` or new shared mappings, no size change. Existing shared
+/// writable mappings must be gone first (the daemon trusts that they are).
+pub fn seal_for_adoption(memfd: &File) -> io::Result<()> {
+    crate::sys::add_seals(memfd, crate::sys::ADOPT_SEALS)
 }
 
 /// A snapshot's shared image, as handed out by the daemon.
@@ -167,6 +180,7 @@ impl Client {
             parent: opts.parent.clone(),
             dirty_only: opts.dirty_pages.is_some(),
             labels: opts.labels.clone(),
+            adopt: opts.adopt,
         };
         self.call_ok(&begin, Some(memory))?;
         let result = self.create_rest(opts);
@@ -218,10 +232,23 @@ impl Client {
                 )?;
             }
         }
-        match self.call(&Request::CreateCommit, None)? {
-            Response::Created { id } => Ok(id),
+        let commit = Request::CreateCommit {
+            wait_durable: !(opts.adopt && opts.no_wait_durable),
+        };
+        match self.call(&commit, None)? {
+            Response::Created { id, .. } => Ok(id),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Blocks until `snapshot` is durable in the store.
+    pub fn wait_durable(&mut self, snapshot: &str) -> Result<(), ClientError> {
+        self.call_ok(
+            &Request::WaitDurable {
+                snapshot: snapshot.to_string(),
+            },
+            None,
+        )
     }
 
     /// Gets the shared image of `snapshot`.

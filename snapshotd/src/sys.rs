@@ -34,6 +34,31 @@ pub fn seal_size(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Adds `seals` to a memfd (`F_ADD_SEALS`).
+pub fn add_seals(file: &File, seals: i32) -> io::Result<()> {
+    // SAFETY: fcntl(F_ADD_SEALS) on a valid fd with valid seal flags; no memory is touched.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The seals of a memfd (`F_GET_SEALS`).
+pub fn seals(file: &File) -> io::Result<i32> {
+    // SAFETY: fcntl(F_GET_SEALS) on a valid fd; no memory is touched.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// Seals an adopted image must carry: no writes through new mappings or write(2), no size
+/// change. (`F_SEAL_WRITE` would also forbid the clients' private writable mappings on
+/// kernels before 6.7, so `F_SEAL_FUTURE_WRITE` it is.)
+pub const ADOPT_SEALS: i32 = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
 /// Reopens `file` read-only through /proc (a new open file description on the same inode),
 /// so a client can map it privately but never write the shared pages.
 pub fn reopen_read_only(file: &File) -> io::Result<File> {

@@ -345,7 +345,11 @@ fn garbage_messages_do_not_crash_the_daemon() {
     // Out-of-order create pieces.
     raw_send(
         &mut s,
-        &encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &Request::CreateCommit).unwrap(),
+        &encode_frame(
+            SNAPSHOTD_PROTOCOL_VERSION,
+            &Request::CreateCommit { wait_durable: true },
+        )
+        .unwrap(),
     );
     assert!(matches!(read_reply(&mut s), Some(Response::Error { .. })));
     // Truncated frame, then hang up.
@@ -499,4 +503,122 @@ fn client_death_ends_its_session() {
     // Sessions notice the closed socket within one poll interval; allow generous time.
     wait_no_conn_threads(d.child.id(), 10, "session threads of dead clients remain");
     ping_ok(&d);
+}
+
+/// A sealed memfd holding `mem`, ready to be adopted.
+fn sealed_memfd_with(mem: &[u8]) -> std::fs::File {
+    let f = memfd_with(mem);
+    fissile_snapshotd::client::seal_for_adoption(&f).unwrap();
+    f
+}
+
+fn read_all(lazy: &LazyMemory, pages: usize) -> Vec<u8> {
+    let mut out = vec![0u8; pages * PS];
+    for p in 0..pages {
+        lazy.mapping()
+            .read_at(p * PS, &mut out[p * PS..(p + 1) * PS]);
+    }
+    out
+}
+
+#[test]
+fn adopted_images_serve_at_once_layer_on_their_parent_and_become_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let pages = 256;
+    // Full adoption: the memfd is the image (holes are zero pages).
+    let base = memory(11, pages, 4);
+    let base_fd = sealed_memfd_with(&base);
+    let parent = c
+        .create_snapshot(
+            &base_fd,
+            &CreateOptions {
+                memory_size: base.len() as u64,
+                adopt: true,
+                no_wait_durable: true,
+                blobs: vec![("vmstate".into(), b"state-1".to_vec())],
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+    // Usable before it is durable: blobs, info and the image itself.
+    assert_eq!(c.get_blob(&parent, "vmstate").unwrap(), b"state-1");
+    let lazy = LazyMemory::restore(d.client(), &parent, None).unwrap();
+    assert!(read_all(&lazy, pages) == base, "full adopted image differs");
+
+    // Layered adoption: a memfd with only the dirty pages; the rest comes from the parent.
+    let dirty: Vec<u64> = vec![0, 3, 77, 255];
+    let mut child_mem = base.clone();
+    // Sparse: only the dirty pages are written (a written zero page would be "present").
+    let layer_fd = sys::memfd_create("layer", base.len() as u64).unwrap();
+    for &p in &dirty {
+        let page = &mut child_mem[p as usize * PS..][..PS];
+        page.fill(0xC0 ^ p as u8);
+        layer_fd.write_all_at(page, p * PS as u64).unwrap();
+    }
+    fissile_snapshotd::client::seal_for_adoption(&layer_fd).unwrap();
+    let child = c
+        .create_snapshot(
+            &layer_fd,
+            &CreateOptions {
+                memory_size: base.len() as u64,
+                parent: Some(parent.clone()),
+                dirty_pages: Some(dirty.clone()),
+                adopt: true,
+                no_wait_durable: true,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+    let lazy_child = LazyMemory::restore(d.client(), &child, None).unwrap();
+    assert!(
+        read_all(&lazy_child, pages) == child_mem,
+        "layered adopted image differs"
+    );
+
+    // Both become durable; after a daemon restart the store serves the same bytes.
+    c.wait_durable(&child).unwrap();
+    assert!(c.info(&parent).unwrap().durable);
+    assert!(c.info(&child).unwrap().durable);
+    drop((lazy, lazy_child));
+    d.kill();
+    let d2 = Daemon::start(dir.path());
+    let from_store = LazyMemory::restore(d2.client(), &child, None).unwrap();
+    assert!(
+        read_all(&from_store, pages) == child_mem,
+        "ingested layered snapshot differs"
+    );
+    assert_eq!(
+        d2.client().get_blob(&parent, "vmstate").unwrap(),
+        b"state-1"
+    );
+}
+
+#[test]
+fn adopting_an_unsealed_memfd_is_refused_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let mem = memory(12, 16, 0);
+    let unsealed = memfd_with(&mem);
+
+    let err = c
+        .create_snapshot(
+            &unsealed,
+            &CreateOptions {
+                memory_size: mem.len() as u64,
+                adopt: true,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap_err();
+
+    assert!(
+        err.to_string().contains("sealed") || format!("{err:?}").contains("sealed"),
+        "{err:?}"
+    );
+    // The connection and daemon keep working.
+    let id = create(&mut c, &mem, CreateOptions::default());
+    assert!(c.info(&id).unwrap().durable);
 }

@@ -172,7 +172,7 @@ impl Session {
             .find(|r| addr >= r.base && addr - r.base < r.len)
             .ok_or(SessionError::OutsideRegions(addr))?
             .clone();
-        let ps = u64::from(r.image.view().page_size());
+        let ps = u64::from(r.image.page_size());
         let page_addr = addr & !(ps - 1);
         let page = (page_addr - r.base + r.offset) / ps;
         let state = r
@@ -211,9 +211,11 @@ impl Session {
     fn start_prefetch(&self) {
         let mut seen = std::collections::HashSet::new();
         for r in &self.regions {
-            if !seen.insert(r.image.view().id().to_string())
-                || r.image.view().manifest.touch_order.is_empty()
-            {
+            if !seen.insert(r.image.id().to_string()) {
+                continue;
+            }
+            let order = r.image.touch_order();
+            if order.is_empty() {
                 continue;
             }
             let image = r.image.clone();
@@ -223,7 +225,7 @@ impl Session {
                 .name("snapshotd-prefetch".into())
                 .spawn(move || {
                     let mut buf = Vec::new();
-                    for page in image.view().touch_order() {
+                    for page in order {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }

@@ -9,15 +9,15 @@
 pub mod faults;
 pub mod image;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fissile_proto::frame::FrameError;
 use fissile_proto::snapshotd::{
@@ -27,7 +27,7 @@ use fissile_proto::snapshotd::{
 use userfaultfd::Uffd;
 
 use self::faults::{Session, SessionRegion};
-use self::image::Images;
+use self::image::{Image, Images};
 use crate::fdio::FdStream;
 use crate::store::manifest::BlobRef;
 use crate::store::{
@@ -58,6 +58,36 @@ pub struct Server {
     images: Images,
     shutdown: AtomicBool,
     connections: AtomicUsize,
+    /// Adopted snapshots whose background ingest has not finished (or failed).
+    pending: Mutex<HashMap<String, PendingSnapshot>>,
+    /// Signalled whenever an entry of `pending` finishes.
+    ingested: Condvar,
+    /// Background ingest jobs, run one at a time in commit order (a layered snapshot's parent
+    /// is always ingested before it).
+    ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
+}
+
+/// An adopted snapshot on its way into the store.
+#[derive(Debug)]
+struct PendingSnapshot {
+    info: SnapshotInfo,
+    blobs: BTreeMap<String, Vec<u8>>,
+    /// `Some` once the ingest failed: the snapshot stays usable as an image but will never
+    /// be durable.
+    failed: Option<String>,
+}
+
+/// One background ingest.
+#[derive(Debug)]
+struct IngestJob {
+    id: String,
+    image: Arc<Image>,
+    page_size: u32,
+    parent: Option<String>,
+    dirty: Option<Vec<u64>>,
+    touch: Vec<u64>,
+    blobs: BTreeMap<String, Vec<u8>>,
+    labels: BTreeMap<String, String>,
 }
 
 /// A pending create on one connection.
@@ -71,6 +101,7 @@ struct PendingCreate {
     blobs: BTreeMap<String, Vec<u8>>,
     blob_bytes: u64,
     labels: BTreeMap<String, String>,
+    adopt: bool,
 }
 
 /// A request failure: code + message for the client.
@@ -113,12 +144,189 @@ enum Next {
 impl Server {
     /// Creates the daemon state over an opened store.
     pub fn new(store: Arc<Store>) -> Arc<Server> {
-        Arc::new(Server {
+        let (tx, rx) = std::sync::mpsc::channel::<IngestJob>();
+        let server = Arc::new(Server {
             store,
             images: Images::default(),
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
-        })
+            pending: Mutex::new(HashMap::new()),
+            ingested: Condvar::new(),
+            ingest_tx: Mutex::new(Some(tx)),
+        });
+        let weak = Arc::downgrade(&server);
+        let spawned = std::thread::Builder::new()
+            .name("snapshotd-ingest".into())
+            .spawn(move || {
+                for job in rx {
+                    let Some(server) = weak.upgrade() else { return };
+                    server.ingest(job);
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread adopting creates fail (send errors), everything else works.
+            tracing::error!(error = %e, "could not start the ingest thread");
+        }
+        server
+    }
+
+    fn lock_pending(&self) -> MutexGuard<'_, HashMap<String, PendingSnapshot>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes an adopted image into the store; marks it durable or records the failure.
+    fn ingest(&self, job: IngestJob) {
+        let t0 = Instant::now();
+        let memory = match job.image.ingest_source().try_clone() {
+            Ok(file) => FileSource {
+                file,
+                len: job.image.memory_size(),
+            },
+            Err(e) => {
+                self.finish_ingest(&job.id, Err(format!("cloning the image fd: {e}")));
+                return;
+            }
+        };
+        let req = CreateRequest {
+            memory: Box::new(memory),
+            page_size: job.page_size,
+            parent: job.parent,
+            dirty_pages: job.dirty,
+            blobs: job.blobs,
+            labels: job.labels,
+            touch_order: job.touch,
+        };
+        let result = self
+            .store
+            .create_as(&job.id, &req)
+            .map(|out| {
+                tracing::info!(
+                    snapshot = %job.id, written = out.chunks_written,
+                    ms = t0.elapsed().as_millis() as u64, "adopted image is durable"
+                );
+                job.image.set_durable();
+            })
+            .map_err(|e| crate::error_chain(&e));
+        self.finish_ingest(&job.id, result);
+    }
+
+    fn finish_ingest(&self, id: &str, result: Result<(), String>) {
+        let mut pending = self.lock_pending();
+        match result {
+            Ok(()) => {
+                pending.remove(id);
+            }
+            Err(msg) => {
+                tracing::error!(snapshot = id, error = %msg, "background ingest failed");
+                if let Some(p) = pending.get_mut(id) {
+                    p.failed = Some(msg);
+                }
+            }
+        }
+        self.ingested.notify_all();
+    }
+
+    /// Blocks until `id` is durable; `Err` if its ingest failed or it is unknown.
+    fn wait_durable(&self, id: &str) -> Result<(), Fail> {
+        let mut pending = self.lock_pending();
+        loop {
+            match pending.get(id) {
+                None => break,
+                Some(p) => {
+                    if let Some(msg) = &p.failed {
+                        return Err(Fail(ErrorCode::Internal, format!("ingest failed: {msg}")));
+                    }
+                }
+            }
+            pending = self
+                .ingested
+                .wait_timeout(pending, Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if self.shutdown.load(Ordering::Relaxed) {
+                return Err(Fail(ErrorCode::Internal, "daemon shutting down".into()));
+            }
+        }
+        drop(pending);
+        // Not pending: durable in the store, or unknown.
+        self.store.view(id)?;
+        Ok(())
+    }
+
+    /// Registers an adopted image and queues its ingest; returns the new id.
+    fn commit_adopted(&self, p: PendingCreate) -> Result<String, Fail> {
+        let id = self.store.new_id();
+        let layer = match (&p.parent, &p.dirty) {
+            (Some(parent), Some(dirty)) => {
+                let parent_img = match self.images.get(parent) {
+                    Some(img) => img,
+                    None => self
+                        .images
+                        .get_or_open(&self.store, parent)
+                        .map_err(|e| match e {
+                            image::ImageError::View(v) => Fail::from(v),
+                            other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
+                        })?,
+                };
+                Some((dirty.clone(), parent_img))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "an adopting create is either full (no parent) or dirty_only",
+                ));
+            }
+        };
+        let memory_size = p.memory.len;
+        let image = Image::adopt(&id, p.memory.file, memory_size, p.page_size, layer)
+            .map_err(|e| bad(crate::error_chain(&e)))?;
+        let image = Arc::new(image);
+        let created_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let info = SnapshotInfo {
+            id: id.clone(),
+            memory_size,
+            page_size: p.page_size,
+            parent: p.parent.clone(),
+            labels: p.labels.clone().into_iter().collect(),
+            blobs: p.blobs.keys().cloned().collect(),
+            created_unix_ms,
+            durable: false,
+        };
+        self.lock_pending().insert(
+            id.clone(),
+            PendingSnapshot {
+                info,
+                blobs: p.blobs.clone(),
+                failed: None,
+            },
+        );
+        self.images.insert(image.clone());
+        let job = IngestJob {
+            id: id.clone(),
+            image,
+            page_size: p.page_size,
+            parent: p.parent,
+            dirty: p.dirty,
+            touch: p.touch,
+            blobs: p.blobs,
+            labels: p.labels,
+        };
+        let sent = self
+            .ingest_tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|tx| tx.send(job).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.finish_ingest(&id, Err("the ingest thread is not running".into()));
+        }
+        Ok(id)
     }
 
     /// The store.
@@ -285,6 +493,7 @@ impl Server {
                 parent,
                 dirty_only,
                 labels,
+                adopt,
             } => {
                 let fd = conn.take_fd().ok_or(Fail(
                     ErrorCode::MissingFd,
@@ -313,6 +522,16 @@ impl Server {
                         "memory fd holds {actual} bytes, fewer than {memory_size}"
                     )));
                 }
+                if adopt {
+                    let seals = sys::seals(&file)
+                        .map_err(|e| bad(format!("an adopted memory fd must be a memfd: {e}")))?;
+                    if seals & sys::ADOPT_SEALS != sys::ADOPT_SEALS || actual != memory_size {
+                        return Err(bad(
+                            "an adopted memfd must be exactly memory_size bytes and sealed \
+                             F_SEAL_FUTURE_WRITE|F_SEAL_SHRINK|F_SEAL_GROW",
+                        ));
+                    }
+                }
                 *pending = Some(PendingCreate {
                     memory: FileSource {
                         file,
@@ -325,6 +544,7 @@ impl Server {
                     blobs: BTreeMap::new(),
                     blob_bytes: 0,
                     labels: labels.into_iter().collect(),
+                    adopt,
                 });
                 ok(Response::Ok)
             }
@@ -378,8 +598,18 @@ impl Server {
                 *pending = None;
                 ok(Response::Ok)
             }
-            Request::CreateCommit => {
+            Request::CreateCommit { wait_durable } => {
                 let p = pending.take().ok_or_else(|| bad("no create in progress"))?;
+                if p.adopt {
+                    let id = self.commit_adopted(p)?;
+                    if wait_durable {
+                        self.wait_durable(&id)?;
+                    }
+                    return ok(Response::Created {
+                        id,
+                        durable: wait_durable,
+                    });
+                }
                 let req = CreateRequest {
                     memory: Box::new(p.memory),
                     page_size: p.page_size,
@@ -399,7 +629,10 @@ impl Server {
                     };
                     Fail(code, crate::error_chain(&e))
                 })?;
-                ok(Response::Created { id: out.id })
+                ok(Response::Created {
+                    id: out.id,
+                    durable: true,
+                })
             }
             Request::OpenImage { snapshot } => {
                 let img = self
@@ -415,8 +648,8 @@ impl Server {
                 Ok(Next::Reply(
                     Response::ImageOpened {
                         snapshot,
-                        memory_size: img.view().memory_size(),
-                        page_size: img.view().page_size(),
+                        memory_size: img.memory_size(),
+                        page_size: img.page_size(),
                     },
                     Some(fd),
                 ))
@@ -434,19 +667,45 @@ impl Server {
                 Ok(Next::StartSession(regions, uffd))
             }
             Request::Info { snapshot } => {
+                if let Some(p) = self.lock_pending().get(&snapshot) {
+                    return ok(Response::Info(p.info.clone()));
+                }
                 let v = self.store.view(&snapshot)?;
                 ok(Response::Info(info(&v.manifest)))
+            }
+            Request::WaitDurable { snapshot } => {
+                if snapshot.len() > MAX_NAME_LEN {
+                    return Err(bad("snapshot id too long"));
+                }
+                self.wait_durable(&snapshot)?;
+                ok(Response::Ok)
             }
             Request::GetBlob {
                 snapshot,
                 name,
                 offset,
             } => {
-                let v = self.store.view(&snapshot)?;
-                let blob = match v.manifest.blobs.get(&name) {
-                    Some(BlobRef::Inline(b)) => b.clone(),
-                    Some(BlobRef::Chunks { .. }) => self.store.read_blob(&snapshot, &name)?,
-                    None => return Err(Fail(ErrorCode::NotFound, format!("no blob {name}"))),
+                let pending_blob = self
+                    .lock_pending()
+                    .get(&snapshot)
+                    .map(|p| p.blobs.get(&name).cloned());
+                let blob = match pending_blob {
+                    Some(Some(b)) => b,
+                    Some(None) => {
+                        return Err(Fail(ErrorCode::NotFound, format!("no blob {name}")));
+                    }
+                    None => {
+                        let v = self.store.view(&snapshot)?;
+                        match v.manifest.blobs.get(&name) {
+                            Some(BlobRef::Inline(b)) => b.clone(),
+                            Some(BlobRef::Chunks { .. }) => {
+                                self.store.read_blob(&snapshot, &name)?
+                            }
+                            None => {
+                                return Err(Fail(ErrorCode::NotFound, format!("no blob {name}")));
+                            }
+                        }
+                    }
                 };
                 let start = usize::try_from(offset)
                     .ok()
@@ -472,6 +731,7 @@ impl Server {
                         labels: s.labels.into_iter().collect(),
                         blobs: Vec::new(),
                         created_unix_ms: s.created_unix_ms,
+                        durable: true,
                     })
                     .collect();
                 ok(Response::List {
@@ -480,6 +740,12 @@ impl Server {
                 })
             }
             Request::Delete { snapshot } => {
+                if self.lock_pending().contains_key(&snapshot) {
+                    return Err(Fail(
+                        ErrorCode::Conflict,
+                        format!("snapshot {snapshot} is not durable yet"),
+                    ));
+                }
                 self.store.delete(&snapshot).map_err(|e| {
                     let code = match &e {
                         DeleteError::View(ViewError::NotFound(_)) => ErrorCode::NotFound,
@@ -519,12 +785,12 @@ impl Server {
                     image::ImageError::View(v) => Fail::from(v),
                     other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
                 })?;
-            let ps = u64::from(img.view().page_size());
+            let ps = u64::from(img.page_size());
             let aligned = r.base % ps == 0 && r.len % ps == 0 && r.offset % ps == 0 && r.len > 0;
             let fits = r
                 .offset
                 .checked_add(r.len)
-                .is_some_and(|e| e <= img.view().memory_size())
+                .is_some_and(|e| e <= img.memory_size())
                 && r.base.checked_add(r.len).is_some();
             if !aligned || !fits {
                 return Err(bad(format!(
@@ -552,5 +818,6 @@ fn info(m: &crate::store::manifest::Manifest) -> SnapshotInfo {
         labels: m.labels.clone().into_iter().collect(),
         blobs: m.blobs.keys().cloned().collect(),
         created_unix_ms: m.created_unix_ms,
+        durable: true,
     }
 }

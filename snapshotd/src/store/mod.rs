@@ -579,7 +579,8 @@ impl Store {
         }
     }
 
-    fn new_id(&self) -> String {
+    /// A fresh snapshot id (24 hex digits).
+    pub fn new_id(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -602,6 +603,14 @@ impl Store {
         }
         views.insert(id.to_string(), view.clone());
         Ok(view)
+    }
+
+    fn manifest_exists(&self, id: &str) -> Result<bool, CreateError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_MANIFESTS), id.as_bytes())
+            .map_err(CreateError::Index)?
+            .is_some())
     }
 
     fn load_manifest(&self, id: &str) -> Result<Manifest, ViewError> {
@@ -789,10 +798,26 @@ impl Store {
 
     /// Creates a snapshot; returns once its chunks and manifest are durable.
     pub fn create(&self, req: &CreateRequest<'_>) -> Result<CreateOutcome, CreateError> {
+        self.create_as(&self.new_id(), req)
+    }
+
+    /// Creates a snapshot under an id chosen before (with [`Store::new_id`]), e.g. one the
+    /// daemon already handed out for an image it ingests in the background.
+    pub fn create_as(
+        &self,
+        id: &str,
+        req: &CreateRequest<'_>,
+    ) -> Result<CreateOutcome, CreateError> {
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(CreateError::Invalid(format!("snapshot id {id:?}")));
+        }
         let t0 = Instant::now();
         let mut writer = lock(&self.writer);
         let start_len = writer.len();
-        let result = self.create_locked(&mut writer, req);
+        let result = self.create_locked(&mut writer, id, req);
         if result.is_err()
             && let Err(e) = writer.rollback(start_len)
         {
@@ -810,6 +835,7 @@ impl Store {
     fn create_locked(
         &self,
         writer: &mut PackWriter,
+        id: &str,
         req: &CreateRequest<'_>,
     ) -> Result<CreateOutcome, CreateError> {
         let ps = req.page_size;
@@ -933,7 +959,12 @@ impl Store {
         for (name, data) in &req.blobs {
             blobs.insert(name.clone(), ing.store_blob(data)?);
         }
-        let id = self.new_id();
+        if self.manifest_exists(id)? {
+            return Err(CreateError::Invalid(format!(
+                "snapshot {id} already exists"
+            )));
+        }
+        let id = id.to_string();
         let m = Manifest {
             id: id.clone(),
             memory_size,
