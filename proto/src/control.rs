@@ -4,22 +4,34 @@
 //! line and reads exactly one response line per request. Requests are tagged by `op`:
 //!
 //! ```text
-//! {"op":"status"}   -> {"ok":true,"status":{"state":"running","uptime_ms":1234,"vcpus":2,"mem_mib":512}}
-//! {"op":"pause"}    -> {"ok":true}
-//! {"op":"resume"}   -> {"ok":true}
-//! {"op":"shutdown"} -> {"ok":true}
-//! anything bad      -> {"ok":false,"error":"..."}
+//! {"op":"status"}    -> {"ok":true,"status":{"state":"running","uptime_ms":1234,"vcpus":2,"mem_mib":512,...}}
+//! {"op":"pause"}     -> {"ok":true}
+//! {"op":"resume"}    -> {"ok":true}
+//! {"op":"shutdown"}  -> {"ok":true}
+//! {"op":"snapshot","durable":true}
+//!                    -> {"ok":true,"snapshot":{"id":"...","durable":true,"dirty_pages":N,...}}
+//! {"op":"fork","n":3,"dir":"/run/fissile/x"}
+//!                    -> {"ok":true,"fork":{"snapshot":"...","children":[{"index":0,"pid":..,"dir":..}],...}}
+//! {"op":"merge","winner":"/run/fissile/x/child-1/api.sock"}
+//!                    -> {"ok":true,"merge":{"snapshot":"...","ms":..}}
+//! {"op":"persist"}   -> {"ok":true,"snapshot":{...}} then the VMM stops
+//! {"op":"memory_hash"} -> {"ok":true,"memory_hash":"<blake3 hex>"}
+//! anything bad       -> {"ok":false,"error":"...","error_kind":"bad_request"}
 //! ```
 //!
-//! The request enum is `#[non_exhaustive]` so `snapshot`, `fork` and `merge` can be added
-//! without breaking clients that only use the operations above. A request line is capped at
-//! [`MAX_REQUEST_LINE`] bytes.
+//! `snapshot`, `fork` and `merge` need the VMM to have been started with a snapshotd socket.
+//! `merge` follows Podflare's semantics; its failures carry an [`ErrorKind`] an HTTP layer
+//! maps to a status: a winner that is not a child of this VM's current fork, or a fork that
+//! was already merged, is `not_found` (404); merging a VM into itself is `bad_request` (400).
+//! A request line is capped at [`MAX_REQUEST_LINE`] bytes.
 
 use serde::{Deserialize, Serialize};
 
 /// Largest accepted request line, newline included. Longer lines get an error response and
 /// the connection is closed.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// Most children one `fork` may create.
+pub const MAX_FORK_CHILDREN: u32 = 64;
 
 /// One control request (one JSON line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +46,32 @@ pub enum ControlRequest {
     Resume,
     /// Stop the VM and end the VMM process.
     Shutdown,
+    /// Snapshot the VM into snapshotd (only pages dirtied since its base are captured); the
+    /// VM continues on a copy-on-write view of the new snapshot.
+    Snapshot {
+        /// Reply only once the snapshot is durable in the store.
+        #[serde(default)]
+        durable: bool,
+    },
+    /// Snapshot, then start `n` child VMMs restored from it, each in `<dir>/child-<i>/`
+    /// (`api.sock`, `vsock.sock`, `console.log`, `vmm.log`).
+    Fork {
+        /// Number of children.
+        n: u32,
+        /// Parent directory of the children's directories.
+        dir: String,
+    },
+    /// Take the state of `winner` (the control socket of a child of this VM's latest fork):
+    /// its memory (the fork snapshot plus its dirty pages), vCPUs and devices. This VM keeps
+    /// its identity and sockets; other children are untouched.
+    Merge {
+        /// The winner's control socket path.
+        winner: String,
+    },
+    /// Durable snapshot, then stop (a persistent space going to sleep).
+    Persist,
+    /// blake3 of all guest memory (for tests; pauses the VM while hashing).
+    MemoryHash,
 }
 
 /// Lifecycle state of a VM as reported by `status`.
@@ -59,19 +97,110 @@ pub struct VmStatus {
     pub vcpus: u8,
     /// Guest memory size in MiB.
     pub mem_mib: u64,
+    /// The snapshot whose image backs guest memory (none for a freshly booted VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
+    /// The snapshot of this VM's latest fork that children may still be merged from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_snapshot: Option<String>,
+}
+
+/// Body of a successful `snapshot` (and `persist`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// The new snapshot.
+    pub id: String,
+    /// Its parent (the VM's base before), if any.
+    pub parent: Option<String>,
+    /// True once durable in the store.
+    pub durable: bool,
+    /// Pages captured (all populated pages for a fresh VM, else those dirtied since the base).
+    pub dirty_pages: u64,
+    /// Milliseconds the vCPUs were paused.
+    pub paused_ms: f64,
+    /// Milliseconds spent on each step (`state`, `memory`, `store`, `switch`).
+    pub steps_ms: Vec<(String, f64)>,
+}
+
+/// One child of a `fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkChild {
+    /// Its index (0-based).
+    pub index: u32,
+    /// Its VMM process id.
+    pub pid: u32,
+    /// Its directory (sockets and logs).
+    pub dir: String,
+    /// Its control socket.
+    pub api_sock: String,
+    /// Its hybrid-vsock socket.
+    pub vsock_uds: String,
+}
+
+/// Body of a successful `fork`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForkReply {
+    /// The fork snapshot.
+    pub snapshot: SnapshotReply,
+    /// The children, started (restored and resuming on their own).
+    pub children: Vec<ForkChild>,
+    /// Milliseconds to start the children's processes.
+    pub spawn_ms: f64,
+}
+
+/// Body of a successful `merge`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeReply {
+    /// The winner's snapshot that this VM now runs on.
+    pub snapshot: String,
+    /// Pages the winner had dirtied since the fork.
+    pub dirty_pages: u64,
+    /// Milliseconds this VM was paused.
+    pub paused_ms: f64,
+    /// Milliseconds for the whole merge (winner snapshot included).
+    pub total_ms: f64,
+}
+
+/// What kind of failure a response reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or not allowed (HTTP 400).
+    BadRequest,
+    /// What it refers to does not exist (HTTP 404).
+    NotFound,
+    /// The VM is in the wrong state for it (HTTP 409).
+    Conflict,
+    /// The VMM failed (HTTP 500).
+    Internal,
 }
 
 /// One control response (one JSON line).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ControlResponse {
     /// Whether the request succeeded.
     pub ok: bool,
     /// Present on a successful `status` request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VmStatus>,
+    /// Present on a successful `snapshot` or `persist`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReply>,
+    /// Present on a successful `fork`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<ForkReply>,
+    /// Present on a successful `merge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeReply>,
+    /// Present on a successful `memory_hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_hash: Option<String>,
     /// Present when `ok` is false: what went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Present when `ok` is false: the kind of failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
 }
 
 impl ControlResponse {
@@ -79,8 +208,7 @@ impl ControlResponse {
     pub fn ok() -> Self {
         Self {
             ok: true,
-            status: None,
-            error: None,
+            ..Self::default()
         }
     }
 
@@ -89,16 +217,23 @@ impl ControlResponse {
         Self {
             ok: true,
             status: Some(status),
-            error: None,
+            ..Self::default()
         }
     }
 
-    /// A failure with a message.
+    /// A failure with a message (kind `internal` unless set with [`Self::kind`]).
     pub fn error(message: impl Into<String>) -> Self {
         Self {
             ok: false,
-            status: None,
             error: Some(message.into()),
+            error_kind: Some(ErrorKind::Internal),
+            ..Self::default()
         }
+    }
+
+    /// Sets the failure kind.
+    pub fn kind(mut self, kind: ErrorKind) -> Self {
+        self.error_kind = Some(kind);
+        self
     }
 }

@@ -219,6 +219,9 @@ pub enum Response {
         memory_size: u64,
         /// Page size.
         page_size: u32,
+        /// Every page is in the memfd already (holes are zero pages): a client may map it
+        /// without a fault session.
+        complete: bool,
     },
     /// Reply to `Info`.
     Info(SnapshotInfo),

@@ -110,6 +110,8 @@ pub struct OpenedImage {
     pub memory_size: u64,
     /// Page size.
     pub page_size: u32,
+    /// Every page is in the memfd: it can be mapped without a fault session.
+    pub complete: bool,
 }
 
 impl OpenedImage {
@@ -262,6 +264,7 @@ impl Client {
             Response::ImageOpened {
                 memory_size,
                 page_size,
+                complete,
                 ..
             } => {
                 let fd: OwnedFd = self.conn.take_fd().ok_or(ClientError::MissingFd)?;
@@ -269,6 +272,7 @@ impl Client {
                     memfd: File::from(fd),
                     memory_size,
                     page_size,
+                    complete,
                 })
             }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -545,6 +549,14 @@ pub fn new_uffd() -> Result<Uffd, ClientError> {
         .user_mode_only(false)
         .create()
         .map_err(|e| ClientError::Uffd("create", e))
+}
+
+/// Registers `len` bytes at `addr` (a private view of an image in this process) with `uffd`
+/// in MISSING mode, for callers that own their mapping (a VMM's guest RAM).
+pub fn register_missing_at(uffd: &Uffd, addr: *mut u8, len: usize) -> Result<(), ClientError> {
+    uffd.register_with_mode(addr.cast(), len, RegisterMode::MISSING)
+        .map(|_| ())
+        .map_err(|e| ClientError::Uffd("register", e))
 }
 
 /// Registers `mapping` with `uffd` in MISSING mode.

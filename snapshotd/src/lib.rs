@@ -5,7 +5,8 @@
 //! * [`server`]: the daemon. A unix-socket API (protocol in
 //!   [`fissile_proto::snapshotd`]) to create snapshots from memory handed over as an fd, to
 //!   open lazily materialized shared base images, and to serve userfaultfd faults.
-//! * [`client`]: the library VMMs link to talk to the daemon.
+//! * [`client`]: the library VMMs link to talk to the daemon. With `default-features = false`
+//!   (no `daemon` feature) the crate is only this client: no rocksdb, no zstd.
 //!
 //! # How faults are served (decision)
 //! A restored VMM maps the snapshot's image memfd `MAP_PRIVATE` and registers the mapping
@@ -19,7 +20,9 @@
 
 pub mod client;
 pub mod fdio;
+#[cfg(feature = "daemon")]
 pub mod server;
+#[cfg(feature = "daemon")]
 pub mod store;
 pub mod sys;
 

@@ -2,10 +2,10 @@
 //! devices, vCPU threads and the control socket.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use fissile_proto::control::{VmState, VmStatus};
 use kvm_bindings::{KVM_MP_STATE_UNINITIALIZED, kvm_mp_state};
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -28,8 +28,11 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::host::{self, HostError};
-use crate::memory::{GuestMemory, GuestRam, MemoryError, create_guest_ram};
-use crate::vstate::vcpu::{self, ControlError, RunControl, Target, VcpuBoot, VcpuError, VmExit};
+use crate::memory::{GuestMemory, GuestRam, MemoryError};
+use crate::snapshot::MachineConfig;
+use crate::vmm::{Vmm, VmmHandle, VmmShared};
+use crate::vstate::persist::{KvmCaps, KvmStateError};
+use crate::vstate::vcpu::{self, RunControl, SharedVcpu, Target, VcpuBoot, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
 /// XEN_HVM_START_MAGIC_VALUE from the PVH ABI.
@@ -89,12 +92,15 @@ pub enum BuildError {
     /// vCPU setup.
     #[error("vCPU setup")]
     Vcpu(#[from] VcpuError),
+    /// Probing what KVM can save.
+    #[error("probing KVM state support")]
+    KvmCaps(#[source] KvmStateError),
     /// Control socket.
     #[error("control socket {0}")]
     Api(std::path::PathBuf, #[source] std::io::Error),
 }
 
-/// Builds a [`Vmm`] from a configuration.
+/// Builds a [`Vmm`] from a configuration (a cold boot).
 #[derive(Debug)]
 pub struct VmmBuilder {
     config: VmConfig,
@@ -122,41 +128,45 @@ impl VmmBuilder {
         config.validate()?;
         host::check_memory(config.mem_mib)?;
         let started = Instant::now();
-
         let mut steps = StepTimer::new();
-        let ram = create_guest_ram(config.mem_mib << 20)?;
+        let mem_size = config.mem_mib << 20;
+        let ram = GuestRam::fresh(mem_size)?;
         steps.done("guest RAM");
         let vm = Vm::new(config.vcpus)?;
+        let caps = KvmCaps::probe(vm.kvm()).map_err(BuildError::KvmCaps)?;
         steps.done("KVM VM");
-        vm.register_memory(&ram.memory)?;
+        vm.register_memory(ram.memory())?;
         steps.done("memory slots");
-        let entry = load_kernel(&config, &ram.memory)?;
+        let entry = load_kernel(&config, ram.memory())?;
         steps.done("kernel load");
 
         let serial_out = match self.serial_output {
             Some(out) => out,
-            None => serial_output_from_config(&config)?,
+            None => serial_output(config.serial_log.as_deref(), config.serial_stderr)?,
         };
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.fd()
-            .register_irqfd(&serial_evt, SERIAL_IRQ)
-            .map_err(|e| VmError::RegisterIrqfd(SERIAL_IRQ, e))?;
-        let mut devices = DeviceManager::new(SerialConsole::new(
-            EventFdTrigger::new(serial_evt),
-            serial_out,
-        ));
-        for device in virtio_devices(&config)? {
-            let slot = devices.add_virtio(device, ram.memory.clone())?;
-            let transport = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
-            vm.fd()
-                .register_irqfd(transport.irq().eventfd(), slot.gsi)
-                .map_err(|e| VmError::RegisterIrqfd(slot.gsi, e))?;
-        }
-
+        let machine = MachineConfig {
+            mem_size,
+            vcpus: config.vcpus,
+            rootfs: config.rootfs.clone(),
+            guest_cid: config.vsock_uds.as_ref().map(|_| config.guest_cid),
+            rng: config.rng,
+            cmdline: String::new(),
+        };
+        let devices = DeviceSpec {
+            rootfs: &config.rootfs,
+            scratch: config.scratch.as_deref(),
+            vsock: config
+                .vsock_uds
+                .as_deref()
+                .map(|uds| (config.guest_cid, uds)),
+            rng: config.rng,
+        };
+        let bus = build_devices(&vm, ram.memory(), serial_out, &devices)?;
         steps.done("devices");
-        let cmdline = format!("{} {}", config.base_cmdline(), devices.virtio_cmdline());
-        write_boot_structures(&ram.memory, &cmdline, config.vcpus, config.mem_mib << 20)?;
+        let cmdline = format!("{} {}", config.base_cmdline(), bus.virtio_cmdline());
+        write_boot_structures(ram.memory(), &cmdline, config.vcpus, mem_size)?;
         tracing::info!(%cmdline, entry, "kernel loaded");
+        let machine = MachineConfig { cmdline, ..machine };
 
         let hide_xsave = host::is_lab_tcg();
         if hide_xsave {
@@ -165,7 +175,7 @@ impl VmmBuilder {
             );
         }
         let supported = vm.supported_cpuid()?;
-        let mut vcpu_fds = Vec::new();
+        let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm
                 .fd()
@@ -184,48 +194,141 @@ impl VmmBuilder {
                 };
                 fd.set_mp_state(mp).map_err(VcpuError::Lapic)?;
             }
-            vcpu_fds.push(fd);
+            vcpus.push(Arc::new(Mutex::new(fd)));
         }
-
         steps.done("vCPUs");
-        vcpu::register_kick_handler()?;
-        let control = Arc::new(RunControl::new(vcpu_fds.len(), Target::Running));
-        let bus = Arc::new(devices);
-        let shared = Arc::new(VmmShared {
-            control: control.clone(),
+        let parts = Parts {
+            vm,
+            caps,
+            ram,
+            bus,
+            vcpus,
+            machine,
             started,
-            vcpus: config.vcpus,
-            mem_mib: config.mem_mib,
-        });
-        let api = match &config.api_sock {
-            Some(path) => Some(
-                ApiServer::start(path, VmmHandle(shared.clone()))
-                    .map_err(|e| BuildError::Api(path.clone(), e))?,
-            ),
-            None => None,
+            scratch: config.scratch.is_some(),
         };
-        let mut threads = Vec::new();
-        for (id, fd) in vcpu_fds.into_iter().enumerate() {
-            match vcpu::spawn_vcpu(id as u8, fd, control.clone(), bus.clone()) {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    control.request_exit(VmExit::Failed(e.to_string()));
-                    return Err(e.into());
-                }
-            }
-        }
-        control.wait_registered(threads.len());
+        let vmm = start(
+            parts,
+            Target::Running,
+            StartSockets {
+                api_sock: config.api_sock.clone(),
+                snapshotd: config.snapshotd.clone(),
+            },
+        )?;
         steps.done("vCPU threads");
         tracing::info!(steps = %steps, "VM built");
-        Ok(Vmm {
-            shared,
-            threads,
-            api,
-            _bus: bus,
-            _vm: vm,
-            ram,
-        })
+        Ok(vmm)
     }
+}
+
+/// The pieces of a VM before its threads start.
+pub(crate) struct Parts {
+    pub(crate) vm: Vm,
+    pub(crate) caps: KvmCaps,
+    pub(crate) ram: GuestRam,
+    pub(crate) bus: DeviceManager,
+    pub(crate) vcpus: Vec<SharedVcpu>,
+    pub(crate) machine: MachineConfig,
+    pub(crate) started: Instant,
+    pub(crate) scratch: bool,
+}
+
+/// Host sockets of a starting VMM.
+#[derive(Debug, Clone, Default)]
+pub struct StartSockets {
+    /// Control socket path.
+    pub api_sock: Option<PathBuf>,
+    /// snapshotd socket (needed for snapshot, fork, merge).
+    pub snapshotd: Option<PathBuf>,
+}
+
+/// Starts the vCPU threads (in `target` state) and the control socket.
+pub(crate) fn start(
+    parts: Parts,
+    target: Target,
+    sockets: StartSockets,
+) -> Result<Vmm, BuildError> {
+    vcpu::register_kick_handler()?;
+    let control = Arc::new(RunControl::new(parts.vcpus.len(), target));
+    let bus = Arc::new(parts.bus);
+    let shared = Arc::new(VmmShared::new(
+        control.clone(),
+        parts.started,
+        parts.machine,
+        parts.vm,
+        parts.caps,
+        parts.vcpus.clone(),
+        bus.clone(),
+        parts.ram,
+        sockets.snapshotd,
+        sockets.api_sock.clone(),
+        parts.scratch,
+    ));
+    let mut threads = Vec::new();
+    for (id, fd) in parts.vcpus.into_iter().enumerate() {
+        match vcpu::spawn_vcpu(id as u8, fd, control.clone(), bus.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                control.request_exit(VmExit::Failed(e.to_string()));
+                return Err(e.into());
+            }
+        }
+    }
+    control.wait_registered(threads.len());
+    let api = match &sockets.api_sock {
+        Some(path) => Some(
+            ApiServer::start(path, Arc::new(VmmHandle::new(shared.clone())))
+                .map_err(|e| BuildError::Api(path.clone(), e))?,
+        ),
+        None => None,
+    };
+    Ok(Vmm::new(shared, threads, api))
+}
+
+/// Which devices a VM has (host resources included), in slot order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeviceSpec<'a> {
+    pub(crate) rootfs: &'a Path,
+    pub(crate) scratch: Option<&'a Path>,
+    pub(crate) vsock: Option<(u32, &'a Path)>,
+    pub(crate) rng: bool,
+}
+
+/// The serial console and the virtio devices (root, scratch, vsock, rng, in that order),
+/// their interrupt lines registered with KVM.
+pub(crate) fn build_devices(
+    vm: &Vm,
+    mem: &GuestMemory,
+    serial_out: SerialOutput,
+    spec: &DeviceSpec<'_>,
+) -> Result<DeviceManager, BuildError> {
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.fd()
+        .register_irqfd(&serial_evt, SERIAL_IRQ)
+        .map_err(|e| VmError::RegisterIrqfd(SERIAL_IRQ, e))?;
+    let mut bus = DeviceManager::new(SerialConsole::new(
+        EventFdTrigger::new(serial_evt),
+        serial_out,
+    ));
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    devices.push(Box::new(Block::new(spec.rootfs, true, "fissile-root")?));
+    if let Some(scratch) = spec.scratch {
+        devices.push(Box::new(Block::new(scratch, false, "fissile-scratch")?));
+    }
+    if let Some((cid, uds)) = spec.vsock {
+        devices.push(Box::new(Vsock::new(u64::from(cid), uds)?));
+    }
+    if spec.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    for device in devices {
+        let slot = bus.add_virtio(device, mem.clone())?;
+        let transport = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+        vm.fd()
+            .register_irqfd(transport.irq().eventfd(), slot.gsi)
+            .map_err(|e| VmError::RegisterIrqfd(slot.gsi, e))?;
+    }
+    Ok(bus)
 }
 
 /// Times the steps of a build, for the log.
@@ -262,35 +365,23 @@ impl std::fmt::Display for StepTimer {
     }
 }
 
-fn serial_output_from_config(config: &VmConfig) -> Result<SerialOutput, BuildError> {
-    if let Some(path) = &config.serial_log {
+/// Where the guest console goes: a log file, stderr, or nowhere.
+pub(crate) fn serial_output(
+    log: Option<&Path>,
+    to_stderr: bool,
+) -> Result<SerialOutput, BuildError> {
+    if let Some(path) = log {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| BuildError::SerialLog(path.clone(), e))?;
+            .map_err(|e| BuildError::SerialLog(path.to_path_buf(), e))?;
         return Ok(SerialOutput::new(Box::new(file)));
     }
-    if config.serial_stderr {
+    if to_stderr {
         return Ok(SerialOutput::new(Box::new(std::io::stderr())));
     }
     Ok(SerialOutput::sink())
-}
-
-/// The virtio devices in their fixed order: root (vda), scratch (vdb), vsock, rng.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    devices.push(Box::new(Block::new(&config.rootfs, true, "fissile-root")?));
-    if let Some(scratch) = &config.scratch {
-        devices.push(Box::new(Block::new(scratch, false, "fissile-scratch")?));
-    }
-    if let Some(uds) = &config.vsock_uds {
-        devices.push(Box::new(Vsock::new(u64::from(config.guest_cid), uds)?));
-    }
-    if config.rng {
-        devices.push(Box::new(Rng::new()));
-    }
-    Ok(devices)
 }
 
 fn load_kernel(config: &VmConfig, mem: &GuestMemory) -> Result<u64, BuildError> {
@@ -346,131 +437,6 @@ pub fn write_boot_structures(
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
     params.set_sections(&memmap, GuestAddress(MEMMAP_START));
     PvhBootConfigurator::write_bootparams(&params, mem).map_err(BuildError::Pvh)
-}
-
-/// State shared between the [`Vmm`], its handles and the control socket.
-#[derive(Debug)]
-struct VmmShared {
-    control: Arc<RunControl>,
-    started: Instant,
-    vcpus: u8,
-    mem_mib: u64,
-}
-
-/// A cloneable handle to control a running VM from other threads.
-#[derive(Debug, Clone)]
-pub struct VmmHandle(Arc<VmmShared>);
-
-impl VmmHandle {
-    /// A handle over an existing run control (used by tests of the control socket).
-    #[cfg(test)]
-    pub(crate) fn from_control(control: Arc<RunControl>, vcpus: u8, mem_mib: u64) -> Self {
-        Self(Arc::new(VmmShared {
-            control,
-            started: Instant::now(),
-            vcpus,
-            mem_mib,
-        }))
-    }
-
-    /// Pauses all vCPUs; returns once none is inside `KVM_RUN`.
-    pub fn pause(&self) -> Result<(), ControlError> {
-        self.0.control.pause()
-    }
-
-    /// Resumes a paused VM.
-    pub fn resume(&self) -> Result<(), ControlError> {
-        self.0.control.resume()
-    }
-
-    /// Stops the VM; [`Vmm::wait`] then returns [`VmExit::Stopped`].
-    pub fn shutdown(&self) {
-        self.0.control.request_exit(VmExit::Stopped);
-    }
-
-    /// Current state, uptime, vCPUs and memory.
-    pub fn status(&self) -> VmStatus {
-        let state = match self.0.control.target() {
-            Target::Running => VmState::Running,
-            Target::Paused => VmState::Paused,
-            Target::Exited => VmState::Exited,
-        };
-        VmStatus {
-            state,
-            uptime_ms: u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            vcpus: self.0.vcpus,
-            mem_mib: self.0.mem_mib,
-        }
-    }
-}
-
-/// A running VM. Dropping it without [`Vmm::wait`] stops the VM.
-#[derive(Debug)]
-pub struct Vmm {
-    shared: Arc<VmmShared>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    api: Option<ApiServer>,
-    _bus: Arc<DeviceManager>,
-    _vm: Vm,
-    ram: GuestRam,
-}
-
-impl Vmm {
-    /// A handle for other threads.
-    pub fn handle(&self) -> VmmHandle {
-        VmmHandle(self.shared.clone())
-    }
-
-    /// Pauses all vCPUs; returns once none is inside `KVM_RUN`.
-    pub fn pause(&self) -> Result<(), ControlError> {
-        self.handle().pause()
-    }
-
-    /// Resumes a paused VM.
-    pub fn resume(&self) -> Result<(), ControlError> {
-        self.handle().resume()
-    }
-
-    /// Requests a stop.
-    pub fn shutdown(&self) {
-        self.handle().shutdown();
-    }
-
-    /// Current status.
-    pub fn status(&self) -> VmStatus {
-        self.handle().status()
-    }
-
-    /// The guest RAM (and its memfd).
-    pub fn guest_ram(&self) -> &GuestRam {
-        &self.ram
-    }
-
-    /// Blocks until the VM ends; returns how it ended.
-    pub fn wait(mut self) -> VmExit {
-        let exit = self.shared.control.wait_exited();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        if let Some(api) = self.api.take() {
-            api.stop();
-        }
-        exit
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.shared.control.request_exit(VmExit::Stopped);
-            for t in self.threads.drain(..) {
-                let _ = t.join();
-            }
-        }
-        if let Some(api) = self.api.take() {
-            api.stop();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -17,10 +17,15 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+pub mod fork;
 pub mod host;
 pub mod memory;
+pub mod snapshot;
+pub mod vmm;
 pub mod vstate;
 
-pub use builder::{BuildError, Vmm, VmmBuilder, VmmHandle};
+pub use builder::{BuildError, VmmBuilder};
 pub use config::{ConfigError, VmConfig};
+pub use snapshot::restore::{RestoreConfig, RestoreError, restore};
+pub use vmm::{Vmm, VmmHandle};
 pub use vstate::vcpu::VmExit;

@@ -1,13 +1,15 @@
-//! `fissile-vmm`: boots one microVM from flags or a TOML config file and runs it until the
-//! guest resets or powers off (exit 0), the control socket asks for shutdown (exit 0), or
-//! something fails (exit 1 with the reason). Host problems (no KVM, KVM-PVM) exit 3.
+//! `fissile-vmm`: boots one microVM from flags or a TOML config file, or restores one from a
+//! snapshot in snapshotd (`--restore ID --snapshotd SOCK`), and runs it until the guest
+//! resets or powers off (exit 0), the control socket asks for shutdown (exit 0), or
+//! something fails (exit 1 with the reason). Host problems (no KVM, KVM-PVM) exit 3; a bad
+//! configuration exits 2; a page server that dies under a restored VM exits 4.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use fissile_vmm::{VmConfig, VmmBuilder, host};
+use fissile_vmm::{RestoreConfig, VmConfig, VmmBuilder, host, restore};
 
 /// Exit status for "this host cannot run the VM".
 const EXIT_HOST: u8 = 3;
@@ -69,6 +71,15 @@ struct Args {
     /// Try to run even if this host's KVM looks unable to boot the guest.
     #[arg(long)]
     force: bool,
+    /// snapshotd's socket (needed for snapshot, fork, merge and --restore).
+    #[arg(long)]
+    snapshotd: Option<PathBuf>,
+    /// Restore this snapshot instead of booting (needs --snapshotd; --kernel is not used).
+    #[arg(long, value_name = "SNAPSHOT")]
+    restore: Option<String>,
+    /// With --restore: stay paused (resume through the control socket).
+    #[arg(long)]
+    start_paused: bool,
 }
 
 fn main() -> ExitCode {
@@ -88,17 +99,36 @@ fn main() -> ExitCode {
         eprintln!("fissile-vmm: {e}");
         return ExitCode::from(EXIT_HOST);
     }
-    let config = match config_from_args(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("fissile-vmm: {e:#}");
+    let built = if let Some(snapshot) = args.restore.clone() {
+        let Some(snapshotd) = args.snapshotd.clone() else {
+            eprintln!("fissile-vmm: --restore needs --snapshotd");
             return ExitCode::from(EXIT_CONFIG);
-        }
+        };
+        restore(RestoreConfig {
+            snapshot,
+            snapshotd,
+            rootfs: args.rootfs.clone(),
+            vsock_uds: args.vsock_uds.clone(),
+            api_sock: args.api_sock.clone(),
+            serial_log: args.serial_log.clone(),
+            serial_stderr: args.serial_stderr,
+            start_paused: args.start_paused,
+        })
+        .map_err(anyhow::Error::from)
+    } else {
+        let config = match config_from_args(args) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("fissile-vmm: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        VmmBuilder::new(config).build().map_err(anyhow::Error::from)
     };
-    let vmm = match VmmBuilder::new(config).build() {
+    let vmm = match built {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("fissile-vmm: {:#}", anyhow::Error::from(e));
+            eprintln!("fissile-vmm: {e:#}");
             return ExitCode::FAILURE;
         }
     };
@@ -191,6 +221,9 @@ fn config_from_args(args: Args) -> anyhow::Result<VmConfig> {
     }
     if args.no_rng {
         config.rng = false;
+    }
+    if args.snapshotd.is_some() {
+        config.snapshotd = args.snapshotd;
     }
     config.validate()?;
     Ok(config)

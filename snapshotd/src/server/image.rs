@@ -239,6 +239,11 @@ impl Image {
         self.durable.store(true, Ordering::Release);
     }
 
+    /// True when every page is in the memfd (a full adopted image): no faults to serve.
+    pub fn is_complete(&self) -> bool {
+        matches!(self.source, Source::Full)
+    }
+
     /// True for adopted images (their memory lives only here until evicted).
     pub fn is_adopted(&self) -> bool {
         !matches!(self.source, Source::Store { .. })

@@ -650,6 +650,7 @@ impl Server {
                         snapshot,
                         memory_size: img.memory_size(),
                         page_size: img.page_size(),
+                        complete: img.is_complete(),
                     },
                     Some(fd),
                 ))

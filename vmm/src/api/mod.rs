@@ -7,9 +7,90 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fissile_proto::control::{ControlRequest, ControlResponse, MAX_REQUEST_LINE};
+use fissile_proto::control::{
+    ControlRequest, ControlResponse, ErrorKind, ForkReply, MAX_REQUEST_LINE, MergeReply,
+    SnapshotReply, VmStatus,
+};
 
-use crate::builder::VmmHandle;
+use crate::vstate::vcpu::ControlError;
+
+/// A failed operation: its kind and the message (whole error chain).
+pub type OpFailure = (ErrorKind, String);
+
+/// What the control socket can ask of a VM. [`crate::VmmHandle`] is the implementation;
+/// the socket layer only parses, dispatches and answers.
+pub trait ControlOps: Send + Sync + 'static {
+    /// Current status.
+    fn status(&self) -> VmStatus;
+    /// Pauses the vCPUs.
+    fn pause(&self) -> Result<(), ControlError>;
+    /// Resumes the vCPUs.
+    fn resume(&self) -> Result<(), ControlError>;
+    /// Stops the VM.
+    fn shutdown(&self);
+    /// Snapshot into snapshotd.
+    fn snapshot(&self, durable: bool) -> Result<SnapshotReply, OpFailure>;
+    /// Fork into `n` children under `dir`.
+    fn fork(&self, n: u32, dir: &Path) -> Result<ForkReply, OpFailure>;
+    /// Merge the child whose control socket is `winner`.
+    fn merge(&self, winner: &Path) -> Result<MergeReply, OpFailure>;
+    /// Durable snapshot, then stop.
+    fn persist(&self) -> Result<SnapshotReply, OpFailure>;
+    /// blake3 of guest memory.
+    fn memory_hash(&self) -> Result<String, OpFailure>;
+}
+
+/// An error's message with its whole source chain.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cur = c.source();
+    }
+    msg
+}
+
+impl ControlOps for crate::vmm::VmmHandle {
+    fn status(&self) -> VmStatus {
+        crate::vmm::VmmHandle::status(self)
+    }
+    fn pause(&self) -> Result<(), ControlError> {
+        crate::vmm::VmmHandle::pause(self)
+    }
+    fn resume(&self) -> Result<(), ControlError> {
+        crate::vmm::VmmHandle::resume(self)
+    }
+    fn shutdown(&self) {
+        crate::vmm::VmmHandle::shutdown(self)
+    }
+    fn snapshot(&self, durable: bool) -> Result<SnapshotReply, OpFailure> {
+        self.shared()
+            .snapshot(durable)
+            .map_err(|e| (e.kind(), chain(&e)))
+    }
+    fn fork(&self, n: u32, dir: &Path) -> Result<ForkReply, OpFailure> {
+        self.shared()
+            .fork(n, dir)
+            .map_err(|e| (e.kind(), chain(&e)))
+    }
+    fn merge(&self, winner: &Path) -> Result<MergeReply, OpFailure> {
+        self.shared()
+            .merge(winner)
+            .map_err(|e| (e.kind(), chain(&e)))
+    }
+    fn persist(&self) -> Result<SnapshotReply, OpFailure> {
+        self.shared().persist().map_err(|e| (e.kind(), chain(&e)))
+    }
+    fn memory_hash(&self) -> Result<String, OpFailure> {
+        self.shared()
+            .memory_hash()
+            .map_err(|e| (ErrorKind::Conflict, chain(&e)))
+    }
+}
+
+type Ops = Arc<dyn ControlOps>;
 
 /// A running control socket server.
 #[derive(Debug)]
@@ -21,7 +102,7 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds `path` (replacing a stale socket file) and starts serving `vmm`.
-    pub fn start(path: &Path, vmm: VmmHandle) -> std::io::Result<Self> {
+    pub fn start(path: &Path, vmm: Ops) -> std::io::Result<Self> {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
@@ -62,7 +143,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, vmm: VmmHandle, stopping: Arc<AtomicBool>) {
+fn accept_loop(listener: UnixListener, vmm: Ops, stopping: Arc<AtomicBool>) {
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             return;
@@ -82,7 +163,7 @@ fn accept_loop(listener: UnixListener, vmm: VmmHandle, stopping: Arc<AtomicBool>
     }
 }
 
-fn serve_client(stream: UnixStream, vmm: &VmmHandle) {
+fn serve_client(stream: UnixStream, vmm: &Ops) {
     let Ok(writer) = stream.try_clone() else {
         return;
     };
@@ -115,24 +196,83 @@ fn serve_client(stream: UnixStream, vmm: &VmmHandle) {
 
 /// Parses and executes one request line. Returns the response and whether to stop the VM
 /// after answering.
-pub fn handle_line(line: &[u8], vmm: &VmmHandle) -> (ControlResponse, bool) {
+pub fn handle_line(line: &[u8], vmm: &Ops) -> (ControlResponse, bool) {
     let request: ControlRequest = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => return (ControlResponse::error(format!("bad request: {e}")), false),
+        Err(e) => {
+            return (
+                ControlResponse::error(format!("bad request: {e}")).kind(ErrorKind::BadRequest),
+                false,
+            );
+        }
     };
+    let failed = |(kind, msg): OpFailure| (ControlResponse::error(msg).kind(kind), false);
     match request {
         ControlRequest::Status => (ControlResponse::with_status(vmm.status()), false),
         ControlRequest::Pause => (result(vmm.pause()), false),
         ControlRequest::Resume => (result(vmm.resume()), false),
         ControlRequest::Shutdown => (ControlResponse::ok(), true),
-        _ => (ControlResponse::error("unsupported operation"), false),
+        ControlRequest::Snapshot { durable } => match vmm.snapshot(durable) {
+            Ok(s) => (
+                ControlResponse {
+                    snapshot: Some(s),
+                    ..ControlResponse::ok()
+                },
+                false,
+            ),
+            Err(f) => failed(f),
+        },
+        ControlRequest::Fork { n, dir } => match vmm.fork(n, Path::new(&dir)) {
+            Ok(f) => (
+                ControlResponse {
+                    fork: Some(f),
+                    ..ControlResponse::ok()
+                },
+                false,
+            ),
+            Err(f) => failed(f),
+        },
+        ControlRequest::Merge { winner } => match vmm.merge(Path::new(&winner)) {
+            Ok(m) => (
+                ControlResponse {
+                    merge: Some(m),
+                    ..ControlResponse::ok()
+                },
+                false,
+            ),
+            Err(f) => failed(f),
+        },
+        ControlRequest::Persist => match vmm.persist() {
+            Ok(s) => (
+                ControlResponse {
+                    snapshot: Some(s),
+                    ..ControlResponse::ok()
+                },
+                false,
+            ),
+            Err(f) => failed(f),
+        },
+        ControlRequest::MemoryHash => match vmm.memory_hash() {
+            Ok(h) => (
+                ControlResponse {
+                    memory_hash: Some(h),
+                    ..ControlResponse::ok()
+                },
+                false,
+            ),
+            Err(f) => failed(f),
+        },
+        _ => (
+            ControlResponse::error("unsupported operation").kind(ErrorKind::BadRequest),
+            false,
+        ),
     }
 }
 
 fn result(r: Result<(), crate::vstate::vcpu::ControlError>) -> ControlResponse {
     match r {
         Ok(()) => ControlResponse::ok(),
-        Err(e) => ControlResponse::error(e.to_string()),
+        Err(e) => ControlResponse::error(e.to_string()).kind(ErrorKind::Conflict),
     }
 }
 
@@ -148,11 +288,73 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
 
-    use fissile_proto::control::{ControlRequest, ControlResponse, VmState, VmStatus};
+    use std::path::Path;
 
-    use super::ApiServer;
-    use crate::builder::VmmHandle;
-    use crate::vstate::vcpu::{RunControl, Target, VmExit};
+    use fissile_proto::control::{
+        ControlRequest, ControlResponse, ErrorKind, ForkReply, MergeReply, SnapshotReply, VmState,
+        VmStatus,
+    };
+
+    use super::{ApiServer, ControlOps, OpFailure};
+    use crate::vstate::vcpu::{ControlError, RunControl, Target, VmExit};
+
+    /// The socket layer's counterpart: a real run/pause state machine, no VM. Lifecycle
+    /// operations say what they were asked, so dispatch and error mapping can be checked.
+    struct StateMachineOnly {
+        control: Arc<RunControl>,
+        vcpus: u8,
+        mem_mib: u64,
+    }
+
+    impl ControlOps for StateMachineOnly {
+        fn status(&self) -> VmStatus {
+            let state = match self.control.target() {
+                Target::Running => VmState::Running,
+                Target::Paused => VmState::Paused,
+                Target::Exited => VmState::Exited,
+            };
+            VmStatus {
+                state,
+                uptime_ms: 0,
+                vcpus: self.vcpus,
+                mem_mib: self.mem_mib,
+                base_snapshot: None,
+                fork_snapshot: None,
+            }
+        }
+        fn pause(&self) -> Result<(), ControlError> {
+            self.control.pause()
+        }
+        fn resume(&self) -> Result<(), ControlError> {
+            self.control.resume()
+        }
+        fn shutdown(&self) {
+            self.control.request_exit(VmExit::Stopped);
+        }
+        fn snapshot(&self, durable: bool) -> Result<SnapshotReply, OpFailure> {
+            Err((ErrorKind::BadRequest, format!("snapshot durable={durable}")))
+        }
+        fn fork(&self, n: u32, dir: &Path) -> Result<ForkReply, OpFailure> {
+            Err((ErrorKind::Internal, format!("fork {n} {}", dir.display())))
+        }
+        fn merge(&self, winner: &Path) -> Result<MergeReply, OpFailure> {
+            Err((ErrorKind::NotFound, format!("merge {}", winner.display())))
+        }
+        fn persist(&self) -> Result<SnapshotReply, OpFailure> {
+            Err((ErrorKind::Internal, "persist".into()))
+        }
+        fn memory_hash(&self) -> Result<String, OpFailure> {
+            Ok("abc".into())
+        }
+    }
+
+    fn ops(control: Arc<RunControl>, vcpus: u8, mem_mib: u64) -> Arc<dyn ControlOps> {
+        Arc::new(StateMachineOnly {
+            control,
+            vcpus,
+            mem_mib,
+        })
+    }
 
     fn ask(conn: &mut BufReader<UnixStream>, line: &str) -> ControlResponse {
         conn.get_mut().write_all(line.as_bytes()).unwrap();
@@ -167,8 +369,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         // No vCPU threads: pause completes at once; the state machine is what is exercised.
         let control = Arc::new(RunControl::new(0, Target::Running));
-        let server =
-            ApiServer::start(&path, VmmHandle::from_control(control.clone(), 2, 256)).unwrap();
+        let server = ApiServer::start(&path, ops(control.clone(), 2, 256)).unwrap();
         let mut conn = BufReader::new(UnixStream::connect(&path).unwrap());
 
         let status = ask(&mut conn, "{\"op\":\"status\"}\n").status.unwrap();
@@ -191,7 +392,19 @@ mod tests {
             (false, Some("the VM is not paused"))
         );
         let garbage = ask(&mut conn, "{not json\n");
+        assert_eq!(garbage.error_kind, Some(ErrorKind::BadRequest));
         assert!(!garbage.ok && garbage.error.unwrap().starts_with("bad request"));
+        let merge = ask(&mut conn, "{\"op\":\"merge\",\"winner\":\"/x/api.sock\"}\n");
+        assert_eq!(
+            (merge.error_kind, merge.error.as_deref()),
+            (Some(ErrorKind::NotFound), Some("merge /x/api.sock"))
+        );
+        let fork = ask(&mut conn, "{\"op\":\"fork\",\"n\":3,\"dir\":\"/d\"}\n");
+        assert_eq!(fork.error.as_deref(), Some("fork 3 /d"));
+        let snap = ask(&mut conn, "{\"op\":\"snapshot\",\"durable\":true}\n");
+        assert_eq!(snap.error.as_deref(), Some("snapshot durable=true"));
+        let hash = ask(&mut conn, "{\"op\":\"memory_hash\"}\n");
+        assert_eq!(hash.memory_hash.as_deref(), Some("abc"));
         assert!(ask(&mut conn, "{\"op\":\"shutdown\"}\n").ok);
 
         assert_eq!(control.wait_exited(), VmExit::Stopped);
@@ -204,7 +417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let control = Arc::new(RunControl::new(0, Target::Running));
-        let _server = ApiServer::start(&path, VmmHandle::from_control(control, 1, 64)).unwrap();
+        let _server = ApiServer::start(&path, ops(control, 1, 64)).unwrap();
         let mut conn = BufReader::new(UnixStream::connect(&path).unwrap());
         let long = vec![b'x'; fissile_proto::control::MAX_REQUEST_LINE + 10];
 
@@ -234,6 +447,8 @@ mod tests {
             uptime_ms: 5,
             vcpus: 2,
             mem_mib: 256,
+            base_snapshot: None,
+            fork_snapshot: None,
         });
         assert_eq!(
             serde_json::to_string(&resp).unwrap(),

@@ -62,6 +62,9 @@ pub struct VmConfig {
     /// Add a virtio-rng device.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// snapshotd's socket: needed for snapshot, fork and merge.
+    #[serde(default)]
+    pub snapshotd: Option<PathBuf>,
 }
 
 fn default_mem_mib() -> u64 {
@@ -133,6 +136,7 @@ impl VmConfig {
             guest_cid: default_guest_cid(),
             api_sock: None,
             rng: true,
+            snapshotd: None,
         }
     }
 

@@ -1,18 +1,40 @@
-//! Guest RAM: one memfd, mapped `MAP_SHARED` into the VMM, so other processes (snapshotd, a
-//! child VMM) can map the same pages later and a private copy-on-write view is one `mmap` away.
+//! Guest RAM: always a memfd mapping, so other processes (snapshotd, child VMMs) can map the
+//! same pages and a copy-on-write view is one `mmap(MAP_PRIVATE)` away.
+//!
+//! Two backings ([`Backing`]):
+//! * **Fresh** (a booted VM): our own memfd mapped `MAP_SHARED`. To snapshot it we switch
+//!   the mapping to a private view of the same memfd, seal the memfd and hand it to
+//!   snapshotd as the new snapshot's image: nothing is copied.
+//! * **Image** (restored, forked or merged): a `MAP_PRIVATE` view of a snapshot image memfd
+//!   from snapshotd; pages not materialized yet fault to snapshotd through userfaultfd
+//!   (unless the image is complete). What the VM writes becomes private copies, which
+//!   [`dirty`] finds for the next snapshot.
+//!
+//! - [`mapping`]: the unsafe mmap operations (replace in place, advice, bytes).
+//! - [`dirty`]: the dirty set of a private view, from pagemap.
+
+pub mod dirty;
+pub mod mapping;
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use fissile_snapshotd::client::FaultSession;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
+use self::mapping::Share;
 use crate::arch::x86_64::layout::ram_regions;
 
 /// Guest memory type used everywhere in the VMM.
 pub type GuestMemory = GuestMemoryMmap<()>;
 
-/// Creating guest RAM failed.
+/// Page size of guest RAM as snapshots see it.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Creating or switching guest RAM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// A step of creating the memfd failed.
@@ -21,23 +43,72 @@ pub enum MemoryError {
     /// vm-memory refused the regions.
     #[error("mapping guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// Mapping a region failed.
+    #[error("mapping guest memory region at {0:#x}")]
+    MapRegion(u64, #[source] vm_memory::mmap::MmapRegionError),
+    /// Assembling the regions failed.
+    #[error("assembling guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
     /// Size does not fit the host's address space.
     #[error("guest memory size {0} bytes is too large for this host")]
     TooLarge(u64),
+    /// An image has another size than the VM's memory.
+    #[error("snapshot image is {image} bytes, the VM has {vm}")]
+    SizeMismatch {
+        /// Image size.
+        image: u64,
+        /// VM memory size.
+        vm: u64,
+    },
+    /// Replacing the mapping (fork, merge) failed.
+    #[error("switching guest memory to another image")]
+    Replace(#[source] std::io::Error),
+    /// Reading the dirty set failed.
+    #[error("reading /proc/self/pagemap")]
+    Pagemap(#[source] std::io::Error),
+    /// The operation needs another backing.
+    #[error("guest memory is {0}")]
+    WrongBacking(&'static str),
 }
 
-/// Guest RAM plus the memfd that backs it.
+/// What backs guest RAM now.
+#[derive(Debug)]
+pub enum Backing {
+    /// Our own memfd, mapped shared (a freshly booted VM).
+    Fresh {
+        /// The memfd (created with `MFD_ALLOW_SEALING`).
+        memfd: File,
+    },
+    /// A private view of snapshot `snapshot`'s image.
+    Image {
+        /// The snapshot whose image is mapped.
+        snapshot: String,
+        /// The image memfd (read-only descriptor from snapshotd).
+        image: File,
+        /// The fault session serving its holes (`None` for complete images).
+        faults: Option<ImageFaults>,
+    },
+}
+
+/// A userfaultfd and the snapshotd session serving it. Field order matters: the session
+/// ends before the uffd closes.
+#[derive(Debug)]
+pub struct ImageFaults {
+    /// The session.
+    pub session: FaultSession,
+    /// The uffd the guest RAM is registered with.
+    pub uffd: userfaultfd::Uffd,
+}
+
+/// Guest RAM: the vm-memory regions (which own the mappings) and their backing.
 #[derive(Debug)]
 pub struct GuestRam {
-    /// The mapped memory.
-    pub memory: GuestMemory,
-    /// The backing memfd (offset 0 = GPA 0; the part above 4 GiB follows the low part).
-    pub memfd: File,
-    /// Total size in bytes.
-    pub size: u64,
+    memory: GuestMemory,
+    backing: Backing,
+    size: u64,
 }
 
-/// Creates a sealed-size-free memfd of `size` bytes with `MFD_CLOEXEC`.
+/// Creates a memfd of `size` bytes, close-on-exec, sealable.
 pub fn create_memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     let cname = CString::new(name).map_err(|_| {
         MemoryError::MemoryBackingFile(
@@ -47,7 +118,8 @@ pub fn create_memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     })?;
     // SAFETY: `cname` is a valid NUL-terminated string that outlives the call; the flags are
     // valid memfd_create flags. The return value is checked before use.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::MemoryBackingFile(
             "memfd_create",
@@ -61,24 +133,220 @@ pub fn create_memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
-/// Creates guest RAM of `size` bytes laid out around the MMIO gap, backed by a memfd.
-pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
-    let memfd = create_memfd("fissile-guest-ram", size)?;
-    let mut ranges = Vec::new();
+/// Maps `file` as guest RAM of `size` bytes laid out around the MMIO gap.
+fn map_regions(file: &File, size: u64, share: Share) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::new();
     for (gpa, len, offset) in ram_regions(size) {
         let len = usize::try_from(len).map_err(|_| MemoryError::TooLarge(size))?;
-        let fd = memfd
+        let fd = file
             .try_clone()
             .map_err(|e| MemoryError::MemoryBackingFile("dup", e))?;
-        ranges.push((GuestAddress(gpa), len, Some(FileOffset::new(fd, offset))));
+        let mapping = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(share.flags())
+            .build()
+            .map_err(|e| MemoryError::MapRegion(gpa, e))?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemoryError::TooLarge(size))?;
+        regions.push(region);
     }
-    let memory = GuestMemory::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
-    advise_huge_pages(&memory);
-    Ok(GuestRam {
-        memory,
-        memfd,
-        size,
-    })
+    GuestMemory::from_regions(regions).map_err(MemoryError::Regions)
+}
+
+impl GuestRam {
+    /// Fresh RAM of `size` bytes in a new memfd (a booting VM).
+    pub fn fresh(size: u64) -> Result<GuestRam, MemoryError> {
+        let memfd = create_memfd("fissile-guest-ram", size)?;
+        let memory = map_regions(&memfd, size, Share::Shared)?;
+        advise_huge_pages(&memory);
+        Ok(GuestRam {
+            memory,
+            backing: Backing::Fresh { memfd },
+            size,
+        })
+    }
+
+    /// RAM as a private view of `snapshot`'s image (`image`, `image_size` bytes).
+    pub fn from_image(
+        snapshot: &str,
+        image: File,
+        image_size: u64,
+        size: u64,
+    ) -> Result<GuestRam, MemoryError> {
+        if image_size != size {
+            return Err(MemoryError::SizeMismatch {
+                image: image_size,
+                vm: size,
+            });
+        }
+        let memory = map_regions(&image, size, Share::Private)?;
+        Ok(GuestRam {
+            memory,
+            backing: Backing::Image {
+                snapshot: snapshot.to_string(),
+                image,
+                faults: None,
+            },
+            size,
+        })
+    }
+
+    /// The guest memory (clones share the mappings).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The current backing.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The snapshot whose image backs RAM (`None` for a fresh VM).
+    pub fn base_snapshot(&self) -> Option<&str> {
+        match &self.backing {
+            Backing::Image { snapshot, .. } => Some(snapshot),
+            Backing::Fresh { .. } => None,
+        }
+    }
+
+    /// Host address ranges of guest RAM: `(host address, length, offset in the memory)`.
+    pub fn host_ranges(&self) -> Vec<(*mut u8, usize, u64)> {
+        ram_regions(self.size)
+            .into_iter()
+            .zip(self.memory.iter())
+            .map(|((_, len, offset), r)| (r.as_ptr(), len as usize, offset))
+            .collect()
+    }
+
+    /// Fresh RAM only: switches the mapping to a private view of our memfd (same contents,
+    /// from now on copy-on-write) and returns the memfd, ready to be sealed and adopted as a
+    /// snapshot image. The VM must be paused.
+    pub fn freeze_fresh(&mut self) -> Result<File, MemoryError> {
+        let Backing::Fresh { memfd } = &self.backing else {
+            return Err(MemoryError::WrongBacking("not fresh"));
+        };
+        self.replace_all(memfd)?;
+        memfd
+            .try_clone()
+            .map_err(|e| MemoryError::MemoryBackingFile("dup", e))
+    }
+
+    /// Undoes [`GuestRam::freeze_fresh`] when no snapshot came of it: copies the (possibly
+    /// sealed) memfd's data into a new memfd and maps that shared again. The VM must be
+    /// paused and unchanged since the freeze.
+    pub fn unfreeze(&mut self) -> Result<(), MemoryError> {
+        let Backing::Fresh { memfd } = &self.backing else {
+            return Err(MemoryError::WrongBacking("not fresh"));
+        };
+        let fresh = create_memfd("fissile-guest-ram", self.size)?;
+        let ranges = dirty::data_ranges(memfd, self.size)
+            .map_err(|e| MemoryError::MemoryBackingFile("SEEK_DATA", e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, end) in ranges {
+            let mut pos = start;
+            while pos < end {
+                let n = ((end - pos) as usize).min(buf.len());
+                memfd
+                    .read_exact_at(&mut buf[..n], pos)
+                    .map_err(|e| MemoryError::MemoryBackingFile("copy read", e))?;
+                fresh
+                    .write_all_at(&buf[..n], pos)
+                    .map_err(|e| MemoryError::MemoryBackingFile("copy write", e))?;
+                pos += n as u64;
+            }
+        }
+        for ((_, _, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter()) {
+            mapping::replace(region, &fresh, offset, Share::Shared)
+                .map_err(MemoryError::Replace)?;
+        }
+        self.backing = Backing::Fresh { memfd: fresh };
+        Ok(())
+    }
+
+    /// Records that RAM is now a view of `snapshot`'s image `image` (after
+    /// [`GuestRam::freeze_fresh`] the mapping already is).
+    pub fn set_image(&mut self, snapshot: &str, image: File, faults: Option<ImageFaults>) {
+        self.backing = Backing::Image {
+            snapshot: snapshot.to_string(),
+            image,
+            faults,
+        };
+    }
+
+    /// Switches RAM to a private view of `snapshot`'s `image` (fork, merge): every private
+    /// page is dropped. The VM must be paused. Register the new mapping for faults and
+    /// record it with [`GuestRam::set_image`] afterwards.
+    pub fn switch_to_image(&mut self, image: &File, image_size: u64) -> Result<(), MemoryError> {
+        if image_size != self.size {
+            return Err(MemoryError::SizeMismatch {
+                image: image_size,
+                vm: self.size,
+            });
+        }
+        // The old session (if any) serves a mapping that is about to disappear.
+        if let Backing::Image { faults, .. } = &mut self.backing {
+            faults.take();
+        }
+        self.replace_all(image)
+    }
+
+    fn replace_all(&self, file: &File) -> Result<(), MemoryError> {
+        for ((_, _, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter()) {
+            mapping::replace(region, file, offset, Share::Private).map_err(MemoryError::Replace)?;
+        }
+        Ok(())
+    }
+
+    /// Image-backed RAM: the pages (memory offsets / [`PAGE_SIZE`]) written since the image
+    /// was mapped, in order.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>, MemoryError> {
+        if !matches!(self.backing, Backing::Image { .. }) {
+            return Err(MemoryError::WrongBacking("not an image view"));
+        }
+        let mut out = Vec::new();
+        for (addr, len, offset) in self.host_ranges() {
+            let pages = dirty::private_pages(addr, len, PAGE_SIZE as usize)
+                .map_err(MemoryError::Pagemap)?;
+            out.extend(pages.into_iter().map(|p| p + offset / PAGE_SIZE));
+        }
+        Ok(out)
+    }
+
+    /// Copies page `page` of guest RAM into `out` (`PAGE_SIZE` bytes). The VM must be paused.
+    pub fn read_page(&self, page: u64, out: &mut [u8]) -> Result<(), MemoryError> {
+        let off = page * PAGE_SIZE;
+        for (addr, len, offset) in self.host_ranges() {
+            if off >= offset && off + PAGE_SIZE <= offset + len as u64 {
+                // SAFETY: the page lies inside this live region (checked above); the VM is
+                // paused (caller contract), so nothing writes it during the copy.
+                let src = unsafe {
+                    std::slice::from_raw_parts(
+                        addr.add((off - offset) as usize),
+                        PAGE_SIZE as usize,
+                    )
+                };
+                out[..PAGE_SIZE as usize].copy_from_slice(src);
+                return Ok(());
+            }
+        }
+        Err(MemoryError::WrongBacking("page out of range"))
+    }
+
+    /// blake3 of all of guest RAM (faults in every page). The VM must be paused.
+    pub fn hash(&self) -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        for region in self.memory.iter() {
+            // SAFETY: the VM is paused (caller contract): nothing writes guest RAM meanwhile.
+            h.update(unsafe { mapping::bytes(region) });
+        }
+        h.finalize()
+    }
 }
 
 /// Asks for transparent huge pages on guest RAM. Every guest page the host has not mapped
@@ -87,14 +355,9 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
 /// (our memfd) this needs `/sys/kernel/mm/transparent_hugepage/shmem_enabled` set to
 /// `advise` (or `within_size`/`always`); with `never` the advice is a no-op.
 fn advise_huge_pages(memory: &GuestMemory) {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for region in memory.iter() {
-        let (ptr, len) = (region.as_ptr(), region.len() as usize);
-        // SAFETY: `ptr..ptr+len` is a live mapping owned by `memory`; MADV_HUGEPAGE only
-        // changes how the kernel backs it, never its contents or validity.
-        let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
-        if r != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE refused");
+        if let Err(e) = mapping::advise(region, libc::MADV_HUGEPAGE) {
+            tracing::debug!(error = %e, "MADV_HUGEPAGE refused");
         }
     }
     if std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
@@ -110,20 +373,77 @@ fn advise_huge_pages(memory: &GuestMemory) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
     use vm_memory::Bytes;
 
     #[test]
     fn guest_writes_land_in_the_shared_memfd() {
-        let ram = create_guest_ram(64 << 20).unwrap();
+        let ram = GuestRam::fresh(64 << 20).unwrap();
 
-        ram.memory
+        ram.memory()
             .write_slice(b"fissile", GuestAddress(0x1234))
             .unwrap();
 
+        let Backing::Fresh { memfd } = ram.backing() else {
+            panic!()
+        };
         let mut buf = [0u8; 7];
-        ram.memfd.read_exact_at(&mut buf, 0x1234).unwrap();
+        memfd.read_exact_at(&mut buf, 0x1234).unwrap();
         assert_eq!(&buf, b"fissile");
-        assert_eq!(ram.memfd.metadata().unwrap().len(), 64 << 20);
+        assert_eq!(memfd.metadata().unwrap().len(), 64 << 20);
+    }
+
+    #[test]
+    fn freeze_keeps_contents_and_later_writes_stay_private() {
+        let mut ram = GuestRam::fresh(64 << 20).unwrap();
+        ram.memory()
+            .write_slice(b"before", GuestAddress(0x5000))
+            .unwrap();
+
+        let memfd = ram.freeze_fresh().unwrap();
+        ram.set_image("s1", memfd.try_clone().unwrap(), None);
+        ram.memory()
+            .write_slice(b"after!", GuestAddress(0x5000))
+            .unwrap();
+        ram.memory()
+            .write_slice(b"x", GuestAddress(0x9000))
+            .unwrap();
+
+        let mut buf = [0u8; 6];
+        memfd.read_exact_at(&mut buf, 0x5000).unwrap();
+        assert_eq!(&buf, b"before", "the frozen image changed");
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(0x5000))
+            .unwrap();
+        assert_eq!(&buf, b"after!");
+        assert_eq!(ram.dirty_pages().unwrap(), vec![5, 9]);
+    }
+
+    #[test]
+    fn switching_to_an_image_drops_private_pages() {
+        let image = create_memfd("img", 64 << 20).unwrap();
+        image.write_all_at(b"image", 0x3000).unwrap();
+        let mut ram =
+            GuestRam::from_image("a", image.try_clone().unwrap(), 64 << 20, 64 << 20).unwrap();
+        ram.memory()
+            .write_slice(b"dirty", GuestAddress(0x3000))
+            .unwrap();
+        assert_eq!(ram.dirty_pages().unwrap(), vec![3]);
+
+        ram.switch_to_image(&image, 64 << 20).unwrap();
+        ram.set_image("a", image, None);
+
+        let mut buf = [0u8; 5];
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(0x3000))
+            .unwrap();
+        assert_eq!(&buf, b"image");
+        assert!(ram.dirty_pages().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_image_of_another_size_is_refused() {
+        let image = create_memfd("img", 64 << 20).unwrap();
+        let err = GuestRam::from_image("a", image, 64 << 20, 128 << 20).unwrap_err();
+        assert!(matches!(err, MemoryError::SizeMismatch { .. }), "{err}");
     }
 }

@@ -1,4 +1,6 @@
-//! Thin owners of KVM objects: the VM (memory slots, irqchip, PIT) and the vCPU threads.
+//! Thin owners of KVM objects: the VM (memory slots, irqchip, PIT), the vCPU threads, and
+//! saving/restoring what KVM holds for them.
 
+pub mod persist;
 pub mod vcpu;
 pub mod vm;

@@ -354,16 +354,26 @@ impl RunControl {
     }
 }
 
+/// A vCPU fd shared between its thread (which holds the lock only around `KVM_RUN` and
+/// the exit it handles) and the VMM, which locks it while the VM is paused to save or
+/// restore the vCPU's state.
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
+/// Locks a shared vCPU (a poisoned lock is still usable: the fd has no Rust invariants).
+pub fn lock_vcpu(v: &SharedVcpu) -> MutexGuard<'_, VcpuFd> {
+    v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Spawns the thread for vCPU `id`.
 pub fn spawn_vcpu(
     id: u8,
-    fd: VcpuFd,
+    fd: SharedVcpu,
     control: Arc<RunControl>,
     bus: Arc<DeviceManager>,
 ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
     std::thread::Builder::new()
         .name(format!("fissile-vcpu{id}"))
-        .spawn(move || run_vcpu(usize::from(id), fd, &control, &bus))
+        .spawn(move || run_vcpu(usize::from(id), &fd, &control, &bus))
         .map_err(VcpuError::Spawn)
 }
 
@@ -378,12 +388,14 @@ struct ExitCounts {
     other: u64,
 }
 
-fn run_vcpu(id: usize, mut fd: VcpuFd, control: &RunControl, bus: &DeviceManager) {
-    KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
+fn run_vcpu(id: usize, shared: &SharedVcpu, control: &RunControl, bus: &DeviceManager) {
+    // The kvm_run page lives as long as the VcpuFd, which outlives this thread.
+    KVM_RUN_PTR.with(|p| p.set(lock_vcpu(shared).get_kvm_run() as *mut kvm_run));
     control.register(id);
     let mut unexpected_exits: u64 = 0;
     let mut counts = ExitCounts::default();
     while control.wait_runnable() {
+        let mut fd = lock_vcpu(shared);
         let result = fd.run();
         match &result {
             Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => counts.io += 1,

@@ -73,6 +73,11 @@ impl Vm {
         Ok(Self { kvm, fd })
     }
 
+    /// The KVM handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
     /// The VM fd.
     pub fn fd(&self) -> &VmFd {
         &self.fd

@@ -2,7 +2,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,34 +67,137 @@ impl Write for SerialOutput {
     }
 }
 
+/// The UART's registers in a snapshot (a serde mirror of vm-superio's `SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSaved {
+    /// Divisor latch low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// The most received bytes a UART holds (vm-superio's FIFO size).
+pub const SERIAL_FIFO_MAX: usize = 64;
+
+/// Restoring the UART failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// The receive buffer is larger than the FIFO.
+    #[error("serial receive buffer of {0} bytes exceeds the {SERIAL_FIFO_MAX}-byte FIFO")]
+    Fifo(usize),
+    /// Duplicating the interrupt eventfd failed.
+    #[error("duplicating the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// vm-superio refused the state.
+    #[error("vm-superio refused the serial state: {0}")]
+    Refused(String),
+}
+
 /// COM1 as seen by the port-I/O bus.
 #[derive(Debug)]
 pub struct SerialConsole {
-    serial: Serial<EventFdTrigger, NoEvents, SerialOutput>,
+    /// Always `Some` except inside `restore`.
+    serial: Option<Serial<EventFdTrigger, NoEvents, SerialOutput>>,
 }
 
 impl SerialConsole {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: EventFdTrigger, out: SerialOutput) -> Self {
         Self {
-            serial: Serial::new(irq, out),
+            serial: Some(Serial::new(irq, out)),
+        }
+    }
+
+    fn uart(&mut self) -> &mut Serial<EventFdTrigger, NoEvents, SerialOutput> {
+        match self.serial.as_mut() {
+            Some(s) => s,
+            None => unreachable!("the UART is only absent inside restore()"),
         }
     }
 
     /// The interrupt eventfd.
-    pub fn irq_eventfd(&self) -> &EventFd {
-        self.serial.interrupt_evt().eventfd()
+    pub fn irq_eventfd(&self) -> Option<&EventFd> {
+        self.serial.as_ref().map(|s| s.interrupt_evt().eventfd())
     }
 
     /// Port read at `offset` (0..8) from the base port.
     pub fn read(&mut self, offset: u8) -> u8 {
-        self.serial.read(offset)
+        self.uart().read(offset)
     }
 
     /// Port write at `offset` (0..8) from the base port.
     pub fn write(&mut self, offset: u8, value: u8) {
-        if let Err(e) = self.serial.write(offset, value) {
+        if let Err(e) = self.uart().write(offset, value) {
             tracing::debug!(error = ?e, "serial write failed");
+        }
+    }
+
+    /// Snapshot state of the registers.
+    pub fn save_state(&self) -> SerialSaved {
+        let st = self.serial.as_ref().map(|s| s.state()).unwrap_or_default();
+        SerialSaved {
+            baud_divisor_low: st.baud_divisor_low,
+            baud_divisor_high: st.baud_divisor_high,
+            interrupt_enable: st.interrupt_enable,
+            interrupt_identification: st.interrupt_identification,
+            line_control: st.line_control,
+            line_status: st.line_status,
+            modem_control: st.modem_control,
+            modem_status: st.modem_status,
+            scratch: st.scratch,
+            in_buffer: st.in_buffer,
+        }
+    }
+
+    /// Puts the registers in `state`, keeping this UART's interrupt line and output.
+    pub fn restore_state(&mut self, state: &SerialSaved) -> Result<(), SerialStateError> {
+        if state.in_buffer.len() > SERIAL_FIFO_MAX {
+            return Err(SerialStateError::Fifo(state.in_buffer.len()));
+        }
+        let evt = self
+            .irq_eventfd()
+            .map(|e| e.try_clone())
+            .transpose()
+            .map_err(SerialStateError::EventFd)?
+            .ok_or_else(|| SerialStateError::Refused("no UART".into()))?;
+        let st = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let Some(old) = self.serial.take() else {
+            return Err(SerialStateError::Refused("no UART".into()));
+        };
+        let out = old.into_writer();
+        match Serial::from_state(&st, EventFdTrigger::new(evt), NoEvents, out) {
+            Ok(s) => {
+                self.serial = Some(s);
+                Ok(())
+            }
+            Err(e) => Err(SerialStateError::Refused(format!("{e:?}"))),
         }
     }
 }
@@ -113,6 +217,44 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn save_restore_save_is_equal_and_the_mutation_shows() {
+        let new = || {
+            SerialConsole::new(
+                EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                SerialOutput::sink(),
+            )
+        };
+        let mut a = new();
+        a.write(3, 0x83); // LCR: DLAB on
+        a.write(0, 0x01); // divisor low
+        a.write(3, 0x03); // 8N1
+        a.write(7, 0x5a); // scratch
+        let saved = a.save_state();
+        assert_ne!(saved, new().save_state(), "the writes changed nothing");
+
+        let mut b = new();
+        b.restore_state(&saved).unwrap();
+
+        assert_eq!(b.save_state(), saved);
+        assert_eq!(b.read(7), 0x5a);
+    }
+
+    #[test]
+    fn an_oversize_receive_buffer_is_refused() {
+        let mut s = SerialConsole::new(
+            EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            SerialOutput::sink(),
+        );
+        let mut bad = s.save_state();
+        bad.in_buffer = vec![0; SERIAL_FIFO_MAX + 1];
+        assert!(matches!(
+            s.restore_state(&bad),
+            Err(SerialStateError::Fifo(_))
+        ));
+        assert_eq!(s.read(7), 0, "the UART still works");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 
+use super::persist::{self, MmioTransportState, QueueSaved, TransportStateError};
 use super::{IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::memory::GuestMemory;
 
@@ -91,6 +92,72 @@ impl MmioTransport {
     /// The wrapped device.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    /// The wrapped device, mutably.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Snapshot state of the transport and its queues.
+    pub fn save_state(&self) -> MmioTransportState {
+        let queues: Vec<QueueSaved> = if self.activated {
+            self.device
+                .queue_states()
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status(),
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Puts the transport (and its device) in the state of a snapshot: resets the device,
+    /// validates and installs the queues, and re-activates it if it was active. Used on a
+    /// fresh transport (restore) and on a live one (merge).
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), TransportStateError> {
+        persist::validate(self, state)?;
+        let queues = persist::queues_from_state(&state.queues, self.device.queue_max_sizes())?;
+        self.device.reset();
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.activated = false;
+        if state.activated {
+            self.queue_ready = queues.iter().map(|q| q.ready()).collect();
+            self.device.set_acked_features(self.acked_features);
+            self.device
+                .activate(self.mem.clone(), queues, self.irq.clone())
+                .map_err(TransportStateError::Activate)?;
+            self.activated = true;
+            self.queues = fresh_queues(self.device.queue_max_sizes()).map_err(|e| {
+                TransportStateError::Queue {
+                    index: 0,
+                    why: e.to_string(),
+                }
+            })?;
+            self.device.restored();
+        } else {
+            self.queue_ready = vec![false; queues.len()];
+            self.queues = queues;
+        }
+        self.irq.restore_status(state.interrupt_status);
+        Ok(())
     }
 
     /// The interrupt line.

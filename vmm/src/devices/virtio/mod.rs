@@ -3,13 +3,14 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 pub mod vsock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
@@ -62,6 +63,16 @@ impl IrqTrigger {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets InterruptStatus to `bits` (snapshot restore), raising the line if any is set.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0
+            && let Err(e) = self.evt.write(1)
+        {
+            tracing::warn!(error = %e, "virtio interrupt eventfd write failed");
+        }
+    }
+
     /// The eventfd to register with `KVM_IRQFD`.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
@@ -109,6 +120,17 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn queue_notify(&mut self, index: u32);
     /// The driver reset the device: drop queues and in-flight state.
     fn reset(&mut self);
+    /// Snapshot: the state of the live queues (empty when not activated). Required, like
+    /// the rest of the persist methods: a device cannot be added without deciding what its
+    /// snapshot holds.
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Snapshot: stop (`true`) or restart (`false`) any processing the device does outside
+    /// vCPU exits (host socket readiness for vsock), so guest memory and queues hold still
+    /// while they are captured. Devices that only run on queue notifications do nothing.
+    fn quiesce(&mut self, paused: bool);
+    /// Restore: the device was just activated with queues from a snapshot. Host-side state
+    /// that could not be saved (vsock connections) is reset here.
+    fn restored(&mut self);
 }
 
 /// Copies `src` (a device config struct as bytes) at `offset` into `data`; out of range reads

@@ -164,4 +164,14 @@ impl VirtioDevice for Block {
         self.active = None;
         self.acked_features = 0;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
+    fn quiesce(&mut self, _paused: bool) {
+        // Requests are served on the vCPU thread that notified: nothing runs on its own.
+    }
+
+    fn restored(&mut self) {}
 }

@@ -159,6 +159,16 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
+    fn quiesce(&mut self, _paused: bool) {
+        // Requests are served on the vCPU thread that notified: nothing runs on its own.
+    }
+
+    fn restored(&mut self) {}
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ pub mod packet;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
@@ -35,6 +35,8 @@ pub struct Vsock {
     guest_cid: u64,
     queue_sizes: [u16; 3],
     backend: Arc<Mutex<VsockBackend>>,
+    /// Wakes the event thread when a snapshot pause ends.
+    pause_cv: Arc<Condvar>,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -53,18 +55,21 @@ impl Vsock {
             .add_wakeup_fd(stop.as_raw_fd())
             .map_err(VsockError::Epoll)?;
         let backend = Arc::new(Mutex::new(backend));
+        let pause_cv = Arc::new(Condvar::new());
         let thread = {
             let backend = backend.clone();
             let stop = stop.clone();
+            let cv = pause_cv.clone();
             std::thread::Builder::new()
                 .name("fissile-vsock".into())
-                .spawn(move || event_loop(&epoll, &backend, &stop))
+                .spawn(move || event_loop(&epoll, &backend, &cv, &stop))
                 .map_err(VsockError::Thread)?
         };
         Ok(Self {
             guest_cid,
             queue_sizes: [QUEUE_SIZE; 3],
             backend,
+            pause_cv,
             stop,
             thread: Some(thread),
         })
@@ -81,7 +86,7 @@ impl Vsock {
     }
 }
 
-fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, stop: &EventFd) {
+fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, pause_cv: &Condvar, stop: &EventFd) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -96,6 +101,14 @@ fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, stop: &EventFd) {
             return;
         }
         let mut b = lock(backend);
+        if b.is_paused() {
+            // A snapshot is being taken: leave host data in the sockets (epoll reports it
+            // again later) and sleep until the pause ends; the wait releases the lock.
+            let _b = pause_cv
+                .wait_while(b, |b| b.is_paused())
+                .unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
         for ev in &events[..n] {
             b.handle_event(ev.fd(), ev.event_set());
         }
@@ -154,6 +167,21 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         lock(&self.backend).reset();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        lock(&self.backend).queue_states()
+    }
+
+    fn quiesce(&mut self, paused: bool) {
+        lock(&self.backend).set_paused(paused);
+        self.pause_cv.notify_all();
+    }
+
+    fn restored(&mut self) {
+        // Host connections cannot survive a snapshot: the guest is told to drop its side
+        // (virtio 1.2 5.10.6.5) and host clients reconnect.
+        lock(&self.backend).send_transport_reset();
     }
 }
 

@@ -89,6 +89,7 @@ pub struct VsockBackend {
     active: Option<Active>,
     buf: Vec<u8>,
     log: LogLimiter,
+    paused: bool,
 }
 
 /// Creating the backend failed.
@@ -139,6 +140,7 @@ impl VsockBackend {
             active: None,
             buf: vec![0; MAX_PKT_PAYLOAD],
             log: LogLimiter::default(),
+            paused: false,
         })
     }
 
@@ -172,6 +174,24 @@ impl VsockBackend {
     pub fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>, irq: Arc<IrqTrigger>) {
         self.active = Some(Active { mem, queues, irq });
         self.process_rx();
+    }
+
+    /// The live queues' state (empty when not activated).
+    pub fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
+    /// Stops (`true`) or restarts handling host socket readiness (snapshot pause).
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// True while paused for a snapshot.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Forgets the queues and every connection (driver reset).

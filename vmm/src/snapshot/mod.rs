@@ -1,0 +1,378 @@
+//! The VM-state half of a snapshot (memory is the other half, in snapshotd): format,
+//! contents and validation.
+//!
+//! # Format
+//! ```text
+//! +----------+-------------------+----------------+-------------------+----------------+
+//! | magic    | format version    | payload length | payload           | blake3         |
+//! | FSSLVMST | u32 little-endian | u64 LE         | postcard(state)   | of all before  |
+//! +----------+-------------------+----------------+-------------------+----------------+
+//! ```
+//! The format version is the snapshot format's own, not the binary's: any change to
+//! [`MicrovmState`] bumps it (no per-field versioning). Decoding checks the magic, the
+//! version, the length (capped at [`MAX_STATE_BYTES`] before anything is allocated) and the
+//! checksum, then [`MicrovmState::validate`] checks the contents as untrusted input.
+//!
+//! # Components
+//! Device state implements [`Persist`] (required for every stateful device: a new device
+//! cannot be added without deciding what it saves). The KVM-held state (vCPUs, irqchip,
+//! PIT, clock) is captured with ioctls that can fail, so it lives in
+//! [`crate::vstate::persist`] with its own capture/apply.
+
+pub mod restore;
+pub mod save;
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::MAX_VCPUS;
+use crate::devices::legacy::serial::SerialSaved;
+use crate::devices::virtio::persist::MmioTransportState;
+use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
+
+/// First bytes of every VM-state blob.
+pub const STATE_MAGIC: &[u8; 8] = b"FSSLVMST";
+/// Version of the VM-state format.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Largest VM-state blob accepted.
+pub const MAX_STATE_BYTES: u64 = 16 << 20;
+/// Name of the VM-state blob in snapshotd.
+pub const STATE_BLOB: &str = "vmstate";
+const HEADER_LEN: usize = 8 + 4 + 8;
+const CHECKSUM_LEN: usize = 32;
+
+/// A stateful component that snapshots into plain serde data.
+pub trait Persist {
+    /// What it saves.
+    type State: Serialize + DeserializeOwned + std::fmt::Debug + PartialEq;
+    /// Why a restore can fail.
+    type Error: std::error::Error;
+    /// Captures the state (plain reads; the VM is paused).
+    fn save(&self) -> Self::State;
+    /// Puts the component into `state`, validating it as untrusted input. Works on a
+    /// component freshly built from configuration (restore) and on a live one (merge).
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error>;
+}
+
+/// What a restoring VMM must rebuild besides the state: the machine's shape and the host
+/// resources its devices use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// The root image (the restoring VMM may be given another path to the same image).
+    pub rootfs: PathBuf,
+    /// Guest vsock CID (`None`: no vsock device).
+    pub guest_cid: Option<u32>,
+    /// A virtio-rng device exists.
+    pub rng: bool,
+    /// The kernel command line the guest booted with (for information).
+    pub cmdline: String,
+}
+
+/// The VM state of a snapshot. (Two states are equal when their encodings are: some KVM
+/// structs have no `PartialEq`.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// The machine.
+    pub machine: MachineConfig,
+    /// irqchip, PIT, clock.
+    pub vm: VmState,
+    /// One per vCPU, in order.
+    pub vcpus: Vec<VcpuState>,
+    /// COM1.
+    pub serial: SerialSaved,
+    /// The virtio-mmio transports in slot order.
+    pub mmio: Vec<MmioTransportState>,
+}
+
+/// Decoding or validating a VM-state blob failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFormatError {
+    /// Too short to hold a header and checksum.
+    #[error("VM state is truncated ({0} bytes)")]
+    Truncated(usize),
+    /// Not a Fissile VM state.
+    #[error("not a Fissile VM state (bad magic)")]
+    Magic,
+    /// Another format version.
+    #[error("VM state format {found} is not supported (this VMM reads {STATE_FORMAT_VERSION})")]
+    Version {
+        /// Version in the blob.
+        found: u32,
+    },
+    /// Length field and blob disagree, or the blob is too large.
+    #[error(
+        "VM state length {declared} does not match the blob ({actual} bytes) or exceeds {MAX_STATE_BYTES}"
+    )]
+    Length {
+        /// Declared payload length.
+        declared: u64,
+        /// Actual blob length.
+        actual: usize,
+    },
+    /// The checksum does not match: corrupt.
+    #[error("VM state checksum mismatch (corrupt)")]
+    Checksum,
+    /// The payload does not decode.
+    #[error("VM state payload does not decode")]
+    Decode(#[source] postcard::Error),
+    /// Encoding failed.
+    #[error("encoding VM state")]
+    Encode(#[source] postcard::Error),
+    /// The contents are invalid.
+    #[error("invalid VM state: {0}")]
+    Invalid(String),
+    /// A vCPU state is invalid.
+    #[error("invalid vCPU state")]
+    Vcpu(#[source] KvmStateError),
+}
+
+impl MicrovmState {
+    /// Encodes into the blob format.
+    pub fn encode(&self) -> Result<Vec<u8>, StateFormatError> {
+        let payload = postcard::to_allocvec(self).map_err(StateFormatError::Encode)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&payload);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        Ok(out)
+    }
+
+    /// Decodes and validates a blob.
+    pub fn decode(blob: &[u8]) -> Result<MicrovmState, StateFormatError> {
+        if blob.len() < HEADER_LEN + CHECKSUM_LEN {
+            return Err(StateFormatError::Truncated(blob.len()));
+        }
+        if &blob[..8] != STATE_MAGIC {
+            return Err(StateFormatError::Magic);
+        }
+        let version = u32::from_le_bytes([blob[8], blob[9], blob[10], blob[11]]);
+        if version != STATE_FORMAT_VERSION {
+            return Err(StateFormatError::Version { found: version });
+        }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&blob[12..20]);
+        let declared = u64::from_le_bytes(len);
+        let length_error = StateFormatError::Length {
+            declared,
+            actual: blob.len(),
+        };
+        if declared > MAX_STATE_BYTES {
+            return Err(length_error);
+        }
+        let end = HEADER_LEN + declared as usize;
+        if blob.len() != end + CHECKSUM_LEN {
+            return Err(length_error);
+        }
+        if blake3::hash(&blob[..end]).as_bytes() != &blob[end..] {
+            return Err(StateFormatError::Checksum);
+        }
+        let state: MicrovmState =
+            postcard::from_bytes(&blob[HEADER_LEN..end]).map_err(StateFormatError::Decode)?;
+        state.validate()?;
+        Ok(state)
+    }
+
+    /// Checks the shape: vCPU count, memory size, device count.
+    pub fn validate(&self) -> Result<(), StateFormatError> {
+        let m = &self.machine;
+        if m.vcpus == 0 || m.vcpus > MAX_VCPUS || self.vcpus.len() != usize::from(m.vcpus) {
+            return Err(StateFormatError::Invalid(format!(
+                "{} vCPU states for a machine of {} vCPUs (1..={MAX_VCPUS})",
+                self.vcpus.len(),
+                m.vcpus
+            )));
+        }
+        if m.mem_size < (64 << 20) || m.mem_size > (1 << 40) || !m.mem_size.is_multiple_of(4096) {
+            return Err(StateFormatError::Invalid(format!(
+                "memory size {} bytes",
+                m.mem_size
+            )));
+        }
+        let expected = 1 + usize::from(m.guest_cid.is_some()) + usize::from(m.rng);
+        if self.mmio.len() != expected {
+            return Err(StateFormatError::Invalid(format!(
+                "{} virtio devices, the machine has {expected}",
+                self.mmio.len()
+            )));
+        }
+        if m.guest_cid.is_some_and(|c| c < 3) {
+            return Err(StateFormatError::Invalid("reserved guest CID".into()));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            v.validate(i).map_err(StateFormatError::Vcpu)?;
+        }
+        Ok(())
+    }
+}
+
+impl Persist for crate::devices::legacy::SerialConsole {
+    type State = SerialSaved;
+    type Error = crate::devices::legacy::serial::SerialStateError;
+
+    fn save(&self) -> SerialSaved {
+        self.save_state()
+    }
+
+    fn restore(&mut self, state: &SerialSaved) -> Result<(), Self::Error> {
+        self.restore_state(state)
+    }
+}
+
+impl Persist for crate::devices::virtio::mmio::MmioTransport {
+    type State = MmioTransportState;
+    type Error = crate::devices::virtio::persist::TransportStateError;
+
+    fn save(&self) -> MmioTransportState {
+        self.save_state()
+    }
+
+    fn restore(&mut self, state: &MmioTransportState) -> Result<(), Self::Error> {
+        self.restore_state(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::persist::XSAVE_WORDS;
+
+    fn state() -> MicrovmState {
+        let vcpu = VcpuState {
+            cpuid: vec![kvm_bindings::kvm_cpuid_entry2::default()],
+            msrs: vec![kvm_bindings::kvm_msr_entry {
+                index: 0x10,
+                data: 77,
+                ..Default::default()
+            }],
+            regs: kvm_bindings::kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: vec![0; XSAVE_WORDS],
+            xcrs: None,
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            mp_state: Default::default(),
+            events: Default::default(),
+        };
+        MicrovmState {
+            machine: MachineConfig {
+                mem_size: 256 << 20,
+                vcpus: 1,
+                rootfs: "/r".into(),
+                guest_cid: Some(3),
+                rng: true,
+                cmdline: "console=ttyS0".into(),
+            },
+            vm: VmState {
+                irqchips: (0..3)
+                    .map(|chip_id| kvm_bindings::kvm_irqchip {
+                        chip_id,
+                        ..Default::default()
+                    })
+                    .collect(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            vcpus: vec![vcpu],
+            serial: crate::devices::legacy::serial::SerialSaved {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: vec![],
+            },
+            mmio: (0..3)
+                .map(|i| MmioTransportState {
+                    device_type: [2, 19, 4][i],
+                    device_features_sel: 0,
+                    driver_features_sel: 0,
+                    acked_features: 0,
+                    queue_sel: 0,
+                    status: 0,
+                    config_generation: 0,
+                    interrupt_status: 0,
+                    activated: false,
+                    queues: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_the_format() {
+        let blob = state().encode().unwrap();
+        let back = MicrovmState::decode(&blob).unwrap();
+        assert_eq!(back.encode().unwrap(), blob);
+        assert_eq!(back.vcpus[0].regs.rip, 0x1234);
+    }
+
+    #[test]
+    fn corrupt_truncated_or_foreign_blobs_are_refused() {
+        let blob = state().encode().unwrap();
+        let mut flipped = blob.clone();
+        flipped[40] ^= 1;
+        assert!(matches!(
+            MicrovmState::decode(&flipped),
+            Err(StateFormatError::Checksum)
+        ));
+        assert!(matches!(
+            MicrovmState::decode(&blob[..blob.len() - 1]),
+            Err(StateFormatError::Length { .. })
+        ));
+        assert!(matches!(
+            MicrovmState::decode(&blob[..10]),
+            Err(StateFormatError::Truncated(_))
+        ));
+        let mut magic = blob.clone();
+        magic[0] = b'X';
+        assert!(matches!(
+            MicrovmState::decode(&magic),
+            Err(StateFormatError::Magic)
+        ));
+        let mut version = blob.clone();
+        version[8] = 9;
+        assert!(matches!(
+            MicrovmState::decode(&version),
+            Err(StateFormatError::Version { found: 9 })
+        ));
+        let mut huge = blob.clone();
+        huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            MicrovmState::decode(&huge),
+            Err(StateFormatError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn a_well_formed_blob_with_an_impossible_machine_is_refused() {
+        let mut s = state();
+        s.machine.vcpus = 2; // one vCPU state for two vCPUs
+        let err = MicrovmState::decode(&s.encode().unwrap()).unwrap_err();
+        assert!(matches!(err, StateFormatError::Invalid(_)), "{err}");
+        let mut s = state();
+        s.mmio.pop();
+        assert!(MicrovmState::decode(&s.encode().unwrap()).is_err());
+        let mut s = state();
+        s.vcpus[0].xsave.truncate(10);
+        assert!(matches!(
+            MicrovmState::decode(&s.encode().unwrap()),
+            Err(StateFormatError::Vcpu(_))
+        ));
+    }
+}

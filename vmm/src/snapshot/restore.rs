@@ -1,0 +1,188 @@
+//! Building a VM from a snapshot in snapshotd (a new VMM process: restore, a fork child, a
+//! resumed persistent space).
+//!
+//! 1. fetch and decode the VM-state blob (validated as untrusted input);
+//! 2. map the snapshot's image privately as guest RAM; unless the image is complete, register
+//!    it with userfaultfd and hand that to snapshotd, so pages arrive on first touch;
+//! 3. rebuild the VM and devices from the state's machine description and this VMM's own
+//!    sockets, apply the state;
+//! 4. start the vCPUs paused, then resume (unless asked to stay paused). vsock connections
+//!    do not survive: the guest gets a transport reset, host clients reconnect.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fissile_snapshotd::client::{Client, ClientError};
+
+use super::save::{ApplyError, SnapshotError, attach_image};
+use super::{MicrovmState, STATE_BLOB, StateFormatError};
+use crate::builder::{
+    BuildError, DeviceSpec, Parts, StartSockets, build_devices, serial_output, start,
+};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vmm::Vmm;
+use crate::vstate::persist::{KvmCaps, KvmStateError};
+use crate::vstate::vcpu::{Target, VcpuError, lock_vcpu};
+use crate::vstate::vm::{Vm, VmError};
+
+/// What to restore and with which host resources.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// snapshotd's socket.
+    pub snapshotd: PathBuf,
+    /// The root image (default: the path recorded in the snapshot).
+    pub rootfs: Option<PathBuf>,
+    /// This VMM's hybrid-vsock socket (required when the snapshot has a vsock device).
+    pub vsock_uds: Option<PathBuf>,
+    /// This VMM's control socket.
+    pub api_sock: Option<PathBuf>,
+    /// Guest console log.
+    pub serial_log: Option<PathBuf>,
+    /// Guest console to stderr (without `serial_log`).
+    pub serial_stderr: bool,
+    /// Stay paused after restoring.
+    pub start_paused: bool,
+}
+
+/// Restoring failed; each variant names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Talking to snapshotd failed (connect, info, blob, image).
+    #[error("snapshotd: {0}")]
+    Snapshotd(&'static str, #[source] ClientError),
+    /// The VM-state blob is invalid.
+    #[error("snapshot {0} has an invalid VM state")]
+    State(String, #[source] StateFormatError),
+    /// The snapshot needs a host resource that was not given.
+    #[error("{0}")]
+    Missing(&'static str),
+    /// Guest memory.
+    #[error("guest memory")]
+    Memory(#[source] MemoryError),
+    /// Attaching the image's fault session.
+    #[error("attaching the snapshot image")]
+    Image(#[source] SnapshotError),
+    /// Creating the KVM VM or vCPUs.
+    #[error("KVM VM")]
+    Vm(#[source] VmError),
+    /// Creating a vCPU.
+    #[error("vCPU")]
+    Vcpu(#[source] VcpuError),
+    /// Probing KVM.
+    #[error("probing KVM state support")]
+    Kvm(#[source] KvmStateError),
+    /// Building devices or starting threads.
+    #[error("building the VM")]
+    Build(#[source] BuildError),
+    /// Applying the state.
+    #[error("applying the snapshot state")]
+    Apply(#[source] ApplyError),
+    /// Resuming failed.
+    #[error("resuming the restored VM")]
+    Resume(#[source] crate::vstate::vcpu::ControlError),
+}
+
+/// Restores snapshot `cfg.snapshot` into a new VM in this process.
+pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
+    let started = Instant::now();
+    let mut client =
+        Client::connect(&cfg.snapshotd).map_err(|e| RestoreError::Snapshotd("connect", e))?;
+    let blob = client
+        .get_blob(&cfg.snapshot, STATE_BLOB)
+        .map_err(|e| RestoreError::Snapshotd("reading the VM state", e))?;
+    let state =
+        MicrovmState::decode(&blob).map_err(|e| RestoreError::State(cfg.snapshot.clone(), e))?;
+    let t_state = started.elapsed();
+    let machine = state.machine.clone();
+    if machine.guest_cid.is_some() && cfg.vsock_uds.is_none() {
+        return Err(RestoreError::Missing(
+            "the snapshot has a vsock device: give a vsock socket (--vsock-uds)",
+        ));
+    }
+
+    let image = client
+        .open_image(&cfg.snapshot)
+        .map_err(|e| RestoreError::Snapshotd("opening the image", e))?;
+    let complete = image.complete;
+    let mut ram = GuestRam::from_image(
+        &cfg.snapshot,
+        image
+            .memfd
+            .try_clone()
+            .map_err(|e| RestoreError::Memory(MemoryError::MemoryBackingFile("dup", e)))?,
+        image.memory_size,
+        machine.mem_size,
+    )
+    .map_err(RestoreError::Memory)?;
+    attach_image(&mut ram, &cfg.snapshotd, &cfg.snapshot, image, false)
+        .map_err(RestoreError::Image)?;
+    let t_memory = started.elapsed();
+
+    let vm = Vm::new(machine.vcpus).map_err(RestoreError::Vm)?;
+    let caps = KvmCaps::probe(vm.kvm()).map_err(RestoreError::Kvm)?;
+    vm.register_memory(ram.memory()).map_err(RestoreError::Vm)?;
+    let rootfs = cfg.rootfs.clone().unwrap_or_else(|| machine.rootfs.clone());
+    let serial =
+        serial_output(cfg.serial_log.as_deref(), cfg.serial_stderr).map_err(RestoreError::Build)?;
+    let spec = DeviceSpec {
+        rootfs: &rootfs,
+        scratch: None,
+        vsock: match (machine.guest_cid, cfg.vsock_uds.as_deref()) {
+            (Some(cid), Some(uds)) => Some((cid, uds)),
+            _ => None,
+        },
+        rng: machine.rng,
+    };
+    let bus = build_devices(&vm, ram.memory(), serial, &spec).map_err(RestoreError::Build)?;
+    let mut vcpus = Vec::new();
+    for id in 0..machine.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|e| RestoreError::Vcpu(VcpuError::Create(id, e)))?;
+        vcpus.push(Arc::new(Mutex::new(fd)));
+    }
+    let parts = Parts {
+        vm,
+        caps,
+        ram,
+        bus,
+        vcpus,
+        machine,
+        started,
+        scratch: false,
+    };
+    let vmm = start(
+        parts,
+        Target::Paused,
+        StartSockets {
+            api_sock: cfg.api_sock.clone(),
+            snapshotd: Some(cfg.snapshotd.clone()),
+        },
+    )
+    .map_err(RestoreError::Build)?;
+    let handle = vmm.handle();
+    handle
+        .shared()
+        .apply_state(&state)
+        .map_err(RestoreError::Apply)?;
+    // The vCPU threads hold no lock while parked; make sure they see the new state.
+    for v in &handle.shared().vcpus {
+        drop(lock_vcpu(v));
+    }
+    let t_built = started.elapsed();
+    if !cfg.start_paused {
+        handle.resume().map_err(RestoreError::Resume)?;
+    }
+    tracing::info!(
+        snapshot = %cfg.snapshot, complete_image = complete,
+        state_ms = t_state.as_secs_f64() * 1e3,
+        memory_ms = t_memory.as_secs_f64() * 1e3,
+        built_ms = t_built.as_secs_f64() * 1e3,
+        "restored"
+    );
+    Ok(vmm)
+}

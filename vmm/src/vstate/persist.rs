@@ -1,0 +1,344 @@
+//! Saving and restoring the KVM side of a VM: every vCPU's registers and the VM-wide
+//! irqchip, PIT and clock. The structs are plain serde data (kvm-bindings' own serde for the
+//! KVM structs); restoring treats them as untrusted and lets KVM validate what it owns.
+//!
+//! Order on restore follows what KVM needs (and Firecracker does): CPUID first, then
+//! mp_state, regs, sregs, XSAVE/FPU, XCRs, debug registers, LAPIC, MSRs (the TSC deadline MSR
+//! needs the LAPIC), then pending events last.
+
+use kvm_bindings::{
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+/// Most CPUID entries / MSRs accepted from a state blob.
+pub const MAX_CPUID_ENTRIES: usize = 256;
+/// Most MSRs accepted from a state blob.
+pub const MAX_MSRS: usize = 1024;
+
+/// Saving or restoring KVM state failed; each variant names the ioctl.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmStateError {
+    /// A vCPU ioctl failed.
+    #[error("vCPU {vcpu}: {what}")]
+    Vcpu {
+        /// vCPU index.
+        vcpu: usize,
+        /// The KVM call.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A VM ioctl failed.
+    #[error("VM: {0}")]
+    Vm(&'static str, #[source] kvm_ioctls::Error),
+    /// KVM set fewer MSRs than given.
+    #[error("vCPU {vcpu}: KVM accepted {set} of {total} MSRs (first refused: {first_refused:#x})")]
+    PartialMsrs {
+        /// vCPU index.
+        vcpu: usize,
+        /// MSRs set.
+        set: usize,
+        /// MSRs given.
+        total: usize,
+        /// The MSR KVM stopped at.
+        first_refused: u32,
+    },
+    /// The state is malformed (too many entries, ...).
+    #[error("vCPU {vcpu}: invalid state: {why}")]
+    Invalid {
+        /// vCPU index.
+        vcpu: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// This host's XSAVE area is larger than the 4 KiB `kvm_xsave` (AMX).
+    #[error("XSAVE state of {0} bytes (AMX) is not supported")]
+    XsaveTooLarge(i32),
+    /// This host's KVM cannot save FPU state with XSAVE.
+    #[error("this host's KVM has no KVM_CAP_XSAVE: snapshots are not supported")]
+    NoXsave,
+}
+
+/// Words in the legacy 4 KiB `kvm_xsave` region.
+pub const XSAVE_WORDS: usize = 1024;
+
+/// Everything KVM holds for one vCPU. (Equality of two states is equality of their
+/// encodings: some KVM structs have no `PartialEq`.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// CPUID as set at boot.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// MSRs (index, value).
+    pub msrs: Vec<kvm_msr_entry>,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// The 4 KiB XSAVE area (x87, SSE, AVX state), [`XSAVE_WORDS`] words.
+    pub xsave: Vec<u32>,
+    /// Extended control registers (XCR0), when KVM supports them.
+    pub xcrs: Option<kvm_xcrs>,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Runnable / halted / waiting for SIPI.
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs, SMIs.
+    pub events: kvm_vcpu_events,
+}
+
+/// The VM-wide KVM state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+}
+
+/// What KVM can save on this host, probed once per VMM.
+#[derive(Debug, Clone)]
+pub struct KvmCaps {
+    /// KVM_GET/SET_XSAVE.
+    pub xsave: bool,
+    /// KVM_GET/SET_XCRS.
+    pub xcrs: bool,
+    /// Candidate MSRs to save (KVM's index list).
+    pub msr_indices: Vec<u32>,
+}
+
+impl KvmCaps {
+    /// Probes `kvm`.
+    pub fn probe(kvm: &Kvm) -> Result<KvmCaps, KvmStateError> {
+        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+        if xsave2 > 4096 {
+            return Err(KvmStateError::XsaveTooLarge(xsave2));
+        }
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(|e| KvmStateError::Vm("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .to_vec();
+        Ok(KvmCaps {
+            xsave: kvm.check_extension(Cap::Xsave),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+            msr_indices,
+        })
+    }
+}
+
+fn vcpu_err(vcpu: usize, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmStateError {
+    move |source| KvmStateError::Vcpu { vcpu, what, source }
+}
+
+/// Reads every MSR of `indices` that KVM lets us read: KVM_GET_MSRS stops at the first
+/// unreadable one, which is then dropped and the rest retried.
+fn read_msrs(
+    fd: &VcpuFd,
+    vcpu: usize,
+    indices: &[u32],
+) -> Result<Vec<kvm_msr_entry>, KvmStateError> {
+    let mut wanted: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(wanted.len());
+    while !wanted.is_empty() {
+        let mut msrs = Msrs::from_entries(&wanted).map_err(|e| KvmStateError::Invalid {
+            vcpu,
+            why: format!("MSR list: {e:?}"),
+        })?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(vcpu_err(vcpu, "KVM_GET_MSRS"))?;
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        // Skip the one KVM refused (if any) and go on after it.
+        wanted.drain(..(n + 1).min(wanted.len()));
+    }
+    Ok(out)
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not running (paused).
+    pub fn capture(fd: &VcpuFd, vcpu: usize, caps: &KvmCaps) -> Result<VcpuState, KvmStateError> {
+        // mp_state first: it can flush pending events into the state read below.
+        let mp_state = fd
+            .get_mp_state()
+            .map_err(vcpu_err(vcpu, "KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(vcpu_err(vcpu, "KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(vcpu_err(vcpu, "KVM_GET_SREGS"))?;
+        if !caps.xsave {
+            return Err(KvmStateError::NoXsave);
+        }
+        let xsave = fd
+            .get_xsave()
+            .map_err(vcpu_err(vcpu, "KVM_GET_XSAVE"))?
+            .region
+            .to_vec();
+        let xcrs = if caps.xcrs {
+            Some(fd.get_xcrs().map_err(vcpu_err(vcpu, "KVM_GET_XCRS"))?)
+        } else {
+            None
+        };
+        let debugregs = fd
+            .get_debug_regs()
+            .map_err(vcpu_err(vcpu, "KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(vcpu_err(vcpu, "KVM_GET_LAPIC"))?;
+        let msrs = read_msrs(fd, vcpu, &caps.msr_indices)?;
+        let events = fd
+            .get_vcpu_events()
+            .map_err(vcpu_err(vcpu, "KVM_GET_VCPU_EVENTS"))?;
+        let cpuid = fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(vcpu_err(vcpu, "KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        Ok(VcpuState {
+            cpuid,
+            msrs,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            mp_state,
+            events,
+        })
+    }
+
+    /// Checks sizes before anything reaches KVM.
+    pub fn validate(&self, vcpu: usize) -> Result<(), KvmStateError> {
+        let invalid = |why: String| KvmStateError::Invalid { vcpu, why };
+        if self.cpuid.is_empty() || self.cpuid.len() > MAX_CPUID_ENTRIES {
+            return Err(invalid(format!("{} CPUID entries", self.cpuid.len())));
+        }
+        if self.msrs.len() > MAX_MSRS {
+            return Err(invalid(format!("{} MSRs", self.msrs.len())));
+        }
+        if self.xsave.len() != XSAVE_WORDS {
+            return Err(invalid(format!("XSAVE area of {} words", self.xsave.len())));
+        }
+        Ok(())
+    }
+
+    /// Writes the state into a vCPU that is not running.
+    pub fn apply(&self, fd: &VcpuFd, vcpu: usize) -> Result<(), KvmStateError> {
+        self.validate(vcpu)?;
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| KvmStateError::Invalid {
+            vcpu,
+            why: format!("CPUID: {e:?}"),
+        })?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(vcpu_err(vcpu, "KVM_SET_CPUID2"))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(vcpu_err(vcpu, "KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs)
+            .map_err(vcpu_err(vcpu, "KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs)
+            .map_err(vcpu_err(vcpu, "KVM_SET_SREGS"))?;
+        let mut xsave = kvm_xsave::default();
+        xsave.region.copy_from_slice(&self.xsave);
+        // SAFETY: `xsave` is a whole 4 KiB kvm_xsave, and hosts whose XSAVE area is larger
+        // (AMX: KVM_CAP_XSAVE2 > 4096) are refused by KvmCaps::probe, so KVM reads nothing
+        // past the struct.
+        unsafe { fd.set_xsave(&xsave) }.map_err(vcpu_err(vcpu, "KVM_SET_XSAVE"))?;
+        if let Some(xcrs) = &self.xcrs {
+            fd.set_xcrs(xcrs).map_err(vcpu_err(vcpu, "KVM_SET_XCRS"))?;
+        }
+        fd.set_debug_regs(&self.debugregs)
+            .map_err(vcpu_err(vcpu, "KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&self.lapic)
+            .map_err(vcpu_err(vcpu, "KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&self.msrs).map_err(|e| KvmStateError::Invalid {
+            vcpu,
+            why: format!("MSRs: {e:?}"),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(vcpu_err(vcpu, "KVM_SET_MSRS"))?;
+        if set != self.msrs.len() {
+            return Err(KvmStateError::PartialMsrs {
+                vcpu,
+                set,
+                total: self.msrs.len(),
+                first_refused: self.msrs[set].index,
+            });
+        }
+        fd.set_vcpu_events(&self.events)
+            .map_err(vcpu_err(vcpu, "KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+impl VmState {
+    /// Reads the VM-wide state (all vCPUs paused).
+    pub fn capture(vm: &VmFd) -> Result<VmState, KvmStateError> {
+        let mut irqchips = Vec::with_capacity(3);
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(|e| KvmStateError::Vm("KVM_GET_IRQCHIP", e))?;
+            irqchips.push(chip);
+        }
+        let pit = vm
+            .get_pit2()
+            .map_err(|e| KvmStateError::Vm("KVM_GET_PIT2", e))?;
+        let clock = vm
+            .get_clock()
+            .map_err(|e| KvmStateError::Vm("KVM_GET_CLOCK", e))?;
+        Ok(VmState {
+            irqchips,
+            pit,
+            clock,
+        })
+    }
+
+    /// Writes it into a VM with an in-kernel irqchip and PIT.
+    pub fn apply(&self, vm: &VmFd) -> Result<(), KvmStateError> {
+        let ids: Vec<u32> = self.irqchips.iter().map(|c| c.chip_id).collect();
+        if ids
+            != [
+                KVM_IRQCHIP_PIC_MASTER,
+                KVM_IRQCHIP_PIC_SLAVE,
+                KVM_IRQCHIP_IOAPIC,
+            ]
+        {
+            return Err(KvmStateError::Invalid {
+                vcpu: 0,
+                why: format!("irqchip ids {ids:?}"),
+            });
+        }
+        vm.set_pit2(&self.pit)
+            .map_err(|e| KvmStateError::Vm("KVM_SET_PIT2", e))?;
+        // Only KVM_CLOCK_REALTIME-style flags are accepted on set; the TSC_STABLE bit KVM
+        // reports on get is not one of them.
+        let clock = kvm_clock_data {
+            flags: 0,
+            ..self.clock
+        };
+        vm.set_clock(&clock)
+            .map_err(|e| KvmStateError::Vm("KVM_SET_CLOCK", e))?;
+        for chip in &self.irqchips {
+            vm.set_irqchip(chip)
+                .map_err(|e| KvmStateError::Vm("KVM_SET_IRQCHIP", e))?;
+        }
+        Ok(())
+    }
+}
