@@ -145,6 +145,8 @@ impl AgentClient {
         let mut s = UnixStream::connect(uds)
             .map_err(|e| ClientError::Connect(uds.display().to_string(), e))?;
         let ctx = |e: io::Error| ClientError::Connect(uds.display().to_string(), e);
+        // A guest that never answers the connection request must not hang us.
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ctx)?;
         s.write_all(format!("CONNECT {port}\n").as_bytes())
             .map_err(ctx)?;
         // Byte by byte: nothing after the newline may be consumed.
@@ -159,6 +161,7 @@ impl AgentClient {
             }
             line.push(b[0]);
         }
+        s.set_read_timeout(None).map_err(ctx)?;
         let line = String::from_utf8_lossy(&line).into_owned();
         if !line.starts_with("OK ") {
             return Err(ClientError::Handshake(format!(
@@ -415,6 +418,9 @@ fn unexpected(r: &Response) -> ClientError {
     s.truncate(200);
     ClientError::Unexpected(s)
 }
+
+/// How long the hybrid-vsock handshake may take (the guest answering the connection).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a host waits for a guest agent's readiness line (see
 /// [`fissile_proto::agent::AGENT_READY_PORT`]): bind it *before* the guest boots.

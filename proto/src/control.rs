@@ -103,6 +103,9 @@ pub struct VmStatus {
     /// The snapshot of this VM's latest fork that children may still be merged from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork_snapshot: Option<String>,
+    /// VM exits handled so far, per vCPU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_exits: Vec<u64>,
 }
 
 /// Body of a successful `snapshot` (and `persist`).
@@ -195,6 +198,10 @@ pub struct ControlResponse {
     /// Present on a successful `memory_hash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_hash: Option<String>,
+    /// Present on a successful `memory_hash`: blake3 (first 8 bytes, hex) of each MiB of
+    /// guest memory, so two VMs' memory can be compared region by region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_chunks: Option<Vec<String>>,
     /// Present when `ok` is false: what went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod paths;
+pub mod snapshotd;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
 use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT, AgentInfo, ExecRequest};
+use fissile_proto::control::{ControlRequest, MergeReply, SnapshotReply};
 
 pub use control::{ControlClient, ControlError};
+pub use snapshotd::Snapshotd;
 
 /// How to boot a sandbox.
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ pub struct SandboxConfig {
     pub boot_timeout: Duration,
     /// Extra kernel command line.
     pub cmdline_extra: String,
+    /// snapshotd's socket (needed for snapshot, fork, merge, persist, restore).
+    pub snapshotd: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -61,6 +66,7 @@ impl SandboxConfig {
             dir: dir.into(),
             boot_timeout: Duration::from_secs(120),
             cmdline_extra: String::new(),
+            snapshotd: None,
         })
     }
 }
@@ -88,7 +94,7 @@ pub enum SandboxError {
     )]
     VmmExited {
         /// Its exit status.
-        status: ExitStatus,
+        status: String,
         /// Tail of its log.
         vmm_log: String,
         /// Tail of the guest console.
@@ -115,6 +121,77 @@ pub enum SandboxError {
     /// Waiting for the VMM to exit failed or timed out.
     #[error("waiting for fissile-vmm to exit: {0}")]
     Wait(String),
+    /// The operation needs snapshotd and none was configured.
+    #[error("no snapshotd configured for this sandbox")]
+    NoSnapshotd,
+    /// The VMM's reply lacks what it should carry.
+    #[error("unexpected control reply: {0}")]
+    Reply(String),
+    /// Reading host entropy for a restored guest failed.
+    #[error("reading host entropy")]
+    Entropy(#[source] std::io::Error),
+}
+
+/// The VMM process behind a sandbox: one we started, or a fork child its parent VMM started.
+#[derive(Debug)]
+enum VmmProcess {
+    Child(Child),
+    Pid(u32),
+}
+
+impl VmmProcess {
+    fn id(&self) -> u32 {
+        match self {
+            VmmProcess::Child(c) => c.id(),
+            VmmProcess::Pid(p) => *p,
+        }
+    }
+
+    /// `Some(description)` once the process has exited.
+    fn exited(&mut self) -> Option<String> {
+        match self {
+            VmmProcess::Child(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
+            // Not our child (its parent VMM reaps it): gone, or a zombie, means exited.
+            VmmProcess::Pid(p) => match std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                Err(_) => Some("exited".into()),
+                Ok(stat) => {
+                    let state = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, r)| r.trim_start().chars().next());
+                    (state == Some('Z')).then(|| "exited".into())
+                }
+            },
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            VmmProcess::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            VmmProcess::Pid(p) => {
+                // SAFETY: kill(2) has no memory-safety preconditions; a stale pid at worst
+                // gets ESRCH.
+                unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Fresh entropy and the wall clock for a restored guest's agent.
+fn after_restore(agent: &mut AgentClient) -> Result<(), SandboxError> {
+    use std::io::Read;
+    let mut entropy = [0u8; 64];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut entropy))
+        .map_err(SandboxError::Entropy)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    agent.after_restore(&entropy, now)?;
+    Ok(())
 }
 
 /// Timings of one boot.
@@ -127,11 +204,13 @@ pub struct BootTimings {
 /// A running sandbox: one `fissile-vmm` process and a connection to its guest agent.
 #[derive(Debug)]
 pub struct Sandbox {
-    child: Option<Child>,
+    proc: Option<VmmProcess>,
     dir: PathBuf,
     agent: AgentClient,
     info: AgentInfo,
     timings: BootTimings,
+    snapshotd: Option<PathBuf>,
+    forks: u32,
 }
 
 impl Sandbox {
@@ -161,6 +240,9 @@ impl Sandbox {
         if !cfg.cmdline_extra.is_empty() {
             cmd.arg("--cmdline-extra").arg(&cfg.cmdline_extra);
         }
+        if let Some(sd) = &cfg.snapshotd {
+            cmd.arg("--snapshotd").arg(sd);
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -169,14 +251,58 @@ impl Sandbox {
             .map_err(|e| SandboxError::Spawn(cfg.vmm.clone(), e))?;
         let mut sandbox = Self::attach(child, &cfg.dir, cfg.boot_timeout, started, Some(ready))?;
         sandbox.timings.to_ready = started.elapsed();
+        sandbox.snapshotd = cfg.snapshotd.clone();
         Ok(sandbox)
+    }
+
+    /// Restores snapshot `snapshot` into a new VMM process with its own sockets in
+    /// `cfg.dir`, waits for the agent, and gives it fresh entropy and the wall clock.
+    pub fn restore(cfg: &SandboxConfig, snapshot: &str) -> Result<Sandbox, SandboxError> {
+        let sd = cfg.snapshotd.clone().ok_or(SandboxError::NoSnapshotd)?;
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| SandboxError::Dir(cfg.dir.clone(), e))?;
+        let vmm_log = File::create(cfg.dir.join("vmm.log"))
+            .map_err(|e| SandboxError::Dir(cfg.dir.clone(), e))?;
+        let started = Instant::now();
+        let child = Command::new(&cfg.vmm)
+            .arg("--restore")
+            .arg(snapshot)
+            .arg("--snapshotd")
+            .arg(&sd)
+            .arg("--rootfs")
+            .arg(&cfg.rootfs)
+            .arg("--vsock-uds")
+            .arg(cfg.dir.join("vsock.sock"))
+            .arg("--api-sock")
+            .arg(cfg.dir.join("api.sock"))
+            .arg("--serial-log")
+            .arg(cfg.dir.join("console.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(vmm_log)
+            .spawn()
+            .map_err(|e| SandboxError::Spawn(cfg.vmm.clone(), e))?;
+        let mut sb = Self::attach(child, &cfg.dir, cfg.boot_timeout, started, None)?;
+        after_restore(&mut sb.agent)?;
+        sb.timings.to_ready = started.elapsed();
+        sb.snapshotd = Some(sd);
+        Ok(sb)
     }
 
     /// Waits for the agent of an already started VMM `child` whose sockets are in `dir`:
     /// for its readiness line on `ready` when given (a booting guest), then connects.
     /// Without `ready` (a restored guest whose agent already listens) it retries connecting.
     pub fn attach(
-        mut child: Child,
+        child: Child,
+        dir: &Path,
+        timeout: Duration,
+        started: Instant,
+        ready: Option<ReadyListener>,
+    ) -> Result<Sandbox, SandboxError> {
+        Self::attach_process(VmmProcess::Child(child), dir, timeout, started, ready)
+    }
+
+    fn attach_process(
+        mut child: VmmProcess,
         dir: &Path,
         timeout: Duration,
         started: Instant,
@@ -187,7 +313,7 @@ impl Sandbox {
         let mut backoff = Duration::from_millis(5);
         let mut signalled = ready.is_none();
         loop {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = child.exited() {
                 return Err(SandboxError::VmmExited {
                     status,
                     vmm_log: tail(&dir.join("vmm.log"), 30),
@@ -205,21 +331,22 @@ impl Sandbox {
                 match Self::try_connect(&uds) {
                     Ok((agent, info)) => {
                         return Ok(Sandbox {
-                            child: Some(child),
+                            proc: Some(child),
                             dir: dir.to_path_buf(),
                             agent,
                             info,
                             timings: BootTimings {
                                 to_ready: started.elapsed(),
                             },
+                            snapshotd: None,
+                            forks: 0,
                         });
                     }
                     Err(e) => last = error_chain(&e),
                 }
             }
             if started.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
+                child.kill();
                 return Err(SandboxError::BootTimeout {
                     secs: timeout.as_secs(),
                     last,
@@ -236,7 +363,7 @@ impl Sandbox {
     fn try_connect(uds: &Path) -> Result<(AgentClient, AgentInfo), ClientError> {
         let mut agent = AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)?;
         // A connection that the guest accepted but never answers must not hang the boot.
-        let _ = agent.set_timeout(Some(Duration::from_secs(30)));
+        let _ = agent.set_timeout(Some(Duration::from_secs(60)));
         let info = agent.info()?;
         let _ = agent.set_timeout(None);
         Ok((agent, info))
@@ -259,7 +386,102 @@ impl Sandbox {
 
     /// The VMM's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().map(VmmProcess::id)
+    }
+
+    /// The VMM's control socket.
+    pub fn api_sock(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// Snapshots the sandbox into snapshotd (`durable`: wait until the store has it). The
+    /// sandbox keeps running on the new snapshot.
+    pub fn snapshot(&self, durable: bool) -> Result<SnapshotReply, SandboxError> {
+        let resp = self
+            .control()?
+            .call(&ControlRequest::Snapshot { durable })?;
+        resp.snapshot
+            .ok_or_else(|| SandboxError::Reply("snapshot without body".into()))
+    }
+
+    /// Forks into `n` children (copy-on-write, sharing unmodified memory). Returns once every
+    /// child's agent answers and has fresh entropy and the wall clock; the timings say how
+    /// long the VMM took and how long until all children answered.
+    pub fn fork(&mut self, n: u32) -> Result<(Vec<Sandbox>, ForkTimings), SandboxError> {
+        let t0 = Instant::now();
+        self.forks += 1;
+        let dir = self.dir.join(format!("fork-{}", self.forks));
+        std::fs::create_dir_all(&dir).map_err(|e| SandboxError::Dir(dir.clone(), e))?;
+        let mut ctl = self.control()?;
+        let resp = ctl.call(&ControlRequest::Fork {
+            n,
+            dir: dir.display().to_string(),
+        })?;
+        let fork = resp
+            .fork
+            .ok_or_else(|| SandboxError::Reply("fork without body".into()))?;
+        let vmm_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut children = Vec::new();
+        for c in &fork.children {
+            let mut sb = Self::attach_process(
+                VmmProcess::Pid(c.pid),
+                Path::new(&c.dir),
+                Duration::from_secs(120),
+                t0,
+                None,
+            )?;
+            after_restore(&mut sb.agent)?;
+            sb.snapshotd = self.snapshotd.clone();
+            children.push(sb);
+        }
+        let timings = ForkTimings {
+            vmm_ms,
+            all_answered_ms: t0.elapsed().as_secs_f64() * 1e3,
+            snapshot: fork.snapshot,
+        };
+        Ok((children, timings))
+    }
+
+    /// Takes `winner`'s state (a child of this sandbox's latest fork): its memory, vCPUs and
+    /// devices. This sandbox keeps its identity and sockets; other children are untouched.
+    /// Afterwards the agent connection is re-established (vsock connections do not survive).
+    pub fn merge_into(&mut self, winner: &Sandbox) -> Result<MergeReply, SandboxError> {
+        let resp = self.control()?.call(&ControlRequest::Merge {
+            winner: winner.api_sock().display().to_string(),
+        })?;
+        let merge = resp
+            .merge
+            .ok_or_else(|| SandboxError::Reply("merge without body".into()))?;
+        self.reconnect()?;
+        Ok(merge)
+    }
+
+    /// Re-establishes the agent connection after the guest's vsock was reset, and gives the
+    /// agent fresh entropy and the wall clock.
+    pub fn reconnect(&mut self) -> Result<(), SandboxError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Self::try_connect(&self.dir.join("vsock.sock")) {
+                Ok((agent, info)) => {
+                    self.agent = agent;
+                    self.info = info;
+                    return after_restore(&mut self.agent);
+                }
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Persists the sandbox: a durable snapshot, then the VMM stops. Returns the snapshot id
+    /// to [`Sandbox::restore`] later.
+    pub fn persist(mut self, timeout: Duration) -> Result<String, SandboxError> {
+        let resp = self.control()?.call(&ControlRequest::Persist)?;
+        let snap = resp
+            .snapshot
+            .ok_or_else(|| SandboxError::Reply("persist without body".into()))?;
+        let _ = self.wait(timeout);
+        Ok(snap.id)
     }
 
     /// The agent connection.
@@ -297,8 +519,21 @@ impl Sandbox {
 
     /// Waits (bounded) for the VMM process to exit; kills it after `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, SandboxError> {
-        let Some(mut child) = self.child.take() else {
-            return Err(SandboxError::Wait("already waited".into()));
+        let mut child = match self.proc.take() {
+            Some(VmmProcess::Child(c)) => c,
+            Some(mut other) => {
+                let deadline = Instant::now() + timeout;
+                while other.exited().is_none() {
+                    if Instant::now() > deadline {
+                        other.kill();
+                        return Err(SandboxError::Wait("still running; killed".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                // Not our child: its status went to its parent VMM.
+                return Ok(<ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(0));
+            }
+            None => return Err(SandboxError::Wait("already waited".into())),
         };
         let deadline = Instant::now() + timeout;
         loop {
@@ -333,11 +568,21 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
+}
+
+/// How long a fork took.
+#[derive(Debug, Clone)]
+pub struct ForkTimings {
+    /// The fork request to the parent VMM (snapshot + starting the children).
+    pub vmm_ms: f64,
+    /// Until every child's agent answered (and got entropy and the clock).
+    pub all_answered_ms: f64,
+    /// The fork snapshot.
+    pub snapshot: SnapshotReply,
 }
 
 /// The last `lines` lines of a text file (empty if unreadable).

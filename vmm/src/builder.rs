@@ -275,6 +275,10 @@ pub(crate) fn start(
         }
     }
     control.wait_registered(threads.len());
+    if target == Target::Paused {
+        // A VM that starts paused (a restore) keeps its devices still too until resumed.
+        shared.quiesce_devices(true);
+    }
     let api = match &sockets.api_sock {
         Some(path) => Some(
             ApiServer::start(path, Arc::new(VmmHandle::new(shared.clone())))

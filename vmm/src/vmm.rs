@@ -96,6 +96,7 @@ impl VmmShared {
             mem_mib: self.machine.mem_size >> 20,
             base_snapshot: lock(&self.ram).base_snapshot().map(str::to_string),
             fork_snapshot: lock(&self.lineage).fork.clone(),
+            vcpu_exits: self.control.exit_counts(),
         }
     }
 
@@ -104,6 +105,23 @@ impl VmmShared {
         for slot in self.bus.mmio_slots() {
             lock(&slot.transport).device_mut().quiesce(paused);
         }
+    }
+
+    /// Pauses the vCPUs, then the devices: nothing touches guest memory until resumed.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.control.pause()?;
+        self.quiesce_devices(true);
+        Ok(())
+    }
+
+    /// Restarts the devices (a restored vsock delivers its transport reset now), then the
+    /// vCPUs.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        if self.control.target() != Target::Paused {
+            return Err(ControlError::NotPaused);
+        }
+        self.quiesce_devices(false);
+        self.control.resume()
     }
 }
 
@@ -119,8 +137,9 @@ pub(crate) struct PauseGuard<'a> {
 impl<'a> PauseGuard<'a> {
     pub(crate) fn new(shared: &'a VmmShared) -> Result<Self, ControlError> {
         let was_paused = shared.control.target() == Target::Paused;
-        shared.control.pause()?;
-        shared.quiesce_devices(true);
+        if !was_paused {
+            shared.pause()?;
+        }
         Ok(Self {
             shared,
             was_paused,
@@ -136,9 +155,8 @@ impl<'a> PauseGuard<'a> {
 
 impl Drop for PauseGuard<'_> {
     fn drop(&mut self) {
-        self.shared.quiesce_devices(false);
         if !self.was_paused {
-            let _ = self.shared.control.resume();
+            let _ = self.shared.resume();
         }
     }
 }
@@ -157,14 +175,14 @@ impl VmmHandle {
         &self.0
     }
 
-    /// Pauses all vCPUs; returns once none is inside `KVM_RUN`.
+    /// Pauses all vCPUs and devices; returns once no vCPU is inside `KVM_RUN`.
     pub fn pause(&self) -> Result<(), ControlError> {
-        self.0.control.pause()
+        self.0.pause()
     }
 
     /// Resumes a paused VM.
     pub fn resume(&self) -> Result<(), ControlError> {
-        self.0.control.resume()
+        self.0.resume()
     }
 
     /// Stops the VM; [`Vmm::wait`] then returns [`VmExit::Stopped`].

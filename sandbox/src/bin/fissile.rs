@@ -42,6 +42,13 @@ enum Cmd {
     },
     /// The main job: boot a sandbox and show a persistent Python session with pandas and a plot.
     Demo,
+    /// Send one JSON request to a VMM's control socket and print the reply.
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// The request, e.g. '{"op":"status"}'.
+        request: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +60,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Cmd::Ctl { socket, request } = &cli.cmd {
+        return ctl(socket, request);
+    }
     let tmp;
     let dir = match &cli.dir {
         Some(d) => d.clone(),
@@ -66,11 +76,24 @@ fn main() -> anyhow::Result<()> {
     let result = match cli.cmd {
         Cmd::Run { cells } => run(&cfg, &cells),
         Cmd::Demo => demo(&cfg),
+        Cmd::Ctl { .. } => Ok(()),
     };
     if cli.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+fn ctl(socket: &std::path::Path, request: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    (&stream).write_all(format!("{}\n", request.trim()).as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    print!("{line}");
+    Ok(())
 }
 
 fn boot(cfg: &SandboxConfig) -> anyhow::Result<Sandbox> {

@@ -40,6 +40,9 @@ enum Cmd {
         /// A shell script to run instead of a command.
         #[arg(long, conflicts_with = "command")]
         script: Option<PathBuf>,
+        /// Also put this program on the command's PATH (`PATH` or `PATH:NAME`; repeatable).
+        #[arg(long = "with", value_name = "PATH[:NAME]")]
+        with: Vec<String>,
         /// The command.
         #[arg(last = true)]
         command: Vec<String>,
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             mem,
             quiet,
             script,
+            with,
             command,
         } => {
             let script = match script {
@@ -86,7 +90,24 @@ fn main() -> anyhow::Result<()> {
                     "in the lab (QEMU TCG + nested kvm_amd)"
                 }
             );
-            let out = lab.run(&script, Duration::from_secs(timeout))?;
+            let extra: Vec<(PathBuf, String)> = with
+                .iter()
+                .map(|w| {
+                    let (path, name) = match w.rsplit_once(':') {
+                        Some((p, n)) => (PathBuf::from(p), n.to_string()),
+                        None => {
+                            let p = PathBuf::from(w);
+                            let n = p
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default();
+                            (p, n)
+                        }
+                    };
+                    (path, name)
+                })
+                .collect();
+            let out = lab.run_with(&script, &extra, Duration::from_secs(timeout))?;
             if quiet {
                 print!("{}", out.output);
             }

@@ -36,8 +36,8 @@ pub trait ControlOps: Send + Sync + 'static {
     fn merge(&self, winner: &Path) -> Result<MergeReply, OpFailure>;
     /// Durable snapshot, then stop.
     fn persist(&self) -> Result<SnapshotReply, OpFailure>;
-    /// blake3 of guest memory.
-    fn memory_hash(&self) -> Result<String, OpFailure>;
+    /// blake3 of guest memory, and of each MiB.
+    fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure>;
 }
 
 /// An error's message with its whole source chain.
@@ -83,7 +83,7 @@ impl ControlOps for crate::vmm::VmmHandle {
     fn persist(&self) -> Result<SnapshotReply, OpFailure> {
         self.shared().persist().map_err(|e| (e.kind(), chain(&e)))
     }
-    fn memory_hash(&self) -> Result<String, OpFailure> {
+    fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure> {
         self.shared()
             .memory_hash()
             .map_err(|e| (ErrorKind::Conflict, chain(&e)))
@@ -253,9 +253,10 @@ pub fn handle_line(line: &[u8], vmm: &Ops) -> (ControlResponse, bool) {
             Err(f) => failed(f),
         },
         ControlRequest::MemoryHash => match vmm.memory_hash() {
-            Ok(h) => (
+            Ok((h, chunks)) => (
                 ControlResponse {
                     memory_hash: Some(h),
+                    memory_chunks: Some(chunks),
                     ..ControlResponse::ok()
                 },
                 false,
@@ -320,6 +321,7 @@ mod tests {
                 mem_mib: self.mem_mib,
                 base_snapshot: None,
                 fork_snapshot: None,
+                vcpu_exits: vec![],
             }
         }
         fn pause(&self) -> Result<(), ControlError> {
@@ -343,8 +345,8 @@ mod tests {
         fn persist(&self) -> Result<SnapshotReply, OpFailure> {
             Err((ErrorKind::Internal, "persist".into()))
         }
-        fn memory_hash(&self) -> Result<String, OpFailure> {
-            Ok("abc".into())
+        fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure> {
+            Ok(("abc".into(), vec![]))
         }
     }
 
@@ -449,6 +451,7 @@ mod tests {
             mem_mib: 256,
             base_snapshot: None,
             fork_snapshot: None,
+            vcpu_exits: vec![],
         });
         assert_eq!(
             serde_json::to_string(&resp).unwrap(),

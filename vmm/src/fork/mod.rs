@@ -257,7 +257,7 @@ impl VmmShared {
                 return Err(MergeError::Memory(e));
             }
         }
-        if let Err(e) = self.apply_state(&state) {
+        if let Err(e) = self.apply_state(&state, false) {
             self.control
                 .request_exit(VmExit::Failed(format!("merge: applying state: {e}")));
             return Err(MergeError::Apply(e));
@@ -282,9 +282,10 @@ impl VmmShared {
         Ok(reply)
     }
 
-    /// blake3 of guest memory (pauses the VM while hashing).
-    pub fn memory_hash(&self) -> Result<String, crate::vstate::vcpu::ControlError> {
+    /// blake3 of guest memory and of each MiB of it (pauses the VM while hashing).
+    pub fn memory_hash(&self) -> Result<(String, Vec<String>), crate::vstate::vcpu::ControlError> {
         let _guard = PauseGuard::new(self)?;
-        Ok(lock(&self.ram).hash().to_hex().to_string())
+        let (h, chunks) = lock(&self.ram).hash();
+        Ok((h.to_hex().to_string(), chunks))
     }
 }

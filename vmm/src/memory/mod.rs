@@ -338,14 +338,20 @@ impl GuestRam {
         Err(MemoryError::WrongBacking("page out of range"))
     }
 
-    /// blake3 of all of guest RAM (faults in every page). The VM must be paused.
-    pub fn hash(&self) -> blake3::Hash {
+    /// blake3 of all of guest RAM (faults in every page), and of each MiB of it (first 8
+    /// bytes, hex). The VM must be paused.
+    pub fn hash(&self) -> (blake3::Hash, Vec<String>) {
         let mut h = blake3::Hasher::new();
+        let mut chunks = Vec::new();
         for region in self.memory.iter() {
             // SAFETY: the VM is paused (caller contract): nothing writes guest RAM meanwhile.
-            h.update(unsafe { mapping::bytes(region) });
+            let bytes = unsafe { mapping::bytes(region) };
+            h.update(bytes);
+            for c in bytes.chunks(1 << 20) {
+                chunks.push(blake3::hash(c).to_hex()[..16].to_string());
+            }
         }
-        h.finalize()
+        (h.finalize(), chunks)
     }
 }
 

@@ -167,7 +167,7 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
     let handle = vmm.handle();
     handle
         .shared()
-        .apply_state(&state)
+        .apply_state(&state, true)
         .map_err(RestoreError::Apply)?;
     // The vCPU threads hold no lock while parked; make sure they see the new state.
     for v in &handle.shared().vcpus {

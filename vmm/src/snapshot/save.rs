@@ -176,7 +176,8 @@ impl VmmShared {
     }
 
     /// Puts vCPUs and devices in `state` (paused VM; memory is switched separately).
-    pub(crate) fn apply_state(&self, state: &MicrovmState) -> Result<(), ApplyError> {
+    /// `fresh`: the vCPUs never ran (restore) rather than being a live VM's (merge).
+    pub(crate) fn apply_state(&self, state: &MicrovmState, fresh: bool) -> Result<(), ApplyError> {
         let (a, b) = (&state.machine, &self.machine);
         if a.vcpus != b.vcpus
             || a.mem_size != b.mem_size
@@ -194,7 +195,7 @@ impl VmmShared {
         }
         state.vm.apply(self.vm.fd()).map_err(ApplyError::Kvm)?;
         for (i, (v, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
-            s.apply(&lock_vcpu(v), i).map_err(ApplyError::Kvm)?;
+            s.apply(&lock_vcpu(v), i, fresh).map_err(ApplyError::Kvm)?;
         }
         lock(self.bus.serial())
             .restore_state(&state.serial)

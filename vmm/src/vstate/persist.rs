@@ -18,6 +18,13 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CPUID_ENTRIES: usize = 256;
 /// Most MSRs accepted from a state blob.
 pub const MAX_MSRS: usize = 1024;
+/// The Hyper-V synthetic MSR range.
+const HYPERV_MSRS: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
+/// kvmclock's wall-clock MSRs (old and new). Writing one makes KVM write the wall-clock
+/// structure into guest memory at once, so restoring it would change a paused VM's memory
+/// (a merged parent would differ from its winner); the guest writes it again whenever it
+/// reads the wall clock (boot, resume), so it need not be saved.
+const KVM_WALL_CLOCK_MSRS: [u32; 2] = [0x11, 0x4b56_4d00];
 
 /// Saving or restoring KVM state failed; each variant names the ioctl.
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +129,17 @@ impl KvmCaps {
         if xsave2 > 4096 {
             return Err(KvmStateError::XsaveTooLarge(xsave2));
         }
+        // Hyper-V MSRs are left out: our guests get no Hyper-V CPUID leaves, so they never
+        // use them, and some (reference time, VP runtime) are clocks KVM computes. So are
+        // the kvmclock wall-clock MSRs (see KVM_WALL_CLOCK_MSRS).
         let msr_indices = kvm
             .get_msr_index_list()
             .map_err(|e| KvmStateError::Vm("KVM_GET_MSR_INDEX_LIST", e))?
             .as_slice()
-            .to_vec();
+            .iter()
+            .copied()
+            .filter(|i| !HYPERV_MSRS.contains(i) && !KVM_WALL_CLOCK_MSRS.contains(i))
+            .collect();
         Ok(KvmCaps {
             xsave: kvm.check_extension(Cap::Xsave),
             xcrs: kvm.check_extension(Cap::Xcrs),
@@ -233,15 +246,21 @@ impl VcpuState {
         Ok(())
     }
 
-    /// Writes the state into a vCPU that is not running.
-    pub fn apply(&self, fd: &VcpuFd, vcpu: usize) -> Result<(), KvmStateError> {
+    /// Writes the state into a vCPU that is not running. `fresh`: the vCPU has never run,
+    /// so its CPUID is set too. KVM refuses a CPUID change once a vCPU ran (and reports
+    /// runtime-derived bits such as OSXSAVE in what it returns), so a vCPU that ran keeps
+    /// its CPUID: merge applies a winner restored from this VM's own snapshot, whose CPUID is
+    /// the same by construction.
+    pub fn apply(&self, fd: &VcpuFd, vcpu: usize, fresh: bool) -> Result<(), KvmStateError> {
         self.validate(vcpu)?;
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| KvmStateError::Invalid {
-            vcpu,
-            why: format!("CPUID: {e:?}"),
-        })?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(vcpu_err(vcpu, "KVM_SET_CPUID2"))?;
+        if fresh {
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| KvmStateError::Invalid {
+                vcpu,
+                why: format!("CPUID: {e:?}"),
+            })?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(vcpu_err(vcpu, "KVM_SET_CPUID2"))?;
+        }
         fd.set_mp_state(self.mp_state)
             .map_err(vcpu_err(vcpu, "KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs)

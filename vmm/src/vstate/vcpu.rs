@@ -179,6 +179,8 @@ struct RunState {
 pub struct RunControl {
     state: Mutex<RunState>,
     cv: Condvar,
+    /// Exits handled per vCPU (observability: a VM that makes no progress shows it here).
+    exits: Vec<std::sync::atomic::AtomicU64>,
 }
 
 static KICK_HANDLER: Once = Once::new();
@@ -224,6 +226,23 @@ impl RunControl {
                 exit: None,
             }),
             cv: Condvar::new(),
+            exits: (0..vcpus)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Exits handled so far, per vCPU.
+    pub fn exit_counts(&self) -> Vec<u64> {
+        self.exits
+            .iter()
+            .map(|e| e.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    fn count_exit(&self, id: usize) {
+        if let Some(e) = self.exits.get(id) {
+            e.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -397,6 +416,7 @@ fn run_vcpu(id: usize, shared: &SharedVcpu, control: &RunControl, bus: &DeviceMa
     while control.wait_runnable() {
         let mut fd = lock_vcpu(shared);
         let result = fd.run();
+        control.count_exit(id);
         match &result {
             Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => counts.io += 1,
             Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => counts.mmio += 1,

@@ -138,6 +138,10 @@ impl MmioTransport {
         self.status = state.status;
         self.config_generation = state.config_generation;
         self.activated = false;
+        // Before the device restarts: what `restored()` raises (vsock's transport reset
+        // event) must add to the saved status, not be overwritten by it, or the guest
+        // reads InterruptStatus 0 and ignores the interrupt.
+        self.irq.restore_status(state.interrupt_status);
         if state.activated {
             self.queue_ready = queues.iter().map(|q| q.ready()).collect();
             self.device.set_acked_features(self.acked_features);
@@ -156,7 +160,6 @@ impl MmioTransport {
             self.queue_ready = vec![false; queues.len()];
             self.queues = queues;
         }
-        self.irq.restore_status(state.interrupt_status);
         Ok(())
     }
 

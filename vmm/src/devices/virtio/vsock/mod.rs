@@ -89,7 +89,8 @@ impl Vsock {
 fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, pause_cv: &Condvar, stop: &EventFd) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        // A timeout, so housekeeping (a transport-reset wait) runs without guest activity.
+        let n = match epoll.wait(500, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -109,6 +110,7 @@ fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, pause_cv: &Condvar, 
                 .unwrap_or_else(|p| p.into_inner());
             continue;
         }
+        b.tick();
         for ev in &events[..n] {
             b.handle_event(ev.fd(), ev.event_set());
         }
@@ -180,8 +182,9 @@ impl VirtioDevice for Vsock {
 
     fn restored(&mut self) {
         // Host connections cannot survive a snapshot: the guest is told to drop its side
-        // (virtio 1.2 5.10.6.5) and host clients reconnect.
-        lock(&self.backend).send_transport_reset();
+        // (virtio 1.2 5.10.6.5) and host clients reconnect. The event is delivered when the
+        // VM resumes, so a restored VM that is still paused holds exactly the snapshot.
+        lock(&self.backend).reset_on_resume();
     }
 }
 

@@ -38,6 +38,20 @@ const MAX_CONNECT_LINE: usize = 32;
 const MAX_TX_PER_NOTIFY: usize = 32768;
 /// First host-side port number we hand out.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// A random first host-side port in `FIRST_LOCAL_PORT..2^31`. Each VMM numbers its host
+/// connections from its own random start: a guest restored from a snapshot (a fork child,
+/// a resumed space) may still hold state for the ports its parent's VMM used, and reusing
+/// the same (host port, guest port) pair would collide with it.
+fn random_first_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    FIRST_LOCAL_PORT + (h.finish() as u32 % FIRST_LOCAL_PORT)
+}
+
+/// How long host connections wait for the guest to acknowledge a transport reset.
+const RESET_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Event id: transport reset (virtio 1.2, 5.10.6.5).
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
@@ -90,6 +104,12 @@ pub struct VsockBackend {
     buf: Vec<u8>,
     log: LogLimiter,
     paused: bool,
+    /// When a transport reset was sent that the guest has not acknowledged yet.
+    reset_pending: Option<std::time::Instant>,
+    /// Host connections waiting for that acknowledgement.
+    deferred: Vec<(UnixStream, u32)>,
+    /// A transport reset is owed since a restore (sent on resume).
+    owe_reset: bool,
 }
 
 /// Creating the backend failed.
@@ -136,11 +156,14 @@ impl VsockBackend {
             handshakes: HashMap::new(),
             conns: HashMap::new(),
             control: VecDeque::new(),
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: random_first_port(),
             active: None,
             buf: vec![0; MAX_PKT_PAYLOAD],
             log: LogLimiter::default(),
             paused: false,
+            reset_pending: None,
+            deferred: Vec::new(),
+            owe_reset: false,
         })
     }
 
@@ -184,9 +207,22 @@ impl VsockBackend {
             .collect()
     }
 
-    /// Stops (`true`) or restarts handling host socket readiness (snapshot pause).
+    /// Stops (`true`) or restarts handling host socket readiness (snapshot pause). A
+    /// transport reset owed since a restore is delivered on restart.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+        if !paused && std::mem::take(&mut self.owe_reset) {
+            // Without an event buffer to carry it the guest never acknowledges: go on.
+            if !self.send_transport_reset() {
+                self.reset_done();
+            }
+        }
+    }
+
+    /// Owes the guest a transport reset, delivered when the VM runs again (after a restore).
+    pub fn reset_on_resume(&mut self) {
+        self.drop_all_connections();
+        self.owe_reset = true;
     }
 
     /// True while paused for a snapshot.
@@ -302,10 +338,45 @@ impl VsockBackend {
             let _ = hs.stream.write_all(b"ERR bad CONNECT line\n");
             return;
         };
+        if self.reset_pending.is_some() || self.owe_reset {
+            // The guest has not processed the transport reset yet: a connection request
+            // now could be handled before the reset, which would then kill it.
+            self.deferred.push((hs.stream, port));
+            return;
+        }
+        self.start_host_connection(hs.stream, port);
+    }
+
+    fn start_host_connection(&mut self, stream: UnixStream, port: u32) {
         let local_port = self.allocate_local_port(port);
-        let conn = Connection::new(hs.stream, ConnState::LocalInit, local_port, port);
+        let conn = Connection::new(stream, ConnState::LocalInit, local_port, port);
         if self.insert_conn(conn) {
             self.queue_control((local_port, port), OP_REQUEST, 0);
+        }
+    }
+
+    /// The guest processed our transport reset (it re-posted an event buffer), or we gave
+    /// up waiting: start the host connections held meanwhile.
+    fn reset_done(&mut self) {
+        self.reset_pending = None;
+        if self.owe_reset {
+            return;
+        }
+        for (stream, port) in std::mem::take(&mut self.deferred) {
+            self.start_host_connection(stream, port);
+        }
+        self.process_rx();
+    }
+
+    /// Periodic housekeeping from the event thread: ends a transport-reset wait that the
+    /// guest never acknowledged.
+    pub fn tick(&mut self) {
+        if self
+            .reset_pending
+            .is_some_and(|t| t.elapsed() > RESET_ACK_TIMEOUT)
+        {
+            tracing::debug!("vsock: guest did not acknowledge the transport reset; going on");
+            self.reset_done();
         }
     }
 
@@ -353,6 +424,7 @@ impl VsockBackend {
     }
 
     fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
+        tracing::trace!(op, ?key, "vsock: control packet to the guest");
         if self.control.len() >= MAX_PENDING_CONTROL {
             if self.log.allow() {
                 tracing::warn!(op, "vsock: control queue full; packet dropped");
@@ -403,6 +475,10 @@ impl VsockBackend {
     pub fn notify(&mut self, queue: usize) {
         if queue == TXQ {
             self.process_tx();
+        }
+        if queue == EVQ {
+            // The guest refills the event queue right after handling an event.
+            self.reset_done();
         }
         self.process_rx();
     }
@@ -462,6 +538,7 @@ impl VsockBackend {
             return;
         }
         let key = (hdr.dst_port, hdr.src_port);
+        tracing::trace!(op = hdr.op, ?key, len = hdr.len, "vsock: guest packet");
         if hdr.type_ != TYPE_STREAM {
             if hdr.op != OP_RST {
                 self.queue_control(key, OP_RST, 0);
@@ -688,6 +765,9 @@ impl VsockBackend {
         };
         let _ = evq.add_used(mem, head, written as u32);
         active.irq.trigger(INT_VRING);
+        if written == 4 {
+            self.reset_pending = Some(std::time::Instant::now());
+        }
         written == 4
     }
 }

@@ -1,0 +1,323 @@
+//! Guest tests of snapshot/restore, fork(n), merge_into and persistent spaces: real
+//! microVMs, real snapshotd (rocksdb store, userfaultfd), real Python in the guest.
+//!
+//! On a KVM-PVM host `lifecycle_suite_runs_in_the_lab` runs this binary's `guest_` tests in
+//! one lab boot; where KVM is usable they run directly (see `fissile_tests::guest`).
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fissile_proto::control::ControlRequest;
+use fissile_sandbox::{ControlError, Sandbox, SandboxConfig, SandboxError, Snapshotd};
+use fissile_tests::guest::{GuestEnv, guest_env, run_binary_in_lab};
+
+#[test]
+fn lifecycle_suite_runs_in_the_lab() {
+    run_binary_in_lab("guest_", Duration::from_secs(2400));
+}
+
+fn config(env: &GuestEnv, dir: &Path, sd: &Snapshotd) -> SandboxConfig {
+    let mut cfg = SandboxConfig::from_env(dir).unwrap();
+    cfg.kernel = env.kernel.clone();
+    cfg.rootfs = env.rootfs.clone();
+    cfg.mem_mib = 512;
+    cfg.snapshotd = Some(sd.socket().to_path_buf());
+    cfg
+}
+
+/// The value of a Python expression (its repr), failing the test on an exception.
+fn eval(sb: &mut Sandbox, code: &str) -> String {
+    let out = sb.exec(code).unwrap();
+    if let Some((ename, evalue, tb)) = out.error() {
+        panic!("{code:?} raised {ename}: {evalue}\n{}", tb.join("\n"));
+    }
+    out.result_text()
+        .unwrap_or_else(|| panic!("{code:?} returned nothing: {:?}", out.outputs))
+        .to_string()
+}
+
+fn refused_kind(r: Result<impl std::fmt::Debug, SandboxError>) -> String {
+    match r {
+        Err(SandboxError::Control(ControlError::Refused(msg))) => msg,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// fork(3) from a parent with `x = 41`; the children diverge; child 2 is merged back.
+#[test]
+fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
+    let Some(env) = guest_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let mut parent = Sandbox::boot(&config(&env, &dir.path().join("p"), &sd)).unwrap();
+    assert_eq!(eval(&mut parent, "x = 41\nx"), "41");
+
+    let (mut children, timings) = parent.fork(3).unwrap();
+    eprintln!(
+        "fork(3): VMM {:.0} ms, all children answered {:.0} ms; snapshot {:?}",
+        timings.vmm_ms, timings.all_answered_ms, timings.snapshot
+    );
+    assert_eq!(children.len(), 3);
+    let modules = ["json", "decimal", "fractions"];
+    for (i, c) in children.iter_mut().enumerate() {
+        assert_eq!(eval(c, "x"), "41", "child {i} did not inherit x");
+        eval(c, &format!("x = {}\nimport {}\nx", 100 + i, modules[i]));
+    }
+    // Every child (and the parent) has its own CRNG after the restore.
+    let mut randoms: Vec<String> = children
+        .iter_mut()
+        .map(|c| eval(c, "import os\nos.urandom(16).hex()"))
+        .collect();
+    randoms.push(eval(&mut parent, "import os\nos.urandom(16).hex()"));
+    let distinct: std::collections::BTreeSet<&String> = randoms.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        randoms.len(),
+        "urandom repeated: {randoms:?}"
+    );
+    assert_eq!(
+        eval(&mut parent, "x"),
+        "41",
+        "a child's write reached the parent"
+    );
+
+    // Merge child 2 with both VMs paused, so that right after the merge their memory can be
+    // compared before either runs again.
+    let mut pc = parent.control().unwrap();
+    let mut wc = children[2].control().unwrap();
+    pc.pause().unwrap();
+    wc.pause().unwrap();
+    let merge = pc
+        .call(&ControlRequest::Merge {
+            winner: children[2].api_sock().display().to_string(),
+        })
+        .unwrap()
+        .merge
+        .unwrap();
+    eprintln!("merge: {merge:?}");
+    let hp = pc.call(&ControlRequest::MemoryHash).unwrap();
+    let hw = wc.call(&ControlRequest::MemoryHash).unwrap();
+    let differing: Vec<usize> = hp
+        .memory_chunks
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(hw.memory_chunks.as_ref().unwrap())
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        hp.memory_hash, hw.memory_hash,
+        "paused parent and winner memory differ after merge, in MiB {differing:?}"
+    );
+    pc.resume().unwrap();
+    wc.resume().unwrap();
+    parent.reconnect().unwrap();
+    // The parent has child 2's x and its imported module; the others keep their own state.
+    assert_eq!(eval(&mut parent, "x"), "102");
+    assert_eq!(
+        eval(&mut parent, "import sys\n'fractions' in sys.modules"),
+        "True"
+    );
+    assert_eq!(eval(&mut children[0], "x"), "100");
+    assert_eq!(eval(&mut children[1], "x"), "101");
+    assert_eq!(eval(&mut children[2], "x"), "102");
+    assert_eq!(
+        eval(&mut children[0], "import sys\n'fractions' in sys.modules"),
+        "False"
+    );
+
+    // Repeat merge, merging a sibling after the merge, and self-merge are refused.
+    let again = refused_kind(parent.merge_into(&children[2]));
+    assert!(again.contains("no unmerged fork"), "{again}");
+    let sibling = refused_kind(parent.merge_into(&children[0]));
+    assert!(sibling.contains("no unmerged fork"), "{sibling}");
+    let resp = parent
+        .control()
+        .unwrap()
+        .call(&ControlRequest::Merge {
+            winner: parent.api_sock().display().to_string(),
+        })
+        .unwrap_err();
+    assert!(resp.to_string().contains("itself"), "{resp}");
+    // The parent still works after the refusals.
+    assert_eq!(eval(&mut parent, "x + 1"), "103");
+
+    // A fork of a fork: child 0 forks once; the grandchild has child 0's state.
+    let (mut grand, _) = children[0].fork(1).unwrap();
+    assert_eq!(eval(&mut grand[0], "x"), "100");
+    assert_eq!(
+        eval(&mut grand[0], "import sys\n'json' in sys.modules"),
+        "True"
+    );
+}
+
+/// Snapshot/restore cycles keep state; a RAM-wide write pattern survives; wall clock and
+/// entropy are fresh after a restore; a persisted space resumes after a snapshotd restart.
+#[test]
+fn guest_restore_cycles_keep_state_and_persisted_spaces_resume_after_a_snapshotd_restart() {
+    let Some(env) = guest_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let sock = dir.path().join("sd.sock");
+    let sd = Snapshotd::start(&store, &sock).unwrap();
+    let cfg = |name: &str, sd: &Snapshotd| config(&env, &dir.path().join(name), sd);
+    let mut sb = Sandbox::boot(&cfg("boot", &sd)).unwrap();
+    // A pattern over 64 MiB of guest memory, checked by its hash inside the guest.
+    let setup = "import hashlib\nbuf = bytearray(64 << 20)\nfor i in range(0, len(buf), 4096):\n    buf[i:i+8] = i.to_bytes(8, 'little')\nh0 = hashlib.sha256(buf).hexdigest()\nn = 0\nh0[:16]";
+    let h0 = eval(&mut sb, setup);
+
+    let mut restore_ms = Vec::new();
+    for cycle in 0..10 {
+        let snap = sb.snapshot(false).unwrap();
+        let t = Instant::now();
+        let mut next = Sandbox::restore(&cfg(&format!("cycle-{cycle}"), &sd), &snap.id).unwrap();
+        let first = eval(&mut next, "n += 1\nn");
+        restore_ms.push(t.elapsed().as_millis());
+        assert_eq!(first, (cycle + 1).to_string(), "cycle {cycle}");
+        drop(sb);
+        sb = next;
+    }
+    eprintln!("restore -> first exec, 10 cycles (ms): {restore_ms:?}");
+    assert_eq!(
+        eval(&mut sb, "hashlib.sha256(buf).hexdigest()[:16]"),
+        h0,
+        "RAM pattern lost"
+    );
+
+    // Persist, stop snapshotd, wait, start it again, resume: globals are there, the clock is
+    // the host's, not the snapshot's.
+    eval(&mut sb, "space = {'answer': 42}\n1");
+    let id = sb.persist(Duration::from_secs(120)).unwrap();
+    sd.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let sd = Snapshotd::start(&store, &sock).unwrap();
+    let mut resumed = Sandbox::restore(&cfg("resumed", &sd), &id).unwrap();
+    assert_eq!(eval(&mut resumed, "space['answer']"), "42");
+    assert_eq!(
+        eval(&mut resumed, "hashlib.sha256(buf).hexdigest()[:16]"),
+        h0
+    );
+    let guest_now: f64 = eval(&mut resumed, "import time\ntime.time()")
+        .parse()
+        .unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (guest_now - host_now).abs() < 5.0,
+        "guest clock off by {:.1} s after restoring an old snapshot",
+        guest_now - host_now
+    );
+}
+
+/// Restoring a paused snapshot and snapshotting it again, before it runs, gives the same
+/// state: devices exactly, vCPUs and irqchips except what KVM derives from the running clock.
+#[test]
+fn guest_save_restore_save_gives_equal_state_for_every_device() {
+    use fissile_vmm::snapshot::MicrovmState;
+    let Some(env) = guest_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let mut sb = Sandbox::boot(&config(&env, &dir.path().join("a"), &sd)).unwrap();
+    eval(
+        &mut sb,
+        "import json\nstate = json.dumps({'k': list(range(100))})\n1",
+    );
+    let mut ctl = sb.control().unwrap();
+    ctl.pause().unwrap();
+    let s1 = sb.snapshot(false).unwrap();
+    // A second VMM restores it and stays paused; its snapshot is taken before it runs.
+    let rdir = dir.path().join("r");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let mut vmm =
+        std::process::Command::new(fissile_sandbox::paths::find_binary("fissile-vmm").unwrap())
+            .arg("--restore")
+            .arg(&s1.id)
+            .arg("--snapshotd")
+            .arg(sd.socket())
+            .arg("--rootfs")
+            .arg(&env.rootfs)
+            .arg("--vsock-uds")
+            .arg(rdir.join("vsock.sock"))
+            .arg("--api-sock")
+            .arg(rdir.join("api.sock"))
+            .arg("--start-paused")
+            .stderr(std::fs::File::create(rdir.join("vmm.log")).unwrap())
+            .spawn()
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rctl = loop {
+        if let Ok(c) = fissile_sandbox::ControlClient::connect(&rdir.join("api.sock")) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "restored VMM never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let s2 = rctl
+        .call(&ControlRequest::Snapshot { durable: false })
+        .unwrap()
+        .snapshot
+        .unwrap();
+    let mut client = fissile_snapshotd::client::Client::connect(sd.socket()).unwrap();
+    let a = MicrovmState::decode(&client.get_blob(&s1.id, "vmstate").unwrap()).unwrap();
+    let b = MicrovmState::decode(&client.get_blob(&s2.id, "vmstate").unwrap()).unwrap();
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+
+    // Devices: exactly equal.
+    assert_eq!(a.serial, b.serial, "serial");
+    assert_eq!(a.mmio, b.mmio, "virtio-mmio transports and queues");
+    assert_eq!(a.machine, b.machine);
+    // vCPUs: everything but the running clock (the TSC MSR and the LAPIC timer's current
+    // count advance while paused).
+    let bytes = |v: &dyn erased::Ser| v.bytes();
+    for (x, y) in a.vcpus.iter().zip(&b.vcpus) {
+        assert_eq!(bytes(&x.regs), bytes(&y.regs), "regs");
+        assert_eq!(bytes(&x.sregs), bytes(&y.sregs), "sregs");
+        assert_eq!(x.xsave, y.xsave, "xsave");
+        assert_eq!(bytes(&x.xcrs), bytes(&y.xcrs), "xcrs");
+        assert_eq!(bytes(&x.debugregs), bytes(&y.debugregs), "debugregs");
+        assert_eq!(bytes(&x.mp_state), bytes(&y.mp_state), "mp_state");
+        assert_eq!(bytes(&x.events), bytes(&y.events), "events");
+        assert_eq!(bytes(&x.cpuid), bytes(&y.cpuid), "cpuid");
+        let msrs = |v: &fissile_vmm::vstate::persist::VcpuState| -> Vec<(u32, u64)> {
+            v.msrs
+                .iter()
+                .filter(|m| m.index != 0x10)
+                .map(|m| (m.index, m.data))
+                .collect()
+        };
+        assert_eq!(msrs(x), msrs(y), "MSRs other than the TSC");
+        let mut lx = x.lapic.regs;
+        let mut ly = y.lapic.regs;
+        for r in [&mut lx, &mut ly] {
+            r[0x390..0x394].fill(0); // timer current count
+        }
+        assert_eq!(
+            lx, ly,
+            "LAPIC registers other than the timer's current count"
+        );
+    }
+    assert_eq!(
+        bytes(&a.vm.irqchips),
+        bytes(&b.vm.irqchips),
+        "PIC and IOAPIC"
+    );
+}
+
+/// Compares KVM structs (no `PartialEq`) by their serialized bytes.
+mod erased {
+    pub trait Ser {
+        fn bytes(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn bytes(&self) -> Vec<u8> {
+            postcard::to_allocvec(self).unwrap()
+        }
+    }
+}
