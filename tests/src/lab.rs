@@ -46,6 +46,7 @@ pub const LAB_BINARIES: &[&str] = &[
     "fissile",
     "boot_bench",
     "agent_rtt",
+    "lifecycle_bench",
 ];
 
 /// Modules loaded in the lab, in request order; dependencies come from `modules.dep`.
@@ -850,7 +851,9 @@ mod tests {
             "kernel/a/kvm-amd.ko: kernel/c/ccp.ko kernel/a/kvm.ko kernel/v/irqbypass.ko\n\
              kernel/a/kvm.ko: kernel/v/irqbypass.ko\nkernel/v/irqbypass.ko:\nkernel/c/ccp.ko:\n\
              kernel/d/virtio_pci.ko: kernel/d/virtio.ko\nkernel/d/virtio.ko:\n\
-             kernel/d/virtio_blk.ko: kernel/d/virtio.ko\nkernel/f/ext4.ko:\nkernel/n/vsock.ko:\n",
+             kernel/d/virtio_blk.ko: kernel/d/virtio.ko\nkernel/f/ext4.ko:\nkernel/n/vsock.ko:\n\
+             kernel/c/crc32c_generic.ko:\nkernel/v/vhost_vsock.ko: kernel/v/vhost.ko kernel/n/vsock.ko\n\
+             kernel/v/vhost.ko:\n",
         )
         .unwrap();
         let order = module_load_order(dir.path()).unwrap();
@@ -863,6 +866,8 @@ mod tests {
         assert!(pos("kvm.ko") < pos("kvm-amd.ko"));
         assert!(pos("virtio.ko") < pos("virtio_pci.ko"));
         assert_eq!(names.iter().filter(|n| **n == "virtio.ko").count(), 1);
+        assert!(pos("vhost.ko") < pos("vhost_vsock.ko"));
+        assert_eq!(names.iter().filter(|n| **n == "vsock.ko").count(), 1);
         let amd = order
             .iter()
             .find(|(p, _)| p.ends_with("kvm-amd.ko"))
