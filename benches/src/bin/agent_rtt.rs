@@ -1,9 +1,13 @@
-//! Agent round trip on the host: `Exec("1+1")` against `Echo` on the same unix-socket
-//! channel (the baseline), N times each; prints p50/p99 of both and the ratio.
+//! Agent round trip: `Exec("1+1")` against `Echo` on the same channel (the baseline), N
+//! times each; prints p50/p99 of both and the ratio.
 //!
-//! Usage: `agent_rtt [N]` (default 2000). The agent is the `fissile-agent` binary next to
-//! this one (or `$FISSILE_AGENT_BIN`) started in host mode; if there is none, the same
-//! agent code is run in-process. Target: exec p50 < 1 ms.
+//! Usage:
+//! * `agent_rtt [N]` (default 2000): over a unix socket on the host. The agent is the
+//!   `fissile-agent` binary next to this one (or `$FISSILE_AGENT_BIN`) started in host mode;
+//!   if there is none, the same agent code is run in-process. Target: exec p50 < 1 ms.
+//! * `agent_rtt --vsock [N]` (default 300): over hybrid vsock to the agent in a real microVM
+//!   booted by fissile-vmm (needs KVM; elsewhere `fissile-lab run -- agent_rtt --vsock`,
+//!   where every VM exit costs ~50 us, so compare the ratio).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fissile_agent::{Agent, AgentClient, AgentConfig};
+use fissile_sandbox::{Sandbox, SandboxConfig};
 
 enum AgentProcess {
     Child(Child),
@@ -90,14 +95,37 @@ fn us(d: Duration) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let n: usize = match std::env::args().nth(1) {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let vsock = args.first().is_some_and(|a| a == "--vsock");
+    if vsock {
+        args.remove(0);
+    }
+    let n: usize = match args.first() {
         Some(a) => a.parse().context("N must be a number")?,
+        None if vsock => 300,
         None => 2000,
     };
     let dir = tempfile::tempdir()?;
+    if vsock {
+        let cfg = SandboxConfig::from_env(dir.path().join("sb")).context("sandbox config")?;
+        let mut sb = Sandbox::boot(&cfg).context("boot a sandbox")?;
+        let how = format!(
+            "in a microVM ({}), hybrid vsock",
+            if std::env::var_os("FISSILE_IN_LAB").is_some() {
+                "in the lab: nested KVM, ~10-50x real hardware"
+            } else {
+                "native KVM"
+            }
+        );
+        return run(sb.agent(), n, &how, false);
+    }
     let sock = dir.path().join("agent.sock");
     let (_agent, how) = start_agent(&sock)?;
     let mut c = AgentClient::connect_unix(&sock)?;
+    run(&mut c, n, &format!("agent {how}, unix socket"), true)
+}
+
+fn run(c: &mut AgentClient, n: usize, how: &str, target: bool) -> anyhow::Result<()> {
     // Warm up: starts the interpreter and fills caches on both sides.
     for _ in 0..100 {
         c.echo(b"ping")?;
@@ -114,7 +142,7 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })?;
-    println!("agent_rtt: N={n}, agent {how}, unix socket");
+    println!("agent_rtt: N={n}, {how}");
     for (name, t) in [("echo", &echo), ("exec 1+1", &exec)] {
         println!(
             "  {name:<9} p50 {:>8.1} us   p99 {:>8.1} us",
@@ -128,6 +156,9 @@ fn main() -> anyhow::Result<()> {
         us(x50) / us(e50),
         us(percentile(&exec, 0.99)) / us(percentile(&echo, 0.99))
     );
+    if !target {
+        return Ok(());
+    }
     println!(
         "  target exec p50 < 1 ms: {}",
         if x50 < Duration::from_millis(1) {
