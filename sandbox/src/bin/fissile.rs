@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! fissile run -c 'x = 41' -c 'x + 1'      # boot, run cells in one REPL, power off
-//! fissile demo                            # the README's main job
+//! fissile demo                            # the README's main job: a session, fork, merge
 //! ```
 //! Needs `FISSILE_GUEST_KERNEL`, `FISSILE_GUEST_ROOTFS` and a host KVM that boots standard
 //! guests (elsewhere run it through `fissile-lab run -- fissile ...`).
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fissile_agent::ExecOutcome;
-use fissile_sandbox::{Sandbox, SandboxConfig};
+use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,7 +40,8 @@ enum Cmd {
         #[arg(short = 'c', long = "code", required = true)]
         cells: Vec<String>,
     },
-    /// The main job: boot a sandbox and show a persistent Python session with pandas and a plot.
+    /// The main job: a persistent Python session with pandas and a plot, then fork(2) and
+    /// merge_into.
     Demo,
     /// Send one JSON request to a VMM's control socket and print the reply.
     Ctl {
@@ -170,13 +171,39 @@ const DEMO_CELLS: &[&str] = &[
 ];
 
 fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
-    let mut sb = boot(cfg)?;
+    // snapshotd holds the memory that fork and merge share between VMs.
+    let sd = Snapshotd::start(&cfg.dir.join("store"), &cfg.dir.join("snapshotd.sock"))
+        .context("starting snapshotd")?;
+    let mut cfg = cfg.clone();
+    cfg.snapshotd = Some(sd.socket().to_path_buf());
+    let mut sb = boot(&cfg)?;
     for code in DEMO_CELLS {
-        let out = run_cell(&mut sb, code)?;
-        if let Some((ename, evalue, tb)) = out.error() {
-            anyhow::bail!("demo cell failed: {ename}: {evalue}\n{}", tb.join("\n"));
-        }
+        demo_cell(&mut sb, code)?;
     }
+
+    eprintln!("fissile: fork(2): two copy-on-write children of the running sandbox");
+    let (mut kids, t) = sb.fork(2).context("fork(2)")?;
+    eprintln!(
+        "fissile: forked in {:.0} ms (parent paused {:.0} ms, {} dirty pages captured); \
+         both children answered after {:.0} ms",
+        t.vmm_ms, t.snapshot.paused_ms, t.snapshot.dirty_pages, t.all_answered_ms
+    );
+    for (kid, code) in kids.iter_mut().zip(FORK_CELLS) {
+        eprintln!("fissile: child {}:", kid.dir().display());
+        demo_cell(kid, code)?;
+    }
+    eprintln!("fissile: merge_into: the parent adopts child 2's state");
+    let m = sb.merge_into(&kids[1]).context("merge_into")?;
+    eprintln!(
+        "fissile: merged {} dirty pages in {:.0} ms (parent paused {:.0} ms)",
+        m.dirty_pages, m.total_ms, m.paused_ms
+    );
+    let out = demo_cell(&mut sb, "strategy, len(trips)")?;
+    if out.result_text() != Some("('p90', 1000)") {
+        anyhow::bail!("the merged parent does not have child 2's state: {out:?}");
+    }
+    drop(kids);
+
     let status = sb.poweroff(Duration::from_secs(30))?;
     eprintln!("fissile: guest powered off, fissile-vmm exited with {status}");
     if !status.success() {
@@ -185,3 +212,17 @@ fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
     println!("FISSILE-DEMO-OK");
     Ok(())
 }
+
+fn demo_cell(sb: &mut Sandbox, code: &str) -> anyhow::Result<ExecOutcome> {
+    let out = run_cell(sb, code)?;
+    if let Some((ename, evalue, tb)) = out.error() {
+        anyhow::bail!("demo cell failed: {ename}: {evalue}\n{}", tb.join("\n"));
+    }
+    Ok(out)
+}
+
+/// What each fork child tries: two ways to summarise the same DataFrame.
+const FORK_CELLS: &[&str] = &[
+    "strategy = 'median'\nscore = trips.groupby('borough')['miles'].median().max()\nround(float(score), 2)",
+    "strategy = 'p90'\nscore = trips.groupby('borough')['miles'].quantile(0.9).max()\nround(float(score), 2)",
+];
