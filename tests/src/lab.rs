@@ -148,6 +148,9 @@ pub struct LabConfig {
     pub mem_mib: u32,
     /// Echo the lab console to stderr while it runs.
     pub verbose: bool,
+    /// Print the command's own output to stdout as it arrives (the whole output is still
+    /// returned in [`LabOutput`]).
+    pub stream_output: bool,
 }
 
 /// True when this host's `/dev/kvm` can boot a standard guest (VT-x/SVM present, not PVM).
@@ -249,6 +252,7 @@ impl LabConfig {
             bin_dir,
             mem_mib: 3072,
             verbose: std::env::var_os("FISSILE_LAB_VERBOSE").is_some(),
+            stream_output: false,
         })
     }
 }
@@ -365,7 +369,7 @@ impl Lab {
                 "file={},format=raw,if=virtio,cache=unsafe",
                 payload.display()
             ));
-        run_qemu(cmd, timeout, self.cfg.verbose)
+        run_qemu(cmd, timeout, self.cfg.verbose, self.cfg.stream_output)
     }
 
     fn run_native(
@@ -731,7 +735,12 @@ fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, LabError> {
 }
 
 /// Runs QEMU, collecting console output until the exit marker, with a timeout.
-fn run_qemu(mut cmd: Command, timeout: Duration, verbose: bool) -> Result<LabOutput, LabError> {
+fn run_qemu(
+    mut cmd: Command,
+    timeout: Duration,
+    verbose: bool,
+    stream: bool,
+) -> Result<LabOutput, LabError> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -792,12 +801,19 @@ fn run_qemu(mut cmd: Command, timeout: Duration, verbose: bool) -> Result<LabOut
                         .parse::<i32>()
                         .ok();
                     // Output before the marker on the same line belongs to the command.
-                    output.push_str(&line[..line.find(EXIT).unwrap_or(0)]);
+                    let last = &line[..line.find(EXIT).unwrap_or(0)];
+                    if stream && !verbose && !last.is_empty() {
+                        println!("{last}");
+                    }
+                    output.push_str(last);
                     break;
                 }
                 if line.contains(BEGIN) {
                     in_cmd = true;
                 } else if in_cmd {
+                    if stream && !verbose {
+                        println!("{line}");
+                    }
                     output.push_str(&line);
                     output.push('\n');
                 }

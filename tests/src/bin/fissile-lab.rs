@@ -34,7 +34,7 @@ enum Cmd {
         /// Lab memory in MiB.
         #[arg(long, default_value_t = 3072)]
         mem: u32,
-        /// Do not echo the lab console while it runs.
+        /// Do not echo the lab console; print only the command's output (as it arrives).
         #[arg(long)]
         quiet: bool,
         /// A shell script to run instead of a command.
@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             let mut cfg = LabConfig::from_env()?;
             cfg.mem_mib = mem;
             cfg.verbose = !quiet;
+            cfg.stream_output = quiet;
             let lab = Lab::prepare(cfg)?;
             eprintln!(
                 "fissile-lab: running {}",
@@ -108,7 +109,7 @@ fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let out = lab.run_with(&script, &extra, Duration::from_secs(timeout))?;
-            if quiet {
+            if quiet && lab.is_native() {
                 print!("{}", out.output);
             }
             eprintln!(
