@@ -985,6 +985,9 @@ impl Store {
         let committed = ing.writer.sync().map_err(CreateError::Pack)?;
         let mut batch = WriteBatch::default();
         let chunks = self.cf(CF_CHUNKS);
+        // In key order: the memtable inserts then reuse their skiplist position.
+        let mut referenced: Vec<Hash> = referenced.into_iter().collect();
+        referenced.sort_unstable();
         for hash in &referenced {
             let mut e = *known.get(hash).ok_or(CreateError::CorruptEntry)?;
             e.refcount += 1;
@@ -1403,11 +1406,13 @@ impl Ingest<'_> {
         if lookup.is_empty() {
             return Ok(());
         }
+        // Sorted keys let rocksdb walk its memtable and blocks in one pass.
+        lookup.sort_unstable_by_key(|a| a.1);
         let keys: Vec<&[u8]> = lookup.iter().map(|(_, h)| h.as_slice()).collect();
         let found = self
             .store
             .db
-            .batched_multi_get_cf(self.store.cf(CF_CHUNKS), keys, false);
+            .batched_multi_get_cf(self.store.cf(CF_CHUNKS), keys, true);
         for ((i, h), res) in lookup.iter().zip(found) {
             match res.map_err(CreateError::Index)? {
                 Some(v) => {
