@@ -184,7 +184,7 @@ fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
     eprintln!("fissile: fork(2): two copy-on-write children of the running sandbox");
     let (mut kids, t) = sb.fork(2).context("fork(2)")?;
     eprintln!(
-        "fissile: forked in {:.0} ms (parent paused {:.0} ms, {} dirty pages captured); \
+        "fissile: forked in {:.0} ms (parent paused {:.0} ms, {} pages in the fork snapshot); \
          both children answered after {:.0} ms",
         t.vmm_ms, t.snapshot.paused_ms, t.snapshot.dirty_pages, t.all_answered_ms
     );
