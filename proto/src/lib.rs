@@ -7,3 +7,16 @@ pub mod agent;
 pub mod control;
 pub mod frame;
 pub mod snapshotd;
+
+/// An error with its whole source chain, `a: b: c`: how every component renders a failure
+/// into a protocol reply or a log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

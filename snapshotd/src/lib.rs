@@ -26,14 +26,4 @@ pub mod server;
 pub mod store;
 pub mod sys;
 
-/// Formats an error with its whole source chain (`a: b: c`), for logs and replies.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use fissile_proto::error_chain;

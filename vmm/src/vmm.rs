@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use fissile_proto::control::{VmState, VmStatus};
+use fissile_proto::control::VmStatus;
 
 use crate::api::ApiServer;
 use crate::device_manager::DeviceManager;
@@ -84,11 +84,7 @@ impl VmmShared {
 
     /// Current state, uptime, vCPUs, memory, base and fork snapshots.
     pub fn status(&self) -> VmStatus {
-        let state = match self.control.target() {
-            Target::Running => VmState::Running,
-            Target::Paused => VmState::Paused,
-            Target::Exited => VmState::Exited,
-        };
+        let state = self.control.target().vm_state();
         VmStatus {
             state,
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),

@@ -11,6 +11,7 @@ use fissile_proto::control::{
     ControlRequest, ControlResponse, ErrorKind, ForkReply, MAX_REQUEST_LINE, MergeReply,
     SnapshotReply, VmStatus,
 };
+use fissile_proto::error_chain;
 
 use crate::vstate::vcpu::ControlError;
 
@@ -40,18 +41,6 @@ pub trait ControlOps: Send + Sync + 'static {
     fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure>;
 }
 
-/// An error's message with its whole source chain.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cur = c.source();
-    }
-    msg
-}
-
 impl ControlOps for crate::vmm::VmmHandle {
     fn status(&self) -> VmStatus {
         crate::vmm::VmmHandle::status(self)
@@ -68,25 +57,27 @@ impl ControlOps for crate::vmm::VmmHandle {
     fn snapshot(&self, durable: bool) -> Result<SnapshotReply, OpFailure> {
         self.shared()
             .snapshot(durable)
-            .map_err(|e| (e.kind(), chain(&e)))
+            .map_err(|e| (e.kind(), error_chain(&e)))
     }
     fn fork(&self, n: u32, dir: &Path) -> Result<ForkReply, OpFailure> {
         self.shared()
             .fork(n, dir)
-            .map_err(|e| (e.kind(), chain(&e)))
+            .map_err(|e| (e.kind(), error_chain(&e)))
     }
     fn merge(&self, winner: &Path) -> Result<MergeReply, OpFailure> {
         self.shared()
             .merge(winner)
-            .map_err(|e| (e.kind(), chain(&e)))
+            .map_err(|e| (e.kind(), error_chain(&e)))
     }
     fn persist(&self) -> Result<SnapshotReply, OpFailure> {
-        self.shared().persist().map_err(|e| (e.kind(), chain(&e)))
+        self.shared()
+            .persist()
+            .map_err(|e| (e.kind(), error_chain(&e)))
     }
     fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure> {
         self.shared()
             .memory_hash()
-            .map_err(|e| (ErrorKind::Conflict, chain(&e)))
+            .map_err(|e| (ErrorKind::Conflict, error_chain(&e)))
     }
 }
 
@@ -309,11 +300,7 @@ mod tests {
 
     impl ControlOps for StateMachineOnly {
         fn status(&self) -> VmStatus {
-            let state = match self.control.target() {
-                Target::Running => VmState::Running,
-                Target::Paused => VmState::Paused,
-                Target::Exited => VmState::Exited,
-            };
+            let state = self.control.target().vm_state();
             VmStatus {
                 state,
                 uptime_ms: 0,

@@ -154,6 +154,18 @@ pub enum Target {
     Exited,
 }
 
+impl Target {
+    /// The state the control socket reports for this target.
+    pub fn vm_state(self) -> fissile_proto::control::VmState {
+        use fissile_proto::control::VmState;
+        match self {
+            Target::Running => VmState::Running,
+            Target::Paused => VmState::Paused,
+            Target::Exited => VmState::Exited,
+        }
+    }
+}
+
 /// Pausing or resuming failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
