@@ -313,14 +313,7 @@ impl Image {
                     return Ok(PageState::Present);
                 }
                 if own.binary_search(&page).is_ok() {
-                    buf.resize(self.page_size as usize, 0);
-                    dirty
-                        .read_exact_at(buf, page * u64::from(self.page_size))
-                        .map_err(|source| MaterializeError::Parent {
-                            parent: self.id.clone(),
-                            page,
-                            source,
-                        })?;
+                    self.read_page_of(dirty, page, buf)?;
                     self.write_page(page, buf)?;
                     return Ok(PageState::Present);
                 }
@@ -348,19 +341,28 @@ impl Image {
 
     /// Reads `page` from this image's memfd: `Zero` when it is all zeros (a hole reads so).
     fn read_own(&self, page: u64, buf: &mut Vec<u8>) -> Result<PageState, MaterializeError> {
-        buf.resize(self.page_size as usize, 0);
-        self.memfd
-            .read_exact_at(buf, page * u64::from(self.page_size))
-            .map_err(|source| MaterializeError::Parent {
-                parent: self.id.clone(),
-                page,
-                source,
-            })?;
+        self.read_page_of(&self.memfd, page, buf)?;
         if buf.iter().all(|&b| b == 0) {
             Ok(PageState::Zero)
         } else {
             Ok(PageState::Present)
         }
+    }
+
+    /// Reads `page` of this image's layout from `file` (its memfd or its adopted dirty pages).
+    fn read_page_of(
+        &self,
+        file: &File,
+        page: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), MaterializeError> {
+        buf.resize(self.page_size as usize, 0);
+        file.read_exact_at(buf, page * u64::from(self.page_size))
+            .map_err(|source| MaterializeError::Parent {
+                parent: self.id.clone(),
+                page,
+                source,
+            })
     }
 
     fn write_page(&self, page: u64, data: &[u8]) -> Result<(), MaterializeError> {
