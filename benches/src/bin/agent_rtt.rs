@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         let mut sb = Sandbox::boot(&cfg).context("boot a sandbox")?;
         let how = format!(
             "in a microVM ({}), hybrid vsock",
-            if std::env::var_os("FISSILE_IN_LAB").is_some() {
+            if fissile_benches::in_lab() {
                 "in the lab: nested KVM, ~10-50x real hardware"
             } else {
                 "native KVM"

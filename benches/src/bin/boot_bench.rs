@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fissile_agent::{AgentClient, ReadyListener};
+use fissile_benches::in_lab;
 use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT};
 use fissile_sandbox::{Sandbox, SandboxConfig};
 
@@ -21,10 +22,6 @@ const MEM_MIB: u64 = 512;
 /// entries (QEMU adds its own).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux \
                        i8042.dumbkbd root=/dev/vda ro rootfstype=ext4 init=/usr/sbin/fissile-agent";
-
-fn in_lab() -> bool {
-    std::env::var_os("FISSILE_IN_LAB").is_some()
-}
 
 fn ours(cfg: &SandboxConfig) -> anyhow::Result<Duration> {
     let sb = Sandbox::boot(cfg).context("fissile-vmm boot")?;

@@ -15,6 +15,7 @@
 //!
 //! Usage: `lifecycle_bench` (needs KVM; elsewhere `fissile-lab run -- lifecycle_bench`).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -54,28 +55,31 @@ impl Env {
     }
 }
 
-/// kB of `field` summed over the smaps entries of `pid` whose line contains `needle`
-/// (all entries when `needle` is empty).
-fn smaps_kb(pid: u32, needle: &str, field: &str) -> u64 {
+/// The kB fields of `/proc/<pid>/smaps`, summed over the mappings whose line contains
+/// `needle` (first) and over the whole process (second), from one read of the file.
+fn smaps(pid: u32, needle: &str) -> (HashMap<String, u64>, HashMap<String, u64>) {
+    let (mut matching, mut whole) = (HashMap::new(), HashMap::new());
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
+        return (matching, whole);
     };
-    let mut inside = needle.is_empty();
-    let mut total = 0;
+    let mut inside = false;
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
-            inside = needle.is_empty() || line.contains(needle);
+            inside = line.contains(needle);
             continue;
         }
-        if inside
-            && let Some(rest) = line.strip_prefix(field)
-            && let Some(kb) = rest.trim_start_matches(':').trim().strip_suffix(" kB")
+        if let Some((field, v)) = line.split_once(':')
+            && let Some(kb) = v.trim().strip_suffix(" kB")
         {
-            total += kb.trim().parse::<u64>().unwrap_or(0);
+            let kb = kb.trim().parse::<u64>().unwrap_or(0);
+            *whole.entry(field.to_string()).or_default() += kb;
+            if inside {
+                *matching.entry(field.to_string()).or_default() += kb;
+            }
         }
     }
-    total
+    (matching, whole)
 }
 
 fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Result<()> {
@@ -172,11 +176,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
             let mut pss = Vec::new();
             let mut whole = Vec::new();
             for c in &children {
-                let pid = c.pid().unwrap_or(0);
-                anon.push(smaps_kb(pid, "fissile-", "Anonymous"));
-                clean.push(smaps_kb(pid, "fissile-", "Private_Clean"));
-                pss.push(smaps_kb(pid, "fissile-", "Pss"));
-                whole.push(smaps_kb(pid, "", "Private_Dirty"));
+                let (guest, process) = smaps(c.pid().unwrap_or(0), "fissile-");
+                let kb = |m: &HashMap<String, u64>, f: &str| m.get(f).copied().unwrap_or(0);
+                anon.push(kb(&guest, "Anonymous"));
+                clean.push(kb(&guest, "Private_Clean"));
+                pss.push(kb(&guest, "Pss"));
+                whole.push(kb(&process, "Private_Dirty"));
             }
             println!(
                 "4. private memory per child right after fork(4) (each child has answered its \
@@ -253,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     };
     println!(
         "lifecycle_bench: {MEM_MIB} MiB guests, {}",
-        if std::env::var_os("FISSILE_IN_LAB").is_some() {
+        if fissile_benches::in_lab() {
             "in the lab (nested KVM, ~10-50x real hardware: compare the ratios)"
         } else {
             "native KVM"
