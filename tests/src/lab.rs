@@ -786,6 +786,8 @@ fn run_qemu(
     let mut output = String::new();
     let mut status = None;
     let tail = |c: &[String]| c[c.len().saturating_sub(40)..].join("\n");
+    // The console echo (verbose) already shows the command's output.
+    let print_output = stream && !verbose;
     loop {
         let left = timeout.saturating_sub(start.elapsed());
         match rx.recv_timeout(left) {
@@ -802,7 +804,7 @@ fn run_qemu(
                         .ok();
                     // Output before the marker on the same line belongs to the command.
                     let last = &line[..line.find(EXIT).unwrap_or(0)];
-                    if stream && !verbose && !last.is_empty() {
+                    if print_output && !last.is_empty() {
                         println!("{last}");
                     }
                     output.push_str(last);
@@ -811,7 +813,7 @@ fn run_qemu(
                 if line.contains(BEGIN) {
                     in_cmd = true;
                 } else if in_cmd {
-                    if stream && !verbose {
+                    if print_output {
                         println!("{line}");
                     }
                     output.push_str(&line);
