@@ -2,11 +2,18 @@
 //!
 //! One [`AgentClient`] is one connection: one request at a time. Open several clients for
 //! concurrency (concurrent shell commands, or an `interrupt` while an exec runs).
+//!
+//! The guest is not trusted. Every call has a deadline (a total one, not per read: a guest
+//! that trickles a byte at a time cannot stretch it): [`AgentClient::call_timeout`] for
+//! single-response requests, an explicit one for execs and commands. What the client
+//! collects on the caller's behalf is capped ([`MAX_COLLECTED_OUTPUT`] for an exec's or a
+//! command's output, the caller's limit for a file read); streaming variants hand each piece
+//! to the caller and keep nothing.
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fissile_proto::agent::{
     AGENT_FRAME_CAP, AGENT_PROTOCOL_VERSION, AgentInfo, DirEntry, Done, ExecRequest,
@@ -37,7 +44,21 @@ pub enum ClientError {
     /// The agent answered with a response that does not fit the request.
     #[error("unexpected response: {0}")]
     Unexpected(String),
+    /// The call did not finish before its deadline.
+    #[error("the agent did not finish within {0:?}")]
+    Timeout(Duration),
+    /// A file is larger than the caller's limit.
+    #[error("the file is larger than the limit of {0} bytes")]
+    TooLarge(u64),
 }
+
+/// Most output bytes [`AgentClient::exec`] and [`AgentClient::shell`] collect (stdout,
+/// stderr and rich results together); beyond it output is dropped and the outcome says
+/// `truncated`.
+pub const MAX_COLLECTED_OUTPUT: usize = 64 << 20;
+
+/// Default deadline of single-response calls.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Everything an exec produced, in order.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +67,8 @@ pub struct ExecOutcome {
     pub outputs: Vec<Response>,
     /// The terminal `Done`.
     pub done: Done,
+    /// Output beyond [`MAX_COLLECTED_OUTPUT`] was dropped.
+    pub truncated: bool,
 }
 
 impl ExecOutcome {
@@ -122,13 +145,53 @@ pub struct ShellOutcome {
     pub stderr: Vec<u8>,
     /// The terminal `Done` (exit status or signal, timed out).
     pub done: Done,
+    /// Output beyond [`MAX_COLLECTED_OUTPUT`] was dropped.
+    pub truncated: bool,
+}
+
+/// The bytes a response carries towards the collection cap.
+fn output_bytes(r: &Response) -> usize {
+    match r {
+        Response::Stdout(d) | Response::Stderr(d) => d.len(),
+        Response::Display(b) | Response::ExecuteResult(b) => {
+            b.data.values().map(Vec::len).sum::<usize>() + 64
+        }
+        Response::Error {
+            ename,
+            evalue,
+            traceback,
+        } => ename.len() + evalue.len() + traceback.iter().map(String::len).sum::<usize>(),
+        _ => 0,
+    }
+}
+
+/// A stream whose reads fail once a deadline has passed: before each read the socket's
+/// receive timeout is set to the time left.
+#[derive(Debug)]
+struct DeadlineStream {
+    stream: UnixStream,
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some((at, _)) = self.deadline {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
 }
 
 /// A connection to a guest agent.
 #[derive(Debug)]
 pub struct AgentClient {
-    reader: BufReader<UnixStream>,
+    reader: BufReader<DeadlineStream>,
     writer: UnixStream,
+    call_timeout: Duration,
 }
 
 impl AgentClient {
@@ -184,16 +247,31 @@ impl AgentClient {
         let writer = s
             .try_clone()
             .map_err(|e| ClientError::Connect("cloned stream".into(), e))?;
+        s.set_write_timeout(Some(DEFAULT_CALL_TIMEOUT))
+            .map_err(|e| ClientError::Connect("stream".into(), e))?;
         Ok(AgentClient {
-            reader: BufReader::with_capacity(64 << 10, s),
+            reader: BufReader::with_capacity(
+                64 << 10,
+                DeadlineStream {
+                    stream: s,
+                    deadline: None,
+                },
+            ),
             writer,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         })
     }
 
-    /// Sets a timeout on every read and write (`None`: wait forever, the default).
-    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.writer.set_read_timeout(t)?;
-        self.writer.set_write_timeout(t)
+    /// Sets the deadline of single-response calls (default [`DEFAULT_CALL_TIMEOUT`]) and of
+    /// every write.
+    pub fn set_call_timeout(&mut self, t: Duration) -> io::Result<()> {
+        self.call_timeout = t;
+        self.writer.set_write_timeout(Some(t))
+    }
+
+    /// The deadline of single-response calls.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
     }
 
     /// Sends one request (low level; read its responses with [`Self::recv`]).
@@ -202,36 +280,63 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Receives one response (low level).
+    /// Receives one response (low level), waiting at most until the deadline of the call in
+    /// progress ([`Self::call_timeout`] from now when none is).
     pub fn recv(&mut self) -> Result<Response, ClientError> {
-        Ok(read_frame(
-            &mut self.reader,
-            AGENT_PROTOCOL_VERSION,
-            AGENT_FRAME_CAP,
-        )?)
+        let within = self.call_timeout;
+        if self.reader.get_ref().deadline.is_none() {
+            self.reader.get_mut().deadline = Some((Instant::now() + within, within));
+            let r = self.recv_frame();
+            self.reader.get_mut().deadline = None;
+            return r;
+        }
+        self.recv_frame()
     }
 
-    /// Sends a request and returns its single response; `Failed` becomes an error.
-    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
-        self.send(req)?;
-        match self.recv()? {
-            Response::Failed { kind, message } => Err(ClientError::Failed { kind, message }),
-            r => Ok(r),
+    fn recv_frame(&mut self) -> Result<Response, ClientError> {
+        match read_frame(&mut self.reader, AGENT_PROTOCOL_VERSION, AGENT_FRAME_CAP) {
+            Ok(r) => Ok(r),
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                let within = self
+                    .reader
+                    .get_ref()
+                    .deadline
+                    .map_or(self.call_timeout, |(_, d)| d);
+                Err(ClientError::Timeout(within))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
+    /// Sends a request and returns its single response within [`Self::call_timeout`];
+    /// `Failed` becomes an error.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let within = self.call_timeout;
+        self.stream_within(req, within, |_| {})
+    }
+
     /// Sends a request and passes every response to `on` until the terminal one, which is
-    /// returned (`Failed` becomes an error).
-    pub fn stream(
+    /// returned (`Failed` becomes an error); all of it within `within`.
+    pub fn stream_within(
         &mut self,
         req: &Request,
+        within: Duration,
         mut on: impl FnMut(&Response),
     ) -> Result<Response, ClientError> {
         self.send(req)?;
-        loop {
-            let r = self.recv()?;
+        self.reader.get_mut().deadline = Some((Instant::now() + within, within));
+        let result = loop {
+            let r = match self.recv_frame() {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
             if r.is_terminal() {
-                return match r {
+                break match r {
                     Response::Failed { kind, message } => {
                         Err(ClientError::Failed { kind, message })
                     }
@@ -239,7 +344,9 @@ impl AgentClient {
                 };
             }
             on(&r);
-        }
+        };
+        self.reader.get_mut().deadline = None;
+        result
     }
 
     /// Echo (the transport baseline).
@@ -260,7 +367,7 @@ impl AgentClient {
         }
     }
 
-    /// Runs a cell with no timeout and collects everything it produced.
+    /// Runs a cell (with no cell time limit) and collects everything it produced.
     pub fn exec_code(&mut self, code: &str) -> Result<ExecOutcome, ClientError> {
         self.exec(&ExecRequest {
             code: code.into(),
@@ -268,47 +375,74 @@ impl AgentClient {
         })
     }
 
-    /// Runs a cell and collects everything it produced.
+    /// Runs a cell and collects what it produced (up to [`MAX_COLLECTED_OUTPUT`]), within
+    /// [`exec_deadline`] of the request.
     pub fn exec(&mut self, req: &ExecRequest) -> Result<ExecOutcome, ClientError> {
         let mut outputs = Vec::new();
-        let done = self.exec_streaming(req, |r| outputs.push(r.clone()))?;
-        Ok(ExecOutcome { outputs, done })
+        let (mut kept, mut truncated) = (0usize, false);
+        let done = self.exec_streaming(req, exec_deadline(req), |r| {
+            let n = output_bytes(r);
+            if kept + n > MAX_COLLECTED_OUTPUT {
+                truncated = true;
+            } else {
+                kept += n;
+                outputs.push(r.clone());
+            }
+        })?;
+        Ok(ExecOutcome {
+            outputs,
+            done,
+            truncated,
+        })
     }
 
-    /// Runs a cell, passing each streamed response to `on` as it arrives; returns `Done`.
+    /// Runs a cell, passing each streamed response to `on` as it arrives; returns `Done`,
+    /// or [`ClientError::Timeout`] if it has not come within `within`.
     pub fn exec_streaming(
         &mut self,
         req: &ExecRequest,
+        within: Duration,
         on: impl FnMut(&Response),
     ) -> Result<Done, ClientError> {
-        match self.stream(&Request::Exec(req.clone()), on)? {
+        match self.stream_within(&Request::Exec(req.clone()), within, on)? {
             Response::Done(d) => Ok(d),
             r => Err(unexpected(&r)),
         }
     }
 
-    /// Runs a command and collects its output.
+    /// Runs a command and collects its output (up to [`MAX_COLLECTED_OUTPUT`]), within
+    /// [`shell_deadline`] of the request.
     pub fn shell(&mut self, req: &ShellRequest) -> Result<ShellOutcome, ClientError> {
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let done = self.shell_streaming(req, |r| match r {
-            Response::Stdout(d) => stdout.extend_from_slice(d),
-            Response::Stderr(d) => stderr.extend_from_slice(d),
-            _ => {}
+        let (mut stdout, mut stderr, mut truncated) = (Vec::new(), Vec::new(), false);
+        let done = self.shell_streaming(req, shell_deadline(req), |r| {
+            let (buf, d) = match r {
+                Response::Stdout(d) => (&mut stdout, d),
+                Response::Stderr(d) => (&mut stderr, d),
+                _ => return,
+            };
+            if buf.len() + d.len() > MAX_COLLECTED_OUTPUT {
+                truncated = true;
+            } else {
+                buf.extend_from_slice(d);
+            }
         })?;
         Ok(ShellOutcome {
             stdout,
             stderr,
             done,
+            truncated,
         })
     }
 
-    /// Runs a command, passing each output chunk to `on` as it arrives; returns `Done`.
+    /// Runs a command, passing each output chunk to `on` as it arrives; returns `Done`, or
+    /// [`ClientError::Timeout`] if it has not come within `within`.
     pub fn shell_streaming(
         &mut self,
         req: &ShellRequest,
+        within: Duration,
         on: impl FnMut(&Response),
     ) -> Result<Done, ClientError> {
-        match self.stream(&Request::Shell(req.clone()), on)? {
+        match self.stream_within(&Request::Shell(req.clone()), within, on)? {
             Response::Done(d) => Ok(d),
             r => Err(unexpected(&r)),
         }
@@ -347,23 +481,53 @@ impl AgentClient {
         expect_ok(self.call(&req)?)
     }
 
-    /// Reads a whole file (as many `ReadFile` requests as needed).
-    pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, ClientError> {
+    /// Reads a whole file of at most `max` bytes (as many `ReadFile` requests as needed);
+    /// [`ClientError::TooLarge`] if it has more.
+    pub fn read_file(&mut self, path: &str, max: u64) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
+        self.read_file_with(path, max, |piece| {
+            out.extend_from_slice(piece);
+            Ok::<(), ClientError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// Reads a file piece by piece (each at most [`FILE_CHUNK_MAX`] bytes), handing each to
+    /// `on`; stops with [`ClientError::TooLarge`] before passing `max` bytes in all (the
+    /// guest's `eof` is not needed to end the read). Returns the bytes read.
+    pub fn read_file_with<E: From<ClientError>>(
+        &mut self,
+        path: &str,
+        max: u64,
+        mut on: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let mut offset = 0u64;
         loop {
+            let want = (max - offset).min(FILE_CHUNK_MAX as u64) + 1;
             let req = Request::ReadFile {
                 path: path.into(),
-                offset: out.len() as u64,
-                max_len: None,
+                offset,
+                max_len: Some(want),
             };
             match self.call(&req)? {
                 Response::FileData { data, eof, .. } => {
-                    out.extend_from_slice(&data);
+                    if offset + data.len() as u64 > max {
+                        return Err(ClientError::TooLarge(max).into());
+                    }
+                    if data.len() as u64 > want {
+                        return Err(ClientError::Unexpected(format!(
+                            "the agent sent {} bytes for a read of {want}",
+                            data.len()
+                        ))
+                        .into());
+                    }
+                    offset += data.len() as u64;
+                    on(&data)?;
                     if eof || data.is_empty() {
-                        return Ok(out);
+                        return Ok(offset);
                     }
                 }
-                r => return Err(unexpected(&r)),
+                r => return Err(unexpected(&r).into()),
             }
         }
     }
@@ -403,6 +567,26 @@ impl AgentClient {
     /// Powers the guest off (host mode: the agent exits).
     pub fn poweroff(&mut self) -> Result<(), ClientError> {
         expect_ok(self.call(&Request::Poweroff)?)
+    }
+}
+
+/// How long [`AgentClient::exec`] waits for a cell: its own time limit plus the grace the
+/// agent gives it to obey an interrupt and a margin; a cell without a limit gets an hour.
+pub fn exec_deadline(req: &ExecRequest) -> Duration {
+    match req.timeout_ms {
+        Some(ms) => Duration::from_millis(
+            ms.saturating_add(fissile_proto::agent::INTERRUPT_GRACE_MS)
+                .saturating_add(30_000),
+        ),
+        None => Duration::from_secs(3600),
+    }
+}
+
+/// How long [`AgentClient::shell`] waits for a command: like [`exec_deadline`].
+pub fn shell_deadline(req: &ShellRequest) -> Duration {
+    match req.timeout_ms {
+        Some(ms) => Duration::from_millis(ms.saturating_add(30_000)),
+        None => Duration::from_secs(3600),
     }
 }
 

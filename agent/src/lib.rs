@@ -18,7 +18,9 @@ pub mod server;
 mod shell;
 mod sys;
 
-pub use client::{AgentClient, ClientError, ExecOutcome, ReadyListener, ShellOutcome};
+pub use client::{
+    AgentClient, ClientError, ExecOutcome, MAX_COLLECTED_OUTPUT, ReadyListener, ShellOutcome,
+};
 pub use server::{Agent, AgentConfig, ServeError};
 
 /// Starts the reaper thread now. As PID 1, call it right after [`init::init_guest`], before

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use common::TestAgent;
 use fissile_agent::ClientError;
@@ -113,7 +114,7 @@ fn shell_concurrent_commands_run_at_the_same_time() {
         let mut tx = Some(tx);
         let mut out = Vec::new();
         let done = a
-            .shell_streaming(&wait, |r| {
+            .shell_streaming(&wait, Duration::from_secs(60), |r| {
                 if let Response::Stdout(d) = r {
                     out.extend_from_slice(d);
                     if let Some(tx) = tx.take() {
@@ -205,11 +206,11 @@ fn files_binary_round_trip_list_and_remove() {
     // 20 MiB of every byte value: more than one frame's worth, so it is chunked.
     let data: Vec<u8> = (0..(20usize << 20)).map(|i| (i * 31 % 251) as u8).collect();
     c.write_file(path, &data, Some(0o600)).unwrap();
-    assert_eq!(c.read_file(path).unwrap(), data);
+    assert_eq!(c.read_file(path, 1 << 30).unwrap(), data);
 
     c.write_file_part(path, b"\x00tail\xff", true, None)
         .unwrap();
-    let grown = c.read_file(path).unwrap();
+    let grown = c.read_file(path, 1 << 30).unwrap();
     assert_eq!(&grown[data.len()..], b"\x00tail\xff");
 
     let entries = c.list_dir(dir.to_str().unwrap()).unwrap();
@@ -230,7 +231,7 @@ fn files_binary_round_trip_list_and_remove() {
     ));
     c.remove(parent, true).unwrap();
     assert!(matches!(
-        c.read_file(path),
+        c.read_file(path, 1 << 30),
         Err(ClientError::Failed {
             kind: FailureKind::NotFound,
             ..

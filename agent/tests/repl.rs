@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use common::TestAgent;
 use fissile_proto::agent::{ExecRequest, INTERPRETER_RESTARTED, Request, Response};
@@ -99,14 +100,18 @@ fn exec_output_streams_while_the_cell_runs() {
     );
     let mut seen = Vec::new();
     let done = c
-        .exec_streaming(&exec_with_timeout(&code, 60_000), |r| {
-            if let Response::Stdout(d) = r {
-                if d.starts_with(b"waiting") {
-                    std::fs::write(&flag, b"").unwrap();
+        .exec_streaming(
+            &exec_with_timeout(&code, 60_000),
+            Duration::from_secs(120),
+            |r| {
+                if let Response::Stdout(d) = r {
+                    if d.starts_with(b"waiting") {
+                        std::fs::write(&flag, b"").unwrap();
+                    }
+                    seen.push(String::from_utf8_lossy(d).into_owned());
                 }
-                seen.push(String::from_utf8_lossy(d).into_owned());
-            }
-        })
+            },
+        )
         .unwrap();
     assert!(
         !done.timed_out,
@@ -242,14 +247,18 @@ fn exec_interrupt_request_from_another_connection_keeps_state() {
     let mut tx = Some(tx);
     let mut outputs = Vec::new();
     let done = c
-        .exec_streaming(&exec_with_timeout(code, 30_000), |r| {
-            if matches!(r, Response::Stdout(_))
-                && let Some(tx) = tx.take()
-            {
-                tx.send(()).unwrap();
-            }
-            outputs.push(r.clone());
-        })
+        .exec_streaming(
+            &exec_with_timeout(code, 30_000),
+            Duration::from_secs(120),
+            |r| {
+                if matches!(r, Response::Stdout(_))
+                    && let Some(tx) = tx.take()
+                {
+                    tx.send(()).unwrap();
+                }
+                outputs.push(r.clone());
+            },
+        )
         .unwrap();
     assert!(interrupter.join().unwrap(), "no cell was running");
     assert!(!done.timed_out && !done.state_lost);
@@ -275,15 +284,19 @@ fn exec_second_exec_is_queued_until_the_first_ends() {
         let mut tx = Some(started_tx);
         let mut result = None;
         let done = a
-            .exec_streaming(&exec_with_timeout(&code, 60_000), |r| match r {
-                Response::Stdout(_) => {
-                    if let Some(tx) = tx.take() {
-                        tx.send(()).unwrap();
+            .exec_streaming(
+                &exec_with_timeout(&code, 60_000),
+                Duration::from_secs(120),
+                |r| match r {
+                    Response::Stdout(_) => {
+                        if let Some(tx) = tx.take() {
+                            tx.send(()).unwrap();
+                        }
                     }
-                }
-                Response::ExecuteResult(m) => result = m.text("text/plain").map(String::from),
-                _ => {}
-            })
+                    Response::ExecuteResult(m) => result = m.text("text/plain").map(String::from),
+                    _ => {}
+                },
+            )
             .unwrap();
         (done, result)
     });
@@ -384,6 +397,7 @@ fn exec_10_mb_of_output_streams_in_bounded_memory() {
                 code: code.into(),
                 ..ExecRequest::default()
             },
+            std::time::Duration::from_secs(300),
             |r| {
                 if let Response::Stdout(d) = r {
                     bytes += d.len();

@@ -5,3 +5,58 @@
 pub fn in_lab() -> bool {
     std::env::var_os("FISSILE_IN_LAB").is_some()
 }
+
+use std::collections::HashMap;
+
+/// The kB fields of `/proc/<pid>/smaps`, summed over the mappings whose line contains
+/// `needle` (first) and over the whole process (second), from one read of the file.
+pub fn smaps(pid: u32, needle: &str) -> (HashMap<String, u64>, HashMap<String, u64>) {
+    let (mut matching, mut whole) = (HashMap::new(), HashMap::new());
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return (matching, whole);
+    };
+    let mut inside = false;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            inside = line.contains(needle);
+            continue;
+        }
+        if let Some((field, v)) = line.split_once(':')
+            && let Some(kb) = v.trim().strip_suffix(" kB")
+        {
+            let kb = kb.trim().parse::<u64>().unwrap_or(0);
+            *whole.entry(field.to_string()).or_default() += kb;
+            if inside {
+                *matching.entry(field.to_string()).or_default() += kb;
+            }
+        }
+    }
+    (matching, whole)
+}
+
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident set size of process `pid` in kB (`VmRSS`).
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The value of a Python expression (its repr); an exception is an error.
+pub fn eval(sb: &mut fissile_sandbox::Sandbox, code: &str) -> anyhow::Result<String> {
+    let out = sb.exec(code)?;
+    if let Some((e, v, _)) = out.error() {
+        anyhow::bail!("{code:?} raised {e}: {v}");
+    }
+    Ok(out.result_text().unwrap_or("").to_string())
+}

@@ -10,27 +10,42 @@
 //! {"op":"shutdown"}  -> {"ok":true}
 //! {"op":"snapshot","durable":true}
 //!                    -> {"ok":true,"snapshot":{"id":"...","durable":true,"dirty_pages":N,...}}
-//! {"op":"fork","n":3,"dir":"/run/fissile/x"}
-//!                    -> {"ok":true,"fork":{"snapshot":"...","children":[{"index":0,"pid":..,"dir":..}],...}}
-//! {"op":"merge","winner":"/run/fissile/x/child-1/api.sock"}
-//!                    -> {"ok":true,"merge":{"snapshot":"...","ms":..}}
+//! {"op":"fork"}     -> {"ok":true,"fork":{"snapshot":{"id":"...",...}}}
+//! {"op":"merge","snapshot":"<the winner's snapshot>"}
+//!                    -> {"ok":true,"merge":{"snapshot":"...","paused_ms":..,...}}
+//! {"op":"rollback","snapshot":"<an earlier snapshot of this VM>"}
+//!                    -> {"ok":true,"merge":{"snapshot":"...",...}}
 //! {"op":"persist"}   -> {"ok":true,"snapshot":{...}} then the VMM stops
 //! {"op":"memory_hash"} -> {"ok":true,"memory_hash":"<blake3 hex>"}
 //! anything bad       -> {"ok":false,"error":"...","error_kind":"bad_request"}
 //! ```
 //!
-//! `snapshot`, `fork` and `merge` need the VMM to have been started with a snapshotd socket.
-//! `merge` follows Podflare's semantics; its failures carry an [`ErrorKind`] an HTTP layer
-//! maps to a status: a winner that is not a child of this VM's current fork, or a fork that
-//! was already merged, is `not_found` (404); merging a VM into itself is `bad_request` (400).
-//! A request line is capped at [`MAX_REQUEST_LINE`] bytes.
+//! # Concurrency
+//! Any number of clients may be connected (up to the VMM's cap); lifecycle operations
+//! (everything but `status` and `shutdown`) run one at a time in the order they arrive, so
+//! a `resume` sent during a snapshot waits until the snapshot is done. `pause`/`resume` from
+//! clients are one hold: operations that pause internally add their own and never resume a
+//! VM a client paused. `status` never waits; its `busy` field names the operation running.
+//!
+//! # Fork and merge
+//! The VMM never starts processes. `fork` takes the fork snapshot and marks it as this VM's
+//! fork point; the orchestrator starts the children (`fissile-vmm --restore <id>`). To merge,
+//! the orchestrator asks the winner for a `snapshot` and gives its id to the parent's
+//! `merge`: the parent checks in snapshotd, never by asking a peer, that the snapshot
+//! descends from its fork point. Merge follows Podflare's semantics; its failures carry an
+//! [`ErrorKind`] an HTTP layer maps to a status: a snapshot that does not descend from this
+//! VM's current fork, or a fork that was already merged, is `not_found` (404); a snapshot this
+//! VM took itself is `bad_request` (400, a self-merge).
+//!
+//! `snapshot`, `fork`, `merge`, `rollback` and `persist` need the VMM to have been started
+//! with a snapshotd socket. A request line is capped at [`MAX_REQUEST_LINE`] bytes.
 
 use serde::{Deserialize, Serialize};
 
 /// Largest accepted request line, newline included. Longer lines get an error response and
 /// the connection is closed.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
-/// Most children one `fork` may create.
+/// Most children an orchestrator starts from one fork snapshot.
 pub const MAX_FORK_CHILDREN: u32 = 64;
 
 /// One control request (one JSON line).
@@ -53,20 +68,23 @@ pub enum ControlRequest {
         #[serde(default)]
         durable: bool,
     },
-    /// Snapshot, then start `n` child VMMs restored from it, each in `<dir>/child-<i>/`
-    /// (`api.sock`, `vsock.sock`, `console.log`, `vmm.log`).
-    Fork {
-        /// Number of children.
-        n: u32,
-        /// Parent directory of the children's directories.
-        dir: String,
-    },
-    /// Take the state of `winner` (the control socket of a child of this VM's latest fork):
-    /// its memory (the fork snapshot plus its dirty pages), vCPUs and devices. This VM keeps
-    /// its identity and sockets; other children are untouched.
+    /// Take a snapshot and make it this VM's fork point: children restored from it (started
+    /// by the orchestrator) may later be merged back into this VM. (A struct variant so that
+    /// unknown fields, such as the `n` and `dir` of the protocol before the VMM stopped
+    /// starting children, are refused rather than ignored.)
+    Fork {},
+    /// Take the state of the winner's snapshot `snapshot` (which must descend from this VM's
+    /// latest fork point, as snapshotd records it): its memory, vCPUs and devices. This VM
+    /// keeps its identity and sockets; other VMs are untouched.
     Merge {
-        /// The winner's control socket path.
-        winner: String,
+        /// The winner's snapshot (from its own `snapshot` request).
+        snapshot: String,
+    },
+    /// Return this VM to snapshot `snapshot` (memory, vCPUs, devices), keeping its identity
+    /// and sockets. The orchestrator decides which snapshots a VM may go back to.
+    Rollback {
+        /// The snapshot.
+        snapshot: String,
     },
     /// Durable snapshot, then stop (a persistent space going to sleep).
     Persist,
@@ -106,6 +124,9 @@ pub struct VmStatus {
     /// VM exits handled so far, per vCPU.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpu_exits: Vec<u64>,
+    /// The lifecycle operation running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<String>,
 }
 
 /// Body of a successful `snapshot` (and `persist`).
@@ -125,42 +146,21 @@ pub struct SnapshotReply {
     pub steps_ms: Vec<(String, f64)>,
 }
 
-/// One child of a `fork`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ForkChild {
-    /// Its index (0-based).
-    pub index: u32,
-    /// Its VMM process id.
-    pub pid: u32,
-    /// Its directory (sockets and logs).
-    pub dir: String,
-    /// Its control socket.
-    pub api_sock: String,
-    /// Its hybrid-vsock socket.
-    pub vsock_uds: String,
-}
-
 /// Body of a successful `fork`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForkReply {
-    /// The fork snapshot.
+    /// The fork snapshot: restore children from it.
     pub snapshot: SnapshotReply,
-    /// The children, started (restored and resuming on their own).
-    pub children: Vec<ForkChild>,
-    /// Milliseconds to start the children's processes.
-    pub spawn_ms: f64,
 }
 
-/// Body of a successful `merge`.
+/// Body of a successful `merge` or `rollback`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MergeReply {
-    /// The winner's snapshot that this VM now runs on.
+    /// The snapshot that this VM now runs on.
     pub snapshot: String,
-    /// Pages the winner had dirtied since the fork.
-    pub dirty_pages: u64,
     /// Milliseconds this VM was paused.
     pub paused_ms: f64,
-    /// Milliseconds for the whole merge (winner snapshot included).
+    /// Milliseconds for the whole operation (lineage check, state and image included).
     pub total_ms: f64,
 }
 
@@ -176,6 +176,8 @@ pub enum ErrorKind {
     Conflict,
     /// The VMM failed (HTTP 500).
     Internal,
+    /// The VMM is busy: its request queue is full (HTTP 503).
+    Busy,
 }
 
 /// One control response (one JSON line).

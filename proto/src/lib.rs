@@ -1,12 +1,13 @@
 //! Wire formats shared by the Fissile VMM, snapshotd and the guest agent.
 //!
 //! Every protocol here is framed, versioned and size-capped; see each module's docs for the
-//! exact encoding.
+//! exact encoding. [`uds`] binds the unix sockets they run over.
 
 pub mod agent;
 pub mod control;
 pub mod frame;
 pub mod snapshotd;
+pub mod uds;
 
 /// An error with its whole source chain, `a: b: c`: how every component renders a failure
 /// into a protocol reply or a log line.

@@ -8,6 +8,11 @@
 //! (guest serial console) and `vmm.log` (the VMM's own log).
 //!
 //! Readiness is the agent answering an `Info` request over vsock, never a sleep.
+//!
+//! This library starts every VMM process itself (boot, restore, and the children of a
+//! fork: the parent VMM only takes the fork snapshot), so each sandbox owns its process as a
+//! [`Child`]: nothing is ever killed by a bare pid, and a fork that fails half way kills and
+//! reaps the children it started.
 
 pub mod control;
 pub mod paths;
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
 use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT, AgentInfo, ExecRequest};
-use fissile_proto::control::{ControlRequest, MergeReply, SnapshotReply};
+use fissile_proto::control::{ControlRequest, MAX_FORK_CHILDREN, MergeReply, SnapshotReply};
 
 pub use control::{ControlClient, ControlError};
 pub use snapshotd::Snapshotd;
@@ -130,52 +135,70 @@ pub enum SandboxError {
     /// Reading host entropy for a restored guest failed.
     #[error("reading host entropy")]
     Entropy(#[source] std::io::Error),
+    /// Starting snapshotd failed.
+    #[error("fissile-snapshotd did not start: {0}")]
+    Snapshotd(String),
+    /// A fork's child count is out of range.
+    #[error("fork needs 1..={MAX_FORK_CHILDREN} children, got {0}")]
+    ForkCount(u32),
+    /// Some children of a fork failed; the ones that started were stopped.
+    #[error("fork({n}): {} of the children failed; the first: {first}", failed)]
+    Fork {
+        /// Children asked for.
+        n: u32,
+        /// How many failed.
+        failed: usize,
+        /// The first failure.
+        first: Box<SandboxError>,
+    },
+    /// A sandbox cannot merge into itself.
+    #[error("a sandbox cannot merge into itself")]
+    SelfMerge,
 }
 
-/// The VMM process behind a sandbox: one we started, or a fork child its parent VMM started.
-#[derive(Debug)]
-enum VmmProcess {
-    Child(Child),
-    Pid(u32),
+/// How a sandbox starts VMM processes (kept for its fork children).
+#[derive(Debug, Clone)]
+struct Spawner {
+    vmm: PathBuf,
+    rootfs: PathBuf,
+    snapshotd: Option<PathBuf>,
+    boot_timeout: Duration,
 }
 
-impl VmmProcess {
-    fn id(&self) -> u32 {
-        match self {
-            VmmProcess::Child(c) => c.id(),
-            VmmProcess::Pid(p) => *p,
+impl Spawner {
+    fn of(cfg: &SandboxConfig) -> Spawner {
+        Spawner {
+            vmm: cfg.vmm.clone(),
+            rootfs: cfg.rootfs.clone(),
+            snapshotd: cfg.snapshotd.clone(),
+            boot_timeout: cfg.boot_timeout,
         }
     }
 
-    /// `Some(description)` once the process has exited.
-    fn exited(&mut self) -> Option<String> {
-        match self {
-            VmmProcess::Child(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
-            // Not our child (its parent VMM reaps it): gone, or a zombie, means exited.
-            VmmProcess::Pid(p) => match std::fs::read_to_string(format!("/proc/{p}/stat")) {
-                Err(_) => Some("exited".into()),
-                Ok(stat) => {
-                    let state = stat
-                        .rsplit_once(')')
-                        .and_then(|(_, r)| r.trim_start().chars().next());
-                    (state == Some('Z')).then(|| "exited".into())
-                }
-            },
-        }
-    }
-
-    fn kill(&mut self) {
-        match self {
-            VmmProcess::Child(c) => {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            VmmProcess::Pid(p) => {
-                // SAFETY: kill(2) has no memory-safety preconditions; a stale pid at worst
-                // gets ESRCH.
-                unsafe { libc::kill(*p as i32, libc::SIGKILL) };
-            }
-        }
+    /// Starts `fissile-vmm --restore <snapshot>` with its sockets and logs in `dir`.
+    fn restore(&self, snapshot: &str, dir: &Path) -> Result<Child, SandboxError> {
+        let sd = self.snapshotd.as_ref().ok_or(SandboxError::NoSnapshotd)?;
+        std::fs::create_dir_all(dir).map_err(|e| SandboxError::Dir(dir.to_path_buf(), e))?;
+        let vmm_log = File::create(dir.join("vmm.log"))
+            .map_err(|e| SandboxError::Dir(dir.to_path_buf(), e))?;
+        Command::new(&self.vmm)
+            .arg("--restore")
+            .arg(snapshot)
+            .arg("--snapshotd")
+            .arg(sd)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .arg("--vsock-uds")
+            .arg(dir.join("vsock.sock"))
+            .arg("--api-sock")
+            .arg(dir.join("api.sock"))
+            .arg("--serial-log")
+            .arg(dir.join("console.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(vmm_log)
+            .spawn()
+            .map_err(|e| SandboxError::Spawn(self.vmm.clone(), e))
     }
 }
 
@@ -204,12 +227,12 @@ pub struct BootTimings {
 /// A running sandbox: one `fissile-vmm` process and a connection to its guest agent.
 #[derive(Debug)]
 pub struct Sandbox {
-    proc: Option<VmmProcess>,
+    proc: Option<Child>,
     dir: PathBuf,
     agent: AgentClient,
     info: AgentInfo,
     timings: BootTimings,
-    snapshotd: Option<PathBuf>,
+    spawner: Spawner,
     forks: u32,
 }
 
@@ -249,73 +272,41 @@ impl Sandbox {
             .stderr(vmm_log)
             .spawn()
             .map_err(|e| SandboxError::Spawn(cfg.vmm.clone(), e))?;
-        let mut sandbox = Self::attach(child, &cfg.dir, cfg.boot_timeout, started, Some(ready))?;
-        sandbox.timings.to_ready = started.elapsed();
-        sandbox.snapshotd = cfg.snapshotd.clone();
-        Ok(sandbox)
+        Self::attach(child, &cfg.dir, Spawner::of(cfg), started, Some(ready))
     }
 
     /// Restores snapshot `snapshot` into a new VMM process with its own sockets in
     /// `cfg.dir`, waits for the agent, and gives it fresh entropy and the wall clock.
     pub fn restore(cfg: &SandboxConfig, snapshot: &str) -> Result<Sandbox, SandboxError> {
-        let sd = cfg.snapshotd.clone().ok_or(SandboxError::NoSnapshotd)?;
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| SandboxError::Dir(cfg.dir.clone(), e))?;
-        let vmm_log = File::create(cfg.dir.join("vmm.log"))
-            .map_err(|e| SandboxError::Dir(cfg.dir.clone(), e))?;
+        let spawner = Spawner::of(cfg);
         let started = Instant::now();
-        let child = Command::new(&cfg.vmm)
-            .arg("--restore")
-            .arg(snapshot)
-            .arg("--snapshotd")
-            .arg(&sd)
-            .arg("--rootfs")
-            .arg(&cfg.rootfs)
-            .arg("--vsock-uds")
-            .arg(cfg.dir.join("vsock.sock"))
-            .arg("--api-sock")
-            .arg(cfg.dir.join("api.sock"))
-            .arg("--serial-log")
-            .arg(cfg.dir.join("console.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(vmm_log)
-            .spawn()
-            .map_err(|e| SandboxError::Spawn(cfg.vmm.clone(), e))?;
-        let mut sb = Self::attach(child, &cfg.dir, cfg.boot_timeout, started, None)?;
+        let child = spawner.restore(snapshot, &cfg.dir)?;
+        let mut sb = Self::attach(child, &cfg.dir, spawner, started, None)?;
         after_restore(&mut sb.agent)?;
         sb.timings.to_ready = started.elapsed();
-        sb.snapshotd = Some(sd);
         Ok(sb)
     }
 
-    /// Waits for the agent of an already started VMM `child` whose sockets are in `dir`:
-    /// for its readiness line on `ready` when given (a booting guest), then connects.
-    /// Without `ready` (a restored guest whose agent already listens) it retries connecting.
-    pub fn attach(
-        child: Child,
+    /// Waits for the agent of the VMM `child` whose sockets are in `dir`: for its
+    /// readiness line on `ready` when given (a booting guest), then connects. Without
+    /// `ready` (a restored guest whose agent already listens) it retries connecting. On any
+    /// failure the VMM is killed and reaped.
+    fn attach(
+        mut child: Child,
         dir: &Path,
-        timeout: Duration,
-        started: Instant,
-        ready: Option<ReadyListener>,
-    ) -> Result<Sandbox, SandboxError> {
-        Self::attach_process(VmmProcess::Child(child), dir, timeout, started, ready)
-    }
-
-    fn attach_process(
-        mut child: VmmProcess,
-        dir: &Path,
-        timeout: Duration,
+        spawner: Spawner,
         started: Instant,
         ready: Option<ReadyListener>,
     ) -> Result<Sandbox, SandboxError> {
         let uds = dir.join("vsock.sock");
+        let timeout = spawner.boot_timeout;
         let mut last = String::from("not tried");
         let mut backoff = Duration::from_millis(5);
         let mut signalled = ready.is_none();
         loop {
-            if let Some(status) = child.exited() {
+            if let Ok(Some(status)) = child.try_wait() {
                 return Err(SandboxError::VmmExited {
-                    status,
+                    status: status.to_string(),
                     vmm_log: tail(&dir.join("vmm.log"), 30),
                     console: tail(&dir.join("console.log"), 30),
                 });
@@ -338,7 +329,7 @@ impl Sandbox {
                             timings: BootTimings {
                                 to_ready: started.elapsed(),
                             },
-                            snapshotd: None,
+                            spawner,
                             forks: 0,
                         });
                     }
@@ -346,7 +337,8 @@ impl Sandbox {
                 }
             }
             if started.elapsed() > timeout {
-                child.kill();
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err(SandboxError::BootTimeout {
                     secs: timeout.as_secs(),
                     last,
@@ -361,11 +353,10 @@ impl Sandbox {
     }
 
     fn try_connect(uds: &Path) -> Result<(AgentClient, AgentInfo), ClientError> {
+        // The client's call deadline: a connection the guest accepted but never answers
+        // does not hang the boot.
         let mut agent = AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)?;
-        // A connection that the guest accepted but never answers must not hang the boot.
-        let _ = agent.set_timeout(Some(Duration::from_secs(60)));
         let info = agent.info()?;
-        let _ = agent.set_timeout(None);
         Ok((agent, info))
     }
 
@@ -386,7 +377,7 @@ impl Sandbox {
 
     /// The VMM's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(VmmProcess::id)
+        self.proc.as_ref().map(Child::id)
     }
 
     /// The VMM's control socket.
@@ -404,52 +395,102 @@ impl Sandbox {
             .ok_or_else(|| SandboxError::Reply("snapshot without body".into()))
     }
 
-    /// Forks into `n` children (copy-on-write, sharing unmodified memory). Returns once every
-    /// child's agent answers and has fresh entropy and the wall clock; the timings say how
-    /// long the VMM took and how long until all children answered.
-    pub fn fork(&mut self, n: u32) -> Result<(Vec<Sandbox>, ForkTimings), SandboxError> {
+    /// Forks into `n` children (copy-on-write, sharing unmodified memory) and returns each
+    /// child's outcome: the parent VMM takes the fork snapshot, this library starts one
+    /// `fissile-vmm --restore` per child and waits until each child's agent answers and has
+    /// fresh entropy and the wall clock. A child that fails has been killed and reaped.
+    pub fn fork_each(
+        &mut self,
+        n: u32,
+    ) -> Result<(Vec<Result<Sandbox, SandboxError>>, ForkTimings), SandboxError> {
+        if n == 0 || n > MAX_FORK_CHILDREN {
+            return Err(SandboxError::ForkCount(n));
+        }
         let t0 = Instant::now();
         self.forks += 1;
         let dir = self.dir.join(format!("fork-{}", self.forks));
-        std::fs::create_dir_all(&dir).map_err(|e| SandboxError::Dir(dir.clone(), e))?;
-        let mut ctl = self.control()?;
-        let resp = ctl.call(&ControlRequest::Fork {
-            n,
-            dir: dir.display().to_string(),
-        })?;
-        let fork = resp
+        let fork = self
+            .control()?
+            .call(&ControlRequest::Fork {})?
             .fork
             .ok_or_else(|| SandboxError::Reply("fork without body".into()))?;
         let vmm_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut children = Vec::new();
-        for c in &fork.children {
-            let mut sb = Self::attach_process(
-                VmmProcess::Pid(c.pid),
-                Path::new(&c.dir),
-                Duration::from_secs(120),
-                t0,
-                None,
-            )?;
-            after_restore(&mut sb.agent)?;
-            sb.snapshotd = self.snapshotd.clone();
-            children.push(sb);
-        }
+        // Start every child first (they restore in parallel), then wait for each.
+        let started: Vec<(PathBuf, Result<Child, SandboxError>)> = (0..n)
+            .map(|i| {
+                let child_dir = dir.join(format!("child-{i}"));
+                let child = self.spawner.restore(&fork.snapshot.id, &child_dir);
+                (child_dir, child)
+            })
+            .collect();
+        let spawn_ms = t0.elapsed().as_secs_f64() * 1e3 - vmm_ms;
+        let children = started
+            .into_iter()
+            .map(|(child_dir, child)| {
+                let mut sb = Self::attach(child?, &child_dir, self.spawner.clone(), t0, None)?;
+                after_restore(&mut sb.agent)?;
+                Ok(sb)
+            })
+            .collect();
         let timings = ForkTimings {
             vmm_ms,
+            spawn_ms,
             all_answered_ms: t0.elapsed().as_secs_f64() * 1e3,
             snapshot: fork.snapshot,
         };
         Ok((children, timings))
     }
 
+    /// [`Sandbox::fork_each`], all or nothing: if any child fails, every child is stopped
+    /// and the error says how many failed.
+    pub fn fork(&mut self, n: u32) -> Result<(Vec<Sandbox>, ForkTimings), SandboxError> {
+        let (outcomes, timings) = self.fork_each(n)?;
+        let (ok, failed): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
+        let mut failed = failed.into_iter().filter_map(Result::err);
+        if let Some(first) = failed.next() {
+            drop(ok); // stops the children that did start
+            return Err(SandboxError::Fork {
+                n,
+                failed: 1 + failed.count(),
+                first: Box::new(first),
+            });
+        }
+        Ok((ok.into_iter().filter_map(Result::ok).collect(), timings))
+    }
+
     /// Takes `winner`'s state (a child of this sandbox's latest fork): its memory, vCPUs and
-    /// devices. This sandbox keeps its identity and sockets; other children are untouched.
-    /// Afterwards the agent connection is re-established (vsock connections do not survive).
+    /// devices. The winner snapshots itself (and keeps running); this sandbox's VMM checks
+    /// in snapshotd that the snapshot descends from its fork and switches to it, keeping its
+    /// identity and sockets. Afterwards the agent connection is re-established (vsock
+    /// connections do not survive).
     pub fn merge_into(&mut self, winner: &Sandbox) -> Result<MergeReply, SandboxError> {
-        let resp = self.control()?.call(&ControlRequest::Merge {
-            winner: winner.api_sock().display().to_string(),
-        })?;
-        let merge = resp
+        if winner.dir == self.dir {
+            return Err(SandboxError::SelfMerge);
+        }
+        let snapshot = winner.snapshot(false)?;
+        self.merge_snapshot(&snapshot.id)
+    }
+
+    /// The second half of [`Sandbox::merge_into`]: takes the state of `snapshot`, which a
+    /// child of this sandbox's latest fork took.
+    pub fn merge_snapshot(&mut self, snapshot: &str) -> Result<MergeReply, SandboxError> {
+        self.adopt(ControlRequest::Merge {
+            snapshot: snapshot.to_string(),
+        })
+    }
+
+    /// Returns this sandbox to one of its earlier snapshots (memory, vCPUs, devices), keeping
+    /// its identity; reconnects the agent.
+    pub fn rollback(&mut self, snapshot: &str) -> Result<MergeReply, SandboxError> {
+        self.adopt(ControlRequest::Rollback {
+            snapshot: snapshot.to_string(),
+        })
+    }
+
+    fn adopt(&mut self, req: ControlRequest) -> Result<MergeReply, SandboxError> {
+        let merge = self
+            .control()?
+            .call(&req)?
             .merge
             .ok_or_else(|| SandboxError::Reply("merge without body".into()))?;
         self.reconnect()?;
@@ -480,7 +521,7 @@ impl Sandbox {
         let snap = resp
             .snapshot
             .ok_or_else(|| SandboxError::Reply("persist without body".into()))?;
-        let _ = self.wait(timeout);
+        self.wait(timeout)?;
         Ok(snap.id)
     }
 
@@ -497,12 +538,13 @@ impl Sandbox {
         )?)
     }
 
-    /// A client of the VMM's control socket.
+    /// A client of the VMM's control socket (with [`control::DEFAULT_TIMEOUT`]).
     pub fn control(&self) -> Result<ControlClient, SandboxError> {
         Ok(ControlClient::connect(&self.dir.join("api.sock"))?)
     }
 
-    /// Runs a Python cell in the persistent REPL.
+    /// Runs a Python cell in the persistent REPL (within the agent client's exec deadline;
+    /// output collected up to its cap).
     pub fn exec(&mut self, code: &str) -> Result<ExecOutcome, SandboxError> {
         Ok(self.agent.exec(&ExecRequest {
             code: code.to_string(),
@@ -519,22 +561,10 @@ impl Sandbox {
 
     /// Waits (bounded) for the VMM process to exit; kills it after `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, SandboxError> {
-        let mut child = match self.proc.take() {
-            Some(VmmProcess::Child(c)) => c,
-            Some(mut other) => {
-                let deadline = Instant::now() + timeout;
-                while other.exited().is_none() {
-                    if Instant::now() > deadline {
-                        other.kill();
-                        return Err(SandboxError::Wait("still running; killed".into()));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                // Not our child: its status went to its parent VMM.
-                return Ok(<ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(0));
-            }
-            None => return Err(SandboxError::Wait("already waited".into())),
-        };
+        let mut child = self
+            .proc
+            .take()
+            .ok_or_else(|| SandboxError::Wait("already waited".into()))?;
         let deadline = Instant::now() + timeout;
         loop {
             match child.try_wait() {
@@ -568,8 +598,9 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill();
+        if let Some(mut c) = self.proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -577,17 +608,28 @@ impl Drop for Sandbox {
 /// How long a fork took.
 #[derive(Debug, Clone)]
 pub struct ForkTimings {
-    /// The fork request to the parent VMM (snapshot + starting the children).
+    /// The fork request to the parent VMM (the fork snapshot).
     pub vmm_ms: f64,
+    /// Starting the children's processes.
+    pub spawn_ms: f64,
     /// Until every child's agent answered (and got entropy and the clock).
     pub all_answered_ms: f64,
     /// The fork snapshot.
     pub snapshot: SnapshotReply,
 }
 
-/// The last `lines` lines of a text file (empty if unreadable).
+/// Most bytes [`tail`] reads from the end of a file (a guest writes the console log).
+const TAIL_BYTES: u64 = 64 << 10;
+
+/// The last `lines` lines of a text file (empty if unreadable), from its last 64 KiB.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+        let _ = f.take(TAIL_BYTES).read_to_end(&mut text);
+    }
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -613,15 +655,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmm.log"), "fissile-vmm: no kvm\n").unwrap();
         let child = Command::new("false").spawn().unwrap();
+        let spawner = Spawner {
+            vmm: "fissile-vmm".into(),
+            rootfs: "rootfs".into(),
+            snapshotd: None,
+            boot_timeout: Duration::from_secs(10),
+        };
 
-        let err = Sandbox::attach(
-            child,
-            dir.path(),
-            Duration::from_secs(10),
-            Instant::now(),
-            None,
-        )
-        .unwrap_err();
+        let err = Sandbox::attach(child, dir.path(), spawner, Instant::now(), None).unwrap_err();
 
         assert!(matches!(err, SandboxError::VmmExited { .. }), "{err}");
         assert!(err.to_string().contains("no kvm"), "{err}");

@@ -1,11 +1,15 @@
 //! A `fissile-snapshotd` daemon process, for tests, benchmarks and the CLI.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use crate::SandboxError;
 use crate::paths::find_binary;
+
+/// How long snapshotd may take to open its store and listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running snapshotd; killed on drop.
 #[derive(Debug)]
@@ -34,27 +38,37 @@ impl Snapshotd {
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| SandboxError::Spawn(bin.clone(), e))?;
-        let mut line = String::new();
+        // The readiness line, read on a helper thread so the wait is bounded.
+        let (tx, rx) = std::sync::mpsc::channel();
         if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(out).take(4096).read_line(&mut line);
+                let _ = tx.send(line);
+            });
         }
+        let line = rx.recv_timeout(READY_TIMEOUT).unwrap_or_default();
         if !line.starts_with("READY") {
             let _ = child.kill();
             let status = child
                 .wait()
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
-            return Err(SandboxError::VmmExited {
-                status: format!("fissile-snapshotd: {status}"),
-                vmm_log: line,
-                console: String::new(),
-            });
+            return Err(SandboxError::Snapshotd(format!(
+                "no READY line within {} s (exit: {status}; printed {line:?})",
+                READY_TIMEOUT.as_secs()
+            )));
         }
         Ok(Snapshotd {
             child,
             socket: socket.to_path_buf(),
             root: root.to_path_buf(),
         })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Its socket.

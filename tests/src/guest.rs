@@ -1,18 +1,25 @@
 //! Running guest tests (real microVMs booted by `fissile-vmm`) where a usable KVM is.
 //!
-//! A guest test is an ordinary `#[test]` that starts with [`guest_env`]: it returns `None`
-//! (the test returns at once) unless this process can boot microVMs, i.e. it runs inside the
-//! lab or on a host whose KVM boots standard guests. On a KVM-PVM host the test binary's
-//! entry test [`run_binary_in_lab`] copies *the test binary itself* into one lab boot and
-//! runs all its guest tests there, so one lab boot serves many checks.
+//! A guest test is an ordinary `#[test]` marked `#[ignore = "guest test: …"]` that starts
+//! with [`guest_env`]. A plain `cargo test` does not run it; each guest test binary has one
+//! entry test that calls [`run_guest_suite`], which runs the binary's guest tests itself:
+//! as a child process with `--ignored` where this host's KVM boots standard guests, or
+//! inside one lab boot on a KVM-PVM host (the test binary is copied into the lab). Either
+//! way it checks that exactly the expected number of guest tests ran and passed, so a
+//! suite can never pass without booting anything. Run by hand with `--ignored` where they
+//! cannot run, the guest tests fail and say why.
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use crate::lab::{Lab, LabConfig, host_kvm_usable};
 
 /// Set inside the lab by its init script.
 pub const IN_LAB_ENV: &str = "FISSILE_IN_LAB";
+
+/// The `ignore` reason guest tests carry (for reference; attributes need a literal).
+pub const GUEST_TEST: &str = "guest test: boots microVMs; run by this binary's suite entry test";
 
 /// What a guest test needs: the guest kernel and image, and where our binaries are.
 #[derive(Debug, Clone)]
@@ -25,48 +32,89 @@ pub struct GuestEnv {
     pub in_lab: bool,
 }
 
-/// `Some` when this process can boot microVMs (in the lab, or a host KVM that boots standard
-/// guests) and the guest kernel and image are known (`FISSILE_GUEST_KERNEL`/`_ROOTFS`).
-pub fn guest_env() -> Option<GuestEnv> {
+/// The guest environment; panics with the reason when this process cannot boot microVMs
+/// (not in the lab and no usable KVM, or `FISSILE_GUEST_KERNEL`/`_ROOTFS` unset).
+pub fn guest_env() -> GuestEnv {
     let in_lab = std::env::var_os(IN_LAB_ENV).is_some();
-    if !in_lab && !host_kvm_usable() {
-        return None;
-    }
-    let kernel = std::env::var_os("FISSILE_GUEST_KERNEL")?.into();
-    let rootfs = std::env::var_os("FISSILE_GUEST_ROOTFS")?.into();
-    Some(GuestEnv {
-        kernel,
-        rootfs,
+    assert!(
+        in_lab || host_kvm_usable(),
+        "this guest test cannot run here: this host's KVM cannot boot a standard guest \
+         (KVM-PVM or no VT-x/SVM); run the suite's entry test, which uses the lab"
+    );
+    let var = |name: &str| -> PathBuf {
+        std::env::var_os(name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} is not set: run through scripts/test, or export it (fissile-lab info)"
+                )
+            })
+            .into()
+    };
+    GuestEnv {
+        kernel: var("FISSILE_GUEST_KERNEL"),
+        rootfs: var("FISSILE_GUEST_ROOTFS"),
         in_lab,
-    })
+    }
 }
 
-/// Runs the guest tests of the current test binary in one lab boot, unless this process can
-/// run them itself (then they run directly and this does nothing). `filter` selects tests
-/// (libtest substring filter); `timeout` bounds the whole lab run. Panics with the lab's
-/// output when any test fails there.
-pub fn run_binary_in_lab(filter: &str, timeout: Duration) {
-    if std::env::var_os(IN_LAB_ENV).is_some() || host_kvm_usable() {
-        return;
-    }
-    let cfg = LabConfig::from_env().expect("lab inputs (kernel, image, binaries)");
-    let lab = Lab::prepare(cfg).expect("preparing the lab");
+/// The ignored tests of the current test binary whose names contain `filter`.
+fn guest_tests(filter: &str) -> Vec<String> {
     let exe = std::env::current_exe().expect("current test binary");
-    let name = "fissile-guest-suite".to_string();
-    let script = format!(
-        "RUST_BACKTRACE=1 {name} --test-threads=1 --nocapture {filter} 2>&1; st=$?; \
-         echo \"guest suite exit $st\"; exit $st"
+    let out = Command::new(&exe)
+        .args(["--list", "--ignored", "--format", "terse", filter])
+        .output()
+        .expect("listing the guest tests");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs the current test binary's guest tests (ignored tests matching `filter`, a libtest
+/// substring filter) in one go: natively when this host's KVM can boot our guest, else in
+/// one lab boot. Panics with the output unless every one of them ran and passed.
+pub fn run_guest_suite(filter: &str, timeout: Duration) {
+    let expected = guest_tests(filter);
+    assert!(
+        !expected.is_empty(),
+        "no ignored tests match {filter:?} in this binary"
     );
-    let out = lab
-        .run_with(&script, &[(exe, name)], timeout)
-        .expect("lab run");
-    eprintln!("{}", out.output);
-    assert_eq!(
-        out.status, 0,
-        "guest tests failed in the lab (output above)"
+    let args = format!("--ignored --test-threads=1 --nocapture {filter}");
+    let (output, status) = if host_kvm_usable() {
+        let exe = std::env::current_exe().expect("current test binary");
+        let out = Command::new(&exe)
+            .args(args.split(' '))
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("running the guest tests");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (text, out.status.code().unwrap_or(-1))
+    } else {
+        let cfg = LabConfig::from_env().expect("lab inputs (kernel, image, binaries)");
+        let lab = Lab::prepare(cfg).expect("preparing the lab");
+        let exe = std::env::current_exe().expect("current test binary");
+        let name = "fissile-guest-suite".to_string();
+        let script = format!(
+            "RUST_BACKTRACE=1 {name} {args} 2>&1; st=$?; echo \"guest suite exit $st\"; exit $st"
+        );
+        let out = lab
+            .run_with(&script, &[(exe, name)], timeout)
+            .expect("lab run");
+        (out.output, out.status)
+    };
+    eprintln!("{output}");
+    assert_eq!(status, 0, "guest tests failed (output above)");
+    let summary = format!(
+        "test result: ok. {} passed; 0 failed; 0 ignored",
+        expected.len()
     );
     assert!(
-        out.output.contains("test result: ok."),
-        "no libtest summary from the lab"
+        output.contains(&summary),
+        "expected `{summary}` for {expected:?} (output above)"
     );
 }

@@ -1,8 +1,11 @@
-//! Turns a [`VmConfig`] into a running [`Vmm`]: memory, KVM VM, kernel, boot structures,
-//! devices, vCPU threads and the control socket.
+//! The two ways a VM comes to be, sharing one [`start`]: [`VmmBuilder::build`] turns a
+//! [`VmConfig`] into a running [`Vmm`] (memory, KVM VM, kernel, boot structures, devices,
+//! vCPU threads, the lifecycle actor); [`crate::restore`] builds one from a snapshot. The
+//! control socket is not the builder's business: the caller starts it on the finished
+//! [`Vmm`] (so a restored VM answers nothing before its state is applied).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -15,13 +18,12 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::ApiServer;
 use crate::arch::x86_64::gdt::BOOT_GDT;
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::mptable::{MptableError, setup_mptable};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, MachineConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::devices::legacy::serial::EventFdTrigger;
+use crate::devices::legacy::serial::{EventFdTrigger, SERIAL_LOG_CAP};
 use crate::devices::legacy::{SerialConsole, SerialOutput};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -29,10 +31,9 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::host::{self, HostError};
 use crate::memory::{GuestMemory, GuestRam, MemoryError};
-use crate::snapshot::MachineConfig;
-use crate::vmm::{Vmm, VmmHandle, VmmShared};
+use crate::vmm::{VmCore, Vmm};
 use crate::vstate::persist::{KvmCaps, KvmStateError};
-use crate::vstate::vcpu::{self, RunControl, SharedVcpu, Target, VcpuBoot, VcpuError, VmExit};
+use crate::vstate::vcpu::{self, RunControl, Target, VcpuBoot, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
 /// XEN_HVM_START_MAGIC_VALUE from the PVH ABI.
@@ -95,9 +96,9 @@ pub enum BuildError {
     /// Probing what KVM can save.
     #[error("probing KVM state support")]
     KvmCaps(#[source] KvmStateError),
-    /// Control socket.
-    #[error("control socket {0}")]
-    Api(std::path::PathBuf, #[source] std::io::Error),
+    /// Spawning the lifecycle actor thread.
+    #[error("starting the lifecycle thread")]
+    Actor(#[source] std::io::Error),
 }
 
 /// Builds a [`Vmm`] from a configuration (a cold boot).
@@ -197,96 +198,53 @@ impl VmmBuilder {
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         steps.done("vCPUs");
-        let parts = Parts {
+        let core = VmCore::new(
+            Arc::new(RunControl::new(vcpus.len(), Target::Running)),
+            machine,
             vm,
             caps,
-            ram,
-            bus,
             vcpus,
-            machine,
-            started,
-            scratch: config.scratch.is_some(),
-        };
-        let vmm = start(
-            parts,
-            Target::Running,
-            StartSockets {
-                api_sock: config.api_sock.clone(),
-                snapshotd: config.snapshotd.clone(),
-            },
-        )?;
+            bus,
+            ram,
+            config.snapshotd.clone(),
+            config.scratch.is_some(),
+        );
+        let vmm = start(core, started)?;
         steps.done("vCPU threads");
         tracing::info!(steps = %steps, "VM built");
         Ok(vmm)
     }
 }
 
-/// The pieces of a VM before its threads start.
-pub(crate) struct Parts {
-    pub(crate) vm: Vm,
-    pub(crate) caps: KvmCaps,
-    pub(crate) ram: GuestRam,
-    pub(crate) bus: DeviceManager,
-    pub(crate) vcpus: Vec<SharedVcpu>,
-    pub(crate) machine: MachineConfig,
-    pub(crate) started: Instant,
-    pub(crate) scratch: bool,
-}
-
-/// Host sockets of a starting VMM.
-#[derive(Debug, Clone, Default)]
-pub struct StartSockets {
-    /// Control socket path.
-    pub api_sock: Option<PathBuf>,
-    /// snapshotd socket (needed for snapshot, fork, merge).
-    pub snapshotd: Option<PathBuf>,
-}
-
-/// Starts the vCPU threads (in `target` state) and the control socket.
-pub(crate) fn start(
-    parts: Parts,
-    target: Target,
-    sockets: StartSockets,
-) -> Result<Vmm, BuildError> {
+/// Starts the vCPU threads (paused when `core` holds a pause, i.e. a restore) and the
+/// lifecycle actor that owns `core` from now on.
+pub(crate) fn start(core: VmCore, started: Instant) -> Result<Vmm, BuildError> {
     vcpu::register_kick_handler()?;
-    let control = Arc::new(RunControl::new(parts.vcpus.len(), target));
-    let bus = Arc::new(parts.bus);
-    let shared = Arc::new(VmmShared::new(
-        control.clone(),
-        parts.started,
-        parts.machine,
-        parts.vm,
-        parts.caps,
-        parts.vcpus.clone(),
-        bus.clone(),
-        parts.ram,
-        sockets.snapshotd,
-        sockets.api_sock.clone(),
-        parts.scratch,
-    ));
+    let control = core.control.clone();
     let mut threads = Vec::new();
-    for (id, fd) in parts.vcpus.into_iter().enumerate() {
-        match vcpu::spawn_vcpu(id as u8, fd, control.clone(), bus.clone()) {
+    for (id, fd) in core.vcpus.iter().enumerate() {
+        match vcpu::spawn_vcpu(id as u8, fd.clone(), control.clone(), core.bus.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 control.request_exit(VmExit::Failed(e.to_string()));
+                for t in threads {
+                    let _ = t.join();
+                }
                 return Err(e.into());
             }
         }
     }
     control.wait_registered(threads.len());
-    if target == Target::Paused {
+    if core.held() {
         // A VM that starts paused (a restore) keeps its devices still too until resumed.
-        shared.quiesce_devices(true);
+        core.quiesce_devices(true);
     }
-    let api = match &sockets.api_sock {
-        Some(path) => Some(
-            ApiServer::start(path, Arc::new(VmmHandle::new(shared.clone())))
-                .map_err(|e| BuildError::Api(path.clone(), e))?,
-        ),
-        None => None,
-    };
-    Ok(Vmm::new(shared, threads, api))
+    Vmm::start(core, threads, started).map_err(|e| {
+        control.request_exit(VmExit::Failed(format!(
+            "starting the lifecycle thread: {e}"
+        )));
+        BuildError::Actor(e)
+    })
 }
 
 /// Which devices a VM has (host resources included), in slot order.
@@ -306,7 +264,8 @@ pub(crate) fn build_devices(
     serial_out: SerialOutput,
     spec: &DeviceSpec<'_>,
 ) -> Result<DeviceManager, BuildError> {
-    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let serial_evt =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(BuildError::EventFd)?;
     vm.fd()
         .register_irqfd(&serial_evt, SERIAL_IRQ)
         .map_err(|e| VmError::RegisterIrqfd(SERIAL_IRQ, e))?;
@@ -380,7 +339,7 @@ pub(crate) fn serial_output(
             .append(true)
             .open(path)
             .map_err(|e| BuildError::SerialLog(path.to_path_buf(), e))?;
-        return Ok(SerialOutput::new(Box::new(file)));
+        return Ok(SerialOutput::capped(Box::new(file), SERIAL_LOG_CAP));
     }
     if to_stderr {
         return Ok(SerialOutput::new(Box::new(std::io::stderr())));

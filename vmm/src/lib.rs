@@ -8,8 +8,17 @@
 //! - [`vstate`]: thin owners of the KVM VM and the vCPU threads (run/pause state machine).
 //! - [`devices`]: legacy port devices (serial, i8042) and virtio-mmio devices.
 //! - [`device_manager`]: the port-I/O and MMIO buses the vCPUs dispatch exits to.
-//! - [`builder`]: turns a config into a running [`Vmm`].
-//! - [`api`]: the JSON-lines control socket.
+//! - [`snapshot`]: the VM-state format (what a snapshot holds besides memory) and the
+//!   [`snapshot::Persist`] trait every stateful device implements.
+//! - [`builder`]: turns a config into a running [`Vmm`] (cold boot); [`restore`] builds one
+//!   from a snapshot; both share one `start`.
+//! - [`vmm`]: the running VM: [`Vmm`] (owner), [`VmmHandle`] (cloneable) and the lifecycle
+//!   actor, the one thread that owns the VM's mutable state and runs operations in order.
+//! - [`lifecycle`]: the operations the actor runs: snapshot, fork, persist, merge, rollback.
+//! - [`api`]: the JSON-lines control socket (parses, dispatches to a `VmmHandle`, answers).
+//!
+//! Arrows run one way: `main` → `api` ← `vmm` → `lifecycle` → `snapshot`/`config` →
+//! `vstate`/`devices` → `memory`/`arch` (`vmm` implements the `api` trait).
 
 pub mod api;
 pub mod arch;
@@ -17,15 +26,16 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
-pub mod fork;
 pub mod host;
+pub mod lifecycle;
 pub mod memory;
+pub mod restore;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 
 pub use builder::{BuildError, VmmBuilder};
 pub use config::{ConfigError, VmConfig};
-pub use snapshot::restore::{RestoreConfig, RestoreError, restore};
+pub use restore::{RestoreConfig, RestoreError, restore};
 pub use vmm::{Vmm, VmmHandle};
 pub use vstate::vcpu::VmExit;

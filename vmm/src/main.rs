@@ -6,9 +6,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use fissile_vmm::api::ApiServer;
 use fissile_vmm::{RestoreConfig, VmConfig, VmmBuilder, host, restore};
 
 /// Exit status for "this host cannot run the VM".
@@ -62,7 +64,9 @@ struct Args {
     /// Guest vsock CID.
     #[arg(long)]
     guest_cid: Option<u32>,
-    /// Control socket (JSON lines: status, pause, resume, shutdown).
+    /// Control socket (JSON lines: status, pause, resume, shutdown, snapshot, fork, merge,
+    /// rollback, persist, memory_hash; see `fissile_proto::control`). Bound once the VM is
+    /// built (a restored one: once its state is applied).
     #[arg(long)]
     api_sock: Option<PathBuf>,
     /// Do not add a virtio-rng device.
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         eprintln!("fissile-vmm: {e}");
         return ExitCode::from(EXIT_HOST);
     }
+    let mut api_sock = args.api_sock.clone();
     let built = if let Some(snapshot) = args.restore.clone() {
         let Some(snapshotd) = args.snapshotd.clone() else {
             eprintln!("fissile-vmm: --restore needs --snapshotd");
@@ -109,7 +114,6 @@ fn main() -> ExitCode {
             snapshotd,
             rootfs: args.rootfs.clone(),
             vsock_uds: args.vsock_uds.clone(),
-            api_sock: args.api_sock.clone(),
             serial_log: args.serial_log.clone(),
             serial_stderr: args.serial_stderr,
             start_paused: args.start_paused,
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        api_sock = config.api_sock.clone();
         VmmBuilder::new(config).build().map_err(anyhow::Error::from)
     };
     let vmm = match built {
@@ -132,11 +137,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let api = match &api_sock {
+        Some(path) => match ApiServer::start(path, Arc::new(vmm.handle())) {
+            Ok(api) => Some(api),
+            Err(e) => {
+                eprintln!("fissile-vmm: {e:#}");
+                vmm.shutdown();
+                let _ = vmm.wait();
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     tracing::info!(
         ms = process_uptime_ms(),
         "VM built and vCPUs running (time since process start)"
     );
     let exit = vmm.wait();
+    if let Some(api) = api {
+        api.stop();
+    }
     eprintln!("fissile-vmm: {exit}");
     if exit.is_clean() {
         ExitCode::SUCCESS

@@ -11,13 +11,11 @@ fn host_is_pvm() -> bool {
     std::path::Path::new("/dev/kvm").exists() && fissile_vmm::host::is_kvm_pvm()
 }
 
+/// On a KVM-PVM host the VMM refuses with the lab command; on any other host the host
+/// check lets it through to the next error (the missing kernel), so the test checks the
+/// host detection either way.
 #[test]
 fn pvm_host_is_refused_with_the_lab_command() {
-    if !host_is_pvm() {
-        eprintln!("skipped: this host's KVM is not PVM");
-        return;
-    }
-
     let out = vmm()
         .args(["--kernel", "x", "--rootfs", "y"])
         .output()
@@ -25,11 +23,14 @@ fn pvm_host_is_refused_with_the_lab_command() {
 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("this host's KVM is PVM and cannot boot a standard guest; run it in the lab: fissile-lab run -- fissile-vmm --kernel x --rootfs y"),
-        "{stderr}"
-    );
     assert!(out.stdout.is_empty(), "nothing on stdout");
+    let refused = "this host's KVM is PVM and cannot boot a standard guest; run it in the lab: \
+                   fissile-lab run -- fissile-vmm --kernel x --rootfs y";
+    if host_is_pvm() {
+        assert!(stderr.contains(refused), "{stderr}");
+    } else {
+        assert!(!stderr.contains("PVM"), "{stderr}");
+    }
 }
 
 #[test]

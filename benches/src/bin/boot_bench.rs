@@ -92,7 +92,7 @@ fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32) -> anyhow::Result<Du
         }
         if ready.wait(Duration::from_millis(100))?.is_some() {
             let mut c = AgentClient::connect_vsock(cid, AGENT_VSOCK_PORT)?;
-            c.set_timeout(Some(Duration::from_secs(30)))?;
+            c.set_call_timeout(Duration::from_secs(30))?;
             c.info()?;
             return Ok(start.elapsed());
         }

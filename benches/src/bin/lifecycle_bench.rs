@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fissile_benches::{eval, smaps};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
 
@@ -29,14 +30,6 @@ const MEM_MIB: u64 = 512;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn eval(sb: &mut Sandbox, code: &str) -> anyhow::Result<String> {
-    let out = sb.exec(code)?;
-    if let Some((e, v, _)) = out.error() {
-        anyhow::bail!("{code:?} raised {e}: {v}");
-    }
-    Ok(out.result_text().unwrap_or("").to_string())
 }
 
 struct Env {
@@ -53,33 +46,6 @@ impl Env {
         c.snapshotd = Some(sd.socket().to_path_buf());
         c
     }
-}
-
-/// The kB fields of `/proc/<pid>/smaps`, summed over the mappings whose line contains
-/// `needle` (first) and over the whole process (second), from one read of the file.
-fn smaps(pid: u32, needle: &str) -> (HashMap<String, u64>, HashMap<String, u64>) {
-    let (mut matching, mut whole) = (HashMap::new(), HashMap::new());
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (matching, whole);
-    };
-    let mut inside = false;
-    for line in text.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            inside = line.contains(needle);
-            continue;
-        }
-        if let Some((field, v)) = line.split_once(':')
-            && let Some(kb) = v.trim().strip_suffix(" kB")
-        {
-            let kb = kb.trim().parse::<u64>().unwrap_or(0);
-            *whole.entry(field.to_string()).or_default() += kb;
-            if inside {
-                *matching.entry(field.to_string()).or_default() += kb;
-            }
-        }
-    }
-    (matching, whole)
 }
 
 fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Result<()> {
@@ -229,14 +195,16 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
             &format!("blob = bytearray(b'\\x01' * ({mib} << 20))\nx = {mib}\n1"),
         )?;
         let t = Instant::now();
-        let m = parent.merge_into(&children[0])?;
+        let snap = children[0].snapshot(false)?;
+        let winner_ms = ms(t.elapsed());
+        let m = parent.merge_snapshot(&snap.id)?;
         let total = t.elapsed();
         let x = eval(&mut parent, "x")?;
         anyhow::ensure!(x == mib.to_string(), "merge lost the winner's x: {x}");
         println!(
-            "   winner wrote {mib:>3} MiB: {} dirty pages, merge {:.1} ms (parent paused {:.1} ms), \
-             {:.1} ms until the parent answered again",
-            m.dirty_pages,
+            "   winner wrote {mib:>3} MiB: {} dirty pages, winner snapshot {winner_ms:.1} ms, \
+             merge {:.1} ms (parent paused {:.1} ms), {:.1} ms until the parent answered again",
+            snap.dirty_pages,
             m.total_ms,
             m.paused_ms,
             ms(total)

@@ -184,9 +184,9 @@ fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
     eprintln!("fissile: fork(2): two copy-on-write children of the running sandbox");
     let (mut kids, t) = sb.fork(2).context("fork(2)")?;
     eprintln!(
-        "fissile: forked in {:.0} ms (parent paused {:.0} ms, {} pages in the fork snapshot); \
-         both children answered after {:.0} ms",
-        t.vmm_ms, t.snapshot.paused_ms, t.snapshot.dirty_pages, t.all_answered_ms
+        "fissile: fork snapshot in {:.0} ms (parent paused {:.0} ms, {} pages in it), children \
+         started in {:.0} ms; both answered after {:.0} ms",
+        t.vmm_ms, t.snapshot.paused_ms, t.snapshot.dirty_pages, t.spawn_ms, t.all_answered_ms
     );
     for (kid, code) in kids.iter_mut().zip(FORK_CELLS) {
         eprintln!("fissile: child {}:", kid.dir().display());
@@ -195,8 +195,8 @@ fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
     eprintln!("fissile: merge_into: the parent adopts child 2's state");
     let m = sb.merge_into(&kids[1]).context("merge_into")?;
     eprintln!(
-        "fissile: merged {} dirty pages in {:.0} ms (parent paused {:.0} ms)",
-        m.dirty_pages, m.total_ms, m.paused_ms
+        "fissile: merged snapshot {} in {:.0} ms (parent paused {:.0} ms)",
+        m.snapshot, m.total_ms, m.paused_ms
     );
     let out = demo_cell(&mut sb, "strategy, len(trips)")?;
     if out.result_text() != Some("('p90', 1000)") {

@@ -1,6 +1,7 @@
 //! Operations on the host mappings behind guest RAM that vm-memory does not offer: replacing
-//! a mapping in place (fork and merge switch guest RAM to a snapshot image), advice, and
-//! reading it as bytes while the VM is paused. All of the module's `unsafe` is here.
+//! a mapping in place (fork and merge switch guest RAM to a snapshot image) and advice. All
+//! of the module's `unsafe` is here. (Reading guest RAM goes through vm-memory's volatile
+//! slices: another process, snapshotd, may write the image pages behind a mapping.)
 //!
 //! vm-memory owns the mappings (each [`GuestRegionMmap`] unmaps its range when the last
 //! clone of the guest memory goes), so pointers held by devices stay valid as long as they
@@ -78,16 +79,6 @@ pub fn advise(region: &GuestRegionMmap<()>, advice: libc::c_int) -> io::Result<(
     Ok(())
 }
 
-/// The region's bytes, for hashing and copying guest memory while the VM is paused.
-///
-/// # Safety
-/// Nothing may write the region while the slice lives (vCPUs and devices paused).
-pub unsafe fn bytes(region: &GuestRegionMmap<()>) -> &[u8] {
-    // SAFETY: a live mapping of `len` bytes owned by `region`, which outlives the slice; the
-    // caller guarantees there are no concurrent writes.
-    unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,8 +108,9 @@ mod tests {
         replace(&r, &b, 0, Share::Private).unwrap();
 
         assert_eq!(r.as_ptr(), addr);
-        // SAFETY: test-owned region, single thread.
-        assert_eq!(&unsafe { bytes(&r) }[..4], b"bbbb");
+        let mut got = [0u8; 4];
+        vm_memory::Bytes::read_slice(&r, &mut got, vm_memory::MemoryRegionAddress(0)).unwrap();
+        assert_eq!(&got, b"bbbb");
     }
 
     #[test]

@@ -23,7 +23,10 @@ use std::os::unix::fs::FileExt;
 
 use fissile_snapshotd::client::FaultSession;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
+};
 
 use self::mapping::Share;
 use crate::arch::x86_64::layout::ram_regions;
@@ -69,6 +72,12 @@ pub enum MemoryError {
     /// The operation needs another backing.
     #[error("guest memory is {0}")]
     WrongBacking(&'static str),
+    /// A page index beyond guest memory.
+    #[error("page {0} is beyond guest memory")]
+    PageOutOfRange(u64),
+    /// Copying guest memory (reading a frozen memfd back) failed.
+    #[error("copying guest memory: {0}")]
+    Copy(&'static str, #[source] std::io::Error),
 }
 
 /// What backs guest RAM now.
@@ -245,8 +254,8 @@ impl GuestRam {
             return Err(MemoryError::WrongBacking("not fresh"));
         };
         let fresh = create_memfd("fissile-guest-ram", self.size)?;
-        let ranges = dirty::data_ranges(memfd, self.size)
-            .map_err(|e| MemoryError::MemoryBackingFile("SEEK_DATA", e))?;
+        let ranges =
+            dirty::data_ranges(memfd, self.size).map_err(|e| MemoryError::Copy("SEEK_DATA", e))?;
         let mut buf = vec![0u8; 1 << 20];
         for (start, end) in ranges {
             let mut pos = start;
@@ -254,10 +263,10 @@ impl GuestRam {
                 let n = ((end - pos) as usize).min(buf.len());
                 memfd
                     .read_exact_at(&mut buf[..n], pos)
-                    .map_err(|e| MemoryError::MemoryBackingFile("copy read", e))?;
+                    .map_err(|e| MemoryError::Copy("read", e))?;
                 fresh
                     .write_all_at(&buf[..n], pos)
-                    .map_err(|e| MemoryError::MemoryBackingFile("copy write", e))?;
+                    .map_err(|e| MemoryError::Copy("write", e))?;
                 pos += n as u64;
             }
         }
@@ -318,37 +327,48 @@ impl GuestRam {
         Ok(out)
     }
 
-    /// Copies page `page` of guest RAM into `out` (`PAGE_SIZE` bytes). The VM must be paused.
+    /// Copies page `page` of guest RAM into `out` (`PAGE_SIZE` bytes). The VM must be
+    /// paused for the copy to be consistent; the copy is volatile either way (snapshotd may
+    /// be filling holes of the image this memory maps).
     pub fn read_page(&self, page: u64, out: &mut [u8]) -> Result<(), MemoryError> {
         let off = page * PAGE_SIZE;
-        for (addr, len, offset) in self.host_ranges() {
-            if off >= offset && off + PAGE_SIZE <= offset + len as u64 {
-                // SAFETY: the page lies inside this live region (checked above); the VM is
-                // paused (caller contract), so nothing writes it during the copy.
-                let src = unsafe {
-                    std::slice::from_raw_parts(
-                        addr.add((off - offset) as usize),
-                        PAGE_SIZE as usize,
-                    )
-                };
-                out[..PAGE_SIZE as usize].copy_from_slice(src);
+        let out = out
+            .get_mut(..PAGE_SIZE as usize)
+            .ok_or(MemoryError::PageOutOfRange(page))?;
+        for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
+        {
+            if off >= offset && off + PAGE_SIZE <= offset + len {
+                region
+                    .get_slice(MemoryRegionAddress(off - offset), out.len())
+                    .map_err(|_| MemoryError::PageOutOfRange(page))?
+                    .copy_to(out);
                 return Ok(());
             }
         }
-        Err(MemoryError::WrongBacking("page out of range"))
+        Err(MemoryError::PageOutOfRange(page))
     }
 
     /// blake3 of all of guest RAM (faults in every page), and of each MiB of it (first 8
-    /// bytes, hex). The VM must be paused.
+    /// bytes, hex). The VM must be paused for the hash to mean anything.
     pub fn hash(&self) -> (blake3::Hash, Vec<String>) {
         let mut h = blake3::Hasher::new();
         let mut chunks = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
         for region in self.memory.iter() {
-            // SAFETY: the VM is paused (caller contract): nothing writes guest RAM meanwhile.
-            let bytes = unsafe { mapping::bytes(region) };
-            h.update(bytes);
-            for c in bytes.chunks(1 << 20) {
-                chunks.push(blake3::hash(c).to_hex()[..16].to_string());
+            let len = region.len() as usize;
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(buf.len());
+                match region.get_slice(MemoryRegionAddress(pos as u64), n) {
+                    Ok(slice) => {
+                        slice.copy_to(&mut buf[..n]);
+                    }
+                    // Inside the region by construction; hash what is there.
+                    Err(_) => buf[..n].fill(0),
+                }
+                h.update(&buf[..n]);
+                chunks.push(blake3::hash(&buf[..n]).to_hex()[..16].to_string());
+                pos += n;
             }
         }
         (h.finalize(), chunks)

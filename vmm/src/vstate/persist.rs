@@ -271,7 +271,9 @@ impl VcpuState {
         xsave.region.copy_from_slice(&self.xsave);
         // SAFETY: `xsave` is a whole 4 KiB kvm_xsave, and hosts whose XSAVE area is larger
         // (AMX: KVM_CAP_XSAVE2 > 4096) are refused by KvmCaps::probe, so KVM reads nothing
-        // past the struct.
+        // past the struct. This holds as long as the process never asks for AMX guest
+        // permission (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM), which would let KVM_CAP_XSAVE2
+        // grow after the probe: we never do.
         unsafe { fd.set_xsave(&xsave) }.map_err(vcpu_err(vcpu, "KVM_SET_XSAVE"))?;
         if let Some(xcrs) = &self.xcrs {
             fd.set_xcrs(xcrs).map_err(vcpu_err(vcpu, "KVM_SET_XCRS"))?;

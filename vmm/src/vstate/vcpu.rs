@@ -5,11 +5,16 @@
 //! kicked with a real-time signal whose handler sets `kvm_run.immediate_exit`, so `KVM_RUN`
 //! returns `EINTR` whether the signal lands inside the guest or just before entry. The thread
 //! then parks on a condvar. [`RunControl::pause`] returns only once every live vCPU is parked,
-//! i.e. out of `KVM_RUN` (what snapshot and fork need).
+//! i.e. out of `KVM_RUN` (what snapshot and fork need), or fails after [`PAUSE_TIMEOUT`].
+//!
+//! The kick interrupts blocking system calls on vCPU threads (the handler is installed
+//! without `SA_RESTART`): device emulation that blocks on a vCPU thread must retry `EINTR`
+//! (vm-memory does for block I/O). A vCPU thread that panics unregisters itself on the way
+//! out (a drop guard) and stops the VM with a failure, so nothing waits for it forever.
 
 use std::cell::Cell;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -175,7 +180,13 @@ pub enum ControlError {
     /// The VM is not paused.
     #[error("the VM is not paused")]
     NotPaused,
+    /// A vCPU did not leave `KVM_RUN` in time (stuck in an exit or a page fault).
+    #[error("a vCPU did not stop within {0} ms; the VM keeps running")]
+    PauseTimeout(u64),
 }
+
+/// How long [`RunControl::pause`] waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct RunState {
@@ -195,7 +206,8 @@ pub struct RunControl {
     exits: Vec<std::sync::atomic::AtomicU64>,
 }
 
-static KICK_HANDLER: Once = Once::new();
+/// The kick handler's registration, once per process (errno on failure).
+static KICK_HANDLER: OnceLock<Result<(), i32>> = OnceLock::new();
 
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
@@ -217,14 +229,14 @@ extern "C" fn handle_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: 
     }
 }
 
-/// Registers the kick handler (once per process).
+/// Registers the kick handler (once per process; a failure is reported to every caller).
 pub fn register_kick_handler() -> Result<(), VcpuError> {
-    let mut result = Ok(());
-    KICK_HANDLER.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
-            .map_err(VcpuError::Signal);
-    });
-    result
+    KICK_HANDLER
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+                .map_err(|e| e.errno())
+        })
+        .map_err(|errno| VcpuError::Signal(vmm_sys_util::errno::Error::new(errno)))
 }
 
 impl RunControl {
@@ -275,19 +287,28 @@ impl RunControl {
     fn kick_all(state: &RunState) {
         for thread in state.threads.iter().flatten() {
             // SAFETY: a pthread id is in `threads` only while that thread is alive: it removes
-            // itself under this same lock before returning, and threads are joined only after
-            // that. pthread_kill with a registered handler has no other effect.
+            // itself under this same lock on every way out (the `Registration` guard runs on
+            // return and on unwinding), and threads are joined only after that. pthread_kill
+            // with a registered handler has no other effect.
             unsafe { libc::pthread_kill(*thread, kick_signal()) };
         }
     }
 
-    /// Pauses every vCPU; returns once each live vCPU is parked outside `KVM_RUN`.
+    /// Pauses every vCPU; returns once each live vCPU is parked outside `KVM_RUN`. If one
+    /// does not park within [`PAUSE_TIMEOUT`], the VM goes back to its previous target and
+    /// the pause fails.
     pub fn pause(&self) -> Result<(), ControlError> {
+        self.pause_within(PAUSE_TIMEOUT)
+    }
+
+    fn pause_within(&self, timeout: Duration) -> Result<(), ControlError> {
         let mut state = self.lock();
+        let previous = state.target;
         match state.target {
             Target::Exited => return Err(ControlError::Exited),
             Target::Paused | Target::Running => state.target = Target::Paused,
         }
+        let deadline = Instant::now() + timeout;
         loop {
             let alive = state.threads.iter().filter(|t| t.is_some()).count();
             if state.target == Target::Exited {
@@ -295,6 +316,11 @@ impl RunControl {
             }
             if state.parked >= alive {
                 return Ok(());
+            }
+            if Instant::now() >= deadline {
+                state.target = previous;
+                self.cv.notify_all();
+                return Err(ControlError::PauseTimeout(timeout.as_millis() as u64));
             }
             Self::kick_all(&state);
             // Re-kick periodically: robust even if a signal raced with thread start-up.
@@ -419,10 +445,29 @@ struct ExitCounts {
     other: u64,
 }
 
+/// A vCPU thread's registration with [`RunControl`]: dropped on every way out of the
+/// thread, unwinding included, so no kick ever targets a thread that is gone.
+struct Registration<'a> {
+    control: &'a RunControl,
+    id: usize,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        if std::thread::panicking() {
+            self.control
+                .request_exit(VmExit::Failed(format!("vCPU {} thread panicked", self.id)));
+        }
+        self.control.unregister(self.id);
+    }
+}
+
 fn run_vcpu(id: usize, shared: &SharedVcpu, control: &RunControl, bus: &DeviceManager) {
     // The kvm_run page lives as long as the VcpuFd, which outlives this thread.
     KVM_RUN_PTR.with(|p| p.set(lock_vcpu(shared).get_kvm_run() as *mut kvm_run));
     control.register(id);
+    let _registration = Registration { control, id };
     let mut unexpected_exits: u64 = 0;
     let mut counts = ExitCounts::default();
     while control.wait_runnable() {
@@ -443,8 +488,6 @@ fn run_vcpu(id: usize, shared: &SharedVcpu, control: &RunControl, bus: &DeviceMa
         }
     }
     tracing::info!(vcpu = id, ?counts, "vCPU thread ends");
-    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
-    control.unregister(id);
 }
 
 enum Step {
@@ -533,6 +576,50 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        assert_eq!(control.pause(), Err(ControlError::Exited));
+    }
+
+    #[test]
+    fn pause_of_a_vcpu_that_never_parks_times_out_and_leaves_it_running() {
+        register_kick_handler().unwrap();
+        let control = Arc::new(RunControl::new(1, Target::Running));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let c = control.clone();
+        // "Stuck in an exit": registered, but never reaches the park point until released.
+        let stuck = std::thread::spawn(move || {
+            c.register(0);
+            let _ = release_rx.recv();
+            c.unregister(0);
+        });
+        control.wait_registered(1);
+
+        let r = control.pause_within(Duration::from_millis(200));
+
+        assert_eq!(r, Err(ControlError::PauseTimeout(200)));
+        assert_eq!(control.target(), Target::Running, "target restored");
+        release_tx.send(()).unwrap();
+        stuck.join().unwrap();
+    }
+
+    #[test]
+    fn a_panicking_vcpu_thread_unregisters_and_fails_the_vm() {
+        register_kick_handler().unwrap();
+        let control = Arc::new(RunControl::new(1, Target::Running));
+        let c = control.clone();
+        let t = std::thread::spawn(move || {
+            c.register(0);
+            let _registration = Registration { control: &c, id: 0 };
+            panic!("device emulation bug");
+        });
+        control.wait_registered(1);
+
+        assert!(t.join().is_err(), "the thread panicked");
+
+        assert_eq!(control.alive(), 0, "unregistered while unwinding");
+        assert_eq!(
+            control.wait_exited(),
+            VmExit::Failed("vCPU 0 thread panicked".into())
+        );
         assert_eq!(control.pause(), Err(ControlError::Exited));
     }
 

@@ -44,6 +44,45 @@ impl SerialOutput {
     pub fn sink() -> Self {
         Self(Box::new(std::io::sink()))
     }
+
+    /// Console output to `w`, at most `cap` bytes of it: a guest must not fill the host's
+    /// disk. Past the cap one line says so and the rest is dropped.
+    pub fn capped(w: Box<dyn Write + Send>, cap: u64) -> Self {
+        Self(Box::new(Capped {
+            inner: w,
+            left: cap,
+            noted: false,
+        }))
+    }
+}
+
+/// Largest guest console log written (the serial log file).
+pub const SERIAL_LOG_CAP: u64 = 16 << 20;
+
+/// A writer that passes at most `left` more bytes.
+struct Capped {
+    inner: Box<dyn Write + Send>,
+    left: u64,
+    noted: bool,
+}
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        if n > 0 {
+            self.inner.write_all(&buf[..n])?;
+            self.left -= n as u64;
+        } else if !self.noted {
+            self.noted = true;
+            self.inner
+                .write_all(b"\n[fissile-vmm: console log cap reached; further output dropped]\n")?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl std::fmt::Debug for SerialOutput {
@@ -147,9 +186,14 @@ impl SerialConsole {
             tracing::debug!(error = ?e, "serial write failed");
         }
     }
+}
+
+impl crate::snapshot::Persist for SerialConsole {
+    type State = SerialSaved;
+    type Error = SerialStateError;
 
     /// Snapshot state of the registers.
-    pub fn save_state(&self) -> SerialSaved {
+    fn save(&self) -> SerialSaved {
         let st = self.serial.as_ref().map(|s| s.state()).unwrap_or_default();
         SerialSaved {
             baud_divisor_low: st.baud_divisor_low,
@@ -166,7 +210,7 @@ impl SerialConsole {
     }
 
     /// Puts the registers in `state`, keeping this UART's interrupt line and output.
-    pub fn restore_state(&mut self, state: &SerialSaved) -> Result<(), SerialStateError> {
+    fn restore(&mut self, state: &SerialSaved) -> Result<(), SerialStateError> {
         if state.in_buffer.len() > SERIAL_FIFO_MAX {
             return Err(SerialStateError::Fifo(state.in_buffer.len()));
         }
@@ -205,6 +249,36 @@ impl SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::Persist;
+
+    #[test]
+    fn capped_output_stops_at_its_cap_and_says_so_once() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let mut out = SerialOutput::capped(Box::new(buf.clone()), 10);
+
+        for _ in 0..100 {
+            out.write_all(b"abcd").unwrap();
+        }
+
+        let got = buf.0.lock().unwrap().clone();
+        let text = String::from_utf8(got).unwrap();
+        assert!(
+            text.starts_with("abcdabcdab\n[fissile-vmm: console log cap"),
+            "{text}"
+        );
+        assert_eq!(text.matches("cap reached").count(), 1);
+    }
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -232,13 +306,13 @@ mod tests {
         a.write(0, 0x01); // divisor low
         a.write(3, 0x03); // 8N1
         a.write(7, 0x5a); // scratch
-        let saved = a.save_state();
-        assert_ne!(saved, new().save_state(), "the writes changed nothing");
+        let saved = a.save();
+        assert_ne!(saved, new().save(), "the writes changed nothing");
 
         let mut b = new();
-        b.restore_state(&saved).unwrap();
+        b.restore(&saved).unwrap();
 
-        assert_eq!(b.save_state(), saved);
+        assert_eq!(b.save(), saved);
         assert_eq!(b.read(7), 0x5a);
     }
 
@@ -248,12 +322,9 @@ mod tests {
             EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
             SerialOutput::sink(),
         );
-        let mut bad = s.save_state();
+        let mut bad = s.save();
         bad.in_buffer = vec![0; SERIAL_FIFO_MAX + 1];
-        assert!(matches!(
-            s.restore_state(&bad),
-            Err(SerialStateError::Fifo(_))
-        ));
+        assert!(matches!(s.restore(&bad), Err(SerialStateError::Fifo(_))));
         assert_eq!(s.read(7), 0, "the UART still works");
     }
 

@@ -99,70 +99,6 @@ impl MmioTransport {
         self.device.as_mut()
     }
 
-    /// Snapshot state of the transport and its queues.
-    pub fn save_state(&self) -> MmioTransportState {
-        let queues: Vec<QueueSaved> = if self.activated {
-            self.device
-                .queue_states()
-                .into_iter()
-                .map(Into::into)
-                .collect()
-        } else {
-            self.queues.iter().map(|q| q.state().into()).collect()
-        };
-        MmioTransportState {
-            device_type: self.device.device_type(),
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            status: self.status,
-            config_generation: self.config_generation,
-            interrupt_status: self.irq.status(),
-            activated: self.activated,
-            queues,
-        }
-    }
-
-    /// Puts the transport (and its device) in the state of a snapshot: resets the device,
-    /// validates and installs the queues, and re-activates it if it was active. Used on a
-    /// fresh transport (restore) and on a live one (merge).
-    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), TransportStateError> {
-        persist::validate(self, state)?;
-        let queues = persist::queues_from_state(&state.queues, self.device.queue_max_sizes())?;
-        self.device.reset();
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.acked_features = state.acked_features;
-        self.queue_sel = state.queue_sel;
-        self.status = state.status;
-        self.config_generation = state.config_generation;
-        self.activated = false;
-        // Before the device restarts: what `restored()` raises (vsock's transport reset
-        // event) must add to the saved status, not be overwritten by it, or the guest
-        // reads InterruptStatus 0 and ignores the interrupt.
-        self.irq.restore_status(state.interrupt_status);
-        if state.activated {
-            self.queue_ready = queues.iter().map(|q| q.ready()).collect();
-            self.device.set_acked_features(self.acked_features);
-            self.device
-                .activate(self.mem.clone(), queues, self.irq.clone())
-                .map_err(TransportStateError::Activate)?;
-            self.activated = true;
-            self.queues = fresh_queues(self.device.queue_max_sizes()).map_err(|e| {
-                TransportStateError::Queue {
-                    index: 0,
-                    why: e.to_string(),
-                }
-            })?;
-            self.device.restored();
-        } else {
-            self.queue_ready = vec![false; queues.len()];
-            self.queues = queues;
-        }
-        Ok(())
-    }
-
     /// The interrupt line.
     pub fn irq(&self) -> &Arc<IrqTrigger> {
         &self.irq
@@ -405,6 +341,219 @@ impl MmioTransport {
     }
 }
 
+impl crate::snapshot::Persist for MmioTransport {
+    type State = MmioTransportState;
+    type Error = TransportStateError;
+
+    /// Snapshot state of the transport and its queues.
+    fn save(&self) -> MmioTransportState {
+        let queues: Vec<QueueSaved> = if self.activated {
+            self.device
+                .queue_states()
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status(),
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Puts the transport (and its device) in the state of a snapshot: resets the device,
+    /// validates and installs the queues, and re-activates it if it was active. Used on a
+    /// fresh transport (restore) and on a live one (merge).
+    fn restore(&mut self, state: &MmioTransportState) -> Result<(), TransportStateError> {
+        persist::validate(self.device.as_ref(), state)?;
+        let queues = persist::queues_from_state(&state.queues, self.device.queue_max_sizes())?;
+        self.device.reset();
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.activated = false;
+        // Before the device restarts: what `restored()` raises (vsock's transport reset
+        // event) must add to the saved status, not be overwritten by it, or the guest
+        // reads InterruptStatus 0 and ignores the interrupt.
+        self.irq.restore_status(state.interrupt_status);
+        if state.activated {
+            self.queue_ready = queues.iter().map(|q| q.ready()).collect();
+            self.device.set_acked_features(self.acked_features);
+            self.device
+                .activate(self.mem.clone(), queues, self.irq.clone())
+                .map_err(TransportStateError::Activate)?;
+            self.activated = true;
+            self.queues = fresh_queues(self.device.queue_max_sizes()).map_err(|e| {
+                TransportStateError::Queue {
+                    index: 0,
+                    why: e.to_string(),
+                }
+            })?;
+            self.device.restored();
+        } else {
+            self.queue_ready = vec![false; queues.len()];
+            self.queues = queues;
+        }
+        Ok(())
+    }
+}
+
 fn fresh_queues(max_sizes: &[u16]) -> Result<Vec<Queue>, virtio_queue::Error> {
     max_sizes.iter().map(|&max| Queue::new(max)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::test_utils::{test_irq, test_memory};
+    use crate::snapshot::Persist;
+
+    fn transport() -> MmioTransport {
+        MmioTransport::new(Box::new(Rng::new()), test_memory(), test_irq()).unwrap()
+    }
+
+    fn write(t: &mut MmioTransport, reg: u64, v: u32) {
+        t.write(reg, &v.to_le_bytes());
+    }
+
+    fn read(t: &mut MmioTransport, reg: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(reg, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// ACKNOWLEDGE | DRIVER, VERSION_1 acked, FEATURES_OK.
+    fn negotiated() -> MmioTransport {
+        let mut t = transport();
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, REG_DRIVER_FEATURES, 1); // VERSION_1 is bit 32
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        t
+    }
+
+    #[test]
+    fn identity_registers_read_as_the_spec_says() {
+        let mut t = transport();
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC_VALUE);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(
+            read(&mut t, REG_DEVICE_ID),
+            crate::devices::virtio::TYPE_RNG
+        );
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1, "VERSION_1 offered");
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn status_bits_cleared_without_reset_are_ignored_and_zero_resets() {
+        let mut t = negotiated();
+        let before = t.status();
+
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+
+        assert_eq!(t.status(), before);
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(t.status(), 0);
+        assert_eq!(t.save().acked_features, 0, "reset forgets the features");
+    }
+
+    #[test]
+    fn a_legacy_driver_is_refused_features_ok() {
+        let mut t = transport();
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // No VERSION_1 acked.
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(t.status() & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_addresses_are_taken_only_between_features_ok_and_driver_ok() {
+        let mut t = transport();
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        assert_eq!(t.save().queues[0].desc_table, 0, "before FEATURES_OK");
+
+        let mut t = negotiated();
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        assert_eq!(t.save().queues[0].desc_table, 0x1000, "after FEATURES_OK");
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.is_activated());
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x9000);
+        assert_eq!(t.save().queues[0].desc_table, 0x1000, "after DRIVER_OK");
+    }
+
+    #[test]
+    fn an_out_of_range_queue_select_reads_zero_and_ignores_writes() {
+        let mut t = negotiated();
+        write(&mut t, REG_QUEUE_SEL, 5);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 0);
+        let q = &t.save().queues[0];
+        assert_eq!((q.ready, q.desc_table), (false, 0), "queue 0 untouched");
+    }
+
+    #[test]
+    fn register_accesses_that_are_not_four_bytes_are_ignored() {
+        let mut t = negotiated();
+        let mut two = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut two);
+        assert_eq!(two, [0, 0]);
+        let status = t.status();
+        t.write(REG_STATUS, &[0, 0]);
+        assert_eq!(t.status(), status);
+    }
+
+    #[test]
+    fn an_invalid_queue_at_driver_ok_fails_the_device_without_activating_it() {
+        let mut t = negotiated();
+        // Ready, but the rings point beyond guest memory.
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_HIGH, 0xffff);
+        write(&mut t, REG_QUEUE_READY, 1);
+
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+
+        assert!(!t.is_activated());
+        assert_ne!(t.status() & STATUS_FAILED, 0);
+        // Notifying a failed device does nothing.
+        write(&mut t, REG_QUEUE_NOTIFY, 0);
+    }
 }

@@ -41,7 +41,7 @@ impl IrqTrigger {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             status: AtomicU32::new(0),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
 

@@ -8,8 +8,7 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
-use super::VIRTIO_F_VERSION_1;
-use super::mmio::MmioTransport;
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// One virtqueue (a serde mirror of virtio-queue's `QueueState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,16 +160,20 @@ pub fn queues_from_state(
         .collect()
 }
 
-/// Checks the transport-level fields of `state` against the device behind `t`.
-pub fn validate(t: &MmioTransport, state: &MmioTransportState) -> Result<(), TransportStateError> {
-    let expected = t.device().device_type();
+/// Checks the transport-level fields of `state` against `device` (the one behind the
+/// transport being restored).
+pub fn validate(
+    device: &dyn VirtioDevice,
+    state: &MmioTransportState,
+) -> Result<(), TransportStateError> {
+    let expected = device.device_type();
     if state.device_type != expected {
         return Err(TransportStateError::DeviceType {
             expected,
             found: state.device_type,
         });
     }
-    let offered = t.device().avail_features() | VIRTIO_F_VERSION_1;
+    let offered = device.avail_features() | VIRTIO_F_VERSION_1;
     if state.acked_features & !offered != 0 {
         return Err(TransportStateError::Features {
             acked: state.acked_features,
@@ -183,6 +186,7 @@ pub fn validate(t: &MmioTransport, state: &MmioTransportState) -> Result<(), Tra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::rng::Rng;
     use crate::devices::virtio::test_utils::{TestQueue, test_irq, test_memory};
     use crate::memory::GuestMemory;

@@ -64,6 +64,9 @@ pub struct Connection {
     pub peer_send_closed: bool,
     /// The host socket's write side has been shut down.
     pub host_write_shut: bool,
+    /// When a connection in a transient state (waiting for the guest's answer, draining
+    /// after the guest closed) is reset if it is still there.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Connection {
@@ -84,6 +87,7 @@ impl Connection {
             credit_requested: false,
             peer_send_closed: false,
             host_write_shut: false,
+            deadline: None,
         }
     }
 

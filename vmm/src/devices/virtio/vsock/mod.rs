@@ -13,6 +13,7 @@ pub mod packet;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use virtio_queue::Queue;
@@ -35,8 +36,10 @@ pub struct Vsock {
     guest_cid: u64,
     queue_sizes: [u16; 3],
     backend: Arc<Mutex<VsockBackend>>,
-    /// Wakes the event thread when a snapshot pause ends.
+    /// Wakes the event thread when a snapshot pause ends (or the device goes away).
     pause_cv: Arc<Condvar>,
+    /// Set when the device is dropped: the event thread ends, paused or not.
+    stopping: Arc<AtomicBool>,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -50,19 +53,23 @@ impl Vsock {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
         let epoll = Arc::new(Epoll::new().map_err(VsockError::Epoll)?);
         let mut backend = VsockBackend::new(guest_cid, uds_path, epoll.clone())?;
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Epoll)?);
+        let stop = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Epoll)?,
+        );
         backend
             .add_wakeup_fd(stop.as_raw_fd())
             .map_err(VsockError::Epoll)?;
         let backend = Arc::new(Mutex::new(backend));
         let pause_cv = Arc::new(Condvar::new());
+        let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
             let backend = backend.clone();
             let stop = stop.clone();
             let cv = pause_cv.clone();
+            let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("fissile-vsock".into())
-                .spawn(move || event_loop(&epoll, &backend, &cv, &stop))
+                .spawn(move || event_loop(&epoll, &backend, &cv, &stop, &stopping))
                 .map_err(VsockError::Thread)?
         };
         Ok(Self {
@@ -70,14 +77,10 @@ impl Vsock {
             queue_sizes: [QUEUE_SIZE; 3],
             backend,
             pause_cv,
+            stopping,
             stop,
             thread: Some(thread),
         })
-    }
-
-    /// The shared backend (tests and the future snapshot code use it).
-    pub fn backend(&self) -> &Arc<Mutex<VsockBackend>> {
-        &self.backend
     }
 
     /// Sends a transport-reset event to the guest and drops every connection.
@@ -86,7 +89,13 @@ impl Vsock {
     }
 }
 
-fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, pause_cv: &Condvar, stop: &EventFd) {
+fn event_loop(
+    epoll: &Epoll,
+    backend: &Mutex<VsockBackend>,
+    pause_cv: &Condvar,
+    stop: &EventFd,
+    stopping: &AtomicBool,
+) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         // A timeout, so housekeeping (a transport-reset wait) runs without guest activity.
@@ -98,15 +107,16 @@ fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, pause_cv: &Condvar, 
                 return;
             }
         };
-        if stop.read().is_ok() {
+        if stop.read().is_ok() || stopping.load(Ordering::Acquire) {
             return;
         }
         let mut b = lock(backend);
         if b.is_paused() {
             // A snapshot is being taken: leave host data in the sockets (epoll reports it
-            // again later) and sleep until the pause ends; the wait releases the lock.
+            // again later) and sleep until the pause ends or the device goes away (a VM
+            // stopped while paused); the wait releases the lock.
             let _b = pause_cv
-                .wait_while(b, |b| b.is_paused())
+                .wait_while(b, |b| b.is_paused() && !stopping.load(Ordering::Acquire))
                 .unwrap_or_else(|p| p.into_inner());
             continue;
         }
@@ -119,6 +129,13 @@ fn event_loop(epoll: &Epoll, backend: &Mutex<VsockBackend>, pause_cv: &Condvar, 
 
 impl Drop for Vsock {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        {
+            // Under the lock the paused thread waits with: it either has not checked the
+            // flag yet or is waiting and gets this notification.
+            let _b = lock(&self.backend);
+            self.pause_cv.notify_all();
+        }
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

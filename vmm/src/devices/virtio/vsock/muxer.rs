@@ -4,8 +4,16 @@
 //! Firecracker hybrid-vsock convention). Guest connections to host port P are forwarded to
 //! `<uds path>_P` if such a socket exists.
 //!
-//! Bounded memory: at most [`MAX_CONNECTIONS`] connections, [`CONN_BUF_ALLOC`] held bytes per
-//! connection, [`MAX_PENDING_CONTROL`] queued control packets, one 64 KiB bounce buffer.
+//! Bounded memory: at most [`MAX_CONNECTIONS`] connections (handshakes and connections held
+//! for a transport reset included), [`CONN_BUF_ALLOC`] held bytes per connection,
+//! [`MAX_PENDING_CONTROL`] queued control packets, one 64 KiB bounce buffer.
+//!
+//! Bounded time (Firecracker's connection timers): a host client must finish its `CONNECT`
+//! line within [`HANDSHAKE_TIMEOUT`]; the guest must answer a connection request within
+//! [`CONN_REQUEST_TIMEOUT`]; a connection the guest closed must drain to the host within
+//! [`CONN_SHUTDOWN_TIMEOUT`]. [`VsockBackend::tick`] (the event thread, at least every 500 ms)
+//! reaps what overstays. Connecting to a host listener for a guest connection never blocks
+//! (a full backlog resets the guest's request), so a vCPU thread never waits on a host.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -14,6 +22,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -50,7 +59,13 @@ fn random_first_port() -> u32 {
 }
 
 /// How long host connections wait for the guest to acknowledge a transport reset.
-const RESET_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host client may take to send its `CONNECT <port>` line.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to answer our connection request.
+pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection the guest shut down may take to drain to the host.
+pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Event id: transport reset (virtio 1.2, 5.10.6.5).
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
@@ -78,6 +93,7 @@ enum Owner {
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -105,7 +121,7 @@ pub struct VsockBackend {
     log: LogLimiter,
     paused: bool,
     /// When a transport reset was sent that the guest has not acknowledged yet.
-    reset_pending: Option<std::time::Instant>,
+    reset_pending: Option<Instant>,
     /// Host connections waiting for that acknowledgement.
     deferred: Vec<(UnixStream, u32)>,
     /// A transport reset is owed since a restore (sent on resume).
@@ -262,7 +278,7 @@ impl VsockBackend {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+                    if self.live() >= MAX_CONNECTIONS {
                         if self.log.allow() {
                             tracing::warn!("vsock: connection limit reached; refusing host client");
                         }
@@ -282,6 +298,7 @@ impl VsockBackend {
                         Handshake {
                             stream,
                             line: Vec::new(),
+                            since: Instant::now(),
                         },
                     );
                 }
@@ -341,15 +358,26 @@ impl VsockBackend {
         if self.reset_pending.is_some() || self.owe_reset {
             // The guest has not processed the transport reset yet: a connection request
             // now could be handled before the reset, which would then kill it.
+            if self.live() >= MAX_CONNECTIONS {
+                let _ = hs.stream.write_all(b"ERR too many connections\n");
+                return;
+            }
             self.deferred.push((hs.stream, port));
             return;
         }
         self.start_host_connection(hs.stream, port);
     }
 
+    /// Connections, handshakes and held host clients: what counts against
+    /// [`MAX_CONNECTIONS`].
+    fn live(&self) -> usize {
+        self.conns.len() + self.handshakes.len() + self.deferred.len()
+    }
+
     fn start_host_connection(&mut self, stream: UnixStream, port: u32) {
         let local_port = self.allocate_local_port(port);
-        let conn = Connection::new(stream, ConnState::LocalInit, local_port, port);
+        let mut conn = Connection::new(stream, ConnState::LocalInit, local_port, port);
+        conn.deadline = Some(Instant::now() + CONN_REQUEST_TIMEOUT);
         if self.insert_conn(conn) {
             self.queue_control((local_port, port), OP_REQUEST, 0);
         }
@@ -368,16 +396,53 @@ impl VsockBackend {
         self.process_rx();
     }
 
-    /// Periodic housekeeping from the event thread: ends a transport-reset wait that the
-    /// guest never acknowledged.
+    /// Periodic housekeeping from the event thread (see [`VsockBackend::tick_at`]).
     pub fn tick(&mut self) {
+        self.tick_at(Instant::now());
+    }
+
+    /// Housekeeping as of `now`: ends a transport-reset wait the guest never acknowledged,
+    /// closes handshakes that never finished, resets connections the guest never answered
+    /// and closed ones that never drained.
+    pub fn tick_at(&mut self, now: Instant) {
         if self
             .reset_pending
-            .is_some_and(|t| t.elapsed() > RESET_ACK_TIMEOUT)
+            .is_some_and(|t| now.duration_since(t) > RESET_ACK_TIMEOUT)
         {
             tracing::debug!("vsock: guest did not acknowledge the transport reset; going on");
             self.reset_done();
         }
+        let stale: Vec<RawFd> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| now.duration_since(h.since) > HANDSHAKE_TIMEOUT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            if let Some(mut hs) = self.close_handshake(fd) {
+                let _ = hs.stream.write_all(b"ERR no CONNECT line in time\n");
+            }
+        }
+        let expired: Vec<(ConnKey, ConnState)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| now > d))
+            .map(|(k, c)| (*k, c.state))
+            .collect();
+        for (key, state) in expired {
+            if self.log.allow() {
+                tracing::debug!(?key, ?state, "vsock: connection timed out; resetting");
+            }
+            if state == ConnState::LocalInit
+                && let Some(conn) = self.conns.get_mut(&key)
+            {
+                let _ = conn
+                    .stream
+                    .write_all(b"ERR the guest did not accept in time\n");
+            }
+            self.reset_conn(key);
+        }
+        self.process_rx();
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -557,6 +622,7 @@ impl VsockBackend {
         match (hdr.op, conn.state) {
             (OP_RESPONSE, ConnState::LocalInit) => {
                 conn.state = ConnState::Established;
+                conn.deadline = None;
                 let line = format!("OK {}\n", conn.local_port);
                 if conn.stream.write_all(line.as_bytes()).is_err() {
                     self.reset_conn(key);
@@ -582,6 +648,7 @@ impl VsockBackend {
                 }
                 if hdr.flags & SHUTDOWN_SEND != 0 && hdr.flags & SHUTDOWN_RCV != 0 {
                     conn.state = ConnState::PeerClosing;
+                    conn.deadline = Some(Instant::now() + CONN_SHUTDOWN_TIMEOUT);
                 }
                 self.after_host_write(key);
             }
@@ -591,19 +658,18 @@ impl VsockBackend {
     }
 
     /// The guest connects to host port `key.0`: forward to `<uds>_<port>` if it exists.
+    /// Runs on a vCPU thread: the connect never blocks (a listener with a full backlog
+    /// resets the request).
     fn guest_connect(&mut self, key: ConnKey, hdr: &VsockHeader) {
-        if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+        if self.live() >= MAX_CONNECTIONS {
             self.queue_control(key, OP_RST, 0);
             return;
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.0));
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                self.queue_control(key, OP_RST, 0);
-                return;
-            }
+        let Ok(stream) = connect_nonblocking(Path::new(&path)) else {
+            self.queue_control(key, OP_RST, 0);
+            return;
         };
         let mut conn = Connection::new(stream, ConnState::Established, key.0, key.1);
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
@@ -766,10 +832,19 @@ impl VsockBackend {
         let _ = evq.add_used(mem, head, written as u32);
         active.irq.trigger(INT_VRING);
         if written == 4 {
-            self.reset_pending = Some(std::time::Instant::now());
+            self.reset_pending = Some(Instant::now());
         }
         written == 4
     }
+}
+
+/// A non-blocking stream connected to the unix socket at `path`, or an error at once (no
+/// listener, or its backlog is full: `EAGAIN`).
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// Parses `CONNECT <port>` (the newline already stripped; a trailing `\r` is tolerated).

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
@@ -486,4 +486,219 @@ fn device_config_space_holds_the_guest_cid() {
 
     assert_eq!(u64::from_le_bytes(cid), 7);
     assert_eq!(dev.queue_max_sizes().len(), 3);
+}
+
+#[test]
+fn a_host_client_that_never_sends_connect_is_closed_after_the_handshake_timeout() {
+    let mut r = rig();
+    let mut silent = UnixStream::connect(&r.path).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The listener becomes readable: the client is accepted as a handshake.
+    let mut events = vec![EpollEvent::default(); 4];
+    let n = r.epoll.wait(2000, &mut events).unwrap();
+    for ev in &events[..n] {
+        r.backend.handle_event(ev.fd(), ev.event_set());
+    }
+
+    r.backend.tick_at(Instant::now());
+    let mut probe = [0u8; 1];
+    silent.set_nonblocking(true).unwrap();
+    assert!(
+        silent.read(&mut probe).is_err(),
+        "still open before the timeout"
+    );
+    silent.set_nonblocking(false).unwrap();
+
+    r.backend
+        .tick_at(Instant::now() + muxer::HANDSHAKE_TIMEOUT + Duration::from_secs(1));
+
+    let mut answer = String::new();
+    silent.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("ERR"), "{answer:?}");
+}
+
+#[test]
+fn a_connection_the_guest_never_answers_is_reset_after_the_request_timeout() {
+    let mut r = rig();
+    let mut client = UnixStream::connect(&r.path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+        .unwrap();
+    r.give_rx_buffers(4);
+    let mut pkts = Vec::new();
+    r.pump_until(|r| {
+        pkts.extend(r.take_rx());
+        !pkts.is_empty()
+    });
+    assert_eq!(pkts[0].0.op, OP_REQUEST);
+    let key = (pkts[0].0.src_port, GUEST_PORT);
+    assert_eq!(r.backend.connection_state(key), Some(ConnState::LocalInit));
+
+    r.backend
+        .tick_at(Instant::now() + muxer::CONN_REQUEST_TIMEOUT + Duration::from_secs(1));
+
+    assert_eq!(r.backend.connection_state(key), None);
+    let rst: Vec<_> = r.take_rx().into_iter().map(|(h, _)| h.op).collect();
+    assert_eq!(rst, vec![OP_RST], "the guest is told to forget it");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("ERR"), "{answer:?}");
+}
+
+#[test]
+fn a_guest_connect_to_a_host_listener_with_a_full_backlog_is_reset_without_blocking() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let mut r = rig();
+    let mut path = r.path.clone().into_os_string();
+    path.push("_5000");
+    let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+    listener.listen(0).unwrap();
+    // Fill the backlog (nobody accepts).
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+        if s.connect(&SockAddr::unix(&path).unwrap()).is_err() {
+            break;
+        }
+        fillers.push(s);
+    }
+    r.give_rx_buffers(2);
+    let mut hdr = r.guest_hdr(5000, OP_REQUEST, 0, CONN_BUF_ALLOC, 0);
+    hdr.src_port = 7777;
+
+    let t = Instant::now();
+    r.guest_send(hdr, &[]);
+
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the vCPU path blocked"
+    );
+    let ops: Vec<_> = r.take_rx().into_iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, vec![OP_RST]);
+}
+
+#[test]
+fn dropping_a_paused_device_does_not_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(7, &dir.path().join("v.sock")).unwrap();
+    dev.quiesce(true);
+    // Let the event thread reach its pause wait (its epoll wakes at least every 500 ms).
+    let _c = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let (tx, rx) = std::sync::mpsc::channel();
+
+    std::thread::spawn(move || {
+        drop(dev);
+        let _ = tx.send(());
+    });
+
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("Vsock::drop hung while the device was paused");
+}
+
+impl Rig {
+    /// A host client that has sent its `CONNECT` line, accepted and read by the backend.
+    fn client_connecting(&mut self) -> UnixStream {
+        let mut client = UnixStream::connect(&self.path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+            .unwrap();
+        let mut events = vec![EpollEvent::default(); 8];
+        // Accept, then read the handshake line (two readiness rounds at most).
+        for _ in 0..4 {
+            let n = self.epoll.wait(200, &mut events).unwrap();
+            for ev in &events[..n] {
+                self.backend.handle_event(ev.fd(), ev.event_set());
+            }
+        }
+        client
+    }
+
+    fn post_event_buffer(&mut self) {
+        let head = self.ev.add_chain(&self.mem, &[(0xf0_0000, 4, true)]);
+        self.ev.publish(&self.mem, head);
+    }
+}
+
+#[test]
+fn after_a_restore_host_clients_wait_for_the_guests_reset_acknowledgement() {
+    let mut r = rig();
+    r.give_rx_buffers(4);
+    r.backend.set_paused(true);
+    r.backend.reset_on_resume();
+    let _client = r.client_connecting();
+    assert!(
+        r.take_rx().is_empty(),
+        "held while the restored VM is paused"
+    );
+    r.post_event_buffer();
+
+    r.backend.set_paused(false);
+
+    assert_eq!(r.ev.used_idx(&r.mem), 1, "transport reset event delivered");
+    assert!(
+        r.take_rx().is_empty(),
+        "still held until the guest acknowledges"
+    );
+    // The guest acknowledges by re-posting an event buffer.
+    r.post_event_buffer();
+    r.backend.notify(2);
+    let ops: Vec<_> = r.take_rx().into_iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, vec![OP_REQUEST]);
+}
+
+#[test]
+fn a_reset_the_guest_never_acknowledges_releases_held_clients_after_the_timeout() {
+    let mut r = rig();
+    r.give_rx_buffers(4);
+    r.backend.set_paused(true);
+    r.backend.reset_on_resume();
+    r.post_event_buffer();
+    r.backend.set_paused(false);
+    let _client = r.client_connecting();
+    assert!(r.take_rx().is_empty());
+
+    r.backend.tick_at(Instant::now() + Duration::from_secs(3));
+
+    let ops: Vec<_> = r.take_rx().into_iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, vec![OP_REQUEST]);
+}
+
+#[test]
+fn host_clients_beyond_the_connection_limit_are_refused() {
+    let mut r = rig();
+    let mut held = Vec::new();
+    for _ in 0..muxer::MAX_CONNECTIONS {
+        held.push(UnixStream::connect(&r.path).unwrap());
+    }
+    let mut events = vec![EpollEvent::default(); 8];
+    for _ in 0..4 {
+        let n = r.epoll.wait(200, &mut events).unwrap();
+        for ev in &events[..n] {
+            r.backend.handle_event(ev.fd(), ev.event_set());
+        }
+    }
+    let mut extra = UnixStream::connect(&r.path).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for _ in 0..4 {
+        let n = r.epoll.wait(200, &mut events).unwrap();
+        for ev in &events[..n] {
+            r.backend.handle_event(ev.fd(), ev.event_set());
+        }
+    }
+
+    let mut b = [0u8; 1];
+    assert_eq!(extra.read(&mut b).unwrap(), 0, "closed at once");
+    drop(held);
 }

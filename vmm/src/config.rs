@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Kernel command line used when nothing else is configured. `root`, `rootfstype` and `init`
 /// are appended separately so they can be overridden.
@@ -192,6 +192,24 @@ impl VmConfig {
         }
         line
     }
+}
+
+/// What a restoring VMM must rebuild besides the state: the machine's shape and the host
+/// resources its devices use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// The root image (the restoring VMM may be given another path to the same image).
+    pub rootfs: PathBuf,
+    /// Guest vsock CID (`None`: no vsock device).
+    pub guest_cid: Option<u32>,
+    /// A virtio-rng device exists.
+    pub rng: bool,
+    /// The kernel command line the guest booted with (for information).
+    pub cmdline: String,
 }
 
 #[cfg(test)]

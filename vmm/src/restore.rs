@@ -8,6 +8,9 @@
 //!    sockets, apply the state;
 //! 4. start the vCPUs paused, then resume (unless asked to stay paused). vsock connections
 //!    do not survive: the guest gets a transport reset, host clients reconnect.
+//!
+//! The state is applied before any thread of the new VM exists, and the caller starts the
+//! control socket only on the returned [`Vmm`]: nothing can reach an unrestored VM.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,15 +18,14 @@ use std::time::Instant;
 
 use fissile_snapshotd::client::{Client, ClientError};
 
-use super::save::{ApplyError, SnapshotError, attach_image};
-use super::{MicrovmState, STATE_BLOB, StateFormatError};
-use crate::builder::{
-    BuildError, DeviceSpec, Parts, StartSockets, build_devices, serial_output, start,
-};
+use crate::builder::{BuildError, DeviceSpec, build_devices, serial_output, start};
+use crate::lifecycle::ApplyError;
+use crate::lifecycle::image::{self, ImageError};
 use crate::memory::{GuestRam, MemoryError};
-use crate::vmm::Vmm;
+use crate::snapshot::{MicrovmState, STATE_BLOB, StateFormatError};
+use crate::vmm::{PauseError, VmCore, Vmm};
 use crate::vstate::persist::{KvmCaps, KvmStateError};
-use crate::vstate::vcpu::{Target, VcpuError, lock_vcpu};
+use crate::vstate::vcpu::{RunControl, Target, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// What to restore and with which host resources.
@@ -37,8 +39,6 @@ pub struct RestoreConfig {
     pub rootfs: Option<PathBuf>,
     /// This VMM's hybrid-vsock socket (required when the snapshot has a vsock device).
     pub vsock_uds: Option<PathBuf>,
-    /// This VMM's control socket.
-    pub api_sock: Option<PathBuf>,
     /// Guest console log.
     pub serial_log: Option<PathBuf>,
     /// Guest console to stderr (without `serial_log`).
@@ -64,7 +64,7 @@ pub enum RestoreError {
     Memory(#[source] MemoryError),
     /// Attaching the image's fault session.
     #[error("attaching the snapshot image")]
-    Image(#[source] SnapshotError),
+    Image(#[source] ImageError),
     /// Creating the KVM VM or vCPUs.
     #[error("KVM VM")]
     Vm(#[source] VmError),
@@ -82,7 +82,7 @@ pub enum RestoreError {
     Apply(#[source] ApplyError),
     /// Resuming failed.
     #[error("resuming the restored VM")]
-    Resume(#[source] crate::vstate::vcpu::ControlError),
+    Resume(#[source] PauseError),
 }
 
 /// Restores snapshot `cfg.snapshot` into a new VM in this process.
@@ -117,7 +117,7 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
         machine.mem_size,
     )
     .map_err(RestoreError::Memory)?;
-    attach_image(&mut ram, &cfg.snapshotd, &cfg.snapshot, image, false)
+    image::attach(&mut ram, &cfg.snapshotd, &cfg.snapshot, image, false)
         .map_err(RestoreError::Image)?;
     let t_memory = started.elapsed();
 
@@ -145,34 +145,24 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
             .map_err(|e| RestoreError::Vcpu(VcpuError::Create(id, e)))?;
         vcpus.push(Arc::new(Mutex::new(fd)));
     }
-    let parts = Parts {
+    let mut core = VmCore::new(
+        Arc::new(RunControl::new(vcpus.len(), Target::Paused)),
+        machine,
         vm,
         caps,
-        ram,
-        bus,
         vcpus,
-        machine,
-        started,
-        scratch: false,
-    };
-    let vmm = start(
-        parts,
-        Target::Paused,
-        StartSockets {
-            api_sock: cfg.api_sock.clone(),
-            snapshotd: Some(cfg.snapshotd.clone()),
-        },
-    )
-    .map_err(RestoreError::Build)?;
-    let handle = vmm.handle();
-    handle
-        .shared()
-        .apply_state(&state, true)
+        bus,
+        ram,
+        Some(cfg.snapshotd.clone()),
+        false,
+    );
+    core.start_held();
+    // Devices stay still from the moment their state is applied until the VM resumes.
+    core.quiesce_devices(true);
+    core.apply_state(&state, true)
         .map_err(RestoreError::Apply)?;
-    // The vCPU threads hold no lock while parked; make sure they see the new state.
-    for v in &handle.shared().vcpus {
-        drop(lock_vcpu(v));
-    }
+    let vmm = start(core, started).map_err(RestoreError::Build)?;
+    let handle = vmm.handle();
     let t_built = started.elapsed();
     if !cfg.start_paused {
         handle.resume().map_err(RestoreError::Resume)?;

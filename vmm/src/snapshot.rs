@@ -15,19 +15,15 @@
 //!
 //! # Components
 //! Device state implements [`Persist`] (required for every stateful device: a new device
-//! cannot be added without deciding what it saves). The KVM-held state (vCPUs, irqchip,
+//! cannot be added without deciding what it saves); capture and apply
+//! (`crate::lifecycle::state`) go through it and nothing else. The KVM-held state (vCPUs, irqchip,
 //! PIT, clock) is captured with ioctls that can fail, so it lives in
 //! [`crate::vstate::persist`] with its own capture/apply.
-
-pub mod restore;
-pub mod save;
-
-use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::config::MAX_VCPUS;
+use crate::config::{MAX_VCPUS, MachineConfig};
 use crate::devices::legacy::serial::SerialSaved;
 use crate::devices::virtio::persist::MmioTransportState;
 use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
@@ -54,24 +50,6 @@ pub trait Persist {
     /// Puts the component into `state`, validating it as untrusted input. Works on a
     /// component freshly built from configuration (restore) and on a live one (merge).
     fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error>;
-}
-
-/// What a restoring VMM must rebuild besides the state: the machine's shape and the host
-/// resources its devices use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MachineConfig {
-    /// Guest memory in bytes.
-    pub mem_size: u64,
-    /// vCPU count.
-    pub vcpus: u8,
-    /// The root image (the restoring VMM may be given another path to the same image).
-    pub rootfs: PathBuf,
-    /// Guest vsock CID (`None`: no vsock device).
-    pub guest_cid: Option<u32>,
-    /// A virtio-rng device exists.
-    pub rng: bool,
-    /// The kernel command line the guest booted with (for information).
-    pub cmdline: String,
 }
 
 /// The VM state of a snapshot. (Two states are equal when their encodings are: some KVM
@@ -211,32 +189,6 @@ impl MicrovmState {
             v.validate(i).map_err(StateFormatError::Vcpu)?;
         }
         Ok(())
-    }
-}
-
-impl Persist for crate::devices::legacy::SerialConsole {
-    type State = SerialSaved;
-    type Error = crate::devices::legacy::serial::SerialStateError;
-
-    fn save(&self) -> SerialSaved {
-        self.save_state()
-    }
-
-    fn restore(&mut self, state: &SerialSaved) -> Result<(), Self::Error> {
-        self.restore_state(state)
-    }
-}
-
-impl Persist for crate::devices::virtio::mmio::MmioTransport {
-    type State = MmioTransportState;
-    type Error = crate::devices::virtio::persist::TransportStateError;
-
-    fn save(&self) -> MmioTransportState {
-        self.save_state()
-    }
-
-    fn restore(&mut self, state: &MmioTransportState) -> Result<(), Self::Error> {
-        self.restore_state(state)
     }
 }
 

@@ -1,0 +1,184 @@
+//! Binding unix-socket listeners without clobbering what is not ours: a stale socket file
+//! (nobody listening) is replaced, but a path that is not a socket, or a socket another
+//! process still serves, is an error. Listeners are made owner-only (`0600`); a socket file
+//! is removed on shutdown only if it is still the one we bound.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// A listener and the identity of its socket file.
+#[derive(Debug)]
+pub struct BoundSocket {
+    /// The listener.
+    pub listener: UnixListener,
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl BoundSocket {
+    /// Binds `path` (see the module docs), owner-only.
+    pub fn bind(path: &Path) -> io::Result<BoundSocket> {
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                clear_stale(path)?;
+                UnixListener::bind(path)?
+            }
+            Err(e) => return Err(e),
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(BoundSocket {
+            listener,
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `(st_dev, st_ino)` of the socket file as bound.
+    pub fn identity(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// Removes the socket file if it is still the one we bound.
+    pub fn remove_file(&self) {
+        if is_same_file(&self.path, self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Credentials of a unix socket's peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id.
+    pub pid: i32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Reads `SO_PEERCRED` of a connected unix socket.
+pub fn peer_cred(sock: &impl AsFd) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` holds the size of `cred`; the
+    // descriptor is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// The peer if it runs as our own user or as root; `PermissionDenied` otherwise.
+pub fn trusted_peer(sock: &impl AsFd) -> io::Result<PeerCred> {
+    let peer = peer_cred(sock)?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let me = unsafe { libc::getuid() };
+    if peer.uid != me && peer.uid != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("peer uid {} is neither ours ({me}) nor root", peer.uid),
+        ));
+    }
+    Ok(peer)
+}
+
+/// True when `path` is the file with identity `id`.
+pub fn is_same_file(path: &Path, id: (u64, u64)) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+}
+
+/// Removes `path` if it is a socket file nobody listens on; errors otherwise.
+fn clear_stale(path: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is served by another process", path.display()),
+        )),
+        Err(_) => std::fs::remove_file(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = BoundSocket::bind(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let err = BoundSocket::bind(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        drop(first); // the file stays, nobody listens: stale
+        let second = BoundSocket::bind(&path).unwrap();
+        second.remove_file();
+        assert!(!path.exists());
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"data").unwrap();
+        let err = BoundSocket::bind(&plain).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read(&plain).unwrap(), b"data");
+    }
+
+    #[test]
+    fn peer_credentials_name_this_process() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = trusted_peer(&a).unwrap();
+        assert_eq!(peer.pid, std::process::id() as i32);
+    }
+
+    #[test]
+    fn remove_file_leaves_a_socket_rebound_by_someone_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let ours = BoundSocket::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let theirs = BoundSocket::bind(&path).unwrap();
+
+        ours.remove_file();
+
+        assert!(path.exists());
+        assert!(is_same_file(&path, theirs.identity()));
+    }
+}

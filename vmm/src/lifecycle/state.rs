@@ -1,0 +1,91 @@
+//! The whole VM state in and out of a running VM: KVM (irqchip, PIT, clock, every vCPU) and
+//! devices (serial, every virtio-mmio transport with its queues), through each component's
+//! [`Persist`] implementation. The VM must be paused (or not started yet).
+
+use crate::devices::legacy::serial::SerialStateError;
+use crate::devices::virtio::persist::TransportStateError;
+use crate::snapshot::{MicrovmState, Persist};
+use crate::vmm::{VmCore, lock};
+use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
+use crate::vstate::vcpu::lock_vcpu;
+
+/// Applying a snapshot's state to this VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The snapshot is of another machine.
+    #[error("the snapshot is of another machine: {0}")]
+    Machine(String),
+    /// KVM refused part of the state.
+    #[error("applying KVM state")]
+    Kvm(#[source] KvmStateError),
+    /// The serial state is invalid.
+    #[error("serial state")]
+    Serial(#[source] SerialStateError),
+    /// A transport state is invalid.
+    #[error("virtio device {slot}")]
+    Transport {
+        /// Slot index.
+        slot: usize,
+        /// Cause.
+        #[source]
+        source: TransportStateError,
+    },
+}
+
+impl VmCore {
+    /// Captures the whole VM state (vCPUs and devices must be paused).
+    pub(crate) fn capture_state(&self) -> Result<MicrovmState, KvmStateError> {
+        let vm = VmState::capture(self.vm.fd())?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (i, v) in self.vcpus.iter().enumerate() {
+            vcpus.push(VcpuState::capture(&lock_vcpu(v), i, &self.caps)?);
+        }
+        let serial = lock(self.bus.serial()).save();
+        let mmio = self
+            .bus
+            .mmio_slots()
+            .iter()
+            .map(|s| lock(&s.transport).save())
+            .collect();
+        Ok(MicrovmState {
+            machine: self.machine.clone(),
+            vm,
+            vcpus,
+            serial,
+            mmio,
+        })
+    }
+
+    /// Puts vCPUs and devices in `state` (paused VM; memory is switched separately).
+    /// `fresh`: the vCPUs never ran (restore) rather than being a live VM's (merge).
+    pub(crate) fn apply_state(&self, state: &MicrovmState, fresh: bool) -> Result<(), ApplyError> {
+        let (a, b) = (&state.machine, &self.machine);
+        if a.vcpus != b.vcpus
+            || a.mem_size != b.mem_size
+            || state.mmio.len() != self.bus.mmio_slots().len()
+        {
+            return Err(ApplyError::Machine(format!(
+                "{} vCPUs, {} MiB, {} devices; this VM has {}, {}, {}",
+                a.vcpus,
+                a.mem_size >> 20,
+                state.mmio.len(),
+                b.vcpus,
+                b.mem_size >> 20,
+                self.bus.mmio_slots().len()
+            )));
+        }
+        state.vm.apply(self.vm.fd()).map_err(ApplyError::Kvm)?;
+        for (i, (v, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
+            s.apply(&lock_vcpu(v), i, fresh).map_err(ApplyError::Kvm)?;
+        }
+        lock(self.bus.serial())
+            .restore(&state.serial)
+            .map_err(ApplyError::Serial)?;
+        for (slot, (s, st)) in self.bus.mmio_slots().iter().zip(&state.mmio).enumerate() {
+            lock(&s.transport)
+                .restore(st)
+                .map_err(|source| ApplyError::Transport { slot, source })?;
+        }
+        Ok(())
+    }
+}
