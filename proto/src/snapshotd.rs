@@ -33,7 +33,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version byte of every snapshotd frame.
-pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 2;
+pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 3;
 /// Cap on one frame, both directions.
 pub const SNAPSHOTD_FRAME_CAP: u32 = 1 << 20;
 /// Most page indexes in one `CreatePages` / `CreateTouchOrder`.
@@ -249,6 +249,12 @@ pub enum Response {
         raw_bytes: u64,
         /// Bytes on disk in packs.
         pack_bytes: u64,
+        /// Snapshot images open in the daemon.
+        images: u64,
+        /// Memory those images hold.
+        image_bytes: u64,
+        /// Faults served since the daemon started.
+        faults_served: u64,
     },
     /// The fault session runs.
     FaultSessionStarted,

@@ -123,6 +123,25 @@ impl OpenedImage {
     }
 }
 
+/// What a running daemon reports about itself (`Stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DaemonStats {
+    /// Durable snapshots in the store.
+    pub snapshots: u64,
+    /// Distinct chunks (pages) stored.
+    pub chunks: u64,
+    /// Raw bytes of all chunks.
+    pub raw_bytes: u64,
+    /// Bytes on disk in packs.
+    pub pack_bytes: u64,
+    /// Snapshot images open in the daemon.
+    pub images: u64,
+    /// Memory those images hold.
+    pub image_bytes: u64,
+    /// Faults served since the daemon started.
+    pub faults_served: u64,
+}
+
 /// A connection to snapshotd.
 #[derive(Debug)]
 pub struct Client {
@@ -333,14 +352,25 @@ impl Client {
     }
 
     /// Store figures: (snapshots, chunks, raw bytes, pack bytes).
-    pub fn stats(&mut self) -> Result<(u64, u64, u64, u64), ClientError> {
+    pub fn stats(&mut self) -> Result<DaemonStats, ClientError> {
         match self.call(&Request::Stats, None)? {
             Response::Stats {
                 snapshots,
                 chunks,
                 raw_bytes,
                 pack_bytes,
-            } => Ok((snapshots, chunks, raw_bytes, pack_bytes)),
+                images,
+                image_bytes,
+                faults_served,
+            } => Ok(DaemonStats {
+                snapshots,
+                chunks,
+                raw_bytes,
+                pack_bytes,
+                images,
+                image_bytes,
+                faults_served,
+            }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

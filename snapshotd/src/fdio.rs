@@ -100,6 +100,9 @@ impl Read for FdStream {
         for &fd in &fds[..nfds] {
             // SAFETY: recvmsg just installed `fd` in our table; we are its only owner.
             let owned = unsafe { crate::sys::own_fd(fd) };
+            // No process this one starts may inherit a peer's memfd or uffd. (The VMM and
+            // the daemon start none; this keeps it so if that ever changes.)
+            crate::sys::set_cloexec(&owned)?;
             if self.fds.len() < MAX_QUEUED_FDS {
                 self.fds.push_back(owned);
             } else {
@@ -107,5 +110,29 @@ impl Read for FdStream {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_descriptors_are_close_on_exec() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let memfd = crate::sys::memfd_create("t", 4096).unwrap();
+        // A descriptor without FD_CLOEXEC on the sending side.
+        // SAFETY: fcntl on a descriptor we own.
+        let cleared = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_SETFD, 0) };
+        assert_eq!(cleared, 0);
+        write_msg(&a, &fissile_proto::snapshotd::Request::Ping, Some(&memfd)).unwrap();
+        let mut conn = FdStream::new(b);
+
+        let _: fissile_proto::snapshotd::Request = conn.read_msg().unwrap();
+        let fd = conn.take_fd().expect("a descriptor arrived");
+
+        // SAFETY: fcntl(F_GETFD) on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
     }
 }

@@ -29,6 +29,10 @@ enum Cmd {
         /// Socket path.
         #[arg(long)]
         socket: PathBuf,
+        /// Memory (MiB) that unused snapshot images may keep in the page cache before the
+        /// least recently used are dropped (they are read back from the store when needed).
+        #[arg(long, default_value_t = 4096)]
+        image_cache_mib: u64,
     },
     /// Verify the whole store (exit status 1 if anything is wrong).
     Check {
@@ -68,10 +72,14 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { root, socket } => {
+        Cmd::Serve {
+            root,
+            socket,
+            image_cache_mib,
+        } => {
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
-            let server = Server::new(Arc::new(store));
+            let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
             let listener = Server::bind(&socket)?;
             tracing::info!(root = %root.display(), socket = %socket.display(), "snapshotd serving");
             // Readiness line for supervisors and tests.
@@ -102,10 +110,8 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&store.stats()?)?);
             }
             (None, Some(socket)) => {
-                let (snapshots, chunks, raw, packs) = Client::connect(&socket)?.stats()?;
-                println!(
-                    "{{\"snapshots\":{snapshots},\"chunks\":{chunks},\"raw_bytes\":{raw},\"pack_bytes\":{packs}}}"
-                );
+                let stats = Client::connect(&socket)?.stats()?;
+                println!("{}", serde_json::to_string_pretty(&stats)?);
             }
             (None, None) => bail!("give --root or --socket"),
         },

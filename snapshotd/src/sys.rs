@@ -1,5 +1,7 @@
-//! The few system calls libc does not wrap safely: memfd, mmap, poll, SO_PEERCRED.
-//! All `unsafe` of the crate outside the userfaultfd ioctls lives here.
+//! The few system calls libc does not wrap safely: memfd, seals, mmap, poll, fcntl. Most
+//! of the crate's `unsafe` lives here; the rest is the userfaultfd ioctls
+//! (`server/faults.rs`) and taking ownership of received descriptors (`fdio.rs`,
+//! `server/mod.rs`).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -63,45 +65,6 @@ pub const ADOPT_SEALS: i32 = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | l
 /// so a client can map it privately but never write the shared pages.
 pub fn reopen_read_only(file: &File) -> io::Result<File> {
     File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
-
-/// Credentials of a unix socket's peer.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerCred {
-    /// Process id.
-    pub pid: i32,
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-}
-
-/// Reads `SO_PEERCRED` of a connected unix socket.
-pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes and `len` holds the size of `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(PeerCred {
-        pid: cred.pid,
-        uid: cred.uid,
-        gid: cred.gid,
-    })
 }
 
 /// Readiness of one fd after [`poll2`].
@@ -276,4 +239,14 @@ impl Drop for Mapping {
 pub unsafe fn own_fd(fd: RawFd) -> OwnedFd {
     // SAFETY: guaranteed by the caller.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Marks `fd` close-on-exec (descriptors received over `SCM_RIGHTS` arrive without it).
+pub fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

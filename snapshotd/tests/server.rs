@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use fissile_proto::frame::{encode_frame, read_frame};
 use fissile_proto::snapshotd::{
-    Request, Response, SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION,
+    ErrorCode, Request, Response, SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION,
 };
 use fissile_snapshotd::client::{Client, CreateOptions, LazyMemory};
 use fissile_snapshotd::sys;
@@ -189,19 +189,34 @@ fn dirty_only_create_blobs_and_prefetch_through_daemon() {
         c.delete(&parent),
         Err(fissile_snapshotd::client::ClientError::Daemon { .. })
     ));
-    c.delete(&child).unwrap();
+    drop(lazy); // its fault session used the child's image
+    delete_once_unused(&mut c, &child);
     c.delete(&parent).unwrap();
     assert!(c.list().unwrap().is_empty());
+}
+
+/// Deletes `id`, retrying while the daemon still counts a user of its image (a fault
+/// session ends shortly after its client goes away).
+fn delete_once_unused(c: &mut Client, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.delete(id) {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("in use") => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("deleting {id}: {e}"),
+        }
+    }
 }
 
 const SHARE_ENV: &str = "SNAPSHOTD_TEST_SHARE_CHILD";
 
 /// Child side of `two_processes_opening_same_image_share_physical_pages`.
 #[test]
+#[ignore = "child-process entry point: run by two_processes_opening_same_image_share_physical_pages"]
 fn share_child_touch_all_pages() {
-    let Ok(spec) = std::env::var(SHARE_ENV) else {
-        return;
-    };
+    let spec = std::env::var(SHARE_ENV).expect("run only as the child of its parent test");
     let (socket, id) = spec.split_once('|').unwrap();
     let lazy = LazyMemory::restore(Client::connect(Path::new(socket)).unwrap(), id, None).unwrap();
     let mut sum = 0u64;
@@ -248,6 +263,7 @@ fn two_processes_opening_same_image_share_physical_pages() {
         .map(|_| {
             let mut ch = Command::new(&exe)
                 .args([
+                    "--ignored",
                     "--exact",
                     "share_child_touch_all_pages",
                     "--nocapture",
@@ -427,10 +443,9 @@ const DIE_ENV: &str = "SNAPSHOTD_TEST_DIE_CHILD";
 /// Child side of `client_death_ends_its_session`: opens a session, touches one page, and
 /// waits to be killed.
 #[test]
+#[ignore = "child-process entry point: run by client_death_ends_its_session"]
 fn die_child_hold_session() {
-    let Ok(spec) = std::env::var(DIE_ENV) else {
-        return;
-    };
+    let spec = std::env::var(DIE_ENV).expect("run only as the child of its parent test");
     let (socket, id) = spec.split_once('|').unwrap();
     let lazy = LazyMemory::restore(Client::connect(Path::new(socket)).unwrap(), id, None).unwrap();
     lazy.mapping().touch(0);
@@ -477,6 +492,7 @@ fn client_death_ends_its_session() {
     for _ in 0..3 {
         let mut ch = Command::new(&exe)
             .args([
+                "--ignored",
                 "--exact",
                 "die_child_hold_session",
                 "--nocapture",
@@ -621,4 +637,71 @@ fn adopting_an_unsealed_memfd_is_refused_and_loses_nothing() {
     // The connection and daemon keep working.
     let id = create(&mut c, &mem, CreateOptions::default());
     assert!(c.info(&id).unwrap().durable);
+}
+
+/// The adopt path sizes per-page state from the request: a page size of 0 or a huge sparse
+/// memfd must be refused before anything is allocated, and the daemon goes on serving.
+#[test]
+fn adopting_creates_with_impossible_sizes_are_refused_and_the_daemon_lives() {
+    use fissile_snapshotd::fdio::FdStream;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cases: [(u64, u32); 3] = [(1 << 20, 0), (1 << 20, 3000), (1 << 50, 4096)];
+    for (memory_size, page_size) in cases {
+        let memfd = sys::memfd_create("hostile", memory_size).unwrap();
+        sys::add_seals(&memfd, sys::ADOPT_SEALS).unwrap();
+        let mut conn = FdStream::new(UnixStream::connect(&d.socket).unwrap());
+        let begin = Request::CreateBegin {
+            memory_size,
+            page_size,
+            parent: None,
+            dirty_only: false,
+            labels: vec![],
+            adopt: true,
+        };
+        conn.write_msg(&begin, Some(&memfd)).unwrap();
+        let reply: Response = conn.read_msg().unwrap();
+        match reply {
+            Response::Error { code, message } => {
+                assert_eq!(code, ErrorCode::BadRequest, "{message}");
+            }
+            other => panic!("{memory_size}/{page_size} accepted: {other:?}"),
+        }
+        // A commit after the refused begin has nothing to commit.
+        conn.write_msg(
+            &Request::CreateCommit {
+                wait_durable: false,
+            },
+            None,
+        )
+        .unwrap();
+        let reply: Response = conn.read_msg().unwrap();
+        assert!(matches!(reply, Response::Error { .. }), "{reply:?}");
+        ping_ok(&d);
+    }
+}
+
+/// A snapshot a VM is restored from lazily (its fault session uses the image) cannot be
+/// deleted while the session lives; afterwards it can.
+#[test]
+fn delete_of_a_snapshot_in_use_is_refused_until_its_last_user_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mem = memory(11, 64, 0);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+    assert_eq!(lazy.mapping().touch(3 * 4096), mem[3 * 4096]);
+
+    let err = d.client().delete(&id).unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert_eq!(
+        lazy.mapping().touch(9 * 4096),
+        mem[9 * 4096],
+        "the VM still works"
+    );
+
+    drop(lazy);
+    delete_once_unused(&mut d.client(), &id);
+    let stats = d.client().stats().unwrap();
+    assert_eq!(stats.snapshots, 0);
 }

@@ -3,14 +3,15 @@
 //! The client created the uffd and registered its private view of the image (MISSING mode);
 //! this thread polls the uffd and the session socket, resolves each fault by materializing
 //! the page in the shared image memfd and waking the faulting thread (or `UFFDIO_ZEROPAGE`
-//! for zero pages), sends heartbeats, and ends when the client closes the socket, the uffd
-//! hangs up, or the daemon shuts down.
+//! for zero pages), and ends when the client closes the socket, the uffd hangs up, or the
+//! daemon shuts down. Heartbeats come from a thread of their own, so a slow batch of store
+//! reads on this one never looks like a dead page server to the client.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fissile_proto::snapshotd::{HEARTBEAT_INTERVAL_MS, Response};
@@ -74,48 +75,95 @@ pub struct Session {
     uffd: Uffd,
     regions: Vec<SessionRegion>,
     socket: UnixStream,
+    /// Serializes writes to the session socket (heartbeats vs. the final failure report).
+    writer: Arc<Mutex<()>>,
     stats: Arc<SessionStats>,
     stop: Arc<AtomicBool>,
     prefetch_started: bool,
+    /// The daemon's count of faults served (this session's are added when it ends).
+    served_total: Arc<AtomicU64>,
 }
 
 impl Session {
-    /// Prepares a session on `uffd` for `regions`, reporting on `socket`.
-    pub fn new(uffd: Uffd, regions: Vec<SessionRegion>, socket: UnixStream) -> Session {
+    /// Prepares a session on `uffd` for `regions`, reporting on `socket`; its faults are
+    /// added to `served_total` when it ends.
+    pub fn new(
+        uffd: Uffd,
+        regions: Vec<SessionRegion>,
+        socket: UnixStream,
+        served_total: Arc<AtomicU64>,
+    ) -> Session {
         Session {
             uffd,
             regions,
             socket,
+            writer: Arc::new(Mutex::new(())),
             stats: Arc::new(SessionStats::default()),
             stop: Arc::new(AtomicBool::new(false)),
             prefetch_started: false,
+            served_total,
         }
     }
 
     /// Serves faults until the client goes away or `shutdown` is set. A failure is reported
     /// to the client as [`Response::SessionFailed`] before returning it.
     pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
+        let heart = self.start_heartbeat();
         let res = self.serve(shutdown);
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = heart {
+            let _ = h.join();
+        }
         if let Err(e) = &res {
             let msg = Response::SessionFailed {
                 message: crate::error_chain(e),
             };
+            let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = fdio::write_msg(&self.socket, &msg, None);
         }
+        let faults = self.stats.faults.load(Ordering::Relaxed);
+        self.served_total.fetch_add(faults, Ordering::Relaxed);
         tracing::info!(
-            faults = self.stats.faults.load(Ordering::Relaxed),
+            faults,
             prefetched = self.stats.prefetched.load(Ordering::Relaxed),
             "fault session ended"
         );
         res
     }
 
+    /// Sends a heartbeat every [`HEARTBEAT_INTERVAL_MS`] until the session stops or the
+    /// client is gone.
+    fn start_heartbeat(&self) -> Option<std::thread::JoinHandle<()>> {
+        let socket = self.socket.try_clone().ok()?;
+        let (stop, stats, writer) = (self.stop.clone(), self.stats.clone(), self.writer.clone());
+        let beat = Duration::from_millis(HEARTBEAT_INTERVAL_MS);
+        std::thread::Builder::new()
+            .name("snapshotd-heartbeat".into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if last.elapsed() < beat {
+                        continue;
+                    }
+                    last = Instant::now();
+                    let hb = Response::Heartbeat {
+                        faults: stats.faults.load(Ordering::Relaxed),
+                        prefetched: stats.prefetched.load(Ordering::Relaxed),
+                    };
+                    let _guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    if fdio::write_msg(&socket, &hb, None).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| tracing::error!(error = %e, "cannot start the heartbeat thread"))
+            .ok()
+    }
+
     fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
         let mut events = EventBuffer::new(64);
         let mut buf = Vec::new();
-        let mut last_beat = Instant::now();
-        let beat = Duration::from_millis(HEARTBEAT_INTERVAL_MS);
         while !shutdown.load(Ordering::Relaxed) {
             let (u, s) = sys::poll2(
                 self.uffd.as_raw_fd(),
@@ -149,16 +197,6 @@ impl Session {
                         Event::Pagefault { addr, .. } => self.resolve(addr as u64, &mut buf)?,
                         other => tracing::debug!(?other, "ignoring uffd event"),
                     }
-                }
-            }
-            if last_beat.elapsed() >= beat {
-                last_beat = Instant::now();
-                let hb = Response::Heartbeat {
-                    faults: self.stats.faults.load(Ordering::Relaxed),
-                    prefetched: self.stats.prefetched.load(Ordering::Relaxed),
-                };
-                if fdio::write_msg(&self.socket, &hb, None).is_err() {
-                    return Ok(());
                 }
             }
         }

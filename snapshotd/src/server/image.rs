@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -113,6 +113,10 @@ pub struct Image {
     present: Vec<AtomicU64>,
     materialized: AtomicU64,
     durable: AtomicBool,
+    /// Its background ingest failed: it will never be durable.
+    failed: AtomicBool,
+    /// When it was last handed out ([`Images`]' clock), for LRU eviction.
+    last_used: AtomicU64,
 }
 
 fn bitmap(pages: u64) -> Vec<AtomicU64> {
@@ -139,6 +143,8 @@ impl Image {
             memfd,
             materialized: AtomicU64::new(0),
             durable: AtomicBool::new(true),
+            failed: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
         })
     }
 
@@ -203,6 +209,8 @@ impl Image {
             memfd,
             materialized: AtomicU64::new(0),
             durable: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
         })
     }
 
@@ -237,6 +245,20 @@ impl Image {
     /// Marks the snapshot durable (its background ingest finished).
     pub fn set_durable(&self) {
         self.durable.store(true, Ordering::Release);
+    }
+
+    /// Marks its background ingest failed (it is usable while in use, then dropped).
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Bytes of memory its memfds hold now (shmem blocks actually allocated).
+    pub fn resident_bytes(&self) -> u64 {
+        let blocks = |f: &File| f.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+        match &self.source {
+            Source::Layered { dirty, .. } => blocks(&self.memfd) + blocks(dirty),
+            _ => blocks(&self.memfd),
+        }
     }
 
     /// True when every page is in the memfd (a full adopted image): no faults to serve.
@@ -382,27 +404,61 @@ impl Image {
     }
 }
 
-/// Every open image, by snapshot id.
-#[derive(Debug, Default)]
+/// Every open image, by snapshot id, within a memory budget.
+///
+/// An image nobody uses (no fault session, no layered child image, not being ingested) can
+/// be dropped: a durable one is read back from the store when needed again. Unused images
+/// are kept, least recently used first out, while the images' memory stays within the
+/// budget; one whose ingest failed is dropped as soon as it is unused (it can never be read
+/// back). Clients that mapped an image keep their own reference to its pages.
+#[derive(Debug)]
 pub struct Images {
     map: Mutex<HashMap<String, Arc<Image>>>,
+    budget: u64,
+    clock: AtomicU64,
 }
 
+impl Default for Images {
+    fn default() -> Self {
+        Self::new(DEFAULT_IMAGE_BUDGET)
+    }
+}
+
+/// Default memory budget for unused images kept hot.
+pub const DEFAULT_IMAGE_BUDGET: u64 = 4 << 30;
+
 impl Images {
+    /// An empty set keeping at most `budget` bytes of unused images.
+    pub fn new(budget: u64) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            budget,
+            clock: AtomicU64::new(1),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Image>>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn touch(&self, img: &Image) {
+        img.last_used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+
     /// The image of snapshot `id`, opened from the store on first use.
     pub fn get_or_open(&self, store: &Arc<Store>, id: &str) -> Result<Arc<Image>, ImageError> {
         let mut map = self.lock();
         if let Some(img) = map.get(id) {
+            self.touch(img);
             return Ok(img.clone());
         }
-        Self::evict_unused(&mut map);
         let img = Arc::new(Image::open(store.clone(), id)?);
+        self.touch(&img);
         map.insert(id.to_string(), img.clone());
         tracing::info!(snapshot = id, bytes = img.memory_size, "image opened");
         Ok(img)
@@ -410,14 +466,16 @@ impl Images {
 
     /// The image of `id` if it is open.
     pub fn get(&self, id: &str) -> Option<Arc<Image>> {
-        self.lock().get(id).cloned()
+        let map = self.lock();
+        let img = map.get(id)?;
+        self.touch(img);
+        Some(img.clone())
     }
 
     /// Registers an adopted image.
     pub fn insert(&self, image: Arc<Image>) {
-        let mut map = self.lock();
-        Self::evict_unused(&mut map);
-        map.insert(image.id.clone(), image);
+        self.touch(&image);
+        self.lock().insert(image.id.clone(), image);
     }
 
     /// Forgets the image of `id` (clients keep their descriptors).
@@ -425,24 +483,118 @@ impl Images {
         self.lock().remove(id);
     }
 
-    /// Drops durable adopted images nobody uses any more (no session, no child image): their
-    /// memory can be read back from the store. Clients still mapping them keep their pages.
-    fn evict_unused(map: &mut HashMap<String, Arc<Image>>) {
-        loop {
-            let unused: Vec<String> = map
-                .iter()
-                .filter(|(_, img)| {
-                    img.is_adopted() && img.is_durable() && Arc::strong_count(img) == 1
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            if unused.is_empty() {
-                return;
-            }
-            for id in unused {
-                tracing::info!(snapshot = %id, "evicting unused adopted image");
-                map.remove(&id);
-            }
+    /// How many users besides this set hold the image of `id` (fault sessions, layered
+    /// children, an ingest in progress); 0 when it is not open.
+    pub fn users(&self, id: &str) -> usize {
+        self.lock()
+            .get(id)
+            .map_or(0, |img| Arc::strong_count(img).saturating_sub(1))
+    }
+
+    /// Open images and the memory they hold.
+    pub fn usage(&self) -> (usize, u64) {
+        let map = self.lock();
+        (map.len(), map.values().map(|i| i.resident_bytes()).sum())
+    }
+
+    /// Drops unused images whose ingest failed, then unused durable ones, least recently
+    /// used first, until the images fit the budget. Returns the ids of dropped images whose
+    /// ingest had failed (those snapshots are gone).
+    pub fn trim(&self) -> Vec<String> {
+        let mut map = self.lock();
+        let unused = |img: &Arc<Image>| Arc::strong_count(img) == 1;
+        let failed: Vec<String> = map
+            .iter()
+            .filter(|(_, img)| unused(img) && img.failed.load(Ordering::Acquire))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &failed {
+            tracing::warn!(snapshot = %id, "dropping an unused image whose ingest failed");
+            map.remove(id);
         }
+        let mut total: u64 = map.values().map(|i| i.resident_bytes()).sum();
+        if total <= self.budget {
+            return failed;
+        }
+        let mut candidates: Vec<(u64, String, u64)> = map
+            .iter()
+            .filter(|(_, img)| unused(img) && img.is_durable())
+            .map(|(id, img)| {
+                (
+                    img.last_used.load(Ordering::Relaxed),
+                    id.clone(),
+                    img.resident_bytes(),
+                )
+            })
+            .collect();
+        candidates.sort_unstable();
+        for (_, id, bytes) in candidates {
+            if total <= self.budget {
+                break;
+            }
+            tracing::info!(snapshot = %id, bytes, "evicting an unused image (LRU)");
+            map.remove(&id);
+            total = total.saturating_sub(bytes);
+        }
+        failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adopted(id: &str, pages: u64) -> Arc<Image> {
+        let memfd = sys::memfd_create("t", pages * 4096).unwrap();
+        for p in 0..pages {
+            memfd.write_all_at(&[1u8; 4096], p * 4096).unwrap();
+        }
+        sys::add_seals(&memfd, sys::ADOPT_SEALS).unwrap();
+        Arc::new(Image::adopt(id, memfd, pages * 4096, 4096, None).unwrap())
+    }
+
+    #[test]
+    fn unused_durable_images_are_evicted_lru_first_within_the_budget() {
+        let images = Images::new(3 * 4096 * 16);
+        for id in ["a", "b", "c", "d"] {
+            let img = adopted(id, 16);
+            img.set_durable();
+            images.insert(img);
+        }
+        let _b = images.get("b").unwrap(); // in use, and recently used
+        let _ = images.get("a"); // recently used, unused
+
+        let failed = images.trim();
+
+        assert!(failed.is_empty());
+        let (n, bytes) = images.usage();
+        assert!(bytes <= 3 * 4096 * 16, "{bytes}");
+        assert_eq!(n, 3);
+        assert!(
+            images.get("c").is_none(),
+            "the least recently used went first"
+        );
+        assert!(images.get("b").is_some() && images.get("a").is_some());
+    }
+
+    #[test]
+    fn in_use_pending_and_failed_images_follow_their_rules() {
+        let images = Images::new(0);
+        let pending = adopted("pending", 4);
+        images.insert(pending.clone());
+        drop(pending);
+        let failed = adopted("failed", 4);
+        failed.set_failed();
+        images.insert(failed);
+        let used = adopted("used", 4);
+        used.set_durable();
+        images.insert(used.clone());
+
+        let dropped = images.trim();
+
+        assert_eq!(dropped, vec!["failed".to_string()]);
+        assert!(images.get("pending").is_some(), "not durable yet: kept");
+        assert_eq!(images.users("used"), 1);
+        assert!(images.get("used").is_some(), "in use: kept");
     }
 }

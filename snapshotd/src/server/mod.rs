@@ -1,10 +1,15 @@
 //! The daemon: a unix-socket server over a [`Store`].
 //!
-//! One thread per connection (capped at [`MAX_CONNECTIONS`]); a connection that starts a
-//! fault session becomes that session's fault-service thread. Every request is validated
-//! against the limits in [`fissile_proto::snapshotd`]; a malformed frame gets an `Error`
-//! reply (or, when the stream can no longer be trusted, the connection is closed), never a
-//! crash. Peers are identified with `SO_PEERCRED` and must run as the daemon's uid or root.
+//! One thread per connection (capped at [`MAX_CONNECTIONS`]; a connection idle for
+//! [`IDLE_TIMEOUT`] is closed); a connection that starts a fault session becomes that
+//! session's fault-service thread. Every request is validated against the limits in
+//! [`fissile_proto::snapshotd`] before anything is allocated from its numbers; a malformed
+//! frame gets an `Error` reply (or, when the stream can no longer be trusted, the connection
+//! is closed), never a crash. Peers are identified with `SO_PEERCRED` and must run as the
+//! daemon's uid or root.
+//!
+//! Memory: open images stay within a budget ([`image::Images`]); a snapshot whose image is
+//! in use (a VM restored lazily from it, a layered child) cannot be deleted.
 
 pub mod faults;
 pub mod image;
@@ -15,7 +20,7 @@ use std::io;
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +44,8 @@ use crate::sys;
 pub const MAX_CONNECTIONS: usize = 512;
 /// A reply that cannot be written within this time closes the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that sends no request for this long is closed (fault sessions excepted).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +72,17 @@ pub struct Server {
     /// Background ingest jobs, run one at a time in commit order (a layered snapshot's parent
     /// is always ingested before it).
     ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
+    /// Faults served by sessions that have ended (live ones add theirs).
+    faults_served: Arc<AtomicU64>,
+}
+
+/// Gives a connection slot back when a connection thread ends, however it ends.
+struct ConnectionSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An adopted snapshot on its way into the store.
@@ -144,10 +162,16 @@ enum Next {
 impl Server {
     /// Creates the daemon state over an opened store.
     pub fn new(store: Arc<Store>) -> Arc<Server> {
+        Self::with_image_budget(store, image::DEFAULT_IMAGE_BUDGET)
+    }
+
+    /// [`Server::new`] keeping at most `budget` bytes of unused images.
+    pub fn with_image_budget(store: Arc<Store>, budget: u64) -> Arc<Server> {
         let (tx, rx) = std::sync::mpsc::channel::<IngestJob>();
         let server = Arc::new(Server {
             store,
-            images: Images::default(),
+            images: Images::new(budget),
+            faults_served: Arc::new(AtomicU64::new(0)),
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -213,19 +237,38 @@ impl Server {
     }
 
     fn finish_ingest(&self, id: &str, result: Result<(), String>) {
-        let mut pending = self.lock_pending();
-        match result {
-            Ok(()) => {
-                pending.remove(id);
-            }
-            Err(msg) => {
-                tracing::error!(snapshot = id, error = %msg, "background ingest failed");
-                if let Some(p) = pending.get_mut(id) {
-                    p.failed = Some(msg);
+        {
+            let mut pending = self.lock_pending();
+            match result {
+                Ok(()) => {
+                    pending.remove(id);
+                }
+                Err(msg) => {
+                    tracing::error!(snapshot = id, error = %msg, "background ingest failed");
+                    if let Some(img) = self.images.get(id) {
+                        img.set_failed();
+                    }
+                    if let Some(p) = pending.get_mut(id) {
+                        p.failed = Some(msg);
+                    }
                 }
             }
+            self.ingested.notify_all();
         }
-        self.ingested.notify_all();
+        self.trim_images();
+    }
+
+    /// Keeps the open images within their budget; forgets snapshots whose ingest failed
+    /// once nobody uses their image.
+    fn trim_images(&self) {
+        let dropped = self.images.trim();
+        if !dropped.is_empty() {
+            let mut pending = self.lock_pending();
+            for id in dropped {
+                pending.remove(&id);
+            }
+            self.ingested.notify_all();
+        }
     }
 
     /// Blocks until `id` is durable; `Err` if its ingest failed or it is unknown.
@@ -351,17 +394,18 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServeError::Accept(e)),
             };
-            if self.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            if self.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+                self.connections.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!("connection limit reached; refusing a client");
                 continue;
             }
-            self.connections.fetch_add(1, Ordering::Relaxed);
             let server = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("snapshotd-conn".into())
                 .spawn(move || {
+                    let _slot = ConnectionSlot(&server.connections);
                     server.handle_connection(conn);
-                    server.connections.fetch_sub(1, Ordering::Relaxed);
+                    server.trim_images();
                 });
             if let Err(e) = spawned {
                 self.connections.fetch_sub(1, Ordering::Relaxed);
@@ -377,23 +421,21 @@ impl Server {
     }
 
     fn handle_connection(&self, stream: UnixStream) {
-        let peer = match sys::peer_cred(stream.as_fd()) {
+        let peer = match fissile_proto::uds::trusted_peer(&stream) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, "SO_PEERCRED failed; closing");
+                tracing::warn!(error = %e, "refusing a client");
                 return;
             }
         };
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let my_uid = unsafe { libc::getuid() };
-        if peer.uid != my_uid && peer.uid != 0 {
-            tracing::warn!(?peer, "refusing a client of another user");
-            return;
-        }
         let span = tracing::info_span!("conn", pid = peer.pid, uid = peer.uid);
         let _e = span.enter();
-        if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
-            tracing::warn!(error = %e, "set_write_timeout");
+        if let Err(e) = stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .and_then(|()| stream.set_read_timeout(Some(IDLE_TIMEOUT)))
+        {
+            tracing::warn!(error = %e, "setting socket timeouts");
+            return;
         }
         let mut conn = FdStream::new(stream);
         let mut pending: Option<PendingCreate> = None;
@@ -452,7 +494,7 @@ impl Server {
                             return;
                         }
                     };
-                    let session = Session::new(uffd, regions, socket);
+                    let session = Session::new(uffd, regions, socket, self.faults_served.clone());
                     if let Err(e) = session.run(&self.shutdown) {
                         tracing::warn!(error = %crate::error_chain(&e), "fault session failed");
                     }
@@ -512,6 +554,12 @@ impl Server {
                 if dirty_only && parent.is_none() {
                     return Err(bad("dirty_only needs a parent"));
                 }
+                // Before anything is sized from them (the adopt path allocates per page).
+                crate::store::manifest::check_shape(page_size, memory_size).map_err(|why| {
+                    bad(format!(
+                        "page size {page_size}, memory size {memory_size}: {why}"
+                    ))
+                })?;
                 let file = File::from(fd);
                 let actual = file
                     .metadata()
@@ -552,7 +600,7 @@ impl Server {
                 let p = pending
                     .as_mut()
                     .ok_or_else(|| bad("no create in progress"))?;
-                let max = p.memory.len / u64::from(p.page_size.max(1));
+                let max = p.memory.len / u64::from(p.page_size);
                 let dirty = p
                     .dirty
                     .as_mut()
@@ -569,7 +617,7 @@ impl Server {
                 let p = pending
                     .as_mut()
                     .ok_or_else(|| bad("no create in progress"))?;
-                let max = p.memory.len / u64::from(p.page_size.max(1));
+                let max = p.memory.len / u64::from(p.page_size);
                 if pages.len() > MAX_PAGES_PER_MESSAGE
                     || p.touch.len() as u64 + pages.len() as u64 > max
                 {
@@ -686,37 +734,30 @@ impl Server {
                 name,
                 offset,
             } => {
-                let pending_blob = self
-                    .lock_pending()
-                    .get(&snapshot)
-                    .map(|p| p.blobs.get(&name).cloned());
-                let blob = match pending_blob {
-                    Some(Some(b)) => b,
-                    Some(None) => {
-                        return Err(Fail(ErrorCode::NotFound, format!("no blob {name}")));
-                    }
-                    None => {
-                        let v = self.store.view(&snapshot)?;
-                        match v.manifest.blobs.get(&name) {
-                            Some(BlobRef::Inline(b)) => b.clone(),
-                            Some(BlobRef::Chunks { .. }) => {
-                                self.store.read_blob(&snapshot, &name)?
-                            }
-                            None => {
-                                return Err(Fail(ErrorCode::NotFound, format!("no blob {name}")));
-                            }
-                        }
-                    }
+                let piece = |blob: &[u8]| -> Result<Next, Fail> {
+                    let start = usize::try_from(offset)
+                        .ok()
+                        .filter(|o| *o <= blob.len())
+                        .ok_or_else(|| bad("offset beyond blob"))?;
+                    let end = (start + MAX_BLOB_PIECE).min(blob.len());
+                    Ok(Next::Reply(
+                        Response::Blob {
+                            total_len: blob.len() as u64,
+                            data: blob[start..end].to_vec(),
+                        },
+                        None,
+                    ))
                 };
-                let start = usize::try_from(offset)
-                    .ok()
-                    .filter(|o| *o <= blob.len())
-                    .ok_or_else(|| bad("offset beyond blob"))?;
-                let end = (start + MAX_BLOB_PIECE).min(blob.len());
-                ok(Response::Blob {
-                    total_len: blob.len() as u64,
-                    data: blob[start..end].to_vec(),
-                })
+                let no_blob = || Fail(ErrorCode::NotFound, format!("no blob {name}"));
+                if let Some(p) = self.lock_pending().get(&snapshot) {
+                    return piece(p.blobs.get(&name).ok_or_else(no_blob)?);
+                }
+                let v = self.store.view(&snapshot)?;
+                match v.manifest.blobs.get(&name) {
+                    Some(BlobRef::Inline(b)) => piece(b),
+                    Some(BlobRef::Chunks { .. }) => piece(&self.store.read_blob(&snapshot, &name)?),
+                    None => Err(no_blob()),
+                }
             }
             Request::List => {
                 let list = self.store.list()?;
@@ -747,6 +788,16 @@ impl Server {
                         format!("snapshot {snapshot} is not durable yet"),
                     ));
                 }
+                let users = self.images.users(&snapshot);
+                if users > 0 {
+                    return Err(Fail(
+                        ErrorCode::Conflict,
+                        format!(
+                            "snapshot {snapshot} is in use ({users} VMs or layered snapshots read \
+                             its image); delete it once they are gone"
+                        ),
+                    ));
+                }
                 self.store.delete(&snapshot).map_err(|e| {
                     let code = match &e {
                         DeleteError::View(ViewError::NotFound(_)) => ErrorCode::NotFound,
@@ -763,11 +814,15 @@ impl Server {
                     .store
                     .stats()
                     .map_err(|e| Fail(ErrorCode::Internal, crate::error_chain(&e)))?;
+                let (images, image_bytes) = self.images.usage();
                 ok(Response::Stats {
                     snapshots: s.snapshots,
                     chunks: s.chunks,
                     raw_bytes: s.raw_bytes,
                     pack_bytes: s.pack_bytes,
+                    images: images as u64,
+                    image_bytes,
+                    faults_served: self.faults_served.load(Ordering::Relaxed),
                 })
             }
         }

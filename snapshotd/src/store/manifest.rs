@@ -31,6 +31,21 @@ pub const MAX_PAGE_SIZE: u32 = 2 << 20;
 /// Largest guest memory a snapshot may describe (64 GiB).
 pub const MAX_MEMORY_SIZE: u64 = 64 << 30;
 
+/// Checks a snapshot's page size and memory size (every create, before anything is
+/// allocated from them, and every manifest read back).
+pub fn check_shape(page_size: u32, memory_size: u64) -> Result<(), &'static str> {
+    if !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) || !page_size.is_power_of_two() {
+        return Err("page size must be a power of two in 4 KiB..=2 MiB");
+    }
+    if memory_size == 0 || memory_size > MAX_MEMORY_SIZE {
+        return Err("memory size must be in 1 byte..=64 GiB");
+    }
+    if !memory_size.is_multiple_of(u64::from(page_size)) {
+        return Err("memory size is not a multiple of the page size");
+    }
+    Ok(())
+}
+
 /// A run of consecutive pages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Run {
@@ -144,18 +159,7 @@ impl Manifest {
 
     /// Checks every field is coherent.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let ps = self.page_size;
-        if !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&ps) || !ps.is_power_of_two() {
-            return Err(ManifestError::Invalid("page size"));
-        }
-        if self.memory_size > MAX_MEMORY_SIZE {
-            return Err(ManifestError::Invalid("memory size too large"));
-        }
-        if !self.memory_size.is_multiple_of(u64::from(ps)) {
-            return Err(ManifestError::Invalid(
-                "memory size is not a multiple of the page size",
-            ));
-        }
+        check_shape(self.page_size, self.memory_size).map_err(ManifestError::Invalid)?;
         if self.parent.is_none() && self.depth != 0 || self.parent.is_some() && self.depth == 0 {
             return Err(ManifestError::Invalid("depth does not match parent"));
         }

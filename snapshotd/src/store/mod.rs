@@ -839,20 +839,10 @@ impl Store {
         req: &CreateRequest<'_>,
     ) -> Result<CreateOutcome, CreateError> {
         let ps = req.page_size;
-        if !(manifest::MIN_PAGE_SIZE..=manifest::MAX_PAGE_SIZE).contains(&ps)
-            || !ps.is_power_of_two()
-        {
-            return Err(CreateError::Invalid(format!("page size {ps}")));
-        }
         let memory_size = req.memory.len();
-        if memory_size == 0 || memory_size > manifest::MAX_MEMORY_SIZE {
-            return Err(CreateError::Invalid(format!("memory size {memory_size}")));
-        }
-        if !memory_size.is_multiple_of(u64::from(ps)) {
-            return Err(CreateError::Invalid(
-                "memory size is not a multiple of the page size".into(),
-            ));
-        }
+        manifest::check_shape(ps, memory_size).map_err(|why| {
+            CreateError::Invalid(format!("page size {ps}, memory size {memory_size}: {why}"))
+        })?;
         let page_count = memory_size / u64::from(ps);
         let parent = match &req.parent {
             None => None,
