@@ -1,0 +1,184 @@
+//! Soak: one parent `fissile-vmm` through N cycles of snapshot, fork(1), a write in the child,
+//! merge_into, and (every 10th cycle) a restore of the latest snapshot into a new VMM, while
+//! two other control clients keep asking for `status` and taking snapshots. Old snapshots
+//! are deleted once nothing uses them. Reports, at the start and the end, the parent VMM's
+//! open descriptors, RSS and private dirty memory, snapshotd's descriptors, RSS and image
+//! memory, and the store's snapshots, chunks and bytes: a leak shows as growth.
+//!
+//! Not a timed test: a benchmark-style run, `soak [cycles]` (default 500; needs KVM, else
+//! `fissile-lab run -- soak`). Every cycle checks the parent has the winner's state.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use fissile_benches::{eval, fd_count, rss_kb, smaps};
+use fissile_proto::control::ControlRequest;
+use fissile_sandbox::{ControlClient, Sandbox, SandboxConfig, Snapshotd};
+use fissile_snapshotd::client::Client;
+
+/// Snapshots kept (not deleted) behind the newest; older ones are deleted when unused.
+const KEEP: usize = 8;
+
+/// The figures compared between start and end (printed through `Debug`).
+#[derive(Debug)]
+#[allow(dead_code, reason = "read through its Debug output")]
+struct Figures {
+    vmm_fds: usize,
+    vmm_rss_kb: u64,
+    vmm_private_dirty_kb: u64,
+    sd_fds: usize,
+    sd_rss_kb: u64,
+    sd_images: u64,
+    sd_image_mib: f64,
+    snapshots: u64,
+    chunks: u64,
+    raw_mib: f64,
+    pack_mib: f64,
+}
+
+fn figures(vmm: u32, sd_pid: u32, sd: &mut Client) -> anyhow::Result<Figures> {
+    let s = sd.stats()?;
+    let (_, whole) = smaps(vmm, "\u{0}");
+    Ok(Figures {
+        vmm_fds: fd_count(vmm),
+        vmm_rss_kb: rss_kb(vmm),
+        vmm_private_dirty_kb: whole.get("Private_Dirty").copied().unwrap_or(0),
+        sd_fds: fd_count(sd_pid),
+        sd_rss_kb: rss_kb(sd_pid),
+        sd_images: s.images,
+        sd_image_mib: s.image_bytes as f64 / (1 << 20) as f64,
+        snapshots: s.snapshots,
+        chunks: s.chunks,
+        raw_mib: s.raw_bytes as f64 / (1 << 20) as f64,
+        pack_mib: s.pack_bytes as f64 / (1 << 20) as f64,
+    })
+}
+
+/// Deletes what it can of `old` except its newest `keep`, newest first (a snapshot with
+/// children, or whose image a VM or a layered snapshot uses, is refused and stays for later).
+fn delete_unused(sd: &mut Client, old: &mut VecDeque<String>, keep: usize) {
+    let candidates = old.len().saturating_sub(keep);
+    let mut kept = VecDeque::new();
+    for id in old.drain(..candidates).rev() {
+        if sd.delete(&id).is_err() {
+            kept.push_front(id);
+        }
+    }
+    kept.extend(old.drain(..));
+    *old = kept;
+}
+
+fn main() -> anyhow::Result<()> {
+    let cycles: u32 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()
+        .context("soak [cycles]")?
+        .unwrap_or(500);
+    let tmp = tempfile::tempdir()?;
+    let sd = Snapshotd::start(&tmp.path().join("store"), &tmp.path().join("sd.sock"))?;
+    let sd_pid = sd.pid();
+    let mut cfg = SandboxConfig::from_env(tmp.path().join("parent")).context("sandbox config")?;
+    cfg.mem_mib = 256;
+    cfg.snapshotd = Some(sd.socket().to_path_buf());
+    let mut parent = Sandbox::boot(&cfg)?;
+    let vmm = parent.pid().context("parent pid")?;
+    eval(&mut parent, "n = 0\n1")?;
+    let mut sdc = Client::connect(sd.socket())?;
+
+    // Concurrent control clients: one polls status, one takes snapshots (their ids come
+    // back over `taken` to be deleted like the others).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (taken_tx, taken) = std::sync::mpsc::channel::<String>();
+    let (statuses, snaps) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let side: Vec<_> = [false, true]
+        .into_iter()
+        .map(|snapshotter| {
+            let sock = parent.api_sock();
+            let (stop, statuses, snaps) = (stop.clone(), statuses.clone(), snaps.clone());
+            let taken_tx = taken_tx.clone();
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut c = ControlClient::connect(&sock)?;
+                while !stop.load(Ordering::SeqCst) {
+                    if snapshotter {
+                        let r = c.call(&ControlRequest::Snapshot { durable: false })?;
+                        if let Some(s) = r.snapshot {
+                            let _ = taken_tx.send(s.id);
+                        }
+                        snaps.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    } else {
+                        c.status()?;
+                        statuses.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+
+    let mut old: VecDeque<String> = VecDeque::new();
+    let mut start = None;
+    let t0 = Instant::now();
+    for cycle in 1..=cycles {
+        let s = parent.snapshot(false)?;
+        old.push_back(s.id.clone());
+        let (mut kids, fork) = parent.fork(1)?;
+        old.push_back(fork.snapshot.id.clone());
+        eval(&mut kids[0], &format!("n = {cycle}\n1"))?;
+        let winner = kids[0].snapshot(false)?;
+        old.push_back(winner.id.clone());
+        parent.merge_snapshot(&winner.id)?;
+        drop(kids);
+        let n = eval(&mut parent, "n")?;
+        anyhow::ensure!(
+            n == cycle.to_string(),
+            "cycle {cycle}: the parent has n = {n}"
+        );
+        if cycle % 10 == 0 {
+            let mut rcfg = cfg.clone();
+            rcfg.dir = tmp.path().join("restored");
+            let mut r = Sandbox::restore(&rcfg, &winner.id)?;
+            let got = eval(&mut r, "n")?;
+            anyhow::ensure!(got == cycle.to_string(), "restored n = {got}");
+            drop(r);
+            let _ = std::fs::remove_dir_all(tmp.path().join("restored"));
+        }
+        old.extend(taken.try_iter());
+        delete_unused(&mut sdc, &mut old, KEEP);
+        let _ = std::fs::remove_dir_all(parent.dir().join(format!("fork-{}", cycle)));
+        if cycle == 10 {
+            start = Some(figures(vmm, sd_pid, &mut sdc)?);
+        }
+        if cycle % 50 == 0 {
+            println!(
+                "cycle {cycle}: {:.0} s, {} status / {} snapshots from the side clients",
+                t0.elapsed().as_secs_f64(),
+                statuses.load(Ordering::Relaxed),
+                snaps.load(Ordering::Relaxed)
+            );
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in side {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("side client panicked"))??;
+    }
+    old.extend(taken.try_iter());
+    delete_unused(&mut sdc, &mut old, KEEP);
+    let end = figures(vmm, sd_pid, &mut sdc)?;
+    println!(
+        "soak: {cycles} cycles in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "  after cycle 10: {:?}",
+        start.context("fewer than 10 cycles")?
+    );
+    println!("  at the end:     {end:?}");
+    Ok(())
+}
