@@ -155,14 +155,8 @@ impl Rig {
 
     /// Host client connects and the guest accepts; returns (client, host-side port).
     fn connect(&mut self, guest_buf_alloc: u32) -> (UnixStream, u32) {
-        let mut client = UnixStream::connect(&self.path).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        client
-            .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
-            .unwrap();
         self.give_rx_buffers(1);
+        let client = self.client_connecting();
         let mut pkts = Vec::new();
         self.pump_until(|r| {
             pkts.extend(r.take_rx());
@@ -522,14 +516,8 @@ fn a_host_client_that_never_sends_connect_is_closed_after_the_handshake_timeout(
 #[test]
 fn a_connection_the_guest_never_answers_is_reset_after_the_request_timeout() {
     let mut r = rig();
-    let mut client = UnixStream::connect(&r.path).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client
-        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
-        .unwrap();
     r.give_rx_buffers(4);
+    let mut client = r.client_connecting();
     let mut pkts = Vec::new();
     r.pump_until(|r| {
         pkts.extend(r.take_rx());
