@@ -369,7 +369,14 @@ fn guest_concurrent_clients_during_fork_and_merge_leave_consistent_memory() {
 
     let (mut children, _) = parent.fork(2).unwrap();
     eval(&mut children[1], "x = 102\nblob[:4] = b'win!'\n1");
-    parent.merge_into(&children[1]).unwrap();
+    let winner = children[1].snapshot(false).unwrap();
+    // The merge itself while the clients hammer (the agent reconnect comes after: a guest
+    // paused half the time by other clients cannot be expected to answer in time).
+    let mut ctl = parent.control().unwrap();
+    ctl.call(&ControlRequest::Merge {
+        snapshot: winner.id.clone(),
+    })
+    .unwrap();
     stop.store(true, Ordering::SeqCst);
     for h in hammers {
         h.join().unwrap();
@@ -378,7 +385,6 @@ fn guest_concurrent_clients_during_fork_and_merge_leave_consistent_memory() {
         "{} control requests from 4 clients during fork + merge",
         ops.load(Ordering::SeqCst)
     );
-    let mut ctl = parent.control().unwrap();
     let _ = ctl.call(&ControlRequest::Resume);
     parent.reconnect().unwrap();
     assert_eq!(eval(&mut parent, "x, bytes(blob[:4])"), "(102, b'win!')");
