@@ -44,9 +44,11 @@ pub const LAB_BINARIES: &[&str] = &[
     "fissile-agent",
     "fissile-snapshotd",
     "fissile",
+    "fissiled",
     "boot_bench",
     "agent_rtt",
     "lifecycle_bench",
+    "soak",
 ];
 
 /// Modules loaded in the lab, in request order; dependencies come from `modules.dep`.

@@ -1,0 +1,45 @@
+//! Who is asking: `Authorization: Bearer <key>` or `X-API-Key: <key>`, looked up (by hash)
+//! in the metadata store. No key, a wrong key or a revoked key is 401.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::app::App;
+use crate::error::ApiError;
+
+/// The authenticated tenant of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+/// The key a request carries, if any.
+pub fn presented_key(parts: &Parts) -> Option<&str> {
+    if let Some(v) = parts.headers.get(axum::http::header::AUTHORIZATION)
+        && let Ok(v) = v.to_str()
+        && let Some(key) = v.strip_prefix("Bearer ")
+    {
+        return Some(key.trim());
+    }
+    parts
+        .headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+impl FromRequestParts<App> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let key = presented_key(parts).ok_or_else(|| {
+            ApiError::unauthorized("no API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+        })?;
+        let key = key.to_string();
+        let db = app.db.clone();
+        let tenant = tokio::task::spawn_blocking(move || db.tenant_of(&key))
+            .await
+            .map_err(|e| ApiError::internal(format!("key lookup: {e}")))??;
+        let tenant = tenant.ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+        tracing::Span::current().record("tenant", tenant.as_str());
+        Ok(Tenant(tenant))
+    }
+}

@@ -1,0 +1,294 @@
+//! fissiled's metadata in one embedded transactional store (redb): tenants, API keys (only
+//! their hashes), sandboxes. Every change is one write transaction, durable when it commits,
+//! so a `kill -9` at any moment leaves either the old record or the new one.
+//!
+//! Records are JSON (serde): readable with any redb tool, and a field added later has a
+//! default. Ids carry no host path, so a placement tier can route by id.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Key hash (hex sha256) → [`KeyRecord`].
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// Sandbox id → [`SandboxRecord`].
+const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Opening or creating the database file.
+    #[error("opening the metadata store {0}")]
+    Open(String, #[source] redb::DatabaseError),
+    /// A transaction failed.
+    #[error("metadata store transaction")]
+    Transaction(#[source] Box<redb::TransactionError>),
+    /// Opening a table failed.
+    #[error("metadata store table")]
+    Table(#[source] redb::TableError),
+    /// Reading or writing a record failed.
+    #[error("metadata store")]
+    Storage(#[source] redb::StorageError),
+    /// Committing failed (nothing was written).
+    #[error("committing to the metadata store")]
+    Commit(#[source] redb::CommitError),
+    /// A stored record does not decode.
+    #[error("a stored record does not decode")]
+    Decode(#[source] serde_json::Error),
+    /// Reading random bytes for a key failed.
+    #[error("reading random bytes for a key")]
+    Random(#[source] std::io::Error),
+}
+
+/// An API key's record (the key itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The tenant the key acts for.
+    pub tenant: String,
+    /// When it was created (ms since the epoch).
+    pub created_ms: u64,
+    /// Revoked keys are refused.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// Lifecycle state of a sandbox as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Being created.
+    Starting,
+    /// Running and answering.
+    Running,
+    /// Its VMM is gone (the daemon restarted and could not find it).
+    Lost,
+}
+
+/// What the store keeps about a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Its id.
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// Template it was made from.
+    pub template: String,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// State.
+    pub state: SandboxState,
+    /// Created (ms since the epoch).
+    pub created_ms: u64,
+    /// Caller's labels.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// The metadata store.
+#[derive(Debug)]
+pub struct Db {
+    db: Database,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Hex sha256 of an API key: what is stored and looked up.
+pub fn key_hash(key: &str) -> String {
+    hex(&Sha256::digest(key.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` random bytes as hex, from the kernel's CSPRNG.
+pub fn random_hex(n: usize) -> Result<String, DbError> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(DbError::Random)?;
+    Ok(hex(&buf))
+}
+
+impl Db {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let db =
+            Database::create(path).map_err(|e| DbError::Open(path.display().to_string(), e))?;
+        let tx = db
+            .begin_write()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        tx.open_table(KEYS).map_err(DbError::Table)?;
+        tx.open_table(SANDBOXES).map_err(DbError::Table)?;
+        tx.commit().map_err(DbError::Commit)?;
+        Ok(Db { db })
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &impl Serialize,
+    ) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(value).map_err(DbError::Decode)?;
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        tx.open_table(table)
+            .map_err(DbError::Table)?
+            .insert(key, bytes.as_slice())
+            .map_err(DbError::Storage)?;
+        tx.commit().map_err(DbError::Commit)
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, DbError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        let t = tx.open_table(table).map_err(DbError::Table)?;
+        match t.get(key).map_err(DbError::Storage)? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(v.value()).map_err(DbError::Decode)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates an API key for `tenant`; returns it (it is not stored, only its hash).
+    pub fn create_key(&self, tenant: &str) -> Result<String, DbError> {
+        let key = format!("fsk_{}", random_hex(24)?);
+        let record = KeyRecord {
+            tenant: tenant.to_string(),
+            created_ms: now_ms(),
+            revoked: false,
+        };
+        self.put(KEYS, &key_hash(&key), &record)?;
+        Ok(key)
+    }
+
+    /// The tenant of a key that exists and is not revoked.
+    pub fn tenant_of(&self, key: &str) -> Result<Option<String>, DbError> {
+        let record: Option<KeyRecord> = self.get(KEYS, &key_hash(key))?;
+        Ok(record.filter(|r| !r.revoked).map(|r| r.tenant))
+    }
+
+    /// Revokes a key; false if it does not exist.
+    pub fn revoke_key(&self, key: &str) -> Result<bool, DbError> {
+        let hash = key_hash(key);
+        let Some(mut record) = self.get::<KeyRecord>(KEYS, &hash)? else {
+            return Ok(false);
+        };
+        record.revoked = true;
+        self.put(KEYS, &hash, &record)?;
+        Ok(true)
+    }
+
+    /// Stores (creates or replaces) a sandbox record.
+    pub fn put_sandbox(&self, record: &SandboxRecord) -> Result<(), DbError> {
+        self.put(SANDBOXES, &record.id, record)
+    }
+
+    /// A sandbox record.
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, DbError> {
+        self.get(SANDBOXES, id)
+    }
+
+    /// Every sandbox record (of every tenant).
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRecord>, DbError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        let t = tx.open_table(SANDBOXES).map_err(DbError::Table)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(DbError::Storage)? {
+            let (_, v) = item.map_err(DbError::Storage)?;
+            out.push(serde_json::from_slice(v.value()).map_err(DbError::Decode)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a sandbox record.
+    pub fn remove_sandbox(&self, id: &str) -> Result<(), DbError> {
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        tx.open_table(SANDBOXES)
+            .map_err(DbError::Table)?
+            .remove(id)
+            .map_err(DbError::Storage)?;
+        tx.commit().map_err(DbError::Commit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, tenant: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            template: "python-datasci".into(),
+            memory_mib: 512,
+            vcpus: 1,
+            state: SandboxState::Running,
+            created_ms: 1,
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn keys_are_stored_hashed_and_revocation_sticks_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let db = Db::open(&path).unwrap();
+        let key = db.create_key("acme").unwrap();
+        assert!(key.starts_with("fsk_") && key.len() == 52, "{key}");
+        assert_eq!(db.tenant_of(&key).unwrap().as_deref(), Some("acme"));
+        assert_eq!(db.tenant_of("fsk_wrong").unwrap(), None);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(
+            !raw.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the key itself is in the file"
+        );
+
+        assert!(db.revoke_key(&key).unwrap());
+        drop(db);
+        let db = Db::open(&path).unwrap();
+
+        assert_eq!(db.tenant_of(&key).unwrap(), None);
+    }
+
+    #[test]
+    fn sandbox_records_round_trip_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("m.redb")).unwrap();
+        db.put_sandbox(&record("sb-a", "acme")).unwrap();
+        db.put_sandbox(&record("sb-b", "other")).unwrap();
+
+        assert_eq!(db.sandbox("sb-a").unwrap(), Some(record("sb-a", "acme")));
+        assert_eq!(db.sandboxes().unwrap().len(), 2);
+        db.remove_sandbox("sb-a").unwrap();
+        assert_eq!(db.sandbox("sb-a").unwrap(), None);
+        assert_eq!(db.sandboxes().unwrap().len(), 1);
+    }
+}

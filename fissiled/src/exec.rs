@@ -1,0 +1,275 @@
+//! `POST /v1/sandboxes/{id}/exec`: a cell's output streamed as NDJSON, one event a line as
+//! it happens, from a bounded channel fed by a worker on the blocking pool.
+//!
+//! Events (`type`): `stdout`/`stderr` `{text}`; `result` `{data, is_main_result}` (a MIME
+//! bundle: text types and JSON as they are, binary types such as `image/png` base64);
+//! `error` `{name, value, traceback}` (the cell raised: a code error is an event, not an HTTP
+//! error); last `done` `{execution_count, duration_ms (guest), server_ms, timed_out,
+//! state_lost}`, or `failed` `{message}` if the sandbox stopped answering.
+//!
+//! A client that disconnects mid-stream interrupts the cell (a KeyboardInterrupt in the
+//! REPL, whose state is kept); the worker drains the rest and the sandbox stays healthy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use fissile_agent::AgentClient;
+use fissile_proto::agent::{AGENT_VSOCK_PORT, ExecRequest, MimeBundle, Response as AgentResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// Body of an exec request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Python source.
+    pub code: String,
+    /// Time limit in seconds (the cell gets a KeyboardInterrupt; state is kept).
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Environment variables for this cell only.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Largest accepted cell source.
+pub const MAX_CODE_BYTES: usize = 1 << 20;
+
+/// One NDJSON event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// Output on stdout.
+    Stdout {
+        /// The text (lossy UTF-8).
+        text: String,
+    },
+    /// Output on stderr.
+    Stderr {
+        /// The text (lossy UTF-8).
+        text: String,
+    },
+    /// A rich result: a displayed object, or the value of the cell's last expression.
+    Result {
+        /// MIME type → content.
+        data: BTreeMap<String, serde_json::Value>,
+        /// The value of the last expression (not a `display()` along the way).
+        is_main_result: bool,
+    },
+    /// The cell raised.
+    Error {
+        /// Exception class.
+        name: String,
+        /// Its message.
+        value: String,
+        /// Formatted traceback lines.
+        traceback: Vec<String>,
+    },
+    /// The cell ended.
+    Done {
+        /// The cell's number in this interpreter.
+        execution_count: u64,
+        /// Run time measured in the guest.
+        duration_ms: f64,
+        /// Time in the daemon, request to this event.
+        server_ms: f64,
+        /// The time limit passed (the cell was interrupted).
+        timed_out: bool,
+        /// The interpreter had to be restarted: earlier state is gone.
+        state_lost: bool,
+    },
+    /// The sandbox stopped answering; nothing more follows.
+    Failed {
+        /// What happened.
+        message: String,
+    },
+}
+
+impl ExecEvent {
+    fn line(&self) -> Bytes {
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        v.push(b'\n');
+        Bytes::from(v)
+    }
+}
+
+/// A MIME bundle as JSON values: text types as strings, JSON parsed, binary base64.
+pub fn bundle_json(b: &MimeBundle) -> BTreeMap<String, serde_json::Value> {
+    b.data
+        .iter()
+        .map(|(mime, bytes)| {
+            let v = if mime == "application/json" {
+                serde_json::from_slice(bytes).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
+                })
+            } else if mime.starts_with("text/") || mime.ends_with("+xml") {
+                serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
+            } else {
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            };
+            (mime.clone(), v)
+        })
+        .collect()
+}
+
+/// The event for one agent response, if it is one the stream carries.
+pub fn event_of(r: &AgentResponse) -> Option<ExecEvent> {
+    Some(match r {
+        AgentResponse::Stdout(d) => ExecEvent::Stdout {
+            text: String::from_utf8_lossy(d).into_owned(),
+        },
+        AgentResponse::Stderr(d) => ExecEvent::Stderr {
+            text: String::from_utf8_lossy(d).into_owned(),
+        },
+        AgentResponse::Display(b) => ExecEvent::Result {
+            data: bundle_json(b),
+            is_main_result: false,
+        },
+        AgentResponse::ExecuteResult(b) => ExecEvent::Result {
+            data: bundle_json(b),
+            is_main_result: true,
+        },
+        AgentResponse::Error {
+            ename,
+            evalue,
+            traceback,
+        } => ExecEvent::Error {
+            name: ename.clone(),
+            value: evalue.clone(),
+            traceback: traceback.clone(),
+        },
+        _ => return None,
+    })
+}
+
+/// Validates `body` into the agent's request.
+pub fn request(body: ExecBody) -> Result<ExecRequest, ApiError> {
+    if body.code.len() > MAX_CODE_BYTES {
+        return Err(ApiError::too_large(format!(
+            "the code is {} bytes; the limit is {MAX_CODE_BYTES}",
+            body.code.len()
+        )));
+    }
+    let timeout_ms = match body.timeout_s {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Some((s * 1e3) as u64),
+        Some(s) => {
+            return Err(ApiError::bad_request(format!(
+                "timeout_s must be in (0, 86400], got {s}"
+            )));
+        }
+    };
+    Ok(ExecRequest {
+        code: body.code,
+        timeout_ms,
+        env: body.env,
+    })
+}
+
+/// Connects a fresh agent connection (bounded by the client's handshake timeout).
+pub fn connect(vsock: &Path) -> Result<AgentClient, ApiError> {
+    AgentClient::connect_hybrid_vsock(vsock, AGENT_VSOCK_PORT).map_err(|e| {
+        ApiError::conflict(format!(
+            "the sandbox's agent does not answer: {}",
+            fissile_proto::error_chain(&e)
+        ))
+    })
+}
+
+/// Streams the cell `req` on `agent` as NDJSON.
+pub fn stream(mut agent: AgentClient, vsock: std::path::PathBuf, req: ExecRequest) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let t0 = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let within = fissile_agent::client::exec_deadline(&req);
+        let mut gone = false;
+        let done = agent.exec_streaming(&req, within, |r| {
+            if gone {
+                return;
+            }
+            if let Some(ev) = event_of(r)
+                && tx.blocking_send(ev.line()).is_err()
+            {
+                // The client went away: interrupt the cell, drain the rest.
+                gone = true;
+                if let Ok(mut other) = connect(&vsock) {
+                    let _ = other.interrupt();
+                }
+            }
+        });
+        let last = match done {
+            Ok(d) => ExecEvent::Done {
+                execution_count: d.execution_count,
+                duration_ms: d.duration_ns as f64 / 1e6,
+                server_ms: t0.elapsed().as_secs_f64() * 1e3,
+                timed_out: d.timed_out,
+                state_lost: d.state_lost,
+            },
+            Err(e) => ExecEvent::Failed {
+                message: fissile_proto::error_chain(&e),
+            },
+        };
+        let _ = tx.blocking_send(last.line());
+    });
+    let body = Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>),
+    );
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
+
+use tokio_stream::StreamExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_one_json_object_a_line_tagged_by_type() {
+        let mut b = MimeBundle::default();
+        b.data.insert("text/plain".into(), b"42".to_vec());
+        b.data
+            .insert("image/png".into(), vec![0x89, b'P', b'N', b'G']);
+        b.data
+            .insert("application/json".into(), br#"{"a":1}"#.to_vec());
+
+        let ev = event_of(&AgentResponse::ExecuteResult(b)).unwrap();
+
+        let line = ev.line();
+        assert!(line.ends_with(b"\n"));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["type"], "result");
+        assert_eq!(v["is_main_result"], true);
+        assert_eq!(v["data"]["text/plain"], "42");
+        assert_eq!(v["data"]["image/png"], "iVBORw==");
+        assert_eq!(v["data"]["application/json"]["a"], 1);
+    }
+
+    #[test]
+    fn bad_timeouts_and_huge_code_are_refused() {
+        let body = |t: Option<f64>| ExecBody {
+            code: "1".into(),
+            timeout_s: t,
+            env: BTreeMap::new(),
+        };
+        assert_eq!(request(body(Some(1.5))).unwrap().timeout_ms, Some(1500));
+        assert_eq!(request(body(Some(0.0))).unwrap_err().code, "bad_request");
+        assert_eq!(
+            request(body(Some(f64::NAN))).unwrap_err().code,
+            "bad_request"
+        );
+        let huge = ExecBody {
+            code: "x".repeat(MAX_CODE_BYTES + 1),
+            ..body(None)
+        };
+        assert_eq!(request(huge).unwrap_err().code, "too_large");
+    }
+}

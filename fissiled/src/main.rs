@@ -1,0 +1,158 @@
+//! `fissiled`: serve the HTTP API, or manage API keys.
+//!
+//! ```text
+//! fissiled serve --state-dir /var/lib/fissiled [--listen 127.0.0.1:8080]
+//! fissiled keys create --state-dir /var/lib/fissiled --tenant acme   # daemon stopped
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fissiled::app::{App, Config};
+use fissiled::db::Db;
+
+#[derive(Debug, Parser)]
+#[command(name = "fissiled", version, about = "Fissile's HTTP API daemon")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the API.
+    Serve {
+        /// State directory (metadata store, snapshot store, sandbox sockets).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Address to listen on. Loopback by default; another address exposes the API to
+        /// the network and must be given explicitly.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Guest kernel [env: FISSILE_GUEST_KERNEL].
+        #[arg(long, env = "FISSILE_GUEST_KERNEL")]
+        kernel: PathBuf,
+        /// Root image of the python-datasci template [env: FISSILE_GUEST_ROOTFS].
+        #[arg(long, env = "FISSILE_GUEST_ROOTFS")]
+        rootfs: PathBuf,
+        /// Most sandboxes one tenant may run at once.
+        #[arg(long, default_value_t = 16)]
+        max_sandboxes_per_tenant: usize,
+        /// Most guest memory (MiB) one tenant may run at once.
+        #[arg(long, default_value_t = 16384)]
+        max_memory_mib_per_tenant: u64,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Create a key for a tenant and print it (once: only its hash is stored). The daemon
+    /// must be stopped (the store allows one process at a time).
+    Create {
+        /// State directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key (daemon stopped).
+    Revoke {
+        /// State directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The key.
+        #[arg(long)]
+        key: String,
+    },
+}
+
+fn open_db(state_dir: &std::path::Path) -> anyhow::Result<Db> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    Ok(Db::open(&state_dir.join("fissiled.redb"))?)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Keys {
+            cmd: KeysCmd::Create { state_dir, tenant },
+        } => {
+            anyhow::ensure!(
+                !tenant.is_empty()
+                    && tenant.len() <= 64
+                    && tenant
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "a tenant name is 1-64 of [A-Za-z0-9_-]"
+            );
+            let key = open_db(&state_dir)?.create_key(&tenant)?;
+            println!("{key}");
+        }
+        Cmd::Keys {
+            cmd: KeysCmd::Revoke { state_dir, key },
+        } => {
+            anyhow::ensure!(open_db(&state_dir)?.revoke_key(&key)?, "no such key");
+        }
+        Cmd::Serve {
+            state_dir,
+            listen,
+            kernel,
+            rootfs,
+            max_sandboxes_per_tenant,
+            max_memory_mib_per_tenant,
+        } => {
+            let db = open_db(&state_dir)?;
+            let config = Config {
+                state_dir,
+                vmm: fissile_sandbox::paths::find_binary("fissile-vmm")?,
+                kernel,
+                rootfs,
+                max_sandboxes_per_tenant,
+                max_memory_mib_per_tenant,
+                boot_timeout: Duration::from_secs(300),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve(db, config, listen))?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    let app = App::start(db, config).map_err(|e| anyhow::anyhow!(e.message))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, "fissiled serving");
+    // Readiness line for supervisors and tests.
+    println!("READY {}", listener.local_addr()?);
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    };
+    axum::serve(listener, fissiled::routes::router(app.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("shutting down: stopping sandboxes");
+    tokio::task::spawn_blocking(move || app.stop_all()).await?;
+    Ok(())
+}

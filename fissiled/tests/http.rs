@@ -1,0 +1,185 @@
+//! The fissiled binary over real HTTP on loopback, for what needs no microVM: health, the
+//! error shape, authentication, bad input and tenant isolation of ids. (Sandboxes
+//! themselves are exercised in the lab: `tests/tests/guest_api.rs`.)
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+struct Daemon {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    /// A graceful stop (SIGTERM), so the daemon stops its sandboxes and snapshotd; SIGKILL
+    /// if it does not exit within 60 s.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..600 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> (Daemon, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_fissiled"))
+        .args(["keys", "create", "--tenant", "acme", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fissiled"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .args([
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--rootfs",
+            "/nonexistent/rootfs",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("no readiness line: {line:?}"))
+        .trim()
+        .to_string();
+    (
+        Daemon {
+            child,
+            base: format!("http://{addr}"),
+            _dir: dir,
+        },
+        key,
+    )
+}
+
+fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(30));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let resp = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    assert!(resp.header("x-request-id").is_some(), "no x-request-id");
+    let text = resp.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {v}"))
+}
+
+#[test]
+fn health_auth_errors_and_unknown_ids_over_http() {
+    let (d, key) = start();
+    let url = |p: &str| format!("{}{p}", d.base);
+    let bearer = format!("Bearer {key}");
+
+    let (s, v) = call("GET", &url("/healthz"), &[], None);
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
+
+    // No key, a wrong key: 401. Both header forms work.
+    let (s, v) = call("GET", &url("/v1/sandboxes"), &[], None);
+    assert_eq!((s, code(&v)), (401, "unauthorized"));
+    let (s, v) = call(
+        "GET",
+        &url("/v1/sandboxes"),
+        &[("Authorization", "Bearer fsk_x")],
+        None,
+    );
+    assert_eq!((s, code(&v)), (401, "unauthorized"));
+    let (s, v) = call("GET", &url("/v1/sandboxes"), &[("X-API-Key", &key)], None);
+    assert_eq!((s, v), (200, Value::Array(vec![])));
+
+    // Bad input is a 400 in the one error shape; nothing is created.
+    for bad in [
+        "{not json",
+        r#"{"memory_mib":"lots"}"#,
+        r#"{"surprise":1}"#,
+        r#"{"memory_mib":1}"#,
+        r#"{"vcpus":0}"#,
+    ] {
+        let (s, v) = call(
+            "POST",
+            &url("/v1/sandboxes"),
+            &[("Authorization", &bearer)],
+            Some(bad),
+        );
+        assert_eq!((s, code(&v)), (400, "bad_request"), "{bad}: {v}");
+    }
+    let (s, v) = call(
+        "POST",
+        &url("/v1/sandboxes"),
+        &[("Authorization", &bearer)],
+        Some(r#"{"template":"nope"}"#),
+    );
+    assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
+    // Oversize body: 413.
+    let huge = format!(r#"{{"metadata":{{"k":"{}"}}}}"#, "x".repeat(3 << 20));
+    let (s, v) = call(
+        "POST",
+        &url("/v1/sandboxes"),
+        &[("Authorization", &bearer)],
+        Some(&huge),
+    );
+    assert_eq!((s, code(&v)), (413, "too_large"), "{v}");
+
+    // Unknown ids and routes: 404.
+    for (m, p) in [
+        ("GET", "/v1/sandboxes/sb-nope"),
+        ("DELETE", "/v1/sandboxes/sb-nope"),
+        ("GET", "/v2/whatever"),
+    ] {
+        let (s, v) = call(m, &url(p), &[("Authorization", &bearer)], None);
+        assert_eq!((s, code(&v)), (404, "not_found"), "{m} {p}");
+    }
+    let (s, v) = call(
+        "POST",
+        &url("/v1/sandboxes/sb-nope/exec"),
+        &[("Authorization", &bearer)],
+        Some(r#"{"code":"1"}"#),
+    );
+    assert_eq!((s, code(&v)), (404, "not_found"));
+    let (s, _) = call(
+        "GET",
+        &url("/v1/sandboxes?color=red"),
+        &[("Authorization", &bearer)],
+        None,
+    );
+    assert_eq!(s, 400);
+}
