@@ -58,7 +58,7 @@ pub enum ClientError {
 pub const MAX_COLLECTED_OUTPUT: usize = 64 << 20;
 
 /// Default deadline of single-response calls.
-pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Everything an exec produced, in order.
 #[derive(Debug, Clone, Default)]

@@ -36,7 +36,7 @@ const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
 const EXIT: &str = "@@FISSILE-LAB-EXIT";
 /// Bumped whenever the initramfs layout or init script changes.
-const INITRAMFS_FORMAT: u32 = 5;
+const INITRAMFS_FORMAT: u32 = 6;
 
 /// Our binaries copied into the lab (those that exist are taken).
 pub const LAB_BINARIES: &[&str] = &[
@@ -504,6 +504,8 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmp /tmp
 mount -t tmpfs shm /dev/shm
 dmesg -n 1
+# Loopback, for daemons and clients inside the lab (fissiled's API tests).
+ip link set lo up || ifconfig lo 127.0.0.1 up
 "#,
     );
     for (path, params) in modules {

@@ -152,14 +152,17 @@ fn main() -> anyhow::Result<()> {
         delete_unused(&mut sdc, &mut old, KEEP);
         let _ = std::fs::remove_dir_all(parent.dir().join(format!("fork-{}", cycle)));
         if cycle == 10 {
-            start = Some(figures(vmm, sd_pid, &mut sdc)?);
+            let f = figures(vmm, sd_pid, &mut sdc)?;
+            println!("after cycle 10: {f:?}");
+            start = Some(f);
         }
-        if cycle % 50 == 0 {
+        if cycle % 25 == 0 {
             println!(
-                "cycle {cycle}: {:.0} s, {} status / {} snapshots from the side clients",
+                "cycle {cycle}: {:.0} s, {} status / {} snapshots from the side clients; {:?}",
                 t0.elapsed().as_secs_f64(),
                 statuses.load(Ordering::Relaxed),
-                snaps.load(Ordering::Relaxed)
+                snaps.load(Ordering::Relaxed),
+                figures(vmm, sd_pid, &mut sdc)?
             );
         }
     }
