@@ -290,10 +290,13 @@ fn guest_save_restore_save_gives_equal_state_for_every_device() {
         let mut ly = y.lapic.regs;
         for r in [&mut lx, &mut ly] {
             r[0x390..0x394].fill(0); // timer current count
+            // IRR: KVM's in-kernel PIT keeps running while the vCPUs are parked, so its
+            // IRQ 0 (vector 0x30) may be pending in one capture and not yet in the other.
+            r[0x200..0x280].fill(0);
         }
         assert_eq!(
             lx, ly,
-            "LAPIC registers other than the timer's current count"
+            "LAPIC registers other than the timer's current count and pending interrupts"
         );
     }
     assert_eq!(
