@@ -20,6 +20,7 @@ use base64::Engine;
 use fissile_agent::AgentClient;
 use fissile_proto::agent::{AGENT_VSOCK_PORT, ExecRequest, MimeBundle, Response as AgentResponse};
 use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt as _;
 
 use crate::error::ApiError;
 
@@ -225,8 +226,6 @@ pub fn stream(mut agent: AgentClient, vsock: std::path::PathBuf, req: ExecReques
     )
         .into_response()
 }
-
-use tokio_stream::StreamExt as _;
 
 #[cfg(test)]
 mod tests {

@@ -351,7 +351,7 @@ impl Client {
         )
     }
 
-    /// Store figures: (snapshots, chunks, raw bytes, pack bytes).
+    /// What the daemon reports about its store, open images and faults served.
     pub fn stats(&mut self) -> Result<DaemonStats, ClientError> {
         match self.call(&Request::Stats, None)? {
             Response::Stats {

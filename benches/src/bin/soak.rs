@@ -41,6 +41,7 @@ struct Figures {
 
 fn figures(vmm: u32, sd_pid: u32, sd: &mut Client) -> anyhow::Result<Figures> {
     let s = sd.stats()?;
+    // The second half of `smaps` sums the whole process (no mapping name holds a NUL).
     let (_, whole) = smaps(vmm, "\u{0}");
     Ok(Figures {
         vmm_fds: fd_count(vmm),
