@@ -1,0 +1,130 @@
+//! Process handles that cannot be confused with a later process of the same pid
+//! (`pidfd_open(2)`): how a daemon keeps hold of processes it did not start itself (a VMM or
+//! snapshotd it re-adopts after a restart) and signals them without racing pid reuse.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+/// A handle on one process.
+#[derive(Debug)]
+pub struct Pidfd {
+    fd: OwnedFd,
+    pid: u32,
+}
+
+impl Pidfd {
+    /// Opens a handle on process `pid` (`ESRCH` if there is none).
+    pub fn open(pid: u32) -> io::Result<Pidfd> {
+        let raw_pid = libc::pid_t::try_from(pid)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+        // memory is passed.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = i32::try_from(r)
+            .map_err(|_| io::Error::other("pidfd_open returned an out-of-range descriptor"))?;
+        // SAFETY: `raw` is a descriptor the kernel just created for us; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Pidfd { fd, pid })
+    }
+
+    /// The pid it was opened for.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The process's command line (arguments joined by spaces), read after the handle was
+    /// opened: if the handle's process is still alive afterwards, this was its command line.
+    pub fn cmdline(&self) -> io::Result<String> {
+        let raw = std::fs::read(format!("/proc/{}/cmdline", self.pid))?;
+        if self.exited(Duration::ZERO)? {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the process exited",
+            ));
+        }
+        Ok(raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    /// Sends `signal` to the process (a no-op error `ESRCH` once it is gone).
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal with a null siginfo and no flags reads no memory of ours;
+        // the descriptor is valid for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit; true if it has.
+    pub fn exited(&self, timeout: Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        loop {
+            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok(r > 0);
+        }
+    }
+
+    /// SIGKILL, then waits up to `timeout` for the exit; true if it exited.
+    pub fn kill(&self, timeout: Duration) -> bool {
+        let _ = self.signal(libc::SIGKILL);
+        self.exited(timeout).unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_sees_its_process_command_line_and_its_exit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let p = Pidfd::open(child.id()).unwrap();
+        // Until the child has exec'd, its command line is still ours.
+        let mut tries = 0;
+        while !p.cmdline().unwrap().starts_with("sleep 30") {
+            tries += 1;
+            assert!(tries < 500, "{}", p.cmdline().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!p.exited(Duration::ZERO).unwrap());
+
+        assert!(p.kill(Duration::from_secs(5)));
+
+        assert!(p.exited(Duration::ZERO).unwrap());
+        let _ = child.wait();
+        assert!(p.cmdline().is_err());
+    }
+}
