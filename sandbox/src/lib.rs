@@ -28,6 +28,7 @@ use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT, AgentInfo, ExecRe
 use fissile_proto::control::{ControlRequest, MAX_FORK_CHILDREN, MergeReply, SnapshotReply};
 
 pub use control::{ControlClient, ControlError};
+use fissile_proto::pidfd::Pidfd;
 pub use snapshotd::Snapshotd;
 
 /// How to boot a sandbox.
@@ -154,6 +155,14 @@ pub enum SandboxError {
     /// A sandbox cannot merge into itself.
     #[error("a sandbox cannot merge into itself")]
     SelfMerge,
+    /// A running VMM could not be adopted.
+    #[error("cannot adopt process {pid}: {why}")]
+    Adopt {
+        /// Its pid.
+        pid: u32,
+        /// Why not.
+        why: String,
+    },
 }
 
 /// How a sandbox starts VMM processes (kept for its fork children).
@@ -228,6 +237,8 @@ pub struct BootTimings {
 #[derive(Debug)]
 pub struct Sandbox {
     proc: Option<Child>,
+    /// A VMM this process did not start (see [`Sandbox::adopt`]).
+    adopted: Option<Pidfd>,
     dir: PathBuf,
     agent: AgentClient,
     info: AgentInfo,
@@ -323,6 +334,7 @@ impl Sandbox {
                     Ok((agent, info)) => {
                         return Ok(Sandbox {
                             proc: Some(child),
+                            adopted: None,
                             dir: dir.to_path_buf(),
                             agent,
                             info,
@@ -352,6 +364,36 @@ impl Sandbox {
         }
     }
 
+    /// Takes over the running VMM `pid` whose sockets are in `cfg.dir` (one an earlier
+    /// process started, e.g. a daemon that was killed): checks that the process is that
+    /// VMM (its command line names the directory's control socket) and that its agent
+    /// answers. The handle is a pidfd, so a reused pid is never signalled. Dropping the
+    /// sandbox kills the VMM, as for one this process started.
+    pub fn adopt(cfg: &SandboxConfig, pid: u32) -> Result<Sandbox, SandboxError> {
+        let adopt = |why: String| SandboxError::Adopt { pid, why };
+        let handle = Pidfd::open(pid).map_err(|e| adopt(e.to_string()))?;
+        let cmdline = handle.cmdline().map_err(|e| adopt(e.to_string()))?;
+        let api = cfg.dir.join("api.sock");
+        if !cmdline.contains("fissile-vmm") || !cmdline.contains(&*api.to_string_lossy()) {
+            return Err(adopt(format!(
+                "it is not the VMM of {} (command line: {cmdline})",
+                cfg.dir.display()
+            )));
+        }
+        let (agent, info) = Self::try_connect(&cfg.dir.join("vsock.sock"))
+            .map_err(|e| adopt(format!("its agent does not answer: {}", error_chain(&e))))?;
+        Ok(Sandbox {
+            proc: None,
+            adopted: Some(handle),
+            dir: cfg.dir.clone(),
+            agent,
+            info,
+            timings: BootTimings::default(),
+            spawner: Spawner::of(cfg),
+            forks: 0,
+        })
+    }
+
     fn try_connect(uds: &Path) -> Result<(AgentClient, AgentInfo), ClientError> {
         // The client's call deadline: a connection the guest accepted but never answers
         // does not hang the boot.
@@ -377,7 +419,10 @@ impl Sandbox {
 
     /// The VMM's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Child::id)
+        self.proc
+            .as_ref()
+            .map(Child::id)
+            .or_else(|| self.adopted.as_ref().map(Pidfd::pid))
     }
 
     /// The VMM's control socket.
@@ -403,12 +448,24 @@ impl Sandbox {
         &mut self,
         n: u32,
     ) -> Result<(Vec<Result<Sandbox, SandboxError>>, ForkTimings), SandboxError> {
+        let dir = self.dir.join(format!("fork-{}", self.forks + 1));
+        let dirs = (0..n).map(|i| dir.join(format!("child-{i}"))).collect();
+        self.fork_each_in(dirs)
+    }
+
+    /// [`Sandbox::fork_each`] with one child per directory of `dirs` (each child's sockets
+    /// and logs go there), for callers that give children their own places (a daemon that
+    /// names them by id).
+    pub fn fork_each_in(
+        &mut self,
+        dirs: Vec<PathBuf>,
+    ) -> Result<(Vec<Result<Sandbox, SandboxError>>, ForkTimings), SandboxError> {
+        let n = u32::try_from(dirs.len()).unwrap_or(u32::MAX);
         if n == 0 || n > MAX_FORK_CHILDREN {
             return Err(SandboxError::ForkCount(n));
         }
         let t0 = Instant::now();
         self.forks += 1;
-        let dir = self.dir.join(format!("fork-{}", self.forks));
         let fork = self
             .control()?
             .call(&ControlRequest::Fork {})?
@@ -416,9 +473,9 @@ impl Sandbox {
             .ok_or_else(|| SandboxError::Reply("fork without body".into()))?;
         let vmm_ms = t0.elapsed().as_secs_f64() * 1e3;
         // Start every child first (they restore in parallel), then wait for each.
-        let started: Vec<(PathBuf, Result<Child, SandboxError>)> = (0..n)
-            .map(|i| {
-                let child_dir = dir.join(format!("child-{i}"));
+        let started: Vec<(PathBuf, Result<Child, SandboxError>)> = dirs
+            .into_iter()
+            .map(|child_dir| {
                 let child = self.spawner.restore(&fork.snapshot.id, &child_dir);
                 (child_dir, child)
             })
@@ -474,7 +531,7 @@ impl Sandbox {
     /// The second half of [`Sandbox::merge_into`]: takes the state of `snapshot`, which a
     /// child of this sandbox's latest fork took.
     pub fn merge_snapshot(&mut self, snapshot: &str) -> Result<MergeReply, SandboxError> {
-        self.adopt(ControlRequest::Merge {
+        self.switch_to(ControlRequest::Merge {
             snapshot: snapshot.to_string(),
         })
     }
@@ -482,12 +539,12 @@ impl Sandbox {
     /// Returns this sandbox to one of its earlier snapshots (memory, vCPUs, devices), keeping
     /// its identity; reconnects the agent.
     pub fn rollback(&mut self, snapshot: &str) -> Result<MergeReply, SandboxError> {
-        self.adopt(ControlRequest::Rollback {
+        self.switch_to(ControlRequest::Rollback {
             snapshot: snapshot.to_string(),
         })
     }
 
-    fn adopt(&mut self, req: ControlRequest) -> Result<MergeReply, SandboxError> {
+    fn switch_to(&mut self, req: ControlRequest) -> Result<MergeReply, SandboxError> {
         let merge = self
             .control()?
             .call(&req)?
@@ -559,8 +616,18 @@ impl Sandbox {
         self.wait(timeout)
     }
 
-    /// Waits (bounded) for the VMM process to exit; kills it after `timeout`.
+    /// Waits (bounded) for the VMM process to exit; kills it after `timeout`. (An adopted
+    /// VMM is not this process's child: its exit is seen but its status is not known, which
+    /// is reported as an error.)
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, SandboxError> {
+        if let Some(handle) = self.adopted.take() {
+            let exited = handle.exited(timeout).unwrap_or(false) || handle.kill(timeout);
+            return Err(SandboxError::Wait(if exited {
+                "an adopted VMM exited; its status is not known".into()
+            } else {
+                "an adopted VMM does not exit even after SIGKILL".into()
+            }));
+        }
         let mut child = self
             .proc
             .take()
@@ -601,6 +668,9 @@ impl Drop for Sandbox {
         if let Some(mut c) = self.proc.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(handle) = self.adopted.take() {
+            handle.kill(Duration::from_secs(10));
         }
     }
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fissile_proto::pidfd::Pidfd;
+
 use crate::SandboxError;
 use crate::paths::find_binary;
 
@@ -14,9 +16,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// A running snapshotd; killed on drop.
 #[derive(Debug)]
 pub struct Snapshotd {
-    child: Child,
+    proc: Proc,
     socket: PathBuf,
     root: PathBuf,
+}
+
+/// Started here, or adopted from an earlier process.
+#[derive(Debug)]
+enum Proc {
+    Child(Child),
+    Adopted(Pidfd),
 }
 
 impl Snapshotd {
@@ -60,7 +69,30 @@ impl Snapshotd {
             )));
         }
         Ok(Snapshotd {
-            child,
+            proc: Proc::Child(child),
+            socket: socket.to_path_buf(),
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Takes over the running snapshotd `pid` serving `socket` (one an earlier process
+    /// started): checks its command line names `socket` and that it answers there. Killed on
+    /// drop like one this process started.
+    pub fn adopt(pid: u32, root: &Path, socket: &Path) -> Result<Snapshotd, SandboxError> {
+        let fail = |why: String| SandboxError::Adopt { pid, why };
+        let handle = Pidfd::open(pid).map_err(|e| fail(e.to_string()))?;
+        let cmdline = handle.cmdline().map_err(|e| fail(e.to_string()))?;
+        if !cmdline.contains("fissile-snapshotd") || !cmdline.contains(&*socket.to_string_lossy()) {
+            return Err(fail(format!(
+                "it is not the snapshotd of {} (command line: {cmdline})",
+                socket.display()
+            )));
+        }
+        fissile_snapshotd::client::Client::connect(socket)
+            .and_then(|mut c| c.ping())
+            .map_err(|e| fail(format!("it does not answer: {}", crate::error_chain(&e))))?;
+        Ok(Snapshotd {
+            proc: Proc::Adopted(handle),
             socket: socket.to_path_buf(),
             root: root.to_path_buf(),
         })
@@ -68,7 +100,15 @@ impl Snapshotd {
 
     /// Its process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.proc {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted(p) => p.pid(),
+        }
+    }
+
+    /// True if it was adopted rather than started by this process.
+    pub fn adopted(&self) -> bool {
+        matches!(self.proc, Proc::Adopted(_))
     }
 
     /// Its socket.
@@ -82,15 +122,21 @@ impl Snapshotd {
     }
 
     /// Kills it (SIGKILL) and waits.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill(self) {
+        drop(self);
     }
 }
 
 impl Drop for Snapshotd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.proc {
+            Proc::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Proc::Adopted(p) => {
+                p.kill(Duration::from_secs(10));
+            }
+        }
     }
 }
