@@ -3,17 +3,23 @@
 //! Handlers only parse, authorize and call [`App`]; every blocking `fissile-sandbox` call
 //! runs on tokio's blocking pool, so no request stalls another. Each running sandbox is a
 //! [`Live`] entry: its `Sandbox` (the VMM process and its control socket) behind a mutex for
-//! lifecycle operations, and its vsock path, from which every exec opens its own agent
-//! connection (the agent queues cells FIFO), so execs never wait for each other's locks.
+//! lifecycle operations (snapshot, fork, merge, rollback, close), and its vsock path, from
+//! which every exec, command and file transfer opens its own agent connection, so they never
+//! wait for a lifecycle lock.
+//!
+//! Lifecycle operations of one sandbox are serialized by its mutex here and, below, by its
+//! VMM's request queue; the registry (`live`) is locked only for lookups and reservations,
+//! never across a blocking call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
 
-use crate::db::{Db, SandboxRecord, SandboxState, now_ms, random_hex};
+use crate::db::{Db, SandboxRecord, SandboxState, SpaceRecord, now_ms, random_hex};
 use crate::error::ApiError;
 
 /// How fissiled runs sandboxes.
@@ -31,12 +37,29 @@ pub struct Config {
     pub max_sandboxes_per_tenant: usize,
     /// Most guest memory (MiB) one tenant may run at once.
     pub max_memory_mib_per_tenant: u64,
+    /// Most children one fork may ask for.
+    pub max_fork: u32,
+    /// Largest file an upload or download may move.
+    pub max_file_bytes: u64,
+    /// Idle timeout of sandboxes that do not set one (`None`: none).
+    pub default_idle_timeout: Option<Duration>,
+    /// Longest a sandbox may run (`None`: no limit).
+    pub max_lifetime: Option<Duration>,
     /// How long a boot may take.
     pub boot_timeout: Duration,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
 pub const DEFAULT_TEMPLATE: &str = "python-datasci";
+
+/// The children of a sandbox's latest fork, and whether one was merged back.
+#[derive(Debug, Default)]
+pub struct ForkSet {
+    /// Ids of the children that started.
+    pub children: BTreeSet<String>,
+    /// A child of this fork has been merged into the parent (a repeat is refused).
+    pub merged: bool,
+}
 
 /// A running (or booting) sandbox.
 #[derive(Debug)]
@@ -48,6 +71,56 @@ pub struct Live {
     pub sandbox: Mutex<Option<Sandbox>>,
     /// Its hybrid-vsock socket: each exec opens its own agent connection here.
     pub vsock: PathBuf,
+    /// Its latest fork.
+    pub forks: Mutex<ForkSet>,
+    /// Last request that used it (ms since the epoch).
+    pub last_used_ms: AtomicU64,
+    /// Streams (execs, commands, transfers) running on it now: it is not idle while any is.
+    pub active: AtomicUsize,
+    /// Its VMM is attached (read without the sandbox's lock, which a long operation holds).
+    pub attached: AtomicBool,
+}
+
+impl Live {
+    fn new(record: SandboxRecord, dir: &std::path::Path, sandbox: Option<Sandbox>) -> Arc<Live> {
+        Arc::new(Live {
+            record,
+            vsock: dir.join("vsock.sock"),
+            forks: Mutex::default(),
+            last_used_ms: AtomicU64::new(now_ms()),
+            active: AtomicUsize::new(0),
+            attached: AtomicBool::new(sandbox.is_some()),
+            sandbox: Mutex::new(sandbox),
+        })
+    }
+
+    /// Marks it used now.
+    pub fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// True once its VMM is attached (not booting, not closed).
+    pub fn booted(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
+    }
+
+    /// Counts a stream on it until the guard drops.
+    pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        StreamGuard(self.clone())
+    }
+}
+
+/// A running stream on a sandbox (see [`Live::stream_guard`]).
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Live>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Daemon state, shared by every handler.
@@ -61,9 +134,58 @@ pub struct App {
     pub live: Arc<Mutex<HashMap<String, Arc<Live>>>>,
     /// The snapshot store daemon the VMMs use.
     pub snapshotd: Arc<Snapshotd>,
+    /// Held while a space's running sandbox is claimed (so two resumes cannot both start
+    /// it).
+    pub space_claims: Arc<Mutex<()>>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// The snapshotd of `state_dir`: the one an earlier run left (named by `snapshotd.pid`,
+/// checked by its command line and a ping), or a new one. True if adopted.
+fn start_snapshotd(state_dir: &std::path::Path) -> Result<(Snapshotd, bool), ApiError> {
+    let root = state_dir.join("store");
+    let socket = state_dir.join("snapshotd.sock");
+    let pidfile = state_dir.join("snapshotd.pid");
+    let earlier = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(pid) = earlier {
+        match Snapshotd::adopt(pid, &root, &socket) {
+            Ok(sd) => {
+                tracing::info!(pid, "re-adopted the running snapshotd");
+                return Ok((sd, true));
+            }
+            Err(e) => {
+                tracing::info!(error = %fissile_proto::error_chain(&e), "starting a new snapshotd");
+                kill_stale(pid, "fissile-snapshotd", &socket);
+            }
+        }
+    }
+    let sd = Snapshotd::start(&root, &socket)
+        .map_err(|e| ApiError::internal(fissile_proto::error_chain(&e)))?;
+    let tmp = state_dir.join("snapshotd.pid.tmp");
+    std::fs::write(&tmp, format!("{}\n", sd.pid()))
+        .and_then(|()| std::fs::rename(&tmp, &pidfile))
+        .map_err(|e| ApiError::internal(format!("writing {}: {e}", pidfile.display())))?;
+    Ok((sd, false))
+}
+
+/// Kills process `pid` if it is still the `program` serving `socket` (checked through a
+/// pidfd, so a reused pid is left alone).
+fn kill_stale(pid: u32, program: &str, socket: &std::path::Path) {
+    if let Ok(p) = fissile_proto::pidfd::Pidfd::open(pid)
+        && let Ok(cmdline) = p.cmdline()
+        && cmdline.contains(program)
+        && cmdline.contains(&*socket.to_string_lossy())
+    {
+        tracing::info!(pid, program, "stopping a process an earlier run left");
+        p.kill(Duration::from_secs(10));
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (every holder leaves the data consistent).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -77,7 +199,7 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// What a create asks for (validated).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CreateSpec {
     /// Template name.
     pub template: String,
@@ -86,45 +208,109 @@ pub struct CreateSpec {
     /// vCPUs.
     pub vcpus: u8,
     /// Caller's labels.
-    pub metadata: std::collections::BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Make it a persistent space.
+    pub persistent: bool,
+    /// Idle timeout in seconds (`None`: the daemon's default).
+    pub idle_timeout_s: Option<u64>,
+    /// Restore this snapshot (the caller's) instead of booting.
+    pub from_snapshot: Option<String>,
+    /// Environment variables for every cell and command.
+    pub env: BTreeMap<String, String>,
+}
+
+/// How a new sandbox gets its state.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// Boot the template.
+    Boot,
+    /// Restore this snapshot (snapshotd's id).
+    Restore(String),
 }
 
 impl App {
-    /// The daemon over `db`, starting snapshotd in the state directory.
+    /// The daemon over `db`: takes over the snapshotd and the VMMs an earlier run left
+    /// running (a `kill -9` of the daemon leaves them running), or starts snapshotd afresh.
     pub fn start(db: Db, config: Config) -> Result<App, ApiError> {
-        let sd = Snapshotd::start(
-            &config.state_dir.join("store"),
-            &config.state_dir.join("snapshotd.sock"),
-        )
-        .map_err(|e| ApiError::internal(fissile_proto::error_chain(&e)))?;
+        let (sd, adopted) = start_snapshotd(&config.state_dir)?;
         let app = App {
             db: Arc::new(db),
             config: Arc::new(config),
             live: Arc::default(),
             snapshotd: Arc::new(sd),
+            space_claims: Arc::default(),
+            metrics: Arc::default(),
         };
-        app.mark_lost()?;
+        app.recover(adopted)?;
         Ok(app)
     }
 
-    /// Records left from an earlier run whose VMMs this daemon does not hold are lost.
-    fn mark_lost(&self) -> Result<(), ApiError> {
+    /// Re-adopts the sandboxes an earlier run left running, when their snapshotd was
+    /// adopted too (a restored VMM pages from it). The rest are lost: their VMMs are
+    /// stopped, and a space whose sandbox was running then is marked lost (resuming it would
+    /// give older state than it had), never silently older.
+    fn recover(&self, snapshotd_adopted: bool) -> Result<(), ApiError> {
         for mut r in self.db.sandboxes()? {
-            if r.state != SandboxState::Lost {
-                r.state = SandboxState::Lost;
-                self.db.put_sandbox(&r)?;
+            if r.state == SandboxState::Lost {
+                continue;
+            }
+            let dir = self.dir(&r.id);
+            if r.state == SandboxState::Running
+                && snapshotd_adopted
+                && let Some(pid) = r.vmm_pid
+            {
+                let cfg = self.sandbox_config(dir.clone(), r.memory_mib, r.vcpus);
+                match Sandbox::adopt(&cfg, pid) {
+                    Ok(sb) => {
+                        tracing::info!(sandbox = %r.id, pid, "re-adopted a running sandbox");
+                        lock(&self.live).insert(r.id.clone(), Live::new(r, &dir, Some(sb)));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %r.id, error = %fissile_proto::error_chain(&e),
+                        "cannot re-adopt; the sandbox is lost")
+                    }
+                }
+            }
+            if let Some(pid) = r.vmm_pid {
+                kill_stale(pid, "fissile-vmm", &dir.join("api.sock"));
+            }
+            r.state = SandboxState::Lost;
+            r.vmm_pid = None;
+            self.db.put_sandbox(&r)?;
+            if let Some(space) = &r.space_id
+                && let Some(mut s) = self.db.space(space)?
+                && s.sandbox_id.as_deref() == Some(r.id.as_str())
+            {
+                s.sandbox_id = None;
+                s.lost = true;
+                self.db.put_space(&s)?;
             }
         }
         Ok(())
     }
 
-    /// The running sandbox `id` of `tenant` (another tenant's id is not found).
+    /// The running sandbox `id` of `tenant` (another tenant's id is not found); marks it
+    /// used.
     pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Live>, ApiError> {
-        lock(&self.live)
+        let live = lock(&self.live)
             .get(id)
             .filter(|l| l.record.tenant == tenant)
             .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))
+            .ok_or_else(|| ApiError::not_found(format!("no running sandbox {id}")))?;
+        live.touch();
+        Ok(live)
+    }
+
+    /// [`App::get`] for an operation that needs the sandbox booted.
+    pub fn get_booted(&self, tenant: &str, id: &str) -> Result<Arc<Live>, ApiError> {
+        let live = self.get(tenant, id)?;
+        if !live.booted() {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is still starting"
+            )));
+        }
+        Ok(live)
     }
 
     /// The records of `tenant`'s sandboxes (running and lost).
@@ -147,8 +333,106 @@ impl App {
             .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))
     }
 
-    /// Boots a sandbox for `tenant` (quota-checked) and registers it.
+    /// The directory of sandbox `id`'s sockets and logs.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join("sandboxes").join(id)
+    }
+
+    /// The configuration of a sandbox in `dir`.
+    pub fn sandbox_config(&self, dir: PathBuf, memory_mib: u64, vcpus: u8) -> SandboxConfig {
+        SandboxConfig {
+            vmm: self.config.vmm.clone(),
+            kernel: self.config.kernel.clone(),
+            rootfs: self.config.rootfs.clone(),
+            mem_mib: memory_mib,
+            vcpus,
+            dir,
+            boot_timeout: self.config.boot_timeout,
+            cmdline_extra: String::new(),
+            snapshotd: Some(self.snapshotd.socket().to_path_buf()),
+        }
+    }
+
+    /// Checks `tenant`'s quotas for `n` more sandboxes of `memory_mib` each and registers
+    /// `records` (booting) in the same step, so concurrent requests cannot both pass.
+    pub fn reserve(&self, tenant: &str, records: &[SandboxRecord]) -> Result<(), ApiError> {
+        let mut live = lock(&self.live);
+        let mine: Vec<&Arc<Live>> = live
+            .values()
+            .filter(|l| l.record.tenant == tenant)
+            .collect();
+        let memory: u64 = mine.iter().map(|l| l.record.memory_mib).sum();
+        let more: u64 = records.iter().map(|r| r.memory_mib).sum();
+        if mine.len() + records.len() > self.config.max_sandboxes_per_tenant {
+            return Err(ApiError::quota(format!(
+                "tenant {tenant} runs {} sandboxes; {} more would pass the limit of {}",
+                mine.len(),
+                records.len(),
+                self.config.max_sandboxes_per_tenant
+            )));
+        }
+        if memory + more > self.config.max_memory_mib_per_tenant {
+            return Err(ApiError::quota(format!(
+                "tenant {tenant} runs {memory} MiB of guest memory; {more} more would pass \
+                 the limit of {} MiB",
+                self.config.max_memory_mib_per_tenant
+            )));
+        }
+        for r in records {
+            live.insert(r.id.clone(), Live::new(r.clone(), &self.dir(&r.id), None));
+        }
+        Ok(())
+    }
+
+    /// Attaches a started sandbox to its reserved entry and records it running; if the
+    /// entry was deleted meanwhile the sandbox is stopped.
+    pub fn attach(
+        &self,
+        mut record: SandboxRecord,
+        sb: Sandbox,
+    ) -> Result<SandboxRecord, ApiError> {
+        let live = lock(&self.live).get(&record.id).cloned();
+        let Some(live) = live else {
+            drop(sb);
+            return Err(ApiError::conflict(format!(
+                "sandbox {} was deleted while it started",
+                record.id
+            )));
+        };
+        record.state = SandboxState::Running;
+        record.vmm_pid = sb.pid();
+        *lock(&live.sandbox) = Some(sb);
+        live.attached.store(true, Ordering::Release);
+        self.db.put_sandbox(&record)?;
+        Ok(record)
+    }
+
+    /// Forgets a reserved sandbox that failed to start.
+    pub fn unreserve(&self, id: &str) -> Result<(), ApiError> {
+        lock(&self.live).remove(id);
+        self.db.remove_sandbox(id)?;
+        let _ = std::fs::remove_dir_all(self.dir(id));
+        Ok(())
+    }
+
+    /// Creates a sandbox for `tenant` (quota-checked): boots the template, or restores
+    /// one of the tenant's snapshots; a persistent one gets a space.
     pub async fn create(&self, tenant: &str, spec: CreateSpec) -> Result<SandboxRecord, ApiError> {
+        let mut spec = spec;
+        let origin = match &spec.from_snapshot {
+            Some(snap) => {
+                let s = self
+                    .db
+                    .snapshot(snap)?
+                    .filter(|s| s.tenant == tenant)
+                    .ok_or_else(|| ApiError::not_found(format!("no snapshot {snap}")))?;
+                spec.template = s.template;
+                spec.memory_mib = s.memory_mib;
+                spec.vcpus = s.vcpus;
+                Origin::Restore(s.id)
+            }
+            None => Origin::Boot,
+        };
         if spec.template != DEFAULT_TEMPLATE {
             return Err(ApiError::not_found(format!(
                 "no template {}",
@@ -156,6 +440,25 @@ impl App {
             )));
         }
         let id = format!("sb-{}", random_hex(8)?);
+        let space = if spec.persistent {
+            let space = SpaceRecord {
+                id: format!("sp-{}", random_hex(8)?),
+                tenant: tenant.to_string(),
+                template: spec.template.clone(),
+                memory_mib: spec.memory_mib,
+                vcpus: spec.vcpus,
+                created_ms: now_ms(),
+                sandbox_id: Some(id.clone()),
+                snapshot: None,
+                persisted_ms: None,
+                lost: false,
+                metadata: spec.metadata.clone(),
+                env: spec.env.clone(),
+            };
+            Some(space)
+        } else {
+            None
+        };
         let record = SandboxRecord {
             id: id.clone(),
             tenant: tenant.to_string(),
@@ -165,105 +468,173 @@ impl App {
             state: SandboxState::Starting,
             created_ms: now_ms(),
             metadata: spec.metadata,
+            space_id: space.as_ref().map(|s| s.id.clone()),
+            idle_timeout_s: spec.idle_timeout_s,
+            vmm_pid: None,
+            env: spec.env,
         };
-        {
-            // The quota check and the reservation are one step, so concurrent creates
-            // cannot both pass it.
-            let mut live = lock(&self.live);
-            let mine: Vec<&Arc<Live>> = live
-                .values()
-                .filter(|l| l.record.tenant == tenant)
-                .collect();
-            let memory: u64 = mine.iter().map(|l| l.record.memory_mib).sum();
-            if mine.len() >= self.config.max_sandboxes_per_tenant {
-                return Err(ApiError::quota(format!(
-                    "tenant {tenant} runs {} sandboxes, the most allowed",
-                    mine.len()
-                )));
-            }
-            if memory + spec.memory_mib > self.config.max_memory_mib_per_tenant {
-                return Err(ApiError::quota(format!(
-                    "tenant {tenant} runs {memory} MiB of guest memory; {} more would pass \
-                     the limit of {} MiB",
-                    spec.memory_mib, self.config.max_memory_mib_per_tenant
-                )));
-            }
-            let dir = self.config.state_dir.join("sandboxes").join(&id);
-            live.insert(
-                id.clone(),
-                Arc::new(Live {
-                    record: record.clone(),
-                    sandbox: Mutex::new(None),
-                    vsock: dir.join("vsock.sock"),
-                }),
-            );
+        let started = self.start_sandbox(record, origin).await;
+        if let (Ok(_), Some(space)) = (&started, &space) {
+            self.db.put_space(space)?;
         }
+        started
+    }
+
+    /// Reserves, starts and attaches one sandbox.
+    pub async fn start_sandbox(
+        &self,
+        record: SandboxRecord,
+        origin: Origin,
+    ) -> Result<SandboxRecord, ApiError> {
+        let id = record.id.clone();
+        self.reserve(&record.tenant, std::slice::from_ref(&record))?;
         self.db.put_sandbox(&record)?;
-        let cfg = SandboxConfig {
-            vmm: self.config.vmm.clone(),
-            kernel: self.config.kernel.clone(),
-            rootfs: self.config.rootfs.clone(),
-            mem_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            dir: self.config.state_dir.join("sandboxes").join(&id),
-            boot_timeout: self.config.boot_timeout,
-            cmdline_extra: String::new(),
-            snapshotd: Some(self.snapshotd.socket().to_path_buf()),
-        };
-        let booted = blocking(move || {
-            Sandbox::boot(&cfg).map_err(|e| {
-                ApiError::internal(format!("booting: {}", fissile_proto::error_chain(&e)))
-            })
+        let cfg = self.sandbox_config(self.dir(&id), record.memory_mib, record.vcpus);
+        let started = blocking(move || {
+            let r = match &origin {
+                Origin::Boot => Sandbox::boot(&cfg),
+                Origin::Restore(snap) => Sandbox::restore(&cfg, snap),
+            };
+            r.map_err(|e| ApiError::sandbox("starting the sandbox", &e))
         })
         .await;
-        let live = lock(&self.live).get(&id).cloned();
-        match (booted, live) {
-            (Ok(sb), Some(live)) => {
-                *lock(&live.sandbox) = Some(sb);
-                let mut running = record;
-                running.state = SandboxState::Running;
-                self.db.put_sandbox(&running)?;
-                Ok(running)
-            }
-            (Ok(sb), None) => {
-                // Deleted while booting.
-                drop(sb);
-                Err(ApiError::conflict(format!(
-                    "sandbox {id} was deleted while it booted"
-                )))
-            }
-            (Err(e), _) => {
-                lock(&self.live).remove(&id);
-                self.db.remove_sandbox(&id)?;
+        match started {
+            Ok(sb) => self.attach(record, sb),
+            Err(e) => {
+                self.unreserve(&id)?;
                 Err(e)
             }
         }
     }
 
-    /// Stops and forgets sandbox `id` of `tenant` (running or lost).
+    /// Closes sandbox `id` of `tenant`: a persistent one is persisted into its space first
+    /// (if that fails it keeps running and the error says why); then it stops and is
+    /// forgotten. A lost record is just forgotten.
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
         let record = self.record(tenant, id)?;
-        let live = lock(&self.live).remove(&record.id);
+        let live = lock(&self.live).get(&record.id).cloned();
         if let Some(live) = live {
-            blocking(move || {
-                drop(lock(&live.sandbox).take());
-                Ok(())
-            })
-            .await?;
+            let app = self.clone();
+            blocking(move || app.close(&live, true)).await?;
+        } else {
+            self.db.remove_sandbox(id)?;
+            let _ = std::fs::remove_dir_all(self.dir(id));
         }
-        self.db.remove_sandbox(id)?;
-        let _ = std::fs::remove_dir_all(self.config.state_dir.join("sandboxes").join(id));
         Ok(())
     }
 
-    /// Stops every sandbox (daemon shutdown).
-    pub fn stop_all(&self) {
-        let all: Vec<Arc<Live>> = lock(&self.live).drain().map(|(_, l)| l).collect();
-        for l in all {
-            drop(lock(&l.sandbox).take());
-            let mut r = l.record.clone();
-            r.state = SandboxState::Lost;
-            let _ = self.db.put_sandbox(&r);
+    /// Stops a running sandbox (blocking): persists its space first when `persist` and it
+    /// has one, then removes it from the registry and the store.
+    pub fn close(&self, live: &Arc<Live>, persist: bool) -> Result<(), ApiError> {
+        let id = live.record.id.clone();
+        // Lock order: a sandbox's lock is never held while taking the registry's.
+        let sb = {
+            let mut guard = lock(&live.sandbox);
+            if persist && let Some(space) = &live.record.space_id {
+                let sb = guard
+                    .as_ref()
+                    .ok_or_else(|| ApiError::conflict(format!("sandbox {id} is still starting")))?;
+                self.persist_space(space, &id, sb)?;
+            }
+            live.attached.store(false, Ordering::Release);
+            guard.take()
+        };
+        lock(&self.live).remove(&id);
+        drop(sb);
+        self.db.remove_sandbox(&id)?;
+        let _ = std::fs::remove_dir_all(self.dir(&id));
+        Ok(())
+    }
+
+    /// Takes a durable snapshot of `sb` and makes it space `space`'s state; the space no
+    /// longer names a running sandbox.
+    fn persist_space(&self, space: &str, id: &str, sb: &Sandbox) -> Result<(), ApiError> {
+        let snap = sb
+            .snapshot(true)
+            .map_err(|e| ApiError::sandbox("persisting the space", &e))?;
+        let mut s = self
+            .db
+            .space(space)?
+            .ok_or_else(|| ApiError::internal(format!("space {space} has no record")))?;
+        s.snapshot = Some(snap.id);
+        s.persisted_ms = Some(now_ms());
+        if s.sandbox_id.as_deref() == Some(id) {
+            s.sandbox_id = None;
         }
+        s.lost = false;
+        self.db.put_space(&s)?;
+        tracing::info!(space, sandbox = id, "space persisted");
+        Ok(())
+    }
+
+    /// Sandboxes by state (for `/metrics`): running, starting, lost.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        let (mut running, mut starting) = (0, 0);
+        let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
+        for l in &all {
+            if l.booted() {
+                running += 1;
+            } else {
+                starting += 1;
+            }
+        }
+        let lost = self
+            .db
+            .sandboxes()
+            .map(|all| all.iter().filter(|r| r.state == SandboxState::Lost).count() as u64)
+            .unwrap_or(0);
+        vec![("running", running), ("starting", starting), ("lost", lost)]
+    }
+
+    /// Stops every sandbox (daemon shutdown), persisting persistent ones first.
+    pub fn stop_all(&self) {
+        let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
+        for l in all {
+            if let Err(e) = self.close(&l, true) {
+                tracing::error!(sandbox = %l.record.id, error = %e.message,
+                    "could not persist at shutdown; stopping it");
+                let _ = self.close(&l, false);
+                if let Some(space) = &l.record.space_id
+                    && let Ok(Some(mut s)) = self.db.space(space)
+                {
+                    s.sandbox_id = None;
+                    s.lost = true;
+                    let _ = self.db.put_space(&s);
+                }
+            }
+        }
+    }
+
+    /// Closes sandboxes idle for longer than their timeout or older than the daemon's
+    /// lifetime limit (persistent ones persist). Returns how many it closed.
+    pub fn reap_idle(&self) -> usize {
+        let now = now_ms();
+        let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
+        let due: Vec<Arc<Live>> = all
+            .into_iter()
+            .filter(|l| l.booted() && l.active.load(Ordering::Relaxed) == 0)
+            .filter(|l| {
+                let idle = l
+                    .record
+                    .idle_timeout_s
+                    .map(Duration::from_secs)
+                    .or(self.config.default_idle_timeout);
+                let used = l.last_used_ms.load(Ordering::Relaxed);
+                let idle_due =
+                    idle.is_some_and(|t| now.saturating_sub(used) > t.as_millis() as u64);
+                let life_due = self.config.max_lifetime.is_some_and(|t| {
+                    now.saturating_sub(l.record.created_ms) > t.as_millis() as u64
+                });
+                idle_due || life_due
+            })
+            .collect();
+        let n = due.len();
+        for l in due {
+            tracing::info!(sandbox = %l.record.id, "closing: idle timeout or lifetime reached");
+            if let Err(e) = self.close(&l, true) {
+                tracing::error!(sandbox = %l.record.id, error = %e.message, "idle close failed");
+            }
+        }
+        n
     }
 }

@@ -15,6 +15,10 @@ use sha2::{Digest, Sha256};
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 /// Sandbox id → [`SandboxRecord`].
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
+/// Snapshot id (snapshotd's) → [`SnapshotRecord`].
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// Space id → [`SpaceRecord`].
+const SPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("spaces");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +59,7 @@ pub struct KeyRecord {
 }
 
 /// Lifecycle state of a sandbox as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// Being created.
@@ -86,6 +90,73 @@ pub struct SandboxRecord {
     /// Caller's labels.
     #[serde(default)]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// The persistent space it runs (closing it persists the space instead of discarding).
+    #[serde(default)]
+    pub space_id: Option<String>,
+    /// Idle timeout in seconds (no request for that long: persist or delete).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// The VMM's process id while it runs (to re-adopt it after a daemon restart).
+    #[serde(default)]
+    pub vmm_pid: Option<u32>,
+    /// Environment variables every cell and command of this sandbox gets (a request's own
+    /// `env` wins).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// A snapshot a tenant took of a sandbox (the state itself is in snapshotd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// snapshotd's id (content-derived; carries no host path).
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// The sandbox it was taken of: only that sandbox may roll back to it.
+    pub sandbox_id: String,
+    /// Template of that sandbox.
+    pub template: String,
+    /// Guest memory of that sandbox.
+    pub memory_mib: u64,
+    /// vCPUs of that sandbox.
+    pub vcpus: u8,
+    /// Taken (ms since the epoch).
+    pub created_ms: u64,
+}
+
+/// A persistent space: a sandbox's state that outlives the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceRecord {
+    /// Its id (`sp-...`).
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// Template.
+    pub template: String,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Created (ms since the epoch).
+    pub created_ms: u64,
+    /// The sandbox running it now, if any.
+    pub sandbox_id: Option<String>,
+    /// The durable snapshot it resumes from when no sandbox runs it (`None`: never
+    /// persisted yet).
+    pub snapshot: Option<String>,
+    /// When it was last persisted (ms since the epoch).
+    #[serde(default)]
+    pub persisted_ms: Option<u64>,
+    /// Its state could not be persisted (its VMM vanished with unsaved state): resuming
+    /// would give older state, so it is refused until the caller deletes the space.
+    #[serde(default)]
+    pub lost: bool,
+    /// Caller's labels.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Environment of the sandboxes that run it.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// The metadata store.
@@ -131,6 +202,8 @@ impl Db {
             .map_err(|e| DbError::Transaction(Box::new(e)))?;
         tx.open_table(KEYS).map_err(DbError::Table)?;
         tx.open_table(SANDBOXES).map_err(DbError::Table)?;
+        tx.open_table(SNAPSHOTS).map_err(DbError::Table)?;
+        tx.open_table(SPACES).map_err(DbError::Table)?;
         tx.commit().map_err(DbError::Commit)?;
         Ok(Db { db })
     }
@@ -212,11 +285,53 @@ impl Db {
 
     /// Every sandbox record (of every tenant).
     pub fn sandboxes(&self) -> Result<Vec<SandboxRecord>, DbError> {
+        self.all(SANDBOXES)
+    }
+
+    /// Removes a sandbox record.
+    pub fn remove_sandbox(&self, id: &str) -> Result<(), DbError> {
+        self.remove(SANDBOXES, id)
+    }
+
+    /// Stores a snapshot record.
+    pub fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), DbError> {
+        self.put(SNAPSHOTS, &record.id, record)
+    }
+
+    /// A snapshot record.
+    pub fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>, DbError> {
+        self.get(SNAPSHOTS, id)
+    }
+
+    /// Stores (creates or replaces) a space record.
+    pub fn put_space(&self, record: &SpaceRecord) -> Result<(), DbError> {
+        self.put(SPACES, &record.id, record)
+    }
+
+    /// A space record.
+    pub fn space(&self, id: &str) -> Result<Option<SpaceRecord>, DbError> {
+        self.get(SPACES, id)
+    }
+
+    /// Every space record (of every tenant).
+    pub fn spaces(&self) -> Result<Vec<SpaceRecord>, DbError> {
+        self.all(SPACES)
+    }
+
+    /// Removes a space record.
+    pub fn remove_space(&self, id: &str) -> Result<(), DbError> {
+        self.remove(SPACES, id)
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, DbError> {
         let tx = self
             .db
             .begin_read()
             .map_err(|e| DbError::Transaction(Box::new(e)))?;
-        let t = tx.open_table(SANDBOXES).map_err(DbError::Table)?;
+        let t = tx.open_table(table).map_err(DbError::Table)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(DbError::Storage)? {
             let (_, v) = item.map_err(DbError::Storage)?;
@@ -225,13 +340,12 @@ impl Db {
         Ok(out)
     }
 
-    /// Removes a sandbox record.
-    pub fn remove_sandbox(&self, id: &str) -> Result<(), DbError> {
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, id: &str) -> Result<(), DbError> {
         let tx = self
             .db
             .begin_write()
             .map_err(|e| DbError::Transaction(Box::new(e)))?;
-        tx.open_table(SANDBOXES)
+        tx.open_table(table)
             .map_err(DbError::Table)?
             .remove(id)
             .map_err(DbError::Storage)?;
@@ -253,6 +367,10 @@ mod tests {
             state: SandboxState::Running,
             created_ms: 1,
             metadata: Default::default(),
+            space_id: None,
+            idle_timeout_s: None,
+            vmm_pid: None,
+            env: Default::default(),
         }
     }
 

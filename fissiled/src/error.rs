@@ -18,14 +18,14 @@ pub struct ApiError {
 }
 
 /// The JSON body of an error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// Code and message of an error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable code.
     pub code: String,
@@ -99,6 +99,53 @@ impl IntoResponse for ApiError {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
         (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl ApiError {
+    /// 403: the guest refused access to a path.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// A `fissile-sandbox` failure during `step`: the VMM's and the agent's refusals keep
+    /// their kind (400/404/409/503); anything else is the daemon's failure (500).
+    pub fn sandbox(step: &str, e: &fissile_sandbox::SandboxError) -> Self {
+        use fissile_proto::control::ErrorKind;
+        use fissile_sandbox::SandboxError as E;
+        use fissile_sandbox::control::ControlError;
+        let message = format!("{step}: {}", fissile_proto::error_chain(e));
+        match e {
+            E::Control(ControlError::Refused { kind, .. }) => match kind {
+                ErrorKind::BadRequest => Self::bad_request(message),
+                ErrorKind::NotFound => Self::not_found(message),
+                ErrorKind::Conflict => Self::conflict(message),
+                ErrorKind::Busy => Self::unavailable(message),
+                ErrorKind::Internal => Self::internal(message),
+            },
+            E::Agent(a) => Self::agent(step, a),
+            E::ForkCount(_) | E::SelfMerge => Self::bad_request(message),
+            _ => Self::internal(message),
+        }
+    }
+
+    /// An agent failure during `step`, by the kind the agent reported.
+    pub fn agent(step: &str, e: &fissile_agent::ClientError) -> Self {
+        use fissile_agent::ClientError as C;
+        use fissile_proto::agent::FailureKind as K;
+        let message = format!("{step}: {}", fissile_proto::error_chain(e));
+        match e {
+            C::Failed { kind, .. } => match kind {
+                K::BadRequest | K::BadFrame => Self::bad_request(message),
+                K::NotFound => Self::not_found(message),
+                K::PermissionDenied => Self::forbidden(message),
+                K::Conflict => Self::conflict(message),
+                K::Busy => Self::unavailable(message),
+                K::Unsupported | K::Io | K::Internal => Self::internal(message),
+            },
+            C::TooLarge(_) => Self::too_large(message),
+            _ => Self::internal(message),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! `POST /v1/sandboxes/{id}/exec`: a cell's output streamed as NDJSON, one event a line as
-//! it happens, from a bounded channel fed by a worker on the blocking pool.
+//! `POST /v1/sandboxes/{id}/exec` and `/commands`: a cell's (a command's) output streamed as
+//! NDJSON, one event a line as it happens, from a bounded channel fed by a worker on the
+//! blocking pool. Commands have `stdout`/`stderr` and last `exit {exit_code, signal,
+//! timed_out, duration_ms, server_ms}` (or `failed`).
 //!
 //! Events (`type`): `stdout`/`stderr` `{text}`; `result` `{data, is_main_result}` (a MIME
 //! bundle: text types and JSON as they are, binary types such as `image/png` base64);
@@ -18,14 +20,18 @@ use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use fissile_agent::AgentClient;
-use fissile_proto::agent::{AGENT_VSOCK_PORT, ExecRequest, MimeBundle, Response as AgentResponse};
+use fissile_proto::agent::{
+    AGENT_VSOCK_PORT, ExecRequest, MimeBundle, Response as AgentResponse, ShellCommand,
+    ShellRequest,
+};
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt as _;
 
+use crate::app::StreamGuard;
 use crate::error::ApiError;
 
 /// Body of an exec request.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     /// Python source.
@@ -42,7 +48,7 @@ pub struct ExecBody {
 pub const MAX_CODE_BYTES: usize = 1 << 20;
 
 /// One NDJSON event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
     /// Output on stdout.
@@ -156,20 +162,22 @@ pub fn request(body: ExecBody) -> Result<ExecRequest, ApiError> {
             body.code.len()
         )));
     }
-    let timeout_ms = match body.timeout_s {
-        None => None,
-        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Some((s * 1e3) as u64),
-        Some(s) => {
-            return Err(ApiError::bad_request(format!(
-                "timeout_s must be in (0, 86400], got {s}"
-            )));
-        }
-    };
     Ok(ExecRequest {
         code: body.code,
-        timeout_ms,
+        timeout_ms: timeout_ms(body.timeout_s)?,
         env: body.env,
     })
+}
+
+/// A client's `timeout_s` in milliseconds: finite, in (0, 86400].
+fn timeout_ms(timeout_s: Option<f64>) -> Result<Option<u64>, ApiError> {
+    match timeout_s {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Some((s * 1e3) as u64)),
+        Some(s) => Err(ApiError::bad_request(format!(
+            "timeout_s must be in (0, 86400], got {s}"
+        ))),
+    }
 }
 
 /// Connects a fresh agent connection (bounded by the client's handshake timeout).
@@ -183,10 +191,17 @@ pub fn connect(vsock: &Path) -> Result<AgentClient, ApiError> {
 }
 
 /// Streams the cell `req` on `agent` as NDJSON.
-pub fn stream(mut agent: AgentClient, vsock: std::path::PathBuf, req: ExecRequest) -> Response {
+pub fn stream(
+    mut agent: AgentClient,
+    vsock: std::path::PathBuf,
+    req: ExecRequest,
+    guard: StreamGuard,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let t0 = Instant::now();
     tokio::task::spawn_blocking(move || {
+        let _guard = guard;
         let within = fissile_agent::client::exec_deadline(&req);
         let mut gone = false;
         let done = agent.exec_streaming(&req, within, |r| {
@@ -203,6 +218,7 @@ pub fn stream(mut agent: AgentClient, vsock: std::path::PathBuf, req: ExecReques
                 }
             }
         });
+        metrics.operation("exec", done.is_ok(), t0);
         let last = match done {
             Ok(d) => ExecEvent::Done {
                 execution_count: d.execution_count,
@@ -217,6 +233,11 @@ pub fn stream(mut agent: AgentClient, vsock: std::path::PathBuf, req: ExecReques
         };
         let _ = tx.blocking_send(last.line());
     });
+    ndjson(rx)
+}
+
+/// A streamed NDJSON response of the lines received on `rx`.
+fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
     let body = Body::from_stream(
         tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>),
     );
@@ -225,6 +246,151 @@ pub fn stream(mut agent: AgentClient, vsock: std::path::PathBuf, req: ExecReques
         body,
     )
         .into_response()
+}
+
+/// Body of `POST /v1/sandboxes/{id}/commands`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBody {
+    /// A shell script (run with `/bin/sh -c`), or a program and its arguments (no shell).
+    pub cmd: CommandLine,
+    /// Working directory (absolute).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Environment variables added for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Text written to the command's stdin, which is then closed.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Time limit in seconds (then the command's process group is killed).
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// A command line: a script or an argv.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum CommandLine {
+    /// `/bin/sh -c <script>`.
+    Script(String),
+    /// Program and arguments.
+    Argv(Vec<String>),
+}
+
+/// One NDJSON event of a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommandEvent {
+    /// Output on stdout.
+    Stdout {
+        /// The text (lossy UTF-8).
+        text: String,
+    },
+    /// Output on stderr.
+    Stderr {
+        /// The text (lossy UTF-8).
+        text: String,
+    },
+    /// The command ended.
+    Exit {
+        /// Its exit code (`None` if a signal killed it).
+        exit_code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+        /// The time limit passed (it was killed).
+        timed_out: bool,
+        /// Run time measured in the guest.
+        duration_ms: f64,
+        /// Time in the daemon, request to this event.
+        server_ms: f64,
+    },
+    /// The sandbox stopped answering; nothing more follows.
+    Failed {
+        /// What happened.
+        message: String,
+    },
+}
+
+impl CommandEvent {
+    fn line(&self) -> Bytes {
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        v.push(b'\n');
+        Bytes::from(v)
+    }
+}
+
+/// Validates `body` into the agent's request.
+pub fn command_request(body: CommandBody) -> Result<ShellRequest, ApiError> {
+    let command = match body.cmd {
+        CommandLine::Script(s) if s.trim().is_empty() => {
+            return Err(ApiError::bad_request("cmd is empty"));
+        }
+        CommandLine::Argv(a) if a.is_empty() || a[0].is_empty() => {
+            return Err(ApiError::bad_request("cmd: argv needs a program"));
+        }
+        CommandLine::Script(s) => ShellCommand::Script(s),
+        CommandLine::Argv(a) => ShellCommand::Argv(a),
+    };
+    let size = match &command {
+        ShellCommand::Script(s) => s.len(),
+        ShellCommand::Argv(a) => a.iter().map(String::len).sum(),
+    } + body.stdin.as_ref().map_or(0, String::len);
+    if size > MAX_CODE_BYTES {
+        return Err(ApiError::too_large(format!(
+            "the command and its stdin are {size} bytes; the limit is {MAX_CODE_BYTES}"
+        )));
+    }
+    if let Some(cwd) = &body.cwd {
+        crate::files::guest_path(cwd)?;
+    }
+    Ok(ShellRequest {
+        command,
+        cwd: body.cwd,
+        env: body.env,
+        stdin: body.stdin.map(String::into_bytes).unwrap_or_default(),
+        timeout_ms: timeout_ms(body.timeout_s)?,
+    })
+}
+
+/// Streams the command `req` on `agent` as NDJSON. A client that disconnects stops receiving
+/// output; the command runs on until it exits or its time limit passes.
+pub fn stream_command(mut agent: AgentClient, req: ShellRequest, guard: StreamGuard) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let t0 = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let within = fissile_agent::client::shell_deadline(&req);
+        let mut gone = false;
+        let done = agent.shell_streaming(&req, within, |r| {
+            let ev = match r {
+                AgentResponse::Stdout(d) => CommandEvent::Stdout {
+                    text: String::from_utf8_lossy(d).into_owned(),
+                },
+                AgentResponse::Stderr(d) => CommandEvent::Stderr {
+                    text: String::from_utf8_lossy(d).into_owned(),
+                },
+                _ => return,
+            };
+            if !gone && tx.blocking_send(ev.line()).is_err() {
+                gone = true;
+            }
+        });
+        let last = match done {
+            Ok(d) => CommandEvent::Exit {
+                exit_code: d.exit_status,
+                signal: d.signal,
+                timed_out: d.timed_out,
+                duration_ms: d.duration_ns as f64 / 1e6,
+                server_ms: t0.elapsed().as_secs_f64() * 1e3,
+            },
+            Err(e) => CommandEvent::Failed {
+                message: fissile_proto::error_chain(&e),
+            },
+        };
+        let _ = tx.blocking_send(last.line());
+    });
+    ndjson(rx)
 }
 
 #[cfg(test)]

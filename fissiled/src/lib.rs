@@ -5,9 +5,14 @@
 //!
 //! - [`routes`]: the HTTP surface (parse, authorize, call the service; the error shape).
 //! - [`app`]: the service that owns the running sandboxes; blocking work on the blocking pool.
-//! - [`exec`]: cells streamed as NDJSON events.
+//! - [`exec`]: cells and commands streamed as NDJSON events.
+//! - [`files`]: uploads and downloads, streamed both ways.
+//! - [`lifecycle`]: fork, merge, snapshot, rollback.
+//! - [`spaces`]: persistent spaces (persist on close, resume).
 //! - [`auth`]: API keys (hashed) to tenants.
 //! - [`db`]: the metadata store.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`openapi`]: the OpenAPI document, generated from the code.
 //! - [`error`]: `{"error":{"code","message"}}` with its status.
 
 pub mod app;
@@ -15,4 +20,9 @@ pub mod auth;
 pub mod db;
 pub mod error;
 pub mod exec;
+pub mod files;
+pub mod lifecycle;
+pub mod metrics;
+pub mod openapi;
 pub mod routes;
+pub mod spaces;

@@ -44,7 +44,21 @@ enum Cmd {
         /// Most guest memory (MiB) one tenant may run at once.
         #[arg(long, default_value_t = 16384)]
         max_memory_mib_per_tenant: u64,
+        /// Most children one fork may ask for.
+        #[arg(long, default_value_t = 32)]
+        max_fork: u32,
+        /// Largest file an upload or a download may move (bytes).
+        #[arg(long, default_value_t = 1 << 30)]
+        max_file_bytes: u64,
+        /// Idle timeout (seconds) of sandboxes that set none; 0: none.
+        #[arg(long, default_value_t = 0)]
+        idle_timeout_s: u64,
+        /// Longest a sandbox may run (seconds); 0: no limit.
+        #[arg(long, default_value_t = 0)]
+        max_lifetime_s: u64,
     },
+    /// Print the OpenAPI document of the API.
+    Openapi,
     /// API keys.
     Keys {
         #[command(subcommand)]
@@ -89,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().cmd {
+        Cmd::Openapi => print!("{}", fissiled::openapi::json()),
         Cmd::Keys {
             cmd: KeysCmd::Create { state_dir, tenant },
         } => {
@@ -115,7 +130,17 @@ fn main() -> anyhow::Result<()> {
             rootfs,
             max_sandboxes_per_tenant,
             max_memory_mib_per_tenant,
+            max_fork,
+            max_file_bytes,
+            idle_timeout_s,
+            max_lifetime_s,
         } => {
+            anyhow::ensure!(
+                (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
+                "--max-fork must be in 1..={}",
+                fissile_proto::control::MAX_FORK_CHILDREN
+            );
+            let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
             let db = open_db(&state_dir)?;
             let config = Config {
                 state_dir,
@@ -124,6 +149,10 @@ fn main() -> anyhow::Result<()> {
                 rootfs,
                 max_sandboxes_per_tenant,
                 max_memory_mib_per_tenant,
+                max_fork,
+                max_file_bytes,
+                default_idle_timeout: secs(idle_timeout_s),
+                max_lifetime: secs(max_lifetime_s),
                 boot_timeout: Duration::from_secs(300),
             };
             let rt = tokio::runtime::Runtime::new()?;
@@ -149,10 +178,23 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
+    // Lifecycle timers: idle timeouts and the lifetime limit, checked every second.
+    let reaper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let app = app.clone();
+                let _ = tokio::task::spawn_blocking(move || app.reap_idle()).await;
+            }
+        })
+    };
     axum::serve(listener, fissiled::routes::router(app.clone()))
         .with_graceful_shutdown(shutdown)
         .await?;
-    tracing::info!("shutting down: stopping sandboxes");
+    reaper.abort();
+    tracing::info!("shutting down: persisting spaces, stopping sandboxes");
     tokio::task::spawn_blocking(move || app.stop_all()).await?;
     Ok(())
 }

@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -16,14 +15,18 @@ use tower_http::trace::TraceLayer;
 use crate::app::{App, CreateSpec, DEFAULT_TEMPLATE, blocking};
 use crate::auth::Tenant;
 use crate::db::{SandboxRecord, SandboxState};
-use crate::error::ApiError;
-use crate::exec::{self, ExecBody};
+use crate::error::{ApiError, ErrorBody};
+use crate::exec::{self, CommandBody, CommandEvent, ExecBody, ExecEvent};
+use crate::files;
+use crate::lifecycle::{ForkView, SnapshotView};
+use crate::spaces::SpaceView;
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 2 << 20;
 
-/// `Json` whose rejections (malformed JSON, wrong types, unknown fields, too large) are
-/// [`ApiError`]s in the one error shape.
+/// A JSON body whose rejections (malformed JSON, wrong types, unknown fields, too large)
+/// are [`ApiError`]s in the one error shape. Any content type is read as JSON (so `curl -d`
+/// works), and an empty body is `{}`.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -31,22 +34,48 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::BytesRejection(e))
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Err(ApiError::too_large(format!(
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::too_large(format!(
                     "the body is larger than {MAX_JSON_BODY} bytes"
-                )))
+                )));
             }
-            Err(e) => Err(ApiError::bad_request(e.body_text())),
-        }
+            Err(e) => return Err(ApiError::bad_request(e.body_text())),
+        };
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+    }
+}
+
+/// `Query` whose rejections are [`ApiError`]s.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
     }
 }
 
 /// Body of `POST /v1/sandboxes`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     /// Template (default `python-datasci`).
@@ -61,14 +90,26 @@ pub struct CreateBody {
     /// Labels (at most 32, keys and values up to 256 bytes).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Environment variables for every cell and command (at most 128).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A persistent space: closing the sandbox persists it instead of discarding it.
+    #[serde(default)]
+    pub persistent: bool,
+    /// Seconds without a request after which it is closed (persisted if persistent).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Restore one of the caller's snapshots instead of booting the template.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// A sandbox as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SandboxView {
     /// Its id.
     pub id: String,
-    /// The persistent space it belongs to (none yet: spaces are not served yet).
+    /// The persistent space it runs, if it is persistent.
     pub space_id: Option<String>,
     /// Template.
     pub template: String,
@@ -80,6 +121,8 @@ pub struct SandboxView {
     pub memory_mib: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// Idle timeout in seconds, if set.
+    pub idle_timeout_s: Option<u64>,
     /// Labels.
     pub metadata: BTreeMap<String, String>,
 }
@@ -88,15 +131,22 @@ impl From<SandboxRecord> for SandboxView {
     fn from(r: SandboxRecord) -> Self {
         Self {
             id: r.id,
-            space_id: None,
+            space_id: r.space_id,
             template: r.template,
             state: r.state,
             created_at_ms: r.created_ms,
             memory_mib: r.memory_mib,
             vcpus: r.vcpus,
+            idle_timeout_s: r.idle_timeout_s,
             metadata: r.metadata,
         }
     }
+}
+
+fn labels_ok(m: &BTreeMap<String, String>, most: usize, value_max: usize) -> bool {
+    m.len() <= most
+        && m.iter()
+            .all(|(k, v)| !k.is_empty() && k.len() <= 256 && v.len() <= value_max)
 }
 
 fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
@@ -112,15 +162,19 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
             "vcpus must be in 1..=8, got {vcpus}"
         )));
     }
-    if body.metadata.len() > 32
-        || body
-            .metadata
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > 256 || v.len() > 256)
-    {
+    if !labels_ok(&body.metadata, 32, 256) {
         return Err(ApiError::bad_request(
             "metadata: at most 32 labels, keys of 1-256 bytes, values up to 256 bytes",
         ));
+    }
+    if !labels_ok(&body.env, 128, 32 << 10) || body.env.keys().any(|k| k.contains(['=', '\0'])) {
+        return Err(ApiError::bad_request(
+            "env: at most 128 variables, names of 1-256 bytes without `=` or NUL, values up \
+             to 32 KiB",
+        ));
+    }
+    if body.idle_timeout_s == Some(0) {
+        return Err(ApiError::bad_request("idle_timeout_s must be at least 1"));
     }
     Ok(CreateSpec {
         template: body
@@ -129,25 +183,38 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
         memory_mib,
         vcpus,
         metadata: body.metadata,
+        persistent: body.persistent,
+        idle_timeout_s: body.idle_timeout_s,
+        from_snapshot: body.from_snapshot,
+        env: body.env,
     })
 }
 
-async fn create(
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateBody, 
+    responses((status = 201, description = "created and running", body = SandboxView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such template or snapshot", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn create(
     State(app): State<App>,
     Tenant(tenant): Tenant,
     ApiJson(body): ApiJson<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
     let spec = validate(body)?;
-    let record = app.create(&tenant, spec).await?;
+    let record = app
+        .metrics
+        .timed("create", app.create(&tenant, spec))
+        .await?;
     tracing::info!(sandbox = %record.id, %tenant, "sandbox created");
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
 /// `GET /v1/sandboxes` query: `metadata.<key>=<value>` filters.
-async fn list(
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",  params(("metadata.<key>" = Option<String>, Query, description = "only sandboxes with this label value (repeatable with other keys)")),
+    responses((status = 200, description = "the caller's sandboxes, oldest first", body = Vec<SandboxView>), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn list(
     State(app): State<App>,
     Tenant(tenant): Tenant,
-    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+    ApiQuery(q): ApiQuery<BTreeMap<String, String>>,
 ) -> Result<Json<Vec<SandboxView>>, ApiError> {
     let mut filters = Vec::new();
     for (k, v) in q {
@@ -167,7 +234,10 @@ async fn list(
     ))
 }
 
-async fn get_one(
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",  params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 200, description = "the sandbox", body = SandboxView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn get_one(
     State(app): State<App>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
@@ -176,40 +246,385 @@ async fn get_one(
     Ok(Json(r.into()))
 }
 
-async fn delete_one(
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",  params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 204, description = "closed (a persistent one was persisted into its space first)"), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn delete_one(
     State(app): State<App>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    app.delete(&tenant, &id).await?;
-    tracing::info!(sandbox = %id, %tenant, "sandbox deleted");
+    app.metrics.timed("close", app.delete(&tenant, &id)).await?;
+    tracing::info!(sandbox = %id, %tenant, "sandbox closed");
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn exec_cell(
+/// The sandbox's environment under the request's own.
+fn merged_env(
+    base: &BTreeMap<String, String>,
+    own: BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env = base.clone();
+    env.extend(own);
+    env
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "execution", request_body = ExecBody, params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 200, description = "NDJSON: one ExecEvent a line, `done` (or `failed`) last", content_type = "application/x-ndjson", body = ExecEvent), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn exec_cell(
     State(app): State<App>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ExecBody>,
 ) -> Result<Response, ApiError> {
-    let req = exec::request(body)?;
-    let live = app.get(&tenant, &id)?;
+    let mut req = exec::request(body)?;
+    let live = app.get_booted(&tenant, &id)?;
+    req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let vsock = live.vsock.clone();
-    let booted = live.sandbox.lock().map(|s| s.is_some()).unwrap_or(true);
-    if !booted {
-        return Err(ApiError::conflict(format!(
-            "sandbox {id} is still starting"
-        )));
-    }
     let agent = {
         let vsock = vsock.clone();
         blocking(move || exec::connect(&vsock)).await?
     };
-    Ok(exec::stream(agent, vsock, req))
+    Ok(exec::stream(
+        agent,
+        vsock,
+        req,
+        live.stream_guard(),
+        app.metrics.clone(),
+    ))
 }
 
-async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands", tag = "execution", request_body = CommandBody, params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 200, description = "NDJSON: one CommandEvent a line, `exit` (or `failed`) last", content_type = "application/x-ndjson", body = CommandEvent), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn run_command(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CommandBody>,
+) -> Result<Response, ApiError> {
+    let mut req = exec::command_request(body)?;
+    let live = app.get_booted(&tenant, &id)?;
+    req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
+    let vsock = live.vsock.clone();
+    let agent = blocking(move || exec::connect(&vsock)).await?;
+    Ok(exec::stream_command(agent, req, live.stream_guard()))
+}
+
+/// Answer of `POST /v1/sandboxes/{id}/interrupt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InterruptView {
+    /// A cell was running and got a KeyboardInterrupt.
+    pub was_running: bool,
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/interrupt", tag = "execution",  params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 200, description = "interrupted (if a cell was running)", body = InterruptView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn interrupt(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<InterruptView>, ApiError> {
+    let live = app.get_booted(&tenant, &id)?;
+    let vsock = live.vsock.clone();
+    let was_running = blocking(move || {
+        exec::connect(&vsock)?
+            .interrupt()
+            .map_err(|e| ApiError::agent("interrupting", &e))
+    })
+    .await?;
+    Ok(Json(InterruptView { was_running }))
+}
+
+/// Query of the file routes.
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FileQuery {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// `DELETE` only: remove a directory and its contents.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes (streamed)"), params(("id" = String, Path, description = "sandbox id"), FileQuery),
+    responses((status = 201, description = "written (whole: an upload lands by rename)", body = files::UploadView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 403, description = "the guest refused", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn put_file(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+    req: Request,
+) -> Result<(StatusCode, Json<files::UploadView>), ApiError> {
+    let path = files::guest_path(&q.path)?;
+    let live = app.get_booted(&tenant, &id)?;
+    let max = app.config.max_file_bytes;
+    if let Some(len) = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > max
+    {
+        return Err(ApiError::too_large(format!(
+            "the upload is {len} bytes; uploads are limited to {max}"
+        )));
+    }
+    let view = files::upload(
+        live.vsock.clone(),
+        path,
+        req.into_body(),
+        max,
+        live.stream_guard(),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files",  params(("id" = String, Path, description = "sandbox id"), FileQuery),
+    responses((status = 200, description = "the file's bytes (streamed)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox or file", body = ErrorBody), (status = 403, description = "the guest refused", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn get_file(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+) -> Result<Response, ApiError> {
+    let path = files::guest_path(&q.path)?;
+    let live = app.get_booted(&tenant, &id)?;
+    files::download(
+        live.vsock.clone(),
+        path,
+        app.config.max_file_bytes,
+        live.stream_guard(),
+    )
+    .await
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files",  params(("id" = String, Path, description = "sandbox id"), FileQuery),
+    responses((status = 204, description = "removed"), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox or file", body = ErrorBody), (status = 403, description = "the guest refused", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn delete_file(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+) -> Result<StatusCode, ApiError> {
+    let path = files::guest_path(&q.path)?;
+    let live = app.get_booted(&tenant, &id)?;
+    files::remove(live.vsock.clone(), path, q.recursive).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /v1/sandboxes/{id}/files/list`.
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Absolute directory path in the guest.
+    pub path: String,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files",  params(("id" = String, Path, description = "sandbox id"), ListQuery),
+    responses((status = 200, description = "the directory's entries", body = files::ListView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox or directory", body = ErrorBody), (status = 403, description = "the guest refused", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn list_files(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<files::ListView>, ApiError> {
+    let path = files::guest_path(&q.path)?;
+    let live = app.get_booted(&tenant, &id)?;
+    Ok(Json(files::list(live.vsock.clone(), path).await?))
+}
+
+/// Body of `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// How many children (1 up to the daemon's limit, 32 by default).
+    pub n: u64,
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "lifecycle", request_body = ForkBody, params(("id" = String, Path, description = "the parent")),
+    responses((status = 200, description = "one entry per child: its id or its error", body = ForkView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn fork(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ForkBody>,
+) -> Result<Json<ForkView>, ApiError> {
+    let n = u32::try_from(body.n).unwrap_or(u32::MAX);
+    let view = app.metrics.timed("fork", app.fork(&tenant, &id, n)).await?;
+    tracing::info!(sandbox = %id, %tenant, n, "forked");
+    Ok(Json(view))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/merge_into/{winner}", tag = "lifecycle",  params(("id" = String, Path, description = "the parent"), ("winner" = String, Path, description = "a child of the parent's latest fork")),
+    responses((status = 204, description = "the parent now holds the winner's state"), (status = 400, description = "self-merge", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "unknown winner, not a child of the latest fork, or a repeated merge", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 503, description = "busy", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn merge_into(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path((parent, winner)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.metrics
+        .timed("merge", app.merge(&tenant, &parent, &winner))
+        .await?;
+    tracing::info!(sandbox = %parent, %winner, %tenant, "merged");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", tag = "lifecycle",  params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 201, description = "durable in the store", body = SnapshotView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 503, description = "busy", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn snapshot(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
+    let view = app
+        .metrics
+        .timed("snapshot", app.snapshot(&tenant, &id))
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/rollback/{snapshot}", tag = "lifecycle",  params(("id" = String, Path, description = "sandbox id"), ("snapshot" = String, Path, description = "one of its own snapshots")),
+    responses((status = 204, description = "back to the snapshot, same id"), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox, or not one of its snapshots", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 503, description = "busy", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn rollback(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path((id, snap)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.metrics
+        .timed("rollback", app.rollback(&tenant, &id, &snap))
+        .await?;
+    tracing::info!(sandbox = %id, snapshot = %snap, %tenant, "rolled back");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/spaces", tag = "spaces",  
+    responses((status = 200, description = "the caller's spaces", body = Vec<SpaceView>), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn list_spaces(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+) -> Result<Json<Vec<SpaceView>>, ApiError> {
+    let all = blocking(move || app.spaces(&tenant)).await?;
+    Ok(Json(all.into_iter().map(Into::into).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/spaces/{id}", tag = "spaces",  params(("id" = String, Path, description = "space id")),
+    responses((status = 200, description = "the space", body = SpaceView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such space", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn get_space(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<SpaceView>, ApiError> {
+    let s = blocking(move || app.space(&tenant, &id)).await?;
+    Ok(Json(s.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/spaces/{id}", tag = "spaces",  params(("id" = String, Path, description = "space id")),
+    responses((status = 204, description = "deleted (its sandbox stopped without persisting)"), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such space", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn delete_space(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.delete_space(&tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/spaces/{id}/resume", tag = "spaces",  params(("id" = String, Path, description = "space id")),
+    responses((status = 201, description = "a new sandbox with the space's state", body = SandboxView), (status = 200, description = "the sandbox already running it", body = SandboxView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such space", body = ErrorBody), (status = 409, description = "never persisted, or lost", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn resume_space(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+    let (record, started) = app
+        .metrics
+        .timed("resume", app.resume(&tenant, &id))
+        .await?;
+    let status = if started {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record.into())))
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "daemon",
+    responses((status = 200, description = "the daemon answers", body = Health)))]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Answer of `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let text = blocking(move || {
+        let socket = app.snapshotd.socket().to_path_buf();
+        let store = fissile_snapshotd::client::Client::connect(&socket)
+            .and_then(|mut c| c.stats())
+            .ok();
+        Ok(app.metrics.render(&app.counts(), store.as_ref()))
+    })
+    .await;
+    match text {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Records each matched request's latency (to its response head) by route template.
+async fn track(
+    State(app): State<App>,
+    matched: Option<axum::extract::MatchedPath>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let t0 = std::time::Instant::now();
+    let method = req.method().to_string();
+    let route = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    app.metrics
+        .request(&method, &route, resp.status().as_u16(), t0);
+    resp
+}
+
+async fn openapi_json() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::json(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -220,9 +635,30 @@ async fn not_found() -> ApiError {
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(get_one).delete(delete_one))
         .route("/v1/sandboxes/{id}/exec", post(exec_cell))
+        .route("/v1/sandboxes/{id}/commands", post(run_command))
+        .route("/v1/sandboxes/{id}/interrupt", post(interrupt))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            // Uploads stream under their own cap (`--max-file-bytes`), not the JSON limit.
+            put(put_file)
+                .get(get_file)
+                .delete(delete_file)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sandboxes/{id}/files/list", get(list_files))
+        .route("/v1/sandboxes/{id}/fork", post(fork))
+        .route("/v1/sandboxes/{id}/merge_into/{winner}", post(merge_into))
+        .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
+        .route("/v1/sandboxes/{id}/rollback/{snapshot}", post(rollback))
+        .route("/v1/spaces", get(list_spaces))
+        .route("/v1/spaces/{id}", get(get_space).delete(delete_space))
+        .route("/v1/spaces/{id}/resume", post(resume_space))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), track))
         .fallback(not_found)
         .with_state(app)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))

@@ -254,3 +254,577 @@ fn guest_api_sandbox_exec_streams_and_tenants_are_isolated() {
     let (s, _) = call("GET", &url(&format!("/v1/sandboxes/{id}")), Some(&a), None);
     assert_eq!(s, 404);
 }
+
+fn key_header(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// Status and body bytes of a request with a raw body.
+fn raw(method: &str, url: &str, key: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let req = ureq::request(method, url)
+        .timeout(Duration::from_secs(600))
+        .set("Authorization", &key_header(key));
+    let resp = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut resp.into_reader(), &mut out).unwrap();
+    (status, out)
+}
+
+/// The NDJSON events of a command.
+fn command(d: &Daemon, key: &str, id: &str, body: Value) -> Vec<Value> {
+    let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/commands", d.base))
+        .timeout(Duration::from_secs(600))
+        .set("Authorization", &key_header(key))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(resp.content_type(), "application/x-ndjson");
+    BufReader::new(resp.into_reader())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect()
+}
+
+/// The `text/plain` value of `code`'s last expression.
+fn value(d: &Daemon, key: &str, id: &str, code: &str) -> String {
+    let events = exec(d, key, id, json!({ "code": code }));
+    events
+        .iter()
+        .find(|e| e["type"] == "result" && e["is_main_result"] == true)
+        .unwrap_or_else(|| panic!("{code}: no value in {events:?}"))["data"]["text/plain"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn create(d: &Daemon, key: &str, body: &str) -> Value {
+    let (s, v) = call(
+        "POST",
+        &format!("{}/v1/sandboxes", d.base),
+        Some(key),
+        Some(body),
+    );
+    assert_eq!(s, 201, "{v}");
+    v
+}
+
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_files_commands_and_interrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let a = create_key(&state, "acme");
+    let d = start(&state, &["--max-file-bytes", "4000000"]);
+    let id = create(&d, &a, "{}")["id"].as_str().unwrap().to_string();
+    let files = |q: &str| format!("{}/v1/sandboxes/{id}/files?{q}", d.base);
+
+    // Binary-safe round trip, larger than one transfer piece.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let (s, body) = raw("PUT", &files("path=/tmp/up/data.bin"), &a, Some(&data));
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["size"], 3_000_000);
+    let (s, back) = raw("GET", &files("path=/tmp/up/data.bin"), &a, None);
+    assert_eq!(s, 200);
+    assert!(back == data, "the download differs from the upload");
+    assert_eq!(
+        value(
+            &d,
+            &a,
+            &id,
+            "import hashlib; hashlib.sha256(open('/tmp/up/data.bin','rb').read()).hexdigest()"
+        ),
+        format!("'{}'", sha256_hex(&data))
+    );
+    let (s, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{id}/files/list?path=/tmp/up", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 200, "{list}");
+    let names: Vec<&str> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["data.bin"], "no temporary file is left: {list}");
+
+    // Oversize: 413 as soon as the length is declared (before any byte of the body is
+    // sent), and the old file is untouched.
+    let status = declared_upload(
+        &d,
+        &a,
+        &format!("/v1/sandboxes/{id}/files?path=/tmp/up/data.bin"),
+        4_000_001,
+    );
+    assert_eq!(status, 413);
+    let (_, back) = raw("GET", &files("path=/tmp/up/data.bin"), &a, None);
+    assert!(back == data, "an oversize upload changed the file");
+
+    // Bad paths and missing files.
+    for q in [
+        "path=relative.txt",
+        "path=/tmp/../etc/passwd",
+        "path=/tmp/a%00b",
+        "nopath=1",
+    ] {
+        let (s, body) = raw("GET", &files(q), &a, None);
+        assert_eq!(s, 400, "{q}: {}", String::from_utf8_lossy(&body));
+    }
+    let (s, _) = raw("GET", &files("path=/tmp/missing"), &a, None);
+    assert_eq!(s, 404);
+    let (s, _) = raw("DELETE", &files("path=/tmp/up/data.bin"), &a, None);
+    assert_eq!(s, 204);
+    let (s, _) = raw("GET", &files("path=/tmp/up/data.bin"), &a, None);
+    assert_eq!(s, 404);
+
+    // Commands: streamed output and the exit code; argv, stdin, env, cwd; a time limit.
+    let events = command(
+        &d,
+        &a,
+        &id,
+        json!({"cmd": "echo out; echo err >&2; exit 3"}),
+    );
+    let out: String = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "out\n");
+    assert!(events.iter().any(|e| e["type"] == "stderr"));
+    let exit = events.last().unwrap();
+    assert_eq!(
+        (exit["type"].as_str(), exit["exit_code"].as_i64()),
+        (Some("exit"), Some(3))
+    );
+    let events = command(
+        &d,
+        &a,
+        &id,
+        json!({"cmd": ["sh", "-c", "cat; echo \"$GREETING\"; pwd"], "stdin": "in\n",
+               "env": {"GREETING": "hi"}, "cwd": "/tmp"}),
+    );
+    let out: String = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "in\nhi\n/tmp\n");
+    let events = command(&d, &a, &id, json!({"cmd": "sleep 60", "timeout_s": 1}));
+    assert_eq!(events.last().unwrap()["timed_out"], true, "{events:?}");
+    let (s, _) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/commands", d.base),
+        Some(&a),
+        Some(r#"{"cmd": []}"#),
+    );
+    assert_eq!(s, 400);
+
+    // Interrupt a running cell (once it has visibly started): it gets a KeyboardInterrupt,
+    // the REPL keeps its state.
+    exec(&d, &a, &id, json!({"code": "kept = 7"}));
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let runner = {
+        let base = d.base.clone();
+        let (a, id) = (a.clone(), id.clone());
+        std::thread::spawn(move || {
+            let resp = ureq::post(&format!("{base}/v1/sandboxes/{id}/exec"))
+                .timeout(Duration::from_secs(600))
+                .set("Authorization", &key_header(&a))
+                .send_json(
+                    json!({"code": "import time\nprint('started', flush=True)\ntime.sleep(600)"}),
+                )
+                .unwrap();
+            for line in BufReader::new(resp.into_reader()).lines() {
+                let _ = tx.send(serde_json::from_str::<Value>(&line.unwrap()).unwrap());
+            }
+        })
+    };
+    let first = rx.recv_timeout(Duration::from_secs(600)).unwrap();
+    assert_eq!(first["type"], "stdout", "{first}");
+    let (s, v) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{id}/interrupt", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!((s, v["was_running"].as_bool()), (200, Some(true)), "{v}");
+    let events: Vec<Value> = rx.iter().collect();
+    runner.join().unwrap();
+    let err = events.iter().find(|e| e["type"] == "error").unwrap();
+    assert_eq!(err["name"], "KeyboardInterrupt", "{events:?}");
+    assert_eq!(value(&d, &a, &id, "kept"), "7");
+}
+
+/// Status of a `PUT` that declares a body of `len` bytes and sends none of it (so a server
+/// that refuses by the length answers before the client writes).
+fn declared_upload(d: &Daemon, key: &str, path: &str, len: u64) -> u16 {
+    use std::io::{Read, Write};
+    let addr = d.base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    let line = String::from_utf8_lossy(&head).into_owned();
+    line.trim_start_matches("HTTP/1.1 ").trim().parse().unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_fork_merge_snapshot_and_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let a = create_key(&state, "acme");
+    let b = create_key(&state, "other");
+    let d = start(&state, &["--max-fork", "4"]);
+    let url = |p: &str| format!("{}{p}", d.base);
+    let parent = create(&d, &a, r#"{"metadata":{"role":"parent"}}"#)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    exec(&d, &a, &parent, json!({"code": "x = 1"}));
+
+    // Bad fan-outs: each a clear 400.
+    for n in ["0", "5", "1000000", "-1", "\"3\""] {
+        let (s, v) = call(
+            "POST",
+            &url(&format!("/v1/sandboxes/{parent}/fork")),
+            Some(&a),
+            Some(&format!("{{\"n\":{n}}}")),
+        );
+        assert_eq!((s, error_code(&v)), (400, "bad_request"), "n={n}: {v}");
+    }
+
+    let (s, v) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{parent}/fork")),
+        Some(&a),
+        Some(r#"{"n":3}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    let children: Vec<String> = v["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{c}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(children.len(), 3);
+    for (i, c) in children.iter().enumerate() {
+        assert_eq!(
+            value(&d, &a, c, "x"),
+            "1",
+            "child {c} has the parent's state"
+        );
+        exec(&d, &a, c, json!({"code": format!("x = {}", 10 + i)}));
+    }
+    assert_eq!(
+        value(&d, &a, &parent, "x"),
+        "1",
+        "the parent kept running as it was"
+    );
+
+    // Refusals: self 400; a stranger 404; another tenant 404.
+    let (s, v) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{parent}/merge_into/{parent}")),
+        Some(&a),
+        None,
+    );
+    assert_eq!((s, error_code(&v)), (400, "bad_request"), "{v}");
+    let (s, _) = call(
+        "POST",
+        &url(&format!(
+            "/v1/sandboxes/{}/merge_into/{parent}",
+            children[0]
+        )),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404, "a parent is not a child of its child's fork");
+    let (s, _) = call(
+        "POST",
+        &url(&format!(
+            "/v1/sandboxes/{parent}/merge_into/{}",
+            children[1]
+        )),
+        Some(&b),
+        None,
+    );
+    assert_eq!(s, 404);
+
+    let (s, v) = call(
+        "POST",
+        &url(&format!(
+            "/v1/sandboxes/{parent}/merge_into/{}",
+            children[1]
+        )),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 204, "{v}");
+    assert_eq!(
+        value(&d, &a, &parent, "x"),
+        "11",
+        "the parent holds the winner's state"
+    );
+    assert_eq!(
+        value(&d, &a, &children[1], "x"),
+        "11",
+        "the winner keeps running"
+    );
+    let (s, _) = call(
+        "POST",
+        &url(&format!(
+            "/v1/sandboxes/{parent}/merge_into/{}",
+            children[2]
+        )),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404, "a repeated merge of the same fork");
+
+    // Checkpoint and rollback.
+    let (s, snap) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{parent}/snapshot")),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 201, "{snap}");
+    let snap = snap["snapshot_id"].as_str().unwrap().to_string();
+    exec(&d, &a, &parent, json!({"code": "x = 99; y = 'later'"}));
+    let (s, v) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{parent}/rollback/{snap}")),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 204, "{v}");
+    assert_eq!(value(&d, &a, &parent, "x"), "11");
+    assert_eq!(value(&d, &a, &parent, "'y' in globals()"), "False");
+    // Another sandbox's snapshot, and another tenant: 404.
+    let (s, _) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{}/rollback/{snap}", children[0])),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404);
+    let (s, _) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{parent}/rollback/{snap}")),
+        Some(&b),
+        None,
+    );
+    assert_eq!(s, 404);
+
+    // A new sandbox from the snapshot; another tenant cannot use it.
+    for c in &children {
+        let (s, _) = call(
+            "DELETE",
+            &url(&format!("/v1/sandboxes/{c}")),
+            Some(&a),
+            None,
+        );
+        assert_eq!(s, 204);
+    }
+    let (s, _) = call(
+        "POST",
+        &url("/v1/sandboxes"),
+        Some(&b),
+        Some(&format!(r#"{{"from_snapshot":"{snap}"}}"#)),
+    );
+    assert_eq!(s, 404);
+    let copy = create(&d, &a, &format!(r#"{{"from_snapshot":"{snap}"}}"#))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(value(&d, &a, &copy, "x"), "11");
+}
+
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let a = create_key(&state, "acme");
+    let b = create_key(&state, "other");
+    let mut d = start(&state, &[]);
+    let sb = create(&d, &a, r#"{"persistent":true,"env":{"STAGE":"one"}}"#);
+    let id = sb["id"].as_str().unwrap().to_string();
+    let space = sb["space_id"].as_str().unwrap().to_string();
+    exec(
+        &d,
+        &a,
+        &id,
+        json!({"code": "import os\ntotal = 40 + 2\nstage = os.environ['STAGE']"}),
+    );
+
+    // kill -9 of the daemon: the restarted daemon re-adopts the running sandbox.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    d = start(&state, &[]);
+    let (s, v) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{id}", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!((s, v["state"].as_str()), (200, Some("running")), "{v}");
+    assert_eq!(value(&d, &a, &id, "total"), "42");
+
+    // Closing a persistent sandbox persists its space.
+    let (s, _) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{id}", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 204);
+    let (s, v) = call(
+        "GET",
+        &format!("{}/v1/spaces/{space}", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!((s, v["state"].as_str()), (200, Some("persisted")), "{v}");
+    let (s, _) = call(
+        "GET",
+        &format!("{}/v1/spaces/{space}", d.base),
+        Some(&b),
+        None,
+    );
+    assert_eq!(s, 404);
+    let (s, _) = call(
+        "POST",
+        &format!("{}/v1/spaces/{space}/resume", d.base),
+        Some(&b),
+        None,
+    );
+    assert_eq!(s, 404);
+
+    // A daemon restart (graceful), then resume: same globals, same environment.
+    drop(d);
+    let d = start(&state, &[]);
+    let (s, sb) = call(
+        "POST",
+        &format!("{}/v1/spaces/{space}/resume", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 201, "{sb}");
+    let resumed = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["space_id"].as_str(), Some(space.as_str()));
+    assert_eq!(value(&d, &a, &resumed, "total, stage"), "(42, 'one')");
+    // Resuming a running space answers its sandbox.
+    let (s, again) = call(
+        "POST",
+        &format!("{}/v1/spaces/{space}/resume", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!((s, again["id"].as_str()), (200, Some(resumed.as_str())));
+    exec(&d, &a, &resumed, json!({"code": "total += 1"}));
+
+    // A graceful shutdown persists the running space.
+    drop(d);
+    let d = start(&state, &[]);
+    let (_, sb) = call(
+        "POST",
+        &format!("{}/v1/spaces/{space}/resume", d.base),
+        Some(&a),
+        None,
+    );
+    let resumed = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(value(&d, &a, &resumed, "total"), "43");
+
+    // An idle timeout persists it too.
+    let (s, v) = call(
+        "POST",
+        &format!("{}/v1/sandboxes", d.base),
+        Some(&a),
+        Some(r#"{"persistent":true,"idle_timeout_s":2}"#),
+    );
+    assert_eq!(s, 201, "{v}");
+    let idle = v["id"].as_str().unwrap().to_string();
+    let idle_space = v["space_id"].as_str().unwrap().to_string();
+    exec(&d, &a, &idle, json!({"code": "mark = 'idle'"}));
+    let mut persisted = false;
+    for _ in 0..600 {
+        let (_, v) = call(
+            "GET",
+            &format!("{}/v1/spaces/{idle_space}", d.base),
+            Some(&a),
+            None,
+        );
+        if v["state"] == "persisted" {
+            persisted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(persisted, "the idle sandbox was not persisted");
+    let (s, _) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{idle}", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404);
+
+    // Spaces are listed per tenant and deleted.
+    let (_, list) = call("GET", &format!("{}/v1/spaces", d.base), Some(&a), None);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let (_, list) = call("GET", &format!("{}/v1/spaces", d.base), Some(&b), None);
+    assert!(list.as_array().unwrap().is_empty());
+    let (s, _) = call(
+        "DELETE",
+        &format!("{}/v1/spaces/{space}", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 204);
+    let (s, _) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{resumed}", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404, "deleting a space stops its sandbox");
+    let (s, _) = call(
+        "POST",
+        &format!("{}/v1/spaces/{space}/resume", d.base),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404);
+}

@@ -1,0 +1,228 @@
+//! Fork, merge, snapshot and rollback of running sandboxes (Podflare's semantics for fork
+//! and merge; checkpoint and rollback are Fissile's own).
+//!
+//! Each operation locks the sandboxes it changes one at a time (never two at once, so no
+//! lock order to get wrong) and runs on the blocking pool.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::{App, Live, blocking, lock};
+use crate::db::{SandboxRecord, SandboxState, SnapshotRecord, now_ms, random_hex};
+use crate::error::ApiError;
+
+/// One child of a fork, as the API reports it: its id, or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ForkChild {
+    /// It runs.
+    Started {
+        /// The child's sandbox id.
+        id: String,
+    },
+    /// It failed (and was stopped).
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// The answer to a fork.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ForkView {
+    /// One entry per child asked for, in order.
+    pub children: Vec<ForkChild>,
+    /// Milliseconds until every child answered (or failed).
+    pub total_ms: f64,
+}
+
+/// A snapshot as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SnapshotView {
+    /// Its id: pass it to create (`from_snapshot`) or to rollback.
+    pub snapshot_id: String,
+    /// The sandbox it was taken of.
+    pub sandbox_id: String,
+    /// When (ms since the epoch).
+    pub created_at_ms: u64,
+}
+
+impl From<SnapshotRecord> for SnapshotView {
+    fn from(s: SnapshotRecord) -> Self {
+        Self {
+            snapshot_id: s.id,
+            sandbox_id: s.sandbox_id,
+            created_at_ms: s.created_ms,
+        }
+    }
+}
+
+impl App {
+    /// Forks sandbox `id` into `n` children (each its own sandbox, not persistent, with the
+    /// parent's labels); the parent keeps running. Quotas count the children.
+    pub async fn fork(&self, tenant: &str, id: &str, n: u32) -> Result<ForkView, ApiError> {
+        if n == 0 || n > self.config.max_fork {
+            return Err(ApiError::bad_request(format!(
+                "n must be in 1..={}, got {n}",
+                self.config.max_fork
+            )));
+        }
+        let parent = self.get_booted(tenant, id)?;
+        let mut records = Vec::new();
+        for _ in 0..n {
+            records.push(SandboxRecord {
+                id: format!("sb-{}", random_hex(8)?),
+                state: SandboxState::Starting,
+                created_ms: now_ms(),
+                space_id: None,
+                vmm_pid: None,
+                ..parent.record.clone()
+            });
+        }
+        self.reserve(tenant, &records)?;
+        for r in &records {
+            self.db.put_sandbox(r)?;
+        }
+        let app = self.clone();
+        blocking(move || Ok(app.fork_blocking(&parent, records))).await
+    }
+
+    fn fork_blocking(&self, parent: &Arc<Live>, records: Vec<SandboxRecord>) -> ForkView {
+        let t0 = std::time::Instant::now();
+        let dirs = records.iter().map(|r| self.dir(&r.id)).collect();
+        let outcome = lock(&parent.sandbox)
+            .as_mut()
+            .ok_or_else(|| ApiError::conflict("the parent stopped"))
+            .and_then(|sb| {
+                sb.fork_each_in(dirs)
+                    .map_err(|e| ApiError::sandbox("forking", &e))
+            });
+        let mut children = Vec::new();
+        let mut started = std::collections::BTreeSet::new();
+        match outcome {
+            Ok((outcomes, _timings)) => {
+                for (record, child) in records.into_iter().zip(outcomes) {
+                    let id = record.id.clone();
+                    let attached = child
+                        .map_err(|e| ApiError::sandbox("starting the child", &e))
+                        .and_then(|sb| self.attach(record, sb));
+                    match attached {
+                        Ok(_) => {
+                            started.insert(id.clone());
+                            children.push(ForkChild::Started { id });
+                        }
+                        Err(e) => {
+                            let _ = self.unreserve(&id);
+                            children.push(ForkChild::Failed { error: e.message });
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for r in records {
+                    let _ = self.unreserve(&r.id);
+                    children.push(ForkChild::Failed {
+                        error: e.message.clone(),
+                    });
+                }
+            }
+        }
+        *lock(&parent.forks) = crate::app::ForkSet {
+            children: started,
+            merged: false,
+        };
+        ForkView {
+            children,
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+
+    /// The parent `parent` takes the state of `winner`, a child of its latest fork: memory,
+    /// vCPUs, devices, REPL globals. The parent keeps its id; the winner and its siblings keep
+    /// running. Self-merge is 400; a winner that is not a child of the latest fork, or a
+    /// second merge of that fork, is 404.
+    pub async fn merge(&self, tenant: &str, parent: &str, winner: &str) -> Result<(), ApiError> {
+        if parent == winner {
+            return Err(ApiError::bad_request("a sandbox cannot merge into itself"));
+        }
+        let p = self.get_booted(tenant, parent)?;
+        let w = self.get_booted(tenant, winner)?;
+        {
+            let forks = lock(&p.forks);
+            if !forks.children.contains(winner) {
+                return Err(ApiError::not_found(format!(
+                    "{winner} is not a child of {parent}'s latest fork"
+                )));
+            }
+            if forks.merged {
+                return Err(ApiError::not_found(format!(
+                    "{parent}'s latest fork was already merged"
+                )));
+            }
+        }
+        blocking(move || {
+            let snap = lock(&w.sandbox)
+                .as_ref()
+                .ok_or_else(|| ApiError::conflict("the winner stopped"))?
+                .snapshot(false)
+                .map_err(|e| ApiError::sandbox("snapshotting the winner", &e))?;
+            let mut forks_guard = lock(&p.forks);
+            if forks_guard.merged {
+                return Err(ApiError::not_found("the latest fork was already merged"));
+            }
+            lock(&p.sandbox)
+                .as_mut()
+                .ok_or_else(|| ApiError::conflict("the parent stopped"))?
+                .merge_snapshot(&snap.id)
+                .map_err(|e| ApiError::sandbox("merging", &e))?;
+            forks_guard.merged = true;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A durable snapshot of sandbox `id` (it keeps running), recorded as the tenant's.
+    pub async fn snapshot(&self, tenant: &str, id: &str) -> Result<SnapshotView, ApiError> {
+        let live = self.get_booted(tenant, id)?;
+        let snap = blocking(move || {
+            lock(&live.sandbox)
+                .as_ref()
+                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?
+                .snapshot(true)
+                .map_err(|e| ApiError::sandbox("snapshotting", &e))
+        })
+        .await?;
+        let record = self.record(tenant, id)?;
+        let s = SnapshotRecord {
+            id: snap.id,
+            tenant: tenant.to_string(),
+            sandbox_id: id.to_string(),
+            template: record.template,
+            memory_mib: record.memory_mib,
+            vcpus: record.vcpus,
+            created_ms: now_ms(),
+        };
+        self.db.put_snapshot(&s)?;
+        Ok(s.into())
+    }
+
+    /// Returns sandbox `id` to one of its own earlier snapshots, keeping its id.
+    pub async fn rollback(&self, tenant: &str, id: &str, snapshot: &str) -> Result<(), ApiError> {
+        let live = self.get_booted(tenant, id)?;
+        let s = self
+            .db
+            .snapshot(snapshot)?
+            .filter(|s| s.tenant == tenant && s.sandbox_id == id)
+            .ok_or_else(|| ApiError::not_found(format!("{id} has no snapshot {snapshot}")))?;
+        blocking(move || {
+            lock(&live.sandbox)
+                .as_mut()
+                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?
+                .rollback(&s.id)
+                .map_err(|e| ApiError::sandbox("rolling back", &e))?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,212 @@
+//! `GET /metrics`: Prometheus (OpenMetrics text). Request latency by route template and
+//! status, operation latency (create, exec, fork, merge, resume, snapshot, rollback, close)
+//! by outcome, sandboxes by state and snapshotd's store figures (read at scrape time).
+//! Labels never carry ids, so cardinality is bounded by the routes.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~9 min.
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+/// The daemon's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    operations: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    sandboxes: Family<StateLabels, Gauge>,
+    store_raw_bytes: Gauge,
+    store_pack_bytes: Gauge,
+    store_snapshots: Gauge,
+    image_bytes: Gauge,
+    faults_served: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let operations = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let sandboxes = Family::<StateLabels, Gauge>::default();
+        let store_raw_bytes = Gauge::default();
+        let store_pack_bytes = Gauge::default();
+        let store_snapshots = Gauge::default();
+        let image_bytes = Gauge::default();
+        let faults_served = Gauge::default();
+        registry.register(
+            "fissiled_http_request_duration_seconds",
+            "HTTP requests until the response head, by route template and status",
+            requests.clone(),
+        );
+        registry.register(
+            "fissiled_operation_duration_seconds",
+            "Sandbox operations (create, exec, fork, merge, resume, snapshot, rollback, close)",
+            operations.clone(),
+        );
+        registry.register(
+            "fissiled_sandboxes",
+            "Sandboxes by state",
+            sandboxes.clone(),
+        );
+        registry.register(
+            "fissiled_store_raw_bytes",
+            "Raw bytes of all pages in snapshotd's store",
+            store_raw_bytes.clone(),
+        );
+        registry.register(
+            "fissiled_store_pack_bytes",
+            "Bytes on disk in snapshotd's packs",
+            store_pack_bytes.clone(),
+        );
+        registry.register(
+            "fissiled_store_snapshots",
+            "Durable snapshots in snapshotd's store",
+            store_snapshots.clone(),
+        );
+        registry.register(
+            "fissiled_store_image_bytes",
+            "Memory of the snapshot images snapshotd holds open",
+            image_bytes.clone(),
+        );
+        registry.register(
+            "fissiled_store_faults_served",
+            "Page faults snapshotd served since it started",
+            faults_served.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            operations,
+            sandboxes,
+            store_raw_bytes,
+            store_pack_bytes,
+            store_snapshots,
+            image_bytes,
+            faults_served,
+        }
+    }
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    /// Records one HTTP request.
+    pub fn request(&self, method: &str, route: &str, status: u16, started: Instant) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records one operation.
+    pub fn operation(&self, operation: &str, ok: bool, started: Instant) {
+        self.operations
+            .get_or_create(&OperationLabels {
+                operation: operation.to_string(),
+                outcome: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Runs `fut` as operation `operation`, recording its latency and outcome.
+    pub async fn timed<T>(
+        &self,
+        operation: &str,
+        fut: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let t0 = Instant::now();
+        let r = fut.await;
+        self.operation(operation, r.is_ok(), t0);
+        r
+    }
+
+    /// The text exposition, with the scrape-time gauges set from `sandboxes` (state →
+    /// count) and snapshotd's figures (if it answered).
+    pub fn render(
+        &self,
+        sandboxes: &[(&str, u64)],
+        store: Option<&fissile_snapshotd::client::DaemonStats>,
+    ) -> String {
+        for (state, n) in sandboxes {
+            self.sandboxes
+                .get_or_create(&StateLabels {
+                    state: (*state).to_string(),
+                })
+                .set(gauge_value(*n));
+        }
+        if let Some(s) = store {
+            self.store_raw_bytes.set(gauge_value(s.raw_bytes));
+            self.store_pack_bytes.set(gauge_value(s.pack_bytes));
+            self.store_snapshots.set(gauge_value(s.snapshots));
+            self.image_bytes.set(gauge_value(s.image_bytes));
+            self.faults_served.set(gauge_value(s.faults_served));
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            out = format!("# encoding failed: {e}\n");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_requests_operations_and_gauges() {
+        let m = Metrics::default();
+        m.request("POST", "/v1/sandboxes/{id}/exec", 200, Instant::now());
+        m.operation("fork", true, Instant::now());
+        let text = m.render(&[("running", 3), ("lost", 1)], None);
+        assert!(text.contains(
+            "fissiled_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/sandboxes/{id}/exec\",status=\"200\"} 1"
+        ), "{text}");
+        assert!(
+            text.contains(
+                "fissiled_operation_duration_seconds_count{operation=\"fork\",outcome=\"ok\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fissiled_sandboxes{state=\"running\"} 3"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
