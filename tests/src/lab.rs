@@ -36,7 +36,7 @@ const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
 const EXIT: &str = "@@FISSILE-LAB-EXIT";
 /// Bumped whenever the initramfs layout or init script changes.
-const INITRAMFS_FORMAT: u32 = 6;
+const INITRAMFS_FORMAT: u32 = 7;
 
 /// Our binaries copied into the lab (those that exist are taken).
 pub const LAB_BINARIES: &[&str] = &[
@@ -61,6 +61,9 @@ const LAB_MODULES: &[(&str, &str)] = &[
     ("kvm-amd", "nested=1 npt=1"),
     ("vsock", ""),
     ("vhost_vsock", ""),
+    // For `fissile-lab serve`: a NIC on QEMU user networking (restricted: nothing in the
+    // lab reaches outside it) whose only use is a port forwarded from the host's loopback.
+    ("virtio_net", ""),
 ];
 
 /// Errors preparing or running the lab; each names the failing step.
@@ -153,6 +156,10 @@ pub struct LabConfig {
     /// Print the command's own output to stdout as it arrives (the whole output is still
     /// returned in [`LabOutput`]).
     pub stream_output: bool,
+    /// TCP ports forwarded from the host's loopback into the lab, `(host, lab)`: QEMU user
+    /// networking with `restrict=on` (the lab reaches nothing outside it) and each
+    /// `hostfwd` bound to 127.0.0.1. In the lab the NIC is `eth0`, 10.0.2.15/24.
+    pub forward: Vec<(u16, u16)>,
 }
 
 /// True when this host's `/dev/kvm` can boot a standard guest (VT-x/SVM present, not PVM).
@@ -255,6 +262,7 @@ impl LabConfig {
             mem_mib: 3072,
             verbose: std::env::var_os("FISSILE_LAB_VERBOSE").is_some(),
             stream_output: false,
+            forward: Vec::new(),
         })
     }
 }
@@ -371,6 +379,16 @@ impl Lab {
                 "file={},format=raw,if=virtio,cache=unsafe",
                 payload.display()
             ));
+        if !self.cfg.forward.is_empty() {
+            let fwd: String = self
+                .cfg
+                .forward
+                .iter()
+                .map(|(host, lab)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{lab}"))
+                .collect();
+            cmd.args(["-netdev", &format!("user,id=lab0,restrict=on{fwd}")])
+                .args(["-device", "virtio-net-pci,netdev=lab0"]);
+        }
         run_qemu(cmd, timeout, self.cfg.verbose, self.cfg.stream_output)
     }
 
@@ -518,7 +536,11 @@ ip link set lo up || ifconfig lo 127.0.0.1 up
         ));
     }
     s.push_str(
-        r#"i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        r#"# The NIC of `fissile-lab serve` (QEMU user networking, restricted), if there is one.
+if [ -e /sys/class/net/eth0 ]; then
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo 'lab: eth0 setup failed'
+fi
+i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 mount -t ext4 /dev/vdb /lab || { echo 'lab: cannot mount payload'; ls /dev; cat /proc/modules; dmesg | tail -20; }
 ln -sf /lab/lib/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
 export LD_LIBRARY_PATH=/lab/lib
@@ -746,6 +768,18 @@ fn run_qemu(
     stream: bool,
 ) -> Result<LabOutput, LabError> {
     let start = Instant::now();
+    // QEMU goes when the lab's runner goes (a killed test or `fissile-lab serve`), so no lab
+    // outlives it holding a forwarded port.
+    // SAFETY: the hook runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 //! ```text
 //! fissile-lab run [--timeout SECS] [--mem MIB] [--quiet] -- fissile-vmm --kernel ...
 //! fissile-lab run --script checks.sh
+//! fissile-lab serve [--port 8080]     # fissiled in the lab, on the host's 127.0.0.1:8080
 //! fissile-lab info
 //! ```
 //! Inside the command: `$FISSILE_GUEST_KERNEL`, `$FISSILE_GUEST_ROOTFS`, our binaries on
@@ -46,6 +47,28 @@ enum Cmd {
         /// The command.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Run fissiled in the lab (natively where the host KVM boots standard guests) and make
+    /// its API reachable on this host's loopback: QEMU user networking with `restrict=on`
+    /// (nothing in the lab reaches outside it) and a `hostfwd` bound to 127.0.0.1. Prints
+    /// `FISSILE_API_URL=...` and `FISSILE_API_KEY=...` (a key for `--tenant`, made fresh),
+    /// then fissiled's `READY` line; runs until stopped (Ctrl-C) or `--timeout`.
+    Serve {
+        /// Host port (on 127.0.0.1).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Lab memory in MiB.
+        #[arg(long, default_value_t = 6144)]
+        mem: u32,
+        /// Tenant of the printed key.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 86_400)]
+        timeout: u64,
+        /// More arguments for `fissiled serve` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Say where commands would run and which inputs would be used.
     Info,
@@ -117,6 +140,78 @@ fn main() -> anyhow::Result<()> {
                 out.status,
                 out.wall.as_secs_f64()
             );
+            std::process::exit(out.status);
+        }
+        Cmd::Serve {
+            port,
+            mem,
+            tenant,
+            timeout,
+            args,
+        } => {
+            anyhow::ensure!(
+                !tenant.is_empty()
+                    && tenant
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "a tenant name is [A-Za-z0-9_-]+"
+            );
+            let mut cfg = LabConfig::from_env()?;
+            cfg.mem_mib = mem;
+            cfg.verbose = false;
+            cfg.stream_output = true;
+            let lab_port = 8080;
+            cfg.forward = vec![(port, lab_port)];
+            let (bin, kernel, rootfs) = (
+                cfg.bin_dir.clone(),
+                cfg.guest_kernel.clone(),
+                cfg.guest_rootfs.clone(),
+            );
+            let lab = Lab::prepare(cfg)?;
+            // In the lab fissiled listens on the lab's NIC, reachable only through the
+            // forward from the host's loopback; natively it listens on loopback itself.
+            let (listen, state) = if lab.is_native() {
+                (
+                    format!("127.0.0.1:{port}"),
+                    "${TMPDIR:-/tmp}/fissiled-serve",
+                )
+            } else {
+                (format!("0.0.0.0:{lab_port}"), "/tmp/fissiled")
+            };
+            let script = format!(
+                "set -e\nmkdir -p {state}\n\
+                 KEY=$(fissiled keys create --state-dir {state} --tenant {tenant})\n\
+                 echo FISSILE_API_URL=http://127.0.0.1:{port}\n\
+                 echo FISSILE_API_KEY=$KEY\n\
+                 exec fissiled serve --state-dir {state} --listen {listen} {}\n",
+                shell_quote(&args)
+            );
+            eprintln!(
+                "fissile-lab: serving fissiled {} on http://127.0.0.1:{port}",
+                if lab.is_native() {
+                    "natively"
+                } else {
+                    "in the lab (QEMU user networking, restricted; port forwarded)"
+                }
+            );
+            if lab.is_native() {
+                // Natively: run the script here, its output straight through.
+                let path = format!(
+                    "{}:{}",
+                    bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                );
+                let status = std::process::Command::new("timeout")
+                    .arg(timeout.to_string())
+                    .args(["sh", "-c", &script])
+                    .env("PATH", path)
+                    .env("FISSILE_GUEST_KERNEL", &kernel)
+                    .env("FISSILE_GUEST_ROOTFS", &rootfs)
+                    .status()
+                    .context("running fissiled")?;
+                std::process::exit(status.code().unwrap_or(1));
+            }
+            let out = lab.run(&script, Duration::from_secs(timeout))?;
             std::process::exit(out.status);
         }
         Cmd::Info => {
