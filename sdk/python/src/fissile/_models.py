@@ -1,0 +1,174 @@
+"""What the API returns, as typed values (pydantic v2)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+_SHORT = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "text/latex": "latex",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/svg+xml": "svg",
+    "application/json": "json",
+    "application/javascript": "javascript",
+}
+
+
+class Result(BaseModel):
+    """A rich result of a cell: the value of its last expression (`is_main_result`) or an
+    object it displayed (e.g. a matplotlib figure). Binary formats are base64 strings."""
+
+    data: dict[str, Any] = Field(default_factory=dict)
+    is_main_result: bool = False
+
+    @property
+    def text(self) -> str | None:
+        """`text/plain`: the value's repr."""
+        v = self.data.get("text/plain")
+        return v if isinstance(v, str) else None
+
+    @property
+    def html(self) -> str | None:
+        """`text/html`, when the object has `_repr_html_` (e.g. a DataFrame)."""
+        v = self.data.get("text/html")
+        return v if isinstance(v, str) else None
+
+    @property
+    def markdown(self) -> str | None:
+        """`text/markdown`."""
+        v = self.data.get("text/markdown")
+        return v if isinstance(v, str) else None
+
+    @property
+    def png(self) -> str | None:
+        """`image/png`, base64."""
+        v = self.data.get("image/png")
+        return v if isinstance(v, str) else None
+
+    @property
+    def jpeg(self) -> str | None:
+        """`image/jpeg`, base64."""
+        v = self.data.get("image/jpeg")
+        return v if isinstance(v, str) else None
+
+    @property
+    def svg(self) -> str | None:
+        """`image/svg+xml`."""
+        v = self.data.get("image/svg+xml")
+        return v if isinstance(v, str) else None
+
+    @property
+    def json(self) -> Any:
+        """`application/json`, parsed."""
+        return self.data.get("application/json")
+
+    def png_bytes(self) -> bytes | None:
+        """`image/png` decoded."""
+        return base64.b64decode(self.png) if self.png else None
+
+    def formats(self) -> list[str]:
+        """The formats present, by short name (`text`, `html`, `png`, ...)."""
+        return [_SHORT.get(m, m) for m in self.data]
+
+
+class Logs(BaseModel):
+    """What a cell wrote, chunk by chunk as it arrived."""
+
+    stdout: list[str] = Field(default_factory=list)
+    stderr: list[str] = Field(default_factory=list)
+
+
+class ExecutionError(BaseModel):
+    """The exception a cell raised."""
+
+    name: str
+    value: str
+    traceback: list[str] = Field(default_factory=list)
+
+    @property
+    def traceback_text(self) -> str:
+        """The traceback as one string."""
+        return "\n".join(self.traceback)
+
+
+class Execution(BaseModel):
+    """Everything one cell produced, in order."""
+
+    results: list[Result] = Field(default_factory=list)
+    logs: Logs = Field(default_factory=Logs)
+    error: ExecutionError | None = None
+    execution_count: int = 0
+    duration_ms: float = 0.0
+    """Run time measured in the guest."""
+    server_ms: float = 0.0
+    """Time in the daemon, request to the end of the cell."""
+    timed_out: bool = False
+    """The cell's time limit passed and it was interrupted (the REPL kept its state)."""
+    state_lost: bool = False
+    """The interpreter had to be restarted: earlier variables and imports are gone."""
+
+    @property
+    def text(self) -> str | None:
+        """The main result's `text/plain` (the value of the last expression), if any."""
+        for r in self.results:
+            if r.is_main_result:
+                return r.text
+        return None
+
+
+class CommandResult(BaseModel):
+    """A finished command."""
+
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    """`None` if a signal killed it."""
+    signal: int | None = None
+    timed_out: bool = False
+    duration_ms: float = 0.0
+
+
+class EntryInfo(BaseModel):
+    """One entry of a directory listing."""
+
+    name: str
+    kind: str
+    """`file`, `dir`, `symlink` or `other`."""
+    size: int
+    mode: int
+    modified_at_ms: int
+
+
+class SandboxInfo(BaseModel):
+    """A sandbox as the daemon reports it."""
+
+    id: str
+    space_id: str | None = None
+    template: str
+    state: str
+    """`starting`, `running` or `lost`."""
+    created_at_ms: int
+    memory_mib: int
+    vcpus: int
+    idle_timeout_s: int | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class SpaceInfo(BaseModel):
+    """A persistent space."""
+
+    space_id: str
+    sandbox_id: str | None = None
+    state: str
+    """`running`, `persisted`, `empty` or `lost`."""
+    template: str
+    memory_mib: int
+    created_at_ms: int
+    persisted_at_ms: int | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)

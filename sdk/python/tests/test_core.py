@@ -1,0 +1,69 @@
+"""The shared core, without a daemon: retries, error mapping, event folding."""
+
+from __future__ import annotations
+
+import pytest
+
+from fissile import (
+    AuthenticationError,
+    NotFoundError,
+    RateLimitError,
+    SandboxError,
+)
+from fissile._core import Call, CommandBuilder, ExecutionBuilder, parse_line, retry_delay
+from fissile._errors import FissileError, error_for
+
+
+def test_only_idempotent_calls_are_retried_and_only_for_transient_failures() -> None:
+    get = Call("GET", "/v1/sandboxes", idempotent=True)
+    assert retry_delay(get, 0, None) is not None  # a dropped connection
+    assert retry_delay(get, 0, 503) is not None
+    assert retry_delay(get, 0, 429) is not None
+    assert retry_delay(get, 0, 404) is None
+    assert retry_delay(get, 3, 503) is None  # out of retries
+    assert retry_delay(Call("POST", "/v1/sandboxes"), 0, 503) is None
+
+
+def test_error_bodies_map_to_typed_exceptions_with_the_daemons_message() -> None:
+    body = b'{"error":{"code":"quota_exceeded","message":"tenant t runs 6 sandboxes"}}'
+    e = error_for(429, body)
+    assert isinstance(e, RateLimitError)
+    assert (e.message, e.code, e.status) == ("tenant t runs 6 sandboxes", "quota_exceeded", 429)
+    assert isinstance(error_for(401, b"{}"), AuthenticationError)
+    assert isinstance(error_for(404, b"not json"), NotFoundError)
+    assert isinstance(error_for(502, b""), SandboxError)
+    assert type(error_for(418, b"")) is FissileError
+
+
+def test_events_fold_into_an_execution_and_handlers_fire_in_order() -> None:
+    seen: list[str] = []
+    b = ExecutionBuilder(
+        on_stdout=lambda t: seen.append("out:" + t), on_error=lambda e: seen.append("err:" + e.name)
+    )
+    for line in [
+        '{"type":"stdout","text":"a"}',
+        "",
+        '{"type":"result","data":{"text/plain":"1"},"is_main_result":false}',
+        '{"type":"error","name":"E","value":"v","traceback":["t"]}',
+        '{"type":"result","data":{"text/plain":"2"},"is_main_result":true}',
+        '{"type":"done","execution_count":3,"duration_ms":1.5,"server_ms":2.0,'
+        '"timed_out":false,"state_lost":false}',
+    ]:
+        event = parse_line(line)
+        if event is not None:
+            b.feed(event)
+    ex = b.finish()
+    assert seen == ["out:a", "err:E"]
+    assert ex.text == "2" and ex.execution_count == 3 and len(ex.results) == 2
+    assert ex.error is not None and ex.error.traceback_text == "t"
+
+
+def test_a_stream_that_ends_early_or_fails_raises() -> None:
+    b = ExecutionBuilder()
+    b.feed({"type": "stdout", "text": "x"})
+    with pytest.raises(SandboxError):
+        b.finish()
+    with pytest.raises(SandboxError, match="gone"):
+        CommandBuilder().feed({"type": "failed", "message": "gone"})
+    with pytest.raises(FissileError):
+        parse_line("[1, 2]")
