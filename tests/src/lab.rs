@@ -49,6 +49,7 @@ pub const LAB_BINARIES: &[&str] = &[
     "agent_rtt",
     "lifecycle_bench",
     "soak",
+    "http_bench",
 ];
 
 /// Modules loaded in the lab, in request order; dependencies come from `modules.dep`.
@@ -909,7 +910,8 @@ mod tests {
              kernel/d/virtio_pci.ko: kernel/d/virtio.ko\nkernel/d/virtio.ko:\n\
              kernel/d/virtio_blk.ko: kernel/d/virtio.ko\nkernel/f/ext4.ko:\nkernel/n/vsock.ko:\n\
              kernel/c/crc32c_generic.ko:\nkernel/v/vhost_vsock.ko: kernel/v/vhost.ko kernel/n/vsock.ko\n\
-             kernel/v/vhost.ko:\n",
+             kernel/v/vhost.ko:\nkernel/n/virtio_net.ko: kernel/n/net_failover.ko kernel/d/virtio.ko\n\
+             kernel/n/net_failover.ko:\n",
         )
         .unwrap();
         let order = module_load_order(dir.path()).unwrap();
@@ -922,6 +924,7 @@ mod tests {
         assert!(pos("kvm.ko") < pos("kvm-amd.ko"));
         assert!(pos("virtio.ko") < pos("virtio_pci.ko"));
         assert_eq!(names.iter().filter(|n| **n == "virtio.ko").count(), 1);
+        assert!(pos("net_failover.ko") < pos("virtio_net.ko"));
         assert!(pos("vhost.ko") < pos("vhost_vsock.ko"));
         assert_eq!(names.iter().filter(|n| **n == "vsock.ko").count(), 1);
         let amd = order
