@@ -45,8 +45,11 @@ pub struct Config {
     pub default_idle_timeout: Option<Duration>,
     /// Longest a sandbox may run (`None`: no limit).
     pub max_lifetime: Option<Duration>,
-    /// How long a boot may take.
+    /// How long a boot may take (counted once it may start).
     pub boot_timeout: Duration,
+    /// Most sandboxes booting or restoring at once; later creates queue (so a burst does not
+    /// push every boot past its timeout).
+    pub max_concurrent_starts: usize,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
@@ -139,6 +142,8 @@ pub struct App {
     pub space_claims: Arc<Mutex<()>>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Permits to start a sandbox (see [`Config::max_concurrent_starts`]).
+    pub starts: Arc<tokio::sync::Semaphore>,
 }
 
 /// The snapshotd of `state_dir`: the one an earlier run left (named by `snapshotd.pid`,
@@ -233,6 +238,7 @@ impl App {
     /// running (a `kill -9` of the daemon leaves them running), or starts snapshotd afresh.
     pub fn start(db: Db, config: Config) -> Result<App, ApiError> {
         let (sd, adopted) = start_snapshotd(&config.state_dir)?;
+        let starts = config.max_concurrent_starts.max(1);
         let app = App {
             db: Arc::new(db),
             config: Arc::new(config),
@@ -240,6 +246,7 @@ impl App {
             snapshotd: Arc::new(sd),
             space_claims: Arc::default(),
             metrics: Arc::default(),
+            starts: Arc::new(tokio::sync::Semaphore::new(starts)),
         };
         app.recover(adopted)?;
         Ok(app)
@@ -490,7 +497,10 @@ impl App {
         self.reserve(&record.tenant, std::slice::from_ref(&record))?;
         self.db.put_sandbox(&record)?;
         let cfg = self.sandbox_config(self.dir(&id), record.memory_mib, record.vcpus);
+        // Queued behind other starts; the reservation above already holds the quota.
+        let permit = self.starts.clone().acquire_owned().await;
         let started = blocking(move || {
+            let _permit = permit;
             let r = match &origin {
                 Origin::Boot => Sandbox::boot(&cfg),
                 Origin::Restore(snap) => Sandbox::restore(&cfg, snap),

@@ -56,6 +56,10 @@ enum Cmd {
         /// Longest a sandbox may run (seconds); 0: no limit.
         #[arg(long, default_value_t = 0)]
         max_lifetime_s: u64,
+        /// Most sandboxes booting or restoring at once (later creates queue); default: the
+        /// number of CPUs.
+        #[arg(long)]
+        max_concurrent_starts: Option<usize>,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -134,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             max_file_bytes,
             idle_timeout_s,
             max_lifetime_s,
+            max_concurrent_starts,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -154,6 +159,9 @@ fn main() -> anyhow::Result<()> {
                 default_idle_timeout: secs(idle_timeout_s),
                 max_lifetime: secs(max_lifetime_s),
                 boot_timeout: Duration::from_secs(300),
+                max_concurrent_starts: max_concurrent_starts.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+                }),
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(serve(db, config, listen))?;
