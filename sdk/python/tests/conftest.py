@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 READY_TIMEOUT_S = 1200.0
@@ -93,6 +94,16 @@ def daemon() -> Iterator[Daemon]:
                 key = line.split("=", 1)[1]
             elif line.startswith("READY ") and url and key:
                 break
+        # The first request through the port forward, alone, before any test's burst.
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("fissiled does not answer through the forwarded port")
+            time.sleep(0.5)
         yield Daemon(url, key)
     finally:
         proc.terminate()

@@ -178,8 +178,16 @@ fn main() -> anyhow::Result<()> {
             } else {
                 (format!("0.0.0.0:{lab_port}"), "/tmp/fissiled")
             };
+            // In the lab, one packet from the guest first: QEMU's user networking learns the
+            // guest's address from it, so the first forwarded connections (possibly many at
+            // once) find the guest.
+            let prime = if lab.is_native() {
+                ""
+            } else {
+                "ping -c 1 -W 2 10.0.2.2 >/dev/null 2>&1 || true\n"
+            };
             let script = format!(
-                "set -e\nmkdir -p {state}\n\
+                "set -e\n{prime}mkdir -p {state}\n\
                  KEY=$(fissiled keys create --state-dir {state} --tenant {tenant})\n\
                  echo FISSILE_API_URL=http://127.0.0.1:{port}\n\
                  echo FISSILE_API_KEY=$KEY\n\
