@@ -196,23 +196,3 @@ def test_result_formats() -> None:
     r = Result(data={"text/plain": "x", "image/png": png}, is_main_result=True)
     assert r.formats() == ["text", "png"]
     assert r.png_bytes() == b"\x89PNG"
-
-
-def test_eight_sandboxes_take_twenty_concurrent_cells_each(env: Daemon) -> None:
-    async def main() -> None:
-        boxes = await asyncio.gather(*(AsyncSandbox.create() for _ in range(MAX_SANDBOXES)))
-        try:
-
-            async def cells(sb: AsyncSandbox, k: int) -> list[str | None]:
-                runs = [sb.run_code(f"{k} * 1000 + {i}") for i in range(20)]
-                return [ex.text for ex in await asyncio.gather(*runs)]
-
-            got = await asyncio.gather(*(cells(sb, k) for k, sb in enumerate(boxes)))
-            for k, texts in enumerate(got):
-                assert sorted(texts, key=lambda t: int(t or "0")) == [
-                    str(k * 1000 + i) for i in range(20)
-                ]
-        finally:
-            await asyncio.gather(*(sb.close() for sb in boxes))
-
-    asyncio.run(main())
