@@ -1,0 +1,239 @@
+//! fissiled over HTTP, side by side with its baselines in one run (in the lab: real nested
+//! KVM, ~10-50x real hardware; compare ratios):
+//!
+//! 1. **create → first exec result → delete** over HTTP: a cold boot of the template against
+//!    a create `from_snapshot` of a warmed sandbox (the ready-snapshot path). (A warm pool is
+//!    not built yet.) Target: from warm ≤ 0.1× cold.
+//! 2. **exec `1+1`**, p50 and p99 over HTTP (NDJSON to `done`) against the same sandbox's
+//!    agent over vsock directly. Target: HTTP ≤ 1.3×.
+//! 3. **fork(4)** over HTTP until every child's first exec answered, against the daemon's own
+//!    figure for the VMM-level fork (its children answering), `total_ms`.
+//!
+//! Usage: `http_bench [N]` (N exec samples, default 200; needs KVM; elsewhere
+//! `fissile-lab run -- http_bench`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fissile_agent::AgentClient;
+use fissile_proto::agent::{AGENT_VSOCK_PORT, ExecRequest};
+use serde_json::{Value, json};
+
+struct Daemon {
+    child: Child,
+    base: String,
+    key: String,
+    state: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..600 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(state: &Path) -> anyhow::Result<Daemon> {
+    let bin = fissile_sandbox::paths::find_binary("fissiled")?;
+    let out = Command::new(&bin)
+        .args(["keys", "create", "--tenant", "bench", "--state-dir"])
+        .arg(state)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "keys create failed");
+    let key = String::from_utf8(out.stdout)?.trim().to_string();
+    let mut child = Command::new(&bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let addr = line
+        .strip_prefix("READY ")
+        .context("no readiness line")?
+        .trim()
+        .to_string();
+    Ok(Daemon {
+        child,
+        base: format!("http://{addr}"),
+        key,
+        state: state.to_path_buf(),
+    })
+}
+
+impl Daemon {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let req = ureq::request(method, &format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(900))
+            .set("Authorization", &format!("Bearer {}", self.key));
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        }
+        .with_context(|| format!("{method} {path}"))?;
+        let text = resp.into_string()?;
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
+    }
+
+    /// Runs `code`; its main value (NDJSON read to `done`).
+    fn exec(&self, id: &str, code: &str) -> anyhow::Result<String> {
+        let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", self.base))
+            .timeout(Duration::from_secs(900))
+            .set("Authorization", &format!("Bearer {}", self.key))
+            .send_json(json!({ "code": code }))?;
+        let mut value = String::new();
+        let mut done = false;
+        for line in BufReader::new(resp.into_reader()).lines() {
+            let ev: Value = serde_json::from_str(&line?)?;
+            match ev["type"].as_str() {
+                Some("result") if ev["is_main_result"] == true => {
+                    value = ev["data"]["text/plain"].as_str().unwrap_or("").to_string();
+                }
+                Some("done") => done = true,
+                Some("failed") => bail!("exec failed: {ev}"),
+                _ => {}
+            }
+        }
+        anyhow::ensure!(done, "no done event");
+        Ok(value)
+    }
+
+    fn create(&self, body: Value) -> anyhow::Result<String> {
+        let v = self.call("POST", "/v1/sandboxes", Some(body))?;
+        Ok(v["id"].as_str().context("no id")?.to_string())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
+    let tmp = tempfile::tempdir()?;
+    let d = start(&tmp.path().join("state"))?;
+
+    // 1. create → first result → delete: cold boot vs from a warmed snapshot.
+    let warm = d.create(json!({}))?;
+    d.exec(&warm, "import numpy, pandas\n1")?;
+    let snap = d.call("POST", &format!("/v1/sandboxes/{warm}/snapshot"), None)?["snapshot_id"]
+        .as_str()
+        .context("no snapshot id")?
+        .to_string();
+    d.call("DELETE", &format!("/v1/sandboxes/{warm}"), None)?;
+    let mut cold = Vec::new();
+    let mut restored = Vec::new();
+    for _ in 0..3 {
+        for (body, out) in [
+            (json!({}), &mut cold),
+            (json!({ "from_snapshot": snap }), &mut restored),
+        ] {
+            let t = Instant::now();
+            let id = d.create(body)?;
+            anyhow::ensure!(d.exec(&id, "1+1")? == "2");
+            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+            out.push(ms(t.elapsed()));
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (c, r) = (med(&mut cold), med(&mut restored));
+    println!("create → first result → delete (median of 3)");
+    println!("  cold boot             {c:>10.1} ms   (baseline)");
+    println!(
+        "  from warm snapshot    {r:>10.1} ms   {:.3}× cold   (target ≤ 0.1×)",
+        r / c
+    );
+
+    // 2. exec 1+1: HTTP vs the agent over vsock directly, same sandbox.
+    let id = d.create(json!({}))?;
+    d.exec(&id, "1+1")?;
+    let vsock = d.state.join("sandboxes").join(&id).join("vsock.sock");
+    let mut agent = AgentClient::connect_hybrid_vsock(&vsock, AGENT_VSOCK_PORT)?;
+    let req = ExecRequest {
+        code: "1+1".into(),
+        ..ExecRequest::default()
+    };
+    let (mut http, mut direct) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let t = Instant::now();
+        agent.exec(&req)?;
+        direct.push(ms(t.elapsed()));
+        let t = Instant::now();
+        d.exec(&id, "1+1")?;
+        http.push(ms(t.elapsed()));
+    }
+    http.sort_by(f64::total_cmp);
+    direct.sort_by(f64::total_cmp);
+    println!("exec `1+1` ({n} each, interleaved)");
+    for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let (h, v) = (pct(&http, p), pct(&direct, p));
+        println!(
+            "  {name}: vsock direct {v:>8.2} ms (baseline)   HTTP {h:>8.2} ms   {:.2}×   (target ≤ 1.3×)",
+            h / v
+        );
+    }
+
+    // 3. fork(4) over HTTP until every child answered vs the daemon's VMM-level figure.
+    let t = Instant::now();
+    let fork = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/fork"),
+        Some(json!({ "n": 4 })),
+    )?;
+    let children: Vec<String> = fork["children"]
+        .as_array()
+        .context("no children")?
+        .iter()
+        .map(|c| {
+            c["id"]
+                .as_str()
+                .map(str::to_string)
+                .context("a child failed")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for c in &children {
+        d.exec(c, "1+1")?;
+    }
+    let over_http = ms(t.elapsed());
+    let internal = fork["total_ms"].as_f64().unwrap_or(f64::NAN);
+    println!("fork(4) until every child's first exec answered");
+    println!("  VMM-level fork (daemon's own figure) {internal:>9.1} ms (baseline)");
+    println!(
+        "  over HTTP, with 4 first execs        {over_http:>9.1} ms   {:.2}×",
+        over_http / internal
+    );
+    for c in &children {
+        d.call("DELETE", &format!("/v1/sandboxes/{c}"), None)?;
+    }
+    d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+    Ok(())
+}
