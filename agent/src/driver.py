@@ -28,6 +28,7 @@ def _fissile_main():
     import sys
     import threading
     import time
+    import tokenize
     import traceback
     import types
 
@@ -268,6 +269,53 @@ def show(*args, **kwargs):
     sys.modules["__main__"] = main_mod
     ns = main_mod.__dict__
 
+    # IPython's cell semantics: the last expression statement is displayed unless the cell
+    # ends with ";" (ignoring comments and blank lines); top-level await runs the cell on
+    # one event loop that lives as long as the interpreter (IPython's autoawait).
+    quiet_ignored = (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)
+    compile_flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    co_coroutine = 0x80  # inspect.CO_COROUTINE, without importing inspect up front
+    loop_box = []
+
+    def ends_with_semicolon(code):
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+        except (tokenize.TokenError, SyntaxError):
+            return False
+        for tok in reversed(tokens):
+            if tok.type in quiet_ignored:
+                continue
+            return tok.type == tokenize.OP and tok.string == ";"
+        return False
+
+    def is_async(code_obj):
+        return code_obj is not None and bool(code_obj.co_flags & co_coroutine)
+
+    def run_codes(body, last_code):
+        # Returns the last expression's value. A cell with a top-level await anywhere runs
+        # whole inside the loop (as IPython does), so its synchronous statements see it as
+        # the running loop too.
+        if not (is_async(body) or is_async(last_code)):
+            eval(body, ns)
+            return eval(last_code, ns) if last_code is not None else None
+
+        async def whole_cell():
+            r = eval(body, ns)
+            if is_async(body):
+                await r
+            if last_code is None:
+                return None
+            v = eval(last_code, ns)
+            if is_async(last_code):
+                v = await v
+            return v
+
+        if not loop_box:
+            import asyncio
+
+            loop_box.append(asyncio.new_event_loop())
+        return loop_box[0].run_until_complete(whole_cell())
+
     def run_cell(code, n):
         filename = "<cell-%d>" % n
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
@@ -279,18 +327,22 @@ def show(*args, **kwargs):
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body.pop().value)
+        quiet = last is not None and ends_with_semicolon(code)
         try:
-            body = compile(tree, filename, "exec")
-            last_code = compile(last, filename, "eval") if last is not None else None
+            body = compile(tree, filename, "exec", flags=compile_flags, dont_inherit=True)
+            last_code = (
+                compile(last, filename, "eval", flags=compile_flags, dont_inherit=True)
+                if last is not None
+                else None
+            )
         except (SyntaxError, ValueError) as e:
             report_error(e)
             return
         try:
             state["in_cell"] = True
-            exec(body, ns)
-            value = eval(last_code, ns) if last_code is not None else None
+            value = run_codes(body, last_code)
             state["in_cell"] = False
-            if value is not None:
+            if value is not None and not quiet:
                 builtins._ = value
                 emit({"t": "result", "data": mime_of(value)})
         except BaseException as e:

@@ -189,6 +189,22 @@ fn exec_timeout_interrupts_and_keeps_state() {
 }
 
 #[test]
+fn exec_timeout_interrupts_a_top_level_await_and_the_loop_keeps_working() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    c.exec_code("import asyncio\nkept = 7").unwrap();
+    let out = c
+        .exec(&exec_with_timeout("await asyncio.sleep(60)", 300))
+        .unwrap();
+    assert!(out.done.timed_out);
+    assert!(!out.done.state_lost);
+    assert_eq!(out.error().unwrap().0, "KeyboardInterrupt");
+    let again = c.exec_code("await asyncio.sleep(0.01)\nkept + 1").unwrap();
+    assert!(again.error().is_none(), "{:?}", again.error());
+    assert_eq!(again.result_text(), Some("8"));
+}
+
+#[test]
 fn exec_ignoring_interrupt_restarts_interpreter_and_says_state_was_lost() {
     let agent = TestAgent::start();
     let mut c = agent.client();
