@@ -106,6 +106,22 @@ pub enum SandboxError {
         /// Tail of the guest console.
         console: String,
     },
+    /// The agent did not answer again after a merge, rollback or restore.
+    #[error(
+        "the guest agent did not answer again within {secs} s ({attempts} attempts); last error: {last}; vmm log:\n{vmm_log}\nconsole:\n{console}"
+    )]
+    Reconnect {
+        /// The timeout.
+        secs: u64,
+        /// Connections tried.
+        attempts: u32,
+        /// The last attempt's error.
+        last: String,
+        /// Tail of the VMM's log.
+        vmm_log: String,
+        /// Tail of the guest console.
+        console: String,
+    },
     /// The agent did not answer in time.
     #[error(
         "the guest agent did not answer within {secs} s; last error: {last}; console:\n{console}"
@@ -555,20 +571,75 @@ impl Sandbox {
     }
 
     /// Re-establishes the agent connection after the guest's vsock was reset, and gives the
-    /// agent fresh entropy and the wall clock.
+    /// agent fresh entropy and the wall clock. Each attempt has a short call deadline
+    /// ([`RECONNECT_ATTEMPT`]): a connection the guest accepted but does not answer is
+    /// dropped and a new one tried, up to [`RECONNECT_TIMEOUT`]. A VMM that exited meanwhile
+    /// is reported at once with its log and the guest console.
     pub fn reconnect(&mut self) -> Result<(), SandboxError> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let uds = self.dir.join("vsock.sock");
+        let started = Instant::now();
+        let mut attempts = 0u32;
         loop {
-            match Self::try_connect(&self.dir.join("vsock.sock")) {
+            if let Some(status) = self.exit_status() {
+                return Err(SandboxError::VmmExited {
+                    status,
+                    vmm_log: self.vmm_log_tail(30),
+                    console: self.console_tail(30),
+                });
+            }
+            attempts += 1;
+            match Self::try_reconnect(&uds) {
                 Ok((agent, info)) => {
                     self.agent = agent;
                     self.info = info;
-                    return after_restore(&mut self.agent);
+                    if attempts > 1 {
+                        tracing::info!(attempts, ms = started.elapsed().as_millis() as u64, dir = %self.dir.display(), "agent reconnected");
+                    }
+                    return Ok(());
                 }
-                Err(e) if Instant::now() > deadline => return Err(e.into()),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) if started.elapsed() > RECONNECT_TIMEOUT => {
+                    return Err(SandboxError::Reconnect {
+                        secs: RECONNECT_TIMEOUT.as_secs(),
+                        attempts,
+                        last: error_chain(&e),
+                        vmm_log: self.vmm_log_tail(30),
+                        console: self.console_tail(30),
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(attempts, error = %error_chain(&e), "agent reconnect attempt failed");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
+    }
+
+    /// One reconnect attempt: connect, `Info` and `AfterRestore` within
+    /// [`RECONNECT_ATTEMPT`] each, then the client's usual deadline again.
+    fn try_reconnect(uds: &Path) -> Result<(AgentClient, AgentInfo), SandboxError> {
+        let mut agent = AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)?;
+        let usual = agent.call_timeout();
+        let set = |a: &mut AgentClient, t| {
+            a.set_call_timeout(t).map_err(|e| {
+                SandboxError::Agent(ClientError::Frame(fissile_proto::frame::FrameError::Io(e)))
+            })
+        };
+        set(&mut agent, RECONNECT_ATTEMPT)?;
+        let info = agent.info()?;
+        after_restore(&mut agent)?;
+        set(&mut agent, usual)?;
+        Ok((agent, info))
+    }
+
+    /// The VMM's exit status if it has exited (an adopted VMM's status is not known).
+    fn exit_status(&mut self) -> Option<String> {
+        if let Some(child) = self.proc.as_mut() {
+            return child.try_wait().ok().flatten().map(|s| s.to_string());
+        }
+        self.adopted
+            .as_ref()
+            .filter(|h| h.exited(Duration::ZERO).unwrap_or(false))
+            .map(|_| "adopted; status unknown".to_string())
     }
 
     /// Persists the sandbox: a durable snapshot, then the VMM stops. Returns the snapshot id
@@ -687,6 +758,12 @@ pub struct ForkTimings {
     /// The fork snapshot.
     pub snapshot: SnapshotReply,
 }
+
+/// How long [`Sandbox::reconnect`] keeps trying.
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The call deadline of one reconnect attempt.
+pub const RECONNECT_ATTEMPT: Duration = Duration::from_secs(10);
 
 /// Most bytes [`tail`] reads from the end of a file (a guest writes the console log).
 const TAIL_BYTES: u64 = 64 << 10;
