@@ -52,8 +52,12 @@ pub const MAX_REGIONS: usize = 64;
 pub const MAX_LIST: usize = 2048;
 /// Interval of fault-session heartbeats.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
-/// A client that hears nothing for this long declares the page server gone.
-pub const HEARTBEAT_TIMEOUT_MS: u64 = 2000;
+/// A client that hears nothing for this long declares the page server gone. A daemon that
+/// dies closes the session socket, which the client sees at once; this bound is only for a
+/// daemon that is alive but stuck, so it is generous: a loaded host (or the lab, 10-50x
+/// slower than hardware) can keep the heartbeat thread off a CPU for seconds, and a false
+/// alarm stops a healthy VM.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 15_000;
 
 /// One guest memory region served by a fault session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
