@@ -274,6 +274,14 @@ impl AgentClient {
         self.call_timeout
     }
 
+    /// True when this connection can carry another request: nothing unread is buffered and
+    /// the peer has not closed it (a VMM closes its host-side streams when a restore, merge
+    /// or rollback resets the guest's vsock). For pools of idle connections.
+    pub fn is_idle_and_open(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        self.reader.buffer().is_empty() && crate::sys::socket_idle(self.writer.as_raw_fd())
+    }
+
     /// Sends one request (low level; read its responses with [`Self::recv`]).
     pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
         write_frame(&mut self.writer, AGENT_PROTOCOL_VERSION, req)?;

@@ -27,6 +27,23 @@ fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
 }
 
+/// Whether the stream socket `fd` is open with nothing to read: a non-blocking `MSG_PEEK`
+/// finds no data (`EAGAIN`). False at end of stream, with data pending, or on an error.
+pub(crate) fn socket_idle(fd: RawFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: recv(2) writes at most one byte into `b`, which lives across the call; a bad
+    // `fd` is an error (EBADF), not undefined behaviour.
+    let r = unsafe {
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
 /// Sends `sig` to process `pid` (or to the process group `-pid` when `pid` is negative).
 pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: kill(2) has no memory-safety preconditions.

@@ -205,6 +205,25 @@ fn exec_timeout_interrupts_a_top_level_await_and_the_loop_keeps_working() {
 }
 
 #[test]
+fn a_connection_is_reusable_until_the_agent_closes_it() {
+    let mut agent = TestAgent::start();
+    let mut c = agent.client();
+    assert!(c.is_idle_and_open());
+    assert_eq!(c.exec_code("1+1").unwrap().result_text(), Some("2"));
+    assert!(
+        c.is_idle_and_open(),
+        "a connection is idle after a whole exec"
+    );
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.is_idle_and_open() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!c.is_idle_and_open(), "a closed connection is not reusable");
+}
+
+#[test]
 fn exec_ignoring_interrupt_restarts_interpreter_and_says_state_was_lost() {
     let agent = TestAgent::start();
     let mut c = agent.client();
