@@ -178,6 +178,13 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
     tracing::info!(%listen, "fissiled serving");
     // Readiness line for supervisors and tests.
     println!("READY {}", listener.local_addr()?);
+    // No Nagle: an exec's NDJSON events are small writes, and with Nagle each one after the
+    // first waits for the client's delayed ACK (~40 ms) on a kept-alive connection.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
