@@ -72,8 +72,10 @@ pub struct Live {
     pub record: SandboxRecord,
     /// The sandbox (VMM process, control socket): lifecycle operations lock it.
     pub sandbox: Mutex<Option<Sandbox>>,
-    /// Its hybrid-vsock socket: each exec opens its own agent connection here.
+    /// Its hybrid-vsock socket, where agent connections are opened.
     pub vsock: PathBuf,
+    /// Idle agent connections that execs and commands reuse.
+    pub agents: crate::exec::AgentPool,
     /// Its latest fork.
     pub forks: Mutex<ForkSet>,
     /// Last request that used it (ms since the epoch).
@@ -89,6 +91,7 @@ impl Live {
         Arc::new(Live {
             record,
             vsock: dir.join("vsock.sock"),
+            agents: crate::exec::AgentPool::default(),
             forks: Mutex::default(),
             last_used_ms: AtomicU64::new(now_ms()),
             active: AtomicUsize::new(0),
@@ -118,6 +121,13 @@ impl Live {
 /// A running stream on a sandbox (see [`Live::stream_guard`]).
 #[derive(Debug)]
 pub struct StreamGuard(Arc<Live>);
+
+impl StreamGuard {
+    /// The sandbox the stream runs on.
+    pub fn live(&self) -> &Live {
+        &self.0
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {

@@ -180,6 +180,65 @@ fn timeout_ms(timeout_s: Option<f64>) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// Most idle agent connections kept per sandbox.
+pub const MAX_IDLE_AGENT_CONNECTIONS: usize = 4;
+
+/// A sandbox's idle agent connections. An exec or command takes one (or opens a new one)
+/// and gives it back when its stream ended cleanly, which saves the hybrid-vsock handshake, a
+/// round trip through the guest, on every cell. A connection the VMM closed (a merge or
+/// rollback resets the guest's vsock) is never handed out: each is checked on the way in
+/// and out, and lifecycle switches clear the pool.
+#[derive(Debug, Default)]
+pub struct AgentPool {
+    idle: std::sync::Mutex<Vec<AgentClient>>,
+}
+
+impl AgentPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<AgentClient>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An idle connection that is still open, if the pool has one.
+    pub fn take(&self) -> Option<AgentClient> {
+        let mut idle = self.lock();
+        while let Some(c) = idle.pop() {
+            if c.is_idle_and_open() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Gives back a connection whose last request ended cleanly (dropped if the pool is
+    /// full or the connection is not idle).
+    pub fn put(&self, c: AgentClient) {
+        if !c.is_idle_and_open() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE_AGENT_CONNECTIONS {
+            idle.push(c);
+        }
+    }
+
+    /// Drops every idle connection (after the guest's vsock was reset).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Idle connections now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no connection is idle.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Connects a fresh agent connection (bounded by the client's handshake timeout).
 pub fn connect(vsock: &Path) -> Result<AgentClient, ApiError> {
     AgentClient::connect_hybrid_vsock(vsock, AGENT_VSOCK_PORT).map_err(|e| {
@@ -201,7 +260,6 @@ pub fn stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let t0 = Instant::now();
     tokio::task::spawn_blocking(move || {
-        let _guard = guard;
         let within = fissile_agent::client::exec_deadline(&req);
         let mut gone = false;
         let done = agent.exec_streaming(&req, within, |r| {
@@ -219,6 +277,9 @@ pub fn stream(
             }
         });
         metrics.operation("exec", done.is_ok(), t0);
+        if done.is_ok() {
+            guard.live().agents.put(agent);
+        }
         let last = match done {
             Ok(d) => ExecEvent::Done {
                 execution_count: d.execution_count,
@@ -232,6 +293,7 @@ pub fn stream(
             },
         };
         let _ = tx.blocking_send(last.line());
+        drop(guard);
     });
     ndjson(rx)
 }
@@ -359,7 +421,6 @@ pub fn stream_command(mut agent: AgentClient, req: ShellRequest, guard: StreamGu
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let t0 = Instant::now();
     tokio::task::spawn_blocking(move || {
-        let _guard = guard;
         let within = fissile_agent::client::shell_deadline(&req);
         let mut gone = false;
         let done = agent.shell_streaming(&req, within, |r| {
@@ -376,6 +437,9 @@ pub fn stream_command(mut agent: AgentClient, req: ShellRequest, guard: StreamGu
                 gone = true;
             }
         });
+        if done.is_ok() {
+            guard.live().agents.put(agent);
+        }
         let last = match done {
             Ok(d) => CommandEvent::Exit {
                 exit_code: d.exit_status,
@@ -389,6 +453,7 @@ pub fn stream_command(mut agent: AgentClient, req: ShellRequest, guard: StreamGu
             },
         };
         let _ = tx.blocking_send(last.line());
+        drop(guard);
     });
     ndjson(rx)
 }

@@ -176,6 +176,7 @@ impl App {
                 .ok_or_else(|| ApiError::conflict("the parent stopped"))?
                 .merge_snapshot(&snap.id)
                 .map_err(|e| ApiError::sandbox("merging", &e))?;
+            p.agents.clear();
             forks_guard.merged = true;
             Ok(())
         })
@@ -221,6 +222,7 @@ impl App {
                 .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?
                 .rollback(&s.id)
                 .map_err(|e| ApiError::sandbox("rolling back", &e))?;
+            live.agents.clear();
             Ok(())
         })
         .await

@@ -282,9 +282,14 @@ pub(crate) async fn exec_cell(
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let vsock = live.vsock.clone();
-    let agent = {
-        let vsock = vsock.clone();
-        blocking(move || exec::connect(&vsock)).await?
+    // A pooled connection is taken without a trip to the blocking pool (a non-blocking
+    // check); only opening a new one blocks.
+    let agent = match live.agents.take() {
+        Some(agent) => agent,
+        None => {
+            let vsock = vsock.clone();
+            blocking(move || exec::connect(&vsock)).await?
+        }
     };
     Ok(exec::stream(
         agent,
@@ -308,7 +313,10 @@ pub(crate) async fn run_command(
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let vsock = live.vsock.clone();
-    let agent = blocking(move || exec::connect(&vsock)).await?;
+    let agent = match live.agents.take() {
+        Some(agent) => agent,
+        None => blocking(move || exec::connect(&vsock)).await?,
+    };
     Ok(exec::stream_command(agent, req, live.stream_guard()))
 }
 
