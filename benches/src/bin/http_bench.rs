@@ -27,6 +27,9 @@ struct Daemon {
     base: String,
     key: String,
     state: PathBuf,
+    /// One HTTP client for every request: it keeps its connections alive, as an SDK's
+    /// client does (a fresh `ureq::post` would open a TCP connection per request).
+    http: ureq::Agent,
 }
 
 impl Drop for Daemon {
@@ -71,12 +74,15 @@ fn start(state: &Path) -> anyhow::Result<Daemon> {
         base: format!("http://{addr}"),
         key,
         state: state.to_path_buf(),
+        http: ureq::AgentBuilder::new().build(),
     })
 }
 
 impl Daemon {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let req = ureq::request(method, &format!("{}{path}", self.base))
+        let req = self
+            .http
+            .request(method, &format!("{}{path}", self.base))
             .timeout(Duration::from_secs(900))
             .set("Authorization", &format!("Bearer {}", self.key));
         let resp = match body {
@@ -94,7 +100,9 @@ impl Daemon {
 
     /// Runs `code`; its main value (NDJSON read to `done`).
     fn exec(&self, id: &str, code: &str) -> anyhow::Result<String> {
-        let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", self.base))
+        let resp = self
+            .http
+            .post(&format!("{}/v1/sandboxes/{id}/exec", self.base))
             .timeout(Duration::from_secs(900))
             .set("Authorization", &format!("Bearer {}", self.key))
             .send_json(json!({ "code": code }))?;
