@@ -18,9 +18,10 @@ from .conftest import Daemon
 
 
 class Spans(TracingProcessor):
-    """Keeps the finished `fissile.exec` spans."""
+    """Keeps the data of the finished custom spans named `name`."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "fissile.exec") -> None:
+        self.name = name
         self.spans: list[dict[str, Any]] = []
 
     def on_trace_start(self, trace: Trace) -> None:
@@ -35,7 +36,7 @@ class Spans(TracingProcessor):
     def on_span_end(self, span: Span[Any]) -> None:
         exported = span.export() or {}
         data = exported.get("span_data", {})
-        if data.get("type") == "custom" and data.get("name") == "fissile.exec":
+        if data.get("type") == "custom" and data.get("name") == self.name:
             self.spans.append(data.get("data", {}))
 
     def shutdown(self) -> None:
