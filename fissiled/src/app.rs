@@ -50,6 +50,9 @@ pub struct Config {
     /// Most sandboxes booting or restoring at once; later creates queue (so a burst does not
     /// push every boot past its timeout).
     pub max_concurrent_starts: usize,
+    /// Shapes (memory MiB, vCPUs) that get a template ready snapshot (see
+    /// [`crate::templates`]); empty: every create boots.
+    pub ready_shapes: Vec<(u64, u8)>,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
@@ -154,6 +157,8 @@ pub struct App {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Permits to start a sandbox (see [`Config::max_concurrent_starts`]).
     pub starts: Arc<tokio::sync::Semaphore>,
+    /// Templates' ready snapshots.
+    pub ready: Arc<crate::templates::ReadySnapshots>,
 }
 
 /// The snapshotd of `state_dir`: the one an earlier run left (named by `snapshotd.pid`,
@@ -241,6 +246,8 @@ pub enum Origin {
     Boot,
     /// Restore this snapshot (snapshotd's id).
     Restore(String),
+    /// Restore this template's ready snapshot of this shape; boot if that fails.
+    Ready(String, crate::templates::Shape),
 }
 
 impl App {
@@ -257,6 +264,7 @@ impl App {
             space_claims: Arc::default(),
             metrics: Arc::default(),
             starts: Arc::new(tokio::sync::Semaphore::new(starts)),
+            ready: Arc::default(),
         };
         app.recover(adopted)?;
         Ok(app)
@@ -456,6 +464,20 @@ impl App {
                 spec.template
             )));
         }
+        let origin = match origin {
+            Origin::Boot => {
+                let shape = crate::templates::Shape {
+                    template: spec.template.clone(),
+                    memory_mib: spec.memory_mib,
+                    vcpus: spec.vcpus,
+                };
+                match self.ready_snapshot(&shape) {
+                    Some(snap) => Origin::Ready(snap, shape),
+                    None => Origin::Boot,
+                }
+            }
+            other => other,
+        };
         let id = format!("sb-{}", random_hex(8)?);
         let space = if spec.persistent {
             let space = SpaceRecord {
@@ -509,11 +531,17 @@ impl App {
         let cfg = self.sandbox_config(self.dir(&id), record.memory_mib, record.vcpus);
         // Queued behind other starts; the reservation above already holds the quota.
         let permit = self.starts.clone().acquire_owned().await;
+        let app = self.clone();
         let started = blocking(move || {
             let _permit = permit;
             let r = match &origin {
                 Origin::Boot => Sandbox::boot(&cfg),
                 Origin::Restore(snap) => Sandbox::restore(&cfg, snap),
+                Origin::Ready(snap, shape) => Sandbox::restore(&cfg, snap).or_else(|e| {
+                    app.ready_failed(shape, fissile_proto::error_chain(&e));
+                    let _ = std::fs::remove_dir_all(&cfg.dir);
+                    Sandbox::boot(&cfg)
+                }),
             };
             r.map_err(|e| ApiError::sandbox("starting the sandbox", &e))
         })

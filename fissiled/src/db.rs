@@ -19,6 +19,9 @@ const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes"
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// Space id → [`SpaceRecord`].
 const SPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("spaces");
+/// A template's ready-snapshot key (template, memory, vCPUs, image fingerprint) →
+/// [`ReadyRecord`].
+const READY: TableDefinition<&str, &[u8]> = TableDefinition::new("ready");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +163,17 @@ pub struct SpaceRecord {
 }
 
 /// The metadata store.
+/// A template's ready snapshot: booted once, warmed up, snapshotted durably.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyRecord {
+    /// snapshotd's id of the snapshot.
+    pub snapshot: String,
+    /// When it was made (ms since the epoch).
+    pub created_ms: u64,
+    /// How long the boot, the warm-up and the snapshot took, in ms.
+    pub build_ms: u64,
+}
+
 #[derive(Debug)]
 pub struct Db {
     db: Database,
@@ -204,6 +218,7 @@ impl Db {
         tx.open_table(SANDBOXES).map_err(DbError::Table)?;
         tx.open_table(SNAPSHOTS).map_err(DbError::Table)?;
         tx.open_table(SPACES).map_err(DbError::Table)?;
+        tx.open_table(READY).map_err(DbError::Table)?;
         tx.commit().map_err(DbError::Commit)?;
         Ok(Db { db })
     }
@@ -321,6 +336,16 @@ impl Db {
     /// Removes a space record.
     pub fn remove_space(&self, id: &str) -> Result<(), DbError> {
         self.remove(SPACES, id)
+    }
+
+    /// Records a template's ready snapshot under `key`.
+    pub fn put_ready(&self, key: &str, record: &ReadyRecord) -> Result<(), DbError> {
+        self.put(READY, key, record)
+    }
+
+    /// A template's ready snapshot.
+    pub fn ready(&self, key: &str) -> Result<Option<ReadyRecord>, DbError> {
+        self.get(READY, key)
     }
 
     fn all<T: for<'de> Deserialize<'de>>(

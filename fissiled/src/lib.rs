@@ -26,3 +26,4 @@ pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod spaces;
+pub mod templates;

@@ -60,6 +60,13 @@ enum Cmd {
         /// number of CPUs.
         #[arg(long)]
         max_concurrent_starts: Option<usize>,
+        /// A shape (`MIBxVCPUS`) whose creates restore the template's ready snapshot (booted
+        /// once, warmed up: numpy, pandas, matplotlib imported) instead of booting; repeatable.
+        #[arg(long = "ready-shape", value_parser = fissiled::templates::parse_shape, default_values = ["512x1"])]
+        ready_shapes: Vec<(u64, u8)>,
+        /// No ready snapshots: every create boots the template.
+        #[arg(long)]
+        no_ready_snapshots: bool,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -139,6 +146,8 @@ fn main() -> anyhow::Result<()> {
             idle_timeout_s,
             max_lifetime_s,
             max_concurrent_starts,
+            ready_shapes,
+            no_ready_snapshots,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -162,6 +171,11 @@ fn main() -> anyhow::Result<()> {
                 max_concurrent_starts: max_concurrent_starts.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
                 }),
+                ready_shapes: if no_ready_snapshots {
+                    Vec::new()
+                } else {
+                    ready_shapes
+                },
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(serve(db, config, listen))?;
@@ -172,6 +186,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let app = App::start(db, config).map_err(|e| anyhow::anyhow!(e.message))?;
+    app.warm_templates();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

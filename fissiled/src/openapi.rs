@@ -36,6 +36,7 @@ use crate::{error, exec, files, lifecycle, routes};
         routes::get_space,
         routes::delete_space,
         routes::resume_space,
+        routes::list_templates,
     ),
     components(schemas(
         error::ErrorBody,
@@ -52,6 +53,7 @@ use crate::{error, exec, files, lifecycle, routes};
         (name = "files", description = "Files in a sandbox, streamed both ways"),
         (name = "lifecycle", description = "Fork, merge, snapshot, rollback"),
         (name = "spaces", description = "Persistent spaces"),
+        (name = "templates", description = "Templates and their ready snapshots"),
         (name = "daemon", description = "The daemon itself"),
     )
 )]

@@ -519,6 +519,16 @@ pub(crate) async fn rollback(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+    responses((status = 200, description = "the templates and their ready snapshots", body = Vec<crate::templates::TemplateView>), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn list_templates(
+    State(app): State<App>,
+    Tenant(_tenant): Tenant,
+) -> Json<Vec<crate::templates::TemplateView>> {
+    Json(app.templates())
+}
+
 #[utoipa::path(get, path = "/v1/spaces", tag = "spaces",  
     responses((status = 200, description = "the caller's spaces", body = Vec<SpaceView>), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
@@ -662,6 +672,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/sandboxes/{id}/merge_into/{winner}", post(merge_into))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
         .route("/v1/sandboxes/{id}/rollback/{snapshot}", post(rollback))
+        .route("/v1/templates", get(list_templates))
         .route("/v1/spaces", get(list_spaces))
         .route("/v1/spaces/{id}", get(get_space).delete(delete_space))
         .route("/v1/spaces/{id}/resume", post(resume_space))

@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fissile_tests::guest::{guest_env, run_guest_suite};
 use serde_json::{Value, json};
@@ -62,19 +62,22 @@ impl Drop for Daemon {
     }
 }
 
+/// A daemon on `state` with `extra` flags; without ready snapshots unless `extra` asks for
+/// a `--ready-shape` (each test then boots only the guests it makes).
 fn start(state: &Path, extra: &[&str]) -> Daemon {
     let env = guest_env();
-    let mut child = fissiled()
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+    let mut cmd = fissiled();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state)
         .arg("--kernel")
         .arg(&env.kernel)
         .arg("--rootfs")
         .arg(&env.rootfs)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .args(extra);
+    if !extra.contains(&"--ready-shape") {
+        cmd.arg("--no-ready-snapshots");
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -827,4 +830,90 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
         None,
     );
     assert_eq!(s, 404);
+}
+
+/// The python-datasci template's ready snapshots of one shape, as `GET /v1/templates` says.
+fn ready_status(d: &Daemon, key: &str, memory_mib: u64) -> Value {
+    let (s, v) = call("GET", &format!("{}/v1/templates", d.base), Some(key), None);
+    assert_eq!(s, 200, "{v}");
+    let t = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "python-datasci")
+        .unwrap_or_else(|| panic!("no python-datasci in {v}"));
+    t["ready"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["memory_mib"] == memory_mib)
+        .unwrap_or_else(|| panic!("no {memory_mib} MiB shape in {t}"))["snapshot"]
+        .clone()
+}
+
+/// A template's ready snapshot: made once at daemon start (boot + warm-up), then creates of
+/// that shape restore it with numpy/pandas/matplotlib already imported and nothing of the
+/// warm-up in the REPL's globals; other shapes boot; a restarted daemon reuses the snapshot.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_templates_ready_snapshot_skips_the_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = create_key(&state, "acme");
+    let imported =
+        "import sys\nall(m in sys.modules for m in ('numpy', 'pandas', 'matplotlib.pyplot'))";
+    let first_build_ms;
+    {
+        let d = start(&state, &["--ready-shape", "512x1"]);
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        let ready = loop {
+            let st = ready_status(&d, &key, 512);
+            match st["status"].as_str() {
+                Some("ready") => break st,
+                Some("failed") => panic!("making the ready snapshot failed: {st}"),
+                _ => {
+                    assert!(Instant::now() < deadline, "not ready in time: {st}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        };
+        first_build_ms = ready["build_ms"].as_u64().unwrap();
+        eprintln!("ready snapshot made in {first_build_ms} ms");
+
+        let t = Instant::now();
+        let a = create(&d, &key, "{}");
+        let a_id = a["id"].as_str().unwrap();
+        assert_eq!(value(&d, &key, a_id, imported), "True");
+        eprintln!(
+            "create + first exec from the ready snapshot: {} ms",
+            t.elapsed().as_millis()
+        );
+        assert_eq!(
+            value(
+                &d,
+                &key,
+                a_id,
+                "[n for n in globals() if n.startswith('_fissile')]"
+            ),
+            "[]"
+        );
+        // Two sandboxes from one snapshot do not share their entropy.
+        let b = create(&d, &key, "{}");
+        let b_id = b["id"].as_str().unwrap();
+        let rand = "import os\nos.urandom(16).hex()";
+        assert_ne!(value(&d, &key, a_id, rand), value(&d, &key, b_id, rand));
+        // Not a ready shape: a boot, nothing imported.
+        let c = create(&d, &key, r#"{"memory_mib": 640}"#);
+        let c_id = c["id"].as_str().unwrap();
+        assert_eq!(value(&d, &key, c_id, imported), "False");
+        let shape = ready_status(&d, &key, 512);
+        assert_eq!(shape["status"], "ready");
+    }
+    // A restarted daemon finds the snapshot in its store: no second build.
+    let d = start(&state, &["--ready-shape", "512x1"]);
+    let st = ready_status(&d, &key, 512);
+    assert_eq!(st["status"], "ready", "{st}");
+    assert_eq!(st["build_ms"].as_u64(), Some(first_build_ms));
+    let e = create(&d, &key, "{}");
+    assert_eq!(value(&d, &key, e["id"].as_str().unwrap(), imported), "True");
 }
