@@ -48,7 +48,8 @@ impl Drop for Daemon {
     }
 }
 
-fn start(state: &Path) -> anyhow::Result<Daemon> {
+/// fissiled on `state` with `extra` flags, and a key for tenant `bench`.
+fn start(state: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
     let bin = fissile_sandbox::paths::find_binary("fissiled")?;
     let out = Command::new(&bin)
         .args(["keys", "create", "--tenant", "bench", "--state-dir"])
@@ -59,6 +60,7 @@ fn start(state: &Path) -> anyhow::Result<Daemon> {
     let mut child = Command::new(&bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
@@ -145,7 +147,8 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(200);
     let tmp = tempfile::tempdir()?;
-    let d = start(&tmp.path().join("state"))?;
+    // Without ready snapshots first: every plain create boots (the baseline).
+    let d = start(&tmp.path().join("state"), &["--no-ready-snapshots"])?;
 
     // 1. create → first result → delete: cold boot vs from a warmed snapshot.
     let warm = d.create(json!({}))?;
@@ -243,5 +246,56 @@ fn main() -> anyhow::Result<()> {
         d.call("DELETE", &format!("/v1/sandboxes/{c}"), None)?;
     }
     d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+    let cold_import = {
+        let t = Instant::now();
+        let id = d.create(json!({}))?;
+        d.exec(&id, IMPORTS)?;
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+        ms(t.elapsed())
+    };
+    drop(d);
+
+    // 4. The template's ready snapshot (made at daemon start): plain creates restore it.
+    let d = start(&tmp.path().join("state-ready"), &["--ready-shape", "512x1"])?;
+    let t = Instant::now();
+    let build_ms = loop {
+        let templates = d.call("GET", "/v1/templates", None)?;
+        let snap = &templates[0]["ready"][0]["snapshot"];
+        match snap["status"].as_str() {
+            Some("ready") => break snap["build_ms"].as_f64().unwrap_or(f64::NAN),
+            Some("failed") => bail!("the ready snapshot failed: {snap}"),
+            _ if t.elapsed() > Duration::from_secs(1800) => bail!("not ready: {snap}"),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let mut ready = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let id = d.create(json!({}))?;
+        anyhow::ensure!(d.exec(&id, "1+1")? == "2");
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+        ready.push(ms(t.elapsed()));
+    }
+    let ready_import = {
+        let t = Instant::now();
+        let id = d.create(json!({}))?;
+        d.exec(&id, IMPORTS)?;
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+        ms(t.elapsed())
+    };
+    let r = med(&mut ready);
+    println!("template ready snapshot (made once at daemon start in {build_ms:.0} ms)");
+    println!(
+        "  create → 1+1 → delete, median of 3 {r:>9.1} ms   {:.3}× cold boot   (target ≤ 0.1×)",
+        r / c
+    );
+    println!(
+        "  create → numpy/pandas/pyplot imported → delete: cold {cold_import:.0} ms (baseline), \
+         ready {ready_import:.0} ms   {:.3}×",
+        ready_import / cold_import
+    );
     Ok(())
 }
+
+/// A new user's first cell: the data-science imports.
+const IMPORTS: &str = "import numpy, pandas, matplotlib.pyplot\n1";
