@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from fissile import (
@@ -10,7 +11,14 @@ from fissile import (
     RateLimitError,
     SandboxError,
 )
-from fissile._core import Call, CommandBuilder, ExecutionBuilder, parse_line, retry_delay
+from fissile._core import (
+    Call,
+    CommandBuilder,
+    ExecutionBuilder,
+    parse_line,
+    retry_delay,
+    transport_failure,
+)
 from fissile._errors import FissileError, error_for
 
 
@@ -67,3 +75,10 @@ def test_a_stream_that_ends_early_or_fails_raises() -> None:
         CommandBuilder().feed({"type": "failed", "message": "gone"})
     with pytest.raises(FissileError):
         parse_line("[1, 2]")
+
+
+def test_a_failed_connection_says_what_failed_even_when_httpx_says_nothing() -> None:
+    msg = transport_failure(Call("POST", "/v1/sandboxes/sb-1/exec"), httpx.ReadError(""))
+    assert msg == (
+        "POST /v1/sandboxes/sb-1/exec: the connection to fissiled failed (ReadError: no detail)"
+    )

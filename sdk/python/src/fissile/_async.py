@@ -51,7 +51,7 @@ class _AsyncHttp:
             except httpx.TransportError as e:
                 delay = _core.retry_delay(call, attempt, None)
                 if delay is None:
-                    raise FissileError(f"{call.method} {call.path}: {e}") from e
+                    raise FissileError(_core.transport_failure(call, e)) from e
             else:
                 if resp.status_code < 400:
                     return resp
@@ -75,7 +75,7 @@ class _AsyncHttp:
         except httpx.TimeoutException as e:
             raise TimeoutError(f"{call.method} {call.path}: {e}") from e
         except httpx.TransportError as e:
-            raise FissileError(f"{call.method} {call.path}: {e}") from e
+            raise FissileError(_core.transport_failure(call, e)) from e
 
 
 class AsyncCommands:

@@ -68,6 +68,15 @@ class Call:
     """Read timeout (between bytes of a stream); `None`: the config's request timeout."""
 
 
+def transport_failure(call: Call, e: Exception) -> str:
+    """The message of a failed connection to the daemon (httpx's own can be empty)."""
+    detail = str(e) or "no detail"
+    return (
+        f"{call.method} {call.path}: the connection to fissiled failed "
+        f"({type(e).__name__}: {detail})"
+    )
+
+
 def retry_delay(call: Call, attempt: int, status: int | None) -> float | None:
     """Seconds to wait before retrying `call` after try number `attempt` (0-based) ended in
     `status` (`None`: the connection dropped), or `None` for no retry."""
