@@ -38,6 +38,7 @@ pub struct ExecBody {
     pub code: String,
     /// Time limit in seconds (the cell gets a KeyboardInterrupt; state is kept).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 86400.0)]
     pub timeout_s: Option<f64>,
     /// Environment variables for this cell only.
     #[serde(default)]
@@ -318,6 +319,7 @@ pub struct CommandBody {
     pub cmd: CommandLine,
     /// Working directory (absolute).
     #[serde(default)]
+    #[schema(pattern = "^/")]
     pub cwd: Option<String>,
     /// Environment variables added for the command.
     #[serde(default)]
@@ -327,6 +329,7 @@ pub struct CommandBody {
     pub stdin: Option<String>,
     /// Time limit in seconds (then the command's process group is killed).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 86400.0)]
     pub timeout_s: Option<f64>,
 }
 
@@ -334,9 +337,9 @@ pub struct CommandBody {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum CommandLine {
-    /// `/bin/sh -c <script>`.
+    /// `/bin/sh -c <script>` (not blank).
     Script(String),
-    /// Program and arguments.
+    /// Program and arguments (the program not empty).
     Argv(Vec<String>),
 }
 

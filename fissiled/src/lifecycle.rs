@@ -62,9 +62,15 @@ impl App {
     /// Forks sandbox `id` into `n` children (each its own sandbox, not persistent, with the
     /// parent's labels); the parent keeps running. Quotas count the children.
     pub async fn fork(&self, tenant: &str, id: &str, n: u32) -> Result<ForkView, ApiError> {
-        if n == 0 || n > self.config.max_fork {
+        if n == 0 || n > fissile_proto::control::MAX_FORK_CHILDREN {
             return Err(ApiError::bad_request(format!(
                 "n must be in 1..={}, got {n}",
+                fissile_proto::control::MAX_FORK_CHILDREN
+            )));
+        }
+        if n > self.config.max_fork {
+            return Err(ApiError::quota(format!(
+                "this daemon forks at most {} children at once, asked for {n}",
                 self.config.max_fork
             )));
         }

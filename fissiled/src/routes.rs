@@ -83,14 +83,17 @@ pub struct CreateBody {
     pub template: Option<String>,
     /// Guest memory in MiB (default 512).
     #[serde(default)]
+    #[schema(minimum = 128, maximum = 16384)]
     pub memory_mib: Option<u64>,
     /// vCPUs (default 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 8)]
     pub vcpus: Option<u8>,
-    /// Labels (at most 32, keys and values up to 256 bytes).
+    /// Labels (at most 32, keys of 1-256 bytes, values up to 256 bytes).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
-    /// Environment variables for every cell and command (at most 128).
+    /// Environment variables for every cell and command (at most 128; names of 1-256 bytes
+    /// without `=` or NUL, values up to 32 KiB).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// A persistent space: closing the sandbox persists it instead of discarding it.
@@ -98,6 +101,7 @@ pub struct CreateBody {
     pub persistent: bool,
     /// Seconds without a request after which it is closed (persisted if persistent).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub idle_timeout_s: Option<u64>,
     /// Restore one of the caller's snapshots instead of booting the template.
     #[serde(default)]
@@ -351,7 +355,8 @@ pub(crate) async fn interrupt(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct FileQuery {
-    /// Absolute path in the guest.
+    /// Absolute path in the guest (no NUL, no `..` component).
+    #[param(pattern = "^/")]
     pub path: String,
     /// `DELETE` only: remove a directory and its contents.
     #[serde(default)]
@@ -433,7 +438,8 @@ pub(crate) async fn delete_file(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Absolute directory path in the guest.
+    /// Absolute directory path in the guest (no NUL, no `..` component).
+    #[param(pattern = "^/")]
     pub path: String,
 }
 
@@ -455,7 +461,9 @@ pub(crate) async fn list_files(
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkBody {
-    /// How many children (1 up to the daemon's limit, 32 by default).
+    /// How many children: 1 up to the daemon's limit (`--max-fork`, 32 by default; above it
+    /// the answer is 429), at most 64.
+    #[schema(minimum = 1, maximum = 64)]
     pub n: u64,
 }
 

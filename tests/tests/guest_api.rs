@@ -511,8 +511,8 @@ fn guest_api_fork_merge_snapshot_and_rollback() {
         .to_string();
     exec(&d, &a, &parent, json!({"code": "x = 1"}));
 
-    // Bad fan-outs: each a clear 400.
-    for n in ["0", "5", "1000000", "-1", "\"3\""] {
+    // Bad fan-outs: each a clear 400; above this daemon's --max-fork (4), a quota: 429.
+    for n in ["0", "65", "1000000", "-1", "\"3\""] {
         let (s, v) = call(
             "POST",
             &url(&format!("/v1/sandboxes/{parent}/fork")),
@@ -521,6 +521,13 @@ fn guest_api_fork_merge_snapshot_and_rollback() {
         );
         assert_eq!((s, error_code(&v)), (400, "bad_request"), "n={n}: {v}");
     }
+    let (s, v) = call(
+        "POST",
+        &url(&format!("/v1/sandboxes/{parent}/fork")),
+        Some(&a),
+        Some(r#"{"n":5}"#),
+    );
+    assert_eq!((s, error_code(&v)), (429, "quota_exceeded"), "n=5: {v}");
 
     let (s, v) = call(
         "POST",
