@@ -139,9 +139,11 @@ impl ApiError {
                 K::BadRequest | K::BadFrame => Self::bad_request(message),
                 K::NotFound => Self::not_found(message),
                 K::PermissionDenied => Self::forbidden(message),
-                K::Conflict => Self::conflict(message),
+                // An I/O error in the guest (busy, not a directory, no space, ...) is the
+                // state of the guest, not a failure of the daemon.
+                K::Conflict | K::Io => Self::conflict(message),
                 K::Busy => Self::unavailable(message),
-                K::Unsupported | K::Io | K::Internal => Self::internal(message),
+                K::Unsupported | K::Internal => Self::internal(message),
             },
             C::TooLarge(_) => Self::too_large(message),
             _ => Self::internal(message),
@@ -168,5 +170,14 @@ mod tests {
             serde_json::to_string(&body).unwrap(),
             r#"{"error":{"code":"quota_exceeded","message":"3 sandboxes at most"}}"#
         );
+    }
+
+    #[test]
+    fn a_guest_io_error_is_a_conflict_not_a_daemon_failure() {
+        let e = fissile_agent::ClientError::Failed {
+            kind: fissile_proto::agent::FailureKind::Io,
+            message: "cannot remove /tmp/x: Device or resource busy".into(),
+        };
+        assert_eq!(ApiError::agent("removing", &e).code, "conflict");
     }
 }

@@ -46,6 +46,11 @@ pub fn guest_path(path: &str) -> Result<String, ApiError> {
     Ok(path.to_string())
 }
 
+/// True for `/` however it is spelled (`//`, `/./`, ...).
+pub fn is_root(path: &str) -> bool {
+    path.split('/').all(|c| c.is_empty() || c == ".")
+}
+
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EntryView {
@@ -116,8 +121,13 @@ pub async fn list(vsock: PathBuf, path: String) -> Result<ListView, ApiError> {
     .await
 }
 
-/// Removes `path` (a directory only with `recursive`).
+/// Removes `path` (a directory only with `recursive`); never the guest's root.
 pub async fn remove(vsock: PathBuf, path: String, recursive: bool) -> Result<(), ApiError> {
+    if is_root(&path) {
+        return Err(ApiError::bad_request(
+            "refusing to remove / (the guest's root): name what to remove under it",
+        ));
+    }
     blocking(move || {
         connect(&vsock)?
             .remove(&path, recursive)
@@ -344,6 +354,12 @@ mod tests {
 
     #[test]
     fn guest_paths_must_be_absolute_without_dotdot_or_nul() {
+        for root in ["/", "//", "/./", "/.//."] {
+            assert!(is_root(root), "{root}");
+        }
+        for not_root in ["/tmp", "/./tmp", "/.x"] {
+            assert!(!is_root(not_root), "{not_root}");
+        }
         assert_eq!(guest_path("/tmp/a.txt").unwrap(), "/tmp/a.txt");
         assert_eq!(guest_path("/tmp/..data/x").unwrap(), "/tmp/..data/x");
         for bad in ["tmp/a", "/tmp/../etc/passwd", "/a\0b", "", "/.."] {

@@ -26,7 +26,7 @@ pub const MAX_JSON_BODY: usize = 2 << 20;
 
 /// A JSON body whose rejections (malformed JSON, wrong types, unknown fields, too large)
 /// are [`ApiError`]s in the one error shape. Any content type is read as JSON (so `curl -d`
-/// works), and an empty body is `{}`.
+/// works), and an empty body (or `null`) is `{}`.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -43,7 +43,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
             }
             Err(e) => return Err(ApiError::bad_request(e.body_text())),
         };
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        // An empty body, or a JSON `null`, is `{}` (every field at its default).
+        let trimmed = bytes.trim_ascii();
+        let text: &[u8] = if trimmed.is_empty() || trimmed == b"null" {
             b"{}"
         } else {
             &bytes
@@ -194,7 +196,7 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
     })
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateBody, 
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body(content = Option<CreateBody>, description = "optional: an empty body is `{}` (every default)"), 
     responses((status = 201, description = "created and running", body = SandboxView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such template or snapshot", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 pub(crate) async fn create(
