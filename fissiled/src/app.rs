@@ -3,9 +3,9 @@
 //! Handlers only parse, authorize and call [`App`]; every blocking `fissile-sandbox` call
 //! runs on tokio's blocking pool, so no request stalls another. Each running sandbox is a
 //! [`Live`] entry: its `Sandbox` (the VMM process and its control socket) behind a mutex for
-//! lifecycle operations (snapshot, fork, merge, rollback, close), and its vsock path, from
-//! which every exec, command and file transfer opens its own agent connection, so they never
-//! wait for a lifecycle lock.
+//! lifecycle operations (snapshot, fork, merge, rollback, close), its vsock path and a pool
+//! of idle agent connections: every exec, command and file transfer has an agent connection
+//! of its own (pooled or new), so they never wait for a lifecycle lock.
 //!
 //! Lifecycle operations of one sandbox are serialized by its mutex here and, below, by its
 //! VMM's request queue; the registry (`live`) is locked only for lookups and reservations,

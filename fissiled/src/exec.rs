@@ -195,15 +195,19 @@ pub struct AgentPool {
 }
 
 impl AgentPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<AgentClient>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// A pooled connection, or a new one to `vsock`. Taking from the pool needs no trip to
+    /// the blocking pool (a non-blocking check); only opening a new connection blocks.
+    pub async fn checkout(&self, vsock: &Path) -> Result<AgentClient, ApiError> {
+        if let Some(agent) = self.take() {
+            return Ok(agent);
+        }
+        let vsock = vsock.to_path_buf();
+        crate::app::blocking(move || connect(&vsock)).await
     }
 
     /// An idle connection that is still open, if the pool has one.
-    pub fn take(&self) -> Option<AgentClient> {
-        let mut idle = self.lock();
+    fn take(&self) -> Option<AgentClient> {
+        let mut idle = crate::app::lock(&self.idle);
         while let Some(c) = idle.pop() {
             if c.is_idle_and_open() {
                 return Some(c);
@@ -218,7 +222,7 @@ impl AgentPool {
         if !c.is_idle_and_open() {
             return;
         }
-        let mut idle = self.lock();
+        let mut idle = crate::app::lock(&self.idle);
         if idle.len() < MAX_IDLE_AGENT_CONNECTIONS {
             idle.push(c);
         }
@@ -226,17 +230,7 @@ impl AgentPool {
 
     /// Drops every idle connection (after the guest's vsock was reset).
     pub fn clear(&self) {
-        self.lock().clear();
-    }
-
-    /// Idle connections now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// True when no connection is idle.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        crate::app::lock(&self.idle).clear();
     }
 }
 

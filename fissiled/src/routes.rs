@@ -288,15 +288,7 @@ pub(crate) async fn exec_cell(
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let vsock = live.vsock.clone();
-    // A pooled connection is taken without a trip to the blocking pool (a non-blocking
-    // check); only opening a new one blocks.
-    let agent = match live.agents.take() {
-        Some(agent) => agent,
-        None => {
-            let vsock = vsock.clone();
-            blocking(move || exec::connect(&vsock)).await?
-        }
-    };
+    let agent = live.agents.checkout(&vsock).await?;
     Ok(exec::stream(
         agent,
         vsock,
@@ -318,11 +310,7 @@ pub(crate) async fn run_command(
     let mut req = exec::command_request(body)?;
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
-    let vsock = live.vsock.clone();
-    let agent = match live.agents.take() {
-        Some(agent) => agent,
-        None => blocking(move || exec::connect(&vsock)).await?,
-    };
+    let agent = live.agents.checkout(&live.vsock).await?;
     Ok(exec::stream_command(agent, req, live.stream_guard()))
 }
 
