@@ -125,6 +125,16 @@ impl Daemon {
         Ok(value)
     }
 
+    /// Creates a sandbox from `body`, runs `code`, deletes it; the time it all took (ms)
+    /// and the cell's value.
+    fn create_exec_delete(&self, body: Value, code: &str) -> anyhow::Result<(f64, String)> {
+        let t = Instant::now();
+        let id = self.create(body)?;
+        let value = self.exec(&id, code)?;
+        self.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+        Ok((ms(t.elapsed()), value))
+    }
+
     fn create(&self, body: Value) -> anyhow::Result<String> {
         let v = self.call("POST", "/v1/sandboxes", Some(body))?;
         Ok(v["id"].as_str().context("no id")?.to_string())
@@ -165,11 +175,9 @@ fn main() -> anyhow::Result<()> {
             (json!({}), &mut cold),
             (json!({ "from_snapshot": snap }), &mut restored),
         ] {
-            let t = Instant::now();
-            let id = d.create(body)?;
-            anyhow::ensure!(d.exec(&id, "1+1")? == "2");
-            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
-            out.push(ms(t.elapsed()));
+            let (took, value) = d.create_exec_delete(body, "1+1")?;
+            anyhow::ensure!(value == "2");
+            out.push(took);
         }
     }
     let med = |v: &mut Vec<f64>| {
@@ -246,13 +254,7 @@ fn main() -> anyhow::Result<()> {
         d.call("DELETE", &format!("/v1/sandboxes/{c}"), None)?;
     }
     d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
-    let cold_import = {
-        let t = Instant::now();
-        let id = d.create(json!({}))?;
-        d.exec(&id, IMPORTS)?;
-        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
-        ms(t.elapsed())
-    };
+    let (cold_import, _) = d.create_exec_delete(json!({}), IMPORTS)?;
     drop(d);
 
     // 4. The template's ready snapshot (made at daemon start): plain creates restore it.
@@ -270,19 +272,11 @@ fn main() -> anyhow::Result<()> {
     };
     let mut ready = Vec::new();
     for _ in 0..3 {
-        let t = Instant::now();
-        let id = d.create(json!({}))?;
-        anyhow::ensure!(d.exec(&id, "1+1")? == "2");
-        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
-        ready.push(ms(t.elapsed()));
+        let (took, value) = d.create_exec_delete(json!({}), "1+1")?;
+        anyhow::ensure!(value == "2");
+        ready.push(took);
     }
-    let ready_import = {
-        let t = Instant::now();
-        let id = d.create(json!({}))?;
-        d.exec(&id, IMPORTS)?;
-        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
-        ms(t.elapsed())
-    };
+    let (ready_import, _) = d.create_exec_delete(json!({}), IMPORTS)?;
     let r = med(&mut ready);
     println!("template ready snapshot (made once at daemon start in {build_ms:.0} ms)");
     println!(
