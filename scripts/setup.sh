@@ -87,6 +87,38 @@ fissile_setup() {
 
 step() { printf '\n==> [%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
+# Starts fissiled with `fissile-lab serve` (in the lab on a KVM-PVM host) on a free loopback
+# port for tenant $1 (the rest: fissiled flags), waits (bounded) for it and exports
+# FISSILE_API_URL and FISSILE_API_KEY. `lab_daemon_stop` stops it (call it from an EXIT trap).
+lab_daemon_start() {
+  local tenant=$1 port extra=()
+  shift
+  (($#)) && extra=(-- "$@")
+  port=$("$FISSILE_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  lab_daemon_log=$(mktemp)
+  step "starting fissiled on 127.0.0.1:$port (fissile-lab serve; in the lab on a KVM-PVM host)"
+  "$CARGO_TARGET_DIR/release/fissile-lab" serve --port "$port" --tenant "$tenant" --timeout 3600 \
+    "${extra[@]}" >"$lab_daemon_log" &
+  lab_daemon_pid=$!
+  for _ in $(seq 1 1200); do
+    grep -q '^READY ' "$lab_daemon_log" && break
+    kill -0 "$lab_daemon_pid" 2>/dev/null || { cat "$lab_daemon_log"; echo "fissiled did not start" >&2; return 1; }
+    sleep 1
+  done
+  grep -q '^READY ' "$lab_daemon_log" || { cat "$lab_daemon_log"; echo "fissiled not ready after 20 min" >&2; return 1; }
+  FISSILE_API_URL=$(sed -n 's/^FISSILE_API_URL=//p' "$lab_daemon_log")
+  FISSILE_API_KEY=$(sed -n 's/^FISSILE_API_KEY=//p' "$lab_daemon_log")
+  export FISSILE_API_URL FISSILE_API_KEY
+}
+
+lab_daemon_stop() {
+  if [[ -n "${lab_daemon_pid:-}" ]]; then
+    kill "$lab_daemon_pid" 2>/dev/null || true
+    wait "$lab_daemon_pid" 2>/dev/null || true
+  fi
+  rm -f "${lab_daemon_log:-}"
+}
+
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   # Run, not sourced.
   set -euo pipefail
