@@ -105,20 +105,8 @@ class FissileSandboxSessionState(SandboxSessionState):
     """The live sandbox (`None` once deleted, or before a resumed session started one)."""
     space_id: str | None = None
     """Its persistent space, if persistent."""
-    template: str = DEFAULT_TEMPLATE
-    """Guest template."""
-    memory_mib: int | None = None
-    """Guest memory in MiB."""
-    vcpus: int | None = None
-    """vCPUs."""
-    persistent: bool = False
-    """New sandboxes of this session are persistent spaces."""
-    idle_timeout: int | None = None
-    """Idle timeout of new sandboxes, in seconds."""
-    metadata: dict[str, str] = Field(default_factory=dict)
-    """Labels of new sandboxes."""
-    envs: dict[str, str] = Field(default_factory=dict)
-    """Environment of new sandboxes (before the manifest's)."""
+    options: FissileSandboxClientOptions = Field(default_factory=FissileSandboxClientOptions)
+    """How new sandboxes of this session are made (the create's options)."""
 
 
 @dataclass(frozen=True)
@@ -424,13 +412,7 @@ class FissileSandboxClient(BaseSandboxClient[FissileSandboxClientOptions | None]
             session_id=session_id,
             manifest=manifest,
             snapshot=resolve_snapshot(snapshot, str(session_id)),
-            template=options.template,
-            memory_mib=options.memory_mib,
-            vcpus=options.vcpus,
-            persistent=options.persistent,
-            idle_timeout=options.idle_timeout,
-            metadata=dict(options.metadata),
-            envs=dict(options.envs),
+            options=options,
         )
         sandbox = await _create_sandbox(state, api_key=self.api_key, base_url=self.base_url)
         return self._wrap(state, sandbox)
@@ -512,14 +494,15 @@ async def _create_sandbox(
 ) -> AsyncSandbox:
     """A new sandbox as `state` describes it (its environment plus the manifest's), recorded
     in `state` as the session's sandbox."""
-    envs = {**state.envs, **await state.manifest.environment.resolve()}
+    options = state.options
+    envs = {**options.envs, **await state.manifest.environment.resolve()}
     sandbox = await AsyncSandbox.create(
-        state.template,
-        persistent=state.persistent,
-        memory_mib=state.memory_mib,
-        vcpus=state.vcpus,
-        idle_timeout=state.idle_timeout,
-        metadata=state.metadata,
+        options.template,
+        persistent=options.persistent,
+        memory_mib=options.memory_mib,
+        vcpus=options.vcpus,
+        idle_timeout=options.idle_timeout,
+        metadata=options.metadata,
         envs=envs,
         from_snapshot=from_snapshot,
         api_key=api_key,
