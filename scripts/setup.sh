@@ -119,6 +119,32 @@ lab_daemon_stop() {
   rm -f "${lab_daemon_log:-}"
 }
 
+# Waits (up to 30 min) for the python-datasci template's ready snapshot of the daemon
+# lab_daemon_start started, so what follows measures warm creates.
+lab_daemon_wait_ready() {
+  step "waiting for the python-datasci template's ready snapshot (made once per daemon: a boot, then numpy, pandas and matplotlib imported; every sandbox after it starts warm)"
+  "$FISSILE_PYTHON" - <<'PY'
+import os, sys, time
+import httpx
+url, key = os.environ["FISSILE_API_URL"], os.environ["FISSILE_API_KEY"]
+deadline = time.monotonic() + 1800
+while True:
+    r = httpx.get(f"{url}/v1/templates", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    r.raise_for_status()
+    snap = r.json()[0]["ready"][0]["snapshot"] or {}
+    if snap.get("status") == "ready":
+        print(f"ready (made in {snap['build_ms'] / 1000:.1f} s)")
+        break
+    if snap.get("status") == "failed":
+        print(f"the ready snapshot failed ({snap.get('message')}); sandboxes will boot", file=sys.stderr)
+        break
+    if time.monotonic() > deadline:
+        print("the ready snapshot is not ready after 30 min; sandboxes will boot", file=sys.stderr)
+        break
+    time.sleep(1)
+PY
+}
+
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   # Run, not sourced.
   set -euo pipefail
