@@ -35,6 +35,26 @@ use crate::sys::Mapping;
 /// Called once, on the session's watchdog thread, with the reason the page server failed.
 pub type FailureCallback = Box<dyn Fn(&str) + Send>;
 
+/// What a fault session's watchdog thread runs besides watching.
+#[derive(Default)]
+pub struct SessionHooks {
+    /// Runs first on the watchdog thread, before it reads anything from the daemon (the VMM
+    /// installs the thread's seccomp filter here).
+    pub thread_start: Option<fn()>,
+    /// Runs once, on the watchdog thread, when the page server fails or goes silent for
+    /// [`HEARTBEAT_TIMEOUT_MS`].
+    pub on_failure: Option<FailureCallback>,
+}
+
+impl std::fmt::Debug for SessionHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHooks")
+            .field("thread_start", &self.thread_start.is_some())
+            .field("on_failure", &self.on_failure.is_some())
+            .finish()
+    }
+}
+
 /// How long a request may take (a create of a large image reads all of it).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -376,13 +396,12 @@ impl Client {
     }
 
     /// Hands `uffd` and its regions to the daemon; this connection becomes the fault
-    /// session. `on_failure` runs (once, on the watchdog thread) when the page server fails
-    /// or goes silent for [`HEARTBEAT_TIMEOUT_MS`].
+    /// session, watched by a thread that runs `hooks`.
     pub fn serve_faults(
         mut self,
         uffd: &dyn AsFd,
         regions: Vec<Region>,
-        on_failure: Option<FailureCallback>,
+        hooks: SessionHooks,
     ) -> Result<FaultSession, ClientError> {
         match self.call(&Request::ServeFaults { regions }, Some(uffd))? {
             Response::FaultSessionStarted => {}
@@ -401,7 +420,12 @@ impl Client {
         let mut conn = self.conn;
         let thread = std::thread::Builder::new()
             .name("snapshotd-watchdog".into())
-            .spawn(move || watchdog(&mut conn, &s2, on_failure))
+            .spawn(move || {
+                if let Some(start) = hooks.thread_start {
+                    start();
+                }
+                watchdog(&mut conn, &s2, hooks.on_failure)
+            })
             .map_err(|e| ClientError::Sys("spawn watchdog", e))?;
         Ok(FaultSession {
             shared,
@@ -540,7 +564,11 @@ impl LazyMemory {
             snapshot: snapshot.to_string(),
             offset: 0,
         }];
-        let session = client.serve_faults(&uffd, regions, on_failure)?;
+        let hooks = SessionHooks {
+            thread_start: None,
+            on_failure,
+        };
+        let session = client.serve_faults(&uffd, regions, hooks)?;
         Ok(LazyMemory {
             session,
             uffd,

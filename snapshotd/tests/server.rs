@@ -385,7 +385,7 @@ fn garbage_messages_do_not_crash_the_daemon() {
             snapshot: id.clone(),
             offset: 0,
         }],
-        None,
+        fissile_snapshotd::client::SessionHooks::default(),
     );
     if let Ok(session) = bogus {
         // The daemon either refuses at once or ends the session with a failure.
@@ -401,7 +401,7 @@ fn garbage_messages_do_not_crash_the_daemon() {
             snapshot: id.clone(),
             offset: 0,
         }],
-        None,
+        fissile_snapshotd::client::SessionHooks::default(),
     );
     assert!(err.is_err());
     ping_ok(&d);

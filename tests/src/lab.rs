@@ -31,12 +31,23 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The lab kernel's command line, plus `FISSILE_LAB_APPEND` (e.g. `audit=1`, so seccomp's
+/// `log` mode reports to the lab's `dmesg`).
+fn lab_cmdline() -> String {
+    let mut cmdline = String::from("console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init");
+    if let Some(extra) = std::env::var_os("FISSILE_LAB_APPEND") {
+        cmdline.push(' ');
+        cmdline.push_str(&extra.to_string_lossy());
+    }
+    cmdline
+}
+
 /// Marker printed right before the command runs.
 const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
 const EXIT: &str = "@@FISSILE-LAB-EXIT";
 /// Bumped whenever the initramfs layout or init script changes.
-const INITRAMFS_FORMAT: u32 = 7;
+const INITRAMFS_FORMAT: u32 = 8;
 
 /// Our binaries copied into the lab (those that exist are taken).
 pub const LAB_BINARIES: &[&str] = &[
@@ -366,10 +377,8 @@ impl Lab {
             .arg(&self.lab_kernel)
             .arg("-initrd")
             .arg(&self.initramfs)
-            .args([
-                "-append",
-                "console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init",
-            ])
+            .arg("-append")
+            .arg(lab_cmdline())
             .arg("-drive")
             .arg(format!(
                 "file={},format=raw,if=virtio,readonly=on,cache=unsafe",
@@ -522,6 +531,8 @@ mkdir -p /dev/pts /dev/shm /tmp /lab /lib64
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmp /tmp
 mount -t tmpfs shm /dev/shm
+# cgroup v2, as on a Fissile host: every VMM gets a cgroup of its own (fissile-sandbox limits).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo 'lab: cannot mount cgroup2'
 dmesg -n 1
 # Loopback, for daemons and clients inside the lab (fissiled's API tests).
 ip link set lo up || ifconfig lo 127.0.0.1 up

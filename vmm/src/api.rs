@@ -167,6 +167,8 @@ impl Drop for ClientSlot {
 }
 
 fn accept_loop(socket: &BoundSocket, epoll: &Epoll, stop: &EventFd, vmm: &Ops, limits: Limits) {
+    // Client threads start from this one and inherit its filter.
+    crate::seccomp::enter(crate::seccomp::ThreadClass::Api);
     let clients = Arc::new(AtomicUsize::new(0));
     let mut events = vec![EpollEvent::default(); 4];
     loop {

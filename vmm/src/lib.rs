@@ -16,6 +16,7 @@
 //!   actor, the one thread that owns the VM's mutable state and runs operations in order.
 //! - [`lifecycle`]: the operations the actor runs: snapshot, fork, persist, merge, rollback.
 //! - [`api`]: the JSON-lines control socket (parses, dispatches to a `VmmHandle`, answers).
+//! - [`seccomp`]: the seccomp filter each thread class installs first (`seccomp/x86_64.json`).
 //!
 //! Arrows run one way: `main` → `api` ← `vmm` → `lifecycle` → `snapshot`/`config` →
 //! `vstate`/`devices` → `memory`/`arch` (`vmm` implements the `api` trait).
@@ -30,6 +31,7 @@ pub mod host;
 pub mod lifecycle;
 pub mod memory;
 pub mod restore;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

@@ -2,7 +2,8 @@
 //! snapshot in snapshotd (`--restore ID --snapshotd SOCK`), and runs it until the guest
 //! resets or powers off (exit 0), the control socket asks for shutdown (exit 0), or
 //! something fails (exit 1 with the reason). Host problems (no KVM, KVM-PVM) exit 3; a bad
-//! configuration exits 2; a page server that dies under a restored VM exits 4.
+//! configuration exits 2; a page server that dies under a restored VM exits 4; a syscall
+//! outside a thread's seccomp filter exits 5 (`fissile_vmm::seccomp`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use fissile_vmm::api::ApiServer;
+use fissile_vmm::seccomp::{self, ThreadClass};
 use fissile_vmm::{RestoreConfig, VmConfig, VmmBuilder, host, restore};
 
 /// Exit status for "this host cannot run the VM".
@@ -84,6 +86,15 @@ struct Args {
     /// With --restore: stay paused (resume through the control socket).
     #[arg(long)]
     start_paused: bool,
+    /// Seccomp filters per thread: `trap` (a syscall outside a thread's list stops the VMM
+    /// with the syscall in its log, exit 5), `log` (the kernel logs it and lets it run: for
+    /// finding what a new code path needs), `off`.
+    #[arg(long, value_enum, default_value = "trap", env = "FISSILE_VMM_SECCOMP")]
+    seccomp: seccomp::Mode,
+    /// Check the filters and exit: install CLASS's filter (in the --seccomp mode), spawn a
+    /// thread, then make a syscall no filter allows (execve); exit 5 if it stopped the VMM.
+    #[arg(long, value_enum, value_name = "CLASS", hide = true)]
+    seccomp_selftest: Option<ThreadClass>,
 }
 
 fn main() -> ExitCode {
@@ -96,6 +107,13 @@ fn main() -> ExitCode {
         .init();
     let raw_args: Vec<String> = std::env::args().skip(1).collect();
     let args = Args::parse();
+    if let Err(e) = seccomp::init(args.seccomp) {
+        eprintln!("fissile-vmm: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(class) = args.seccomp_selftest {
+        return seccomp_selftest(class);
+    }
 
     if !args.force
         && let Err(e) = host::check_kvm(&raw_args)
@@ -153,6 +171,7 @@ fn main() -> ExitCode {
         ms = process_uptime_ms(),
         "VM built and vCPUs running (time since process start)"
     );
+    seccomp::enter(ThreadClass::Main);
     let exit = vmm.wait();
     if let Some(api) = api {
         api.stop();
@@ -163,6 +182,35 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `--seccomp-selftest`: what the filters allow still works (stderr, a thread through the
+/// clone3 → clone fallback), and what none allows stops the process.
+fn seccomp_selftest(class: ThreadClass) -> ExitCode {
+    // As in a real run, a thread has started before any filter (glibc installs its SIGCANCEL
+    // handler at the first pthread_create, and no filter allows rt_sigaction).
+    let _ = std::thread::spawn(|| ()).join();
+    seccomp::enter(class);
+    eprintln!("fissile-vmm: {} filter installed", class.name());
+    if matches!(class, ThreadClass::Vmm | ThreadClass::Api) {
+        match std::thread::Builder::new().spawn(|| 42).map(|t| t.join()) {
+            Ok(Ok(42)) => eprintln!("fissile-vmm: a thread started and joined"),
+            other => {
+                eprintln!("fissile-vmm: could not start a thread: {other:?}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let path = c"/nonexistent-fissile-selftest";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    // SAFETY: execve with a NUL-terminated path and argv; envp may be null on Linux. The path
+    // does not exist, so an allowed execve fails with ENOENT and returns.
+    let rc = unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), std::ptr::null()) };
+    eprintln!(
+        "fissile-vmm: execve was not stopped (returned {rc}: {})",
+        std::io::Error::last_os_error()
+    );
+    ExitCode::SUCCESS
 }
 
 /// Milliseconds since this process started (from /proc/self/stat and the boot clock).

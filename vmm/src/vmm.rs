@@ -424,6 +424,7 @@ fn pause_failure(e: PauseError) -> OpFailure {
 /// The actor: runs every queued request against `core`, one at a time, until
 /// [`Request::Stop`].
 fn run_actor(mut core: VmCore, rx: Receiver<Request>, shared: Arc<Shared>) {
+    crate::seccomp::enter(crate::seccomp::ThreadClass::Vmm);
     shared.publish(&core, None);
     while let Ok(req) = rx.recv() {
         if matches!(req, Request::Stop) {

@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use fissile_proto::snapshotd::Region;
-use fissile_snapshotd::client::{self as sd, Client, ClientError, OpenedImage};
+use fissile_snapshotd::client::{self as sd, Client, ClientError, OpenedImage, SessionHooks};
 
 use crate::memory::{GuestRam, ImageFaults, MemoryError};
+use crate::seccomp::{self, ThreadClass};
 
 /// Mapping a snapshot image as guest RAM failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +71,13 @@ pub(crate) fn attach(
             });
         }
         let session = Client::connect(socket)
-            .and_then(|c| c.serve_faults(&uffd, regions, Some(Box::new(page_server_failed))))
+            .and_then(|c| {
+                let hooks = SessionHooks {
+                    thread_start: Some(|| seccomp::enter(ThreadClass::Watchdog)),
+                    on_failure: Some(Box::new(page_server_failed)),
+                };
+                c.serve_faults(&uffd, regions, hooks)
+            })
             .map_err(ImageError::Faults)?;
         Some(ImageFaults { session, uffd })
     };

@@ -464,6 +464,7 @@ impl Drop for Registration<'_> {
 }
 
 fn run_vcpu(id: usize, shared: &SharedVcpu, control: &RunControl, bus: &DeviceManager) {
+    crate::seccomp::enter(crate::seccomp::ThreadClass::Vcpu);
     // The kvm_run page lives as long as the VcpuFd, which outlives this thread.
     KVM_RUN_PTR.with(|p| p.set(lock_vcpu(shared).get_kvm_run() as *mut kvm_run));
     control.register(id);

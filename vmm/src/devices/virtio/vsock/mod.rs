@@ -96,6 +96,7 @@ fn event_loop(
     stop: &EventFd,
     stopping: &AtomicBool,
 ) {
+    crate::seccomp::enter(crate::seccomp::ThreadClass::Vsock);
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         // A timeout, so housekeeping (a transport-reset wait) runs without guest activity.
