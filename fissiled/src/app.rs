@@ -53,6 +53,8 @@ pub struct Config {
     /// Shapes (memory MiB, vCPUs) that get a template ready snapshot (see
     /// [`crate::templates`]); empty: every create boots.
     pub ready_shapes: Vec<(u64, u8)>,
+    /// What every VMM runs under (its own cgroup, rlimits).
+    pub vmm_limits: fissile_sandbox::VmmLimits,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
@@ -375,6 +377,7 @@ impl App {
             boot_timeout: self.config.boot_timeout,
             cmdline_extra: String::new(),
             snapshotd: Some(self.snapshotd.socket().to_path_buf()),
+            limits: self.config.vmm_limits.clone(),
         }
     }
 

@@ -67,6 +67,11 @@ enum Cmd {
         /// No ready snapshots: every create boots the template.
         #[arg(long)]
         no_ready_snapshots: bool,
+        /// The cgroup v2 directory under which every VMM gets its own cgroup (memory.max =
+        /// guest RAM + overhead, pids.max, cpu.max); `none`: no cgroups. Default:
+        /// /sys/fs/cgroup/fissile when run as root on a cgroup v2 host.
+        #[arg(long, env = "FISSILE_CGROUP_PARENT")]
+        cgroup_parent: Option<String>,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -148,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             max_concurrent_starts,
             ready_shapes,
             no_ready_snapshots,
+            cgroup_parent,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -156,7 +162,15 @@ fn main() -> anyhow::Result<()> {
             );
             let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
             let db = open_db(&state_dir)?;
+            // from_env reads FISSILE_CGROUP_PARENT, which clap has folded into the flag.
+            let mut vmm_limits = fissile_sandbox::VmmLimits::from_env();
+            match cgroup_parent.as_deref() {
+                None => {}
+                Some("none" | "") => vmm_limits.cgroup_parent = None,
+                Some(p) => vmm_limits.cgroup_parent = Some(p.into()),
+            }
             let config = Config {
+                vmm_limits,
                 state_dir,
                 vmm: fissile_sandbox::paths::find_binary("fissile-vmm")?,
                 kernel,

@@ -15,6 +15,7 @@
 //! reaps the children it started.
 
 pub mod control;
+pub mod limits;
 pub mod paths;
 pub mod snapshotd;
 
@@ -29,6 +30,7 @@ use fissile_proto::control::{ControlRequest, MAX_FORK_CHILDREN, MergeReply, Snap
 
 pub use control::{ControlClient, ControlError};
 use fissile_proto::pidfd::Pidfd;
+pub use limits::{Cgroup, LimitsError, VmmLimits};
 pub use snapshotd::Snapshotd;
 
 /// How to boot a sandbox.
@@ -52,11 +54,15 @@ pub struct SandboxConfig {
     pub cmdline_extra: String,
     /// snapshotd's socket (needed for snapshot, fork, merge, persist, restore).
     pub snapshotd: Option<PathBuf>,
+    /// What every VMM of this sandbox (and of its fork children) runs under: its own cgroup,
+    /// rlimits.
+    pub limits: VmmLimits,
 }
 
 impl SandboxConfig {
     /// A config from the environment: `FISSILE_GUEST_KERNEL`, `FISSILE_GUEST_ROOTFS` and the
-    /// `fissile-vmm` found by [`paths::find_binary`]; 512 MiB, 1 vCPU, 120 s boot timeout.
+    /// `fissile-vmm` found by [`paths::find_binary`]; 512 MiB, 1 vCPU, 120 s boot timeout,
+    /// [`VmmLimits::from_env`].
     pub fn from_env(dir: impl Into<PathBuf>) -> Result<Self, SandboxError> {
         let var = |name: &'static str| {
             std::env::var_os(name)
@@ -73,6 +79,7 @@ impl SandboxConfig {
             boot_timeout: Duration::from_secs(120),
             cmdline_extra: String::new(),
             snapshotd: None,
+            limits: VmmLimits::from_env(),
         })
     }
 }
@@ -171,6 +178,9 @@ pub enum SandboxError {
     /// A sandbox cannot merge into itself.
     #[error("a sandbox cannot merge into itself")]
     SelfMerge,
+    /// The VMM's cgroup or rlimits could not be set up.
+    #[error("limits for fissile-vmm")]
+    Limits(#[from] LimitsError),
     /// A running VMM could not be adopted.
     #[error("cannot adopt process {pid}: {why}")]
     Adopt {
@@ -188,6 +198,36 @@ struct Spawner {
     rootfs: PathBuf,
     snapshotd: Option<PathBuf>,
     boot_timeout: Duration,
+    limits: VmmLimits,
+    mem_mib: u64,
+    vcpus: u8,
+}
+
+/// A VMM process this library started, with the cgroup it runs in (removed after the
+/// process is reaped: fields drop in order).
+#[derive(Debug)]
+struct Spawned {
+    child: Child,
+    cgroup: Option<Cgroup>,
+}
+
+impl Spawned {
+    /// Starts `cmd` under `limits` (a guest of `mem_mib` MiB, `vcpus` vCPUs).
+    fn start(mut cmd: Command, spawner: &Spawner, dir: &Path) -> Result<Spawned, SandboxError> {
+        let cgroup = limits::apply(
+            &mut cmd,
+            &spawner.limits,
+            dir,
+            spawner.mem_mib,
+            spawner.vcpus,
+        )?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| SandboxError::Spawn(spawner.vmm.clone(), e))?;
+        Ok(Spawned { child, cgroup })
+    }
 }
 
 impl Spawner {
@@ -197,17 +237,20 @@ impl Spawner {
             rootfs: cfg.rootfs.clone(),
             snapshotd: cfg.snapshotd.clone(),
             boot_timeout: cfg.boot_timeout,
+            limits: cfg.limits.clone(),
+            mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
         }
     }
 
     /// Starts `fissile-vmm --restore <snapshot>` with its sockets and logs in `dir`.
-    fn restore(&self, snapshot: &str, dir: &Path) -> Result<Child, SandboxError> {
+    fn restore(&self, snapshot: &str, dir: &Path) -> Result<Spawned, SandboxError> {
         let sd = self.snapshotd.as_ref().ok_or(SandboxError::NoSnapshotd)?;
         std::fs::create_dir_all(dir).map_err(|e| SandboxError::Dir(dir.to_path_buf(), e))?;
         let vmm_log = File::create(dir.join("vmm.log"))
             .map_err(|e| SandboxError::Dir(dir.to_path_buf(), e))?;
-        Command::new(&self.vmm)
-            .arg("--restore")
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("--restore")
             .arg(snapshot)
             .arg("--snapshotd")
             .arg(sd)
@@ -219,11 +262,8 @@ impl Spawner {
             .arg(dir.join("api.sock"))
             .arg("--serial-log")
             .arg(dir.join("console.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(vmm_log)
-            .spawn()
-            .map_err(|e| SandboxError::Spawn(self.vmm.clone(), e))
+            .stderr(vmm_log);
+        Spawned::start(cmd, self, dir)
     }
 }
 
@@ -261,6 +301,8 @@ pub struct Sandbox {
     timings: BootTimings,
     spawner: Spawner,
     forks: u32,
+    /// The VMM's cgroup, removed on drop (`Drop` reaps the VMM first).
+    cgroup: Option<Cgroup>,
 }
 
 impl Sandbox {
@@ -293,13 +335,10 @@ impl Sandbox {
         if let Some(sd) = &cfg.snapshotd {
             cmd.arg("--snapshotd").arg(sd);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(vmm_log)
-            .spawn()
-            .map_err(|e| SandboxError::Spawn(cfg.vmm.clone(), e))?;
-        Self::attach(child, &cfg.dir, Spawner::of(cfg), started, Some(ready))
+        cmd.stderr(vmm_log);
+        let spawner = Spawner::of(cfg);
+        let vmm = Spawned::start(cmd, &spawner, &cfg.dir)?;
+        Self::attach(vmm, &cfg.dir, spawner, started, Some(ready))
     }
 
     /// Restores snapshot `snapshot` into a new VMM process with its own sockets in
@@ -307,8 +346,8 @@ impl Sandbox {
     pub fn restore(cfg: &SandboxConfig, snapshot: &str) -> Result<Sandbox, SandboxError> {
         let spawner = Spawner::of(cfg);
         let started = Instant::now();
-        let child = spawner.restore(snapshot, &cfg.dir)?;
-        let mut sb = Self::attach(child, &cfg.dir, spawner, started, None)?;
+        let vmm = spawner.restore(snapshot, &cfg.dir)?;
+        let mut sb = Self::attach(vmm, &cfg.dir, spawner, started, None)?;
         after_restore(&mut sb.agent)?;
         sb.timings.to_ready = started.elapsed();
         Ok(sb)
@@ -319,12 +358,13 @@ impl Sandbox {
     /// `ready` (a restored guest whose agent already listens) it retries connecting. On any
     /// failure the VMM is killed and reaped.
     fn attach(
-        mut child: Child,
+        vmm: Spawned,
         dir: &Path,
         spawner: Spawner,
         started: Instant,
         ready: Option<ReadyListener>,
     ) -> Result<Sandbox, SandboxError> {
+        let Spawned { mut child, cgroup } = vmm;
         let uds = dir.join("vsock.sock");
         let timeout = spawner.boot_timeout;
         let mut last = String::from("not tried");
@@ -359,6 +399,7 @@ impl Sandbox {
                             },
                             spawner,
                             forks: 0,
+                            cgroup,
                         });
                     }
                     Err(e) => last = error_chain(&e),
@@ -407,6 +448,7 @@ impl Sandbox {
             timings: BootTimings::default(),
             spawner: Spawner::of(cfg),
             forks: 0,
+            cgroup: limits::adopted_cgroup(&cfg.limits, pid),
         })
     }
 
@@ -439,6 +481,11 @@ impl Sandbox {
             .as_ref()
             .map(Child::id)
             .or_else(|| self.adopted.as_ref().map(Pidfd::pid))
+    }
+
+    /// The VMM's cgroup directory, if it runs in one of its own.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_ref().map(Cgroup::path)
     }
 
     /// The VMM's control socket.
@@ -489,7 +536,7 @@ impl Sandbox {
             .ok_or_else(|| SandboxError::Reply("fork without body".into()))?;
         let vmm_ms = t0.elapsed().as_secs_f64() * 1e3;
         // Start every child first (they restore in parallel), then wait for each.
-        let started: Vec<(PathBuf, Result<Child, SandboxError>)> = dirs
+        let started: Vec<(PathBuf, Result<Spawned, SandboxError>)> = dirs
             .into_iter()
             .map(|child_dir| {
                 let child = self.spawner.restore(&fork.snapshot.id, &child_dir);
@@ -807,9 +854,16 @@ mod tests {
             rootfs: "rootfs".into(),
             snapshotd: None,
             boot_timeout: Duration::from_secs(10),
+            limits: VmmLimits::default(),
+            mem_mib: 512,
+            vcpus: 1,
+        };
+        let vmm = Spawned {
+            child,
+            cgroup: None,
         };
 
-        let err = Sandbox::attach(child, dir.path(), spawner, Instant::now(), None).unwrap_err();
+        let err = Sandbox::attach(vmm, dir.path(), spawner, Instant::now(), None).unwrap_err();
 
         assert!(matches!(err, SandboxError::VmmExited { .. }), "{err}");
         assert!(err.to_string().contains("no kvm"), "{err}");

@@ -545,3 +545,97 @@ fn connect_when_listening(sock: &Path) -> fissile_sandbox::ControlClient {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Every VMM — booted, and each fork child — runs in a cgroup of its own under the limits
+/// (memory.max = guest RAM + overhead, pids.max, cpu.max), with its rlimits, and with a
+/// seccomp filter on every thread; a child's cgroup goes when the child does.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_every_vmm_runs_in_its_own_cgroup_with_rlimits_and_seccomp_on_every_thread() {
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let cfg = config(&env, &dir.path().join("p"), &sd);
+    let parent_cg = cfg
+        .limits
+        .cgroup_parent
+        .clone()
+        .expect("the lab runs as root on cgroup v2, so VMMs get cgroups by default");
+    let mut parent = Sandbox::boot(&cfg).unwrap();
+    assert_eq!(eval(&mut parent, "x = 41\nx"), "41");
+    let check = |sb: &Sandbox| {
+        let pid = sb.pid().unwrap();
+        let cg = sb.cgroup().expect("a cgroup of its own");
+        assert_eq!(cg.parent(), Some(parent_cg.as_path()));
+        let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap();
+        assert!(
+            read("cgroup.procs").lines().any(|l| l == pid.to_string()),
+            "VMM {pid} not in {}",
+            cg.display()
+        );
+        assert_eq!(
+            read("memory.max").trim(),
+            ((512u64 + 512) << 20).to_string()
+        );
+        assert_eq!(read("pids.max").trim(), "256");
+        assert_eq!(read("cpu.max").trim(), "200000 100000");
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let row = |name: &str| {
+            let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+            line[name.len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(row("Max open files"), "4096");
+        assert_eq!(row("Max file size"), ((512u64 + 1024) << 20).to_string());
+        // Seccomp mode 2 (filter) on every thread; the main thread installs its filter
+        // right after the control socket is up, which may be just after the agent answered.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let unfiltered: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| {
+                    let t = t.ok()?.path();
+                    let status = std::fs::read_to_string(t.join("status")).ok()?;
+                    let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+                    (!status.lines().any(|l| l == "Seccomp:\t2"))
+                        .then(|| format!("{} ({})", t.display(), comm.trim()))
+                })
+                .collect();
+            if unfiltered.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "threads without a seccomp filter: {unfiltered:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    check(&parent);
+
+    let (mut children, _) = parent.fork(2).unwrap();
+    let mut child_cgroups = Vec::new();
+    for c in &mut children {
+        check(c);
+        assert_ne!(c.cgroup(), parent.cgroup());
+        assert_eq!(eval(c, "x + 1"), "42");
+        child_cgroups.push(c.cgroup().unwrap().to_path_buf());
+    }
+    // A merge (the parent switches to a child's snapshot, its watchdog thread filtered too).
+    let winner = children.pop().unwrap();
+    assert_eq!(eval(&mut children[0], "x"), "41");
+    parent.merge_into(&winner).unwrap();
+    assert_eq!(eval(&mut parent, "x"), "41");
+    check(&parent);
+    drop(winner);
+    drop(children);
+    for cg in &child_cgroups {
+        assert!(!cg.exists(), "{} outlived its VMM", cg.display());
+    }
+    let cg = parent.cgroup().unwrap().to_path_buf();
+    drop(parent);
+    assert!(!cg.exists(), "{} outlived its VMM", cg.display());
+}
