@@ -1,13 +1,18 @@
 //! PID-1 duties in the guest: a writable overlay (tmpfs upper) over the read-only root, the
-//! usual pseudo file systems, hostname, loopback, environment. Zombie reaping is the
+//! usual pseudo file systems, hostname, loopback, environment, and the `user` cgroup every
+//! process the agent starts (the REPL, commands) runs in: its memory and task limits leave
+//! the agent room, so a memory hog is OOM-killed inside `user` (the REPL restarts) and a fork
+//! bomb runs out of tasks while the agent still answers. Zombie reaping is the
 //! [`crate::reaper`]; poweroff is in the server.
 //!
 //! Every step is best effort: a failure is logged (errors go to the console) and the agent
 //! still starts, because a guest without, say, an overlay is still more useful than a
 //! kernel panic from PID 1 exiting.
 
+use std::ffi::CStr;
 use std::fs;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::sys;
 
@@ -32,6 +37,23 @@ pub const GUEST_ENV: [(&str, &str); 5] = [
     ("MPLBACKEND", "module://fissile_mpl_backend"),
 ];
 
+/// The cgroup the agent's children run in.
+const USER_CGROUP: &str = "/sys/fs/cgroup/user";
+/// Its `cgroup.procs`, for joining it between fork and exec.
+pub(crate) const USER_CGROUP_PROCS: &CStr = c"/sys/fs/cgroup/user/cgroup.procs";
+/// Guest memory kept out of the user's reach (the agent, the kernel's own needs): the larger
+/// of this and an eighth of the guest's memory.
+const AGENT_RESERVE_MIB: u64 = 96;
+/// Most tasks (processes and threads) the user's code may have at once.
+pub const USER_PIDS_MAX: u32 = 2048;
+
+static USER_CGROUP_READY: AtomicBool = AtomicBool::new(false);
+
+/// Whether the agent's children should join the `user` cgroup (set up by [`init_guest`]).
+pub(crate) fn user_cgroup_ready() -> bool {
+    USER_CGROUP_READY.load(Ordering::Relaxed)
+}
+
 /// Does the PID-1 set-up. Must run before any thread is started (it sets the environment).
 pub fn init_guest() {
     sys::set_env_before_threads(&GUEST_ENV);
@@ -39,6 +61,10 @@ pub fn init_guest() {
         tracing::error!(error = %e, "no writable overlay; the root stays read-only");
     }
     mount_pseudo_filesystems();
+    match user_cgroup() {
+        Ok(()) => USER_CGROUP_READY.store(true, Ordering::Relaxed),
+        Err(e) => tracing::error!(error = %e, "no user cgroup; user code runs without limits"),
+    }
     if let Err(e) = sys::sethostname(GUEST_HOSTNAME) {
         tracing::error!(error = %e, "sethostname failed");
     }
@@ -92,6 +118,53 @@ fn overlay_at(base: &str) -> io::Result<()> {
     std::env::set_current_dir(&root)?;
     sys::pivot_root_here()?;
     std::env::set_current_dir("/")
+}
+
+/// How many times the OOM killer struck in the `user` cgroup (0 without one).
+pub(crate) fn user_oom_kills() -> u64 {
+    fs::read_to_string(format!("{USER_CGROUP}/memory.events"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The `user` cgroup's memory limit in bytes (0 without one).
+pub(crate) fn user_memory_max() -> u64 {
+    fs::read_to_string(format!("{USER_CGROUP}/memory.max"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// cgroup v2 with a `user` child: `memory.max` = guest memory minus the agent's reserve,
+/// `pids.max` = [`USER_PIDS_MAX`].
+fn user_cgroup() -> io::Result<()> {
+    let _ = fs::create_dir_all("/sys/fs/cgroup");
+    sys::mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        None,
+    )?;
+    fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids")?;
+    let _ = fs::create_dir(USER_CGROUP);
+    let total_mib = fs::read_to_string("/proc/meminfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib >> 10)
+        .ok_or_else(|| io::Error::other("no MemTotal in /proc/meminfo"))?;
+    let reserve = AGENT_RESERVE_MIB.max(total_mib / 8);
+    let user_mib = total_mib.saturating_sub(reserve).max(64);
+    fs::write(format!("{USER_CGROUP}/memory.max"), (user_mib << 20).to_string())?;
+    fs::write(format!("{USER_CGROUP}/pids.max"), USER_PIDS_MAX.to_string())?;
+    tracing::info!(user_mib, pids = USER_PIDS_MAX, "user cgroup ready");
+    Ok(())
 }
 
 fn mount_pseudo_filesystems() {

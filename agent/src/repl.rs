@@ -140,9 +140,18 @@ impl Repl {
         .env("PYTHONUNBUFFERED", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .process_group(0);
-        // SAFETY: the hook only calls dup2 (async-signal-safe) on descriptors that stay open
-        // in the parent until spawn returns.
-        unsafe { cmd.pre_exec(move || sys::map_fds_in_child(&pairs)) };
+        let join_user = crate::init::user_cgroup_ready();
+        // SAFETY: the hook only calls dup2 on descriptors that stay open in the parent until
+        // spawn returns, and open/write/close on a static path: all async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                sys::map_fds_in_child(&pairs)?;
+                if join_user {
+                    sys::join_cgroup_in_child(crate::init::USER_CGROUP_PROCS)?;
+                }
+                Ok(())
+            })
+        };
         let (mut child, exit) = reaper::spawn(&mut cmd).map_err(SpawnReplError::Spawn)?;
         drop((child_cmd, child_ev));
         let pid = i32::try_from(child.id()).unwrap_or(0);
@@ -531,6 +540,7 @@ impl ReplManager {
         let mut line = cmd.to_string().into_bytes();
         line.push(b'\n');
         repl.cells += 1;
+        let oom_kills = crate::init::user_oom_kills();
         self.running.store(repl.pid, Ordering::SeqCst);
         let (end, timed_out) = match repl.commands.write_all(&line) {
             Ok(()) => self.wait_cell(&mut repl, req.timeout_ms, &mut run),
@@ -557,6 +567,12 @@ impl ReplManager {
                     (true, _) => format!(
                         "ignored KeyboardInterrupt for {} s and was killed",
                         INTERRUPT_GRACE_MS / 1000
+                    ),
+                    (false, Some(e)) if crate::init::user_oom_kills() > oom_kills => format!(
+                        "{} by the out-of-memory killer: user code may use {} MiB of this \
+                         sandbox's memory",
+                        reaper::describe(e),
+                        crate::init::user_memory_max() >> 20
                     ),
                     (false, Some(e)) => reaper::describe(e),
                     (false, None) => "stopped responding and was killed".to_string(),

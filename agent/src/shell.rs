@@ -46,6 +46,12 @@ fn build(req: &ShellRequest) -> Result<Command, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if crate::init::user_cgroup_ready() {
+        // SAFETY: open/write/close on a static path, all async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| crate::sys::join_cgroup_in_child(crate::init::USER_CGROUP_PROCS))
+        };
+    }
     Ok(cmd)
 }
 

@@ -93,6 +93,24 @@ pub(crate) fn map_fds_in_child(pairs: &[(RawFd, RawFd)]) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` (writing "0"
+/// names the writer).
+///
+/// Only async-signal-safe calls (open, write, close), so this may run in a `pre_exec` hook.
+pub(crate) fn join_cgroup_in_child(procs: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: `procs` is a valid NUL-terminated path; the fd is closed below.
+    let fd = check(unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: writes one byte of a static buffer to the fd opened above.
+    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closes the fd opened above, once.
+    unsafe { libc::close(fd) };
+    if n != 1 {
+        return Err(err);
+    }
+    Ok(())
+}
+
 /// Waits until one of `fds` is readable or hung up, or `timeout` passes (`None`: forever).
 /// Returns one flag per fd.
 pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {

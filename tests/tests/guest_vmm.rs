@@ -167,3 +167,66 @@ fn guest_vmm_boots_the_image_and_the_agent_serves_python_over_vsock() {
     let status = sb.poweroff(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "fissile-vmm exited with {status}");
 }
+
+/// User code runs in the guest's `user` cgroup: a memory hog is OOM-killed there (the REPL
+/// restarts and says why), a fork bomb runs out of tasks, and the agent answers throughout.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_vmm_a_memory_hog_and_a_fork_bomb_hit_the_user_cgroup_and_the_agent_answers() {
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Sandbox::boot(&config(&env, dir.path())).unwrap();
+
+    let (out, code) = shell(
+        &mut sb,
+        "cat /proc/self/cgroup /sys/fs/cgroup/user/pids.max /sys/fs/cgroup/user/memory.max",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0::/user", "{out}");
+    assert_eq!(lines[1], "2048", "{out}");
+    let user_max: u64 = lines[2].parse().unwrap();
+    assert!(user_max < 512 << 20 && user_max > 256 << 20, "{out}");
+
+    // The memory hog: 64 MiB at a time until the cgroup's limit; the kernel kills the REPL.
+    let out = sb.exec("x = 1").unwrap();
+    assert!(out.error().is_none());
+    let out = sb
+        .exec("import numpy as np\nhog = [np.ones(64 << 20, dtype=np.uint8) for _ in range(64)]")
+        .unwrap();
+    let (ename, evalue, _) = out.error().expect("the hog must not survive");
+    assert_eq!(ename, "InterpreterRestarted", "{evalue}");
+    assert!(evalue.contains("out-of-memory killer"), "{evalue}");
+    let out = sb.exec("1 + 1").unwrap();
+    assert_eq!(out.result_text(), Some("2"), "{:?}", out.outputs);
+    let out = sb.exec("x").unwrap();
+    assert_eq!(out.error().map(|e| e.0.to_string()).as_deref(), Some("NameError"));
+
+    // The fork bomb: out of tasks at pids.max; its process group dies with the timeout.
+    let t = Instant::now();
+    let bomb = sb
+        .agent()
+        .shell(&ShellRequest {
+            command: ShellCommand::Script("b() { b | b & }; b; sleep 60".into()),
+            cwd: None,
+            env: Default::default(),
+            stdin: Vec::new(),
+            timeout_ms: Some(15_000),
+        })
+        .unwrap();
+    eprintln!(
+        "fork bomb: ended after {:.1} s: {:?}",
+        t.elapsed().as_secs_f64(),
+        bomb.done
+    );
+    let (out, _) = shell(&mut sb, "cat /sys/fs/cgroup/user/pids.events; echo alive");
+    assert!(out.contains("alive"), "{out}");
+    let max_hits: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("max "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(max_hits > 0, "the bomb never reached pids.max: {out}");
+    let out = sb.exec("2 + 2").unwrap();
+    assert_eq!(out.result_text(), Some("4"), "{:?}", out.outputs);
+}
