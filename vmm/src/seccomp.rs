@@ -100,11 +100,19 @@ thread_local! {
     static CLASS: Cell<Option<ThreadClass>> = const { Cell::new(None) };
 }
 
-/// Turns filters on for this process (once, before any thread calls [`enter`]): in `Trap`
-/// mode installs the SIGSYS handler.
+/// Turns filters on for this process (once, before any thread starts): in `Trap` mode
+/// installs the SIGSYS handler. With filters on, malloc keeps one arena: glibc reads
+/// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread arena's heap, on
+/// whichever thread frees, and no filter but the actor's allows `openat` (a lab run of every
+/// suite in log mode caught a control client's thread doing it).
 pub fn init(mode: Mode) -> Result<(), SeccompError> {
     if mode == Mode::Trap {
         install_sigsys_handler().map_err(SeccompError::Handler)?;
+    }
+    if mode != Mode::Off {
+        // SAFETY: mallopt only sets a malloc parameter; called before any other thread
+        // exists (fissile-vmm's main calls init first).
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     }
     MODE.set(mode).map_err(|_| SeccompError::AlreadyInitialized)
 }
