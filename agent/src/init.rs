@@ -161,7 +161,10 @@ fn user_cgroup() -> io::Result<()> {
         .ok_or_else(|| io::Error::other("no MemTotal in /proc/meminfo"))?;
     let reserve = AGENT_RESERVE_MIB.max(total_mib / 8);
     let user_mib = total_mib.saturating_sub(reserve).max(64);
-    fs::write(format!("{USER_CGROUP}/memory.max"), (user_mib << 20).to_string())?;
+    fs::write(
+        format!("{USER_CGROUP}/memory.max"),
+        (user_mib << 20).to_string(),
+    )?;
     fs::write(format!("{USER_CGROUP}/pids.max"), USER_PIDS_MAX.to_string())?;
     tracing::info!(user_mib, pids = USER_PIDS_MAX, "user cgroup ready");
     Ok(())

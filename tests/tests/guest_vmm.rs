@@ -200,7 +200,10 @@ fn guest_vmm_a_memory_hog_and_a_fork_bomb_hit_the_user_cgroup_and_the_agent_answ
     let out = sb.exec("1 + 1").unwrap();
     assert_eq!(out.result_text(), Some("2"), "{:?}", out.outputs);
     let out = sb.exec("x").unwrap();
-    assert_eq!(out.error().map(|e| e.0.to_string()).as_deref(), Some("NameError"));
+    assert_eq!(
+        out.error().map(|e| e.0.to_string()).as_deref(),
+        Some("NameError")
+    );
 
     // The fork bomb: out of tasks at pids.max; its process group dies with the timeout.
     let t = Instant::now();
