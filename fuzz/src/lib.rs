@@ -1,0 +1,161 @@
+//! Fuzz targets: every parser that reads bytes a guest, a client or a peer controls. Each
+//! target takes arbitrary bytes and must neither panic nor allocate without bound; a decode
+//! error is the expected answer to garbage.
+//!
+//! The same functions serve the stable-Rust mutation runner (`fissile-fuzz run`, what
+//! `scripts/fuzz` calls) and the corpus replay (`tests/replay.rs`, part of every `cargo
+//! test`), so an input that once crashed a target and was added to `corpus/<target>/` fails
+//! CI if the bug comes back.
+
+pub mod seeds;
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use fissile_proto::agent::{AGENT_FRAME_CAP, AGENT_PROTOCOL_VERSION};
+use fissile_proto::snapshotd::{SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION};
+use fissile_proto::{agent, control, frame, snapshotd};
+use fissile_vmm::devices::virtio::block::{DiskImage, execute_request};
+use fissile_vmm::devices::virtio::chain::collect_chain;
+use fissile_vmm::memory::GuestMemory;
+use fissile_vmm::snapshot::{MicrovmState, STATE_FORMAT_VERSION, STATE_MAGIC};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+/// A fuzz target: arbitrary bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
+/// Every target, by name (the corpus directory under `fuzz/corpus/`).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("agent_frame", agent_frame),
+    ("snapshotd_frame", snapshotd_frame),
+    ("control_json", control_json),
+    ("vm_state", vm_state),
+    ("rootfs_spec", rootfs_spec),
+    ("virtio_chain", virtio_chain),
+    ("virtio_blk", virtio_blk),
+];
+
+/// The target called `name`.
+pub fn target(name: &str) -> Option<Target> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+/// The agent protocol as both peers read it: a frame off the wire (length prefix, cap,
+/// version), then its body as a request (what the guest agent decodes from the host) and as
+/// a response (what the host decodes from a guest it must not trust).
+pub fn agent_frame(data: &[u8]) {
+    let _ = frame::read_frame_bytes(&mut Cursor::new(data), AGENT_FRAME_CAP);
+    let _ = frame::decode_body::<agent::Request>(data, AGENT_PROTOCOL_VERSION);
+    let _ = frame::decode_body::<agent::Response>(data, AGENT_PROTOCOL_VERSION);
+}
+
+/// The snapshotd protocol: requests (from VMMs, which a guest may have compromised) and
+/// responses.
+pub fn snapshotd_frame(data: &[u8]) {
+    let _ = frame::read_frame_bytes(&mut Cursor::new(data), SNAPSHOTD_FRAME_CAP);
+    let _ = frame::decode_body::<snapshotd::Request>(data, SNAPSHOTD_PROTOCOL_VERSION);
+    let _ = frame::decode_body::<snapshotd::Response>(data, SNAPSHOTD_PROTOCOL_VERSION);
+}
+
+/// The VMM's control socket: one JSON line per request.
+pub fn control_json(data: &[u8]) {
+    let _ = serde_json::from_slice::<control::ControlRequest>(data);
+    let _ = serde_json::from_slice::<control::ControlResponse>(data);
+}
+
+/// The VM-state decoder (validated as untrusted input on every restore): the blob as given,
+/// and the bytes sealed with a valid header and checksum so the decoder and validation
+/// behind them are reached too.
+pub fn vm_state(data: &[u8]) {
+    let _ = MicrovmState::decode(data);
+    let _ = MicrovmState::decode(&seal_state(data));
+}
+
+/// `payload` wrapped as a state blob: magic, format version, length, payload, blake3.
+pub fn seal_state(payload: &[u8]) -> Vec<u8> {
+    let mut blob = Vec::with_capacity(payload.len() + 52);
+    blob.extend_from_slice(STATE_MAGIC);
+    blob.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    blob.extend_from_slice(payload);
+    let sum = blake3::hash(&blob);
+    blob.extend_from_slice(sum.as_bytes());
+    blob
+}
+
+/// The rootfs template parser (TOML specs).
+pub fn rootfs_spec(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = fissile_rootfs::spec::Spec::parse(&text, Path::new("fuzz.toml"));
+}
+
+/// Guest memory for the virtio targets: 64 KiB at GPA 0, a 16-entry split queue at 0 (the
+/// descriptor table, then the avail and used rings), buffers anywhere after.
+const QUEUE_SIZE: u16 = 16;
+const MEM_SIZE: usize = 64 << 10;
+const AVAIL: u64 = 16 * QUEUE_SIZE as u64;
+const USED: u64 = (AVAIL + 6 + 2 * QUEUE_SIZE as u64 + 3) & !3;
+/// Most chains one input may pop (the guest controls the avail index).
+const MAX_CHAINS: usize = 64;
+
+/// Lays `data` over guest memory from GPA 0 (descriptor table, avail ring, buffers) and
+/// returns the memory and a ready queue over it.
+fn guest_queue(data: &[u8]) -> Option<(GuestMemory, Queue)> {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
+    let n = data.len().min(MEM_SIZE);
+    mem.write_slice(&data[..n], GuestAddress(0)).ok()?;
+    let mut q = Queue::new(QUEUE_SIZE).ok()?;
+    q.set_size(QUEUE_SIZE);
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+    q.set_used_ring_address(Some(USED as u32), Some(0));
+    q.set_ready(true);
+    Some((mem, q))
+}
+
+/// Descriptor chains as the devices walk them (`collect_chain`: loops, lengths, buffers
+/// outside guest RAM), then completed on the used ring.
+pub fn virtio_chain(data: &[u8]) {
+    let Some((mem, mut q)) = guest_queue(data) else {
+        return;
+    };
+    let mut heads = Vec::new();
+    if let Ok(iter) = q.iter(&mem) {
+        for chain in iter.take(MAX_CHAINS) {
+            heads.push(chain.head_index());
+            let _ = collect_chain(chain, usize::from(QUEUE_SIZE));
+        }
+    }
+    for head in heads {
+        let _ = q.add_used(&mem, head, 0);
+    }
+}
+
+/// virtio-blk requests from guest chains, executed against a small scratch disk.
+pub fn virtio_blk(data: &[u8]) {
+    static DISK: OnceLock<Option<Mutex<(tempfile::TempPath, DiskImage)>>> = OnceLock::new();
+    let disk = DISK.get_or_init(|| {
+        let file = tempfile::NamedTempFile::new().ok()?;
+        file.as_file().set_len(64 << 10).ok()?;
+        let path = file.into_temp_path();
+        let image = DiskImage::open(&path, false, "fuzz").ok()?;
+        Some(Mutex::new((path, image)))
+    });
+    let Some(disk) = disk else {
+        return;
+    };
+    let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((mem, mut q)) = guest_queue(data) else {
+        return;
+    };
+    let Ok(iter) = q.iter(&mem) else {
+        return;
+    };
+    for chain in iter.take(MAX_CHAINS) {
+        if let Ok(descs) = collect_chain(chain, usize::from(QUEUE_SIZE)) {
+            let _ = execute_request(&mut disk.1, &mem, &descs);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Seed inputs: valid encodings of each target's input, from which the runner's mutations
+//! start (`fissile-fuzz seed` writes them into `fuzz/corpus/<target>/seed-*`).
+
+use std::path::Path;
+
+use anyhow::Context;
+use fissile_proto::agent::{AGENT_PROTOCOL_VERSION, ExecRequest, Request};
+use fissile_proto::frame::encode_frame;
+use fissile_proto::snapshotd::{self, SNAPSHOTD_PROTOCOL_VERSION};
+
+/// A target's name and its seed inputs.
+pub type Seeds = (&'static str, Vec<Vec<u8>>);
+
+/// Every target's seeds, by target name.
+pub fn all() -> anyhow::Result<Vec<Seeds>> {
+    let mut agent = Vec::new();
+    for req in [
+        Request::Info,
+        Request::Interrupt,
+        Request::Echo {
+            payload: b"hello".to_vec(),
+        },
+        Request::Exec(ExecRequest {
+            code: "x = 1\nx + 1".into(),
+            timeout_ms: Some(1000),
+            env: [("A".to_string(), "b".to_string())].into(),
+        }),
+        Request::AfterRestore {
+            entropy: vec![7; 64],
+            wall_clock_ns: 1_700_000_000_000_000_000,
+        },
+        Request::ReadFile {
+            path: "/etc/hostname".into(),
+            offset: 0,
+            max_len: Some(4096),
+        },
+    ] {
+        let frame = encode_frame(AGENT_PROTOCOL_VERSION, &req)?;
+        agent.push(frame[4..].to_vec()); // the body: version byte + postcard
+        agent.push(frame);
+    }
+    let mut sd = Vec::new();
+    for req in [
+        snapshotd::Request::Ping,
+        snapshotd::Request::List,
+        snapshotd::Request::Stats,
+        snapshotd::Request::CreateAbort,
+        snapshotd::Request::CreatePages {
+            pages: vec![0, 1, 2, 512, u64::MAX],
+        },
+    ] {
+        let frame = encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &req)?;
+        sd.push(frame[4..].to_vec());
+        sd.push(frame);
+    }
+    let control = [
+        r#"{"op":"status"}"#,
+        r#"{"op":"pause"}"#,
+        r#"{"op":"snapshot","durable":true}"#,
+        r#"{"op":"fork"}"#,
+        r#"{"op":"merge","snapshot":"0123456789abcdef"}"#,
+        r#"{"op":"rollback","snapshot":"0123456789abcdef"}"#,
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    let spec = include_bytes!("../../rootfs-builder/templates/python-datasci.toml").to_vec();
+    Ok(vec![
+        ("agent_frame", agent),
+        ("snapshotd_frame", sd),
+        ("control_json", control),
+        ("vm_state", vec![Vec::new(), vec![0; 64]]),
+        ("rootfs_spec", vec![spec]),
+        ("virtio_chain", vec![block_read_request()]),
+        ("virtio_blk", vec![block_read_request()]),
+    ])
+}
+
+/// Guest memory with one virtio-blk read request on the queue (see `crate::guest_queue`):
+/// header at 0x1000, a 512-byte data buffer at 0x2000, the status byte at 0x3000.
+fn block_read_request() -> Vec<u8> {
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    let mut mem = vec![0u8; 0x1010];
+    let mut desc = |i: usize, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = 16 * i;
+        mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+        mem[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        mem[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
+        mem[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
+    };
+    desc(0, 0x1000, 16, NEXT, 1);
+    desc(1, 0x2000, 512, NEXT | WRITE, 2);
+    desc(2, 0x3000, 1, WRITE, 0);
+    let avail = 16 * 16;
+    mem[avail + 2..avail + 4].copy_from_slice(&1u16.to_le_bytes()); // idx = 1
+    // ring[0] = 0; the request header (type IN, sector 0) at 0x1000 is all zeroes.
+    mem
+}
+
+/// Writes every seed into `corpus/<target>/seed-<n>`.
+pub fn write_all(corpus: &Path) -> anyhow::Result<()> {
+    for (target, seeds) in all()? {
+        let dir = corpus.join(target);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (i, s) in seeds.iter().enumerate() {
+            let p = dir.join(format!("seed-{i}"));
+            std::fs::write(&p, s).with_context(|| format!("writing {}", p.display()))?;
+        }
+        println!("{target}: {} seeds", seeds.len());
+    }
+    Ok(())
+}
