@@ -196,10 +196,8 @@ fn start_snapshotd(state_dir: &std::path::Path) -> Result<(Snapshotd, bool), Api
 /// Kills process `pid` if it is still the `program` serving `socket` (checked through a
 /// pidfd, so a reused pid is left alone).
 fn kill_stale(pid: u32, program: &str, socket: &std::path::Path) {
-    if let Ok(p) = fissile_proto::pidfd::Pidfd::open(pid)
-        && let Ok(cmdline) = p.cmdline()
-        && cmdline.contains(program)
-        && cmdline.contains(&*socket.to_string_lossy())
+    if let Ok(p) =
+        fissile_proto::pidfd::Pidfd::open_matching(pid, program, &socket.to_string_lossy())
     {
         tracing::info!(pid, program, "stopping a process an earlier run left");
         p.kill(Duration::from_secs(10));

@@ -6,6 +6,24 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+/// Why [`Pidfd::open_matching`] did not return a handle.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    /// No such process, or its handle or command line could not be read.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// It is another process.
+    #[error("it is not {program} with {arg} (command line: {cmdline})")]
+    Other {
+        /// The program looked for.
+        program: String,
+        /// The argument looked for.
+        arg: String,
+        /// What the process runs.
+        cmdline: String,
+    },
+}
+
 /// A handle on one process.
 #[derive(Debug)]
 pub struct Pidfd {
@@ -31,6 +49,28 @@ impl Pidfd {
         Ok(Pidfd { fd, pid })
     }
 
+    /// Opens a handle on process `pid` if it is `program` (its argv[0] ends with it) started
+    /// with `arg` among its arguments: how a daemon recognizes a process an earlier run of it
+    /// started (a VMM by its control socket, snapshotd by its socket) before taking it over
+    /// or stopping it. The error says what the process is instead.
+    pub fn open_matching(pid: u32, program: &str, arg: &str) -> Result<Pidfd, MatchError> {
+        let handle = Pidfd::open(pid).map_err(MatchError::Io)?;
+        let argv = handle.argv().map_err(MatchError::Io)?;
+        let is_program = argv.first().is_some_and(|a0| {
+            std::path::Path::new(a0)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy() == program)
+        });
+        if !is_program || !argv.iter().skip(1).any(|a| a == arg) {
+            return Err(MatchError::Other {
+                program: program.to_string(),
+                arg: arg.to_string(),
+                cmdline: argv.join(" "),
+            });
+        }
+        Ok(handle)
+    }
+
     /// The pid it was opened for.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -39,6 +79,11 @@ impl Pidfd {
     /// The process's command line (arguments joined by spaces), read after the handle was
     /// opened: if the handle's process is still alive afterwards, this was its command line.
     pub fn cmdline(&self) -> io::Result<String> {
+        Ok(self.argv()?.join(" "))
+    }
+
+    /// The process's arguments, read as [`Pidfd::cmdline`] is.
+    pub fn argv(&self) -> io::Result<Vec<String>> {
         let raw = std::fs::read(format!("/proc/{}/cmdline", self.pid))?;
         if self.exited(Duration::ZERO)? {
             return Err(io::Error::new(
@@ -46,11 +91,14 @@ impl Pidfd {
                 "the process exited",
             ));
         }
-        Ok(raw
+        let mut argv: Vec<String> = raw
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect::<Vec<_>>()
-            .join(" "))
+            .collect();
+        if argv.last().is_some_and(String::is_empty) {
+            argv.pop(); // the terminating NUL
+        }
+        Ok(argv)
     }
 
     /// Sends `signal` to the process (a no-op error `ESRCH` once it is gone).
@@ -126,5 +174,36 @@ mod tests {
         assert!(p.exited(Duration::ZERO).unwrap());
         let _ = child.wait();
         assert!(p.cmdline().is_err());
+    }
+
+    #[test]
+    fn open_matching_wants_the_program_and_the_exact_argument() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut tries = 0;
+        while Pidfd::open_matching(child.id(), "sleep", "30").is_err() {
+            tries += 1;
+            assert!(tries < 500, "the child never exec'd sleep");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (program, arg) in [
+            ("sleep", "3"),
+            ("sleep", "300"),
+            ("sleepy", "30"),
+            ("30", "sleep"),
+        ] {
+            match Pidfd::open_matching(child.id(), program, arg) {
+                Err(MatchError::Other { cmdline, .. }) => assert_eq!(cmdline, "sleep 30"),
+                other => panic!("{program} {arg}: {other:?}"),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(
+            Pidfd::open_matching(child.id(), "sleep", "30"),
+            Err(MatchError::Io(_))
+        ));
     }
 }

@@ -428,15 +428,9 @@ impl Sandbox {
     /// sandbox kills the VMM, as for one this process started.
     pub fn adopt(cfg: &SandboxConfig, pid: u32) -> Result<Sandbox, SandboxError> {
         let adopt = |why: String| SandboxError::Adopt { pid, why };
-        let handle = Pidfd::open(pid).map_err(|e| adopt(e.to_string()))?;
-        let cmdline = handle.cmdline().map_err(|e| adopt(e.to_string()))?;
         let api = cfg.dir.join("api.sock");
-        if !cmdline.contains("fissile-vmm") || !cmdline.contains(&*api.to_string_lossy()) {
-            return Err(adopt(format!(
-                "it is not the VMM of {} (command line: {cmdline})",
-                cfg.dir.display()
-            )));
-        }
+        let handle = Pidfd::open_matching(pid, "fissile-vmm", &api.to_string_lossy())
+            .map_err(|e| adopt(e.to_string()))?;
         let (agent, info) = Self::try_connect(&cfg.dir.join("vsock.sock"))
             .map_err(|e| adopt(format!("its agent does not answer: {}", error_chain(&e))))?;
         Ok(Sandbox {

@@ -80,14 +80,8 @@ impl Snapshotd {
     /// drop like one this process started.
     pub fn adopt(pid: u32, root: &Path, socket: &Path) -> Result<Snapshotd, SandboxError> {
         let fail = |why: String| SandboxError::Adopt { pid, why };
-        let handle = Pidfd::open(pid).map_err(|e| fail(e.to_string()))?;
-        let cmdline = handle.cmdline().map_err(|e| fail(e.to_string()))?;
-        if !cmdline.contains("fissile-snapshotd") || !cmdline.contains(&*socket.to_string_lossy()) {
-            return Err(fail(format!(
-                "it is not the snapshotd of {} (command line: {cmdline})",
-                socket.display()
-            )));
-        }
+        let handle = Pidfd::open_matching(pid, "fissile-snapshotd", &socket.to_string_lossy())
+            .map_err(|e| fail(e.to_string()))?;
         fissile_snapshotd::client::Client::connect(socket)
             .and_then(|mut c| c.ping())
             .map_err(|e| fail(format!("it does not answer: {}", crate::error_chain(&e))))?;
