@@ -4,75 +4,39 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use fissile_tests::daemon::{self, Fissiled};
 
 use serde_json::Value;
 
+/// The daemon and the state directory it runs on (removed after it stopped: fields drop in
+/// order).
 struct Daemon {
-    child: Child,
-    base: String,
+    fissiled: Fissiled,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Daemon {
-    /// A graceful stop (SIGTERM), so the daemon stops its sandboxes and snapshotd; SIGKILL
-    /// if it does not exit within 60 s.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..600 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// fissiled on a fresh state directory (no kernel or image: nothing here boots), and a key.
 fn start() -> (Daemon, String) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let out = Command::new(env!("CARGO_BIN_EXE_fissiled"))
-        .args(["keys", "create", "--tenant", "acme", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fissiled"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(&state)
-        .args([
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
+    let key = daemon::create_key(bin, &state, "acme").unwrap();
+    let fissiled = Fissiled::serve(
+        bin,
+        &state,
+        [
             "--kernel",
             "/nonexistent/vmlinux",
             "--rootfs",
             "/nonexistent/rootfs",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .strip_prefix("READY ")
-        .unwrap_or_else(|| panic!("no readiness line: {line:?}"))
-        .trim()
-        .to_string();
+        ],
+    )
+    .unwrap();
     (
         Daemon {
-            child,
-            base: format!("http://{addr}"),
+            fissiled,
             _dir: dir,
         },
         key,
@@ -107,7 +71,7 @@ fn code(v: &Value) -> &str {
 #[test]
 fn health_auth_errors_and_unknown_ids_over_http() {
     let (d, key) = start();
-    let url = |p: &str| format!("{}{p}", d.base);
+    let url = |p: &str| format!("{}{p}", d.fissiled.base());
     let bearer = format!("Bearer {key}");
 
     let (s, v) = call("GET", &url("/healthz"), &[], None);

@@ -9,9 +9,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fissile_tests::daemon::{self, Fissiled};
 use fissile_tests::guest::{guest_env, run_guest_suite};
 use serde_json::{Value, json};
 
@@ -20,73 +20,28 @@ fn api_suite_boots_real_guests() {
     run_guest_suite("guest_", Duration::from_secs(1800));
 }
 
-fn fissiled() -> Command {
-    Command::new(fissile_sandbox::paths::find_binary("fissiled").unwrap())
+fn bin() -> std::path::PathBuf {
+    fissile_sandbox::paths::find_binary("fissiled").unwrap()
 }
 
 fn create_key(state: &Path, tenant: &str) -> String {
-    let out = fissiled()
-        .args(["keys", "create", "--tenant", tenant, "--state-dir"])
-        .arg(state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    daemon::create_key(&bin(), state, tenant).unwrap()
 }
 
-/// A running daemon; killed on drop.
-struct Daemon {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Daemon {
-    /// A graceful stop (SIGTERM), so the daemon stops its sandboxes and snapshotd; SIGKILL
-    /// if it does not exit within 60 s.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..600 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A running daemon, stopped on drop.
+type Daemon = Fissiled;
 
 /// A daemon on `state` with `extra` flags; without ready snapshots unless `extra` asks for
 /// a `--ready-shape` (each test then boots only the guests it makes).
 fn start(state: &Path, extra: &[&str]) -> Daemon {
     let env = guest_env();
-    let mut cmd = fissiled();
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
-        .arg("--kernel")
-        .arg(&env.kernel)
-        .arg("--rootfs")
-        .arg(&env.rootfs)
-        .args(extra);
+    let mut args: Vec<std::ffi::OsString> = vec!["--kernel".into(), env.kernel.clone().into()];
+    args.extend(["--rootfs".into(), env.rootfs.clone().into()]);
+    args.extend(extra.iter().map(Into::into));
     if !extra.contains(&"--ready-shape") {
-        cmd.arg("--no-ready-snapshots");
+        args.push("--no-ready-snapshots".into());
     }
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.strip_prefix("READY ").expect("readiness line").trim();
-    Daemon {
-        child,
-        base: format!("http://{addr}"),
-    }
+    Fissiled::serve(&bin(), state, args).unwrap()
 }
 
 /// Status and JSON body of a request (`key` as a bearer token).
@@ -117,7 +72,7 @@ fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16,
 
 /// The NDJSON events of an exec, in order.
 fn exec(d: &Daemon, key: &str, id: &str, body: Value) -> Vec<Value> {
-    let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", d.base))
+    let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/exec", d.base()))
         .timeout(Duration::from_secs(600))
         .set("Authorization", &format!("Bearer {key}"))
         .send_json(body)
@@ -143,7 +98,7 @@ fn guest_api_sandbox_exec_streams_and_tenants_are_isolated() {
     let a = create_key(&state, "acme");
     let b = create_key(&state, "other");
     let d = start(&state, &["--max-sandboxes-per-tenant", "1"]);
-    let url = |p: &str| format!("{}{p}", d.base);
+    let url = |p: &str| format!("{}{p}", d.base());
 
     let (s, v) = call("GET", &url("/healthz"), None, None);
     assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
@@ -284,7 +239,7 @@ fn raw(method: &str, url: &str, key: &str, body: Option<&[u8]>) -> (u16, Vec<u8>
 
 /// The NDJSON events of a command.
 fn command(d: &Daemon, key: &str, id: &str, body: Value) -> Vec<Value> {
-    let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/commands", d.base))
+    let resp = ureq::post(&format!("{}/v1/sandboxes/{id}/commands", d.base()))
         .timeout(Duration::from_secs(600))
         .set("Authorization", &key_header(key))
         .send_json(body)
@@ -311,7 +266,7 @@ fn value(d: &Daemon, key: &str, id: &str, code: &str) -> String {
 fn create(d: &Daemon, key: &str, body: &str) -> Value {
     let (s, v) = call(
         "POST",
-        &format!("{}/v1/sandboxes", d.base),
+        &format!("{}/v1/sandboxes", d.base()),
         Some(key),
         Some(body),
     );
@@ -327,7 +282,7 @@ fn guest_api_files_commands_and_interrupt() {
     let a = create_key(&state, "acme");
     let d = start(&state, &["--max-file-bytes", "4000000"]);
     let id = create(&d, &a, "{}")["id"].as_str().unwrap().to_string();
-    let files = |q: &str| format!("{}/v1/sandboxes/{id}/files?{q}", d.base);
+    let files = |q: &str| format!("{}/v1/sandboxes/{id}/files?{q}", d.base());
 
     // Binary-safe round trip, larger than one transfer piece.
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
@@ -349,7 +304,7 @@ fn guest_api_files_commands_and_interrupt() {
     );
     let (s, list) = call(
         "GET",
-        &format!("{}/v1/sandboxes/{id}/files/list?path=/tmp/up", d.base),
+        &format!("{}/v1/sandboxes/{id}/files/list?path=/tmp/up", d.base()),
         Some(&a),
         None,
     );
@@ -427,7 +382,7 @@ fn guest_api_files_commands_and_interrupt() {
     assert_eq!(events.last().unwrap()["timed_out"], true, "{events:?}");
     let (s, _) = call(
         "POST",
-        &format!("{}/v1/sandboxes/{id}/commands", d.base),
+        &format!("{}/v1/sandboxes/{id}/commands", d.base()),
         Some(&a),
         Some(r#"{"cmd": []}"#),
     );
@@ -438,7 +393,7 @@ fn guest_api_files_commands_and_interrupt() {
     exec(&d, &a, &id, json!({"code": "kept = 7"}));
     let (tx, rx) = std::sync::mpsc::channel::<Value>();
     let runner = {
-        let base = d.base.clone();
+        let base = d.base().to_string();
         let (a, id) = (a.clone(), id.clone());
         std::thread::spawn(move || {
             let resp = ureq::post(&format!("{base}/v1/sandboxes/{id}/exec"))
@@ -457,7 +412,7 @@ fn guest_api_files_commands_and_interrupt() {
     assert_eq!(first["type"], "stdout", "{first}");
     let (s, v) = call(
         "POST",
-        &format!("{}/v1/sandboxes/{id}/interrupt", d.base),
+        &format!("{}/v1/sandboxes/{id}/interrupt", d.base()),
         Some(&a),
         None,
     );
@@ -473,7 +428,7 @@ fn guest_api_files_commands_and_interrupt() {
 /// that refuses by the length answers before the client writes).
 fn declared_upload(d: &Daemon, key: &str, path: &str, len: u64) -> u16 {
     use std::io::{Read, Write};
-    let addr = d.base.trim_start_matches("http://");
+    let addr = d.base().trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(
@@ -504,7 +459,7 @@ fn guest_api_fork_merge_snapshot_and_rollback() {
     let a = create_key(&state, "acme");
     let b = create_key(&state, "other");
     let d = start(&state, &["--max-fork", "4"]);
-    let url = |p: &str| format!("{}{p}", d.base);
+    let url = |p: &str| format!("{}{p}", d.base());
     let parent = create(&d, &a, r#"{"metadata":{"role":"parent"}}"#)["id"]
         .as_str()
         .unwrap()
@@ -700,12 +655,11 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     );
 
     // kill -9 of the daemon: the restarted daemon re-adopts the running sandbox.
-    d.child.kill().unwrap();
-    d.child.wait().unwrap();
+    d.kill_hard().unwrap();
     d = start(&state, &[]);
     let (s, v) = call(
         "GET",
-        &format!("{}/v1/sandboxes/{id}", d.base),
+        &format!("{}/v1/sandboxes/{id}", d.base()),
         Some(&a),
         None,
     );
@@ -715,28 +669,28 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     // Closing a persistent sandbox persists its space.
     let (s, _) = call(
         "DELETE",
-        &format!("{}/v1/sandboxes/{id}", d.base),
+        &format!("{}/v1/sandboxes/{id}", d.base()),
         Some(&a),
         None,
     );
     assert_eq!(s, 204);
     let (s, v) = call(
         "GET",
-        &format!("{}/v1/spaces/{space}", d.base),
+        &format!("{}/v1/spaces/{space}", d.base()),
         Some(&a),
         None,
     );
     assert_eq!((s, v["state"].as_str()), (200, Some("persisted")), "{v}");
     let (s, _) = call(
         "GET",
-        &format!("{}/v1/spaces/{space}", d.base),
+        &format!("{}/v1/spaces/{space}", d.base()),
         Some(&b),
         None,
     );
     assert_eq!(s, 404);
     let (s, _) = call(
         "POST",
-        &format!("{}/v1/spaces/{space}/resume", d.base),
+        &format!("{}/v1/spaces/{space}/resume", d.base()),
         Some(&b),
         None,
     );
@@ -747,7 +701,7 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     let d = start(&state, &[]);
     let (s, sb) = call(
         "POST",
-        &format!("{}/v1/spaces/{space}/resume", d.base),
+        &format!("{}/v1/spaces/{space}/resume", d.base()),
         Some(&a),
         None,
     );
@@ -758,7 +712,7 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     // Resuming a running space answers its sandbox.
     let (s, again) = call(
         "POST",
-        &format!("{}/v1/spaces/{space}/resume", d.base),
+        &format!("{}/v1/spaces/{space}/resume", d.base()),
         Some(&a),
         None,
     );
@@ -770,7 +724,7 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     let d = start(&state, &[]);
     let (_, sb) = call(
         "POST",
-        &format!("{}/v1/spaces/{space}/resume", d.base),
+        &format!("{}/v1/spaces/{space}/resume", d.base()),
         Some(&a),
         None,
     );
@@ -780,7 +734,7 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     // An idle timeout persists it too.
     let (s, v) = call(
         "POST",
-        &format!("{}/v1/sandboxes", d.base),
+        &format!("{}/v1/sandboxes", d.base()),
         Some(&a),
         Some(r#"{"persistent":true,"idle_timeout_s":2}"#),
     );
@@ -792,7 +746,7 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     for _ in 0..600 {
         let (_, v) = call(
             "GET",
-            &format!("{}/v1/spaces/{idle_space}", d.base),
+            &format!("{}/v1/spaces/{idle_space}", d.base()),
             Some(&a),
             None,
         );
@@ -805,34 +759,34 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
     assert!(persisted, "the idle sandbox was not persisted");
     let (s, _) = call(
         "GET",
-        &format!("{}/v1/sandboxes/{idle}", d.base),
+        &format!("{}/v1/sandboxes/{idle}", d.base()),
         Some(&a),
         None,
     );
     assert_eq!(s, 404);
 
     // Spaces are listed per tenant and deleted.
-    let (_, list) = call("GET", &format!("{}/v1/spaces", d.base), Some(&a), None);
+    let (_, list) = call("GET", &format!("{}/v1/spaces", d.base()), Some(&a), None);
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
-    let (_, list) = call("GET", &format!("{}/v1/spaces", d.base), Some(&b), None);
+    let (_, list) = call("GET", &format!("{}/v1/spaces", d.base()), Some(&b), None);
     assert!(list.as_array().unwrap().is_empty());
     let (s, _) = call(
         "DELETE",
-        &format!("{}/v1/spaces/{space}", d.base),
+        &format!("{}/v1/spaces/{space}", d.base()),
         Some(&a),
         None,
     );
     assert_eq!(s, 204);
     let (s, _) = call(
         "GET",
-        &format!("{}/v1/sandboxes/{resumed}", d.base),
+        &format!("{}/v1/sandboxes/{resumed}", d.base()),
         Some(&a),
         None,
     );
     assert_eq!(s, 404, "deleting a space stops its sandbox");
     let (s, _) = call(
         "POST",
-        &format!("{}/v1/spaces/{space}/resume", d.base),
+        &format!("{}/v1/spaces/{space}/resume", d.base()),
         Some(&a),
         None,
     );
@@ -841,7 +795,12 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
 
 /// The python-datasci template's ready snapshots of one shape, as `GET /v1/templates` says.
 fn ready_status(d: &Daemon, key: &str, memory_mib: u64) -> Value {
-    let (s, v) = call("GET", &format!("{}/v1/templates", d.base), Some(key), None);
+    let (s, v) = call(
+        "GET",
+        &format!("{}/v1/templates", d.base()),
+        Some(key),
+        None,
+    );
     assert_eq!(s, 200, "{v}");
     let t = v
         .as_array()

@@ -14,17 +14,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fissile_agent::AgentClient;
 use fissile_proto::agent::{AGENT_VSOCK_PORT, ExecRequest};
+use fissile_tests::daemon::{self, Fissiled};
 use serde_json::{Value, json};
 
 struct Daemon {
-    child: Child,
-    base: String,
+    fissiled: Fissiled,
     key: String,
     state: PathBuf,
     /// One HTTP client for every request: it keeps its connections alive, as an SDK's
@@ -32,48 +31,13 @@ struct Daemon {
     http: ureq::Agent,
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..600 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// fissiled on `state` with `extra` flags, and a key for tenant `bench`.
 fn start(state: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
     let bin = fissile_sandbox::paths::find_binary("fissiled")?;
-    let out = Command::new(&bin)
-        .args(["keys", "create", "--tenant", "bench", "--state-dir"])
-        .arg(state)
-        .output()?;
-    anyhow::ensure!(out.status.success(), "keys create failed");
-    let key = String::from_utf8(out.stdout)?.trim().to_string();
-    let mut child = Command::new(&bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let addr = line
-        .strip_prefix("READY ")
-        .context("no readiness line")?
-        .trim()
-        .to_string();
+    let key = daemon::create_key(&bin, state, "bench")?;
+    let fissiled = Fissiled::serve_logging(&bin, state, extra, Some("warn"))?;
     Ok(Daemon {
-        child,
-        base: format!("http://{addr}"),
+        fissiled,
         key,
         state: state.to_path_buf(),
         http: ureq::AgentBuilder::new().build(),
@@ -84,7 +48,7 @@ impl Daemon {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let req = self
             .http
-            .request(method, &format!("{}{path}", self.base))
+            .request(method, &format!("{}{path}", self.fissiled.base()))
             .timeout(Duration::from_secs(900))
             .set("Authorization", &format!("Bearer {}", self.key));
         let resp = match body {
@@ -104,7 +68,7 @@ impl Daemon {
     fn exec(&self, id: &str, code: &str) -> anyhow::Result<String> {
         let resp = self
             .http
-            .post(&format!("{}/v1/sandboxes/{id}/exec", self.base))
+            .post(&format!("{}/v1/sandboxes/{id}/exec", self.fissiled.base()))
             .timeout(Duration::from_secs(900))
             .set("Authorization", &format!("Bearer {}", self.key))
             .send_json(json!({ "code": code }))?;

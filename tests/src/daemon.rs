@@ -1,0 +1,115 @@
+//! A `fissiled` process for tests and benchmarks: API keys, `serve` on a loopback port chosen
+//! by the kernel, its `READY` line, and a graceful stop when dropped (SIGTERM, so it stops
+//! its sandboxes and snapshotd; SIGKILL after 60 s).
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// A running `fissiled serve`.
+#[derive(Debug)]
+pub struct Fissiled {
+    child: Child,
+    base: String,
+}
+
+/// Creates an API key for `tenant` in the state directory `state` (`fissiled keys create`).
+pub fn create_key(bin: &Path, state: &Path, tenant: &str) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args(["keys", "create", "--tenant", tenant, "--state-dir"])
+        .arg(state)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "fissiled keys create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+impl Fissiled {
+    /// Starts `bin serve --listen 127.0.0.1:0 --state-dir <state> <args>` and waits for its
+    /// readiness line.
+    pub fn serve<I, S>(bin: &Path, state: &Path, args: I) -> anyhow::Result<Fissiled>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Fissiled::serve_logging(bin, state, args, None)
+    }
+
+    /// [`Fissiled::serve`] with its `RUST_LOG` set (a benchmark keeps the daemon to `warn`).
+    pub fn serve_logging<I, S>(
+        bin: &Path,
+        state: &Path,
+        args: I,
+        rust_log: Option<&str>,
+    ) -> anyhow::Result<Fissiled>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .args(args)
+            .stdout(Stdio::piped());
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut line = String::new();
+        let read = BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line);
+        let addr = match (read, line.strip_prefix("READY ")) {
+            (Ok(_), Some(addr)) => addr.trim().to_string(),
+            (read, _) => {
+                let _ = child.kill();
+                let status = child.wait();
+                anyhow::bail!(
+                    "fissiled printed no readiness line ({read:?}, {status:?}): {line:?}"
+                );
+            }
+        };
+        Ok(Fissiled {
+            child,
+            base: format!("http://{addr}"),
+        })
+    }
+
+    /// Its base URL, `http://127.0.0.1:<port>`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Kills it without warning (SIGKILL), as a crash would, and reaps it.
+    pub fn kill_hard(&mut self) -> std::io::Result<()> {
+        self.child.kill()?;
+        self.child.wait().map(|_| ())
+    }
+}
+
+impl Drop for Fissiled {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..600 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
