@@ -58,6 +58,8 @@ pub enum ThreadClass {
     Api,
     /// The vsock muxer's event loop.
     Vsock,
+    /// The virtio-net device's receive loop.
+    Net,
     /// A snapshotd fault session's watchdog.
     Watchdog,
 }
@@ -71,6 +73,7 @@ impl ThreadClass {
             ThreadClass::Vmm => "vmm",
             ThreadClass::Api => "api",
             ThreadClass::Vsock => "vsock",
+            ThreadClass::Net => "net",
             ThreadClass::Watchdog => "watchdog",
         }
     }
@@ -247,6 +250,7 @@ mod tests {
                 ThreadClass::Vmm,
                 ThreadClass::Api,
                 ThreadClass::Vsock,
+                ThreadClass::Net,
                 ThreadClass::Watchdog,
             ] {
                 assert!(!program(filters, class.name()).unwrap().is_empty());

@@ -6,7 +6,7 @@
 
 use std::process::{Command, Output};
 
-const CLASSES: &[&str] = &["main", "vcpu", "vmm", "api", "vsock", "watchdog"];
+const CLASSES: &[&str] = &["main", "vcpu", "vmm", "api", "vsock", "net", "watchdog"];
 const SYS_EXECVE: u32 = 59;
 
 fn selftest(mode: &str, class: &str) -> Output {

@@ -3,6 +3,7 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod rng;
 pub mod vsock;
@@ -17,6 +18,8 @@ use crate::memory::GuestMemory;
 
 /// Feature bit: virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device type: network card.
+pub const TYPE_NET: u32 = 1;
 /// Device type: block.
 pub const TYPE_BLOCK: u32 = 2;
 /// Device type: entropy source.
