@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod control;
 pub mod frame;
+pub mod net;
 pub mod pidfd;
 pub mod snapshotd;
 pub mod uds;

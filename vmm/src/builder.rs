@@ -27,6 +27,7 @@ use crate::devices::legacy::serial::{EventFdTrigger, SERIAL_LOG_CAP};
 use crate::devices::legacy::{SerialConsole, SerialOutput};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::host::{self, HostError};
@@ -87,6 +88,9 @@ pub enum BuildError {
     /// The vsock device.
     #[error("vsock device")]
     Vsock(#[from] VsockError),
+    /// Creating the network device (attaching its tap).
+    #[error("network device")]
+    Net(#[from] NetError),
     /// Adding a device to the bus.
     #[error("adding a device")]
     Device(#[from] DeviceError),
@@ -151,6 +155,7 @@ impl VmmBuilder {
             rootfs: config.rootfs.clone(),
             guest_cid: config.vsock_uds.as_ref().map(|_| config.guest_cid),
             rng: config.rng,
+            net_mac: config.net_tap.as_ref().map(|_| config.net_mac.0),
             cmdline: String::new(),
         };
         let devices = DeviceSpec {
@@ -161,6 +166,7 @@ impl VmmBuilder {
                 .as_deref()
                 .map(|uds| (config.guest_cid, uds)),
             rng: config.rng,
+            net: config.net_tap.as_deref().map(|tap| (tap, config.net_mac.0)),
         };
         let bus = build_devices(&vm, ram.memory(), serial_out, &devices)?;
         steps.done("devices");
@@ -254,9 +260,10 @@ pub(crate) struct DeviceSpec<'a> {
     pub(crate) scratch: Option<&'a Path>,
     pub(crate) vsock: Option<(u32, &'a Path)>,
     pub(crate) rng: bool,
+    pub(crate) net: Option<(&'a str, [u8; 6])>,
 }
 
-/// The serial console and the virtio devices (root, scratch, vsock, rng, in that order),
+/// The serial console and the virtio devices (root, scratch, vsock, rng, net, in that order),
 /// their interrupt lines registered with KVM.
 pub(crate) fn build_devices(
     vm: &Vm,
@@ -283,6 +290,9 @@ pub(crate) fn build_devices(
     }
     if spec.rng {
         devices.push(Box::new(Rng::new()));
+    }
+    if let Some((tap, mac)) = spec.net {
+        devices.push(Box::new(Net::new(tap, mac)?));
     }
     for device in devices {
         let slot = bus.add_virtio(device, mem.clone())?;

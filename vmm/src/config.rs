@@ -62,6 +62,14 @@ pub struct VmConfig {
     /// Add a virtio-rng device.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// Add a virtio-net device attached to this host tap (created and configured by the
+    /// caller, usually inside the sandbox's network namespace). `None`: no network device.
+    #[serde(default)]
+    pub net_tap: Option<String>,
+    /// The guest's MAC address (`fissile_proto::net::GUEST_MAC` unless set; the same in every sandbox,
+    /// so a restored or forked guest needs no reconfiguration).
+    #[serde(default = "default_mac")]
+    pub net_mac: MacAddr,
     /// snapshotd's socket: needed for snapshot, fork and merge.
     #[serde(default)]
     pub snapshotd: Option<PathBuf>,
@@ -84,6 +92,61 @@ fn default_guest_cid() -> u32 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_mac() -> MacAddr {
+    MacAddr(fissile_proto::net::GUEST_MAC)
+}
+
+/// A MAC address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut mac = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "MAC address {s:?} is not six hex bytes separated by ':'"
+            ));
+        }
+        for (b, p) in mac.iter_mut().zip(parts) {
+            *b = match (p.len(), u8::from_str_radix(p, 16)) {
+                (2, Ok(v)) => v,
+                _ => return Err(format!("MAC address {s:?} has a bad byte {p:?}")),
+            };
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!("MAC address {s:?} is a multicast address"));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 /// Why a configuration was rejected.
@@ -136,6 +199,8 @@ impl VmConfig {
             guest_cid: default_guest_cid(),
             api_sock: None,
             rng: true,
+            net_tap: None,
+            net_mac: default_mac(),
             snapshotd: None,
         }
     }
@@ -208,6 +273,8 @@ pub struct MachineConfig {
     pub guest_cid: Option<u32>,
     /// A virtio-rng device exists.
     pub rng: bool,
+    /// A virtio-net device exists, with this MAC (the restoring VMM is given its own tap).
+    pub net_mac: Option<[u8; 6]>,
     /// The kernel command line the guest booted with (for information).
     pub cmdline: String,
 }

@@ -74,6 +74,14 @@ struct Args {
     /// Do not add a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// Add a virtio-net device on this host tap (it must exist and be configured, usually in
+    /// the network namespace this VMM runs in). With --restore: required when the snapshot
+    /// has a network device.
+    #[arg(long, value_name = "TAP")]
+    net_tap: Option<String>,
+    /// The guest's MAC address (default 06:00:ac:1f:00:02, the same in every sandbox).
+    #[arg(long, value_name = "MAC")]
+    net_mac: Option<fissile_vmm::config::MacAddr>,
     /// Try to run even if this host's KVM looks unable to boot the guest.
     #[arg(long)]
     force: bool,
@@ -132,6 +140,7 @@ fn main() -> ExitCode {
             snapshotd,
             rootfs: args.rootfs.clone(),
             vsock_uds: args.vsock_uds.clone(),
+            net_tap: args.net_tap.clone(),
             serial_log: args.serial_log.clone(),
             serial_stderr: args.serial_stderr,
             start_paused: args.start_paused,
@@ -289,6 +298,12 @@ fn config_from_args(args: Args) -> anyhow::Result<VmConfig> {
     }
     if args.no_rng {
         config.rng = false;
+    }
+    if args.net_tap.is_some() {
+        config.net_tap = args.net_tap;
+    }
+    if let Some(mac) = args.net_mac {
+        config.net_mac = mac;
     }
     if args.snapshotd.is_some() {
         config.snapshotd = args.snapshotd;

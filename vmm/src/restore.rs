@@ -39,6 +39,8 @@ pub struct RestoreConfig {
     pub rootfs: Option<PathBuf>,
     /// This VMM's hybrid-vsock socket (required when the snapshot has a vsock device).
     pub vsock_uds: Option<PathBuf>,
+    /// This VMM's tap (required when the snapshot has a network device).
+    pub net_tap: Option<String>,
     /// Guest console log.
     pub serial_log: Option<PathBuf>,
     /// Guest console to stderr (without `serial_log`).
@@ -103,6 +105,12 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
         ));
     }
 
+    if machine.net_mac.is_some() && cfg.net_tap.is_none() {
+        return Err(RestoreError::Missing(
+            "the snapshot has a network device: give a tap (--net-tap)",
+        ));
+    }
+
     let image = client
         .open_image(&cfg.snapshot)
         .map_err(|e| RestoreError::Snapshotd("opening the image", e))?;
@@ -135,6 +143,10 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
             _ => None,
         },
         rng: machine.rng,
+        net: match (machine.net_mac, cfg.net_tap.as_deref()) {
+            (Some(mac), Some(tap)) => Some((tap, mac)),
+            _ => None,
+        },
     };
     let bus = build_devices(&vm, ram.memory(), serial, &spec).map_err(RestoreError::Build)?;
     let mut vcpus = Vec::new();

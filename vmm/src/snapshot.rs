@@ -31,7 +31,7 @@ use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
 /// First bytes of every VM-state blob.
 pub const STATE_MAGIC: &[u8; 8] = b"FSSLVMST";
 /// Version of the VM-state format.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
 /// Largest VM-state blob accepted.
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 /// Name of the VM-state blob in snapshotd.
@@ -224,6 +224,7 @@ mod tests {
                 rootfs: "/r".into(),
                 guest_cid: Some(3),
                 rng: true,
+                net_mac: Some([6, 0, 0xac, 0x10, 0, 2]),
                 cmdline: "console=ttyS0".into(),
             },
             vm: VmState {

@@ -168,7 +168,9 @@ fn a_guest_that_never_refills_rx_holds_one_frame_here_and_the_rest_stay_in_the_b
     }
     // The backend queue stays full, not drained into our memory: only the slot of the one
     // frame held here frees up.
-    let more = (0..10).filter(|_| r.peer.send(&frame(1500, 0)).is_ok()).count();
+    let more = (0..10)
+        .filter(|_| r.peer.send(&frame(1500, 0)).is_ok())
+        .count();
     assert!(more <= 1, "{more} more frames fit the backend");
 
     // One buffer, one frame: the first one sent, in order.
