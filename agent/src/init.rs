@@ -12,6 +12,7 @@
 use std::ffi::CStr;
 use std::fs;
 use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::sys;
@@ -71,6 +72,11 @@ pub fn init_guest() {
     if let Err(e) = sys::interface_up("lo") {
         tracing::error!(error = %e, "cannot bring the loopback interface up");
     }
+    if Path::new("/sys/class/net/eth0").exists()
+        && let Err(e) = network_up()
+    {
+        tracing::error!(error = %e, "cannot configure eth0; the guest has no network");
+    }
     let home = if fs::metadata("/root").is_ok_and(|m| m.is_dir()) {
         "/root"
     } else {
@@ -79,6 +85,21 @@ pub fn init_guest() {
     if let Err(e) = std::env::set_current_dir(home) {
         tracing::error!(error = %e, "chdir failed");
     }
+}
+
+/// `eth0` with the address every sandbox's guest has, the default route through the host
+/// end of the link, and that end as the resolver (`fissile_proto::net`). A restored or forked
+/// guest keeps all of it: the host gives every namespace the same layout.
+fn network_up() -> io::Result<()> {
+    use fissile_proto::net::{GATEWAY_ADDR, GUEST_ADDR, netmask};
+    sys::set_ipv4("eth0", GUEST_ADDR, netmask())?;
+    sys::interface_up("eth0")?;
+    sys::add_default_route(GATEWAY_ADDR)?;
+    // The image's may be a dangling symlink (to a resolver daemon's file).
+    let _ = fs::remove_file("/etc/resolv.conf");
+    fs::write("/etc/resolv.conf", format!("nameserver {GATEWAY_ADDR}\n"))?;
+    tracing::info!(address = %GUEST_ADDR, gateway = %GATEWAY_ADDR, "eth0 up");
+    Ok(())
 }
 
 /// tmpfs at a base dir, overlay (lower = the read-only root) at base/fissile-overlay/root,

@@ -306,13 +306,17 @@ pub(crate) fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Sets IFF_UP on network interface `name` (e.g. "lo").
-pub(crate) fn interface_up(name: &str) -> io::Result<()> {
+/// An AF_INET datagram socket for interface ioctls.
+fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket(2) has no memory-safety preconditions.
     let fd =
         check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: socket returned a fresh descriptor that nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming interface `name`, the rest zero.
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     if name.len() >= req.ifr_name.len() {
@@ -324,6 +328,62 @@ pub(crate) fn interface_up(name: &str) -> io::Result<()> {
     for (dst, &src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = src as libc::c_char;
     }
+    Ok(req)
+}
+
+/// A `sockaddr_in` for `addr` (port 0) as the generic `sockaddr` ioctls take.
+fn sockaddr(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16-byte plain old data; the kernel reads the
+    // address back as sockaddr_in because of its family.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Gives interface `name` the IPv4 address `addr` with netmask `mask`.
+pub(crate) fn set_ipv4(
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    mask: std::net::Ipv4Addr,
+) -> io::Result<()> {
+    let fd = inet_socket()?;
+    for (request, value) in [(libc::SIOCSIFADDR, addr), (libc::SIOCSIFNETMASK, mask)] {
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_addr = sockaddr(value);
+        // SAFETY: `req` is a valid ifreq holding an AF_INET address; the kernel reads it.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), request, &req as *const libc::ifreq) })?;
+    }
+    Ok(())
+}
+
+/// Adds the default route via `gateway` (SIOCADDRT). An existing one is left as it is.
+pub(crate) fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let fd = inet_socket()?;
+    // SAFETY: rtentry is plain old data; all-zero is a valid value (no device name pointer).
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: `rt` is a valid rtentry with AF_INET addresses and a null device name.
+    match check(unsafe {
+        libc::ioctl(fd.as_raw_fd(), libc::SIOCADDRT, &rt as *const libc::rtentry)
+    }) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Sets IFF_UP on network interface `name` (e.g. "lo").
+pub(crate) fn interface_up(name: &str) -> io::Result<()> {
+    let fd = inet_socket()?;
+    let mut req = ifreq(name)?;
     // SAFETY: `req` is a valid ifreq the kernel reads and fills in.
     check(unsafe {
         libc::ioctl(
