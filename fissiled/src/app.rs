@@ -376,6 +376,7 @@ impl App {
             cmdline_extra: String::new(),
             snapshotd: Some(self.snapshotd.socket().to_path_buf()),
             limits: self.config.vmm_limits.clone(),
+            network: fissile_sandbox::Network::None,
         }
     }
 

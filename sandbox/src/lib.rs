@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod limits;
+pub mod net;
 pub mod paths;
 pub mod snapshotd;
 
@@ -31,6 +32,7 @@ use fissile_proto::control::{ControlRequest, MAX_FORK_CHILDREN, MergeReply, Snap
 pub use control::{ControlClient, ControlError};
 use fissile_proto::pidfd::Pidfd;
 pub use limits::{Cgroup, LimitsError, VmmLimits};
+pub use net::NetNs;
 pub use snapshotd::Snapshotd;
 
 /// How to boot a sandbox.
@@ -57,6 +59,25 @@ pub struct SandboxConfig {
     /// What every VMM of this sandbox (and of its fork children) runs under: its own cgroup,
     /// rlimits.
     pub limits: VmmLimits,
+    /// The guest's network (none by default).
+    pub network: Network,
+}
+
+/// A sandbox's network: the guest brings up `eth0` with the layout of `fissile_proto::net`
+/// whenever it has a network device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Network {
+    /// No network device.
+    #[default]
+    None,
+    /// Every VMM (the sandbox's and each fork child's) in a network namespace of its own
+    /// holding the guest's gateway tap ([`net::NetNs`]): the guest reaches only what is
+    /// started inside that namespace (no route out of it yet).
+    Isolated,
+    /// A virtio-net device on this existing tap in the caller's own namespace (see
+    /// [`net::create_gateway_tap`]). One VMM at a time can attach to a tap, so a fork of
+    /// such a sandbox fails.
+    Tap(String),
 }
 
 impl SandboxConfig {
@@ -80,6 +101,7 @@ impl SandboxConfig {
             cmdline_extra: String::new(),
             snapshotd: None,
             limits: VmmLimits::from_env(),
+            network: Network::None,
         })
     }
 }
@@ -181,6 +203,9 @@ pub enum SandboxError {
     /// The VMM's cgroup or rlimits could not be set up.
     #[error("limits for fissile-vmm")]
     Limits(#[from] LimitsError),
+    /// The VMM's network namespace could not be set up.
+    #[error("network for fissile-vmm")]
+    Net(#[from] net::NetNsError),
     /// A running VMM could not be adopted.
     #[error("cannot adopt process {pid}: {why}")]
     Adopt {
@@ -201,19 +226,34 @@ struct Spawner {
     limits: VmmLimits,
     mem_mib: u64,
     vcpus: u8,
+    network: Network,
 }
 
 /// A VMM process this library started, with the cgroup it runs in (removed after the
-/// process is reaped: fields drop in order).
+/// process is reaped: fields drop in order) and its network namespace.
 #[derive(Debug)]
 struct Spawned {
     child: Child,
     cgroup: Option<Cgroup>,
+    netns: Option<NetNs>,
 }
 
 impl Spawned {
     /// Starts `cmd` under `limits` (a guest of `mem_mib` MiB, `vcpus` vCPUs).
     fn start(mut cmd: Command, spawner: &Spawner, dir: &Path) -> Result<Spawned, SandboxError> {
+        let netns = match &spawner.network {
+            Network::None => None,
+            Network::Tap(tap) => {
+                cmd.arg("--net-tap").arg(tap);
+                None
+            }
+            Network::Isolated => {
+                let ns = NetNs::create()?;
+                ns.enter_on_spawn(&mut cmd);
+                cmd.arg("--net-tap").arg(fissile_proto::net::TAP_NAME);
+                Some(ns)
+            }
+        };
         let cgroup = limits::apply(
             &mut cmd,
             &spawner.limits,
@@ -226,7 +266,11 @@ impl Spawned {
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| SandboxError::Spawn(spawner.vmm.clone(), e))?;
-        Ok(Spawned { child, cgroup })
+        Ok(Spawned {
+            child,
+            cgroup,
+            netns,
+        })
     }
 }
 
@@ -240,6 +284,7 @@ impl Spawner {
             limits: cfg.limits.clone(),
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
+            network: cfg.network.clone(),
         }
     }
 
@@ -303,6 +348,8 @@ pub struct Sandbox {
     forks: u32,
     /// The VMM's cgroup, removed on drop (`Drop` reaps the VMM first).
     cgroup: Option<Cgroup>,
+    /// The VMM's network namespace ([`Network::Isolated`]).
+    netns: Option<NetNs>,
 }
 
 impl Sandbox {
@@ -364,7 +411,11 @@ impl Sandbox {
         started: Instant,
         ready: Option<ReadyListener>,
     ) -> Result<Sandbox, SandboxError> {
-        let Spawned { mut child, cgroup } = vmm;
+        let Spawned {
+            mut child,
+            cgroup,
+            netns,
+        } = vmm;
         let uds = dir.join("vsock.sock");
         let timeout = spawner.boot_timeout;
         let mut last = String::from("not tried");
@@ -400,6 +451,7 @@ impl Sandbox {
                             spawner,
                             forks: 0,
                             cgroup,
+                            netns,
                         });
                     }
                     Err(e) => last = error_chain(&e),
@@ -443,6 +495,10 @@ impl Sandbox {
             spawner: Spawner::of(cfg),
             forks: 0,
             cgroup: limits::adopted_cgroup(&cfg.limits, pid),
+            netns: match cfg.network {
+                Network::Isolated => Some(NetNs::of_process(pid)?),
+                _ => None,
+            },
         })
     }
 
@@ -475,6 +531,11 @@ impl Sandbox {
             .as_ref()
             .map(Child::id)
             .or_else(|| self.adopted.as_ref().map(Pidfd::pid))
+    }
+
+    /// The VMM's network namespace, if it runs in one of its own ([`Network::Isolated`]).
+    pub fn netns(&self) -> Option<&NetNs> {
+        self.netns.as_ref()
     }
 
     /// The VMM's cgroup directory, if it runs in one of its own.
@@ -851,10 +912,12 @@ mod tests {
             limits: VmmLimits::default(),
             mem_mib: 512,
             vcpus: 1,
+            network: Network::None,
         };
         let vmm = Spawned {
             child,
             cgroup: None,
+            netns: None,
         };
 
         let err = Sandbox::attach(vmm, dir.path(), spawner, Instant::now(), None).unwrap_err();
