@@ -76,6 +76,9 @@ const LAB_MODULES: &[(&str, &str)] = &[
     // For `fissile-lab serve`: a NIC on QEMU user networking (restricted: nothing in the
     // lab reaches outside it) whose only use is a port forwarded from the host's loopback.
     ("virtio_net", ""),
+    // The host end of a guest's network: its tap, and (per-sandbox namespaces) veth pairs.
+    ("tun", ""),
+    ("veth", ""),
 ];
 
 /// Errors preparing or running the lab; each names the failing step.

@@ -1,0 +1,245 @@
+//! Guest network tests: the guest's virtio-net device over a tap, against servers this test
+//! starts itself on the tap's own address (never an address outside the machine; the lab's
+//! own network leads nowhere).
+//!
+//! The `guest_` tests are ignored by a plain `cargo test`: `net_suite_boots_real_guests`
+//! runs them (in one lab boot on a KVM-PVM host, as a child process where KVM is usable) and
+//! checks that every one ran and passed (see `fissile_tests::guest`).
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fissile_proto::net::{GATEWAY_ADDR, GUEST_ADDR};
+use fissile_sandbox::{Network, Sandbox, SandboxConfig, Snapshotd, net};
+use fissile_tests::guest::{GuestEnv, guest_env, run_guest_suite};
+
+#[test]
+fn net_suite_boots_real_guests() {
+    run_guest_suite("guest_", Duration::from_secs(1200));
+}
+
+fn config(env: &GuestEnv, dir: &Path, sd: &Snapshotd, tap: &str) -> SandboxConfig {
+    let mut cfg = SandboxConfig::from_env(dir).unwrap();
+    cfg.kernel = env.kernel.clone();
+    cfg.rootfs = env.rootfs.clone();
+    cfg.mem_mib = 512;
+    cfg.snapshotd = Some(sd.socket().to_path_buf());
+    cfg.network = Network::Tap(tap.to_string());
+    cfg
+}
+
+/// The value of a Python expression (its repr), failing the test on an exception.
+fn eval(sb: &mut Sandbox, code: &str) -> String {
+    let out = sb.exec(code).unwrap();
+    if let Some((ename, evalue, tb)) = out.error() {
+        panic!("{code:?} raised {ename}: {evalue}\n{}", tb.join("\n"));
+    }
+    out.result_text()
+        .unwrap_or_else(|| panic!("{code:?} returned nothing: {:?}", out.outputs))
+        .to_string()
+}
+
+/// An HTTP/1.0 server on `ip` (a port the kernel picks) answering every request with `body`;
+/// records each client's address. Serves until the process ends.
+struct Server {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<IpAddr>>>,
+}
+
+fn serve(ip: IpAddr, body: Vec<u8>) -> Server {
+    serve_on(TcpListener::bind((ip, 0)).unwrap(), body)
+}
+
+/// [`serve`] on a listener bound elsewhere (inside a sandbox's namespace).
+fn serve_on(listener: TcpListener, body: Vec<u8>) -> Server {
+    let addr = listener.local_addr().unwrap();
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+            if let Ok(peer) = conn.peer_addr() {
+                seen.lock().unwrap().push(peer.ip());
+            }
+            // Read the request head (bounded), then answer.
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            for _ in 0..100 {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(&body);
+        }
+    });
+    Server { addr, peers }
+}
+
+/// Python that fetches `url` and evaluates to the body's `(length, sum of bytes)`, or to the
+/// name of the error.
+fn fetch(url: &str) -> String {
+    format!(
+        "import urllib.request\n\
+         try:\n    d = urllib.request.urlopen('{url}', timeout=20).read(); r = (len(d), sum(d))\n\
+         except Exception as e:\n    r = type(getattr(e, 'reason', e)).__name__\n\
+         r"
+    )
+}
+
+/// Every VMM in a namespace of its own with the same layout: the sandbox and each child of a
+/// fork(3) fetch from a server started in their own namespace on the same gateway address
+/// (each gets its own server's bytes, from the same guest address); a child cannot reach a
+/// sibling's server, nor a server on the lab host's own namespace.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_fork_children_each_get_their_own_namespace_with_the_same_layout() {
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let mut cfg = config(&env, &dir.path().join("p"), &sd, "unused");
+    cfg.network = Network::Isolated;
+    // A server in the host's (the lab's) own namespace, on every address.
+    let host = serve(
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        b"host".to_vec(),
+    );
+    let in_ns = |sb: &Sandbox, port: u16, body: &[u8]| {
+        let body = body.to_vec();
+        sb.netns()
+            .expect("an isolated sandbox has a namespace")
+            .run(move || serve_on(TcpListener::bind((GATEWAY_ADDR, port)).unwrap(), body))
+            .unwrap()
+    };
+    let sum = |b: &[u8]| b.iter().map(|&x| u64::from(x)).sum::<u64>();
+
+    let mut parent = Sandbox::boot(&cfg).unwrap();
+    let p_server = in_ns(&parent, 8000, b"parent");
+    assert_eq!(
+        eval(&mut parent, &fetch(&format!("http://{GATEWAY_ADDR}:8000/"))),
+        format!("(6, {})", sum(b"parent"))
+    );
+    assert_eq!(
+        eval(
+            &mut parent,
+            &fetch(&format!("http://{GATEWAY_ADDR}:{}/", host.addr.port()))
+        ),
+        "'ConnectionRefusedError'",
+        "the host's own namespace is out of reach"
+    );
+
+    let (mut kids, _) = parent.fork(3).unwrap();
+    let servers: Vec<Server> = kids
+        .iter()
+        .enumerate()
+        .map(|(i, k)| in_ns(k, 8001 + i as u16, format!("child {i}").as_bytes()))
+        .collect();
+    for (i, kid) in kids.iter_mut().enumerate() {
+        let own = format!("child {i}");
+        assert_eq!(
+            eval(kid, &fetch(&format!("http://{GATEWAY_ADDR}:{}/", 8001 + i))),
+            format!("({}, {})", own.len(), sum(own.as_bytes())),
+            "child {i} reaches its own server"
+        );
+        let sibling = 8001 + (i + 1) % 3;
+        assert_eq!(
+            eval(kid, &fetch(&format!("http://{GATEWAY_ADDR}:{sibling}/"))),
+            "'ConnectionRefusedError'",
+            "child {i} cannot reach a sibling's server"
+        );
+    }
+    for (i, s) in servers.iter().enumerate() {
+        assert_eq!(
+            s.peers.lock().unwrap().as_slice(),
+            &[IpAddr::V4(GUEST_ADDR)],
+            "child {i}'s server saw only its own guest"
+        );
+    }
+    assert_eq!(
+        p_server.peers.lock().unwrap().len(),
+        1,
+        "no child reached the parent's"
+    );
+    assert!(
+        host.peers.lock().unwrap().is_empty(),
+        "nothing reached the host"
+    );
+    // The parent still has its network after the fork.
+    assert_eq!(
+        eval(&mut parent, &fetch(&format!("http://{GATEWAY_ADDR}:8000/"))),
+        format!("(6, {})", sum(b"parent"))
+    );
+}
+
+/// The guest fetches a file from a server on the host end of its link with `urllib` and gets
+/// every byte; its `eth0`, route and resolver are the shared layout. A snapshot restored into
+/// a new VMM on the same tap fetches again without any reconfiguration in the guest.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_fetches_over_virtio_net_and_its_restored_snapshot_still_does() {
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let tap = "fsl-test0";
+    net::create_gateway_tap(tap).unwrap();
+    // 1 MiB of varied bytes: a frame boundary or ring wrap that lost or repeated data shows.
+    let body: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+    let server = serve(IpAddr::V4(GATEWAY_ADDR), body);
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+
+    let mut sb = Sandbox::boot(&config(&env, &dir.path().join("a"), &sd, tap)).unwrap();
+    assert_eq!(
+        eval(&mut sb, "open('/etc/resolv.conf').read().strip()"),
+        format!("'nameserver {GATEWAY_ADDR}'")
+    );
+    let fetch = format!(
+        "import urllib.request\n\
+         d = urllib.request.urlopen('http://{}/blob', timeout=60).read()\n\
+         len(d), sum(d)",
+        server.addr
+    );
+    assert_eq!(eval(&mut sb, &fetch), format!("({}, {sum})", 1u32 << 20));
+    assert_eq!(
+        server.peers.lock().unwrap().as_slice(),
+        &[IpAddr::V4(GUEST_ADDR)],
+        "one connection, from the guest's address"
+    );
+    // A port nobody listens on is refused at once (the gateway answers with a reset).
+    let refused = eval(
+        &mut sb,
+        &format!(
+            "import socket\n\
+             try:\n    socket.create_connection(('{GATEWAY_ADDR}', 1), timeout=20); r = 'connected'\n\
+             except ConnectionRefusedError: r = 'refused'\n\
+             r"
+        ),
+    );
+    assert_eq!(refused, "'refused'");
+
+    let snap = sb.snapshot(true).unwrap();
+    drop(sb); // the VMM exits; the persistent tap stays
+    let mut restored =
+        Sandbox::restore(&config(&env, &dir.path().join("b"), &sd, tap), &snap.id).unwrap();
+    assert_eq!(
+        eval(&mut restored, &fetch),
+        format!("({}, {sum})", 1u32 << 20)
+    );
+    assert_eq!(server.peers.lock().unwrap().len(), 2);
+    drop(restored);
+    net::delete_tap(tap).unwrap();
+}
