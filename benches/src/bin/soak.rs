@@ -72,6 +72,48 @@ fn delete_unused(sd: &mut Client, old: &mut VecDeque<String>, keep: usize) {
     *old = kept;
 }
 
+/// The step the soak is in; a watchdog thread reports a step that takes longer than
+/// [`STUCK`] (with the parent's VMM log and console tails) and ends the run, so a hang in the
+/// lab shows where it is instead of running into the lab's timeout.
+struct Progress {
+    at: Arc<std::sync::Mutex<(u32, &'static str, Instant)>>,
+}
+
+const STUCK: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Progress {
+    fn watch(parent_dir: std::path::PathBuf) -> Progress {
+        let at = Arc::new(std::sync::Mutex::new((0, "start", Instant::now())));
+        let seen = at.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                let (cycle, step, since) = *seen.lock().unwrap_or_else(|p| p.into_inner());
+                if since.elapsed() > STUCK {
+                    let tail = |name: &str| {
+                        let text =
+                            std::fs::read_to_string(parent_dir.join(name)).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        lines[lines.len().saturating_sub(30)..].join("\n")
+                    };
+                    eprintln!(
+                        "soak: cycle {cycle} stuck in {step:?} for {:.0} s\n--- parent vmm.log ---\n{}\n--- parent console ---\n{}",
+                        since.elapsed().as_secs_f64(),
+                        tail("vmm.log"),
+                        tail("console.log")
+                    );
+                    std::process::exit(3);
+                }
+            }
+        });
+        Progress { at }
+    }
+
+    fn step(&self, cycle: u32, step: &'static str) {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner()) = (cycle, step, Instant::now());
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cycles: u32 = std::env::args()
         .nth(1)
@@ -127,22 +169,30 @@ fn main() -> anyhow::Result<()> {
     let mut old: VecDeque<String> = VecDeque::new();
     let mut start = None;
     let t0 = Instant::now();
+    let progress = Progress::watch(parent.dir().to_path_buf());
     for cycle in 1..=cycles {
+        progress.step(cycle, "snapshot");
         let s = parent.snapshot(false)?;
         old.push_back(s.id.clone());
+        progress.step(cycle, "fork(1)");
         let (mut kids, fork) = parent.fork(1)?;
         old.push_back(fork.snapshot.id.clone());
+        progress.step(cycle, "exec in the child");
         eval(&mut kids[0], &format!("n = {cycle}\n1"))?;
+        progress.step(cycle, "winner snapshot");
         let winner = kids[0].snapshot(false)?;
         old.push_back(winner.id.clone());
+        progress.step(cycle, "merge");
         parent.merge_snapshot(&winner.id)?;
         drop(kids);
+        progress.step(cycle, "exec in the parent after the merge");
         let n = eval(&mut parent, "n")?;
         anyhow::ensure!(
             n == cycle.to_string(),
             "cycle {cycle}: the parent has n = {n}"
         );
         if cycle % 10 == 0 {
+            progress.step(cycle, "restore of the winner");
             let mut rcfg = cfg.clone();
             rcfg.dir = tmp.path().join("restored");
             let mut r = Sandbox::restore(&rcfg, &winner.id)?;
@@ -151,6 +201,7 @@ fn main() -> anyhow::Result<()> {
             drop(r);
             let _ = std::fs::remove_dir_all(tmp.path().join("restored"));
         }
+        progress.step(cycle, "deleting old snapshots");
         old.extend(taken.try_iter());
         delete_unused(&mut sdc, &mut old, KEEP);
         let _ = std::fs::remove_dir_all(parent.dir().join(format!("fork-{}", cycle)));
