@@ -175,7 +175,10 @@ impl MicrovmState {
                 m.mem_size
             )));
         }
-        let expected = 1 + usize::from(m.guest_cid.is_some()) + usize::from(m.rng);
+        let expected = 1
+            + usize::from(m.guest_cid.is_some())
+            + usize::from(m.rng)
+            + usize::from(m.net_mac.is_some());
         if self.mmio.len() != expected {
             return Err(StateFormatError::Invalid(format!(
                 "{} virtio devices, the machine has {expected}",
@@ -250,9 +253,9 @@ mod tests {
                 scratch: 0,
                 in_buffer: vec![],
             },
-            mmio: (0..3)
+            mmio: (0..4)
                 .map(|i| MmioTransportState {
-                    device_type: [2, 19, 4][i],
+                    device_type: [2, 19, 4, 1][i],
                     device_features_sel: 0,
                     driver_features_sel: 0,
                     acked_features: 0,
