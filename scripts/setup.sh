@@ -32,6 +32,8 @@ fissile_setup() {
     clang libclang-dev
     # a venv for the host-side Python (agent tests, the SDK's tests)
     python3 python3-venv
+    # a routed sandbox's NAT and egress rules (fissile-sandbox runs nft in its namespace)
+    nftables
   )
   local missing=() p
   for p in "${apt_packages[@]}"; do

@@ -74,6 +74,11 @@ pub enum Network {
     /// holding the guest's gateway tap ([`net::NetNs`]): the guest reaches only what is
     /// started inside that namespace (no route out of it yet).
     Isolated,
+    /// Like `Isolated`, plus a way out to the host's network under this policy
+    /// ([`net::egress`]: a veth pair per namespace, NAT, nftables rules inside the
+    /// namespace). Fork children get their own namespaces with the policy in force when
+    /// they are made.
+    Routed(net::egress::EgressPolicy),
     /// A virtio-net device on this existing tap in the caller's own namespace (see
     /// [`net::create_gateway_tap`]). One VMM at a time can attach to a tap, so a fork of
     /// such a sandbox fails.
@@ -206,6 +211,12 @@ pub enum SandboxError {
     /// The VMM's network namespace could not be set up.
     #[error("network for fissile-vmm")]
     Net(#[from] net::NetNsError),
+    /// Its uplink or egress policy could not be set up or changed.
+    #[error("network egress")]
+    Egress(#[from] net::egress::EgressError),
+    /// The sandbox has no network namespace of its own (no network device, or a plain tap).
+    #[error("this sandbox has no network namespace of its own (Network::Isolated or Routed)")]
+    NotRouted,
     /// A running VMM could not be adopted.
     #[error("cannot adopt process {pid}: {why}")]
     Adopt {
@@ -247,8 +258,11 @@ impl Spawned {
                 cmd.arg("--net-tap").arg(tap);
                 None
             }
-            Network::Isolated => {
-                let ns = NetNs::create()?;
+            Network::Isolated | Network::Routed(_) => {
+                let ns = match &spawner.network {
+                    Network::Routed(policy) => NetNs::create_routed(policy)?,
+                    _ => NetNs::create()?,
+                };
                 ns.enter_on_spawn(&mut cmd);
                 cmd.arg("--net-tap").arg(fissile_proto::net::TAP_NAME);
                 Some(ns)
@@ -496,7 +510,10 @@ impl Sandbox {
             forks: 0,
             cgroup: limits::adopted_cgroup(&cfg.limits, pid),
             netns: match cfg.network {
-                Network::Isolated => Some(NetNs::of_process(pid)?),
+                // An adopted VMM's uplink slot is not known to this process: the namespace
+                // (and its policy, set with nft) still works; a new slot may collide with it
+                // and is then skipped (EEXIST).
+                Network::Isolated | Network::Routed(_) => Some(NetNs::of_process(pid)?),
                 _ => None,
             },
         })
@@ -533,9 +550,26 @@ impl Sandbox {
             .or_else(|| self.adopted.as_ref().map(Pidfd::pid))
     }
 
-    /// The VMM's network namespace, if it runs in one of its own ([`Network::Isolated`]).
+    /// The VMM's network namespace, if it runs in one of its own ([`Network::Isolated`],
+    /// [`Network::Routed`]).
     pub fn netns(&self) -> Option<&NetNs> {
         self.netns.as_ref()
+    }
+
+    /// Changes the sandbox's egress policy at once (its next connections follow it); an
+    /// `Isolated` sandbox gets its way out now and becomes `Routed`. Children of its later
+    /// forks inherit the policy.
+    pub fn set_network_policy(
+        &mut self,
+        policy: net::egress::EgressPolicy,
+    ) -> Result<(), SandboxError> {
+        if !matches!(self.spawner.network, Network::Routed(_) | Network::Isolated) {
+            return Err(SandboxError::NotRouted);
+        }
+        let ns = self.netns.as_mut().ok_or(SandboxError::NotRouted)?;
+        ns.route(&policy)?;
+        self.spawner.network = Network::Routed(policy);
+        Ok(())
     }
 
     /// The VMM's cgroup directory, if it runs in one of its own.

@@ -21,6 +21,8 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use fissile_proto::net::{GATEWAY_ADDR, TAP_MAC, TAP_NAME, netmask};
 
+pub mod egress;
+
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -199,6 +201,8 @@ pub enum NetNsError {
 #[derive(Debug)]
 pub struct NetNs {
     ns: File,
+    /// Its way out, when it has one ([`NetNs::create_routed`]).
+    uplink: Option<egress::Uplink>,
 }
 
 impl NetNs {
@@ -224,7 +228,42 @@ impl NetNs {
                     source,
                 })
         })??;
-        Ok(NetNs { ns })
+        Ok(NetNs { ns, uplink: None })
+    }
+
+    /// A fresh namespace with its interfaces set up and a way out to the host network under
+    /// `policy` (see [`egress`]).
+    pub fn create_routed(policy: &egress::EgressPolicy) -> Result<NetNs, egress::EgressError> {
+        let mut ns = NetNs::create()?;
+        ns.uplink = Some(egress::connect(&ns, policy)?);
+        Ok(ns)
+    }
+
+    /// Gives this namespace its way out under `policy` if it has none yet, else replaces its
+    /// policy.
+    pub fn route(&mut self, policy: &egress::EgressPolicy) -> Result<(), egress::EgressError> {
+        match &self.uplink {
+            Some(_) => self.set_policy(policy),
+            None => {
+                self.uplink = Some(egress::connect(self, policy)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Its uplink, when it has one.
+    pub fn uplink(&self) -> Option<&egress::Uplink> {
+        self.uplink.as_ref()
+    }
+
+    /// Replaces its egress policy (next connections follow it; open ones keep going).
+    pub fn set_policy(&self, policy: &egress::EgressPolicy) -> Result<(), egress::EgressError> {
+        egress::set_policy(self, policy)
+    }
+
+    /// New connections its policy rejected so far.
+    pub fn blocked_connections(&self) -> Result<u64, egress::EgressError> {
+        egress::blocked_count(self)
     }
 
     /// The namespace process `pid` runs in (an adopted VMM's).
@@ -237,7 +276,12 @@ impl NetNs {
                 step: "opening the process's namespace",
                 source,
             })?;
-        Ok(NetNs { ns })
+        Ok(NetNs { ns, uplink: None })
+    }
+
+    /// The namespace descriptor (for setns, or a netlink request moving a link here).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.ns.as_raw_fd()
     }
 
     /// Runs `f` on a thread inside this namespace (sockets it creates belong to it: a test's
@@ -277,7 +321,7 @@ impl NetNs {
 }
 
 /// Runs `f` on a scoped thread of its own (namespace changes stay on that thread).
-fn on_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, NetNsError> {
+pub(crate) fn on_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, NetNsError> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("fissile-netns".into())

@@ -1,0 +1,735 @@
+//! A sandbox namespace's way out: a veth pair to the host, NAT inside the namespace, and an
+//! egress policy enforced there (nftables), out of the guest's reach.
+//!
+//! Each namespace gets a slot `n` and the link `10.200.0.0/16`'s `n`-th /30: the host end
+//! (`fsl-h<n>`, `.1`) and the namespace end (`veth0`, `.2`), the namespace's default route via
+//! the host end. The guest's traffic is forwarded from the tap to `veth0` and masqueraded
+//! there, so every sandbox reaches the host network from an address of its own while the
+//! guest keeps the same address everywhere. On the host, forwarding is on and traffic from
+//! the uplinks is masqueraded when it leaves by the interface of the host's default route.
+//!
+//! Policy, checked in order for every new connection the guest opens (replies pass):
+//! 1. always rejected: the host's own addresses, loopback, link-local (cloud metadata), the
+//!    uplink range (the host's ends and every other sandbox), multicast and reserved ranges;
+//! 2. rejected: the policy's `deny` list;
+//! 3. accepted: the policy's `allow` list, or anything when it is empty and `internet` is on;
+//! 4. everything else rejected.
+//!
+//! A rejection answers the guest with ICMP "administratively prohibited" (a clear, immediate
+//! error, not a timeout) and counts in the namespace's `blocked` counter. The policy lives in
+//! two sets, so a change is one atomic nftables transaction and the counters stay.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::route::RouteAttribute;
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder, new_connection};
+
+use super::{NetNs, NetNsError, on_thread};
+use fissile_proto::net::TAP_NAME;
+
+/// The uplinks' range: a /30 per sandbox namespace.
+pub const UPLINK_NET: Cidr = Cidr {
+    addr: Ipv4Addr::new(10, 200, 0, 0),
+    prefix: 16,
+};
+/// How many namespaces can have an uplink at once.
+pub const MAX_SLOTS: u32 = 1 << 14;
+/// The uplink's name inside a namespace.
+pub const NS_UPLINK: &str = "veth0";
+/// How long `nft` may take to apply a ruleset.
+const NFT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An IPv4 network, written `a.b.c.d/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// The network of `addr` with `prefix` bits (host bits are cleared).
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Cidr, String> {
+        if prefix > 32 {
+            return Err(format!("prefix /{prefix} is longer than 32 bits"));
+        }
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix))
+        };
+        Ok(Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+
+    /// The network address.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// True when `ip` is in this network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        Cidr::new(ip, self.prefix).is_ok_and(|c| c.addr == self.addr)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (
+                a,
+                p.parse::<u8>().map_err(|_| format!("{s:?}: bad prefix"))?,
+            ),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 address or network"))?;
+        Cidr::new(addr, prefix)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// What a sandbox may reach (see the module docs for the order of the checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// Reach anything not denied (when `allow` is empty). Off: only `allow`.
+    pub internet: bool,
+    /// Only these, when not empty.
+    pub allow: Vec<Cidr>,
+    /// Never these.
+    pub deny: Vec<Cidr>,
+}
+
+impl Default for EgressPolicy {
+    fn default() -> Self {
+        EgressPolicy {
+            internet: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// Setting up or changing a namespace's way out failed; names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// Every uplink slot is taken.
+    #[error("no free uplink slot (all {MAX_SLOTS} in use)")]
+    NoSlot,
+    /// A netlink request failed.
+    #[error("uplink: {step}")]
+    Netlink {
+        /// What was being done.
+        step: String,
+        /// Cause.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The netlink connection or its runtime could not be made.
+    #[error("uplink: netlink connection")]
+    Connection(#[source] std::io::Error),
+    /// Entering the namespace or a worker thread failed.
+    #[error("uplink")]
+    Ns(#[from] NetNsError),
+    /// `nft` failed or could not run.
+    #[error("nftables ({what}): {message}")]
+    Nft {
+        /// Which ruleset.
+        what: &'static str,
+        /// Its error output, or why it did not run.
+        message: String,
+    },
+    /// A sysctl could not be set.
+    #[error("setting {0}")]
+    Sysctl(&'static str, #[source] std::io::Error),
+}
+
+fn nl(step: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> EgressError {
+    let step = step.into();
+    move |source| EgressError::Netlink { step, source }
+}
+
+/// Runs `f` with a netlink handle on a fresh current-thread runtime (callers may be on a
+/// tokio worker: the runtime lives on the calling thread only for this call).
+fn with_netlink<T>(
+    f: impl AsyncFnOnce(&Handle) -> Result<T, EgressError>,
+) -> Result<T, EgressError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(EgressError::Connection)?;
+    rt.block_on(async move {
+        let (conn, handle, _) = new_connection().map_err(EgressError::Connection)?;
+        let task = tokio::spawn(conn);
+        let out = f(&handle).await;
+        task.abort();
+        out
+    })
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<u32, EgressError> {
+    let found = handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+        .map_err(nl(format!("finding link {name}")))?;
+    found
+        .map(|l| l.header.index)
+        .ok_or_else(|| EgressError::Netlink {
+            step: format!("finding link {name}"),
+            source: rtnetlink::Error::RequestFailed,
+        })
+}
+
+/// One end of a veth pair: its name and address on a link of `prefix` bits.
+#[derive(Debug, Clone)]
+pub struct VethEnd {
+    /// Interface name.
+    pub name: String,
+    /// Its address.
+    pub addr: Ipv4Addr,
+}
+
+/// Connects `ns` to this thread's namespace with a veth pair on a /`prefix` link: `host`
+/// here, `inner` in `ns`, both up; `ns` routes everything via the host end when
+/// `default_route`. `temp` is the inner end's name before it moves (unique on this side).
+pub fn link_namespace(
+    ns: &NetNs,
+    host: &VethEnd,
+    inner: &VethEnd,
+    temp: &str,
+    prefix: u8,
+    default_route: bool,
+) -> Result<(), EgressError> {
+    let fd = ns.raw_fd();
+    on_thread(|| {
+        with_netlink(async |h| {
+            h.link()
+                .add(LinkVeth::new(&host.name, temp).build())
+                .execute()
+                .await
+                .map_err(nl(format!("creating veth {} / {temp}", host.name)))?;
+            let peer = link_index(h, temp).await?;
+            h.link()
+                .set(LinkUnspec::new_with_index(peer).setns_by_fd(fd).build())
+                .execute()
+                .await
+                .map_err(nl(format!("moving {temp} into the namespace")))?;
+            let index = link_index(h, &host.name).await?;
+            h.address()
+                .add(index, IpAddr::V4(host.addr), prefix)
+                .execute()
+                .await
+                .map_err(nl(format!("addressing {}", host.name)))?;
+            h.link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("bringing {} up", host.name)))
+        })
+    })??;
+    ns.run(|| {
+        with_netlink(async |h| {
+            let index = link_index(h, temp).await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .name(inner.name.clone())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("renaming {temp} to {}", inner.name)))?;
+            h.address()
+                .add(index, IpAddr::V4(inner.addr), prefix)
+                .execute()
+                .await
+                .map_err(nl(format!("addressing {}", inner.name)))?;
+            h.link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("bringing {} up", inner.name)))?;
+            if default_route {
+                h.route()
+                    .add(
+                        RouteMessageBuilder::<Ipv4Addr>::new()
+                            .gateway(host.addr)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(nl("adding the default route"))?;
+            }
+            Ok(())
+        })
+    })?
+}
+
+/// Taken uplink slots in this process.
+static SLOTS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// A namespace's uplink slot, released when dropped (the veth pair goes with the namespace).
+#[derive(Debug)]
+pub struct Uplink {
+    slot: u32,
+}
+
+impl Uplink {
+    /// The slot number.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The host end's address.
+    pub fn host_addr(&self) -> Ipv4Addr {
+        slot_addr(self.slot, 1)
+    }
+
+    /// The namespace end's address (the sandbox's source address on the host network).
+    pub fn ns_addr(&self) -> Ipv4Addr {
+        slot_addr(self.slot, 2)
+    }
+
+    /// The host end's interface name.
+    pub fn host_name(&self) -> String {
+        format!("fsl-h{}", self.slot)
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        SLOTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.slot);
+    }
+}
+
+fn slot_addr(slot: u32, host: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(UPLINK_NET.addr) + slot * 4 + host)
+}
+
+fn take_slot(skip: &BTreeSet<u32>) -> Result<Uplink, EgressError> {
+    let mut slots = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = (0..MAX_SLOTS)
+        .find(|s| !slots.contains(s) && !skip.contains(s))
+        .ok_or(EgressError::NoSlot)?;
+    slots.insert(slot);
+    Ok(Uplink { slot })
+}
+
+/// Gives `ns` (holding the guest's tap) its uplink and `policy`. A slot whose interface
+/// name another process holds is skipped.
+pub fn connect(ns: &NetNs, policy: &EgressPolicy) -> Result<Uplink, EgressError> {
+    host_setup()?;
+    let host_addrs = host_addresses()?;
+    let mut busy = BTreeSet::new();
+    let uplink = loop {
+        let uplink = take_slot(&busy)?;
+        let host = VethEnd {
+            name: uplink.host_name(),
+            addr: uplink.host_addr(),
+        };
+        let inner = VethEnd {
+            name: NS_UPLINK.into(),
+            addr: uplink.ns_addr(),
+        };
+        match link_namespace(
+            ns,
+            &host,
+            &inner,
+            &format!("fsl-n{}", uplink.slot),
+            30,
+            true,
+        ) {
+            Ok(()) => break uplink,
+            Err(EgressError::Netlink { source, .. })
+                if matches!(&source, rtnetlink::Error::NetlinkError(m)
+                    if m.raw_code() == -libc::EEXIST) =>
+            {
+                busy.insert(uplink.slot);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    ns.run(|| set_sysctl("/proc/sys/net/ipv4/ip_forward", "1"))??;
+    nft_in(
+        Some(ns),
+        "the sandbox namespace's ruleset",
+        &ns_ruleset(policy, &host_addrs),
+    )?;
+    Ok(uplink)
+}
+
+/// Replaces `ns`'s policy (one transaction; counters stay).
+pub fn set_policy(ns: &NetNs, policy: &EgressPolicy) -> Result<(), EgressError> {
+    let host_addrs = host_addresses()?;
+    let mut script = String::from(
+        "flush set ip fissile always_denied\nflush set ip fissile denied\nflush set ip fissile allowed\n",
+    );
+    script.push_str(&policy_elements(policy, &host_addrs));
+    nft_in(Some(ns), "a policy change", &script)
+}
+
+/// Connections the policy rejected in `ns` so far (packets of new connections).
+pub fn blocked_count(ns: &NetNs) -> Result<u64, EgressError> {
+    let out = nft_output(Some(ns), &["list", "counter", "ip", "fissile", "blocked"])?;
+    Ok(out
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
+}
+
+/// The ranges always out of reach, besides the host's own addresses.
+pub fn always_denied() -> Vec<Cidr> {
+    [
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    ]
+    .iter()
+    .filter_map(|c| c.parse().ok())
+    .chain(std::iter::once(UPLINK_NET))
+    .collect()
+}
+
+fn elements(cidrs: impl IntoIterator<Item = Cidr>) -> String {
+    cidrs
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `add element` lines for the three sets (none for an empty set).
+fn policy_elements(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
+    let always: BTreeSet<Cidr> = always_denied()
+        .into_iter()
+        .chain(host_addrs.iter().filter_map(|a| Cidr::new(*a, 32).ok()))
+        .collect();
+    let allowed: Vec<Cidr> = if !policy.allow.is_empty() {
+        policy.allow.clone()
+    } else if policy.internet {
+        vec![Cidr {
+            addr: Ipv4Addr::UNSPECIFIED,
+            prefix: 0,
+        }]
+    } else {
+        Vec::new()
+    };
+    let mut s = String::new();
+    for (set, cidrs) in [
+        ("always_denied", always.into_iter().collect::<Vec<_>>()),
+        ("denied", policy.deny.clone()),
+        ("allowed", allowed),
+    ] {
+        if !cidrs.is_empty() {
+            s.push_str(&format!(
+                "add element ip fissile {set} {{ {} }}\n",
+                elements(cidrs)
+            ));
+        }
+    }
+    s
+}
+
+/// The namespace's whole ruleset (replacing any earlier one, atomically).
+fn ns_ruleset(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
+    let mut s = format!(
+        "table ip fissile\n\
+         delete table ip fissile\n\
+         table ip fissile {{\n\
+         \tcounter blocked {{ }}\n\
+         \tcounter allowed {{ }}\n\
+         \tset always_denied {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+         \tset denied {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+         \tset allowed {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tct state established,related accept\n\
+         \t\tiifname != \"{TAP_NAME}\" drop\n\
+         \t\toifname != \"{NS_UPLINK}\" drop\n\
+         \t\tip daddr @always_denied counter name \"blocked\" reject with icmp type admin-prohibited\n\
+         \t\tip daddr @denied counter name \"blocked\" reject with icmp type admin-prohibited\n\
+         \t\tip daddr @allowed counter name \"allowed\" accept\n\
+         \t\tcounter name \"blocked\" reject with icmp type admin-prohibited\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname \"{NS_UPLINK}\" masquerade\n\
+         \t}}\n\
+         }}\n"
+    );
+    s.push_str(&policy_elements(policy, host_addrs));
+    s
+}
+
+/// The host's side, once per process: forwarding on, and masquerading of the uplinks'
+/// traffic out of the default route's interface (when there is one).
+fn host_setup() -> Result<(), EgressError> {
+    static DONE: Mutex<bool> = Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return Ok(());
+    }
+    on_thread(|| set_sysctl("/proc/sys/net/ipv4/ip_forward", "1"))??;
+    let default_dev = on_thread(|| with_netlink(async |h| default_route_dev(h).await))??;
+    let mut script = String::from("table ip fissile_host\ndelete table ip fissile_host\n");
+    if let Some(dev) = default_dev {
+        script.push_str(&format!(
+            "table ip fissile_host {{\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr {UPLINK_NET} oifname \"{dev}\" masquerade\n\
+             \t}}\n\
+             }}\n"
+        ));
+    }
+    nft_in(None, "the host's masquerade", &script)?;
+    *done = true;
+    Ok(())
+}
+
+async fn default_route_dev(h: &Handle) -> Result<Option<String>, EgressError> {
+    let mut routes = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let mut oif = None;
+    while let Some(r) = routes
+        .try_next()
+        .await
+        .map_err(nl("listing the host's routes"))?
+    {
+        if r.header.destination_prefix_length == 0 {
+            oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            break;
+        }
+    }
+    let Some(index) = oif else { return Ok(None) };
+    let mut links = h.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(nl("naming the default route's interface"))?;
+    Ok(link.and_then(|l| {
+        l.attributes.into_iter().find_map(|a| match a {
+            rtnetlink::packet_route::link::LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        })
+    }))
+}
+
+/// Every IPv4 address of the host's interfaces (the root namespace's, as this process sees
+/// them).
+pub fn host_addresses() -> Result<Vec<Ipv4Addr>, EgressError> {
+    on_thread(|| {
+        with_netlink(async |h| {
+            let mut addrs = h.address().get().execute();
+            let mut out = Vec::new();
+            while let Some(a) = addrs
+                .try_next()
+                .await
+                .map_err(nl("listing the host's addresses"))?
+            {
+                for attr in a.attributes {
+                    if let AddressAttribute::Address(IpAddr::V4(v4)) = attr {
+                        out.push(v4);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    })?
+}
+
+fn set_sysctl(path: &'static str, value: &str) -> Result<(), EgressError> {
+    std::fs::write(path, value).map_err(|e| EgressError::Sysctl(path, e))
+}
+
+/// The `nft` program: `$FISSILE_NFT`, else the first on `PATH`, `/usr/sbin` or `/sbin`.
+fn nft_program() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("FISSILE_NFT") {
+        return p.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join("nft"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "nft".into())
+}
+
+fn nft_command(ns: Option<&NetNs>) -> Command {
+    let mut cmd = Command::new(nft_program());
+    if let Some(ns) = ns {
+        ns.enter_on_spawn(&mut cmd);
+    }
+    cmd
+}
+
+/// Runs `nft -f -` with `script` (inside `ns` when given), bounded by [`NFT_TIMEOUT`].
+fn nft_in(ns: Option<&NetNs>, what: &'static str, script: &str) -> Result<(), EgressError> {
+    let fail = |message: String| EgressError::Nft { what, message };
+    let mut child = nft_command(ns)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            fail(format!(
+                "cannot run nft ({e}); install the nftables package"
+            ))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| fail(format!("writing the ruleset: {e}")))?;
+    }
+    let status = wait_bounded(&mut child).map_err(fail)?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        return Err(fail(format!(
+            "{status}: {}\nruleset:\n{script}",
+            err.trim()
+        )));
+    }
+    Ok(())
+}
+
+fn nft_output(ns: Option<&NetNs>, args: &[&str]) -> Result<String, EgressError> {
+    let fail = |message: String| EgressError::Nft {
+        what: "reading counters",
+        message,
+    };
+    let mut child = nft_command(ns)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run nft ({e})")))?;
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut o, &mut out);
+    }
+    let status = wait_bounded(&mut child).map_err(fail)?;
+    if !status.success() {
+        return Err(fail(format!("{status}")));
+    }
+    Ok(out)
+}
+
+fn wait_bounded(child: &mut std::process::Child) -> Result<std::process::ExitStatus, String> {
+    let deadline = std::time::Instant::now() + NFT_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("nft did not finish within {NFT_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for nft: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_normalize_and_refuse_nonsense() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert!(c.contains(Ipv4Addr::new(10, 9, 9, 9)));
+        assert!(!c.contains(Ipv4Addr::new(11, 0, 0, 1)));
+        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().to_string(), "1.2.3.4/32");
+        for bad in ["1.2.3/8", "1.2.3.4/33", "x", "1.2.3.4/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uplink_addresses_are_a_30_per_slot() {
+        assert_eq!(slot_addr(0, 1), Ipv4Addr::new(10, 200, 0, 1));
+        assert_eq!(slot_addr(0, 2), Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(slot_addr(70, 2), Ipv4Addr::new(10, 200, 1, 26));
+        assert!(UPLINK_NET.contains(slot_addr(MAX_SLOTS - 1, 2)));
+    }
+
+    #[test]
+    fn the_policy_becomes_set_elements() {
+        let host = [Ipv4Addr::new(192, 168, 1, 5)];
+        let open = policy_elements(&EgressPolicy::default(), &host);
+        assert!(open.contains("allowed { 0.0.0.0/0 }"), "{open}");
+        assert!(
+            open.contains("192.168.1.5/32"),
+            "host addresses always denied: {open}"
+        );
+        assert!(open.contains("169.254.0.0/16") && open.contains("10.200.0.0/16"));
+        assert!(
+            !open.contains(" denied {"),
+            "an empty deny list adds nothing"
+        );
+
+        let closed = EgressPolicy {
+            internet: false,
+            ..EgressPolicy::default()
+        };
+        assert!(!policy_elements(&closed, &host).contains("allowed"));
+
+        let listed = EgressPolicy {
+            internet: false,
+            allow: vec!["203.0.113.0/24".parse().unwrap()],
+            deny: vec!["203.0.113.7".parse().unwrap()],
+        };
+        let s = policy_elements(&listed, &host);
+        assert!(s.contains("allowed { 203.0.113.0/24 }"), "{s}");
+        assert!(s.contains("denied { 203.0.113.7/32 }"), "{s}");
+        let rules = ns_ruleset(&listed, &host);
+        let deny_at = rules.find("@denied").unwrap();
+        let allow_at = rules.find("@allowed").unwrap();
+        assert!(deny_at < allow_at, "deny is checked before allow");
+    }
+}
