@@ -79,6 +79,13 @@ const LAB_MODULES: &[(&str, &str)] = &[
     // The host end of a guest's network: its tap, and (per-sandbox namespaces) veth pairs.
     ("tun", ""),
     ("veth", ""),
+    // A routed sandbox's namespace: NAT and its egress policy (nftables).
+    ("nf_tables", ""),
+    ("nft_ct", ""),
+    ("nft_chain_nat", ""),
+    ("nft_masq", ""),
+    ("nft_reject_ipv4", ""),
+    ("nft_objref", ""),
 ];
 
 /// Errors preparing or running the lab; each names the failing step.
@@ -658,6 +665,13 @@ fn build_payload(
         .map(|b| cfg.bin_dir.join(b))
         .filter(|p| p.exists())
         .collect();
+    // nft applies a routed sandbox's NAT and egress rules (the nftables package).
+    if let Some(nft) = which("nft")
+        .ok()
+        .or_else(|| Some(PathBuf::from("/usr/sbin/nft")).filter(|p| p.is_file()))
+    {
+        binaries.push(nft);
+    }
     // QEMU is the baseline VMM for benchmarks; its data dir provides the microvm firmware.
     if let Ok(qemu) = which("qemu-system-x86_64") {
         binaries.push(qemu);
