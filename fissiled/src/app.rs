@@ -55,6 +55,9 @@ pub struct Config {
     pub ready_shapes: Vec<(u64, u8)>,
     /// What every VMM runs under (its own cgroup, rlimits).
     pub vmm_limits: fissile_sandbox::VmmLimits,
+    /// Every sandbox gets a network device in a namespace of its own (reaching nothing
+    /// until it has a policy); off: no network device at all (hosts without tun/netns).
+    pub guest_network: bool,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
@@ -237,6 +240,8 @@ pub struct CreateSpec {
     pub from_snapshot: Option<String>,
     /// Environment variables for every cell and command.
     pub env: BTreeMap<String, String>,
+    /// Egress policy (`None`: none).
+    pub network: Option<crate::db::NetworkPolicy>,
 }
 
 /// How a new sandbox gets its state.
@@ -284,7 +289,8 @@ impl App {
                 && snapshotd_adopted
                 && let Some(pid) = r.vmm_pid
             {
-                let cfg = self.sandbox_config(dir.clone(), r.memory_mib, r.vcpus);
+                let cfg =
+                    self.sandbox_config(dir.clone(), r.memory_mib, r.vcpus, r.network.as_ref());
                 match Sandbox::adopt(&cfg, pid) {
                     Ok(sb) => {
                         tracing::info!(sandbox = %r.id, pid, "re-adopted a running sandbox");
@@ -363,8 +369,26 @@ impl App {
         self.config.state_dir.join("sandboxes").join(id)
     }
 
-    /// The configuration of a sandbox in `dir`.
-    pub fn sandbox_config(&self, dir: PathBuf, memory_mib: u64, vcpus: u8) -> SandboxConfig {
+    /// The configuration of a sandbox in `dir` with egress `network` (`None`: none).
+    pub fn sandbox_config(
+        &self,
+        dir: PathBuf,
+        memory_mib: u64,
+        vcpus: u8,
+        network: Option<&crate::db::NetworkPolicy>,
+    ) -> SandboxConfig {
+        let network = match (self.config.guest_network, network) {
+            (false, _) => fissile_sandbox::Network::None,
+            (true, None) => fissile_sandbox::Network::Isolated,
+            (true, Some(p)) => match p.to_egress() {
+                Ok(policy) => fissile_sandbox::Network::Routed(policy),
+                Err(e) => {
+                    // Validated when stored: a record that no longer parses fails closed.
+                    tracing::warn!(error = %e, "stored egress policy is invalid; no way out");
+                    fissile_sandbox::Network::Isolated
+                }
+            },
+        };
         SandboxConfig {
             vmm: self.config.vmm.clone(),
             kernel: self.config.kernel.clone(),
@@ -376,7 +400,7 @@ impl App {
             cmdline_extra: String::new(),
             snapshotd: Some(self.snapshotd.socket().to_path_buf()),
             limits: self.config.vmm_limits.clone(),
-            network: fissile_sandbox::Network::None,
+            network,
         }
     }
 
@@ -431,6 +455,42 @@ impl App {
         *lock(&live.sandbox) = Some(sb);
         live.attached.store(true, Ordering::Release);
         self.db.put_sandbox(&record)?;
+        Ok(record)
+    }
+
+    /// Puts `policy` in force for sandbox `id` of `tenant` (its next connections follow it)
+    /// and records it: forks, persists and resumes keep it.
+    pub async fn set_network(
+        &self,
+        tenant: &str,
+        id: &str,
+        body: crate::db::NetworkPolicy,
+        policy: fissile_sandbox::net::egress::EgressPolicy,
+    ) -> Result<SandboxRecord, ApiError> {
+        if !self.config.guest_network {
+            return Err(ApiError::conflict(
+                "this daemon runs sandboxes without a network device (--guest-network off)",
+            ));
+        }
+        let live = self.get_booted(tenant, id)?;
+        let held = live.clone();
+        blocking(move || {
+            lock(&held.sandbox)
+                .as_mut()
+                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?
+                .set_network_policy(policy)
+                .map_err(|e| ApiError::sandbox("setting the egress policy", &e))
+        })
+        .await?;
+        let mut record = self.record(tenant, id)?;
+        record.network = Some(body);
+        self.db.put_sandbox(&record)?;
+        if let Some(space_id) = &record.space_id
+            && let Some(mut space) = self.db.space(space_id)?
+        {
+            space.network = record.network.clone();
+            self.db.put_space(&space)?;
+        }
         Ok(record)
     }
 
@@ -495,6 +555,7 @@ impl App {
                 lost: false,
                 metadata: spec.metadata.clone(),
                 env: spec.env.clone(),
+                network: spec.network.clone(),
             };
             Some(space)
         } else {
@@ -513,6 +574,7 @@ impl App {
             idle_timeout_s: spec.idle_timeout_s,
             vmm_pid: None,
             env: spec.env,
+            network: spec.network,
         };
         let started = self.start_sandbox(record, origin).await;
         if let (Ok(_), Some(space)) = (&started, &space) {
@@ -530,7 +592,12 @@ impl App {
         let id = record.id.clone();
         self.reserve(&record.tenant, std::slice::from_ref(&record))?;
         self.db.put_sandbox(&record)?;
-        let cfg = self.sandbox_config(self.dir(&id), record.memory_mib, record.vcpus);
+        let cfg = self.sandbox_config(
+            self.dir(&id),
+            record.memory_mib,
+            record.vcpus,
+            record.network.as_ref(),
+        );
         // Queued behind other starts; the reservation above already holds the quota.
         let permit = self.starts.clone().acquire_owned().await;
         let app = self.clone();

@@ -106,6 +106,66 @@ pub struct SandboxRecord {
     /// `env` wins).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Its egress policy (`None`: the guest reaches nothing outside its sandbox).
+    #[serde(default)]
+    pub network: Option<NetworkPolicy>,
+}
+
+/// What a sandbox's guest may reach on the network (see `fissile_sandbox::net::egress` for
+/// the order of the checks; the host's own addresses, loopback, link-local and other
+/// sandboxes are out of reach whatever it says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    /// Reach anything not denied, when `allow` is empty (default true). Off: only `allow`.
+    #[serde(default = "default_true")]
+    pub internet: bool,
+    /// Only these IPv4 addresses or networks (`a.b.c.d` or `a.b.c.d/len`), when not empty;
+    /// at most 256.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Never these (same form); at most 256.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for NetworkPolicy {
+    fn default() -> Self {
+        NetworkPolicy {
+            internet: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// Most entries in a policy's `allow` or `deny` list.
+pub const MAX_POLICY_ENTRIES: usize = 256;
+
+impl NetworkPolicy {
+    /// The policy `fissile-sandbox` enforces, or what is wrong with this one.
+    pub fn to_egress(&self) -> Result<fissile_sandbox::net::egress::EgressPolicy, String> {
+        let parse = |name: &str, list: &[String]| {
+            if list.len() > MAX_POLICY_ENTRIES {
+                return Err(format!(
+                    "network.{name}: at most {MAX_POLICY_ENTRIES} entries, got {}",
+                    list.len()
+                ));
+            }
+            list.iter()
+                .map(|c| c.parse().map_err(|e| format!("network.{name}: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(fissile_sandbox::net::egress::EgressPolicy {
+            internet: self.internet,
+            allow: parse("allow", &self.allow)?,
+            deny: parse("deny", &self.deny)?,
+        })
+    }
 }
 
 /// A snapshot a tenant took of a sandbox (the state itself is in snapshotd).
@@ -160,6 +220,9 @@ pub struct SpaceRecord {
     /// Environment of the sandboxes that run it.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// The egress policy its sandboxes run with.
+    #[serde(default)]
+    pub network: Option<NetworkPolicy>,
 }
 
 /// The metadata store.
@@ -396,6 +459,7 @@ mod tests {
             idle_timeout_s: None,
             vmm_pid: None,
             env: Default::default(),
+            network: None,
         }
     }
 

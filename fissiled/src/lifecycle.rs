@@ -75,6 +75,9 @@ impl App {
             )));
         }
         let parent = self.get_booted(tenant, id)?;
+        // The stored record, not the one registered at start: its egress policy may have
+        // changed since (the children run with the current one).
+        let current = self.record(tenant, id)?;
         let mut records = Vec::new();
         for _ in 0..n {
             records.push(SandboxRecord {
@@ -83,7 +86,7 @@ impl App {
                 created_ms: now_ms(),
                 space_id: None,
                 vmm_pid: None,
-                ..parent.record.clone()
+                ..current.clone()
             });
         }
         self.reserve(tenant, &records)?;

@@ -72,6 +72,11 @@ enum Cmd {
         /// /sys/fs/cgroup/fissile when run as root on a cgroup v2 host.
         #[arg(long, env = "FISSILE_CGROUP_PARENT")]
         cgroup_parent: Option<String>,
+        /// `on`: every sandbox gets a network device in a network namespace of its own
+        /// (reaching nothing until it has an egress policy; needs tun, veth and nftables);
+        /// `off`: no network device.
+        #[arg(long, value_parser = ["on", "off"], default_value = "on", env = "FISSILE_GUEST_NETWORK")]
+        guest_network: String,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -154,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             ready_shapes,
             no_ready_snapshots,
             cgroup_parent,
+            guest_network,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -171,6 +177,7 @@ fn main() -> anyhow::Result<()> {
             }
             let config = Config {
                 vmm_limits,
+                guest_network: guest_network == "on",
                 state_dir,
                 vmm: fissile_sandbox::paths::find_binary("fissile-vmm")?,
                 kernel,

@@ -20,6 +20,7 @@ use crate::{error, exec, files, lifecycle, routes};
         routes::create,
         routes::list,
         routes::get_one,
+        routes::set_network,
         routes::delete_one,
         routes::exec_cell,
         routes::run_command,

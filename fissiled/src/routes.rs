@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -14,7 +14,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::{App, CreateSpec, DEFAULT_TEMPLATE, blocking};
 use crate::auth::Tenant;
-use crate::db::{SandboxRecord, SandboxState};
+use crate::db::{NetworkPolicy, SandboxRecord, SandboxState};
 use crate::error::{ApiError, ErrorBody};
 use crate::exec::{self, CommandBody, CommandEvent, ExecBody, ExecEvent};
 use crate::files;
@@ -108,6 +108,10 @@ pub struct CreateBody {
     /// Restore one of the caller's snapshots instead of booting the template.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Its egress policy. Absent or null: the guest has a network device but reaches
+    /// nothing outside its sandbox (until `PATCH .../network` gives it a policy).
+    #[serde(default)]
+    pub network: Option<NetworkPolicy>,
 }
 
 /// A sandbox as the API shows it.
@@ -131,6 +135,8 @@ pub struct SandboxView {
     pub idle_timeout_s: Option<u64>,
     /// Labels.
     pub metadata: BTreeMap<String, String>,
+    /// Its egress policy (null: it reaches nothing outside its sandbox).
+    pub network: Option<NetworkPolicy>,
 }
 
 impl From<SandboxRecord> for SandboxView {
@@ -145,6 +151,7 @@ impl From<SandboxRecord> for SandboxView {
             vcpus: r.vcpus,
             idle_timeout_s: r.idle_timeout_s,
             metadata: r.metadata,
+            network: r.network,
         }
     }
 }
@@ -182,6 +189,9 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
     if body.idle_timeout_s == Some(0) {
         return Err(ApiError::bad_request("idle_timeout_s must be at least 1"));
     }
+    if let Some(n) = &body.network {
+        n.to_egress().map_err(ApiError::bad_request)?;
+    }
     Ok(CreateSpec {
         template: body
             .template
@@ -193,6 +203,7 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
         idle_timeout_s: body.idle_timeout_s,
         from_snapshot: body.from_snapshot,
         env: body.env,
+        network: body.network,
     })
 }
 
@@ -249,6 +260,21 @@ pub(crate) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
     let r = blocking(move || app.record(&tenant, &id)).await?;
+    Ok(Json(r.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}/network", tag = "sandboxes",  params(("id" = String, Path, description = "sandbox id")), request_body = NetworkPolicy,
+    responses((status = 200, description = "the policy is in force: the guest's next connections follow it (open ones keep going)", body = SandboxView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state, or this daemon gives sandboxes no network", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn set_network(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<NetworkPolicy>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let policy = body.to_egress().map_err(ApiError::bad_request)?;
+    let r = app.set_network(&tenant, &id, body, policy).await?;
+    tracing::info!(sandbox = %id, %tenant, network = ?r.network, "egress policy changed");
     Ok(Json(r.into()))
 }
 
@@ -654,6 +680,7 @@ pub fn router(app: App) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(get_one).delete(delete_one))
+        .route("/v1/sandboxes/{id}/network", patch(set_network))
         .route("/v1/sandboxes/{id}/exec", post(exec_cell))
         .route("/v1/sandboxes/{id}/commands", post(run_command))
         .route("/v1/sandboxes/{id}/interrupt", post(interrupt))

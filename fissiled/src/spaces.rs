@@ -106,6 +106,7 @@ impl App {
             idle_timeout_s: None,
             vmm_pid: None,
             env: space.env.clone(),
+            network: space.network.clone(),
         };
         // Claim the space first, so two resumes cannot both start it.
         {

@@ -130,6 +130,8 @@ impl App {
             h.update(file_identity(p).as_bytes());
             h.update([0]);
         }
+        // The device set differs with and without a guest network.
+        h.update([u8::from(self.config.guest_network)]);
         h.finalize()
             .iter()
             .take(12)
@@ -257,7 +259,9 @@ impl App {
             shape.vcpus,
             random_hex(4)?
         ));
-        let cfg = self.sandbox_config(dir.clone(), shape.memory_mib, shape.vcpus);
+        // With a network device (when the daemon gives sandboxes one) and no way out: every
+        // sandbox restored from it gets its own namespace and policy.
+        let cfg = self.sandbox_config(dir.clone(), shape.memory_mib, shape.vcpus, None);
         let made = (|| {
             let mut sb =
                 Sandbox::boot(&cfg).map_err(|e| ApiError::sandbox("booting the template", &e))?;

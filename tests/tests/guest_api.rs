@@ -883,3 +883,161 @@ fn guest_api_templates_ready_snapshot_skips_the_imports() {
     let e = create(&d, &key, "{}");
     assert_eq!(value(&d, &key, e["id"].as_str().unwrap(), imported), "True");
 }
+
+/// Python that fetches `url` and evaluates to its body as text, or to the error's errno name.
+fn fetch_code(url: &str) -> String {
+    format!(
+        "import urllib.request, errno\n\
+         try:\n    r = urllib.request.urlopen('{url}', timeout=20).read().decode()\n\
+         except Exception as e:\n    x = getattr(e, 'reason', e)\n    \
+         r = errno.errorcode.get(getattr(x, 'errno', None) or 0, type(x).__name__)\n\
+         r"
+    )
+}
+
+/// Egress over the API, against a server in a namespace this test links to the host (as
+/// the internet would be): a sandbox created without a policy reaches nothing; one created
+/// with `network` reaches the server; `PATCH .../network` gives the first one a way out and
+/// then a deny rule; a fork's children carry the policy; bad policies are 400s.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_network_policies_on_create_patch_and_fork() {
+    use fissile_sandbox::net::egress::{self, VethEnd};
+    use std::net::{Ipv4Addr, TcpListener};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = create_key(&state, "acme");
+    // The outside: a namespace with a veth to the host and an HTTP server.
+    let outside_addr = Ipv4Addr::new(198, 51, 100, 2);
+    let outside = fissile_sandbox::NetNs::create().unwrap();
+    egress::link_namespace(
+        &outside,
+        &VethEnd {
+            name: "fsl-api-o".into(),
+            addr: Ipv4Addr::new(198, 51, 100, 1),
+        },
+        &VethEnd {
+            name: "eth0".into(),
+            addr: outside_addr,
+        },
+        "fsl-api-t",
+        24,
+        true,
+    )
+    .unwrap();
+    outside
+        .run(move || {
+            let listener = TcpListener::bind((outside_addr, 8080)).unwrap();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                for mut c in listener.incoming().flatten() {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+                }
+            });
+        })
+        .unwrap();
+    let url = format!("http://{outside_addr}:8080/");
+    let d = start(&state, &["--max-fork", "4"]);
+    let api = |p: &str| format!("{}{p}", d.base());
+
+    // Bad policies: 400, nothing created.
+    for bad in [
+        r#"{"network": {"allow": ["10.0.0.0/33"]}}"#,
+        r#"{"network": {"deny": ["example.com"]}}"#,
+        r#"{"network": {"internet": true, "colour": "red"}}"#,
+    ] {
+        let (s, v) = call("POST", &api("/v1/sandboxes"), Some(&key), Some(bad));
+        assert_eq!((s, error_code(&v)), (400, "bad_request"), "{bad}: {v}");
+    }
+
+    let closed = create(&d, &key, "{}");
+    let closed_id = closed["id"].as_str().unwrap().to_string();
+    assert_eq!(closed["network"], Value::Null);
+    let unreachable = value(&d, &key, &closed_id, &fetch_code(&url));
+    assert_ne!(unreachable, "'hello'", "no policy, no way out");
+
+    let open = create(&d, &key, r#"{"network": {"internet": true}}"#);
+    let open_id = open["id"].as_str().unwrap().to_string();
+    assert_eq!(open["network"]["internet"], true);
+    assert_eq!(value(&d, &key, &open_id, &fetch_code(&url)), "'hello'");
+
+    // PATCH gives the closed one a way out, then takes this server away from it.
+    let (s, v) = call(
+        "PATCH",
+        &api(&format!("/v1/sandboxes/{closed_id}/network")),
+        Some(&key),
+        Some(r#"{"internet": true}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(value(&d, &key, &closed_id, &fetch_code(&url)), "'hello'");
+    let (s, v) = call(
+        "PATCH",
+        &api(&format!("/v1/sandboxes/{closed_id}/network")),
+        Some(&key),
+        Some(&format!(
+            r#"{{"internet": true, "deny": ["{outside_addr}"]}}"#
+        )),
+    );
+    assert_eq!(
+        (s, v["network"]["deny"][0].as_str()),
+        (200, Some(outside_addr.to_string().as_str()))
+    );
+    assert_eq!(
+        value(&d, &key, &closed_id, &fetch_code(&url)),
+        "'EHOSTUNREACH'"
+    );
+    let (_, v) = call(
+        "GET",
+        &api(&format!("/v1/sandboxes/{closed_id}")),
+        Some(&key),
+        None,
+    );
+    assert_eq!(v["network"]["deny"][0], outside_addr.to_string());
+    // Another tenant cannot touch it; a bad body is a 400.
+    let other = create_key(&state, "globex");
+    let (s, _) = call(
+        "PATCH",
+        &api(&format!("/v1/sandboxes/{closed_id}/network")),
+        Some(&other),
+        Some("{}"),
+    );
+    assert_eq!(s, 404);
+    let (s, _) = call(
+        "PATCH",
+        &api(&format!("/v1/sandboxes/{closed_id}/network")),
+        Some(&key),
+        Some(r#"{"allow": "all"}"#),
+    );
+    assert_eq!(s, 400);
+
+    // The children of a fork carry the parent's current policy.
+    let (s, v) = call(
+        "POST",
+        &api(&format!("/v1/sandboxes/{closed_id}/fork")),
+        Some(&key),
+        Some(r#"{"n": 2}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    for child in v["children"].as_array().unwrap() {
+        let cid = child["id"].as_str().unwrap();
+        let (_, cv) = call(
+            "GET",
+            &api(&format!("/v1/sandboxes/{cid}")),
+            Some(&key),
+            None,
+        );
+        assert_eq!(cv["network"]["deny"][0], outside_addr.to_string());
+        assert_eq!(value(&d, &key, cid, &fetch_code(&url)), "'EHOSTUNREACH'");
+    }
+    let (s, v) = call(
+        "POST",
+        &api(&format!("/v1/sandboxes/{open_id}/fork")),
+        Some(&key),
+        Some(r#"{"n": 1}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    let cid = v["children"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(value(&d, &key, &cid, &fetch_code(&url)), "'hello'");
+}
