@@ -73,7 +73,27 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
         ("rootfs_spec", vec![spec]),
         ("virtio_chain", vec![block_read_request()]),
         ("virtio_blk", vec![block_read_request()]),
+        ("virtio_net", vec![net_tx_frame(), block_read_request()]),
     ])
+}
+
+/// Guest memory with one virtio-net transmit chain on the queue: a 12-byte header at 0x1000
+/// and a 60-byte frame at 0x2000 (both device-readable).
+fn net_tx_frame() -> Vec<u8> {
+    let mut mem = vec![0u8; 0x2040];
+    let mut desc = |i: usize, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = 16 * i;
+        mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+        mem[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        mem[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
+        mem[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
+    };
+    desc(0, 0x1000, 12, 1, 1);
+    desc(1, 0x2000, 60, 0, 0);
+    let avail = 16 * 16;
+    mem[avail + 2..avail + 4].copy_from_slice(&1u16.to_le_bytes()); // idx = 1, ring[0] = 0
+    mem[0x2000..0x2006].fill(0xff); // a broadcast destination
+    mem
 }
 
 /// Guest memory with one virtio-blk read request on the queue (see `crate::guest_queue`):
