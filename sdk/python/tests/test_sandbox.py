@@ -14,7 +14,9 @@ import pytest
 from fissile import (
     AsyncSandbox,
     AuthenticationError,
+    BadRequestError,
     Execution,
+    NetworkPolicy,
     NotFoundError,
     RateLimitError,
     Sandbox,
@@ -149,6 +151,33 @@ def test_a_persistent_space_resumes_in_another_process(env: Daemon) -> None:
     )
     assert out.stdout.strip() == "2", out
     assert any(s.space_id == space for s in Sandbox.spaces())
+
+
+CONNECT_ERRNO = """
+import socket, errno
+try:
+    socket.create_connection(("169.254.169.254", 80), timeout=20)
+    r = "connected"
+except OSError as e:
+    r = errno.errorcode.get(e.errno, type(e).__name__)
+r
+"""
+
+
+def test_network_policy_is_set_shown_and_enforced(env: Daemon) -> None:
+    with pytest.raises(BadRequestError, match=r"network\.allow"):
+        Sandbox(network=NetworkPolicy(allow=["10.0.0.0/33"]))
+    with Sandbox(network=NetworkPolicy(internet=False, allow=["198.51.100.0/24"])) as sb:
+        assert sb.network == NetworkPolicy(internet=False, allow=["198.51.100.0/24"])
+        # Link-local (where clouds keep their metadata service) is rejected at the sandbox's
+        # own namespace, with a clear error, whatever the policy: nothing leaves the lab.
+        sb.set_network(NetworkPolicy(internet=True))
+        assert sb.network is not None and sb.network.internet
+        assert sb.run_code(CONNECT_ERRNO).text == "'EHOSTUNREACH'"
+        again = Sandbox.connect(sb.id)
+        assert again.network == NetworkPolicy(internet=True)
+    with Sandbox() as plain:
+        assert plain.network is None
 
 
 def test_daemon_errors_are_typed(env: Daemon) -> None:

@@ -13,7 +13,14 @@ import httpx
 from . import _core
 from ._core import Call, Config, OutputHandler
 from ._errors import FissileError, ForkError, NotFoundError, TimeoutError, error_for
-from ._models import CommandResult, EntryInfo, Execution, SandboxInfo, SpaceInfo
+from ._models import (
+    CommandResult,
+    EntryInfo,
+    Execution,
+    NetworkPolicy,
+    SandboxInfo,
+    SpaceInfo,
+)
 
 
 class _AsyncHttp:
@@ -175,6 +182,7 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         envs: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
+        network: NetworkPolicy | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
         request_timeout: float | None = None,
@@ -190,6 +198,7 @@ class AsyncSandbox:
             metadata=metadata,
             envs=envs,
             from_snapshot=from_snapshot,
+            network=network,
         )
         return cls(SandboxInfo.model_validate(await _one(config, call)), config)
 
@@ -242,6 +251,16 @@ class AsyncSandbox:
     def space_id(self) -> str | None:
         """The persistent space it runs (`None` unless persistent)."""
         return self._info.space_id
+
+    @property
+    def network(self) -> NetworkPolicy | None:
+        """See `Sandbox.network`."""
+        return self._info.network
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """See `Sandbox.set_network`."""
+        resp = await self._http.request(_core.network_call(self.id, policy))
+        self._info = SandboxInfo.model_validate(resp.json())
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r}, space_id={self.space_id!r})"

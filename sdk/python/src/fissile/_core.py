@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import FissileError, SandboxError
-from ._models import CommandResult, Execution, ExecutionError, Result
+from ._models import CommandResult, Execution, ExecutionError, NetworkPolicy, Result
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_TEMPLATE = "python-datasci"
@@ -97,6 +97,7 @@ def create_call(
     metadata: Mapping[str, str] | None,
     envs: Mapping[str, str] | None,
     from_snapshot: str | None,
+    network: NetworkPolicy | None = None,
 ) -> Call:
     """`POST /v1/sandboxes`."""
     body: dict[str, Any] = {"template": template, "persistent": persistent}
@@ -112,7 +113,14 @@ def create_call(
         body["env"] = dict(envs)
     if from_snapshot is not None:
         body["from_snapshot"] = from_snapshot
+    if network is not None:
+        body["network"] = network.model_dump()
     return Call("POST", "/v1/sandboxes", json=body)
+
+
+def network_call(sandbox_id: str, policy: NetworkPolicy) -> Call:
+    """`PATCH /v1/sandboxes/{id}/network` (answers the sandbox's new view)."""
+    return Call("PATCH", f"/v1/sandboxes/{sandbox_id}/network", json=policy.model_dump())
 
 
 def exec_call(

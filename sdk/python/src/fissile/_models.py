@@ -145,6 +145,19 @@ class EntryInfo(BaseModel):
     modified_at_ms: int
 
 
+class NetworkPolicy(BaseModel):
+    """What a sandbox's guest may reach. The host's own addresses, loopback, link-local
+    (cloud metadata) and other sandboxes are out of reach whatever it says; then `deny` is
+    checked, then `allow` (when not empty), else `internet`."""
+
+    internet: bool = True
+    """Reach anything not denied, when `allow` is empty. Off: only `allow`."""
+    allow: list[str] = Field(default_factory=list)
+    """Only these IPv4 addresses or networks (`"203.0.113.0/24"`), when not empty."""
+    deny: list[str] = Field(default_factory=list)
+    """Never these."""
+
+
 class SandboxInfo(BaseModel):
     """A sandbox as the daemon reports it."""
 
@@ -158,6 +171,8 @@ class SandboxInfo(BaseModel):
     vcpus: int
     idle_timeout_s: int | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    network: NetworkPolicy | None = None
+    """Its egress policy (`None`: it reaches nothing outside its sandbox)."""
 
 
 class SpaceInfo(BaseModel):

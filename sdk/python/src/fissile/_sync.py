@@ -16,6 +16,7 @@ from ._models import (
     CommandResult,
     EntryInfo,
     Execution,
+    NetworkPolicy,
     SandboxInfo,
     SpaceInfo,
 )
@@ -176,6 +177,7 @@ class Sandbox:
         metadata: Mapping[str, str] | None = None,
         envs: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
+        network: NetworkPolicy | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
         request_timeout: float | None = None,
@@ -195,6 +197,7 @@ class Sandbox:
                     metadata=metadata,
                     envs=envs,
                     from_snapshot=from_snapshot,
+                    network=network,
                 )
                 _info = SandboxInfo.model_validate(self._http.request(call).json())
             except BaseException:
@@ -213,6 +216,17 @@ class Sandbox:
     def space_id(self) -> str | None:
         """The persistent space it runs (`None` unless persistent)."""
         return self._info.space_id
+
+    @property
+    def network(self) -> NetworkPolicy | None:
+        """Its egress policy (`None`: it reaches nothing outside its sandbox)."""
+        return self._info.network
+
+    def set_network(self, policy: NetworkPolicy) -> None:
+        """Puts `policy` in force at once: the guest's next connections follow it (open ones
+        keep going); forks made later inherit it."""
+        resp = self._http.request(_core.network_call(self.id, policy))
+        self._info = SandboxInfo.model_validate(resp.json())
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, space_id={self.space_id!r})"
