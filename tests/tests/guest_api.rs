@@ -907,6 +907,7 @@ fn guest_api_network_policies_on_create_patch_and_fork() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let key = create_key(&state, "acme");
+    let other = create_key(&state, "globex");
     // The outside: a namespace with a veth to the host and an HTTP server.
     let outside_addr = Ipv4Addr::new(198, 51, 100, 2);
     let outside = fissile_sandbox::NetNs::create().unwrap();
@@ -996,7 +997,6 @@ fn guest_api_network_policies_on_create_patch_and_fork() {
     );
     assert_eq!(v["network"]["deny"][0], outside_addr.to_string());
     // Another tenant cannot touch it; a bad body is a 400.
-    let other = create_key(&state, "globex");
     let (s, _) = call(
         "PATCH",
         &api(&format!("/v1/sandboxes/{closed_id}/network")),
