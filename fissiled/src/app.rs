@@ -644,36 +644,53 @@ impl App {
     /// has one, then removes it from the registry and the store.
     pub fn close(&self, live: &Arc<Live>, persist: bool) -> Result<(), ApiError> {
         let id = live.record.id.clone();
+        let space = live.record.space_id.as_deref().filter(|_| persist);
         // Lock order: a sandbox's lock is never held while taking the registry's.
-        let sb = {
+        let (sb, snapshot) = {
             let mut guard = lock(&live.sandbox);
-            if persist && let Some(space) = &live.record.space_id {
-                let sb = guard
-                    .as_ref()
-                    .ok_or_else(|| ApiError::conflict(format!("sandbox {id} is still starting")))?;
-                self.persist_space(space, &id, sb)?;
-            }
+            let snapshot = match space {
+                Some(_) => {
+                    let sb = guard.as_ref().ok_or_else(|| {
+                        ApiError::conflict(format!("sandbox {id} is still starting"))
+                    })?;
+                    Some(
+                        sb.snapshot(true)
+                            .map_err(|e| ApiError::sandbox("persisting the space", &e))?
+                            .id,
+                    )
+                }
+                None => None,
+            };
             live.attached.store(false, Ordering::Release);
-            guard.take()
+            (guard.take(), snapshot)
         };
+        // The sandbox leaves the registry before its space says "persisted": a client that
+        // sees the space persisted never still finds the sandbox.
         lock(&self.live).remove(&id);
+        if let (Some(space), Some(snapshot)) = (space, snapshot)
+            && let Err(e) = self.commit_space(space, &id, snapshot)
+        {
+            // Nothing is lost: the sandbox goes back, running, as it was.
+            let attached = sb.is_some();
+            *lock(&live.sandbox) = sb;
+            live.attached.store(attached, Ordering::Release);
+            lock(&self.live).insert(id, Arc::clone(live));
+            return Err(e);
+        }
         drop(sb);
         self.db.remove_sandbox(&id)?;
         let _ = std::fs::remove_dir_all(self.dir(&id));
         Ok(())
     }
 
-    /// Takes a durable snapshot of `sb` and makes it space `space`'s state; the space no
-    /// longer names a running sandbox.
-    fn persist_space(&self, space: &str, id: &str, sb: &Sandbox) -> Result<(), ApiError> {
-        let snap = sb
-            .snapshot(true)
-            .map_err(|e| ApiError::sandbox("persisting the space", &e))?;
+    /// Makes durable snapshot `snapshot` space `space`'s state; the space no longer names a
+    /// running sandbox.
+    fn commit_space(&self, space: &str, id: &str, snapshot: String) -> Result<(), ApiError> {
         let mut s = self
             .db
             .space(space)?
             .ok_or_else(|| ApiError::internal(format!("space {space} has no record")))?;
-        s.snapshot = Some(snap.id);
+        s.snapshot = Some(snapshot);
         s.persisted_ms = Some(now_ms());
         if s.sandbox_id.as_deref() == Some(id) {
             s.sandbox_id = None;
