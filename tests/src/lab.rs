@@ -939,7 +939,12 @@ mod tests {
              kernel/d/virtio_blk.ko: kernel/d/virtio.ko\nkernel/f/ext4.ko:\nkernel/n/vsock.ko:\n\
              kernel/c/crc32c_generic.ko:\nkernel/v/vhost_vsock.ko: kernel/v/vhost.ko kernel/n/vsock.ko\n\
              kernel/v/vhost.ko:\nkernel/n/virtio_net.ko: kernel/n/net_failover.ko kernel/d/virtio.ko\n\
-             kernel/n/net_failover.ko:\n",
+             kernel/n/net_failover.ko:\nkernel/n/tun.ko:\nkernel/n/veth.ko:\n\
+             kernel/nf/nf_tables.ko: kernel/nf/nfnetlink.ko\nkernel/nf/nfnetlink.ko:\n\
+             kernel/nf/nft_ct.ko: kernel/nf/nf_conntrack.ko kernel/nf/nf_tables.ko kernel/nf/nfnetlink.ko\n\
+             kernel/nf/nf_conntrack.ko:\nkernel/nf/nft_chain_nat.ko: kernel/nf/nf_nat.ko kernel/nf/nf_tables.ko\n\
+             kernel/nf/nf_nat.ko: kernel/nf/nf_conntrack.ko\nkernel/nf/nft_masq.ko: kernel/nf/nf_nat.ko\n\
+             kernel/nf/nft_reject_ipv4.ko: kernel/nf/nf_tables.ko\nkernel/nf/nft_objref.ko:\n",
         )
         .unwrap();
         let order = module_load_order(dir.path()).unwrap();
@@ -955,6 +960,10 @@ mod tests {
         assert!(pos("net_failover.ko") < pos("virtio_net.ko"));
         assert!(pos("vhost.ko") < pos("vhost_vsock.ko"));
         assert_eq!(names.iter().filter(|n| **n == "vsock.ko").count(), 1);
+        assert!(pos("nfnetlink.ko") < pos("nf_tables.ko"));
+        assert!(pos("nf_conntrack.ko") < pos("nf_nat.ko"));
+        assert!(pos("nf_nat.ko") < pos("nft_masq.ko"));
+        assert_eq!(names.iter().filter(|n| **n == "nf_tables.ko").count(), 1);
         let amd = order
             .iter()
             .find(|(p, _)| p.ends_with("kvm-amd.ko"))
