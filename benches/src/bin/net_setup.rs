@@ -1,0 +1,57 @@
+//! Network set-up cost per sandbox, natively (host-side mechanics: no guest involved).
+//!
+//! Each VMM of a sandbox with a network runs in a namespace of its own; this measures making
+//! one: an isolated namespace (loopback + the guest's gateway tap) and a routed one (plus a
+//! veth pair to the host, addresses and routes over netlink, and the namespace's nftables
+//! ruleset applied by `nft`). Baseline, measured in the same run: starting and reaping a
+//! trivial process (`/bin/true`), the least a VMM start costs. Needs root, tun, veth and
+//! nftables. Prints medians of `N` (default 20) and the ratios.
+
+use std::time::{Duration, Instant};
+
+use fissile_sandbox::NetNs;
+use fissile_sandbox::net::egress::EgressPolicy;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn time<T>(n: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let kept = f()?;
+        times.push(t0.elapsed());
+        drop(kept);
+    }
+    Ok(median(times))
+}
+
+fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(20);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let baseline = time(n, || Ok(std::process::Command::new("/bin/true").status()?))?;
+    let isolated = time(n, || Ok(NetNs::create()?))?;
+    let routed = time(n, || Ok(NetNs::create_routed(&EgressPolicy::default())?))?;
+    println!("net_setup: medians of {n}, native");
+    println!(
+        "  baseline: spawn + reap /bin/true      {:8.2} ms",
+        ms(baseline)
+    );
+    println!(
+        "  isolated namespace (lo + tap)         {:8.2} ms = {:.1}x baseline",
+        ms(isolated),
+        ms(isolated) / ms(baseline)
+    );
+    println!(
+        "  routed namespace (+ veth, NAT, policy) {:7.2} ms = {:.1}x baseline",
+        ms(routed),
+        ms(routed) / ms(baseline)
+    );
+    Ok(())
+}
