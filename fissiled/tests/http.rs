@@ -113,26 +113,58 @@ fn health_auth_errors_and_unknown_ids_over_http() {
         Some(r#"{"template":"nope"}"#),
     );
     assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
-    // Oversize body: 413. The daemon answers and closes as soon as the limit is passed,
-    // while the client may still be writing, so a try can end in a broken pipe before the
-    // answer is read; a few tries, each of which must be a 413 if it reads an answer.
-    let huge = format!(r#"{{"metadata":{{"k":"{}"}}}}"#, "x".repeat(3 << 20));
-    let mut answered = None;
-    for _ in 0..5 {
-        let r = ureq::post(&url("/v1/sandboxes"))
-            .timeout(Duration::from_secs(30))
-            .set("Authorization", &bearer)
-            .set("Content-Type", "application/json")
-            .send_string(&huge);
-        match r {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => {
-                answered = Some((r.status(), r.into_json::<Value>().unwrap()));
-                break;
+    // Oversize body: 413. The daemon answers and closes as soon as the limit is passed while
+    // the client is still writing; the reset that follows can discard an answer not yet read.
+    // So a reader thread waits on the socket while the body is written, and a few tries.
+    let host = d.fissiled.base().trim_start_matches("http://").to_owned();
+    let oversize = || -> Option<(u16, Value)> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&host).ok()?;
+        let mut reader = conn.try_clone().ok()?;
+        reader
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .ok()?;
+        let read = std::thread::spawn(move || {
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf).ok()?;
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })?;
+                    if body.len() >= len {
+                        let status = head.split(' ').nth(1)?.parse().ok()?;
+                        return Some((status, serde_json::from_str(&body[..len]).ok()?));
+                    }
+                }
+                if n == 0 {
+                    return None;
+                }
             }
-            Err(ureq::Error::Transport(_)) => continue,
+        });
+        let body = format!(r#"{{"metadata":{{"k":"{}"}}}}"#, "x".repeat(3 << 20));
+        let head = format!(
+            "POST /v1/sandboxes HTTP/1.1\r\nHost: {host}\r\nAuthorization: {bearer}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        if conn.write_all(head.as_bytes()).is_ok() {
+            for chunk in body.as_bytes().chunks(64 << 10) {
+                if conn.write_all(chunk).is_err() {
+                    break;
+                }
+            }
         }
-    }
-    let (s, v) = answered.expect("no answer to the oversize request in 5 tries");
+        read.join().ok()?
+    };
+    let (s, v) = (0..5)
+        .find_map(|_| oversize())
+        .expect("no answer to the oversize request in 5 tries");
     assert_eq!((s, code(&v)), (413, "too_large"), "{v}");
 
     // Unknown ids and routes: 404.
