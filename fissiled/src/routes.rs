@@ -56,6 +56,34 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     }
 }
 
+/// [`ApiJson`] for a body that must be present: an empty body or `null` is a 400, not `{}`
+/// (a `PATCH` of the network policy must not silently reset it to the defaults).
+#[derive(Debug)]
+pub struct RequiredJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for RequiredJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::too_large(format!(
+                    "the body is larger than {MAX_JSON_BODY} bytes"
+                )));
+            }
+            Err(e) => return Err(ApiError::bad_request(e.body_text())),
+        };
+        let trimmed = bytes.trim_ascii();
+        if trimmed.is_empty() || trimmed == b"null" {
+            return Err(ApiError::bad_request("a JSON body is required"));
+        }
+        serde_json::from_slice(trimmed)
+            .map(RequiredJson)
+            .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+    }
+}
+
 /// `Query` whose rejections are [`ApiError`]s.
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
@@ -270,7 +298,7 @@ pub(crate) async fn set_network(
     State(app): State<App>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<NetworkPolicy>,
+    RequiredJson(body): RequiredJson<NetworkPolicy>,
 ) -> Result<Json<SandboxView>, ApiError> {
     let policy = body.to_egress().map_err(ApiError::bad_request)?;
     let r = app.set_network(&tenant, &id, body, policy).await?;

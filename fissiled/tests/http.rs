@@ -113,6 +113,16 @@ fn health_auth_errors_and_unknown_ids_over_http() {
         Some(r#"{"template":"nope"}"#),
     );
     assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
+    // A PATCH of the network policy needs a body: an empty one does not reset the policy.
+    for body in [None, Some("null")] {
+        let (s, v) = call(
+            "PATCH",
+            &url("/v1/sandboxes/sb-nope/network"),
+            &[("Authorization", &bearer)],
+            body,
+        );
+        assert_eq!((s, code(&v)), (400, "bad_request"), "{body:?}: {v}");
+    }
     // Oversize body: 413. The daemon answers and closes as soon as the limit is passed while
     // the client is still writing; the reset that follows can discard an answer not yet read.
     // So a reader thread waits on the socket while the body is written, and a few tries.
