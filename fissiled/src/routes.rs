@@ -30,29 +30,38 @@ pub const MAX_JSON_BODY: usize = 2 << 20;
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
+/// Reads a JSON body under [`MAX_JSON_BODY`], every rejection an [`ApiError`]. An empty body
+/// or a JSON `null` is `{}` when `empty_is_default`, and refused otherwise.
+async fn json_body<T: serde::de::DeserializeOwned, S: Send + Sync>(
+    req: Request,
+    state: &S,
+    empty_is_default: bool,
+) -> Result<T, ApiError> {
+    let bytes = match axum::body::Bytes::from_request(req, state).await {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::too_large(format!(
+                "the body is larger than {MAX_JSON_BODY} bytes"
+            )));
+        }
+        Err(e) => return Err(ApiError::bad_request(e.body_text())),
+    };
+    let mut text = bytes.trim_ascii();
+    if text.is_empty() || text == b"null" {
+        if !empty_is_default {
+            return Err(ApiError::bad_request("a JSON body is required"));
+        }
+        // Every field at its default.
+        text = b"{}";
+    }
+    serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+}
+
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = match axum::body::Bytes::from_request(req, state).await {
-            Ok(b) => b,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::too_large(format!(
-                    "the body is larger than {MAX_JSON_BODY} bytes"
-                )));
-            }
-            Err(e) => return Err(ApiError::bad_request(e.body_text())),
-        };
-        // An empty body, or a JSON `null`, is `{}` (every field at its default).
-        let trimmed = bytes.trim_ascii();
-        let text: &[u8] = if trimmed.is_empty() || trimmed == b"null" {
-            b"{}"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(text)
-            .map(ApiJson)
-            .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+        json_body(req, state, true).await.map(ApiJson)
     }
 }
 
@@ -65,22 +74,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Required
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = match axum::body::Bytes::from_request(req, state).await {
-            Ok(b) => b,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::too_large(format!(
-                    "the body is larger than {MAX_JSON_BODY} bytes"
-                )));
-            }
-            Err(e) => return Err(ApiError::bad_request(e.body_text())),
-        };
-        let trimmed = bytes.trim_ascii();
-        if trimmed.is_empty() || trimmed == b"null" {
-            return Err(ApiError::bad_request("a JSON body is required"));
-        }
-        serde_json::from_slice(trimmed)
-            .map(RequiredJson)
-            .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+        json_body(req, state, false).await.map(RequiredJson)
     }
 }
 
