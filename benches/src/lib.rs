@@ -7,6 +7,13 @@ pub fn in_lab() -> bool {
 }
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+/// The median of `v` (sorted in place; the upper one of an even count).
+pub fn median(v: &mut [Duration]) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
 
 /// The kB fields of `/proc/<pid>/smaps`, summed over the mappings whose line contains
 /// `needle` (first) and over the whole process (second), from one read of the file.

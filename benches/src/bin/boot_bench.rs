@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fissile_agent::{AgentClient, ReadyListener};
-use fissile_benches::in_lab;
+use fissile_benches::{in_lab, median};
 use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT};
 use fissile_sandbox::{Sandbox, SandboxConfig};
 
@@ -100,11 +100,6 @@ fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32) -> anyhow::Result<Du
             bail!("QEMU guest agent did not answer within 180 s");
         }
     }
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {

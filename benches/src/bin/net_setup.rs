@@ -9,13 +9,9 @@
 
 use std::time::{Duration, Instant};
 
+use fissile_benches::median;
 use fissile_sandbox::NetNs;
 use fissile_sandbox::net::egress::EgressPolicy;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
 
 fn time<T>(n: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(n);
@@ -25,7 +21,7 @@ fn time<T>(n: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result
         times.push(t0.elapsed());
         drop(kept);
     }
-    Ok(median(times))
+    Ok(median(&mut times))
 }
 
 fn main() -> anyhow::Result<()> {
