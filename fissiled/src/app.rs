@@ -646,28 +646,27 @@ impl App {
         let id = live.record.id.clone();
         let space = live.record.space_id.as_deref().filter(|_| persist);
         // Lock order: a sandbox's lock is never held while taking the registry's.
-        let (sb, snapshot) = {
+        let (sb, persisted) = {
             let mut guard = lock(&live.sandbox);
-            let snapshot = match space {
-                Some(_) => {
+            let persisted = match space {
+                Some(space) => {
                     let sb = guard.as_ref().ok_or_else(|| {
                         ApiError::conflict(format!("sandbox {id} is still starting"))
                     })?;
-                    Some(
-                        sb.snapshot(true)
-                            .map_err(|e| ApiError::sandbox("persisting the space", &e))?
-                            .id,
-                    )
+                    let snap = sb
+                        .snapshot(true)
+                        .map_err(|e| ApiError::sandbox("persisting the space", &e))?;
+                    Some((space, snap.id))
                 }
                 None => None,
             };
             live.attached.store(false, Ordering::Release);
-            (guard.take(), snapshot)
+            (guard.take(), persisted)
         };
         // The sandbox leaves the registry before its space says "persisted": a client that
         // sees the space persisted never still finds the sandbox.
         lock(&self.live).remove(&id);
-        if let (Some(space), Some(snapshot)) = (space, snapshot)
+        if let Some((space, snapshot)) = persisted
             && let Err(e) = self.commit_space(space, &id, snapshot)
         {
             // Nothing is lost: the sandbox goes back, running, as it was.
