@@ -1041,3 +1041,199 @@ fn guest_api_network_policies_on_create_patch_and_fork() {
     let cid = v["children"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(value(&d, &key, &cid, &fetch_code(&url)), "'hello'");
 }
+
+/// What one run of the `fissile` CLI did.
+struct CliRun {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the `fissile` CLI against the daemon at `base` with `key` (none: no
+/// `FISSILE_API_KEY`), `stdin` fed.
+fn cli(base: &str, key: Option<&str>, args: &[&str], stdin: &str) -> CliRun {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(fissile_sandbox::paths::find_binary("fissile").unwrap());
+    cmd.args(args)
+        .env("FISSILE_API_URL", base)
+        .env_remove("FISSILE_API_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(k) = key {
+        cmd.env("FISSILE_API_KEY", k);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let run = CliRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "$ fissile {}\n  -> {:?}\n  stdout: {:?}\n  stderr: {:?}",
+        args.join(" "),
+        run.code,
+        run.stdout,
+        run.stderr
+    );
+    run
+}
+
+/// [`cli`] that must succeed; its stdout.
+fn cli_ok(d: &Daemon, key: &str, args: &[&str]) -> String {
+    let run = cli(d.base(), Some(key), args, "");
+    assert_eq!(run.code, Some(0), "fissile {args:?}: {}", run.stderr);
+    run.stdout
+}
+
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_cli_drives_sandboxes_forks_and_spaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // The key comes from `fissile keys create` (which runs `fissiled keys create`).
+    let made = cli(
+        "http://unused",
+        None,
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(made.code, Some(0), "{}", made.stderr);
+    let key = made.stdout.trim().to_string();
+    let d = start(&state, &[]);
+
+    // No key: refused, with the variable to set.
+    let run = cli(d.base(), None, &["sandbox", "ls"], "");
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("FISSILE_API_KEY"), "{}", run.stderr);
+
+    let id = cli_ok(&d, &key, &["sandbox", "create", "--metadata", "job=cli"])
+        .trim()
+        .to_string();
+    assert!(id.starts_with("sb-"), "{id}");
+    let ls = cli_ok(&d, &key, &["sandbox", "ls", "--metadata", "job=cli"]);
+    assert!(ls.contains(&id) && ls.contains("running"), "{ls}");
+    let ls = cli_ok(&d, &key, &["sandbox", "ls", "--metadata", "job=other"]);
+    assert!(!ls.contains(&id), "{ls}");
+
+    // exec streams stdout, prints the value, keeps state; a cell from stdin; a raise exits 1.
+    let out = cli_ok(&d, &key, &["exec", &id, "-c", "x = 41\nprint('hello')"]);
+    assert_eq!(out, "hello\n");
+    assert_eq!(cli_ok(&d, &key, &["exec", &id, "-c", "x + 1"]), "42\n");
+    let run = cli(d.base(), Some(&key), &["exec", &id, "-c", "-"], "x * 2\n");
+    assert_eq!((run.code, run.stdout.as_str()), (Some(0), "82\n"));
+    let run = cli(d.base(), Some(&key), &["exec", &id, "-c", "1/0"], "");
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("ZeroDivisionError"), "{}", run.stderr);
+    let run = cli(
+        d.base(),
+        Some(&key),
+        &[
+            "exec",
+            &id,
+            "--timeout-s",
+            "2",
+            "-c",
+            "import time\ntime.sleep(30)",
+        ],
+        "",
+    );
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("interrupted"), "{}", run.stderr);
+    assert_eq!(cli_ok(&d, &key, &["exec", &id, "-c", "x"]), "41\n");
+
+    // sh: output on the right streams, the command's exit code becomes the CLI's.
+    let run = cli(
+        d.base(),
+        Some(&key),
+        &["sh", &id, "echo out; echo err >&2; exit 3"],
+        "",
+    );
+    assert_eq!(
+        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (Some(3), "out\n", "err\n")
+    );
+
+    // fork, diverge, merge the second child: the parent sees its state.
+    let kids: Vec<String> = cli_ok(&d, &key, &["fork", &id, "-n", "2"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    cli_ok(&d, &key, &["exec", &kids[0], "-c", "x = 10"]);
+    cli_ok(&d, &key, &["exec", &kids[1], "-c", "x = 20"]);
+    cli_ok(&d, &key, &["merge", &id, &kids[1]]);
+    assert_eq!(cli_ok(&d, &key, &["exec", &id, "-c", "x"]), "20\n");
+    let run = cli(d.base(), Some(&key), &["merge", &id, &id], "");
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("bad_request"), "{}", run.stderr);
+    let run = cli(d.base(), Some(&key), &["fork", &id, "-n", "0"], "");
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("bad_request"), "{}", run.stderr);
+
+    // rm: gone from ls, and an exec names the missing sandbox.
+    let mut rm = vec!["sandbox", "rm", id.as_str()];
+    rm.extend(kids.iter().map(String::as_str));
+    cli_ok(&d, &key, &rm);
+    assert!(!cli_ok(&d, &key, &["sandbox", "ls"]).contains(&id));
+    let run = cli(d.base(), Some(&key), &["exec", &id, "-c", "1"], "");
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("not_found"), "{}", run.stderr);
+
+    // A persistent sandbox: rm persists its space, resume brings the globals back.
+    let run = cli(
+        d.base(),
+        Some(&key),
+        &["sandbox", "create", "--persistent"],
+        "",
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let id = run.stdout.trim().to_string();
+    let space = run
+        .stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("sp-"))
+        .unwrap_or_else(|| panic!("no space id in {:?}", run.stderr))
+        .to_string();
+    cli_ok(&d, &key, &["exec", &id, "-c", "kept = 'yes'"]);
+    cli_ok(&d, &key, &["sandbox", "rm", &id]);
+    let spaces = cli_ok(&d, &key, &["spaces", "ls"]);
+    assert!(
+        spaces
+            .lines()
+            .any(|l| l.starts_with(&space) && l.contains("persisted")),
+        "{spaces}"
+    );
+    let resumed = cli_ok(&d, &key, &["spaces", "resume", &space])
+        .trim()
+        .to_string();
+    assert_eq!(
+        cli_ok(&d, &key, &["exec", &resumed, "-c", "kept"]),
+        "'yes'\n"
+    );
+    cli_ok(&d, &key, &["sandbox", "rm", &resumed]);
+    cli_ok(&d, &key, &["spaces", "rm", &space]);
+    assert!(!cli_ok(&d, &key, &["spaces", "ls"]).contains(&space));
+
+    let templates = cli_ok(&d, &key, &["templates", "ls"]);
+    assert!(templates.contains("python-datasci"), "{templates}");
+    let json: Value =
+        serde_json::from_str(&cli_ok(&d, &key, &["templates", "ls", "--json"])).unwrap();
+    assert_eq!(json[0]["name"], "python-datasci", "{json}");
+}
+

@@ -1,91 +1,51 @@
-//! `fissile`: run Python in a Fissile sandbox from the command line.
+//! The local subcommands: boot a sandbox in this process with `fissile-vmm` (no daemon), or
+//! talk to one VMM's control socket.
 //!
-//! ```text
-//! fissile run -c 'x = 41' -c 'x + 1'      # boot, run cells in one REPL, power off
-//! fissile demo                            # the README's main job: a session, fork, merge
-//! ```
-//! Needs `FISSILE_GUEST_KERNEL`, `FISSILE_GUEST_ROOTFS` and a host KVM that boots standard
-//! guests (elsewhere run it through `fissile-lab run -- fissile ...`).
+//! They need `FISSILE_GUEST_KERNEL`, `FISSILE_GUEST_ROOTFS` and a host KVM that boots standard
+//! guests (elsewhere run them through `fissile-lab run -- fissile ...`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
 use fissile_agent::ExecOutcome;
 use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "fissile",
-    version,
-    about = "Run Python in Fissile microVM sandboxes"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
+/// Where and how big a locally booted sandbox is.
+#[derive(Debug, clap::Args)]
+pub struct LocalOpts {
     /// Guest memory in MiB.
-    #[arg(long, global = true, default_value_t = 512)]
+    #[arg(long, default_value_t = 512)]
     mem_mib: u64,
-    /// Working directory for sockets and logs (default: a fresh temporary directory).
-    #[arg(long, global = true)]
+    /// Working directory for sockets and logs (default: a fresh temporary directory, removed
+    /// afterwards).
+    #[arg(long)]
     dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Boot a sandbox, run each `-c` cell in order in one REPL, power off.
-    Run {
-        /// A Python cell (repeat for more; state persists between them).
-        #[arg(short = 'c', long = "code", required = true)]
-        cells: Vec<String>,
-    },
-    /// The main job: a persistent Python session with pandas and a plot, then fork(2) and
-    /// merge_into.
-    Demo,
-    /// Send one JSON request to a VMM's control socket and print the reply.
-    Ctl {
-        /// The control socket.
-        socket: PathBuf,
-        /// The request, e.g. '{"op":"status"}'.
-        request: String,
-    },
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let cli = Cli::parse();
-    if let Cmd::Ctl { socket, request } = &cli.cmd {
-        return ctl(socket, request);
-    }
-    let tmp;
-    let dir = match &cli.dir {
+/// Runs `job` with a sandbox configuration from the environment and `opts`.
+pub fn with_config(
+    opts: &LocalOpts,
+    job: impl FnOnce(&SandboxConfig) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let dir = match &opts.dir {
         Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("fissile-{}", std::process::id()));
-            tmp
-        }
+        None => std::env::temp_dir().join(format!("fissile-{}", std::process::id())),
     };
-    let mut cfg = SandboxConfig::from_env(&dir)?;
-    cfg.mem_mib = cli.mem_mib;
-    let result = match cli.cmd {
-        Cmd::Run { cells } => run(&cfg, &cells),
-        Cmd::Demo => demo(&cfg),
-        Cmd::Ctl { .. } => Ok(()),
-    };
-    if cli.dir.is_none() {
+    let result = SandboxConfig::from_env(&dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut cfg| {
+            cfg.mem_mib = opts.mem_mib;
+            job(&cfg)
+        });
+    if opts.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
 }
 
-fn ctl(socket: &std::path::Path, request: &str) -> anyhow::Result<()> {
+/// Sends one request line to a VMM's control socket and prints the reply line.
+pub fn ctl(socket: &std::path::Path, request: &str) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     let stream = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
@@ -114,7 +74,7 @@ fn boot(cfg: &SandboxConfig) -> anyhow::Result<Sandbox> {
     Ok(sb)
 }
 
-fn run(cfg: &SandboxConfig, cells: &[String]) -> anyhow::Result<()> {
+pub fn run(cfg: &SandboxConfig, cells: &[String]) -> anyhow::Result<()> {
     let mut sb = boot(cfg)?;
     let mut failed = false;
     for code in cells {
@@ -170,7 +130,7 @@ const DEMO_CELLS: &[&str] = &[
      plt.show()",
 ];
 
-fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
+pub fn demo(cfg: &SandboxConfig) -> anyhow::Result<()> {
     // snapshotd holds the memory that fork and merge share between VMs.
     let sd = Snapshotd::start(&cfg.dir.join("store"), &cfg.dir.join("snapshotd.sock"))
         .context("starting snapshotd")?;
