@@ -663,8 +663,9 @@ impl App {
             live.attached.store(false, Ordering::Release);
             (guard.take(), persisted)
         };
-        // The sandbox leaves the registry before its space says "persisted": a client that
-        // sees the space persisted never still finds the sandbox.
+        // The sandbox leaves the registry before its space says "persisted", and its record
+        // goes in the same transaction: a client that sees the space persisted never still
+        // finds the sandbox.
         lock(&self.live).remove(&id);
         if let Some((space, snapshot)) = persisted
             && let Err(e) = self.commit_space(space, &id, snapshot)
@@ -682,8 +683,8 @@ impl App {
         Ok(())
     }
 
-    /// Makes durable snapshot `snapshot` space `space`'s state; the space no longer names a
-    /// running sandbox.
+    /// Makes durable snapshot `snapshot` space `space`'s state and forgets sandbox `id`'s
+    /// record, in one transaction; the space no longer names a running sandbox.
     fn commit_space(&self, space: &str, id: &str, snapshot: String) -> Result<(), ApiError> {
         let mut s = self
             .db
@@ -695,7 +696,7 @@ impl App {
             s.sandbox_id = None;
         }
         s.lost = false;
-        self.db.put_space(&s)?;
+        self.db.put_space_removing_sandbox(&s, id)?;
         tracing::info!(space, sandbox = id, "space persisted");
         Ok(())
     }

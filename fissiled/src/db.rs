@@ -386,6 +386,25 @@ impl Db {
         self.put(SPACES, &record.id, record)
     }
 
+    /// Stores space record `space` and removes sandbox `id`'s record in one transaction: a
+    /// reader sees the space persisted and the sandbox gone, or neither.
+    pub fn put_space_removing_sandbox(&self, space: &SpaceRecord, id: &str) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(space).map_err(DbError::Decode)?;
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        tx.open_table(SPACES)
+            .map_err(DbError::Table)?
+            .insert(space.id.as_str(), bytes.as_slice())
+            .map_err(DbError::Storage)?;
+        tx.open_table(SANDBOXES)
+            .map_err(DbError::Table)?
+            .remove(id)
+            .map_err(DbError::Storage)?;
+        tx.commit().map_err(DbError::Commit)
+    }
+
     /// A space record.
     pub fn space(&self, id: &str) -> Result<Option<SpaceRecord>, DbError> {
         self.get(SPACES, id)
@@ -497,5 +516,30 @@ mod tests {
         db.remove_sandbox("sb-a").unwrap();
         assert_eq!(db.sandbox("sb-a").unwrap(), None);
         assert_eq!(db.sandboxes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn persisting_a_space_forgets_its_sandbox_in_the_same_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("m.redb")).unwrap();
+        db.put_sandbox(&record("sb-a", "acme")).unwrap();
+        let space = SpaceRecord {
+            id: "sp-a".into(),
+            tenant: "acme".into(),
+            template: "python-datasci".into(),
+            memory_mib: 512,
+            vcpus: 1,
+            created_ms: 1,
+            sandbox_id: None,
+            snapshot: Some("snap".into()),
+            persisted_ms: Some(2),
+            lost: false,
+            metadata: Default::default(),
+            env: Default::default(),
+            network: None,
+        };
+        db.put_space_removing_sandbox(&space, "sb-a").unwrap();
+        assert_eq!(db.sandbox("sb-a").unwrap(), None);
+        assert_eq!(db.space("sp-a").unwrap(), Some(space));
     }
 }
