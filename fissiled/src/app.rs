@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
 
-use crate::db::{Db, SandboxRecord, SandboxState, SpaceRecord, now_ms, random_hex};
+use crate::db::{Db, SandboxRecord, SandboxState, SpaceRecord, TenantLimits, now_ms, random_hex};
 use crate::error::ApiError;
 
 /// How fissiled runs sandboxes.
@@ -164,6 +164,54 @@ pub struct App {
     pub starts: Arc<tokio::sync::Semaphore>,
     /// Templates' ready snapshots.
     pub ready: Arc<crate::templates::ReadySnapshots>,
+    /// Tenants' own limits (read at start: `fissiled tenants set` needs the daemon stopped).
+    pub tenants: Arc<HashMap<String, TenantLimits>>,
+}
+
+/// What applies to one tenant: its own limits ([`TenantLimits`]) over the daemon's flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most sandboxes it may run at once.
+    pub max_sandboxes: usize,
+    /// Most guest memory (MiB) it may run at once.
+    pub max_memory_mib: u64,
+    /// Most children one fork may ask for.
+    pub max_fork: u32,
+    /// Idle timeout of its sandboxes that set none.
+    pub idle_timeout: Option<Duration>,
+    /// Longest one of its sandboxes may run (a sandbox may ask for less, never more).
+    pub max_lifetime: Option<Duration>,
+}
+
+impl Limits {
+    /// How long sandbox `r` may stay idle, and how long it may live.
+    pub fn timers(&self, r: &SandboxRecord) -> (Option<Duration>, Option<Duration>) {
+        let idle = r
+            .idle_timeout_s
+            .map(Duration::from_secs)
+            .or(self.idle_timeout);
+        let own = r.max_lifetime_s.map(Duration::from_secs);
+        let life = match (own, self.max_lifetime) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (idle, life)
+    }
+}
+
+impl Config {
+    /// The limits of a tenant whose own limits are `own` (`None`: the daemon's flags).
+    pub fn limits(&self, own: Option<&TenantLimits>) -> Limits {
+        let own = own.cloned().unwrap_or_default();
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Limits {
+            max_sandboxes: own.max_sandboxes.unwrap_or(self.max_sandboxes_per_tenant),
+            max_memory_mib: own.max_memory_mib.unwrap_or(self.max_memory_mib_per_tenant),
+            max_fork: own.max_fork.unwrap_or(self.max_fork),
+            idle_timeout: own.idle_timeout_s.map_or(self.default_idle_timeout, secs),
+            max_lifetime: own.max_lifetime_s.map_or(self.max_lifetime, secs),
+        }
+    }
 }
 
 /// The snapshotd of `state_dir`: the one an earlier run left (named by `snapshotd.pid`,
@@ -236,6 +284,8 @@ pub struct CreateSpec {
     pub persistent: bool,
     /// Idle timeout in seconds (`None`: the daemon's default).
     pub idle_timeout_s: Option<u64>,
+    /// Its own lifetime limit in seconds.
+    pub max_lifetime_s: Option<u64>,
     /// Restore this snapshot (the caller's) instead of booting.
     pub from_snapshot: Option<String>,
     /// Environment variables for every cell and command.
@@ -259,6 +309,7 @@ impl App {
     /// The daemon over `db`: takes over the snapshotd and the VMMs an earlier run left
     /// running (a `kill -9` of the daemon leaves them running), or starts snapshotd afresh.
     pub fn start(db: Db, config: Config) -> Result<App, ApiError> {
+        let db_tenants = db.all_tenant_limits()?.into_iter().collect();
         let (sd, adopted) = start_snapshotd(&config.state_dir)?;
         let starts = config.max_concurrent_starts.max(1);
         let app = App {
@@ -270,6 +321,7 @@ impl App {
             metrics: Arc::default(),
             starts: Arc::new(tokio::sync::Semaphore::new(starts)),
             ready: Arc::default(),
+            tenants: Arc::new(db_tenants),
         };
         app.recover(adopted)?;
         Ok(app)
@@ -404,6 +456,11 @@ impl App {
         }
     }
 
+    /// The limits that apply to `tenant`.
+    pub fn limits(&self, tenant: &str) -> Limits {
+        self.config.limits(self.tenants.get(tenant))
+    }
+
     /// Checks `tenant`'s quotas for `n` more sandboxes of `memory_mib` each and registers
     /// `records` (booting) in the same step, so concurrent requests cannot both pass.
     pub fn reserve(&self, tenant: &str, records: &[SandboxRecord]) -> Result<(), ApiError> {
@@ -414,19 +471,20 @@ impl App {
             .collect();
         let memory: u64 = mine.iter().map(|l| l.record.memory_mib).sum();
         let more: u64 = records.iter().map(|r| r.memory_mib).sum();
-        if mine.len() + records.len() > self.config.max_sandboxes_per_tenant {
+        let limits = self.limits(tenant);
+        if mine.len() + records.len() > limits.max_sandboxes {
             return Err(ApiError::quota(format!(
                 "tenant {tenant} runs {} sandboxes; {} more would pass the limit of {}",
                 mine.len(),
                 records.len(),
-                self.config.max_sandboxes_per_tenant
+                limits.max_sandboxes
             )));
         }
-        if memory + more > self.config.max_memory_mib_per_tenant {
+        if memory + more > limits.max_memory_mib {
             return Err(ApiError::quota(format!(
                 "tenant {tenant} runs {memory} MiB of guest memory; {more} more would pass \
                  the limit of {} MiB",
-                self.config.max_memory_mib_per_tenant
+                limits.max_memory_mib
             )));
         }
         for r in records {
@@ -572,6 +630,7 @@ impl App {
             metadata: spec.metadata,
             space_id: space.as_ref().map(|s| s.id.clone()),
             idle_timeout_s: spec.idle_timeout_s,
+            max_lifetime_s: spec.max_lifetime_s,
             vmm_pid: None,
             env: spec.env,
             network: spec.network,
@@ -739,8 +798,8 @@ impl App {
         }
     }
 
-    /// Closes sandboxes idle for longer than their timeout or older than the daemon's
-    /// lifetime limit (persistent ones persist). Returns how many it closed.
+    /// Closes sandboxes idle for longer than their timeout or older than their lifetime
+    /// limit (their own, their tenant's or the daemon's; persistent ones persist). Returns how many it closed.
     pub fn reap_idle(&self) -> usize {
         let now = now_ms();
         let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
@@ -748,15 +807,11 @@ impl App {
             .into_iter()
             .filter(|l| l.booted() && l.active.load(Ordering::Relaxed) == 0)
             .filter(|l| {
-                let idle = l
-                    .record
-                    .idle_timeout_s
-                    .map(Duration::from_secs)
-                    .or(self.config.default_idle_timeout);
+                let (idle, life) = self.limits(&l.record.tenant).timers(&l.record);
                 let used = l.last_used_ms.load(Ordering::Relaxed);
                 let idle_due =
                     idle.is_some_and(|t| now.saturating_sub(used) > t.as_millis() as u64);
-                let life_due = self.config.max_lifetime.is_some_and(|t| {
+                let life_due = life.is_some_and(|t| {
                     now.saturating_sub(l.record.created_ms) > t.as_millis() as u64
                 });
                 idle_due || life_due
@@ -770,5 +825,49 @@ impl App {
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_may_shorten_its_lifetime_never_lengthen_it() {
+        let limits = Limits {
+            max_sandboxes: 1,
+            max_memory_mib: 512,
+            max_fork: 1,
+            idle_timeout: Some(Duration::from_secs(30)),
+            max_lifetime: Some(Duration::from_secs(100)),
+        };
+        let mut r = crate::db::SandboxRecord {
+            id: "sb-a".into(),
+            tenant: "acme".into(),
+            template: DEFAULT_TEMPLATE.into(),
+            memory_mib: 512,
+            vcpus: 1,
+            state: SandboxState::Running,
+            created_ms: 0,
+            metadata: BTreeMap::new(),
+            space_id: None,
+            idle_timeout_s: None,
+            max_lifetime_s: Some(500),
+            vmm_pid: None,
+            env: BTreeMap::new(),
+            network: None,
+        };
+        let s = Duration::from_secs;
+        assert_eq!(limits.timers(&r), (Some(s(30)), Some(s(100))));
+        r.max_lifetime_s = Some(10);
+        r.idle_timeout_s = Some(60);
+        assert_eq!(limits.timers(&r), (Some(s(60)), Some(s(10))));
+        let none = Limits {
+            idle_timeout: None,
+            max_lifetime: None,
+            ..limits
+        };
+        r.idle_timeout_s = None;
+        assert_eq!(none.timers(&r), (None, Some(s(10))));
     }
 }

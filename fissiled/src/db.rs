@@ -19,6 +19,8 @@ const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes"
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// Space id → [`SpaceRecord`].
 const SPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("spaces");
+/// Tenant name → [`TenantLimits`] (a tenant without one gets the daemon's flags).
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 /// A template's ready-snapshot key (template, memory, vCPUs, image fingerprint) →
 /// [`ReadyRecord`].
 const READY: TableDefinition<&str, &[u8]> = TableDefinition::new("ready");
@@ -47,6 +49,28 @@ pub enum DbError {
     /// Reading random bytes for a key failed.
     #[error("reading random bytes for a key")]
     Random(#[source] std::io::Error),
+}
+
+/// One tenant's own limits, set by the operator (`fissiled tenants set`); each `None` takes
+/// the daemon's flag of the same name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Most sandboxes it may run at once.
+    #[serde(default)]
+    pub max_sandboxes: Option<usize>,
+    /// Most guest memory (MiB) it may run at once.
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
+    /// Most children one fork may ask for.
+    #[serde(default)]
+    pub max_fork: Option<u32>,
+    /// Idle timeout (seconds) of its sandboxes that set none; 0: none.
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Longest one of its sandboxes may run (seconds); 0: no limit.
+    #[serde(default)]
+    pub max_lifetime_s: Option<u64>,
 }
 
 /// An API key's record (the key itself is never stored).
@@ -99,6 +123,9 @@ pub struct SandboxRecord {
     /// Idle timeout in seconds (no request for that long: persist or delete).
     #[serde(default)]
     pub idle_timeout_s: Option<u64>,
+    /// Its own lifetime limit in seconds (the tenant's or daemon's limit applies too).
+    #[serde(default)]
+    pub max_lifetime_s: Option<u64>,
     /// The VMM's process id while it runs (to re-adopt it after a daemon restart).
     #[serde(default)]
     pub vmm_pid: Option<u32>,
@@ -282,6 +309,7 @@ impl Db {
         tx.open_table(SNAPSHOTS).map_err(DbError::Table)?;
         tx.open_table(SPACES).map_err(DbError::Table)?;
         tx.open_table(READY).map_err(DbError::Table)?;
+        tx.open_table(TENANTS).map_err(DbError::Table)?;
         tx.commit().map_err(DbError::Commit)?;
         Ok(Db { db })
     }
@@ -430,6 +458,32 @@ impl Db {
         self.get(READY, key)
     }
 
+    /// Stores `tenant`'s own limits (replacing what it had).
+    pub fn put_tenant_limits(&self, tenant: &str, limits: &TenantLimits) -> Result<(), DbError> {
+        self.put(TENANTS, tenant, limits)
+    }
+
+    /// `tenant`'s own limits, if the operator set any.
+    pub fn tenant_limits(&self, tenant: &str) -> Result<Option<TenantLimits>, DbError> {
+        self.get(TENANTS, tenant)
+    }
+
+    /// Every tenant's own limits, by tenant name.
+    pub fn all_tenant_limits(&self) -> Result<Vec<(String, TenantLimits)>, DbError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        let t = tx.open_table(TENANTS).map_err(DbError::Table)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(DbError::Storage)? {
+            let (k, v) = item.map_err(DbError::Storage)?;
+            let limits = serde_json::from_slice(v.value()).map_err(DbError::Decode)?;
+            out.push((k.value().to_string(), limits));
+        }
+        Ok(out)
+    }
+
     fn all<T: for<'de> Deserialize<'de>>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -476,6 +530,7 @@ mod tests {
             metadata: Default::default(),
             space_id: None,
             idle_timeout_s: None,
+            max_lifetime_s: None,
             vmm_pid: None,
             env: Default::default(),
             network: None,
@@ -541,5 +596,27 @@ mod tests {
         db.put_space_removing_sandbox(&space, "sb-a").unwrap();
         assert_eq!(db.sandbox("sb-a").unwrap(), None);
         assert_eq!(db.space("sp-a").unwrap(), Some(space));
+    }
+
+    #[test]
+    fn tenant_limits_round_trip_and_unknown_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.tenant_limits("acme").unwrap(), None);
+        let limits = TenantLimits {
+            max_sandboxes: Some(2),
+            idle_timeout_s: Some(0),
+            ..TenantLimits::default()
+        };
+        db.put_tenant_limits("acme", &limits).unwrap();
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.tenant_limits("acme").unwrap(), Some(limits.clone()));
+        assert_eq!(
+            db.all_tenant_limits().unwrap(),
+            vec![("acme".to_string(), limits)]
+        );
+        assert!(serde_json::from_str::<TenantLimits>(r#"{"max_sandbox":1}"#).is_err());
     }
 }

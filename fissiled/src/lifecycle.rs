@@ -68,10 +68,10 @@ impl App {
                 fissile_proto::control::MAX_FORK_CHILDREN
             )));
         }
-        if n > self.config.max_fork {
+        let max_fork = self.limits(tenant).max_fork;
+        if n > max_fork {
             return Err(ApiError::quota(format!(
-                "this daemon forks at most {} children at once, asked for {n}",
-                self.config.max_fork
+                "tenant {tenant} may fork at most {max_fork} children at once, asked for {n}"
             )));
         }
         let parent = self.get_booted(tenant, id)?;

@@ -1,8 +1,10 @@
-//! `fissiled`: serve the HTTP API, or manage API keys.
+//! `fissiled`: serve the HTTP API, or manage API keys and tenants' limits.
 //!
 //! ```text
 //! fissiled serve --state-dir /var/lib/fissiled [--listen 127.0.0.1:8080]
 //! fissiled keys create --state-dir /var/lib/fissiled --tenant acme   # daemon stopped
+//! fissiled tenants set --state-dir /var/lib/fissiled --tenant acme --max-sandboxes 4 \
+//!     --idle-timeout-s 600 --max-lifetime-s 86400                    # daemon stopped
 //! ```
 
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fissiled::app::{App, Config};
-use fissiled::db::Db;
+use fissiled::db::{Db, TenantLimits};
 
 #[derive(Debug, Parser)]
 #[command(name = "fissiled", version, about = "Fissile's HTTP API daemon")]
@@ -85,6 +87,49 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Tenants' own limits (over the `serve` flags of the same name).
+    Tenants {
+        #[command(subcommand)]
+        cmd: TenantsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantsCmd {
+    /// Set some of a tenant's limits (the others keep their value) and print them all. The
+    /// daemon must be stopped; it reads them at start.
+    Set {
+        /// State directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        /// Most sandboxes it may run at once.
+        #[arg(long)]
+        max_sandboxes: Option<usize>,
+        /// Most guest memory (MiB) it may run at once.
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+        /// Most children one fork may ask for.
+        #[arg(long)]
+        max_fork: Option<u32>,
+        /// Idle timeout (seconds) of its sandboxes that set none; 0: none.
+        #[arg(long)]
+        idle_timeout_s: Option<u64>,
+        /// Longest one of its sandboxes may run (seconds); 0: no limit.
+        #[arg(long)]
+        max_lifetime_s: Option<u64>,
+        /// Forget its limits first (then the daemon's flags apply to what is not given).
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Print every tenant's own limits, a JSON object a line.
+    Ls {
+        /// State directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +155,25 @@ enum KeysCmd {
     },
 }
 
+fn check_tenant_name(tenant: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !tenant.is_empty()
+            && tenant.len() <= 64
+            && tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "a tenant name is 1-64 of [A-Za-z0-9_-]"
+    );
+    Ok(())
+}
+
+/// `{"tenant": ..., <its limits>}` on one line.
+fn tenant_line(tenant: &str, limits: &TenantLimits) -> anyhow::Result<String> {
+    let mut v = serde_json::to_value(limits)?;
+    v["tenant"] = serde_json::Value::from(tenant);
+    Ok(serde_json::to_string(&v)?)
+}
+
 fn open_db(state_dir: &std::path::Path) -> anyhow::Result<Db> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -128,14 +192,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Keys {
             cmd: KeysCmd::Create { state_dir, tenant },
         } => {
-            anyhow::ensure!(
-                !tenant.is_empty()
-                    && tenant.len() <= 64
-                    && tenant
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-                "a tenant name is 1-64 of [A-Za-z0-9_-]"
-            );
+            check_tenant_name(&tenant)?;
             let key = open_db(&state_dir)?.create_key(&tenant)?;
             println!("{key}");
         }
@@ -143,6 +200,54 @@ fn main() -> anyhow::Result<()> {
             cmd: KeysCmd::Revoke { state_dir, key },
         } => {
             anyhow::ensure!(open_db(&state_dir)?.revoke_key(&key)?, "no such key");
+        }
+        Cmd::Tenants {
+            cmd:
+                TenantsCmd::Set {
+                    state_dir,
+                    tenant,
+                    max_sandboxes,
+                    max_memory_mib,
+                    max_fork,
+                    idle_timeout_s,
+                    max_lifetime_s,
+                    reset,
+                },
+        } => {
+            check_tenant_name(&tenant)?;
+            if let Some(n) = max_fork {
+                anyhow::ensure!(
+                    (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&n),
+                    "--max-fork must be in 1..={}",
+                    fissile_proto::control::MAX_FORK_CHILDREN
+                );
+            }
+            let db = open_db(&state_dir)?;
+            let mut limits = match reset {
+                true => TenantLimits::default(),
+                false => db.tenant_limits(&tenant)?.unwrap_or_default(),
+            };
+            let given = TenantLimits {
+                max_sandboxes,
+                max_memory_mib,
+                max_fork,
+                idle_timeout_s,
+                max_lifetime_s,
+            };
+            limits.max_sandboxes = given.max_sandboxes.or(limits.max_sandboxes);
+            limits.max_memory_mib = given.max_memory_mib.or(limits.max_memory_mib);
+            limits.max_fork = given.max_fork.or(limits.max_fork);
+            limits.idle_timeout_s = given.idle_timeout_s.or(limits.idle_timeout_s);
+            limits.max_lifetime_s = given.max_lifetime_s.or(limits.max_lifetime_s);
+            db.put_tenant_limits(&tenant, &limits)?;
+            println!("{}", tenant_line(&tenant, &limits)?);
+        }
+        Cmd::Tenants {
+            cmd: TenantsCmd::Ls { state_dir },
+        } => {
+            for (tenant, limits) in open_db(&state_dir)?.all_tenant_limits()? {
+                println!("{}", tenant_line(&tenant, &limits)?);
+            }
         }
         Cmd::Serve {
             state_dir,

@@ -127,6 +127,11 @@ pub struct CreateBody {
     #[serde(default)]
     #[schema(minimum = 1)]
     pub idle_timeout_s: Option<u64>,
+    /// Seconds after which it is closed however busy (persisted if persistent). Its tenant's
+    /// or the daemon's limit, if shorter, applies instead.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub max_lifetime_s: Option<u64>,
     /// Restore one of the caller's snapshots instead of booting the template.
     #[serde(default)]
     pub from_snapshot: Option<String>,
@@ -155,6 +160,8 @@ pub struct SandboxView {
     pub vcpus: u8,
     /// Idle timeout in seconds, if set.
     pub idle_timeout_s: Option<u64>,
+    /// Its own lifetime limit in seconds, if set.
+    pub max_lifetime_s: Option<u64>,
     /// Labels.
     pub metadata: BTreeMap<String, String>,
     /// Its egress policy (null: it reaches nothing outside its sandbox).
@@ -172,6 +179,7 @@ impl From<SandboxRecord> for SandboxView {
             memory_mib: r.memory_mib,
             vcpus: r.vcpus,
             idle_timeout_s: r.idle_timeout_s,
+            max_lifetime_s: r.max_lifetime_s,
             metadata: r.metadata,
             network: r.network,
         }
@@ -211,6 +219,9 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
     if body.idle_timeout_s == Some(0) {
         return Err(ApiError::bad_request("idle_timeout_s must be at least 1"));
     }
+    if body.max_lifetime_s == Some(0) {
+        return Err(ApiError::bad_request("max_lifetime_s must be at least 1"));
+    }
     if let Some(n) = &body.network {
         n.to_egress().map_err(ApiError::bad_request)?;
     }
@@ -223,6 +234,7 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
         metadata: body.metadata,
         persistent: body.persistent,
         idle_timeout_s: body.idle_timeout_s,
+        max_lifetime_s: body.max_lifetime_s,
         from_snapshot: body.from_snapshot,
         env: body.env,
         network: body.network,

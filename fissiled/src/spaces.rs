@@ -104,6 +104,7 @@ impl App {
             metadata: space.metadata.clone(),
             space_id: Some(space.id.clone()),
             idle_timeout_s: None,
+            max_lifetime_s: None,
             vmm_pid: None,
             env: space.env.clone(),
             network: space.network.clone(),

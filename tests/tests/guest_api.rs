@@ -1237,3 +1237,103 @@ fn guest_api_cli_drives_sandboxes_forks_and_spaces() {
     assert_eq!(json[0]["name"], "python-datasci", "{json}");
 }
 
+/// `fissiled tenants set ...` on `state` (daemon stopped): its stdout, or its stderr as the
+/// error.
+fn set_tenant(state: &Path, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(bin())
+        .args(["tenants", "set", "--state-dir"])
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_tenant_limits_and_lifetimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let small = create_key(&state, "small");
+    let big = create_key(&state, "big");
+    set_tenant(
+        &state,
+        &[
+            "--tenant",
+            "small",
+            "--max-sandboxes",
+            "1",
+            "--max-fork",
+            "1",
+        ],
+    )
+    .unwrap();
+    let set = set_tenant(&state, &["--tenant", "small", "--idle-timeout-s", "3"]).unwrap();
+    let limits: Value = serde_json::from_str(set.trim()).unwrap();
+    assert_eq!(
+        (
+            &limits["tenant"],
+            &limits["max_sandboxes"],
+            &limits["max_fork"]
+        ),
+        (&json!("small"), &json!(1), &json!(1)),
+        "a second `set` keeps what the first set: {limits}"
+    );
+    assert_eq!(limits["idle_timeout_s"], 3, "{limits}");
+    let err = set_tenant(&state, &["--tenant", "small", "--max-fork", "0"]).unwrap_err();
+    assert!(err.contains("--max-fork"), "{err}");
+
+    let d = start(&state, &[]);
+    let sandboxes = format!("{}/v1/sandboxes", d.base());
+    let first = create(&d, &small, "{}");
+    let first = first["id"].as_str().unwrap().to_string();
+    // The tenant's own limits, not the daemon's (16 sandboxes, forks of 32).
+    let (s, v) = call("POST", &sandboxes, Some(&small), Some("{}"));
+    assert_eq!((s, error_code(&v)), (429, "quota_exceeded"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 1"),
+        "{v}"
+    );
+    let (s, v) = call(
+        "POST",
+        &format!("{sandboxes}/{first}/fork"),
+        Some(&small),
+        Some(r#"{"n":2}"#),
+    );
+    assert_eq!(s, 429, "{v}");
+    let (s, v) = call(
+        "POST",
+        &sandboxes,
+        Some(&big),
+        Some(r#"{"max_lifetime_s":0}"#),
+    );
+    assert_eq!((s, error_code(&v)), (400, "bad_request"), "{v}");
+    let short = create(&d, &big, r#"{"max_lifetime_s":4}"#);
+    assert_eq!(short["max_lifetime_s"], 4, "{short}");
+    let short = short["id"].as_str().unwrap().to_string();
+    let other = create(&d, &big, "{}");
+    let other = other["id"].as_str().unwrap().to_string();
+
+    // small's sandbox closes after 3 s idle (its tenant's timeout), big's short one at its own
+    // 4 s lifetime; big's other sandbox has neither timer and stays.
+    let gone =
+        |id: &str, key: &str| call("GET", &format!("{sandboxes}/{id}"), Some(key), None).0 == 404;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !(gone(&first, &small) && gone(&short, &big)) {
+        assert!(
+            Instant::now() < deadline,
+            "the timers did not close the sandboxes"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!gone(&other, &big));
+    assert_eq!(value(&d, &big, &other, "6 * 7"), "42");
+    // small's quota is free again.
+    create(&d, &small, "{}");
+}

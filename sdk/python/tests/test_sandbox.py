@@ -199,6 +199,24 @@ def test_daemon_errors_are_typed(env: Daemon) -> None:
             s.close()
 
 
+def test_a_lifetime_limit_closes_the_sandbox(env: Daemon) -> None:
+    sb = Sandbox(max_lifetime=3)
+    try:
+        assert sb.info().max_lifetime_s == 3
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                sb.info()
+            except NotFoundError:
+                break
+            assert time.monotonic() < deadline, "the lifetime limit did not close it"
+            time.sleep(0.5)
+    finally:
+        sb.close()
+    with pytest.raises(BadRequestError):
+        Sandbox(max_lifetime=0)
+
+
 def test_async_sandbox(env: Daemon) -> None:
     async def main() -> None:
         async with await AsyncSandbox.create() as sb:

@@ -98,6 +98,7 @@ def create_call(
     envs: Mapping[str, str] | None,
     from_snapshot: str | None,
     network: NetworkPolicy | None = None,
+    max_lifetime: int | None = None,
 ) -> Call:
     """`POST /v1/sandboxes`."""
     body: dict[str, Any] = {"template": template, "persistent": persistent}
@@ -107,6 +108,8 @@ def create_call(
         body["vcpus"] = vcpus
     if idle_timeout is not None:
         body["idle_timeout_s"] = idle_timeout
+    if max_lifetime is not None:
+        body["max_lifetime_s"] = max_lifetime
     if metadata:
         body["metadata"] = dict(metadata)
     if envs:

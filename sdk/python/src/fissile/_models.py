@@ -170,6 +170,8 @@ class SandboxInfo(BaseModel):
     memory_mib: int
     vcpus: int
     idle_timeout_s: int | None = None
+    max_lifetime_s: int | None = None
+    """Its own lifetime limit (its tenant's or the daemon's may be shorter)."""
     metadata: dict[str, str] = Field(default_factory=dict)
     network: NetworkPolicy | None = None
     """Its egress policy (`None`: it reaches nothing outside its sandbox)."""
