@@ -264,7 +264,9 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+    // The blocking work runs in the caller's span (a request's, a lifecycle step's).
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError::internal(format!("worker: {e}")))?
 }
@@ -303,6 +305,17 @@ pub enum Origin {
     Restore(String),
     /// Restore this template's ready snapshot of this shape; boot if that fails.
     Ready(String, crate::templates::Shape),
+}
+
+impl Origin {
+    /// `boot`, `restore` or `ready` (for traces).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Origin::Boot => "boot",
+            Origin::Restore(_) => "restore",
+            Origin::Ready(..) => "ready",
+        }
+    }
 }
 
 impl App {
@@ -518,6 +531,7 @@ impl App {
 
     /// Puts `policy` in force for sandbox `id` of `tenant` (its next connections follow it)
     /// and records it: forks, persists and resumes keep it.
+    #[tracing::instrument(name = "set_network", skip_all, fields(tenant = tenant, sandbox = id))]
     pub async fn set_network(
         &self,
         tenant: &str,
@@ -562,6 +576,7 @@ impl App {
 
     /// Creates a sandbox for `tenant` (quota-checked): boots the template, or restores
     /// one of the tenant's snapshots; a persistent one gets a space.
+    #[tracing::instrument(name = "create", skip_all, fields(tenant = tenant, sandbox = tracing::field::Empty, persistent = spec.persistent))]
     pub async fn create(&self, tenant: &str, spec: CreateSpec) -> Result<SandboxRecord, ApiError> {
         let mut spec = spec;
         let origin = match &spec.from_snapshot {
@@ -599,6 +614,7 @@ impl App {
             other => other,
         };
         let id = format!("sb-{}", random_hex(8)?);
+        tracing::Span::current().record("sandbox", id.as_str());
         let space = if spec.persistent {
             let space = SpaceRecord {
                 id: format!("sp-{}", random_hex(8)?),
@@ -643,6 +659,7 @@ impl App {
     }
 
     /// Reserves, starts and attaches one sandbox.
+    #[tracing::instrument(name = "start", skip_all, fields(tenant = %record.tenant, sandbox = %record.id, origin = origin.kind()))]
     pub async fn start_sandbox(
         &self,
         record: SandboxRecord,
@@ -686,6 +703,7 @@ impl App {
     /// Closes sandbox `id` of `tenant`: a persistent one is persisted into its space first
     /// (if that fails it keeps running and the error says why); then it stops and is
     /// forgotten. A lost record is just forgotten.
+    #[tracing::instrument(name = "delete", skip_all, fields(tenant = tenant, sandbox = id))]
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
         let record = self.record(tenant, id)?;
         let live = lock(&self.live).get(&record.id).cloned();
@@ -701,6 +719,7 @@ impl App {
 
     /// Stops a running sandbox (blocking): persists its space first when `persist` and it
     /// has one, then removes it from the registry and the store.
+    #[tracing::instrument(name = "close", skip_all, fields(tenant = %live.record.tenant, sandbox = %live.record.id, persist = persist))]
     pub fn close(&self, live: &Arc<Live>, persist: bool) -> Result<(), ApiError> {
         let id = live.record.id.clone();
         let space = live.record.space_id.as_deref().filter(|_| persist);

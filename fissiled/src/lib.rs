@@ -14,6 +14,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`openapi`]: the OpenAPI document, generated from the code.
 //! - [`error`]: `{"error":{"code","message"}}` with its status.
+//! - [`telemetry`]: logs, and spans exported over OTLP when a collector is configured.
 
 pub mod app;
 pub mod auth;
@@ -26,4 +27,5 @@ pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod spaces;
+pub mod telemetry;
 pub mod templates;

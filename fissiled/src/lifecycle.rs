@@ -61,6 +61,7 @@ impl From<SnapshotRecord> for SnapshotView {
 impl App {
     /// Forks sandbox `id` into `n` children (each its own sandbox, not persistent, with the
     /// parent's labels); the parent keeps running. Quotas count the children.
+    #[tracing::instrument(name = "fork", skip_all, fields(tenant = tenant, sandbox = id, n = n))]
     pub async fn fork(&self, tenant: &str, id: &str, n: u32) -> Result<ForkView, ApiError> {
         if n == 0 || n > fissile_proto::control::MAX_FORK_CHILDREN {
             return Err(ApiError::bad_request(format!(
@@ -151,6 +152,7 @@ impl App {
     /// vCPUs, devices, REPL globals. The parent keeps its id; the winner and its siblings keep
     /// running. Self-merge is 400; a winner that is not a child of the latest fork, or a
     /// second merge of that fork, is 404.
+    #[tracing::instrument(name = "merge", skip_all, fields(tenant = tenant, sandbox = parent, winner = winner))]
     pub async fn merge(&self, tenant: &str, parent: &str, winner: &str) -> Result<(), ApiError> {
         if parent == winner {
             return Err(ApiError::bad_request("a sandbox cannot merge into itself"));
@@ -193,6 +195,7 @@ impl App {
     }
 
     /// A durable snapshot of sandbox `id` (it keeps running), recorded as the tenant's.
+    #[tracing::instrument(name = "snapshot", skip_all, fields(tenant = tenant, sandbox = id))]
     pub async fn snapshot(&self, tenant: &str, id: &str) -> Result<SnapshotView, ApiError> {
         let live = self.get_booted(tenant, id)?;
         let snap = blocking(move || {
@@ -218,6 +221,7 @@ impl App {
     }
 
     /// Returns sandbox `id` to one of its own earlier snapshots, keeping its id.
+    #[tracing::instrument(name = "rollback", skip_all, fields(tenant = tenant, sandbox = id, snapshot = snapshot))]
     pub async fn rollback(&self, tenant: &str, id: &str, snapshot: &str) -> Result<(), ApiError> {
         let live = self.get_booted(tenant, id)?;
         let s = self

@@ -181,13 +181,15 @@ fn open_db(state_dir: &std::path::Path) -> anyhow::Result<Db> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match Cli::parse().cmd {
+    let telemetry = fissiled::telemetry::init()?;
+    let result = run(Cli::parse().cmd);
+    // After the runtime is gone (the exporter's blocking client must not drop inside it).
+    telemetry.shutdown();
+    result
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Openapi => print!("{}", fissiled::openapi::json()),
         Cmd::Keys {
             cmd: KeysCmd::Create { state_dir, tenant },

@@ -79,6 +79,7 @@ impl App {
 
     /// Resumes space `id`: a new sandbox restored from its last persisted state (201), or
     /// the sandbox already running it (200, `false`).
+    #[tracing::instrument(name = "resume", skip_all, fields(tenant = tenant, space = id))]
     pub async fn resume(&self, tenant: &str, id: &str) -> Result<(SandboxRecord, bool), ApiError> {
         let space = self.space(tenant, id)?;
         if let Some(running) = &space.sandbox_id {
@@ -136,6 +137,7 @@ impl App {
 
     /// Deletes space `id`: stops the sandbox running it (without persisting) and frees its
     /// snapshot in snapshotd (kept if another snapshot still builds on it).
+    #[tracing::instrument(name = "delete_space", skip_all, fields(tenant = tenant, space = id))]
     pub async fn delete_space(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
         let space = self.space(tenant, id)?;
         if let Some(sb) = &space.sandbox_id {

@@ -54,14 +54,27 @@ impl Fissiled {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let env: Vec<(&str, &str)> = rust_log.map(|f| ("RUST_LOG", f)).into_iter().collect();
+        Fissiled::serve_env(bin, state, args, &env)
+    }
+
+    /// [`Fissiled::serve`] with these environment variables set.
+    pub fn serve_env<I, S>(
+        bin: &Path,
+        state: &Path,
+        args: I,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Fissiled>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped());
-        if let Some(filter) = rust_log {
-            cmd.env("RUST_LOG", filter);
-        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
