@@ -53,6 +53,9 @@ pub struct Config {
     /// Shapes (memory MiB, vCPUs) that get a template ready snapshot (see
     /// [`crate::templates`]); empty: every create boots.
     pub ready_shapes: Vec<(u64, u8)>,
+    /// Sandboxes kept running per ready shape, restored from its ready snapshot ahead of
+    /// time, for creates to take (see [`crate::pool`]); 0: none.
+    pub warm_pool: usize,
     /// What every VMM runs under (its own cgroup, rlimits).
     pub vmm_limits: fissile_sandbox::VmmLimits,
     /// Every sandbox gets a network device in a namespace of its own (reaching nothing
@@ -166,6 +169,8 @@ pub struct App {
     pub ready: Arc<crate::templates::ReadySnapshots>,
     /// Tenants' own limits (read at start: `fissiled tenants set` needs the daemon stopped).
     pub tenants: Arc<HashMap<String, TenantLimits>>,
+    /// Warm pools (sandboxes restored ahead of time).
+    pub pool: Arc<crate::pool::WarmPool>,
 }
 
 /// What applies to one tenant: its own limits ([`TenantLimits`]) over the daemon's flags.
@@ -335,6 +340,7 @@ impl App {
             starts: Arc::new(tokio::sync::Semaphore::new(starts)),
             ready: Arc::default(),
             tenants: Arc::new(db_tenants),
+            pool: Arc::default(),
         };
         app.recover(adopted)?;
         Ok(app)
@@ -350,6 +356,15 @@ impl App {
                 continue;
             }
             let dir = self.dir(&r.id);
+            if r.tenant.is_empty() {
+                // A warm pool member of the earlier run: stopped, never adopted.
+                if let Some(pid) = r.vmm_pid {
+                    kill_stale(pid, "fissile-vmm", &dir.join("api.sock"));
+                }
+                self.db.remove_sandbox(&r.id)?;
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
             if r.state == SandboxState::Running
                 && snapshotd_adopted
                 && let Some(pid) = r.vmm_pid
@@ -613,7 +628,15 @@ impl App {
             }
             other => other,
         };
-        let id = format!("sb-{}", random_hex(8)?);
+        // A warm pool member, if this create needs nothing set before its guest runs.
+        let member = match (&origin, &spec.network) {
+            (Origin::Ready(_, shape), None) => self.take_member(shape).map(|m| (shape.clone(), m)),
+            _ => None,
+        };
+        let id = match &member {
+            Some((_, m)) => m.record.id.clone(),
+            None => format!("sb-{}", random_hex(8)?),
+        };
         tracing::Span::current().record("sandbox", id.as_str());
         let space = if spec.persistent {
             let space = SpaceRecord {
@@ -651,11 +674,33 @@ impl App {
             env: spec.env,
             network: spec.network,
         };
-        let started = self.start_sandbox(record, origin).await;
+        let started = match member {
+            Some((shape, m)) => self.hand_out(record, &shape, m),
+            None => self.start_sandbox(record, origin).await,
+        };
         if let (Ok(_), Some(space)) = (&started, &space) {
             self.db.put_space(space)?;
         }
         started
+    }
+
+    /// Gives warm pool member `m` (of `shape`) to `record`'s tenant, quota-checked, and
+    /// starts its replacement.
+    fn hand_out(
+        &self,
+        record: SandboxRecord,
+        shape: &crate::templates::Shape,
+        m: crate::pool::Member,
+    ) -> Result<SandboxRecord, ApiError> {
+        if let Err(e) = self.reserve(&record.tenant, std::slice::from_ref(&record)) {
+            self.return_member(shape, m);
+            return Err(e);
+        }
+        tracing::info!(sandbox = %record.id, "taken from the warm pool");
+        self.metrics.pool_taken();
+        let attached = self.attach(record, m.sandbox);
+        self.fill_pools();
+        attached
     }
 
     /// Reserves, starts and attaches one sandbox.
@@ -800,6 +845,7 @@ impl App {
 
     /// Stops every sandbox (daemon shutdown), persisting persistent ones first.
     pub fn stop_all(&self) {
+        self.drain_pools();
         let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
         for l in all {
             if let Err(e) = self.close(&l, true) {

@@ -9,6 +9,7 @@
 //! - [`files`]: uploads and downloads, streamed both ways.
 //! - [`lifecycle`]: fork, merge, snapshot, rollback.
 //! - [`spaces`]: persistent spaces (persist on close, resume).
+//! - [`templates`]: templates' ready snapshots; [`pool`]: warm pools restored from them.
 //! - [`auth`]: API keys (hashed) to tenants.
 //! - [`db`]: the metadata store.
 //! - [`metrics`]: Prometheus metrics.
@@ -25,6 +26,7 @@ pub mod files;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
+pub mod pool;
 pub mod routes;
 pub mod spaces;
 pub mod telemetry;

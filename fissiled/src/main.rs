@@ -69,6 +69,11 @@ enum Cmd {
         /// No ready snapshots: every create boots the template.
         #[arg(long)]
         no_ready_snapshots: bool,
+        /// Sandboxes kept running per ready shape, restored from its ready snapshot ahead of
+        /// time: a create of that shape (with no egress policy) takes one instead of
+        /// restoring. Each costs a VMM and the guest memory it touches; 0: no pool.
+        #[arg(long, default_value_t = 1)]
+        warm_pool: usize,
         /// The cgroup v2 directory under which every VMM gets its own cgroup (memory.max =
         /// guest RAM + overhead, pids.max, cpu.max); `none`: no cgroups. Default:
         /// /sys/fs/cgroup/fissile when run as root on a cgroup v2 host.
@@ -265,6 +270,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             max_concurrent_starts,
             ready_shapes,
             no_ready_snapshots,
+            warm_pool,
             cgroup_parent,
             guest_network,
         } => {
@@ -299,6 +305,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 max_concurrent_starts: max_concurrent_starts.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
                 }),
+                warm_pool,
                 ready_shapes: if no_ready_snapshots {
                     Vec::new()
                 } else {
@@ -336,7 +343,7 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
-    // Lifecycle timers: idle timeouts and the lifetime limit, checked every second.
+    // Lifecycle timers (idle timeouts, lifetime limits) and warm pool refills, every second.
     let reaper = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -344,6 +351,7 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             loop {
                 tick.tick().await;
                 let app = app.clone();
+                app.fill_pools();
                 let _ = tokio::task::spawn_blocking(move || app.reap_idle()).await;
             }
         })

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -49,6 +50,7 @@ pub struct Metrics {
     store_snapshots: Gauge,
     image_bytes: Gauge,
     faults_served: Gauge,
+    pool_taken: Counter,
 }
 
 impl Default for Metrics {
@@ -62,6 +64,7 @@ impl Default for Metrics {
         let store_snapshots = Gauge::default();
         let image_bytes = Gauge::default();
         let faults_served = Gauge::default();
+        let pool_taken = Counter::default();
         registry.register(
             "fissiled_http_request_duration_seconds",
             "HTTP requests until the response head, by route template and status",
@@ -102,6 +105,11 @@ impl Default for Metrics {
             "Page faults snapshotd served since it started",
             faults_served.clone(),
         );
+        registry.register(
+            "fissiled_warm_pool_taken",
+            "Creates served by a warm pool member",
+            pool_taken.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -112,6 +120,7 @@ impl Default for Metrics {
             store_snapshots,
             image_bytes,
             faults_served,
+            pool_taken,
         }
     }
 }
@@ -130,6 +139,11 @@ impl Metrics {
                 status,
             })
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a create served by a warm pool member.
+    pub fn pool_taken(&self) {
+        self.pool_taken.inc();
     }
 
     /// Records one operation.

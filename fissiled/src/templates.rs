@@ -99,6 +99,8 @@ pub struct ReadyView {
     pub vcpus: u8,
     /// Its ready snapshot (`null`: not made yet; the next create of this shape makes it).
     pub snapshot: Option<ReadyState>,
+    /// Sandboxes of this shape in the warm pool now, running and waiting for a create.
+    pub warm: usize,
 }
 
 /// A template, as `GET /v1/templates` lists it.
@@ -188,6 +190,14 @@ impl App {
         let shape = shape.clone();
         tokio::spawn(async move { app.build_ready(shape).await });
         None
+    }
+
+    /// `shape`'s ready snapshot if it is made (starts no build).
+    pub(crate) fn made_ready_snapshot(&self, shape: &Shape) -> Option<String> {
+        match lock(&self.ready.states).get(shape) {
+            Some((ReadyState::Ready { .. }, snap)) => snap.clone(),
+            _ => None,
+        }
     }
 
     /// A restore from `shape`'s ready snapshot failed: creates boot until it is rebuilt.
@@ -303,6 +313,7 @@ impl App {
                     memory_mib,
                     vcpus,
                     snapshot: states.get(&shape).map(|(s, _)| s.clone()),
+                    warm: self.pool.idle(&shape),
                 }
             })
             .collect();

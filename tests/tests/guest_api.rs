@@ -1337,3 +1337,142 @@ fn guest_api_tenant_limits_and_lifetimes() {
     // small's quota is free again.
     create(&d, &small, "{}");
 }
+
+/// `fissile-vmm` processes whose command line mentions `dir` (this test's state directory).
+fn vmms_under(dir: &Path) -> usize {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            let c = String::from_utf8_lossy(c);
+            c.split('\0')
+                .next()
+                .is_some_and(|a| a.ends_with("fissile-vmm"))
+                && c.contains(&dir)
+        })
+        .count()
+}
+
+/// The `fissiled_warm_pool_taken_total` counter.
+fn pool_taken(d: &Daemon) -> u64 {
+    let text = ureq::get(&format!("{}/metrics", d.base()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("fissiled_warm_pool_taken_total "))
+        .unwrap_or_else(|| panic!("no pool counter in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_warm_pool_serves_creates_and_is_not_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = create_key(&state, "acme");
+    let mut d = start(&state, &["--ready-shape", "512x1", "--warm-pool", "1"]);
+    let warm = |d: &Daemon| -> u64 {
+        let (_, v) = call(
+            "GET",
+            &format!("{}/v1/templates", d.base()),
+            Some(&key),
+            None,
+        );
+        v[0]["ready"][0]["warm"].as_u64().unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while warm(&d) < 1 {
+        assert!(Instant::now() < deadline, "the pool never filled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Pool members belong to nobody.
+    let (_, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    assert_eq!(pool_taken(&d), 0);
+
+    let t = Instant::now();
+    let a = create(
+        &d,
+        &key,
+        r#"{"metadata":{"from":"pool"},"env":{"WHO":"a"}}"#,
+    );
+    let a = a["id"].as_str().unwrap().to_string();
+    assert_eq!(value(&d, &key, &a, "import os; os.environ['WHO']"), "'a'");
+    eprintln!(
+        "create + first exec from the warm pool: {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(
+        pool_taken(&d),
+        1,
+        "the create did not take the pool's sandbox"
+    );
+    // Warm-up imports are there; the caller's record is what the API shows.
+    assert_eq!(
+        value(&d, &key, &a, "import sys; 'pandas' in sys.modules"),
+        "True"
+    );
+    let (_, v) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{a}", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(v["metadata"]["from"], "pool", "{v}");
+
+    // A create with an egress policy needs its namespace set before the guest runs: no pool.
+    while warm(&d) < 1 {
+        assert!(Instant::now() < deadline, "the pool never refilled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let b = create(
+        &d,
+        &key,
+        r#"{"network":{"internet":false,"allow":["10.9.0.0/16"]}}"#,
+    );
+    assert_eq!(pool_taken(&d), 1);
+    let b = b["id"].as_str().unwrap().to_string();
+    // The refilled member and the one handed out differ in their entropy.
+    let c = create(&d, &key, "{}");
+    let c = c["id"].as_str().unwrap().to_string();
+    assert_eq!(pool_taken(&d), 2);
+    let rand = "import os; os.urandom(16).hex()";
+    assert_ne!(value(&d, &key, &a, rand), value(&d, &key, &c, rand));
+    for id in [&b, &c] {
+        let (s, _) = call(
+            "DELETE",
+            &format!("{}/v1/sandboxes/{id}", d.base()),
+            Some(&key),
+            None,
+        );
+        assert_eq!(s, 204);
+    }
+
+    // kill -9: the restarted daemon re-adopts the tenant's sandbox and stops the pool's.
+    while warm(&d) < 1 {
+        assert!(Instant::now() < deadline, "the pool never refilled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(vmms_under(&state), 2, "a's VMM and the pool member's");
+    d.kill_hard().unwrap();
+    let d = start(&state, &["--ready-shape", "512x1", "--warm-pool", "0"]);
+    assert_eq!(vmms_under(&state), 1, "the old pool member still runs");
+    assert_eq!(value(&d, &key, &a, "os.environ['WHO']"), "'a'");
+    let (_, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}

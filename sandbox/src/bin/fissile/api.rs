@@ -784,7 +784,7 @@ pub fn spaces(c: &Client, opts: &ApiOpts, cmd: SpacesCmd) -> anyhow::Result<()> 
 
 #[derive(Debug, Subcommand)]
 pub enum TemplatesCmd {
-    /// List the templates and the state of their ready snapshots.
+    /// List the templates, the state of their ready snapshots and their warm pools.
     Ls,
 }
 
@@ -804,6 +804,7 @@ pub fn templates(c: &Client, opts: &ApiOpts, cmd: TemplatesCmd) -> anyhow::Resul
                         "-".into(),
                         "none".into(),
                         "-".into(),
+                        "-".into(),
                     ]);
                 }
                 for r in ready {
@@ -821,11 +822,12 @@ pub fn templates(c: &Client, opts: &ApiOpts, cmd: TemplatesCmd) -> anyhow::Resul
                         text(&t["name"]),
                         format!("{}x{}", text(&r["memory_mib"]), text(&r["vcpus"])),
                         text(&snap["status"]),
+                        text(&r["warm"]),
                         detail,
                     ]);
                 }
             }
-            table(&["TEMPLATE", "MIBxCPU", "READY", "DETAIL"], &rows);
+            table(&["TEMPLATE", "MIBxCPU", "READY", "WARM", "DETAIL"], &rows);
             Ok(())
         }
     }

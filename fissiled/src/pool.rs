@@ -1,0 +1,192 @@
+//! Warm pools: for each ready shape, `--warm-pool N` sandboxes restored from the shape's ready
+//! snapshot ahead of time, running and answering, owned by no tenant. A create of that shape
+//! with nothing that must be set before the guest runs (no `from_snapshot`, no egress policy:
+//! a pooled guest sits in an isolated network namespace) takes one: it gets the caller's
+//! record (tenant, labels, env, timers; its id was chosen when it was started) and the pool
+//! starts a replacement. A create that finds the pool empty restores the ready snapshot
+//! itself, as without a pool.
+//!
+//! Members are in the metadata store with no tenant (no API key's tenant is empty), so a
+//! daemon killed with `kill -9` finds them at its next start and stops their VMMs instead of
+//! adopting them; a graceful stop stops them. A member that fails to start makes the pool
+//! wait [`RETRY_AFTER_MS`] before the next try of that shape.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use fissile_sandbox::Sandbox;
+
+use crate::app::{App, DEFAULT_TEMPLATE, blocking, lock};
+use crate::db::{SandboxRecord, SandboxState, now_ms, random_hex};
+use crate::error::ApiError;
+use crate::templates::Shape;
+
+/// How long a shape's pool waits after a member failed to start.
+pub const RETRY_AFTER_MS: u64 = 30_000;
+
+/// A pooled sandbox: its record (no tenant) and its running VMM.
+#[derive(Debug)]
+pub struct Member {
+    /// Its record as stored (tenant empty).
+    pub record: SandboxRecord,
+    /// The running sandbox.
+    pub sandbox: Sandbox,
+}
+
+#[derive(Debug, Default)]
+struct ShapePool {
+    idle: Vec<Member>,
+    starting: usize,
+    failed_at_ms: Option<u64>,
+}
+
+/// The warm pools of this daemon, by shape.
+#[derive(Debug, Default)]
+pub struct WarmPool {
+    shapes: Mutex<HashMap<Shape, ShapePool>>,
+}
+
+impl WarmPool {
+    /// Idle members of `shape`.
+    pub fn idle(&self, shape: &Shape) -> usize {
+        lock(&self.shapes).get(shape).map_or(0, |p| p.idle.len())
+    }
+}
+
+impl App {
+    /// Takes an idle member of `shape`, if the pool has one.
+    pub(crate) fn take_member(&self, shape: &Shape) -> Option<Member> {
+        lock(&self.pool.shapes).get_mut(shape)?.idle.pop()
+    }
+
+    /// Gives back a member a create could not use (its tenant's quota was full).
+    pub(crate) fn return_member(&self, shape: &Shape, member: Member) {
+        lock(&self.pool.shapes)
+            .entry(shape.clone())
+            .or_default()
+            .idle
+            .push(member);
+    }
+
+    /// Starts members for every ready shape whose pool is short and whose ready snapshot
+    /// exists (called every second and after each take).
+    pub fn fill_pools(&self) {
+        if self.config.warm_pool == 0 {
+            return;
+        }
+        for &(memory_mib, vcpus) in &self.config.ready_shapes {
+            let shape = Shape {
+                template: DEFAULT_TEMPLATE.to_string(),
+                memory_mib,
+                vcpus,
+            };
+            let Some(snapshot) = self.made_ready_snapshot(&shape) else {
+                continue;
+            };
+            let wanted = {
+                let mut shapes = lock(&self.pool.shapes);
+                let p = shapes.entry(shape.clone()).or_default();
+                if p.failed_at_ms
+                    .is_some_and(|at| now_ms() < at.saturating_add(RETRY_AFTER_MS))
+                {
+                    continue;
+                }
+                let wanted = self
+                    .config
+                    .warm_pool
+                    .saturating_sub(p.idle.len() + p.starting);
+                p.starting += wanted;
+                wanted
+            };
+            for _ in 0..wanted {
+                let app = self.clone();
+                let (shape, snapshot) = (shape.clone(), snapshot.clone());
+                tokio::spawn(async move { app.start_member(shape, snapshot).await });
+            }
+        }
+    }
+
+    async fn start_member(self, shape: Shape, snapshot: String) {
+        let started = self.restore_member(&shape, snapshot).await;
+        let mut shapes = lock(&self.pool.shapes);
+        let p = shapes.entry(shape.clone()).or_default();
+        p.starting = p.starting.saturating_sub(1);
+        match started {
+            Ok(member) => {
+                tracing::info!(sandbox = %member.record.id, memory_mib = shape.memory_mib,
+                    vcpus = shape.vcpus, "warm pool member ready");
+                p.failed_at_ms = None;
+                p.idle.push(member);
+            }
+            Err(e) => {
+                tracing::warn!(memory_mib = shape.memory_mib, vcpus = shape.vcpus,
+                    error = %e.message, "a warm pool member failed to start");
+                p.failed_at_ms = Some(now_ms());
+            }
+        }
+    }
+
+    /// Restores one member of `shape` from `snapshot`, recorded with no tenant.
+    async fn restore_member(&self, shape: &Shape, snapshot: String) -> Result<Member, ApiError> {
+        let mut record = SandboxRecord {
+            id: format!("sb-{}", random_hex(8)?),
+            tenant: String::new(),
+            template: shape.template.clone(),
+            memory_mib: shape.memory_mib,
+            vcpus: shape.vcpus,
+            state: SandboxState::Starting,
+            created_ms: now_ms(),
+            metadata: Default::default(),
+            space_id: None,
+            idle_timeout_s: None,
+            max_lifetime_s: None,
+            vmm_pid: None,
+            env: Default::default(),
+            network: None,
+        };
+        self.db.put_sandbox(&record)?;
+        let dir = self.dir(&record.id);
+        let cfg = self.sandbox_config(dir.clone(), shape.memory_mib, shape.vcpus, None);
+        // Behind the creates and boots already queued: a start permit like any restore.
+        let permit = self.starts.clone().acquire_owned().await;
+        let restored = blocking(move || {
+            let _permit = permit;
+            Sandbox::restore(&cfg, &snapshot)
+                .map_err(|e| ApiError::sandbox("restoring a warm pool member", &e))
+        })
+        .await;
+        match restored {
+            Ok(sandbox) => {
+                record.state = SandboxState::Running;
+                record.vmm_pid = sandbox.pid();
+                if let Err(e) = self.db.put_sandbox(&record) {
+                    self.forget_member(&record.id);
+                    return Err(e.into());
+                }
+                Ok(Member { record, sandbox })
+            }
+            Err(e) => {
+                self.forget_member(&record.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn forget_member(&self, id: &str) {
+        let _ = self.db.remove_sandbox(id);
+        let _ = std::fs::remove_dir_all(self.dir(id));
+    }
+
+    /// Stops every idle member (graceful shutdown).
+    pub fn drain_pools(&self) {
+        let members: Vec<Member> = lock(&self.pool.shapes)
+            .values_mut()
+            .flat_map(|p| std::mem::take(&mut p.idle))
+            .collect();
+        for m in members {
+            let id = m.record.id.clone();
+            drop(m.sandbox);
+            self.forget_member(&id);
+        }
+    }
+}
