@@ -82,6 +82,38 @@ fn create_full_snapshot_reads_back_identical_with_blobs() {
 }
 
 #[test]
+fn ingest_threads_store_the_same_chunks_once_and_read_back_identical() {
+    // 700 pages: batches of 256 split across workers; the same page content repeats in
+    // different batches (pages 0..100 again at 400..500), so two workers of one wave both
+    // find it missing and only one copy may be written.
+    let mut mem = memory(9, 700);
+    let (head, tail) = mem.split_at_mut(400 * PS as usize);
+    tail[..100 * PS as usize].copy_from_slice(&head[..100 * PS as usize]);
+    let mut written = Vec::new();
+    for threads in [1, 2, 3, 8] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.set_ingest_threads(threads);
+        let out = store.create(&full(&mem)).unwrap();
+        assert_eq!(store.read_all(&out.id).unwrap(), mem, "{threads} threads");
+        assert!(store.check().unwrap().is_ok());
+        let again = store.create(&full(&mem)).unwrap();
+        assert_eq!(
+            again.chunks_written, 0,
+            "{threads} threads: a re-ingest wrote chunks"
+        );
+        written.push((out.chunks_written, out.bytes_written));
+    }
+    let distinct = mem
+        .chunks_exact(PS as usize)
+        .filter(|p| p.iter().any(|b| *b != 0))
+        .collect::<HashSet<_>>()
+        .len() as u64;
+    assert_eq!(written[0].0, distinct);
+    assert!(written.iter().all(|w| *w == written[0]), "{written:?}");
+}
+
+#[test]
 fn nearly_identical_snapshots_grow_store_only_by_differing_pages() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

@@ -36,7 +36,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -145,6 +145,9 @@ pub enum CreateError {
     /// The index holds a corrupt chunk entry.
     #[error("index entry for a chunk is corrupt")]
     CorruptEntry,
+    /// An ingest worker thread panicked.
+    #[error("an ingest worker thread failed")]
+    Worker,
 }
 
 /// Errors loading a snapshot's resolved view.
@@ -468,10 +471,21 @@ pub struct Store {
     views: Mutex<HashMap<String, Arc<SnapshotView>>>,
     seq: AtomicU64,
     root: PathBuf,
+    /// Threads that read, hash, look up and compress pages during a create.
+    ingest_threads: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Most threads one create uses.
+pub const MAX_INGEST_THREADS: usize = 8;
+
+fn default_ingest_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(MAX_INGEST_THREADS)
 }
 
 fn now_ms() -> u64 {
@@ -567,7 +581,15 @@ impl Store {
             views: Mutex::new(HashMap::new()),
             seq,
             root: root.to_path_buf(),
+            ingest_threads: AtomicUsize::new(default_ingest_threads()),
         })
+    }
+
+    /// How many threads a create uses to read, hash, look up and compress pages (at least
+    /// one; the default is the CPUs available, at most [`MAX_INGEST_THREADS`]).
+    pub fn set_ingest_threads(&self, n: usize) {
+        self.ingest_threads
+            .store(n.clamp(1, MAX_INGEST_THREADS), Ordering::Relaxed);
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -891,28 +913,61 @@ impl Store {
         // Per changed page: (index, content).
         let mut entries: Vec<(u64, Option<Hash>)> = Vec::new();
         let zero = vec![0u8; ps as usize];
-        let mut buf = vec![0u8; INGEST_BATCH_PAGES * ps as usize];
-        let mut hashes: Vec<Option<Hash>> = Vec::with_capacity(INGEST_BATCH_PAGES);
+        let threads = self.ingest_threads.load(Ordering::Relaxed).max(1);
+        let mut bufs: Vec<Vec<u8>> = (0..threads)
+            .map(|_| vec![0u8; INGEST_BATCH_PAGES * ps as usize])
+            .collect();
+        let batches: Vec<(u64, usize)> = scan
+            .iter()
+            .flat_map(|&(start, count)| {
+                (start..start + count)
+                    .step_by(INGEST_BATCH_PAGES)
+                    .map(move |p| {
+                        (
+                            p,
+                            (start + count - p).min(INGEST_BATCH_PAGES as u64) as usize,
+                        )
+                    })
+            })
+            .collect();
         let mut pages_scanned = 0u64;
-        for (start, count) in scan {
-            let mut p = start;
-            while p < start + count {
-                let n = (start + count - p).min(INGEST_BATCH_PAGES as u64) as usize;
-                let bytes = &mut buf[..n * ps as usize];
-                req.memory
-                    .read_at(p * u64::from(ps), bytes)
-                    .map_err(CreateError::Source)?;
-                hashes.clear();
-                for page in bytes.chunks_exact(ps as usize) {
-                    hashes.push(if page == zero.as_slice() {
-                        None
-                    } else {
-                        Some(*blake3::hash(page).as_bytes())
-                    });
-                }
-                ing.ensure_chunks(bytes, ps as usize, &hashes)?;
-                for (i, h) in hashes.iter().enumerate() {
-                    let idx = p + i as u64;
+        // In waves of one batch per thread: the workers read, hash, look up and compress;
+        // then this thread takes their results in page order (appends, the page list).
+        for wave in batches.chunks(threads) {
+            let memory = &*req.memory;
+            let (known, zero) = (&ing.known, zero.as_slice());
+            let scanned: Vec<Result<Scanned, CreateError>> = if wave.len() == 1 {
+                vec![scan_batch(
+                    self,
+                    memory,
+                    wave[0],
+                    ps,
+                    zero,
+                    known,
+                    &mut bufs[0],
+                )]
+            } else {
+                std::thread::scope(|scope| {
+                    let workers: Vec<_> = wave
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .map(|(&batch, buf)| {
+                            scope.spawn(move || {
+                                scan_batch(self, memory, batch, ps, zero, known, buf)
+                            })
+                        })
+                        .collect();
+                    workers
+                        .into_iter()
+                        .map(|w| w.join().unwrap_or(Err(CreateError::Worker)))
+                        .collect()
+                })
+            };
+            for (batch, scanned) in wave.iter().zip(scanned) {
+                let scanned = scanned?;
+                ing.absorb(scanned.found, scanned.missing)?;
+                for (i, h) in scanned.hashes.iter().enumerate() {
+                    let idx = batch.0 + i as u64;
                     let differs = match &parent {
                         Some(pv) => pv.page(idx).flatten() != h.as_ref(),
                         None => h.is_some(),
@@ -921,8 +976,7 @@ impl Store {
                         entries.push((idx, *h));
                     }
                 }
-                pages_scanned += n as u64;
-                p += n as u64;
+                pages_scanned += batch.1 as u64;
             }
         }
         let (parent_id, depth) = match (&parent, flatten) {
@@ -1366,6 +1420,91 @@ fn remove_packs_after(dir: &Path, active: u32) -> io::Result<()> {
 }
 
 /// State of one ingest: chunks this snapshot references, written or found.
+/// A chunk the store did not have, encoded as its pack record.
+#[derive(Debug)]
+struct EncodedChunk {
+    hash: Hash,
+    record: Vec<u8>,
+    stored_len: u32,
+    raw_len: u32,
+}
+
+/// One batch of pages, read and hashed: each page's hash (`None`: all zero), the index
+/// entries of chunks the store has, the records of those it does not.
+#[derive(Debug)]
+struct Scanned {
+    hashes: Vec<Option<Hash>>,
+    found: Vec<(Hash, ChunkEntry)>,
+    missing: Vec<EncodedChunk>,
+}
+
+/// Reads pages `batch` (first page, count) of `memory` into `buf`, hashes them, looks up in
+/// one sorted multi-get the chunks neither `known` nor the batch has seen, and encodes the
+/// missing ones (compression happens here, on the worker).
+fn scan_batch(
+    store: &Store,
+    memory: &dyn PageSource,
+    (start, n): (u64, usize),
+    ps: u32,
+    zero: &[u8],
+    known: &HashMap<Hash, ChunkEntry>,
+    buf: &mut [u8],
+) -> Result<Scanned, CreateError> {
+    let ps = ps as usize;
+    let bytes = &mut buf[..n * ps];
+    memory
+        .read_at(start * ps as u64, bytes)
+        .map_err(CreateError::Source)?;
+    let hashes: Vec<Option<Hash>> = bytes
+        .chunks_exact(ps)
+        .map(|page| (page != zero).then(|| *blake3::hash(page).as_bytes()))
+        .collect();
+    let mut lookup: Vec<(usize, Hash)> = Vec::new();
+    let mut asked = HashSet::new();
+    for (i, h) in hashes.iter().enumerate() {
+        if let Some(h) = h
+            && !known.contains_key(h)
+            && asked.insert(*h)
+        {
+            lookup.push((i, *h));
+        }
+    }
+    let mut scanned = Scanned {
+        hashes,
+        found: Vec::new(),
+        missing: Vec::new(),
+    };
+    if lookup.is_empty() {
+        return Ok(scanned);
+    }
+    // Sorted keys let rocksdb walk its memtable and blocks in one pass.
+    lookup.sort_unstable_by_key(|a| a.1);
+    let keys: Vec<&[u8]> = lookup.iter().map(|(_, h)| h.as_slice()).collect();
+    let found = store
+        .db
+        .batched_multi_get_cf(store.cf(CF_CHUNKS), keys, true);
+    for ((i, h), res) in lookup.iter().zip(found) {
+        match res.map_err(CreateError::Index)? {
+            Some(v) => {
+                let e = ChunkEntry::decode(&v).ok_or(CreateError::CorruptEntry)?;
+                scanned.found.push((*h, e));
+            }
+            None => {
+                let mut record = Vec::new();
+                pack::encode_record(h, &bytes[i * ps..(i + 1) * ps], &mut record)
+                    .map_err(CreateError::Pack)?;
+                scanned.missing.push(EncodedChunk {
+                    hash: *h,
+                    stored_len: (record.len() - pack::RECORD_HEADER_LEN) as u32,
+                    raw_len: ps as u32,
+                    record,
+                });
+            }
+        }
+    }
+    Ok(scanned)
+}
+
 struct Ingest<'a> {
     store: &'a Store,
     writer: &'a mut PackWriter,
@@ -1375,45 +1514,36 @@ struct Ingest<'a> {
 }
 
 impl Ingest<'_> {
-    /// Makes sure every non-zero page of `bytes` is in the store (looked up in one batch,
-    /// appended if new).
-    fn ensure_chunks(
+    /// Takes one scanned batch: index entries the store has, and records of chunks it does
+    /// not (appended unless an earlier batch appended the same chunk).
+    fn absorb(
         &mut self,
-        bytes: &[u8],
-        ps: usize,
-        hashes: &[Option<Hash>],
+        found: Vec<(Hash, ChunkEntry)>,
+        missing: Vec<EncodedChunk>,
     ) -> Result<(), CreateError> {
-        let mut lookup: Vec<(usize, Hash)> = Vec::new();
-        let mut asked = HashSet::new();
-        for (i, h) in hashes.iter().enumerate() {
-            if let Some(h) = h
-                && !self.known.contains_key(h)
-                && asked.insert(*h)
-            {
-                lookup.push((i, *h));
-            }
+        for (h, e) in found {
+            self.known.entry(h).or_insert(e);
         }
-        if lookup.is_empty() {
-            return Ok(());
-        }
-        // Sorted keys let rocksdb walk its memtable and blocks in one pass.
-        lookup.sort_unstable_by_key(|a| a.1);
-        let keys: Vec<&[u8]> = lookup.iter().map(|(_, h)| h.as_slice()).collect();
-        let found = self
-            .store
-            .db
-            .batched_multi_get_cf(self.store.cf(CF_CHUNKS), keys, true);
-        for ((i, h), res) in lookup.iter().zip(found) {
-            match res.map_err(CreateError::Index)? {
-                Some(v) => {
-                    let e = ChunkEntry::decode(&v).ok_or(CreateError::CorruptEntry)?;
-                    self.known.insert(*h, e);
-                }
-                None => {
-                    let e = self.append(h, &bytes[i * ps..(i + 1) * ps])?;
-                    self.known.insert(*h, e);
-                }
+        for m in missing {
+            if self.known.contains_key(&m.hash) {
+                continue;
             }
+            if self.writer.len() >= PACK_TARGET_LEN {
+                self.store.rotate(self.writer).map_err(CreateError::Pack)?;
+            }
+            let location = self
+                .writer
+                .append_encoded(&m.record, m.stored_len, m.raw_len)
+                .map_err(CreateError::Pack)?;
+            self.chunks_written += 1;
+            self.bytes_written += location.record_len();
+            self.known.insert(
+                m.hash,
+                ChunkEntry {
+                    location,
+                    refcount: 0,
+                },
+            );
         }
         Ok(())
     }
