@@ -684,8 +684,8 @@ impl App {
         started
     }
 
-    /// Gives warm pool member `m` (of `shape`) to `record`'s tenant, quota-checked, and
-    /// starts its replacement.
+    /// Gives warm pool member `m` (of `shape`) to `record`'s tenant, quota-checked (the
+    /// pool restores its replacement on a later tick).
     fn hand_out(
         &self,
         record: SandboxRecord,
@@ -698,9 +698,7 @@ impl App {
         }
         tracing::info!(sandbox = %record.id, "taken from the warm pool");
         self.metrics.pool_taken();
-        let attached = self.attach(record, m.sandbox);
-        self.fill_pools();
-        attached
+        self.attach(record, m.sandbox)
     }
 
     /// Reserves, starts and attaches one sandbox.

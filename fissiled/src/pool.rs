@@ -3,7 +3,7 @@
 //! with nothing that must be set before the guest runs (no `from_snapshot`, no egress policy:
 //! a pooled guest sits in an isolated network namespace) takes one: it gets the caller's
 //! record (tenant, labels, env, timers; its id was chosen when it was started) and the pool
-//! starts a replacement. A create that finds the pool empty restores the ready snapshot
+//! starts a replacement a moment later ([`REFILL_AFTER_MS`]). A create that finds the pool empty restores the ready snapshot
 //! itself, as without a pool.
 //!
 //! Members are in the metadata store with no tenant (no API key's tenant is empty), so a
@@ -23,6 +23,10 @@ use crate::templates::Shape;
 
 /// How long a shape's pool waits after a member failed to start.
 pub const RETRY_AFTER_MS: u64 = 30_000;
+/// How long after a create took a member its replacement starts: the restore stays off the
+/// critical path of the new sandbox's first requests (on a small host it competes for the
+/// same CPUs).
+pub const REFILL_AFTER_MS: u64 = 1_000;
 
 /// A pooled sandbox: its record (no tenant) and its running VMM.
 #[derive(Debug)]
@@ -38,6 +42,7 @@ struct ShapePool {
     idle: Vec<Member>,
     starting: usize,
     failed_at_ms: Option<u64>,
+    taken_at_ms: Option<u64>,
 }
 
 /// The warm pools of this daemon, by shape.
@@ -56,7 +61,11 @@ impl WarmPool {
 impl App {
     /// Takes an idle member of `shape`, if the pool has one.
     pub(crate) fn take_member(&self, shape: &Shape) -> Option<Member> {
-        lock(&self.pool.shapes).get_mut(shape)?.idle.pop()
+        let mut shapes = lock(&self.pool.shapes);
+        let p = shapes.get_mut(shape)?;
+        let m = p.idle.pop()?;
+        p.taken_at_ms = Some(now_ms());
+        Some(m)
     }
 
     /// Gives back a member a create could not use (its tenant's quota was full).
@@ -69,7 +78,7 @@ impl App {
     }
 
     /// Starts members for every ready shape whose pool is short and whose ready snapshot
-    /// exists (called every second and after each take).
+    /// exists (called every second), [`REFILL_AFTER_MS`] after the last take at the earliest.
     pub fn fill_pools(&self) {
         if self.config.warm_pool == 0 {
             return;
@@ -86,8 +95,11 @@ impl App {
             let wanted = {
                 let mut shapes = lock(&self.pool.shapes);
                 let p = shapes.entry(shape.clone()).or_default();
+                let now = now_ms();
                 if p.failed_at_ms
-                    .is_some_and(|at| now_ms() < at.saturating_add(RETRY_AFTER_MS))
+                    .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
+                    || p.taken_at_ms
+                        .is_some_and(|at| now < at.saturating_add(REFILL_AFTER_MS))
                 {
                     continue;
                 }

@@ -94,11 +94,24 @@ impl Daemon {
     /// Creates a sandbox from `body`, runs `code`, deletes it; the time it all took (ms)
     /// and the cell's value.
     fn create_exec_delete(&self, body: Value, code: &str) -> anyhow::Result<(f64, String)> {
+        let (steps, value) = self.create_exec_delete_steps(body, code)?;
+        Ok((steps.iter().sum(), value))
+    }
+
+    /// [`Daemon::create_exec_delete`] step by step: create, first exec, delete (ms).
+    fn create_exec_delete_steps(
+        &self,
+        body: Value,
+        code: &str,
+    ) -> anyhow::Result<([f64; 3], String)> {
         let t = Instant::now();
         let id = self.create(body)?;
+        let created = ms(t.elapsed());
         let value = self.exec(&id, code)?;
+        let executed = ms(t.elapsed());
         self.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
-        Ok((ms(t.elapsed()), value))
+        let deleted = ms(t.elapsed());
+        Ok(([created, executed - created, deleted - executed], value))
     }
 
     fn create(&self, body: Value) -> anyhow::Result<String> {
@@ -241,10 +254,12 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let mut ready = Vec::new();
+    let mut ready_steps = Vec::new();
     for _ in 0..3 {
-        let (took, value) = d.create_exec_delete(json!({}), "1+1")?;
+        let (steps, value) = d.create_exec_delete_steps(json!({}), "1+1")?;
         anyhow::ensure!(value == "2");
-        ready.push(took);
+        ready.push(steps.iter().sum());
+        ready_steps.push(steps);
     }
     let (ready_import, _) = d.create_exec_delete(json!({}), IMPORTS)?;
     let r = med(&mut ready);
@@ -266,6 +281,7 @@ fn main() -> anyhow::Result<()> {
         &["--ready-shape", "512x1", "--warm-pool", "1"],
     )?;
     let mut pooled = Vec::new();
+    let mut pooled_steps = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
         while d.call("GET", "/v1/templates", None)?[0]["ready"][0]["warm"].as_u64() != Some(1) {
@@ -275,9 +291,10 @@ fn main() -> anyhow::Result<()> {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        let (took, value) = d.create_exec_delete(json!({}), "1+1")?;
+        let (steps, value) = d.create_exec_delete_steps(json!({}), "1+1")?;
         anyhow::ensure!(value == "2");
-        pooled.push(took);
+        pooled.push(steps.iter().sum());
+        pooled_steps.push(steps);
     }
     let p = med(&mut pooled);
     println!("warm pool (1 member, refilled between samples)");
@@ -287,6 +304,15 @@ fn main() -> anyhow::Result<()> {
         p / c,
         p / r
     );
+    let step = |all: &[[f64; 3]], i: usize| med(&mut all.iter().map(|s| s[i]).collect::<Vec<_>>());
+    for (name, i) in [("create", 0), ("first exec", 1), ("delete", 2)] {
+        println!(
+            "  {name:<10} median: ready snapshot {:>7.1} ms   warm pool {:>7.1} ms   {:.3}×",
+            step(&ready_steps, i),
+            step(&pooled_steps, i),
+            step(&pooled_steps, i) / step(&ready_steps, i)
+        );
+    }
     Ok(())
 }
 
