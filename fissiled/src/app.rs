@@ -171,6 +171,9 @@ pub struct App {
     pub tenants: Arc<HashMap<String, TenantLimits>>,
     /// Warm pools (sandboxes restored ahead of time).
     pub pool: Arc<crate::pool::WarmPool>,
+    /// API keys that are not revoked, by hash → tenant (read at start: `fissiled keys`
+    /// needs the daemon stopped, so they cannot change while it runs).
+    pub keys: Arc<HashMap<String, String>>,
 }
 
 /// What applies to one tenant: its own limits ([`TenantLimits`]) over the daemon's flags.
@@ -328,6 +331,7 @@ impl App {
     /// running (a `kill -9` of the daemon leaves them running), or starts snapshotd afresh.
     pub fn start(db: Db, config: Config) -> Result<App, ApiError> {
         let db_tenants = db.all_tenant_limits()?.into_iter().collect();
+        let db_keys = db.active_keys()?;
         let (sd, adopted) = start_snapshotd(&config.state_dir)?;
         let starts = config.max_concurrent_starts.max(1);
         let app = App {
@@ -341,6 +345,7 @@ impl App {
             ready: Arc::default(),
             tenants: Arc::new(db_tenants),
             pool: Arc::default(),
+            keys: Arc::new(db_keys),
         };
         app.recover(adopted)?;
         Ok(app)

@@ -1,5 +1,7 @@
-//! Who is asking: `Authorization: Bearer <key>` or `X-API-Key: <key>`, looked up (by hash)
-//! in the metadata store. No key, a wrong key or a revoked key is 401.
+//! Who is asking: `Authorization: Bearer <key>` or `X-API-Key: <key>`, looked up by hash in
+//! the keys the daemon read from its metadata store at start (keys are created and revoked
+//! with the daemon stopped, so that copy is exact). No key, a wrong key or a revoked key is
+//! 401.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -33,12 +35,11 @@ impl FromRequestParts<App> for Tenant {
         let key = presented_key(parts).ok_or_else(|| {
             ApiError::unauthorized("no API key: send `Authorization: Bearer <key>` or `X-API-Key`")
         })?;
-        let key = key.to_string();
-        let db = app.db.clone();
-        let tenant = tokio::task::spawn_blocking(move || db.tenant_of(&key))
-            .await
-            .map_err(|e| ApiError::internal(format!("key lookup: {e}")))??;
-        let tenant = tenant.ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+        let tenant = app
+            .keys
+            .get(&crate::db::key_hash(key))
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
         tracing::Span::current().record("tenant", tenant.as_str());
         Ok(Tenant(tenant))
     }

@@ -368,6 +368,24 @@ impl Db {
         Ok(record.filter(|r| !r.revoked).map(|r| r.tenant))
     }
 
+    /// Every key that is not revoked: its hash → its tenant.
+    pub fn active_keys(&self) -> Result<std::collections::HashMap<String, String>, DbError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        let t = tx.open_table(KEYS).map_err(DbError::Table)?;
+        let mut out = std::collections::HashMap::new();
+        for item in t.iter().map_err(DbError::Storage)? {
+            let (k, v) = item.map_err(DbError::Storage)?;
+            let record: KeyRecord = serde_json::from_slice(v.value()).map_err(DbError::Decode)?;
+            if !record.revoked {
+                out.insert(k.value().to_string(), record.tenant);
+            }
+        }
+        Ok(out)
+    }
+
     /// Revokes a key; false if it does not exist.
     pub fn revoke_key(&self, key: &str) -> Result<bool, DbError> {
         let hash = key_hash(key);
@@ -552,7 +570,13 @@ mod tests {
             "the key itself is in the file"
         );
 
+        let other = db.create_key("other").unwrap();
+        assert_eq!(db.active_keys().unwrap().len(), 2);
         assert!(db.revoke_key(&key).unwrap());
+        assert_eq!(
+            db.active_keys().unwrap(),
+            [(key_hash(&other), "other".to_string())].into()
+        );
         drop(db);
         let db = Db::open(&path).unwrap();
 
