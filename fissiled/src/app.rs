@@ -174,6 +174,9 @@ pub struct App {
     /// API keys that are not revoked, by hash → tenant (read at start: `fissiled keys`
     /// needs the daemon stopped, so they cannot change while it runs).
     pub keys: Arc<HashMap<String, String>>,
+    /// Ids of the sandboxes recorded `lost` (found at start; forgotten when deleted), so
+    /// `/metrics` counts them without reading every record.
+    pub lost: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// What applies to one tenant: its own limits ([`TenantLimits`]) over the daemon's flags.
@@ -346,6 +349,7 @@ impl App {
             tenants: Arc::new(db_tenants),
             pool: Arc::default(),
             keys: Arc::new(db_keys),
+            lost: Arc::default(),
         };
         app.recover(adopted)?;
         Ok(app)
@@ -358,6 +362,7 @@ impl App {
     fn recover(&self, snapshotd_adopted: bool) -> Result<(), ApiError> {
         for mut r in self.db.sandboxes()? {
             if r.state == SandboxState::Lost {
+                lock(&self.lost).insert(r.id.clone());
                 continue;
             }
             let dir = self.dir(&r.id);
@@ -394,6 +399,7 @@ impl App {
             r.state = SandboxState::Lost;
             r.vmm_pid = None;
             self.db.put_sandbox(&r)?;
+            lock(&self.lost).insert(r.id.clone());
             if let Some(space) = &r.space_id
                 && let Some(mut s) = self.db.space(space)?
                 && s.sandbox_id.as_deref() == Some(r.id.as_str())
@@ -760,6 +766,7 @@ impl App {
             blocking(move || app.close(&live, true)).await?;
         } else {
             self.db.remove_sandbox(id)?;
+            lock(&self.lost).remove(id);
             let _ = std::fs::remove_dir_all(self.dir(id));
         }
         Ok(())
@@ -838,11 +845,7 @@ impl App {
                 starting += 1;
             }
         }
-        let lost = self
-            .db
-            .sandboxes()
-            .map(|all| all.iter().filter(|r| r.state == SandboxState::Lost).count() as u64)
-            .unwrap_or(0);
+        let lost = lock(&self.lost).len() as u64;
         vec![("running", running), ("starting", starting), ("lost", lost)]
     }
 

@@ -147,6 +147,7 @@ impl App {
                 blocking(move || app.close(&live, false)).await?;
             } else {
                 let _ = self.db.remove_sandbox(sb);
+                lock(&self.lost).remove(sb);
             }
         }
         self.db.remove_space(id)?;
