@@ -33,7 +33,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version byte of every snapshotd frame.
-pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 3;
+pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 4;
 /// Cap on one frame, both directions.
 pub const SNAPSHOTD_FRAME_CAP: u32 = 1 << 20;
 /// Most page indexes in one `CreatePages` / `CreateTouchOrder`.
@@ -70,6 +70,10 @@ pub struct Region {
     pub snapshot: String,
     /// Byte offset of `base` within the snapshot's memory (page aligned).
     pub offset: u64,
+    /// The image object the client mapped (`ImageOpened::instance`): a session for an image
+    /// that was dropped and opened again since is refused (`Conflict`), never served into a
+    /// memfd the client does not map.
+    pub instance: u64,
 }
 
 /// Client → daemon.
@@ -217,6 +221,8 @@ pub enum Response {
     },
     /// The image memfd is attached (map it `MAP_PRIVATE`).
     ImageOpened {
+        /// The image object's number, for `Region::instance`.
+        instance: u64,
         /// Snapshot id.
         snapshot: String,
         /// Bytes.

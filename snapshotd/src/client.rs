@@ -132,6 +132,8 @@ pub struct OpenedImage {
     pub page_size: u32,
     /// Every page is in the memfd: it can be mapped without a fault session.
     pub complete: bool,
+    /// The image object's number: name it in the fault session's regions.
+    pub instance: u64,
 }
 
 impl OpenedImage {
@@ -304,6 +306,7 @@ impl Client {
                 memory_size,
                 page_size,
                 complete,
+                instance,
                 ..
             } => {
                 let fd: OwnedFd = self.conn.take_fd().ok_or(ClientError::MissingFd)?;
@@ -312,6 +315,7 @@ impl Client {
                     memory_size,
                     page_size,
                     complete,
+                    instance,
                 })
             }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -563,6 +567,7 @@ impl LazyMemory {
             len: mapping.len() as u64,
             snapshot: snapshot.to_string(),
             offset: 0,
+            instance: image.instance,
         }];
         let hooks = SessionHooks {
             thread_start: None,

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use fissile_proto::frame::{encode_frame, read_frame};
 use fissile_proto::snapshotd::{
-    ErrorCode, Request, Response, SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION,
+    ErrorCode, Region, Request, Response, SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION,
 };
-use fissile_snapshotd::client::{Client, CreateOptions, LazyMemory};
+use fissile_snapshotd::client::{
+    Client, CreateOptions, LazyMemory, SessionHooks, new_uffd, register_missing,
+};
 use fissile_snapshotd::sys;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -32,12 +34,18 @@ struct Daemon {
 
 impl Daemon {
     fn start(root: &Path) -> Daemon {
+        Daemon::start_with(root, &[])
+    }
+
+    /// [`Daemon::start`] with more `serve` flags.
+    fn start_with(root: &Path, extra: &[&str]) -> Daemon {
         let socket = root.join("snapshotd.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fissile-snapshotd"))
             .args(["serve", "--root"])
             .arg(root.join("store"))
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -377,6 +385,7 @@ fn garbage_messages_do_not_crash_the_daemon() {
     let mem = memory(4, 16, 0);
     let id = create(&mut c, &mem, CreateOptions::default());
     let file = memfd_with(&[0u8; 4096]);
+    let instance = c.open_image(&id).unwrap().instance;
     let bogus = Client::connect(&d.socket).unwrap().serve_faults(
         &file.as_fd(),
         vec![fissile_proto::snapshotd::Region {
@@ -384,6 +393,7 @@ fn garbage_messages_do_not_crash_the_daemon() {
             len: 4096,
             snapshot: id.clone(),
             offset: 0,
+            instance,
         }],
         fissile_snapshotd::client::SessionHooks::default(),
     );
@@ -400,6 +410,7 @@ fn garbage_messages_do_not_crash_the_daemon() {
             len: 4096,
             snapshot: id.clone(),
             offset: 0,
+            instance,
         }],
         fissile_snapshotd::client::SessionHooks::default(),
     );
@@ -704,4 +715,100 @@ fn delete_of_a_snapshot_in_use_is_refused_until_its_last_user_is_gone() {
     delete_once_unused(&mut d.client(), &id);
     let stats = d.client().stats().unwrap();
     assert_eq!(stats.snapshots, 0);
+}
+
+#[test]
+fn an_image_evicted_between_open_and_serve_faults_is_not_a_livelock() {
+    // No budget for unused images: every one is evicted as soon as nothing holds it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--image-cache-mib", "0"]);
+    let mem = memory(11, 64, 0);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+
+    // A first user materializes page 0 in the image (so it has resident bytes to evict).
+    let first = LazyMemory::restore(d.client(), &id, None).unwrap();
+    let mut buf = vec![0u8; PS];
+    first.mapping().read_at(0, &mut buf);
+    assert_eq!(buf, mem[..PS]);
+
+    // A second opens the image (the first still pins it) and maps it ...
+    let mut c = d.client();
+    let image = c.open_image(&id).unwrap();
+    let mapping = image.map_private().unwrap();
+    let uffd = new_uffd().unwrap();
+    register_missing(&uffd, &mapping).unwrap();
+    drop(c);
+    let regions = vec![Region {
+        base: mapping.addr(),
+        len: mapping.len() as u64,
+        snapshot: id.clone(),
+        offset: 0,
+        instance: image.instance,
+    }];
+    // ... the first goes away: the image is unused and over budget, but was opened just
+    // now: it stays for the grace period, and a session then serves the mapped memfd.
+    drop(first);
+    ping_ok(&d);
+    let session = d
+        .client()
+        .serve_faults(&uffd, regions, SessionHooks::default())
+        .unwrap();
+    read_page_within(mapping.addr() as usize, 5, &mem, session);
+
+    // Past the grace period with no user it is evicted; a session for the old object (a
+    // client that opened it and waited) is refused instead of served into a new memfd.
+    let late = d.client().open_image(&id).unwrap();
+    let late_map = late.map_private().unwrap();
+    let late_uffd = new_uffd().unwrap();
+    register_missing(&late_uffd, &late_map).unwrap();
+    std::thread::sleep(Duration::from_millis(
+        fissile_snapshotd::server::image::OPEN_GRACE_MS + 500,
+    ));
+    ping_ok(&d); // a connection closes: the daemon trims its images
+    let refused = d.client().serve_faults(
+        &late_uffd,
+        vec![Region {
+            base: late_map.addr(),
+            len: late_map.len() as u64,
+            snapshot: id.clone(),
+            offset: 0,
+            instance: late.instance,
+        }],
+        SessionHooks::default(),
+    );
+    let Err(err) = refused else {
+        panic!("a session for an evicted image object was accepted");
+    };
+    assert!(err.to_string().contains("opened again"), "{err}");
+}
+
+/// Reads page `page` of the mapping at `addr` on a thread; fails if the fault is not
+/// resolved within 10 s (the session is then leaked, the thread left blocked).
+fn read_page_within(
+    addr: usize,
+    page: usize,
+    mem: &[u8],
+    session: fissile_snapshotd::client::FaultSession,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; PS];
+        // SAFETY: the caller's mapping outlives this read: it waits for it, or panics while
+        // still holding the mapping (the thread then stays blocked on the page).
+        unsafe {
+            std::ptr::copy_nonoverlapping((addr + page * PS) as *const u8, buf.as_mut_ptr(), PS)
+        };
+        let _ = tx.send(buf);
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(got) => assert!(
+            got == mem[page * PS..(page + 1) * PS],
+            "page {page} differs"
+        ),
+        Err(_) => {
+            let failure = session.failure();
+            std::mem::forget(session);
+            panic!("a fault on the mapped image never resolved (session failure: {failure:?})");
+        }
+    }
 }

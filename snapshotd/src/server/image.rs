@@ -117,6 +117,28 @@ pub struct Image {
     failed: AtomicBool,
     /// When it was last handed out ([`Images`]' clock), for LRU eviction.
     last_used: AtomicU64,
+    /// When it was last handed out (ms since the epoch): not evicted within
+    /// [`OPEN_GRACE_MS`] of that, so a client that opened it can start its fault session.
+    touched_ms: AtomicU64,
+    /// This object's number: a client names it in its fault session's regions, and an
+    /// image evicted and opened again (a new memfd) is refused rather than served into a
+    /// memfd the client never mapped.
+    instance: u64,
+}
+
+/// How long after it was last handed out an unused image stays, whatever the budget.
+pub const OPEN_GRACE_MS: u64 = 5_000;
+
+/// A new image object's [`Image::instance`].
+fn next_instance() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn bitmap(pages: u64) -> Vec<AtomicU64> {
@@ -145,6 +167,8 @@ impl Image {
             durable: AtomicBool::new(true),
             failed: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
+            touched_ms: AtomicU64::new(wall_ms()),
+            instance: next_instance(),
         })
     }
 
@@ -211,6 +235,8 @@ impl Image {
             durable: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
+            touched_ms: AtomicU64::new(wall_ms()),
+            instance: next_instance(),
         })
     }
 
@@ -396,6 +422,11 @@ impl Image {
     }
 
     /// Pages in first-touch order (store images with a recorded order; empty otherwise).
+    /// This object's number (see the field).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
     pub fn touch_order(&self) -> Vec<u64> {
         match &self.source {
             Source::Store { view, .. } => view.touch_order().collect(),
@@ -416,6 +447,8 @@ pub struct Images {
     map: Mutex<HashMap<String, Arc<Image>>>,
     budget: u64,
     clock: AtomicU64,
+    /// [`OPEN_GRACE_MS`], or less in tests.
+    grace_ms: u64,
 }
 
 impl Default for Images {
@@ -430,10 +463,16 @@ pub const DEFAULT_IMAGE_BUDGET: u64 = 4 << 30;
 impl Images {
     /// An empty set keeping at most `budget` bytes of unused images.
     pub fn new(budget: u64) -> Self {
+        Self::with_grace(budget, OPEN_GRACE_MS)
+    }
+
+    /// [`Images::new`] keeping images handed out in the last `grace_ms` whatever the budget.
+    pub fn with_grace(budget: u64, grace_ms: u64) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             budget,
             clock: AtomicU64::new(1),
+            grace_ms,
         }
     }
 
@@ -448,6 +487,7 @@ impl Images {
             self.clock.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        img.touched_ms.store(wall_ms(), Ordering::Relaxed);
     }
 
     /// The image of snapshot `id`, opened from the store on first use.
@@ -516,9 +556,14 @@ impl Images {
         if total <= self.budget {
             return failed;
         }
+        let now = wall_ms();
         let mut candidates: Vec<(u64, String, u64)> = map
             .iter()
-            .filter(|(_, img)| unused(img) && img.is_durable())
+            .filter(|(_, img)| {
+                unused(img)
+                    && img.is_durable()
+                    && now.saturating_sub(img.touched_ms.load(Ordering::Relaxed)) >= self.grace_ms
+            })
             .map(|(id, img)| {
                 (
                     img.last_used.load(Ordering::Relaxed),
@@ -555,7 +600,7 @@ mod tests {
 
     #[test]
     fn unused_durable_images_are_evicted_lru_first_within_the_budget() {
-        let images = Images::new(3 * 4096 * 16);
+        let images = Images::with_grace(3 * 4096 * 16, 0);
         for id in ["a", "b", "c", "d"] {
             let img = adopted(id, 16);
             img.set_durable();
@@ -578,8 +623,30 @@ mod tests {
     }
 
     #[test]
+    fn an_image_handed_out_within_the_grace_period_is_not_evicted() {
+        let images = Images::with_grace(0, 60_000);
+        let img = adopted("fresh", 4);
+        img.set_durable();
+        images.insert(img);
+        assert!(images.trim().is_empty());
+        assert!(
+            images.get("fresh").is_some(),
+            "evicted within its grace period"
+        );
+        let later = Images::with_grace(0, 0);
+        let img = adopted("old", 4);
+        img.set_durable();
+        later.insert(img);
+        later.trim();
+        assert!(
+            later.get("old").is_none(),
+            "kept past its grace period, over budget"
+        );
+    }
+
+    #[test]
     fn in_use_pending_and_failed_images_follow_their_rules() {
-        let images = Images::new(0);
+        let images = Images::with_grace(0, 0);
         let pending = adopted("pending", 4);
         images.insert(pending.clone());
         drop(pending);

@@ -695,6 +695,7 @@ impl Server {
                     .map_err(|e| Fail(ErrorCode::Internal, e.to_string()))?;
                 Ok(Next::Reply(
                     Response::ImageOpened {
+                        instance: img.instance(),
                         snapshot,
                         memory_size: img.memory_size(),
                         page_size: img.page_size(),
@@ -841,6 +842,16 @@ impl Server {
                     image::ImageError::View(v) => Fail::from(v),
                     other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
                 })?;
+            if img.instance() != r.instance {
+                return Err(Fail(
+                    ErrorCode::Conflict,
+                    format!(
+                        "the image of {} was dropped and opened again since this client \
+                         opened it: open it again",
+                        r.snapshot
+                    ),
+                ));
+            }
             let ps = u64::from(img.page_size());
             let aligned = r.base % ps == 0 && r.len % ps == 0 && r.offset % ps == 0 && r.len > 0;
             let fits = r

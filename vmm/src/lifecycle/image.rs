@@ -68,6 +68,7 @@ pub(crate) fn attach(
                 len: len as u64,
                 snapshot: snapshot.to_string(),
                 offset,
+                instance: image.instance,
             });
         }
         let session = Client::connect(socket)
