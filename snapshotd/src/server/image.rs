@@ -12,6 +12,14 @@
 //!   from the store). No store read, no decompression. (The adopted memfd is sealed against
 //!   writes, so it cannot be the layered image: the parent's pages must be written into it.)
 //!
+//! A layered image depends on its parent image only until it is durable: then it is *rebased*
+//! on the store (its own snapshot's flattened view there), keeping only a weak reference to
+//! the parent. Its missing pages are copied from the parent's memfd when the parent is still
+//! open and has them, else read from the store; nothing is written into the parent on the
+//! way. So a VM that snapshots again and again does not pin its whole chain of images (each
+//! unused durable one can be evicted, each snapshot deleted), and a fault on a deep layer
+//! does not fill every level's memfd.
+//!
 //! A fault only ever reaches us for a page that is not in the image memfd yet (MISSING mode
 //! on a private mapping fires for holes only), so "present" pages are resolved by a wake.
 
@@ -20,7 +28,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::store::{ReadError, SnapshotView, Store, ViewError};
 use crate::sys;
@@ -46,6 +54,9 @@ pub enum ImageError {
     /// The memfd handed over for adoption is unsuitable.
     #[error("adopted memfd: {0}")]
     Adopt(String),
+    /// The snapshot in the store does not match the image being rebased on it.
+    #[error("snapshot {0} in the store has another memory or page size than its image")]
+    StoreMismatch(String),
 }
 
 /// Errors materializing one page.
@@ -94,11 +105,24 @@ enum Source {
     },
     /// Adopted memfd holding every page (holes are zero pages).
     Full,
-    /// Adopted memfd `dirty` holding the pages in `own`; the others come from `parent`.
+    /// Adopted memfd `dirty` holding the pages in `own`; the others come from `base`.
     Layered {
         dirty: File,
         own: Vec<u64>,
-        parent: Arc<Image>,
+        base: RwLock<Base>,
+    },
+}
+
+/// Where a layered image's pages that it does not hold itself come from.
+#[derive(Debug, Clone)]
+enum Base {
+    /// The parent's image (until this snapshot is durable).
+    Parent(Arc<Image>),
+    /// This snapshot's own view in the store, the parent's memfd first while it is open.
+    Store {
+        view: Arc<SnapshotView>,
+        store: Arc<Store>,
+        parent: Weak<Image>,
     },
 }
 
@@ -218,7 +242,7 @@ impl Image {
                     Source::Layered {
                         dirty: memfd,
                         own,
-                        parent,
+                        base: RwLock::new(Base::Parent(parent)),
                     },
                     image,
                 )
@@ -271,6 +295,48 @@ impl Image {
     /// Marks the snapshot durable (its background ingest finished).
     pub fn set_durable(&self) {
         self.durable.store(true, Ordering::Release);
+    }
+
+    /// Marks the snapshot durable and, for a layered image, rebases it on `store` (see the
+    /// module docs): from now on it holds its parent's image only weakly. If its view cannot
+    /// be loaded it stays on its parent (correct, only not freed) and the error is returned.
+    pub fn set_durable_in(&self, store: &Arc<Store>) -> Result<(), ImageError> {
+        self.set_durable();
+        let Source::Layered { base, .. } = &self.source else {
+            return Ok(());
+        };
+        let parent = match &*base
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Base::Parent(p) => p.clone(),
+            Base::Store { .. } => return Ok(()),
+        };
+        let view = store.view(&self.id).map_err(ImageError::View)?;
+        if view.memory_size() != self.memory_size || view.page_size() != self.page_size {
+            return Err(ImageError::StoreMismatch(self.id.clone()));
+        }
+        *base
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Base::Store {
+            view,
+            store: store.clone(),
+            parent: Arc::downgrade(&parent),
+        };
+        Ok(())
+    }
+
+    /// True when this image is layered on its parent's image (not yet rebased on the store).
+    pub fn holds_parent(&self) -> bool {
+        match &self.source {
+            Source::Layered { base, .. } => matches!(
+                *base
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                Base::Parent(_)
+            ),
+            _ => false,
+        }
     }
 
     /// Marks its background ingest failed (it is usable while in use, then dropped).
@@ -356,7 +422,7 @@ impl Image {
                 self.write_page(page, buf)?;
                 Ok(PageState::Present)
             }
-            Source::Layered { dirty, own, parent } => {
+            Source::Layered { dirty, own, base } => {
                 if bit(&self.present, page) {
                     return Ok(PageState::Present);
                 }
@@ -365,13 +431,43 @@ impl Image {
                     self.write_page(page, buf)?;
                     return Ok(PageState::Present);
                 }
-                match parent.read_page(page, buf)? {
-                    PageState::Zero => Ok(PageState::Zero),
-                    PageState::Present => {
-                        self.write_page(page, buf)?;
-                        Ok(PageState::Present)
-                    }
+                let base = base
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let state = match base {
+                    Base::Parent(parent) => parent.read_page(page, buf)?,
+                    Base::Store {
+                        view,
+                        store,
+                        parent,
+                    } => match parent
+                        .upgrade()
+                        .map(|p| p.peek_page(page, buf))
+                        .transpose()?
+                    {
+                        Some(Some(state)) => state,
+                        _ => match view.page(page) {
+                            None => {
+                                return Err(MaterializeError::OutOfRange {
+                                    snapshot: self.id.clone(),
+                                    page,
+                                });
+                            }
+                            Some(None) => PageState::Zero,
+                            Some(Some(_)) => {
+                                store
+                                    .read_page(&view, page, buf)
+                                    .map_err(MaterializeError::Read)?;
+                                PageState::Present
+                            }
+                        },
+                    },
+                };
+                if state == PageState::Present {
+                    self.write_page(page, buf)?;
                 }
+                Ok(state)
             }
         }
     }
@@ -384,6 +480,26 @@ impl Image {
                 PageState::Zero => Ok(PageState::Zero),
                 PageState::Present => self.read_own(page, buf).map(|_| PageState::Present),
             },
+        }
+    }
+
+    /// The bytes of `page` if this image has them without any work (a full image, or a page
+    /// already materialized); `None` otherwise. Never writes into this image.
+    fn peek_page(
+        &self,
+        page: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<PageState>, MaterializeError> {
+        if page >= self.memory_size / u64::from(self.page_size) {
+            return Ok(None);
+        }
+        match &self.source {
+            Source::Full => self.read_own(page, buf).map(Some),
+            _ if bit(&self.present, page) => {
+                self.read_page_of(&self.memfd, page, buf)?;
+                Ok(Some(PageState::Present))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -620,6 +736,97 @@ mod tests {
             "the least recently used went first"
         );
         assert!(images.get("b").is_some() && images.get("a").is_some());
+    }
+
+    fn create(store: &Store, id: &str, mem: &[u8], parent: Option<(&str, Vec<u64>)>) {
+        let (parent, dirty_pages) = match parent {
+            Some((p, d)) => (Some(p.to_string()), Some(d)),
+            None => (None, None),
+        };
+        let req = crate::store::CreateRequest {
+            memory: Box::new(mem),
+            page_size: 4096,
+            parent,
+            dirty_pages,
+            blobs: Default::default(),
+            labels: Default::default(),
+            touch_order: Vec::new(),
+        };
+        store.create_as(id, &req).unwrap();
+    }
+
+    #[test]
+    fn a_durable_layer_lets_go_of_its_parent_and_never_writes_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let pages = 8u64;
+        // Parent snapshot: page p filled with byte p+1, page 7 zero.
+        let mut mem = vec![0u8; (pages * 4096) as usize];
+        for p in 0..7 {
+            mem[(p * 4096) as usize..((p + 1) * 4096) as usize].fill(p as u8 + 1);
+        }
+        create(&store, "parent", &mem, None);
+        let images = Images::new(1 << 30);
+        let parent = images.get_or_open(&store, "parent").unwrap();
+
+        // The child changed page 1 only.
+        let dirty = sys::memfd_create("dirty", pages * 4096).unwrap();
+        dirty.write_all_at(&[0xaa; 4096], 4096).unwrap();
+        sys::add_seals(&dirty, sys::ADOPT_SEALS).unwrap();
+        let child = Arc::new(
+            Image::adopt(
+                "child",
+                dirty,
+                pages * 4096,
+                4096,
+                Some((vec![1], parent.clone())),
+            )
+            .unwrap(),
+        );
+        let mut buf = Vec::new();
+        // Before it is durable a fault goes through the parent's image (and fills it).
+        assert_eq!(child.materialize(0, &mut buf).unwrap(), PageState::Present);
+        assert_eq!(parent.materialized_pages(), 1);
+        assert!(child.holds_parent());
+
+        let mut child_mem = mem.clone();
+        child_mem[4096..8192].fill(0xaa);
+        create(&store, "child", &child_mem, Some(("parent", vec![1])));
+        child.set_durable_in(&store).unwrap();
+
+        assert!(!child.holds_parent());
+        drop(parent);
+        assert_eq!(
+            images.users("parent"),
+            0,
+            "the child no longer pins its parent"
+        );
+        let parent = images.get("parent").unwrap();
+        // Page 0 is in the parent's memfd: copied from there. Page 2 is not: read from the
+        // store, without filling the parent on the way. Page 1 is the child's own, 7 a zero.
+        for (page, want) in [(0u64, 1u8), (1, 0xaa), (2, 3), (5, 6)] {
+            assert_eq!(
+                child.materialize(page, &mut buf).unwrap(),
+                PageState::Present
+            );
+            let mut got = vec![0u8; 4096];
+            child.memfd.read_exact_at(&mut got, page * 4096).unwrap();
+            assert!(got.iter().all(|&b| b == want), "page {page}");
+        }
+        assert_eq!(child.materialize(7, &mut buf).unwrap(), PageState::Zero);
+        assert_eq!(
+            parent.materialized_pages(),
+            1,
+            "nothing written into the parent"
+        );
+
+        // With the parent's image gone entirely, pages still come from the store.
+        drop(parent);
+        images.remove("parent");
+        assert_eq!(child.materialize(6, &mut buf).unwrap(), PageState::Present);
+        let mut got = vec![0u8; 4096];
+        child.memfd.read_exact_at(&mut got, 6 * 4096).unwrap();
+        assert!(got.iter().all(|&b| b == 7));
     }
 
     #[test]

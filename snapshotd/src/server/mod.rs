@@ -230,7 +230,12 @@ impl Server {
                     snapshot = %job.id, written = out.chunks_written,
                     ms = t0.elapsed().as_millis() as u64, "adopted image is durable"
                 );
-                job.image.set_durable();
+                if let Err(e) = job.image.set_durable_in(&self.store) {
+                    tracing::warn!(
+                        snapshot = %job.id, error = %crate::error_chain(&e),
+                        "durable, but still layered on its parent's image"
+                    );
+                }
             })
             .map_err(|e| crate::error_chain(&e));
         self.finish_ingest(&job.id, result);
