@@ -252,6 +252,44 @@ fn age(ms: Option<u64>) -> String {
     }
 }
 
+/// The elements of a JSON array (none if `v` is not one).
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// Deletes each of `ids` under `collection` (`/v1/<collection>/<id>`), printing the ones
+/// deleted and the errors of the others; fails if any was not deleted.
+fn delete_each(c: &Client, collection: &str, ids: &[String]) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for id in ids {
+        let path = format!("/v1/{collection}/{}", segment(id)?);
+        match c.call("DELETE", &path, None) {
+            Ok(_) => println!("{id}"),
+            Err(e) => {
+                eprintln!("fissile: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} not deleted", ids.len());
+    }
+    Ok(())
+}
+
+/// Writes a `stdout` or `stderr` event of a stream where it belongs; false for any other.
+fn echo_output(out: &mut impl Write, ev: &Value) -> anyhow::Result<bool> {
+    match ev["type"].as_str() {
+        Some("stdout") => {
+            out.write_all(text(&ev["text"]).as_bytes())?;
+            out.flush()?;
+        }
+        Some("stderr") => eprint!("{}", text(&ev["text"])),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -414,10 +452,7 @@ pub fn sandbox(c: &Client, opts: &ApiOpts, cmd: SandboxCmd) -> anyhow::Result<()
             if opts.json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = items(&v)
                 .iter()
                 .map(|s| {
                     vec![
@@ -442,23 +477,7 @@ pub fn sandbox(c: &Client, opts: &ApiOpts, cmd: SandboxCmd) -> anyhow::Result<()
         SandboxCmd::Show { id } => {
             print_json(&c.call("GET", &format!("/v1/sandboxes/{}", segment(&id)?), None)?)
         }
-        SandboxCmd::Rm { ids } => {
-            let mut failed = 0;
-            for id in &ids {
-                let path = format!("/v1/sandboxes/{}", segment(id)?);
-                match c.call("DELETE", &path, None) {
-                    Ok(_) => println!("{id}"),
-                    Err(e) => {
-                        eprintln!("fissile: {e:#}");
-                        failed += 1;
-                    }
-                }
-            }
-            if failed > 0 {
-                bail!("{failed} of {} not deleted", ids.len());
-            }
-            Ok(())
-        }
+        SandboxCmd::Rm { ids } => delete_each(c, "sandboxes", &ids),
     }
 }
 
@@ -521,12 +540,10 @@ pub fn exec(c: &Client, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let mut code = None;
     let mut out = std::io::stdout().lock();
     c.stream(&path, &body, deadline, |ev| {
+        if echo_output(&mut out, ev)? {
+            return Ok(());
+        }
         match ev["type"].as_str() {
-            Some("stdout") => {
-                out.write_all(text(&ev["text"]).as_bytes())?;
-                out.flush()?;
-            }
-            Some("stderr") => eprint!("{}", text(&ev["text"])),
             Some("result") => {
                 let data = &ev["data"];
                 match data["text/plain"].as_str() {
@@ -621,12 +638,10 @@ pub fn sh(c: &Client, args: &ShArgs) -> anyhow::Result<ExitCode> {
     let mut code = None;
     let mut out = std::io::stdout().lock();
     c.stream(&path, &body, deadline, |ev| {
+        if echo_output(&mut out, ev)? {
+            return Ok(());
+        }
         match ev["type"].as_str() {
-            Some("stdout") => {
-                out.write_all(text(&ev["text"]).as_bytes())?;
-                out.flush()?;
-            }
-            Some("stderr") => eprint!("{}", text(&ev["text"])),
             Some("exit") => {
                 let status = if ev["timed_out"].as_bool() == Some(true) {
                     eprintln!(
@@ -656,11 +671,7 @@ pub fn fork(c: &Client, opts: &ApiOpts, id: &str, n: u32) -> anyhow::Result<()> 
         return print_json(&v);
     }
     let mut failed = 0;
-    for child in v["children"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
+    for child in items(&v["children"]) {
         match child["id"].as_str() {
             Some(id) => println!("{id}"),
             None => {
@@ -722,10 +733,7 @@ pub fn spaces(c: &Client, opts: &ApiOpts, cmd: SpacesCmd) -> anyhow::Result<()> 
             if opts.json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let rows: Vec<Vec<String>> = items(&v)
                 .iter()
                 .map(|s| {
                     vec![
@@ -763,22 +771,7 @@ pub fn spaces(c: &Client, opts: &ApiOpts, cmd: SpacesCmd) -> anyhow::Result<()> 
             println!("{}", text(&v["id"]));
             Ok(())
         }
-        SpacesCmd::Rm { ids } => {
-            let mut failed = 0;
-            for id in &ids {
-                match c.call("DELETE", &format!("/v1/spaces/{}", segment(id)?), None) {
-                    Ok(_) => println!("{id}"),
-                    Err(e) => {
-                        eprintln!("fissile: {e:#}");
-                        failed += 1;
-                    }
-                }
-            }
-            if failed > 0 {
-                bail!("{failed} of {} not deleted", ids.len());
-            }
-            Ok(())
-        }
+        SpacesCmd::Rm { ids } => delete_each(c, "spaces", &ids),
     }
 }
 
@@ -796,8 +789,8 @@ pub fn templates(c: &Client, opts: &ApiOpts, cmd: TemplatesCmd) -> anyhow::Resul
                 return print_json(&v);
             }
             let mut rows = Vec::new();
-            for t in v.as_array().map(Vec::as_slice).unwrap_or_default() {
-                let ready = t["ready"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for t in items(&v) {
+                let ready = items(&t["ready"]);
                 if ready.is_empty() {
                     rows.push(vec![
                         text(&t["name"]),
