@@ -1429,6 +1429,18 @@ struct EncodedChunk {
     raw_len: u32,
 }
 
+/// `raw` with address `h` as a pack record (compressed when that is smaller).
+fn encode_chunk(h: &Hash, raw: &[u8]) -> Result<EncodedChunk, CreateError> {
+    let mut record = Vec::new();
+    pack::encode_record(h, raw, &mut record).map_err(CreateError::Pack)?;
+    Ok(EncodedChunk {
+        hash: *h,
+        stored_len: (record.len() - pack::RECORD_HEADER_LEN) as u32,
+        raw_len: raw.len() as u32,
+        record,
+    })
+}
+
 /// One batch of pages, read and hashed: each page's hash (`None`: all zero), the index
 /// entries of chunks the store has, the records of those it does not.
 #[derive(Debug)]
@@ -1489,17 +1501,9 @@ fn scan_batch(
                 let e = ChunkEntry::decode(&v).ok_or(CreateError::CorruptEntry)?;
                 scanned.found.push((*h, e));
             }
-            None => {
-                let mut record = Vec::new();
-                pack::encode_record(h, &bytes[i * ps..(i + 1) * ps], &mut record)
-                    .map_err(CreateError::Pack)?;
-                scanned.missing.push(EncodedChunk {
-                    hash: *h,
-                    stored_len: (record.len() - pack::RECORD_HEADER_LEN) as u32,
-                    raw_len: ps as u32,
-                    record,
-                });
-            }
+            None => scanned
+                .missing
+                .push(encode_chunk(h, &bytes[i * ps..(i + 1) * ps])?),
         }
     }
     Ok(scanned)
@@ -1528,31 +1532,25 @@ impl Ingest<'_> {
             if self.known.contains_key(&m.hash) {
                 continue;
             }
-            if self.writer.len() >= PACK_TARGET_LEN {
-                self.store.rotate(self.writer).map_err(CreateError::Pack)?;
-            }
-            let location = self
-                .writer
-                .append_encoded(&m.record, m.stored_len, m.raw_len)
-                .map_err(CreateError::Pack)?;
-            self.chunks_written += 1;
-            self.bytes_written += location.record_len();
-            self.known.insert(
-                m.hash,
-                ChunkEntry {
-                    location,
-                    refcount: 0,
-                },
-            );
+            let e = self.append_encoded(&m)?;
+            self.known.insert(m.hash, e);
         }
         Ok(())
     }
 
     fn append(&mut self, h: &Hash, raw: &[u8]) -> Result<ChunkEntry, CreateError> {
+        self.append_encoded(&encode_chunk(h, raw)?)
+    }
+
+    /// Appends an encoded chunk to the pack being written (a new pack when it is full).
+    fn append_encoded(&mut self, m: &EncodedChunk) -> Result<ChunkEntry, CreateError> {
         if self.writer.len() >= PACK_TARGET_LEN {
             self.store.rotate(self.writer).map_err(CreateError::Pack)?;
         }
-        let location = self.writer.append(h, raw).map_err(CreateError::Pack)?;
+        let location = self
+            .writer
+            .append_encoded(&m.record, m.stored_len, m.raw_len)
+            .map_err(CreateError::Pack)?;
         self.chunks_written += 1;
         self.bytes_written += location.record_len();
         Ok(ChunkEntry {
