@@ -913,20 +913,16 @@ mod tests {
             max_lifetime: Some(Duration::from_secs(100)),
         };
         let mut r = crate::db::SandboxRecord {
-            id: "sb-a".into(),
-            tenant: "acme".into(),
-            template: DEFAULT_TEMPLATE.into(),
-            memory_mib: 512,
-            vcpus: 1,
             state: SandboxState::Running,
             created_ms: 0,
-            metadata: BTreeMap::new(),
-            space_id: None,
-            idle_timeout_s: None,
             max_lifetime_s: Some(500),
-            vmm_pid: None,
-            env: BTreeMap::new(),
-            network: None,
+            ..crate::db::SandboxRecord::starting(
+                "sb-a".into(),
+                "acme".into(),
+                DEFAULT_TEMPLATE.into(),
+                512,
+                1,
+            )
         };
         let s = Duration::from_secs;
         assert_eq!(limits.timers(&r), (Some(s(30)), Some(s(100))));

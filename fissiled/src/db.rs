@@ -138,6 +138,35 @@ pub struct SandboxRecord {
     pub network: Option<NetworkPolicy>,
 }
 
+impl SandboxRecord {
+    /// A record of sandbox `id` of `tenant` (empty: a warm pool member) starting now, with
+    /// no labels, space, timers, environment or egress policy.
+    pub fn starting(
+        id: String,
+        tenant: String,
+        template: String,
+        memory_mib: u64,
+        vcpus: u8,
+    ) -> SandboxRecord {
+        SandboxRecord {
+            id,
+            tenant,
+            template,
+            memory_mib,
+            vcpus,
+            state: SandboxState::Starting,
+            created_ms: now_ms(),
+            metadata: Default::default(),
+            space_id: None,
+            idle_timeout_s: None,
+            max_lifetime_s: None,
+            vmm_pid: None,
+            env: Default::default(),
+            network: None,
+        }
+    }
+}
+
 /// What a sandbox's guest may reach on the network (see `fissile_sandbox::net::egress` for
 /// the order of the checks; the host's own addresses, loopback, link-local and other
 /// sandboxes are out of reach whatever it says).
@@ -538,20 +567,9 @@ mod tests {
 
     fn record(id: &str, tenant: &str) -> SandboxRecord {
         SandboxRecord {
-            id: id.into(),
-            tenant: tenant.into(),
-            template: "python-datasci".into(),
-            memory_mib: 512,
-            vcpus: 1,
             state: SandboxState::Running,
             created_ms: 1,
-            metadata: Default::default(),
-            space_id: None,
-            idle_timeout_s: None,
-            max_lifetime_s: None,
-            vmm_pid: None,
-            env: Default::default(),
-            network: None,
+            ..SandboxRecord::starting(id.into(), tenant.into(), "python-datasci".into(), 512, 1)
         }
     }
 

@@ -140,22 +140,13 @@ impl App {
 
     /// Restores one member of `shape` from `snapshot`, recorded with no tenant.
     async fn restore_member(&self, shape: &Shape, snapshot: String) -> Result<Member, ApiError> {
-        let mut record = SandboxRecord {
-            id: format!("sb-{}", random_hex(8)?),
-            tenant: String::new(),
-            template: shape.template.clone(),
-            memory_mib: shape.memory_mib,
-            vcpus: shape.vcpus,
-            state: SandboxState::Starting,
-            created_ms: now_ms(),
-            metadata: Default::default(),
-            space_id: None,
-            idle_timeout_s: None,
-            max_lifetime_s: None,
-            vmm_pid: None,
-            env: Default::default(),
-            network: None,
-        };
+        let mut record = SandboxRecord::starting(
+            format!("sb-{}", random_hex(8)?),
+            String::new(),
+            shape.template.clone(),
+            shape.memory_mib,
+            shape.vcpus,
+        );
         self.db.put_sandbox(&record)?;
         let dir = self.dir(&record.id);
         let cfg = self.sandbox_config(dir.clone(), shape.memory_mib, shape.vcpus, None);

@@ -225,20 +225,14 @@ fn a_sandbox_whose_vmm_is_gone_at_start_is_lost_counted_and_deletable() {
         // What an earlier daemon left: a running sandbox whose VMM is gone.
         let db = fissiled::db::Db::open(&state.join("fissiled.redb")).unwrap();
         db.put_sandbox(&fissiled::db::SandboxRecord {
-            id: "sb-0123456789abcdef".into(),
-            tenant: "acme".into(),
-            template: "python-datasci".into(),
-            memory_mib: 512,
-            vcpus: 1,
             state: fissiled::db::SandboxState::Running,
-            created_ms: 1,
-            metadata: Default::default(),
-            space_id: None,
-            idle_timeout_s: None,
-            max_lifetime_s: None,
-            vmm_pid: None,
-            env: Default::default(),
-            network: None,
+            ..fissiled::db::SandboxRecord::starting(
+                "sb-0123456789abcdef".into(),
+                "acme".into(),
+                "python-datasci".into(),
+                512,
+                1,
+            )
         })
         .unwrap();
     }
