@@ -23,17 +23,7 @@ fn start() -> (Daemon, String) {
     let state = dir.path().join("state");
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
     let key = daemon::create_key(bin, &state, "acme").unwrap();
-    let fissiled = Fissiled::serve(
-        bin,
-        &state,
-        [
-            "--kernel",
-            "/nonexistent/vmlinux",
-            "--rootfs",
-            "/nonexistent/rootfs",
-        ],
-    )
-    .unwrap();
+    let fissiled = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
     (
         Daemon {
             fissiled,
@@ -202,19 +192,6 @@ fn health_auth_errors_and_unknown_ids_over_http() {
     assert_eq!(s, 400);
 }
 
-/// `fissiled_sandboxes{state="lost"}` from `/metrics`.
-fn lost_gauge(base: &str) -> String {
-    let text = ureq::get(&format!("{base}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("fissiled_sandboxes{state=\"lost\"} "))
-        .unwrap_or_else(|| panic!("no lost gauge in {text}"))
-        .to_string()
-}
-
 #[test]
 fn a_sandbox_whose_vmm_is_gone_at_start_is_lost_counted_and_deletable() {
     let dir = tempfile::tempdir().unwrap();
@@ -236,25 +213,15 @@ fn a_sandbox_whose_vmm_is_gone_at_start_is_lost_counted_and_deletable() {
         })
         .unwrap();
     }
-    let d = Fissiled::serve(
-        bin,
-        &state,
-        [
-            "--kernel",
-            "/nonexistent/vmlinux",
-            "--rootfs",
-            "/nonexistent/rootfs",
-        ],
-    )
-    .unwrap();
+    let d = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
     let bearer = format!("Bearer {key}");
     let url = format!("{}/v1/sandboxes/sb-0123456789abcdef", d.base());
     let (s, v) = call("GET", &url, &[("Authorization", &bearer)], None);
     assert_eq!((s, v["state"].as_str()), (200, Some("lost")), "{v}");
-    assert_eq!(lost_gauge(d.base()), "1");
+    assert_eq!(d.metric("fissiled_sandboxes{state=\"lost\"}").unwrap(), "1");
     let (s, _) = call("DELETE", &url, &[("Authorization", &bearer)], None);
     assert_eq!(s, 204);
-    assert_eq!(lost_gauge(d.base()), "0");
+    assert_eq!(d.metric("fissiled_sandboxes{state=\"lost\"}").unwrap(), "0");
     let (s, _) = call("GET", &url, &[("Authorization", &bearer)], None);
     assert_eq!(s, 404);
 }

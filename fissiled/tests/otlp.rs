@@ -113,15 +113,9 @@ fn requests_and_lifecycle_steps_are_exported_as_spans() {
     let state = dir.path().join("state");
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
     let key = daemon::create_key(bin, &state, "acme").unwrap();
-    let d = Fissiled::serve_env(
+    let d = Fissiled::serve_without_guests(
         bin,
         &state,
-        [
-            "--kernel",
-            "/nonexistent/vmlinux",
-            "--rootfs",
-            "/nonexistent/rootfs",
-        ],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),

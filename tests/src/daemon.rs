@@ -58,6 +58,36 @@ impl Fissiled {
         Fissiled::serve_env(bin, state, args, &env)
     }
 
+    /// The value of the `/metrics` sample named `sample` (with its labels, e.g.
+    /// `fissiled_sandboxes{state="lost"}`).
+    pub fn metric(&self, sample: &str) -> anyhow::Result<String> {
+        let text = ureq::get(&format!("{}/metrics", self.base))
+            .timeout(Duration::from_secs(30))
+            .call()?
+            .into_string()?;
+        let prefix = format!("{sample} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("no {sample} in /metrics:\n{text}"))
+    }
+
+    /// [`Fissiled::serve_env`] with no kernel or image: nothing it is asked to start can
+    /// boot (for tests of what needs no microVM).
+    pub fn serve_without_guests(
+        bin: &Path,
+        state: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Fissiled> {
+        let args = [
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--rootfs",
+            "/nonexistent/rootfs",
+        ];
+        Fissiled::serve_env(bin, state, args, env)
+    }
+
     /// [`Fissiled::serve`] with these environment variables set.
     pub fn serve_env<I, S>(
         bin: &Path,

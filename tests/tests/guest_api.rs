@@ -1356,15 +1356,8 @@ fn vmms_under(dir: &Path) -> usize {
 
 /// The `fissiled_warm_pool_taken_total` counter.
 fn pool_taken(d: &Daemon) -> u64 {
-    let text = ureq::get(&format!("{}/metrics", d.base()))
-        .call()
+    d.metric("fissiled_warm_pool_taken_total")
         .unwrap()
-        .into_string()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("fissiled_warm_pool_taken_total "))
-        .unwrap_or_else(|| panic!("no pool counter in {text}"))
-        .trim()
         .parse()
         .unwrap()
 }
