@@ -639,6 +639,30 @@ impl Images {
         self.lock().remove(id);
     }
 
+    /// Runs `delete` (the store's delete of snapshot `id`) unless its image is in use, then,
+    /// if it succeeded, forgets the image, all under the set's lock: no open, fault session or layered
+    /// create can take the image between the check and the delete (each of those takes the
+    /// lock first and, once it is gone, finds the snapshot gone from the store too). `Err`
+    /// carries the image's users when it is in use; `delete` did not run.
+    pub fn delete_unused<T, E>(
+        &self,
+        id: &str,
+        delete: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, E>, usize> {
+        let mut map = self.lock();
+        let users = map
+            .get(id)
+            .map_or(0, |img| Arc::strong_count(img).saturating_sub(1));
+        if users > 0 {
+            return Err(users);
+        }
+        let out = delete();
+        if out.is_ok() {
+            map.remove(id);
+        }
+        Ok(out)
+    }
+
     /// How many users besides this set hold the image of `id` (fault sessions, layered
     /// children, an ingest in progress); 0 when it is not open.
     pub fn users(&self, id: &str) -> usize {
@@ -849,6 +873,37 @@ mod tests {
             later.get("old").is_none(),
             "kept past its grace period, over budget"
         );
+    }
+
+    #[test]
+    fn a_delete_is_atomic_with_opens_and_refused_while_in_use() {
+        let images = Arc::new(Images::with_grace(0, 0));
+        let img = adopted("snap", 4);
+        img.set_durable();
+        images.insert(img.clone());
+        assert_eq!(
+            images.delete_unused("snap", || Ok::<(), ()>(())),
+            Err(1),
+            "in use"
+        );
+        assert!(
+            images.get("snap").is_some(),
+            "a refused delete keeps the image"
+        );
+        drop(img);
+        // An open that starts while the delete runs waits for it and finds nothing.
+        let opened = images.delete_unused("snap", || {
+            let other = images.clone();
+            let open = std::thread::spawn(move || other.get("snap").is_some());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok::<_, ()>(open)
+        });
+        let open = opened.expect("unused").expect("deleted");
+        assert!(
+            !open.join().unwrap(),
+            "no open between the check and the delete"
+        );
+        assert!(images.get("snap").is_none());
     }
 
     #[test]

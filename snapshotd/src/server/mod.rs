@@ -794,25 +794,27 @@ impl Server {
                         format!("snapshot {snapshot} is not durable yet"),
                     ));
                 }
-                let users = self.images.users(&snapshot);
-                if users > 0 {
-                    return Err(Fail(
-                        ErrorCode::Conflict,
-                        format!(
-                            "snapshot {snapshot} is in use ({users} VMs or layered snapshots read \
-                             its image); delete it once they are gone"
-                        ),
-                    ));
-                }
-                self.store.delete(&snapshot).map_err(|e| {
-                    let code = match &e {
-                        DeleteError::View(ViewError::NotFound(_)) => ErrorCode::NotFound,
-                        DeleteError::HasChildren(_) => ErrorCode::Conflict,
-                        _ => ErrorCode::Internal,
-                    };
-                    Fail(code, crate::error_chain(&e))
-                })?;
-                self.images.remove(&snapshot);
+                // Checked and deleted under the images' lock: nothing opens the image or
+                // starts a fault session on it in between.
+                self.images
+                    .delete_unused(&snapshot, || self.store.delete(&snapshot))
+                    .map_err(|users| {
+                        Fail(
+                            ErrorCode::Conflict,
+                            format!(
+                                "snapshot {snapshot} is in use ({users} VMs or layered snapshots \
+                                 read its image); delete it once they are gone"
+                            ),
+                        )
+                    })?
+                    .map_err(|e| {
+                        let code = match &e {
+                            DeleteError::View(ViewError::NotFound(_)) => ErrorCode::NotFound,
+                            DeleteError::HasChildren(_) => ErrorCode::Conflict,
+                            _ => ErrorCode::Internal,
+                        };
+                        Fail(code, crate::error_chain(&e))
+                    })?;
                 ok(Response::Ok)
             }
             Request::Stats => {
