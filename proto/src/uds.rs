@@ -98,13 +98,22 @@ pub fn peer_cred(sock: &impl AsFd) -> io::Result<PeerCred> {
 
 /// The peer if it runs as our own user or as root; `PermissionDenied` otherwise.
 pub fn trusted_peer(sock: &impl AsFd) -> io::Result<PeerCred> {
+    trusted_peer_or_group(sock, None)
+}
+
+/// [`trusted_peer`], also admitting a peer whose gid is `group` (jailed VMMs: each has a uid
+/// of its own and this gid).
+pub fn trusted_peer_or_group(sock: &impl AsFd, group: Option<u32>) -> io::Result<PeerCred> {
     let peer = peer_cred(sock)?;
     // SAFETY: getuid has no preconditions and cannot fail.
     let me = unsafe { libc::getuid() };
-    if peer.uid != me && peer.uid != 0 {
+    if peer.uid != me && peer.uid != 0 && group != Some(peer.gid) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("peer uid {} is neither ours ({me}) nor root", peer.uid),
+            format!(
+                "peer uid {} gid {} is neither ours ({me}), nor root, nor in the admitted group",
+                peer.uid, peer.gid
+            ),
         ));
     }
     Ok(peer)

@@ -33,6 +33,10 @@ enum Cmd {
         /// least recently used are dropped (they are read back from the store when needed).
         #[arg(long, default_value_t = 4096)]
         image_cache_mib: u64,
+        /// Admit jailed VMMs of this gid: the socket becomes `0660` and this group's, and
+        /// peers of this gid are served (besides root and our own uid).
+        #[arg(long)]
+        vmm_gid: Option<u32>,
     },
     /// Verify the whole store (exit status 1 if anything is wrong).
     Check {
@@ -76,11 +80,15 @@ fn main() -> anyhow::Result<()> {
             root,
             socket,
             image_cache_mib,
+            vmm_gid,
         } => {
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
             let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
-            let listener = Server::bind(&socket)?;
+            let listener = match vmm_gid {
+                Some(gid) => server.bind_for_group(&socket, gid)?,
+                None => Server::bind(&socket)?,
+            };
             tracing::info!(root = %root.display(), socket = %socket.display(), "snapshotd serving");
             // Readiness line for supervisors and tests.
             println!("READY {}", socket.display());

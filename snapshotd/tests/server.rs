@@ -768,7 +768,10 @@ fn an_image_evicted_between_open_and_serve_faults_is_not_a_livelock() {
     // end is seen asynchronously, so wait (bounded) until the image is gone.
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.client().stats().unwrap().images > 0 {
-        assert!(Instant::now() < deadline, "the unused image was never evicted");
+        assert!(
+            Instant::now() < deadline,
+            "the unused image was never evicted"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let refused = d.client().serve_faults(

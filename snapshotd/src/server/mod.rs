@@ -65,6 +65,9 @@ pub struct Server {
     images: Images,
     shutdown: AtomicBool,
     connections: AtomicUsize,
+    /// The gid of jailed VMMs, admitted besides root and our own uid
+    /// ([`Server::bind_for_group`]).
+    vmm_gid: std::sync::OnceLock<u32>,
     /// Adopted snapshots whose background ingest has not finished (or failed).
     pending: Mutex<HashMap<String, PendingSnapshot>>,
     /// Signalled whenever an entry of `pending` finishes.
@@ -171,6 +174,7 @@ impl Server {
         let server = Arc::new(Server {
             store,
             images: Images::new(budget),
+            vmm_gid: std::sync::OnceLock::new(),
             faults_served: Arc::new(AtomicU64::new(0)),
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
@@ -388,6 +392,22 @@ impl Server {
         UnixListener::bind(path).map_err(|e| ServeError::Bind(path.display().to_string(), e))
     }
 
+    /// [`Server::bind`] for jailed VMMs of gid `gid` too: the socket is made `0660` and that
+    /// group's, and peers of that gid are admitted (besides root and our own uid).
+    pub fn bind_for_group(
+        self: &Arc<Server>,
+        path: &Path,
+        gid: u32,
+    ) -> Result<UnixListener, ServeError> {
+        let listener = Self::bind(path)?;
+        let err = |e| ServeError::Bind(path.display().to_string(), e);
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+            .map_err(err)?;
+        let _ = self.vmm_gid.set(gid);
+        Ok(listener)
+    }
+
     /// Accepts connections forever (until [`Server::shutdown`]).
     pub fn serve(self: &Arc<Server>, listener: UnixListener) -> Result<(), ServeError> {
         for conn in listener.incoming() {
@@ -426,13 +446,14 @@ impl Server {
     }
 
     fn handle_connection(&self, stream: UnixStream) {
-        let peer = match fissile_proto::uds::trusted_peer(&stream) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "refusing a client");
-                return;
-            }
-        };
+        let peer =
+            match fissile_proto::uds::trusted_peer_or_group(&stream, self.vmm_gid.get().copied()) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refusing a client");
+                    return;
+                }
+            };
         let span = tracing::info_span!("conn", pid = peer.pid, uid = peer.uid);
         let _e = span.enter();
         if let Err(e) = stream
