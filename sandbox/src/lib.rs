@@ -15,6 +15,7 @@
 //! reaps the children it started.
 
 pub mod control;
+pub mod jail;
 pub mod limits;
 pub mod net;
 pub mod paths;
@@ -123,6 +124,9 @@ pub enum SandboxError {
     )]
     MissingBinary(String),
     /// Creating the working directory or a log file failed.
+    /// The VMM's jail could not be prepared.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("preparing sandbox directory {0}")]
     Dir(PathBuf, #[source] std::io::Error),
     /// Spawning the VMM failed.
@@ -247,11 +251,19 @@ struct Spawned {
     child: Child,
     cgroup: Option<Cgroup>,
     netns: Option<NetNs>,
+    /// The jailed VMM's uid ([`jail`]), leased until the VMM has been reaped.
+    uid: Option<jail::UidLease>,
 }
 
 impl Spawned {
-    /// Starts `cmd` under `limits` (a guest of `mem_mib` MiB, `vcpus` vCPUs).
-    fn start(mut cmd: Command, spawner: &Spawner, dir: &Path) -> Result<Spawned, SandboxError> {
+    /// Starts `cmd` under `limits` (a guest of `mem_mib` MiB, `vcpus` vCPUs), in a jail when
+    /// configured (`kernel`: the kernel a cold boot reads).
+    fn start(
+        mut cmd: Command,
+        spawner: &Spawner,
+        dir: &Path,
+        kernel: Option<&Path>,
+    ) -> Result<Spawned, SandboxError> {
         let netns = match &spawner.network {
             Network::None => None,
             Network::Tap(tap) => {
@@ -275,6 +287,34 @@ impl Spawned {
             spawner.mem_mib,
             spawner.vcpus,
         )?;
+        // Last: the jail's hook drops root, which the hooks above need.
+        let uid = match &spawner.limits.jail {
+            Some(cfg) => {
+                let lease = jail::UidLease::new(cfg)?;
+                if let Some(ns) = &netns {
+                    ns.admit_group(cfg.gid)?;
+                }
+                let mut devices =
+                    vec![PathBuf::from("/dev/kvm"), PathBuf::from("/dev/userfaultfd")];
+                if netns.is_some() || matches!(spawner.network, Network::Tap(_)) {
+                    devices.push(PathBuf::from("/dev/net/tun"));
+                }
+                let spec = jail::JailSpec {
+                    program: spawner.vmm.clone(),
+                    read_only: kernel
+                        .into_iter()
+                        .map(Path::to_path_buf)
+                        .chain([spawner.rootfs.clone()])
+                        .collect(),
+                    sockets: spawner.snapshotd.iter().cloned().collect(),
+                    dir: dir.to_path_buf(),
+                    devices,
+                };
+                jail::apply(&mut cmd, cfg, lease.uid(), &spec)?;
+                Some(lease)
+            }
+            None => None,
+        };
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -284,6 +324,7 @@ impl Spawned {
             child,
             cgroup,
             netns,
+            uid,
         })
     }
 }
@@ -322,7 +363,7 @@ impl Spawner {
             .arg("--serial-log")
             .arg(dir.join("console.log"))
             .stderr(vmm_log);
-        Spawned::start(cmd, self, dir)
+        Spawned::start(cmd, self, dir, None)
     }
 }
 
@@ -364,6 +405,8 @@ pub struct Sandbox {
     cgroup: Option<Cgroup>,
     /// The VMM's network namespace ([`Network::Isolated`]).
     netns: Option<NetNs>,
+    /// A jailed VMM's uid, leased until the VMM has been reaped.
+    uid: Option<jail::UidLease>,
 }
 
 impl Sandbox {
@@ -398,7 +441,7 @@ impl Sandbox {
         }
         cmd.stderr(vmm_log);
         let spawner = Spawner::of(cfg);
-        let vmm = Spawned::start(cmd, &spawner, &cfg.dir)?;
+        let vmm = Spawned::start(cmd, &spawner, &cfg.dir, Some(&cfg.kernel))?;
         Self::attach(vmm, &cfg.dir, spawner, started, Some(ready))
     }
 
@@ -429,6 +472,7 @@ impl Sandbox {
             mut child,
             cgroup,
             netns,
+            uid,
         } = vmm;
         let uds = dir.join("vsock.sock");
         let timeout = spawner.boot_timeout;
@@ -466,6 +510,7 @@ impl Sandbox {
                             forks: 0,
                             cgroup,
                             netns,
+                            uid,
                         });
                     }
                     Err(e) => last = error_chain(&e),
@@ -516,6 +561,12 @@ impl Sandbox {
                 Network::Isolated | Network::Routed(_) => Some(NetNs::of_process(pid)?),
                 _ => None,
             },
+            uid: cfg
+                .limits
+                .jail
+                .as_ref()
+                .and_then(|j| jail::jailed_uid(j, pid))
+                .map(jail::UidLease::adopt),
         })
     }
 
@@ -575,6 +626,11 @@ impl Sandbox {
     /// The VMM's cgroup directory, if it runs in one of its own.
     pub fn cgroup(&self) -> Option<&Path> {
         self.cgroup.as_ref().map(Cgroup::path)
+    }
+
+    /// The uid a jailed VMM runs as ([`VmmLimits::jail`]).
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.uid.as_ref().map(jail::UidLease::uid)
     }
 
     /// The VMM's control socket.
@@ -952,6 +1008,7 @@ mod tests {
             child,
             cgroup: None,
             netns: None,
+            uid: None,
         };
 
         let err = Sandbox::attach(vmm, dir.path(), spawner, Instant::now(), None).unwrap_err();

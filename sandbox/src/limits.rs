@@ -39,6 +39,8 @@ pub struct VmmLimits {
     pub max_open_files: u64,
     /// RLIMIT_FSIZE beyond guest RAM (its memory and snapshot layers are memfds of that size).
     pub file_size_overhead_mib: u64,
+    /// The jail each VMM runs in ([`crate::jail`]); `None`: none.
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 impl Default for VmmLimits {
@@ -51,13 +53,15 @@ impl Default for VmmLimits {
             extra_cpus: Some(1),
             max_open_files: 4096,
             file_size_overhead_mib: 1024,
+            jail: None,
         }
     }
 }
 
 impl VmmLimits {
     /// The defaults, with cgroups under `$FISSILE_CGROUP_PARENT` (`none`: off) or, when that
-    /// is unset and this process is root on a cgroup v2 host, `/sys/fs/cgroup/fissile`.
+    /// is unset and this process is root on a cgroup v2 host, `/sys/fs/cgroup/fissile`, and
+    /// the jail `$FISSILE_JAIL` asks for ([`crate::jail::JailConfig::from_env`]).
     pub fn from_env() -> Self {
         let cgroup_parent = match std::env::var_os("FISSILE_CGROUP_PARENT") {
             Some(v) if v == "none" || v.is_empty() => None,
@@ -66,6 +70,7 @@ impl VmmLimits {
         };
         VmmLimits {
             cgroup_parent,
+            jail: crate::jail::JailConfig::from_env(),
             ..VmmLimits::default()
         }
     }

@@ -31,10 +31,25 @@ enum Proc {
 impl Snapshotd {
     /// Starts `fissile-snapshotd serve` on store `root` with its socket at `socket`; returns
     /// once it printed its readiness line.
+    /// Jailed VMMs (`$FISSILE_JAIL`, see [`crate::jail`]) are admitted by their gid.
     pub fn start(root: &Path, socket: &Path) -> Result<Snapshotd, SandboxError> {
+        Self::start_for(root, socket, crate::jail::JailConfig::from_env().as_ref())
+    }
+
+    /// [`Snapshotd::start`] admitting the VMMs of `jail` when given.
+    pub fn start_for(
+        root: &Path,
+        socket: &Path,
+        jail: Option<&crate::jail::JailConfig>,
+    ) -> Result<Snapshotd, SandboxError> {
         let bin = find_binary("fissile-snapshotd")?;
-        let mut child = Command::new(&bin)
-            .arg("serve")
+        let mut cmd = Command::new(&bin);
+        if let Some(jail) = jail {
+            cmd.arg("serve").arg("--vmm-gid").arg(jail.gid.to_string());
+        } else {
+            cmd.arg("serve");
+        }
+        let mut child = cmd
             .arg("--root")
             .arg(root)
             .arg("--socket")

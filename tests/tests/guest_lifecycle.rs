@@ -47,6 +47,106 @@ fn refused(r: Result<impl std::fmt::Debug, SandboxError>) -> (ErrorKind, String)
     }
 }
 
+/// Every VMM of a jailed sandbox — booted, restored, forked, merged — runs as its own
+/// unprivileged uid with no capabilities, in a mount namespace whose root holds only what it
+/// needs, and everything still works: snapshot, restore, fork, merge, persist.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_jailed_vmms_boot_restore_fork_and_merge() {
+    use fissile_sandbox::jail::JailConfig;
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let jail = JailConfig::default();
+    let sd = Snapshotd::start_for(
+        &dir.path().join("store"),
+        &dir.path().join("sd.sock"),
+        Some(&jail),
+    )
+    .unwrap();
+    let jailed = |name: &str| {
+        let mut cfg = config(&env, &dir.path().join(name), &sd);
+        cfg.limits.jail = Some(jail.clone());
+        cfg
+    };
+    // What the host sees of a VMM: its uid, capabilities, root and mount namespace.
+    let our_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let check = |sb: &Sandbox, what: &str| {
+        let pid = sb.pid().unwrap();
+        let uid = sb
+            .jail_uid()
+            .unwrap_or_else(|| panic!("{what}: not jailed"));
+        assert!(uid >= jail.uid_base, "{what}: uid {uid}");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(field("Uid:"), uid.to_string(), "{what}");
+        assert_eq!(field("Gid:"), jail.gid.to_string(), "{what}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{what}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{what}");
+        let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(mnt, our_mnt, "{what}: shares our mount namespace");
+        // Its root holds no host files beyond what it was given.
+        let root = format!("/proc/{pid}/root");
+        // (Its own directory is under the test's temporary directory, beside the store.)
+        let store = dir.path().join("store");
+        let store = store.strip_prefix("/").unwrap();
+        for absent in [
+            Path::new("etc/passwd"),
+            Path::new("root"),
+            Path::new("home"),
+            store,
+        ] {
+            assert!(
+                !Path::new(&root).join(absent).exists(),
+                "{what}: /{} is visible in its root",
+                absent.display()
+            );
+        }
+        assert!(
+            Path::new(&root).join("dev/kvm").exists(),
+            "{what}: no /dev/kvm"
+        );
+        uid
+    };
+
+    let mut parent = Sandbox::boot(&jailed("p")).unwrap();
+    let parent_uid = check(&parent, "booted");
+    assert_eq!(eval(&mut parent, "x = 41\nx"), "41");
+
+    let snap = parent.snapshot(true).unwrap();
+    let mut restored = Sandbox::restore(&jailed("r"), &snap.id).unwrap();
+    let restored_uid = check(&restored, "restored");
+    assert_ne!(restored_uid, parent_uid, "two VMMs share a uid");
+    assert_eq!(eval(&mut restored, "x"), "41");
+
+    let (mut children, _) = parent.fork(2).unwrap();
+    let mut uids = std::collections::BTreeSet::from([parent_uid, restored_uid]);
+    for (i, c) in children.iter_mut().enumerate() {
+        assert!(
+            uids.insert(check(c, "fork child")),
+            "child {i} reuses a uid"
+        );
+        eval(c, &format!("x = {}\nx", 100 + i));
+    }
+    parent.merge_into(&children[1]).unwrap();
+    check(&parent, "merged");
+    assert_eq!(eval(&mut parent, "x"), "101", "the merge did not take");
+
+    // Persist stops the VMM; the space comes back in a new jailed VMM.
+    let persisted = restored.persist(Duration::from_secs(120)).unwrap();
+    let mut resumed = Sandbox::restore(&jailed("s"), &persisted).unwrap();
+    check(&resumed, "resumed");
+    assert_eq!(eval(&mut resumed, "x"), "41");
+}
+
 /// fork(3) from a parent with `x = 41`; the children diverge; child 2 is merged back.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]

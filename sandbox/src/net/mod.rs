@@ -25,6 +25,7 @@ pub mod egress;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
@@ -237,6 +238,20 @@ impl NetNs {
         let mut ns = NetNs::create()?;
         ns.uplink = Some(egress::connect(&ns, policy)?);
         Ok(ns)
+    }
+
+    /// Lets processes of group `gid` attach to the namespace's gateway tap without
+    /// `CAP_NET_ADMIN` (a jailed VMM: see [`crate::jail`]). The tap is the only one in the
+    /// namespace, so the group reaches no other sandbox's.
+    pub fn admit_group(&self, gid: u32) -> Result<(), NetNsError> {
+        self.run(|| {
+            let tun = open_tun(TAP_NAME)?;
+            attach(&tun, TAP_NAME, true)?;
+            // SAFETY: TUNSETGROUP takes the gid by value; no memory is passed.
+            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETGROUP, libc::c_ulong::from(gid)) };
+            check(rc, TAP_NAME, "TUNSETGROUP")
+        })?
+        .map_err(NetNsError::Link)
     }
 
     /// Gives this namespace its way out under `policy` if it has none yet, else replaces its

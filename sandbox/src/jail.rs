@@ -1,0 +1,647 @@
+//! The jail a VMM process runs in (Firecracker's jailer, done in the spawner): set up in the
+//! child between fork and exec, so the VMM never runs an instruction outside it.
+//!
+//! * a mount namespace of its own whose root is a small tmpfs holding only what the VMM
+//!   needs, each at the path it has on the host (so the command line stays the same): the
+//!   VMM binary and the shared libraries' directories (read-only), the kernel and root image
+//!   (read-only), snapshotd's socket, the sandbox's own directory (its sockets and logs; the
+//!   only writable place), `/proc` (`hidepid=invisible`: the VMM sees only itself), and
+//!   device nodes made for it alone (`/dev/kvm`, `/dev/userfaultfd`, `/dev/net/tun` when
+//!   present; owned by its uid, mode 0600) — never the host's `/dev`;
+//! * an IPC namespace of its own (network namespaces are [`crate::net`]'s);
+//! * a uid of its own for each VMM ([`JailConfig::uid_base`] + a lease), one shared gid
+//!   ([`JailConfig::gid`]) that snapshotd's socket admits (`fissile-snapshotd serve
+//!   --vmm-gid`), no supplementary groups, no capabilities (a non-root uid keeps none across
+//!   exec), `no_new_privs`.
+//!
+//! The root is entered with `pivot_root` and the old root detached; where the host's root is
+//! an initramfs (which cannot be pivoted, e.g. the lab's) the new root is moved over `/` and
+//! chrooted into instead — without capabilities the VMM cannot leave a chroot either.
+//!
+//! This module holds the `unsafe` of the jail: the pre-exec hook's system calls.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// Where the jail's uids start by default: far above the ids a distribution hands out.
+pub const DEFAULT_UID_BASE: u32 = 1_000_000;
+/// How many uids the jail leases from by default.
+pub const DEFAULT_UIDS: u32 = 100_000;
+/// The gid every jailed VMM shares by default (snapshotd admits it).
+pub const DEFAULT_GID: u32 = 999_999;
+/// The jail root's mount point inside a sandbox directory (empty on the host).
+const ROOT_DIR: &str = ".jail";
+
+/// Whether and how VMMs are jailed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    /// First uid handed to a VMM.
+    pub uid_base: u32,
+    /// How many uids, from `uid_base`, VMMs are given.
+    pub uids: u32,
+    /// The gid of every jailed VMM.
+    pub gid: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            uid_base: DEFAULT_UID_BASE,
+            uids: DEFAULT_UIDS,
+            gid: DEFAULT_GID,
+        }
+    }
+}
+
+impl JailConfig {
+    /// `$FISSILE_JAIL`: `on` (or `1`) jails every VMM, `off` (or `0`) does not; unset: on
+    /// when this process is root (a jail needs root to set up), as a host should run.
+    /// `$FISSILE_JAIL_UID_BASE` and `$FISSILE_JAIL_GID` override the defaults.
+    pub fn from_env() -> Option<JailConfig> {
+        let on = match std::env::var("FISSILE_JAIL").ok().as_deref() {
+            Some("1" | "on" | "yes" | "true") => true,
+            Some(_) => false,
+            // SAFETY: geteuid has no preconditions.
+            None => unsafe { libc::geteuid() == 0 },
+        };
+        if !on {
+            return None;
+        }
+        let num = |var: &str, default: u32| {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        Some(JailConfig {
+            uid_base: num("FISSILE_JAIL_UID_BASE", DEFAULT_UID_BASE),
+            uids: DEFAULT_UIDS,
+            gid: num("FISSILE_JAIL_GID", DEFAULT_GID),
+        })
+    }
+}
+
+/// Uids leased to running VMMs of this process.
+static LEASED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn leased() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    LEASED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A VMM's uid, leased until this is dropped (keep it until the VMM has been reaped).
+#[derive(Debug)]
+pub struct UidLease {
+    uid: u32,
+}
+
+impl UidLease {
+    /// Leases a uid no running VMM of this process has. Starts at a place that depends on
+    /// this process's pid, so two orchestrators on one host rarely meet.
+    pub fn new(cfg: &JailConfig) -> Result<UidLease, JailError> {
+        let mut set = leased();
+        let count = cfg.uids.max(1);
+        let start = std::process::id().wrapping_mul(7919) % count;
+        let uid = (0..count)
+            .map(|i| cfg.uid_base.saturating_add((start + i) % count))
+            .find(|u| !set.contains(u))
+            .ok_or(JailError::NoUid(count))?;
+        set.insert(uid);
+        Ok(UidLease { uid })
+    }
+
+    /// Records the uid of a VMM an earlier process started (so it is not handed out again
+    /// while that VMM runs).
+    pub fn adopt(uid: u32) -> UidLease {
+        leased().insert(uid);
+        UidLease { uid }
+    }
+
+    /// The uid.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        leased().remove(&self.uid);
+    }
+}
+
+/// The uid process `pid` runs as, if it is one of `cfg`'s jail uids.
+pub fn jailed_uid(cfg: &JailConfig, pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    (uid >= cfg.uid_base && uid - cfg.uid_base < cfg.uids).then_some(uid)
+}
+
+/// What a jailed program may see besides its own directory.
+#[derive(Debug, Clone, Default)]
+pub struct JailSpec {
+    /// The program (bound read-only at its path).
+    pub program: PathBuf,
+    /// Files bound read-only at their paths (kernel, root image; a block device gets a node
+    /// of its own instead, owned by the jail's uid).
+    pub read_only: Vec<PathBuf>,
+    /// Unix sockets bound at their paths (snapshotd's).
+    pub sockets: Vec<PathBuf>,
+    /// The directory the program owns and may write (its sockets and logs).
+    pub dir: PathBuf,
+    /// Host devices to make a node of, owned by the jail's uid (skipped when the host has
+    /// none): e.g. `/dev/kvm`.
+    pub devices: Vec<PathBuf>,
+}
+
+/// Preparing a jail failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// Every uid of the range is leased.
+    #[error("every one of the jail's {0} uids is in use")]
+    NoUid(u32),
+    /// A path the jail binds could not be read.
+    #[error("jail: {step} {path}")]
+    Path {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path is not absolute or holds a NUL byte.
+    #[error("jail: path {0} is not absolute, or holds `..` or a NUL byte")]
+    BadPath(PathBuf),
+}
+
+/// One step of the hook, prepared before the fork.
+#[derive(Debug)]
+enum Step {
+    Mkdir(CString),
+    /// An empty file to bind a file over.
+    Touch(CString),
+    Bind {
+        src: CString,
+        dst: CString,
+        read_only: bool,
+    },
+    Symlink {
+        target: CString,
+        at: CString,
+    },
+    Node {
+        at: CString,
+        rdev: libc::dev_t,
+        mode: libc::mode_t,
+    },
+}
+
+fn cstr(p: &Path) -> Result<CString, JailError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::BadPath(p.to_path_buf()))
+}
+
+/// `root` + absolute `p`.
+fn under(root: &Path, p: &Path) -> Result<PathBuf, JailError> {
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(JailError::BadPath(p.to_path_buf()));
+    }
+    Ok(root.join(p.strip_prefix("/").unwrap_or(p)))
+}
+
+/// Builds the hook's steps.
+struct Plan {
+    root: PathBuf,
+    steps: Vec<Step>,
+    made: BTreeSet<PathBuf>,
+}
+
+impl Plan {
+    /// Directories leading to `p` inside the root (not `p` itself).
+    fn parents(&mut self, p: &Path) -> Result<(), JailError> {
+        let mut at = PathBuf::from("/");
+        let parent = p.parent().unwrap_or(Path::new("/"));
+        for c in parent.components().skip(1) {
+            at.push(c);
+            if self.made.insert(at.clone()) {
+                self.steps
+                    .push(Step::Mkdir(cstr(&under(&self.root, &at)?)?));
+            }
+        }
+        Ok(())
+    }
+
+    fn bind_file(&mut self, p: &Path, read_only: bool) -> Result<(), JailError> {
+        self.parents(p)?;
+        let dst = cstr(&under(&self.root, p)?)?;
+        self.steps.push(Step::Touch(dst.clone()));
+        self.steps.push(Step::Bind {
+            src: cstr(p)?,
+            dst,
+            read_only,
+        });
+        Ok(())
+    }
+
+    fn bind_dir(&mut self, p: &Path, read_only: bool) -> Result<(), JailError> {
+        self.parents(p)?;
+        if self.made.insert(p.to_path_buf()) {
+            self.steps.push(Step::Mkdir(cstr(&under(&self.root, p)?)?));
+        }
+        self.steps.push(Step::Bind {
+            src: cstr(p)?,
+            dst: cstr(&under(&self.root, p)?)?,
+            read_only,
+        });
+        Ok(())
+    }
+
+    fn node(&mut self, p: &Path, rdev: libc::dev_t, mode: libc::mode_t) -> Result<(), JailError> {
+        self.parents(p)?;
+        self.steps.push(Step::Node {
+            at: cstr(&under(&self.root, p)?)?,
+            rdev,
+            mode,
+        });
+        Ok(())
+    }
+
+    /// A library directory: bound read-only, or, if it is a symlink (`/lib` → `usr/lib` on a
+    /// merged-/usr system), the same symlink.
+    fn library_dir(&mut self, p: &Path) -> Result<(), JailError> {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return Ok(());
+        };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(p).map_err(|source| JailError::Path {
+                step: "reading link",
+                path: p.to_path_buf(),
+                source,
+            })?;
+            self.parents(p)?;
+            if self.made.insert(p.to_path_buf()) {
+                self.steps.push(Step::Symlink {
+                    target: cstr(&target)?,
+                    at: cstr(&under(&self.root, p)?)?,
+                });
+            }
+            return Ok(());
+        }
+        if meta.is_dir() && !self.made.contains(p) {
+            self.bind_dir(p, true)?;
+        }
+        Ok(())
+    }
+}
+
+fn meta(p: &Path) -> Result<std::fs::Metadata, JailError> {
+    std::fs::metadata(p).map_err(|source| JailError::Path {
+        step: "reading",
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+/// Where shared libraries are found: the standard directories and `$LD_LIBRARY_PATH`'s.
+fn library_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["/lib", "/lib64", "/usr/lib", "/usr/lib64"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    if let Some(extra) = std::env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(std::env::split_paths(&extra).filter(|p| p.is_absolute()));
+    }
+    dirs
+}
+
+/// Prepares `cmd` (a `fissile-vmm` command) to run in a jail as `uid` (see the module docs):
+/// makes `spec.dir` and its jail mount point the uid's, then installs the pre-exec hook.
+/// Install it after every other hook that needs root (cgroup, network namespace).
+pub fn apply(
+    cmd: &mut Command,
+    cfg: &JailConfig,
+    uid: u32,
+    spec: &JailSpec,
+) -> Result<(), JailError> {
+    let gid = cfg.gid;
+    let root = spec.dir.join(ROOT_DIR);
+    let io = |step: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JailError::Path { step, path, source }
+    };
+    std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
+    std::os::unix::fs::chown(&spec.dir, Some(uid), Some(gid))
+        .map_err(io("giving the jail's uid", &spec.dir))?;
+    // Sockets already bound there (the readiness listener a booting guest's agent connects
+    // to through the VMM) become the VMM's too.
+    for entry in std::fs::read_dir(&spec.dir).map_err(io("listing", &spec.dir))? {
+        let entry = entry.map_err(io("listing", &spec.dir))?;
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            std::os::unix::fs::chown(entry.path(), Some(uid), Some(gid))
+                .map_err(io("giving the jail's uid", &entry.path()))?;
+        }
+    }
+
+    let mut plan = Plan {
+        root: root.clone(),
+        steps: Vec::new(),
+        made: BTreeSet::new(),
+    };
+    // Library directories first: symlinks among them must exist before anything is bound
+    // beneath a path that crosses them.
+    for d in library_dirs() {
+        plan.library_dir(&d)?;
+    }
+    if Path::new("/etc/ld.so.cache").is_file() {
+        plan.bind_file(Path::new("/etc/ld.so.cache"), true)?;
+    }
+    plan.bind_file(&spec.program, true)?;
+    for f in &spec.read_only {
+        let m = meta(f)?;
+        if m.file_type().is_block_device() {
+            plan.node(f, m.rdev(), libc::S_IFBLK | 0o400)?;
+        } else {
+            plan.bind_file(f, true)?;
+        }
+    }
+    for s in &spec.sockets {
+        plan.bind_file(s, false)?;
+    }
+    plan.bind_dir(&spec.dir, false)?;
+    for d in &spec.devices {
+        if let Ok(m) = std::fs::metadata(d)
+            && m.file_type().is_char_device()
+        {
+            plan.node(d, m.rdev(), libc::S_IFCHR | 0o600)?;
+        }
+    }
+    plan.parents(Path::new("/proc/x"))?;
+    let proc_dir = cstr(&root.join("proc"))?;
+    let root_c = cstr(&root)?;
+    let steps = plan.steps;
+
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it makes system calls (unshare, mount, mkdir, open, close, symlink,
+    // mknod, chown, chdir, pivot_root, umount2, chroot, setgroups, setresgid, setresuid,
+    // prctl) on data prepared before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || enter(&steps, &root_c, &proc_dir, uid, gid));
+    }
+    Ok(())
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The hook: builds the root, enters it, drops to `uid`/`gid`. Async-signal-safe.
+fn enter(
+    steps: &[Step],
+    root: &CString,
+    proc_dir: &CString,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<()> {
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: each call in this block and the ones below gets NUL-terminated strings
+    // prepared before the fork (or static ones) and plain integers; the child has one thread.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC))?;
+        // Nothing we mount propagates back to the host, nor the host's mounts to us.
+        check(libc::mount(
+            none,
+            c"/".as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"fissile-jail".as_ptr(),
+            root.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID,
+            c"size=1m,mode=0755".as_ptr().cast(),
+        ))?;
+    }
+    for step in steps {
+        // SAFETY: as above.
+        unsafe {
+            match step {
+                Step::Mkdir(p) => {
+                    if libc::mkdir(p.as_ptr(), 0o755) < 0
+                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Step::Touch(p) => {
+                    let fd = libc::open(
+                        p.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o600,
+                    );
+                    check(fd)?;
+                    libc::close(fd);
+                }
+                Step::Bind {
+                    src,
+                    dst,
+                    read_only,
+                } => {
+                    check(libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        none,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ))?;
+                    let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
+                    if *read_only {
+                        flags |= libc::MS_RDONLY;
+                    } else {
+                        flags |= libc::MS_NODEV | libc::MS_NOEXEC;
+                    }
+                    check(libc::mount(
+                        none,
+                        dst.as_ptr(),
+                        none,
+                        flags,
+                        std::ptr::null(),
+                    ))?;
+                }
+                Step::Symlink { target, at } => {
+                    check(libc::symlink(target.as_ptr(), at.as_ptr()))?;
+                }
+                Step::Node { at, rdev, mode } => {
+                    check(libc::mknod(at.as_ptr(), *mode, *rdev))?;
+                    check(libc::chown(at.as_ptr(), uid, gid))?;
+                }
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        // /proc showing only the VMM's own processes (older kernels: hidepid=2).
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if libc::mount(
+            c"proc".as_ptr(),
+            proc_dir.as_ptr(),
+            c"proc".as_ptr(),
+            flags,
+            c"hidepid=invisible".as_ptr().cast(),
+        ) < 0
+        {
+            check(libc::mount(
+                c"proc".as_ptr(),
+                proc_dir.as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                c"hidepid=2".as_ptr().cast(),
+            ))?;
+        }
+        check(libc::chdir(root.as_ptr()))?;
+        // pivot_root(".", "."): the old root ends up stacked on the new one and is detached.
+        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // The host's root is an initramfs: move the new root over it and chroot.
+            check(libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                none,
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ))?;
+            check(libc::chroot(c".".as_ptr()))?;
+        } else {
+            return Err(std::io::Error::last_os_error());
+        }
+        check(libc::chdir(c"/".as_ptr()))?;
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// A shell in a jail reports what it sees, with builtins only (nothing else is there).
+    #[test]
+    fn a_jailed_program_sees_only_its_root_and_runs_as_its_own_uid() {
+        assert!(
+            is_root(),
+            "the jail needs root (mount namespaces, mknod, setuid): run the tests as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "host only").unwrap();
+        let image = dir.path().join("image");
+        std::fs::write(&image, "read only").unwrap();
+        let shell = std::fs::canonicalize("/bin/sh").unwrap();
+        let cfg = JailConfig::default();
+        let lease = UidLease::new(&cfg).unwrap();
+        let spec = JailSpec {
+            program: shell.clone(),
+            read_only: vec![image.clone()],
+            sockets: vec![],
+            dir: sandbox.clone(),
+            devices: vec!["/dev/kvm".into(), "/dev/null".into()],
+        };
+        let script = format!(
+            r#"
+            while read k v rest; do case $k in Uid:|Gid:|Groups:|CapEff:|NoNewPrivs:) echo "$k $v";; esac; done < /proc/self/status
+            test -e {secret} && echo secret-visible
+            test -e /etc/passwd && echo etc-visible
+            test -e /dev/kvm && echo kvm-present
+            test -e /dev/null && echo dev-null
+            read line < {image}; echo "image: $line"
+            (echo x > {image}) 2>/dev/null && echo image-writable
+            echo ok > {sandbox}/out && echo dir-writable
+            n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo "procs: $n"
+            "#,
+            secret = secret.display(),
+            image = image.display(),
+            sandbox = sandbox.display(),
+        );
+        let mut cmd = Command::new(&shell);
+        cmd.arg("-c").arg(script);
+        apply(&mut cmd, &cfg, lease.uid(), &spec).unwrap();
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let uid = lease.uid();
+        assert!(text.contains(&format!("Uid: {uid}")), "{text}");
+        assert!(text.contains(&format!("Gid: {}", cfg.gid)), "{text}");
+        assert!(text.contains("CapEff: 0000000000000000"), "{text}");
+        assert!(text.contains("NoNewPrivs: 1"), "{text}");
+        assert!(!text.contains("secret-visible"), "{text}");
+        assert!(!text.contains("etc-visible"), "{text}");
+        assert!(text.contains("dev-null"), "{text}");
+        assert!(text.contains("image: read only"), "{text}");
+        assert!(!text.contains("image-writable"), "{text}");
+        assert!(text.contains("dir-writable"), "{text}");
+        // hidepid: only the shell itself (and maybe its subshell) are visible.
+        let procs: u32 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("procs: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(procs <= 2, "{text}");
+        if Path::new("/dev/kvm").exists() {
+            assert!(text.contains("kvm-present"), "{text}");
+        }
+        // The host's view is untouched: nothing was mounted outside the child.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(ROOT_DIR), "{mounts}");
+        assert_eq!(
+            std::fs::read_to_string(sandbox.join("out")).unwrap(),
+            "ok\n"
+        );
+    }
+
+    #[test]
+    fn uids_are_leased_once() {
+        let cfg = JailConfig {
+            uid_base: 5_000_000,
+            uids: 2,
+            gid: 1,
+        };
+        let a = UidLease::new(&cfg).unwrap();
+        let b = UidLease::new(&cfg).unwrap();
+        assert_ne!(a.uid(), b.uid());
+        assert!(matches!(UidLease::new(&cfg), Err(JailError::NoUid(2))));
+        let freed = a.uid();
+        drop(a);
+        assert_eq!(UidLease::new(&cfg).unwrap().uid(), freed);
+    }
+}
