@@ -226,8 +226,12 @@ impl Config {
 }
 
 /// The snapshotd of `state_dir`: the one an earlier run left (named by `snapshotd.pid`,
-/// checked by its command line and a ping), or a new one. True if adopted.
-fn start_snapshotd(state_dir: &std::path::Path) -> Result<(Snapshotd, bool), ApiError> {
+/// checked by its command line and a ping), or a new one admitting the VMMs of `jail` when
+/// given. True if adopted.
+fn start_snapshotd(
+    state_dir: &std::path::Path,
+    jail: Option<&fissile_sandbox::jail::JailConfig>,
+) -> Result<(Snapshotd, bool), ApiError> {
     let root = state_dir.join("store");
     let socket = state_dir.join("snapshotd.sock");
     let pidfile = state_dir.join("snapshotd.pid");
@@ -246,7 +250,7 @@ fn start_snapshotd(state_dir: &std::path::Path) -> Result<(Snapshotd, bool), Api
             }
         }
     }
-    let sd = Snapshotd::start(&root, &socket)
+    let sd = Snapshotd::start_for(&root, &socket, jail)
         .map_err(|e| ApiError::internal(fissile_proto::error_chain(&e)))?;
     let tmp = state_dir.join("snapshotd.pid.tmp");
     std::fs::write(&tmp, format!("{}\n", sd.pid()))
@@ -335,7 +339,7 @@ impl App {
     pub fn start(db: Db, config: Config) -> Result<App, ApiError> {
         let db_tenants = db.all_tenant_limits()?.into_iter().collect();
         let db_keys = db.active_keys()?;
-        let (sd, adopted) = start_snapshotd(&config.state_dir)?;
+        let (sd, adopted) = start_snapshotd(&config.state_dir, config.vmm_limits.jail.as_ref())?;
         let starts = config.max_concurrent_starts.max(1);
         let app = App {
             db: Arc::new(db),

@@ -84,6 +84,11 @@ enum Cmd {
         /// `off`: no network device.
         #[arg(long, value_parser = ["on", "off"], default_value = "on", env = "FISSILE_GUEST_NETWORK")]
         guest_network: String,
+        /// `on`: every VMM runs in a jail (its own uid and mount namespace, no capabilities;
+        /// see fissile_sandbox::jail); `off`: as this daemon's user. Default: on when run as
+        /// root.
+        #[arg(long, value_parser = ["on", "off"], env = "FISSILE_JAIL")]
+        jail: Option<String>,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -273,6 +278,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             warm_pool,
             cgroup_parent,
             guest_network,
+            jail,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -287,6 +293,14 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 None => {}
                 Some("none" | "") => vmm_limits.cgroup_parent = None,
                 Some(p) => vmm_limits.cgroup_parent = Some(p.into()),
+            }
+            // from_env read FISSILE_JAIL too; the flag wins.
+            match jail.as_deref() {
+                Some("on") if vmm_limits.jail.is_none() => {
+                    vmm_limits.jail = Some(fissile_sandbox::jail::JailConfig::default());
+                }
+                Some("off") => vmm_limits.jail = None,
+                _ => {}
             }
             let config = Config {
                 vmm_limits,
