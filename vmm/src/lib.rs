@@ -17,6 +17,7 @@
 //! - [`lifecycle`]: the operations the actor runs: snapshot, fork, persist, merge, rollback.
 //! - [`api`]: the JSON-lines control socket (parses, dispatches to a `VmmHandle`, answers).
 //! - [`seccomp`]: the seccomp filter each thread class installs first (`seccomp/x86_64.json`).
+//! - [`logcap`]: the VMM's own log, capped (a guest decides how often some lines are written).
 //!
 //! Arrows run one way: `main` → `api` ← `vmm` → `lifecycle` → `snapshot`/`config` →
 //! `vstate`/`devices` → `memory`/`arch` (`vmm` implements the `api` trait).
@@ -29,6 +30,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod host;
 pub mod lifecycle;
+pub mod logcap;
 pub mod memory;
 pub mod restore;
 pub mod seccomp;
