@@ -233,3 +233,243 @@ fn guest_vmm_a_memory_hog_and_a_fork_bomb_hit_the_user_cgroup_and_the_agent_answ
     let out = sb.exec("2 + 2").unwrap();
     assert_eq!(out.result_text(), Some("4"), "{:?}", out.outputs);
 }
+
+/// A hostile guest kernel, as a minimal PVH ELF built here (no toolchain needed): 32-bit code
+/// that, for every virtio-mmio slot, resets the device, negotiates, points each of three
+/// queues at a ring in RAM whose one descriptor chains to itself, addresses 4 GiB - 4 KiB and
+/// claims 4 GiB, publishes an available index 65535 ahead of a 16-entry queue, sets
+/// DRIVER_OK and notifies (and a queue index that does not exist), then writes garbage over
+/// the queue registers and the config space; then reads and writes guest-physical addresses
+/// outside RAM (above it and in the MMIO gap), and spins forever on port I/O exits nothing
+/// handles and on notifications of a queue it broke.
+fn hostile_guest_elf() -> Vec<u8> {
+    const LOAD: u32 = 0x10_0000;
+    let mut code: Vec<u8> = Vec::new();
+    let abs = |c: &mut Vec<u8>, addr: u32, v: u32| {
+        c.extend([0xC7, 0x05]); // mov dword [addr], imm32
+        c.extend(addr.to_le_bytes());
+        c.extend(v.to_le_bytes());
+    };
+    // mov dword [edi+disp], imm32
+    let reg = |c: &mut Vec<u8>, disp: u32, v: u32| {
+        if disp < 0x80 {
+            c.extend([0xC7, 0x47, disp as u8]);
+        } else {
+            c.extend([0xC7, 0x87]);
+            c.extend(disp.to_le_bytes());
+        }
+        c.extend(v.to_le_bytes());
+    };
+    code.push(0xFA); // cli
+    // The ring every queue uses: descriptor 0 at 0x200000 → addr 0xfffff000, len 4 GiB - 1,
+    // flags NEXT|WRITE, next 0 (itself); available ring at 0x201000: idx 0xffff.
+    abs(&mut code, 0x20_0000, 0xffff_f000);
+    abs(&mut code, 0x20_0004, 0);
+    abs(&mut code, 0x20_0008, 0xffff_ffff);
+    abs(&mut code, 0x20_000c, 0x0000_0003);
+    abs(&mut code, 0x20_1000, 0xffff_0000);
+    code.extend([0xBF, 0x00, 0x00, 0x00, 0xD0]); // mov edi, 0xd0000000
+    let dev_loop = code.len();
+    reg(&mut code, 0x70, 0); // status: reset
+    reg(&mut code, 0x70, 3); // ACKNOWLEDGE | DRIVER
+    reg(&mut code, 0x24, 1); // driver features select: high word
+    reg(&mut code, 0x20, 1); // VIRTIO_F_VERSION_1
+    reg(&mut code, 0x70, 0xb); // FEATURES_OK
+    code.extend([0x31, 0xC9]); // xor ecx, ecx
+    let q_loop = code.len();
+    code.extend([0x89, 0x4F, 0x30]); // mov [edi+0x30], ecx: QueueSel
+    reg(&mut code, 0x38, 16); // QueueNum
+    reg(&mut code, 0x80, 0x20_0000); // descriptor table
+    reg(&mut code, 0x84, 0);
+    reg(&mut code, 0x90, 0x20_1000); // available ring
+    reg(&mut code, 0x94, 0);
+    reg(&mut code, 0xa0, 0x20_2000); // used ring
+    reg(&mut code, 0xa4, 0);
+    reg(&mut code, 0x44, 1); // QueueReady
+    code.push(0x41); // inc ecx
+    code.extend([0x83, 0xF9, 0x03]); // cmp ecx, 3
+    let back = q_loop as i64 - (code.len() as i64 + 2);
+    code.extend([0x72, back as i8 as u8]); // jb q_loop
+    reg(&mut code, 0x70, 0xf); // DRIVER_OK
+    for q in [0u32, 1, 2, 0xffff_ffff] {
+        reg(&mut code, 0x50, q); // QueueNotify
+    }
+    reg(&mut code, 0x30, 0x1234); // a queue that does not exist
+    reg(&mut code, 0x38, 0xffff_ffff);
+    reg(&mut code, 0x44, 1);
+    reg(&mut code, 0x50, 0x1234);
+    reg(&mut code, 0x100, 0xdead_beef); // config space
+    reg(&mut code, 0xffc, 0xdead_beef);
+    code.extend([0x8B, 0x87, 0x00, 0x01, 0x00, 0x00]); // mov eax, [edi+0x100]
+    code.extend([0x81, 0xC7, 0x00, 0x10, 0x00, 0x00]); // add edi, 0x1000
+    code.extend([0x81, 0xFF, 0x00, 0x80, 0x00, 0xD0]); // cmp edi, 0xd0008000
+    let back = dev_loop as i64 - (code.len() as i64 + 6);
+    code.extend([0x0F, 0x82]); // jb dev_loop (rel32)
+    code.extend((back as i32).to_le_bytes());
+    // Outside RAM: above it, and in the MMIO gap where nothing is.
+    code.extend([0xA1, 0x00, 0x00, 0x00, 0x30]); // mov eax, [0x30000000]
+    code.extend([0xA1, 0x00, 0x00, 0x00, 0xE0]); // mov eax, [0xe0000000]
+    abs(&mut code, 0xe000_0000, 1);
+    abs(&mut code, 0x3000_0000, 1);
+    // Port I/O nothing handles and notifications of the first device's broken queue (each
+    // one a line in the VMM's log), forever.
+    let spin = code.len();
+    abs(&mut code, 0xd000_0050, 0);
+    code.extend([0xE6, 0x80]); // out 0x80, al
+    code.extend([0xE4, 0x61]); // in al, 0x61
+    code.extend([0x66, 0xBA, 0xF8, 0x0C]); // mov dx, 0xcf8
+    code.push(0xEF); // out dx, eax
+    code.push(0xED); // in eax, dx
+    let back = spin as i64 - (code.len() as i64 + 2);
+    code.extend([0xEB, back as i8 as u8]); // jmp spin
+
+    // ELF64: header, PT_LOAD of the code at LOAD, PT_NOTE with the PVH entry (Xen note 18).
+    let mut elf = vec![0u8; 0x1000];
+    elf[..16].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let put =
+        |e: &mut Vec<u8>, at: usize, bytes: &[u8]| e[at..at + bytes.len()].copy_from_slice(bytes);
+    put(&mut elf, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut elf, 18, &0x3Eu16.to_le_bytes()); // x86-64
+    put(&mut elf, 20, &1u32.to_le_bytes());
+    put(&mut elf, 24, &u64::from(LOAD).to_le_bytes()); // e_entry
+    put(&mut elf, 32, &64u64.to_le_bytes()); // e_phoff
+    put(&mut elf, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut elf, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut elf, 56, &2u16.to_le_bytes()); // e_phnum
+    let phdr = |e: &mut Vec<u8>, at: usize, typ: u32, off: u64, addr: u64, size: u64| {
+        put(e, at, &typ.to_le_bytes());
+        put(e, at + 4, &5u32.to_le_bytes()); // R+X
+        put(e, at + 8, &off.to_le_bytes());
+        put(e, at + 16, &addr.to_le_bytes());
+        put(e, at + 24, &addr.to_le_bytes());
+        put(e, at + 32, &size.to_le_bytes());
+        put(e, at + 40, &size.to_le_bytes());
+        put(e, at + 48, &4u64.to_le_bytes());
+    };
+    phdr(&mut elf, 64, 1, 0x1000, u64::from(LOAD), code.len() as u64);
+    phdr(&mut elf, 120, 4, 0xb0, 0, 20);
+    put(&mut elf, 0xb0, &4u32.to_le_bytes()); // namesz
+    put(&mut elf, 0xb4, &4u32.to_le_bytes()); // descsz
+    put(&mut elf, 0xb8, &18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    put(&mut elf, 0xbc, b"Xen\0");
+    put(&mut elf, 0xc0, &LOAD.to_le_bytes());
+    elf.extend(code);
+    elf
+}
+
+/// A hostile guest (see [`hostile_guest_elf`]) gets nothing from its VMM: no crash, no
+/// unbounded memory, no hang — the VMM keeps answering its control socket while the guest
+/// spins, shuts down on request — and a well-behaved sandbox beside it keeps answering.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_vmm_a_hostile_guest_harms_neither_its_vmm_nor_a_neighbour() {
+    use fissile_proto::control::ControlRequest;
+    use fissile_sandbox::ControlClient;
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut neighbour = Sandbox::boot(&config(&env, &dir.path().join("good"))).unwrap();
+    assert_eq!(neighbour.exec("1 + 1").unwrap().result_text(), Some("2"));
+
+    let evil = dir.path().join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    let kernel = evil.join("hostile.elf");
+    std::fs::write(&kernel, hostile_guest_elf()).unwrap();
+    let vmm = fissile_sandbox::paths::find_binary("fissile-vmm").unwrap();
+    let log = std::fs::File::create(evil.join("vmm.log")).unwrap();
+    let mut child = std::process::Command::new(&vmm)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--rootfs")
+        .arg(&env.rootfs)
+        .args(["--mem-mib", "256", "--vcpus", "1"])
+        .arg("--vsock-uds")
+        .arg(evil.join("vsock.sock"))
+        .arg("--api-sock")
+        .arg(evil.join("api.sock"))
+        .arg("--serial-log")
+        .arg(evil.join("console.log"))
+        .env("FISSILE_VMM_LOG_CAP", (1u32 << 20).to_string())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let vmm_log = || std::fs::read_to_string(evil.join("vmm.log")).unwrap_or_default();
+
+    // While the guest does its worst, the neighbour answers and the VMM's control socket
+    // reports it running, with its exits counted.
+    let t0 = Instant::now();
+    let mut statuses = 0;
+    while t0.elapsed() < Duration::from_secs(20) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the hostile guest's VMM died: {}",
+            vmm_log()
+        );
+        let api = evil.join("api.sock");
+        if api.exists() {
+            let mut c = ControlClient::connect(&api).unwrap();
+            let st = c.call(&ControlRequest::Status).unwrap().status.unwrap();
+            assert_eq!(st.state, VmState::Running, "{st:?}");
+            statuses += 1;
+        }
+        let t = Instant::now();
+        assert_eq!(neighbour.exec("2 + 2").unwrap().result_text(), Some("4"));
+        eprintln!(
+            "hostile guest at {:.1} s: neighbour exec {:.0} ms",
+            t0.elapsed().as_secs_f64(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        statuses > 3,
+        "the control socket never came up: {}",
+        vmm_log()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let log_text = vmm_log();
+    eprintln!(
+        "hostile guest's VMM: RSS {} MiB; log {} bytes, its start:\n{}",
+        rss_kib >> 10,
+        log_text.len(),
+        log_text.lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+    assert!(rss_kib < (256 + 128) << 10, "RSS {rss_kib} KiB");
+    // The guest made the VMM log as fast as it could notify: the log stopped at its cap.
+    assert!(
+        log_text.contains("log capped at 1048576 bytes"),
+        "{} bytes of log and no cap",
+        log_text.len()
+    );
+    assert!(
+        log_text.len() < (1 << 20) + 4096,
+        "{} bytes",
+        log_text.len()
+    );
+
+    // It still stops when asked, within a bound.
+    let mut c = ControlClient::connect(&evil.join("api.sock")).unwrap();
+    let _ = c.call(&ControlRequest::Shutdown);
+    let t = Instant::now();
+    let exit = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no exit after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        exit.code().is_some(),
+        "killed by a signal: {exit:?}\n{}",
+        vmm_log()
+    );
+    assert_eq!(neighbour.exec("3 + 3").unwrap().result_text(), Some("6"));
+}
