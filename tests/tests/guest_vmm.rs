@@ -473,3 +473,129 @@ fn guest_vmm_a_hostile_guest_harms_neither_its_vmm_nor_a_neighbour() {
     );
     assert_eq!(neighbour.exec("3 + 3").unwrap().result_text(), Some("6"));
 }
+
+/// The number of open descriptors of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Guest code floods vsock: a thousand connections to a host service that accepts and never
+/// reads, a megabyte pushed into each. The VMM holds at most its connection cap (the rest
+/// are refused in the guest), buffers at most its per-connection cap, and the agent keeps
+/// answering; closing them gives every descriptor back.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_vmm_a_vsock_flood_is_capped_and_the_agent_answers() {
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Sandbox::boot(&config(&env, dir.path())).unwrap();
+    let pid = sb.pid().unwrap();
+    let fds_before = fd_count(pid);
+    let rss_before = rss_kib(pid);
+
+    // The host service on port 5000 (`<vsock uds>_5000`), the VMM's to connect to (a jailed
+    // VMM runs as its own uid).
+    let path = dir.path().join("vsock.sock_5000");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    if let Some(uid) = sb.jail_uid() {
+        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+    }
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acceptor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) if held.len() < 4096 => held.push(s),
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            held.len()
+        })
+    };
+
+    let flood = r#"
+import socket
+opened, refused = [], 0
+for i in range(1000):
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect((2, 5000))
+        opened.append(s)
+    except OSError:
+        refused += 1
+        s.close()
+sent = 0
+for s in opened:
+    s.setblocking(False)
+    try:
+        sent += s.send(b"x" * (1 << 20))
+    except OSError:
+        pass
+(len(opened), refused, sent)
+"#;
+    let t = Instant::now();
+    let out = sb.exec(flood).unwrap();
+    assert!(out.error().is_none(), "{:?}", out.error());
+    let result = out.result_text().unwrap().to_string();
+    eprintln!(
+        "vsock flood: (opened, refused, bytes sent) = {result} in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let nums: Vec<u64> = result
+        .trim_matches(['(', ')'])
+        .split(',')
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    let (opened, refused) = (nums[0], nums[1]);
+    assert_eq!(opened + refused, 1000, "{result}");
+    assert!(
+        opened <= 256,
+        "more connections than the VMM's cap: {result}"
+    );
+    assert!(refused > 0, "{result}");
+
+    // The agent answers on its own connection while the flood holds the cap.
+    assert_eq!(sb.exec("1 + 1").unwrap().result_text(), Some("2"));
+    let (fds, rss) = (fd_count(pid), rss_kib(pid));
+    eprintln!(
+        "VMM during the flood: {fds} fds (before {fds_before}), RSS {} MiB (before {} MiB)",
+        rss >> 10,
+        rss_before >> 10
+    );
+    assert!(fds <= fds_before + 256 + 8, "{fds} fds");
+    // Each connection buffers at most 256 KiB on the host: 64 MiB for the cap, plus slack.
+    assert!(rss <= rss_before + (96 << 10), "RSS {rss} KiB");
+
+    // Closing them in the guest gives the VMM's descriptors back (bounded wait).
+    sb.exec("for s in opened: s.close()\nopened.clear()")
+        .unwrap();
+    let t = Instant::now();
+    while fd_count(pid) > fds_before + 8 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{} fds 60 s after the guest closed its connections (before: {fds_before})",
+            fd_count(pid)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let accepted = acceptor.join().unwrap();
+    eprintln!("host service accepted {accepted} connections");
+    assert_eq!(sb.exec("2 + 2").unwrap().result_text(), Some("4"));
+}
