@@ -48,6 +48,11 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
         snapshotd::Request::CreatePages {
             pages: vec![0, 1, 2, 512, u64::MAX],
         },
+        snapshotd::Request::Grant {
+            uid: 1_000_001,
+            snapshots: vec!["a".repeat(64)],
+            reset: true,
+        },
     ] {
         let frame = encode_frame(SNAPSHOTD_PROTOCOL_VERSION, &req)?;
         sd.push(frame[4..].to_vec());

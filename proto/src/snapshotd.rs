@@ -33,7 +33,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version byte of every snapshotd frame.
-pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 4;
+pub const SNAPSHOTD_PROTOCOL_VERSION: u8 = 5;
 /// Cap on one frame, both directions.
 pub const SNAPSHOTD_FRAME_CAP: u32 = 1 << 20;
 /// Most page indexes in one `CreatePages` / `CreateTouchOrder`.
@@ -164,7 +164,22 @@ pub enum Request {
         /// Snapshot id.
         snapshot: String,
     },
+    /// Let the jailed VMM of `uid` read these snapshots (and their ancestors) → `Ok`. Only
+    /// the orchestrator may grant (a peer that is not a jailed VMM); a jailed VMM may use
+    /// only what it was granted and what it created itself. `reset` forgets earlier grants
+    /// first (a new VMM with a reused uid).
+    Grant {
+        /// The VMM's uid.
+        uid: u32,
+        /// Snapshot ids (at most [`MAX_GRANT`]).
+        snapshots: Vec<String>,
+        /// Forget this uid's earlier grants first.
+        reset: bool,
+    },
 }
+
+/// Most snapshots one `Grant` names.
+pub const MAX_GRANT: usize = 64;
 
 /// Description of one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -365,6 +365,24 @@ impl Client {
         }
     }
 
+    /// Lets the jailed VMM of `uid` read `snapshots` and their ancestors (`reset`: instead
+    /// of what it was granted before). Only an orchestrator may.
+    pub fn grant(
+        &mut self,
+        uid: u32,
+        snapshots: &[String],
+        reset: bool,
+    ) -> Result<(), ClientError> {
+        self.call_ok(
+            &Request::Grant {
+                uid,
+                snapshots: snapshots.to_vec(),
+                reset,
+            },
+            None,
+        )
+    }
+
     /// Deletes a snapshot.
     pub fn delete(&mut self, snapshot: &str) -> Result<(), ClientError> {
         self.call_ok(

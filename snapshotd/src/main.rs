@@ -56,6 +56,22 @@ enum Cmd {
         #[arg(long)]
         root: PathBuf,
     },
+    /// Let the jailed VMM of `--uid` read these snapshots (and their ancestors): what a
+    /// client that sends `merge` or `rollback` over a jailed VMM's control socket itself
+    /// does first (fissile-sandbox and fissiled grant on their own).
+    Grant {
+        /// Socket of the running daemon.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The VMM's uid (`/proc/<pid>/status`).
+        #[arg(long)]
+        uid: u32,
+        /// Forget what it was granted before.
+        #[arg(long)]
+        reset: bool,
+        /// Snapshot ids.
+        snapshots: Vec<String>,
+    },
     /// Print store figures (from a store root, or from a running daemon).
     Stats {
         /// Store root directory.
@@ -111,6 +127,14 @@ fn main() -> anyhow::Result<()> {
             for s in store.list()? {
                 println!("{}", serde_json::to_string(&s)?);
             }
+        }
+        Cmd::Grant {
+            socket,
+            uid,
+            reset,
+            snapshots,
+        } => {
+            Client::connect(&socket)?.grant(uid, &snapshots, reset)?;
         }
         Cmd::Stats { root, socket } => match (root, socket) {
             (Some(root), _) => {

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -819,5 +819,151 @@ fn read_page_within(
             std::mem::forget(session);
             panic!("a fault on the mapped image never resolved (session failure: {failure:?})");
         }
+    }
+}
+
+/// Runs `f` on a thread of its own whose credentials are `uid`/`gid` (Linux credentials are
+/// per thread at the system-call level; only that thread changes), as a jailed VMM would
+/// connect.
+fn as_vmm<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: raw setresgid/setresuid change only this thread's credentials; no memory
+        // is passed.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_jailed_vmm_reads_only_what_it_was_granted_or_created() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "needs root (per-thread credentials of a jailed VMM): run the tests as root"
+    );
+    const UID: u32 = 1_234_567;
+    const GID: u32 = 999_999;
+    let dir = tempfile::tempdir().unwrap();
+    // The VMM reaches the socket through the tempdir (in a jail it is bound in its root).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let d = Daemon::start_with(dir.path(), &["--vmm-gid", &GID.to_string()]);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let mem = memory(21, 16, 0);
+    let ours = create(&mut d.client(), &mem, CreateOptions::default());
+    let theirs = create(
+        &mut d.client(),
+        &memory(22, 16, 0),
+        CreateOptions::default(),
+    );
+    let socket = d.socket.clone();
+    let vmm = move |f: fn(&mut Client, &str, &str) -> String, a: &str, b: &str| {
+        let (socket, a, b) = (socket.clone(), a.to_string(), b.to_string());
+        as_vmm(UID, GID, move || {
+            let mut c = Client::connect(&socket).unwrap();
+            f(&mut c, &a, &b)
+        })
+    };
+    let open = |c: &mut Client, id: &str, _: &str| match c.open_image(id) {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+
+    // Nothing granted: not even a hint that the snapshot exists.
+    let denied = vmm(open, &ours, "");
+    assert!(
+        denied.contains("no snapshot") && denied.contains("for this VMM"),
+        "{denied}"
+    );
+    // A stranger uid outside the group is refused at the door.
+    let socket = d.socket.clone();
+    let stranger = as_vmm(4_321, 4_321, move || {
+        Client::connect(&socket).and_then(|mut c| c.ping()).is_err()
+    });
+    assert!(stranger, "a peer outside the VMM group was served");
+
+    d.client()
+        .grant(UID, std::slice::from_ref(&ours), true)
+        .unwrap();
+    assert_eq!(vmm(open, &ours, ""), "ok");
+    let denied = vmm(open, &theirs, "");
+    assert!(
+        denied.contains("no snapshot"),
+        "another lineage's snapshot opened: {denied}"
+    );
+    let refused = vmm(
+        |c, id, _| {
+            let list = c.list().map(|_| ()).map_err(|e| e.to_string());
+            let delete = c.delete(id).map_err(|e| e.to_string());
+            let grant = c
+                .grant(1, &[id.to_string()], false)
+                .map_err(|e| e.to_string());
+            format!("{list:?} {delete:?} {grant:?}")
+        },
+        &ours,
+        "",
+    );
+    assert_eq!(
+        refused.matches("may not list, delete or grant").count(),
+        3,
+        "{refused}"
+    );
+
+    // What it creates on its granted base is its own, the base's ancestors included.
+    let created = vmm(
+        |c, base, _| {
+            let mem = memory(23, 16, 0);
+            let f = memfd_with(&mem);
+            let id = c
+                .create_snapshot(
+                    &f,
+                    &CreateOptions {
+                        memory_size: mem.len() as u64,
+                        parent: Some(base.to_string()),
+                        dirty_pages: Some(vec![1, 2]),
+                        ..CreateOptions::default()
+                    },
+                )
+                .unwrap();
+            let info = c.info(&id).unwrap();
+            assert_eq!(info.parent.as_deref(), Some(base));
+            c.open_image(&id).unwrap();
+            id
+        },
+        &ours,
+        "",
+    );
+    // Layering on another lineage is refused.
+    let layered = vmm(
+        |c, theirs, _| {
+            let mem = memory(24, 16, 0);
+            let f = memfd_with(&mem);
+            let r = c.create_snapshot(
+                &f,
+                &CreateOptions {
+                    memory_size: mem.len() as u64,
+                    parent: Some(theirs.to_string()),
+                    dirty_pages: Some(vec![1]),
+                    ..CreateOptions::default()
+                },
+            );
+            format!("{r:?}")
+        },
+        &theirs,
+        "",
+    );
+    assert!(layered.contains("no snapshot"), "{layered}");
+
+    // A new VMM with the same uid starts from nothing.
+    d.client().grant(UID, &[], true).unwrap();
+    for id in [&ours, &created] {
+        let denied = vmm(open, id, "");
+        assert!(denied.contains("no snapshot"), "{id}: {denied}");
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fissile_proto::frame::FrameError;
 use fissile_proto::snapshotd::{
-    ErrorCode, MAX_BLOB_PIECE, MAX_BLOBS_TOTAL, MAX_LABELS, MAX_LIST, MAX_NAME_LEN,
+    ErrorCode, MAX_BLOB_PIECE, MAX_BLOBS_TOTAL, MAX_GRANT, MAX_LABELS, MAX_LIST, MAX_NAME_LEN,
     MAX_PAGES_PER_MESSAGE, MAX_REGIONS, Region, Request, Response, SnapshotInfo,
 };
 use userfaultfd::Uffd;
@@ -44,6 +44,20 @@ use crate::sys;
 pub const MAX_CONNECTIONS: usize = 512;
 /// A reply that cannot be written within this time closes the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Who a connection's peer is, for what it may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Root or our own uid: the orchestrator (or a VMM that is not jailed).
+    Orchestrator,
+    /// A jailed VMM (the `--vmm-gid` group), by uid.
+    Vmm(u32),
+}
+
+/// Ancestors recorded with one grant.
+const MAX_GRANT_DEPTH: usize = 256;
+/// Snapshots one VMM may be granted before its set starts over.
+const MAX_GRANTS_PER_VMM: usize = 65_536;
+
 /// A connection that sends no request for this long is closed (fault sessions excepted).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -68,6 +82,9 @@ pub struct Server {
     /// The gid of jailed VMMs, admitted besides root and our own uid
     /// ([`Server::bind_for_group`]).
     vmm_gid: std::sync::OnceLock<u32>,
+    /// What each jailed VMM (by uid) may read: snapshots granted to it or created by it,
+    /// with their ancestors.
+    grants: Mutex<HashMap<u32, std::collections::HashSet<String>>>,
     /// Adopted snapshots whose background ingest has not finished (or failed).
     pending: Mutex<HashMap<String, PendingSnapshot>>,
     /// Signalled whenever an entry of `pending` finishes.
@@ -175,6 +192,7 @@ impl Server {
             store,
             images: Images::new(budget),
             vmm_gid: std::sync::OnceLock::new(),
+            grants: Mutex::new(HashMap::new()),
             faults_served: Arc::new(AtomicU64::new(0)),
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
@@ -454,6 +472,12 @@ impl Server {
                     return;
                 }
             };
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let me = unsafe { libc::getuid() };
+        let who = match self.vmm_gid.get() {
+            Some(g) if peer.gid == *g && peer.uid != 0 && peer.uid != me => Peer::Vmm(peer.uid),
+            _ => Peer::Orchestrator,
+        };
         let span = tracing::info_span!("conn", pid = peer.pid, uid = peer.uid);
         let _e = span.enter();
         if let Err(e) = stream
@@ -502,7 +526,7 @@ impl Server {
                     return;
                 }
             };
-            let next = self.handle(&mut conn, &mut pending, req);
+            let next = self.handle(&mut conn, &mut pending, req, who);
             conn.drop_fds();
             let sent = match next {
                 Ok(Next::Reply(resp, fd)) => self.reply(&mut conn, resp, fd),
@@ -546,7 +570,90 @@ impl Server {
         conn.write_msg(&resp, fd.as_ref().map(|f| f as &dyn AsFd))
     }
 
+    /// The parent of snapshot `id` (pending or in the store), if it has one.
+    fn parent_of(&self, id: &str) -> Option<String> {
+        if let Some(p) = self.lock_pending().get(id) {
+            return p.info.parent.clone();
+        }
+        self.store.view(id).ok()?.manifest.parent.clone()
+    }
+
+    /// Lets the VMM of `uid` read `id` and its ancestors.
+    fn grant(&self, uid: u32, id: &str) {
+        let mut chain = vec![id.to_string()];
+        while chain.len() < MAX_GRANT_DEPTH
+            && let Some(p) = chain.last().and_then(|c| self.parent_of(c))
+        {
+            chain.push(p);
+        }
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        let set = grants.entry(uid).or_default();
+        if set.len() + chain.len() > MAX_GRANTS_PER_VMM {
+            tracing::warn!(
+                uid,
+                "a VMM's grants reached their cap; forgetting the oldest set"
+            );
+            set.clear();
+        }
+        set.extend(chain);
+    }
+
+    /// Whether `who` may read snapshot `id`; a VMM gets "not found" for what it may not.
+    fn check(&self, who: Peer, id: &str) -> Result<(), Fail> {
+        let Peer::Vmm(uid) = who else {
+            return Ok(());
+        };
+        let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        if grants.get(&uid).is_some_and(|s| s.contains(id)) {
+            return Ok(());
+        }
+        tracing::warn!(
+            uid,
+            snapshot = id,
+            "a VMM asked for a snapshot it was not granted"
+        );
+        Err(Fail(
+            ErrorCode::NotFound,
+            format!("no snapshot {id} for this VMM"),
+        ))
+    }
+
     fn handle(
+        &self,
+        conn: &mut FdStream,
+        pending: &mut Option<PendingCreate>,
+        req: Request,
+        who: Peer,
+    ) -> Result<Next, Fail> {
+        // What a jailed VMM may name: what it was granted or created (and their ancestors).
+        match &req {
+            Request::CreateBegin {
+                parent: Some(p), ..
+            } => self.check(who, p)?,
+            Request::OpenImage { snapshot }
+            | Request::Info { snapshot }
+            | Request::WaitDurable { snapshot }
+            | Request::GetBlob { snapshot, .. } => self.check(who, snapshot)?,
+            Request::ServeFaults { regions } => {
+                for r in regions {
+                    self.check(who, &r.snapshot)?;
+                }
+            }
+            Request::List | Request::Delete { .. } | Request::Grant { .. }
+                if who != Peer::Orchestrator =>
+            {
+                return Err(bad("a VMM may not list, delete or grant snapshots"));
+            }
+            _ => {}
+        }
+        let next = self.handle_checked(conn, pending, req)?;
+        if let (Peer::Vmm(uid), Next::Reply(Response::Created { id, .. }, _)) = (who, &next) {
+            self.grant(uid, id);
+        }
+        Ok(next)
+    }
+
+    fn handle_checked(
         &self,
         conn: &mut FdStream,
         pending: &mut Option<PendingCreate>,
@@ -555,6 +662,25 @@ impl Server {
         let ok = |r| Ok(Next::Reply(r, None));
         match req {
             Request::Ping => ok(Response::Pong),
+            Request::Grant {
+                uid,
+                snapshots,
+                reset,
+            } => {
+                if snapshots.len() > MAX_GRANT || snapshots.iter().any(|s| s.len() > MAX_NAME_LEN) {
+                    return Err(bad("too many or too long snapshot ids"));
+                }
+                if reset {
+                    self.grants
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&uid);
+                }
+                for s in &snapshots {
+                    self.grant(uid, s);
+                }
+                ok(Response::Ok)
+            }
             Request::CreateBegin {
                 memory_size,
                 page_size,
