@@ -257,12 +257,14 @@ struct Spawned {
 
 impl Spawned {
     /// Starts `cmd` under `limits` (a guest of `mem_mib` MiB, `vcpus` vCPUs), in a jail when
-    /// configured (`kernel`: the kernel a cold boot reads).
+    /// configured (`kernel`: the kernel a cold boot reads; `snapshot`: the one it restores,
+    /// which snapshotd then lets it read — a jailed VMM reads nothing else it did not make).
     fn start(
         mut cmd: Command,
         spawner: &Spawner,
         dir: &Path,
         kernel: Option<&Path>,
+        snapshot: Option<&str>,
     ) -> Result<Spawned, SandboxError> {
         let netns = match &spawner.network {
             Network::None => None,
@@ -291,6 +293,11 @@ impl Spawned {
         let uid = match &spawner.limits.jail {
             Some(cfg) => {
                 let lease = jail::UidLease::new(cfg)?;
+                if let Some(sd) = &spawner.snapshotd {
+                    // A reused uid starts from nothing: `reset`.
+                    let granted: Vec<String> = snapshot.map(str::to_string).into_iter().collect();
+                    grant(sd, lease.uid(), &granted, true)?;
+                }
                 if let Some(ns) = &netns {
                     ns.admit_group(cfg.gid)?;
                 }
@@ -363,8 +370,21 @@ impl Spawner {
             .arg("--serial-log")
             .arg(dir.join("console.log"))
             .stderr(vmm_log);
-        Spawned::start(cmd, self, dir, None)
+        Spawned::start(cmd, self, dir, None, Some(snapshot))
     }
+}
+
+/// Lets the jailed VMM of `uid` read `snapshots` in the snapshotd at `socket` (`reset`:
+/// instead of what it was granted before).
+fn grant(socket: &Path, uid: u32, snapshots: &[String], reset: bool) -> Result<(), SandboxError> {
+    fissile_snapshotd::client::Client::connect(socket)
+        .and_then(|mut c| c.grant(uid, snapshots, reset))
+        .map_err(|e| {
+            SandboxError::Snapshotd(format!(
+                "granting snapshots to VMM uid {uid}: {}",
+                error_chain(&e)
+            ))
+        })
 }
 
 /// Fresh entropy and the wall clock for a restored guest's agent.
@@ -441,7 +461,7 @@ impl Sandbox {
         }
         cmd.stderr(vmm_log);
         let spawner = Spawner::of(cfg);
-        let vmm = Spawned::start(cmd, &spawner, &cfg.dir, Some(&cfg.kernel))?;
+        let vmm = Spawned::start(cmd, &spawner, &cfg.dir, Some(&cfg.kernel), None)?;
         Self::attach(vmm, &cfg.dir, spawner, started, Some(ready))
     }
 
@@ -544,7 +564,7 @@ impl Sandbox {
             .map_err(|e| adopt(e.to_string()))?;
         let (agent, info) = Self::try_connect(&cfg.dir.join("vsock.sock"))
             .map_err(|e| adopt(format!("its agent does not answer: {}", error_chain(&e))))?;
-        Ok(Sandbox {
+        let sb = Sandbox {
             proc: None,
             adopted: Some(handle),
             dir: cfg.dir.clone(),
@@ -567,7 +587,22 @@ impl Sandbox {
                 .as_ref()
                 .and_then(|j| jail::jailed_uid(j, pid))
                 .map(jail::UidLease::adopt),
-        })
+        };
+        // A snapshotd that restarted since has forgotten what the jailed VMM may read: its
+        // base and fork snapshots again.
+        if let (Some(uid), Some(sd)) = (sb.jail_uid(), &cfg.snapshotd) {
+            let status = sb
+                .control()?
+                .call(&ControlRequest::Status)?
+                .status
+                .ok_or_else(|| SandboxError::Reply("status without body".into()))?;
+            let ids: Vec<String> = [status.base_snapshot, status.fork_snapshot]
+                .into_iter()
+                .flatten()
+                .collect();
+            grant(sd, uid, &ids, false)?;
+        }
+        Ok(sb)
     }
 
     fn try_connect(uds: &Path) -> Result<(AgentClient, AgentInfo), ClientError> {
@@ -739,14 +774,27 @@ impl Sandbox {
     /// The second half of [`Sandbox::merge_into`]: takes the state of `snapshot`, which a
     /// child of this sandbox's latest fork took.
     pub fn merge_snapshot(&mut self, snapshot: &str) -> Result<MergeReply, SandboxError> {
+        self.allow(snapshot)?;
         self.switch_to(ControlRequest::Merge {
             snapshot: snapshot.to_string(),
         })
     }
 
+    /// Lets this sandbox's VMM, when jailed, read `snapshot` in snapshotd (one it is to take
+    /// the state of). [`Sandbox::merge_snapshot`] and [`Sandbox::rollback`] do it; a client
+    /// that sends `merge` or `rollback` over the control socket itself must do it first. The
+    /// VMM still checks the lineage (merge: a child of its fork; rollback: its own).
+    pub fn allow(&self, snapshot: &str) -> Result<(), SandboxError> {
+        match (self.jail_uid(), &self.spawner.snapshotd) {
+            (Some(uid), Some(sd)) => grant(sd, uid, &[snapshot.to_string()], false),
+            _ => Ok(()),
+        }
+    }
+
     /// Returns this sandbox to one of its earlier snapshots (memory, vCPUs, devices), keeping
     /// its identity; reconnects the agent.
     pub fn rollback(&mut self, snapshot: &str) -> Result<MergeReply, SandboxError> {
+        self.allow(snapshot)?;
         self.switch_to(ControlRequest::Rollback {
             snapshot: snapshot.to_string(),
         })

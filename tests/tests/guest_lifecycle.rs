@@ -198,6 +198,7 @@ fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
         .unwrap()
         .snapshot
         .unwrap();
+    parent.allow(&winner_snap.id).unwrap(); // a jailed VMM reads only what it is granted
     let merge = pc
         .call(&ControlRequest::Merge {
             snapshot: winner_snap.id.clone(),
@@ -478,6 +479,7 @@ fn concurrent_clients_during_fork_and_merge_leave_consistent_memory() {
     // The merge itself while the clients hammer (the agent reconnect comes after: a guest
     // paused half the time by other clients cannot be expected to answer in time).
     let mut ctl = parent.control().unwrap();
+    parent.allow(&winner.id).unwrap(); // a jailed VMM reads only what it is granted
     ctl.call(&ControlRequest::Merge {
         snapshot: winner.id.clone(),
     })
