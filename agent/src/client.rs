@@ -572,6 +572,38 @@ impl AgentClient {
         })?)
     }
 
+    /// Wakes a restored guest in one round trip: `AfterRestore` (fresh entropy, the wall
+    /// clock) and `Info` are sent together and both answers read after, all within one call
+    /// deadline. The agent answers a connection's requests in order, so the CRNG is reseeded
+    /// before this returns. Both answers are read even when the first is an error, so the
+    /// connection stays in step.
+    pub fn wake(&mut self, entropy: &[u8], wall_clock_ns: u64) -> Result<AgentInfo, ClientError> {
+        self.send(&Request::AfterRestore {
+            entropy: entropy.to_vec(),
+            wall_clock_ns,
+        })?;
+        self.send(&Request::Info)?;
+        let within = self.call_timeout;
+        self.reader.get_mut().deadline = Some((Instant::now() + within, within));
+        let restored = self.recv_frame();
+        let info = match &restored {
+            Ok(_) => self.recv_frame(),
+            Err(_) => Err(ClientError::Unexpected("no answer to AfterRestore".into())),
+        };
+        self.reader.get_mut().deadline = None;
+        match restored? {
+            Response::Ok => {}
+            Response::Failed { kind, message } => {
+                return Err(ClientError::Failed { kind, message });
+            }
+            r => return Err(unexpected(&r)),
+        }
+        match info? {
+            Response::Info(i) => Ok(i),
+            r => Err(unexpected(&r)),
+        }
+    }
+
     /// Powers the guest off (host mode: the agent exits).
     pub fn poweroff(&mut self) -> Result<(), ClientError> {
         expect_ok(self.call(&Request::Poweroff)?)

@@ -259,6 +259,17 @@ fn info_echo_and_host_mode_limits() {
             ..
         })
     ));
+    // The pipelined wake-up reports the same refusal and leaves the connection in step
+    // (the Info answer behind it was read too).
+    assert!(matches!(
+        c.wake(&[1; 32], 0),
+        Err(ClientError::Failed {
+            kind: FailureKind::Unsupported,
+            ..
+        })
+    ));
+    assert_eq!(c.echo(b"in step").unwrap(), b"in step");
+    assert_eq!(c.info().unwrap().pid, agent.pid());
 }
 
 #[test]

@@ -387,8 +387,9 @@ fn grant(socket: &Path, uid: u32, snapshots: &[String], reset: bool) -> Result<(
         })
 }
 
-/// Fresh entropy and the wall clock for a restored guest's agent.
-fn after_restore(agent: &mut AgentClient) -> Result<(), SandboxError> {
+/// Fresh entropy and the wall clock for a restored guest's agent, and its `Info`, in one
+/// round trip ([`AgentClient::wake`]).
+fn wake(agent: &mut AgentClient) -> Result<AgentInfo, SandboxError> {
     use std::io::Read;
     let mut entropy = [0u8; 64];
     File::open("/dev/urandom")
@@ -398,8 +399,7 @@ fn after_restore(agent: &mut AgentClient) -> Result<(), SandboxError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    agent.after_restore(&entropy, now)?;
-    Ok(())
+    Ok(agent.wake(&entropy, now)?)
 }
 
 /// Timings of one boot.
@@ -472,7 +472,6 @@ impl Sandbox {
         let started = Instant::now();
         let vmm = spawner.restore(snapshot, &cfg.dir)?;
         let mut sb = Self::attach(vmm, &cfg.dir, spawner, started, None)?;
-        after_restore(&mut sb.agent)?;
         sb.timings.to_ready = started.elapsed();
         Ok(sb)
     }
@@ -515,7 +514,8 @@ impl Sandbox {
                 }
             }
             if signalled && uds.exists() {
-                match Self::try_connect(&uds) {
+                // A restored guest (no readiness listener) is woken in the same round trip.
+                match Self::try_connect(&uds, ready.is_none()) {
                     Ok((agent, info)) => {
                         return Ok(Sandbox {
                             proc: Some(child),
@@ -562,7 +562,7 @@ impl Sandbox {
         let api = cfg.dir.join("api.sock");
         let handle = Pidfd::open_matching(pid, "fissile-vmm", &api.to_string_lossy())
             .map_err(|e| adopt(e.to_string()))?;
-        let (agent, info) = Self::try_connect(&cfg.dir.join("vsock.sock"))
+        let (agent, info) = Self::try_connect(&cfg.dir.join("vsock.sock"), false)
             .map_err(|e| adopt(format!("its agent does not answer: {}", error_chain(&e))))?;
         let sb = Sandbox {
             proc: None,
@@ -605,11 +605,17 @@ impl Sandbox {
         Ok(sb)
     }
 
-    fn try_connect(uds: &Path) -> Result<(AgentClient, AgentInfo), ClientError> {
+    /// Connects to the agent and asks its `Info` — with `wake`, together with fresh entropy
+    /// and the clock ([`wake`]).
+    fn try_connect(uds: &Path, wake: bool) -> Result<(AgentClient, AgentInfo), SandboxError> {
         // The client's call deadline: a connection the guest accepted but never answers
         // does not hang the boot.
         let mut agent = AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)?;
-        let info = agent.info()?;
+        let info = if wake {
+            self::wake(&mut agent)?
+        } else {
+            agent.info()?
+        };
         Ok((agent, info))
     }
 
@@ -727,9 +733,7 @@ impl Sandbox {
         let children = started
             .into_iter()
             .map(|(child_dir, child)| {
-                let mut sb = Self::attach(child?, &child_dir, self.spawner.clone(), t0, None)?;
-                after_restore(&mut sb.agent)?;
-                Ok(sb)
+                Self::attach(child?, &child_dir, self.spawner.clone(), t0, None)
             })
             .collect();
         let timings = ForkTimings {
@@ -865,8 +869,7 @@ impl Sandbox {
             })
         };
         set(&mut agent, RECONNECT_ATTEMPT)?;
-        let info = agent.info()?;
-        after_restore(&mut agent)?;
+        let info = wake(&mut agent)?;
         set(&mut agent, usual)?;
         Ok((agent, info))
     }
