@@ -123,10 +123,10 @@ pub enum SandboxError {
         "cannot find the `{0}` binary (looked in $FISSILE_BIN_DIR, next to this program and on PATH)"
     )]
     MissingBinary(String),
-    /// Creating the working directory or a log file failed.
     /// The VMM's jail could not be prepared.
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    /// Creating the working directory or a log file failed.
     #[error("preparing sandbox directory {0}")]
     Dir(PathBuf, #[source] std::io::Error),
     /// Spawning the VMM failed.

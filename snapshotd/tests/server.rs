@@ -918,19 +918,15 @@ fn a_jailed_vmm_reads_only_what_it_was_granted_or_created() {
     // What it creates on its granted base is its own, the base's ancestors included.
     let created = vmm(
         |c, base, _| {
-            let mem = memory(23, 16, 0);
-            let f = memfd_with(&mem);
-            let id = c
-                .create_snapshot(
-                    &f,
-                    &CreateOptions {
-                        memory_size: mem.len() as u64,
-                        parent: Some(base.to_string()),
-                        dirty_pages: Some(vec![1, 2]),
-                        ..CreateOptions::default()
-                    },
-                )
-                .unwrap();
+            let id = create(
+                c,
+                &memory(23, 16, 0),
+                CreateOptions {
+                    parent: Some(base.to_string()),
+                    dirty_pages: Some(vec![1, 2]),
+                    ..CreateOptions::default()
+                },
+            );
             let info = c.info(&id).unwrap();
             assert_eq!(info.parent.as_deref(), Some(base));
             c.open_image(&id).unwrap();

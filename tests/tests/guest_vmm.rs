@@ -425,21 +425,15 @@ fn guest_vmm_a_hostile_guest_harms_neither_its_vmm_nor_a_neighbour() {
         "the control socket never came up: {}",
         vmm_log()
     );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let rss = rss_kib(child.id());
     let log_text = vmm_log();
     eprintln!(
         "hostile guest's VMM: RSS {} MiB; log {} bytes, its start:\n{}",
-        rss_kib >> 10,
+        rss >> 10,
         log_text.len(),
         log_text.lines().take(5).collect::<Vec<_>>().join("\n")
     );
-    assert!(rss_kib < (256 + 128) << 10, "RSS {rss_kib} KiB");
+    assert!(rss < (256 + 128) << 10, "RSS {rss} KiB");
     // The guest made the VMM log as fast as it could notify: the log stopped at its cap.
     assert!(
         log_text.contains("log capped at 1048576 bytes"),
@@ -479,15 +473,15 @@ fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// The resident memory of process `pid` in KiB.
+/// The resident memory of process `pid` in KiB (fails the test if it cannot be read).
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+        .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap()
 }
 
 /// Guest code floods vsock: a thousand connections to a host service that accepts and never

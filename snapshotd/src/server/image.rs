@@ -573,6 +573,11 @@ impl Default for Images {
     }
 }
 
+/// How many hold `img` besides the set (fault sessions, layered children, an ingest).
+fn users_of(img: &Arc<Image>) -> usize {
+    Arc::strong_count(img).saturating_sub(1)
+}
+
 /// Default memory budget for unused images kept hot.
 pub const DEFAULT_IMAGE_BUDGET: u64 = 4 << 30;
 
@@ -650,9 +655,7 @@ impl Images {
         delete: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, usize> {
         let mut map = self.lock();
-        let users = map
-            .get(id)
-            .map_or(0, |img| Arc::strong_count(img).saturating_sub(1));
+        let users = map.get(id).map_or(0, users_of);
         if users > 0 {
             return Err(users);
         }
@@ -666,9 +669,7 @@ impl Images {
     /// How many users besides this set hold the image of `id` (fault sessions, layered
     /// children, an ingest in progress); 0 when it is not open.
     pub fn users(&self, id: &str) -> usize {
-        self.lock()
-            .get(id)
-            .map_or(0, |img| Arc::strong_count(img).saturating_sub(1))
+        self.lock().get(id).map_or(0, users_of)
     }
 
     /// Open images and the memory they hold.
@@ -682,7 +683,7 @@ impl Images {
     /// ingest had failed (those snapshots are gone).
     pub fn trim(&self) -> Vec<String> {
         let mut map = self.lock();
-        let unused = |img: &Arc<Image>| Arc::strong_count(img) == 1;
+        let unused = |img: &Arc<Image>| users_of(img) == 0;
         let failed: Vec<String> = map
             .iter()
             .filter(|(_, img)| unused(img) && img.failed.load(Ordering::Acquire))
