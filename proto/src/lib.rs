@@ -8,6 +8,8 @@ pub mod control;
 pub mod frame;
 pub mod net;
 pub mod pidfd;
+#[cfg(feature = "seccomp")]
+pub mod seccomp;
 pub mod snapshotd;
 pub mod uds;
 

@@ -5,6 +5,7 @@
 //! * [`server`]: the daemon. A unix-socket API (protocol in
 //!   [`fissile_proto::snapshotd`]) to create snapshots from memory handed over as an fd, to
 //!   open lazily materialized shared base images, and to serve userfaultfd faults.
+//! * [`seccomp`]: the daemon's filter, on every thread once it serves.
 //! * [`client`]: the library VMMs link to talk to the daemon. With `default-features = false`
 //!   (no `daemon` feature) the crate is only this client: no rocksdb, no zstd.
 //!
@@ -20,6 +21,8 @@
 
 pub mod client;
 pub mod fdio;
+#[cfg(feature = "daemon")]
+pub mod seccomp;
 #[cfg(feature = "daemon")]
 pub mod server;
 #[cfg(feature = "daemon")]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use fissile_snapshotd::client::Client;
+use fissile_snapshotd::seccomp;
 use fissile_snapshotd::server::Server;
 use fissile_snapshotd::store::Store;
 
@@ -37,6 +38,24 @@ enum Cmd {
         /// peers of this gid are served (besides root and our own uid).
         #[arg(long)]
         vmm_gid: Option<u32>,
+        /// The seccomp filter every thread runs under once the daemon serves: `kill` (a
+        /// syscall outside it kills the daemon), `log` (the kernel logs it and lets it run;
+        /// for finding what a new code path needs) or `off`.
+        #[arg(
+            long,
+            value_enum,
+            env = "FISSILE_SNAPSHOTD_SECCOMP",
+            default_value = "kill"
+        )]
+        seccomp: seccomp::Mode,
+    },
+    /// Check the filter and exit: start a thread, install the serve filter (in MODE), show
+    /// that files and threads still work (stderr), then have the early thread start a
+    /// process, which the filter forbids.
+    #[command(hide = true)]
+    SeccompSelftest {
+        #[arg(value_enum)]
+        mode: seccomp::Mode,
     },
     /// Verify the whole store (exit status 1 if anything is wrong).
     Check {
@@ -97,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             socket,
             image_cache_mib,
             vmm_gid,
+            seccomp: mode,
         } => {
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
@@ -105,11 +125,13 @@ fn main() -> anyhow::Result<()> {
                 Some(gid) => server.bind_for_group(&socket, gid)?,
                 None => Server::bind(&socket)?,
             };
-            tracing::info!(root = %root.display(), socket = %socket.display(), "snapshotd serving");
+            seccomp::install(mode)?;
+            tracing::info!(root = %root.display(), socket = %socket.display(), seccomp = ?mode, "snapshotd serving");
             // Readiness line for supervisors and tests.
             println!("READY {}", socket.display());
             server.serve(listener)?;
         }
+        Cmd::SeccompSelftest { mode } => seccomp_selftest(mode)?,
         Cmd::Check { root } => {
             let store = Store::open(&root)?;
             let report = store.check()?;
@@ -148,5 +170,34 @@ fn main() -> anyhow::Result<()> {
             (None, None) => bail!("give --root or --socket"),
         },
     }
+    Ok(())
+}
+
+/// `seccomp-selftest`: what the filter allows still works and what it forbids stops the
+/// process, on a thread that started before the filter (as rocksdb's do).
+fn seccomp_selftest(mode: seccomp::Mode) -> anyhow::Result<()> {
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let early = std::thread::spawn(move || {
+        let _ = wait.recv();
+        match std::process::Command::new("/nonexistent-fissile-selftest").spawn() {
+            Ok(mut child) => {
+                let _ = child.wait();
+                eprintln!("fissile-snapshotd: a process was not stopped (it started)");
+            }
+            Err(e) => eprintln!("fissile-snapshotd: a process was not stopped ({e})"),
+        }
+    });
+    seccomp::install(mode)?;
+    eprintln!("fissile-snapshotd: serve filter installed");
+    let path = std::env::temp_dir().join(format!("fissile-selftest-{}", std::process::id()));
+    std::fs::write(&path, b"ok").context("writing a file")?;
+    std::fs::remove_file(&path).context("removing a file")?;
+    eprintln!("fissile-snapshotd: a file written and removed");
+    match std::thread::Builder::new().spawn(|| 42).map(|t| t.join()) {
+        Ok(Ok(42)) => eprintln!("fissile-snapshotd: a thread started and joined"),
+        other => bail!("could not start a thread: {other:?}"),
+    }
+    let _ = go.send(());
+    let _ = early.join();
     Ok(())
 }

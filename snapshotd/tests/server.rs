@@ -963,3 +963,61 @@ fn a_jailed_vmm_reads_only_what_it_was_granted_or_created() {
         assert!(denied.contains("no snapshot"), "{id}: {denied}");
     }
 }
+
+fn selftest(mode: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fissile-snapshotd"))
+        .args(["seccomp-selftest", mode])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_process_started_under_the_filter_kills_the_daemon_and_log_mode_lets_it_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = selftest("kill");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{stderr}");
+    // What serving needs still works under the filter.
+    assert!(stderr.contains("serve filter installed"), "{stderr}");
+    assert!(stderr.contains("a file written and removed"), "{stderr}");
+    assert!(stderr.contains("a thread started and joined"), "{stderr}");
+    assert!(!stderr.contains("was not stopped"), "{stderr}");
+
+    for mode in ["log", "off"] {
+        let out = selftest(mode);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("a process was not stopped"),
+            "{mode}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn every_thread_of_a_serving_daemon_runs_under_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    // Work first, so connection and rocksdb threads exist.
+    let mut c = d.client();
+    let id = create(&mut c, &memory(7, 64, 4), CreateOptions::default());
+    assert!(c.open_image(&id).is_ok());
+    let pid = d.child.id();
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(field("Seccomp:"), "2", "{status}");
+        assert_eq!(field("Seccomp_filters:"), "2", "{status}");
+        threads += 1;
+    }
+    assert!(threads > 2, "only {threads} threads");
+    ping_ok(&d);
+}

@@ -17,12 +17,8 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use seccompiler::sock_filter;
-
-/// One BPF instruction: code, jump if true, jump if false, constant.
-type Insn = (u16, u8, u8, u32);
-/// A compiled filter and its name in `seccomp/x86_64.json`.
-type Filter = (&'static str, &'static [Insn]);
+use fissile_proto::seccomp::Filter;
+use seccompiler::BpfProgram;
 
 mod generated {
     use super::Filter;
@@ -139,7 +135,7 @@ pub fn enter(class: ThreadClass) {
 pub fn try_enter(class: ThreadClass) -> Result<(), SeccompError> {
     let filters = match MODE.get() {
         None | Some(Mode::Off) => return Ok(()),
-        Some(Mode::Trap) => generated::TRAP,
+        Some(Mode::Trap) => generated::ENFORCE,
         Some(Mode::Log) => generated::LOG,
     };
     CLASS.with(|c| c.set(Some(class)));
@@ -153,15 +149,8 @@ pub fn try_enter(class: ThreadClass) -> Result<(), SeccompError> {
     Ok(())
 }
 
-fn program(filters: &[Filter], name: &'static str) -> Result<Vec<sock_filter>, SeccompError> {
-    let (_, insns) = filters
-        .iter()
-        .find(|(n, _)| *n == name)
-        .ok_or(SeccompError::Missing(name))?;
-    Ok(insns
-        .iter()
-        .map(|&(code, jt, jf, k)| sock_filter { code, jt, jf, k })
-        .collect())
+fn program(filters: &[Filter], name: &'static str) -> Result<BpfProgram, SeccompError> {
+    fissile_proto::seccomp::program(filters, name).ok_or(SeccompError::Missing(name))
 }
 
 fn install_sigsys_handler() -> std::io::Result<()> {
@@ -243,7 +232,7 @@ mod tests {
 
     #[test]
     fn every_class_and_no_clone3_were_compiled_in_both_modes() {
-        for filters in [generated::TRAP, generated::LOG] {
+        for filters in [generated::ENFORCE, generated::LOG] {
             for class in [
                 ThreadClass::Main,
                 ThreadClass::Vcpu,
