@@ -593,3 +593,107 @@ for s in opened:
     eprintln!("host service accepted {accepted} connections");
     assert_eq!(sb.exec("2 + 2").unwrap().result_text(), Some("4"));
 }
+
+/// A guest that stops reading: a host service pushes data down a vsock connection the guest
+/// opened and never reads. The VMM honours the guest's credit, so it stops taking data from
+/// the host socket (the sender is held back, nothing piles up in the VMM) and the agent keeps
+/// answering; when the guest reads at last, every byte arrives, in order, none lost.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_vmm_a_guest_that_never_reads_holds_back_the_host_sender_and_loses_nothing() {
+    const PATTERN: usize = 251;
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Sandbox::boot(&config(&env, dir.path())).unwrap();
+    let pid = sb.pid().unwrap();
+    let rss_before = rss_kib(pid);
+
+    let path = dir.path().join("vsock.sock_5001");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    if let Some(uid) = sb.jail_uid() {
+        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+    }
+    listener.set_nonblocking(true).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        use std::io::Write as _;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if t.elapsed() < Duration::from_secs(60) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("no connection from the guest: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        // Write until three seconds pass without progress: the data has nowhere to go.
+        conn.set_write_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let chunk: Vec<u8> = (0..PATTERN * 256).map(|i| (i % PATTERN) as u8).collect();
+        let mut sent = 0usize;
+        while sent < (1 << 30) {
+            let off = sent % PATTERN;
+            match conn.write(&chunk[off..off + PATTERN * 255]) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        let _ = done_tx.send((sent, t.elapsed()));
+        // EOF after the data, so the guest knows where it ends.
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        // Keep the socket until the guest has read (dropping it could reset the stream).
+        std::thread::sleep(Duration::from_secs(120));
+    });
+
+    let out = sb
+        .exec("import socket\nheld = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\nheld.settimeout(10)\nheld.connect((2, 5001))")
+        .unwrap();
+    assert!(out.error().is_none(), "{:?}", out.error());
+    let (sent, took) = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the host sender never stalled");
+    let rss = rss_kib(pid);
+    eprintln!(
+        "guest not reading: the host sender stalled after {} KiB in {:.1} s; VMM RSS {} MiB (before {} MiB)",
+        sent >> 10,
+        took.as_secs_f64(),
+        rss >> 10,
+        rss_before >> 10
+    );
+    // The guest's receive buffer, the VMM's per-connection buffer and the socket buffers:
+    // a few MiB, not the gigabyte the sender had.
+    assert!(
+        sent < 32 << 20,
+        "the host pushed {sent} bytes into a guest that never reads"
+    );
+    assert!(rss <= rss_before + (32 << 10), "RSS {rss} KiB");
+    // The agent answers on its own connection meanwhile.
+    assert_eq!(sb.exec("1 + 1").unwrap().result_text(), Some("2"));
+
+    let read_all = format!(
+        r#"
+held.settimeout(30)
+pattern = bytes(i % {PATTERN} for i in range({PATTERN} * 512))
+got, bad = 0, -1
+while True:
+    data = held.recv(1 << 16)
+    if not data:
+        break
+    off = got % {PATTERN}
+    if bad < 0 and data != pattern[off:off + len(data)]:
+        bad = got
+    got += len(data)
+held.close()
+(got, bad)
+"#
+    );
+    let out = sb.exec(&read_all).unwrap();
+    assert!(out.error().is_none(), "{:?}", out.error());
+    assert_eq!(
+        out.result_text(),
+        Some(format!("({sent}, -1)").as_str()),
+        "the guest read (bytes, offset of the first wrong byte); the host sent {sent}"
+    );
+}
