@@ -416,7 +416,10 @@ pub struct Sandbox {
     /// A VMM this process did not start (see [`Sandbox::adopt`]).
     adopted: Option<Pidfd>,
     dir: PathBuf,
-    agent: AgentClient,
+    /// The connection opened (and, after a restore, woken) when the sandbox started or last
+    /// switched state; `None` once handed out with [`Sandbox::take_agent`] (the next call
+    /// through [`Sandbox::agent`] opens another).
+    agent: Option<AgentClient>,
     info: AgentInfo,
     timings: BootTimings,
     spawner: Spawner,
@@ -521,7 +524,7 @@ impl Sandbox {
                             proc: Some(child),
                             adopted: None,
                             dir: dir.to_path_buf(),
-                            agent,
+                            agent: Some(agent),
                             info,
                             timings: BootTimings {
                                 to_ready: started.elapsed(),
@@ -568,7 +571,7 @@ impl Sandbox {
             proc: None,
             adopted: Some(handle),
             dir: cfg.dir.clone(),
-            agent,
+            agent: Some(agent),
             info,
             timings: BootTimings::default(),
             spawner: Spawner::of(cfg),
@@ -834,7 +837,7 @@ impl Sandbox {
             attempts += 1;
             match Self::try_reconnect(&uds) {
                 Ok((agent, info)) => {
-                    self.agent = agent;
+                    self.agent = Some(agent);
                     self.info = info;
                     if attempts > 1 {
                         tracing::info!(attempts, ms = started.elapsed().as_millis() as u64, dir = %self.dir.display(), "agent reconnected");
@@ -896,9 +899,23 @@ impl Sandbox {
         Ok(snap.id)
     }
 
-    /// The agent connection.
-    pub fn agent(&mut self) -> &mut AgentClient {
-        &mut self.agent
+    /// The agent connection (a new one if the last was taken with [`Sandbox::take_agent`]).
+    pub fn agent(&mut self) -> Result<&mut AgentClient, SandboxError> {
+        let agent = match self.agent.take() {
+            Some(agent) => agent,
+            None => {
+                AgentClient::connect_hybrid_vsock(&self.dir.join("vsock.sock"), AGENT_VSOCK_PORT)?
+            }
+        };
+        Ok(self.agent.insert(agent))
+    }
+
+    /// Hands out the connection the sandbox opened when it started or last switched state
+    /// (already woken after a restore, fork, merge or rollback), so a caller that keeps its own
+    /// connections (fissiled's pool) saves opening one for its first request. `None` if it
+    /// was taken already.
+    pub fn take_agent(&mut self) -> Option<AgentClient> {
+        self.agent.take()
     }
 
     /// A second connection to the agent (e.g. to interrupt a running cell).
@@ -917,7 +934,7 @@ impl Sandbox {
     /// Runs a Python cell in the persistent REPL (within the agent client's exec deadline;
     /// output collected up to its cap).
     pub fn exec(&mut self, code: &str) -> Result<ExecOutcome, SandboxError> {
-        Ok(self.agent.exec(&ExecRequest {
+        Ok(self.agent()?.exec(&ExecRequest {
             code: code.to_string(),
             ..ExecRequest::default()
         })?)
@@ -926,7 +943,9 @@ impl Sandbox {
     /// Asks the guest to power off and waits (bounded) for the VMM to exit.
     pub fn poweroff(mut self, timeout: Duration) -> Result<ExitStatus, SandboxError> {
         // The agent answers Ok, then the connection drops as the guest goes down.
-        let _ = self.agent.poweroff();
+        if let Ok(agent) = self.agent() {
+            let _ = agent.poweroff();
+        }
         self.wait(timeout)
     }
 

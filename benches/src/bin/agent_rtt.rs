@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                 "native KVM"
             }
         );
-        return run(sb.agent(), n, &how, false);
+        return run(sb.agent()?, n, &how, false);
     }
     let sock = dir.path().join("agent.sock");
     let (_agent, how) = start_agent(&sock)?;
