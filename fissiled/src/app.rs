@@ -536,12 +536,13 @@ impl App {
         Ok(())
     }
 
-    /// Attaches a started sandbox to its reserved entry and records it running; if the
+    /// Attaches a started sandbox to its reserved entry and records it running (the agent
+    /// connection it started with goes into the entry's pool, for its first request); if the
     /// entry was deleted meanwhile the sandbox is stopped.
     pub fn attach(
         &self,
         mut record: SandboxRecord,
-        sb: Sandbox,
+        mut sb: Sandbox,
     ) -> Result<SandboxRecord, ApiError> {
         let live = lock(&self.live).get(&record.id).cloned();
         let Some(live) = live else {
@@ -553,6 +554,9 @@ impl App {
         };
         record.state = SandboxState::Running;
         record.vmm_pid = sb.pid();
+        if let Some(agent) = sb.take_agent() {
+            live.agents.put(agent);
+        }
         *lock(&live.sandbox) = Some(sb);
         live.attached.store(true, Ordering::Release);
         self.db.put_sandbox(&record)?;

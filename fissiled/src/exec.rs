@@ -195,12 +195,18 @@ pub struct AgentPool {
 }
 
 impl AgentPool {
-    /// A pooled connection, or a new one to `vsock`. Taking from the pool needs no trip to
-    /// the blocking pool (a non-blocking check); only opening a new connection blocks.
-    pub async fn checkout(&self, vsock: &Path) -> Result<AgentClient, ApiError> {
+    /// A pooled connection, or a new one to `vsock` (counted in `metrics`). Taking from the
+    /// pool needs no trip to the blocking pool (a non-blocking check); only opening a new
+    /// connection blocks.
+    pub async fn checkout(
+        &self,
+        vsock: &Path,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<AgentClient, ApiError> {
         if let Some(agent) = self.take() {
             return Ok(agent);
         }
+        metrics.agent_connection_opened();
         let vsock = vsock.to_path_buf();
         crate::app::blocking(move || connect(&vsock)).await
     }

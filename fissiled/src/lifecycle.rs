@@ -182,12 +182,18 @@ impl App {
             if forks_guard.merged {
                 return Err(ApiError::not_found("the latest fork was already merged"));
             }
-            lock(&p.sandbox)
+            let mut parent = lock(&p.sandbox);
+            let parent = parent
                 .as_mut()
-                .ok_or_else(|| ApiError::conflict("the parent stopped"))?
+                .ok_or_else(|| ApiError::conflict("the parent stopped"))?;
+            parent
                 .merge_snapshot(&snap.id)
                 .map_err(|e| ApiError::sandbox("merging", &e))?;
             p.agents.clear();
+            // The connection the merge woke the guest on serves the next request.
+            if let Some(agent) = parent.take_agent() {
+                p.agents.put(agent);
+            }
             forks_guard.merged = true;
             Ok(())
         })
@@ -230,12 +236,16 @@ impl App {
             .filter(|s| s.tenant == tenant && s.sandbox_id == id)
             .ok_or_else(|| ApiError::not_found(format!("{id} has no snapshot {snapshot}")))?;
         blocking(move || {
-            lock(&live.sandbox)
+            let mut sb = lock(&live.sandbox);
+            let sb = sb
                 .as_mut()
-                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?
-                .rollback(&s.id)
+                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?;
+            sb.rollback(&s.id)
                 .map_err(|e| ApiError::sandbox("rolling back", &e))?;
             live.agents.clear();
+            if let Some(agent) = sb.take_agent() {
+                live.agents.put(agent);
+            }
             Ok(())
         })
         .await

@@ -51,6 +51,7 @@ pub struct Metrics {
     image_bytes: Gauge,
     faults_served: Gauge,
     pool_taken: Counter,
+    agent_connections_opened: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +66,7 @@ impl Default for Metrics {
         let image_bytes = Gauge::default();
         let faults_served = Gauge::default();
         let pool_taken = Counter::default();
+        let agent_connections_opened = Counter::default();
         registry.register(
             "fissiled_http_request_duration_seconds",
             "HTTP requests until the response head, by route template and status",
@@ -110,6 +112,11 @@ impl Default for Metrics {
             "Creates served by a warm pool member",
             pool_taken.clone(),
         );
+        registry.register(
+            "fissiled_agent_connections_opened",
+            "Agent connections opened for execs and commands because a sandbox had none idle (a started, forked, merged or rolled-back sandbox hands over the connection it woke its guest on)",
+            agent_connections_opened.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -121,6 +128,7 @@ impl Default for Metrics {
             image_bytes,
             faults_served,
             pool_taken,
+            agent_connections_opened,
         }
     }
 }
@@ -144,6 +152,11 @@ impl Metrics {
     /// Counts a create served by a warm pool member.
     pub fn pool_taken(&self) {
         self.pool_taken.inc();
+    }
+
+    /// Counts an agent connection opened because a sandbox's pool had none idle.
+    pub fn agent_connection_opened(&self) {
+        self.agent_connections_opened.inc();
     }
 
     /// Records one operation.

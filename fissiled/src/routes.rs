@@ -348,7 +348,7 @@ pub(crate) async fn exec_cell(
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let vsock = live.vsock.clone();
-    let agent = live.agents.checkout(&vsock).await?;
+    let agent = live.agents.checkout(&vsock, &app.metrics).await?;
     Ok(exec::stream(
         agent,
         vsock,
@@ -370,7 +370,7 @@ pub(crate) async fn run_command(
     let mut req = exec::command_request(body)?;
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
-    let agent = live.agents.checkout(&live.vsock).await?;
+    let agent = live.agents.checkout(&live.vsock, &app.metrics).await?;
     Ok(exec::stream_command(agent, req, live.stream_guard()))
 }
 

@@ -516,6 +516,12 @@ fn guest_api_fork_merge_snapshot_and_rollback() {
         "1",
         "the parent kept running as it was"
     );
+    // Every exec so far ran on a connection the sandbox handed over when it started or
+    // forked (the one its guest was woken on) or that an earlier exec gave back.
+    assert_eq!(
+        d.metric("fissiled_agent_connections_opened_total").unwrap(),
+        "0"
+    );
 
     // Refusals: self 400; a stranger 404; another tenant 404.
     let (s, v) = call(
