@@ -30,6 +30,20 @@ pub fn program(filters: &[Filter], name: &str) -> Option<BpfProgram> {
     )
 }
 
+/// A build script's whole job: compiles `source` (relative to the crate) into
+/// `$OUT_DIR/seccomp_filters.rs` with [`generate`], rebuilding when it changes; fails the
+/// build (a panic, as build scripts do) with what is wrong with the file.
+pub fn build_script(source: &str) {
+    println!("cargo::rerun-if-changed={source}");
+    let Some(out) = std::env::var_os("OUT_DIR") else {
+        panic!("OUT_DIR is not set: call this from a build script");
+    };
+    let out = Path::new(&out).join("seccomp_filters.rs");
+    if let Err(e) = generate(Path::new(source), &out) {
+        panic!("{e}");
+    }
+}
+
 /// For build scripts: compiles the filters in `source` (seccompiler's JSON format, a
 /// `comment` allowed on each filter) for x86_64 and writes `out`, a Rust file defining
 /// `pub(crate) const ENFORCE: &[Filter]` and `pub(crate) const LOG: &[Filter]` (in scope

@@ -476,6 +476,23 @@ fn guest_vmm_a_hostile_guest_harms_neither_its_vmm_nor_a_neighbour() {
     assert_eq!(neighbour.exec("3 + 3").unwrap().result_text(), Some("6"));
 }
 
+/// A host service on vsock port `port` of the sandbox in `dir` (`<vsock uds>_<port>`, which
+/// the VMM connects to when the guest connects to the host on that port; owned by a jailed
+/// VMM's uid so it may), non-blocking.
+fn host_service(
+    sb: &Sandbox,
+    dir: &std::path::Path,
+    port: u32,
+) -> std::os::unix::net::UnixListener {
+    let path = dir.join(format!("vsock.sock_{port}"));
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    if let Some(uid) = sb.jail_uid() {
+        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+    }
+    listener.set_nonblocking(true).unwrap();
+    listener
+}
+
 /// The number of open descriptors of process `pid`.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -506,14 +523,7 @@ fn guest_vmm_a_vsock_flood_is_capped_and_the_agent_answers() {
     let fds_before = fd_count(pid);
     let rss_before = rss_kib(pid);
 
-    // The host service on port 5000 (`<vsock uds>_5000`), the VMM's to connect to (a jailed
-    // VMM runs as its own uid).
-    let path = dir.path().join("vsock.sock_5000");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    if let Some(uid) = sb.jail_uid() {
-        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
-    }
-    listener.set_nonblocking(true).unwrap();
+    let listener = host_service(&sb, dir.path(), 5000);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let acceptor = {
         let stop = stop.clone();
@@ -616,12 +626,7 @@ fn guest_vmm_a_guest_that_never_reads_holds_back_the_host_sender_and_loses_nothi
     let pid = sb.pid().unwrap();
     let rss_before = rss_kib(pid);
 
-    let path = dir.path().join("vsock.sock_5001");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    if let Some(uid) = sb.jail_uid() {
-        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
-    }
-    listener.set_nonblocking(true).unwrap();
+    let listener = host_service(&sb, dir.path(), 5001);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let t = Instant::now();
