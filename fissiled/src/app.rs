@@ -554,9 +554,7 @@ impl App {
         };
         record.state = SandboxState::Running;
         record.vmm_pid = sb.pid();
-        if let Some(agent) = sb.take_agent() {
-            live.agents.put(agent);
-        }
+        live.agents.reset_with(sb.take_agent());
         *lock(&live.sandbox) = Some(sb);
         live.attached.store(true, Ordering::Release);
         self.db.put_sandbox(&record)?;

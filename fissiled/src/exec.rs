@@ -234,9 +234,14 @@ impl AgentPool {
         }
     }
 
-    /// Drops every idle connection (after the guest's vsock was reset).
-    pub fn clear(&self) {
-        crate::app::lock(&self.idle).clear();
+    /// Drops every idle connection and keeps `woken` instead: after a sandbox started or
+    /// switched state (merge, rollback: the guest's vsock was reset, so the old ones are
+    /// closed), the connection it woke its guest on (`Sandbox::take_agent`) serves the next
+    /// request.
+    pub fn reset_with(&self, woken: Option<AgentClient>) {
+        let mut idle = crate::app::lock(&self.idle);
+        idle.clear();
+        idle.extend(woken.filter(AgentClient::is_idle_and_open));
     }
 }
 

@@ -189,11 +189,7 @@ impl App {
             parent
                 .merge_snapshot(&snap.id)
                 .map_err(|e| ApiError::sandbox("merging", &e))?;
-            p.agents.clear();
-            // The connection the merge woke the guest on serves the next request.
-            if let Some(agent) = parent.take_agent() {
-                p.agents.put(agent);
-            }
+            p.agents.reset_with(parent.take_agent());
             forks_guard.merged = true;
             Ok(())
         })
@@ -242,10 +238,7 @@ impl App {
                 .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?;
             sb.rollback(&s.id)
                 .map_err(|e| ApiError::sandbox("rolling back", &e))?;
-            live.agents.clear();
-            if let Some(agent) = sb.take_agent() {
-                live.agents.put(agent);
-            }
+            live.agents.reset_with(sb.take_agent());
             Ok(())
         })
         .await
