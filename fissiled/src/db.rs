@@ -183,6 +183,16 @@ pub struct NetworkPolicy {
     /// Never these (same form); at most 256.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// Domain names (`example.com`: it and every name under it; `*.example.com`: only the
+    /// names under it) that resolve and that HTTP (port 80) and TLS (port 443) connections
+    /// may be for, whatever `internet` and `allow` say; when not empty, no other name
+    /// resolves. At most 256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_domains: Vec<String>,
+    /// Domain names (same form) that never resolve and that no HTTP or TLS connection may
+    /// be for, whatever address it goes to. At most 256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_domains: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -195,6 +205,8 @@ impl Default for NetworkPolicy {
             internet: true,
             allow: Vec::new(),
             deny: Vec::new(),
+            allow_domains: Vec::new(),
+            deny_domains: Vec::new(),
         }
     }
 }
@@ -205,23 +217,30 @@ pub const MAX_POLICY_ENTRIES: usize = 256;
 impl NetworkPolicy {
     /// The policy `fissile-sandbox` enforces, or what is wrong with this one.
     pub fn to_egress(&self) -> Result<fissile_sandbox::net::egress::EgressPolicy, String> {
-        let parse = |name: &str, list: &[String]| {
-            if list.len() > MAX_POLICY_ENTRIES {
-                return Err(format!(
-                    "network.{name}: at most {MAX_POLICY_ENTRIES} entries, got {}",
-                    list.len()
-                ));
-            }
-            list.iter()
-                .map(|c| c.parse().map_err(|e| format!("network.{name}: {e}")))
-                .collect::<Result<Vec<_>, _>>()
-        };
         Ok(fissile_sandbox::net::egress::EgressPolicy {
             internet: self.internet,
-            allow: parse("allow", &self.allow)?,
-            deny: parse("deny", &self.deny)?,
+            allow: parse_list("allow", &self.allow)?,
+            deny: parse_list("deny", &self.deny)?,
+            allow_domains: parse_list("allow_domains", &self.allow_domains)?,
+            deny_domains: parse_list("deny_domains", &self.deny_domains)?,
         })
     }
+}
+
+/// The entries of list `network.<name>`, or what is wrong with it.
+fn parse_list<T: std::str::FromStr<Err = String>>(
+    name: &str,
+    list: &[String],
+) -> Result<Vec<T>, String> {
+    if list.len() > MAX_POLICY_ENTRIES {
+        return Err(format!(
+            "network.{name}: at most {MAX_POLICY_ENTRIES} entries, got {}",
+            list.len()
+        ));
+    }
+    list.iter()
+        .map(|c| c.parse().map_err(|e| format!("network.{name}: {e}")))
+        .collect()
 }
 
 /// A snapshot a tenant took of a sandbox (the state itself is in snapshotd).

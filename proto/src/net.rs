@@ -19,6 +19,16 @@ pub const TAP_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x1f, 0x00, 0x01];
 /// The interface name of the tap in a sandbox's namespace.
 pub const TAP_NAME: &str = "fsl-tap0";
 
+/// The port of the DNS forwarder on [`GATEWAY_ADDR`] (the guest's resolver, served from the
+/// host side of the sandbox's namespace so that names follow the egress policy).
+pub const DNS_PORT: u16 = 53;
+/// The port on [`GATEWAY_ADDR`] where connections to [`PROXIED_PORTS`] are redirected while
+/// a sandbox's policy names domains (the host-side proxy that checks Host and SNI).
+pub const PROXY_PORT: u16 = 15001;
+/// The guest's destination ports that go through the proxy while its policy names domains
+/// (HTTP and TLS: the protocols that carry the name they are for).
+pub const PROXIED_PORTS: [u16; 2] = [80, 443];
+
 /// The netmask of [`PREFIX_LEN`].
 pub fn netmask() -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX << (32 - u32::from(PREFIX_LEN)))

@@ -295,15 +295,14 @@ fn guest_routed_sandboxes_reach_the_outside_under_their_policy() {
         .set_network_policy(EgressPolicy {
             internet: false,
             allow: vec!["203.0.113.0/24".parse().unwrap()],
-            deny: Vec::new(),
+            ..EgressPolicy::default()
         })
         .unwrap();
     assert_eq!(eval(&mut parent, &fetch(&url)), want);
     parent
         .set_network_policy(EgressPolicy {
             internet: false,
-            allow: Vec::new(),
-            deny: Vec::new(),
+            ..EgressPolicy::default()
         })
         .unwrap();
     assert_eq!(eval(&mut parent, &fetch(&url)), "'EHOSTUNREACH'");

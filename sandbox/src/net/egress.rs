@@ -17,7 +17,16 @@
 //!
 //! A rejection answers the guest with ICMP "administratively prohibited" (a clear, immediate
 //! error, not a timeout) and counts in the namespace's `blocked` counter. The policy lives in
-//! two sets, so a change is one atomic nftables transaction and the counters stay.
+//! sets, so a change is one atomic nftables transaction and the counters stay.
+//!
+//! Domains: the guest's resolver is the gateway ([`fissile_proto::net::DNS_PORT`]), where
+//! the orchestrator serves a forwarder that answers only names the policy allows
+//! ([`EgressPolicy::name_allowed`]). While a policy names domains, the guest's connections
+//! to the HTTP and TLS ports ([`fissile_proto::net::PROXIED_PORTS`]) are redirected to the
+//! orchestrator's proxy on the gateway ([`fissile_proto::net::PROXY_PORT`]), which reads the
+//! name the connection is for (Host, SNI: [`super::sniff`]), resolves it itself and decides
+//! with [`EgressPolicy::connection_allowed`]: so a guest cannot reach a denied domain by its
+//! address, nor an undenied address under an allowed name.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -34,7 +43,7 @@ use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder, new_connection};
 
 use super::{NetNs, NetNsError, on_thread};
-use fissile_proto::net::TAP_NAME;
+use fissile_proto::net::{PROXIED_PORTS, PROXY_PORT, TAP_NAME};
 
 /// The uplinks' range: a /30 per sandbox namespace.
 pub const UPLINK_NET: Cidr = Cidr {
@@ -111,6 +120,66 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// A domain name in a policy: `example.com` matches that name and every name under it;
+/// `*.example.com` only the names under it. Lower case, no trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Domain {
+    name: String,
+    subdomains_only: bool,
+}
+
+impl Domain {
+    /// True when `name` (any case, trailing dot or not) is this domain or under it.
+    pub fn matches(&self, name: &str) -> bool {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let under = name.len() > self.name.len()
+            && name.ends_with(&self.name)
+            && name.as_bytes()[name.len() - self.name.len() - 1] == b'.';
+        under || (!self.subdomains_only && name == self.name)
+    }
+}
+
+impl FromStr for Domain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (subdomains_only, rest) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let name = rest.strip_suffix('.').unwrap_or(rest).to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(format!(
+                "{s:?} is not a domain name (letters, digits, '-', '_' in dot-separated labels; \
+                 `*.` in front for subdomains only)"
+            ));
+        }
+        if name.parse::<Ipv4Addr>().is_ok() {
+            return Err(format!("{s:?} is an address: put it in the CIDR lists"));
+        }
+        Ok(Domain {
+            name,
+            subdomains_only,
+        })
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.subdomains_only {
+            f.write_str("*.")?;
+        }
+        f.write_str(&self.name)
+    }
+}
+
 /// What a sandbox may reach (see the module docs for the order of the checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressPolicy {
@@ -120,6 +189,12 @@ pub struct EgressPolicy {
     pub allow: Vec<Cidr>,
     /// Never these.
     pub deny: Vec<Cidr>,
+    /// These names resolve, and HTTP/TLS connections for them pass (to the addresses they
+    /// resolve to, unless always denied or in `deny`) whatever `internet` and `allow` say.
+    /// When not empty, other names do not resolve.
+    pub allow_domains: Vec<Domain>,
+    /// These names never resolve, and HTTP/TLS connections for them are refused.
+    pub deny_domains: Vec<Domain>,
 }
 
 impl Default for EgressPolicy {
@@ -128,6 +203,98 @@ impl Default for EgressPolicy {
             internet: true,
             allow: Vec::new(),
             deny: Vec::new(),
+            allow_domains: Vec::new(),
+            deny_domains: Vec::new(),
+        }
+    }
+}
+
+/// Why a connection or a name was refused (what the guest is told, and the counter's label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The address is always out of reach (the host, loopback, link-local, other sandboxes).
+    AlwaysDenied,
+    /// The address is in the policy's `deny` list.
+    DeniedAddress,
+    /// The name is in the policy's `deny_domains` list.
+    DeniedDomain,
+    /// Neither an allowed name nor an allowed address.
+    NotAllowed,
+}
+
+impl Refusal {
+    /// A short label (metrics, guest-visible messages).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::AlwaysDenied => "always_denied",
+            Refusal::DeniedAddress => "denied_address",
+            Refusal::DeniedDomain => "denied_domain",
+            Refusal::NotAllowed => "not_allowed",
+        }
+    }
+}
+
+impl EgressPolicy {
+    /// True when the policy names domains (so HTTP and TLS go through the proxy).
+    pub fn has_domains(&self) -> bool {
+        !self.allow_domains.is_empty() || !self.deny_domains.is_empty()
+    }
+
+    /// Whether the guest's resolver answers `name`: never for a denied domain; with an
+    /// allow list of domains only for those; otherwise when the sandbox may reach anything
+    /// at all (a sandbox with no way out learns nothing, and leaks nothing, through DNS).
+    pub fn name_allowed(&self, name: &str) -> Result<(), Refusal> {
+        if self.deny_domains.iter().any(|d| d.matches(name)) {
+            return Err(Refusal::DeniedDomain);
+        }
+        if !self.allow_domains.is_empty() {
+            return if self.allow_domains.iter().any(|d| d.matches(name)) {
+                Ok(())
+            } else {
+                Err(Refusal::NotAllowed)
+            };
+        }
+        if self.internet || !self.allow.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::NotAllowed)
+        }
+    }
+
+    /// Whether the proxy may connect to `ip` for a connection the guest opened for `name`
+    /// (none: the guest named nothing, so only the address counts). `host_addrs` are the
+    /// host's own addresses (always denied).
+    pub fn connection_allowed(
+        &self,
+        name: Option<&str>,
+        ip: Ipv4Addr,
+        host_addrs: &[Ipv4Addr],
+    ) -> Result<(), Refusal> {
+        if let Some(n) = name
+            && self.deny_domains.iter().any(|d| d.matches(n))
+        {
+            return Err(Refusal::DeniedDomain);
+        }
+        if host_addrs.contains(&ip) || always_denied().iter().any(|c| c.contains(ip)) {
+            return Err(Refusal::AlwaysDenied);
+        }
+        if self.deny.iter().any(|c| c.contains(ip)) {
+            return Err(Refusal::DeniedAddress);
+        }
+        if let Some(n) = name
+            && self.allow_domains.iter().any(|d| d.matches(n))
+        {
+            return Ok(());
+        }
+        let by_address = if self.allow.is_empty() {
+            self.internet
+        } else {
+            self.allow.iter().any(|c| c.contains(ip))
+        };
+        if by_address {
+            Ok(())
+        } else {
+            Err(Refusal::NotAllowed)
         }
     }
 }
@@ -391,7 +558,7 @@ pub fn connect(ns: &NetNs, policy: &EgressPolicy) -> Result<Uplink, EgressError>
 pub fn set_policy(ns: &NetNs, policy: &EgressPolicy) -> Result<(), EgressError> {
     let host_addrs = host_addresses()?;
     let mut script = String::from(
-        "flush set ip fissile always_denied\nflush set ip fissile denied\nflush set ip fissile allowed\n",
+        "flush set ip fissile always_denied\nflush set ip fissile denied\nflush set ip fissile allowed\nflush set ip fissile proxied\n",
     );
     script.push_str(&policy_elements(policy, &host_addrs));
     nft_in(Some(ns), "a policy change", &script)
@@ -460,6 +627,13 @@ fn policy_elements(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
             ));
         }
     }
+    if policy.has_domains() {
+        let ports: Vec<String> = PROXIED_PORTS.iter().map(u16::to_string).collect();
+        s.push_str(&format!(
+            "add element ip fissile proxied {{ {} }}\n",
+            ports.join(", ")
+        ));
+    }
     s
 }
 
@@ -474,6 +648,11 @@ fn ns_ruleset(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
          \tset always_denied {{ type ipv4_addr; flags interval; auto-merge; }}\n\
          \tset denied {{ type ipv4_addr; flags interval; auto-merge; }}\n\
          \tset allowed {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+         \tset proxied {{ type inet_service; }}\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\tiifname \"{TAP_NAME}\" tcp dport @proxied redirect to :{PROXY_PORT}\n\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy drop;\n\
          \t\tct state established,related accept\n\
@@ -691,6 +870,110 @@ mod tests {
     }
 
     #[test]
+    fn domains_parse_and_match_names_and_subdomains() {
+        let d: Domain = "Example.COM.".parse().unwrap();
+        assert_eq!(d.to_string(), "example.com");
+        assert!(d.matches("example.com") && d.matches("WWW.example.com."));
+        assert!(!d.matches("badexample.com") && !d.matches("example.com.evil"));
+        let sub: Domain = "*.example.com".parse().unwrap();
+        assert!(sub.matches("a.b.example.com") && !sub.matches("example.com"));
+        for bad in [
+            "", "*.", "a..b", "-a.com", "a b.com", "1.2.3.4", "x/y", "*.*.a",
+        ] {
+            assert!(bad.parse::<Domain>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_and_connections_follow_the_policy_in_order() {
+        let host = [Ipv4Addr::new(192, 168, 1, 5)];
+        let ip = Ipv4Addr::new(198, 51, 100, 2);
+        let dom = |s: &str| s.parse::<Domain>().unwrap();
+        // Only allowed names, even with no internet; other names and bare addresses not.
+        let only = EgressPolicy {
+            internet: false,
+            allow_domains: vec![dom("files.test")],
+            ..EgressPolicy::default()
+        };
+        assert!(only.has_domains());
+        assert_eq!(only.name_allowed("cdn.files.test"), Ok(()));
+        assert_eq!(only.name_allowed("other.test"), Err(Refusal::NotAllowed));
+        assert_eq!(
+            only.connection_allowed(Some("files.test"), ip, &host),
+            Ok(())
+        );
+        assert_eq!(
+            only.connection_allowed(Some("other.test"), ip, &host),
+            Err(Refusal::NotAllowed)
+        );
+        assert_eq!(
+            only.connection_allowed(None, ip, &host),
+            Err(Refusal::NotAllowed)
+        );
+        // An allowed name never reaches an always-denied or denied address.
+        for (addr, why) in [
+            (host[0], Refusal::AlwaysDenied),
+            (Ipv4Addr::LOCALHOST, Refusal::AlwaysDenied),
+            (Ipv4Addr::new(169, 254, 169, 254), Refusal::AlwaysDenied),
+            (Ipv4Addr::new(10, 200, 0, 6), Refusal::AlwaysDenied),
+        ] {
+            assert_eq!(
+                only.connection_allowed(Some("files.test"), addr, &host),
+                Err(why)
+            );
+        }
+        let mut deny_ip = only.clone();
+        deny_ip.deny = vec!["198.51.100.0/24".parse().unwrap()];
+        assert_eq!(
+            deny_ip.connection_allowed(Some("files.test"), ip, &host),
+            Err(Refusal::DeniedAddress)
+        );
+        // Open internet minus one domain.
+        let minus = EgressPolicy {
+            deny_domains: vec![dom("blocked.test")],
+            ..EgressPolicy::default()
+        };
+        assert_eq!(minus.name_allowed("ok.test"), Ok(()));
+        assert_eq!(
+            minus.name_allowed("x.Blocked.test."),
+            Err(Refusal::DeniedDomain)
+        );
+        assert_eq!(
+            minus.connection_allowed(Some("blocked.test"), ip, &host),
+            Err(Refusal::DeniedDomain)
+        );
+        assert_eq!(minus.connection_allowed(Some("ok.test"), ip, &host), Ok(()));
+        assert_eq!(minus.connection_allowed(None, ip, &host), Ok(()));
+        // No way out: no names either.
+        let closed = EgressPolicy {
+            internet: false,
+            ..EgressPolicy::default()
+        };
+        assert!(!closed.has_domains());
+        assert_eq!(closed.name_allowed("ok.test"), Err(Refusal::NotAllowed));
+    }
+
+    #[test]
+    fn domains_in_a_policy_redirect_http_and_tls_to_the_proxy() {
+        let host = [Ipv4Addr::new(192, 168, 1, 5)];
+        assert!(!policy_elements(&EgressPolicy::default(), &host).contains("proxied"));
+        let named = EgressPolicy {
+            deny_domains: vec!["blocked.test".parse().unwrap()],
+            ..EgressPolicy::default()
+        };
+        let s = policy_elements(&named, &host);
+        assert!(
+            s.contains("add element ip fissile proxied { 80, 443 }"),
+            "{s}"
+        );
+        let rules = ns_ruleset(&named, &host);
+        assert!(
+            rules.contains(&format!("tcp dport @proxied redirect to :{PROXY_PORT}")),
+            "{rules}"
+        );
+    }
+
+    #[test]
     fn uplink_addresses_are_a_30_per_slot() {
         assert_eq!(slot_addr(0, 1), Ipv4Addr::new(10, 200, 0, 1));
         assert_eq!(slot_addr(0, 2), Ipv4Addr::new(10, 200, 0, 2));
@@ -723,6 +1006,7 @@ mod tests {
             internet: false,
             allow: vec!["203.0.113.0/24".parse().unwrap()],
             deny: vec!["203.0.113.7".parse().unwrap()],
+            ..EgressPolicy::default()
         };
         let s = policy_elements(&listed, &host);
         assert!(s.contains("allowed { 203.0.113.0/24 }"), "{s}");

@@ -22,6 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use fissile_proto::net::{GATEWAY_ADDR, TAP_MAC, TAP_NAME, netmask};
 
 pub mod egress;
+pub mod sniff;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
@@ -294,6 +295,39 @@ impl NetNs {
         Ok(NetNs { ns, uplink: None })
     }
 
+    /// A second handle on the same namespace (without its uplink: dropping it removes
+    /// nothing), for a service that outlives a borrow of this one.
+    pub fn try_clone(&self) -> io::Result<NetNs> {
+        Ok(NetNs {
+            ns: self.ns.try_clone()?,
+            uplink: None,
+        })
+    }
+
+    /// A TCP socket of this namespace (close-on-exec, non-blocking, not connected): a
+    /// connection made from it leaves by the namespace's routes and NAT, from the sandbox's
+    /// own address.
+    pub fn tcp_socket(&self) -> io::Result<std::net::TcpStream> {
+        let fd = self
+            .run(|| {
+                // SAFETY: socket(2) has no memory-safety preconditions; the result is checked.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                        0,
+                    )
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .map_err(io::Error::other)??;
+        Ok(std::net::TcpStream::from(fd))
+    }
+
     /// The namespace descriptor (for setns, or a netlink request moving a link here).
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         self.ns.as_raw_fd()
@@ -333,6 +367,34 @@ impl NetNs {
             });
         }
     }
+}
+
+/// Where connection `stream` was going before a `redirect` rule of its namespace sent it to
+/// this socket (conntrack's `SO_ORIGINAL_DST`).
+pub fn original_destination(
+    stream: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<std::net::SocketAddrV4> {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes and `len` holds the size of `addr`, so
+    // the kernel writes at most that many bytes; the fd is borrowed for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            libc::SO_ORIGINAL_DST,
+            (&raw mut addr).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(std::net::SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    ))
 }
 
 /// Runs `f` on a scoped thread of its own (namespace changes stay on that thread).

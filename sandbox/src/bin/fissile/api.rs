@@ -342,7 +342,7 @@ fn labels(v: &Value) -> String {
 #[derive(Debug, Subcommand)]
 pub enum SandboxCmd {
     /// Create a sandbox and print its id.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List your sandboxes.
     Ls {
         /// Only sandboxes with this label (repeatable: all must match).
@@ -393,6 +393,13 @@ pub struct CreateArgs {
     /// Never these IPv4 networks (repeatable).
     #[arg(long, value_name = "CIDR")]
     deny: Vec<String>,
+    /// These domains resolve and HTTP/TLS for them passes (`example.com`, `*.example.com`;
+    /// repeatable); no other name resolves.
+    #[arg(long, value_name = "DOMAIN")]
+    allow_domain: Vec<String>,
+    /// These domains never resolve and no HTTP/TLS connection may be for them (repeatable).
+    #[arg(long, value_name = "DOMAIN")]
+    deny_domain: Vec<String>,
 }
 
 impl CreateArgs {
@@ -414,12 +421,23 @@ impl CreateArgs {
                 body[name] = v;
             }
         }
-        if self.no_internet || !self.allow.is_empty() || !self.deny.is_empty() {
+        if self.no_internet
+            || !self.allow.is_empty()
+            || !self.deny.is_empty()
+            || !self.allow_domain.is_empty()
+            || !self.deny_domain.is_empty()
+        {
             body["network"] = json!({
                 "internet": !self.no_internet,
                 "allow": self.allow,
                 "deny": self.deny,
             });
+            if !self.allow_domain.is_empty() {
+                body["network"]["allow_domains"] = json!(self.allow_domain);
+            }
+            if !self.deny_domain.is_empty() {
+                body["network"]["deny_domains"] = json!(self.deny_domain);
+            }
         }
         body
     }
@@ -907,12 +925,15 @@ mod tests {
             no_internet: true,
             allow: vec!["10.0.0.0/8".into()],
             deny: vec![],
+            allow_domain: vec!["pypi.org".into()],
+            deny_domain: vec![],
         };
         assert_eq!(
             args.body(),
             json!({
                 "metadata": {"job": "etl"}, "env": {}, "persistent": true, "memory_mib": 640,
-                "network": {"internet": false, "allow": ["10.0.0.0/8"], "deny": []},
+                "network": {"internet": false, "allow": ["10.0.0.0/8"], "deny": [],
+                            "allow_domains": ["pypi.org"]},
             })
         );
     }
