@@ -61,6 +61,10 @@ pub struct Config {
     /// Every sandbox gets a network device in a namespace of its own (reaching nothing
     /// until it has a policy); off: no network device at all (hosts without tun/netns).
     pub guest_network: bool,
+    /// The resolver that answers the names guests may resolve (see [`crate::egress`]).
+    pub dns_upstream: Option<std::net::SocketAddr>,
+    /// Most connections one sandbox may have open through the domain proxy at once.
+    pub max_proxy_connections: usize,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
@@ -95,19 +99,26 @@ pub struct Live {
     pub active: AtomicUsize,
     /// Its VMM is attached (read without the sandbox's lock, which a long operation holds).
     pub attached: AtomicBool,
+    /// Its egress policy as its resolver and proxy see it (`None`: no way out).
+    pub policy: Arc<crate::egress::PolicyCell>,
+    /// Its resolver and proxy, while its VMM runs in a network namespace.
+    pub egress: Mutex<Option<crate::egress::Service>>,
 }
 
 impl Live {
-    fn new(record: SandboxRecord, dir: &std::path::Path, sandbox: Option<Sandbox>) -> Arc<Live> {
+    fn new(record: SandboxRecord, dir: &std::path::Path) -> Arc<Live> {
+        let policy = record.network.as_ref().and_then(|p| p.to_egress().ok());
         Arc::new(Live {
+            policy: Arc::new(crate::egress::PolicyCell::new(policy)),
+            egress: Mutex::default(),
             record,
             vsock: dir.join("vsock.sock"),
             agents: crate::exec::AgentPool::default(),
             forks: Mutex::default(),
             last_used_ms: AtomicU64::new(now_ms()),
             active: AtomicUsize::new(0),
-            attached: AtomicBool::new(sandbox.is_some()),
-            sandbox: Mutex::new(sandbox),
+            attached: AtomicBool::new(false),
+            sandbox: Mutex::new(None),
         })
     }
 
@@ -163,6 +174,8 @@ pub struct App {
     pub space_claims: Arc<Mutex<()>>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What every sandbox's resolver and proxy share.
+    pub egress: Arc<crate::egress::Config>,
     /// Permits to start a sandbox (see [`Config::max_concurrent_starts`]).
     pub starts: Arc<tokio::sync::Semaphore>,
     /// Templates' ready snapshots.
@@ -341,13 +354,32 @@ impl App {
         let db_keys = db.active_keys()?;
         let (sd, adopted) = start_snapshotd(&config.state_dir, config.vmm_limits.jail.as_ref())?;
         let starts = config.max_concurrent_starts.max(1);
+        let metrics = Arc::<crate::metrics::Metrics>::default();
+        let host_addrs = if config.guest_network {
+            fissile_sandbox::net::egress::host_addresses().map_err(|e| {
+                ApiError::internal(format!(
+                    "listing the host's addresses: {}",
+                    fissile_proto::error_chain(&e)
+                ))
+            })?
+        } else {
+            Vec::new()
+        };
+        let egress = Arc::new(crate::egress::Config {
+            dns_upstream: config.dns_upstream,
+            max_connections: config.max_proxy_connections,
+            host_addrs,
+            runtime: tokio::runtime::Handle::current(),
+            metrics: metrics.clone(),
+        });
         let app = App {
             db: Arc::new(db),
             config: Arc::new(config),
             live: Arc::default(),
             snapshotd: Arc::new(sd),
             space_claims: Arc::default(),
-            metrics: Arc::default(),
+            metrics,
+            egress,
             starts: Arc::new(tokio::sync::Semaphore::new(starts)),
             ready: Arc::default(),
             tenants: Arc::new(db_tenants),
@@ -388,7 +420,12 @@ impl App {
                 match Sandbox::adopt(&cfg, pid) {
                     Ok(sb) => {
                         tracing::info!(sandbox = %r.id, pid, "re-adopted a running sandbox");
-                        lock(&self.live).insert(r.id.clone(), Live::new(r, &dir, Some(sb)));
+                        let id = r.id.clone();
+                        let live = Live::new(r, &dir);
+                        self.start_egress(&live, &sb);
+                        *lock(&live.sandbox) = Some(sb);
+                        live.attached.store(true, Ordering::Release);
+                        lock(&self.live).insert(id, live);
                         continue;
                     }
                     Err(e) => {
@@ -531,7 +568,7 @@ impl App {
             )));
         }
         for r in records {
-            live.insert(r.id.clone(), Live::new(r.clone(), &self.dir(&r.id), None));
+            live.insert(r.id.clone(), Live::new(r.clone(), &self.dir(&r.id)));
         }
         Ok(())
     }
@@ -554,11 +591,24 @@ impl App {
         };
         record.state = SandboxState::Running;
         record.vmm_pid = sb.pid();
+        self.start_egress(&live, &sb);
         live.agents.reset_with(sb.take_agent());
         *lock(&live.sandbox) = Some(sb);
         live.attached.store(true, Ordering::Release);
         self.db.put_sandbox(&record)?;
         Ok(record)
+    }
+
+    /// Starts `live`'s resolver and proxy in `sb`'s network namespace (none: it has none).
+    /// If they cannot start, the sandbox runs without them: its names do not resolve and
+    /// its proxied connections are refused (fails closed), and the log says why.
+    fn start_egress(&self, live: &Live, sb: &Sandbox) {
+        let Some(ns) = sb.netns() else { return };
+        match crate::egress::Service::start(ns, live.policy.clone(), self.egress.clone()) {
+            Ok(service) => *lock(&live.egress) = Some(service),
+            Err(e) => tracing::warn!(sandbox = %live.record.id, error = %e,
+                "cannot start the sandbox's resolver and proxy; its names will not resolve"),
+        }
     }
 
     /// Puts `policy` in force for sandbox `id` of `tenant` (its next connections follow it)
@@ -579,11 +629,18 @@ impl App {
         let live = self.get_booted(tenant, id)?;
         let held = live.clone();
         blocking(move || {
-            lock(&held.sandbox)
+            let mut guard = lock(&held.sandbox);
+            let sb = guard
                 .as_mut()
-                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?
-                .set_network_policy(policy)
-                .map_err(|e| ApiError::sandbox("setting the egress policy", &e))
+                .ok_or_else(|| ApiError::conflict("the sandbox stopped"))?;
+            // The resolver and proxy first: once the rules redirect, the proxy must already
+            // hold the policy that asked for it.
+            let before = held.policy.get();
+            held.policy.set(Some(policy.clone()));
+            sb.set_network_policy(policy).map_err(|e| {
+                held.policy.set(before.map(|p| (*p).clone()));
+                ApiError::sandbox("setting the egress policy", &e)
+            })
         })
         .await?;
         let mut record = self.record(tenant, id)?;

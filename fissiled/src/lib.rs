@@ -10,6 +10,7 @@
 //! - [`lifecycle`]: fork, merge, snapshot, rollback.
 //! - [`spaces`]: persistent spaces (persist on close, resume).
 //! - [`templates`]: templates' ready snapshots; [`pool`]: warm pools restored from them.
+//! - [`egress`]: each sandbox's DNS resolver and domain proxy (its egress policy's names).
 //! - [`auth`]: API keys (hashed) to tenants.
 //! - [`db`]: the metadata store.
 //! - [`metrics`]: Prometheus metrics.
@@ -20,6 +21,7 @@
 pub mod app;
 pub mod auth;
 pub mod db;
+pub mod egress;
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -89,6 +89,15 @@ enum Cmd {
         /// root.
         #[arg(long, value_parser = ["on", "off"], env = "FISSILE_JAIL")]
         jail: Option<String>,
+        /// The DNS resolver (`ADDR` or `ADDR:PORT`) that answers the names guests may
+        /// resolve (each sandbox's resolver on its gateway forwards only those); `none`: no
+        /// name resolves. Default: the first nameserver of /etc/resolv.conf.
+        #[arg(long, env = "FISSILE_DNS_UPSTREAM")]
+        dns_upstream: Option<String>,
+        /// Most connections one sandbox may have open through the domain proxy (HTTP and
+        /// TLS while its policy names domains) at once; more are closed at once.
+        #[arg(long, default_value_t = 256)]
+        max_proxy_connections: usize,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -279,6 +288,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             cgroup_parent,
             guest_network,
             jail,
+            dns_upstream,
+            max_proxy_connections,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -302,9 +313,16 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 Some("off") => vmm_limits.jail = None,
                 _ => {}
             }
+            let dns_upstream = match dns_upstream.as_deref() {
+                None => fissiled::egress::system_resolver(),
+                Some("none") => None,
+                Some(a) => Some(parse_resolver(a)?),
+            };
             let config = Config {
                 vmm_limits,
                 guest_network: guest_network == "on",
+                dns_upstream,
+                max_proxy_connections,
                 state_dir,
                 vmm: fissile_sandbox::paths::find_binary("fissile-vmm")?,
                 kernel,
@@ -331,6 +349,16 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ADDR` (port 53) or `ADDR:PORT`.
+fn parse_resolver(s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| anyhow::anyhow!("--dns-upstream {s:?}: not ADDR or ADDR:PORT"))
 }
 
 async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()> {

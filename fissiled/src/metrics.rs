@@ -29,6 +29,11 @@ struct OperationLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -52,6 +57,8 @@ pub struct Metrics {
     faults_served: Gauge,
     pool_taken: Counter,
     agent_connections_opened: Counter,
+    dns_queries: Family<VerdictLabels, Counter>,
+    proxy_connections: Family<VerdictLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +74,8 @@ impl Default for Metrics {
         let faults_served = Gauge::default();
         let pool_taken = Counter::default();
         let agent_connections_opened = Counter::default();
+        let dns_queries = Family::<VerdictLabels, Counter>::default();
+        let proxy_connections = Family::<VerdictLabels, Counter>::default();
         registry.register(
             "fissiled_http_request_duration_seconds",
             "HTTP requests until the response head, by route template and status",
@@ -117,6 +126,16 @@ impl Default for Metrics {
             "Agent connections opened for execs and commands because a sandbox had none idle (a started, forked, merged or rolled-back sandbox hands over the connection it woke its guest on)",
             agent_connections_opened.clone(),
         );
+        registry.register(
+            "fissiled_dns_queries",
+            "Guests' DNS queries by verdict: forwarded, refused by the policy (denied_domain, not_allowed), malformed, upstream_failed, dropped (too many in flight)",
+            dns_queries.clone(),
+        );
+        registry.register(
+            "fissiled_proxy_connections",
+            "Guests' HTTP and TLS connections through the domain proxy by verdict: allowed, refused (denied_domain, denied_address, always_denied, not_allowed, unresolved), connect_failed, connection_cap, empty",
+            proxy_connections.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -129,6 +148,8 @@ impl Default for Metrics {
             faults_served,
             pool_taken,
             agent_connections_opened,
+            dns_queries,
+            proxy_connections,
         }
     }
 }
@@ -157,6 +178,20 @@ impl Metrics {
     /// Counts an agent connection opened because a sandbox's pool had none idle.
     pub fn agent_connection_opened(&self) {
         self.agent_connections_opened.inc();
+    }
+
+    /// Counts a guest's DNS query by what became of it.
+    pub fn dns_query(&self, verdict: &'static str) {
+        self.dns_queries
+            .get_or_create(&VerdictLabels { verdict })
+            .inc();
+    }
+
+    /// Counts a proxied connection by what became of it.
+    pub fn proxy_connection(&self, verdict: &'static str) {
+        self.proxy_connections
+            .get_or_create(&VerdictLabels { verdict })
+            .inc();
     }
 
     /// Records one operation.

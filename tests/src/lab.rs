@@ -84,6 +84,8 @@ const LAB_MODULES: &[(&str, &str)] = &[
     ("nft_ct", ""),
     ("nft_chain_nat", ""),
     ("nft_masq", ""),
+    // A policy that names domains redirects HTTP and TLS to the proxy on the gateway.
+    ("nft_redir", ""),
     ("nft_reject_ipv4", ""),
     ("nft_objref", ""),
 ];

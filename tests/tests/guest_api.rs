@@ -1048,6 +1048,271 @@ fn guest_api_network_policies_on_create_patch_and_fork() {
     assert_eq!(value(&d, &key, &cid, &fetch_code(&url)), "'hello'");
 }
 
+/// The "internet" of the domain-policy test: a namespace linked to the host with, on
+/// `addr`, a DNS server (every name in `names` → its address, other names NXDOMAIN) and a
+/// server on ports 80 and 443 that answers HTTP with the Host it was asked for and the
+/// client's address, and a TLS ClientHello with `TLSOK`.
+fn domain_world(
+    addr: std::net::Ipv4Addr,
+    host_end: std::net::Ipv4Addr,
+    names: Vec<(&'static str, std::net::Ipv4Addr)>,
+) -> fissile_sandbox::NetNs {
+    use fissile_sandbox::net::egress::{self, VethEnd};
+    use std::io::{Read, Write};
+    let ns = fissile_sandbox::NetNs::create().unwrap();
+    egress::link_namespace(
+        &ns,
+        &VethEnd {
+            name: "fsl-dom-o".into(),
+            addr: host_end,
+        },
+        &VethEnd {
+            name: "eth0".into(),
+            addr,
+        },
+        "fsl-dom-t",
+        24,
+        true,
+    )
+    .unwrap();
+    ns.run(move || {
+        let udp = std::net::UdpSocket::bind((addr, 53)).unwrap();
+        std::thread::spawn(move || {
+            use simple_dns::{CLASS, Packet, PacketFlag, RCODE, ResourceRecord, TYPE, rdata};
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let Ok(q) = Packet::parse(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Packet::new_reply(q.id());
+                r.set_flags(PacketFlag::RECURSION_AVAILABLE);
+                let question = q.questions[0].clone();
+                let qname = question.qname.to_string().to_ascii_lowercase();
+                let known = names.iter().find(|(n, _)| *n == qname);
+                match known {
+                    None => *r.rcode_mut() = RCODE::NameError,
+                    Some((_, ip)) if question.qtype == simple_dns::QTYPE::TYPE(TYPE::A) => {
+                        r.answers.push(ResourceRecord::new(
+                            question.qname.clone(),
+                            CLASS::IN,
+                            30,
+                            simple_dns::rdata::RData::A(rdata::A {
+                                address: u32::from(*ip),
+                            }),
+                        ));
+                    }
+                    Some(_) => {} // NOERROR, no records (no AAAA here)
+                }
+                r.questions.push(question);
+                let _ = udp.send_to(&r.build_bytes_vec().unwrap(), from);
+            }
+        });
+        for port in [80, 443] {
+            let listener = std::net::TcpListener::bind((addr, port)).unwrap();
+            std::thread::spawn(move || {
+                for mut c in listener.incoming().flatten() {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                    let peer = c
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    let mut buf = [0u8; 16384];
+                    let n = c.read(&mut buf).unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if buf.first() == Some(&0x16) {
+                        let _ = c.write_all(b"TLSOK");
+                        continue;
+                    }
+                    let host = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Host: "))
+                        .unwrap_or("-")
+                        .trim()
+                        .to_string();
+                    let body = format!("hello {host} from {peer}");
+                    let _ = c.write_all(
+                        format!(
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            });
+        }
+    })
+    .unwrap();
+    ns
+}
+
+/// Python helpers the domain-policy test's cells use: `get(url, host)` (body, `HTTP <code>:
+/// <body>` or the error's type), `resolve(name)` (address or the error's type), `tls(ip,
+/// name)` (what a server answers to a real ClientHello for `name`).
+const DOMAIN_HELPERS: &str = r#"
+import socket, ssl, urllib.request, urllib.error
+def get(url, host=None):
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        return urllib.request.urlopen(req, timeout=20).read().decode()
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}: {e.read().decode().strip()}"
+    except Exception as e:
+        return type(getattr(e, "reason", e)).__name__
+def resolve(name):
+    try:
+        return socket.gethostbyname(name)
+    except Exception as e:
+        return type(e).__name__
+def tls(ip, name):
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    s = socket.create_connection((ip, 443), timeout=20)
+    s.sendall(out.read())
+    data = b""
+    while True:
+        d = s.recv(4096)
+        if not d:
+            break
+        data += d
+    return data
+"#;
+
+/// Domain policies over the API, against a DNS server and a web server the test starts in a
+/// namespace linked to the host: an allow list of domains resolves only those names and lets
+/// HTTP and TLS through only for them (a denied name on the same server address gets a 403
+/// or a TLS alert, even with the address in the URL); an allowed name that resolves to the
+/// host is still refused; a runtime change to a deny list applies to the next query and
+/// connection; a sandbox with no way out resolves nothing; a fork's child gets its own
+/// resolver and proxy and leaves from its own address; the verdicts are counted.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_domain_policies_resolve_and_proxy_by_name() {
+    use std::net::Ipv4Addr;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = create_key(&state, "acme");
+    let server = Ipv4Addr::new(192, 0, 2, 2);
+    let host_end = Ipv4Addr::new(192, 0, 2, 1);
+    let _world = domain_world(
+        server,
+        host_end,
+        vec![
+            ("files.test", server),
+            ("cdn.files.test", server),
+            ("blocked.test", server),
+            ("host.test", host_end),
+        ],
+    );
+    let d = start(
+        &state,
+        &["--dns-upstream", &server.to_string(), "--max-fork", "2"],
+    );
+    let api = |p: &str| format!("{}{p}", d.base());
+    let py = |id: &str, expr: &str| {
+        let v = value(&d, &key, id, expr);
+        eprintln!("{id}: {expr} -> {v}");
+        v
+    };
+
+    // A bad domain is a 400.
+    let (s, v) = call(
+        "POST",
+        &api("/v1/sandboxes"),
+        Some(&key),
+        Some(r#"{"network": {"allow_domains": ["not a name"]}}"#),
+    );
+    assert_eq!((s, error_code(&v)), (400, "bad_request"), "{v}");
+
+    // Only files.test (and names under it), no internet otherwise.
+    let sb = create(
+        &d,
+        &key,
+        r#"{"network": {"internet": false, "allow_domains": ["files.test", "host.test"]}}"#,
+    );
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["network"]["allow_domains"][0], "files.test");
+    exec(&d, &key, &id, json!({ "code": DOMAIN_HELPERS }));
+    assert_eq!(py(&id, "resolve('cdn.files.test')"), "'192.0.2.2'");
+    assert_eq!(py(&id, "resolve('blocked.test')"), "'gaierror'");
+    let parent_hello = py(&id, "get('http://files.test/')");
+    assert!(
+        parent_hello.starts_with("'hello files.test from 10.200."),
+        "{parent_hello}"
+    );
+    // The same server by its address: the name decides.
+    assert!(py(&id, "get('http://192.0.2.2/', 'files.test')").starts_with("'hello files.test"));
+    let refused = py(&id, "get('http://192.0.2.2/', 'blocked.test')");
+    assert!(
+        refused.contains("HTTP 403: fissile:") && refused.contains("not_allowed: blocked.test"),
+        "{refused}"
+    );
+    // TLS: the ClientHello's server name decides; a refused one gets an alert.
+    assert_eq!(py(&id, "tls('192.0.2.2', 'files.test')"), "b'TLSOK'");
+    assert_eq!(
+        py(&id, "tls('192.0.2.2', 'blocked.test')"),
+        r"b'\x15\x03\x03\x00\x02\x021'"
+    );
+    // An allowed name that resolves to the host's own address is still refused.
+    let to_host = py(&id, "get('http://host.test/')");
+    assert!(to_host.contains("always_denied: host.test"), "{to_host}");
+
+    // A fork's child: its own resolver and proxy, its own source address.
+    let (s, v) = call(
+        "POST",
+        &api(&format!("/v1/sandboxes/{id}/fork")),
+        Some(&key),
+        Some(r#"{"n": 1}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    let child = v["children"][0]["id"].as_str().unwrap().to_string();
+    let child_hello = py(&child, "get('http://files.test/')");
+    assert!(
+        child_hello.starts_with("'hello files.test from 10.200."),
+        "{child_hello}"
+    );
+    assert_ne!(
+        child_hello, parent_hello,
+        "each leaves from its own address"
+    );
+    assert_eq!(py(&child, "resolve('blocked.test')"), "'gaierror'");
+
+    // Changed at runtime: everything but blocked.test.
+    let (s, v) = call(
+        "PATCH",
+        &api(&format!("/v1/sandboxes/{id}/network")),
+        Some(&key),
+        Some(r#"{"internet": true, "deny_domains": ["blocked.test"]}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["network"]["deny_domains"][0], "blocked.test");
+    assert_eq!(py(&id, "resolve('files.test')"), "'192.0.2.2'");
+    assert_eq!(py(&id, "resolve('blocked.test')"), "'gaierror'");
+    let denied = py(&id, "get('http://192.0.2.2/', 'blocked.test')");
+    assert!(denied.contains("denied_domain: blocked.test"), "{denied}");
+    assert!(py(&id, "get('http://192.0.2.2/', 'files.test')").starts_with("'hello files.test"));
+    // The child keeps the policy it was forked with.
+    assert_eq!(py(&child, "resolve('cdn.files.test')"), "'192.0.2.2'");
+    assert_eq!(py(&child, "resolve('other.test')"), "'gaierror'");
+
+    // No policy, no way out: no names either.
+    let closed = create(&d, &key, "{}")["id"].as_str().unwrap().to_string();
+    exec(&d, &key, &closed, json!({ "code": DOMAIN_HELPERS }));
+    assert_eq!(py(&closed, "resolve('files.test')"), "'gaierror'");
+
+    let count = |m: &str| -> u64 { d.metric(m).map_or(0, |v| v.parse().unwrap()) };
+    assert!(count("fissiled_dns_queries_total{verdict=\"forwarded\"}") >= 4);
+    assert!(count("fissiled_dns_queries_total{verdict=\"not_allowed\"}") >= 3);
+    assert!(count("fissiled_dns_queries_total{verdict=\"denied_domain\"}") >= 1);
+    assert!(count("fissiled_proxy_connections_total{verdict=\"allowed\"}") >= 5);
+    assert!(count("fissiled_proxy_connections_total{verdict=\"not_allowed\"}") >= 2);
+    assert!(count("fissiled_proxy_connections_total{verdict=\"always_denied\"}") >= 1);
+    assert!(count("fissiled_proxy_connections_total{verdict=\"denied_domain\"}") >= 1);
+}
+
 /// What one run of the `fissile` CLI did.
 struct CliRun {
     code: Option<i32>,

@@ -180,6 +180,31 @@ def test_network_policy_is_set_shown_and_enforced(env: Daemon) -> None:
         assert plain.network is None
 
 
+RESOLVE = """
+import socket
+try:
+    r = socket.gethostbyname("{name}")
+except OSError as e:
+    r = type(e).__name__
+r
+"""
+
+
+def test_domain_policies_are_set_shown_and_enforced_by_the_resolver(env: Daemon) -> None:
+    with pytest.raises(BadRequestError, match=r"network\.allow_domains"):
+        Sandbox(network=NetworkPolicy(allow_domains=["not a name"]))
+    policy = NetworkPolicy(internet=False, allow_domains=["pypi.org", "*.pythonhosted.org"])
+    with Sandbox(network=policy) as sb:
+        assert sb.network == policy
+        # A name outside the allow list is refused by the sandbox's own resolver, on the
+        # host side of its namespace: no query leaves the lab.
+        assert sb.run_code(RESOLVE.format(name="example.com")).text == "'gaierror'"
+        sb.set_network(NetworkPolicy(internet=True, deny_domains=["example.com"]))
+        assert sb.network is not None and sb.network.deny_domains == ["example.com"]
+        assert sb.run_code(RESOLVE.format(name="www.example.com")).text == "'gaierror'"
+        assert Sandbox.connect(sb.id).network == sb.network
+
+
 def test_daemon_errors_are_typed(env: Daemon) -> None:
     with pytest.raises(AuthenticationError):
         Sandbox(api_key="fsk_wrong")

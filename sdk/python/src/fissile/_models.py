@@ -148,7 +148,12 @@ class EntryInfo(BaseModel):
 class NetworkPolicy(BaseModel):
     """What a sandbox's guest may reach. The host's own addresses, loopback, link-local
     (cloud metadata) and other sandboxes are out of reach whatever it says; then `deny` is
-    checked, then `allow` (when not empty), else `internet`."""
+    checked, then `allow` (when not empty), else `internet`.
+
+    Names: the guest's resolver answers only names the policy allows, and while it names
+    domains, HTTP (port 80) and TLS (port 443) connections are checked by the name they are
+    for (Host, SNI) at a proxy that resolves the name itself, so a denied domain cannot be
+    reached by its address either."""
 
     internet: bool = True
     """Reach anything not denied, when `allow` is empty. Off: only `allow`."""
@@ -156,6 +161,12 @@ class NetworkPolicy(BaseModel):
     """Only these IPv4 addresses or networks (`"203.0.113.0/24"`), when not empty."""
     deny: list[str] = Field(default_factory=list)
     """Never these."""
+    allow_domains: list[str] = Field(default_factory=list)
+    """These names resolve and HTTP/TLS connections for them pass, whatever `internet` and
+    `allow` say (`"example.com"`: it and every name under it; `"*.example.com"`: only the
+    names under it). When not empty, no other name resolves."""
+    deny_domains: list[str] = Field(default_factory=list)
+    """These names never resolve, and no HTTP/TLS connection may be for them."""
 
 
 class SandboxInfo(BaseModel):
