@@ -38,6 +38,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_chain", virtio_chain),
     ("virtio_blk", virtio_blk),
     ("virtio_net", virtio_net),
+    ("dns_query", dns_query),
+    ("proxy_head", proxy_head),
 ];
 
 /// The target called `name`.
@@ -204,4 +206,26 @@ pub fn virtio_net(data: &[u8]) {
     let _ = peer.send(&data[..data.len().min(1514)]);
     net.process_rx();
     net.reset();
+}
+
+/// A guest's DNS query as the sandbox's resolver reads it (question, refusal built from
+/// it), and the same bytes as an upstream's reply to the proxy's own lookup.
+pub fn dns_query(data: &[u8]) {
+    use fissile_sandbox::net::sniff;
+    let id = match sniff::dns_question(data) {
+        Ok(q) => q.id,
+        Err(e) => e.id().unwrap_or(0),
+    };
+    let _ = sniff::dns_refusal(data, id, sniff::DnsFailure::Refused);
+    let _ = sniff::a_records(data, id);
+}
+
+/// The first bytes of a guest's connection as the domain proxy reads them (HTTP Host or
+/// TLS SNI), whole and cut at every length the proxy may have read so far.
+pub fn proxy_head(data: &[u8]) {
+    use fissile_sandbox::net::sniff;
+    let data = &data[..data.len().min(sniff::MAX_HEAD)];
+    for cut in [data.len(), data.len() / 2, 5.min(data.len())] {
+        let _ = sniff::requested_name(&data[..cut]);
+    }
 }

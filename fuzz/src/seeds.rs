@@ -79,6 +79,21 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
         ("virtio_chain", vec![block_read_request()]),
         ("virtio_blk", vec![block_read_request()]),
         ("virtio_net", vec![net_tx_frame(), block_read_request()]),
+        (
+            "dns_query",
+            vec![
+                fissile_sandbox::net::sniff::a_query(0x1234, "files.example.test")
+                    .context("building a DNS query")?,
+            ],
+        ),
+        (
+            "proxy_head",
+            vec![
+                b"GET /data.csv HTTP/1.1\r\nHost: files.example.test:80\r\nAccept: */*\r\n\r\n"
+                    .to_vec(),
+                fissile_sandbox::net::sniff::minimal_client_hello(b"files.example.test"),
+            ],
+        ),
     ])
 }
 
