@@ -274,7 +274,7 @@ impl Spawned {
             }
             Network::Isolated | Network::Routed(_) => {
                 let ns = match &spawner.network {
-                    Network::Routed(policy) => NetNs::create_routed(policy)?,
+                    Network::Routed(policy) => NetNs::create_routed(policy, spawner.limits.net)?,
                     _ => NetNs::create()?,
                 };
                 ns.enter_on_spawn(&mut cmd);
@@ -662,7 +662,7 @@ impl Sandbox {
             return Err(SandboxError::NotRouted);
         }
         let ns = self.netns.as_mut().ok_or(SandboxError::NotRouted)?;
-        ns.route(&policy)?;
+        ns.route(&policy, self.spawner.limits.net)?;
         self.spawner.network = Network::Routed(policy);
         Ok(())
     }

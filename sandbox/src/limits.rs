@@ -41,6 +41,8 @@ pub struct VmmLimits {
     pub file_size_overhead_mib: u64,
     /// The jail each VMM runs in ([`crate::jail`]); `None`: none.
     pub jail: Option<crate::jail::JailConfig>,
+    /// Caps on a routed sandbox's traffic ([`crate::net::egress::NetLimits`]).
+    pub net: crate::net::egress::NetLimits,
 }
 
 impl Default for VmmLimits {
@@ -54,6 +56,7 @@ impl Default for VmmLimits {
             max_open_files: 4096,
             file_size_overhead_mib: 1024,
             jail: None,
+            net: crate::net::egress::NetLimits::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use fissile_benches::median;
 use fissile_sandbox::NetNs;
-use fissile_sandbox::net::egress::EgressPolicy;
+use fissile_sandbox::net::egress::{EgressPolicy, NetLimits};
 
 fn time<T>(n: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(n);
@@ -33,7 +33,12 @@ fn main() -> anyhow::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let baseline = time(n, || Ok(std::process::Command::new("/bin/true").status()?))?;
     let isolated = time(n, || Ok(NetNs::create()?))?;
-    let routed = time(n, || Ok(NetNs::create_routed(&EgressPolicy::default())?))?;
+    let routed = time(n, || {
+        Ok(NetNs::create_routed(
+            &EgressPolicy::default(),
+            NetLimits::default(),
+        )?)
+    })?;
     println!("net_setup: medians of {n}, native");
     println!(
         "  baseline: spawn + reap /bin/true      {:8.2} ms",

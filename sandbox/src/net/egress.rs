@@ -234,6 +234,31 @@ impl Refusal {
     }
 }
 
+/// Caps on a sandbox's traffic, set when its namespace gets its way out (the daemon's
+/// configuration, not the tenant's policy). 0: no cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NetLimits {
+    /// Most connections the guest may have open through the namespace's NAT at once (the
+    /// proxy has its own cap); the next new one is rejected like a denied address.
+    pub max_connections: u32,
+    /// Bytes per second each way (guest to the world, and back); packets over it are
+    /// dropped, so TCP slows down to it.
+    pub bytes_per_s: u64,
+}
+
+/// What a namespace's rules counted since it got its way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EgressCounters {
+    /// New connections the policy rejected.
+    pub blocked_connections: u64,
+    /// New connections rejected because [`NetLimits::max_connections`] were open.
+    pub connection_cap_hits: u64,
+    /// Packets dropped over [`NetLimits::bytes_per_s`].
+    pub rate_dropped_packets: u64,
+    /// Their bytes.
+    pub rate_dropped_bytes: u64,
+}
+
 impl EgressPolicy {
     /// True when the policy names domains (so HTTP and TLS go through the proxy).
     pub fn has_domains(&self) -> bool {
@@ -513,7 +538,11 @@ fn take_slot(skip: &BTreeSet<u32>) -> Result<Uplink, EgressError> {
 
 /// Gives `ns` (holding the guest's tap) its uplink and `policy`. A slot whose interface
 /// name another process holds is skipped.
-pub fn connect(ns: &NetNs, policy: &EgressPolicy) -> Result<Uplink, EgressError> {
+pub fn connect(
+    ns: &NetNs,
+    policy: &EgressPolicy,
+    limits: NetLimits,
+) -> Result<Uplink, EgressError> {
     host_setup()?;
     let host_addrs = host_addresses()?;
     let mut busy = BTreeSet::new();
@@ -549,7 +578,7 @@ pub fn connect(ns: &NetNs, policy: &EgressPolicy) -> Result<Uplink, EgressError>
     nft_in(
         Some(ns),
         "the sandbox namespace's ruleset",
-        &ns_ruleset(policy, &host_addrs),
+        &ns_ruleset(policy, &host_addrs, limits),
     )?;
     Ok(uplink)
 }
@@ -564,15 +593,42 @@ pub fn set_policy(ns: &NetNs, policy: &EgressPolicy) -> Result<(), EgressError> 
     nft_in(Some(ns), "a policy change", &script)
 }
 
-/// Connections the policy rejected in `ns` so far (packets of new connections).
-pub fn blocked_count(ns: &NetNs) -> Result<u64, EgressError> {
-    let out = nft_output(Some(ns), &["list", "counter", "ip", "fissile", "blocked"])?;
-    Ok(out
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0))
+/// What `ns`'s rules counted so far (one `nft` run); zeroes when it has no rules (an
+/// isolated namespace, with no way out).
+pub fn counters(ns: &NetNs) -> Result<EgressCounters, EgressError> {
+    match nft_output(Some(ns), &["list", "counters", "table", "ip", "fissile"]) {
+        Ok(out) => Ok(parse_counters(&out)),
+        Err(EgressError::Nft { message, .. }) if message.contains("No such file or directory") => {
+            Ok(EgressCounters::default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The counters of `nft list counters` output.
+fn parse_counters(out: &str) -> EgressCounters {
+    let mut c = EgressCounters::default();
+    let mut name = "";
+    for line in out.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("counter ") {
+            name = rest.split_whitespace().next().unwrap_or("");
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some("packets"), Some(p), Some("bytes"), Some(b)) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        let (p, b) = (p.parse().unwrap_or(0), b.parse().unwrap_or(0));
+        match name {
+            "blocked" => c.blocked_connections = p,
+            "conn_limited" => c.connection_cap_hits = p,
+            "rate_dropped" => (c.rate_dropped_packets, c.rate_dropped_bytes) = (p, b),
+            _ => {}
+        }
+    }
+    c
 }
 
 /// The ranges always out of reach, besides the host's own addresses.
@@ -638,13 +694,44 @@ fn policy_elements(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
 }
 
 /// The namespace's whole ruleset (replacing any earlier one, atomically).
-fn ns_ruleset(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
+fn ns_ruleset(policy: &EgressPolicy, host_addrs: &[Ipv4Addr], limits: NetLimits) -> String {
+    // Rate caps: one token bucket each way, shared by the forwarded path (NAT) and the path
+    // to the proxy on the gateway, so neither doubles the cap.
+    let (rate_objects, up, down) = if limits.bytes_per_s > 0 {
+        let r = limits.bytes_per_s;
+        let burst = (r / 4).max(64 * 1024);
+        (
+            format!(
+                "\tlimit guest_up {{ rate over {r} bytes/second burst {burst} bytes; }}\n\
+                 \tlimit guest_down {{ rate over {r} bytes/second burst {burst} bytes; }}\n"
+            ),
+            format!(
+                "\t\tiifname \"{TAP_NAME}\" limit name \"guest_up\" counter name \"rate_dropped\" drop\n"
+            ),
+            format!(
+                "\t\toifname \"{TAP_NAME}\" limit name \"guest_down\" counter name \"rate_dropped\" drop\n"
+            ),
+        )
+    } else {
+        (String::new(), String::new(), String::new())
+    };
+    let conn_cap = if limits.max_connections > 0 {
+        format!(
+            "\t\tct count over {} counter name \"conn_limited\" reject with icmp type admin-prohibited\n",
+            limits.max_connections
+        )
+    } else {
+        String::new()
+    };
     let mut s = format!(
         "table ip fissile\n\
          delete table ip fissile\n\
          table ip fissile {{\n\
          \tcounter blocked {{ }}\n\
          \tcounter allowed {{ }}\n\
+         \tcounter conn_limited {{ }}\n\
+         \tcounter rate_dropped {{ }}\n\
+         {rate_objects}\
          \tset always_denied {{ type ipv4_addr; flags interval; auto-merge; }}\n\
          \tset denied {{ type ipv4_addr; flags interval; auto-merge; }}\n\
          \tset allowed {{ type ipv4_addr; flags interval; auto-merge; }}\n\
@@ -653,13 +740,23 @@ fn ns_ruleset(policy: &EgressPolicy, host_addrs: &[Ipv4Addr]) -> String {
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\tiifname \"{TAP_NAME}\" tcp dport @proxied redirect to :{PROXY_PORT}\n\
          \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         {up}\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority filter; policy accept;\n\
+         {down}\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy drop;\n\
+         {up}{down}\
          \t\tct state established,related accept\n\
          \t\tiifname != \"{TAP_NAME}\" drop\n\
          \t\toifname != \"{NS_UPLINK}\" drop\n\
          \t\tip daddr @always_denied counter name \"blocked\" reject with icmp type admin-prohibited\n\
          \t\tip daddr @denied counter name \"blocked\" reject with icmp type admin-prohibited\n\
+         {conn_cap}\
          \t\tip daddr @allowed counter name \"allowed\" accept\n\
          \t\tcounter name \"blocked\" reject with icmp type admin-prohibited\n\
          \t}}\n\
@@ -821,7 +918,7 @@ fn nft_output(ns: Option<&NetNs>, args: &[&str]) -> Result<String, EgressError> 
     let mut child = nft_command(ns)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(format!("cannot run nft ({e})")))?;
     let mut out = String::new();
@@ -830,7 +927,11 @@ fn nft_output(ns: Option<&NetNs>, args: &[&str]) -> Result<String, EgressError> 
     }
     let status = wait_bounded(&mut child).map_err(fail)?;
     if !status.success() {
-        return Err(fail(format!("{status}")));
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        return Err(fail(format!("{status}: {}", err.trim())));
     }
     Ok(out)
 }
@@ -966,11 +1067,69 @@ mod tests {
             s.contains("add element ip fissile proxied { 80, 443 }"),
             "{s}"
         );
-        let rules = ns_ruleset(&named, &host);
+        let rules = ns_ruleset(&named, &host, NetLimits::default());
         assert!(
             rules.contains(&format!("tcp dport @proxied redirect to :{PROXY_PORT}")),
             "{rules}"
         );
+    }
+
+    #[test]
+    fn limits_become_shared_buckets_and_a_connection_count() {
+        let host = [Ipv4Addr::new(192, 168, 1, 5)];
+        let none = ns_ruleset(&EgressPolicy::default(), &host, NetLimits::default());
+        assert!(
+            !none.contains("limit name") && !none.contains("ct count"),
+            "{none}"
+        );
+        let capped = ns_ruleset(
+            &EgressPolicy::default(),
+            &host,
+            NetLimits {
+                max_connections: 8,
+                bytes_per_s: 1_000_000,
+            },
+        );
+        assert!(
+            capped
+                .contains("limit guest_up { rate over 1000000 bytes/second burst 250000 bytes; }"),
+            "{capped}"
+        );
+        // Each bucket is used on the forwarded path and on the path to the gateway.
+        assert_eq!(
+            capped.matches("limit name \"guest_up\"").count(),
+            2,
+            "{capped}"
+        );
+        assert_eq!(
+            capped.matches("limit name \"guest_down\"").count(),
+            2,
+            "{capped}"
+        );
+        let cap_at = capped.find("ct count over 8").unwrap();
+        assert!(
+            capped.find("@denied").unwrap() < cap_at && cap_at < capped.find("@allowed").unwrap()
+        );
+        // Rate drops come before the established-connection shortcut.
+        assert!(capped.find("limit name").unwrap() < capped.find("ct state established").unwrap());
+    }
+
+    #[test]
+    fn counters_are_read_from_nft_output() {
+        let out = "table ip fissile {\n\tcounter blocked {\n\t\tpackets 3 bytes 180\n\t}\n\
+                   \tcounter allowed {\n\t\tpackets 9 bytes 540\n\t}\n\
+                   \tcounter conn_limited {\n\t\tpackets 2 bytes 120\n\t}\n\
+                   \tcounter rate_dropped {\n\t\tpackets 40 bytes 60000\n\t}\n}\n";
+        assert_eq!(
+            parse_counters(out),
+            EgressCounters {
+                blocked_connections: 3,
+                connection_cap_hits: 2,
+                rate_dropped_packets: 40,
+                rate_dropped_bytes: 60000,
+            }
+        );
+        assert_eq!(parse_counters(""), EgressCounters::default());
     }
 
     #[test]
@@ -1011,7 +1170,7 @@ mod tests {
         let s = policy_elements(&listed, &host);
         assert!(s.contains("allowed { 203.0.113.0/24 }"), "{s}");
         assert!(s.contains("denied { 203.0.113.7/32 }"), "{s}");
-        let rules = ns_ruleset(&listed, &host);
+        let rules = ns_ruleset(&listed, &host, NetLimits::default());
         let deny_at = rules.find("@denied").unwrap();
         let allow_at = rules.find("@allowed").unwrap();
         assert!(deny_at < allow_at, "deny is checked before allow");

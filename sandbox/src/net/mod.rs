@@ -235,9 +235,12 @@ impl NetNs {
 
     /// A fresh namespace with its interfaces set up and a way out to the host network under
     /// `policy` (see [`egress`]).
-    pub fn create_routed(policy: &egress::EgressPolicy) -> Result<NetNs, egress::EgressError> {
+    pub fn create_routed(
+        policy: &egress::EgressPolicy,
+        limits: egress::NetLimits,
+    ) -> Result<NetNs, egress::EgressError> {
         let mut ns = NetNs::create()?;
-        ns.uplink = Some(egress::connect(&ns, policy)?);
+        ns.uplink = Some(egress::connect(&ns, policy, limits)?);
         Ok(ns)
     }
 
@@ -255,13 +258,17 @@ impl NetNs {
         .map_err(NetNsError::Link)
     }
 
-    /// Gives this namespace its way out under `policy` if it has none yet, else replaces its
-    /// policy.
-    pub fn route(&mut self, policy: &egress::EgressPolicy) -> Result<(), egress::EgressError> {
+    /// Gives this namespace its way out under `policy` and `limits` if it has none yet, else
+    /// replaces its policy (the limits it got first stay).
+    pub fn route(
+        &mut self,
+        policy: &egress::EgressPolicy,
+        limits: egress::NetLimits,
+    ) -> Result<(), egress::EgressError> {
         match &self.uplink {
             Some(_) => self.set_policy(policy),
             None => {
-                self.uplink = Some(egress::connect(self, policy)?);
+                self.uplink = Some(egress::connect(self, policy, limits)?);
                 Ok(())
             }
         }
@@ -279,7 +286,12 @@ impl NetNs {
 
     /// New connections its policy rejected so far.
     pub fn blocked_connections(&self) -> Result<u64, egress::EgressError> {
-        egress::blocked_count(self)
+        Ok(self.counters()?.blocked_connections)
+    }
+
+    /// What its rules counted so far (an isolated namespace, with no rules: zeroes).
+    pub fn counters(&self) -> Result<egress::EgressCounters, egress::EgressError> {
+        egress::counters(self)
     }
 
     /// The namespace process `pid` runs in (an adopted VMM's).
