@@ -103,6 +103,8 @@ pub struct Live {
     pub policy: Arc<crate::egress::PolicyCell>,
     /// Its resolver and proxy, while its VMM runs in a network namespace.
     pub egress: Mutex<Option<crate::egress::Service>>,
+    /// Its VMM's network namespace (read without the sandbox's lock: counters).
+    pub netns: Mutex<Option<Arc<fissile_sandbox::NetNs>>>,
 }
 
 impl Live {
@@ -111,6 +113,7 @@ impl Live {
         Arc::new(Live {
             policy: Arc::new(crate::egress::PolicyCell::new(policy)),
             egress: Mutex::default(),
+            netns: Mutex::default(),
             record,
             vsock: dir.join("vsock.sock"),
             agents: crate::exec::AgentPool::default(),
@@ -604,11 +607,52 @@ impl App {
     /// its proxied connections are refused (fails closed), and the log says why.
     fn start_egress(&self, live: &Live, sb: &Sandbox) {
         let Some(ns) = sb.netns() else { return };
-        match crate::egress::Service::start(ns, live.policy.clone(), self.egress.clone()) {
+        let started = ns.try_clone().map(Arc::new).and_then(|ns| {
+            *lock(&live.netns) = Some(ns.clone());
+            crate::egress::Service::start(ns, live.policy.clone(), self.egress.clone())
+        });
+        match started {
             Ok(service) => *lock(&live.egress) = Some(service),
             Err(e) => tracing::warn!(sandbox = %live.record.id, error = %e,
                 "cannot start the sandbox's resolver and proxy; its names will not resolve"),
         }
+    }
+
+    /// What sandbox `id`'s network rules counted (zeroes without a network namespace).
+    pub async fn network_counters(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<fissile_sandbox::net::egress::EgressCounters, ApiError> {
+        let live = self.get_booted(tenant, id)?;
+        let ns = lock(&live.netns).clone();
+        blocking(move || match ns {
+            Some(ns) => ns.counters().map_err(|e| {
+                ApiError::internal(format!(
+                    "reading the network counters: {}",
+                    fissile_proto::error_chain(&e)
+                ))
+            }),
+            None => Ok(Default::default()),
+        })
+        .await
+    }
+
+    /// The network counters of every running sandbox, summed (blocking: one `nft` run per
+    /// sandbox with a namespace; a sandbox whose counters cannot be read is skipped).
+    pub fn network_totals(&self) -> fissile_sandbox::net::egress::EgressCounters {
+        let namespaces: Vec<_> = lock(&self.live)
+            .values()
+            .filter_map(|l| lock(&l.netns).clone())
+            .collect();
+        let mut t = fissile_sandbox::net::egress::EgressCounters::default();
+        for c in namespaces.iter().filter_map(|ns| ns.counters().ok()) {
+            t.blocked_connections += c.blocked_connections;
+            t.connection_cap_hits += c.connection_cap_hits;
+            t.rate_dropped_packets += c.rate_dropped_packets;
+            t.rate_dropped_bytes += c.rate_dropped_bytes;
+        }
+        t
     }
 
     /// Puts `policy` in force for sandbox `id` of `tenant` (its next connections follow it)

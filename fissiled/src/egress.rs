@@ -115,11 +115,10 @@ impl Drop for Service {
 impl Service {
     /// Starts the resolver and the proxy of the sandbox whose namespace is `ns`.
     pub fn start(
-        ns: &NetNs,
+        ns: Arc<NetNs>,
         policy: Arc<PolicyCell>,
         config: Arc<Config>,
     ) -> std::io::Result<Service> {
-        let ns = Arc::new(ns.try_clone()?);
         let (udp, tcp) = ns
             .run(|| -> std::io::Result<_> {
                 let udp = std::net::UdpSocket::bind((GATEWAY_ADDR, DNS_PORT))?;

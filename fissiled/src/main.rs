@@ -98,6 +98,14 @@ enum Cmd {
         /// TLS while its policy names domains) at once; more are closed at once.
         #[arg(long, default_value_t = 256)]
         max_proxy_connections: usize,
+        /// Most connections one sandbox may have open through its NAT at once (0: no cap);
+        /// the next new one is rejected like a denied address, and counted.
+        #[arg(long, default_value_t = 1024)]
+        guest_max_connections: u32,
+        /// Bandwidth cap of one sandbox, each way, in Mbit/s (0: none); packets over it are
+        /// dropped (TCP slows down to it), and counted.
+        #[arg(long, default_value_t = 0)]
+        guest_bandwidth_mbit: u64,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -290,6 +298,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             jail,
             dns_upstream,
             max_proxy_connections,
+            guest_max_connections,
+            guest_bandwidth_mbit,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -313,6 +323,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 Some("off") => vmm_limits.jail = None,
                 _ => {}
             }
+            vmm_limits.net = fissile_sandbox::net::egress::NetLimits {
+                max_connections: guest_max_connections,
+                bytes_per_s: guest_bandwidth_mbit.saturating_mul(1_000_000 / 8),
+            };
             let dns_upstream = match dns_upstream.as_deref() {
                 None => fissiled::egress::system_resolver(),
                 Some("none") => None,

@@ -59,6 +59,12 @@ pub struct Metrics {
     agent_connections_opened: Counter,
     dns_queries: Family<VerdictLabels, Counter>,
     proxy_connections: Family<VerdictLabels, Counter>,
+    network: Family<NetworkLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetworkLabels {
+    counter: &'static str,
 }
 
 impl Default for Metrics {
@@ -76,6 +82,7 @@ impl Default for Metrics {
         let agent_connections_opened = Counter::default();
         let dns_queries = Family::<VerdictLabels, Counter>::default();
         let proxy_connections = Family::<VerdictLabels, Counter>::default();
+        let network = Family::<NetworkLabels, Gauge>::default();
         registry.register(
             "fissiled_http_request_duration_seconds",
             "HTTP requests until the response head, by route template and status",
@@ -136,6 +143,11 @@ impl Default for Metrics {
             "Guests' HTTP and TLS connections through the domain proxy by verdict: allowed, refused (denied_domain, denied_address, always_denied, not_allowed, unresolved), connect_failed, connection_cap, empty",
             proxy_connections.clone(),
         );
+        registry.register(
+            "fissiled_network",
+            "What the running sandboxes' network rules counted, summed (read at scrape time): blocked_connections (by the policy), connection_cap_hits, rate_dropped_packets, rate_dropped_bytes",
+            network.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -150,6 +162,7 @@ impl Default for Metrics {
             agent_connections_opened,
             dns_queries,
             proxy_connections,
+            network,
         }
     }
 }
@@ -222,7 +235,18 @@ impl Metrics {
         &self,
         sandboxes: &[(&str, u64)],
         store: Option<&fissile_snapshotd::client::DaemonStats>,
+        network: &fissile_sandbox::net::egress::EgressCounters,
     ) -> String {
+        for (counter, v) in [
+            ("blocked_connections", network.blocked_connections),
+            ("connection_cap_hits", network.connection_cap_hits),
+            ("rate_dropped_packets", network.rate_dropped_packets),
+            ("rate_dropped_bytes", network.rate_dropped_bytes),
+        ] {
+            self.network
+                .get_or_create(&NetworkLabels { counter })
+                .set(gauge_value(v));
+        }
         for (state, n) in sandboxes {
             self.sandboxes
                 .get_or_create(&StateLabels {
@@ -255,7 +279,15 @@ mod tests {
         let m = Metrics::default();
         m.request("POST", "/v1/sandboxes/{id}/exec", 200, Instant::now());
         m.operation("fork", true, Instant::now());
-        let text = m.render(&[("running", 3), ("lost", 1)], None);
+        let net = fissile_sandbox::net::egress::EgressCounters {
+            connection_cap_hits: 2,
+            ..Default::default()
+        };
+        let text = m.render(&[("running", 3), ("lost", 1)], None, &net);
+        assert!(
+            text.contains("fissiled_network{counter=\"connection_cap_hits\"} 2"),
+            "{text}"
+        );
         assert!(text.contains(
             "fissiled_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/sandboxes/{id}/exec\",status=\"200\"} 1"
         ), "{text}");

@@ -21,6 +21,7 @@ use crate::{error, exec, files, lifecycle, routes};
         routes::list,
         routes::get_one,
         routes::set_network,
+        routes::get_network,
         routes::delete_one,
         routes::exec_cell,
         routes::run_command,

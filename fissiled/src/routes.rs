@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -310,6 +310,49 @@ pub(crate) async fn set_network(
     let r = app.set_network(&tenant, &id, body, policy).await?;
     tracing::info!(sandbox = %id, %tenant, network = ?r.network, "egress policy changed");
     Ok(Json(r.into()))
+}
+
+/// What a sandbox's network rules counted since its namespace got its way out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkCounters {
+    /// New connections its policy rejected.
+    pub blocked_connections: u64,
+    /// New connections rejected because the daemon's connection cap was reached.
+    pub connection_cap_hits: u64,
+    /// Packets dropped over the daemon's bandwidth cap.
+    pub rate_dropped_packets: u64,
+    /// Their bytes.
+    pub rate_dropped_bytes: u64,
+}
+
+/// A sandbox's egress policy and what its rules counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkView {
+    /// Its policy (null: it reaches nothing outside its sandbox).
+    pub policy: Option<NetworkPolicy>,
+    /// Its counters (zeroes without a network namespace).
+    pub counters: NetworkCounters,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/network", tag = "sandboxes",  params(("id" = String, Path, description = "sandbox id")),
+    responses((status = 200, description = "its policy and counters", body = NetworkView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such sandbox (for this tenant)", body = ErrorBody), (status = 409, description = "the sandbox is in the wrong state", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn get_network(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<NetworkView>, ApiError> {
+    let c = app.network_counters(&tenant, &id).await?;
+    let policy = app.record(&tenant, &id)?.network;
+    Ok(Json(NetworkView {
+        policy,
+        counters: NetworkCounters {
+            blocked_connections: c.blocked_connections,
+            connection_cap_hits: c.connection_cap_hits,
+            rate_dropped_packets: c.rate_dropped_packets,
+            rate_dropped_bytes: c.rate_dropped_bytes,
+        },
+    }))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",  params(("id" = String, Path, description = "sandbox id")),
@@ -663,7 +706,8 @@ async fn metrics(State(app): State<App>) -> Response {
         let store = fissile_snapshotd::client::Client::connect(&socket)
             .and_then(|mut c| c.stats())
             .ok();
-        Ok(app.metrics.render(&app.counts(), store.as_ref()))
+        let network = app.network_totals();
+        Ok(app.metrics.render(&app.counts(), store.as_ref(), &network))
     })
     .await;
     match text {
@@ -714,7 +758,10 @@ pub fn router(app: App) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(get_one).delete(delete_one))
-        .route("/v1/sandboxes/{id}/network", patch(set_network))
+        .route(
+            "/v1/sandboxes/{id}/network",
+            get(get_network).patch(set_network),
+        )
         .route("/v1/sandboxes/{id}/exec", post(exec_cell))
         .route("/v1/sandboxes/{id}/commands", post(run_command))
         .route("/v1/sandboxes/{id}/interrupt", post(interrupt))

@@ -86,6 +86,9 @@ const LAB_MODULES: &[(&str, &str)] = &[
     ("nft_masq", ""),
     // A policy that names domains redirects HTTP and TLS to the proxy on the gateway.
     ("nft_redir", ""),
+    // The daemon's per-sandbox caps: a connection count and a shared rate limit each way.
+    ("nft_connlimit", ""),
+    ("nft_limit", ""),
     ("nft_reject_ipv4", ""),
     ("nft_objref", ""),
 ];

@@ -1313,6 +1313,129 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     assert!(count("fissiled_proxy_connections_total{verdict=\"denied_domain\"}") >= 1);
 }
 
+/// The daemon's caps on a sandbox's traffic, against a server the test starts in a namespace
+/// linked to the host: with `--guest-max-connections 4` the fifth and sixth connections held
+/// at once are rejected (EHOSTUNREACH) and counted; with `--guest-bandwidth-mbit 1` a
+/// download still arrives whole while the packets over the cap are dropped and counted; the
+/// counts show in `GET .../network` and in `/metrics`.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_connection_and_bandwidth_caps_are_enforced_and_counted() {
+    use fissile_sandbox::net::egress::{self, VethEnd};
+    use std::io::{BufRead, Write};
+    use std::net::Ipv4Addr;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = create_key(&state, "acme");
+    let server = Ipv4Addr::new(198, 18, 0, 2);
+    let outside = fissile_sandbox::NetNs::create().unwrap();
+    egress::link_namespace(
+        &outside,
+        &VethEnd {
+            name: "fsl-cap-o".into(),
+            addr: Ipv4Addr::new(198, 18, 0, 1),
+        },
+        &VethEnd {
+            name: "eth0".into(),
+            addr: server,
+        },
+        "fsl-cap-t",
+        24,
+        true,
+    )
+    .unwrap();
+    // One request line: `0` holds the connection open until the client closes it, `N`
+    // sends N bytes (i % 251) and closes.
+    outside
+        .run(move || {
+            let listener = std::net::TcpListener::bind((server, 9000)).unwrap();
+            std::thread::spawn(move || {
+                for c in listener.incoming().flatten() {
+                    std::thread::spawn(move || {
+                        let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                        let mut line = String::new();
+                        let _ = r.read_line(&mut line);
+                        let n: usize = line.trim().parse().unwrap_or(0);
+                        let mut c = c;
+                        if n == 0 {
+                            let _ = std::io::Read::read(&mut r, &mut [0u8; 1]);
+                            return;
+                        }
+                        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                        let _ = c.write_all(&data);
+                    });
+                }
+            });
+        })
+        .unwrap();
+    let d = start(
+        &state,
+        &[
+            "--guest-max-connections",
+            "4",
+            "--guest-bandwidth-mbit",
+            "1",
+        ],
+    );
+    let sb = create(&d, &key, r#"{"network": {"internet": true}}"#);
+    let id = sb["id"].as_str().unwrap().to_string();
+    let held = value(
+        &d,
+        &key,
+        &id,
+        "import socket, errno\n\
+         socks, errs = [], []\n\
+         for i in range(6):\n    \
+             try:\n        \
+                 s = socket.create_connection(('198.18.0.2', 9000), timeout=20)\n        \
+                 s.sendall(b'0\\n')\n        \
+                 socks.append(s)\n    \
+             except OSError as e:\n        \
+                 errs.append(errno.errorcode.get(e.errno, str(e)))\n\
+         for s in socks:\n    s.close()\n\
+         (len(socks), errs)",
+    );
+    assert_eq!(held, "(4, ['EHOSTUNREACH', 'EHOSTUNREACH'])");
+    let download = value(
+        &d,
+        &key,
+        &id,
+        "import socket\n\
+         s = socket.create_connection(('198.18.0.2', 9000), timeout=60)\n\
+         s.sendall(b'524288\\n')\n\
+         got = bytearray()\n\
+         while True:\n    \
+             b = s.recv(65536)\n    \
+             if not b:\n        break\n    \
+             got += b\n\
+         (len(got), got == bytes(i % 251 for i in range(524288)))",
+    );
+    assert_eq!(download, "(524288, True)");
+    let (s, v) = call(
+        "GET",
+        &format!("{}/v1/sandboxes/{id}/network", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    eprintln!("counters: {v}");
+    assert_eq!(v["policy"]["internet"], true);
+    assert!(
+        v["counters"]["connection_cap_hits"].as_u64().unwrap() >= 2,
+        "{v}"
+    );
+    assert!(
+        v["counters"]["rate_dropped_packets"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    let cap_hits: u64 = d
+        .metric("fissiled_network{counter=\"connection_cap_hits\"}")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cap_hits >= 2);
+}
+
 /// What one run of the `fissile` CLI did.
 struct CliRun {
     code: Option<i32>,

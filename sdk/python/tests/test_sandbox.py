@@ -174,6 +174,7 @@ def test_network_policy_is_set_shown_and_enforced(env: Daemon) -> None:
         sb.set_network(NetworkPolicy(internet=True))
         assert sb.network is not None and sb.network.internet
         assert sb.run_code(CONNECT_ERRNO).text == "'EHOSTUNREACH'"
+        assert sb.network_counters().blocked_connections >= 1
         again = Sandbox.connect(sb.id)
         assert again.network == NetworkPolicy(internet=True)
     with Sandbox() as plain:

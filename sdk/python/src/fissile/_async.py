@@ -17,6 +17,7 @@ from ._models import (
     CommandResult,
     EntryInfo,
     Execution,
+    NetworkCounters,
     NetworkPolicy,
     SandboxInfo,
     SpaceInfo,
@@ -263,6 +264,11 @@ class AsyncSandbox:
         """See `Sandbox.set_network`."""
         resp = await self._http.request(_core.network_call(self.id, policy))
         self._info = SandboxInfo.model_validate(resp.json())
+
+    async def network_counters(self) -> NetworkCounters:
+        """See `Sandbox.network_counters`."""
+        resp = await self._http.request(_core.network_counters_call(self.id))
+        return NetworkCounters.model_validate(resp.json()["counters"])
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r}, space_id={self.space_id!r})"

@@ -126,6 +126,11 @@ def network_call(sandbox_id: str, policy: NetworkPolicy) -> Call:
     return Call("PATCH", f"/v1/sandboxes/{sandbox_id}/network", json=policy.model_dump())
 
 
+def network_counters_call(sandbox_id: str) -> Call:
+    """`GET /v1/sandboxes/{id}/network` (its policy and counters)."""
+    return Call("GET", f"/v1/sandboxes/{sandbox_id}/network")
+
+
 def exec_call(
     sandbox_id: str, code: str, timeout: float | None, envs: Mapping[str, str] | None
 ) -> Call:

@@ -169,6 +169,19 @@ class NetworkPolicy(BaseModel):
     """These names never resolve, and no HTTP/TLS connection may be for them."""
 
 
+class NetworkCounters(BaseModel):
+    """What a sandbox's network rules counted since it got its way out."""
+
+    blocked_connections: int = 0
+    """New connections its policy rejected."""
+    connection_cap_hits: int = 0
+    """New connections rejected because the daemon's connection cap was reached."""
+    rate_dropped_packets: int = 0
+    """Packets dropped over the daemon's bandwidth cap."""
+    rate_dropped_bytes: int = 0
+    """Their bytes."""
+
+
 class SandboxInfo(BaseModel):
     """A sandbox as the daemon reports it."""
 

@@ -16,6 +16,7 @@ from ._models import (
     CommandResult,
     EntryInfo,
     Execution,
+    NetworkCounters,
     NetworkPolicy,
     SandboxInfo,
     SpaceInfo,
@@ -229,6 +230,12 @@ class Sandbox:
         keep going); forks made later inherit it."""
         resp = self._http.request(_core.network_call(self.id, policy))
         self._info = SandboxInfo.model_validate(resp.json())
+
+    def network_counters(self) -> NetworkCounters:
+        """What its network rules counted so far: connections its policy blocked, connections
+        over the daemon's cap, packets and bytes dropped over its bandwidth cap."""
+        resp = self._http.request(_core.network_counters_call(self.id))
+        return NetworkCounters.model_validate(resp.json()["counters"])
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, space_id={self.space_id!r})"
