@@ -370,3 +370,130 @@ fn guest_fetches_over_virtio_net_and_its_restored_snapshot_still_does() {
     drop(restored);
     net::delete_tap(tap).unwrap();
 }
+
+/// The resident memory of process `pid` in KiB (fails the test if it cannot be read).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Puts `n` copies of an Ethernet frame for the guest (from the tap's MAC, IPv4, 1514 bytes)
+/// on interface `ifname` with a packet socket: on a tap, that is `n` frames waiting for the
+/// VMM to read. Returns how many the kernel took.
+fn inject_frames(ifname: &str, n: usize) -> usize {
+    use fissile_proto::net::{GUEST_MAC, TAP_MAC};
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string for the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {ifname}");
+    // SAFETY: socket(2) has no memory-safety preconditions; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&GUEST_MAC);
+    let mut frame = vec![0x5au8; 1514];
+    frame[..6].copy_from_slice(&GUEST_MAC);
+    frame[6..12].copy_from_slice(&TAP_MAC);
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    let mut sent = 0;
+    for _ in 0..n {
+        // SAFETY: `frame` and `addr` are valid for reads of the lengths given; the fd is open.
+        let rc = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc > 0 {
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// A guest that floods its transmit queue (UDP as fast as Python sends, for 5 s) and then one
+/// that stops taking frames (its virtio-net driver unbound: the device reset, no receive
+/// buffers) while the host puts 200,000 full-size frames on its tap: the VMM's memory does
+/// not grow with either (it holds at most one frame; the rest wait in the tap, whose queue
+/// the kernel bounds, or are dropped), and the agent keeps answering.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_net_a_tx_flood_and_a_stalled_rx_do_not_grow_the_vmm() {
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let tap = "fsl-flood0";
+    net::create_gateway_tap(tap).unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let mut sb = Sandbox::boot(&config(&env, &dir.path().join("a"), &sd, tap)).unwrap();
+    let pid = sb.pid().unwrap();
+    // Warm the paths up first, so the baseline includes what any traffic maps once.
+    let warm = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range(2000):\n    s.sendto(b'x' * 1400, ('{GATEWAY_ADDR}', 9))\n\
+         'ok'"
+    );
+    assert_eq!(eval(&mut sb, &warm), "'ok'");
+    let before = rss_kib(pid);
+    let sent = eval(
+        &mut sb,
+        &format!(
+            "import socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             n, end = 0, time.time() + 5\n\
+             while time.time() < end:\n    \
+                 try:\n        s.sendto(b'x' * 1400, ('{GATEWAY_ADDR}', 9)); n += 1\n    \
+                 except OSError:\n        pass\n\
+             n"
+        ),
+    );
+    let after_tx = rss_kib(pid);
+    eprintln!("tx flood: {sent} datagrams of 1400 bytes; VMM RSS {before} -> {after_tx} KiB");
+    assert!(sent.parse::<u64>().unwrap() > 1000, "the flood ran: {sent}");
+    assert!(
+        after_tx < before + 16 * 1024,
+        "tx flood grew the VMM: {before} -> {after_tx} KiB"
+    );
+
+    let dev = eval(
+        &mut sb,
+        "import os\n\
+         dev = os.path.basename(os.readlink('/sys/class/net/eth0/device'))\n\
+         open('/sys/bus/virtio/drivers/virtio_net/unbind', 'w').write(dev)\n\
+         dev",
+    );
+    assert!(dev.starts_with("'virtio"), "{dev}");
+    let injected = inject_frames(tap, 200_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let after_rx = rss_kib(pid);
+    eprintln!(
+        "rx stall: {injected} frames of 1514 bytes put on the tap; VMM RSS {after_tx} -> {after_rx} KiB"
+    );
+    assert!(injected > 0);
+    assert!(
+        after_rx < after_tx + 16 * 1024,
+        "frames for a guest that takes none grew the VMM: {after_tx} -> {after_rx} KiB"
+    );
+    assert_eq!(eval(&mut sb, "6 * 7"), "42", "the agent still answers");
+    drop(sb);
+    net::delete_tap(tap).unwrap();
+}
