@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
+use fissile_sandbox::{Sandbox, SandboxConfig};
 
 use crate::db::{Db, SandboxRecord, SandboxState, SpaceRecord, TenantLimits, now_ms, random_hex};
 use crate::error::ApiError;
@@ -170,8 +170,8 @@ pub struct App {
     pub config: Arc<Config>,
     /// Running sandboxes by id.
     pub live: Arc<Mutex<HashMap<String, Arc<Live>>>>,
-    /// The snapshot store daemon the VMMs use.
-    pub snapshotd: Arc<Snapshotd>,
+    /// The snapshot store daemon the VMMs use (restarted when it dies).
+    pub snapshotd: Arc<crate::snapshotd::SnapshotdService>,
     /// Held while a space's running sandbox is claimed (so two resumes cannot both start
     /// it).
     pub space_claims: Arc<Mutex<()>>,
@@ -241,43 +241,9 @@ impl Config {
     }
 }
 
-/// The snapshotd of `state_dir`: the one an earlier run left (named by `snapshotd.pid`,
-/// checked by its command line and a ping), or a new one admitting the VMMs of `jail` when
-/// given. True if adopted.
-fn start_snapshotd(
-    state_dir: &std::path::Path,
-    jail: Option<&fissile_sandbox::jail::JailConfig>,
-) -> Result<(Snapshotd, bool), ApiError> {
-    let root = state_dir.join("store");
-    let socket = state_dir.join("snapshotd.sock");
-    let pidfile = state_dir.join("snapshotd.pid");
-    let earlier = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok());
-    if let Some(pid) = earlier {
-        match Snapshotd::adopt(pid, &root, &socket) {
-            Ok(sd) => {
-                tracing::info!(pid, "re-adopted the running snapshotd");
-                return Ok((sd, true));
-            }
-            Err(e) => {
-                tracing::info!(error = %fissile_proto::error_chain(&e), "starting a new snapshotd");
-                kill_stale(pid, "fissile-snapshotd", &socket);
-            }
-        }
-    }
-    let sd = Snapshotd::start_for(&root, &socket, jail)
-        .map_err(|e| ApiError::internal(fissile_proto::error_chain(&e)))?;
-    let tmp = state_dir.join("snapshotd.pid.tmp");
-    std::fs::write(&tmp, format!("{}\n", sd.pid()))
-        .and_then(|()| std::fs::rename(&tmp, &pidfile))
-        .map_err(|e| ApiError::internal(format!("writing {}: {e}", pidfile.display())))?;
-    Ok((sd, false))
-}
-
 /// Kills process `pid` if it is still the `program` serving `socket` (checked through a
 /// pidfd, so a reused pid is left alone).
-fn kill_stale(pid: u32, program: &str, socket: &std::path::Path) {
+pub(crate) fn kill_stale(pid: u32, program: &str, socket: &std::path::Path) {
     if let Ok(p) =
         fissile_proto::pidfd::Pidfd::open_matching(pid, program, &socket.to_string_lossy())
     {
@@ -355,7 +321,10 @@ impl App {
     pub fn start(db: Db, config: Config) -> Result<App, ApiError> {
         let db_tenants = db.all_tenant_limits()?.into_iter().collect();
         let db_keys = db.active_keys()?;
-        let (sd, adopted) = start_snapshotd(&config.state_dir, config.vmm_limits.jail.as_ref())?;
+        let (sd, adopted) = crate::snapshotd::SnapshotdService::start(
+            &config.state_dir,
+            config.vmm_limits.jail.clone(),
+        )?;
         let starts = config.max_concurrent_starts.max(1);
         let metrics = Arc::<crate::metrics::Metrics>::default();
         let host_addrs = if config.guest_network {

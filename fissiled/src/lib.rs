@@ -11,6 +11,7 @@
 //! - [`spaces`]: persistent spaces (persist on close, resume).
 //! - [`templates`]: templates' ready snapshots; [`pool`]: warm pools restored from them.
 //! - [`egress`]: each sandbox's DNS resolver and domain proxy (its egress policy's names).
+//! - [`snapshotd`]: the host's snapshotd, started again when it exits.
 //! - [`auth`]: API keys (hashed) to tenants.
 //! - [`db`]: the metadata store.
 //! - [`metrics`]: Prometheus metrics.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod pool;
 pub mod routes;
+pub mod snapshotd;
 pub mod spaces;
 pub mod telemetry;
 pub mod templates;

@@ -412,10 +412,13 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             }
         })
     };
+    // snapshotd, started again whenever it exits.
+    let supervisor = tokio::spawn(fissiled::snapshotd::watch(app.snapshotd.clone()));
     axum::serve(listener, fissiled::routes::router(app.clone()))
         .with_graceful_shutdown(shutdown)
         .await?;
     reaper.abort();
+    supervisor.abort();
     tracing::info!("shutting down: persisting spaces, stopping sandboxes");
     tokio::task::spawn_blocking(move || app.stop_all()).await?;
     Ok(())

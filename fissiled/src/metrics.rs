@@ -55,6 +55,7 @@ pub struct Metrics {
     store_snapshots: Gauge,
     image_bytes: Gauge,
     faults_served: Gauge,
+    snapshotd_restarts: Gauge,
     pool_taken: Counter,
     agent_connections_opened: Counter,
     dns_queries: Family<VerdictLabels, Counter>,
@@ -78,6 +79,7 @@ impl Default for Metrics {
         let store_snapshots = Gauge::default();
         let image_bytes = Gauge::default();
         let faults_served = Gauge::default();
+        let snapshotd_restarts = Gauge::default();
         let pool_taken = Counter::default();
         let agent_connections_opened = Counter::default();
         let dns_queries = Family::<VerdictLabels, Counter>::default();
@@ -124,6 +126,11 @@ impl Default for Metrics {
             faults_served.clone(),
         );
         registry.register(
+            "fissiled_snapshotd_restarts",
+            "Times snapshotd was started again after it exited (since this daemon started)",
+            snapshotd_restarts.clone(),
+        );
+        registry.register(
             "fissiled_warm_pool_taken",
             "Creates served by a warm pool member",
             pool_taken.clone(),
@@ -158,6 +165,7 @@ impl Default for Metrics {
             store_snapshots,
             image_bytes,
             faults_served,
+            snapshotd_restarts,
             pool_taken,
             agent_connections_opened,
             dns_queries,
@@ -236,7 +244,9 @@ impl Metrics {
         sandboxes: &[(&str, u64)],
         store: Option<&fissile_snapshotd::client::DaemonStats>,
         network: &fissile_sandbox::net::egress::EgressCounters,
+        snapshotd_restarts: u64,
     ) -> String {
+        self.snapshotd_restarts.set(gauge_value(snapshotd_restarts));
         for (counter, v) in [
             ("blocked_connections", network.blocked_connections),
             ("connection_cap_hits", network.connection_cap_hits),
@@ -283,7 +293,8 @@ mod tests {
             connection_cap_hits: 2,
             ..Default::default()
         };
-        let text = m.render(&[("running", 3), ("lost", 1)], None, &net);
+        let text = m.render(&[("running", 3), ("lost", 1)], None, &net, 1);
+        assert!(text.contains("fissiled_snapshotd_restarts 1"), "{text}");
         assert!(
             text.contains("fissiled_network{counter=\"connection_cap_hits\"} 2"),
             "{text}"

@@ -707,7 +707,12 @@ async fn metrics(State(app): State<App>) -> Response {
             .and_then(|mut c| c.stats())
             .ok();
         let network = app.network_totals();
-        Ok(app.metrics.render(&app.counts(), store.as_ref(), &network))
+        Ok(app.metrics.render(
+            &app.counts(),
+            store.as_ref(),
+            &network,
+            app.snapshotd.restarts(),
+        ))
     })
     .await;
     match text {

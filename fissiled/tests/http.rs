@@ -225,3 +225,56 @@ fn a_sandbox_whose_vmm_is_gone_at_start_is_lost_counted_and_deletable() {
     let (s, _) = call("GET", &url, &[("Authorization", &bearer)], None);
     assert_eq!(s, 404);
 }
+
+/// snapshotd killed under a running daemon (as a crash or its seccomp filter would) is started
+/// again on the same store and socket within seconds: a new pid in `snapshotd.pid`, the store
+/// answering on its socket again, the restart counted in `/metrics`, the dead one reaped.
+#[test]
+fn a_killed_snapshotd_is_started_again_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
+    let d = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
+    let pid_of = || -> u32 {
+        std::fs::read_to_string(state.join("snapshotd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let first = pid_of();
+    assert_eq!(d.metric("fissiled_snapshotd_restarts").unwrap(), "0");
+    assert_eq!(d.metric("fissiled_store_snapshots").unwrap(), "0");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while d.metric("fissiled_snapshotd_restarts").unwrap() != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshotd was not started again within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let second = pid_of();
+    assert_ne!(first, second);
+    let cmdline = std::fs::read_to_string(format!("/proc/{second}/cmdline")).unwrap();
+    assert!(cmdline.contains("fissile-snapshotd"), "{cmdline:?}");
+    assert!(
+        cmdline.contains(&*state.join("snapshotd.sock").to_string_lossy()),
+        "same socket: {cmdline:?}"
+    );
+    // The store answers through the same socket.
+    fissile_snapshotd::client::Client::connect(&state.join("snapshotd.sock"))
+        .and_then(|mut c| c.ping())
+        .unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{first}")).exists()
+            || std::fs::read_to_string(format!("/proc/{first}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(true),
+        "the killed one was reaped"
+    );
+}

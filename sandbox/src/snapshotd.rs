@@ -130,6 +130,23 @@ impl Snapshotd {
         &self.root
     }
 
+    /// How it ended, if it has (without waiting): its exit status, or `exited` for an
+    /// adopted one.
+    pub fn exited(&mut self) -> Option<String> {
+        match &mut self.proc {
+            Proc::Child(c) => match c.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(format!("cannot be waited for: {e}")),
+            },
+            Proc::Adopted(p) => match p.exited(Duration::ZERO) {
+                Ok(true) => Some("exited".into()),
+                Ok(false) => None,
+                Err(e) => Some(format!("cannot be watched: {e}")),
+            },
+        }
+    }
+
     /// Kills it (SIGKILL) and waits.
     pub fn kill(self) {
         drop(self);
