@@ -135,6 +135,42 @@ pub enum LabError {
     },
 }
 
+/// A lab run's directory (its payload image, ~600 MiB) in the temporary directory.
+const RUN_DIR_PREFIX: &str = "fissile-lab-";
+/// The file in a run directory naming the process that made it.
+const RUN_DIR_OWNER: &str = "owner.pid";
+
+/// Removes the run directories in `tmp` whose process is gone: a run that was killed (a
+/// `fissile-lab serve` stopped by its test, a timed-out suite) never removes its own, and a
+/// few dozen fill a disk. One without an owner file (made before there was one) goes once it
+/// is an hour old.
+fn sweep_run_dirs(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(RUN_DIR_PREFIX) {
+            continue;
+        }
+        let dir = e.path();
+        let stale = match fs::read_to_string(dir.join(RUN_DIR_OWNER)) {
+            Ok(pid) => pid
+                .trim()
+                .parse::<u32>()
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
+            Err(_) => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600)),
+        };
+        if stale {
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
     let what = what.into();
     move |e| LabError::Io(what, e)
@@ -378,10 +414,16 @@ impl Lab {
         if self.native {
             return self.run_native(script, extra, timeout);
         }
+        sweep_run_dirs(&std::env::temp_dir());
         let run_dir = tempfile::Builder::new()
-            .prefix("fissile-lab-")
+            .prefix(RUN_DIR_PREFIX)
             .tempdir()
             .map_err(io_err("create run dir"))?;
+        fs::write(
+            run_dir.path().join(RUN_DIR_OWNER),
+            std::process::id().to_string(),
+        )
+        .map_err(io_err("write the run dir's owner"))?;
         let payload = build_payload(&self.cfg, run_dir.path(), script, extra)?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
@@ -983,5 +1025,26 @@ mod tests {
             libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
             "{libs:?}"
         );
+    }
+
+    #[test]
+    fn run_dirs_of_gone_processes_are_swept_and_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mk = |name: &str, owner: Option<String>| {
+            let d = tmp.path().join(name);
+            fs::create_dir(&d).unwrap();
+            fs::write(d.join("payload.ext4"), b"x").unwrap();
+            if let Some(o) = owner {
+                fs::write(d.join(RUN_DIR_OWNER), o).unwrap();
+            }
+            d
+        };
+        let mine = mk("fissile-lab-live", Some(std::process::id().to_string()));
+        let gone = mk("fissile-lab-gone", Some(u32::MAX.to_string()));
+        let fresh_legacy = mk("fissile-lab-legacy", None);
+        let other = mk("something-else", Some(u32::MAX.to_string()));
+        sweep_run_dirs(tmp.path());
+        assert!(mine.exists() && fresh_legacy.exists() && other.exists());
+        assert!(!gone.exists());
     }
 }
