@@ -65,6 +65,9 @@ pub struct Config {
     pub dns_upstream: Option<std::net::SocketAddr>,
     /// Most connections one sandbox may have open through the domain proxy at once.
     pub max_proxy_connections: usize,
+    /// Routed network namespaces kept ready for sandboxes with a policy (see
+    /// `fissile_sandbox::net::pool`); 0: none.
+    pub netns_pool: usize,
 }
 
 /// The template every daemon has (built by `fissile-rootfs` from `python-datasci`).
@@ -327,6 +330,9 @@ impl App {
         )?;
         let starts = config.max_concurrent_starts.max(1);
         let metrics = Arc::<crate::metrics::Metrics>::default();
+        if config.guest_network {
+            fissile_sandbox::net::pool::enable(config.netns_pool, config.vmm_limits.net);
+        }
         let host_addrs = if config.guest_network {
             fissile_sandbox::net::egress::host_addresses().map_err(|e| {
                 ApiError::internal(format!(

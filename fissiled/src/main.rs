@@ -106,6 +106,10 @@ enum Cmd {
         /// dropped (TCP slows down to it), and counted.
         #[arg(long, default_value_t = 0)]
         guest_bandwidth_mbit: u64,
+        /// Routed network namespaces (veth, NAT, rules) kept ready, so a create with a
+        /// policy does not wait for one; 0: none.
+        #[arg(long, default_value_t = 2)]
+        netns_pool: usize,
     },
     /// Print the OpenAPI document of the API.
     Openapi,
@@ -300,6 +304,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             max_proxy_connections,
             guest_max_connections,
             guest_bandwidth_mbit,
+            netns_pool,
         } => {
             anyhow::ensure!(
                 (1..=fissile_proto::control::MAX_FORK_CHILDREN).contains(&max_fork),
@@ -337,6 +342,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 guest_network: guest_network == "on",
                 dns_upstream,
                 max_proxy_connections,
+                netns_pool,
                 state_dir,
                 vmm: fissile_sandbox::paths::find_binary("fissile-vmm")?,
                 kernel,

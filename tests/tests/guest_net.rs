@@ -497,3 +497,81 @@ fn guest_net_a_tx_flood_and_a_stalled_rx_do_not_grow_the_vmm() {
     drop(sb);
     net::delete_tap(tap).unwrap();
 }
+
+/// Sandboxes with a policy start in namespaces from the pool (made ahead of time with
+/// nothing reachable): the sandbox's own policy is in force from its first connection (a
+/// deny rule given at boot blocks the server, none lets it through), a policy changed at
+/// runtime applies to a pooled namespace like to a fresh one, and the pool refills.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_net_sandboxes_with_a_policy_start_in_pooled_namespaces() {
+    use fissile_sandbox::net::egress::{self, EgressPolicy, NetLimits, VethEnd};
+    use fissile_sandbox::net::pool;
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let outside_addr = std::net::Ipv4Addr::new(100, 64, 7, 2);
+    let outside = fissile_sandbox::NetNs::create().unwrap();
+    egress::link_namespace(
+        &outside,
+        &VethEnd {
+            name: "fsl-pool-o".into(),
+            addr: std::net::Ipv4Addr::new(100, 64, 7, 1),
+        },
+        &VethEnd {
+            name: "eth0".into(),
+            addr: outside_addr,
+        },
+        "fsl-pool-t",
+        24,
+        true,
+    )
+    .unwrap();
+    let body = b"pooled".to_vec();
+    let want = format!(
+        "({}, {})",
+        body.len(),
+        body.iter().map(|&b| u64::from(b)).sum::<u64>()
+    );
+    outside
+        .run(move || serve_on(TcpListener::bind((outside_addr, 8080)).unwrap(), body))
+        .unwrap();
+    let url = format!("http://{outside_addr}:8080/");
+    let wait_ready = || {
+        let t = std::time::Instant::now();
+        while pool::ready() < 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the pool never filled"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    pool::enable(2, NetLimits::default());
+    wait_ready();
+    let taken = pool::taken();
+
+    let mut cfg = config(&env, &dir.path().join("a"), &sd, "unused");
+    cfg.network = Network::Routed(EgressPolicy::default());
+    let mut open = Sandbox::boot(&cfg).unwrap();
+    assert_eq!(pool::taken(), taken + 1, "its namespace came from the pool");
+    assert_eq!(eval(&mut open, &fetch(&url)), want);
+
+    let mut cfg = config(&env, &dir.path().join("b"), &sd, "unused");
+    cfg.network = Network::Routed(EgressPolicy {
+        deny: vec![format!("{outside_addr}/32").parse().unwrap()],
+        ..EgressPolicy::default()
+    });
+    let mut denied = Sandbox::boot(&cfg).unwrap();
+    assert_eq!(pool::taken(), taken + 2);
+    assert_eq!(eval(&mut denied, &fetch(&url)), "'EHOSTUNREACH'");
+    assert!(ns(&denied).blocked_connections().unwrap() >= 1);
+
+    open.set_network_policy(EgressPolicy {
+        internet: false,
+        ..EgressPolicy::default()
+    })
+    .unwrap();
+    assert_eq!(eval(&mut open, &fetch(&url)), "'EHOSTUNREACH'");
+    wait_ready();
+}

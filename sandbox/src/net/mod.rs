@@ -22,6 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use fissile_proto::net::{GATEWAY_ADDR, TAP_MAC, TAP_NAME, netmask};
 
 pub mod egress;
+pub mod pool;
 pub mod sniff;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -235,7 +236,19 @@ impl NetNs {
 
     /// A fresh namespace with its interfaces set up and a way out to the host network under
     /// `policy` (see [`egress`]).
+    /// Taken from the namespace pool ([`pool`]) when it has one ready with `limits`.
     pub fn create_routed(
+        policy: &egress::EgressPolicy,
+        limits: egress::NetLimits,
+    ) -> Result<NetNs, egress::EgressError> {
+        match pool::take(policy, limits) {
+            Some(pooled) => pooled,
+            None => NetNs::create_fresh(policy, limits),
+        }
+    }
+
+    /// [`NetNs::create_routed`], never from the pool.
+    pub fn create_fresh(
         policy: &egress::EgressPolicy,
         limits: egress::NetLimits,
     ) -> Result<NetNs, egress::EgressError> {
