@@ -79,11 +79,15 @@ impl Fissiled {
         state: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Fissiled> {
+        // No namespace pool either: nothing here has a network, and making routed namespaces
+        // would change this host's forwarding and NAT rules for nothing.
         let args = [
             "--kernel",
             "/nonexistent/vmlinux",
             "--rootfs",
             "/nonexistent/rootfs",
+            "--netns-pool",
+            "0",
         ];
         Fissiled::serve_env(bin, state, args, env)
     }
