@@ -36,6 +36,8 @@ const EVENT_LINE_CAP: usize = 12 << 20;
 const OUTPUT_QUEUE: usize = 64;
 /// How long to wait for the fd 1 / fd 2 sentinels after the driver said `done`.
 const SENTINEL_WAIT: Duration = Duration::from_secs(2);
+/// How often a running cell looks whether its client is still connected.
+const PEER_CHECK: Duration = Duration::from_millis(200);
 /// How long to wait for a killed interpreter's exit status.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -441,6 +443,9 @@ enum CellEnd {
 struct CellRun<'s> {
     sink: &'s mut dyn FnMut(Response) -> bool,
     client_gone: bool,
+    /// The client's connection, watched while the cell runs: when the client closes it,
+    /// the cell is interrupted (nobody would see its output; the REPL's state stays).
+    peer: Option<std::os::fd::RawFd>,
 }
 
 impl CellRun<'_> {
@@ -514,12 +519,18 @@ impl ReplManager {
 
     /// Runs one cell, waiting for its turn; every response goes to `sink`, which returns
     /// false once the client is gone (the cell then still runs to its end, output dropped).
-    pub(crate) fn exec(&self, req: &ExecRequest, sink: &mut dyn FnMut(Response) -> bool) {
+    pub(crate) fn exec(
+        &self,
+        req: &ExecRequest,
+        sink: &mut dyn FnMut(Response) -> bool,
+        peer: Option<std::os::fd::RawFd>,
+    ) {
         let _turn = self.queue.wait_turn();
         let start = Instant::now();
         let mut run = CellRun {
             sink,
             client_gone: false,
+            peer,
         };
         let taken = self.repl.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut repl = match taken {
@@ -614,10 +625,31 @@ impl ReplManager {
             if got_done && repl.all_output_in() {
                 return (CellEnd::Finished, interrupted);
             }
-            let msg = match deadline {
-                Some(d) => repl.rx.recv_deadline(d),
+            // While the client is watched, wake at least every PEER_CHECK to look at it.
+            let watch = run.peer.is_some() && !interrupted;
+            let wake = match (deadline, watch) {
+                (Some(d), true) => Some(d.min(Instant::now() + PEER_CHECK)),
+                (None, true) => Some(Instant::now() + PEER_CHECK),
+                (d, false) => d,
+            };
+            let msg = match wake {
+                Some(w) => repl.rx.recv_deadline(w),
                 None => repl.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
+            if matches!(msg, Err(RecvTimeoutError::Timeout))
+                && deadline.is_none_or(|d| Instant::now() < d)
+            {
+                // A look at the client, not the deadline.
+                if run.peer.is_some_and(sys::peer_closed) {
+                    tracing::info!("the client went away: interrupting its cell");
+                    run.client_gone = true;
+                    run.peer = None;
+                    let _ = sys::kill(repl.pid, libc::SIGINT);
+                    interrupted = true;
+                    deadline = Some(Instant::now() + grace);
+                }
+                continue;
+            }
             let msg = match msg {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Disconnected) => return (CellEnd::Died(None), interrupted),
@@ -635,21 +667,34 @@ impl ReplManager {
                     return (CellEnd::Killed(repl.kill()), interrupted);
                 }
             };
-            match msg {
-                ReplOut::Output(s, d) => run.send_output(s, &d),
-                ReplOut::Sentinel(s) => repl.sentinels[s as usize] += 1,
-                ReplOut::Closed(s) => repl.closed[s as usize] = true,
-                ReplOut::EventsClosed => {
-                    let exit = repl.exit.recv_timeout(EXIT_WAIT).ok();
-                    return (CellEnd::Died(exit), interrupted);
-                }
-                ReplOut::Event(DriverEvent::Done { .. }) => {
-                    got_done = true;
-                    deadline = Some(Instant::now() + SENTINEL_WAIT);
-                }
-                ReplOut::Event(ev) => self.forward_event(ev, run),
+            if let Some(exit) = self.on_message(msg, repl, run, &mut got_done, &mut deadline) {
+                return (CellEnd::Died(exit), interrupted);
             }
         }
+    }
+
+    /// Handles one message of the interpreter's; `Some` when it ended (with its exit, if
+    /// known).
+    fn on_message(
+        &self,
+        msg: ReplOut,
+        repl: &mut Repl,
+        run: &mut CellRun<'_>,
+        got_done: &mut bool,
+        deadline: &mut Option<Instant>,
+    ) -> Option<Option<ChildExit>> {
+        match msg {
+            ReplOut::Output(s, d) => run.send_output(s, &d),
+            ReplOut::Sentinel(s) => repl.sentinels[s as usize] += 1,
+            ReplOut::Closed(s) => repl.closed[s as usize] = true,
+            ReplOut::EventsClosed => return Some(repl.exit.recv_timeout(EXIT_WAIT).ok()),
+            ReplOut::Event(DriverEvent::Done { .. }) => {
+                *got_done = true;
+                *deadline = Some(Instant::now() + SENTINEL_WAIT);
+            }
+            ReplOut::Event(ev) => self.forward_event(ev, run),
+        }
+        None
     }
 
     fn forward_event(&self, ev: DriverEvent, run: &mut CellRun<'_>) {

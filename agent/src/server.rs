@@ -159,6 +159,8 @@ impl Agent {
                 return;
             }
         };
+        // A running cell watches this to learn that its client went away.
+        let peer = writer.as_raw_fd();
         let mut reader = BufReader::with_capacity(64 << 10, conn);
         let mut send = |r: Response| write_frame(&mut writer, AGENT_PROTOCOL_VERSION, &r).is_ok();
         loop {
@@ -180,11 +182,17 @@ impl Agent {
                     return;
                 }
             };
-            self.dispatch(req, &mut send);
+            self.dispatch(req, &mut send, peer);
         }
     }
 
-    fn dispatch(&self, req: Request, send: &mut dyn FnMut(Response) -> bool) {
+    /// Serves one request; `peer` is the connection it came on (for a cell to watch).
+    fn dispatch(
+        &self,
+        req: Request,
+        send: &mut dyn FnMut(Response) -> bool,
+        peer: std::os::fd::RawFd,
+    ) {
         match req {
             Request::Echo { payload } => {
                 send(Response::EchoReply(payload));
@@ -192,7 +200,7 @@ impl Agent {
             Request::Info => {
                 send(Response::Info(self.info()));
             }
-            Request::Exec(e) => self.repl.exec(&e, send),
+            Request::Exec(e) => self.repl.exec(&e, send, Some(peer)),
             Request::Shell(s) => shell::run(&s, send),
             Request::WriteFile {
                 path,

@@ -44,6 +44,19 @@ pub(crate) fn socket_idle(fd: RawFd) -> bool {
     r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
+/// Whether the peer of stream socket `fd` has closed its end (hang-up, read side shut, or
+/// an error on the socket), without waiting. Data the peer sent before does not count.
+pub(crate) fn peer_closed(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call; timeout 0.
+    let r = unsafe { libc::poll(&raw mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Sends `sig` to process `pid` (or to the process group `-pid` when `pid` is negative).
 pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: kill(2) has no memory-safety preconditions.

@@ -305,6 +305,51 @@ fn exec_interrupt_request_from_another_connection_keeps_state() {
     assert_eq!(c.exec_code("kept").unwrap().result_text(), Some("'yes'"));
 }
 
+/// A client that goes away while its cell runs (closes its connection without a word) gets
+/// the cell interrupted, as an explicit Interrupt would: the REPL keeps its state, and the
+/// next client's cell does not wait for the abandoned one to run out.
+#[test]
+fn exec_of_a_client_that_went_away_is_interrupted_and_state_kept() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    c.exec_code("kept = 'yes'").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let code = "import time\n\
+                try:\n    print('started', flush=True)\n    time.sleep(300)\n\
+                except KeyboardInterrupt:\n    abandoned = 'interrupted'";
+    let abandoned = std::thread::spawn(move || {
+        // Reads until the cell started, then drops the connection mid-cell.
+        let _ = c.exec_streaming(
+            &exec_with_timeout(code, 600_000),
+            Duration::from_secs(600),
+            |r| {
+                if matches!(r, Response::Stdout(_)) {
+                    tx.send(()).unwrap();
+                    panic!("the client goes away here");
+                }
+            },
+        );
+    });
+    rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(
+        abandoned.join().is_err(),
+        "the client thread ended by its panic"
+    );
+    // The next client is served once the abandoned cell was interrupted (well before its
+    // 300 s sleep or its 600 s timeout), and sees what the interrupt left.
+    let mut next = agent.client();
+    let out = next
+        .exec_streaming(
+            &exec_with_timeout("abandoned, kept", 60_000),
+            Duration::from_secs(120),
+            |_| {},
+        )
+        .unwrap();
+    assert!(!out.timed_out, "the next cell did not run");
+    let v = next.exec_code("abandoned, kept").unwrap();
+    assert_eq!(v.result_text(), Some("('interrupted', 'yes')"));
+}
+
 #[test]
 fn exec_second_exec_is_queued_until_the_first_ends() {
     let agent = TestAgent::start();

@@ -745,8 +745,9 @@ held.close()
 /// A guest that breaks its vsock device while the agent is in use: it unbinds the virtio-vsock
 /// driver (the device is reset under a cell in flight) and binds it again. The host's call
 /// fails promptly with an error (the VMM drops every connection of a reset device), not at its
-/// deadline; the VMM lives; once the driver is back the host reconnects and the REPL's state
-/// is still there. (Lab: the call failed 4.2 s after it started, with the unbind at 4 s.)
+/// deadline; the VMM lives; the agent interrupts the cell whose connection was lost; once
+/// the driver is back the host reconnects and the REPL's state is still there. (Lab: the
+/// call failed 4.2 s after it started, with the unbind at 4 s.)
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_vmm_a_guest_that_resets_its_vsock_device_mid_cell_fails_the_call_and_recovers() {
@@ -771,7 +772,9 @@ dev
 
     // A cell that runs for 30 s is in flight when the device goes (at 4 s).
     let t = Instant::now();
-    let res = sb.exec("import time\ntime.sleep(30)");
+    let res = sb.exec(
+        "import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    lost = 'interrupted'",
+    );
     let failed_after = t.elapsed();
     eprintln!(
         "cell in flight across the reset: {:?} after {:.1} s",
@@ -785,9 +788,13 @@ dev
     );
     assert!(sb.pid().is_some());
 
-    // The driver comes back (bounded by reconnect's own deadline); the REPL kept its state.
-    // (A cell whose connection is lost runs to its end: the next one waits for it.)
+    // The driver comes back (bounded by reconnect's own deadline); the REPL kept its state,
+    // and the agent interrupted the cell whose connection was lost (nobody could see it).
     std::thread::sleep(Duration::from_secs(5));
     sb.reconnect().unwrap();
     assert_eq!(sb.exec("kept + 1").unwrap().result_text(), Some("42"));
+    assert_eq!(
+        sb.exec("lost").unwrap().result_text(),
+        Some("'interrupted'")
+    );
 }
