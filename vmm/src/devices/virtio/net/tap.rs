@@ -10,6 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// `TUNSETIFF` (`_IOW('T', 202, int)`).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETOFFLOAD` (`_IOW('T', 208, unsigned int)`).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 /// Longest interface name (without its NUL).
@@ -35,6 +37,9 @@ pub enum TapError {
     /// `TUNSETIFF` failed (no such tap and no right to create one, or it is busy).
     #[error("attaching to tap {0:?} (TUNSETIFF)")]
     Attach(String, #[source] std::io::Error),
+    /// `TUNSETOFFLOAD` failed.
+    #[error("turning the offloads of tap {0:?} off (TUNSETOFFLOAD)")]
+    Offload(String, #[source] std::io::Error),
 }
 
 /// Opens `/dev/net/tun` non-blocking and attaches it to the tap `name`.
@@ -59,6 +64,17 @@ pub fn open(name: &str) -> Result<File, TapError> {
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReqFlags) };
     if rc < 0 {
         return Err(TapError::Attach(
+            name.to_string(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // Offloads are the device's, not this descriptor's: a tap another VMM used (QEMU turns
+    // TSO and checksum offload on) would hand us 64 KiB segments and partial checksums,
+    // which a device without them cannot give the guest. Every frame whole, checksummed.
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(0u32)) };
+    if rc < 0 {
+        return Err(TapError::Offload(
             name.to_string(),
             std::io::Error::last_os_error(),
         ));
