@@ -57,6 +57,7 @@ pub const LAB_BINARIES: &[&str] = &[
     "fissile",
     "fissiled",
     "boot_bench",
+    "net_bench",
     "agent_rtt",
     "lifecycle_bench",
     "soak",
