@@ -992,7 +992,10 @@ mod tests {
              kernel/nf/nft_ct.ko: kernel/nf/nf_conntrack.ko kernel/nf/nf_tables.ko kernel/nf/nfnetlink.ko\n\
              kernel/nf/nf_conntrack.ko:\nkernel/nf/nft_chain_nat.ko: kernel/nf/nf_nat.ko kernel/nf/nf_tables.ko\n\
              kernel/nf/nf_nat.ko: kernel/nf/nf_conntrack.ko\nkernel/nf/nft_masq.ko: kernel/nf/nf_nat.ko\n\
-             kernel/nf/nft_reject_ipv4.ko: kernel/nf/nf_tables.ko\nkernel/nf/nft_objref.ko:\n",
+             kernel/nf/nft_reject_ipv4.ko: kernel/nf/nf_tables.ko\nkernel/nf/nft_objref.ko:\n\
+             kernel/nf/nft_redir.ko: kernel/nf/nf_nat.ko\nkernel/nf/nft_connlimit.ko: \
+             kernel/nf/nf_conncount.ko kernel/nf/nf_conntrack.ko\nkernel/nf/nf_conncount.ko:\n\
+             kernel/nf/nft_limit.ko: kernel/nf/nf_tables.ko\n",
         )
         .unwrap();
         let order = module_load_order(dir.path()).unwrap();
