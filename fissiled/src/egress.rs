@@ -45,6 +45,9 @@ pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to the destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a proxied connection may carry nothing either way before it is closed (so idle
+/// connections do not hold the sandbox's connection permits for ever).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A TLS alert record: fatal, `access_denied`.
 const TLS_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
 
@@ -329,8 +332,47 @@ async fn proxy(
     if upstream.write_all(&head).await.is_err() {
         return "connect_failed";
     }
-    let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+    relay(guest, upstream, IDLE_TIMEOUT).await;
     "allowed"
+}
+
+/// Copies both ways until both sides are done, an error, or `idle` with no byte either way.
+async fn relay(guest: TcpStream, upstream: TcpStream, idle: Duration) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let started = tokio::time::Instant::now();
+    // Milliseconds since `started` of the last byte moved, either way.
+    let last = Arc::new(AtomicU64::new(0));
+    let (gr, gw) = guest.into_split();
+    let (ur, uw) = upstream.into_split();
+    let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                mut to: tokio::net::tcp::OwnedWriteHalf,
+                last: Arc<AtomicU64>| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let read = tokio::time::timeout(idle, from.read(&mut buf)).await;
+            let n = match read {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => n,
+                Err(_) => {
+                    let quiet = started.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+                    if Duration::from_millis(quiet) >= idle {
+                        break; // idle both ways
+                    }
+                    continue; // the other way is busy
+                }
+            };
+            last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let up = tokio::spawn(pump(gr, uw, last.clone()));
+    let down = pump(ur, gw, last);
+    down.await;
+    // The guest's side ends with the download; its upload half gets the same idle bound.
+    let _ = up.await;
 }
 
 /// Reads until the name is known (or there is none), at most `MAX_HEAD` bytes.

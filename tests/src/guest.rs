@@ -118,3 +118,16 @@ pub fn run_guest_suite(filter: &str, timeout: Duration) {
         "expected `{summary}` for {expected:?} (output above)"
     );
 }
+
+/// The resident memory of process `pid` in KiB (panics if it cannot be read: a test that
+/// compares memory must not compare zeroes).
+#[allow(clippy::unwrap_used)]
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use fissile_proto::net::{GATEWAY_ADDR, GUEST_ADDR};
 use fissile_sandbox::{Network, Sandbox, SandboxConfig, Snapshotd, net};
-use fissile_tests::guest::{GuestEnv, guest_env, run_guest_suite};
+use fissile_tests::guest::{GuestEnv, guest_env, rss_kib, run_guest_suite};
 
 #[test]
 fn net_suite_boots_real_guests() {
@@ -369,17 +369,6 @@ fn guest_fetches_over_virtio_net_and_its_restored_snapshot_still_does() {
     assert_eq!(server.peers.lock().unwrap().len(), 2);
     drop(restored);
     net::delete_tap(tap).unwrap();
-}
-
-/// The resident memory of process `pid` in KiB (fails the test if it cannot be read).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 /// Puts `n` copies of an Ethernet frame for the guest (from the tap's MAC, IPv4, 1514 bytes)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use fissile_proto::agent::{ShellCommand, ShellRequest};
 use fissile_proto::control::VmState;
 use fissile_sandbox::{Sandbox, SandboxConfig};
-use fissile_tests::guest::{GuestEnv, guest_env, run_guest_suite};
+use fissile_tests::guest::{GuestEnv, guest_env, rss_kib, run_guest_suite};
 
 #[test]
 fn vmm_suite_boots_real_guests() {
@@ -527,17 +527,6 @@ fn host_service(
 /// The number of open descriptors of process `pid`.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-/// The resident memory of process `pid` in KiB (fails the test if it cannot be read).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 /// Guest code floods vsock: a thousand connections to a host service that accepts and never

@@ -13,23 +13,16 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fissile_agent::{AgentClient, ReadyListener};
 use fissile_benches::in_lab;
-use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT};
 use fissile_proto::net::{GATEWAY_ADDR, GUEST_MAC};
 use fissile_sandbox::{Network, Sandbox, SandboxConfig, net};
 
 const MEM_MIB: u64 = 512;
 const TAP: &str = "fsl-nb0";
 const DOWNLOAD: usize = 64 << 20;
-/// As in boot_bench: `fissile-vmm`'s guest command line minus its own device entries.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux \
-                       i8042.dumbkbd root=/dev/vda ro rootfstype=ext4 init=/usr/sbin/fissile-agent";
-
 /// One run's figures, as the guest measured them.
 #[derive(Debug, Clone, Copy)]
 struct Figures {
@@ -118,81 +111,25 @@ fn ours(cfg: &SandboxConfig, code: &str) -> anyhow::Result<Figures> {
     f
 }
 
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32, code: &str) -> anyhow::Result<Figures> {
     let mac = GUEST_MAC
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,acpi=off", "-accel", "kvm"]);
-    cmd.args(if in_lab() {
-        ["-cpu", "host,-xsave,-avx,-avx2,-f16c,-fma"]
-    } else {
-        ["-cpu", "host"]
-    });
-    cmd.args(["-m", &format!("{MEM_MIB}M"), "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-monitor", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join("qemu-console.log").display()));
-    if Path::new("/lab/share/qemu").is_dir() {
-        cmd.args(["-L", "/lab/share/qemu"]);
+    let mut cmd = fissile_benches::qemu::microvm(kernel, rootfs, dir, cid, MEM_MIB);
+    cmd.args([
+        "-netdev",
+        &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
+    ])
+    .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
+    let (_vm, mut agent, _) = fissile_benches::qemu::start(cmd, cid)?;
+    agent.set_call_timeout(Duration::from_secs(600))?;
+    let out = agent.exec_code(code)?;
+    if let Some((e, v, _)) = out.error() {
+        bail!("guest code raised {e}: {v}");
     }
-    cmd.arg("-kernel")
-        .arg(kernel)
-        .args(["-append", CMDLINE])
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,readonly=on",
-            rootfs.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
-        ])
-        .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")])
-        .args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
-    let ready = ReadyListener::vsock(AGENT_READY_PORT).context("vsock readiness listener")?;
-    let start = Instant::now();
-    let mut child = Qemu(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn qemu-system-x86_64")?,
-    );
-    loop {
-        if let Ok(Some(status)) = child.0.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.0.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            bail!("qemu exited early ({status}): {err}");
-        }
-        if ready.wait(Duration::from_millis(100))?.is_some() {
-            let mut c = AgentClient::connect_vsock(cid, AGENT_VSOCK_PORT)?;
-            c.set_call_timeout(Duration::from_secs(600))?;
-            let out = c.exec_code(code)?;
-            if let Some((e, v, _)) = out.error() {
-                bail!("guest code raised {e}: {v}");
-            }
-            return parse(out.result_text());
-        }
-        if start.elapsed() > Duration::from_secs(180) {
-            bail!("QEMU guest agent did not answer within 180 s");
-        }
-    }
+    parse(out.result_text())
 }
 
 fn main() -> anyhow::Result<()> {
