@@ -1,4 +1,7 @@
-//! Attaching to a host tap device (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI`).
+//! Attaching to a host tap device (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`):
+//! every frame is read and written behind a 12-byte `virtio_net_hdr_v1`, the same header the
+//! guest's driver uses, so checksum and segmentation offloads pass straight through (the
+//! kernel validates what a guest writes in it).
 //!
 //! The VMM only attaches: the tap is created, addressed and brought up by whoever owns the
 //! sandbox's network namespace (the VMM runs inside it). Attaching to a tap that does not
@@ -12,8 +15,17 @@ use std::os::unix::fs::OpenOptionsExt;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `TUNSETOFFLOAD` (`_IOW('T', 208, unsigned int)`).
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ` (`_IOW('T', 216, int)`).
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// `TUN_F_CSUM`: the reader takes frames with partial checksums.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// `TUN_F_TSO4`: the reader takes TCP/IPv4 segments up to 64 KiB.
+pub const TUN_F_TSO4: u32 = 0x02;
+/// `TUN_F_TSO6`: the reader takes TCP/IPv6 segments up to 64 KiB.
+pub const TUN_F_TSO6: u32 = 0x04;
 /// Longest interface name (without its NUL).
 pub const MAX_NAME: usize = libc::IFNAMSIZ - 1;
 
@@ -38,8 +50,11 @@ pub enum TapError {
     #[error("attaching to tap {0:?} (TUNSETIFF)")]
     Attach(String, #[source] std::io::Error),
     /// `TUNSETOFFLOAD` failed.
-    #[error("turning the offloads of tap {0:?} off (TUNSETOFFLOAD)")]
+    #[error("setting the offloads of tap {0:?} (TUNSETOFFLOAD)")]
     Offload(String, #[source] std::io::Error),
+    /// `TUNSETVNETHDRSZ` failed.
+    #[error("setting the header size of tap {0:?} (TUNSETVNETHDRSZ)")]
+    HeaderSize(String, #[source] std::io::Error),
 }
 
 /// Opens `/dev/net/tun` non-blocking and attaches it to the tap `name`.
@@ -55,7 +70,7 @@ pub fn open(name: &str) -> Result<File, TapError> {
         .map_err(TapError::Open)?;
     let mut req = IfReqFlags {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -68,18 +83,31 @@ pub fn open(name: &str) -> Result<File, TapError> {
             std::io::Error::last_os_error(),
         ));
     }
-    // Offloads are the device's, not this descriptor's: a tap another VMM used (QEMU turns
-    // TSO and checksum offload on) would hand us 64 KiB segments and partial checksums,
-    // which a device without them cannot give the guest. Every frame whole, checksummed.
-    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(0u32)) };
+    let size: libc::c_int = super::HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points at `size`,
+    // alive for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &raw const size) };
     if rc < 0 {
-        return Err(TapError::Offload(
+        return Err(TapError::HeaderSize(
             name.to_string(),
             std::io::Error::last_os_error(),
         ));
     }
+    // Offloads are the device's, not this descriptor's: a tap another VMM used (QEMU turns
+    // TSO and checksum offload on) would hand us what the guest has not agreed to take. None
+    // until the guest acks some ([`set_offload`]).
+    set_offload(&file, 0).map_err(|e| TapError::Offload(name.to_string(), e))?;
     Ok(file)
+}
+
+/// Sets the offloads (`TUN_F_*`) the kernel may use in frames it hands `tap`'s reader.
+pub fn set_offload(tap: &File, flags: u32) -> std::io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
