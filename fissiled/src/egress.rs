@@ -10,7 +10,8 @@
 //!   back; any other name gets REFUSED at once. A sandbox without a way out resolves
 //!   nothing. At most [`DNS_IN_FLIGHT`] queries per sandbox at once (more are dropped, as a
 //!   busy resolver would), answers capped at [`DNS_MAX`] bytes, each upstream wait bounded.
-//!   Over UDP only: a truncated answer is passed on as it is (no TCP fallback).
+//!   Over TCP too (`GATEWAY:53`, what a resolver falls back to for a truncated answer):
+//!   forwarded over TCP, at most 16 connections per sandbox, each idle at most 10 s.
 //! * **Proxy** (`GATEWAY:15001`, TCP): connections to ports 80 and 443 are redirected here
 //!   while the policy names domains. It reads the name the connection is for (Host or SNI,
 //!   at most `MAX_HEAD` bytes within [`HEAD_TIMEOUT`]), resolves it itself through the same
@@ -39,6 +40,10 @@ use crate::metrics::Metrics;
 pub const DNS_IN_FLIGHT: usize = 64;
 /// Largest DNS message read from the guest or the upstream.
 pub const DNS_MAX: usize = 4096;
+/// Most DNS-over-TCP connections of one sandbox at once.
+pub const DNS_TCP_CONNECTIONS: usize = 16;
+/// How long a DNS-over-TCP connection may wait for its next query (or its rest).
+pub const DNS_TCP_IDLE: Duration = Duration::from_secs(10);
 /// How long the upstream resolver may take to answer.
 pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a proxied connection may take to say what it is for.
@@ -126,18 +131,27 @@ impl Service {
             .run(|| -> std::io::Result<_> {
                 let udp = std::net::UdpSocket::bind((GATEWAY_ADDR, DNS_PORT))?;
                 udp.set_nonblocking(true)?;
+                let dns_tcp = std::net::TcpListener::bind((GATEWAY_ADDR, DNS_PORT))?;
+                dns_tcp.set_nonblocking(true)?;
                 let tcp = std::net::TcpListener::bind((GATEWAY_ADDR, PROXY_PORT))?;
                 tcp.set_nonblocking(true)?;
-                Ok((udp, tcp))
+                Ok((udp, (dns_tcp, tcp)))
             })
             .map_err(std::io::Error::other)??;
+        let (dns_tcp, tcp) = tcp;
         let _rt = config.runtime.enter();
         let udp = Arc::new(UdpSocket::from_std(udp)?);
+        let dns_tcp = tokio::net::TcpListener::from_std(dns_tcp)?;
         let tcp = tokio::net::TcpListener::from_std(tcp)?;
         let dns = tokio::spawn(serve_dns(udp, policy.clone(), config.clone()));
+        let dns_over_tcp = tokio::spawn(serve_dns_tcp(dns_tcp, policy.clone(), config.clone()));
         let proxy = tokio::spawn(serve_proxy(tcp, ns, policy, config));
         Ok(Service {
-            tasks: vec![dns.abort_handle(), proxy.abort_handle()],
+            tasks: vec![
+                dns.abort_handle(),
+                dns_over_tcp.abort_handle(),
+                proxy.abort_handle(),
+            ],
         })
     }
 }
@@ -162,15 +176,82 @@ async fn serve_dns(sock: Arc<UdpSocket>, policy: Arc<PolicyCell>, config: Arc<Co
         let (sock, policy, config) = (sock.clone(), policy.clone(), config.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(reply) = answer(&query, policy.get().as_deref(), &config).await {
+            if let Some(reply) = answer(&query, policy.get().as_deref(), &config, false).await {
                 let _ = sock.send_to(&reply, from).await;
             }
         });
     }
 }
 
-/// The reply to `query` under `policy` (none: the message had no header to answer).
-async fn answer(query: &[u8], policy: Option<&EgressPolicy>, config: &Config) -> Option<Vec<u8>> {
+/// Serves DNS over TCP (what a resolver falls back to when a UDP answer was truncated):
+/// length-prefixed queries, each answered like one over UDP but forwarded over TCP, at most
+/// [`DNS_TCP_CONNECTIONS`] connections at once, each closed after [`DNS_TCP_IDLE`] without a
+/// query.
+async fn serve_dns_tcp(
+    listener: tokio::net::TcpListener,
+    policy: Arc<PolicyCell>,
+    config: Arc<Config>,
+) {
+    let open = Arc::new(Semaphore::new(DNS_TCP_CONNECTIONS));
+    loop {
+        let mut conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "dns: accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            config.metrics.dns_query("dropped");
+            continue;
+        };
+        let (policy, config) = (policy.clone(), config.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut query = vec![0u8; DNS_MAX];
+            loop {
+                let mut len = [0u8; 2];
+                let read = tokio::time::timeout(DNS_TCP_IDLE, conn.read_exact(&mut len)).await;
+                let len = match read {
+                    Ok(Ok(_)) => usize::from(u16::from_be_bytes(len)),
+                    _ => return,
+                };
+                if len == 0 || len > DNS_MAX {
+                    config.metrics.dns_query("malformed");
+                    return;
+                }
+                let read =
+                    tokio::time::timeout(DNS_TCP_IDLE, conn.read_exact(&mut query[..len])).await;
+                if !matches!(read, Ok(Ok(_))) {
+                    return;
+                }
+                let Some(reply) =
+                    answer(&query[..len], policy.get().as_deref(), &config, true).await
+                else {
+                    return;
+                };
+                let Ok(n) = u16::try_from(reply.len()) else {
+                    return;
+                };
+                let mut out = n.to_be_bytes().to_vec();
+                out.extend_from_slice(&reply);
+                if conn.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The reply to `query` under `policy` (none: the message had no header to answer),
+/// forwarded over TCP when `tcp` (the client asked over TCP: a UDP answer was truncated).
+async fn answer(
+    query: &[u8],
+    policy: Option<&EgressPolicy>,
+    config: &Config,
+    tcp: bool,
+) -> Option<Vec<u8>> {
     let q = match sniff::dns_question(query) {
         Ok(q) => q,
         Err(e) => {
@@ -185,7 +266,12 @@ async fn answer(query: &[u8], policy: Option<&EgressPolicy>, config: &Config) ->
         config.metrics.dns_query(why.as_str());
         return Some(sniff::dns_refusal(query, q.id, DnsFailure::Refused));
     }
-    match forward(query, q.id, config.dns_upstream).await {
+    let reply = if tcp {
+        forward_tcp(query, q.id, config.dns_upstream).await
+    } else {
+        forward(query, q.id, config.dns_upstream).await
+    };
+    match reply {
         Some(reply) => {
             config.metrics.dns_query("forwarded");
             Some(reply)
@@ -216,6 +302,27 @@ async fn forward(query: &[u8], id: u16, upstream: Option<SocketAddr>) -> Option<
                 return Some(buf[..n].to_vec());
             }
         }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// `query`'s answer from `upstream` over TCP (one length-prefixed exchange, at most 64 KiB
+/// back, within [`DNS_TIMEOUT`]).
+async fn forward_tcp(query: &[u8], id: u16, upstream: Option<SocketAddr>) -> Option<Vec<u8>> {
+    let upstream = upstream?;
+    let len = u16::try_from(query.len()).ok()?;
+    tokio::time::timeout(DNS_TIMEOUT, async {
+        let mut c = TcpStream::connect(upstream).await.ok()?;
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend_from_slice(query);
+        c.write_all(&out).await.ok()?;
+        let mut n = [0u8; 2];
+        c.read_exact(&mut n).await.ok()?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(n))];
+        c.read_exact(&mut reply).await.ok()?;
+        (reply.len() >= 12 && reply[..2] == id.to_be_bytes()).then_some(reply)
     })
     .await
     .ok()

@@ -1049,7 +1049,8 @@ fn guest_api_network_policies_on_create_patch_and_fork() {
 }
 
 /// The "internet" of the domain-policy test: a namespace linked to the host with, on
-/// `addr`, a DNS server (every name in `names` → its address, other names NXDOMAIN) and a
+/// `addr`, a DNS server over UDP and TCP (every name in `names` → its address, other names
+/// NXDOMAIN) and a
 /// server on ports 80 and 443 that answers HTTP with the Host it was asked for and the
 /// client's address, and a TLS ClientHello with `TLSOK`.
 fn domain_world(
@@ -1076,35 +1077,58 @@ fn domain_world(
     )
     .unwrap();
     ns.run(move || {
-        let udp = std::net::UdpSocket::bind((addr, 53)).unwrap();
-        std::thread::spawn(move || {
+        // One answer for both transports: every name in `names` → its address (A), no other
+        // records; other names NXDOMAIN.
+        let reply = std::sync::Arc::new(move |msg: &[u8]| -> Option<Vec<u8>> {
             use simple_dns::{CLASS, Packet, PacketFlag, RCODE, ResourceRecord, TYPE, rdata};
+            let q = Packet::parse(msg).ok()?;
+            let mut r = Packet::new_reply(q.id());
+            r.set_flags(PacketFlag::RECURSION_AVAILABLE);
+            let question = q.questions.first()?.clone();
+            let qname = question.qname.to_string().to_ascii_lowercase();
+            match names.iter().find(|(n, _)| *n == qname) {
+                None => *r.rcode_mut() = RCODE::NameError,
+                Some((_, ip)) if question.qtype == simple_dns::QTYPE::TYPE(TYPE::A) => {
+                    r.answers.push(ResourceRecord::new(
+                        question.qname.clone(),
+                        CLASS::IN,
+                        30,
+                        simple_dns::rdata::RData::A(rdata::A {
+                            address: u32::from(*ip),
+                        }),
+                    ));
+                }
+                Some(_) => {} // NOERROR, no records (no AAAA here)
+            }
+            r.questions.push(question);
+            r.build_bytes_vec().ok()
+        });
+        let udp = std::net::UdpSocket::bind((addr, 53)).unwrap();
+        let udp_reply = reply.clone();
+        std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok((n, from)) = udp.recv_from(&mut buf) {
-                let Ok(q) = Packet::parse(&buf[..n]) else {
-                    continue;
-                };
-                let mut r = Packet::new_reply(q.id());
-                r.set_flags(PacketFlag::RECURSION_AVAILABLE);
-                let question = q.questions[0].clone();
-                let qname = question.qname.to_string().to_ascii_lowercase();
-                let known = names.iter().find(|(n, _)| *n == qname);
-                match known {
-                    None => *r.rcode_mut() = RCODE::NameError,
-                    Some((_, ip)) if question.qtype == simple_dns::QTYPE::TYPE(TYPE::A) => {
-                        r.answers.push(ResourceRecord::new(
-                            question.qname.clone(),
-                            CLASS::IN,
-                            30,
-                            simple_dns::rdata::RData::A(rdata::A {
-                                address: u32::from(*ip),
-                            }),
-                        ));
-                    }
-                    Some(_) => {} // NOERROR, no records (no AAAA here)
+                if let Some(r) = udp_reply(&buf[..n]) {
+                    let _ = udp.send_to(&r, from);
                 }
-                r.questions.push(question);
-                let _ = udp.send_to(&r.build_bytes_vec().unwrap(), from);
+            }
+        });
+        let tcp = std::net::TcpListener::bind((addr, 53)).unwrap();
+        std::thread::spawn(move || {
+            for mut c in tcp.incoming().flatten() {
+                let mut len = [0u8; 2];
+                if c.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if c.read_exact(&mut msg).is_err() {
+                    continue;
+                }
+                if let Some(r) = reply(&msg) {
+                    let mut out = (r.len() as u16).to_be_bytes().to_vec();
+                    out.extend_from_slice(&r);
+                    let _ = c.write_all(&out);
+                }
             }
         });
         for port in [80, 443] {
@@ -1163,6 +1187,23 @@ def resolve(name):
         return socket.gethostbyname(name)
     except Exception as e:
         return type(e).__name__
+def resolve_tcp(name):
+    import struct
+    q = struct.pack(">HHHHHH", 4242, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q += struct.pack(">HH", 1, 1)
+    s = socket.create_connection(("172.31.0.1", 53), timeout=20)
+    s.sendall(struct.pack(">H", len(q)) + q)
+    data = b""
+    while len(data) < 2 or len(data) < 2 + struct.unpack(">H", data[:2])[0]:
+        d = s.recv(4096)
+        if not d:
+            return "closed"
+        data += d
+    msg = data[2:]
+    if msg[3] & 0xF:
+        return f"rcode {msg[3] & 0xF}"
+    return socket.inet_ntoa(msg[-4:])
 def tls(ip, name):
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
@@ -1238,6 +1279,9 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     exec(&d, &key, &id, json!({ "code": DOMAIN_HELPERS }));
     assert_eq!(py(&id, "resolve('cdn.files.test')"), "'192.0.2.2'");
     assert_eq!(py(&id, "resolve('blocked.test')"), "'gaierror'");
+    // Over TCP too (what a resolver falls back to for a truncated answer).
+    assert_eq!(py(&id, "resolve_tcp('files.test')"), "'192.0.2.2'");
+    assert_eq!(py(&id, "resolve_tcp('blocked.test')"), "'rcode 5'");
     let parent_hello = py(&id, "get('http://files.test/')");
     assert!(
         parent_hello.starts_with("'hello files.test from 10.200."),
