@@ -194,15 +194,7 @@ async fn serve_dns_tcp(
 ) {
     let open = Arc::new(Semaphore::new(DNS_TCP_CONNECTIONS));
     loop {
-        let mut conn = match listener.accept().await {
-            Ok((c, _)) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "dns: accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let Some((mut conn, permit)) = accept_within(&listener, &open).await else {
             config.metrics.dns_query("dropped");
             continue;
         };
@@ -358,15 +350,7 @@ async fn serve_proxy(
 ) {
     let open = Arc::new(Semaphore::new(config.max_connections.max(1)));
     loop {
-        let guest = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "proxy: accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let Some((guest, permit)) = accept_within(&listener, &open).await else {
             config.metrics.proxy_connection("connection_cap");
             continue;
         };
@@ -377,6 +361,25 @@ async fn serve_proxy(
             config.metrics.proxy_connection(verdict);
         });
     }
+}
+
+/// The next connection of `listener` with a permit from `open`; `None` when all permits are
+/// out (the connection is closed at once). A failed accept is retried after 10 ms.
+async fn accept_within(
+    listener: &tokio::net::TcpListener,
+    open: &Arc<Semaphore>,
+) -> Option<(TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    let conn = loop {
+        match listener.accept().await {
+            Ok((c, _)) => break c,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let permit = open.clone().try_acquire_owned().ok()?;
+    Some((conn, permit))
 }
 
 /// Serves one redirected connection; what became of it (the counter's label).
