@@ -2,13 +2,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use fissile_snapshotd::client::Client;
 use fissile_snapshotd::seccomp;
 use fissile_snapshotd::server::Server;
-use fissile_snapshotd::store::Store;
+use fissile_snapshotd::store::{CompactPolicy, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +39,16 @@ enum Cmd {
         /// peers of this gid are served (besides root and our own uid).
         #[arg(long)]
         vmm_gid: Option<u32>,
+        /// Compact packs while serving once those with at least `--compact-dead-percent` dead
+        /// bytes hold this many MiB of them together (0: never; `gc` does it offline).
+        #[arg(long, default_value_t = 64)]
+        compact_min_mib: u64,
+        /// Share of a pack's bytes (1-100) that must be dead before compaction rewrites it.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
+        compact_dead_percent: u8,
+        /// Seconds between compaction checks (besides the one after every delete).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        compact_interval_s: u64,
         /// The seccomp filter every thread runs under once the daemon serves: `kill` (a
         /// syscall outside it kills the daemon), `log` (the kernel logs it and lets it run;
         /// for finding what a new code path needs) or `off`.
@@ -116,11 +127,21 @@ fn main() -> anyhow::Result<()> {
             socket,
             image_cache_mib,
             vmm_gid,
+            compact_min_mib,
+            compact_dead_percent,
+            compact_interval_s,
             seccomp: mode,
         } => {
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
             let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
+            if compact_min_mib > 0 {
+                let policy = CompactPolicy {
+                    pack_dead_percent: compact_dead_percent,
+                    min_reclaim_bytes: compact_min_mib << 20,
+                };
+                server.start_compactor(policy, Duration::from_secs(compact_interval_s));
+            }
             let listener = match vmm_gid {
                 Some(gid) => server.bind_for_group(&socket, gid)?,
                 None => Server::bind(&socket)?,

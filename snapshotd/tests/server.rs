@@ -549,6 +549,59 @@ fn read_all(lazy: &LazyMemory, pages: usize) -> Vec<u8> {
 }
 
 #[test]
+fn the_daemon_compacts_packs_after_a_delete_under_its_filter_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        &[
+            "--compact-min-mib",
+            "1",
+            "--compact-dead-percent",
+            "20",
+            "--compact-interval-s",
+            "3600",
+        ],
+    );
+    let mut c = d.client();
+    // Random pages do not compress: each snapshot holds about 4 MiB of the pack.
+    let (gone, kept) = (memory(31, 1024, 0), memory(32, 1024, 7));
+    let ig = create(&mut c, &gone, CreateOptions::default());
+    let ik = create(&mut c, &kept, CreateOptions::default());
+    // A VM restored before the compaction faults half its pages in before, half after.
+    let early = LazyMemory::restore(d.client(), &ik, None).unwrap();
+    let mut buf = vec![0u8; PS];
+    for p in 0..512 {
+        early.mapping().read_at(p * PS, &mut buf);
+        assert!(buf == kept[p * PS..(p + 1) * PS], "page {p} before");
+    }
+    let before = c.stats().unwrap().pack_bytes;
+    delete_once_unused(&mut c, &ig);
+    // The delete wakes the compactor (the interval is an hour): the dead 4 MiB go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let now = c.stats().unwrap().pack_bytes;
+        if now + (3 << 20) < before {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "packs still {now} bytes (were {before}) 30 s after the delete"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        after > (3 << 20),
+        "the survivor's chunks stay ({after} bytes)"
+    );
+    assert_eq!(read_all(&early, 1024), kept);
+    assert_eq!(early.session().failure(), None);
+    let late = LazyMemory::restore(d.client(), &ik, None).unwrap();
+    assert_eq!(read_all(&late, 1024), kept);
+    // Compaction ran under the daemon's seccomp filter (`kill` by default): it lives.
+    ping_ok(&d);
+}
+
+#[test]
 fn adopted_images_serve_at_once_layer_on_their_parent_and_become_durable() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(dir.path());

@@ -21,6 +21,7 @@ use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +37,7 @@ use self::image::{Image, Images};
 use crate::fdio::FdStream;
 use crate::store::manifest::BlobRef;
 use crate::store::{
-    CreateError, CreateRequest, DeleteError, FileSource, ReadError, Store, ViewError,
+    CompactPolicy, CreateError, CreateRequest, DeleteError, FileSource, ReadError, Store, ViewError,
 };
 use crate::sys;
 
@@ -94,6 +95,8 @@ pub struct Server {
     ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
     /// Faults served by sessions that have ended (live ones add theirs).
     faults_served: Arc<AtomicU64>,
+    /// Wakes the compaction thread after a delete ([`Server::start_compactor`]).
+    compact_wake: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
 
 /// Gives a connection slot back when a connection thread ends, however it ends.
@@ -199,6 +202,7 @@ impl Server {
             pending: Mutex::new(HashMap::new()),
             ingested: Condvar::new(),
             ingest_tx: Mutex::new(Some(tx)),
+            compact_wake: Mutex::new(None),
         });
         let weak = Arc::downgrade(&server);
         let spawned = std::thread::Builder::new()
@@ -214,6 +218,52 @@ impl Server {
             tracing::error!(error = %e, "could not start the ingest thread");
         }
         server
+    }
+
+    /// Compacts the store in the background: after every delete and every `interval`, the
+    /// packs `policy` selects are rewritten, one at a time, while the daemon serves (reads go
+    /// on; an ingest or delete waits at most for the pack being rewritten).
+    pub fn start_compactor(self: &Arc<Self>, policy: CompactPolicy, interval: Duration) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("snapshotd-compact".into())
+            .spawn(move || {
+                loop {
+                    match rx.recv_timeout(interval) {
+                        Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    let Some(server) = weak.upgrade() else { return };
+                    if server.shutdown.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Err(e) = server.store.compact(&policy) {
+                        tracing::warn!(error = %crate::error_chain(&e), "compaction failed");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                *self
+                    .compact_wake
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+            }
+            Err(e) => tracing::error!(error = %e, "could not start the compaction thread"),
+        }
+    }
+
+    fn wake_compactor(&self) {
+        if let Some(tx) = self
+            .compact_wake
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            // Full: a wake-up is already queued.
+            let _ = tx.try_send(());
+        }
     }
 
     fn lock_pending(&self) -> MutexGuard<'_, HashMap<String, PendingSnapshot>> {
@@ -962,6 +1012,7 @@ impl Server {
                         };
                         Fail(code, crate::error_chain(&e))
                     })?;
+                self.wake_compactor();
                 ok(Response::Ok)
             }
             Request::Stats => {

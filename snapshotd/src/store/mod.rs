@@ -6,7 +6,7 @@
 //!     chunks     blake3 hash (32 bytes) -> ChunkEntry (pack, offset, stored_len, raw_len, refcount)
 //!     manifests  snapshot id            -> encoded Manifest (see [`manifest`])
 //!     children   parent id \0 child id  -> ""   (a snapshot with children cannot be deleted)
-//!     meta       "format", "pack.active", "pack.committed"
+//!     meta       "format", "pack.active", "pack.committed", "pack.dead" (pack -> dead bytes)
 //! ROOT/packs/NNNNNNNN.pack   append-only pack files (see [`pack`])
 //! ```
 //!
@@ -21,8 +21,11 @@
 //! A chunk's refcount is the number of manifests that reference it *directly* (each manifest
 //! counts every distinct chunk once). A layered manifest (created relative to a parent)
 //! references only its own pages and pins its parent: a snapshot with children cannot be
-//! deleted. [`Store::delete`] drops entries whose count reaches zero; [`Store::gc`] then
-//! rewrites packs that hold dead bytes.
+//! deleted. [`Store::delete`] drops entries whose count reaches zero and adds their bytes to
+//! their pack's dead count (`meta` "pack.dead", written in the same batch); [`Store::compact`]
+//! rewrites the packs whose dead share passed a [`CompactPolicy`] (the daemon runs it in the
+//! background, a pack at a time), [`Store::gc`] every pack with dead bytes (offline, and it
+//! measures the dead bytes from the index again).
 //!
 //! # Reads
 //! Every chunk read is verified against its blake3 hash; a mismatch is a [`ReadError`]
@@ -60,6 +63,7 @@ const CF_META: &str = "meta";
 const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"pack.active";
 const META_COMMITTED: &[u8] = b"pack.committed";
+const META_DEAD: &[u8] = b"pack.dead";
 /// Pages read and hashed per batch during ingest.
 const INGEST_BATCH_PAGES: usize = 256;
 
@@ -119,6 +123,9 @@ pub enum OpenError {
     /// Recovering the active pack failed.
     #[error("recovering pack files")]
     Packs(#[source] io::Error),
+    /// Measuring the packs' dead bytes (a store from before they were recorded) failed.
+    #[error("measuring dead bytes in packs")]
+    Measure(#[source] GcError),
 }
 
 /// Errors creating a snapshot.
@@ -253,6 +260,42 @@ pub enum GcError {
     /// The index holds a corrupt chunk entry.
     #[error("index entry for a chunk is corrupt")]
     CorruptEntry,
+    /// A pack holds bytes that are not records before its end; it is left as it is.
+    #[error("pack {pack} has unreadable bytes at offset {offset}; left as it is")]
+    Unreadable {
+        /// Pack number.
+        pack: u32,
+        /// Where its records stop.
+        offset: u64,
+    },
+    /// A live record does not verify; its pack is left as it is (never laundered).
+    #[error("live chunk at pack {pack} offset {offset} does not verify; pack left as it is")]
+    CorruptLive {
+        /// Pack number.
+        pack: u32,
+        /// Record offset.
+        offset: u64,
+    },
+}
+
+/// When [`Store::compact`] rewrites packs: a pack qualifies once `pack_dead_percent` of its
+/// bytes are dead, and a compaction runs once the qualifying packs together hold
+/// `min_reclaim_bytes` dead bytes (so a pack is never rewritten for a few dead records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactPolicy {
+    /// Share of a pack's bytes (percent, 1-100) that must be dead for it to be rewritten.
+    pub pack_dead_percent: u8,
+    /// Dead bytes the qualifying packs must hold together before anything is rewritten.
+    pub min_reclaim_bytes: u64,
+}
+
+impl Default for CompactPolicy {
+    fn default() -> Self {
+        CompactPolicy {
+            pack_dead_percent: 25,
+            min_reclaim_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Errors running the consistency check itself (problems found are in the report).
@@ -419,7 +462,7 @@ impl CheckReport {
     }
 }
 
-/// Result of [`Store::gc`].
+/// Result of [`Store::gc`] and [`Store::compact`].
 #[derive(Debug, Default, serde::Serialize)]
 pub struct GcReport {
     /// Packs rewritten or removed.
@@ -445,6 +488,8 @@ pub struct StoreStats {
     pub stored_bytes: u64,
     /// Pack file bytes on disk.
     pub pack_bytes: u64,
+    /// Bytes of pack files that hold no live chunk (reclaimed by compaction).
+    pub dead_bytes: u64,
 }
 
 /// Result of one ingest.
@@ -467,6 +512,8 @@ pub struct Store {
     db: DB,
     writer: Mutex<PackWriter>,
     gc_lock: RwLock<()>,
+    /// Dead bytes per pack (as recorded in `meta`); locked only while `writer` is held.
+    dead: Mutex<BTreeMap<u32, u64>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
     views: Mutex<HashMap<String, Arc<SnapshotView>>>,
     seq: AtomicU64,
@@ -571,18 +618,41 @@ impl Store {
                     .map_err(OpenError::Packs)?
             }
         };
+        let recorded = db
+            .get_cf(meta, META_DEAD)
+            .map_err(OpenError::Index)?
+            .and_then(|v| decode_dead(&v))
+            .map(|mut dead| {
+                // Packs a compaction removed after recording them as wholly dead.
+                dead.retain(|&n, _| pack::pack_path(&packs_dir, n).exists());
+                dead
+            });
         let seq = AtomicU64::new(now_ms());
-        Ok(Store {
+        let store = Store {
             packs_dir,
             db,
             writer: Mutex::new(writer),
             gc_lock: RwLock::new(()),
+            dead: Mutex::new(recorded.clone().unwrap_or_default()),
             readers: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
             seq,
             root: root.to_path_buf(),
             ingest_threads: AtomicUsize::new(default_ingest_threads()),
-        })
+        };
+        if recorded.is_none() {
+            // A new store, or one from before dead bytes were recorded: measure them once.
+            let writer = lock(&store.writer);
+            let measured = store.measure_dead(&writer).map_err(OpenError::Measure)?;
+            let mut b = WriteBatch::default();
+            b.put_cf(store.cf(CF_META), META_DEAD, encode_dead(&measured));
+            store
+                .db
+                .write_opt(b, &sync_opts())
+                .map_err(OpenError::Index)?;
+            *lock(&store.dead) = measured;
+        }
+        Ok(store)
     }
 
     /// How many threads a create uses to read, hash, look up and compress pages (at least
@@ -1073,13 +1143,18 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         let chunks = self.cf(CF_CHUNKS);
+        let mut dead = lock(&self.dead);
+        let mut now_dead = dead.clone();
         for hash in m.distinct_chunks() {
             match self.get_entry(&hash).map_err(DeleteError::Index)? {
                 Some(mut e) if e.refcount > 1 => {
                     e.refcount -= 1;
                     batch.put_cf(chunks, hash, e.encode());
                 }
-                Some(_) => batch.delete_cf(chunks, hash),
+                Some(e) => {
+                    batch.delete_cf(chunks, hash);
+                    *now_dead.entry(e.location.pack).or_default() += e.location.record_len();
+                }
                 None => {
                     tracing::warn!(snapshot = id, chunk = %hex(&hash), "referenced chunk missing")
                 }
@@ -1089,9 +1164,11 @@ impl Store {
         if let Some(p) = &m.parent {
             batch.delete_cf(children, child_key(p, id));
         }
+        batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&now_dead));
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(DeleteError::Index)?;
+        *dead = now_dead;
         lock(&self.views).remove(id);
         tracing::info!(snapshot = id, "snapshot deleted");
         Ok(())
@@ -1159,6 +1236,7 @@ impl Store {
             .iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start)
             .count() as u64;
         s.pack_bytes = self.pack_bytes().map_err(CheckError::Pack)?;
+        s.dead_bytes = self.dead_bytes();
         Ok(s)
     }
 
@@ -1288,72 +1366,178 @@ impl Store {
         Ok(rep)
     }
 
-    /// Reclaims dead chunks: rewrites every pack holding dead bytes (moving its live records
-    /// to the active pack) and removes packs with no live records.
+    /// Bytes of pack files that hold no live chunk (as recorded; [`Store::gc`] measures).
+    pub fn dead_bytes(&self) -> u64 {
+        lock(&self.dead).values().sum()
+    }
+
+    /// The packs `policy` would rewrite now and the dead bytes they hold together.
+    pub fn reclaimable(&self, policy: &CompactPolicy) -> io::Result<(Vec<u32>, u64)> {
+        let writer = lock(&self.writer);
+        let dead = lock(&self.dead);
+        let mut victims = Vec::new();
+        let mut total = 0;
+        for (&n, &d) in dead.iter() {
+            let size = if n == writer.number {
+                writer.len()
+            } else {
+                match fs::metadata(pack::pack_path(&self.packs_dir, n)) {
+                    Ok(m) => m.len(),
+                    // Already removed (the map drops it at the next open).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            if d > 0
+                && d.saturating_mul(100) >= size.saturating_mul(u64::from(policy.pack_dead_percent))
+            {
+                victims.push(n);
+                total += d;
+            }
+        }
+        Ok((victims, total))
+    }
+
+    /// Rewrites the packs `policy` selects, one at a time (ingests and deletes wait only for
+    /// the pack being rewritten), if together they hold at least its `min_reclaim_bytes`.
+    /// Reads go on throughout. What the daemon runs in the background.
+    pub fn compact(&self, policy: &CompactPolicy) -> Result<GcReport, GcError> {
+        let mut rep = GcReport {
+            bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
+            ..GcReport::default()
+        };
+        let (victims, total) = self.reclaimable(policy).map_err(GcError::Pack)?;
+        if total < policy.min_reclaim_bytes.max(1) {
+            rep.bytes_after = rep.bytes_before;
+            return Ok(rep);
+        }
+        for n in victims {
+            let mut writer = lock(&self.writer);
+            let mut dead = lock(&self.dead);
+            if !dead.contains_key(&n) {
+                continue;
+            }
+            rep.chunks_moved += self.compact_pack(&mut writer, &mut dead, n)?;
+            rep.packs_compacted += 1;
+        }
+        rep.bytes_after = self.pack_bytes().map_err(GcError::Pack)?;
+        tracing::info!(?rep, "compaction done");
+        Ok(rep)
+    }
+
+    /// Reclaims every dead byte: measures them from the index (correcting the recorded
+    /// counts), then rewrites every pack that holds any (moving its live records to the active
+    /// pack) or removes it when none is live.
     pub fn gc(&self) -> Result<GcReport, GcError> {
         let mut writer = lock(&self.writer);
         let mut rep = GcReport {
             bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
             ..GcReport::default()
         };
-        let mut live: HashMap<u32, Vec<(Hash, ChunkEntry)>> = HashMap::new();
+        let measured = self.measure_dead(&writer)?;
+        let mut dead = lock(&self.dead);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&measured));
+        self.db
+            .write_opt(batch, &sync_opts())
+            .map_err(GcError::Index)?;
+        *dead = measured;
+        let victims: Vec<u32> = dead.keys().copied().collect();
+        for n in victims {
+            rep.chunks_moved += self.compact_pack(&mut writer, &mut dead, n)?;
+            rep.packs_compacted += 1;
+        }
+        rep.bytes_after = self.pack_bytes().map_err(GcError::Pack)?;
+        tracing::info!(?rep, "gc done");
+        Ok(rep)
+    }
+
+    /// Dead bytes per pack from a scan of the index (`writer` held: nothing changes it).
+    fn measure_dead(&self, writer: &PackWriter) -> Result<BTreeMap<u32, u64>, GcError> {
+        let mut live: HashMap<u32, u64> = HashMap::new();
         for item in self
             .db
             .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
         {
-            let (k, v) = item.map_err(GcError::Index)?;
-            let hash = <Hash>::try_from(&k[..]).map_err(|_| GcError::CorruptEntry)?;
+            let (_, v) = item.map_err(GcError::Index)?;
             let e = ChunkEntry::decode(&v).ok_or(GcError::CorruptEntry)?;
-            live.entry(e.location.pack).or_default().push((hash, e));
+            *live.entry(e.location.pack).or_default() += e.location.record_len();
         }
-        // Seal the active pack if it has dead bytes, so it can be compacted too.
-        let active_live: u64 = live
-            .get(&writer.number)
-            .map_or(0, |v| v.iter().map(|(_, e)| e.location.record_len()).sum());
-        if writer.len() - PACK_HEADER_LEN > active_live {
-            self.rotate(&mut writer).map_err(GcError::Pack)?;
-        }
-        let mut victims = Vec::new();
+        let mut dead = BTreeMap::new();
         for n in self.pack_numbers().map_err(GcError::Pack)? {
-            if n == writer.number {
-                continue;
+            let size = if n == writer.number {
+                writer.len()
+            } else {
+                fs::metadata(pack::pack_path(&self.packs_dir, n))
+                    .map_err(GcError::Pack)?
+                    .len()
+            };
+            let d = size
+                .saturating_sub(PACK_HEADER_LEN)
+                .saturating_sub(live.get(&n).copied().unwrap_or(0));
+            if d > 0 {
+                dead.insert(n, d);
             }
-            let size = fs::metadata(pack::pack_path(&self.packs_dir, n))
-                .map_err(GcError::Pack)?
-                .len();
-            let live_bytes: u64 = live
-                .get(&n)
-                .map_or(0, |v| v.iter().map(|(_, e)| e.location.record_len()).sum());
-            if size - PACK_HEADER_LEN.min(size) > live_bytes {
-                victims.push(n);
-            }
+        }
+        Ok(dead)
+    }
+
+    /// Moves pack `n`'s live records (those the index points at) to the active pack, commits
+    /// their new places and the dead counts without `n`, then removes `n`. The active pack is
+    /// sealed first if it is `n`. A pack that does not scan to its end, or whose live records
+    /// do not verify, is left as it is.
+    fn compact_pack(
+        &self,
+        writer: &mut PackWriter,
+        dead: &mut BTreeMap<u32, u64>,
+        n: u32,
+    ) -> Result<u64, GcError> {
+        if n == writer.number {
+            self.rotate(writer).map_err(GcError::Pack)?;
+        }
+        let file = self.pack_file(n).map_err(GcError::Pack)?;
+        let (records, end) = pack::scan_pack(&file, n).map_err(GcError::Pack)?;
+        let size = file.metadata().map_err(GcError::Pack)?.len();
+        if end != size {
+            return Err(GcError::Unreadable {
+                pack: n,
+                offset: end,
+            });
         }
         let mut moved: Vec<(Hash, ChunkEntry)> = Vec::new();
         let mut record = Vec::new();
-        for &n in &victims {
-            let file = self.pack_file(n).map_err(GcError::Pack)?;
-            for (hash, e) in live.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
-                record.resize(e.location.record_len() as usize, 0);
-                file.read_exact_at(&mut record, e.location.offset)
-                    .map_err(GcError::Pack)?;
-                // Verify before moving so GC never launders a corrupt record.
-                let mut out = Vec::new();
-                let mut scratch = Vec::new();
-                pack::read_record(&file, &e.location, hash, &mut scratch, &mut out)
-                    .map_err(GcError::Record)?;
-                let loc = writer
-                    .append_encoded(&record, e.location.stored_len, e.location.raw_len)
-                    .map_err(GcError::Pack)?;
-                moved.push((
-                    *hash,
-                    ChunkEntry {
-                        location: loc,
-                        refcount: e.refcount,
-                    },
-                ));
+        for r in records {
+            let Some(e) = self.get_entry(&r.hash).map_err(GcError::Index)? else {
+                continue;
+            };
+            if e.location != r.location {
+                continue;
             }
+            if !r.valid {
+                return Err(GcError::CorruptLive {
+                    pack: n,
+                    offset: r.location.offset,
+                });
+            }
+            record.resize(r.location.record_len() as usize, 0);
+            file.read_exact_at(&mut record, r.location.offset)
+                .map_err(GcError::Pack)?;
+            let location = writer
+                .append_encoded(&record, r.location.stored_len, r.location.raw_len)
+                .map_err(GcError::Pack)?;
+            moved.push((
+                r.hash,
+                ChunkEntry {
+                    location,
+                    refcount: e.refcount,
+                },
+            ));
         }
         let committed = writer.sync().map_err(GcError::Pack)?;
+        // Recorded as wholly dead until it is gone: a crash before the removal leaves a pack
+        // the next compaction removes, not one nothing accounts for.
+        let mut now_dead = dead.clone();
+        now_dead.insert(n, size.saturating_sub(PACK_HEADER_LEN));
         let mut batch = WriteBatch::default();
         for (hash, e) in &moved {
             batch.put_cf(self.cf(CF_CHUNKS), hash, e.encode());
@@ -1361,6 +1545,7 @@ impl Store {
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_ACTIVE, u64::from(writer.number).to_le_bytes());
         batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
+        batch.put_cf(meta, META_DEAD, encode_dead(&now_dead));
         {
             let _g = self
                 .gc_lock
@@ -1369,20 +1554,15 @@ impl Store {
             self.db
                 .write_opt(batch, &sync_opts())
                 .map_err(GcError::Index)?;
-            let mut readers = lock(&self.readers);
-            for &n in &victims {
-                readers.remove(&n);
-                fs::remove_file(pack::pack_path(&self.packs_dir, n)).map_err(GcError::Pack)?;
-            }
+            *dead = now_dead;
+            lock(&self.readers).remove(&n);
+            fs::remove_file(pack::pack_path(&self.packs_dir, n)).map_err(GcError::Pack)?;
+            dead.remove(&n);
         }
         File::open(&self.packs_dir)
             .and_then(|d| d.sync_all())
             .map_err(GcError::Pack)?;
-        rep.packs_compacted = victims.len() as u64;
-        rep.chunks_moved = moved.len() as u64;
-        rep.bytes_after = self.pack_bytes().map_err(GcError::Pack)?;
-        tracing::info!(?rep, "gc done");
-        Ok(rep)
+        Ok(moved.len() as u64)
     }
 
     /// Starts a new active pack (recorded in the index with the next commit).
@@ -1391,6 +1571,31 @@ impl Store {
         *writer = PackWriter::create(&self.packs_dir, writer.number + 1)?;
         Ok(())
     }
+}
+
+/// `pack.dead`: (pack number u32, dead bytes u64) little-endian pairs.
+fn encode_dead(dead: &BTreeMap<u32, u64>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(dead.len() * 12);
+    for (n, d) in dead {
+        v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&d.to_le_bytes());
+    }
+    v
+}
+
+/// The inverse of [`encode_dead`]; `None` for anything malformed (then measured again).
+fn decode_dead(v: &[u8]) -> Option<BTreeMap<u32, u64>> {
+    if !v.len().is_multiple_of(12) {
+        return None;
+    }
+    v.chunks_exact(12)
+        .map(|c| {
+            Some((
+                u32::from_le_bytes(c[..4].try_into().ok()?),
+                u64::from_le_bytes(c[4..].try_into().ok()?),
+            ))
+        })
+        .collect()
 }
 
 fn child_prefix(parent: &str) -> Vec<u8> {
