@@ -97,10 +97,11 @@ impl Progress {
                         lines[lines.len().saturating_sub(30)..].join("\n")
                     };
                     eprintln!(
-                        "soak: cycle {cycle} stuck in {step:?} for {:.0} s\n--- parent vmm.log ---\n{}\n--- parent console ---\n{}",
+                        "soak: cycle {cycle} stuck in {step:?} for {:.0} s\n--- parent vmm.log ---\n{}\n--- parent console ---\n{}\n--- the parent guest's tasks (asked over a new agent connection) ---\n{}",
                         since.elapsed().as_secs_f64(),
                         tail("vmm.log"),
-                        tail("console.log")
+                        tail("console.log"),
+                        guest_tasks(&parent_dir.join("vsock.sock"))
                     );
                     std::process::exit(3);
                 }
@@ -238,4 +239,36 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  at the end:     {end:?}");
     Ok(())
+}
+
+/// What each task in the guest is blocked in (state, wait channel, syscall, kernel stack),
+/// asked of the agent over a new connection: when a cell hangs while the agent still
+/// answers, this shows where the REPL waits.
+fn guest_tasks(vsock: &std::path::Path) -> String {
+    const SCRIPT: &str = r#"for d in /proc/[0-9]*; do
+  p=${d#/proc/}
+  echo "== $p $(cat $d/comm 2>/dev/null) state=$(cut -d' ' -f3 $d/stat 2>/dev/null) wchan=$(cat $d/wchan 2>/dev/null) syscall=$(cat $d/syscall 2>/dev/null)"
+  cat $d/stack 2>/dev/null
+done
+cat /proc/loadavg /proc/uptime"#;
+    let ask = || -> anyhow::Result<String> {
+        let mut agent = fissile_agent::client::AgentClient::connect_hybrid_vsock(
+            vsock,
+            fissile_proto::agent::AGENT_VSOCK_PORT,
+        )?;
+        agent.set_call_timeout(std::time::Duration::from_secs(30))?;
+        let out = agent.shell(&fissile_proto::agent::ShellRequest {
+            command: fissile_proto::agent::ShellCommand::Script(SCRIPT.into()),
+            cwd: None,
+            env: Default::default(),
+            stdin: Vec::new(),
+            timeout_ms: Some(20_000),
+        })?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    ask().unwrap_or_else(|e| format!("could not ask the guest: {e:#}"))
 }
