@@ -245,11 +245,13 @@ fn main() -> anyhow::Result<()> {
 /// asked of the agent over a new connection: when a cell hangs while the agent still
 /// answers, this shows where the REPL waits.
 fn guest_tasks(vsock: &std::path::Path) -> String {
-    const SCRIPT: &str = r#"for d in /proc/[0-9]*; do
-  p=${d#/proc/}
-  echo "== $p $(cat $d/comm 2>/dev/null) state=$(cut -d' ' -f3 $d/stat 2>/dev/null) wchan=$(cat $d/wchan 2>/dev/null) syscall=$(cat $d/syscall 2>/dev/null)"
+    const SCRIPT: &str = r#"for d in /proc/[0-9]*/task/[0-9]*; do
+  [ -r $d/syscall ] || continue
+  case "$(cat $d/syscall 2>/dev/null)" in running|0\ 0x0\ 0x0\ 0x0\ 0x0\ 0x0\ 0x0*) continue;; esac
+  echo "== $d $(cat $d/comm 2>/dev/null) state=$(cut -d' ' -f3 $d/stat 2>/dev/null) wchan=$(cat $d/wchan 2>/dev/null) syscall=$(cat $d/syscall 2>/dev/null)"
   cat $d/stack 2>/dev/null
 done
+for f in /proc/[0-9]*/fd/*; do echo "$f -> $(readlink $f)"; done 2>/dev/null | grep -v "/proc/self\|/proc/$$/"
 cat /proc/loadavg /proc/uptime"#;
     let ask = || -> anyhow::Result<String> {
         let mut agent = fissile_agent::client::AgentClient::connect_hybrid_vsock(
