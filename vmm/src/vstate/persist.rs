@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CPUID_ENTRIES: usize = 256;
 /// Most MSRs accepted from a state blob.
 pub const MAX_MSRS: usize = 1024;
+/// KVM's async page fault MSR (`MSR_KVM_ASYNC_PF_EN`), turned off when a state is applied.
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 /// The Hyper-V synthetic MSR range.
 const HYPERV_MSRS: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
 /// kvmclock's wall-clock MSRs (old and new). Writing one makes KVM write the wall-clock
@@ -282,7 +284,17 @@ impl VcpuState {
             .map_err(vcpu_err(vcpu, "KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic)
             .map_err(vcpu_err(vcpu, "KVM_SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|e| KvmStateError::Invalid {
+        // A snapshot from before async page faults were hidden (see
+        // `arch::x86_64::cpuid::KVM_HIDDEN_ASYNC_PF`) may have them on: off from now on.
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|e| match e.index {
+                MSR_KVM_ASYNC_PF_EN => kvm_msr_entry { data: 0, ..*e },
+                _ => *e,
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| KvmStateError::Invalid {
             vcpu,
             why: format!("MSRs: {e:?}"),
         })?;

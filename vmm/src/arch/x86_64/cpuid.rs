@@ -1,5 +1,6 @@
 //! Guest CPUID: KVM's supported set, with per-vCPU APIC ids, a consistent topology (one
-//! package, one thread per core, `vcpus` cores), the hypervisor bit, and the lab quirk.
+//! package, one thread per core, `vcpus` cores), the hypervisor bit, no KVM async page
+//! faults, and the lab quirk.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -22,6 +23,15 @@ const LEAF1_ECX_F16C: u32 = 1 << 29;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF7_EBX_AVX2: u32 = 1 << 5;
+/// KVM's paravirtual feature leaf.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_ASYNC_PF, _ASYNC_PF_VMEXIT and _ASYNC_PF_INT: async page faults are hidden.
+/// With them a guest task that touches a page the host has not got yet (a lazily restored
+/// image, served by snapshotd) is parked until KVM signals "page ready"; a snapshot taken
+/// while one is parked carries a task that no KVM will ever wake once restored or merged
+/// elsewhere (seen in the soak: the REPL's connection thread stuck in D after a merge).
+/// Without them the faulting vCPU waits for the page, which snapshotd serves in microseconds.
+pub const KVM_HIDDEN_ASYNC_PF: u32 = (1 << 4) | (1 << 10) | (1 << 14);
 /// CPUID.1:ECX bits hidden by the lab quirk.
 pub const LAB_HIDDEN_LEAF1_ECX: u32 =
     LEAF1_ECX_FMA | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_AVX | LEAF1_ECX_F16C;
@@ -81,6 +91,7 @@ pub fn filter_cpuid(entries: &mut [kvm_cpuid_entry2], params: CpuidParams) {
                     }
                 }
             }
+            KVM_CPUID_FEATURES => entry.eax &= !KVM_HIDDEN_ASYNC_PF,
             0x8000_001e => {
                 // AMD extended APIC id, compute unit (core) id, node 0, one thread per core.
                 entry.eax = apic_id;
@@ -138,6 +149,22 @@ mod tests {
         assert_eq!(entries[0].ebx & 0xffff, 0x0800);
         assert_ne!(entries[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(entries[0].edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn kvm_async_page_faults_are_hidden() {
+        let mut e = vec![entry(KVM_CPUID_FEATURES, 0, 0x0100_7eff, 0, 0, 0)];
+        filter_cpuid(
+            &mut e,
+            CpuidParams {
+                vcpu_id: 0,
+                vcpus: 1,
+                hide_xsave: false,
+            },
+        );
+        assert_eq!(e[0].eax & KVM_HIDDEN_ASYNC_PF, 0);
+        // Everything else KVM offers stays (clock source, PV EOI, ...).
+        assert_eq!(e[0].eax, 0x0100_7eff & !KVM_HIDDEN_ASYNC_PF);
     }
 
     #[test]
