@@ -643,14 +643,9 @@ impl Store {
         if recorded.is_none() {
             // A new store, or one from before dead bytes were recorded: measure them once.
             let writer = lock(&store.writer);
-            let measured = store.measure_dead(&writer).map_err(OpenError::Measure)?;
-            let mut b = WriteBatch::default();
-            b.put_cf(store.cf(CF_META), META_DEAD, encode_dead(&measured));
             store
-                .db
-                .write_opt(b, &sync_opts())
-                .map_err(OpenError::Index)?;
-            *lock(&store.dead) = measured;
+                .remeasure_dead(&writer, &mut lock(&store.dead))
+                .map_err(OpenError::Measure)?;
         }
         Ok(store)
     }
@@ -1434,14 +1429,8 @@ impl Store {
             bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
             ..GcReport::default()
         };
-        let measured = self.measure_dead(&writer)?;
         let mut dead = lock(&self.dead);
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&measured));
-        self.db
-            .write_opt(batch, &sync_opts())
-            .map_err(GcError::Index)?;
-        *dead = measured;
+        self.remeasure_dead(&writer, &mut dead)?;
         let victims: Vec<u32> = dead.keys().copied().collect();
         for n in victims {
             rep.chunks_moved += self.compact_pack(&mut writer, &mut dead, n)?;
@@ -1450,6 +1439,23 @@ impl Store {
         rep.bytes_after = self.pack_bytes().map_err(GcError::Pack)?;
         tracing::info!(?rep, "gc done");
         Ok(rep)
+    }
+
+    /// Replaces the recorded dead counts with [`Store::measure_dead`]'s, durably first
+    /// (`writer` and `dead` held: nothing changes either meanwhile).
+    fn remeasure_dead(
+        &self,
+        writer: &PackWriter,
+        dead: &mut BTreeMap<u32, u64>,
+    ) -> Result<(), GcError> {
+        let measured = self.measure_dead(writer)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&measured));
+        self.db
+            .write_opt(batch, &sync_opts())
+            .map_err(GcError::Index)?;
+        *dead = measured;
+        Ok(())
     }
 
     /// Dead bytes per pack from a scan of the index (`writer` held: nothing changes it).
