@@ -38,6 +38,12 @@ impl BoundSocket {
         })
     }
 
+    /// Opens the socket to group `gid` too (`0660`, that group's): jailed peers of that gid
+    /// may connect.
+    pub fn share_with_group(&self, gid: u32) -> io::Result<()> {
+        share_with_group(&self.path, gid)
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -54,6 +60,12 @@ impl BoundSocket {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Makes the socket file at `path` `0660` and group `gid`'s (its owner stays).
+pub fn share_with_group(path: &Path, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::chown(path, None, Some(gid))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
 }
 
 /// Credentials of a unix socket's peer.

@@ -35,6 +35,8 @@ pub const DEFAULT_UID_BASE: u32 = 1_000_000;
 pub const DEFAULT_UIDS: u32 = 100_000;
 /// The gid every jailed VMM shares by default (snapshotd admits it).
 pub const DEFAULT_GID: u32 = 999_999;
+/// The uid (and gid) snapshotd runs as by default when it is jailed: none of a VMM's.
+pub const DEFAULT_SNAPSHOTD_UID: u32 = 999_998;
 /// The jail root's mount point inside a sandbox directory (empty on the host).
 const ROOT_DIR: &str = ".jail";
 
@@ -47,6 +49,9 @@ pub struct JailConfig {
     pub uids: u32,
     /// The gid of every jailed VMM.
     pub gid: u32,
+    /// The uid and gid snapshotd runs as, in a jail of its own (see
+    /// [`crate::Snapshotd::start_for`]); outside the VMMs' range and not their gid.
+    pub snapshotd_uid: u32,
 }
 
 impl Default for JailConfig {
@@ -55,6 +60,7 @@ impl Default for JailConfig {
             uid_base: DEFAULT_UID_BASE,
             uids: DEFAULT_UIDS,
             gid: DEFAULT_GID,
+            snapshotd_uid: DEFAULT_SNAPSHOTD_UID,
         }
     }
 }
@@ -62,7 +68,8 @@ impl Default for JailConfig {
 impl JailConfig {
     /// `$FISSILE_JAIL`: `on` (or `1`) jails every VMM, `off` (or `0`) does not; unset: on
     /// when this process is root (a jail needs root to set up), as a host should run.
-    /// `$FISSILE_JAIL_UID_BASE` and `$FISSILE_JAIL_GID` override the defaults.
+    /// `$FISSILE_JAIL_UID_BASE`, `$FISSILE_JAIL_GID` and `$FISSILE_JAIL_SNAPSHOTD_UID`
+    /// override the defaults.
     pub fn from_env() -> Option<JailConfig> {
         let on = match std::env::var("FISSILE_JAIL").ok().as_deref() {
             Some("1" | "on" | "yes" | "true") => true,
@@ -83,6 +90,7 @@ impl JailConfig {
             uid_base: num("FISSILE_JAIL_UID_BASE", DEFAULT_UID_BASE),
             uids: DEFAULT_UIDS,
             gid: num("FISSILE_JAIL_GID", DEFAULT_GID),
+            snapshotd_uid: num("FISSILE_JAIL_SNAPSHOTD_UID", DEFAULT_SNAPSHOTD_UID),
         })
     }
 }
@@ -324,16 +332,52 @@ fn library_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// Prepares `cmd` (a `fissile-vmm` command) to run in a jail as `uid` (see the module docs):
-/// makes `spec.dir` and its jail mount point the uid's, then installs the pre-exec hook.
-/// Install it after every other hook that needs root (cgroup, network namespace).
+/// Prepares `cmd` (a `fissile-vmm` command) to run in a jail as `uid` and the VMMs' gid
+/// (see the module docs): makes `spec.dir` and its jail mount point the uid's, then installs
+/// the pre-exec hook. Install it after every other hook that needs root (cgroup, network
+/// namespace).
 pub fn apply(
     cmd: &mut Command,
     cfg: &JailConfig,
     uid: u32,
     spec: &JailSpec,
 ) -> Result<(), JailError> {
-    let gid = cfg.gid;
+    apply_as(cmd, uid, cfg.gid, spec)
+}
+
+/// Gives `dir` and everything under it (not following symlinks) to `uid`:`gid`, skipping
+/// what already is theirs: what a jailed daemon's own directory needs when something else
+/// (an offline `gc` run by root, an older unjailed run) wrote there.
+pub fn give_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+    let io = |step: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JailError::Path { step, path, source }
+    };
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::symlink_metadata(&p).map_err(io("reading", &p))?;
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        if m.uid() != uid || m.gid() != gid {
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
+                .map_err(io("giving the jail's uid", &p))?;
+        }
+        if m.is_dir() {
+            for entry in std::fs::read_dir(&p).map_err(io("listing", &p))? {
+                let entry = entry.map_err(io("listing", &p))?;
+                // Not into a jail's mount point, which a running jail may have mounted on.
+                if entry.file_name() != ROOT_DIR {
+                    todo.push(entry.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`apply`] with any `uid` and `gid` (snapshotd's jail runs as its own of both).
+pub fn apply_as(cmd: &mut Command, uid: u32, gid: u32, spec: &JailSpec) -> Result<(), JailError> {
     let root = spec.dir.join(ROOT_DIR);
     let io = |step: &'static str, path: &Path| {
         let path = path.to_path_buf();
@@ -398,6 +442,25 @@ pub fn apply(
         cmd.pre_exec(move || enter(&steps, &root_c, &proc_dir, uid, gid));
     }
     Ok(())
+}
+
+/// Leaves `fd` open in `cmd`'s program as descriptor `target` (not close-on-exec there); it
+/// stays open here until `cmd` is dropped. Install it before [`apply`]'s hook.
+pub fn pass_fd(cmd: &mut Command, fd: std::os::fd::OwnedFd, target: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the hook runs in the child between fork and exec and only calls dup2 and fcntl
+    // (async-signal-safe) on `fd`, which the closure owns, so it is open at the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let from = fd.as_raw_fd();
+            if from == target {
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                check(libc::fcntl(from, libc::F_SETFD, 0))
+            } else {
+                check(libc::dup2(from, target))
+            }
+        });
+    }
 }
 
 fn check(rc: libc::c_int) -> std::io::Result<()> {
@@ -635,6 +698,7 @@ mod tests {
             uid_base: 5_000_000,
             uids: 2,
             gid: 1,
+            snapshotd_uid: 2,
         };
         let a = UidLease::new(&cfg).unwrap();
         let b = UidLease::new(&cfg).unwrap();

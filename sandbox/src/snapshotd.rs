@@ -10,6 +10,9 @@ use fissile_proto::pidfd::Pidfd;
 use crate::SandboxError;
 use crate::paths::find_binary;
 
+/// The descriptor a jailed snapshotd finds its listening socket on.
+const LISTEN_FD: i32 = 3;
+
 /// How long snapshotd may take to open its store and listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -36,22 +39,50 @@ impl Snapshotd {
         Self::start_for(root, socket, crate::jail::JailConfig::from_env().as_ref())
     }
 
-    /// [`Snapshotd::start`] admitting the VMMs of `jail` when given.
+    /// [`Snapshotd::start`] admitting the VMMs of `jail` when given, and then jailed itself:
+    /// it runs as `jail.snapshotd_uid` (uid and gid; no capabilities, `no_new_privs`) in a
+    /// mount namespace whose root holds only its binary, the shared libraries and its store
+    /// (given to that uid here, whatever wrote there before), with an IPC namespace of its
+    /// own. It cannot bind its socket in the caller's directory, so the caller binds it (not
+    /// replacing a live one), opens it to the VMMs' group (`0660`) and hands it over as a
+    /// descriptor (`--listen-fd`).
     pub fn start_for(
         root: &Path,
         socket: &Path,
         jail: Option<&crate::jail::JailConfig>,
     ) -> Result<Snapshotd, SandboxError> {
+        use crate::jail;
         let bin = find_binary("fissile-snapshotd")?;
         let mut cmd = Command::new(&bin);
-        if let Some(jail) = jail {
-            cmd.arg("serve").arg("--vmm-gid").arg(jail.gid.to_string());
-        } else {
-            cmd.arg("serve");
+        cmd.arg("serve");
+        let mut root = root.to_path_buf();
+        if let Some(cfg) = jail {
+            let io = |step: &'static str, path: &Path| {
+                let path = path.to_path_buf();
+                move |source| jail::JailError::Path { step, path, source }
+            };
+            std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
+            root = std::fs::canonicalize(&root).map_err(io("resolving", &root))?;
+            let uid = cfg.snapshotd_uid;
+            jail::give_tree(&root, uid, uid)?;
+            let bound = fissile_proto::uds::BoundSocket::bind(socket)
+                .and_then(|b| b.share_with_group(cfg.gid).map(|()| b))
+                .map_err(io("binding", socket))?;
+            jail::pass_fd(&mut cmd, bound.listener.into(), LISTEN_FD);
+            let spec = jail::JailSpec {
+                program: bin.clone(),
+                dir: root.clone(),
+                ..jail::JailSpec::default()
+            };
+            jail::apply_as(&mut cmd, uid, uid, &spec)?;
+            cmd.arg("--vmm-gid")
+                .arg(cfg.gid.to_string())
+                .arg("--listen-fd")
+                .arg(LISTEN_FD.to_string());
         }
         let mut child = cmd
             .arg("--root")
-            .arg(root)
+            .arg(&root)
             .arg("--socket")
             .arg(socket)
             .env(
@@ -86,7 +117,7 @@ impl Snapshotd {
         Ok(Snapshotd {
             proc: Proc::Child(child),
             socket: socket.to_path_buf(),
-            root: root.to_path_buf(),
+            root,
         })
     }
 
@@ -164,5 +195,114 @@ impl Drop for Snapshotd {
                 p.kill(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use fissile_snapshotd::client::{Client, CreateOptions, LazyMemory};
+
+    use super::*;
+    use crate::jail::JailConfig;
+
+    const PAGES: usize = 64;
+
+    fn status_field(pid: u32, key: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// A jailed snapshotd runs as its own uid without capabilities, sees nothing of the host
+    /// but its binary, libraries and store, and still does its work: stores a snapshot,
+    /// starts again over a store something else (root) wrote to, and serves a lazily
+    /// restored mapping's page faults (userfaultfd) from its jail.
+    #[test]
+    fn a_jailed_snapshotd_serves_from_its_own_uid_and_root() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the jail needs root (mount namespaces, setuid): run the tests as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let sock = dir.path().join("sd.sock");
+        std::fs::write(dir.path().join("secret"), "host only").unwrap();
+        let cfg = JailConfig {
+            uid_base: 4_000_000,
+            uids: 10,
+            gid: 3_999_999,
+            snapshotd_uid: 3_999_998,
+        };
+        let sd = Snapshotd::start_for(&store, &sock, Some(&cfg)).unwrap();
+        let pid = sd.pid();
+        assert_eq!(status_field(pid, "Uid:"), "3999998");
+        assert_eq!(status_field(pid, "Gid:"), "3999998");
+        assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+            std::fs::read_link("/proc/self/ns/mnt").unwrap()
+        );
+        let seen = |p: &Path| {
+            Path::new(&format!("/proc/{pid}/root"))
+                .join(p.strip_prefix("/").unwrap())
+                .exists()
+        };
+        assert!(!seen(&dir.path().join("secret")), "the host's files");
+        assert!(!seen(Path::new("/etc/passwd")));
+        assert!(seen(&sd.root().join("index")), "its store");
+        let meta = std::fs::metadata(&sock).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), cfg.gid, "jailed VMMs reach it by their group");
+
+        let mut memory = tempfile::tempfile().unwrap();
+        for p in 0..PAGES {
+            memory.write_all(&[p as u8 ^ 0x5a; 4096]).unwrap();
+        }
+        let mut client = Client::connect(&sock).unwrap();
+        let id = client
+            .create_snapshot(
+                &memory,
+                &CreateOptions {
+                    memory_size: (PAGES * 4096) as u64,
+                    ..CreateOptions::default()
+                },
+            )
+            .unwrap();
+        drop(client);
+        let root = sd.root().to_path_buf();
+        drop(sd);
+        // What an offline run as root leaves: a file of the store only root may read.
+        let current = root.join("index").join("CURRENT");
+        std::os::unix::fs::chown(&current, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&current, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        let sd = Snapshotd::start_for(&store, &sock, Some(&cfg)).unwrap();
+        assert_eq!(
+            std::fs::metadata(&current).unwrap().uid(),
+            cfg.snapshotd_uid
+        );
+        let lazy = LazyMemory::restore(Client::connect(&sock).unwrap(), &id, None).unwrap();
+        for p in 0..PAGES {
+            assert_eq!(
+                lazy.mapping().touch(p * 4096 + 17),
+                p as u8 ^ 0x5a,
+                "page {p}"
+            );
+        }
+        assert_eq!(lazy.session().failure(), None);
+        drop(lazy);
+        drop(sd);
     }
 }

@@ -39,6 +39,11 @@ enum Cmd {
         /// peers of this gid are served (besides root and our own uid).
         #[arg(long)]
         vmm_gid: Option<u32>,
+        /// Serve on this inherited descriptor, a unix socket the spawner already bound at
+        /// `--socket` and made reachable (a jailed snapshotd cannot bind there itself)
+        /// instead of binding `--socket`.
+        #[arg(long)]
+        listen_fd: Option<i32>,
         /// Compact packs while serving once those with at least `--compact-dead-percent` dead
         /// bytes hold this many MiB of them together (0: never; `gc` does it offline).
         #[arg(long, default_value_t = 64)]
@@ -127,11 +132,19 @@ fn main() -> anyhow::Result<()> {
             socket,
             image_cache_mib,
             vmm_gid,
+            listen_fd,
             compact_min_mib,
             compact_dead_percent,
             compact_interval_s,
             seccomp: mode,
         } => {
+            // Taken first, before anything opens a descriptor that could be mistaken for it.
+            let inherited = listen_fd
+                .map(|fd| {
+                    fissile_snapshotd::sys::inherited_listener(fd, &socket)
+                        .with_context(|| format!("--listen-fd {fd}"))
+                })
+                .transpose()?;
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
             let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
@@ -142,9 +155,15 @@ fn main() -> anyhow::Result<()> {
                 };
                 server.start_compactor(policy, Duration::from_secs(compact_interval_s));
             }
-            let listener = match vmm_gid {
-                Some(gid) => server.bind_for_group(&socket, gid)?,
-                None => Server::bind(&socket)?,
+            let listener = match (inherited, vmm_gid) {
+                (Some(listener), gid) => {
+                    if let Some(gid) = gid {
+                        server.admit_group(gid);
+                    }
+                    listener
+                }
+                (None, Some(gid)) => server.bind_for_group(&socket, gid)?,
+                (None, None) => Server::bind(&socket)?,
             };
             seccomp::install(mode)?;
             tracing::info!(root = %root.display(), socket = %socket.display(), seccomp = ?mode, "snapshotd serving");

@@ -250,3 +250,50 @@ pub fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Takes the listening unix socket a spawner left open as descriptor `fd` (`serve
+/// --listen-fd`), checking that it is one and that it is bound at `path`; it is made
+/// close-on-exec. Call it once, at start, before anything else could own `fd`.
+pub fn inherited_listener(
+    fd: RawFd,
+    path: &std::path::Path,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    if fd < 3 {
+        return Err(invalid(format!("descriptor {fd} is a standard stream")));
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let int_opt = |opt: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid for writes and `len` holds the size of `v`.
+        let r =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &mut len) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(v)
+    };
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX || int_opt(libc::SO_ACCEPTCONN)? != 1 {
+        return Err(invalid(format!(
+            "descriptor {fd} is not a listening unix socket"
+        )));
+    }
+    // SAFETY: `fd` is open (checked above) and was inherited at exec: nothing in this process
+    // opened it, so nothing else owns it, and the caller takes it once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned)?;
+    let listener = std::os::unix::net::UnixListener::from(owned);
+    let addr = listener.local_addr()?;
+    if addr.as_pathname() != Some(path) {
+        return Err(invalid(format!(
+            "descriptor {fd} listens at {:?}, not at {}",
+            addr.as_pathname(),
+            path.display()
+        )));
+    }
+    Ok(listener)
+}

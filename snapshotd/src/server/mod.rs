@@ -468,12 +468,16 @@ impl Server {
         gid: u32,
     ) -> Result<UnixListener, ServeError> {
         let listener = Self::bind(path)?;
-        let err = |e| ServeError::Bind(path.display().to_string(), e);
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
-            .map_err(err)?;
-        let _ = self.vmm_gid.set(gid);
+        fissile_proto::uds::share_with_group(path, gid)
+            .map_err(|e| ServeError::Bind(path.display().to_string(), e))?;
+        self.admit_group(gid);
         Ok(listener)
+    }
+
+    /// Admits peers of gid `gid` (jailed VMMs) besides root and our own uid, on a listener
+    /// made elsewhere (`serve --listen-fd`: the spawner bound the socket for that group).
+    pub fn admit_group(&self, gid: u32) {
+        let _ = self.vmm_gid.set(gid);
     }
 
     /// Accepts connections forever (until [`Server::shutdown`]).
