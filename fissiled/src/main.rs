@@ -387,6 +387,12 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    // The stop signals are caught from before the readiness line: a supervisor that stops
+    // the daemon right after it must get the graceful stop (sandboxes and snapshotd stopped,
+    // spaces persisted), not the default action, which leaves them running.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
     tracing::info!(%listen, "fissiled serving");
     // Readiness line for supervisors and tests.
     println!("READY {}", listener.local_addr()?);
@@ -397,12 +403,10 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
         }
     });
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
     };
     // Lifecycle timers (idle timeouts, lifetime limits) and warm pool refills, every second.
