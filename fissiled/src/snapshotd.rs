@@ -50,10 +50,19 @@ impl SnapshotdService {
         let mut adopted = None;
         if let Some(pid) = earlier {
             match Snapshotd::adopt(pid, &state_dir.join("store"), &socket) {
-                Ok(sd) => {
-                    tracing::info!(pid, "re-adopted the running snapshotd");
-                    adopted = Some(sd);
-                }
+                Ok(sd) => match jail.as_ref().and_then(|cfg| misfit(pid, cfg)) {
+                    None => {
+                        tracing::info!(pid, "re-adopted the running snapshotd");
+                        adopted = Some(sd);
+                    }
+                    Some(why) => {
+                        // Started by an earlier version or configuration: jailed VMMs could
+                        // not reach it, or it runs with more privilege than it should. The
+                        // restored VMMs it pages for fail, as after any snapshotd restart.
+                        tracing::warn!(pid, why, "replacing the running snapshotd");
+                        drop(sd);
+                    }
+                },
                 Err(e) => {
                     tracing::info!(error = %fissile_proto::error_chain(&e), "starting a new snapshotd");
                     kill_stale(pid, "fissile-snapshotd", &socket);
@@ -107,6 +116,33 @@ impl SnapshotdService {
         self.restarts.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
+}
+
+/// Why the running snapshotd `pid` does not fit `cfg` (it must run as its jail's uid and
+/// admit the VMMs' gid), or `None` when it does.
+fn misfit(pid: u32, cfg: &JailConfig) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u32>().ok());
+    if uid != Some(cfg.snapshotd_uid) {
+        return Some(format!(
+            "it runs as uid {uid:?}, not in its jail as {}",
+            cfg.snapshotd_uid
+        ));
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let gid = cfg.gid.to_string();
+    if !args
+        .windows(2)
+        .any(|w| w[0] == b"--vmm-gid" && w[1] == gid.as_bytes())
+    {
+        return Some(format!("it does not admit the VMMs' gid {gid}"));
+    }
+    None
 }
 
 /// Starts a snapshotd on `state_dir`'s store and records its pid in `snapshotd.pid` (what a

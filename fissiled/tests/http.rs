@@ -278,3 +278,71 @@ fn a_killed_snapshotd_is_started_again_and_counted() {
         "the killed one was reaped"
     );
 }
+
+/// A snapshotd an earlier run left that does not fit the jail (it runs as root and admits no
+/// VMM group, as an older fissiled started it) is replaced at start by a jailed one; a jailed
+/// one left by a daemon killed with -9 is re-adopted as it is.
+#[test]
+fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let sock = state.join("snapshotd.sock");
+    let sd_bin = fissile_sandbox::paths::find_binary("fissile-snapshotd").unwrap();
+    let mut old = std::process::Command::new(sd_bin)
+        .arg("serve")
+        .arg("--root")
+        .arg(state.join("store"))
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(old.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(ready.starts_with("READY"), "{ready:?}");
+    std::fs::write(state.join("snapshotd.pid"), format!("{}\n", old.id())).unwrap();
+
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
+    let env = [("FISSILE_JAIL", "on")];
+    let mut d = Fissiled::serve_without_guests(bin, &state, &env).unwrap();
+    let pid_of = || -> u32 {
+        std::fs::read_to_string(state.join("snapshotd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let jailed = pid_of();
+    assert_ne!(jailed, old.id(), "the unjailed one was adopted");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while old.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unjailed snapshotd still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
+    let uid = fissile_sandbox::jail::DEFAULT_SNAPSHOTD_UID;
+    assert!(
+        status.lines().any(
+            |l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&*uid.to_string())
+        ),
+        "{status}"
+    );
+    let cmdline = std::fs::read(format!("/proc/{jailed}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("--listen-fd 3"), "{cmdline}");
+    fissile_snapshotd::client::Client::connect(&sock)
+        .and_then(|mut c| c.ping())
+        .unwrap();
+
+    d.kill_hard().unwrap();
+    let d = Fissiled::serve_without_guests(bin, &state, &env).unwrap();
+    assert_eq!(pid_of(), jailed, "the jailed one was not re-adopted");
+    drop(d);
+}
