@@ -86,9 +86,19 @@ impl Progress {
         let at = Arc::new(std::sync::Mutex::new((0, "start", Instant::now())));
         let seen = at.clone();
         std::thread::spawn(move || {
+            let mut told = 0;
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(5));
                 let (cycle, step, since) = *seen.lock().unwrap_or_else(|p| p.into_inner());
+                // A line a minute while a step is slow: if these stop too, the machine
+                // running the soak (the lab) stopped, not only the sandbox.
+                let minutes = since.elapsed().as_secs() / 60;
+                if minutes > told {
+                    told = minutes;
+                    eprintln!("soak: cycle {cycle} in {step:?} for {minutes} min");
+                } else if minutes < told {
+                    told = 0;
+                }
                 if since.elapsed() > STUCK {
                     let tail = |name: &str| {
                         let text =
@@ -97,11 +107,23 @@ impl Progress {
                         lines[lines.len().saturating_sub(30)..].join("\n")
                     };
                     eprintln!(
-                        "soak: cycle {cycle} stuck in {step:?} for {:.0} s\n--- parent vmm.log ---\n{}\n--- parent console ---\n{}\n--- the parent guest's tasks (asked over a new agent connection) ---\n{}",
+                        "soak: cycle {cycle} stuck in {step:?} for {:.0} s\n--- parent vmm.log ---\n{}\n--- parent console ---\n{}",
                         since.elapsed().as_secs_f64(),
                         tail("vmm.log"),
                         tail("console.log"),
-                        guest_tasks(&parent_dir.join("vsock.sock"))
+                    );
+                    // Asked on a thread of its own, so a guest that does not answer cannot
+                    // keep the report (and the exit) from happening.
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let vsock = parent_dir.join("vsock.sock");
+                    std::thread::spawn(move || {
+                        let _ = tx.send(guest_tasks(&vsock));
+                    });
+                    let tasks = rx
+                        .recv_timeout(std::time::Duration::from_secs(90))
+                        .unwrap_or_else(|_| "no answer within 90 s".into());
+                    eprintln!(
+                        "--- the parent guest's tasks (asked over a new agent connection) ---\n{tasks}"
                     );
                     std::process::exit(3);
                 }
