@@ -82,7 +82,9 @@ struct Progress {
 const STUCK: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Progress {
-    fn watch(parent_dir: std::path::PathBuf) -> Progress {
+    /// Watches the steps; a stuck one is reported with the parent's logs, the host-side
+    /// tasks of `pids` (the parent VMM's and snapshotd's) and the guest's own tasks.
+    fn watch(parent_dir: std::path::PathBuf, pids: Vec<u32>) -> Progress {
         let at = Arc::new(std::sync::Mutex::new((0, "start", Instant::now())));
         let seen = at.clone();
         std::thread::spawn(move || {
@@ -112,6 +114,9 @@ impl Progress {
                         tail("vmm.log"),
                         tail("console.log"),
                     );
+                    for pid in &pids {
+                        eprintln!("--- host tasks of pid {pid} ---\n{}", host_tasks(*pid));
+                    }
                     // Asked on a thread of its own, so a guest that does not answer cannot
                     // keep the report (and the exit) from happening.
                     let (tx, rx) = std::sync::mpsc::channel();
@@ -192,7 +197,7 @@ fn main() -> anyhow::Result<()> {
     let mut old: VecDeque<String> = VecDeque::new();
     let mut start = None;
     let t0 = Instant::now();
-    let progress = Progress::watch(parent.dir().to_path_buf());
+    let progress = Progress::watch(parent.dir().to_path_buf(), vec![vmm, sd_pid]);
     for cycle in 1..=cycles {
         progress.step(cycle, "snapshot");
         let s = parent.snapshot(false)?;
@@ -266,6 +271,34 @@ fn main() -> anyhow::Result<()> {
 /// What each task in the guest is blocked in (state, wait channel, syscall, kernel stack),
 /// asked of the agent over a new connection: when a cell hangs while the agent still
 /// answers, this shows where the REPL waits.
+/// Each thread of process `pid` on this host: name, state, wait channel, system call and
+/// kernel stack (what a VMM or snapshotd thread is blocked in).
+fn host_tasks(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("pid {pid} is gone");
+    };
+    let mut out = String::new();
+    for t in tasks.flatten() {
+        let d = t.path();
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        out.push_str(&format!(
+            "== {} {} state={state} wchan={} syscall={}\n{}",
+            d.display(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("syscall").trim(),
+            read("stack"),
+        ));
+    }
+    out
+}
+
 fn guest_tasks(vsock: &std::path::Path) -> String {
     const SCRIPT: &str = r#"for d in /proc/[0-9]*/task/[0-9]*; do
   [ -r $d/syscall ] || continue
