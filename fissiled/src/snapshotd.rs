@@ -121,7 +121,11 @@ impl SnapshotdService {
 /// Why the running snapshotd `pid` does not fit `cfg` (it must run as its jail's uid and
 /// admit the VMMs' gid), or `None` when it does.
 fn misfit(pid: u32, cfg: &JailConfig) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let unreadable = |what: &str, e: std::io::Error| Some(format!("its {what}: {e}"));
+    let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(s) => s,
+        Err(e) => return unreadable("status", e),
+    };
     let uid = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -133,7 +137,10 @@ fn misfit(pid: u32, cfg: &JailConfig) -> Option<String> {
             cfg.snapshotd_uid
         ));
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(c) => c,
+        Err(e) => return unreadable("command line", e),
+    };
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     let gid = cfg.gid.to_string();
     if !args

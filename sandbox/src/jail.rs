@@ -22,6 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
+use std::os::fd::FromRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
@@ -92,6 +93,25 @@ impl JailConfig {
             gid: num("FISSILE_JAIL_GID", DEFAULT_GID),
             snapshotd_uid: num("FISSILE_JAIL_SNAPSHOTD_UID", DEFAULT_SNAPSHOTD_UID),
         })
+    }
+}
+
+impl JailConfig {
+    /// Refuses a snapshotd uid that a VMM could share (inside the VMMs' range, their gid) or
+    /// root: a VMM with snapshotd's uid would pass its peer check as snapshotd itself.
+    pub fn check(&self) -> Result<(), JailError> {
+        let u = self.snapshotd_uid;
+        let in_range = u >= self.uid_base && u - self.uid_base < self.uids;
+        if u == 0 || in_range || u == self.gid {
+            return Err(JailError::Config(format!(
+                "snapshotd's uid {u} must not be root, the VMMs' gid {} or within their uids \
+                 {}..{}",
+                self.gid,
+                self.uid_base,
+                self.uid_base.saturating_add(self.uids)
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -191,6 +211,9 @@ pub enum JailError {
     /// A path is not absolute or holds a NUL byte.
     #[error("jail: path {0} is not absolute, or holds `..` or a NUL byte")]
     BadPath(PathBuf),
+    /// The configuration is unsafe.
+    #[error("jail: {0}")]
+    Config(String),
 }
 
 /// One step of the hook, prepared before the fork.
@@ -345,32 +368,133 @@ pub fn apply(
     apply_as(cmd, uid, cfg.gid, spec)
 }
 
-/// Gives `dir` and everything under it (not following symlinks) to `uid`:`gid`, skipping
-/// what already is theirs: what a jailed daemon's own directory needs when something else
-/// (an offline `gc` run by root, an older unjailed run) wrote there.
+/// Gives `dir` and everything under it to `uid`:`gid`, skipping what already is theirs:
+/// what a jailed daemon's own directory needs when something else (an offline `gc` run by
+/// root, an older unjailed run) wrote there. The walk goes by open directory descriptors and
+/// never follows a symlink nor leaves `dir`'s file system, so an entry the jailed uid swaps
+/// for a symlink meanwhile cannot make it change anything outside `dir`.
 pub fn give_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+    let c = cstr(dir)?;
+    let fail = |step: &'static str| JailError::Path {
+        step,
+        path: dir.to_path_buf(),
+        source: std::io::Error::last_os_error(),
+    };
+    // SAFETY: `c` is NUL-terminated; the descriptor returned is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(fail("opening"));
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let st = fstat(&fd).map_err(|source| JailError::Path {
+        step: "reading",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    give_dir(&fd, st.st_dev, uid, gid, dir, 0)
+}
+
+/// Deepest directory [`give_tree`] descends into (a store is a few levels deep).
+const GIVE_MAX_DEPTH: u32 = 32;
+
+fn fstat(fd: &std::os::fd::OwnedFd) -> std::io::Result<libc::stat> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is valid for writes; the descriptor is open for the call.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// [`give_tree`]'s step: the directory open as `dir` (at `path`, for messages).
+fn give_dir(
+    dir: &std::os::fd::OwnedFd,
+    dev: libc::dev_t,
+    uid: u32,
+    gid: u32,
+    path: &Path,
+    depth: u32,
+) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
     let io = |step: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| JailError::Path { step, path, source }
     };
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        let m = std::fs::symlink_metadata(&p).map_err(io("reading", &p))?;
-        if m.file_type().is_symlink() {
+    let st = fstat(dir).map_err(io("reading", path))?;
+    if st.st_uid != uid || st.st_gid != gid {
+        // SAFETY: plain integers on an open descriptor.
+        check(unsafe { libc::fchown(dir.as_raw_fd(), uid, gid) })
+            .map_err(io("giving the jail's uid", path))?;
+    }
+    if depth >= GIVE_MAX_DEPTH {
+        return Ok(());
+    }
+    // The names, listed through the descriptor (never by walking the path again).
+    let listing = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    for entry in std::fs::read_dir(&listing).map_err(io("listing", path))? {
+        let entry = entry.map_err(io("listing", path))?;
+        let name = entry.file_name();
+        if name == ROOT_DIR {
             continue;
         }
-        if m.uid() != uid || m.gid() != gid {
-            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
-                .map_err(io("giving the jail's uid", &p))?;
+        let child = path.join(&name);
+        let c = CString::new(name.as_bytes()).map_err(|_| JailError::BadPath(child.clone()))?;
+        // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is NUL-terminated, `st` valid for writes, `dir` open.
+        let r = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r < 0 {
+            // Removed meanwhile: nothing to give.
+            continue;
         }
-        if m.is_dir() {
-            for entry in std::fs::read_dir(&p).map_err(io("listing", &p))? {
-                let entry = entry.map_err(io("listing", &p))?;
-                // Not into a jail's mount point, which a running jail may have mounted on.
-                if entry.file_name() != ROOT_DIR {
-                    todo.push(entry.path());
-                }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFLNK || st.st_dev != dev {
+            continue;
+        }
+        if kind == libc::S_IFDIR {
+            // SAFETY: as above; O_NOFOLLOW refuses a symlink swapped in since the fstatat.
+            let fd = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                continue;
             }
+            // SAFETY: `fd` was just opened and nothing else owns it.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            if fstat(&fd).is_ok_and(|s| s.st_dev == dev) {
+                give_dir(&fd, dev, uid, gid, &child, depth + 1)?;
+            }
+        } else if st.st_uid != uid || st.st_gid != gid {
+            // AT_SYMLINK_NOFOLLOW: a symlink swapped in meanwhile is changed itself, not
+            // what it names.
+            // SAFETY: as above.
+            check(unsafe {
+                libc::fchownat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map_err(io("giving the jail's uid", &child))?;
         }
     }
     Ok(())
@@ -391,7 +515,8 @@ pub fn apply_as(cmd: &mut Command, uid: u32, gid: u32, spec: &JailSpec) -> Resul
     for entry in std::fs::read_dir(&spec.dir).map_err(io("listing", &spec.dir))? {
         let entry = entry.map_err(io("listing", &spec.dir))?;
         if entry.file_type().is_ok_and(|t| t.is_socket()) {
-            std::os::unix::fs::chown(entry.path(), Some(uid), Some(gid))
+            // lchown: an entry swapped for a symlink meanwhile is not followed.
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))
                 .map_err(io("giving the jail's uid", &entry.path()))?;
         }
     }
@@ -444,23 +569,18 @@ pub fn apply_as(cmd: &mut Command, uid: u32, gid: u32, spec: &JailSpec) -> Resul
     Ok(())
 }
 
-/// Leaves `fd` open in `cmd`'s program as descriptor `target` (not close-on-exec there); it
-/// stays open here until `cmd` is dropped. Install it before [`apply`]'s hook.
-pub fn pass_fd(cmd: &mut Command, fd: std::os::fd::OwnedFd, target: std::os::fd::RawFd) {
+/// Leaves `fd` open in `cmd`'s program, under its own number (returned), by clearing
+/// close-on-exec in the child only; it stays open here until `cmd` is dropped. (Not moved to
+/// a fixed number: `dup2` there could close a descriptor the spawn itself still uses.)
+pub fn pass_fd(cmd: &mut Command, fd: std::os::fd::OwnedFd) -> std::os::fd::RawFd {
     use std::os::fd::AsRawFd;
-    // SAFETY: the hook runs in the child between fork and exec and only calls dup2 and fcntl
+    let n = fd.as_raw_fd();
+    // SAFETY: the hook runs in the child between fork and exec and only calls fcntl
     // (async-signal-safe) on `fd`, which the closure owns, so it is open at the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            let from = fd.as_raw_fd();
-            if from == target {
-                // dup2 onto itself would keep close-on-exec: clear it instead.
-                check(libc::fcntl(from, libc::F_SETFD, 0))
-            } else {
-                check(libc::dup2(from, target))
-            }
-        });
+        cmd.pre_exec(move || check(libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0)));
     }
+    n
 }
 
 fn check(rc: libc::c_int) -> std::io::Result<()> {
@@ -690,6 +810,45 @@ mod tests {
             std::fs::read_to_string(sandbox.join("out")).unwrap(),
             "ok\n"
         );
+    }
+
+    /// The walk gives every file and directory under the root to the uid, but neither what a
+    /// symlink inside names nor anything outside.
+    #[test]
+    fn give_tree_changes_the_tree_and_follows_no_symlink() {
+        assert!(is_root(), "chown needs root: run the tests as root");
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "host").unwrap();
+        let outside_dir = dir.path().join("outside-dir");
+        std::fs::create_dir(&outside_dir).unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).unwrap();
+        std::fs::write(tree.join("a/b/file"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(&outside_dir, tree.join("dirlink")).unwrap();
+        give_tree(&tree, 4_242_424, 4_242_425).unwrap();
+        for p in ["", "a", "a/b", "a/b/file"] {
+            let m = std::fs::symlink_metadata(tree.join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4_242_424, 4_242_425), "{p}");
+        }
+        for p in [&outside, &outside_dir] {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (0, 0), "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn a_snapshotd_uid_a_vmm_could_share_is_refused() {
+        let ok = JailConfig::default();
+        ok.check().unwrap();
+        for bad in [0, ok.gid, ok.uid_base, ok.uid_base + ok.uids - 1] {
+            let cfg = JailConfig {
+                snapshotd_uid: bad,
+                ..ok.clone()
+            };
+            assert!(matches!(cfg.check(), Err(JailError::Config(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -10,9 +10,6 @@ use fissile_proto::pidfd::Pidfd;
 use crate::SandboxError;
 use crate::paths::find_binary;
 
-/// The descriptor a jailed snapshotd finds its listening socket on.
-const LISTEN_FD: i32 = 3;
-
 /// How long snapshotd may take to open its store and listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -45,7 +42,7 @@ impl Snapshotd {
     /// (given to that uid here, whatever wrote there before), with an IPC namespace of its
     /// own. It cannot bind its socket in the caller's directory, so the caller binds it (not
     /// replacing a live one), opens it to the VMMs' group (`0660`) and hands it over as a
-    /// descriptor (`--listen-fd`).
+    /// descriptor (`--listen-fd`, under the number it has here).
     pub fn start_for(
         root: &Path,
         socket: &Path,
@@ -61,14 +58,17 @@ impl Snapshotd {
                 let path = path.to_path_buf();
                 move |source| jail::JailError::Path { step, path, source }
             };
+            cfg.check()?;
             std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
             root = std::fs::canonicalize(&root).map_err(io("resolving", &root))?;
             let uid = cfg.snapshotd_uid;
             jail::give_tree(&root, uid, uid)?;
-            let bound = fissile_proto::uds::BoundSocket::bind(socket)
-                .and_then(|b| b.share_with_group(cfg.gid).map(|()| b))
-                .map_err(io("binding", socket))?;
-            jail::pass_fd(&mut cmd, bound.listener.into(), LISTEN_FD);
+            let bound =
+                fissile_proto::uds::BoundSocket::bind(socket).map_err(io("binding", socket))?;
+            bound
+                .share_with_group(cfg.gid)
+                .map_err(io("opening to the VMMs' group", socket))?;
+            let listen_fd = jail::pass_fd(&mut cmd, bound.listener.into());
             let spec = jail::JailSpec {
                 program: bin.clone(),
                 dir: root.clone(),
@@ -78,7 +78,7 @@ impl Snapshotd {
             cmd.arg("--vmm-gid")
                 .arg(cfg.gid.to_string())
                 .arg("--listen-fd")
-                .arg(LISTEN_FD.to_string());
+                .arg(listen_fd.to_string());
         }
         let mut child = cmd
             .arg("--root")

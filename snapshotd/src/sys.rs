@@ -277,9 +277,12 @@ pub fn inherited_listener(
         }
         Ok(v)
     };
-    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX || int_opt(libc::SO_ACCEPTCONN)? != 1 {
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX
+        || int_opt(libc::SO_TYPE)? != libc::SOCK_STREAM
+        || int_opt(libc::SO_ACCEPTCONN)? != 1
+    {
         return Err(invalid(format!(
-            "descriptor {fd} is not a listening unix socket"
+            "descriptor {fd} is not a listening unix stream socket"
         )));
     }
     // SAFETY: `fd` is open (checked above) and was inherited at exec: nothing in this process
