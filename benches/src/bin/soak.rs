@@ -84,7 +84,7 @@ const STUCK: std::time::Duration = std::time::Duration::from_secs(300);
 impl Progress {
     /// Watches the steps; a stuck one is reported with the parent's logs, the host-side
     /// tasks of `pids` (the parent VMM's and snapshotd's) and the guest's own tasks.
-    fn watch(parent_dir: std::path::PathBuf, pids: Vec<u32>) -> Progress {
+    fn watch(parent_dir: std::path::PathBuf, api: std::path::PathBuf, pids: Vec<u32>) -> Progress {
         let at = Arc::new(std::sync::Mutex::new((0, "start", Instant::now())));
         let seen = at.clone();
         std::thread::spawn(move || {
@@ -117,6 +117,17 @@ impl Progress {
                     for pid in &pids {
                         eprintln!("--- host tasks of pid {pid} ---\n{}", host_tasks(*pid));
                     }
+                    // Whether the parent's vCPU leaves the guest (exits to the VMM) while
+                    // it does not answer: its exit counts 2 s apart, from `status`.
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let sock = api.clone();
+                    std::thread::spawn(move || {
+                        let _ = tx.send(vcpu_exit_rate(&sock));
+                    });
+                    let exits = rx
+                        .recv_timeout(std::time::Duration::from_secs(30))
+                        .unwrap_or_else(|_| "no status within 30 s".into());
+                    eprintln!("--- the parent's vCPU exits ---\n{exits}");
                     // Asked on a thread of its own, so a guest that does not answer cannot
                     // keep the report (and the exit) from happening.
                     let (tx, rx) = std::sync::mpsc::channel();
@@ -197,7 +208,11 @@ fn main() -> anyhow::Result<()> {
     let mut old: VecDeque<String> = VecDeque::new();
     let mut start = None;
     let t0 = Instant::now();
-    let progress = Progress::watch(parent.dir().to_path_buf(), vec![vmm, sd_pid]);
+    let progress = Progress::watch(
+        parent.dir().to_path_buf(),
+        parent.api_sock(),
+        vec![vmm, sd_pid],
+    );
     for cycle in 1..=cycles {
         progress.step(cycle, "snapshot");
         let s = parent.snapshot(false)?;
@@ -271,6 +286,21 @@ fn main() -> anyhow::Result<()> {
 /// What each task in the guest is blocked in (state, wait channel, syscall, kernel stack),
 /// asked of the agent over a new connection: when a cell hangs while the agent still
 /// answers, this shows where the REPL waits.
+/// The VM's state and its vCPUs' exits to the VMM, counted twice 2 s apart.
+fn vcpu_exit_rate(api: &std::path::Path) -> String {
+    let ask = || -> anyhow::Result<String> {
+        let mut c = ControlClient::connect(api)?;
+        let a = c.status()?;
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let b = c.status()?;
+        Ok(format!(
+            "state {:?} busy {:?}: exits {:?} then {:?} 2 s later",
+            b.state, b.busy, a.vcpu_exits, b.vcpu_exits
+        ))
+    };
+    ask().unwrap_or_else(|e| format!("could not ask the VMM: {e:#}"))
+}
+
 /// Each thread of process `pid` on this host: name, state, wait channel, system call and
 /// kernel stack (what a VMM or snapshotd thread is blocked in).
 fn host_tasks(pid: u32) -> String {
