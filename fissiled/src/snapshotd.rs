@@ -122,18 +122,13 @@ impl SnapshotdService {
 /// admit the VMMs' gid), or `None` when it does.
 fn misfit(pid: u32, cfg: &JailConfig) -> Option<String> {
     let unreadable = |what: &str, e: std::io::Error| Some(format!("its {what}: {e}"));
-    let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(s) => s,
+    let uid = match fissile_sandbox::jail::process_uid(pid) {
+        Ok(uid) => uid,
         Err(e) => return unreadable("status", e),
     };
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u32>().ok());
-    if uid != Some(cfg.snapshotd_uid) {
+    if uid != cfg.snapshotd_uid {
         return Some(format!(
-            "it runs as uid {uid:?}, not in its jail as {}",
+            "it runs as uid {uid}, not in its jail as {}",
             cfg.snapshotd_uid
         ));
     }

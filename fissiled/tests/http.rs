@@ -226,6 +226,15 @@ fn a_sandbox_whose_vmm_is_gone_at_start_is_lost_counted_and_deletable() {
     assert_eq!(s, 404);
 }
 
+/// The pid fissiled recorded for its snapshotd in `state`.
+fn snapshotd_pid(state: &std::path::Path) -> u32 {
+    std::fs::read_to_string(state.join("snapshotd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// snapshotd killed under a running daemon (as a crash or its seccomp filter would) is started
 /// again on the same store and socket within seconds: a new pid in `snapshotd.pid`, the store
 /// answering on its socket again, the restart counted in `/metrics`, the dead one reaped.
@@ -235,13 +244,7 @@ fn a_killed_snapshotd_is_started_again_and_counted() {
     let state = dir.path().join("state");
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
     let d = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
-    let pid_of = || -> u32 {
-        std::fs::read_to_string(state.join("snapshotd.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let pid_of = || snapshotd_pid(&state);
     let first = pid_of();
     assert_eq!(d.metric("fissiled_snapshotd_restarts").unwrap(), "0");
     assert_eq!(d.metric("fissiled_store_snapshots").unwrap(), "0");
@@ -309,13 +312,7 @@ fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() 
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
     let env = [("FISSILE_JAIL", "on")];
     let mut d = Fissiled::serve_without_guests(bin, &state, &env).unwrap();
-    let pid_of = || -> u32 {
-        std::fs::read_to_string(state.join("snapshotd.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let pid_of = || snapshotd_pid(&state);
     let jailed = pid_of();
     assert_ne!(jailed, old.id(), "the unjailed one was adopted");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -326,13 +323,9 @@ fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
-    let uid = fissile_sandbox::jail::DEFAULT_SNAPSHOTD_UID;
-    assert!(
-        status.lines().any(
-            |l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&*uid.to_string())
-        ),
-        "{status}"
+    assert_eq!(
+        fissile_sandbox::jail::process_uid(jailed).unwrap(),
+        fissile_sandbox::jail::DEFAULT_SNAPSHOTD_UID
     );
     let cmdline = std::fs::read(format!("/proc/{jailed}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");

@@ -164,16 +164,20 @@ impl Drop for UidLease {
     }
 }
 
+/// The (real) uid process `pid` runs as, from `/proc/<pid>/status`.
+pub fn process_uid(pid: u32) -> std::io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no Uid line"))
+}
+
 /// The uid process `pid` runs as, if it is one of `cfg`'s jail uids.
 pub fn jailed_uid(cfg: &JailConfig, pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let uid: u32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let uid = process_uid(pid).ok()?;
     (uid >= cfg.uid_base && uid - cfg.uid_base < cfg.uids).then_some(uid)
 }
 
@@ -214,6 +218,14 @@ pub enum JailError {
     /// The configuration is unsafe.
     #[error("jail: {0}")]
     Config(String),
+}
+
+impl JailError {
+    /// Maps an I/O error of `step` on `path` (for `map_err`).
+    pub fn at(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JailError {
+        let path = path.to_path_buf();
+        move |source| JailError::Path { step, path, source }
+    }
 }
 
 /// One step of the hook, prepared before the fork.
@@ -422,11 +434,12 @@ fn give_dir(
     depth: u32,
 ) -> Result<(), JailError> {
     use std::os::fd::AsRawFd;
-    let io = |step: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| JailError::Path { step, path, source }
-    };
+    let io = JailError::at;
     let st = fstat(dir).map_err(io("reading", path))?;
+    if st.st_dev != dev {
+        // Another file system mounted inside: not the daemon's.
+        return Ok(());
+    }
     if st.st_uid != uid || st.st_gid != gid {
         // SAFETY: plain integers on an open descriptor.
         check(unsafe { libc::fchown(dir.as_raw_fd(), uid, gid) })
@@ -478,9 +491,7 @@ fn give_dir(
             }
             // SAFETY: `fd` was just opened and nothing else owns it.
             let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            if fstat(&fd).is_ok_and(|s| s.st_dev == dev) {
-                give_dir(&fd, dev, uid, gid, &child, depth + 1)?;
-            }
+            give_dir(&fd, dev, uid, gid, &child, depth + 1)?;
         } else if st.st_uid != uid || st.st_gid != gid {
             // AT_SYMLINK_NOFOLLOW: a symlink swapped in meanwhile is changed itself, not
             // what it names.
@@ -503,10 +514,7 @@ fn give_dir(
 /// [`apply`] with any `uid` and `gid` (snapshotd's jail runs as its own of both).
 pub fn apply_as(cmd: &mut Command, uid: u32, gid: u32, spec: &JailSpec) -> Result<(), JailError> {
     let root = spec.dir.join(ROOT_DIR);
-    let io = |step: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| JailError::Path { step, path, source }
-    };
+    let io = JailError::at;
     std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
     std::os::unix::fs::chown(&spec.dir, Some(uid), Some(gid))
         .map_err(io("giving the jail's uid", &spec.dir))?;

@@ -54,10 +54,7 @@ impl Snapshotd {
         cmd.arg("serve");
         let mut root = root.to_path_buf();
         if let Some(cfg) = jail {
-            let io = |step: &'static str, path: &Path| {
-                let path = path.to_path_buf();
-                move |source| jail::JailError::Path { step, path, source }
-            };
+            let io = jail::JailError::at;
             cfg.check()?;
             std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
             root = std::fs::canonicalize(&root).map_err(io("resolving", &root))?;
