@@ -113,13 +113,19 @@ fn event_loop(
         }
         let mut b = lock(backend);
         if b.is_paused() {
-            // A snapshot is being taken: leave host data in the sockets (epoll reports it
-            // again later) and sleep until the pause ends or the device goes away (a VM
-            // stopped while paused); the wait releases the lock.
-            let _b = pause_cv
+            // A snapshot is being taken: leave host data in the sockets and sleep until the
+            // pause ends or the device goes away (a VM stopped while paused); the wait
+            // releases the lock. The events already taken are handled after the pause:
+            // connection sockets are edge-triggered, so epoll does not report them again,
+            // and data dropped here would wait in its socket until the host wrote more.
+            // (An event for a descriptor closed and reused meanwhile is harmless: the
+            // handlers only try non-blocking reads, accepts and writes.)
+            b = pause_cv
                 .wait_while(b, |b| b.is_paused() && !stopping.load(Ordering::Acquire))
                 .unwrap_or_else(|p| p.into_inner());
-            continue;
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
         }
         b.tick();
         for ev in &events[..n] {

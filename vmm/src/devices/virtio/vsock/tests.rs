@@ -690,3 +690,91 @@ fn host_clients_beyond_the_connection_limit_are_refused() {
     assert_eq!(extra.read(&mut b).unwrap(), 0, "closed at once");
     drop(held);
 }
+
+/// Host data that arrives while the device is paused for a snapshot reaches the guest once
+/// the pause ends. (Connection sockets are edge-triggered: the event thread that wakes for
+/// that data during the pause must handle it after the pause, not drop it, or the data
+/// stays in the socket until the host writes again — a client waiting for an answer to it
+/// never gets one.)
+#[test]
+fn host_data_written_during_a_pause_reaches_the_guest_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    let mem = test_memory();
+    let mut rx = TestQueue::new(&mem, 0x10_0000, 64);
+    let mut tx = TestQueue::new(&mem, 0x20_0000, 64);
+    let ev = TestQueue::new(&mem, 0x30_0000, 4);
+    dev.activate(
+        mem.clone(),
+        vec![rx.queue(), tx.queue(), ev.queue()],
+        test_irq(),
+    )
+    .unwrap();
+    let mut rx_addr = HashMap::new();
+    for i in 0..8u64 {
+        let addr = RX_BUFS_BASE + i * u64::from(RX_BUF);
+        let head = rx.add_chain(&mem, &[(addr, RX_BUF, true)]);
+        rx_addr.insert(head, addr);
+        rx.publish(&mem, head);
+    }
+    dev.queue_notify(0);
+    // The device's own thread handles the host socket: wait (bounded) for rx packets.
+    let mut seen = 0u16;
+    let mut wait_rx = |what: &str| -> (VsockHeader, Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rx.used_idx(&mem) == seen {
+            assert!(Instant::now() < deadline, "no rx packet: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (head, len) = rx.used_entry(&mem, seen);
+        seen = seen.wrapping_add(1);
+        let mut raw = vec![0u8; len as usize];
+        mem.read_slice(&mut raw, GuestAddress(rx_addr[&(head as u16)]))
+            .unwrap();
+        let hdr = VsockHeader::parse(raw[..HDR_SIZE].try_into().unwrap());
+        (hdr, raw[HDR_SIZE..].to_vec())
+    };
+
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+        .unwrap();
+    let (req, _) = wait_rx("connection request");
+    assert_eq!(req.op, OP_REQUEST);
+    let local = req.src_port;
+    // The guest accepts.
+    let resp = VsockHeader {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: GUEST_PORT,
+        dst_port: local,
+        len: 0,
+        type_: TYPE_STREAM,
+        op: OP_RESPONSE,
+        flags: 0,
+        buf_alloc: CONN_BUF_ALLOC,
+        fwd_cnt: 0,
+    };
+    mem.write_slice(&resp.to_bytes(), GuestAddress(TX_BUFS_BASE))
+        .unwrap();
+    let head = tx.add_chain(&mem, &[(TX_BUFS_BASE, HDR_SIZE as u32, false)]);
+    tx.publish(&mem, head);
+    dev.queue_notify(TXQ as u32);
+    let mut line = String::new();
+    BufReader::new(&client).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {local}\n"));
+
+    dev.quiesce(true);
+    client.write_all(b"during the pause").unwrap();
+    // Long enough for the event thread to wake for the data and find the device paused.
+    std::thread::sleep(Duration::from_millis(300));
+    dev.quiesce(false);
+
+    let (hdr, payload) = wait_rx("the data written during the pause");
+    assert_eq!((hdr.op, hdr.src_port), (OP_RW, local));
+    assert_eq!(payload, b"during the pause");
+}
