@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use fissile_benches::{eval, fd_count, rss_kb, smaps};
+use fissile_benches::{eval, fd_count, rss_kb, smaps, status_kb};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{ControlClient, Sandbox, SandboxConfig, Snapshotd};
 use fissile_snapshotd::client::Client;
@@ -31,6 +31,11 @@ struct Figures {
     vmm_private_dirty_kb: u64,
     sd_fds: usize,
     sd_rss_kb: u64,
+    /// snapshotd's RSS by kind: its heap (RocksDB's memtables and caches among it), mapped
+    /// store files, and shared memory (the images it serves, bounded by its image budget).
+    sd_rss_anon_kb: u64,
+    sd_rss_file_kb: u64,
+    sd_rss_shmem_kb: u64,
     sd_images: u64,
     sd_image_mib: f64,
     snapshots: u64,
@@ -49,6 +54,9 @@ fn figures(vmm: u32, sd_pid: u32, sd: &mut Client) -> anyhow::Result<Figures> {
         vmm_private_dirty_kb: whole.get("Private_Dirty").copied().unwrap_or(0),
         sd_fds: fd_count(sd_pid),
         sd_rss_kb: rss_kb(sd_pid),
+        sd_rss_anon_kb: status_kb(sd_pid, "RssAnon"),
+        sd_rss_file_kb: status_kb(sd_pid, "RssFile"),
+        sd_rss_shmem_kb: status_kb(sd_pid, "RssShmem"),
         sd_images: s.images,
         sd_image_mib: s.image_bytes as f64 / (1 << 20) as f64,
         snapshots: s.snapshots,
