@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::lab::{Lab, LabConfig, host_kvm_usable};
+use crate::lab::{Lab, LabConfig, LabError, host_kvm_usable};
 
 /// Set inside the lab by its init script.
 pub const IN_LAB_ENV: &str = "FISSILE_IN_LAB";
@@ -71,51 +71,162 @@ fn guest_tests(filter: &str) -> Vec<String> {
         .collect()
 }
 
+/// How long one guest test may run before the suite kills it (after printing where every
+/// process waits). The lab is ~10-50x slower than real hardware; the slowest guest test
+/// takes ~2 min there.
+pub const GUEST_TEST_LIMIT: Duration = Duration::from_secs(900);
+
+/// A shell script that runs each of `tests` as its own process of the test binary `exe`
+/// (`--exact`), prints `guest test <name> exit <status>` after each, kills one that runs
+/// past `limit` after printing where every process waits, and exits 1 if any failed.
+fn suite_script(exe: &str, tests: &[String], limit: Duration) -> String {
+    let mut s = format!(
+        r#"limit={limit}
+# Where every process and every thread of ours waits (for a test that overstays).
+diag() {{
+  for p in /proc/[0-9]*; do
+    cmd=$(tr '\0' ' ' < $p/cmdline 2>/dev/null)
+    [ -n "$cmd" ] || continue
+    echo "  pid ${{p#/proc/}} $(cut -d' ' -f3 $p/stat 2>/dev/null) wchan=$(cat $p/wchan 2>/dev/null) $cmd" | cut -c1-240
+    case "$cmd" in *fissile*|*{exe}*)
+      for t in $p/task/*; do
+        echo "    tid ${{t##*/}} $(cat $t/comm 2>/dev/null) $(cut -d' ' -f3 $t/stat 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null) syscall=$(cut -d' ' -f1 $t/syscall 2>/dev/null)"
+      done;;
+    esac
+  done
+}}
+# A process and everything below it, children first (a killed test leaves no VMM behind
+# holding its output open).
+killtree() {{
+  for c in $(cat /proc/$1/task/*/children 2>/dev/null); do killtree $c; done
+  kill -9 $1 2>/dev/null
+}}
+fail=0
+for t in {tests}; do
+  RUST_BACKTRACE=1 {exe} --ignored --exact --test-threads=1 --nocapture "$t" 2>&1 &
+  pid=$!
+  ( i=0
+    while [ $i -lt $limit ]; do sleep 5; i=$((i+5)); kill -0 $pid 2>/dev/null || exit 0; done
+    echo "guest test $t still runs after $limit s; where every process waits:"
+    diag
+    killtree $pid ) &
+  dog=$!
+  wait $pid; st=$?
+  kill $dog 2>/dev/null
+  echo "guest test $t exit $st"
+  [ $st -eq 0 ] || fail=1
+done
+exit $fail
+"#,
+        limit = limit.as_secs(),
+        tests = tests
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    s.push('\n');
+    s
+}
+
+/// The tests of `tests` that `output` (of [`suite_script`]) reports as passed: exit 0.
+fn passed<'a>(output: &str, tests: &'a [String]) -> Vec<&'a String> {
+    tests
+        .iter()
+        .filter(|t| output.contains(&format!("guest test {t} exit 0\n")))
+        .collect()
+}
+
+/// `output` of [`suite_script`] up to the end of its last `guest test <name> exit <status>`
+/// line: what the tests that finished printed.
+fn finished_part(output: &str) -> &str {
+    let mut end = 0;
+    let mut at = 0;
+    for line in output.split_inclusive('\n') {
+        at += line.len();
+        if line.starts_with("guest test ") && line.contains(" exit ") {
+            end = at;
+        }
+    }
+    &output[..end]
+}
+
 /// Runs the current test binary's guest tests (ignored tests matching `filter`, a libtest
-/// substring filter) in one go: natively when this host's KVM can boot our guest, else in
-/// one lab boot. Panics with the output unless every one of them ran and passed.
+/// substring filter), each as its own process bounded by [`GUEST_TEST_LIMIT`] and the whole
+/// by `timeout`: natively when this host's KVM can boot our guest, else in one lab boot.
+/// Panics with the output unless every one of them ran and passed. A lab that froze (its
+/// own kernel stopped, whatever the tests did) is said so and replaced once by a fresh lab
+/// for the tests it did not finish.
 pub fn run_guest_suite(filter: &str, timeout: Duration) {
     let expected = guest_tests(filter);
     assert!(
         !expected.is_empty(),
         "no ignored tests match {filter:?} in this binary"
     );
-    let args = format!("--ignored --test-threads=1 --nocapture {filter}");
-    let (output, status) = if host_kvm_usable() {
-        let exe = std::env::current_exe().expect("current test binary");
-        let out = Command::new(&exe)
-            .args(args.split(' '))
-            .env("RUST_BACKTRACE", "1")
-            .output()
-            .expect("running the guest tests");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (text, out.status.code().unwrap_or(-1))
-    } else {
-        let cfg = LabConfig::from_env().expect("lab inputs (kernel, image, binaries)");
-        let lab = Lab::prepare(cfg).expect("preparing the lab");
-        let exe = std::env::current_exe().expect("current test binary");
-        let name = "fissile-guest-suite".to_string();
-        let script = format!(
-            "RUST_BACKTRACE=1 {name} {args} 2>&1; st=$?; echo \"guest suite exit $st\"; exit $st"
-        );
-        let out = lab
-            .run_with(&script, &[(exe, name)], timeout)
-            .expect("lab run");
-        (out.output, out.status)
-    };
+    let exe = std::env::current_exe().expect("current test binary");
+    let mut output = String::new();
+    let mut status = 0;
+    let mut todo = expected.clone();
+    for attempt in 1..=2 {
+        let (out, st) = if host_kvm_usable() {
+            let script = suite_script(&exe.to_string_lossy(), &todo, GUEST_TEST_LIMIT);
+            let out = Command::new("timeout")
+                .arg(timeout.as_secs().to_string())
+                .args(["sh", "-c", &script])
+                .output()
+                .expect("running the guest tests");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (text, out.status.code().unwrap_or(-1))
+        } else {
+            let cfg = LabConfig::from_env().expect("lab inputs (kernel, image, binaries)");
+            let lab = Lab::prepare(cfg).expect("preparing the lab");
+            let name = "fissile-guest-suite";
+            let script = suite_script(name, &todo, GUEST_TEST_LIMIT);
+            match lab.run_with(&script, &[(exe.clone(), name.to_string())], timeout) {
+                Ok(out) => (out.output, out.status),
+                Err(e @ LabError::Frozen { .. }) if attempt == 1 => {
+                    let LabError::Frozen { output: out, .. } = &e else {
+                        unreachable!()
+                    };
+                    // What the tests that finished printed; the one the freeze interrupted
+                    // runs again from its start.
+                    let out = finished_part(out);
+                    let done: Vec<String> = passed(out, &todo).into_iter().cloned().collect();
+                    todo.retain(|t| !done.contains(t));
+                    output.push_str(out);
+                    eprintln!(
+                        "{e}\n\nTHE LAB FROZE (not a test failure): it stopped running; the \
+                         guest tests it did not finish ({todo:?}) run again, once, in a fresh lab"
+                    );
+                    output.push_str("\n(the lab froze; a fresh lab runs the rest)\n");
+                    continue;
+                }
+                Err(e) => panic!("lab run: {e}"),
+            }
+        };
+        output.push_str(&out);
+        status = st;
+        break;
+    }
     eprintln!("{output}");
     assert_eq!(status, 0, "guest tests failed (output above)");
-    let summary = format!(
-        "test result: ok. {} passed; 0 failed; 0 ignored",
-        expected.len()
+    let ok = passed(&output, &expected);
+    assert_eq!(
+        ok.len(),
+        expected.len(),
+        "not every guest test passed: {expected:?} (output above)"
     );
-    assert!(
-        output.contains(&summary),
-        "expected `{summary}` for {expected:?} (output above)"
+    let summaries = output
+        .matches("test result: ok. 1 passed; 0 failed; 0 ignored")
+        .count();
+    assert_eq!(
+        summaries,
+        expected.len(),
+        "expected one `test result: ok. 1 passed` per guest test {expected:?} (output above)"
     );
 }
 
@@ -130,4 +241,46 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The suite script runs each test on its own, reports each, kills one that overstays
+    /// (saying where processes wait) and fails if any failed; `passed` and `finished_part`
+    /// read that report.
+    #[test]
+    fn the_suite_script_bounds_each_test_and_reports_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("fake-suite");
+        // A stand-in test binary: its last argument names the test's behaviour.
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\nfor a; do t=$a; done\ncase $t in\n  ok*) echo 'test result: ok. 1 passed; 0 failed; 0 ignored';;\n  fails) exit 101;;\n  hangs) sleep 600;;\nesac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let tests: Vec<String> = ["ok_a", "hangs", "fails", "ok_b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let script = suite_script(&exe.to_string_lossy(), &tests, Duration::from_secs(5));
+        let t = std::time::Instant::now();
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+
+        assert!(t.elapsed() < Duration::from_secs(60), "{text}");
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("guest test hangs still runs after 5 s"),
+            "{text}"
+        );
+        assert!(text.contains("guest test hangs exit 137"), "{text}");
+        assert!(text.contains("guest test fails exit 101"), "{text}");
+        assert_eq!(passed(&text, &tests), vec!["ok_a", "ok_b"]);
+        let cut = finished_part("guest test ok_a exit 0\ntest x ... ");
+        assert_eq!(cut, "guest test ok_a exit 0\n");
+    }
 }

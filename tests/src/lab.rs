@@ -47,7 +47,12 @@ const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
 const EXIT: &str = "@@FISSILE-LAB-EXIT";
 /// Bumped whenever the initramfs layout or init script changes.
-const INITRAMFS_FORMAT: u32 = 8;
+const INITRAMFS_FORMAT: u32 = 9;
+/// How often the lab writes its uptime to its second serial port (the heartbeat).
+const HEARTBEAT_EVERY_S: u32 = 15;
+/// A lab whose heartbeat stopped this long ago is frozen (its kernel no longer runs its
+/// timers: seen with QEMU's TCG and nested SVM), as opposed to a command that is slow.
+const FROZEN_AFTER: Duration = Duration::from_secs(240);
 
 /// Our binaries copied into the lab (those that exist are taken).
 pub const LAB_BINARIES: &[&str] = &[
@@ -125,6 +130,25 @@ pub enum LabError {
         secs: u64,
         /// The last console lines.
         tail: String,
+    },
+    /// The lab itself stopped: its heartbeat (a line every [`HEARTBEAT_EVERY_S`] from its
+    /// init, whatever the command does) has not come for [`FROZEN_AFTER`]. Not a verdict on
+    /// the command: the same command may pass in a fresh lab.
+    #[error(
+        "the lab froze: no heartbeat for {silent_secs} s (last: lab uptime {last_beat}); \
+         QEMU's view of its vCPU:\n{monitor}\nconsole tail:\n{tail}"
+    )]
+    Frozen {
+        /// Seconds since the last heartbeat.
+        silent_secs: u64,
+        /// The last heartbeat (the lab's `/proc/uptime`).
+        last_beat: String,
+        /// `info registers` from QEMU's monitor, if it answered.
+        monitor: String,
+        /// The last console lines.
+        tail: String,
+        /// What the command printed before the lab froze.
+        output: String,
     },
     /// The lab ended without reporting the command's exit status.
     #[error(
@@ -426,11 +450,16 @@ impl Lab {
         )
         .map_err(io_err("write the run dir's owner"))?;
         let payload = build_payload(&self.cfg, run_dir.path(), script, extra)?;
+        let heartbeat = run_dir.path().join("heartbeat");
+        let monitor = run_dir.path().join("monitor.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
             .args(["-m", &format!("{}M", self.cfg.mem_mib)])
             .args(["-machine", "q35", "-nodefaults", "-nographic", "-no-reboot"])
-            .args(["-serial", "stdio", "-monitor", "none"])
+            .args(["-serial", "stdio", "-serial"])
+            .arg(format!("file:{}", heartbeat.display()))
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .arg("-kernel")
             .arg(&self.lab_kernel)
             .arg("-initrd")
@@ -457,7 +486,13 @@ impl Lab {
             cmd.args(["-netdev", &format!("user,id=lab0,restrict=on{fwd}")])
                 .args(["-device", "virtio-net-pci,netdev=lab0"]);
         }
-        run_qemu(cmd, timeout, self.cfg.verbose, self.cfg.stream_output)
+        run_qemu(
+            cmd,
+            timeout,
+            (&heartbeat, &monitor),
+            self.cfg.verbose,
+            self.cfg.stream_output,
+        )
     }
 
     fn run_native(
@@ -592,6 +627,9 @@ mount -t tmpfs shm /dev/shm
 # cgroup v2, as on a Fissile host: every VMM gets a cgroup of its own (fissile-sandbox limits).
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo 'lab: cannot mount cgroup2'
 dmesg -n 1
+# The heartbeat, on the second serial port (not the console the command's output is on): the
+# host tells a frozen lab from a slow command by it.
+( while :; do cat /proc/uptime; sleep @@HEARTBEAT@@; done > /dev/ttyS1 ) 2>/dev/null &
 # Loopback, for daemons and clients inside the lab (fissiled's API tests).
 ip link set lo up || ifconfig lo 127.0.0.1 up
 "#,
@@ -605,6 +643,8 @@ ip link set lo up || ifconfig lo 127.0.0.1 up
             "insmod /modules/{file} {params} || echo 'lab: insmod {file} failed'\n"
         ));
     }
+    let s = s.replace("@@HEARTBEAT@@", &HEARTBEAT_EVERY_S.to_string());
+    let mut s = s;
     s.push_str(
         r#"# The NIC of `fissile-lab serve` (QEMU user networking, restricted), if there is one.
 if [ -e /sys/class/net/eth0 ]; then
@@ -841,6 +881,7 @@ fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, LabError> {
 fn run_qemu(
     mut cmd: Command,
     timeout: Duration,
+    (heartbeat, monitor): (&Path, &Path),
     verbose: bool,
     stream: bool,
 ) -> Result<LabOutput, LabError> {
@@ -903,9 +944,24 @@ fn run_qemu(
     let tail = |c: &[String]| c[c.len().saturating_sub(40)..].join("\n");
     // The console echo (verbose) already shows the command's output.
     let print_output = stream && !verbose;
+    let mut beats = Heartbeat::new(heartbeat);
     loop {
         let left = timeout.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left) {
+        if let Some(silent) = beats.silent_for(Instant::now())
+            && silent > FROZEN_AFTER
+        {
+            let monitor = ask_monitor(monitor, "info registers");
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LabError::Frozen {
+                silent_secs: silent.as_secs(),
+                last_beat: beats.last.clone(),
+                monitor,
+                tail: tail(&console),
+                output,
+            });
+        }
+        match rx.recv_timeout(left.min(Duration::from_secs(5))) {
             Ok(line) => {
                 if verbose {
                     let _ = writeln!(io::stderr(), "lab| {line}");
@@ -936,6 +992,7 @@ fn run_qemu(
                 }
                 console.push(line);
             }
+            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -970,6 +1027,69 @@ fn run_qemu(
             tail: format!("{}\nqemu stderr: {qemu_err}", tail(&console)),
         }),
     }
+}
+
+/// The lab's heartbeat file (its second serial port), watched for growth.
+struct Heartbeat<'a> {
+    path: &'a Path,
+    len: u64,
+    /// When the file last grew (`None` until the first beat: a lab that never beats, e.g.
+    /// an older initramfs, is never called frozen).
+    grew: Option<Instant>,
+    /// The last line (the lab's uptime).
+    last: String,
+}
+
+impl<'a> Heartbeat<'a> {
+    fn new(path: &'a Path) -> Self {
+        Self {
+            path,
+            len: 0,
+            grew: None,
+            last: String::new(),
+        }
+    }
+
+    /// How long since the last beat as of `now` (`None` before the first).
+    fn silent_for(&mut self, now: Instant) -> Option<Duration> {
+        let len = fs::metadata(self.path).map(|m| m.len()).unwrap_or(0);
+        if len > self.len {
+            self.len = len;
+            self.grew = Some(now);
+            if let Ok(text) = fs::read_to_string(self.path) {
+                self.last = text.lines().last().unwrap_or("").trim().to_owned();
+            }
+        }
+        self.grew.map(|t| now.duration_since(t))
+    }
+}
+
+/// Sends one command to QEMU's human monitor at `socket` and returns what it printed within
+/// two seconds (or why it could not be asked).
+fn ask_monitor(socket: &Path, command: &str) -> String {
+    let mut s = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => return format!("(monitor not reachable: {e})"),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = writeln!(s, "{command}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && out.len() < 64 * 1024 {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    // Without its banner, its prompt and the line editor's echo of the command.
+    let text = String::from_utf8_lossy(&out);
+    text.lines()
+        .filter(|l| !l.starts_with("QEMU ") && !l.contains("(qemu)"))
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -1029,6 +1149,26 @@ mod tests {
             libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
             "{libs:?}"
         );
+    }
+
+    #[test]
+    fn a_heartbeat_is_silent_from_its_last_growth_and_never_before_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heartbeat");
+        let mut beats = Heartbeat::new(&path);
+        let t0 = Instant::now();
+        assert_eq!(beats.silent_for(t0 + FROZEN_AFTER * 2), None, "no file yet");
+        fs::write(&path, "1.00 0.50\n").unwrap();
+        assert_eq!(beats.silent_for(t0), Some(Duration::ZERO));
+        assert_eq!(beats.last, "1.00 0.50");
+        assert_eq!(
+            beats.silent_for(t0 + Duration::from_secs(100)),
+            Some(Duration::from_secs(100))
+        );
+        fs::write(&path, "1.00 0.50\n16.00 15.50\n").unwrap();
+        let t1 = t0 + Duration::from_secs(120);
+        assert_eq!(beats.silent_for(t1), Some(Duration::ZERO));
+        assert_eq!(beats.last, "16.00 15.50");
     }
 
     #[test]

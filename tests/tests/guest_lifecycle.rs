@@ -424,10 +424,8 @@ mod erased {
 /// the merge lands, and afterwards the VM's memory equals that of its own snapshot restored
 /// in another VMM (nothing tore a snapshot or the live VM).
 #[test]
-#[ignore = "KNOWN FAILURE (issue 12, open): after a merge under concurrent control traffic the \
-            parent's agent stops answering in the lab; not in the suite until fixed. Run it \
-            with --ignored --exact (in the lab: fissile-lab run)"]
-fn concurrent_clients_during_fork_and_merge_leave_consistent_memory() {
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_concurrent_clients_during_fork_and_merge_leave_consistent_memory() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let env = guest_env();
