@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use fissile_snapshotd::store::pack::PACK_HEADER_LEN;
-use fissile_snapshotd::store::{CompactPolicy, CreateRequest, ReadError, Store};
+use fissile_snapshotd::store::{
+    CompactPolicy, CreateRequest, INDEX_CACHE_BYTES, INDEX_MEMTABLE_BYTES, ReadError, Store,
+};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -521,4 +523,33 @@ fn sigkill_during_ingest_never_loses_acknowledged_snapshots() {
         "too few snapshots acknowledged: {}",
         acked.len()
     );
+}
+
+/// RocksDB's memory is bounded: every column family uses the one block cache of
+/// `INDEX_CACHE_BYTES` (not a default cache each), and what snapshots write stays in
+/// memtables within `INDEX_MEMTABLE_BYTES` and in that cache.
+#[test]
+fn the_index_uses_one_bounded_cache_and_bounded_memtables() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let m = store.index_memory();
+    assert_eq!(m.cache_capacity, vec![INDEX_CACHE_BYTES as u64; 4], "{m:?}");
+
+    let mut mem = memory(7, 4096);
+    let mut parent = store.create(&full(&mem)).unwrap().id;
+    for seed in 0..20 {
+        let dirty = mutate(&mut mem, seed, 512);
+        let mut req = full(&mem);
+        req.parent = Some(parent);
+        req.dirty_pages = Some(dirty);
+        parent = store.create(&req).unwrap().id;
+        assert_eq!(store.read_all(&parent).unwrap(), mem);
+    }
+    let m = store.index_memory();
+    assert!(
+        m.memtables > 0,
+        "the snapshots went through memtables: {m:?}"
+    );
+    assert!(m.memtables <= INDEX_MEMTABLE_BYTES as u64, "{m:?}");
+    assert!(m.cache_usage <= INDEX_CACHE_BYTES as u64, "{m:?}");
 }

@@ -56,6 +56,15 @@ pub const MAX_CHAIN_DEPTH: u32 = 16;
 pub const PACK_TARGET_LEN: u64 = 1 << 30;
 /// Store format version recorded in `meta`.
 pub const STORE_FORMAT_VERSION: u32 = 1;
+/// The index's block cache, one for every column family (index and filter blocks included).
+pub const INDEX_CACHE_BYTES: usize = 64 << 20;
+/// The most the index's memtables hold, all column families together, before they are
+/// flushed. With [`INDEX_CACHE_BYTES`] this bounds RocksDB's memory (by default each column
+/// family has its own 32 MiB cache plus unbounded index blocks, and up to two 64 MiB
+/// memtables: some 650 MiB for our four).
+pub const INDEX_MEMTABLE_BYTES: usize = 64 << 20;
+/// One memtable's size.
+const INDEX_MEMTABLE_EACH: usize = 16 << 20;
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
 const CF_CHILDREN: &str = "children";
@@ -552,6 +561,18 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The index's memory (see [`Store::index_memory`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexMemory {
+    /// The block cache capacity each column family reports (one shared cache: all equal
+    /// [`INDEX_CACHE_BYTES`]).
+    pub cache_capacity: Vec<u64>,
+    /// Bytes in the block cache.
+    pub cache_usage: u64,
+    /// Bytes in memtables, all column families.
+    pub memtables: u64,
+}
+
 impl Store {
     /// Opens (creating if needed) the store at `root`, recovering from any interrupted ingest.
     pub fn open(root: &Path) -> Result<Store, OpenError> {
@@ -559,19 +580,31 @@ impl Store {
         for d in [root.to_path_buf(), root.join("index"), packs_dir.clone()] {
             fs::create_dir_all(&d).map_err(|e| OpenError::CreateDir(d.clone(), e))?;
         }
+        // Bounded memory: one block cache holding index and filter blocks too, and one
+        // memtable budget, shared by every column family.
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let mut chunk_opts = Options::default();
-        let mut bbo = rocksdb::BlockBasedOptions::default();
-        bbo.set_bloom_filter(10.0, false);
-        bbo.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
-        chunk_opts.set_block_based_table_factory(&bbo);
+        opts.set_db_write_buffer_size(INDEX_MEMTABLE_BYTES);
+        let cache = rocksdb::Cache::new_lru_cache(INDEX_CACHE_BYTES);
+        let cf_opts = |bloom: bool| {
+            let mut bbo = rocksdb::BlockBasedOptions::default();
+            if bloom {
+                bbo.set_bloom_filter(10.0, false);
+            }
+            bbo.set_block_cache(&cache);
+            bbo.set_cache_index_and_filter_blocks(true);
+            bbo.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&bbo);
+            o.set_write_buffer_size(INDEX_MEMTABLE_EACH);
+            o
+        };
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
-            ColumnFamilyDescriptor::new(CF_MANIFESTS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_CHILDREN, Options::default()),
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHUNKS, cf_opts(true)),
+            ColumnFamilyDescriptor::new(CF_MANIFESTS, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_CHILDREN, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_META, cf_opts(false)),
         ];
         let db =
             DB::open_cf_descriptors(&opts, root.join("index"), cfs).map_err(OpenError::Index)?;
@@ -1210,6 +1243,30 @@ impl Store {
             total += fs::metadata(pack::pack_path(&self.packs_dir, n))?.len();
         }
         Ok(total)
+    }
+
+    /// What the index (RocksDB) holds in memory now, and its bounds.
+    pub fn index_memory(&self) -> IndexMemory {
+        let prop = |cf: &str, name: &str| {
+            self.db
+                .property_int_value_cf(self.cf(cf), name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        let families = [CF_CHUNKS, CF_MANIFESTS, CF_CHILDREN, CF_META];
+        IndexMemory {
+            cache_capacity: families
+                .iter()
+                .map(|cf| prop(cf, "rocksdb.block-cache-capacity"))
+                .collect(),
+            // One shared cache: any family reports its usage.
+            cache_usage: prop(CF_CHUNKS, "rocksdb.block-cache-usage"),
+            memtables: families
+                .iter()
+                .map(|cf| prop(cf, "rocksdb.cur-size-all-mem-tables"))
+                .sum(),
+        }
     }
 
     /// Store-wide figures.
