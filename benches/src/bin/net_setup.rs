@@ -7,12 +7,18 @@
 //! of time (only the sandbox's policy applied). Baseline, measured in the same run: starting and reaping a
 //! trivial process (`/bin/true`), the least a VMM start costs. Needs root, tun, veth and
 //! nftables. Prints medians of `N` (default 20) and the ratios.
+//!
+//! Where guests boot (the lab: `fissile-lab run -- net_setup`, or a host whose KVM boots
+//! them, with `FISSILE_GUEST_KERNEL`/`_ROOTFS` set), it also sets those figures against a
+//! sandbox's create time in the same run: a create from a ready snapshot (restore + first
+//! exec, how fissiled creates from a template) without a network and with a routed one from
+//! the pool.
 
 use std::time::{Duration, Instant};
 
-use fissile_benches::median;
-use fissile_sandbox::NetNs;
+use fissile_benches::{eval, median};
 use fissile_sandbox::net::egress::{EgressPolicy, NetLimits};
+use fissile_sandbox::{NetNs, Network, Sandbox, SandboxConfig, Snapshotd};
 
 fn time<T>(n: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(n);
@@ -88,5 +94,74 @@ fn main() -> anyhow::Result<()> {
         ms(pooled) / ms(baseline),
         ms(pooled) / ms(routed)
     );
+    if std::env::var_os("FISSILE_GUEST_KERNEL").is_some() {
+        let n_create = n.min(5);
+        let (plain, net) = match create_times(n_create, &deny) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("against a sandbox's create time: not measured here ({e:#})");
+                return Ok(());
+            }
+        };
+        println!(
+            "against a sandbox's create time (restore from a ready snapshot + first exec), medians of {n_create}:"
+        );
+        println!(
+            "  create without a network               {:7.2} ms",
+            ms(plain)
+        );
+        println!(
+            "  create with a routed network (pooled)  {:7.2} ms = {:.2}x without",
+            ms(net),
+            ms(net) / ms(plain)
+        );
+        println!(
+            "  network set-up / create: fresh {:.3}x, pooled {:.3}x",
+            ms(routed) / ms(plain),
+            ms(pooled) / ms(plain)
+        );
+    }
     Ok(())
+}
+
+/// Median times of `n` creates from a ready snapshot (restore, then the first exec
+/// answered): without a network, and with a routed one under `policy` (namespaces from the
+/// pool). Each kind restores its own ready snapshot, taken of a guest booted with the same
+/// devices.
+fn create_times(n: usize, policy: &EgressPolicy) -> anyhow::Result<(Duration, Duration)> {
+    let tmp = tempfile::tempdir()?;
+    let sd = Snapshotd::start(&tmp.path().join("store"), &tmp.path().join("sd.sock"))?;
+    let mut out = Vec::new();
+    for network in [Network::None, Network::Routed(policy.clone())] {
+        let mut cfg = SandboxConfig::from_env(tmp.path().join(format!("ready-{}", out.len())))?;
+        cfg.snapshotd = Some(sd.socket().to_path_buf());
+        cfg.network = network;
+        let ready = {
+            let mut sb = Sandbox::boot(&cfg)?;
+            eval(&mut sb, "1")?;
+            sb.snapshot(false)?.id
+        };
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut c = cfg.clone();
+            c.dir = tmp.path().join(format!("create-{}-{i}", out.len()));
+            // The pool's refill is waited for (bounded) outside the timed part.
+            let t = Instant::now();
+            while matches!(c.network, Network::Routed(_))
+                && fissile_sandbox::net::pool::ready() == 0
+            {
+                anyhow::ensure!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the pool never refilled"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let t0 = Instant::now();
+            let mut sb = Sandbox::restore(&c, &ready)?;
+            anyhow::ensure!(eval(&mut sb, "1 + 1")? == "2", "a restored sandbox answers");
+            times.push(t0.elapsed());
+        }
+        out.push(median(&mut times));
+    }
+    Ok((out[0], out[1]))
 }
