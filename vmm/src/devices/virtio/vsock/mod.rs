@@ -127,10 +127,12 @@ fn event_loop(
                 return;
             }
         }
-        b.tick();
+        // The events first: a handshake line or a guest answer that came during a pause
+        // must count before the timers look at it.
         for ev in &events[..n] {
             b.handle_event(ev.fd(), ev.event_set());
         }
+        b.tick();
     }
 }
 

@@ -120,6 +120,8 @@ pub struct VsockBackend {
     buf: Vec<u8>,
     log: LogLimiter,
     paused: bool,
+    /// When the current pause began (its length is not counted against the timers).
+    paused_at: Option<Instant>,
     /// When a transport reset was sent that the guest has not acknowledged yet.
     reset_pending: Option<Instant>,
     /// Host connections waiting for that acknowledgement.
@@ -177,6 +179,7 @@ impl VsockBackend {
             buf: vec![0; MAX_PKT_PAYLOAD],
             log: LogLimiter::default(),
             paused: false,
+            paused_at: None,
             reset_pending: None,
             deferred: Vec::new(),
             owe_reset: false,
@@ -227,6 +230,24 @@ impl VsockBackend {
     /// transport reset owed since a restore is delivered on restart.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+        if paused {
+            self.paused_at.get_or_insert_with(Instant::now);
+        } else if let Some(at) = self.paused_at.take() {
+            // Nobody could act during the pause (the guest did not run, host data waited):
+            // the handshake, connection and reset timers resume where they stopped.
+            let pause = at.elapsed();
+            for h in self.handshakes.values_mut() {
+                h.since += pause;
+            }
+            for c in self.conns.values_mut() {
+                if let Some(d) = c.deadline.as_mut() {
+                    *d += pause;
+                }
+            }
+            if let Some(t) = self.reset_pending.as_mut() {
+                *t += pause;
+            }
+        }
         if !paused && std::mem::take(&mut self.owe_reset) {
             // Without an event buffer to carry it the guest never acknowledges: go on.
             if !self.send_transport_reset() {

@@ -778,3 +778,30 @@ fn host_data_written_during_a_pause_reaches_the_guest_after_it() {
     assert_eq!((hdr.op, hdr.src_port), (OP_RW, local));
     assert_eq!(payload, b"during the pause");
 }
+
+/// The time a snapshot pause lasts does not count against a connection the guest has not
+/// answered yet (the guest could not run meanwhile).
+#[test]
+fn a_pause_does_not_count_against_the_guests_answer_time() {
+    let mut r = rig();
+    r.give_rx_buffers(4);
+    let before = Instant::now();
+    let mut client = r.client_connecting();
+    let ops: Vec<_> = r.take_rx().into_iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, vec![OP_REQUEST]);
+
+    r.backend.set_paused(true);
+    std::thread::sleep(Duration::from_secs(1));
+    r.backend.set_paused(false);
+    // Past the answer timeout counted from the request, not counting the pause.
+    r.backend
+        .tick_at(before + muxer::CONN_REQUEST_TIMEOUT + Duration::from_millis(500));
+
+    client.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 64];
+    match client.read(&mut b) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the connection was reset during its pause: {other:?}"),
+    }
+    assert!(r.take_rx().iter().all(|(h, _)| h.op != OP_RST));
+}
