@@ -58,10 +58,11 @@ pub const PACK_TARGET_LEN: u64 = 1 << 30;
 pub const STORE_FORMAT_VERSION: u32 = 1;
 /// The index's block cache, one for every column family (index and filter blocks included).
 pub const INDEX_CACHE_BYTES: usize = 64 << 20;
-/// The most the index's memtables hold, all column families together, before they are
-/// flushed. With [`INDEX_CACHE_BYTES`] this bounds RocksDB's memory (by default each column
-/// family has its own 32 MiB cache plus unbounded index blocks, and up to two 64 MiB
-/// memtables: some 650 MiB for our four).
+/// What the index's memtables may hold, all column families together, before RocksDB
+/// flushes them (a soft limit: memtables being flushed come on top). With
+/// [`INDEX_CACHE_BYTES`] this keeps RocksDB's memory near 128 MiB; by default each column
+/// family had its own 32 MiB cache, index and filter blocks outside any cache, and up to two
+/// 64 MiB memtables (some 650 MiB for our four).
 pub const INDEX_MEMTABLE_BYTES: usize = 64 << 20;
 /// One memtable's size.
 const INDEX_MEMTABLE_EACH: usize = 16 << 20;
@@ -567,8 +568,9 @@ pub struct IndexMemory {
     /// The block cache capacity each column family reports (one shared cache: all equal
     /// [`INDEX_CACHE_BYTES`]).
     pub cache_capacity: Vec<u64>,
-    /// Bytes in the block cache.
-    pub cache_usage: u64,
+    /// Bytes in the block cache, as each column family reports it (one shared cache: all
+    /// equal).
+    pub cache_usage: Vec<u64>,
     /// Bytes in memtables, all column families.
     pub memtables: u64,
 }
@@ -586,7 +588,12 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_db_write_buffer_size(INDEX_MEMTABLE_BYTES);
-        let cache = rocksdb::Cache::new_lru_cache(INDEX_CACHE_BYTES);
+        // Four shards of 16 MiB: a chunk table's filter block (~1 MiB for a 64 MiB table)
+        // must fit in a shard, or the cache drops it after every use and reads it again.
+        let mut cache_opts = rocksdb::LruCacheOptions::default();
+        cache_opts.set_capacity(INDEX_CACHE_BYTES);
+        cache_opts.set_num_shard_bits(2);
+        let cache = rocksdb::Cache::new_lru_cache_opts(&cache_opts);
         let cf_opts = |bloom: bool| {
             let mut bbo = rocksdb::BlockBasedOptions::default();
             if bloom {
@@ -1260,8 +1267,10 @@ impl Store {
                 .iter()
                 .map(|cf| prop(cf, "rocksdb.block-cache-capacity"))
                 .collect(),
-            // One shared cache: any family reports its usage.
-            cache_usage: prop(CF_CHUNKS, "rocksdb.block-cache-usage"),
+            cache_usage: families
+                .iter()
+                .map(|cf| prop(cf, "rocksdb.block-cache-usage"))
+                .collect(),
             memtables: families
                 .iter()
                 .map(|cf| prop(cf, "rocksdb.cur-size-all-mem-tables"))
