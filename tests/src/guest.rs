@@ -2,11 +2,12 @@
 //!
 //! A guest test is an ordinary `#[test]` marked `#[ignore = "guest test: …"]` that starts
 //! with [`guest_env`]. A plain `cargo test` does not run it; each guest test binary has one
-//! entry test that calls [`run_guest_suite`], which runs the binary's guest tests itself:
-//! as a child process with `--ignored` where this host's KVM boots standard guests, or
-//! inside one lab boot on a KVM-PVM host (the test binary is copied into the lab). Either
-//! way it checks that exactly the expected number of guest tests ran and passed, so a
-//! suite can never pass without booting anything. Run by hand with `--ignored` where they
+//! entry test that calls [`run_guest_suite`], which runs the binary's guest tests itself,
+//! each as its own bounded process (`--ignored --exact`): natively where this host's KVM
+//! boots standard guests, or inside one lab boot on a KVM-PVM host (the test binary is
+//! copied into the lab; a fresh lab once more if that one froze). Either way it checks that
+//! every expected guest test ran and passed, so a suite can never pass without booting
+//! anything. Run by hand with `--ignored` where they
 //! cannot run, the guest tests fail and say why.
 
 use std::path::PathBuf;
@@ -82,28 +83,29 @@ pub const GUEST_TEST_LIMIT: Duration = Duration::from_secs(900);
 fn suite_script(exe: &str, tests: &[String], limit: Duration) -> String {
     let mut s = format!(
         r#"limit={limit}
+exe={exe}
 # Where every process and every thread of ours waits (for a test that overstays).
 diag() {{
   for p in /proc/[0-9]*; do
     cmd=$(tr '\0' ' ' < $p/cmdline 2>/dev/null)
-    [ -n "$cmd" ] || continue
+    case "$cmd" in *fissile*|*"$exe"*) ;; *) continue;; esac
     echo "  pid ${{p#/proc/}} $(cut -d' ' -f3 $p/stat 2>/dev/null) wchan=$(cat $p/wchan 2>/dev/null) $cmd" | cut -c1-240
-    case "$cmd" in *fissile*|*{exe}*)
-      for t in $p/task/*; do
-        echo "    tid ${{t##*/}} $(cat $t/comm 2>/dev/null) $(cut -d' ' -f3 $t/stat 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null) syscall=$(cut -d' ' -f1 $t/syscall 2>/dev/null)"
-      done;;
-    esac
+    for t in $p/task/*; do
+      echo "    tid ${{t##*/}} $(cat $t/comm 2>/dev/null) $(cut -d' ' -f3 $t/stat 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null) syscall=$(cut -d' ' -f1 $t/syscall 2>/dev/null)"
+    done
   done
 }}
-# A process and everything below it, children first (a killed test leaves no VMM behind
-# holding its output open).
+# A process and everything below it: stopped first (so it starts nothing more), then its
+# children the same way, then killed (a killed test leaves no VMM behind holding its output
+# open).
 killtree() {{
+  kill -STOP $1 2>/dev/null
   for c in $(cat /proc/$1/task/*/children 2>/dev/null); do killtree $c; done
   kill -9 $1 2>/dev/null
 }}
 fail=0
 for t in {tests}; do
-  RUST_BACKTRACE=1 {exe} --ignored --exact --test-threads=1 --nocapture "$t" 2>&1 &
+  RUST_BACKTRACE=1 "$exe" --ignored --exact --test-threads=1 --nocapture "$t" 2>&1 &
   pid=$!
   ( i=0
     while [ $i -lt $limit ]; do sleep 5; i=$((i+5)); kill -0 $pid 2>/dev/null || exit 0; done
@@ -112,21 +114,27 @@ for t in {tests}; do
     killtree $pid ) &
   dog=$!
   wait $pid; st=$?
-  kill $dog 2>/dev/null
+  killtree $dog
   echo "guest test $t exit $st"
   [ $st -eq 0 ] || fail=1
 done
 exit $fail
 "#,
         limit = limit.as_secs(),
+        exe = shell_quote(exe),
         tests = tests
             .iter()
-            .map(|t| format!("'{t}'"))
+            .map(|t| shell_quote(t))
             .collect::<Vec<_>>()
             .join(" "),
     );
     s.push('\n');
     s
+}
+
+/// `s` as one shell word (single-quoted).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The tests of `tests` that `output` (of [`suite_script`]) reports as passed: exit 0.
@@ -152,8 +160,9 @@ fn finished_part(output: &str) -> &str {
 }
 
 /// Runs the current test binary's guest tests (ignored tests matching `filter`, a libtest
-/// substring filter), each as its own process bounded by [`GUEST_TEST_LIMIT`] and the whole
-/// by `timeout`: natively when this host's KVM can boot our guest, else in one lab boot.
+/// substring filter), each as its own process bounded by [`GUEST_TEST_LIMIT`] and each run
+/// of the suite by `timeout`: natively when this host's KVM can boot our guest, else in one
+/// lab boot (two, and so up to twice `timeout`, if the first lab froze).
 /// Panics with the output unless every one of them ran and passed. A lab that froze (its
 /// own kernel stopped, whatever the tests did) is said so and replaced once by a fresh lab
 /// for the tests it did not finish.
@@ -188,14 +197,25 @@ pub fn run_guest_suite(filter: &str, timeout: Duration) {
             let script = suite_script(name, &todo, GUEST_TEST_LIMIT);
             match lab.run_with(&script, &[(exe.clone(), name.to_string())], timeout) {
                 Ok(out) => (out.output, out.status),
-                Err(e @ LabError::Frozen { .. }) if attempt == 1 => {
-                    let LabError::Frozen { output: out, .. } = &e else {
-                        unreachable!()
-                    };
-                    // What the tests that finished printed; the one the freeze interrupted
-                    // runs again from its start.
+                Err(
+                    ref e @ LabError::Frozen {
+                        output: ref out, ..
+                    },
+                ) if attempt == 1 => {
+                    // What the tests that finished printed: a failure among them fails the
+                    // suite now; only the tests that never finished (the one the freeze
+                    // interrupted and those after it) run again.
                     let out = finished_part(out);
-                    let done: Vec<String> = passed(out, &todo).into_iter().cloned().collect();
+                    let finished: Vec<&String> = todo
+                        .iter()
+                        .filter(|t| out.contains(&format!("guest test {t} exit ")))
+                        .collect();
+                    let done = passed(out, &todo);
+                    assert_eq!(
+                        finished, done,
+                        "guest tests failed before the lab froze (output below)\n{output}{out}\n{e}"
+                    );
+                    let done: Vec<String> = done.into_iter().cloned().collect();
                     todo.retain(|t| !done.contains(t));
                     output.push_str(out);
                     eprintln!(

@@ -947,6 +947,15 @@ fn run_qemu(
     let mut beats = Heartbeat::new(heartbeat);
     loop {
         let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            // Also when lines keep coming: a chatty command gets no more than its time.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LabError::Timeout {
+                secs: timeout.as_secs(),
+                tail: tail(&console),
+            });
+        }
         if let Some(silent) = beats.silent_for(Instant::now())
             && silent > FROZEN_AFTER
         {
@@ -992,15 +1001,8 @@ fn run_qemu(
                 }
                 console.push(line);
             }
-            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(LabError::Timeout {
-                    secs: timeout.as_secs(),
-                    tail: tail(&console),
-                });
-            }
+            // The next turn checks the time left and the heartbeat.
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -1080,16 +1082,27 @@ fn ask_monitor(socket: &Path, command: &str) -> String {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return format!("(monitor read failed: {e})"),
         }
     }
     // Without its banner, its prompt and the line editor's echo of the command.
     let text = String::from_utf8_lossy(&out);
-    text.lines()
+    let answer = text
+        .lines()
         .filter(|l| !l.starts_with("QEMU ") && !l.contains("(qemu)"))
         .map(|l| l.trim_end_matches('\r'))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    if answer.trim().is_empty() {
+        "(the monitor did not answer)".into()
+    } else {
+        answer
+    }
 }
 
 #[cfg(test)]

@@ -31,8 +31,9 @@ struct Figures {
     vmm_private_dirty_kb: u64,
     sd_fds: usize,
     sd_rss_kb: u64,
-    /// snapshotd's RSS by kind: its heap (RocksDB's memtables and caches among it), mapped
-    /// store files, and shared memory (the images it serves, bounded by its image budget).
+    /// snapshotd's RSS by kind: its heap (RocksDB's memtables and block cache among it),
+    /// its binary and libraries, shared memory. The images it serves are memfds it fills
+    /// with writes and never maps: they are in `sd_image_mib`, not in its RSS.
     sd_rss_anon_kb: u64,
     sd_rss_file_kb: u64,
     sd_rss_shmem_kb: u64,
