@@ -35,6 +35,10 @@ enum Cmd {
         /// least recently used are dropped (they are read back from the store when needed).
         #[arg(long, default_value_t = 4096)]
         image_cache_mib: u64,
+        /// KiB of index memtables, all column families together (see
+        /// `Store::open_with`); small values make RocksDB flush and compact often (tests).
+        #[arg(long, default_value_t = (fissile_snapshotd::store::INDEX_MEMTABLE_BYTES >> 10) as u64)]
+        index_memtable_kib: u64,
         /// Admit jailed VMMs of this gid: the socket becomes `0660` and this group's, and
         /// peers of this gid are served (besides root and our own uid).
         #[arg(long)]
@@ -131,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             root,
             socket,
             image_cache_mib,
+            index_memtable_kib,
             vmm_gid,
             listen_fd,
             compact_min_mib,
@@ -145,8 +150,10 @@ fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("--listen-fd {fd}"))
                 })
                 .transpose()?;
-            let store =
-                Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
+            let memtables = usize::try_from(index_memtable_kib << 10)
+                .context("--index-memtable-kib is too large")?;
+            let store = Store::open_with(&root, memtables)
+                .with_context(|| format!("opening store {}", root.display()))?;
             let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
             if compact_min_mib > 0 {
                 let policy = CompactPolicy {

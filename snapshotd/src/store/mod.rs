@@ -64,8 +64,6 @@ pub const INDEX_CACHE_BYTES: usize = 64 << 20;
 /// family had its own 32 MiB cache, index and filter blocks outside any cache, and up to two
 /// 64 MiB memtables (some 650 MiB for our four).
 pub const INDEX_MEMTABLE_BYTES: usize = 64 << 20;
-/// One memtable's size.
-const INDEX_MEMTABLE_EACH: usize = 16 << 20;
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
 const CF_CHILDREN: &str = "children";
@@ -578,6 +576,14 @@ pub struct IndexMemory {
 impl Store {
     /// Opens (creating if needed) the store at `root`, recovering from any interrupted ingest.
     pub fn open(root: &Path) -> Result<Store, OpenError> {
+        Store::open_with(root, INDEX_MEMTABLE_BYTES)
+    }
+
+    /// [`Store::open`] with `memtable_bytes` of index memtables (all families together; a
+    /// memtable is a quarter of it) instead of [`INDEX_MEMTABLE_BYTES`]: small values make
+    /// RocksDB flush and compact its tables after a few snapshots (the daemon's
+    /// `--index-memtable-kib`, for tests of those background paths).
+    pub fn open_with(root: &Path, memtable_bytes: usize) -> Result<Store, OpenError> {
         let packs_dir = root.join("packs");
         for d in [root.to_path_buf(), root.join("index"), packs_dir.clone()] {
             fs::create_dir_all(&d).map_err(|e| OpenError::CreateDir(d.clone(), e))?;
@@ -587,7 +593,7 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_db_write_buffer_size(INDEX_MEMTABLE_BYTES);
+        opts.set_db_write_buffer_size(memtable_bytes);
         // Four shards of 16 MiB: a chunk table's filter block (~1 MiB for a 64 MiB table)
         // must fit in a shard, or the cache drops it after every use and reads it again.
         let mut cache_opts = rocksdb::LruCacheOptions::default();
@@ -604,7 +610,7 @@ impl Store {
             bbo.set_pin_l0_filter_and_index_blocks_in_cache(true);
             let mut o = Options::default();
             o.set_block_based_table_factory(&bbo);
-            o.set_write_buffer_size(INDEX_MEMTABLE_EACH);
+            o.set_write_buffer_size(memtable_bytes / 4);
             o
         };
         let cfs = vec![
