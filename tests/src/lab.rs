@@ -63,6 +63,7 @@ pub const LAB_BINARIES: &[&str] = &[
     "fissiled",
     "boot_bench",
     "net_bench",
+    "net_setup",
     "agent_rtt",
     "lifecycle_bench",
     "soak",
