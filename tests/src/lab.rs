@@ -634,7 +634,8 @@ dmesg -n 1
 # Loopback, for daemons and clients inside the lab (fissiled's API tests).
 ip link set lo up || ifconfig lo 127.0.0.1 up
 "#,
-    );
+    )
+    .replace("@@HEARTBEAT@@", &HEARTBEAT_EVERY_S.to_string());
     for (path, params) in modules {
         let file = Path::new(path)
             .file_name()
@@ -644,8 +645,6 @@ ip link set lo up || ifconfig lo 127.0.0.1 up
             "insmod /modules/{file} {params} || echo 'lab: insmod {file} failed'\n"
         ));
     }
-    let s = s.replace("@@HEARTBEAT@@", &HEARTBEAT_EVERY_S.to_string());
-    let mut s = s;
     s.push_str(
         r#"# The NIC of `fissile-lab serve` (QEMU user networking, restricted), if there is one.
 if [ -e /sys/class/net/eth0 ]; then

@@ -54,15 +54,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
-        // The refill is waited for outside the timed part.
-        let t = Instant::now();
-        while fissile_sandbox::net::pool::ready() == 0 {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(60),
-                "the pool never refilled"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_pool()?;
         let t0 = Instant::now();
         let ns = NetNs::create_routed(&deny, NetLimits::default())?;
         times.push(t0.elapsed());
@@ -129,6 +121,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits (bounded, outside what is timed) until the namespace pool holds one again.
+fn wait_for_pool() -> anyhow::Result<()> {
+    let t = Instant::now();
+    while fissile_sandbox::net::pool::ready() == 0 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the pool never refilled"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// Median times of `n` creates from a ready snapshot (restore, then the first exec
 /// answered): without a network, and with a routed one under `policy` (namespaces from the
 /// pool). Each kind restores its own ready snapshot, taken of a guest booted with the same
@@ -150,16 +155,8 @@ fn create_times(n: usize, policy: &EgressPolicy) -> anyhow::Result<(Duration, Du
         for i in 0..n {
             let mut c = cfg.clone();
             c.dir = tmp.path().join(format!("create-{}-{i}", out.len()));
-            // The pool's refill is waited for (bounded) outside the timed part.
-            let t = Instant::now();
-            while matches!(c.network, Network::Routed(_))
-                && fissile_sandbox::net::pool::ready() == 0
-            {
-                anyhow::ensure!(
-                    t.elapsed() < Duration::from_secs(60),
-                    "the pool never refilled"
-                );
-                std::thread::sleep(Duration::from_millis(1));
+            if matches!(c.network, Network::Routed(_)) {
+                wait_for_pool()?;
             }
             let t0 = Instant::now();
             let mut sb = Sandbox::restore(&c, &ready)?;

@@ -131,28 +131,6 @@ impl Rig {
         self.backend.notify(TXQ);
     }
 
-    fn guest_hdr(
-        &self,
-        local_port: u32,
-        op: u16,
-        len: u32,
-        buf_alloc: u32,
-        fwd_cnt: u32,
-    ) -> VsockHeader {
-        VsockHeader {
-            src_cid: GUEST_CID,
-            dst_cid: HOST_CID,
-            src_port: GUEST_PORT,
-            dst_port: local_port,
-            len,
-            type_: TYPE_STREAM,
-            op,
-            flags: 0,
-            buf_alloc,
-            fwd_cnt,
-        }
-    }
-
     /// Host client connects and the guest accepts; returns (client, host-side port).
     fn connect(&mut self, guest_buf_alloc: u32) -> (UnixStream, u32) {
         self.give_rx_buffers(1);
@@ -170,7 +148,7 @@ impl Rig {
         );
         assert_eq!(req.buf_alloc, CONN_BUF_ALLOC);
         let local = req.src_port;
-        let resp = self.guest_hdr(local, OP_RESPONSE, 0, guest_buf_alloc, 0);
+        let resp = guest_hdr(local, OP_RESPONSE, 0, guest_buf_alloc, 0);
         self.guest_send(resp, &[]);
         let mut line = String::new();
         BufReader::new(&client).read_line(&mut line).unwrap();
@@ -181,6 +159,35 @@ impl Rig {
         );
         (client, local)
     }
+}
+
+/// A packet header from the guest's port to host port `local_port`.
+fn guest_hdr(local_port: u32, op: u16, len: u32, buf_alloc: u32, fwd_cnt: u32) -> VsockHeader {
+    VsockHeader {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: GUEST_PORT,
+        dst_port: local_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc,
+        fwd_cnt,
+    }
+}
+
+/// A host client that has connected to the device's socket at `path` and sent its
+/// `CONNECT` line for the guest's port.
+fn host_client(path: &std::path::Path) -> UnixStream {
+    let mut client = UnixStream::connect(path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+        .unwrap();
+    client
 }
 
 #[test]
@@ -210,7 +217,7 @@ fn bytes_flow_both_ways() {
     });
     assert_eq!(got, b"hello");
 
-    r.guest_send(r.guest_hdr(local, OP_RW, 5, CONN_BUF_ALLOC, 5), b"world");
+    r.guest_send(guest_hdr(local, OP_RW, 5, CONN_BUF_ALLOC, 5), b"world");
     let mut buf = [0u8; 5];
     client.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"world");
@@ -243,7 +250,7 @@ fn host_to_guest_respects_guest_credit_until_credit_update() {
 
     // The guest consumed everything and says so: the rest flows.
     r.guest_send(
-        r.guest_hdr(local, OP_CREDIT_UPDATE, 0, guest_buf, guest_buf),
+        guest_hdr(local, OP_CREDIT_UPDATE, 0, guest_buf, guest_buf),
         &[],
     );
     r.give_rx_buffers(16);
@@ -269,7 +276,7 @@ fn guest_exceeding_our_credit_gets_reset_and_memory_stays_bounded() {
     // Nobody reads `client`: the socket buffer fills, then our 256 KiB buffer, then RST.
     for i in 0..16u32 {
         r.guest_send(
-            r.guest_hdr(local, OP_RW, chunk.len() as u32, CONN_BUF_ALLOC, 0),
+            guest_hdr(local, OP_RW, chunk.len() as u32, CONN_BUF_ALLOC, 0),
             &chunk,
         );
         if r.backend.connection_count() == 0 {
@@ -309,7 +316,7 @@ fn host_eof_sends_shutdown_and_guest_rst_removes_the_connection() {
         Some(ConnState::LocalClosing)
     );
 
-    r.guest_send(r.guest_hdr(local, OP_RST, 0, 0, 0), &[]);
+    r.guest_send(guest_hdr(local, OP_RST, 0, 0, 0), &[]);
     assert_eq!(r.backend.connection_count(), 0);
 }
 
@@ -321,8 +328,8 @@ fn host_half_close_still_receives_guest_output() {
 
     client.shutdown(std::net::Shutdown::Write).unwrap();
     r.pump_until(|r| r.take_rx().iter().any(|(h, _)| h.op == OP_SHUTDOWN));
-    r.guest_send(r.guest_hdr(local, OP_RW, 6, CONN_BUF_ALLOC, 0), b"output");
-    let mut hdr = r.guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
+    r.guest_send(guest_hdr(local, OP_RW, 6, CONN_BUF_ALLOC, 0), b"output");
+    let mut hdr = guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
     hdr.flags = SHUTDOWN_SEND;
     r.guest_send(hdr, &[]);
 
@@ -337,8 +344,8 @@ fn guest_full_shutdown_flushes_then_resets() {
     let (mut client, local) = r.connect(CONN_BUF_ALLOC);
     r.give_rx_buffers(2);
 
-    r.guest_send(r.guest_hdr(local, OP_RW, 3, CONN_BUF_ALLOC, 0), b"bye");
-    let mut hdr = r.guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
+    r.guest_send(guest_hdr(local, OP_RW, 3, CONN_BUF_ALLOC, 0), b"bye");
+    let mut hdr = guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
     hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
     r.guest_send(hdr, &[]);
 
@@ -358,10 +365,10 @@ fn hostile_tx_packets_are_dropped_or_reset_without_panic() {
     r.give_rx_buffers(4);
 
     // Length field larger than the buffer the guest provided.
-    let mut lying = r.guest_hdr(5, OP_RW, 60_000, 0, 0);
+    let mut lying = guest_hdr(5, OP_RW, 60_000, 0, 0);
     r.guest_send(lying, b"short");
     // Wrong source CID (spoofing another VM).
-    lying = r.guest_hdr(5, OP_RW, 0, 0, 0);
+    lying = guest_hdr(5, OP_RW, 0, 0, 0);
     lying.src_cid = 42;
     r.guest_send(lying, &[]);
     // Header descriptor outside guest RAM.
@@ -374,7 +381,7 @@ fn hostile_tx_packets_are_dropped_or_reset_without_panic() {
     r.tx.publish(&r.mem, head);
     r.backend.notify(TXQ);
     // Data for a connection that does not exist: answered with RST.
-    r.guest_send(r.guest_hdr(77, OP_RW, 0, 0, 0), &[]);
+    r.guest_send(guest_hdr(77, OP_RW, 0, 0, 0), &[]);
 
     let replies = r.take_rx();
     assert_eq!(replies.len(), 1, "{replies:?}");
@@ -393,7 +400,7 @@ fn guest_connect_to_missing_host_port_is_reset() {
     let mut r = rig();
     r.give_rx_buffers(1);
 
-    r.guest_send(r.guest_hdr(52, OP_REQUEST, 0, CONN_BUF_ALLOC, 0), &[]);
+    r.guest_send(guest_hdr(52, OP_REQUEST, 0, CONN_BUF_ALLOC, 0), &[]);
 
     let replies = r.take_rx();
     assert_eq!(replies[0].0.op, OP_RST);
@@ -407,9 +414,9 @@ fn guest_connect_forwards_to_port_suffixed_socket() {
     let listener = std::os::unix::net::UnixListener::bind(&side).unwrap();
     r.give_rx_buffers(1);
 
-    r.guest_send(r.guest_hdr(52, OP_REQUEST, 0, CONN_BUF_ALLOC, 0), &[]);
+    r.guest_send(guest_hdr(52, OP_REQUEST, 0, CONN_BUF_ALLOC, 0), &[]);
     let (mut host, _) = listener.accept().unwrap();
-    r.guest_send(r.guest_hdr(52, OP_RW, 2, CONN_BUF_ALLOC, 0), b"hi");
+    r.guest_send(guest_hdr(52, OP_RW, 2, CONN_BUF_ALLOC, 0), b"hi");
 
     assert_eq!(r.take_rx()[0].0.op, OP_RESPONSE);
     let mut buf = [0u8; 2];
@@ -557,7 +564,7 @@ fn a_guest_connect_to_a_host_listener_with_a_full_backlog_is_reset_without_block
         fillers.push(s);
     }
     r.give_rx_buffers(2);
-    let mut hdr = r.guest_hdr(5000, OP_REQUEST, 0, CONN_BUF_ALLOC, 0);
+    let mut hdr = guest_hdr(5000, OP_REQUEST, 0, CONN_BUF_ALLOC, 0);
     hdr.src_port = 7777;
 
     let t = Instant::now();
@@ -593,13 +600,7 @@ fn dropping_a_paused_device_does_not_hang() {
 impl Rig {
     /// A host client that has sent its `CONNECT` line, accepted and read by the backend.
     fn client_connecting(&mut self) -> UnixStream {
-        let mut client = UnixStream::connect(&self.path).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        client
-            .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
-            .unwrap();
+        let client = host_client(&self.path);
         let mut events = vec![EpollEvent::default(); 8];
         // Accept, then read the handshake line (two readiness rounds at most).
         for _ in 0..4 {
@@ -736,29 +737,12 @@ fn host_data_written_during_a_pause_reaches_the_guest_after_it() {
         (hdr, raw[HDR_SIZE..].to_vec())
     };
 
-    let mut client = UnixStream::connect(&path).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client
-        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
-        .unwrap();
+    let mut client = host_client(&path);
     let (req, _) = wait_rx("connection request");
     assert_eq!(req.op, OP_REQUEST);
     let local = req.src_port;
     // The guest accepts.
-    let resp = VsockHeader {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port: GUEST_PORT,
-        dst_port: local,
-        len: 0,
-        type_: TYPE_STREAM,
-        op: OP_RESPONSE,
-        flags: 0,
-        buf_alloc: CONN_BUF_ALLOC,
-        fwd_cnt: 0,
-    };
+    let resp = guest_hdr(local, OP_RESPONSE, 0, CONN_BUF_ALLOC, 0);
     mem.write_slice(&resp.to_bytes(), GuestAddress(TX_BUFS_BASE))
         .unwrap();
     let head = tx.add_chain(&mem, &[(TX_BUFS_BASE, HDR_SIZE as u32, false)]);
