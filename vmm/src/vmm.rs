@@ -81,6 +81,22 @@ pub(crate) struct VmCore {
     holds: u32,
     /// One of the holds is the clients' (`pause` until `resume`).
     client_paused: bool,
+    /// The step of the running operation, for `status` (a stalled operation says where).
+    pub(crate) step: Arc<StepCell>,
+}
+
+/// The step the actor is in, published as it goes (`status` shows it beside `busy`).
+#[derive(Debug, Default)]
+pub(crate) struct StepCell(Mutex<Option<String>>);
+
+impl StepCell {
+    pub(crate) fn set(&self, step: Option<String>) {
+        *lock(&self.0) = step;
+    }
+
+    fn get(&self) -> Option<String> {
+        lock(&self.0).clone()
+    }
 }
 
 impl VmCore {
@@ -109,7 +125,13 @@ impl VmCore {
             lineage: Lineage::default(),
             holds: 0,
             client_paused: false,
+            step: Arc::default(),
         }
+    }
+
+    /// Records the step the running operation is in (shown by `status`).
+    pub(crate) fn step(&self, step: impl Into<String>) {
+        self.step.set(Some(step.into()));
     }
 
     /// Starts the VM with the clients' hold taken (a restore: resumed by a `resume`).
@@ -125,7 +147,9 @@ impl VmCore {
 
     /// Stops (`true`) or restarts device processing outside vCPU exits.
     pub(crate) fn quiesce_devices(&self, paused: bool) {
-        for slot in self.bus.mmio_slots() {
+        for (i, slot) in self.bus.mmio_slots().iter().enumerate() {
+            let verb = if paused { "quiescing" } else { "restarting" };
+            self.step(format!("{verb} virtio device {i} (at {:#x})", slot.base));
             lock(&slot.transport).device_mut().quiesce(paused);
         }
     }
@@ -134,6 +158,7 @@ impl VmCore {
     /// [`RunControl::pause`]), then quiesces the devices.
     pub(crate) fn hold(&mut self) -> Result<(), ControlError> {
         if self.holds == 0 {
+            self.step("pausing the vCPUs");
             self.control.pause()?;
             self.quiesce_devices(true);
         }
@@ -147,6 +172,7 @@ impl VmCore {
         self.holds = self.holds.saturating_sub(1);
         if self.holds == 0 {
             self.quiesce_devices(false);
+            self.step("resuming the vCPUs");
             // Fails only when the VM has exited meanwhile: nothing left to resume.
             let _ = self.control.resume();
         }
@@ -224,10 +250,12 @@ struct Shared {
     mem_mib: u64,
     snapshotd: Option<PathBuf>,
     published: Mutex<Published>,
+    step: Arc<StepCell>,
 }
 
 impl Shared {
     fn publish(&self, core: &VmCore, busy: Option<&'static str>) {
+        self.step.set(None);
         let mut p = lock(&self.published);
         p.base_snapshot = core.ram.base_snapshot().map(str::to_string);
         p.fork_snapshot = core.lineage.fork.clone();
@@ -309,7 +337,10 @@ impl VmmHandle {
             base_snapshot: p.base_snapshot.clone(),
             fork_snapshot: p.fork_snapshot.clone(),
             vcpu_exits: s.control.exit_counts(),
-            busy: p.busy.map(str::to_string),
+            busy: p.busy.map(|b| match s.step.get() {
+                Some(step) => format!("{b}: {step}"),
+                None => b.to_string(),
+            }),
         }
     }
 
@@ -468,6 +499,7 @@ impl Vmm {
             mem_mib: core.machine.mem_size >> 20,
             snapshotd: core.snapshotd.clone(),
             published: Mutex::new(Published::default()),
+            step: core.step.clone(),
         });
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
         let actor = {

@@ -192,6 +192,7 @@ fn connect(core: &VmCore) -> Result<Client, SwitchError> {
 /// Maps `snapshot`'s image and applies its state; returns how long the VM was paused.
 fn switch(core: &mut VmCore, client: &mut Client, snapshot: &str) -> Result<f64, SwitchError> {
     let socket = core.snapshotd.clone().ok_or(SwitchError::NoSnapshotd)?;
+    core.step("reading the snapshot");
     let blob = client
         .get_blob(snapshot, STATE_BLOB)
         .map_err(|e| SwitchError::Store("reading the VM state", e))?;
@@ -200,11 +201,13 @@ fn switch(core: &mut VmCore, client: &mut Client, snapshot: &str) -> Result<f64,
         .open_image(snapshot)
         .map_err(|e| SwitchError::Store("opening the image", e))?;
     let ((), paused_ms) = core.paused(SwitchError::Pause, |core| {
+        core.step("switching memory to the snapshot");
         if let Err(e) = image::attach(&mut core.ram, &socket, snapshot, image, true) {
             core.control
                 .request_exit(VmExit::Failed(format!("switching memory: {e}")));
             return Err(SwitchError::Image(e));
         }
+        core.step("applying the snapshot's VM state");
         if let Err(e) = core.apply_state(&state, false) {
             core.control
                 .request_exit(VmExit::Failed(format!("applying state: {e}")));

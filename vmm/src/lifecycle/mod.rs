@@ -92,6 +92,7 @@ pub(crate) fn run(core: &mut VmCore, req: Request) {
         Request::MemoryHash(reply) => {
             let hashed = core
                 .paused(PauseError::Control, |core| {
+                    core.step("hashing guest memory");
                     let (h, chunks) = core.ram.hash();
                     Ok((h.to_hex().to_string(), chunks))
                 })

@@ -25,10 +25,10 @@ use fissile_proto::control::{ErrorKind, ForkReply, SnapshotReply};
 use fissile_snapshotd::client::{self as sd, Client, ClientError, CreateOptions};
 
 use super::image::{self, ImageError};
+use crate::lifecycle::state::CaptureError;
 use crate::memory::{Backing, GuestRam, MemoryError, PAGE_SIZE, create_memfd};
 use crate::snapshot::{STATE_BLOB, StateFormatError};
 use crate::vmm::{QueueError, VmCore};
-use crate::vstate::persist::KvmStateError;
 use crate::vstate::vcpu::{ControlError, VmExit};
 
 /// Taking a snapshot failed; each variant names the step.
@@ -43,9 +43,9 @@ pub enum SnapshotError {
     /// Pausing failed (the VM exited, or a vCPU did not park).
     #[error("pausing the VM")]
     Pause(#[source] ControlError),
-    /// Capturing KVM state failed.
-    #[error("capturing KVM state")]
-    Kvm(#[source] KvmStateError),
+    /// Capturing the VM state failed.
+    #[error("capturing the VM state")]
+    State(#[source] CaptureError),
     /// Encoding the state failed.
     #[error("encoding the VM state")]
     Encode(#[source] StateFormatError),
@@ -115,7 +115,9 @@ pub(crate) fn persist(core: &mut VmCore) -> Result<SnapshotReply, SnapshotError>
     let was_paused = core.client_paused();
     core.pin_paused().map_err(SnapshotError::Pause)?;
     let since = Instant::now();
+    let progress = core.step.clone();
     let taken = take(core, &mut client, &socket).and_then(|mut reply| {
+        progress.set(Some("waiting until the store holds the snapshot".into()));
         client
             .wait_durable(&reply.id)
             .map_err(SnapshotError::Durable)?;
@@ -156,7 +158,10 @@ fn take(
         steps.push((name.to_string(), t.elapsed().as_secs_f64() * 1e3));
         *t = Instant::now();
     };
-    let state = core.capture_state().map_err(SnapshotError::Kvm)?;
+    let progress = core.step.clone();
+    let at = |step: &str| progress.set(Some(step.to_string()));
+    at("capturing the VM state");
+    let state = core.capture_state().map_err(SnapshotError::State)?;
     let blob = state.encode().map_err(SnapshotError::Encode)?;
     step("state", &mut t);
 
@@ -172,8 +177,10 @@ fn take(
     };
     let (id, parent, dirty_pages) = match ram.backing() {
         Backing::Fresh { .. } => {
+            at("freezing guest memory");
             let memfd = ram.freeze_fresh().map_err(SnapshotError::Memory)?;
             step("memory", &mut t);
+            at("storing the snapshot");
             let created = sd::seal_for_adoption(&memfd)
                 .map_err(SnapshotError::Seal)
                 .and_then(|()| {
@@ -202,6 +209,7 @@ fn take(
         }
         Backing::Image { snapshot: base, .. } => {
             let base = base.clone();
+            at("copying dirty pages");
             let dirty = ram.dirty_pages().map_err(SnapshotError::Memory)?;
             let layer = create_memfd("fissile-layer", size).map_err(SnapshotError::Memory)?;
             copy_pages(ram, &dirty, &layer)?;
@@ -210,10 +218,12 @@ fn take(
             opts.parent = Some(base.clone());
             let n = dirty.len() as u64;
             opts.dirty_pages = Some(dirty);
+            at("storing the snapshot");
             let id = client
                 .create_snapshot(&layer, &opts)
                 .map_err(SnapshotError::Store)?;
             step("store", &mut t);
+            at("switching memory to the snapshot");
             let switched = client
                 .open_image(&id)
                 .map_err(ImageError::Open)

@@ -2,16 +2,48 @@
 //! devices (serial, every virtio-mmio transport with its queues), through each component's
 //! [`Persist`] implementation. The VM must be paused (or not started yet).
 
+use std::sync::MutexGuard;
+
+use kvm_ioctls::VcpuFd;
+
 use crate::devices::legacy::serial::SerialStateError;
 use crate::devices::virtio::persist::TransportStateError;
 use crate::snapshot::{MicrovmState, Persist};
 use crate::vmm::{VmCore, lock};
 use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
-use crate::vstate::vcpu::lock_vcpu;
+use crate::vstate::vcpu::{SharedVcpu, VCPU_LOCK_TIMEOUT, lock_within};
+
+/// A paused vCPU's fd stayed locked by its thread (see [`lock_within`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "vCPU {vcpu}'s thread still held its fd {waited_ms} ms into the pause ({run}): it is not parked"
+)]
+pub struct VcpuBusy {
+    /// vCPU index.
+    pub vcpu: usize,
+    /// How long the VMM waited.
+    pub waited_ms: u64,
+    /// The run state then ([`crate::vstate::vcpu::RunControl::describe`]).
+    pub run: String,
+}
+
+/// Capturing the VM state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// KVM refused to give part of the state.
+    #[error("reading KVM state")]
+    Kvm(#[source] KvmStateError),
+    /// A vCPU could not be locked.
+    #[error(transparent)]
+    VcpuBusy(VcpuBusy),
+}
 
 /// Applying a snapshot's state to this VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    /// A vCPU could not be locked.
+    #[error(transparent)]
+    VcpuBusy(VcpuBusy),
     /// The snapshot is of another machine.
     #[error("the snapshot is of another machine: {0}")]
     Machine(String),
@@ -33,12 +65,26 @@ pub enum ApplyError {
 }
 
 impl VmCore {
+    /// Locks vCPU `i` of this paused VM, bounded by [`VCPU_LOCK_TIMEOUT`].
+    fn lock_vcpu<'a>(
+        &self,
+        i: usize,
+        v: &'a SharedVcpu,
+    ) -> Result<MutexGuard<'a, VcpuFd>, VcpuBusy> {
+        lock_within(v, VCPU_LOCK_TIMEOUT).ok_or_else(|| VcpuBusy {
+            vcpu: i,
+            waited_ms: VCPU_LOCK_TIMEOUT.as_millis() as u64,
+            run: self.control.describe(),
+        })
+    }
+
     /// Captures the whole VM state (vCPUs and devices must be paused).
-    pub(crate) fn capture_state(&self) -> Result<MicrovmState, KvmStateError> {
-        let vm = VmState::capture(self.vm.fd())?;
+    pub(crate) fn capture_state(&self) -> Result<MicrovmState, CaptureError> {
+        let vm = VmState::capture(self.vm.fd()).map_err(CaptureError::Kvm)?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (i, v) in self.vcpus.iter().enumerate() {
-            vcpus.push(VcpuState::capture(&lock_vcpu(v), i, &self.caps)?);
+            let fd = self.lock_vcpu(i, v).map_err(CaptureError::VcpuBusy)?;
+            vcpus.push(VcpuState::capture(&fd, i, &self.caps).map_err(CaptureError::Kvm)?);
         }
         let serial = lock(self.bus.serial()).save();
         let mmio = self
@@ -76,7 +122,8 @@ impl VmCore {
         }
         state.vm.apply(self.vm.fd()).map_err(ApplyError::Kvm)?;
         for (i, (v, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
-            s.apply(&lock_vcpu(v), i, fresh).map_err(ApplyError::Kvm)?;
+            let fd = self.lock_vcpu(i, v).map_err(ApplyError::VcpuBusy)?;
+            s.apply(&fd, i, fresh).map_err(ApplyError::Kvm)?;
         }
         lock(self.bus.serial())
             .restore(&state.serial)

@@ -284,6 +284,18 @@ impl RunControl {
         self.lock().threads.iter().filter(|t| t.is_some()).count()
     }
 
+    /// The run state in words, for errors about a vCPU that should be parked.
+    pub fn describe(&self) -> String {
+        let state = self.lock();
+        let alive = state.threads.iter().filter(|t| t.is_some()).count();
+        format!(
+            "target {:?}, {} of {alive} vCPU threads parked, exits {:?}",
+            state.target,
+            state.parked,
+            self.exit_counts()
+        )
+    }
+
     fn kick_all(state: &RunState) {
         for thread in state.threads.iter().flatten() {
             // SAFETY: a pthread id is in `threads` only while that thread is alive: it removes
@@ -419,6 +431,27 @@ pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
 /// Locks a shared vCPU (a poisoned lock is still usable: the fd has no Rust invariants).
 pub fn lock_vcpu(v: &SharedVcpu) -> MutexGuard<'_, VcpuFd> {
     v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Longest the VMM waits for a paused vCPU's fd: a parked thread does not hold it, so a
+/// wait this long means the thread is still in (or back in) `KVM_RUN`.
+pub const VCPU_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Locks `v` (a shared vCPU of a paused VM), giving up after `timeout` (`None`): the vCPU
+/// thread relocks its fd at once around each `KVM_RUN`, so an unbounded wait on a vCPU
+/// that is running after all would starve for ever rather than fail.
+pub fn lock_within<T>(v: &Mutex<T>, timeout: Duration) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match v.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
 }
 
 /// Spawns the thread for vCPU `id`.
@@ -559,6 +592,28 @@ mod tests {
             }
             control.unregister(id);
         })
+    }
+
+    #[test]
+    fn a_lock_held_throughout_is_given_up_at_the_bound_and_a_free_one_taken() {
+        let m = Mutex::new(0u64);
+        let held = m.lock().unwrap();
+        let t0 = Instant::now();
+
+        let refused = lock_within(&m, Duration::from_millis(200)).is_none();
+
+        let waited = t0.elapsed();
+        assert!(refused, "a held lock is not taken");
+        assert!(
+            waited >= Duration::from_millis(200),
+            "gave up early: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(2), "overstayed: {waited:?}");
+        drop(held);
+        assert!(
+            lock_within(&m, Duration::from_millis(200)).is_some(),
+            "free lock taken"
+        );
     }
 
     #[test]
