@@ -190,9 +190,9 @@ pub struct App {
     pub tenants: Arc<HashMap<String, TenantLimits>>,
     /// Warm pools (sandboxes restored ahead of time).
     pub pool: Arc<crate::pool::WarmPool>,
-    /// API keys that are not revoked, by hash → tenant (read at start: `fissiled keys`
-    /// needs the daemon stopped, so they cannot change while it runs).
-    pub keys: Arc<HashMap<String, String>>,
+    /// API keys that are not revoked (read at start; the key routes keep it in step with
+    /// the store).
+    pub keys: Arc<crate::auth::KeyRing>,
     /// Ids of the sandboxes recorded `lost` (found at start; forgotten when deleted), so
     /// `/metrics` counts them without reading every record.
     pub lost: Arc<Mutex<BTreeSet<String>>>,
@@ -362,7 +362,7 @@ impl App {
             ready: Arc::default(),
             tenants: Arc::new(db_tenants),
             pool: Arc::default(),
-            keys: Arc::new(db_keys),
+            keys: Arc::new(crate::auth::KeyRing::new(db_keys)),
             lost: Arc::default(),
         };
         app.recover(adopted)?;

@@ -1,17 +1,61 @@
 //! Who is asking: `Authorization: Bearer <key>` or `X-API-Key: <key>`, looked up by hash in
-//! the keys the daemon read from its metadata store at start (keys are created and revoked
-//! with the daemon stopped, so that copy is exact). No key, a wrong key or a revoked key is
-//! 401.
+//! the daemon's [`KeyRing`] (read from the metadata store at start, then kept in step with
+//! it by the key routes, so a key created or revoked over the API counts at once). No key,
+//! a wrong key or a revoked key is 401; a tenant's key on an admin route is 403.
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use crate::app::App;
+use crate::db::ActiveKey;
 use crate::error::ApiError;
+
+/// The keys that are not revoked, by hash.
+#[derive(Debug, Default)]
+pub struct KeyRing(RwLock<HashMap<String, ActiveKey>>);
+
+impl KeyRing {
+    /// The ring of `keys` (hash → what it grants).
+    pub fn new(keys: HashMap<String, ActiveKey>) -> Self {
+        Self(RwLock::new(keys))
+    }
+
+    /// What the key with hash `hash` grants, if it is not revoked.
+    pub fn get(&self, hash: &str) -> Option<ActiveKey> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(hash)
+            .cloned()
+    }
+
+    /// Adds a key (after the store holds it).
+    pub fn insert(&self, hash: String, key: ActiveKey) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(hash, key);
+    }
+
+    /// Forgets a key (after the store holds it revoked).
+    pub fn remove(&self, hash: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(hash);
+    }
+}
 
 /// The authenticated tenant of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant(pub String);
+
+/// The tenant of a request made with an admin key (the key routes need one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin(pub String);
 
 /// The key a request carries, if any.
 pub fn presented_key(parts: &Parts) -> Option<&str> {
@@ -28,19 +72,36 @@ pub fn presented_key(parts: &Parts) -> Option<&str> {
         .map(str::trim)
 }
 
+fn caller(parts: &Parts, app: &App) -> Result<ActiveKey, ApiError> {
+    let key = presented_key(parts).ok_or_else(|| {
+        ApiError::unauthorized("no API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+    })?;
+    let found = app
+        .keys
+        .get(&crate::db::key_hash(key))
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+    tracing::Span::current().record("tenant", found.tenant.as_str());
+    Ok(found)
+}
+
 impl FromRequestParts<App> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
-        let key = presented_key(parts).ok_or_else(|| {
-            ApiError::unauthorized("no API key: send `Authorization: Bearer <key>` or `X-API-Key`")
-        })?;
-        let tenant = app
-            .keys
-            .get(&crate::db::key_hash(key))
-            .cloned()
-            .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
-        tracing::Span::current().record("tenant", tenant.as_str());
-        Ok(Tenant(tenant))
+        caller(parts, app).map(|k| Tenant(k.tenant))
+    }
+}
+
+impl FromRequestParts<App> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let key = caller(parts, app)?;
+        if !key.admin {
+            return Err(ApiError::forbidden(
+                "managing keys needs an admin key (`fissiled keys create --admin`)",
+            ));
+        }
+        Ok(Admin(key.tenant))
     }
 }

@@ -83,6 +83,53 @@ pub struct KeyRecord {
     /// Revoked keys are refused.
     #[serde(default)]
     pub revoked: bool,
+    /// The key may also manage keys (`/v1/keys`).
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// What a key that is not revoked grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveKey {
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// It may manage keys.
+    pub admin: bool,
+}
+
+/// A key just created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedKey {
+    /// The key itself (not stored: shown once).
+    pub key: String,
+    /// Its hash (what is stored and looked up).
+    pub hash: String,
+    /// Its record.
+    pub record: KeyRecord,
+}
+
+/// A key as it is listed: never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyListing {
+    /// Its id ([`key_id`]).
+    pub id: String,
+    /// Its record.
+    pub record: KeyRecord,
+}
+
+/// The public id of the key whose hash is `hash`: enough of the hash to name it, which
+/// tells nothing of the key.
+pub fn key_id(hash: &str) -> String {
+    format!("key_{}", hash.get(..20).unwrap_or(hash))
+}
+
+/// Checks a tenant name: 1-64 of `[A-Za-z0-9_-]`.
+pub fn valid_tenant_name(tenant: &str) -> bool {
+    !tenant.is_empty()
+        && tenant.len() <= 64
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Lifecycle state of a sandbox as the API reports it.
@@ -398,34 +445,80 @@ impl Db {
         }
     }
 
-    /// Creates an API key for `tenant`; returns it (it is not stored, only its hash).
-    pub fn create_key(&self, tenant: &str) -> Result<String, DbError> {
+    /// Creates an API key for `tenant` (`admin`: it may manage keys).
+    pub fn create_key(&self, tenant: &str, admin: bool) -> Result<CreatedKey, DbError> {
         let key = format!("fsk_{}", random_hex(24)?);
         let record = KeyRecord {
             tenant: tenant.to_string(),
             created_ms: now_ms(),
             revoked: false,
+            admin,
         };
-        self.put(KEYS, &key_hash(&key), &record)?;
-        Ok(key)
+        let hash = key_hash(&key);
+        self.put(KEYS, &hash, &record)?;
+        Ok(CreatedKey { key, hash, record })
     }
 
-    /// Every key that is not revoked: its hash → its tenant.
-    pub fn active_keys(&self) -> Result<std::collections::HashMap<String, String>, DbError> {
+    /// Every key's hash and record, revoked ones included.
+    fn key_records(&self) -> Result<Vec<(String, KeyRecord)>, DbError> {
         let tx = self
             .db
             .begin_read()
             .map_err(|e| DbError::Transaction(Box::new(e)))?;
         let t = tx.open_table(KEYS).map_err(DbError::Table)?;
-        let mut out = std::collections::HashMap::new();
+        let mut out = Vec::new();
         for item in t.iter().map_err(DbError::Storage)? {
             let (k, v) = item.map_err(DbError::Storage)?;
             let record: KeyRecord = serde_json::from_slice(v.value()).map_err(DbError::Decode)?;
-            if !record.revoked {
-                out.insert(k.value().to_string(), record.tenant);
-            }
+            out.push((k.value().to_string(), record));
         }
         Ok(out)
+    }
+
+    /// Every key that is not revoked: its hash → what it grants.
+    pub fn active_keys(&self) -> Result<std::collections::HashMap<String, ActiveKey>, DbError> {
+        Ok(self
+            .key_records()?
+            .into_iter()
+            .filter(|(_, r)| !r.revoked)
+            .map(|(hash, r)| {
+                let key = ActiveKey {
+                    tenant: r.tenant,
+                    admin: r.admin,
+                };
+                (hash, key)
+            })
+            .collect())
+    }
+
+    /// The keys that are not revoked, oldest first.
+    pub fn key_listing(&self) -> Result<Vec<KeyListing>, DbError> {
+        let mut out: Vec<KeyListing> = self
+            .key_records()?
+            .into_iter()
+            .filter(|(_, r)| !r.revoked)
+            .map(|(hash, record)| KeyListing {
+                id: key_id(&hash),
+                record,
+            })
+            .collect();
+        out.sort_by(|a, b| (a.record.created_ms, &a.id).cmp(&(b.record.created_ms, &b.id)));
+        Ok(out)
+    }
+
+    /// Revokes the key whose id ([`key_id`]) is `id`; returns its hash, `None` if no key
+    /// that is not revoked has that id.
+    pub fn revoke_key_id(&self, id: &str) -> Result<Option<String>, DbError> {
+        let found = self
+            .key_records()?
+            .into_iter()
+            .find(|(hash, r)| !r.revoked && key_id(hash) == id);
+        let Some((hash, mut record)) = found else {
+            return Ok(None);
+        };
+        record.revoked = true;
+        self.put(KEYS, &hash, &record)?;
+        Ok(Some(hash))
     }
 
     /// Revokes a key; false if it does not exist.
@@ -591,9 +684,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.redb");
         let db = Db::open(&path).unwrap();
-        let key = db.create_key("acme").unwrap();
+        let created = db.create_key("acme", false).unwrap();
+        let key = created.key;
         assert!(key.starts_with("fsk_") && key.len() == 52, "{key}");
-        let tenant_of = |db: &Db, key: &str| db.active_keys().unwrap().get(&key_hash(key)).cloned();
+        assert_eq!(created.hash, key_hash(&key));
+        let tenant_of = |db: &Db, key: &str| {
+            db.active_keys()
+                .unwrap()
+                .get(&key_hash(key))
+                .map(|k| k.tenant.clone())
+        };
         assert_eq!(tenant_of(&db, &key).as_deref(), Some("acme"));
         assert_eq!(tenant_of(&db, "fsk_wrong"), None);
         let raw = std::fs::read(&path).unwrap();
@@ -602,17 +702,58 @@ mod tests {
             "the key itself is in the file"
         );
 
-        let other = db.create_key("other").unwrap();
+        let other = db.create_key("other", true).unwrap().key;
         assert_eq!(db.active_keys().unwrap().len(), 2);
         assert!(db.revoke_key(&key).unwrap());
+        let active = ActiveKey {
+            tenant: "other".into(),
+            admin: true,
+        };
         assert_eq!(
             db.active_keys().unwrap(),
-            [(key_hash(&other), "other".to_string())].into()
+            [(key_hash(&other), active)].into()
         );
         drop(db);
         let db = Db::open(&path).unwrap();
 
         assert_eq!(tenant_of(&db, &key), None);
+    }
+
+    #[test]
+    fn keys_are_listed_by_id_and_revoked_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("m.redb")).unwrap();
+        let a = db.create_key("acme", false).unwrap();
+        let (hash_a, hash_b) = (a.hash, db.create_key("ops", true).unwrap().hash);
+
+        let listed = db.key_listing().unwrap();
+
+        let ids: Vec<_> = listed.iter().map(|k| k.id.as_str()).collect();
+        assert!(ids.contains(&key_id(&hash_a).as_str()) && ids.contains(&key_id(&hash_b).as_str()));
+        assert!(
+            listed
+                .iter()
+                .all(|k| k.id.len() == 24 && !k.id.contains(&a.key[4..]))
+        );
+        assert_eq!(
+            db.revoke_key_id(&key_id(&hash_a)).unwrap(),
+            Some(hash_a.clone())
+        );
+        assert_eq!(
+            db.revoke_key_id(&key_id(&hash_a)).unwrap(),
+            None,
+            "already revoked"
+        );
+        assert_eq!(db.revoke_key_id("key_nonexistent").unwrap(), None);
+        assert_eq!(db.key_listing().unwrap().len(), 1);
+        assert!(!db.active_keys().unwrap().contains_key(&hash_a));
+    }
+
+    #[test]
+    fn a_key_record_written_before_admin_keys_existed_reads_as_not_admin() {
+        let old = br#"{"tenant":"acme","created_ms":1,"revoked":false}"#;
+        let r: KeyRecord = serde_json::from_slice(old).unwrap();
+        assert!(!r.admin && r.tenant == "acme");
     }
 
     #[test]

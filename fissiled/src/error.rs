@@ -103,7 +103,7 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
-    /// 403: the guest refused access to a path.
+    /// 403: the guest refused access to a path, or a tenant's key asked for an admin route.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }

@@ -12,7 +12,7 @@
 //! - [`templates`]: templates' ready snapshots; [`pool`]: warm pools restored from them.
 //! - [`egress`]: each sandbox's DNS resolver and domain proxy (its egress policy's names).
 //! - [`snapshotd`]: the host's snapshotd, started again when it exits.
-//! - [`auth`]: API keys (hashed) to tenants.
+//! - [`auth`]: API keys (hashed) to tenants; [`keys`]: keys managed over the API.
 //! - [`db`]: the metadata store.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`openapi`]: the OpenAPI document, generated from the code.
@@ -26,6 +26,7 @@ pub mod egress;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! fissiled serve --state-dir /var/lib/fissiled [--listen 127.0.0.1:8080]
-//! fissiled keys create --state-dir /var/lib/fissiled --tenant acme   # daemon stopped
+//! fissiled keys create --state-dir /var/lib/fissiled --tenant ops --admin  # daemon stopped
+//! # then, daemon running, with that admin key: POST /v1/keys {"tenant": "acme"}
+//! # (or `fissile keys create --tenant acme`)
 //! fissiled tenants set --state-dir /var/lib/fissiled --tenant acme --max-sandboxes 4 \
 //!     --idle-timeout-s 600 --max-lifetime-s 86400                    # daemon stopped
 //! ```
@@ -166,7 +168,8 @@ enum TenantsCmd {
 #[derive(Debug, Subcommand)]
 enum KeysCmd {
     /// Create a key for a tenant and print it (once: only its hash is stored). The daemon
-    /// must be stopped (the store allows one process at a time).
+    /// must be stopped (the store allows one process at a time); while it runs, an admin
+    /// key creates keys over the API (`POST /v1/keys`).
     Create {
         /// State directory.
         #[arg(long)]
@@ -174,6 +177,9 @@ enum KeysCmd {
         /// Tenant name.
         #[arg(long)]
         tenant: String,
+        /// The key may also create, list and revoke keys over the API (`/v1/keys`).
+        #[arg(long)]
+        admin: bool,
     },
     /// Revoke a key (daemon stopped).
     Revoke {
@@ -188,11 +194,7 @@ enum KeysCmd {
 
 fn check_tenant_name(tenant: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !tenant.is_empty()
-            && tenant.len() <= 64
-            && tenant
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        fissiled::db::valid_tenant_name(tenant),
         "a tenant name is 1-64 of [A-Za-z0-9_-]"
     );
     Ok(())
@@ -223,11 +225,16 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Openapi => print!("{}", fissiled::openapi::json()),
         Cmd::Keys {
-            cmd: KeysCmd::Create { state_dir, tenant },
+            cmd:
+                KeysCmd::Create {
+                    state_dir,
+                    tenant,
+                    admin,
+                },
         } => {
             check_tenant_name(&tenant)?;
-            let key = open_db(&state_dir)?.create_key(&tenant)?;
-            println!("{key}");
+            let created = open_db(&state_dir)?.create_key(&tenant, admin)?;
+            println!("{}", created.key);
         }
         Cmd::Keys {
             cmd: KeysCmd::Revoke { state_dir, key },

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{error, exec, files, lifecycle, routes};
+use crate::{error, exec, files, keys, lifecycle, routes};
 
 /// The API's document.
 #[derive(Debug, OpenApi)]
@@ -39,6 +39,9 @@ use crate::{error, exec, files, lifecycle, routes};
         routes::delete_space,
         routes::resume_space,
         routes::list_templates,
+        keys::create_key,
+        keys::list_keys,
+        keys::revoke_key,
     ),
     components(schemas(
         error::ErrorBody,
@@ -47,6 +50,9 @@ use crate::{error, exec, files, lifecycle, routes};
         exec::CommandEvent,
         files::EntryView,
         lifecycle::ForkChild,
+        keys::CreateKeyBody,
+        keys::KeyView,
+        keys::NewKeyView,
     )),
     modifiers(&Security),
     tags(
@@ -56,6 +62,7 @@ use crate::{error, exec, files, lifecycle, routes};
         (name = "lifecycle", description = "Fork, merge, snapshot, rollback"),
         (name = "spaces", description = "Persistent spaces"),
         (name = "templates", description = "Templates and their ready snapshots"),
+        (name = "keys", description = "API keys (admin keys only)"),
         (name = "daemon", description = "The daemon itself"),
     )
 )]
@@ -119,6 +126,8 @@ mod tests {
             "/v1/spaces",
             "/v1/spaces/{id}",
             "/v1/spaces/{id}/resume",
+            "/v1/keys",
+            "/v1/keys/{id}",
         ] {
             assert!(paths.contains_key(p), "{p} is not in the document");
         }

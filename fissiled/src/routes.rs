@@ -787,6 +787,14 @@ pub fn router(app: App) -> Router {
         .route("/v1/spaces", get(list_spaces))
         .route("/v1/spaces/{id}", get(get_space).delete(delete_space))
         .route("/v1/spaces/{id}/resume", post(resume_space))
+        .route(
+            "/v1/keys",
+            post(crate::keys::create_key).get(crate::keys::list_keys),
+        )
+        .route(
+            "/v1/keys/{id}",
+            axum::routing::delete(crate::keys::revoke_key),
+        )
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), track))
         .fallback(not_found)

@@ -339,3 +339,205 @@ fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() 
     assert_eq!(pid_of(), jailed, "the jailed one was not re-adopted");
     drop(d);
 }
+
+#[test]
+fn an_admin_key_creates_lists_and_revokes_keys_that_count_at_once_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
+    let admin = daemon::create_admin_key(bin, &state, "ops").unwrap();
+    let tenant_key = daemon::create_key(bin, &state, "acme").unwrap();
+    let mut fissiled = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
+    let base = fissiled.base().to_string();
+    let keys = format!("{base}/v1/keys");
+    let as_admin = [("Authorization", format!("Bearer {admin}"))];
+    let as_admin: Vec<(&str, &str)> = as_admin.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let bearer = |k: &str| format!("Bearer {k}");
+
+    // A tenant's key may not manage keys: 403, on every key route.
+    let acme = bearer(&tenant_key);
+    for (method, url, body) in [
+        ("GET", keys.clone(), None),
+        ("POST", keys.clone(), Some(r#"{"tenant":"acme"}"#)),
+        ("DELETE", format!("{keys}/key_0000"), None),
+    ] {
+        let (status, v) = call(method, &url, &[("Authorization", &acme)], body);
+        assert_eq!(
+            (status, code(&v)),
+            (403, "forbidden"),
+            "{method} {url}: {v}"
+        );
+    }
+    let (status, v) = call("GET", &keys, &[], None);
+    assert_eq!((status, code(&v)), (401, "unauthorized"), "{v}");
+
+    // Bad bodies: a clear 400 each, nothing created.
+    for body in [
+        r#"{"tenant":""}"#,
+        r#"{"tenant":"a/b"}"#,
+        r#"{"tenant":"acme","admin":"yes"}"#,
+        r#"{"tenant":"acme","extra":1}"#,
+        "",
+        "{",
+    ] {
+        let (status, v) = call("POST", &keys, &as_admin, Some(body));
+        assert_eq!((status, code(&v)), (400, "bad_request"), "{body}: {v}");
+    }
+
+    // Create: the key is shown once, works at once, and is listed by id only.
+    let (status, created) = call("POST", &keys, &as_admin, Some(r#"{"tenant":"beta"}"#));
+    assert_eq!(status, 201, "{created}");
+    let new_key = created["key"].as_str().unwrap().to_string();
+    let new_id = created["id"].as_str().unwrap().to_string();
+    assert!(
+        new_key.starts_with("fsk_") && new_id.starts_with("key_"),
+        "{created}"
+    );
+    assert_eq!(
+        (created["tenant"].as_str(), created["admin"].as_bool()),
+        (Some("beta"), Some(false))
+    );
+    let beta = bearer(&new_key);
+    let (status, v) = call(
+        "GET",
+        &format!("{base}/v1/sandboxes"),
+        &[("Authorization", &beta)],
+        None,
+    );
+    assert_eq!(status, 200, "the new key works at once: {v}");
+    let (status, listed) = call("GET", &keys, &as_admin, None);
+    assert_eq!(status, 200, "{listed}");
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(listed.len(), 3, "ops, acme, beta: {listed:?}");
+    assert!(
+        listed
+            .iter()
+            .any(|k| k["id"] == new_id.as_str() && k["tenant"] == "beta")
+    );
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(
+        !text.contains(&new_key[4..]) && !text.contains(&admin[4..]),
+        "a key is listed: {text}"
+    );
+
+    // Revoke: 401 for that key at once; the id is gone (a second revoke is 404).
+    let (status, v) = call("DELETE", &format!("{keys}/{new_id}"), &as_admin, None);
+    assert_eq!(status, 204, "{v}");
+    let (status, v) = call(
+        "GET",
+        &format!("{base}/v1/sandboxes"),
+        &[("Authorization", &beta)],
+        None,
+    );
+    assert_eq!(
+        (status, code(&v)),
+        (401, "unauthorized"),
+        "revoked at once: {v}"
+    );
+    let (status, v) = call("DELETE", &format!("{keys}/{new_id}"), &as_admin, None);
+    assert_eq!((status, code(&v)), (404, "not_found"), "{v}");
+
+    // An admin key made over the API manages keys too; what was done survives a restart.
+    let (status, second) = call(
+        "POST",
+        &keys,
+        &as_admin,
+        Some(r#"{"tenant":"ops2","admin":true}"#),
+    );
+    assert_eq!(status, 201, "{second}");
+    let second_admin = bearer(second["key"].as_str().unwrap());
+    fissiled.kill_hard().unwrap();
+    drop(fissiled);
+    let fissiled = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
+    let keys = format!("{}/v1/keys", fissiled.base());
+    let sandboxes = format!("{}/v1/sandboxes", fissiled.base());
+    let (status, v) = call("GET", &sandboxes, &[("Authorization", &beta)], None);
+    assert_eq!(status, 401, "still revoked after a restart: {v}");
+    let (status, listed) = call("GET", &keys, &[("Authorization", &second_admin)], None);
+    assert_eq!(
+        status, 200,
+        "the API-made admin key after a restart: {listed}"
+    );
+    let tenants: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["tenant"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        tenants,
+        ["ops", "acme", "ops2"],
+        "oldest first, beta revoked"
+    );
+}
+
+/// Runs the `fissile` CLI against `base` with `key` as `FISSILE_API_KEY`: (exit code,
+/// stdout, stderr).
+fn fissile_cli(base: &str, key: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let bin = fissile_sandbox::paths::find_binary("fissile").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env("FISSILE_API_URL", base)
+        .env("FISSILE_API_KEY", key)
+        .output()
+        .unwrap();
+    let run = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("$ fissile {} -> {run:?}", args.join(" "));
+    run
+}
+
+#[test]
+fn the_cli_creates_lists_and_revokes_keys_over_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
+    let admin = daemon::create_admin_key(bin, &state, "ops").unwrap();
+    let tenant_key = daemon::create_key(bin, &state, "acme").unwrap();
+    let fissiled = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
+    let base = fissiled.base();
+
+    let (code, key, _) = fissile_cli(base, &admin, &["keys", "create", "--tenant", "beta"]);
+    assert_eq!(code, Some(0));
+    let key = key.trim().to_string();
+    assert!(key.starts_with("fsk_"), "{key}");
+    let (status, _) = call(
+        "GET",
+        &format!("{base}/v1/sandboxes"),
+        &[("X-API-Key", &key)],
+        None,
+    );
+    assert_eq!(status, 200, "the key the CLI printed works");
+
+    let (code, table, _) = fissile_cli(base, &admin, &["keys", "ls"]);
+    assert_eq!(code, Some(0));
+    let beta_id = table
+        .lines()
+        .find(|l| l.contains(" beta "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("beta not listed:\n{table}"))
+        .to_string();
+    assert!(
+        beta_id.starts_with("key_") && !table.contains(&key[4..]),
+        "{table}"
+    );
+
+    let (code, _, err) = fissile_cli(base, &admin, &["keys", "revoke", &key]);
+    assert_ne!(code, Some(0), "a key itself is refused as an id");
+    assert!(err.contains("not the key itself"), "{err}");
+    let (code, _, err) = fissile_cli(base, &tenant_key, &["keys", "ls"]);
+    assert_ne!(code, Some(0), "a tenant's key cannot list keys");
+    assert!(err.contains("admin key"), "{err}");
+    let (code, out, _) = fissile_cli(base, &admin, &["keys", "revoke", &beta_id]);
+    assert_eq!((code, out.trim()), (Some(0), beta_id.as_str()));
+    let (status, _) = call(
+        "GET",
+        &format!("{base}/v1/sandboxes"),
+        &[("X-API-Key", &key)],
+        None,
+    );
+    assert_eq!(status, 401, "revoked through the CLI");
+}

@@ -19,9 +19,24 @@ pub struct Fissiled {
 
 /// Creates an API key for `tenant` in the state directory `state` (`fissiled keys create`).
 pub fn create_key(bin: &Path, state: &Path, tenant: &str) -> anyhow::Result<String> {
+    create_key_with(bin, state, tenant, &[])
+}
+
+/// [`create_key`] for an admin key (`--admin`: it may manage keys over the API).
+pub fn create_admin_key(bin: &Path, state: &Path, tenant: &str) -> anyhow::Result<String> {
+    create_key_with(bin, state, tenant, &["--admin"])
+}
+
+fn create_key_with(
+    bin: &Path,
+    state: &Path,
+    tenant: &str,
+    flags: &[&str],
+) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(["keys", "create", "--tenant", tenant, "--state-dir"])
         .arg(state)
+        .args(flags)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     anyhow::ensure!(

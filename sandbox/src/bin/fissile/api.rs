@@ -846,37 +846,117 @@ pub fn templates(c: &Client, opts: &ApiOpts, cmd: TemplatesCmd) -> anyhow::Resul
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCmd {
-    /// Create a key for TENANT and print it (once: only its hash is stored).
+    /// Create a key for TENANT and print it (once: only its hash is stored). Over the API
+    /// with an admin key; with `--state-dir`, in a stopped daemon's store.
     Create {
         #[arg(long)]
         tenant: String,
-        /// The daemon's state directory (the daemon stopped).
+        /// The new key may manage keys too.
         #[arg(long)]
-        state_dir: PathBuf,
+        admin: bool,
+        /// A stopped daemon's state directory (runs `fissiled keys create`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
-    /// Revoke a key.
+    /// List the keys that are not revoked (ids, never the keys), with an admin key.
+    Ls,
+    /// Revoke a key: its id (`key_…`, from `keys ls`) over the API with an admin key; or,
+    /// with `--state-dir`, the key itself in a stopped daemon's store.
     Revoke {
         key: String,
+        /// A stopped daemon's state directory (runs `fissiled keys revoke`).
         #[arg(long)]
-        state_dir: PathBuf,
+        state_dir: Option<PathBuf>,
     },
 }
 
-/// Keys live in the daemon's store, which `fissiled keys` edits: run it (found next to this
-/// program, in `$FISSILE_BIN_DIR` or on `PATH`) with our stdout and stderr.
-pub fn keys(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
-    let bin = fissile_sandbox::paths::find_binary("fissiled")?;
-    let mut run = std::process::Command::new(&bin);
-    run.arg("keys");
+/// Keys over the API (an admin key), or with `--state-dir` in a stopped daemon's store.
+pub fn keys(opts: &ApiOpts, cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCmd::Create { tenant, state_dir } => run
-            .args(["create", "--tenant", &tenant, "--state-dir"])
-            .arg(state_dir),
-        KeysCmd::Revoke { key, state_dir } => run
-            .args(["revoke", "--key", &key, "--state-dir"])
-            .arg(state_dir),
-    };
-    let status = run
+        KeysCmd::Create {
+            tenant,
+            admin,
+            state_dir: Some(dir),
+        } => {
+            let mut args = vec!["create".into(), "--tenant".into(), tenant];
+            if admin {
+                args.push("--admin".into());
+            }
+            offline_keys(&args, &dir)
+        }
+        KeysCmd::Revoke {
+            key,
+            state_dir: Some(dir),
+        } => offline_keys(&["revoke".into(), "--key".into(), key], &dir),
+        KeysCmd::Create {
+            tenant,
+            admin,
+            state_dir: None,
+        } => {
+            let body = json!({ "tenant": tenant, "admin": admin });
+            let v = opts.client()?.call("POST", "/v1/keys", Some(&body))?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                println!("{}", text(&v["key"]));
+                eprintln!(
+                    "fissile: key {} for tenant {}: shown once, store it now",
+                    text(&v["id"]),
+                    text(&v["tenant"])
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCmd::Ls => {
+            let v = opts.client()?.call("GET", "/v1/keys", None)?;
+            if opts.json {
+                print_json(&v)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = items(&v)
+                .iter()
+                .map(|k| {
+                    let admin = if k["admin"].as_bool() == Some(true) {
+                        "yes"
+                    } else {
+                        ""
+                    };
+                    vec![
+                        text(&k["id"]),
+                        text(&k["tenant"]),
+                        admin.to_string(),
+                        age(k["created_at_ms"].as_u64()),
+                    ]
+                })
+                .collect();
+            table(&["KEY ID", "TENANT", "ADMIN", "CREATED"], &rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCmd::Revoke {
+            key,
+            state_dir: None,
+        } => {
+            if key.starts_with("fsk_") {
+                bail!(
+                    "give the key's id (`fissile keys ls`), not the key itself: a key never \
+                     goes into a URL"
+                );
+            }
+            delete_each(&opts.client()?, "keys", &[key])?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs `fissiled keys <args> --state-dir <dir>` (found next to this program, in
+/// `$FISSILE_BIN_DIR` or on `PATH`) with our stdout and stderr.
+fn offline_keys(args: &[String], dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let bin = fissile_sandbox::paths::find_binary("fissiled")?;
+    let status = std::process::Command::new(&bin)
+        .arg("keys")
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir)
         .status()
         .with_context(|| format!("running {}", bin.display()))?;
     Ok(match status.code() {

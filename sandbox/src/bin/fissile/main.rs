@@ -10,7 +10,9 @@
 //! fissile merge "$id" CHILD                        # the parent adopts CHILD's state
 //! fissile sandbox ls | fissile spaces ls | fissile templates ls
 //! fissile sandbox rm "$id"
-//! fissile keys create --tenant acme --state-dir /var/lib/fissiled   # runs `fissiled keys`
+//! fissile keys create --tenant acme      # with an admin key; prints the new key once
+//! fissile keys ls | fissile keys revoke KEY_ID
+//! fissile keys create --tenant ops --admin --state-dir /var/lib/fissiled  # daemon stopped
 //! ```
 //! Locally, without a daemon (a VMM in this process's care):
 //! ```text
@@ -98,8 +100,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: api::TemplatesCmd,
     },
-    /// API keys, in a stopped daemon's state directory (runs `fissiled keys`).
+    /// API keys: over the API with an admin key, or in a stopped daemon's state directory.
     Keys {
+        #[command(flatten)]
+        api: api::ApiOpts,
         #[command(subcommand)]
         cmd: api::KeysCmd,
     },
@@ -157,7 +161,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Snapshot { api, id } => ok(api::snapshot(&api.client()?, &api, &id)),
         Cmd::Spaces { api, cmd } => ok(api::spaces(&api.client()?, &api, cmd)),
         Cmd::Templates { api, cmd } => ok(api::templates(&api.client()?, &api, cmd)),
-        Cmd::Keys { cmd } => api::keys(cmd),
+        Cmd::Keys { api, cmd } => api::keys(&api, cmd),
         Cmd::Run { local, cells } => ok(local::with_config(&local, |cfg| local::run(cfg, &cells))),
         Cmd::Demo { local } => ok(local::with_config(&local, local::demo)),
         Cmd::Ctl { socket, request } => ok(local::ctl(&socket, &request)),
