@@ -65,6 +65,20 @@ fn main() -> anyhow::Result<()> {
         drop(ns);
     }
     let pooled = median(&mut times);
+    // A sandbox's counters, as /metrics reads them on every scrape (netlink inside its
+    // namespace), against one `nft list counters` run in it (how they were read before).
+    let counted = NetNs::create_routed(&deny, NetLimits::default())?;
+    let netlink = time(n, || Ok(counted.counters()?))?;
+    let nft_run = time(n, || {
+        let mut cmd = std::process::Command::new("nft");
+        cmd.args(["list", "counters", "table", "ip", "fissile"])
+            .stdout(std::process::Stdio::null());
+        counted.enter_on_spawn(&mut cmd);
+        let status = cmd.status()?;
+        anyhow::ensure!(status.success(), "nft list counters: {status}");
+        Ok(())
+    })?;
+    drop(counted);
     let place = if std::env::var_os("FISSILE_IN_LAB").is_some() {
         "in the lab (one CPU: the pool's refill competes with what is timed)"
     } else {
@@ -90,6 +104,12 @@ fn main() -> anyhow::Result<()> {
         ms(pooled),
         ms(pooled) / ms(baseline),
         ms(pooled) / ms(routed)
+    );
+    println!(
+        "  a sandbox's counters over netlink      {:7.3} ms = {:.3}x one `nft list counters` run ({:.2} ms)",
+        ms(netlink),
+        ms(netlink) / ms(nft_run),
+        ms(nft_run)
     );
     if std::env::var_os("FISSILE_GUEST_KERNEL").is_some() {
         let n_create = n.min(5);

@@ -593,38 +593,26 @@ pub fn set_policy(ns: &NetNs, policy: &EgressPolicy) -> Result<(), EgressError> 
     nft_in(Some(ns), "a policy change", &script)
 }
 
-/// What `ns`'s rules counted so far (one `nft` run); zeroes when it has no rules (an
-/// isolated namespace, with no way out).
+/// What `ns`'s rules counted so far (its named counters, read over netlink from inside it:
+/// no process); zeroes when it has no rules (an isolated namespace, with no way out).
 pub fn counters(ns: &NetNs) -> Result<EgressCounters, EgressError> {
-    match nft_output(Some(ns), &["list", "counters", "table", "ip", "fissile"]) {
-        Ok(out) => Ok(parse_counters(&out)),
-        Err(EgressError::Nft { message, .. }) if message.contains("No such file or directory") => {
-            Ok(EgressCounters::default())
-        }
-        Err(e) => Err(e),
-    }
+    let named = ns
+        .run(|| super::nft_counters::read("fissile"))?
+        .map_err(|e| EgressError::Nft {
+            what: "reading counters",
+            message: fissile_proto::error_chain(&e),
+        })?;
+    Ok(egress_counters(&named))
 }
 
-/// The counters of `nft list counters` output.
-fn parse_counters(out: &str) -> EgressCounters {
+/// Our counters among a table's named counters.
+fn egress_counters(named: &[super::nft_counters::NamedCounter]) -> EgressCounters {
     let mut c = EgressCounters::default();
-    let mut name = "";
-    for line in out.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("counter ") {
-            name = rest.split_whitespace().next().unwrap_or("");
-            continue;
-        }
-        let mut words = line.split_whitespace();
-        let (Some("packets"), Some(p), Some("bytes"), Some(b)) =
-            (words.next(), words.next(), words.next(), words.next())
-        else {
-            continue;
-        };
-        let (p, b) = (p.parse().unwrap_or(0), b.parse().unwrap_or(0));
-        match name {
-            "blocked" => c.blocked_connections = p,
-            "conn_limited" => c.connection_cap_hits = p,
-            "rate_dropped" => (c.rate_dropped_packets, c.rate_dropped_bytes) = (p, b),
+    for n in named {
+        match n.name.as_str() {
+            "blocked" => c.blocked_connections = n.packets,
+            "conn_limited" => c.connection_cap_hits = n.packets,
+            "rate_dropped" => (c.rate_dropped_packets, c.rate_dropped_bytes) = (n.packets, n.bytes),
             _ => {}
         }
     }
@@ -910,32 +898,6 @@ fn nft_in(ns: Option<&NetNs>, what: &'static str, script: &str) -> Result<(), Eg
     Ok(())
 }
 
-fn nft_output(ns: Option<&NetNs>, args: &[&str]) -> Result<String, EgressError> {
-    let fail = |message: String| EgressError::Nft {
-        what: "reading counters",
-        message,
-    };
-    let mut child = nft_command(ns)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("cannot run nft ({e})")))?;
-    let mut out = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = std::io::Read::read_to_string(&mut o, &mut out);
-    }
-    let status = wait_bounded(&mut child).map_err(fail)?;
-    if !status.success() {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        return Err(fail(format!("{status}: {}", err.trim())));
-    }
-    Ok(out)
-}
-
 fn wait_bounded(child: &mut std::process::Child) -> Result<std::process::ExitStatus, String> {
     let deadline = std::time::Instant::now() + NFT_TIMEOUT;
     loop {
@@ -1115,13 +1077,34 @@ mod tests {
     }
 
     #[test]
-    fn counters_are_read_from_nft_output() {
-        let out = "table ip fissile {\n\tcounter blocked {\n\t\tpackets 3 bytes 180\n\t}\n\
-                   \tcounter allowed {\n\t\tpackets 9 bytes 540\n\t}\n\
-                   \tcounter conn_limited {\n\t\tpackets 2 bytes 120\n\t}\n\
-                   \tcounter rate_dropped {\n\t\tpackets 40 bytes 60000\n\t}\n}\n";
+    fn counters_are_read_from_the_kernel_in_the_namespace_and_missing_rules_are_zeroes() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert!(
+            euid == 0,
+            "network namespaces and nftables need root: run the tests as root"
+        );
+        let ns = NetNs::create().unwrap();
         assert_eq!(
-            parse_counters(out),
+            counters(&ns).unwrap(),
+            EgressCounters::default(),
+            "no table yet"
+        );
+        // Counter objects may be made with values: the kernel then holds exactly these.
+        nft_in(
+            Some(&ns),
+            "a test table",
+            "table ip fissile {\n\tcounter blocked { packets 3 bytes 180 }\n\
+             \tcounter allowed { packets 9 bytes 540 }\n\
+             \tcounter conn_limited { packets 2 bytes 120 }\n\
+             \tcounter rate_dropped { packets 40 bytes 60000 }\n}\n",
+        )
+        .unwrap();
+
+        let read = counters(&ns).unwrap();
+
+        assert_eq!(
+            read,
             EgressCounters {
                 blocked_connections: 3,
                 connection_cap_hits: 2,
@@ -1129,7 +1112,13 @@ mod tests {
                 rate_dropped_bytes: 60000,
             }
         );
-        assert_eq!(parse_counters(""), EgressCounters::default());
+        // This host's own table (if any) is not what was read: the namespace's is.
+        let host = super::super::nft_counters::read("fissile").unwrap();
+        assert!(
+            !host
+                .iter()
+                .any(|c| c.name == "allowed" && c.packets == 9 && c.bytes == 540)
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use fissile_proto::net::{GATEWAY_ADDR, TAP_MAC, TAP_NAME, netmask};
 
 pub mod egress;
+pub mod nft_counters;
 pub mod pool;
 pub mod sniff;
 
