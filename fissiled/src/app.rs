@@ -613,8 +613,8 @@ impl App {
         .await
     }
 
-    /// The network counters of every running sandbox, summed (blocking: one `nft` run per
-    /// sandbox with a namespace; a sandbox whose counters cannot be read is skipped).
+    /// The network counters of every running sandbox, summed (blocking: one netlink dump
+    /// inside each sandbox's namespace; a sandbox whose counters cannot be read is skipped).
     pub fn network_totals(&self) -> fissile_sandbox::net::egress::EgressCounters {
         let namespaces: Vec<_> = lock(&self.live)
             .values()

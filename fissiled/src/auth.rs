@@ -4,7 +4,7 @@
 //! a wrong key or a revoked key is 401; a tenant's key on an admin route is 403.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -13,25 +13,20 @@ use crate::app::App;
 use crate::db::ActiveKey;
 use crate::error::ApiError;
 
-/// The keys that are not revoked, by hash.
+/// The keys that are not revoked, by hash. Changes go through [`KeyRing::change`]: one at
+/// a time, the store written and then the ring, in one step that a client going away
+/// cannot cut in two (it runs on the blocking pool to the end).
 #[derive(Debug, Default)]
-pub struct KeyRing(RwLock<HashMap<String, ActiveKey>>);
+pub struct KeyRing {
+    keys: RwLock<HashMap<String, ActiveKey>>,
+    changes: Mutex<()>,
+}
 
-impl KeyRing {
-    /// The ring of `keys` (hash → what it grants).
-    pub fn new(keys: HashMap<String, ActiveKey>) -> Self {
-        Self(RwLock::new(keys))
-    }
+/// The ring's keys, for the one change in progress ([`KeyRing::change`]).
+#[derive(Debug)]
+pub struct KeyChange<'a>(&'a RwLock<HashMap<String, ActiveKey>>);
 
-    /// What the key with hash `hash` grants, if it is not revoked.
-    pub fn get(&self, hash: &str) -> Option<ActiveKey> {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(hash)
-            .cloned()
-    }
-
+impl KeyChange<'_> {
     /// Adds a key (after the store holds it).
     pub fn insert(&self, hash: String, key: ActiveKey) {
         self.0
@@ -46,6 +41,32 @@ impl KeyRing {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(hash);
+    }
+}
+
+impl KeyRing {
+    /// The ring of `keys` (hash → what it grants).
+    pub fn new(keys: HashMap<String, ActiveKey>) -> Self {
+        Self {
+            keys: RwLock::new(keys),
+            changes: Mutex::new(()),
+        }
+    }
+
+    /// What the key with hash `hash` grants, if it is not revoked.
+    pub fn get(&self, hash: &str) -> Option<ActiveKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(hash)
+            .cloned()
+    }
+
+    /// Runs `f` (write the store, then the ring) with no other change in progress: a key
+    /// created and revoked at once by two admins ends revoked in both.
+    pub fn change<T>(&self, f: impl FnOnce(KeyChange<'_>) -> T) -> T {
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        f(KeyChange(&self.keys))
     }
 }
 

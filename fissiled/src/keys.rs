@@ -65,21 +65,25 @@ pub(crate) async fn create_key(
             "tenant: a tenant name is 1-64 of [A-Za-z0-9_-]",
         ));
     }
-    let db = app.db.clone();
-    let created = blocking(move || Ok(db.create_key(&body.tenant, body.admin)?)).await?;
+    let (db, ring) = (app.db.clone(), app.keys.clone());
+    let created = blocking(move || {
+        ring.change(|ring| {
+            let created = db.create_key(&body.tenant, body.admin)?;
+            let active = ActiveKey {
+                tenant: created.record.tenant.clone(),
+                admin: created.record.admin,
+            };
+            ring.insert(created.hash.clone(), active);
+            Ok(created)
+        })
+    })
+    .await?;
     let view = KeyView {
         id: key_id(&created.hash),
-        tenant: created.record.tenant.clone(),
+        tenant: created.record.tenant,
         admin: created.record.admin,
         created_at_ms: created.record.created_ms,
     };
-    app.keys.insert(
-        created.hash,
-        ActiveKey {
-            tenant: created.record.tenant,
-            admin: created.record.admin,
-        },
-    );
     tracing::info!(key = %view.id, tenant = %view.tenant, admin = view.admin, by = %admin, "key created");
     let key = created.key;
     Ok((StatusCode::CREATED, Json(NewKeyView { key, view })))
@@ -115,11 +119,52 @@ pub(crate) async fn revoke_key(
     Admin(admin): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let db = app.db.clone();
+    if !is_key_id(&id) {
+        // Not echoed: it may be a key pasted by mistake.
+        return Err(ApiError::not_found(
+            "no such key: a key id is `key_` and 20 hex digits (GET /v1/keys lists them)",
+        ));
+    }
+    let (db, ring) = (app.db.clone(), app.keys.clone());
     let target = id.clone();
-    let revoked = blocking(move || Ok(db.revoke_key_id(&target)?)).await?;
-    let hash = revoked.ok_or_else(|| ApiError::not_found(format!("no key {id}")))?;
-    app.keys.remove(&hash);
+    let revoked = blocking(move || {
+        ring.change(|ring| {
+            let revoked = db.revoke_key_id(&target)?;
+            if let Some(hash) = &revoked {
+                ring.remove(hash);
+            }
+            Ok(revoked)
+        })
+    })
+    .await?;
+    if revoked.is_none() {
+        return Err(ApiError::not_found(format!("no key {id}")));
+    }
     tracing::info!(key = %id, by = %admin, "key revoked");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// True for what [`key_id`] makes: `key_` and 20 lowercase hex digits.
+pub fn is_key_id(id: &str) -> bool {
+    id.strip_prefix("key_")
+        .is_some_and(|h| h.len() == 20 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn key_ids_are_what_key_id_makes_and_nothing_else() {
+        let id = crate::db::key_id(&crate::db::key_hash("fsk_x"));
+        assert!(super::is_key_id(&id), "{id}");
+        for bad in [
+            "",
+            "key_",
+            "fsk_0123456789abcdef0123",
+            "key_0123456789ABCDEF0123",
+            "key_0123456789abcdef012",
+            "key_0123456789abcdef01234",
+        ] {
+            assert!(!super::is_key_id(bad), "{bad}");
+        }
+    }
 }

@@ -186,7 +186,7 @@ enum KeysCmd {
         /// State directory.
         #[arg(long)]
         state_dir: PathBuf,
-        /// The key.
+        /// The key itself, or its id (`key_…`, as `GET /v1/keys` lists it).
         #[arg(long)]
         key: String,
     },
@@ -239,7 +239,12 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Keys {
             cmd: KeysCmd::Revoke { state_dir, key },
         } => {
-            anyhow::ensure!(open_db(&state_dir)?.revoke_key(&key)?, "no such key");
+            let db = open_db(&state_dir)?;
+            let revoked = match fissiled::keys::is_key_id(&key) {
+                true => db.revoke_key_id(&key)?.is_some(),
+                false => db.revoke_key(&key)?,
+            };
+            anyhow::ensure!(revoked, "no such key (or already revoked)");
         }
         Cmd::Tenants {
             cmd:

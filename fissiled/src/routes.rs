@@ -808,7 +808,15 @@ pub fn router(app: App) -> Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(),
+            // A key route's path may hold a key pasted by mistake (`DELETE /v1/keys/fsk_…`):
+            // its route is logged, not the path.
+            let path = req.uri().path();
+            let path = if path.starts_with("/v1/keys/") {
+                "/v1/keys/{id}"
+            } else {
+                path
+            };
+            tracing::info_span!("request", method = %req.method(), path = %path,
                 request_id = %id, tenant = tracing::field::Empty)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

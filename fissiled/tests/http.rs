@@ -420,6 +420,14 @@ fn an_admin_key_creates_lists_and_revokes_keys_that_count_at_once_and_after_a_re
         "a key is listed: {text}"
     );
 
+    // A key given where its id belongs is not found and not echoed back.
+    let (status, v) = call("DELETE", &format!("{keys}/{new_key}"), &as_admin, None);
+    assert_eq!((status, code(&v)), (404, "not_found"), "{v}");
+    assert!(
+        !v.to_string().contains(&new_key[4..]),
+        "the key echoed: {v}"
+    );
+
     // Revoke: 401 for that key at once; the id is gone (a second revoke is 404).
     let (status, v) = call("DELETE", &format!("{keys}/{new_id}"), &as_admin, None);
     assert_eq!(status, 204, "{v}");

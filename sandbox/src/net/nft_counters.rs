@@ -56,6 +56,8 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
+/// On a dump's message: the table changed meanwhile, the dump may be inconsistent.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NFPROTO_IPV4: u8 = 2;
 const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_NAME: u16 = 2;
@@ -153,6 +155,7 @@ fn parse(mut buf: &[u8], seq: u32, out: &mut Vec<NamedCounter>) -> Result<Parsed
             .ok_or_else(|| malformed("a truncated message header"))?;
         let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let flags = u16::from_ne_bytes([header[6], header[7]]);
         let their_seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
         if len < NLMSG_HDRLEN || len > buf.len() {
             return Err(malformed(format!(
@@ -167,19 +170,26 @@ fn parse(mut buf: &[u8], seq: u32, out: &mut Vec<NamedCounter>) -> Result<Parsed
         }
         match kind {
             NLMSG_NOOP => {}
-            NLMSG_DONE => return Ok(Parsed::Done),
+            NLMSG_DONE => {
+                // A dump that failed part way says so in its DONE message.
+                return match error_code(payload) {
+                    None | Some(0) => Ok(Parsed::Done),
+                    Some(c) => Err(refused(c)),
+                };
+            }
             NLMSG_ERROR => {
-                let code = payload
-                    .get(..4)
-                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                    .ok_or_else(|| malformed("a truncated error message"))?;
+                let code =
+                    error_code(payload).ok_or_else(|| malformed("a truncated error message"))?;
                 return match code {
                     0 => Ok(Parsed::Done),
-                    c if -c == libc::ENOENT => Ok(Parsed::NoTable),
-                    c => Err(CountersError::Refused(std::io::Error::from_raw_os_error(
-                        c.saturating_neg(),
-                    ))),
+                    c if c == -libc::ENOENT => Ok(Parsed::NoTable),
+                    c => Err(refused(c)),
                 };
+            }
+            _ if flags & NLM_F_DUMP_INTR != 0 => {
+                return Err(malformed(
+                    "the ruleset changed during the dump (NLM_F_DUMP_INTR)",
+                ));
             }
             k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ => {
                 if out.len() >= MAX_COUNTERS {
@@ -196,6 +206,17 @@ fn parse(mut buf: &[u8], seq: u32, out: &mut Vec<NamedCounter>) -> Result<Parsed
         }
     }
     Ok(Parsed::More)
+}
+
+/// The (negative errno) code an error or DONE message starts with.
+fn error_code(payload: &[u8]) -> Option<i32> {
+    payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn refused(code: i32) -> CountersError {
+    CountersError::Refused(std::io::Error::from_raw_os_error(code.saturating_neg()))
 }
 
 /// The attributes in `buf`: (type without flags, data).
@@ -340,6 +361,25 @@ mod tests {
         assert!(matches!(
             parse(&eperm, 1, &mut Vec::new()),
             Err(CountersError::Refused(e)) if e.raw_os_error() == Some(libc::EPERM)
+        ));
+        let failed_dump = msg(NLMSG_DONE, 1, &(-libc::EINTR).to_ne_bytes());
+        assert!(matches!(
+            parse(&failed_dump, 1, &mut Vec::new()),
+            Err(CountersError::Refused(e)) if e.raw_os_error() == Some(libc::EINTR)
+        ));
+        for code in [i32::MIN, i32::MAX, 1] {
+            let odd = msg(NLMSG_ERROR, 1, &code.to_ne_bytes());
+            assert!(parse(&odd, 1, &mut Vec::new()).is_err(), "{code}");
+        }
+    }
+
+    #[test]
+    fn an_interrupted_dump_is_an_error_not_partial_counters() {
+        let mut m = counter_msg(1, "blocked", 3, 180);
+        m[6..8].copy_from_slice(&NLM_F_DUMP_INTR.to_ne_bytes());
+        assert!(matches!(
+            parse(&m, 1, &mut Vec::new()),
+            Err(CountersError::Malformed(_))
         ));
     }
 

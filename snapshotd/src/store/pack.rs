@@ -146,9 +146,16 @@ pub fn encode_record(hash: &Hash, raw: &[u8], out: &mut Vec<u8>) -> io::Result<(
         let check = header_check(&hdr[..48]);
         hdr[48..52].copy_from_slice(&check.to_le_bytes());
         out.extend_from_slice(payload);
+        if compressed.capacity() > ZSTD_BUFFER_KEPT {
+            // A large chunk's buffer is not held for the thread's life.
+            *compressed = Vec::new();
+        }
         Ok(())
     })
 }
+
+/// Most output buffer a thread keeps between records (a page's and then some).
+const ZSTD_BUFFER_KEPT: usize = 64 << 10;
 
 thread_local! {
     /// This thread's zstd context and output buffer, reused for every record: making a

@@ -861,7 +861,7 @@ pub enum KeysCmd {
     /// List the keys that are not revoked (ids, never the keys), with an admin key.
     Ls,
     /// Revoke a key: its id (`key_…`, from `keys ls`) over the API with an admin key; or,
-    /// with `--state-dir`, the key itself in a stopped daemon's store.
+    /// with `--state-dir`, its id or the key itself in a stopped daemon's store.
     Revoke {
         key: String,
         /// A stopped daemon's state directory (runs `fissiled keys revoke`).
