@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_net", virtio_net),
     ("dns_query", dns_query),
     ("proxy_head", proxy_head),
+    ("nft_counters", nft_counters),
 ];
 
 /// The target called `name`.
@@ -227,5 +228,18 @@ pub fn proxy_head(data: &[u8]) {
     let data = &data[..data.len().min(sniff::MAX_HEAD)];
     for cut in [data.len(), data.len() / 2, 5.min(data.len())] {
         let _ = sniff::requested_name(&data[..cut]);
+    }
+}
+
+/// The kernel's answer to a dump of nftables counters (what `/metrics` reads from every
+/// sandbox's namespace), as one datagram and split in two.
+pub fn nft_counters(data: &[u8]) {
+    use fissile_sandbox::net::nft_counters::parse;
+    let mut out = Vec::new();
+    let _ = parse(data, 1, &mut out);
+    let (a, b) = data.split_at(data.len() / 2);
+    let mut out = Vec::new();
+    if parse(a, 1, &mut out).is_ok() {
+        let _ = parse(b, 1, &mut out);
     }
 }

@@ -94,6 +94,10 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
                 fissile_sandbox::net::sniff::minimal_client_hello(b"files.example.test"),
             ],
         ),
+        (
+            "nft_counters",
+            vec![fissile_sandbox::net::nft_counters::example_answer()],
+        ),
     ])
 }
 

@@ -134,7 +134,7 @@ fn put_attr(m: &mut Vec<u8>, kind: u16, data: &[u8]) {
 
 /// What one datagram of the answer said.
 #[derive(Debug, PartialEq, Eq)]
-enum Parsed {
+pub enum Parsed {
     /// Counters (or nothing) so far; more follow.
     More,
     /// The dump ended.
@@ -147,8 +147,13 @@ fn malformed(what: impl Into<String>) -> CountersError {
     CountersError::Malformed(what.into())
 }
 
-/// Parses one datagram of netlink messages answering request `seq` into `out`.
-fn parse(mut buf: &[u8], seq: u32, out: &mut Vec<NamedCounter>) -> Result<Parsed, CountersError> {
+/// Parses one datagram of netlink messages answering request `seq` into `out` (public for
+/// the fuzz target: the kernel's answer is checked like any input).
+pub fn parse(
+    mut buf: &[u8],
+    seq: u32,
+    out: &mut Vec<NamedCounter>,
+) -> Result<Parsed, CountersError> {
     while !buf.is_empty() {
         let header = buf
             .get(..NLMSG_HDRLEN)
@@ -282,38 +287,44 @@ fn counter(buf: &[u8]) -> Result<Option<NamedCounter>, CountersError> {
     }))
 }
 
+/// An answer as the kernel sends it to request 1: counters `blocked` (3 packets, 180
+/// bytes) and `rate_dropped` (40, 60000), then the end of the dump (tests, fuzz seeds).
+pub fn example_answer() -> Vec<u8> {
+    let mut answer = counter_msg(1, "blocked", 3, 180);
+    answer.extend(counter_msg(1, "rate_dropped", 40, 60000));
+    answer.extend(msg(NLMSG_DONE, 1, &[0; 4]));
+    answer
+}
+
+/// A netlink message of `kind` with `payload`, answering `seq`.
+fn msg(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    let len = u32::try_from(NLMSG_HDRLEN + payload.len()).unwrap_or(u32::MAX);
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&[0, 0]);
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(payload);
+    m.resize(m.len().next_multiple_of(4), 0);
+    m
+}
+
+fn counter_msg(seq: u32, name: &str, packets: u64, bytes: u64) -> Vec<u8> {
+    let mut p = vec![NFPROTO_IPV4, 0, 0, 0];
+    put_attr(&mut p, NFTA_OBJ_TABLE, b"fissile\0");
+    put_attr(&mut p, NFTA_OBJ_NAME, format!("{name}\0").as_bytes());
+    put_attr(&mut p, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+    let mut data = Vec::new();
+    put_attr(&mut data, NFTA_COUNTER_BYTES, &bytes.to_be_bytes());
+    put_attr(&mut data, NFTA_COUNTER_PACKETS, &packets.to_be_bytes());
+    put_attr(&mut p, NFTA_OBJ_DATA | 0x8000, &data);
+    msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ, seq, &p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A netlink message of `kind` with `payload`, answering `seq`.
-    fn msg(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(
-            &u32::try_from(NLMSG_HDRLEN + payload.len())
-                .unwrap()
-                .to_ne_bytes(),
-        );
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0, 0]);
-        m.extend_from_slice(&seq.to_ne_bytes());
-        m.extend_from_slice(&[0, 0, 0, 0]);
-        m.extend_from_slice(payload);
-        m.resize(m.len().next_multiple_of(4), 0);
-        m
-    }
-
-    fn counter_msg(seq: u32, name: &str, packets: u64, bytes: u64) -> Vec<u8> {
-        let mut p = vec![NFPROTO_IPV4, 0, 0, 0];
-        put_attr(&mut p, NFTA_OBJ_TABLE, b"fissile\0");
-        put_attr(&mut p, NFTA_OBJ_NAME, format!("{name}\0").as_bytes());
-        put_attr(&mut p, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
-        let mut data = Vec::new();
-        put_attr(&mut data, NFTA_COUNTER_BYTES, &bytes.to_be_bytes());
-        put_attr(&mut data, NFTA_COUNTER_PACKETS, &packets.to_be_bytes());
-        put_attr(&mut p, NFTA_OBJ_DATA | 0x8000, &data);
-        msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ, seq, &p)
-    }
 
     #[test]
     fn the_request_asks_for_a_dump_of_one_tables_counters() {
