@@ -1121,3 +1121,63 @@ fn the_daemon_lives_through_index_flushes_and_compactions_under_its_filter() {
     assert!(c.stats().unwrap().snapshots >= 3);
     d.kill();
 }
+
+/// Voluntary context switches of `pid`'s threads whose name starts with `prefix`, summed.
+fn wakeups_of_threads(pid: u32, prefix: &str) -> (usize, u64) {
+    let mut threads = 0;
+    let mut switches = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.trim().starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        threads += 1;
+        switches += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (threads, switches)
+}
+
+#[test]
+fn an_idle_fault_session_wakes_the_daemon_once_a_heartbeat_not_in_a_poll_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let mem = memory(9, 64, 1);
+    let id = create(&mut c, &mem, CreateOptions::default());
+    let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+    let mut buf = vec![0u8; PS];
+    lazy.mapping().read_at(0, &mut buf);
+    let pid = d.child.id();
+    // The session (and its heartbeat thread) starts on the daemon's side of the handshake.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wakeups_of_threads(pid, "snapshotd-heart").0 == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (threads, before) = wakeups_of_threads(pid, "snapshotd-heart");
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
+        .collect();
+    assert_eq!(threads, 1, "one session, one heartbeat thread: {names:?}");
+
+    std::thread::sleep(Duration::from_secs(4));
+
+    let (_, after) = wakeups_of_threads(pid, "snapshotd-heart");
+    let beats = 4000 / fissile_proto::snapshotd::HEARTBEAT_INTERVAL_MS;
+    // A beat is one wake-up (plus, rarely, a contended lock); polling every 20 ms was 200.
+    assert!(
+        after - before <= 2 * beats + 2,
+        "the idle heartbeat thread woke {} times in 4 s ({beats} beats)",
+        after - before
+    );
+    assert_eq!(lazy.session().failure(), None, "the client still hears it");
+}

@@ -112,6 +112,7 @@ impl Session {
         let res = self.serve(shutdown);
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = heart {
+            h.thread().unpark();
             let _ = h.join();
         }
         if let Err(e) = &res {
@@ -142,8 +143,11 @@ impl Session {
             .spawn(move || {
                 let mut last = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(20));
-                    if last.elapsed() < beat {
+                    // Asleep until the next beat (`run` unparks it to stop): an idle session
+                    // costs its host one wake-up a beat, not one every few milliseconds.
+                    let due = beat.saturating_sub(last.elapsed());
+                    if !due.is_zero() {
+                        std::thread::park_timeout(due);
                         continue;
                     }
                     last = Instant::now();
