@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
 use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT, AgentInfo, ExecRequest};
-use fissile_proto::control::{ControlRequest, MAX_FORK_CHILDREN, MergeReply, SnapshotReply};
+use fissile_proto::control::{
+    ControlRequest, MAX_FORK_CHILDREN, MergeReply, SnapshotReply, VmStatus,
+};
 
 pub use control::{ControlClient, ControlError};
 use fissile_proto::pidfd::Pidfd;
@@ -146,7 +148,7 @@ pub enum SandboxError {
     },
     /// The agent did not answer again after a merge, rollback or restore.
     #[error(
-        "the guest agent did not answer again within {secs} s ({attempts} attempts); last error: {last}; vmm log:\n{vmm_log}\nconsole:\n{console}"
+        "the guest agent did not answer again within {secs} s ({attempts} attempts); last error: {last}; the VM: {vm}; vmm log:\n{vmm_log}\nconsole:\n{console}"
     )]
     Reconnect {
         /// The timeout.
@@ -155,6 +157,9 @@ pub enum SandboxError {
         attempts: u32,
         /// The last attempt's error.
         last: String,
+        /// What the VMM says of the VM then ([`Sandbox::diagnose`]): whether its vCPUs
+        /// run, halt or are parked, and any lifecycle operation in progress.
+        vm: String,
         /// Tail of the VMM's log.
         vmm_log: String,
         /// Tail of the guest console.
@@ -682,6 +687,35 @@ impl Sandbox {
         self.dir.join("api.sock")
     }
 
+    /// What the VMM says of a VM whose guest does not answer, in one line: its state, the
+    /// lifecycle operation (and step) in progress, its vCPUs' exits one second apart (still:
+    /// halted or parked; rising: running) and each vCPU thread's kernel state and wait
+    /// channel. Bounded: the status calls have the control client's deadline.
+    pub fn diagnose(&self) -> String {
+        let status = || -> Result<VmStatus, ControlError> {
+            let mut c = ControlClient::connect(&self.api_sock())?;
+            c.set_timeout(Duration::from_secs(5))?;
+            c.status()
+        };
+        let mut out = match status() {
+            Ok(a) => {
+                std::thread::sleep(Duration::from_secs(1));
+                match status() {
+                    Ok(b) => format!(
+                        "state {:?}, busy {:?}, vCPU exits {:?} then {:?} 1 s later",
+                        b.state, b.busy, a.vcpu_exits, b.vcpu_exits
+                    ),
+                    Err(e) => format!("status answered once, then: {}", error_chain(&e)),
+                }
+            }
+            Err(e) => format!("no status: {}", error_chain(&e)),
+        };
+        if let Some(pid) = self.pid() {
+            out.push_str(&vcpu_threads(pid));
+        }
+        out
+    }
+
     /// Snapshots the sandbox into snapshotd (`durable`: wait until the store has it). The
     /// sandbox keeps running on the new snapshot.
     pub fn snapshot(&self, durable: bool) -> Result<SnapshotReply, SandboxError> {
@@ -849,6 +883,7 @@ impl Sandbox {
                         secs: RECONNECT_TIMEOUT.as_secs(),
                         attempts,
                         last: error_chain(&e),
+                        vm: self.diagnose(),
                         vmm_log: self.vmm_log_tail(30),
                         console: self.console_tail(30),
                     });
@@ -1045,6 +1080,33 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 pub use fissile_proto::error_chain;
+
+/// `; fissile-vcpu0 R (wchan 0)`, … for each vCPU thread of VMM `pid` (from `/proc`).
+fn vcpu_threads(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("; pid {pid} is gone");
+    };
+    let mut out = String::new();
+    for t in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let comm = read("comm");
+        if !comm.starts_with("fissile-vcpu") {
+            continue;
+        }
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        out.push_str(&format!(
+            "; {} {state} (wchan {})",
+            comm.trim(),
+            read("wchan").trim()
+        ));
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {

@@ -160,6 +160,12 @@ impl Progress {
     fn step(&self, cycle: u32, step: &'static str) {
         *self.at.lock().unwrap_or_else(|p| p.into_inner()) = (cycle, step, Instant::now());
     }
+
+    /// `cycle N, step "…"`: where a failing run was.
+    fn place(&self) -> String {
+        let (cycle, step, _) = *self.at.lock().unwrap_or_else(|p| p.into_inner());
+        format!("cycle {cycle}, step {step:?}")
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -222,7 +228,7 @@ fn main() -> anyhow::Result<()> {
         parent.api_sock(),
         vec![vmm, sd_pid],
     );
-    for cycle in 1..=cycles {
+    let mut run = |cycle: u32| -> anyhow::Result<()> {
         progress.step(cycle, "snapshot");
         let s = parent.snapshot(false)?;
         old.push_back(s.id.clone());
@@ -243,7 +249,7 @@ fn main() -> anyhow::Result<()> {
             n == cycle.to_string(),
             "cycle {cycle}: the parent has n = {n}"
         );
-        if cycle % 10 == 0 {
+        if cycle.is_multiple_of(10) {
             progress.step(cycle, "restore of the winner");
             let mut rcfg = cfg.clone();
             rcfg.dir = tmp.path().join("restored");
@@ -262,7 +268,7 @@ fn main() -> anyhow::Result<()> {
             println!("after cycle 10: {f:?}");
             start = Some(f);
         }
-        if cycle % 25 == 0 {
+        if cycle.is_multiple_of(25) {
             println!(
                 "cycle {cycle}: {:.0} s, {} status / {} snapshots from the side clients; {:?}",
                 t0.elapsed().as_secs_f64(),
@@ -271,6 +277,10 @@ fn main() -> anyhow::Result<()> {
                 figures(vmm, sd_pid, &mut sdc)?
             );
         }
+        Ok(())
+    };
+    for cycle in 1..=cycles {
+        run(cycle).with_context(|| progress.place())?;
     }
     stop.store(true, Ordering::SeqCst);
     for h in side {
