@@ -1081,31 +1081,58 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 pub use fissile_proto::error_chain;
 
-/// `; fissile-vcpu0 R (wchan 0)`, … for each vCPU thread of VMM `pid` (from `/proc`).
-fn vcpu_threads(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return format!("; pid {pid} is gone");
-    };
-    let mut out = String::new();
+/// One thread of a process on this host, as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcThread {
+    /// Its `/proc/<pid>/task/<tid>` directory.
+    pub dir: PathBuf,
+    /// Its name (`comm`).
+    pub name: String,
+    /// Its scheduler state (`R`, `S`, `D`, …).
+    pub state: String,
+    /// Where it sleeps in the kernel (`wchan`).
+    pub wchan: String,
+    /// Its system call and arguments, or `running`.
+    pub syscall: String,
+    /// Its kernel stack (readable by root).
+    pub stack: String,
+}
+
+/// The threads of process `pid` (`None` once it is gone): what each is blocked in.
+pub fn proc_threads(pid: u32) -> Option<Vec<ProcThread>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut out = Vec::new();
     for t in tasks.flatten() {
-        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
-        let comm = read("comm");
-        if !comm.starts_with("fissile-vcpu") {
-            continue;
-        }
+        let dir = t.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
         let stat = read("stat");
         let state = stat
             .rsplit_once(") ")
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .unwrap_or("?")
             .to_string();
-        out.push_str(&format!(
-            "; {} {state} (wchan {})",
-            comm.trim(),
-            read("wchan").trim()
-        ));
+        out.push(ProcThread {
+            name: read("comm").trim().to_string(),
+            state,
+            wchan: read("wchan").trim().to_string(),
+            syscall: read("syscall").trim().to_string(),
+            stack: read("stack"),
+            dir,
+        });
     }
-    out
+    Some(out)
+}
+
+/// `; fissile-vcpu0 R (wchan 0)`, … for each vCPU thread of VMM `pid`.
+fn vcpu_threads(pid: u32) -> String {
+    let Some(threads) = proc_threads(pid) else {
+        return format!("; pid {pid} is gone");
+    };
+    threads
+        .iter()
+        .filter(|t| t.name.starts_with("fissile-vcpu"))
+        .map(|t| format!("; {} {} (wchan {})", t.name, t.state, t.wchan))
+        .collect()
 }
 
 #[cfg(test)]

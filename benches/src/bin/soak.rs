@@ -323,29 +323,23 @@ fn vcpu_exit_rate(api: &std::path::Path) -> String {
 /// Each thread of process `pid` on this host: name, state, wait channel, system call and
 /// kernel stack (what a VMM or snapshotd thread is blocked in).
 fn host_tasks(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Some(threads) = fissile_sandbox::proc_threads(pid) else {
         return format!("pid {pid} is gone");
     };
-    let mut out = String::new();
-    for t in tasks.flatten() {
-        let d = t.path();
-        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
-        let stat = read("stat");
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("?")
-            .to_string();
-        out.push_str(&format!(
-            "== {} {} state={state} wchan={} syscall={}\n{}",
-            d.display(),
-            read("comm").trim(),
-            read("wchan").trim(),
-            read("syscall").trim(),
-            read("stack"),
-        ));
-    }
-    out
+    threads
+        .iter()
+        .map(|t| {
+            format!(
+                "== {} {} state={} wchan={} syscall={}\n{}",
+                t.dir.display(),
+                t.name,
+                t.state,
+                t.wchan,
+                t.syscall,
+                t.stack
+            )
+        })
+        .collect()
 }
 
 fn guest_tasks(vsock: &std::path::Path) -> String {
