@@ -90,6 +90,11 @@ pub enum ControlRequest {
     Persist,
     /// blake3 of all guest memory (for tests; pauses the VM while hashing).
     MemoryHash,
+    /// What the VM's interrupt path and queues look like (vCPU run state, local APIC,
+    /// IOAPIC pins of the virtio devices, each queue's device and guest indices, the vsock
+    /// muxer), as text for a person diagnosing a guest that does not answer. Pauses the VM
+    /// briefly.
+    Debug,
 }
 
 /// Lifecycle state of a VM as reported by `status`.
@@ -204,6 +209,9 @@ pub struct ControlResponse {
     /// guest memory, so two VMs' memory can be compared region by region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_chunks: Option<Vec<String>>,
+    /// Present on a successful `debug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<String>,
     /// Present when `ok` is false: what went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -713,6 +713,17 @@ impl Sandbox {
         if let Some(pid) = self.pid() {
             out.push_str(&vcpu_threads(pid));
         }
+        // The interrupt path and the queues (the VMM pauses the VM for a moment).
+        let debug = ControlClient::connect(&self.api_sock())
+            .and_then(|mut c| {
+                c.set_timeout(Duration::from_secs(30))?;
+                c.call(&ControlRequest::Debug)
+            })
+            .map(|r| r.debug.unwrap_or_default());
+        match debug {
+            Ok(d) => out.push_str(&format!("\n{}", d.trim_end())),
+            Err(e) => out.push_str(&format!("; no debug dump: {}", error_chain(&e))),
+        }
         out
     }
 

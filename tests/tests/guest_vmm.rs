@@ -170,6 +170,27 @@ fn guest_vmm_boots_the_image_and_the_agent_serves_python_over_vsock() {
     let mut third = sb.connect_agent().unwrap();
     assert_eq!(third.echo(b"ping").unwrap(), b"ping");
 
+    // The debug dump: the vCPU, its local APIC, the virtio devices' pins and queues (the
+    // device's indices beside the guest's), the vsock muxer; the VM runs on after it.
+    let debug = ctl
+        .call(&fissile_proto::control::ControlRequest::Debug)
+        .unwrap()
+        .debug
+        .unwrap();
+    eprintln!("debug dump:\n{debug}");
+    for part in [
+        "vcpu0: mp_state",
+        "lapic: SVR",
+        "ioapic: irr",
+        "virtio 0 (type",
+        "guest avail.idx",
+        "owe_reset false",
+    ] {
+        assert!(debug.contains(part), "no {part:?} in the dump:\n{debug}");
+    }
+    assert_eq!(ctl.status().unwrap().state, VmState::Running);
+    assert_eq!(third.echo(b"ping").unwrap(), b"ping");
+
     // Poweroff from inside ends the VMM cleanly.
     let status = sb.poweroff(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "fissile-vmm exited with {status}");

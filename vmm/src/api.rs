@@ -48,6 +48,10 @@ pub trait ControlOps: Send + Sync + 'static {
     fn persist(&self) -> Result<SnapshotReply, OpFailure>;
     /// blake3 of guest memory, and of each MiB.
     fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure>;
+    /// The VM's interrupt path and queues as text (diagnosis).
+    fn debug(&self) -> Result<String, OpFailure> {
+        Err((ErrorKind::BadRequest, "debug is not supported here".into()))
+    }
 }
 
 type Ops = Arc<dyn ControlOps>;
@@ -308,6 +312,13 @@ pub fn handle_line(line: &[u8], vmm: &Ops) -> (ControlResponse, bool) {
             answer(vmm.memory_hash().map(|(h, chunks)| ControlResponse {
                 memory_hash: Some(h),
                 memory_chunks: Some(chunks),
+                ..ControlResponse::ok()
+            })),
+            false,
+        ),
+        ControlRequest::Debug => (
+            answer(vmm.debug().map(|d| ControlResponse {
+                debug: Some(d),
                 ..ControlResponse::ok()
             })),
             false,

@@ -408,6 +408,11 @@ impl VmmHandle {
     pub fn memory_hash(&self) -> Result<(String, Vec<String>), PauseError> {
         self.call(Request::MemoryHash)?
     }
+
+    /// The VM's interrupt path and queues as text (see [`crate::lifecycle::debug`]).
+    pub fn debug(&self) -> Result<String, PauseError> {
+        self.call(Request::Debug)?
+    }
 }
 
 impl ControlOps for VmmHandle {
@@ -440,6 +445,9 @@ impl ControlOps for VmmHandle {
     }
     fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure> {
         VmmHandle::memory_hash(self).map_err(pause_failure)
+    }
+    fn debug(&self) -> Result<String, OpFailure> {
+        VmmHandle::debug(self).map_err(pause_failure)
     }
 }
 

@@ -10,6 +10,7 @@
 //! ([`VmCore::paused`]) and gives it back before replying, so a client's `pause` is never
 //! undone by an operation and an operation never runs on a VM a client resumed meanwhile.
 
+pub mod debug;
 pub mod image;
 pub mod merge;
 pub mod snapshot;
@@ -49,6 +50,8 @@ pub(crate) enum Request {
     Persist(Sender<Result<SnapshotReply, SnapshotError>>),
     /// Hash guest memory.
     MemoryHash(Sender<Result<(String, Vec<String>), PauseError>>),
+    /// [`debug::dump`] of the VM (paused for it).
+    Debug(Sender<Result<String, PauseError>>),
     /// End the actor.
     Stop,
 }
@@ -65,6 +68,7 @@ impl Request {
             Request::Rollback { .. } => "rollback",
             Request::Persist(_) => "persist",
             Request::MemoryHash(_) => "memory_hash",
+            Request::Debug(_) => "debug",
             Request::Stop => "stop",
         }
     }
@@ -98,6 +102,12 @@ pub(crate) fn run(core: &mut VmCore, req: Request) {
                 })
                 .map(|(h, _)| h);
             let _ = reply.send(hashed);
+        }
+        Request::Debug(reply) => {
+            let dumped = core
+                .paused(PauseError::Control, |core| Ok(debug::dump(core)))
+                .map(|(d, _)| d);
+            let _ = reply.send(dumped);
         }
         Request::Pause(_) | Request::Resume(_) | Request::Stop => {}
     }

@@ -134,6 +134,11 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// Restore: the device was just activated with queues from a snapshot. Host-side state
     /// that could not be saved (vsock connections) is reset here.
     fn restored(&mut self);
+    /// Host-side state worth seeing when diagnosing a guest that does not answer (queues
+    /// are shown by the transport); empty for most devices.
+    fn debug_state(&self) -> String {
+        String::new()
+    }
 }
 
 /// Copies `src` (a device config struct as bytes) at `offset` into `data`; out of range reads

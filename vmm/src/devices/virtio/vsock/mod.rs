@@ -206,6 +206,10 @@ impl VirtioDevice for Vsock {
         self.pause_cv.notify_all();
     }
 
+    fn debug_state(&self) -> String {
+        lock(&self.backend).debug_state()
+    }
+
     fn restored(&mut self) {
         // Host connections cannot survive a snapshot: the guest is told to drop its side
         // (virtio 1.2 5.10.6.5) and host clients reconnect. The event is delivered when the

@@ -262,6 +262,35 @@ impl VsockBackend {
         self.owe_reset = true;
     }
 
+    /// The muxer's state in one line (diagnosis): pause and reset state, connections by
+    /// state, held host clients, queued control packets, the device's queue indices.
+    pub fn debug_state(&self) -> String {
+        let mut states: Vec<String> = self
+            .conns
+            .values()
+            .map(|c| format!("{}->{} {:?}", c.local_port, c.peer_port, c.state))
+            .collect();
+        states.sort();
+        let queues: Vec<String> = self
+            .active
+            .iter()
+            .flat_map(|a| a.queues.iter())
+            .map(|q| format!("avail {} used {}", q.next_avail(), q.next_used()))
+            .collect();
+        format!(
+            "paused {}, owe_reset {}, reset_pending {:?}, deferred {}, handshakes {}, control queued {}, active {}, queues [{}], conns [{}]",
+            self.paused,
+            self.owe_reset,
+            self.reset_pending.map(|t| t.elapsed()),
+            self.deferred.len(),
+            self.handshakes.len(),
+            self.control.len(),
+            self.active.is_some(),
+            queues.join("; "),
+            states.join(", ")
+        )
+    }
+
     /// True while paused for a snapshot.
     pub fn is_paused(&self) -> bool {
         self.paused
