@@ -687,10 +687,11 @@ impl Sandbox {
         self.dir.join("api.sock")
     }
 
-    /// What the VMM says of a VM whose guest does not answer, in one line: its state, the
+    /// What the VMM says of a VM whose guest does not answer: a line with its state, the
     /// lifecycle operation (and step) in progress, its vCPUs' exits one second apart (still:
     /// halted or parked; rising: running) and each vCPU thread's kernel state and wait
-    /// channel. Bounded: the status calls have the control client's deadline.
+    /// channel, then the VMM's `debug` dump (interrupt path and queues). Bounded: each
+    /// control call has a deadline (5 s for status, 30 s for the dump).
     pub fn diagnose(&self) -> String {
         let status = || -> Result<VmStatus, ControlError> {
             let mut c = ControlClient::connect(&self.api_sock())?;
