@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CPUID_ENTRIES: usize = 256;
 /// Most MSRs accepted from a state blob.
 pub const MAX_MSRS: usize = 1024;
-/// KVM's async page fault MSR (`MSR_KVM_ASYNC_PF_EN`), turned off when a state is applied.
+/// KVM's async page fault MSR (`MSR_KVM_ASYNC_PF_EN`): turned off when a state is applied to
+/// a fresh vCPU, never written on a vCPU that ran (see [`VcpuState::msrs_to_apply`]).
 const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 /// The Hyper-V synthetic MSR range.
 const HYPERV_MSRS: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
@@ -248,6 +249,30 @@ impl VcpuState {
         Ok(())
     }
 
+    /// The MSRs [`VcpuState::apply`] writes. A fresh vCPU gets `MSR_KVM_ASYNC_PF_EN` off:
+    /// a snapshot from before async page faults were hidden from guests (see
+    /// `arch::x86_64::cpuid::KVM_HIDDEN_ASYNC_PF`) may have them on. A vCPU that ran does not
+    /// get it at all: writing it, even 0 over 0, makes KVM cancel the vCPU's outstanding
+    /// async faults and drop their completions, and one of them may be what ends an
+    /// *artificial halt* KVM put the vCPU in (a fault on a page the host has not got yet,
+    /// taken with interrupts enabled; PV or not, KVM halts the vCPU until the page is in or
+    /// an interrupt comes). That halt is not part of any state userspace can read or write,
+    /// so it outlives the state applied over it; when that state has interrupts disabled no
+    /// interrupt can end the halt either, and with its completion dropped nothing ever does.
+    /// Seen in the soak: about one merge in 150-300 left the parent's vCPU blocked in
+    /// `kvm_vcpu_block`, runnable, IF clear (the winner was snapshotted inside the
+    /// scheduler), its LAPIC holding the timer and the vsock interrupt in IRR.
+    pub fn msrs_to_apply(&self, fresh: bool) -> Vec<kvm_msr_entry> {
+        self.msrs
+            .iter()
+            .filter(|e| fresh || e.index != MSR_KVM_ASYNC_PF_EN)
+            .map(|e| match e.index {
+                MSR_KVM_ASYNC_PF_EN => kvm_msr_entry { data: 0, ..*e },
+                _ => *e,
+            })
+            .collect()
+    }
+
     /// Writes the state into a vCPU that is not running. `fresh`: the vCPU has never run,
     /// so its CPUID is set too. KVM refuses a CPUID change once a vCPU ran (and reports
     /// runtime-derived bits such as OSXSAVE in what it returns), so a vCPU that ran keeps
@@ -284,27 +309,18 @@ impl VcpuState {
             .map_err(vcpu_err(vcpu, "KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic)
             .map_err(vcpu_err(vcpu, "KVM_SET_LAPIC"))?;
-        // A snapshot from before async page faults were hidden (see
-        // `arch::x86_64::cpuid::KVM_HIDDEN_ASYNC_PF`) may have them on: off from now on.
-        let entries: Vec<kvm_msr_entry> = self
-            .msrs
-            .iter()
-            .map(|e| match e.index {
-                MSR_KVM_ASYNC_PF_EN => kvm_msr_entry { data: 0, ..*e },
-                _ => *e,
-            })
-            .collect();
+        let entries = self.msrs_to_apply(fresh);
         let msrs = Msrs::from_entries(&entries).map_err(|e| KvmStateError::Invalid {
             vcpu,
             why: format!("MSRs: {e:?}"),
         })?;
         let set = fd.set_msrs(&msrs).map_err(vcpu_err(vcpu, "KVM_SET_MSRS"))?;
-        if set != self.msrs.len() {
+        if set != entries.len() {
             return Err(KvmStateError::PartialMsrs {
                 vcpu,
                 set,
-                total: self.msrs.len(),
-                first_refused: self.msrs[set].index,
+                total: entries.len(),
+                first_refused: entries[set].index,
             });
         }
         fd.set_vcpu_events(&self.events)
@@ -373,5 +389,43 @@ impl VmState {
                 .map_err(|e| KvmStateError::Vm("KVM_SET_IRQCHIP", e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn async_pf_is_turned_off_on_a_fresh_vcpu_and_left_alone_on_one_that_ran() {
+        let msr = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let state = VcpuState {
+            cpuid: vec![kvm_cpuid_entry2::default()],
+            msrs: vec![
+                msr(0x10, 7),
+                msr(MSR_KVM_ASYNC_PF_EN, 0x1000 | 1),
+                msr(0x6e0, 9),
+            ],
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: vec![0; XSAVE_WORDS],
+            xcrs: None,
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            mp_state: Default::default(),
+            events: Default::default(),
+        };
+        let pairs = |v: Vec<kvm_msr_entry>| -> Vec<(u32, u64)> {
+            v.iter().map(|e| (e.index, e.data)).collect()
+        };
+        assert_eq!(
+            pairs(state.msrs_to_apply(true)),
+            [(0x10, 7), (MSR_KVM_ASYNC_PF_EN, 0), (0x6e0, 9)]
+        );
+        assert_eq!(pairs(state.msrs_to_apply(false)), [(0x10, 7), (0x6e0, 9)]);
     }
 }
