@@ -687,45 +687,9 @@ impl Sandbox {
         self.dir.join("api.sock")
     }
 
-    /// What the VMM says of a VM whose guest does not answer: a line with its state, the
-    /// lifecycle operation (and step) in progress, its vCPUs' exits one second apart (still:
-    /// halted or parked; rising: running) and each vCPU thread's kernel state and wait
-    /// channel, then the VMM's `debug` dump (interrupt path and queues). Bounded: each
-    /// control call has a deadline (5 s for status, 30 s for the dump).
+    /// [`diagnose`] of this sandbox's VMM.
     pub fn diagnose(&self) -> String {
-        let status = || -> Result<VmStatus, ControlError> {
-            let mut c = ControlClient::connect(&self.api_sock())?;
-            c.set_timeout(Duration::from_secs(5))?;
-            c.status()
-        };
-        let mut out = match status() {
-            Ok(a) => {
-                std::thread::sleep(Duration::from_secs(1));
-                match status() {
-                    Ok(b) => format!(
-                        "state {:?}, busy {:?}, vCPU exits {:?} then {:?} 1 s later",
-                        b.state, b.busy, a.vcpu_exits, b.vcpu_exits
-                    ),
-                    Err(e) => format!("status answered once, then: {}", error_chain(&e)),
-                }
-            }
-            Err(e) => format!("no status: {}", error_chain(&e)),
-        };
-        if let Some(pid) = self.pid() {
-            out.push_str(&vcpu_threads(pid));
-        }
-        // The interrupt path and the queues (the VMM pauses the VM for a moment).
-        let debug = ControlClient::connect(&self.api_sock())
-            .and_then(|mut c| {
-                c.set_timeout(Duration::from_secs(30))?;
-                c.call(&ControlRequest::Debug)
-            })
-            .map(|r| r.debug.unwrap_or_default());
-        match debug {
-            Ok(d) => out.push_str(&format!("\n{}", d.trim_end())),
-            Err(e) => out.push_str(&format!("; no debug dump: {}", error_chain(&e))),
-        }
-        out
+        diagnose(&self.api_sock(), self.pid())
     }
 
     /// Snapshots the sandbox into snapshotd (`durable`: wait until the store has it). The
@@ -1108,6 +1072,47 @@ pub struct ProcThread {
     pub syscall: String,
     /// Its kernel stack (readable by root).
     pub stack: String,
+}
+
+/// What the VMM on control socket `api` (process `pid`, if known) says of a VM whose guest
+/// does not answer: a line with its state, the lifecycle operation (and step) in progress,
+/// its vCPUs' exits one second apart (still: halted or parked; rising: running) and each vCPU
+/// thread's kernel state and wait channel, then the VMM's `debug` dump (interrupt path and
+/// queues). Bounded: each control call has a deadline (5 s for status, 30 s for the dump).
+pub fn diagnose(api: &Path, pid: Option<u32>) -> String {
+    let status = || -> Result<VmStatus, ControlError> {
+        let mut c = ControlClient::connect(api)?;
+        c.set_timeout(Duration::from_secs(5))?;
+        c.status()
+    };
+    let mut out = match status() {
+        Ok(a) => {
+            std::thread::sleep(Duration::from_secs(1));
+            match status() {
+                Ok(b) => format!(
+                    "state {:?}, busy {:?}, vCPU exits {:?} then {:?} 1 s later",
+                    b.state, b.busy, a.vcpu_exits, b.vcpu_exits
+                ),
+                Err(e) => format!("status answered once, then: {}", error_chain(&e)),
+            }
+        }
+        Err(e) => format!("no status: {}", error_chain(&e)),
+    };
+    if let Some(pid) = pid {
+        out.push_str(&vcpu_threads(pid));
+    }
+    // The interrupt path and the queues (the VMM pauses the VM for a moment).
+    let debug = ControlClient::connect(api)
+        .and_then(|mut c| {
+            c.set_timeout(Duration::from_secs(30))?;
+            c.call(&ControlRequest::Debug)
+        })
+        .map(|r| r.debug.unwrap_or_default());
+    match debug {
+        Ok(d) => out.push_str(&format!("\n{}", d.trim_end())),
+        Err(e) => out.push_str(&format!("; no debug dump: {}", error_chain(&e))),
+    }
+    out
 }
 
 /// The threads of process `pid` (`None` once it is gone): what each is blocked in.

@@ -126,17 +126,17 @@ impl Progress {
                     for pid in &pids {
                         eprintln!("--- host tasks of pid {pid} ---\n{}", host_tasks(*pid));
                     }
-                    // Whether the parent's vCPU leaves the guest (exits to the VMM) while
-                    // it does not answer: its exit counts 2 s apart, from `status`.
+                    // What the parent's VMM sees: its state, its vCPUs' exits and threads,
+                    // the interrupt path and queues (`fissile_sandbox::diagnose`).
                     let (tx, rx) = std::sync::mpsc::channel();
-                    let sock = api.clone();
+                    let (sock, vmm) = (api.clone(), pids.first().copied());
                     std::thread::spawn(move || {
-                        let _ = tx.send(vcpu_exit_rate(&sock));
+                        let _ = tx.send(fissile_sandbox::diagnose(&sock, vmm));
                     });
-                    let exits = rx
-                        .recv_timeout(std::time::Duration::from_secs(30))
-                        .unwrap_or_else(|_| "no status within 30 s".into());
-                    eprintln!("--- the parent's vCPU exits ---\n{exits}");
+                    let seen = rx
+                        .recv_timeout(std::time::Duration::from_secs(60))
+                        .unwrap_or_else(|_| "no answer within 60 s".into());
+                    eprintln!("--- what the parent's VMM sees ---\n{seen}");
                     // Asked on a thread of its own, so a guest that does not answer cannot
                     // keep the report (and the exit) from happening.
                     let (tx, rx) = std::sync::mpsc::channel();
@@ -302,24 +302,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What each task in the guest is blocked in (state, wait channel, syscall, kernel stack),
-/// asked of the agent over a new connection: when a cell hangs while the agent still
-/// answers, this shows where the REPL waits.
-/// The VM's state and its vCPUs' exits to the VMM, counted twice 2 s apart.
-fn vcpu_exit_rate(api: &std::path::Path) -> String {
-    let ask = || -> anyhow::Result<String> {
-        let mut c = ControlClient::connect(api)?;
-        let a = c.status()?;
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        let b = c.status()?;
-        Ok(format!(
-            "state {:?} busy {:?}: exits {:?} then {:?} 2 s later",
-            b.state, b.busy, a.vcpu_exits, b.vcpu_exits
-        ))
-    };
-    ask().unwrap_or_else(|e| format!("could not ask the VMM: {e:#}"))
-}
-
 /// Each thread of process `pid` on this host: name, state, wait channel, system call and
 /// kernel stack (what a VMM or snapshotd thread is blocked in).
 fn host_tasks(pid: u32) -> String {
@@ -342,6 +324,9 @@ fn host_tasks(pid: u32) -> String {
         .collect()
 }
 
+/// What each task in the guest is blocked in (state, wait channel, syscall, kernel stack),
+/// asked of the agent over a new connection: when a cell hangs while the agent still
+/// answers, this shows where the REPL waits.
 fn guest_tasks(vsock: &std::path::Path) -> String {
     const SCRIPT: &str = r#"for d in /proc/[0-9]*/task/[0-9]*; do
   [ -r $d/syscall ] || continue
