@@ -186,6 +186,8 @@ pub struct App {
     pub starts: Arc<tokio::sync::Semaphore>,
     /// Templates' ready snapshots.
     pub ready: Arc<crate::templates::ReadySnapshots>,
+    /// Template builds under way.
+    pub builds: Arc<crate::template_build::Builds>,
     /// Tenants' own limits (read at start: `fissiled tenants set` needs the daemon stopped).
     pub tenants: Arc<HashMap<String, TenantLimits>>,
     /// Warm pools (sandboxes restored ahead of time).
@@ -360,6 +362,7 @@ impl App {
             egress,
             starts: Arc::new(tokio::sync::Semaphore::new(starts)),
             ready: Arc::default(),
+            builds: Arc::default(),
             tenants: Arc::new(db_tenants),
             pool: Arc::default(),
             keys: Arc::new(crate::auth::KeyRing::new(db_keys)),
@@ -701,13 +704,24 @@ impl App {
             }
             None => Origin::Boot,
         };
-        if spec.template != DEFAULT_TEMPLATE {
-            return Err(ApiError::not_found(format!(
-                "no template {}",
-                spec.template
-            )));
-        }
         let origin = match origin {
+            Origin::Boot if spec.template != DEFAULT_TEMPLATE => {
+                // A template built over the API: its snapshot of this shape, its environment
+                // under the create's own.
+                let app = self.clone();
+                let (t, name, m, v) = (
+                    tenant.to_string(),
+                    spec.template.clone(),
+                    spec.memory_mib,
+                    spec.vcpus,
+                );
+                let (snap, env) =
+                    blocking(move || app.built_template_start(&t, &name, m, v)).await?;
+                let mut merged = env;
+                merged.extend(std::mem::take(&mut spec.env));
+                spec.env = merged;
+                Origin::Restore(snap)
+            }
             Origin::Boot => {
                 let shape = crate::templates::Shape {
                     template: spec.template.clone(),

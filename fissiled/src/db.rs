@@ -24,6 +24,8 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 /// A template's ready-snapshot key (template, memory, vCPUs, image fingerprint) →
 /// [`ReadyRecord`].
 const READY: TableDefinition<&str, &[u8]> = TableDefinition::new("ready");
+/// `tenant/name` → [`TemplateRecord`] (templates built over the API).
+const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -347,7 +349,6 @@ pub struct SpaceRecord {
     pub network: Option<NetworkPolicy>,
 }
 
-/// The metadata store.
 /// A template's ready snapshot: booted once, warmed up, snapshotted durably.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadyRecord {
@@ -359,6 +360,30 @@ pub struct ReadyRecord {
     pub build_ms: u64,
 }
 
+/// A template a tenant built over the API (`POST /v1/templates`): its spec and its ready
+/// snapshots, one per ready shape of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// Its name (unique per tenant).
+    pub name: String,
+    /// Its owner.
+    pub tenant: String,
+    /// The template it derives from.
+    pub base: String,
+    /// The spec it was built from (TOML).
+    pub spec: String,
+    /// Environment of its sandboxes' cells and commands (under a create's own).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Its ready snapshots by shape (`MIBxVCPUS`).
+    pub ready: std::collections::BTreeMap<String, ReadyRecord>,
+    /// Fingerprint of the kernel, root image and VMM it was built on: a daemon on other
+    /// images refuses to start it (its snapshots hold the old image's page cache).
+    pub fingerprint: String,
+    /// When it was built (ms since the epoch).
+    pub created_ms: u64,
+}
+
+/// The metadata store.
 #[derive(Debug)]
 pub struct Db {
     db: Database,
@@ -404,6 +429,7 @@ impl Db {
         tx.open_table(SNAPSHOTS).map_err(DbError::Table)?;
         tx.open_table(SPACES).map_err(DbError::Table)?;
         tx.open_table(READY).map_err(DbError::Table)?;
+        tx.open_table(TEMPLATES).map_err(DbError::Table)?;
         tx.open_table(TENANTS).map_err(DbError::Table)?;
         tx.commit().map_err(DbError::Commit)?;
         Ok(Db { db })
@@ -609,6 +635,30 @@ impl Db {
     /// A template's ready snapshot.
     pub fn ready(&self, key: &str) -> Result<Option<ReadyRecord>, DbError> {
         self.get(READY, key)
+    }
+
+    /// Records a built template.
+    pub fn put_template(&self, record: &TemplateRecord) -> Result<(), DbError> {
+        self.put(
+            TEMPLATES,
+            &format!("{}/{}", record.tenant, record.name),
+            record,
+        )
+    }
+
+    /// `tenant`'s template `name`.
+    pub fn template(&self, tenant: &str, name: &str) -> Result<Option<TemplateRecord>, DbError> {
+        self.get(TEMPLATES, &format!("{tenant}/{name}"))
+    }
+
+    /// Every built template.
+    pub fn templates(&self) -> Result<Vec<TemplateRecord>, DbError> {
+        self.all(TEMPLATES)
+    }
+
+    /// Forgets `tenant`'s template `name`.
+    pub fn remove_template(&self, tenant: &str, name: &str) -> Result<(), DbError> {
+        self.remove(TEMPLATES, &format!("{tenant}/{name}"))
     }
 
     /// Stores `tenant`'s own limits (replacing what it had).

@@ -305,7 +305,7 @@ pub fn stream(
 }
 
 /// A streamed NDJSON response of the lines received on `rx`.
-fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+pub(crate) fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
     let body = Body::from_stream(
         tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>),
     );

@@ -10,6 +10,7 @@
 //! - [`lifecycle`]: fork, merge, snapshot, rollback.
 //! - [`spaces`]: persistent spaces (persist on close, resume).
 //! - [`templates`]: templates' ready snapshots; [`pool`]: warm pools restored from them.
+//! - [`template_spec`], [`template_build`]: templates built over the API from a spec.
 //! - [`egress`]: each sandbox's DNS resolver and domain proxy (its egress policy's names).
 //! - [`snapshotd`]: the host's snapshotd, started again when it exits.
 //! - [`auth`]: API keys (hashed) to tenants; [`keys`]: keys managed over the API.
@@ -35,4 +36,6 @@ pub mod routes;
 pub mod snapshotd;
 pub mod spaces;
 pub mod telemetry;
+pub mod template_build;
+pub mod template_spec;
 pub mod templates;

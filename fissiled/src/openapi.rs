@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{error, exec, files, keys, lifecycle, routes};
+use crate::{error, exec, files, keys, lifecycle, routes, template_build};
 
 /// The API's document.
 #[derive(Debug, OpenApi)]
@@ -39,6 +39,8 @@ use crate::{error, exec, files, keys, lifecycle, routes};
         routes::delete_space,
         routes::resume_space,
         routes::list_templates,
+        routes::build_template,
+        routes::delete_template,
         keys::create_key,
         keys::list_keys,
         keys::revoke_key,
@@ -53,6 +55,7 @@ use crate::{error, exec, files, keys, lifecycle, routes};
         keys::CreateKeyBody,
         keys::KeyView,
         keys::NewKeyView,
+        template_build::BuildEvent,
     )),
     modifiers(&Security),
     tags(
@@ -61,7 +64,7 @@ use crate::{error, exec, files, keys, lifecycle, routes};
         (name = "files", description = "Files in a sandbox, streamed both ways"),
         (name = "lifecycle", description = "Fork, merge, snapshot, rollback"),
         (name = "spaces", description = "Persistent spaces"),
-        (name = "templates", description = "Templates and their ready snapshots"),
+        (name = "templates", description = "Templates, their ready snapshots, and templates built from a spec"),
         (name = "keys", description = "API keys (admin keys only)"),
         (name = "daemon", description = "The daemon itself"),
     )

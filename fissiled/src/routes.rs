@@ -621,13 +621,39 @@ pub(crate) async fn rollback(
 }
 
 #[utoipa::path(get, path = "/v1/templates", tag = "templates",
-    responses((status = 200, description = "the templates and their ready snapshots", body = Vec<crate::templates::TemplateView>), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody)),
+    responses((status = 200, description = "the daemon's template and the caller's own (built or being built), with their ready snapshots", body = Vec<crate::templates::TemplateView>), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 pub(crate) async fn list_templates(
     State(app): State<App>,
-    Tenant(_tenant): Tenant,
-) -> Json<Vec<crate::templates::TemplateView>> {
-    Json(app.templates())
+    Tenant(tenant): Tenant,
+) -> Result<Json<Vec<crate::templates::TemplateView>>, ApiError> {
+    let mut all = app.templates();
+    all.extend(blocking(move || app.built_templates(&tenant)).await?);
+    Ok(Json(all))
+}
+
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = crate::template_build::BuildBody,
+    responses((status = 200, description = "NDJSON: one BuildEvent a line, `done` (or `failed`) last; a client that disconnects does not stop the build", content_type = "application/x-ndjson", body = crate::template_build::BuildEvent), (status = 400, description = "bad input (the message names the spec's field)", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 409, description = "the name is taken or being built", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn build_template(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    ApiJson(body): ApiJson<crate::template_build::BuildBody>,
+) -> Result<Response, ApiError> {
+    let a = app.clone();
+    blocking(move || a.build_template(&tenant, body)).await
+}
+
+#[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates", params(("name" = String, Path, description = "template name")),
+    responses((status = 204, description = "forgotten, its snapshots freed; its sandboxes run on"), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such template (for this tenant)", body = ErrorBody), (status = 409, description = "the daemon's own template, or one being built", body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+pub(crate) async fn delete_template(
+    State(app): State<App>,
+    Tenant(tenant): Tenant,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.delete_template(&tenant, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/spaces", tag = "spaces",  
@@ -783,7 +809,11 @@ pub fn router(app: App) -> Router {
         .route("/v1/sandboxes/{id}/merge_into/{winner}", post(merge_into))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
         .route("/v1/sandboxes/{id}/rollback/{snapshot}", post(rollback))
-        .route("/v1/templates", get(list_templates))
+        .route("/v1/templates", get(list_templates).post(build_template))
+        .route(
+            "/v1/templates/{name}",
+            axum::routing::delete(delete_template),
+        )
         .route("/v1/spaces", get(list_spaces))
         .route("/v1/spaces/{id}", get(get_space).delete(delete_space))
         .route("/v1/spaces/{id}/resume", post(resume_space))

@@ -108,6 +108,9 @@ pub struct ReadyView {
 pub struct TemplateView {
     /// Its name (`template` in a create).
     pub name: String,
+    /// The template it derives from (built over the API); `null` for the daemon's own
+    /// template.
+    pub base: Option<String>,
     /// Its ready snapshots, one per ready shape of the daemon.
     pub ready: Vec<ReadyView>,
 }
@@ -125,7 +128,7 @@ fn file_identity(path: &Path) -> String {
 
 impl App {
     /// Fingerprint of the images a ready snapshot was made from.
-    fn ready_fingerprint(&self) -> String {
+    pub(crate) fn ready_fingerprint(&self) -> String {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         for p in [&self.config.kernel, &self.config.rootfs, &self.config.vmm] {
@@ -319,6 +322,7 @@ impl App {
             .collect();
         vec![TemplateView {
             name: DEFAULT_TEMPLATE.to_string(),
+            base: None,
             ready,
         }]
     }

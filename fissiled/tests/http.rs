@@ -549,3 +549,109 @@ fn the_cli_creates_lists_and_revokes_keys_over_the_api() {
     );
     assert_eq!(status, 401, "revoked through the CLI");
 }
+
+/// The NDJSON lines of a streamed answer, parsed.
+fn ndjson_lines(url: &str, key: &str, body: &str) -> (u16, Vec<Value>) {
+    let resp = ureq::post(url)
+        .timeout(Duration::from_secs(120))
+        .set("Authorization", &format!("Bearer {key}"))
+        .set("Content-Type", "application/json")
+        .send_string(body);
+    let resp = match resp {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    (status, lines)
+}
+
+#[test]
+fn template_specs_are_checked_and_a_failed_build_leaves_nothing() {
+    let (d, key) = start();
+    let url = |p: &str| format!("{}{p}", d.fissiled.base());
+    let auth = [("Authorization", format!("Bearer {key}"))];
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // The daemon's own template is listed, derived from nothing.
+    let (s, v) = call("GET", &url("/v1/templates"), &auth, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v[0]["name"], "python-datasci");
+    assert_eq!(v[0]["base"], Value::Null);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+
+    // Bad specs: 400 naming the field, before anything starts.
+    for (spec, field) in [
+        ("name = [", "malformed TOML"),
+        ("name = 'Bad Name'", "`name`"),
+        ("name = 'x'\nbase = 'ubuntu'", "`base`"),
+        ("name = 'x'\n[pip]\npackages = ['numpy']", "`pip`"),
+        (
+            "name = 'x'\n[[files]]\ndest = '/etc/../x'\ncontent = ''",
+            "`files[0].dest`",
+        ),
+        ("name = 'x'\n[[run]]\ncommand = ''", "`run[0].command`"),
+    ] {
+        let body = serde_json::json!({ "spec": spec }).to_string();
+        let (s, v) = call("POST", &url("/v1/templates"), &auth, Some(&body));
+        assert_eq!((s, code(&v)), (400, "bad_request"), "{spec}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(field), "{spec}: {msg}");
+    }
+    for bad in [
+        r#"{"spec": 1}"#,
+        r#"{"spec": "name = 'x'", "extra": 1}"#,
+        "{}",
+    ] {
+        let (s, v) = call("POST", &url("/v1/templates"), &auth, Some(bad));
+        assert_eq!((s, code(&v)), (400, "bad_request"), "{bad}: {v}");
+    }
+    // The daemon's own name is taken; it cannot be deleted; unknown names are 404.
+    let own = serde_json::json!({ "spec": "name = 'python-datasci'" }).to_string();
+    let (s, v) = call("POST", &url("/v1/templates"), &auth, Some(&own));
+    assert_eq!((s, code(&v)), (409, "conflict"), "{v}");
+    let (s, v) = call("DELETE", &url("/v1/templates/python-datasci"), &auth, None);
+    assert_eq!((s, code(&v)), (409, "conflict"), "{v}");
+    let (s, v) = call("DELETE", &url("/v1/templates/nope"), &auth, None);
+    assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
+
+    // A valid spec starts a build, which streams its steps and fails here (this daemon has
+    // no kernel): the stream says why, last, and nothing is kept, so the name is free again.
+    let spec = "name = 'with-data'\n[[files]]\ndest = '/opt/a.txt'\ncontent = 'a'\n";
+    let body = serde_json::json!({ "spec": spec }).to_string();
+    for _ in 0..2 {
+        let (s, lines) = ndjson_lines(&url("/v1/templates"), &key, &body);
+        assert_eq!(s, 200, "{lines:?}");
+        let last = lines.last().unwrap();
+        assert_eq!(last["type"], "failed", "{lines:?}");
+        assert!(
+            last["message"]
+                .as_str()
+                .unwrap()
+                .contains("starting the base template"),
+            "{last}"
+        );
+        assert!(
+            lines.iter().any(|l| l["type"] == "step"
+                && l["step"].as_str().unwrap().starts_with("512x1: booting")),
+            "{lines:?}"
+        );
+        let (_, v) = call("GET", &url("/v1/templates"), &auth, None);
+        assert_eq!(
+            v.as_array().unwrap().len(),
+            1,
+            "kept after a failed build: {v}"
+        );
+        let (s, v) = call(
+            "POST",
+            &url("/v1/sandboxes"),
+            &auth,
+            Some(r#"{"template":"with-data"}"#),
+        );
+        assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
+    }
+}

@@ -882,12 +882,256 @@ fn guest_api_templates_ready_snapshot_skips_the_imports() {
         assert_eq!(shape["status"], "ready");
     }
     // A restarted daemon finds the snapshot in its store: no second build.
+    let other = create_key(&state, "other");
     let d = start(&state, &["--ready-shape", "512x1"]);
     let st = ready_status(&d, &key, 512);
     assert_eq!(st["status"], "ready", "{st}");
     assert_eq!(st["build_ms"].as_u64(), Some(first_build_ms));
     let e = create(&d, &key, "{}");
     assert_eq!(value(&d, &key, e["id"].as_str().unwrap(), imported), "True");
+
+    built_templates(&d, &key, &other);
+}
+
+/// The NDJSON events of a template build, in order.
+fn build(d: &Daemon, key: &str, body: Value) -> Vec<Value> {
+    let resp = ureq::post(&format!("{}/v1/templates", d.base()))
+        .timeout(Duration::from_secs(1200))
+        .set("Authorization", &key_header(key))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(resp.content_type(), "application/x-ndjson");
+    BufReader::new(resp.into_reader())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect()
+}
+
+/// Names of the templates `key`'s tenant sees.
+fn template_names(d: &Daemon, key: &str) -> Vec<String> {
+    let (s, v) = call(
+        "GET",
+        &format!("{}/v1/templates", d.base()),
+        Some(key),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A template built over the API from a spec (files, env, a command, a warm-up) on the
+/// daemon's ready snapshot: its progress streams, its sandboxes start with the files, the
+/// environment and the warm-up's globals; it is its tenant's alone; a failing command fails
+/// the build with its output and leaves nothing; a deleted template starts no sandbox and
+/// stops none.
+fn built_templates(d: &Daemon, key: &str, other: &str) {
+    let spec = r##"name = "with-data"
+warmup = '''
+import pandas as pd
+df = pd.read_csv("/opt/data/x.csv")
+'''
+[env]
+GREETING = "hello from the template"
+[[files]]
+dest = "/opt/data/x.csv"
+content = "a,b\n1,2\n3,4\n"
+[[files]]
+dest = "/usr/local/bin/shout"
+content = "#!/bin/sh\necho \"$GREETING\" | tr a-z A-Z\n"
+mode = 0o755
+[[run]]
+command = "shout && mkdir -p /opt/out && echo made > /opt/out/built"
+[[run]]
+command = '''
+set -e
+python3 - <<'PY'
+import base64, hashlib, zipfile
+files = {
+    "hello_fissile/__init__.py": "GREETING = 'hi from a wheel'\n",
+    "hello_fissile-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: hello-fissile\nVersion: 1.0\n",
+    "hello_fissile-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: fissile-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+def digest(text):
+    d = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+    return "sha256=" + d.decode()
+record = "".join(f"{n},{digest(t)},{len(t.encode())}\n" for n, t in files.items())
+record += "hello_fissile-1.0.dist-info/RECORD,,\n"
+with zipfile.ZipFile("/tmp/hello_fissile-1.0-py3-none-any.whl", "w") as z:
+    for n, t in files.items():
+        z.writestr(n, t)
+    z.writestr("hello_fissile-1.0.dist-info/RECORD", record)
+PY
+python3 -m pip install --no-index /tmp/hello_fissile-1.0-py3-none-any.whl
+'''
+"##;
+    let t = Instant::now();
+    let events = build(d, key, json!({ "spec": spec }));
+    eprintln!("template built in {} ms", t.elapsed().as_millis());
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "done", "{events:?}");
+    assert_eq!(last["template"]["name"], "with-data");
+    assert_eq!(last["template"]["base"], "python-datasci");
+    assert_eq!(last["template"]["ready"][0]["snapshot"]["status"], "ready");
+    let steps: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .map(|e| e["step"].as_str().unwrap())
+        .collect();
+    let expected = [
+        "512x1: restoring python-datasci's ready snapshot",
+        "512x1: writing 2 files",
+        "512x1: run[0]: shout && mkdir",
+        "512x1: run[1]: set -e…",
+        "512x1: warming up",
+        "512x1: taking the template's snapshot",
+    ];
+    assert_eq!(steps.len(), expected.len(), "{steps:?}");
+    for (got, want) in steps.iter().zip(expected) {
+        assert!(got.starts_with(want), "{steps:?}");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "stdout" && e["text"] == "HELLO FROM THE TEMPLATE\n"),
+        "{events:?}"
+    );
+    assert!(template_names(d, key).contains(&"with-data".to_string()));
+    assert!(!template_names(d, other).contains(&"with-data".to_string()));
+
+    // Its sandboxes have its files, environment and warm-up globals.
+    let s = create(d, key, r#"{"template": "with-data"}"#);
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(s["template"], "with-data");
+    assert_eq!(value(d, key, id, "df.shape"), "(2, 2)");
+    // A package pip installed at build time (from a wheel the build made: no index here).
+    assert_eq!(
+        value(d, key, id, "import hello_fissile\nhello_fissile.GREETING"),
+        "'hi from a wheel'"
+    );
+    assert_eq!(
+        value(d, key, id, "import os\nos.environ['GREETING']"),
+        "'hello from the template'"
+    );
+    let out = command(d, key, id, json!({ "cmd": "shout; cat /opt/out/built" }));
+    assert_eq!(out.last().unwrap()["exit_code"], 0, "{out:?}");
+    let text: String = out
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "HELLO FROM THE TEMPLATE\nmade\n");
+    // A create's own environment wins over the template's.
+    let own = create(
+        d,
+        key,
+        r#"{"template": "with-data", "env": {"GREETING": "mine"}}"#,
+    );
+    let own_id = own["id"].as_str().unwrap();
+    assert_eq!(
+        value(d, key, own_id, "import os\nos.environ['GREETING']"),
+        "'mine'"
+    );
+    // Another shape, another tenant, the same name again.
+    let url = format!("{}/v1/sandboxes", d.base());
+    let (st, v) = call(
+        "POST",
+        &url,
+        Some(key),
+        Some(r#"{"template": "with-data", "memory_mib": 640}"#),
+    );
+    assert_eq!((st, error_code(&v)), (400, "bad_request"), "{v}");
+    let (st, v) = call(
+        "POST",
+        &url,
+        Some(other),
+        Some(r#"{"template": "with-data"}"#),
+    );
+    assert_eq!((st, error_code(&v)), (404, "not_found"), "{v}");
+    let turl = format!("{}/v1/templates", d.base());
+    let (st, v) = call(
+        "POST",
+        &turl,
+        Some(key),
+        Some(&json!({ "spec": spec }).to_string()),
+    );
+    assert_eq!((st, error_code(&v)), (409, "conflict"), "{v}");
+    let (st, v) = call("DELETE", &format!("{turl}/with-data"), Some(other), None);
+    assert_eq!((st, error_code(&v)), (404, "not_found"), "{v}");
+
+    // A failing command fails the build, with its output, and nothing is kept.
+    let broken = "name = 'broken'\n[[run]]\ncommand = 'echo about to fail; exit 3'\n";
+    let events = build(d, key, json!({ "spec": broken }));
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "failed", "{events:?}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("run[0]: exited with status 3"),
+        "{last}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "stdout" && e["text"] == "about to fail\n"),
+        "{events:?}"
+    );
+    assert!(!template_names(d, key).contains(&"broken".to_string()));
+
+    // The CLI builds (progress on stderr, a failure as its exit status), lists and deletes.
+    let run = cli(
+        d.base(),
+        Some(key),
+        &["templates", "build", "-"],
+        "name = 'from-cli'\n[[run]]\ncommand = 'echo cli step output'\n",
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.starts_with("from-cli built in "),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr
+            .contains("==> 512x1: run[0]: echo cli step output"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("    cli step output"), "{}", run.stderr);
+    let ls = cli(d.base(), Some(key), &["templates", "ls"], "");
+    assert!(ls.stdout.contains("from-cli"), "{}", ls.stdout);
+    let failed = cli(
+        d.base(),
+        Some(key),
+        &["templates", "build", "-"],
+        "name = 'cli-broken'\n[[run]]\ncommand = 'exit 4'\n",
+    );
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(
+        failed.stderr.contains("exited with status 4"),
+        "{}",
+        failed.stderr
+    );
+    let rm = cli(d.base(), Some(key), &["templates", "rm", "from-cli"], "");
+    assert_eq!(rm.code, Some(0), "{}", rm.stderr);
+    assert!(!template_names(d, key).contains(&"from-cli".to_string()));
+
+    // Deleted: no more creates; its running sandboxes go on.
+    let (st, v) = call("DELETE", &format!("{turl}/with-data"), Some(key), None);
+    assert_eq!(st, 204, "{v}");
+    assert!(!template_names(d, key).contains(&"with-data".to_string()));
+    let (st, v) = call(
+        "POST",
+        &url,
+        Some(key),
+        Some(r#"{"template": "with-data"}"#),
+    );
+    assert_eq!((st, error_code(&v)), (404, "not_found"), "{v}");
+    assert_eq!(value(d, key, id, "int(df['b'].sum())"), "6");
 }
 
 /// Python that fetches `url` and evaluates to its body as text, or to the error's errno name.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -384,6 +384,13 @@ pub struct CreateArgs {
     /// Start from this snapshot (`fissile snapshot`) instead of the template.
     #[arg(long)]
     from_snapshot: Option<String>,
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// An egress policy on the command line (none of these: no policy).
+#[derive(Debug, Default, Args)]
+pub struct NetworkArgs {
     /// No internet: the guest reaches only the `--allow` networks.
     #[arg(long)]
     no_internet: bool,
@@ -421,25 +428,36 @@ impl CreateArgs {
                 body[name] = v;
             }
         }
-        if self.no_internet
-            || !self.allow.is_empty()
-            || !self.deny.is_empty()
-            || !self.allow_domain.is_empty()
-            || !self.deny_domain.is_empty()
-        {
-            body["network"] = json!({
-                "internet": !self.no_internet,
-                "allow": self.allow,
-                "deny": self.deny,
-            });
-            if !self.allow_domain.is_empty() {
-                body["network"]["allow_domains"] = json!(self.allow_domain);
-            }
-            if !self.deny_domain.is_empty() {
-                body["network"]["deny_domains"] = json!(self.deny_domain);
-            }
+        if let Some(policy) = self.network.policy() {
+            body["network"] = policy;
         }
         body
+    }
+}
+
+impl NetworkArgs {
+    /// The policy's JSON, if any flag was given.
+    fn policy(&self) -> Option<Value> {
+        if !self.no_internet
+            && self.allow.is_empty()
+            && self.deny.is_empty()
+            && self.allow_domain.is_empty()
+            && self.deny_domain.is_empty()
+        {
+            return None;
+        }
+        let mut policy = json!({
+            "internet": !self.no_internet,
+            "allow": self.allow,
+            "deny": self.deny,
+        });
+        if !self.allow_domain.is_empty() {
+            policy["allow_domains"] = json!(self.allow_domain);
+        }
+        if !self.deny_domain.is_empty() {
+            policy["deny_domains"] = json!(self.deny_domain);
+        }
+        Some(policy)
     }
 }
 
@@ -797,10 +815,99 @@ pub fn spaces(c: &Client, opts: &ApiOpts, cmd: SpacesCmd) -> anyhow::Result<()> 
 pub enum TemplatesCmd {
     /// List the templates, the state of their ready snapshots and their warm pools.
     Ls,
+    /// Build a template from a spec and show its progress: TOML with `name`, `base`
+    /// (default python-datasci), `[env]`, `[[files]]` (`dest`, inline `content`, `mode`),
+    /// `[[run]]` (`command`, `timeout_s`) and `warmup` (Python run before the snapshot).
+    /// The network flags say what the build's commands may reach (default: nothing).
+    Build {
+        /// The spec file (`-`: stdin).
+        spec: PathBuf,
+        #[command(flatten)]
+        network: NetworkArgs,
+    },
+    /// Delete templates you built (their sandboxes run on).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// How long a template build's stream may last: every command's own limit is an hour at
+/// most, and a spec has at most 32 of them, in each ready shape.
+const BUILD_DEADLINE: Duration = Duration::from_secs(6 * 3600);
+
+/// Builds a template, its steps on a spinner (plain lines when stderr is not a terminal),
+/// its commands' output as it comes; fails when the build does.
+fn build_template(
+    c: &Client,
+    opts: &ApiOpts,
+    spec: &Path,
+    network: &NetworkArgs,
+) -> anyhow::Result<()> {
+    let spec_text = if spec == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the spec from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?
+    };
+    let mut body = json!({ "spec": spec_text });
+    if let Some(policy) = network.policy() {
+        body["network"] = policy;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed:>4}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let mut last = None;
+    c.stream("/v1/templates", &body, BUILD_DEADLINE, |ev| {
+        match ev["type"].as_str() {
+            Some("step") => {
+                let step = text(&ev["step"]);
+                say(format!("==> {step}"));
+                bar.set_message(step);
+            }
+            Some("stdout" | "stderr") => {
+                for line in text(&ev["text"]).lines() {
+                    say(format!("    {line}"));
+                }
+            }
+            Some("done" | "failed") => last = Some(ev.clone()),
+            _ => {}
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let last = last.context("the stream ended without `done` or `failed`")?;
+    if last["type"] == "failed" {
+        bail!("the build failed: {}", text(&last["message"]));
+    }
+    if opts.json {
+        return print_json(&last["template"]);
+    }
+    println!(
+        "{} built in {} ms",
+        text(&last["template"]["name"]),
+        text(&last["build_ms"])
+    );
+    Ok(())
 }
 
 pub fn templates(c: &Client, opts: &ApiOpts, cmd: TemplatesCmd) -> anyhow::Result<()> {
     match cmd {
+        TemplatesCmd::Build { spec, network } => build_template(c, opts, &spec, &network),
+        TemplatesCmd::Rm { names } => delete_each(c, "templates", &names),
         TemplatesCmd::Ls => {
             let v = c.call("GET", "/v1/templates", None)?;
             if opts.json {
@@ -1002,12 +1109,15 @@ mod tests {
             metadata: vec![("job".into(), "etl".into())],
             env: vec![],
             from_snapshot: None,
-            no_internet: true,
-            allow: vec!["10.0.0.0/8".into()],
-            deny: vec![],
-            allow_domain: vec!["pypi.org".into()],
-            deny_domain: vec![],
+            network: NetworkArgs {
+                no_internet: true,
+                allow: vec!["10.0.0.0/8".into()],
+                deny: vec![],
+                allow_domain: vec!["pypi.org".into()],
+                deny_domain: vec![],
+            },
         };
+        assert_eq!(NetworkArgs::default().policy(), None);
         assert_eq!(
             args.body(),
             json!({

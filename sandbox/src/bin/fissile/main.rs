@@ -8,7 +8,7 @@
 //! fissile sh "$id" 'ls /tmp'                       # a shell command, its exit code
 //! fissile fork "$id" -n 3                          # the children's ids, a line each
 //! fissile merge "$id" CHILD                        # the parent adopts CHILD's state
-//! fissile sandbox ls | fissile spaces ls | fissile templates ls
+//! fissile sandbox ls | fissile spaces ls | fissile templates ls|build|rm
 //! fissile sandbox rm "$id"
 //! fissile keys create --tenant acme      # with an admin key; prints the new key once
 //! fissile keys ls | fissile keys revoke KEY_ID
