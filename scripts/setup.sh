@@ -100,6 +100,7 @@ lab_daemon_start() {
   lab_daemon_log=$(mktemp)
   step "starting fissiled on 127.0.0.1:$port (fissile-lab serve; in the lab on a KVM-PVM host)"
   "$CARGO_TARGET_DIR/release/fissile-lab" serve --port "$port" --tenant "$tenant" --timeout 3600 \
+    ${FISSILE_LAB_ADMIN_KEY:+--admin} \
     "${extra[@]}" >"$lab_daemon_log" &
   lab_daemon_pid=$!
   for _ in $(seq 1 1200); do

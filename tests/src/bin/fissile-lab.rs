@@ -63,6 +63,9 @@ enum Cmd {
         /// Tenant of the printed key.
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// The printed key is an admin key (it may manage keys: `/v1/keys`).
+        #[arg(long)]
+        admin: bool,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 86_400)]
         timeout: u64,
@@ -146,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             port,
             mem,
             tenant,
+            admin,
             timeout,
             args,
         } => {
@@ -188,11 +192,12 @@ fn main() -> anyhow::Result<()> {
             };
             let script = format!(
                 "set -e\n{prime}mkdir -p {state}\n\
-                 KEY=$(fissiled keys create --state-dir {state} --tenant {tenant})\n\
+                 KEY=$(fissiled keys create --state-dir {state} --tenant {tenant}{admin})\n\
                  echo FISSILE_API_URL=http://127.0.0.1:{port}\n\
                  echo FISSILE_API_KEY=$KEY\n\
                  exec fissiled serve --state-dir {state} --listen {listen} {}\n",
-                shell_quote(&args)
+                shell_quote(&args),
+                admin = if admin { " --admin" } else { "" },
             );
             eprintln!(
                 "fissile-lab: serving fissiled {} on http://127.0.0.1:{port}",
