@@ -1,7 +1,8 @@
 //! Templates built over the API: `POST /v1/templates` with a spec
 //! ([`crate::template_spec`]) builds, for each ready shape of the daemon, a sandbox of the
 //! base template (restored from the base's ready snapshot when it is made, booted
-//! otherwise), writes the spec's files, runs its commands and its warm-up, and keeps a
+//! otherwise), writes the spec's files, installs its packages, runs its commands and its
+//! warm-up, and keeps a
 //! durable snapshot of it: the new template's ready snapshot. Creates of the template restore
 //! it, with the template's environment under their own. Progress streams as NDJSON
 //! ([`BuildEvent`]), `done` or `failed` last.
@@ -21,7 +22,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::response::Response;
-use fissile_proto::agent::{ExecRequest, Response as AgentResponse, ShellCommand, ShellRequest};
+use fissile_proto::agent::{ExecRequest, Response as AgentResponse, ShellRequest};
 use fissile_sandbox::Sandbox;
 use serde::{Deserialize, Serialize};
 
@@ -35,9 +36,9 @@ use crate::templates::{ReadyState, ReadyView, TemplateView, WARMUP};
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildBody {
-    /// The template spec (TOML): `name`, `base` (default `python-datasci`), `[env]`,
-    /// `[[files]]` (`dest`, inline `content`, `mode`), `[[run]]` (`command`, `timeout_s`)
-    /// and `warmup` (Python run in the REPL before the snapshot).
+    /// The template spec (TOML): `name`, `base` (default `python-datasci`), `[apt]` and
+    /// `[pip]` `packages`, `[env]`, `[[files]]` (`dest`, inline `content`, `mode`), `[[run]]`
+    /// (`command`, `timeout_s`) and `warmup` (Python run in the REPL before the snapshot).
     pub spec: String,
     /// What the build's `[[run]]` commands may reach (e.g. a package index); none: no
     /// network. The template's sandboxes get their own policy at create.
@@ -157,16 +158,6 @@ impl Events {
         };
         self.send(&ev);
     }
-}
-
-/// The first line of `command`, cut to 120 characters, for a step's name.
-fn headline(command: &str) -> String {
-    let line = command.trim().lines().next().unwrap_or("");
-    let mut s: String = line.chars().take(120).collect();
-    if s.len() < line.len() || command.trim().lines().nth(1).is_some() {
-        s.push('…');
-    }
-    s
 }
 
 /// Runs `code` in the REPL of `sb` with `env`, output to `events`; a raised exception is an
@@ -416,16 +407,18 @@ impl App {
                         })?;
                 }
             }
-            for (i, r) in spec.run.iter().enumerate() {
-                events.step(format!("{shape}: run[{i}]: {}", headline(&r.command)));
+            for r in &spec.run {
+                events.step(format!("{shape}: {}: {}", r.label, r.headline()));
+                let mut env = spec.env.clone();
+                env.extend(r.env.clone());
                 let req = ShellRequest {
-                    command: ShellCommand::Script(r.command.clone()),
+                    command: r.command.clone(),
                     cwd: None,
-                    env: spec.env.clone(),
+                    env,
                     stdin: Vec::new(),
                     timeout_ms: Some(r.timeout_s * 1000),
                 };
-                let what = format!("run[{i}]");
+                let what = r.label.clone();
                 let agent = sb
                     .agent()
                     .map_err(|e| ApiError::sandbox(&format!("connecting for {what}"), &e))?;
@@ -615,13 +608,6 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_step_names_the_first_line_of_its_command() {
-        assert_eq!(headline("pip install x"), "pip install x");
-        assert_eq!(headline("  set -e\n  make\n"), "set -e…");
-        assert_eq!(headline(&"a".repeat(200)).chars().count(), 121);
-    }
 
     #[test]
     fn events_are_tagged_lines() {

@@ -1,12 +1,12 @@
 //! The spec of a template built over the API (`POST /v1/templates`): TOML in the shape of
-//! `fissile-rootfs`'s specs (`name`, `[env]`, `[[files]]`, `[[run]]`) plus `base` and
-//! `warmup`. It derives from a template the daemon already has: its sandboxes start from the
-//! base's root image with the spec's files written, its commands run and its warm-up run in
-//! the REPL, all captured in the template's ready snapshots (the guest's writable layer is in
-//! its memory). Packages come from `[[run]]` commands (`pip install …`, with the network the
-//! daemon gives the build) — a new root image (`[debian]`, `[apt]`, `[pip]`) is built on the
-//! host with `fissile-rootfs build` instead, and those sections are refused here with that
-//! advice.
+//! `fissile-rootfs`'s specs (`name`, `[apt]`, `[pip]`, `[env]`, `[[files]]`, `[[run]]`) plus
+//! `base` and `warmup`. It derives from a template the daemon already has: its sandboxes start
+//! from the base's root image with the spec's files written, its packages installed in the
+//! guest (`apt-get install`, `pip install`: from the indexes the build's network policy
+//! reaches), its commands run and its warm-up run in the REPL, all captured in the template's
+//! ready snapshots (the guest's writable layer is in its memory). A new base system
+//! (`[debian]`) is a root image built on the host with `fissile-rootfs build`, and is refused
+//! here with that advice.
 //!
 //! Everything comes from a client, so everything is bounded: [`MAX_FILES`] files of at most
 //! [`MAX_FILE_BYTES`] ([`MAX_TOTAL_FILE_BYTES`] in all), [`MAX_RUN_STEPS`] commands, env as a
@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use fissile_proto::agent::ShellCommand;
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -36,6 +37,11 @@ pub const MAX_RUN_TIMEOUT_S: u64 = 3600;
 /// Longest template name.
 pub const MAX_NAME_BYTES: usize = 63;
 
+/// Most packages in `[apt]` or in `[pip]`.
+pub const MAX_PACKAGES: usize = 64;
+/// Longest package name or pip requirement.
+pub const MAX_PACKAGE_BYTES: usize = 200;
+
 /// A validated template spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateSpec {
@@ -47,7 +53,9 @@ pub struct TemplateSpec {
     pub env: BTreeMap<String, String>,
     /// Files written into the guest before the commands.
     pub files: Vec<SpecFile>,
-    /// Commands run (`/bin/sh -c`) in order; one that fails fails the build.
+    /// Commands run in order after the files are written: the package installs (`[apt]`,
+    /// then `[pip]`), then `[[run]]`'s scripts (`/bin/sh -c`); one that fails fails the
+    /// build.
     pub run: Vec<SpecRun>,
     /// Python run in the REPL after the commands, before the snapshot: what it imports and
     /// defines is there in every sandbox of the template.
@@ -68,10 +76,48 @@ pub struct SpecFile {
 /// One command of a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecRun {
-    /// The script (`/bin/sh -c`).
-    pub command: String,
+    /// What names it in errors: `run[0]`, `apt`, `pip`.
+    pub label: String,
+    /// What it runs: a `[[run]]` script, or a package manager's argv (no shell).
+    pub command: ShellCommand,
+    /// Its own environment, over the spec's.
+    pub env: BTreeMap<String, String>,
     /// Its time limit.
     pub timeout_s: u64,
+}
+
+impl SpecRun {
+    /// The first line of what it runs, cut to 120 characters, for a build step's name.
+    pub fn headline(&self) -> String {
+        let text = match &self.command {
+            ShellCommand::Script(s) => s.trim().to_string(),
+            ShellCommand::Argv(a) => a.join(" "),
+        };
+        let line = text.lines().next().unwrap_or("");
+        let mut s: String = line.chars().take(120).collect();
+        if s.len() < line.len() || text.lines().nth(1).is_some() {
+            s.push('…');
+        }
+        s
+    }
+}
+
+/// A pip requirement: a name, extras, version constraints — nothing pip could read as an
+/// option, a path or a URL.
+pub fn valid_requirement(r: &str) -> bool {
+    r.len() <= MAX_PACKAGE_BYTES
+        && r.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-[],<>=!~*+ ".contains(c))
+}
+
+/// A Debian package name (lower case letters, digits, `+`, `-`, `.`; two or more).
+pub fn valid_apt_name(n: &str) -> bool {
+    n.len() >= 2
+        && n.len() <= MAX_PACKAGE_BYTES
+        && n.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
 #[derive(Deserialize)]
@@ -88,13 +134,20 @@ struct Raw {
     run: Vec<RawRun>,
     #[serde(default)]
     warmup: Option<String>,
-    // Sections of a root-image spec, refused with advice rather than as unknown fields.
+    #[serde(default)]
+    apt: RawPackages,
+    #[serde(default)]
+    pip: RawPackages,
+    // A root image's base system, refused with advice rather than as an unknown field.
     #[serde(default)]
     debian: Option<toml::Value>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPackages {
     #[serde(default)]
-    apt: Option<toml::Value>,
-    #[serde(default)]
-    pip: Option<toml::Value>,
+    packages: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -134,19 +187,12 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
 pub fn parse(text: &str, base_ok: impl Fn(&str) -> bool) -> Result<TemplateSpec, ApiError> {
     let raw: Raw = toml::from_str(text)
         .map_err(|e| ApiError::bad_request(format!("spec: malformed TOML: {}", e.message())))?;
-    for (section, present) in [
-        ("debian", raw.debian.is_some()),
-        ("apt", raw.apt.is_some()),
-        ("pip", raw.pip.is_some()),
-    ] {
-        if present {
-            return Err(invalid(
-                section,
-                "a template built over the API derives from a base template's image; \
-                 install packages with [[run]] commands (e.g. `python3 -m pip install …`), \
-                 or build a new root image on the host with `fissile-rootfs build`",
-            ));
-        }
+    if raw.debian.is_some() {
+        return Err(invalid(
+            "debian",
+            "a template built over the API derives from a base template's image (`base`); \
+             a new base system is a root image built on the host with `fissile-rootfs build`",
+        ));
     }
     if !valid_name(&raw.name) {
         return Err(invalid(
@@ -231,13 +277,74 @@ pub fn parse(text: &str, base_ok: impl Fn(&str) -> bool) -> Result<TemplateSpec,
             mode,
         });
     }
+    let mut run = Vec::with_capacity(raw.run.len() + 3);
+    for (section, packages) in [("apt", &raw.apt.packages), ("pip", &raw.pip.packages)] {
+        let field = format!("{section}.packages");
+        if packages.len() > MAX_PACKAGES {
+            return Err(invalid(
+                &field,
+                format!("{} packages; at most {MAX_PACKAGES}", packages.len()),
+            ));
+        }
+        for (i, p) in packages.iter().enumerate() {
+            let ok = if section == "apt" {
+                valid_apt_name(p)
+            } else {
+                valid_requirement(p)
+            };
+            if !ok {
+                return Err(invalid(
+                    &format!("{field}[{i}]"),
+                    format!(
+                        "{p:?} is not a {}",
+                        if section == "apt" {
+                            "Debian package name"
+                        } else {
+                            "pip requirement (a name, extras and version constraints)"
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    if !raw.apt.packages.is_empty() {
+        let apt_env: BTreeMap<String, String> =
+            [("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())].into();
+        run.push(SpecRun {
+            label: "apt".into(),
+            command: ShellCommand::Argv(vec!["apt-get".into(), "update".into()]),
+            env: apt_env.clone(),
+            timeout_s: DEFAULT_RUN_TIMEOUT_S,
+        });
+        let mut argv: Vec<String> = ["apt-get", "install", "-y", "--no-install-recommends"]
+            .map(String::from)
+            .into();
+        argv.extend(raw.apt.packages.iter().cloned());
+        run.push(SpecRun {
+            label: "apt".into(),
+            command: ShellCommand::Argv(argv),
+            env: apt_env,
+            timeout_s: DEFAULT_RUN_TIMEOUT_S,
+        });
+    }
+    if !raw.pip.packages.is_empty() {
+        let mut argv: Vec<String> = ["python3", "-m", "pip", "install", "--no-input", "--"]
+            .map(String::from)
+            .into();
+        argv.extend(raw.pip.packages.iter().cloned());
+        run.push(SpecRun {
+            label: "pip".into(),
+            command: ShellCommand::Argv(argv),
+            env: BTreeMap::new(),
+            timeout_s: DEFAULT_RUN_TIMEOUT_S,
+        });
+    }
     if raw.run.len() > MAX_RUN_STEPS {
         return Err(invalid(
             "run",
             format!("{} commands; at most {MAX_RUN_STEPS}", raw.run.len()),
         ));
     }
-    let mut run = Vec::with_capacity(raw.run.len());
     for (i, r) in raw.run.into_iter().enumerate() {
         let field = format!("run[{i}]");
         if r.command.trim().is_empty() || r.command.len() > MAX_COMMAND_BYTES {
@@ -254,7 +361,9 @@ pub fn parse(text: &str, base_ok: impl Fn(&str) -> bool) -> Result<TemplateSpec,
             ));
         }
         run.push(SpecRun {
-            command: r.command,
+            label: field,
+            command: ShellCommand::Script(r.command),
+            env: BTreeMap::new(),
             timeout_s,
         });
     }
@@ -317,6 +426,7 @@ timeout_s = 120
         assert_eq!(s.files[1].mode, 0o755);
         assert_eq!(s.run[0].timeout_s, DEFAULT_RUN_TIMEOUT_S);
         assert_eq!(s.run[1].timeout_s, 120);
+        assert_eq!(s.run[1].label, "run[1]");
         assert!(s.warmup.as_deref().is_some_and(|w| w.contains("DataFrame")));
     }
 
@@ -330,9 +440,26 @@ timeout_s = 120
             ("name = 'x'\nsurprise = 1", "unknown field"),
             ("name = 'x'\n[debian]\nsuite = 'bookworm'", "`debian`"),
             (
-                "name = 'x'\n[pip]\npackages = ['numpy']",
+                "name = 'x'\n[debian]\nsuite = 'trixie'",
                 "fissile-rootfs build",
             ),
+            (
+                "name = 'x'\n[pip]\npackages = ['-e /x']",
+                "`pip.packages[0]`",
+            ),
+            (
+                "name = 'x'\n[pip]\npackages = ['numpy', 'https://evil/x.whl']",
+                "`pip.packages[1]`",
+            ),
+            (
+                "name = 'x'\n[apt]\npackages = ['Curl']",
+                "`apt.packages[0]`",
+            ),
+            (
+                "name = 'x'\n[apt]\npackages = ['-o=x']",
+                "`apt.packages[0]`",
+            ),
+            ("name = 'x'\n[apt]\nsurprise = 1", "unknown field"),
             (
                 "name = 'x'\n[[files]]\ndest = '/a'\nsrc = 'a'",
                 "`files[0].src`",
@@ -365,6 +492,50 @@ timeout_s = 120
             let e = err(text);
             assert!(e.contains(field), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn packages_become_argv_steps_before_the_scripts_in_order() {
+        let s = ok(r#"
+name = "x"
+[apt]
+packages = ["curl", "libgl1"]
+[pip]
+packages = ["tabulate==0.9.0", "pandas[performance]>=2,<4"]
+[[run]]
+command = "echo done"
+"#);
+        let argv = |i: usize| match &s.run[i].command {
+            ShellCommand::Argv(a) => a.join(" "),
+            ShellCommand::Script(s) => panic!("a script: {s}"),
+        };
+        let labels: Vec<&str> = s.run.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["apt", "apt", "pip", "run[0]"]);
+        assert_eq!(argv(0), "apt-get update");
+        assert_eq!(
+            argv(1),
+            "apt-get install -y --no-install-recommends curl libgl1"
+        );
+        assert_eq!(s.run[1].env["DEBIAN_FRONTEND"], "noninteractive");
+        assert_eq!(
+            argv(2),
+            "python3 -m pip install --no-input -- tabulate==0.9.0 pandas[performance]>=2,<4"
+        );
+        assert_eq!(s.run[3].command, ShellCommand::Script("echo done".into()));
+        assert_eq!(s.run[3].headline(), "echo done");
+        let long = SpecRun {
+            label: "run[0]".into(),
+            command: ShellCommand::Script(format!("  set -e\n{}\n", "a".repeat(200))),
+            env: BTreeMap::new(),
+            timeout_s: 1,
+        };
+        assert_eq!(long.headline(), "set -e…");
+        let many: Vec<String> = (0..=MAX_PACKAGES).map(|i| format!("'p{i}'")).collect();
+        let e = err(&format!(
+            "name = 'x'\n[pip]\npackages = [{}]",
+            many.join(",")
+        ));
+        assert!(e.contains("`pip.packages`"), "{e}");
     }
 
     #[test]

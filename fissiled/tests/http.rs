@@ -589,7 +589,11 @@ fn template_specs_are_checked_and_a_failed_build_leaves_nothing() {
         ("name = [", "malformed TOML"),
         ("name = 'Bad Name'", "`name`"),
         ("name = 'x'\nbase = 'ubuntu'", "`base`"),
-        ("name = 'x'\n[pip]\npackages = ['numpy']", "`pip`"),
+        ("name = 'x'\n[debian]\nsuite = 'trixie'", "`debian`"),
+        (
+            "name = 'x'\n[pip]\npackages = ['--index-url=http://x']",
+            "`pip.packages[0]`",
+        ),
         (
             "name = 'x'\n[[files]]\ndest = '/etc/../x'\ncontent = ''",
             "`files[0].dest`",

@@ -816,8 +816,9 @@ pub enum TemplatesCmd {
     /// List the templates, the state of their ready snapshots and their warm pools.
     Ls,
     /// Build a template from a spec and show its progress: TOML with `name`, `base`
-    /// (default python-datasci), `[env]`, `[[files]]` (`dest`, inline `content`, `mode`),
-    /// `[[run]]` (`command`, `timeout_s`) and `warmup` (Python run before the snapshot).
+    /// (default python-datasci), `[apt]`/`[pip]` `packages`, `[env]`, `[[files]]` (`dest`,
+    /// inline `content`, `mode`), `[[run]]` (`command`, `timeout_s`) and `warmup` (Python
+    /// run before the snapshot).
     /// The network flags say what the build's commands may reach (default: nothing).
     Build {
         /// The spec file (`-`: stdin).
