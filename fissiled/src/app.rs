@@ -965,6 +965,68 @@ impl App {
         }
     }
 
+    /// Deletes `snapshots` no record uses any more (blocking). One snapshotd will not delete
+    /// yet (a running sandbox reads it, a later snapshot builds on it, it is not durable
+    /// yet) is recorded and tried again by [`App::retry_unfreed`]; one it does not know is
+    /// gone already.
+    pub fn free_snapshots(&self, snapshots: &[String]) {
+        let socket = self.snapshotd.socket().to_path_buf();
+        let mut client = fissile_snapshotd::client::Client::connect(&socket);
+        for snap in snapshots {
+            let freed = match &mut client {
+                Ok(c) => c.delete(snap),
+                Err(_) => fissile_snapshotd::client::Client::connect(&socket)
+                    .and_then(|mut c| c.delete(snap)),
+            };
+            match freed {
+                Ok(()) => {}
+                Err(fissile_snapshotd::client::ClientError::Daemon {
+                    code: fissile_proto::snapshotd::ErrorCode::NotFound,
+                    ..
+                }) => {}
+                Err(e) => {
+                    tracing::info!(snapshot = %snap, error = %fissile_proto::error_chain(&e),
+                        "the snapshot stays in the store until its users are gone");
+                    if let Err(e) = self.db.put_unfreed(snap) {
+                        tracing::warn!(snapshot = %snap, error = %e,
+                            "cannot record the snapshot to free later");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries again to delete the snapshots [`App::free_snapshots`] could not (blocking);
+    /// returns how many are still waiting.
+    pub fn retry_unfreed(&self) -> usize {
+        let Ok(ids) = self.db.unfreed() else {
+            return 0;
+        };
+        if ids.is_empty() {
+            return 0;
+        }
+        let Ok(mut c) = fissile_snapshotd::client::Client::connect(self.snapshotd.socket()) else {
+            return ids.len();
+        };
+        let mut left = 0;
+        for id in ids {
+            let gone = match c.delete(&id) {
+                Ok(()) => true,
+                Err(fissile_snapshotd::client::ClientError::Daemon { code, .. }) => {
+                    code == fissile_proto::snapshotd::ErrorCode::NotFound
+                }
+                Err(_) => false,
+            };
+            if gone {
+                tracing::info!(snapshot = %id, "a snapshot no record uses is freed");
+                let _ = self.db.remove_unfreed(&id);
+            } else {
+                left += 1;
+            }
+        }
+        left
+    }
+
     /// Closes sandboxes idle for longer than their timeout or older than their lifetime
     /// limit (their own, their tenant's or the daemon's; persistent ones persist). Returns how many it closed.
     pub fn reap_idle(&self) -> usize {

@@ -26,6 +26,10 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const READY: TableDefinition<&str, &[u8]> = TableDefinition::new("ready");
 /// `tenant/name` → [`TemplateRecord`] (templates built over the API).
 const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
+/// Snapshot id → when its record was dropped (ms since the epoch): snapshots no record uses
+/// any more that snapshotd would not delete yet (a running sandbox reads them, or a later
+/// snapshot builds on them); retried until they are gone.
+const UNFREED: TableDefinition<&str, &[u8]> = TableDefinition::new("unfreed");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -430,6 +434,7 @@ impl Db {
         tx.open_table(SPACES).map_err(DbError::Table)?;
         tx.open_table(READY).map_err(DbError::Table)?;
         tx.open_table(TEMPLATES).map_err(DbError::Table)?;
+        tx.open_table(UNFREED).map_err(DbError::Table)?;
         tx.open_table(TENANTS).map_err(DbError::Table)?;
         tx.commit().map_err(DbError::Commit)?;
         Ok(Db { db })
@@ -661,6 +666,31 @@ impl Db {
         self.remove(TEMPLATES, &format!("{tenant}/{name}"))
     }
 
+    /// Records that snapshot `id` is to be deleted once snapshotd lets it go.
+    pub fn put_unfreed(&self, id: &str) -> Result<(), DbError> {
+        self.put(UNFREED, id, &now_ms())
+    }
+
+    /// The snapshots waiting to be deleted.
+    pub fn unfreed(&self) -> Result<Vec<String>, DbError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::Transaction(Box::new(e)))?;
+        let t = tx.open_table(UNFREED).map_err(DbError::Table)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(DbError::Storage)? {
+            let (k, _) = item.map_err(DbError::Storage)?;
+            out.push(k.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Snapshot `id` is gone (or never was).
+    pub fn remove_unfreed(&self, id: &str) -> Result<(), DbError> {
+        self.remove(UNFREED, id)
+    }
+
     /// Stores `tenant`'s own limits (replacing what it had).
     pub fn put_tenant_limits(&self, tenant: &str, limits: &TenantLimits) -> Result<(), DbError> {
         self.put(TENANTS, tenant, limits)
@@ -865,5 +895,20 @@ mod tests {
             vec![("acme".to_string(), limits)]
         );
         assert!(serde_json::from_str::<TenantLimits>(r#"{"max_sandbox":1}"#).is_err());
+    }
+
+    #[test]
+    fn snapshots_to_free_later_are_kept_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        assert!(db.unfreed().unwrap().is_empty());
+        db.put_unfreed("snap-a").unwrap();
+        db.put_unfreed("snap-b").unwrap();
+        db.put_unfreed("snap-a").unwrap();
+        assert_eq!(db.unfreed().unwrap(), ["snap-a", "snap-b"]);
+        drop(db);
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        db.remove_unfreed("snap-a").unwrap();
+        assert_eq!(db.unfreed().unwrap(), ["snap-b"]);
     }
 }

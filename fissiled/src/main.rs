@@ -426,11 +426,20 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
         let app = app.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n: u64 = 0;
             loop {
                 tick.tick().await;
+                n += 1;
                 let app = app.clone();
                 app.fill_pools();
-                let _ = tokio::task::spawn_blocking(move || app.reap_idle()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    app.reap_idle();
+                    // Snapshots a deleted template or space left to snapshotd, each minute.
+                    if n.is_multiple_of(60) {
+                        app.retry_unfreed();
+                    }
+                })
+                .await;
             }
         })
     };

@@ -152,14 +152,9 @@ impl App {
         }
         self.db.remove_space(id)?;
         if let Some(snap) = space.snapshot {
-            let socket = self.snapshotd.socket().to_path_buf();
+            let app = self.clone();
             blocking(move || {
-                let freed = fissile_snapshotd::client::Client::connect(&socket)
-                    .and_then(|mut c| c.delete(&snap));
-                if let Err(e) = freed {
-                    tracing::info!(snapshot = %snap, error = %fissile_proto::error_chain(&e),
-                        "space deleted; its snapshot stays in the store for now");
-                }
+                app.free_snapshots(&[snap]);
                 Ok(())
             })
             .await?;

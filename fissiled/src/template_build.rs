@@ -7,18 +7,21 @@
 //! it, with the template's environment under their own. Progress streams as NDJSON
 //! ([`BuildEvent`]), `done` or `failed` last.
 //!
-//! One build runs at a time (the next waits, and says so); a build's VM takes a start permit
-//! only while it starts, and counts against no tenant's quota. A client that disconnects
+//! One build runs at a time (the next waits, and says so), a tenant has one queued or running
+//! (another is 409) and at most [`MAX_QUEUED_BUILDS`] wait in all (503); a build's VM takes a
+//! start permit only while it starts, and counts against no tenant's quota. Its commands'
+//! time limits add up to at most [`crate::template_spec::MAX_BUILD_COMMANDS_S`] per shape. A client that disconnects
 //! does not stop its build: the template appears in `GET /v1/templates` when it is made. A
 //! build that fails leaves nothing behind (no record, its snapshots freed).
 //!
 //! A template is its owner's: another tenant's names answer 404, and one tenant's names
 //! never collide with another's. `DELETE /v1/templates/{name}` forgets it and frees its
-//! snapshots (snapshotd keeps those that later snapshots build on).
+//! snapshots — at once, or, while its sandboxes still read them, once they are gone
+//! ([`App::free_snapshots`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::response::Response;
@@ -31,6 +34,9 @@ use crate::db::{NetworkPolicy, ReadyRecord, TemplateRecord, now_ms, random_hex};
 use crate::error::ApiError;
 use crate::template_spec::TemplateSpec;
 use crate::templates::{ReadyState, ReadyView, TemplateView, WARMUP};
+
+/// Most template builds queued or running at once (one per tenant); more answer 503.
+pub const MAX_QUEUED_BUILDS: usize = 8;
 
 /// Body of `POST /v1/templates`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -50,7 +56,7 @@ pub struct BuildBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BuildEvent {
-    /// A step started (`512x1: running run[0]: pip install …`).
+    /// A step started (`512x1: run[0]: make data`, `512x1: pip: python3 -m pip install …`).
     Step {
         /// What it does.
         step: String,
@@ -133,13 +139,41 @@ fn failed(step: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("{step}: {e}"))
 }
 
-/// Sends build events from the blocking pool (a client that left is not an error: the build
-/// goes on).
-struct Events(tokio::sync::mpsc::Sender<Bytes>);
+/// Sends build events from the blocking pool without ever waiting for the client: a client
+/// that left is not an error (the build goes on), and one that stops reading cannot hold the
+/// build up — what does not fit in the channel is dropped, counted, and said once there is
+/// room again.
+struct Events {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    dropped: std::cell::Cell<u64>,
+}
 
 impl Events {
+    fn new(tx: tokio::sync::mpsc::Sender<Bytes>) -> Events {
+        Events {
+            tx,
+            dropped: std::cell::Cell::new(0),
+        }
+    }
+
     fn send(&self, ev: &BuildEvent) {
-        let _ = self.0.blocking_send(ev.line());
+        let dropped = self.dropped.get();
+        if dropped > 0 {
+            let note = BuildEvent::Stderr {
+                text: format!(
+                    "fissiled: {dropped} events of this build were dropped (the client did not \
+                     read them in time)\n"
+                ),
+            };
+            if self.tx.try_send(note.line()).is_err() {
+                self.dropped.set(dropped + 1);
+                return;
+            }
+            self.dropped.set(0);
+        }
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = self.tx.try_send(ev.line()) {
+            self.dropped.set(self.dropped.get() + 1);
+        }
     }
 
     fn step(&self, step: String) {
@@ -239,6 +273,17 @@ impl App {
                     spec.name
                 )));
             }
+            if names.iter().any(|k| k.starts_with(&format!("{tenant}/"))) {
+                return Err(ApiError::conflict(
+                    "one template build at a time per tenant: another of yours is queued or \
+                     running",
+                ));
+            }
+            if names.len() >= MAX_QUEUED_BUILDS {
+                return Err(ApiError::unavailable(format!(
+                    "{MAX_QUEUED_BUILDS} template builds are queued or running; try again later"
+                )));
+            }
             if self.db.template(tenant, &spec.name)?.is_some() {
                 return Err(ApiError::conflict(format!(
                     "template {} exists; delete it first to build it again",
@@ -271,7 +316,8 @@ impl App {
                 }
             };
             drop(claim);
-            let _ = tx.send(last.line()).await;
+            // Bounded: a client that stopped reading does not keep this task.
+            let _ = tokio::time::timeout(Duration::from_secs(30), tx.send(last.line())).await;
         });
         Ok(crate::exec::ndjson(rx))
     }
@@ -291,7 +337,7 @@ impl App {
                 let step = BuildEvent::Step {
                     step: "waiting for another template build to end".into(),
                 };
-                let _ = tx.send(step.line()).await;
+                let _ = tx.try_send(step.line());
                 self.builds
                     .one
                     .clone()
@@ -306,11 +352,9 @@ impl App {
         for &(memory_mib, vcpus) in &self.config.ready_shapes {
             let permit = self.starts.clone().acquire_owned().await;
             let (app, spec, network) = (self.clone(), spec.clone(), network.clone());
-            let events = Events(tx.clone());
-            let tenant = tenant.to_string();
+            let events = Events::new(tx.clone());
             let made = blocking(move || {
                 app.make_template_snapshot(
-                    &tenant,
                     &spec,
                     (memory_mib, vcpus),
                     network.as_ref().as_ref(),
@@ -324,7 +368,7 @@ impl App {
                     ready.insert(format!("{memory_mib}x{vcpus}"), r);
                 }
                 Err(e) => {
-                    self.free_snapshots(ready.values().map(|r| r.snapshot.clone()).collect())
+                    self.release_snapshots(ready.values().map(|r| r.snapshot.clone()).collect())
                         .await;
                     return Err(e);
                 }
@@ -343,7 +387,7 @@ impl App {
         let app = self.clone();
         let r = record.clone();
         if let Err(e) = blocking(move || Ok(app.db.put_template(&r)?)).await {
-            self.free_snapshots(record.ready.values().map(|r| r.snapshot.clone()).collect())
+            self.release_snapshots(record.ready.values().map(|r| r.snapshot.clone()).collect())
                 .await;
             return Err(e);
         }
@@ -353,7 +397,6 @@ impl App {
     /// One ready snapshot of a template being built, in shape (MiB, vCPUs) (blocking).
     fn make_template_snapshot(
         &self,
-        tenant: &str,
         spec: &TemplateSpec,
         (memory_mib, vcpus): (u64, u8),
         network: Option<&NetworkPolicy>,
@@ -362,11 +405,12 @@ impl App {
     ) -> Result<ReadyRecord, ApiError> {
         let t0 = Instant::now();
         let shape = format!("{memory_mib}x{vcpus}");
-        let dir = self.config.state_dir.join("templates").join(format!(
-            "{tenant}-{}-{shape}-{}",
-            spec.name,
-            random_hex(4)?
-        ));
+        // A short name: the VMM's sockets live in it (a Unix socket path has ~108 bytes).
+        let dir = self
+            .config
+            .state_dir
+            .join("templates")
+            .join(format!("build-{}", random_hex(6)?));
         let cfg = self.sandbox_config(dir.clone(), memory_mib, vcpus, network);
         let base = crate::templates::Shape {
             template: spec.base.clone(),
@@ -463,21 +507,15 @@ impl App {
         made
     }
 
-    /// Asks snapshotd to free `snapshots` (those later snapshots build on stay).
-    async fn free_snapshots(&self, snapshots: Vec<String>) {
+    /// Frees `snapshots` on the blocking pool (those still in use are freed later: see
+    /// [`App::free_snapshots`]).
+    async fn release_snapshots(&self, snapshots: Vec<String>) {
         if snapshots.is_empty() {
             return;
         }
-        let socket = self.snapshotd.socket().to_path_buf();
+        let app = self.clone();
         let _ = blocking(move || {
-            let mut c = fissile_snapshotd::client::Client::connect(&socket)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            for s in &snapshots {
-                if let Err(e) = c.delete(s) {
-                    tracing::info!(snapshot = %s, error = %e,
-                        "a template's snapshot stays in the store for now");
-                }
-            }
+            app.free_snapshots(&snapshots);
             Ok(())
         })
         .await;
@@ -598,7 +636,7 @@ impl App {
             Ok(r)
         })
         .await?;
-        self.free_snapshots(record.ready.values().map(|r| r.snapshot.clone()).collect())
+        self.release_snapshots(record.ready.values().map(|r| r.snapshot.clone()).collect())
             .await;
         tracing::info!(%tenant, template = %name, "template deleted");
         Ok(())
@@ -608,6 +646,29 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_that_does_not_read_loses_events_never_holds_the_build_up() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let events = Events::new(tx);
+        for i in 0..5 {
+            // Returns at once although nobody reads: 2 fit, 3 are dropped.
+            events.step(format!("step {i}"));
+        }
+        assert_eq!(events.dropped.get(), 3);
+        let line = |b: Bytes| -> serde_json::Value { serde_json::from_slice(&b).unwrap() };
+        assert_eq!(line(rx.try_recv().unwrap())["step"], "step 0");
+        assert_eq!(line(rx.try_recv().unwrap())["step"], "step 1");
+        events.step("step 5".into());
+        let note = line(rx.try_recv().unwrap());
+        assert_eq!(note["type"], "stderr");
+        assert!(
+            note["text"].as_str().unwrap().contains("3 events"),
+            "{note}"
+        );
+        assert_eq!(line(rx.try_recv().unwrap())["step"], "step 5");
+        assert_eq!(events.dropped.get(), 0);
+    }
 
     #[test]
     fn events_are_tagged_lines() {

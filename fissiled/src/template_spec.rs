@@ -34,6 +34,9 @@ pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 pub const DEFAULT_RUN_TIMEOUT_S: u64 = 600;
 /// The longest `timeout_s` a command may set.
 pub const MAX_RUN_TIMEOUT_S: u64 = 3600;
+/// Most seconds all of a spec's commands may take (their time limits added up, the package
+/// installs' included), so one build cannot hold the daemon's build slot for days.
+pub const MAX_BUILD_COMMANDS_S: u64 = 4 * 3600;
 /// Longest template name.
 pub const MAX_NAME_BYTES: usize = 63;
 
@@ -367,6 +370,15 @@ pub fn parse(text: &str, base_ok: impl Fn(&str) -> bool) -> Result<TemplateSpec,
             timeout_s,
         });
     }
+    let total: u64 = run.iter().map(|r| r.timeout_s).sum();
+    if total > MAX_BUILD_COMMANDS_S {
+        return Err(invalid(
+            "run",
+            format!(
+                "the commands' time limits add up to {total} s; at most {MAX_BUILD_COMMANDS_S}"
+            ),
+        ));
+    }
     if let Some(w) = &raw.warmup
         && w.len() > crate::exec::MAX_CODE_BYTES
     {
@@ -553,6 +565,10 @@ command = "echo done"
         let files: String = (0..2)
             .map(|i| format!("[[files]]\ndest = '/f{i}'\ncontent = '{half}'\n"))
             .collect();
+        let slow: String = (0..5)
+            .map(|_| "[[run]]\ncommand = 'sleep 1'\ntimeout_s = 3600\n")
+            .collect();
+        assert!(err(&format!("name = 'x'\n{slow}")).contains("add up to 18000 s"));
         assert!(err(&format!("name = 'x'\n{files}")).contains("in all"));
     }
 

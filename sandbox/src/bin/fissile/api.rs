@@ -833,9 +833,9 @@ pub enum TemplatesCmd {
     },
 }
 
-/// How long a template build's stream may last: every command's own limit is an hour at
-/// most, and a spec has at most 32 of them, in each ready shape.
-const BUILD_DEADLINE: Duration = Duration::from_secs(6 * 3600);
+/// How long a template build's stream may last: a spec's commands have 4 h in all (the
+/// daemon refuses more), per ready shape, and a build may queue behind others.
+const BUILD_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
 /// Builds a template, its steps on a spinner (plain lines when stderr is not a terminal),
 /// its commands' output as it comes; fails when the build does.
