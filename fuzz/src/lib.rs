@@ -41,6 +41,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("dns_query", dns_query),
     ("proxy_head", proxy_head),
     ("nft_counters", nft_counters),
+    ("template_spec", template_spec),
 ];
 
 /// The target called `name`.
@@ -95,6 +96,13 @@ pub fn seal_state(payload: &[u8]) -> Vec<u8> {
 pub fn rootfs_spec(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = fissile_rootfs::spec::Spec::parse(&text, Path::new("fuzz.toml"));
+}
+
+/// The template spec a client sends to `POST /v1/templates` (TOML, checked field by field,
+/// packages turned into argv commands).
+pub fn template_spec(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = fissiled::template_spec::parse(&text, |base| base == "python-datasci");
 }
 
 /// Guest memory for the virtio targets: 64 KiB at GPA 0, a 16-entry split queue at 0 (the

@@ -8,6 +8,28 @@ use fissile_proto::agent::{AGENT_PROTOCOL_VERSION, ExecRequest, Request};
 use fissile_proto::frame::encode_frame;
 use fissile_proto::snapshotd::{self, SNAPSHOTD_PROTOCOL_VERSION};
 
+/// A template spec with every section `POST /v1/templates` takes.
+const TEMPLATE_SPEC: &str = r#"name = "taxi"
+base = "python-datasci"
+warmup = """
+import pandas as pd
+zones = pd.read_csv("/opt/data/zones.csv")
+"""
+[apt]
+packages = ["curl"]
+[pip]
+packages = ["tabulate==0.9.0", "pandas[performance]>=2,<4"]
+[env]
+DATA = "/opt/data"
+[[files]]
+dest = "/opt/data/zones.csv"
+content = "id,borough\n1,EWR\n"
+mode = 0o644
+[[run]]
+command = "mkdir -p /opt/out"
+timeout_s = 60
+"#;
+
 /// A target's name and its seed inputs.
 pub type Seeds = (&'static str, Vec<Vec<u8>>);
 
@@ -76,6 +98,7 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
         ("control_json", control),
         ("vm_state", vec![Vec::new(), vec![0; 64]]),
         ("rootfs_spec", vec![spec]),
+        ("template_spec", vec![TEMPLATE_SPEC.as_bytes().to_vec()]),
         ("virtio_chain", vec![block_read_request()]),
         ("virtio_blk", vec![block_read_request()]),
         ("virtio_net", vec![net_tx_frame(), block_read_request()]),
