@@ -10,11 +10,13 @@ from fissile import (
     NotFoundError,
     RateLimitError,
     SandboxError,
+    TemplateBuildError,
 )
 from fissile._core import (
     Call,
     CommandBuilder,
     ExecutionBuilder,
+    TemplateBuilder,
     parse_line,
     retry_delay,
     transport_failure,
@@ -82,3 +84,33 @@ def test_a_failed_connection_says_what_failed_even_when_httpx_says_nothing() -> 
     assert msg == (
         "POST /v1/sandboxes/sb-1/exec: the connection to fissiled failed (ReadError: no detail)"
     )
+
+
+def test_a_template_build_streams_its_output_and_ends_in_the_template_or_an_error() -> None:
+    seen: list[str] = []
+    b = TemplateBuilder(on_output=seen.append)
+    b.feed({"type": "step", "step": "512x1: run[0]: make"})
+    b.feed({"type": "stdout", "text": "made\n"})
+    with pytest.raises(SandboxError):
+        b.finish()
+    b.feed(
+        {
+            "type": "done",
+            "build_ms": 5,
+            "template": {
+                "name": "t",
+                "base": "python-datasci",
+                "ready": [
+                    {"memory_mib": 512, "vcpus": 1, "snapshot": {"status": "ready"}, "warm": 0}
+                ],
+            },
+        }
+    )
+    t = b.finish()
+    assert seen == ["==> 512x1: run[0]: make\n", "made\n"]
+    assert t.name == "t" and t.base == "python-datasci" and t.ready[0].ready
+    failing = TemplateBuilder()
+    failing.feed({"type": "stderr", "text": "boom\n"})
+    with pytest.raises(TemplateBuildError, match=r"run\[0\]: exited") as e:
+        failing.feed({"type": "failed", "message": "run[0]: exited with status 1"})
+    assert e.value.output == ["boom\n"]

@@ -13,6 +13,7 @@ import pytest
 
 from fissile import (
     AsyncSandbox,
+    AsyncTemplates,
     AuthenticationError,
     BadRequestError,
     Execution,
@@ -20,6 +21,8 @@ from fissile import (
     NotFoundError,
     RateLimitError,
     Sandbox,
+    TemplateBuildError,
+    Templates,
 )
 
 from .conftest import MAX_SANDBOXES, Daemon
@@ -260,6 +263,46 @@ def test_async_sandbox(env: Daemon) -> None:
             assert await sb.files.read("/tmp/a.txt", format="bytes") == b"\x00\x01"
 
     asyncio.run(main())
+
+
+SDK_TEMPLATE = """
+name = "sdk-made"
+warmup = "ratios = {k: v / 4 for k, v in dict(a=1, b=2).items()}"
+[env]
+SDK_TEMPLATE = "yes"
+[[files]]
+dest = "/opt/sdk/hello.txt"
+content = "hello from the spec\\n"
+[[run]]
+command = "echo building; wc -c < /opt/sdk/hello.txt"
+"""
+
+
+def test_a_template_built_from_a_spec_starts_sandboxes_with_its_state(env: Daemon) -> None:
+    lines: list[str] = []
+    made = Templates.build(SDK_TEMPLATE, on_output=lines.append)
+    try:
+        assert made.name == "sdk-made" and made.base == "python-datasci"
+        assert made.ready and made.ready[0].ready
+        assert any(line.startswith("==> 512x1: run[0]: echo building") for line in lines), lines
+        assert "building\n" in lines and "20\n" in lines, lines
+        assert "sdk-made" in [t.name for t in Templates.list()]
+        with Sandbox(template="sdk-made") as sb:
+            assert sb.run_code("ratios").text == "{'a': 0.25, 'b': 0.5}"
+            assert sb.run_code("import os; os.environ['SDK_TEMPLATE']").text == "'yes'"
+            assert sb.files.read("/opt/sdk/hello.txt") == "hello from the spec\n"
+        with pytest.raises(BadRequestError, match=r"files\[0\]\.dest"):
+            Templates.build("name = 'bad'\n[[files]]\ndest = 'relative'\ncontent = ''")
+        with pytest.raises(TemplateBuildError, match="exited with status 2") as failed:
+            Templates.build("name = 'sdk-broken'\n[[run]]\ncommand = 'echo oops; exit 2'\n")
+        assert "oops\n" in failed.value.output
+        names = asyncio.run(AsyncTemplates.list())
+        assert "sdk-made" in [t.name for t in names] and "sdk-broken" not in [t.name for t in names]
+    finally:
+        Templates.delete("sdk-made")
+    assert "sdk-made" not in [t.name for t in Templates.list()]
+    with pytest.raises(NotFoundError):
+        Sandbox(template="sdk-made")
 
 
 def test_result_formats() -> None:

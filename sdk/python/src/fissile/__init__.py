@@ -9,7 +9,7 @@ with Sandbox() as sb:                      # FISSILE_API_KEY / FISSILE_API_URL
 ```
 """
 
-from ._async import AsyncCommands, AsyncFiles, AsyncSandbox
+from ._async import AsyncCommands, AsyncFiles, AsyncSandbox, AsyncTemplates
 from ._errors import (
     AuthenticationError,
     BadRequestError,
@@ -21,6 +21,7 @@ from ._errors import (
     PermissionDeniedError,
     RateLimitError,
     SandboxError,
+    TemplateBuildError,
     TimeoutError,
 )
 from ._models import (
@@ -34,8 +35,10 @@ from ._models import (
     Result,
     SandboxInfo,
     SpaceInfo,
+    TemplateInfo,
+    TemplateShape,
 )
-from ._sync import Commands, Files, Sandbox
+from ._sync import Commands, Files, Sandbox, Templates
 
 __version__ = "0.1.0"
 
@@ -43,6 +46,7 @@ __all__ = [
     "AsyncCommands",
     "AsyncFiles",
     "AsyncSandbox",
+    "AsyncTemplates",
     "AuthenticationError",
     "BadRequestError",
     "CommandResult",
@@ -66,6 +70,10 @@ __all__ = [
     "SandboxError",
     "SandboxInfo",
     "SpaceInfo",
+    "TemplateBuildError",
+    "TemplateInfo",
+    "TemplateShape",
+    "Templates",
     "TimeoutError",
     "__version__",
 ]

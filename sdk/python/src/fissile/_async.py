@@ -1,5 +1,6 @@
-"""The asynchronous client: `AsyncSandbox` (same surface as `Sandbox`, awaitable; for event
-loops such as the OpenAI Agents SDK's, which must not be blocked)."""
+"""The asynchronous client: `AsyncSandbox` and `AsyncTemplates` (same surface as `Sandbox` and
+`Templates`, awaitable; for event loops such as the OpenAI Agents SDK's, which must not be
+blocked)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import builtins
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal, overload
+from urllib.parse import quote
 
 import httpx
 
@@ -21,6 +23,7 @@ from ._models import (
     NetworkPolicy,
     SandboxInfo,
     SpaceInfo,
+    TemplateInfo,
 )
 
 
@@ -353,6 +356,47 @@ class AsyncSandbox:
         finally:
             self._closed = True
             await self._http.close()
+
+
+class AsyncTemplates:
+    """The async twin of `Templates`."""
+
+    @staticmethod
+    async def build(
+        spec: str,
+        *,
+        network: NetworkPolicy | None = None,
+        on_output: OutputHandler | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> TemplateInfo:
+        """Builds a template from `spec` (see `Templates.build`)."""
+        http = _AsyncHttp(Config.resolve(api_key, base_url, None))
+        builder = _core.TemplateBuilder(on_output=on_output)
+        try:
+            async for event in http.stream(_core.template_build_call(spec, network)):
+                builder.feed(event)
+        finally:
+            await http.close()
+        return builder.finish()
+
+    @staticmethod
+    async def list(
+        *, api_key: str | None = None, base_url: str | None = None
+    ) -> list[TemplateInfo]:
+        """The daemon's template and yours."""
+        config = Config.resolve(api_key, base_url, None)
+        body = await _one(config, Call("GET", "/v1/templates", idempotent=True))
+        return [TemplateInfo.model_validate(t) for t in body]
+
+    @staticmethod
+    async def delete(name: str, *, api_key: str | None = None, base_url: str | None = None) -> None:
+        """Deletes a template you built."""
+        http = _AsyncHttp(Config.resolve(api_key, base_url, None))
+        try:
+            await http.request(Call("DELETE", f"/v1/templates/{quote(name, safe='')}"))
+        finally:
+            await http.close()
 
 
 async def _one(config: Config, call: Call) -> Any:

@@ -10,8 +10,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import FissileError, SandboxError
-from ._models import CommandResult, Execution, ExecutionError, NetworkPolicy, Result
+from ._errors import FissileError, SandboxError, TemplateBuildError
+from ._models import (
+    CommandResult,
+    Execution,
+    ExecutionError,
+    NetworkPolicy,
+    Result,
+    TemplateInfo,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_TEMPLATE = "python-datasci"
@@ -119,6 +126,18 @@ def create_call(
     if network is not None:
         body["network"] = network.model_dump()
     return Call("POST", "/v1/sandboxes", json=body)
+
+
+TEMPLATE_BUILD_TIMEOUT = 4 * 3600.0
+"""Seconds a template build's stream may stay silent (a command may run that long)."""
+
+
+def template_build_call(spec: str, network: NetworkPolicy | None) -> Call:
+    """`POST /v1/templates` (NDJSON progress)."""
+    body: dict[str, Any] = {"spec": spec}
+    if network is not None:
+        body["network"] = network.model_dump()
+    return Call("POST", "/v1/templates", json=body, timeout=TEMPLATE_BUILD_TIMEOUT)
 
 
 def network_call(sandbox_id: str, policy: NetworkPolicy) -> Call:
@@ -271,6 +290,42 @@ class CommandBuilder:
         if self.result is None:
             raise SandboxError("the command's stream ended before it exited")
         return self.result
+
+
+@dataclass
+class TemplateBuilder:
+    """Follows a template build's events: each step and output line to `on_output`, the
+    template at `done`, a `TemplateBuildError` at `failed`."""
+
+    on_output: OutputHandler | None = None
+    output: list[str] = field(default_factory=list)
+    template: TemplateInfo | None = None
+
+    def feed(self, event: dict[str, Any]) -> None:
+        """One NDJSON event."""
+        kind = event.get("type")
+        if kind == "step":
+            line = f"==> {event.get('step', '')}\n"
+        elif kind in ("stdout", "stderr"):
+            line = str(event.get("text", ""))
+        elif kind == "done":
+            self.template = TemplateInfo.model_validate(event["template"])
+            return
+        elif kind == "failed":
+            raise TemplateBuildError(
+                f"the template build failed: {event.get('message', '')}", self.output
+            )
+        else:
+            return
+        self.output.append(line)
+        if self.on_output:
+            self.on_output(line)
+
+    def finish(self) -> TemplateInfo:
+        """The template, once the stream ended."""
+        if self.template is None:
+            raise SandboxError("the template build's stream ended before it finished")
+        return self.template
 
 
 def parse_line(line: str) -> dict[str, Any] | None:

@@ -48,6 +48,15 @@ class SandboxError(FissileError):
     """5xx, or the sandbox stopped answering in the middle of a stream."""
 
 
+class TemplateBuildError(FissileError):
+    """A template build failed (a command exited non-zero, the warm-up raised, ...):
+    nothing of it was kept. `output` holds what its steps and commands printed."""
+
+    def __init__(self, message: str, output: list[str]):
+        super().__init__(message)
+        self.output = output
+
+
 class TimeoutError(FissileError):
     """A request did not finish within its timeout."""
 

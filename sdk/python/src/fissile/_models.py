@@ -213,3 +213,26 @@ class SpaceInfo(BaseModel):
     created_at_ms: int
     persisted_at_ms: int | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class TemplateShape(BaseModel):
+    """One ready shape of a template: its snapshot's state and its warm pool."""
+
+    memory_mib: int
+    vcpus: int
+    snapshot: dict[str, Any] | None = None
+    """`{"status": "ready", "build_ms", "created_ms"}`, `building`, `failed` or `None`."""
+    warm: int = 0
+
+    @property
+    def ready(self) -> bool:
+        """Creates of this shape restore the template's snapshot."""
+        return bool(self.snapshot and self.snapshot.get("status") == "ready")
+
+
+class TemplateInfo(BaseModel):
+    """A template: the daemon's own (`base` is `None`) or one built from a spec."""
+
+    name: str
+    base: str | None = None
+    ready: list[TemplateShape] = Field(default_factory=list)

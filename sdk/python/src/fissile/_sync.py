@@ -1,4 +1,4 @@
-"""The synchronous client: `Sandbox`."""
+"""The synchronous client: `Sandbox`, `Templates`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import builtins
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, overload
+from urllib.parse import quote
 
 import httpx
 
@@ -20,6 +21,7 @@ from ._models import (
     NetworkPolicy,
     SandboxInfo,
     SpaceInfo,
+    TemplateInfo,
 )
 
 
@@ -382,6 +384,51 @@ class Sandbox:
         finally:
             self._closed = True
             self._http.close()
+
+
+class Templates:
+    """Templates: the daemon's own and the ones you build from a spec (`Templates.build`),
+    which `Sandbox(template=name)` then starts from."""
+
+    @staticmethod
+    def build(
+        spec: str,
+        *,
+        network: NetworkPolicy | None = None,
+        on_output: OutputHandler | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> TemplateInfo:
+        """Builds a template from `spec` (TOML: `name`, `base`, `[apt]`/`[pip]` `packages`,
+        `[env]`, `[[files]]`, `[[run]]`, `warmup`) and waits until it is made; each step and
+        output line goes to `on_output` as it comes. `network`: what the build's commands may
+        reach (e.g. a package index). Raises `TemplateBuildError` (with the output) if it
+        fails, `BadRequestError` naming the field for a bad spec."""
+        http = _Http(Config.resolve(api_key, base_url, None))
+        builder = _core.TemplateBuilder(on_output=on_output)
+        try:
+            for event in http.stream(_core.template_build_call(spec, network)):
+                builder.feed(event)
+        finally:
+            http.close()
+        return builder.finish()
+
+    @staticmethod
+    def list(*, api_key: str | None = None, base_url: str | None = None) -> list[TemplateInfo]:
+        """The daemon's template and yours, with the state of their ready snapshots."""
+        body = _one(
+            Config.resolve(api_key, base_url, None), Call("GET", "/v1/templates", idempotent=True)
+        )
+        return [TemplateInfo.model_validate(t) for t in body]
+
+    @staticmethod
+    def delete(name: str, *, api_key: str | None = None, base_url: str | None = None) -> None:
+        """Deletes a template you built (its sandboxes run on)."""
+        http = _Http(Config.resolve(api_key, base_url, None))
+        try:
+            http.request(Call("DELETE", f"/v1/templates/{quote(name, safe='')}"))
+        finally:
+            http.close()
 
 
 def _one(config: Config, call: Call) -> Any:
