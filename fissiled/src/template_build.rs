@@ -35,6 +35,11 @@ use crate::error::ApiError;
 use crate::template_spec::TemplateSpec;
 use crate::templates::{ReadyState, ReadyView, TemplateView, WARMUP};
 
+/// A ready shape's key in a [`TemplateRecord`]'s snapshots (`512x1`).
+fn shape_key(memory_mib: u64, vcpus: u8) -> String {
+    format!("{memory_mib}x{vcpus}")
+}
+
 /// Most template builds queued or running at once (one per tenant); more answer 503.
 pub const MAX_QUEUED_BUILDS: usize = 8;
 
@@ -365,7 +370,7 @@ impl App {
             .await;
             match made {
                 Ok(r) => {
-                    ready.insert(format!("{memory_mib}x{vcpus}"), r);
+                    ready.insert(shape_key(memory_mib, vcpus), r);
                 }
                 Err(e) => {
                     self.release_snapshots(ready.values().map(|r| r.snapshot.clone()).collect())
@@ -404,7 +409,7 @@ impl App {
         events: &Events,
     ) -> Result<ReadyRecord, ApiError> {
         let t0 = Instant::now();
-        let shape = format!("{memory_mib}x{vcpus}");
+        let shape = shape_key(memory_mib, vcpus);
         // A short name: the VMM's sockets live in it (a Unix socket path has ~108 bytes).
         let dir = self
             .config
@@ -521,24 +526,32 @@ impl App {
         .await;
     }
 
-    /// `tenant`'s template `name`, as the API shows it.
-    pub fn template_view(&self, record: &TemplateRecord) -> TemplateView {
-        let ready = self
-            .config
+    /// One view per ready shape of the daemon, its snapshot's state from `state` (built
+    /// templates have no warm pool).
+    fn shape_views(&self, state: impl Fn(u64, u8) -> Option<ReadyState>) -> Vec<ReadyView> {
+        self.config
             .ready_shapes
             .iter()
             .map(|&(memory_mib, vcpus)| ReadyView {
                 memory_mib,
                 vcpus,
-                snapshot: record.ready.get(&format!("{memory_mib}x{vcpus}")).map(|r| {
-                    ReadyState::Ready {
-                        build_ms: r.build_ms,
-                        created_ms: r.created_ms,
-                    }
-                }),
+                snapshot: state(memory_mib, vcpus),
                 warm: 0,
             })
-            .collect();
+            .collect()
+    }
+
+    /// `tenant`'s template `name`, as the API shows it.
+    pub fn template_view(&self, record: &TemplateRecord) -> TemplateView {
+        let ready = self.shape_views(|memory_mib, vcpus| {
+            record
+                .ready
+                .get(&shape_key(memory_mib, vcpus))
+                .map(|r| ReadyState::Ready {
+                    build_ms: r.build_ms,
+                    created_ms: r.created_ms,
+                })
+        });
         TemplateView {
             name: record.name.clone(),
             base: Some(record.base.clone()),
@@ -562,17 +575,7 @@ impl App {
             out.push(TemplateView {
                 name,
                 base: None,
-                ready: self
-                    .config
-                    .ready_shapes
-                    .iter()
-                    .map(|&(memory_mib, vcpus)| ReadyView {
-                        memory_mib,
-                        vcpus,
-                        snapshot: Some(ReadyState::Building),
-                        warm: 0,
-                    })
-                    .collect(),
+                ready: self.shape_views(|_, _| Some(ReadyState::Building)),
             });
         }
         Ok(out)
@@ -598,17 +601,14 @@ impl App {
                  longer runs; delete it and build it again"
             )));
         }
-        let r = t
-            .ready
-            .get(&format!("{memory_mib}x{vcpus}"))
-            .ok_or_else(|| {
-                let shapes: Vec<&str> = t.ready.keys().map(String::as_str).collect();
-                ApiError::bad_request(format!(
-                    "template {name} is made for memory_mib x vcpus {} only, not \
+        let r = t.ready.get(&shape_key(memory_mib, vcpus)).ok_or_else(|| {
+            let shapes: Vec<&str> = t.ready.keys().map(String::as_str).collect();
+            ApiError::bad_request(format!(
+                "template {name} is made for memory_mib x vcpus {} only, not \
                      {memory_mib}x{vcpus}",
-                    shapes.join(", ")
-                ))
-            })?;
+                shapes.join(", ")
+            ))
+        })?;
         Ok((r.snapshot.clone(), t.env))
     }
 
