@@ -119,7 +119,27 @@ lab_daemon_stop() {
     kill "$lab_daemon_pid" 2>/dev/null || true
     wait "$lab_daemon_pid" 2>/dev/null || true
   fi
+  lab_daemon_pid=
   rm -f "${lab_daemon_log:-}"
+}
+
+# True when the daemon lab_daemon_start started has ended because its lab froze
+# (`fissile-lab` exit status 75: QEMU's TCG with nested SVM now and then stops running the
+# lab's timers). Not a verdict on what ran against it: callers run that again, once, in a
+# fresh lab. Waits up to 5 s for the process to end (it ends as soon as it calls the lab
+# frozen, and that is what cuts its clients off).
+lab_daemon_froze() {
+  local status
+  [[ -n "${lab_daemon_pid:-}" ]] || return 1
+  for _ in $(seq 1 10); do
+    kill -0 "$lab_daemon_pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  kill -0 "$lab_daemon_pid" 2>/dev/null && return 1
+  status=0
+  wait "$lab_daemon_pid" || status=$?
+  lab_daemon_pid=
+  [[ $status -eq 75 ]]
 }
 
 # Waits (up to 30 min) for the python-datasci template's ready snapshot of the daemon

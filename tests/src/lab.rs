@@ -144,7 +144,7 @@ pub enum LabError {
         silent_secs: u64,
         /// The last heartbeat (the lab's `/proc/uptime`).
         last_beat: String,
-        /// `info registers` from QEMU's monitor, if it answered.
+        /// `info registers`, `info lapic` and `info pic` from QEMU's monitor, if it answered.
         monitor: String,
         /// The last console lines.
         tail: String,
@@ -959,7 +959,8 @@ fn run_qemu(
         if let Some(silent) = beats.silent_for(Instant::now())
             && silent > FROZEN_AFTER
         {
-            let monitor = ask_monitor(monitor, "info registers");
+            let monitor =
+                ask_monitor_bounded(monitor, &["info registers", "info lapic", "info pic"]);
             let _ = child.kill();
             let _ = child.wait();
             return Err(LabError::Frozen {
@@ -1064,6 +1065,39 @@ impl<'a> Heartbeat<'a> {
         }
         self.grew.map(|t| now.duration_since(t))
     }
+}
+
+/// Asks QEMU's monitor `commands` in turn (see [`ask_monitor`]) and returns the answers, each
+/// under its command, within 10 s in all: a QEMU that does not run at all (stopped) leaves a
+/// connect to its monitor waiting until it is killed, so the asking runs on a thread of its
+/// own, left behind when it takes longer.
+fn ask_monitor_bounded(socket: &Path, commands: &[&'static str]) -> String {
+    let (tx, rx) = mpsc::channel();
+    let socket = socket.to_path_buf();
+    let commands = commands.to_vec();
+    std::thread::spawn(move || {
+        for c in commands {
+            if tx
+                .send(format!("({c})\n{}", ask_monitor(&socket, c)))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answers = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(a) => answers.push(a),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                answers.push("(the monitor did not answer in 10 s)".into());
+                break;
+            }
+        }
+    }
+    answers.join("\n")
 }
 
 /// Sends one command to QEMU's human monitor at `socket` and returns what it printed within

@@ -1,6 +1,10 @@
 """A real fissiled for the SDK's tests: `FISSILE_API_URL`/`FISSILE_API_KEY` if set, else one
 started with `fissile-lab serve` (in the lab on a KVM-PVM host, natively where KVM boots
-standard guests) on a free loopback port, stopped at the end of the session."""
+standard guests) on a free loopback port, stopped at the end of the session.
+
+When that lab froze (`fissile-lab` exit status 75: QEMU's TCG with nested SVM now and then
+stops running the lab's timers) and tests failed, the session exits with status 75 too: no
+verdict on the SDK, and scripts/test runs the tests again in a fresh lab."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import pytest
 READY_TIMEOUT_S = 1200.0
 MAX_SANDBOXES = 8
 """The served daemon's per-tenant limit (the quota test hits it)."""
+LAB_FROZE = 75
+"""`fissile-lab`'s exit status when its lab froze."""
+_lab_froze = False
 
 
 @dataclass(frozen=True)
@@ -106,12 +113,20 @@ def daemon() -> Iterator[Daemon]:
             time.sleep(0.5)
         yield Daemon(url, key)
     finally:
+        global _lab_froze
+        _lab_froze = proc.poll() == LAB_FROZE
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _lab_froze and exitstatus != 0:
+        print(f"\nthe lab under fissiled froze: exit status {LAB_FROZE} (run the tests again)")
+        session.exitstatus = LAB_FROZE
 
 
 @pytest.fixture

@@ -8,13 +8,33 @@
 //! ```
 //! Inside the command: `$FISSILE_GUEST_KERNEL`, `$FISSILE_GUEST_ROOTFS`, our binaries on
 //! `PATH`, scratch space in `/tmp`.
+//!
+//! Exit status: the command's (fissiled's for `serve`); [`EXIT_LAB_FROZE`] when the lab
+//! itself froze (no verdict on the command: scripts run it again in a fresh lab).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fissile_tests::lab::{Lab, LabConfig, host_kvm_is_pvm, host_kvm_usable};
+use fissile_tests::lab::{Lab, LabConfig, LabError, LabOutput, host_kvm_is_pvm, host_kvm_usable};
+
+/// Exit status when the lab froze (`EX_TEMPFAIL`): QEMU's TCG with nested SVM now and then
+/// stops running the lab's timers; the same command may well pass in a fresh lab.
+const EXIT_LAB_FROZE: i32 = 75;
+
+/// The command's output, or the error; a frozen lab is said on stderr and ends the process
+/// with [`EXIT_LAB_FROZE`].
+fn unless_frozen(run: Result<LabOutput, LabError>) -> anyhow::Result<LabOutput> {
+    match run {
+        Err(e @ LabError::Frozen { .. }) => {
+            eprintln!("fissile-lab: {e}");
+            eprintln!("fissile-lab: the lab froze (exit status {EXIT_LAB_FROZE}: run it again)");
+            std::process::exit(EXIT_LAB_FROZE)
+        }
+        other => Ok(other?),
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -134,7 +154,7 @@ fn main() -> anyhow::Result<()> {
                     (path, name)
                 })
                 .collect();
-            let out = lab.run_with(&script, &extra, Duration::from_secs(timeout))?;
+            let out = unless_frozen(lab.run_with(&script, &extra, Duration::from_secs(timeout)))?;
             if quiet && lab.is_native() {
                 print!("{}", out.output);
             }
@@ -224,7 +244,7 @@ fn main() -> anyhow::Result<()> {
                     .context("running fissiled")?;
                 std::process::exit(status.code().unwrap_or(1));
             }
-            let out = lab.run(&script, Duration::from_secs(timeout))?;
+            let out = unless_frozen(lab.run(&script, Duration::from_secs(timeout)))?;
             std::process::exit(out.status);
         }
         Cmd::Info => {
