@@ -309,6 +309,14 @@ pub enum Origin {
     Ready(String, crate::templates::Shape),
 }
 
+/// What a create restores from that a client may delete meanwhile.
+enum Source {
+    /// `from_snapshot`'s snapshot.
+    Snapshot(String),
+    /// A template built over the API.
+    Template(String),
+}
+
 impl Origin {
     /// `boot`, `restore` or `ready` (for traces).
     pub fn kind(&self) -> &'static str {
@@ -368,8 +376,34 @@ impl App {
             keys: Arc::new(crate::auth::KeyRing::new(db_keys)),
             lost: Arc::default(),
         };
+        app.sweep_template_dirs();
         app.recover(adopted)?;
         Ok(app)
+    }
+
+    /// Stops the VMMs an earlier run left in `templates/` (making a template's ready
+    /// snapshot or building a template when it was killed) and removes their directories:
+    /// nothing there outlives the run that made it, and at start no build or ready snapshot
+    /// is being made yet.
+    fn sweep_template_dirs(&self) {
+        let Ok(entries) = std::fs::read_dir(self.config.state_dir.join("templates")) else {
+            return;
+        };
+        for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+            let socket = dir.join("api.sock");
+            match fissile_proto::pidfd::Pidfd::find_all("fissile-vmm", &socket.to_string_lossy()) {
+                Ok(vmms) => {
+                    for vmm in vmms {
+                        tracing::info!(pid = vmm.pid(), dir = %dir.display(), "stopping a template VMM an earlier run left");
+                        vmm.kill(Duration::from_secs(10));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "listing processes"),
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing a template directory an earlier run left");
+            }
+        }
     }
 
     /// Re-adopts the sandboxes an earlier run left running, when their snapshotd was
@@ -781,14 +815,45 @@ impl App {
             env: spec.env,
             network: spec.network,
         };
+        // What the create starts from, to tell a start that failed because its template or
+        // snapshot was deleted meanwhile (404, as if the delete had come first) from one that
+        // failed for itself.
+        let source = match (&spec.from_snapshot, &origin) {
+            (Some(snap), _) => Some(Source::Snapshot(snap.clone())),
+            (None, Origin::Restore(_)) => Some(Source::Template(record.template.clone())),
+            _ => None,
+        };
         let started = match member {
             Some((shape, m)) => self.hand_out(record, &shape, m),
-            None => self.start_sandbox(record, origin).await,
+            None => match self.start_sandbox(record, origin).await {
+                Err(e) if e.status.is_server_error() => {
+                    Err(self.gone_meanwhile(tenant, source).unwrap_or(e))
+                }
+                other => other,
+            },
         };
         if let (Ok(_), Some(space)) = (&started, &space) {
             self.db.put_space(space)?;
         }
         started
+    }
+
+    /// 404 when `source` (of `tenant`) is gone: deleted while a create restored from it.
+    fn gone_meanwhile(&self, tenant: &str, source: Option<Source>) -> Option<ApiError> {
+        match source? {
+            Source::Snapshot(id) => match self.db.snapshot(&id) {
+                Ok(None) => Some(ApiError::not_found(format!(
+                    "no snapshot {id} (deleted while the sandbox started from it)"
+                ))),
+                _ => None,
+            },
+            Source::Template(name) => match self.db.template(tenant, &name) {
+                Ok(None) => Some(ApiError::not_found(format!(
+                    "no template {name} (deleted while the sandbox started from it)"
+                ))),
+                _ => None,
+            },
+        }
     }
 
     /// Gives warm pool member `m` (of `shape`) to `record`'s tenant, quota-checked (the

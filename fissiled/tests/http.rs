@@ -226,6 +226,45 @@ fn a_sandbox_whose_vmm_is_gone_at_start_is_lost_counted_and_deletable() {
     assert_eq!(s, 404);
 }
 
+#[test]
+fn a_template_vmm_and_directory_an_earlier_run_left_are_swept_at_start() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fissiled"));
+    let _key = daemon::create_key(bin, &state, "acme").unwrap();
+    // What a daemon killed mid-build leaves: the build's directory and its VMM (here a
+    // shell that names itself fissile-vmm and carries the build's control socket).
+    let left = state.join("templates").join("build-0123456789ab");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("memory"), b"pages").unwrap();
+    let socket = left.join("api.sock");
+    let mut vmm = std::process::Command::new("sh")
+        .arg0("fissile-vmm")
+        .args(["-c", "sleep 600; true", "fissile-vmm", "--api-sock"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    // Another process with that socket path but not a VMM: left alone.
+    let mut bystander = std::process::Command::new("sh")
+        .args(["-c", "sleep 600; true", "sh"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let d = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
+    let mut tries = 0;
+    while vmm.try_wait().unwrap().is_none() {
+        tries += 1;
+        assert!(tries < 200, "the left VMM still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!left.exists(), "the left directory is still there");
+    assert!(bystander.try_wait().unwrap().is_none());
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+    drop(d);
+}
+
 /// The pid fissiled recorded for its snapshotd in `state`.
 fn snapshotd_pid(state: &std::path::Path) -> u32 {
     std::fs::read_to_string(state.join("snapshotd.pid"))

@@ -71,6 +71,26 @@ impl Pidfd {
         Ok(handle)
     }
 
+    /// Handles on every running `program` with `arg` among its arguments (see
+    /// [`Pidfd::open_matching`]), found in `/proc`: for a process whose pid was not recorded.
+    pub fn find_all(program: &str, arg: &str) -> io::Result<Vec<Pidfd>> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let Some(pid) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Gone meanwhile, another program or unreadable: not one of those looked for.
+            if let Ok(p) = Pidfd::open_matching(pid, program, arg) {
+                found.push(p);
+            }
+        }
+        Ok(found)
+    }
+
     /// The pid it was opened for.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -174,6 +194,46 @@ mod tests {
         assert!(p.exited(Duration::ZERO).unwrap());
         let _ = child.wait();
         assert!(p.cmdline().is_err());
+    }
+
+    #[test]
+    fn find_all_finds_the_processes_with_the_argument_only() {
+        let arg = format!("{}.{}", 40 + std::process::id() % 50, std::process::id());
+        let mut children: Vec<_> = (0..2)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg(&arg)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut other = std::process::Command::new("sleep")
+            .arg("31")
+            .spawn()
+            .unwrap();
+        let mut tries = 0;
+        let found = loop {
+            let found = Pidfd::find_all("sleep", &arg).unwrap();
+            if found.len() == 2 {
+                break found;
+            }
+            tries += 1;
+            assert!(tries < 500, "found {} of 2", found.len());
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut pids: Vec<u32> = found.iter().map(Pidfd::pid).collect();
+        pids.sort_unstable();
+        let mut want: Vec<u32> = children.iter().map(std::process::Child::id).collect();
+        want.sort_unstable();
+        assert_eq!(pids, want);
+        for p in &found {
+            assert!(p.kill(Duration::from_secs(5)));
+        }
+        for c in &mut children {
+            c.wait().unwrap();
+        }
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 
     #[test]

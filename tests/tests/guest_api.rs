@@ -1120,9 +1120,33 @@ python3 -m pip install --no-index /tmp/hello_fissile-1.0-py3-none-any.whl
     assert_eq!(rm.code, Some(0), "{}", rm.stderr);
     assert!(!template_names(d, key).contains(&"from-cli".to_string()));
 
-    // Deleted: no more creates; its running sandboxes go on.
-    let (st, v) = call("DELETE", &format!("{turl}/with-data"), Some(key), None);
-    assert_eq!(st, 204, "{v}");
+    // Deleted while a create starts from it: that create either came first (its sandbox
+    // works) or finds no template (404), never a 5xx. Then no more creates; its running
+    // sandboxes go on.
+    let racing = std::thread::scope(|sc| {
+        let create = sc.spawn(|| {
+            call(
+                "POST",
+                &url,
+                Some(key),
+                Some(r#"{"template": "with-data"}"#),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let (st, v) = call("DELETE", &format!("{turl}/with-data"), Some(key), None);
+        assert_eq!(st, 204, "{v}");
+        create.join().unwrap()
+    });
+    eprintln!("a create racing its template's delete: {}", racing.0);
+    match racing {
+        (201, v) => {
+            let raced = v["id"].as_str().unwrap();
+            assert_eq!(value(d, key, raced, "df.shape"), "(2, 2)");
+            let (st, v) = call("DELETE", &format!("{url}/{raced}"), Some(key), None);
+            assert_eq!(st, 204, "{v}");
+        }
+        (st, v) => assert_eq!((st, error_code(&v)), (404, "not_found"), "{v}"),
+    }
     assert!(!template_names(d, key).contains(&"with-data".to_string()));
     let (st, v) = call(
         "POST",
