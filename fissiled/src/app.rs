@@ -298,6 +298,9 @@ pub struct CreateSpec {
     pub network: Option<crate::db::NetworkPolicy>,
 }
 
+/// At most this many environment variables in a sandbox (its template's and its own).
+pub const MAX_ENV_VARS: usize = 128;
+
 /// How a new sandbox gets its state.
 #[derive(Debug, Clone)]
 pub enum Origin {
@@ -753,6 +756,14 @@ impl App {
                     blocking(move || app.built_template_start(&t, &name, m, v)).await?;
                 let mut merged = env;
                 merged.extend(std::mem::take(&mut spec.env));
+                if merged.len() > MAX_ENV_VARS {
+                    return Err(ApiError::bad_request(format!(
+                        "env: template {} sets variables too, and with the create's they make \
+                         {} (at most {MAX_ENV_VARS})",
+                        spec.template,
+                        merged.len()
+                    )));
+                }
                 spec.env = merged;
                 Origin::Restore(snap)
             }

@@ -116,8 +116,9 @@ pub struct CreateBody {
     /// Labels (at most 32, keys of 1-256 bytes, values up to 256 bytes).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
-    /// Environment variables for every cell and command (at most 128; names of 1-256 bytes
-    /// without `=` or NUL, values up to 32 KiB).
+    /// Environment variables for every cell and command, over a built template's own (at
+    /// most 128, and 128 with the template's; names of 1-256 bytes without `=` or NUL,
+    /// values up to 32 KiB).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// A persistent space: closing the sandbox persists it instead of discarding it.
@@ -210,7 +211,9 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
             "metadata: at most 32 labels, keys of 1-256 bytes, values up to 256 bytes",
         ));
     }
-    if !labels_ok(&body.env, 128, 32 << 10) || body.env.keys().any(|k| k.contains(['=', '\0'])) {
+    if !labels_ok(&body.env, crate::app::MAX_ENV_VARS, 32 << 10)
+        || body.env.keys().any(|k| k.contains(['=', '\0']))
+    {
         return Err(ApiError::bad_request(
             "env: at most 128 variables, names of 1-256 bytes without `=` or NUL, values up \
              to 32 KiB",

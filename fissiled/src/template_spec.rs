@@ -216,7 +216,7 @@ pub fn parse(text: &str, base_ok: impl Fn(&str) -> bool) -> Result<TemplateSpec,
             format!("no template {base:?} to derive from"),
         ));
     }
-    if raw.env.len() > 128
+    if raw.env.len() > crate::app::MAX_ENV_VARS
         || raw.env.iter().any(|(k, v)| {
             k.is_empty() || k.len() > 256 || k.contains(['=', '\0']) || v.len() > 32 << 10
         })

@@ -1044,6 +1044,17 @@ python3 -m pip install --no-index /tmp/hello_fissile-1.0-py3-none-any.whl
         Some(r#"{"template": "with-data", "memory_mib": 640}"#),
     );
     assert_eq!((st, error_code(&v)), (400, "bad_request"), "{v}");
+    // 128 variables of its own, and the template's GREETING: one too many.
+    let env: serde_json::Map<String, Value> =
+        (0..128).map(|i| (format!("V{i}"), json!("x"))).collect();
+    let (st, v) = call(
+        "POST",
+        &url,
+        Some(key),
+        Some(&json!({ "template": "with-data", "env": env }).to_string()),
+    );
+    assert_eq!((st, error_code(&v)), (400, "bad_request"), "{v}");
+    assert!(v.to_string().contains("make 129"), "{v}");
     let (st, v) = call(
         "POST",
         &url,
