@@ -243,6 +243,22 @@ impl AgentClient {
         Self::from_stream(UnixStream::from(fd))
     }
 
+    /// The connection's socket, for a caller that speaks the protocol itself (fissiled reads
+    /// a cell's responses asynchronously); `None` when responses are buffered unread (the
+    /// connection is not between requests). [`AgentClient::from_connected`] takes it back.
+    pub fn into_idle_stream(self) -> Option<UnixStream> {
+        if !self.reader.buffer().is_empty() {
+            return None;
+        }
+        Some(self.reader.into_inner().stream)
+    }
+
+    /// A client on a socket already connected to an agent (after the hybrid-vsock handshake,
+    /// or one [`AgentClient::into_idle_stream`] gave out, between requests).
+    pub fn from_connected(s: UnixStream) -> Result<Self, ClientError> {
+        Self::from_stream(s)
+    }
+
     fn from_stream(s: UnixStream) -> Result<Self, ClientError> {
         let writer = s
             .try_clone()

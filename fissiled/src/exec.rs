@@ -1,7 +1,8 @@
 //! `POST /v1/sandboxes/{id}/exec` and `/commands`: a cell's (a command's) output streamed as
-//! NDJSON, one event a line as it happens, from a bounded channel fed by a worker on the
-//! blocking pool. Commands have `stdout`/`stderr` and last `exit {exit_code, signal,
-//! timed_out, duration_ms, server_ms}` (or `failed`).
+//! NDJSON, one event a line as it happens, from a bounded channel fed by a task that reads
+//! the agent's connection on the async runtime ([`crate::agent_io`]). Commands have
+//! `stdout`/`stderr` and last `exit {exit_code, signal, timed_out, duration_ms, server_ms}`
+//! (or `failed`).
 //!
 //! Events (`type`): `stdout`/`stderr` `{text}`; `result` `{data, is_main_result}` (a MIME
 //! bundle: text types and JSON as they are, binary types such as `image/png` base64);
@@ -10,7 +11,7 @@
 //! state_lost}`, or `failed` `{message}` if the sandbox stopped answering.
 //!
 //! A client that disconnects mid-stream interrupts the cell (a KeyboardInterrupt in the
-//! REPL, whose state is kept); the worker drains the rest and the sandbox stays healthy.
+//! REPL, whose state is kept); the reader drains the rest and the sandbox stays healthy.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,13 +21,15 @@ use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use fissile_agent::AgentClient;
+use fissile_agent::client::ClientError;
 use fissile_proto::agent::{
-    AGENT_VSOCK_PORT, ExecRequest, MimeBundle, Response as AgentResponse, ShellCommand,
-    ShellRequest,
+    AGENT_VSOCK_PORT, Done, ExecRequest, MimeBundle, Request, Response as AgentResponse,
+    ShellCommand, ShellRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt as _;
 
+use crate::agent_io::AsyncAgent;
 use crate::app::StreamGuard;
 use crate::error::ApiError;
 
@@ -257,48 +260,104 @@ pub fn connect(vsock: &Path) -> Result<AgentClient, ApiError> {
 
 /// Streams the cell `req` on `agent` as NDJSON.
 pub fn stream(
-    mut agent: AgentClient,
+    agent: AgentClient,
     vsock: std::path::PathBuf,
     req: ExecRequest,
     guard: StreamGuard,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let within = fissile_agent::client::exec_deadline(&req);
     let t0 = Instant::now();
-    tokio::task::spawn_blocking(move || {
-        let within = fissile_agent::client::exec_deadline(&req);
-        let mut gone = false;
-        let done = agent.exec_streaming(&req, within, |r| {
-            if gone {
-                return;
-            }
-            if let Some(ev) = event_of(r)
-                && tx.blocking_send(ev.line()).is_err()
-            {
-                // The client went away: interrupt the cell, drain the rest.
-                gone = true;
-                if let Ok(mut other) = connect(&vsock) {
-                    let _ = other.interrupt();
-                }
+    let interrupt = move || {
+        // The client went away: interrupt the cell (the rest is drained).
+        tokio::task::spawn_blocking(move || {
+            if let Ok(mut other) = connect(&vsock) {
+                let _ = other.interrupt();
             }
         });
-        metrics.operation("exec", done.is_ok(), t0);
-        if done.is_ok() {
+    };
+    spawn_stream(
+        agent,
+        Request::Exec(req),
+        within,
+        guard,
+        |r| event_of(r).map(|ev| ev.line()),
+        interrupt,
+        move |done| {
+            metrics.operation("exec", done.is_ok(), t0);
+            match done {
+                Ok(d) => ExecEvent::Done {
+                    execution_count: d.execution_count,
+                    duration_ms: d.duration_ns as f64 / 1e6,
+                    server_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    timed_out: d.timed_out,
+                    state_lost: d.state_lost,
+                },
+                Err(e) => ExecEvent::Failed {
+                    message: fissile_proto::error_chain(&e),
+                },
+            }
+            .line()
+        },
+    )
+}
+
+/// Runs `request` on `agent` in a task of the async runtime (no blocking-pool thread between
+/// the guest and the client) and answers with its events as NDJSON: `event` makes a line of
+/// a response (or skips it), `last` the closing line of its end. A client that goes away
+/// (the channel closed) gets `gone` run once; the rest is read and dropped, so the
+/// connection ends between requests and goes back to the sandbox's pool.
+fn spawn_stream(
+    agent: AgentClient,
+    request: Request,
+    within: std::time::Duration,
+    guard: StreamGuard,
+    mut event: impl FnMut(&AgentResponse) -> Option<Bytes> + Send + 'static,
+    gone: impl FnOnce() + Send + 'static,
+    last: impl FnOnce(Result<Done, ClientError>) -> Bytes + Send + 'static,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut conn = match AsyncAgent::from_client(agent) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "taking an agent connection");
+                None
+            }
+            None => None,
+        };
+        let mut gone = Some(gone);
+        let done = match conn.as_mut() {
+            None => Err(ClientError::Unexpected(
+                "the agent connection was not between requests".into(),
+            )),
+            Some(c) => {
+                async {
+                    c.send(&request, deadline, within).await?;
+                    loop {
+                        let r = c.recv(deadline, within).await?;
+                        if r.is_terminal() {
+                            return crate::agent_io::outcome(r);
+                        }
+                        if gone.is_some()
+                            && let Some(line) = event(&r)
+                            && tx.send(line).await.is_err()
+                            && let Some(f) = gone.take()
+                        {
+                            f();
+                        }
+                    }
+                }
+                .await
+            }
+        };
+        if done.is_ok()
+            && let Some(agent) = conn.and_then(AsyncAgent::into_client)
+        {
             guard.live().agents.put(agent);
         }
-        let last = match done {
-            Ok(d) => ExecEvent::Done {
-                execution_count: d.execution_count,
-                duration_ms: d.duration_ns as f64 / 1e6,
-                server_ms: t0.elapsed().as_secs_f64() * 1e3,
-                timed_out: d.timed_out,
-                state_lost: d.state_lost,
-            },
-            Err(e) => ExecEvent::Failed {
-                message: fissile_proto::error_chain(&e),
-            },
-        };
-        let _ = tx.blocking_send(last.line());
+        let _ = tx.send(last(done)).await;
         drop(guard);
     });
     ndjson(rx)
@@ -425,45 +484,44 @@ pub fn command_request(body: CommandBody) -> Result<ShellRequest, ApiError> {
 
 /// Streams the command `req` on `agent` as NDJSON. A client that disconnects stops receiving
 /// output; the command runs on until it exits or its time limit passes.
-pub fn stream_command(mut agent: AgentClient, req: ShellRequest, guard: StreamGuard) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+pub fn stream_command(agent: AgentClient, req: ShellRequest, guard: StreamGuard) -> Response {
+    let within = fissile_agent::client::shell_deadline(&req);
     let t0 = Instant::now();
-    tokio::task::spawn_blocking(move || {
-        let within = fissile_agent::client::shell_deadline(&req);
-        let mut gone = false;
-        let done = agent.shell_streaming(&req, within, |r| {
-            let ev = match r {
+    spawn_stream(
+        agent,
+        Request::Shell(req),
+        within,
+        guard,
+        |r| {
+            match r {
                 AgentResponse::Stdout(d) => CommandEvent::Stdout {
                     text: String::from_utf8_lossy(d).into_owned(),
                 },
                 AgentResponse::Stderr(d) => CommandEvent::Stderr {
                     text: String::from_utf8_lossy(d).into_owned(),
                 },
-                _ => return,
-            };
-            if !gone && tx.blocking_send(ev.line()).is_err() {
-                gone = true;
+                _ => return None,
             }
-        });
-        if done.is_ok() {
-            guard.live().agents.put(agent);
-        }
-        let last = match done {
-            Ok(d) => CommandEvent::Exit {
-                exit_code: d.exit_status,
-                signal: d.signal,
-                timed_out: d.timed_out,
-                duration_ms: d.duration_ns as f64 / 1e6,
-                server_ms: t0.elapsed().as_secs_f64() * 1e3,
-            },
-            Err(e) => CommandEvent::Failed {
-                message: fissile_proto::error_chain(&e),
-            },
-        };
-        let _ = tx.blocking_send(last.line());
-        drop(guard);
-    });
-    ndjson(rx)
+            .line()
+            .into()
+        },
+        || {},
+        move |done| {
+            match done {
+                Ok(d) => CommandEvent::Exit {
+                    exit_code: d.exit_status,
+                    signal: d.signal,
+                    timed_out: d.timed_out,
+                    duration_ms: d.duration_ns as f64 / 1e6,
+                    server_ms: t0.elapsed().as_secs_f64() * 1e3,
+                },
+                Err(e) => CommandEvent::Failed {
+                    message: fissile_proto::error_chain(&e),
+                },
+            }
+            .line()
+        },
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //!
 //! - [`routes`]: the HTTP surface (parse, authorize, call the service; the error shape).
 //! - [`app`]: the service that owns the running sandboxes; blocking work on the blocking pool.
-//! - [`exec`]: cells and commands streamed as NDJSON events.
+//! - [`exec`]: cells and commands streamed as NDJSON events; [`agent_io`]: an agent
+//!   connection read on the async runtime (a cell's responses).
 //! - [`files`]: uploads and downloads, streamed both ways.
 //! - [`lifecycle`]: fork, merge, snapshot, rollback.
 //! - [`spaces`]: persistent spaces (persist on close, resume).
@@ -20,6 +21,7 @@
 //! - [`error`]: `{"error":{"code","message"}}` with its status.
 //! - [`telemetry`]: logs, and spans exported over OTLP when a collector is configured.
 
+pub mod agent_io;
 pub mod app;
 pub mod auth;
 pub mod db;

@@ -1,0 +1,223 @@
+//! An agent connection read and written on the async runtime: how an exec streams a cell's
+//! responses without a thread of the blocking pool in between (one hop fewer per cell, and
+//! per event, than [`AgentClient`]'s blocking calls). The frames are the agent protocol's
+//! ([`fissile_proto::frame`]), under the same caps and deadlines.
+
+use std::time::Duration;
+
+use fissile_agent::AgentClient;
+use fissile_agent::client::ClientError;
+use fissile_proto::agent::{
+    AGENT_FRAME_CAP, AGENT_PROTOCOL_VERSION, Done, Request, Response as AgentResponse,
+};
+use fissile_proto::frame::{FrameError, decode_body, encode_frame};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// One agent connection, between requests or in one.
+#[derive(Debug)]
+pub struct AsyncAgent {
+    sock: tokio::net::UnixStream,
+    /// Bytes read and not yet decoded (at most one frame's beyond what was asked for).
+    buf: Vec<u8>,
+}
+
+impl AsyncAgent {
+    /// Takes over an idle connection; `None` when it is not between requests.
+    pub fn from_client(agent: AgentClient) -> Option<std::io::Result<AsyncAgent>> {
+        let std = agent.into_idle_stream()?;
+        Some((|| {
+            std.set_nonblocking(true)?;
+            Ok(AsyncAgent {
+                sock: tokio::net::UnixStream::from_std(std)?,
+                buf: Vec::new(),
+            })
+        })())
+    }
+
+    /// Gives the connection back as a blocking client (for the sandbox's pool), if it is
+    /// between requests: nothing unread.
+    pub fn into_client(self) -> Option<AgentClient> {
+        if !self.buf.is_empty() {
+            return None;
+        }
+        let std = self.sock.into_std().ok()?;
+        std.set_nonblocking(false).ok()?;
+        AgentClient::from_connected(std).ok()
+    }
+
+    /// Sends one request, before `deadline`.
+    pub async fn send(
+        &mut self,
+        req: &Request,
+        deadline: tokio::time::Instant,
+        within: Duration,
+    ) -> Result<(), ClientError> {
+        let frame = encode_frame(AGENT_PROTOCOL_VERSION, req)?;
+        match tokio::time::timeout_at(deadline, self.sock.write_all(&frame)).await {
+            Err(_) => Err(ClientError::Timeout(within)),
+            Ok(r) => Ok(r.map_err(FrameError::Io)?),
+        }
+    }
+
+    /// Receives one response before `deadline` (`within` names it in the error).
+    pub async fn recv(
+        &mut self,
+        deadline: tokio::time::Instant,
+        within: Duration,
+    ) -> Result<AgentResponse, ClientError> {
+        loop {
+            if let Some(frame) = self.frame()? {
+                return Ok(frame);
+            }
+            self.buf.reserve(64 << 10);
+            match tokio::time::timeout_at(deadline, self.sock.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(ClientError::Timeout(within)),
+                Ok(Ok(0)) if self.buf.is_empty() => return Err(FrameError::Eof.into()),
+                Ok(Ok(0)) => return Err(FrameError::Truncated.into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(FrameError::Io(e).into()),
+            }
+        }
+    }
+
+    /// The first whole frame in the buffer, decoded and consumed, if there is one.
+    fn frame(&mut self) -> Result<Option<AgentResponse>, ClientError> {
+        let Some(&[a, b, c, d]) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([a, b, c, d]);
+        if len == 0 {
+            return Err(FrameError::Empty.into());
+        }
+        if len > AGENT_FRAME_CAP {
+            return Err(FrameError::TooLarge {
+                len: u64::from(len),
+                cap: AGENT_FRAME_CAP,
+            }
+            .into());
+        }
+        let end = 4 + len as usize;
+        let Some(body) = self.buf.get(4..end) else {
+            return Ok(None);
+        };
+        let response = decode_body(body, AGENT_PROTOCOL_VERSION);
+        self.buf.drain(..end);
+        Ok(Some(response?))
+    }
+}
+
+/// What a request's terminal response means: `Done`, or the agent's failure as
+/// [`ClientError::Failed`] (anything else is unexpected).
+pub fn outcome(r: AgentResponse) -> Result<Done, ClientError> {
+    match r {
+        AgentResponse::Done(d) => Ok(d),
+        AgentResponse::Failed { kind, message } => Err(ClientError::Failed { kind, message }),
+        r => {
+            let mut s = format!("{r:?}");
+            s.truncate(200);
+            Err(ClientError::Unexpected(s))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fissile_proto::frame::write_frame;
+
+    /// A peer speaking the protocol's frames over a socket pair (no agent: this checks the
+    /// framing, caps and deadlines; the lab's API suite runs cells through real agents).
+    fn pair() -> (AsyncAgent, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let agent = AsyncAgent::from_client(AgentClient::from_connected(a).unwrap())
+            .unwrap()
+            .unwrap();
+        (agent, b)
+    }
+
+    fn soon() -> (tokio::time::Instant, Duration) {
+        let within = Duration::from_secs(5);
+        (tokio::time::Instant::now() + within, within)
+    }
+
+    #[tokio::test]
+    async fn frames_split_anyhow_are_read_whole_and_in_order_and_the_client_comes_back() {
+        let (mut agent, mut peer) = pair();
+        let (deadline, within) = soon();
+        agent.send(&Request::Info, deadline, within).await.unwrap();
+        let sent: Request =
+            fissile_proto::frame::read_frame(&mut peer, AGENT_PROTOCOL_VERSION, AGENT_FRAME_CAP)
+                .unwrap();
+        assert!(matches!(sent, Request::Info));
+        // Two frames written a byte at a time, then one whole.
+        let mut bytes = Vec::new();
+        write_frame(
+            &mut bytes,
+            AGENT_PROTOCOL_VERSION,
+            &AgentResponse::Stdout(b"hi".to_vec()),
+        )
+        .unwrap();
+        write_frame(
+            &mut bytes,
+            AGENT_PROTOCOL_VERSION,
+            &AgentResponse::Done(Done::default()),
+        )
+        .unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            for b in &bytes {
+                peer.write_all(std::slice::from_ref(b)).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            peer
+        });
+        let first = agent.recv(deadline, within).await.unwrap();
+        assert!(
+            matches!(first, AgentResponse::Stdout(ref d) if d == b"hi"),
+            "{first:?}"
+        );
+        let second = agent.recv(deadline, within).await.unwrap();
+        assert!(matches!(second, AgentResponse::Done(_)), "{second:?}");
+        let _peer = writer.join().unwrap();
+        let client = agent.into_client().expect("between requests");
+        assert!(client.is_idle_and_open());
+    }
+
+    #[tokio::test]
+    async fn oversized_empty_and_cut_frames_and_silence_are_errors() {
+        use std::io::Write;
+        let (mut agent, mut peer) = pair();
+        let (deadline, within) = soon();
+        peer.write_all(&(AGENT_FRAME_CAP + 1).to_le_bytes())
+            .unwrap();
+        let e = agent.recv(deadline, within).await.unwrap_err();
+        assert!(
+            matches!(e, ClientError::Frame(FrameError::TooLarge { .. })),
+            "{e:?}"
+        );
+
+        let (mut agent, mut peer) = pair();
+        peer.write_all(&0u32.to_le_bytes()).unwrap();
+        let e = agent.recv(deadline, within).await.unwrap_err();
+        assert!(matches!(e, ClientError::Frame(FrameError::Empty)), "{e:?}");
+
+        let (mut agent, mut peer) = pair();
+        peer.write_all(&[9, 0, 0, 0, AGENT_PROTOCOL_VERSION])
+            .unwrap();
+        drop(peer);
+        let e = agent.recv(deadline, within).await.unwrap_err();
+        assert!(
+            matches!(e, ClientError::Frame(FrameError::Truncated)),
+            "{e:?}"
+        );
+        assert!(agent.into_client().is_none(), "half a frame is not idle");
+
+        let (mut agent, _peer) = pair();
+        let within = Duration::from_millis(100);
+        let e = agent
+            .recv(tokio::time::Instant::now() + within, within)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
+    }
+}
