@@ -69,6 +69,11 @@ impl AsyncAgent {
             if let Some(frame) = self.frame()? {
                 return Ok(frame);
             }
+            // Checked before every read, not only when one waits: a guest whose output is
+            // always ready must not stretch the deadline either.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(within));
+            }
             self.buf.reserve(64 << 10);
             match tokio::time::timeout_at(deadline, self.sock.read_buf(&mut self.buf)).await {
                 Err(_) => return Err(ClientError::Timeout(within)),
@@ -211,6 +216,31 @@ mod tests {
             "{e:?}"
         );
         assert!(agent.into_client().is_none(), "half a frame is not idle");
+
+        // Output that is always ready does not stretch the deadline.
+        let (mut agent, mut peer) = pair();
+        let mut bytes = Vec::new();
+        for _ in 0..64 {
+            write_frame(
+                &mut bytes,
+                AGENT_PROTOCOL_VERSION,
+                &AgentResponse::Stdout(vec![b'x'; 1000]),
+            )
+            .unwrap();
+        }
+        peer.write_all(&bytes).unwrap();
+        let within = Duration::from_millis(50);
+        let deadline = tokio::time::Instant::now() + within;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut read = 0;
+        let e = loop {
+            match agent.recv(deadline, within).await {
+                Ok(_) => read += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
+        assert!(read < 64, "read all {read} frames past the deadline");
 
         let (mut agent, _peer) = pair();
         let within = Duration::from_millis(100);

@@ -394,14 +394,23 @@ impl App {
         };
         for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
             let socket = dir.join("api.sock");
+            // A directory whose VMM may still run is kept: its socket is how it is found.
             match fissile_proto::pidfd::Pidfd::find_all("fissile-vmm", &socket.to_string_lossy()) {
                 Ok(vmms) => {
+                    let mut stopped = true;
                     for vmm in vmms {
                         tracing::info!(pid = vmm.pid(), dir = %dir.display(), "stopping a template VMM an earlier run left");
-                        vmm.kill(Duration::from_secs(10));
+                        stopped &= vmm.kill(Duration::from_secs(10));
+                    }
+                    if !stopped {
+                        tracing::warn!(dir = %dir.display(), "a VMM an earlier run left did not stop; its directory is kept");
+                        continue;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "listing processes"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing processes; template directories kept");
+                    return;
+                }
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "removing a template directory an earlier run left");
@@ -837,10 +846,8 @@ impl App {
         let started = match member {
             Some((shape, m)) => self.hand_out(record, &shape, m),
             None => match self.start_sandbox(record, origin).await {
-                Err(e) if e.status.is_server_error() => {
-                    Err(self.gone_meanwhile(tenant, source).unwrap_or(e))
-                }
-                other => other,
+                Err(e) => Err(self.gone_meanwhile(tenant, source).unwrap_or(e)),
+                ok => ok,
             },
         };
         if let (Ok(_), Some(space)) = (&started, &space) {

@@ -270,11 +270,11 @@ pub fn stream(
     let t0 = Instant::now();
     let interrupt = move || {
         // The client went away: interrupt the cell (the rest is drained).
-        tokio::task::spawn_blocking(move || {
+        Some(tokio::task::spawn_blocking(move || {
             if let Ok(mut other) = connect(&vsock) {
                 let _ = other.interrupt();
             }
-        });
+        }))
     };
     spawn_stream(
         agent,
@@ -302,18 +302,22 @@ pub fn stream(
     )
 }
 
+/// How long the closing line may wait for a client that stopped reading.
+const LAST_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs `request` on `agent` in a task of the async runtime (no blocking-pool thread between
 /// the guest and the client) and answers with its events as NDJSON: `event` makes a line of
 /// a response (or skips it), `last` the closing line of its end. A client that goes away
-/// (the channel closed) gets `gone` run once; the rest is read and dropped, so the
-/// connection ends between requests and goes back to the sandbox's pool.
+/// (the channel closed) or stops reading until the request's deadline gets `gone` run once
+/// (what it starts is awaited before the connection is given back); the rest is read and
+/// dropped, so the connection ends between requests and goes back to the sandbox's pool.
 fn spawn_stream(
     agent: AgentClient,
     request: Request,
     within: std::time::Duration,
     guard: StreamGuard,
     mut event: impl FnMut(&AgentResponse) -> Option<Bytes> + Send + 'static,
-    gone: impl FnOnce() + Send + 'static,
+    gone: impl FnOnce() -> Option<tokio::task::JoinHandle<()>> + Send + 'static,
     last: impl FnOnce(Result<Done, ClientError>) -> Bytes + Send + 'static,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
@@ -328,6 +332,7 @@ fn spawn_stream(
             None => None,
         };
         let mut gone = Some(gone);
+        let mut gone_work = None;
         let done = match conn.as_mut() {
             None => Err(ClientError::Unexpected(
                 "the agent connection was not between requests".into(),
@@ -342,22 +347,29 @@ fn spawn_stream(
                         }
                         if gone.is_some()
                             && let Some(line) = event(&r)
-                            && tx.send(line).await.is_err()
+                            && !matches!(
+                                tokio::time::timeout_at(deadline, tx.send(line)).await,
+                                Ok(Ok(()))
+                            )
                             && let Some(f) = gone.take()
                         {
-                            f();
+                            gone_work = f();
                         }
                     }
                 }
                 .await
             }
         };
+        if let Some(work) = gone_work {
+            // The interrupt has landed before the connection serves another cell.
+            let _ = work.await;
+        }
         if done.is_ok()
             && let Some(agent) = conn.and_then(AsyncAgent::into_client)
         {
             guard.live().agents.put(agent);
         }
-        let _ = tx.send(last(done)).await;
+        let _ = tokio::time::timeout(LAST_LINE_WAIT, tx.send(last(done))).await;
         drop(guard);
     });
     ndjson(rx)
@@ -505,7 +517,7 @@ pub fn stream_command(agent: AgentClient, req: ShellRequest, guard: StreamGuard)
             .line()
             .into()
         },
-        || {},
+        || None,
         move |done| {
             match done {
                 Ok(d) => CommandEvent::Exit {

@@ -214,10 +214,11 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
     if !labels_ok(&body.env, crate::app::MAX_ENV_VARS, 32 << 10)
         || body.env.keys().any(|k| k.contains(['=', '\0']))
     {
-        return Err(ApiError::bad_request(
-            "env: at most 128 variables, names of 1-256 bytes without `=` or NUL, values up \
+        return Err(ApiError::bad_request(format!(
+            "env: at most {} variables, names of 1-256 bytes without `=` or NUL, values up \
              to 32 KiB",
-        ));
+            crate::app::MAX_ENV_VARS
+        )));
     }
     if body.idle_timeout_s == Some(0) {
         return Err(ApiError::bad_request("idle_timeout_s must be at least 1"));

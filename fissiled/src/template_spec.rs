@@ -223,8 +223,11 @@ pub fn parse(text: &str, base_ok: impl Fn(&str) -> bool) -> Result<TemplateSpec,
     {
         return Err(invalid(
             "env",
-            "at most 128 variables, names of 1-256 bytes without `=` or NUL, values up to \
-             32 KiB",
+            format!(
+                "at most {} variables, names of 1-256 bytes without `=` or NUL, values up to \
+                 32 KiB",
+                crate::app::MAX_ENV_VARS
+            ),
         ));
     }
     if raw.files.len() > MAX_FILES {

@@ -239,18 +239,22 @@ fn a_template_vmm_and_directory_an_earlier_run_left_are_swept_at_start() {
     std::fs::create_dir_all(&left).unwrap();
     std::fs::write(left.join("memory"), b"pages").unwrap();
     let socket = left.join("api.sock");
+    // Each in a process group of its own, so its `sleep` goes too at the end.
     let mut vmm = std::process::Command::new("sh")
         .arg0("fissile-vmm")
         .args(["-c", "sleep 600; true", "fissile-vmm", "--api-sock"])
         .arg(&socket)
+        .process_group(0)
         .spawn()
         .unwrap();
     // Another process with that socket path but not a VMM: left alone.
     let mut bystander = std::process::Command::new("sh")
         .args(["-c", "sleep 600; true", "sh"])
         .arg(&socket)
+        .process_group(0)
         .spawn()
         .unwrap();
+    let groups = [vmm.id(), bystander.id()];
     let d = Fissiled::serve_without_guests(bin, &state, &[]).unwrap();
     let mut tries = 0;
     while vmm.try_wait().unwrap().is_none() {
@@ -260,7 +264,11 @@ fn a_template_vmm_and_directory_an_earlier_run_left_are_swept_at_start() {
     }
     assert!(!left.exists(), "the left directory is still there");
     assert!(bystander.try_wait().unwrap().is_none());
-    bystander.kill().unwrap();
+    for g in groups {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{g}")])
+            .status();
+    }
     bystander.wait().unwrap();
     drop(d);
 }

@@ -1067,41 +1067,23 @@ impl<'a> Heartbeat<'a> {
     }
 }
 
-/// Asks QEMU's monitor `commands` in turn (see [`ask_monitor`]) and returns the answers, each
-/// under its command, within 10 s in all: a QEMU that does not run at all (stopped) leaves a
-/// connect to its monitor waiting until it is killed, so the asking runs on a thread of its
-/// own, left behind when it takes longer.
-fn ask_monitor_bounded(socket: &Path, commands: &[&'static str]) -> String {
+/// Asks QEMU's monitor `commands` (see [`ask_monitor`]) and returns the answers within 10 s:
+/// a QEMU that does not run at all (stopped) leaves a connect to its monitor waiting until it
+/// is killed, so the asking runs on a thread of its own, left behind when it takes longer.
+fn ask_monitor_bounded(socket: &Path, commands: &[&str]) -> String {
     let (tx, rx) = mpsc::channel();
     let socket = socket.to_path_buf();
-    let commands = commands.to_vec();
+    let commands = commands.join("\n");
     std::thread::spawn(move || {
-        for c in commands {
-            if tx
-                .send(format!("({c})\n{}", ask_monitor(&socket, c)))
-                .is_err()
-            {
-                break;
-            }
-        }
+        let _ = tx.send(ask_monitor(&socket, &commands));
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut answers = Vec::new();
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(a) => answers.push(a),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                answers.push("(the monitor did not answer in 10 s)".into());
-                break;
-            }
-        }
-    }
-    answers.join("\n")
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| "(the monitor did not answer in 10 s)".into())
 }
 
-/// Sends one command to QEMU's human monitor at `socket` and returns what it printed within
-/// two seconds (or why it could not be asked).
+/// Sends `command` (lines: one command each, on one connection: QEMU serves one monitor
+/// client at a time) to QEMU's human monitor at `socket` and returns what it printed within
+/// three seconds (or why it could not be asked).
 fn ask_monitor(socket: &Path, command: &str) -> String {
     let mut s = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(s) => s,
@@ -1109,7 +1091,7 @@ fn ask_monitor(socket: &Path, command: &str) -> String {
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     let _ = writeln!(s, "{command}");
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(3);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline && out.len() < 64 * 1024 {

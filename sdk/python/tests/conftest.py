@@ -8,6 +8,7 @@ verdict on the SDK, and scripts/test runs the tests again in a fresh lab."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -114,6 +115,9 @@ def daemon() -> Iterator[Daemon]:
         yield Daemon(url, key)
     finally:
         global _lab_froze
+        # A freeze that cut the last test off: fissile-lab is about to exit 75.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
         _lab_froze = proc.poll() == LAB_FROZE
         proc.terminate()
         try:
@@ -123,6 +127,7 @@ def daemon() -> Iterator[Daemon]:
             proc.wait()
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _lab_froze and exitstatus != 0:
         print(f"\nthe lab under fissiled froze: exit status {LAB_FROZE} (run the tests again)")
