@@ -66,7 +66,7 @@ impl AsyncAgent {
         within: Duration,
     ) -> Result<AgentResponse, ClientError> {
         loop {
-            if let Some(frame) = self.frame()? {
+            if let Some(frame) = self.buffered()? {
                 return Ok(frame);
             }
             // Checked before every read, not only when one waits: a guest whose output is
@@ -85,8 +85,9 @@ impl AsyncAgent {
         }
     }
 
-    /// The first whole frame in the buffer, decoded and consumed, if there is one.
-    fn frame(&mut self) -> Result<Option<AgentResponse>, ClientError> {
+    /// The first whole frame already read, decoded and consumed, if there is one (never
+    /// waits).
+    pub fn buffered(&mut self) -> Result<Option<AgentResponse>, ClientError> {
         let Some(&[a, b, c, d]) = self.buf.get(..4) else {
             return Ok(None);
         };

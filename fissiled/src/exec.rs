@@ -333,6 +333,10 @@ fn spawn_stream(
         };
         let mut gone = Some(gone);
         let mut gone_work = None;
+        // Lines made from the responses at hand, sent together (one chunk, one wake-up of
+        // the client) once the next has to be waited for: a cell's result and its `done`
+        // often arrive together.
+        let mut pending: Vec<u8> = Vec::new();
         let done = match conn.as_mut() {
             None => Err(ClientError::Unexpected(
                 "the agent connection was not between requests".into(),
@@ -341,19 +345,23 @@ fn spawn_stream(
                 async {
                     c.send(&request, deadline, within).await?;
                     loop {
-                        let r = c.recv(deadline, within).await?;
+                        let r = match c.buffered()? {
+                            Some(r) => r,
+                            None => {
+                                flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
+                                c.recv(deadline, within).await?
+                            }
+                        };
                         if r.is_terminal() {
                             return crate::agent_io::outcome(r);
                         }
                         if gone.is_some()
                             && let Some(line) = event(&r)
-                            && !matches!(
-                                tokio::time::timeout_at(deadline, tx.send(line)).await,
-                                Ok(Ok(()))
-                            )
-                            && let Some(f) = gone.take()
                         {
-                            gone_work = f();
+                            pending.extend_from_slice(&line);
+                            if pending.len() >= MAX_PENDING {
+                                flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
+                            }
                         }
                     }
                 }
@@ -369,10 +377,40 @@ fn spawn_stream(
         {
             guard.live().agents.put(agent);
         }
-        let _ = tokio::time::timeout(LAST_LINE_WAIT, tx.send(last(done))).await;
+        if gone.is_some() {
+            pending.extend_from_slice(&last(done));
+            let _ = tokio::time::timeout(LAST_LINE_WAIT, tx.send(pending.into())).await;
+        }
         drop(guard);
     });
     ndjson(rx)
+}
+
+/// Most bytes of lines held back to be sent together.
+const MAX_PENDING: usize = 64 << 10;
+
+/// Sends the `pending` lines as one chunk (before `deadline`); a client that went away or
+/// stopped reading gets `gone` run (once; what it started is kept in `gone_work`).
+async fn flush<G: FnOnce() -> Option<tokio::task::JoinHandle<()>>>(
+    pending: &mut Vec<u8>,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    deadline: tokio::time::Instant,
+    gone: &mut Option<G>,
+    gone_work: &mut Option<tokio::task::JoinHandle<()>>,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    let chunk = Bytes::from(std::mem::take(pending));
+    if gone.is_some()
+        && !matches!(
+            tokio::time::timeout_at(deadline, tx.send(chunk)).await,
+            Ok(Ok(()))
+        )
+        && let Some(f) = gone.take()
+    {
+        *gone_work = f();
+    }
 }
 
 /// A streamed NDJSON response of the lines received on `rx`.
