@@ -653,7 +653,8 @@ fn expect_ok(r: Response) -> Result<(), ClientError> {
     }
 }
 
-fn unexpected(r: &Response) -> ClientError {
+/// The error for a response that does not fit the request (its start, for the message).
+pub fn unexpected(r: &Response) -> ClientError {
     let mut s = format!("{r:?}");
     s.truncate(200);
     ClientError::Unexpected(s)

@@ -22,16 +22,16 @@ pub struct AsyncAgent {
 }
 
 impl AsyncAgent {
-    /// Takes over an idle connection; `None` when it is not between requests.
-    pub fn from_client(agent: AgentClient) -> Option<std::io::Result<AsyncAgent>> {
-        let std = agent.into_idle_stream()?;
-        Some((|| {
-            std.set_nonblocking(true)?;
-            Ok(AsyncAgent {
-                sock: tokio::net::UnixStream::from_std(std)?,
-                buf: Vec::new(),
-            })
-        })())
+    /// Takes over an idle connection (an error when it is not between requests).
+    pub fn from_client(agent: AgentClient) -> Result<AsyncAgent, ClientError> {
+        let std = agent.into_idle_stream().ok_or_else(|| {
+            ClientError::Unexpected("the agent connection was not between requests".into())
+        })?;
+        std.set_nonblocking(true).map_err(FrameError::Io)?;
+        Ok(AsyncAgent {
+            sock: tokio::net::UnixStream::from_std(std).map_err(FrameError::Io)?,
+            buf: Vec::new(),
+        })
     }
 
     /// Gives the connection back as a blocking client (for the sandbox's pool), if it is
@@ -118,11 +118,7 @@ pub fn outcome(r: AgentResponse) -> Result<Done, ClientError> {
     match r {
         AgentResponse::Done(d) => Ok(d),
         AgentResponse::Failed { kind, message } => Err(ClientError::Failed { kind, message }),
-        r => {
-            let mut s = format!("{r:?}");
-            s.truncate(200);
-            Err(ClientError::Unexpected(s))
-        }
+        r => Err(fissile_agent::client::unexpected(&r)),
     }
 }
 
@@ -135,9 +131,7 @@ mod tests {
     /// framing, caps and deadlines; the lab's API suite runs cells through real agents).
     fn pair() -> (AsyncAgent, std::os::unix::net::UnixStream) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let agent = AsyncAgent::from_client(AgentClient::from_connected(a).unwrap())
-            .unwrap()
-            .unwrap();
+        let agent = AsyncAgent::from_client(AgentClient::from_connected(a).unwrap()).unwrap();
         (agent, b)
     }
 

@@ -323,26 +323,16 @@ fn spawn_stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + within;
-        let mut conn = match AsyncAgent::from_client(agent) {
-            Some(Ok(c)) => Some(c),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "taking an agent connection");
-                None
-            }
-            None => None,
-        };
         let mut gone = Some(gone);
         let mut gone_work = None;
         // Lines made from the responses at hand, sent together (one chunk, one wake-up of
         // the client) once the next has to be waited for: a cell's result and its `done`
-        // often arrive together.
+        // may arrive together.
         let mut pending: Vec<u8> = Vec::new();
-        let done = match conn.as_mut() {
-            None => Err(ClientError::Unexpected(
-                "the agent connection was not between requests".into(),
-            )),
-            Some(c) => {
-                async {
+        let (conn, done) = match AsyncAgent::from_client(agent) {
+            Err(e) => (None, Err(e)),
+            Ok(mut c) => {
+                let done = async {
                     c.send(&request, deadline, within).await?;
                     loop {
                         let r = match c.buffered()? {
@@ -365,7 +355,8 @@ fn spawn_stream(
                         }
                     }
                 }
-                .await
+                .await;
+                (Some(c), done)
             }
         };
         if let Some(work) = gone_work {
