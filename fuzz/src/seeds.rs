@@ -66,6 +66,7 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
         snapshotd::Request::Ping,
         snapshotd::Request::List,
         snapshotd::Request::Stats,
+        snapshotd::Request::Memory,
         snapshotd::Request::CreateAbort,
         snapshotd::Request::CreatePages {
             pages: vec![0, 1, 2, 512, u64::MAX],

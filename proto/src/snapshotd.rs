@@ -161,6 +161,9 @@ pub enum Request {
     },
     /// Store figures → `Stats`.
     Stats,
+    /// The daemon's memory by owner → `Memory` (a request of its own, not more fields on
+    /// `Stats`: postcard is positional, and an older daemon must still answer `Stats`).
+    Memory,
     /// Wait until a snapshot is durable → `Ok` (or `Error` if its ingest failed).
     WaitDurable {
         /// Snapshot id.
@@ -282,6 +285,23 @@ pub enum Response {
         image_bytes: u64,
         /// Faults served since the daemon started.
         faults_served: u64,
+    },
+    /// Reply to `Memory`: where the daemon's heap goes. Its anonymous RSS less the index's
+    /// figures and the heap malloc keeps free is the daemon's own heap; the images it
+    /// serves are memfds, outside its heap (`Stats::image_bytes`).
+    Memory {
+        /// The index's block cache: bytes in it (data, index and filter blocks).
+        index_cache_bytes: u64,
+        /// The block cache's capacity.
+        index_cache_capacity: u64,
+        /// The index's memtables, all column families.
+        index_memtable_bytes: u64,
+        /// The index's table readers outside the block cache.
+        index_table_reader_bytes: u64,
+        /// Heap bytes allocated and in use (malloc's arenas and its own mappings).
+        heap_in_use_bytes: u64,
+        /// Heap bytes malloc holds free in its arenas (not given back to the system).
+        heap_free_bytes: u64,
     },
     /// The fault session runs.
     FaultSessionStarted,

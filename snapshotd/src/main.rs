@@ -111,6 +111,13 @@ enum Cmd {
         /// Snapshot ids.
         snapshots: Vec<String>,
     },
+    /// Print where a running daemon's heap goes: the index's block cache, memtables and
+    /// table readers, and malloc's bytes in use and free.
+    Memory {
+        /// Socket of the running daemon.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Print store figures (from a store root, or from a running daemon).
     Stats {
         /// Store root directory.
@@ -204,6 +211,10 @@ fn main() -> anyhow::Result<()> {
             snapshots,
         } => {
             Client::connect(&socket)?.grant(uid, &snapshots, reset)?;
+        }
+        Cmd::Memory { socket } => {
+            let memory = Client::connect(&socket)?.memory()?;
+            println!("{}", serde_json::to_string_pretty(&memory)?);
         }
         Cmd::Stats { root, socket } => match (root, socket) {
             (Some(root), _) => {

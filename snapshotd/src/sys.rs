@@ -300,3 +300,31 @@ pub fn inherited_listener(
     }
     Ok(listener)
 }
+
+/// What malloc holds: bytes allocated and in use, and bytes it keeps free in its arenas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapFigures {
+    /// Allocated and in use: in arenas plus malloc's own mappings of large blocks.
+    pub in_use: u64,
+    /// Free in the arenas, kept rather than given back to the system.
+    pub free: u64,
+}
+
+/// malloc's figures over all its arenas (glibc's `mallinfo2`); `None` where the C library
+/// is not glibc.
+pub fn heap_figures() -> Option<HeapFigures> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; it
+        // only reads malloc's bookkeeping under malloc's own locks.
+        let m = unsafe { libc::mallinfo2() };
+        Some(HeapFigures {
+            in_use: (m.uordblks + m.hblkhd) as u64,
+            free: m.fordblks as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}

@@ -770,6 +770,44 @@ fn delete_of_a_snapshot_in_use_is_refused_until_its_last_user_is_gone() {
     assert_eq!(stats.snapshots, 0);
 }
 
+/// `Memory` says where the heap goes: the index's one bounded cache, its memtables (which
+/// the snapshots just created went through), and malloc's figures, the index among them.
+#[test]
+fn the_daemon_reports_its_heap_by_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let before = d.client().memory().unwrap();
+    assert_eq!(
+        before.index_cache_capacity,
+        fissile_snapshotd::store::INDEX_CACHE_BYTES as u64,
+        "{before:?}"
+    );
+    for seed in 0..4 {
+        create(
+            &mut d.client(),
+            &memory(40 + seed, 256, 0),
+            CreateOptions::default(),
+        );
+    }
+    let m = d.client().memory().unwrap();
+    assert!(
+        m.index_memtable_bytes > before.index_memtable_bytes,
+        "{before:?} → {m:?}"
+    );
+    assert!(
+        m.heap_in_use_bytes
+            >= m.index_cache_bytes + m.index_memtable_bytes + m.index_table_reader_bytes,
+        "malloc's figures hold the index's: {m:?}"
+    );
+    assert_eq!(
+        m.own_heap_bytes(),
+        m.heap_in_use_bytes
+            - m.index_cache_bytes
+            - m.index_memtable_bytes
+            - m.index_table_reader_bytes
+    );
+}
+
 #[test]
 fn an_image_evicted_between_open_and_serve_faults_is_not_a_livelock() {
     // No budget for unused images: every one is evicted as soon as nothing holds it.
@@ -966,6 +1004,21 @@ fn a_jailed_vmm_reads_only_what_it_was_granted_or_created() {
         refused.matches("may not list, delete or grant").count(),
         3,
         "{refused}"
+    );
+    let heap = vmm(
+        |c, _, _| {
+            c.memory()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .err()
+                .unwrap_or_default()
+        },
+        "",
+        "",
+    );
+    assert!(
+        heap.contains("may not ask for the daemon's memory"),
+        "{heap}"
     );
 
     // What it creates on its granted base is its own, the base's ancestors included.

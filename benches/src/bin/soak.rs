@@ -2,8 +2,9 @@
 //! merge_into, and (every 10th cycle) a restore of the latest snapshot into a new VMM, while
 //! two other control clients keep asking for `status` and taking snapshots. Old snapshots
 //! are deleted once nothing uses them. Reports, at the start and the end, the parent VMM's
-//! open descriptors, RSS and private dirty memory, snapshotd's descriptors, RSS and image
-//! memory, and the store's snapshots, chunks and bytes: a leak shows as growth.
+//! open descriptors, RSS and private dirty memory, snapshotd's descriptors, RSS, heap by
+//! owner (the index's cache and memtables, its own, malloc's free) and image memory, and the
+//! store's snapshots, chunks and bytes: a leak shows as growth.
 //!
 //! Not a timed test: a benchmark-style run, `soak [cycles]` (default 500; needs KVM, else
 //! `fissile-lab run -- soak`). Every cycle checks the parent has the winner's state.
@@ -37,6 +38,15 @@ struct Figures {
     sd_rss_anon_kb: u64,
     sd_rss_file_kb: u64,
     sd_rss_shmem_kb: u64,
+    /// Its heap by owner (`Memory`): malloc's bytes in use, of which the index's block cache,
+    /// memtables and table readers, and the rest, the daemon's own; and what malloc keeps
+    /// free. Anon RSS is about in-use plus the resident part of the free.
+    sd_heap_in_use_kb: u64,
+    sd_index_cache_kb: u64,
+    sd_index_memtables_kb: u64,
+    sd_index_table_readers_kb: u64,
+    sd_own_heap_kb: u64,
+    sd_heap_free_kb: u64,
     sd_images: u64,
     sd_image_mib: f64,
     snapshots: u64,
@@ -47,6 +57,7 @@ struct Figures {
 
 fn figures(vmm: u32, sd_pid: u32, sd: &mut Client) -> anyhow::Result<Figures> {
     let s = sd.stats()?;
+    let m = sd.memory()?;
     // The second half of `smaps` sums the whole process (no mapping name holds a NUL).
     let (_, whole) = smaps(vmm, "\u{0}");
     Ok(Figures {
@@ -58,6 +69,12 @@ fn figures(vmm: u32, sd_pid: u32, sd: &mut Client) -> anyhow::Result<Figures> {
         sd_rss_anon_kb: status_kb(sd_pid, "RssAnon"),
         sd_rss_file_kb: status_kb(sd_pid, "RssFile"),
         sd_rss_shmem_kb: status_kb(sd_pid, "RssShmem"),
+        sd_heap_in_use_kb: m.heap_in_use_bytes >> 10,
+        sd_index_cache_kb: m.index_cache_bytes >> 10,
+        sd_index_memtables_kb: m.index_memtable_bytes >> 10,
+        sd_index_table_readers_kb: m.index_table_reader_bytes >> 10,
+        sd_own_heap_kb: m.own_heap_bytes() >> 10,
+        sd_heap_free_kb: m.heap_free_bytes >> 10,
         sd_images: s.images,
         sd_image_mib: s.image_bytes as f64 / (1 << 20) as f64,
         snapshots: s.snapshots,

@@ -698,6 +698,9 @@ impl Server {
             {
                 return Err(bad("a VMM may not list, delete or grant snapshots"));
             }
+            Request::Memory if who != Peer::Orchestrator => {
+                return Err(bad("a VMM may not ask for the daemon's memory"));
+            }
             _ => {}
         }
         let next = self.handle_checked(conn, pending, req)?;
@@ -1033,6 +1036,19 @@ impl Server {
                     images: images as u64,
                     image_bytes,
                     faults_served: self.faults_served.load(Ordering::Relaxed),
+                })
+            }
+            Request::Memory => {
+                let index = self.store.index_memory();
+                let heap = sys::heap_figures();
+                ok(Response::Memory {
+                    // One cache shared by every family: each reports the same figures.
+                    index_cache_bytes: index.cache_usage.first().copied().unwrap_or(0),
+                    index_cache_capacity: index.cache_capacity.first().copied().unwrap_or(0),
+                    index_memtable_bytes: index.memtables,
+                    index_table_reader_bytes: index.table_readers,
+                    heap_in_use_bytes: heap.map_or(0, |h| h.in_use),
+                    heap_free_bytes: heap.map_or(0, |h| h.free),
                 })
             }
         }

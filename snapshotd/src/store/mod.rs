@@ -571,6 +571,8 @@ pub struct IndexMemory {
     pub cache_usage: Vec<u64>,
     /// Bytes in memtables, all column families.
     pub memtables: u64,
+    /// Bytes of table readers held outside the block cache, all column families.
+    pub table_readers: u64,
 }
 
 impl Store {
@@ -1280,6 +1282,10 @@ impl Store {
             memtables: families
                 .iter()
                 .map(|cf| prop(cf, "rocksdb.cur-size-all-mem-tables"))
+                .sum(),
+            table_readers: families
+                .iter()
+                .map(|cf| prop(cf, "rocksdb.estimate-table-readers-mem"))
                 .sum(),
         }
     }
