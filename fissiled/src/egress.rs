@@ -439,6 +439,12 @@ async fn proxy(
         refuse(&mut guest, &head, name.as_deref(), "connect_failed").await;
         return "connect_failed";
     };
+    // A plain HTTP request checked by its Host: the server closes after answering it, so
+    // the next request (another Host, unchecked) needs a new connection, checked again.
+    let head = match (&name, head.first()) {
+        (Some(_), Some(&b)) if b != 0x16 => sniff::close_after_first_request(&head).unwrap_or(head),
+        _ => head,
+    };
     if upstream.write_all(&head).await.is_err() {
         return "connect_failed";
     }

@@ -230,12 +230,20 @@ pub fn dns_query(data: &[u8]) {
 }
 
 /// The first bytes of a guest's connection as the domain proxy reads them (HTTP Host or
-/// TLS SNI), whole and cut at every length the proxy may have read so far.
+/// TLS SNI), whole and cut at every length the proxy may have read so far, and the request
+/// it forwards (`Connection: close`): still one complete request head, naming the same Host.
 pub fn proxy_head(data: &[u8]) {
     use fissile_sandbox::net::sniff;
     let data = &data[..data.len().min(sniff::MAX_HEAD)];
     for cut in [data.len(), data.len() / 2, 5.min(data.len())] {
-        let _ = sniff::requested_name(&data[..cut]);
+        let name = sniff::requested_name(&data[..cut]);
+        if let Some(out) = sniff::close_after_first_request(&data[..cut]) {
+            assert_eq!(
+                sniff::requested_name(&out),
+                name,
+                "the rewrite changed the Host"
+            );
+        }
     }
 }
 

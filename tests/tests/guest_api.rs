@@ -1421,25 +1421,46 @@ fn domain_world(
                         .unwrap_or_default();
                     let mut buf = [0u8; 16384];
                     let n = c.read(&mut buf).unwrap_or(0);
-                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
                     if buf.first() == Some(&0x16) {
                         let _ = c.write_all(b"TLSOK");
                         continue;
                     }
-                    let host = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Host: "))
-                        .unwrap_or("-")
-                        .trim()
-                        .to_string();
-                    let body = format!("hello {host} from {peer}");
-                    let _ = c.write_all(
-                        format!(
-                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        )
-                        .as_bytes(),
-                    );
+                    // HTTP/1.1 with keep-alive: every request on the connection is answered
+                    // (bodyless requests), until one says `Connection: close`.
+                    let mut pending = buf[..n].to_vec();
+                    loop {
+                        let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match c.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&pending[..end]).to_string();
+                        pending.drain(..end + 4);
+                        let header = |name: &str| {
+                            head.lines().find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.trim()
+                                    .eq_ignore_ascii_case(name)
+                                    .then(|| v.trim().to_string())
+                            })
+                        };
+                        let host = header("host").unwrap_or_else(|| "-".into());
+                        let close =
+                            header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                        let body = format!("hello {host} from {peer}");
+                        let _ = c.write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        );
+                        if close {
+                            break;
+                        }
+                    }
                 }
             });
         }
@@ -1449,8 +1470,10 @@ fn domain_world(
 }
 
 /// Python helpers the domain-policy test's cells use: `get(url, host)` (body, `HTTP <code>:
-/// <body>` or the error's type), `resolve(name)` (address or the error's type), `tls(ip,
-/// name)` (what a server answers to a real ClientHello for `name`).
+/// <body>` or the error's type), `resolve(name)` (address or the error's type),
+/// `two_requests(ip, first, second)` (what comes back on one connection carrying a request
+/// for each host, the second sent after the first answer), `tls(ip, name)` (what a server
+/// answers to a real ClientHello for `name`).
 const DOMAIN_HELPERS: &str = r#"
 import socket, ssl, urllib.request, urllib.error
 def get(url, host=None):
@@ -1483,6 +1506,20 @@ def resolve_tcp(name):
     if msg[3] & 0xF:
         return f"rcode {msg[3] & 0xF}"
     return socket.inet_ntoa(msg[-4:])
+def two_requests(ip, first, second):
+    s = socket.create_connection((ip, 80), timeout=20)
+    s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n\r\n".encode())
+    data = s.recv(4096)
+    try:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {second}\r\n\r\n".encode())
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            data += d
+    except OSError as e:
+        data += f" [{type(e).__name__}]".encode()
+    return data.decode()
 def tls(ip, name):
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
@@ -1504,7 +1541,8 @@ def tls(ip, name):
 /// Domain policies over the API, against a DNS server and a web server the test starts in a
 /// namespace linked to the host: an allow list of domains resolves only those names and lets
 /// HTTP and TLS through only for them (a denied name on the same server address gets a 403
-/// or a TLS alert, even with the address in the URL); an allowed name that resolves to the
+/// or a TLS alert, even with the address in the URL, and a kept-alive connection opened for
+/// an allowed name cannot carry a request for another); an allowed name that resolves to the
 /// host is still refused; a runtime change to a deny list applies to the next query and
 /// connection; a sandbox with no way out resolves nothing; a fork's child gets its own
 /// resolver and proxy and leaves from its own address; the verdicts are counted.
@@ -1573,6 +1611,15 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
         refused.contains("HTTP 403: fissile:") && refused.contains("not_allowed: blocked.test"),
         "{refused}"
     );
+    // A second request on a kept-alive connection cannot name another host: the checked
+    // first one reached the server with `Connection: close` (the server here keeps
+    // connections alive otherwise, and then would answer the second).
+    let kept = py(
+        &id,
+        "two_requests('192.0.2.2', 'files.test', 'blocked.test')",
+    );
+    assert!(kept.contains("hello files.test"), "{kept}");
+    assert!(!kept.contains("hello blocked.test"), "{kept}");
     // TLS: the ClientHello's server name decides; a refused one gets an alert.
     assert_eq!(py(&id, "tls('192.0.2.2', 'files.test')"), "b'TLSOK'");
     assert_eq!(

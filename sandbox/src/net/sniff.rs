@@ -248,6 +248,56 @@ fn http_host(head: &[u8]) -> Sniffed {
     }
 }
 
+/// `head` (an HTTP request's first bytes, its head complete) with its `Connection`,
+/// `Keep-Alive` and `Proxy-Connection` headers replaced by `Connection: close`, the bytes
+/// after the head kept as they are; `None` if `head` is not a complete HTTP/1 request head.
+/// A proxy that checked this request's Host sends this instead: the server closes the
+/// connection after its answer, so a later request on it, whose Host nobody checked, is never
+/// served (the client opens a new connection, checked again). A request asking for an
+/// `Upgrade` keeps its headers: what follows a switch is no longer HTTP requests.
+pub fn close_after_first_request(head: &[u8]) -> Option<Vec<u8>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(end)) = req.parse(head) else {
+        return None;
+    };
+    let hop = |name: &[u8]| {
+        [&b"connection"[..], b"keep-alive", b"proxy-connection"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+    };
+    let upgrade = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && h.value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if upgrade {
+        return Some(head.to_vec());
+    }
+    let (lines, rest) = head.split_at(end);
+    let mut out = Vec::with_capacity(head.len() + 19);
+    let empty = |line: &[u8]| line == b"\r\n" || line == b"\n";
+    // Empty lines before the request line are skipped (as servers do).
+    let mut lines = lines
+        .split_inclusive(|&b| b == b'\n')
+        .skip_while(|l| empty(l));
+    out.extend_from_slice(lines.next()?); // the request line
+    for line in lines {
+        if empty(line) {
+            out.extend_from_slice(b"Connection: close\r\n");
+            out.extend_from_slice(line);
+            break;
+        }
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        if !hop(name.trim_ascii()) {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
 /// A minimal TLS 1.2-framed ClientHello naming `name` in its server_name extension (record
 /// header, handshake header, version, random, empty session id, one cipher suite, null
 /// compression, the extension): for tests and fuzz seeds.
@@ -330,6 +380,40 @@ mod tests {
         assert_eq!(a_records(&bytes, 5), vec![Ipv4Addr::new(198, 51, 100, 2)]);
         assert!(a_records(&bytes, 6).is_empty(), "another query's reply");
         assert!(a_records(b"junk", 5).is_empty());
+    }
+
+    #[test]
+    fn a_checked_request_asks_the_server_to_close_after_answering() {
+        let head = b"GET /a HTTP/1.1\r\nHost: files.test\r\nconnection: keep-alive\r\nKeep-Alive: timeout=5\r\nAccept: */*\r\n\r\nGET /b HTTP/1.1\r\nHost: other.test\r\n\r\n";
+        let out = close_after_first_request(head).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a HTTP/1.1\r\nHost: files.test\r\nAccept: */*\r\nConnection: close\r\n\r\n\
+             GET /b HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            "hop-by-hop headers replaced; the bytes after the head untouched"
+        );
+        // Empty lines before the request line are dropped.
+        let out = close_after_first_request(b"\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        );
+        // Bare line feeds, a body after the head.
+        let out = close_after_first_request(b"POST / HTTP/1.0\nHost: a\n\nbody").unwrap();
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.0\nHost: a\nConnection: close\r\n\nbody"
+        );
+        // An upgrade keeps its headers.
+        let ws = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(close_after_first_request(ws).unwrap(), ws);
+        // Not a complete HTTP/1 head: nothing to rewrite.
+        assert_eq!(
+            close_after_first_request(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            None
+        );
+        assert_eq!(close_after_first_request(&minimal_client_hello(b"a")), None);
+        assert_eq!(close_after_first_request(b""), None);
     }
 
     #[test]
