@@ -32,7 +32,8 @@ daemon's snapshot store.
 
 Not supported (a clear error, never a silent fallback): running as another user (`user=`,
 `SandboxAgent.run_as`; the guest has no sudo), PTY sessions (`write_stdin`), exposed ports
-(Fissile sandboxes have no network yet), manifest `Mount` entries and host-path grants, and
+(a sandbox's network goes out only, by its egress policy: nothing reaches into a guest),
+manifest `Mount` entries (cloud buckets and remote shares) and host-path grants, and
 hydrating from tar archives made by other backends. Requires `pip install fissile[agents]`.
 """
 
@@ -546,7 +547,7 @@ def _read_all(stream: io.IOBase) -> bytes:
 def _check_manifest(manifest: Manifest) -> None:
     if manifest.mount_targets():
         raise ValueError(
-            "Fissile sandboxes do not support manifest Mount entries (they have no network yet)"
+            "Fissile sandboxes do not support manifest Mount entries (upload the files instead)"
         )
     if any(grant.host_path is not None for grant in manifest.extra_path_grants):
         raise ValueError("Fissile sandboxes do not support path grants with a host_path")
