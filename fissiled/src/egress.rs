@@ -407,6 +407,20 @@ async fn proxy(
         refuse(&mut guest, &head, name.as_deref(), "not_allowed").await;
         return "not_allowed";
     };
+    // Plain HTTP goes through with exactly one host named (Host, and an absolute target if
+    // any, agreeing) and as one request: the server is asked to close after answering it, so
+    // a later request on the connection, for a host nobody checked, is never served.
+    let forward = if head.first() != Some(&0x16) && sniff::is_http_request(&head) {
+        match (&name, sniff::close_after_first_request(&head)) {
+            (Some(_), Some(one)) => Some(one),
+            _ => {
+                refuse(&mut guest, &head, name.as_deref(), "no_name").await;
+                return "no_name";
+            }
+        }
+    } else {
+        None
+    };
     let target = match &name {
         None => Ok(*original.ip()),
         Some(n) => match n.parse::<Ipv4Addr>() {
@@ -439,13 +453,11 @@ async fn proxy(
         refuse(&mut guest, &head, name.as_deref(), "connect_failed").await;
         return "connect_failed";
     };
-    // A plain HTTP request checked by its Host: the server closes after answering it, so
-    // the next request (another Host, unchecked) needs a new connection, checked again.
-    let head = match (&name, head.first()) {
-        (Some(_), Some(&b)) if b != 0x16 => sniff::close_after_first_request(&head).unwrap_or(head),
-        _ => head,
-    };
-    if upstream.write_all(&head).await.is_err() {
+    if upstream
+        .write_all(forward.as_deref().unwrap_or(&head))
+        .await
+        .is_err()
+    {
         return "connect_failed";
     }
     relay(guest, upstream, IDLE_TIMEOUT).await;

@@ -161,9 +161,6 @@ pub enum Request {
     },
     /// Store figures → `Stats`.
     Stats,
-    /// The daemon's memory by owner → `Memory` (a request of its own, not more fields on
-    /// `Stats`: postcard is positional, and an older daemon must still answer `Stats`).
-    Memory,
     /// Wait until a snapshot is durable → `Ok` (or `Error` if its ingest failed).
     WaitDurable {
         /// Snapshot id.
@@ -181,6 +178,11 @@ pub enum Request {
         /// Forget this uid's earlier grants first.
         reset: bool,
     },
+    /// The daemon's memory by owner → `Memory`. Last, like every addition: postcard numbers
+    /// variants by position, so a new one in the middle would renumber the rest for peers
+    /// of an older build; and a request of its own, not more fields on `Stats`, which an
+    /// older daemon still answers.
+    Memory,
 }
 
 /// Most snapshots one `Grant` names.
@@ -286,23 +288,6 @@ pub enum Response {
         /// Faults served since the daemon started.
         faults_served: u64,
     },
-    /// Reply to `Memory`: where the daemon's heap goes. Its anonymous RSS less the index's
-    /// figures and the heap malloc keeps free is the daemon's own heap; the images it
-    /// serves are memfds, outside its heap (`Stats::image_bytes`).
-    Memory {
-        /// The index's block cache: bytes in it (data, index and filter blocks).
-        index_cache_bytes: u64,
-        /// The block cache's capacity.
-        index_cache_capacity: u64,
-        /// The index's memtables, all column families.
-        index_memtable_bytes: u64,
-        /// The index's table readers outside the block cache.
-        index_table_reader_bytes: u64,
-        /// Heap bytes allocated and in use (malloc's arenas and its own mappings).
-        heap_in_use_bytes: u64,
-        /// Heap bytes malloc holds free in its arenas (not given back to the system).
-        heap_free_bytes: u64,
-    },
     /// The fault session runs.
     FaultSessionStarted,
     /// Fault session liveness, with progress counters.
@@ -324,12 +309,74 @@ pub enum Response {
         /// Human-readable cause.
         message: String,
     },
+    /// Reply to `Memory` (last, like every addition): where the daemon's heap goes. Its
+    /// anonymous RSS less the index's figures and the heap malloc keeps free is the daemon's
+    /// own heap; the images it serves are memfds, outside its heap (`Stats::image_bytes`).
+    Memory {
+        /// The index's block cache: bytes in it (data, index and filter blocks).
+        index_cache_bytes: u64,
+        /// The block cache's capacity.
+        index_cache_capacity: u64,
+        /// The index's memtables, all column families.
+        index_memtable_bytes: u64,
+        /// The index's table readers outside the block cache.
+        index_table_reader_bytes: u64,
+        /// Heap bytes allocated and in use (malloc's arenas and its own mappings).
+        heap_in_use_bytes: u64,
+        /// Heap bytes malloc holds free in its arenas (not given back to the system).
+        heap_free_bytes: u64,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::{encode_frame, read_frame};
+
+    /// Postcard numbers variants by position: peers of another build (a VMM or a daemon
+    /// adopted across an upgrade) agree on these only while variants are only ever added at
+    /// the end. A variant inserted in the middle renumbers the rest and fails here.
+    #[test]
+    fn variant_numbers_on_the_wire_never_change() {
+        let number = |bytes: Vec<u8>| bytes[5]; // length (4), version (1), variant
+        let req = |r: &Request| number(encode_frame(SNAPSHOTD_PROTOCOL_VERSION, r).unwrap());
+        let resp = |r: &Response| number(encode_frame(SNAPSHOTD_PROTOCOL_VERSION, r).unwrap());
+        assert_eq!(req(&Request::Ping), 0);
+        assert_eq!(req(&Request::List), 11);
+        assert_eq!(req(&Request::Stats), 13);
+        let wait = Request::WaitDurable {
+            snapshot: String::new(),
+        };
+        assert_eq!(req(&wait), 14);
+        let grant = Request::Grant {
+            uid: 0,
+            snapshots: Vec::new(),
+            reset: false,
+        };
+        assert_eq!(req(&grant), 15);
+        assert_eq!(req(&Request::Memory), 16);
+        assert_eq!(resp(&Response::Pong), 0);
+        assert_eq!(resp(&Response::FaultSessionStarted), 8);
+        let beat = Response::Heartbeat {
+            faults: 0,
+            prefetched: 0,
+        };
+        assert_eq!(resp(&beat), 9);
+        let error = Response::Error {
+            code: ErrorCode::Internal,
+            message: String::new(),
+        };
+        assert_eq!(resp(&error), 11);
+        let memory = Response::Memory {
+            index_cache_bytes: 0,
+            index_cache_capacity: 0,
+            index_memtable_bytes: 0,
+            index_table_reader_bytes: 0,
+            heap_in_use_bytes: 0,
+            heap_free_bytes: 0,
+        };
+        assert_eq!(resp(&memory), 12);
+    }
 
     #[test]
     fn largest_page_list_fits_the_cap() {

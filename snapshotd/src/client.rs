@@ -185,7 +185,9 @@ impl DaemonMemory {
     /// The heap in use less what the index holds: the daemon's own allocations.
     pub fn own_heap_bytes(&self) -> u64 {
         self.heap_in_use_bytes.saturating_sub(
-            self.index_cache_bytes + self.index_memtable_bytes + self.index_table_reader_bytes,
+            self.index_cache_bytes
+                .saturating_add(self.index_memtable_bytes)
+                .saturating_add(self.index_table_reader_bytes),
         )
     }
 }

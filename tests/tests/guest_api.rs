@@ -1471,9 +1471,10 @@ fn domain_world(
 
 /// Python helpers the domain-policy test's cells use: `get(url, host)` (body, `HTTP <code>:
 /// <body>` or the error's type), `resolve(name)` (address or the error's type),
-/// `two_requests(ip, first, second)` (what comes back on one connection carrying a request
-/// for each host, the second sent after the first answer), `tls(ip, name)` (what a server
-/// answers to a real ClientHello for `name`).
+/// `two_requests(ip, first, second, extra)` (what comes back on one connection carrying a
+/// request for each host, the second sent after the first answer; `extra` header lines for
+/// the first), `raw(ip, data)` (what port 80 answers to `data`), `tls(ip, name)` (what a
+/// server answers to a real ClientHello for `name`).
 const DOMAIN_HELPERS: &str = r#"
 import socket, ssl, urllib.request, urllib.error
 def get(url, host=None):
@@ -1506,9 +1507,9 @@ def resolve_tcp(name):
     if msg[3] & 0xF:
         return f"rcode {msg[3] & 0xF}"
     return socket.inet_ntoa(msg[-4:])
-def two_requests(ip, first, second):
+def two_requests(ip, first, second, extra=""):
     s = socket.create_connection((ip, 80), timeout=20)
-    s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n\r\n".encode())
+    s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n{extra}\r\n".encode())
     data = s.recv(4096)
     try:
         s.sendall(f"GET / HTTP/1.1\r\nHost: {second}\r\n\r\n".encode())
@@ -1520,6 +1521,16 @@ def two_requests(ip, first, second):
     except OSError as e:
         data += f" [{type(e).__name__}]".encode()
     return data.decode()
+def raw(ip, data):
+    s = socket.create_connection((ip, 80), timeout=20)
+    s.sendall(data.encode())
+    out = b""
+    while True:
+        d = s.recv(4096)
+        if not d:
+            break
+        out += d
+    return out.decode()
 def tls(ip, name):
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
@@ -1541,8 +1552,9 @@ def tls(ip, name):
 /// Domain policies over the API, against a DNS server and a web server the test starts in a
 /// namespace linked to the host: an allow list of domains resolves only those names and lets
 /// HTTP and TLS through only for them (a denied name on the same server address gets a 403
-/// or a TLS alert, even with the address in the URL, and a kept-alive connection opened for
-/// an allowed name cannot carry a request for another); an allowed name that resolves to the
+/// or a TLS alert, even with the address in the URL; a kept-alive connection opened for an
+/// allowed name cannot carry a request for another, even asking for an upgrade; plain HTTP
+/// naming no single host is refused); an allowed name that resolves to the
 /// host is still refused; a runtime change to a deny list applies to the next query and
 /// connection; a sandbox with no way out resolves nothing; a fork's child gets its own
 /// resolver and proxy and leaves from its own address; the verdicts are counted.
@@ -1620,6 +1632,25 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     );
     assert!(kept.contains("hello files.test"), "{kept}");
     assert!(!kept.contains("hello blocked.test"), "{kept}");
+    // Nor by asking for an upgrade the server ignores (it would then keep the connection).
+    let upgraded = py(
+        &id,
+        r"two_requests('192.0.2.2', 'files.test', 'blocked.test', 'Connection: keep-alive, Upgrade\r\nUpgrade: h2c\r\n')",
+    );
+    assert!(upgraded.contains("hello files.test"), "{upgraded}");
+    assert!(!upgraded.contains("hello blocked.test"), "{upgraded}");
+    // Plain HTTP naming no single host is refused: none, two, or a target naming another.
+    for head in [
+        r"GET / HTTP/1.0\r\n\r\n",
+        r"GET / HTTP/1.1\r\nHost: files.test\r\nHost: blocked.test\r\n\r\n",
+        r"GET http://blocked.test/ HTTP/1.1\r\nHost: files.test\r\n\r\n",
+    ] {
+        let answer = py(&id, &format!("raw('192.0.2.2', '{head}')"));
+        assert!(
+            answer.contains("403 Forbidden") && answer.contains("no_name"),
+            "{head}: {answer}"
+        );
+    }
     // TLS: the ClientHello's server name decides; a refused one gets an alert.
     assert_eq!(py(&id, "tls('192.0.2.2', 'files.test')"), "b'TLSOK'");
     assert_eq!(
@@ -1681,6 +1712,7 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     assert!(count("fissiled_proxy_connections_total{verdict=\"not_allowed\"}") >= 2);
     assert!(count("fissiled_proxy_connections_total{verdict=\"always_denied\"}") >= 1);
     assert!(count("fissiled_proxy_connections_total{verdict=\"denied_domain\"}") >= 1);
+    assert!(count("fissiled_proxy_connections_total{verdict=\"no_name\"}") >= 3);
 }
 
 /// The daemon's caps on a sandbox's traffic, against a server the test starts in a namespace

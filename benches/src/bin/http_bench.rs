@@ -112,7 +112,9 @@ impl Daemon {
     /// [`Daemon::create_exec_delete`] step by step (create, first exec, delete; ms), with
     /// what the first exec cost inside: the cell's time in the guest and the page faults
     /// snapshotd served during the create and during the first exec (its `faults_served`
-    /// before and after each, outside the timed steps; nothing else runs meanwhile).
+    /// before and after each, outside the timed steps). The figure is the daemon's total:
+    /// nothing else runs here meanwhile (a warm pool starts its replacement member a second
+    /// after a take, later than the first exec ends in these runs).
     fn create_exec_delete_traced(
         &self,
         body: Value,

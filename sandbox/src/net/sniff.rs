@@ -220,7 +220,7 @@ fn tls_server_name(head: &[u8]) -> Sniffed {
 }
 
 fn http_host(head: &[u8]) -> Sniffed {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
         Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => Sniffed::NeedMore,
@@ -238,42 +238,68 @@ fn http_host(head: &[u8]) -> Sniffed {
             let Ok(host) = std::str::from_utf8(host) else {
                 return Sniffed::NoName;
             };
-            let name = match host.rsplit_once(':') {
-                Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
-                _ => host,
-            };
-            clean(name)
+            let name = clean(without_port(host));
+            // An absolute-form target (`GET http://other.test/ HTTP/1.1`) wins over Host at
+            // the server: it must name the same host, or the request names none.
+            let target = req.path.unwrap_or_default();
+            let scheme = target.find("://").filter(|&i| {
+                let s = &target[..i];
+                s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https")
+            });
+            if let Some(i) = scheme {
+                let rest = &target[i + 3..];
+                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                if authority.contains('@') || clean(without_port(authority)) != name {
+                    return Sniffed::NoName;
+                }
+            }
+            name
         }
         _ => Sniffed::NoName,
     }
 }
 
-/// `head` (an HTTP request's first bytes, its head complete) with its `Connection`,
-/// `Keep-Alive` and `Proxy-Connection` headers replaced by `Connection: close`, the bytes
-/// after the head kept as they are; `None` if `head` is not a complete HTTP/1 request head.
-/// A proxy that checked this request's Host sends this instead: the server closes the
+/// Most headers a request head may have to be read (and rewritten) by the proxy.
+const MAX_HEADERS: usize = 64;
+
+/// Whether `head` (a connection's first bytes) is, or begins, an HTTP/1 request.
+pub fn is_http_request(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    !head.is_empty() && httparse::Request::new(&mut headers).parse(head).is_ok()
+}
+
+/// `head` (an HTTP request's first bytes, its head complete) as the proxy forwards it: its
+/// `Connection`, `Keep-Alive`, `Proxy-Connection`, `Upgrade` and `HTTP2-Settings` headers
+/// replaced by `Connection: close`, the bytes after the head kept as they are; `None` if
+/// `head` is not a complete HTTP/1 request head (or has [`MAX_HEADERS`] headers and none to
+/// drop). A proxy that checked this request's Host sends this instead: the server closes the
 /// connection after its answer, so a later request on it, whose Host nobody checked, is never
-/// served (the client opens a new connection, checked again). A request asking for an
-/// `Upgrade` keeps its headers: what follows a switch is no longer HTTP requests.
+/// served (the client opens a new connection, checked again). No upgrade is passed on: after
+/// a switch (h2c above all) one connection could carry requests for any host.
 pub fn close_after_first_request(head: &[u8]) -> Option<Vec<u8>> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let Ok(httparse::Status::Complete(end)) = req.parse(head) else {
         return None;
     };
-    let hop = |name: &[u8]| {
-        [&b"connection"[..], b"keep-alive", b"proxy-connection"]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h))
+    let dropped = |name: &[u8]| {
+        [
+            &b"connection"[..],
+            b"keep-alive",
+            b"proxy-connection",
+            b"upgrade",
+            b"http2-settings",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
     };
-    let upgrade = req.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection")
-            && h.value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-    });
-    if upgrade {
-        return Some(head.to_vec());
+    let kept = req
+        .headers
+        .iter()
+        .filter(|h| !dropped(h.name.as_bytes()))
+        .count();
+    if kept >= MAX_HEADERS {
+        return None; // with `Connection: close` it could not be read again
     }
     let (lines, rest) = head.split_at(end);
     let mut out = Vec::with_capacity(head.len() + 19);
@@ -290,12 +316,20 @@ pub fn close_after_first_request(head: &[u8]) -> Option<Vec<u8>> {
             break;
         }
         let name = line.split(|&b| b == b':').next().unwrap_or_default();
-        if !hop(name.trim_ascii()) {
+        if !dropped(name.trim_ascii()) {
             out.extend_from_slice(line);
         }
     }
     out.extend_from_slice(rest);
     Some(out)
+}
+
+/// `host` without a `:port` suffix.
+fn without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => host,
+    }
 }
 
 /// A minimal TLS 1.2-framed ClientHello naming `name` in its server_name extension (record
@@ -404,9 +438,28 @@ mod tests {
             out,
             b"POST / HTTP/1.0\nHost: a\nConnection: close\r\n\nbody"
         );
-        // An upgrade keeps its headers.
-        let ws = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        assert_eq!(close_after_first_request(ws).unwrap(), ws);
+        // No upgrade is passed on (h2c would carry requests for any host).
+        let h2c = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+        assert_eq!(
+            close_after_first_request(h2c).unwrap(),
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        );
+        // 63 headers and a Connection fit once rewritten; 64 others do not.
+        let many = |n: usize| {
+            let mut h = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+            for i in 1..n {
+                h.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+            }
+            h
+        };
+        let mut h = many(63);
+        h.extend_from_slice(b"Connection: keep-alive\r\n\r\n");
+        let out = close_after_first_request(&h).unwrap();
+        assert_eq!(requested_name(&out), Sniffed::Name("a".into()));
+        let mut h = many(64);
+        h.extend_from_slice(b"\r\n");
+        assert_eq!(requested_name(&h), Sniffed::Name("a".into()));
+        assert_eq!(close_after_first_request(&h), None);
         // Not a complete HTTP/1 head: nothing to rewrite.
         assert_eq!(
             close_after_first_request(b"GET / HTTP/1.1\r\nHost: a\r\n"),
@@ -414,6 +467,28 @@ mod tests {
         );
         assert_eq!(close_after_first_request(&minimal_client_hello(b"a")), None);
         assert_eq!(close_after_first_request(b""), None);
+    }
+
+    #[test]
+    fn an_absolute_target_must_name_the_host_and_http_is_told_from_the_rest() {
+        let req = |target: &str| format!("GET {target} HTTP/1.1\r\nHost: files.test\r\n\r\n");
+        for (target, name) in [
+            ("/", Some("files.test")),
+            ("http://files.test/x", Some("files.test")),
+            ("HTTP://Files.Test:80", Some("files.test")),
+            ("https://files.test?q", Some("files.test")),
+            ("http://other.test/", None),
+            ("http://files.test@other.test/", None),
+            ("http://other.test", None),
+        ] {
+            let want = name.map_or(Sniffed::NoName, |n| Sniffed::Name(n.into()));
+            assert_eq!(requested_name(req(target).as_bytes()), want, "{target}");
+        }
+        assert!(is_http_request(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(is_http_request(b"GET /"), "the start of one");
+        assert!(!is_http_request(b""));
+        assert!(!is_http_request(b"\x00\x01binary"));
+        assert!(!is_http_request(&minimal_client_hello(b"a")));
     }
 
     #[test]
