@@ -206,6 +206,10 @@ impl Client {
         stream
             .set_read_timeout(Some(REQUEST_TIMEOUT))
             .map_err(|e| ClientError::Sys("set_read_timeout", e))?;
+        // A daemon that stops reading cannot hold a request's writer forever either.
+        stream
+            .set_write_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(|e| ClientError::Sys("set_write_timeout", e))?;
         Ok(Client {
             conn: FdStream::new(stream),
         })
@@ -387,8 +391,16 @@ impl Client {
 
     /// Lists snapshots.
     pub fn list(&mut self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        Ok(self.list_truncated()?.0)
+    }
+
+    /// [`Client::list`], and whether the daemon has more than it lists (`MAX_LIST`).
+    pub fn list_truncated(&mut self) -> Result<(Vec<SnapshotInfo>, bool), ClientError> {
         match self.call(&Request::List, None)? {
-            Response::List { snapshots, .. } => Ok(snapshots),
+            Response::List {
+                snapshots,
+                truncated,
+            } => Ok((snapshots, truncated)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -89,11 +89,14 @@ enum Cmd {
         #[arg(long)]
         root: PathBuf,
     },
-    /// List snapshots.
+    /// List snapshots (from a store root, or from a running daemon).
     Ls {
-        /// Store root directory.
+        /// Store root directory (the daemon stopped).
+        #[arg(long, conflicts_with = "socket")]
+        root: Option<PathBuf>,
+        /// Socket of a running daemon.
         #[arg(long)]
-        root: PathBuf,
+        socket: Option<PathBuf>,
     },
     /// Let the jailed VMM of `--uid` read these snapshots (and their ancestors): what a
     /// client that sends `merge` or `rollback` over a jailed VMM's control socket itself
@@ -198,12 +201,28 @@ fn main() -> anyhow::Result<()> {
             let store = Store::open(&root)?;
             println!("{}", serde_json::to_string_pretty(&store.gc()?)?);
         }
-        Cmd::Ls { root } => {
-            let store = Store::open(&root)?;
-            for s in store.list()? {
-                println!("{}", serde_json::to_string(&s)?);
+        Cmd::Ls { root, socket } => match (root, socket) {
+            (Some(root), _) => {
+                let store = Store::open(&root)?;
+                for s in store.list()? {
+                    println!("{}", serde_json::to_string(&s)?);
+                }
             }
-        }
+            (None, Some(socket)) => {
+                let (snapshots, truncated) = Client::connect(&socket)?.list_truncated()?;
+                for s in &snapshots {
+                    println!("{}", serde_json::to_string(s)?);
+                }
+                if truncated {
+                    eprintln!(
+                        "(the daemon lists at most {} snapshots; more exist: `ls --root` with \
+                         the daemon stopped lists all)",
+                        snapshots.len()
+                    );
+                }
+            }
+            (None, None) => bail!("give --root or --socket"),
+        },
         Cmd::Grant {
             socket,
             uid,

@@ -808,6 +808,47 @@ fn the_daemon_reports_its_heap_by_owner() {
     );
 }
 
+/// The maintenance commands that ask a running daemon: `ls --socket` lists what it holds,
+/// `memory --socket` and `stats --socket` print its figures (the `--root` forms need it
+/// stopped: rocksdb's lock).
+#[test]
+fn the_cli_asks_a_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let id = create(
+        &mut d.client(),
+        &memory(50, 16, 0),
+        CreateOptions::default(),
+    );
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fissile-snapshotd"))
+            .args(args)
+            .arg("--socket")
+            .arg(&d.socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ls = cli(&["ls"]);
+    let listed: serde_json::Value = serde_json::from_str(ls.trim()).unwrap();
+    assert_eq!(listed["id"], id.as_str(), "{ls}");
+    let memory: serde_json::Value = serde_json::from_str(&cli(&["memory"])).unwrap();
+    assert_eq!(
+        memory["index_cache_capacity"],
+        fissile_snapshotd::store::INDEX_CACHE_BYTES as u64
+    );
+    let stats: serde_json::Value = serde_json::from_str(&cli(&["stats"])).unwrap();
+    assert_eq!(stats["snapshots"], 1);
+    // Offline, the store is the daemon's: its lock says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_fissile-snapshotd"))
+        .args(["ls", "--root"])
+        .arg(dir.path().join("store"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
 #[test]
 fn an_image_evicted_between_open_and_serve_faults_is_not_a_livelock() {
     // No budget for unused images: every one is evicted as soon as nothing holds it.
