@@ -9,7 +9,7 @@
 
 pub mod seeds;
 
-use std::io::Cursor;
+use std::io::{Cursor, Write as _};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_chain", virtio_chain),
     ("virtio_blk", virtio_blk),
     ("virtio_net", virtio_net),
+    ("virtio_vsock", virtio_vsock),
     ("dns_query", dns_query),
     ("proxy_head", proxy_head),
     ("nft_counters", nft_counters),
@@ -216,6 +217,96 @@ pub fn virtio_net(data: &[u8]) {
     net.process_rx();
     net.reset();
 }
+
+/// virtio-vsock as a guest drives it: packets of its making (header and payload from the
+/// input: any ops, ports, lengths and credit) through the muxer, which connects the guest
+/// to a host listener for port [`VSOCK_HOST_PORT`] and answers on a receive queue whose
+/// buffers the same input describes; the host side writes to what it accepted and its
+/// socket events are handled between packets; then the transmit queue's own chains; the
+/// device reset between inputs.
+pub fn virtio_vsock(data: &[u8]) {
+    use fissile_vmm::devices::virtio::vsock::VsockBackend;
+    use fissile_vmm::devices::virtio::vsock::packet::{HDR_SIZE, VsockHeader};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use vmm_sys_util::epoll::{Epoll, EpollEvent};
+    struct Rig {
+        _dir: tempfile::TempDir,
+        epoll: std::sync::Arc<Epoll>,
+        backend: VsockBackend,
+        listener: UnixListener,
+    }
+    static RIG: OnceLock<Mutex<Option<Rig>>> = OnceLock::new();
+    let rig = RIG.get_or_init(|| {
+        let make = || {
+            let dir = tempfile::tempdir().ok()?;
+            let path = dir.path().join("v.sock");
+            let epoll = std::sync::Arc::new(Epoll::new().ok()?);
+            let backend = VsockBackend::new(VSOCK_GUEST_CID, &path, epoll.clone()).ok()?;
+            let listener =
+                UnixListener::bind(dir.path().join(format!("v.sock_{VSOCK_HOST_PORT}"))).ok()?;
+            listener.set_nonblocking(true).ok()?;
+            Some(Rig {
+                _dir: dir,
+                epoll,
+                backend,
+                listener,
+            })
+        };
+        Mutex::new(make())
+    });
+    let mut rig = rig.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Rig {
+        epoll,
+        backend,
+        listener,
+        ..
+    }) = &mut *rig
+    else {
+        return;
+    };
+    let (Some((mem, rx)), Some((_, tx)), Some((_, ev))) =
+        (guest_queue(data), guest_queue(data), guest_queue(data))
+    else {
+        return;
+    };
+    let Ok(irq) = IrqTrigger::new() else {
+        return;
+    };
+    backend.activate(mem, vec![rx, tx, ev], std::sync::Arc::new(irq));
+    let mut accepted: Vec<UnixStream> = Vec::new();
+    let mut events = vec![EpollEvent::default(); 16];
+    let mut rest = data;
+    for _ in 0..MAX_CHAINS {
+        let Some((head, after)) = rest.split_first_chunk::<HDR_SIZE>() else {
+            break;
+        };
+        let hdr = VsockHeader::parse(head);
+        let n = usize::try_from(hdr.len)
+            .unwrap_or(usize::MAX)
+            .min(after.len());
+        backend.handle_guest_packet(&hdr, &after[..n]);
+        rest = &after[n..];
+        while let Ok((s, _)) = listener.accept() {
+            let _ = s.set_nonblocking(true);
+            let _ = (&s).write_all(b"host bytes");
+            accepted.push(s);
+        }
+        if let Ok(k) = epoll.wait(0, &mut events) {
+            for e in &events[..k] {
+                backend.handle_event(e.fd(), e.event_set());
+            }
+        }
+        backend.process_rx();
+    }
+    backend.process_tx();
+    backend.tick();
+    backend.reset();
+}
+
+/// The guest's context id in the `virtio_vsock` target.
+pub const VSOCK_GUEST_CID: u64 = 3;
+/// The host port a listener answers on in the `virtio_vsock` target.
+pub const VSOCK_HOST_PORT: u32 = 1234;
 
 /// A guest's DNS query as the sandbox's resolver reads it (question, refusal built from
 /// it), and the same bytes as an upstream's reply to the proxy's own lookup.

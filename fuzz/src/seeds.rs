@@ -103,6 +103,7 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
         ("virtio_chain", vec![block_read_request()]),
         ("virtio_blk", vec![block_read_request()]),
         ("virtio_net", vec![net_tx_frame(), block_read_request()]),
+        ("virtio_vsock", vec![vsock_conversation()]),
         (
             "dns_query",
             vec![
@@ -123,6 +124,41 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
             vec![fissile_sandbox::net::nft_counters::example_answer()],
         ),
     ])
+}
+
+/// A guest's side of one vsock connection to the host listener of the `virtio_vsock` target:
+/// request, data, credit update, shutdown, reset.
+fn vsock_conversation() -> Vec<u8> {
+    use fissile_vmm::devices::virtio::vsock::packet::{
+        HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_SEND,
+        TYPE_STREAM, VsockHeader,
+    };
+    let packet = |op: u16, flags: u32, payload: &[u8]| {
+        let mut p = VsockHeader {
+            src_cid: crate::VSOCK_GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: 1024,
+            dst_port: crate::VSOCK_HOST_PORT,
+            len: u32::try_from(payload.len()).unwrap_or(0),
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: 65_536,
+            fwd_cnt: 0,
+        }
+        .to_bytes()
+        .to_vec();
+        p.extend_from_slice(payload);
+        p
+    };
+    [
+        packet(OP_REQUEST, 0, b""),
+        packet(OP_RW, 0, b"hello host"),
+        packet(OP_CREDIT_UPDATE, 0, b""),
+        packet(OP_SHUTDOWN, SHUTDOWN_SEND, b""),
+        packet(OP_RST, 0, b""),
+    ]
+    .concat()
 }
 
 /// Guest memory with one virtio-net transmit chain on the queue: a 12-byte header at 0x1000
