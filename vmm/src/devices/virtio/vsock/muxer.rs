@@ -775,9 +775,8 @@ impl VsockBackend {
             };
             match self.next_rx_packet(capacity(&descs) - HDR_SIZE) {
                 Some((hdr, payload_len)) => {
-                    let mut packet = hdr.to_bytes().to_vec();
-                    packet.extend_from_slice(&self.buf[..payload_len]);
-                    let written = write_descs(&mem, &descs, &packet);
+                    let written =
+                        write_descs(&mem, &descs, &[&hdr.to_bytes(), &self.buf[..payload_len]]);
                     let _ = self
                         .rx_queue()
                         .map(|q| q.add_used(&mem, head, written as u32));
@@ -875,7 +874,7 @@ impl VsockBackend {
         let head = chain.head_index();
         let written = match collect_chain(chain, max) {
             Ok(d) if d.iter().all(|d| d.is_write_only()) => {
-                write_descs(mem, &d, &EVENT_TRANSPORT_RESET.to_le_bytes())
+                write_descs(mem, &d, &[&EVENT_TRANSPORT_RESET.to_le_bytes()])
             }
             _ => 0,
         };
@@ -964,18 +963,70 @@ fn read_descs(
     Ok(())
 }
 
-/// Writes `data` across the descriptors; returns the bytes written.
-fn write_descs(mem: &GuestMemory, descs: &[Descriptor], data: &[u8]) -> usize {
+/// Writes `parts`, one after the other, across the descriptors (no copy into one buffer
+/// first); returns the bytes written.
+fn write_descs(mem: &GuestMemory, descs: &[Descriptor], parts: &[&[u8]]) -> usize {
     let mut done = 0;
-    for d in descs {
-        if done == data.len() {
-            break;
+    let mut descs = descs.iter();
+    // Where the current descriptor's free room starts, and how much is left of it.
+    let mut at: Option<(GuestAddress, usize)> = None;
+    for part in parts {
+        let mut part = *part;
+        while !part.is_empty() {
+            let (addr, room) = match at {
+                Some((a, r)) if r > 0 => (a, r),
+                _ => match descs.next() {
+                    Some(d) => (d.addr(), d.len() as usize),
+                    None => return done,
+                },
+            };
+            let n = room.min(part.len());
+            if n > 0 && mem.write_slice(&part[..n], addr).is_err() {
+                return done;
+            }
+            done += n;
+            part = &part[n..];
+            at = addr
+                .0
+                .checked_add(n as u64)
+                .map(|a| (GuestAddress(a), room - n));
         }
-        let n = (d.len() as usize).min(data.len() - done);
-        if mem.write_slice(&data[done..done + n], d.addr()).is_err() {
-            break;
-        }
-        done += n;
     }
     done
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::test_memory;
+
+    #[test]
+    fn parts_are_written_across_descriptors_as_one_run() {
+        let mem = test_memory();
+        let desc = |addr: u64, len: u32| Descriptor::new(addr, len, 0, 0);
+        // A header split over two descriptors (one empty between), the payload over the
+        // rest; the last descriptor has room to spare.
+        let descs = [
+            desc(0x1000, 30),
+            desc(0x2000, 0),
+            desc(0x3000, 20),
+            desc(0x4000, 100),
+        ];
+        let header: Vec<u8> = (0..44).collect();
+        let payload: Vec<u8> = (100..160).collect();
+        assert_eq!(write_descs(&mem, &descs, &[&header, &payload]), 104);
+        let read = |addr: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+            b
+        };
+        let mut got = read(0x1000, 30);
+        got.extend(read(0x3000, 20));
+        got.extend(read(0x4000, 54));
+        assert_eq!(got, [header.clone(), payload.clone()].concat());
+        // Too little room: what fits is written and counted.
+        let short = [desc(0x5000, 50)];
+        assert_eq!(write_descs(&mem, &short, &[&header, &payload]), 50);
+        assert_eq!(write_descs(&mem, &[], &[&header]), 0);
+    }
 }
