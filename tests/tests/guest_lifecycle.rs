@@ -147,7 +147,8 @@ fn guest_jailed_vmms_boot_restore_fork_and_merge() {
     assert_eq!(eval(&mut resumed, "x"), "41");
 }
 
-/// fork(3) from a parent with `x = 41`; the children diverge; child 2 is merged back.
+/// fork(3) from a parent with `x = 41`; the children diverge; child 2 is merged back; a
+/// fork with a child that cannot start reports it and leaves no VMM behind.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
@@ -268,6 +269,37 @@ fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
         eval(&mut grand[0], "import sys\n'json' in sys.modules"),
         "True"
     );
+
+    // A fork whose middle child cannot start (its directory would be under a file): that
+    // child is reported with the reason, the others start; once dropped (what `fork` does
+    // with the rest when one fails), no VMM of theirs is left running or unreaped.
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"").unwrap();
+    let dirs = vec![
+        dir.path().join("partial-0"),
+        file.join("partial-1"),
+        dir.path().join("partial-2"),
+    ];
+    let (outcomes, _) = parent.fork_each_in(dirs).unwrap();
+    let why = outcomes[1].as_ref().err().map(|e| e.to_string());
+    assert!(
+        why.as_deref()
+            .is_some_and(|w| w.contains("not-a-directory")),
+        "{why:?}"
+    );
+    let mut started: Vec<Sandbox> = outcomes.into_iter().filter_map(Result::ok).collect();
+    assert_eq!(started.len(), 2, "the other children started");
+    assert_eq!(eval(&mut started[1], "x"), "102");
+    let pids: Vec<u32> = started.iter().filter_map(Sandbox::pid).collect();
+    assert_eq!(pids.len(), 2);
+    drop(started);
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "child VMM {pid} left behind (running or a zombie)"
+        );
+    }
+    assert_eq!(eval(&mut parent, "x"), "102", "the parent is unharmed");
 }
 
 /// Snapshot/restore cycles keep state; a RAM-wide write pattern survives; wall clock and
