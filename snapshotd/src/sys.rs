@@ -328,3 +328,39 @@ pub fn heap_figures() -> Option<HeapFigures> {
         None
     }
 }
+
+/// Blocks of at least `bytes` get mappings of their own from malloc, unmapped when freed,
+/// and the threshold stays there (glibc otherwise raises it, up to 32 MiB, each time such a
+/// block is freed: later ones then come from the arenas, whose freed memory stays with the
+/// process). Call it before other threads start. False where the C library is not glibc.
+pub fn fix_mmap_threshold(bytes: usize) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let Ok(bytes) = libc::c_int::try_from(bytes) else {
+            return false;
+        };
+        // SAFETY: mallopt takes a parameter number and a value; M_MMAP_THRESHOLD with any
+        // int is valid (glibc refuses values above its maximum and returns 0).
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = bytes;
+        false
+    }
+}
+
+/// Gives the heap memory malloc holds free back to the system (glibc `malloc_trim`: the top
+/// of each arena, and whole free pages inside them with `madvise`). True if it released
+/// anything.
+pub fn release_free_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes a padding size and works under malloc's own locks.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

@@ -95,7 +95,7 @@ pub struct Server {
     ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
     /// Faults served by sessions that have ended (live ones add theirs).
     faults_served: Arc<AtomicU64>,
-    /// Wakes the compaction thread after a delete ([`Server::start_compactor`]).
+    /// Wakes the housekeeping thread after a delete ([`Server::start_housekeeping`]).
     compact_wake: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
 
@@ -220,14 +220,16 @@ impl Server {
         server
     }
 
-    /// Compacts the store in the background: after every delete and every `interval`, the
-    /// packs `policy` selects are rewritten, one at a time, while the daemon serves (reads go
-    /// on; an ingest or delete waits at most for the pack being rewritten).
-    pub fn start_compactor(self: &Arc<Self>, policy: CompactPolicy, interval: Duration) {
+    /// Housekeeping in the background, after every delete and every `interval`: the packs
+    /// `policy` selects (none without one) are rewritten, one at a time, while the daemon
+    /// serves (reads go on; an ingest or delete waits at most for the pack being rewritten);
+    /// then the heap malloc holds free goes back to the system (what freed images, views
+    /// and memtables left), so the daemon's memory follows what it holds.
+    pub fn start_housekeeping(self: &Arc<Self>, policy: Option<CompactPolicy>, interval: Duration) {
         let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
-            .name("snapshotd-compact".into())
+            .name("snapshotd-house".into())
             .spawn(move || {
                 loop {
                     match rx.recv_timeout(interval) {
@@ -238,9 +240,13 @@ impl Server {
                     if server.shutdown.load(Ordering::Relaxed) {
                         return;
                     }
-                    if let Err(e) = server.store.compact(&policy) {
+                    if let Some(policy) = &policy
+                        && let Err(e) = server.store.compact(policy)
+                    {
                         tracing::warn!(error = %crate::error_chain(&e), "compaction failed");
                     }
+                    drop(server);
+                    sys::release_free_heap();
                 }
             });
         match spawned {
@@ -250,7 +256,7 @@ impl Server {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
             }
-            Err(e) => tracing::error!(error = %e, "could not start the compaction thread"),
+            Err(e) => tracing::error!(error = %e, "could not start the housekeeping thread"),
         }
     }
 
