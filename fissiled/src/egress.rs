@@ -407,15 +407,22 @@ async fn proxy(
         refuse(&mut guest, &head, name.as_deref(), "not_allowed").await;
         return "not_allowed";
     };
-    // Plain HTTP goes through with exactly one host named (Host, and an absolute target if
-    // any, agreeing) and as one request: the server is asked to close after answering it, so
-    // a later request on the connection, for a host nobody checked, is never served.
+    // Plain HTTP naming one host (Host, and a target naming the same if it names any) goes
+    // through as one request: the server is asked to close after answering it, so a later
+    // request on the connection, for a host nobody checked, is never served. Naming none
+    // (no Host, two, or a head this parser cannot read) it goes by its address as before,
+    // unless the policy denies domains: then its host is unknown and it is refused.
     let forward = if head.first() != Some(&0x16) && sniff::is_http_request(&head) {
         match (&name, sniff::close_after_first_request(&head)) {
             (Some(_), Some(one)) => Some(one),
-            _ => {
-                refuse(&mut guest, &head, name.as_deref(), "no_name").await;
+            (None, _) if policy.deny_domains.is_empty() => None,
+            (None, _) => {
+                refuse(&mut guest, &head, None, "no_name").await;
                 return "no_name";
+            }
+            (Some(_), None) => {
+                refuse(&mut guest, &head, name.as_deref(), "too_many_headers").await;
+                return "too_many_headers";
             }
         }
     } else {

@@ -147,7 +147,7 @@ impl Default for Metrics {
         );
         registry.register(
             "fissiled_proxy_connections",
-            "Guests' HTTP and TLS connections through the domain proxy by verdict: allowed, refused (denied_domain, denied_address, always_denied, not_allowed, unresolved, no_name: plain HTTP naming no single host), connect_failed, connection_cap, empty",
+            "Guests' HTTP and TLS connections through the domain proxy by verdict: allowed, refused (denied_domain, denied_address, always_denied, not_allowed, unresolved, no_name: plain HTTP naming no single host while the policy denies domains, too_many_headers), connect_failed, connection_cap, empty",
             proxy_connections.clone(),
         );
         registry.register(

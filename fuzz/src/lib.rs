@@ -218,12 +218,13 @@ pub fn virtio_net(data: &[u8]) {
     net.reset();
 }
 
-/// virtio-vsock as a guest drives it: packets of its making (header and payload from the
-/// input: any ops, ports, lengths and credit) through the muxer, which connects the guest
-/// to a host listener for port [`VSOCK_HOST_PORT`] and answers on a receive queue whose
-/// buffers the same input describes; the host side writes to what it accepted and its
-/// socket events are handled between packets; then the transmit queue's own chains; the
-/// device reset between inputs.
+/// virtio-vsock as a guest drives it. The input is a packet stream (a 2-byte length, then
+/// headers and payloads: any ops, ports, lengths and credit) and guest memory with the
+/// queues (what follows). The packets go through the muxer, which connects the guest to a
+/// host listener for port [`VSOCK_HOST_PORT`] and answers into the receive queue's buffers
+/// the memory describes; the host side writes to what it accepted and its socket events are
+/// handled between packets; then the transmit queue's own chains; the device reset between
+/// inputs.
 pub fn virtio_vsock(data: &[u8]) {
     use fissile_vmm::devices::virtio::vsock::VsockBackend;
     use fissile_vmm::devices::virtio::vsock::packet::{HDR_SIZE, VsockHeader};
@@ -264,9 +265,15 @@ pub fn virtio_vsock(data: &[u8]) {
     else {
         return;
     };
-    let (Some((mem, rx)), Some((_, tx)), Some((_, ev))) =
-        (guest_queue(data), guest_queue(data), guest_queue(data))
-    else {
+    let Some((len, data)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let (packets, memory) = data.split_at(usize::from(u16::from_le_bytes(*len)).min(data.len()));
+    let (Some((mem, rx)), Some((_, tx)), Some((_, ev))) = (
+        guest_queue(memory),
+        guest_queue(memory),
+        guest_queue(memory),
+    ) else {
         return;
     };
     let Ok(irq) = IrqTrigger::new() else {
@@ -275,7 +282,7 @@ pub fn virtio_vsock(data: &[u8]) {
     backend.activate(mem, vec![rx, tx, ev], std::sync::Arc::new(irq));
     let mut accepted: Vec<UnixStream> = Vec::new();
     let mut events = vec![EpollEvent::default(); 16];
-    let mut rest = data;
+    let mut rest = packets;
     for _ in 0..MAX_CHAINS {
         let Some((head, after)) = rest.split_first_chunk::<HDR_SIZE>() else {
             break;

@@ -126,8 +126,9 @@ pub fn all() -> anyhow::Result<Vec<Seeds>> {
     ])
 }
 
-/// A guest's side of one vsock connection to the host listener of the `virtio_vsock` target:
-/// request, data, credit update, shutdown, reset.
+/// A `virtio_vsock` input: a guest's side of one vsock connection to the target's host
+/// listener (request, data, credit update, shutdown, reset), then guest memory whose queue
+/// offers two 4 KiB device-writable buffers (what the receive queue fills).
 fn vsock_conversation() -> Vec<u8> {
     use fissile_vmm::devices::virtio::vsock::packet::{
         HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_SEND,
@@ -151,14 +152,31 @@ fn vsock_conversation() -> Vec<u8> {
         p.extend_from_slice(payload);
         p
     };
-    [
+    let packets = [
         packet(OP_REQUEST, 0, b""),
         packet(OP_RW, 0, b"hello host"),
         packet(OP_CREDIT_UPDATE, 0, b""),
         packet(OP_SHUTDOWN, SHUTDOWN_SEND, b""),
         packet(OP_RST, 0, b""),
     ]
-    .concat()
+    .concat();
+    let mut mem = vec![0u8; 0x3000];
+    for (i, addr) in [0x1000u64, 0x2000].into_iter().enumerate() {
+        let at = 16 * i;
+        mem[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+        mem[at + 8..at + 12].copy_from_slice(&4096u32.to_le_bytes());
+        mem[at + 12..at + 14].copy_from_slice(&2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
+    }
+    let avail = 16 * 16;
+    mem[avail + 2..avail + 4].copy_from_slice(&2u16.to_le_bytes()); // idx 2: heads 0, 1
+    mem[avail + 6..avail + 8].copy_from_slice(&1u16.to_le_bytes());
+    let mut input = u16::try_from(packets.len())
+        .unwrap_or(u16::MAX)
+        .to_le_bytes()
+        .to_vec();
+    input.extend(packets);
+    input.extend(mem);
+    input
 }
 
 /// Guest memory with one virtio-net transmit chain on the queue: a 12-byte header at 0x1000

@@ -55,7 +55,8 @@ enum Cmd {
         /// Share of a pack's bytes (1-100) that must be dead before compaction rewrites it.
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
         compact_dead_percent: u8,
-        /// Seconds between compaction checks (besides the one after every delete).
+        /// Seconds between housekeeping rounds (compaction checks, giving free heap back),
+        /// besides the one after every delete.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         compact_interval_s: u64,
         /// The seccomp filter every thread runs under once the daemon serves: `kill` (a

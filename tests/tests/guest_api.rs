@@ -1469,6 +1469,13 @@ fn domain_world(
     ns
 }
 
+/// Plain HTTP requests that name no single host: none, two, a target naming another.
+const NAMELESS_HEADS: [&str; 3] = [
+    r"GET / HTTP/1.0\r\n\r\n",
+    r"GET / HTTP/1.1\r\nHost: files.test\r\nHost: blocked.test\r\n\r\n",
+    r"GET x://blocked.test/ HTTP/1.1\r\nHost: files.test\r\n\r\n",
+];
+
 /// Python helpers the domain-policy test's cells use: `get(url, host)` (body, `HTTP <code>:
 /// <body>` or the error's type), `resolve(name)` (address or the error's type),
 /// `two_requests(ip, first, second, extra)` (what comes back on one connection carrying a
@@ -1554,10 +1561,11 @@ def tls(ip, name):
 /// HTTP and TLS through only for them (a denied name on the same server address gets a 403
 /// or a TLS alert, even with the address in the URL; a kept-alive connection opened for an
 /// allowed name cannot carry a request for another, even asking for an upgrade; plain HTTP
-/// naming no single host is refused); an allowed name that resolves to the
-/// host is still refused; a runtime change to a deny list applies to the next query and
-/// connection; a sandbox with no way out resolves nothing; a fork's child gets its own
-/// resolver and proxy and leaves from its own address; the verdicts are counted.
+/// naming no single host goes by its address, refused under a deny list); an allowed name
+/// that resolves to the host is still refused; a runtime change to a deny list applies to
+/// the next query and connection; a sandbox with no way out resolves nothing; a fork's
+/// child gets its own resolver and proxy and leaves from its own address; the verdicts are
+/// counted.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_api_domain_policies_resolve_and_proxy_by_name() {
@@ -1639,15 +1647,12 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     );
     assert!(upgraded.contains("hello files.test"), "{upgraded}");
     assert!(!upgraded.contains("hello blocked.test"), "{upgraded}");
-    // Plain HTTP naming no single host is refused: none, two, or a target naming another.
-    for head in [
-        r"GET / HTTP/1.0\r\n\r\n",
-        r"GET / HTTP/1.1\r\nHost: files.test\r\nHost: blocked.test\r\n\r\n",
-        r"GET http://blocked.test/ HTTP/1.1\r\nHost: files.test\r\n\r\n",
-    ] {
+    // Plain HTTP naming no single host (none, two, or a target naming another) goes by its
+    // address, which this policy does not allow.
+    for head in NAMELESS_HEADS {
         let answer = py(&id, &format!("raw('192.0.2.2', '{head}')"));
         assert!(
-            answer.contains("403 Forbidden") && answer.contains("no_name"),
+            answer.contains("403 Forbidden") && answer.contains("not_allowed"),
             "{head}: {answer}"
         );
     }
@@ -1694,6 +1699,22 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     assert_eq!(py(&id, "resolve('blocked.test')"), "'gaierror'");
     let denied = py(&id, "get('http://192.0.2.2/', 'blocked.test')");
     assert!(denied.contains("denied_domain: blocked.test"), "{denied}");
+    // With every address open, the Host is what keeps blocked.test out: a kept-alive
+    // connection cannot carry a second request for it, and a request naming no single host
+    // is refused (its host is unknown).
+    let kept = py(
+        &id,
+        "two_requests('192.0.2.2', 'files.test', 'blocked.test')",
+    );
+    assert!(kept.contains("hello files.test"), "{kept}");
+    assert!(!kept.contains("hello blocked.test"), "{kept}");
+    for head in NAMELESS_HEADS {
+        let answer = py(&id, &format!("raw('192.0.2.2', '{head}')"));
+        assert!(
+            answer.contains("403 Forbidden") && answer.contains("no_name"),
+            "{head}: {answer}"
+        );
+    }
     assert!(py(&id, "get('http://192.0.2.2/', 'files.test')").starts_with("'hello files.test"));
     // The child keeps the policy it was forked with.
     assert_eq!(py(&child, "resolve('cdn.files.test')"), "'192.0.2.2'");

@@ -239,15 +239,14 @@ fn http_host(head: &[u8]) -> Sniffed {
                 return Sniffed::NoName;
             };
             let name = clean(without_port(host));
-            // An absolute-form target (`GET http://other.test/ HTTP/1.1`) wins over Host at
-            // the server: it must name the same host, or the request names none.
+            // A target other than a path (`GET x://other.test/ HTTP/1.1`, whatever the
+            // scheme) may pick the server's virtual host over Host: it must name the same
+            // host, or the request names none (so does an authority-form `CONNECT` target).
             let target = req.path.unwrap_or_default();
-            let scheme = target.find("://").filter(|&i| {
-                let s = &target[..i];
-                s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https")
-            });
-            if let Some(i) = scheme {
-                let rest = &target[i + 3..];
+            if !(target.starts_with('/') || target == "*") {
+                let Some((_, rest)) = target.split_once("://") else {
+                    return Sniffed::NoName;
+                };
                 let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
                 if authority.contains('@') || clean(without_port(authority)) != name {
                     return Sniffed::NoName;
@@ -262,10 +261,21 @@ fn http_host(head: &[u8]) -> Sniffed {
 /// Most headers a request head may have to be read (and rewritten) by the proxy.
 const MAX_HEADERS: usize = 64;
 
-/// Whether `head` (a connection's first bytes) is, or begins, an HTTP/1 request.
+/// Whether `head` (a connection's first bytes) is, or begins, what a web server could read
+/// as an HTTP request: one this parser reads (or would, but for too many headers), or a
+/// first line that starts with a method and a space (a lenient server reads more than this
+/// parser does).
 pub fn is_http_request(head: &[u8]) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    !head.is_empty() && httparse::Request::new(&mut headers).parse(head).is_ok()
+    match httparse::Request::new(&mut headers).parse(head) {
+        Ok(_) => !head.is_empty(),
+        Err(httparse::Error::TooManyHeaders) => true,
+        Err(_) => {
+            let line = head.trim_ascii_start();
+            let method = line.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+            method > 0 && line.get(method) == Some(&b' ')
+        }
+    }
 }
 
 /// `head` (an HTTP request's first bytes, its head complete) as the proxy forwards it: its
@@ -480,12 +490,25 @@ mod tests {
             ("http://other.test/", None),
             ("http://files.test@other.test/", None),
             ("http://other.test", None),
+            ("x://other.test/", None),
+            ("x://files.test/", Some("files.test")),
+            ("other.test:80", None),
+            ("*", Some("files.test")),
         ] {
             let want = name.map_or(Sniffed::NoName, |n| Sniffed::Name(n.into()));
             assert_eq!(requested_name(req(target).as_bytes()), want, "{target}");
         }
         assert!(is_http_request(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(is_http_request(b"GET /"), "the start of one");
+        // What a lenient server reads and this parser does not.
+        assert!(is_http_request(b"GET  /  HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(is_http_request(b"GET / HTTP/1.1\r\nX Y: z\r\n\r\n"));
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..70 {
+            many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        assert!(is_http_request(&many));
+        assert_eq!(requested_name(&many), Sniffed::NoName);
         assert!(!is_http_request(b""));
         assert!(!is_http_request(b"\x00\x01binary"));
         assert!(!is_http_request(&minimal_client_hello(b"a")));
