@@ -164,9 +164,22 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Daemon state, shared by every handler.
+/// Daemon state, shared by every handler: one reference-counted [`AppState`], so the copy
+/// each extractor and layer takes per request is one counter, not one per field.
 #[derive(Debug, Clone)]
-pub struct App {
+pub struct App(Arc<AppState>);
+
+impl std::ops::Deref for App {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+/// What [`App`] shares.
+#[derive(Debug)]
+pub struct AppState {
     /// The metadata store.
     pub db: Arc<Db>,
     /// Configuration.
@@ -363,7 +376,7 @@ impl App {
             runtime: tokio::runtime::Handle::current(),
             metrics: metrics.clone(),
         });
-        let app = App {
+        let app = App(Arc::new(AppState {
             db: Arc::new(db),
             config: Arc::new(config),
             live: Arc::default(),
@@ -378,7 +391,7 @@ impl App {
             pool: Arc::default(),
             keys: Arc::new(crate::auth::KeyRing::new(db_keys)),
             lost: Arc::default(),
-        };
+        }));
         app.sweep_template_dirs();
         app.recover(adopted)?;
         Ok(app)
