@@ -209,6 +209,37 @@ pub struct SnapshotInfo {
     pub durable: bool,
 }
 
+/// Where the daemon's heap goes (`Memory`). Its anonymous RSS less the index's figures and
+/// the heap malloc keeps free is the daemon's own heap; the images it serves are memfds,
+/// outside its heap (`Stats::image_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFigures {
+    /// The index's block cache: bytes in it (data, index and filter blocks).
+    pub index_cache_bytes: u64,
+    /// The block cache's capacity.
+    pub index_cache_capacity: u64,
+    /// The index's memtables, all column families.
+    pub index_memtable_bytes: u64,
+    /// The index's table readers outside the block cache.
+    pub index_table_reader_bytes: u64,
+    /// Heap bytes allocated and in use (malloc's arenas and its own mappings; 0 where the
+    /// daemon's C library does not say).
+    pub heap_in_use_bytes: u64,
+    /// Heap bytes malloc holds free in its arenas (not given back to the system).
+    pub heap_free_bytes: u64,
+}
+
+impl MemoryFigures {
+    /// The heap in use less what the index holds: the daemon's own allocations.
+    pub fn own_heap_bytes(&self) -> u64 {
+        self.heap_in_use_bytes.saturating_sub(
+            self.index_cache_bytes
+                .saturating_add(self.index_memtable_bytes)
+                .saturating_add(self.index_table_reader_bytes),
+        )
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -309,23 +340,8 @@ pub enum Response {
         /// Human-readable cause.
         message: String,
     },
-    /// Reply to `Memory` (last, like every addition): where the daemon's heap goes. Its
-    /// anonymous RSS less the index's figures and the heap malloc keeps free is the daemon's
-    /// own heap; the images it serves are memfds, outside its heap (`Stats::image_bytes`).
-    Memory {
-        /// The index's block cache: bytes in it (data, index and filter blocks).
-        index_cache_bytes: u64,
-        /// The block cache's capacity.
-        index_cache_capacity: u64,
-        /// The index's memtables, all column families.
-        index_memtable_bytes: u64,
-        /// The index's table readers outside the block cache.
-        index_table_reader_bytes: u64,
-        /// Heap bytes allocated and in use (malloc's arenas and its own mappings).
-        heap_in_use_bytes: u64,
-        /// Heap bytes malloc holds free in its arenas (not given back to the system).
-        heap_free_bytes: u64,
-    },
+    /// Reply to `Memory` (last, like every addition).
+    Memory(MemoryFigures),
 }
 
 #[cfg(test)]
@@ -367,14 +383,14 @@ mod tests {
             message: String::new(),
         };
         assert_eq!(resp(&error), 11);
-        let memory = Response::Memory {
+        let memory = Response::Memory(MemoryFigures {
             index_cache_bytes: 0,
             index_cache_capacity: 0,
             index_memtable_bytes: 0,
             index_table_reader_bytes: 0,
             heap_in_use_bytes: 0,
             heap_free_bytes: 0,
-        };
+        });
         assert_eq!(resp(&memory), 12);
     }
 

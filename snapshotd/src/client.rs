@@ -165,32 +165,7 @@ pub struct DaemonStats {
 }
 
 /// Where a running daemon's heap goes (`Memory`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct DaemonMemory {
-    /// Bytes in the index's block cache.
-    pub index_cache_bytes: u64,
-    /// The block cache's capacity.
-    pub index_cache_capacity: u64,
-    /// Bytes in the index's memtables.
-    pub index_memtable_bytes: u64,
-    /// Bytes of the index's table readers outside the block cache.
-    pub index_table_reader_bytes: u64,
-    /// Heap bytes allocated and in use (0 where the daemon's C library does not say).
-    pub heap_in_use_bytes: u64,
-    /// Heap bytes malloc keeps free in its arenas.
-    pub heap_free_bytes: u64,
-}
-
-impl DaemonMemory {
-    /// The heap in use less what the index holds: the daemon's own allocations.
-    pub fn own_heap_bytes(&self) -> u64 {
-        self.heap_in_use_bytes.saturating_sub(
-            self.index_cache_bytes
-                .saturating_add(self.index_memtable_bytes)
-                .saturating_add(self.index_table_reader_bytes),
-        )
-    }
-}
+pub use fissile_proto::snapshotd::MemoryFigures as DaemonMemory;
 
 /// A connection to snapshotd.
 #[derive(Debug)]
@@ -461,21 +436,7 @@ impl Client {
     /// what malloc holds in use and free.
     pub fn memory(&mut self) -> Result<DaemonMemory, ClientError> {
         match self.call(&Request::Memory, None)? {
-            Response::Memory {
-                index_cache_bytes,
-                index_cache_capacity,
-                index_memtable_bytes,
-                index_table_reader_bytes,
-                heap_in_use_bytes,
-                heap_free_bytes,
-            } => Ok(DaemonMemory {
-                index_cache_bytes,
-                index_cache_capacity,
-                index_memtable_bytes,
-                index_table_reader_bytes,
-                heap_in_use_bytes,
-                heap_free_bytes,
-            }),
+            Response::Memory(figures) => Ok(figures),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

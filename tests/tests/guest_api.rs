@@ -1514,30 +1514,26 @@ def resolve_tcp(name):
     if msg[3] & 0xF:
         return f"rcode {msg[3] & 0xF}"
     return socket.inet_ntoa(msg[-4:])
+def read_all(s, data=b""):
+    while True:
+        d = s.recv(4096)
+        if not d:
+            return data
+        data += d
 def two_requests(ip, first, second, extra=""):
     s = socket.create_connection((ip, 80), timeout=20)
     s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n{extra}\r\n".encode())
     data = s.recv(4096)
     try:
         s.sendall(f"GET / HTTP/1.1\r\nHost: {second}\r\n\r\n".encode())
-        while True:
-            d = s.recv(4096)
-            if not d:
-                break
-            data += d
+        data = read_all(s, data)
     except OSError as e:
         data += f" [{type(e).__name__}]".encode()
     return data.decode()
 def raw(ip, data):
     s = socket.create_connection((ip, 80), timeout=20)
     s.sendall(data.encode())
-    out = b""
-    while True:
-        d = s.recv(4096)
-        if not d:
-            break
-        out += d
-    return out.decode()
+    return read_all(s).decode()
 def tls(ip, name):
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
@@ -1547,13 +1543,7 @@ def tls(ip, name):
         pass
     s = socket.create_connection((ip, 443), timeout=20)
     s.sendall(out.read())
-    data = b""
-    while True:
-        d = s.recv(4096)
-        if not d:
-            break
-        data += d
-    return data
+    return read_all(s)
 "#;
 
 /// Domain policies over the API, against a DNS server and a web server the test starts in a
@@ -1633,29 +1623,30 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     );
     // A second request on a kept-alive connection cannot name another host: the checked
     // first one reached the server with `Connection: close` (the server here keeps
-    // connections alive otherwise, and then would answer the second).
-    let kept = py(
-        &id,
-        "two_requests('192.0.2.2', 'files.test', 'blocked.test')",
-    );
-    assert!(kept.contains("hello files.test"), "{kept}");
-    assert!(!kept.contains("hello blocked.test"), "{kept}");
-    // Nor by asking for an upgrade the server ignores (it would then keep the connection).
-    let upgraded = py(
-        &id,
-        r"two_requests('192.0.2.2', 'files.test', 'blocked.test', 'Connection: keep-alive, Upgrade\r\nUpgrade: h2c\r\n')",
-    );
-    assert!(upgraded.contains("hello files.test"), "{upgraded}");
-    assert!(!upgraded.contains("hello blocked.test"), "{upgraded}");
-    // Plain HTTP naming no single host (none, two, or a target naming another) goes by its
-    // address, which this policy does not allow.
-    for head in NAMELESS_HEADS {
-        let answer = py(&id, &format!("raw('192.0.2.2', '{head}')"));
-        assert!(
-            answer.contains("403 Forbidden") && answer.contains("not_allowed"),
-            "{head}: {answer}"
+    // connections alive otherwise, and then would answer the second); nor can it by asking
+    // for an upgrade the server ignores. Plain HTTP naming no single host (none, two, or a
+    // target naming another) goes by its address, which this policy does not allow.
+    let one_host_per_connection = |id: &str, upgrade: &str, nameless: &str| {
+        let kept = py(
+            id,
+            &format!("two_requests('192.0.2.2', 'files.test', 'blocked.test', '{upgrade}')"),
         );
-    }
+        assert!(kept.contains("hello files.test"), "{kept}");
+        assert!(!kept.contains("hello blocked.test"), "{kept}");
+        for head in NAMELESS_HEADS {
+            let answer = py(id, &format!("raw('192.0.2.2', '{head}')"));
+            assert!(
+                answer.contains("403 Forbidden") && answer.contains(nameless),
+                "{head}: {answer}"
+            );
+        }
+    };
+    one_host_per_connection(&id, "", "not_allowed");
+    one_host_per_connection(
+        &id,
+        r"Connection: keep-alive, Upgrade\r\nUpgrade: h2c\r\n",
+        "not_allowed",
+    );
     // TLS: the ClientHello's server name decides; a refused one gets an alert.
     assert_eq!(py(&id, "tls('192.0.2.2', 'files.test')"), "b'TLSOK'");
     assert_eq!(
@@ -1702,19 +1693,7 @@ fn guest_api_domain_policies_resolve_and_proxy_by_name() {
     // With every address open, the Host is what keeps blocked.test out: a kept-alive
     // connection cannot carry a second request for it, and a request naming no single host
     // is refused (its host is unknown).
-    let kept = py(
-        &id,
-        "two_requests('192.0.2.2', 'files.test', 'blocked.test')",
-    );
-    assert!(kept.contains("hello files.test"), "{kept}");
-    assert!(!kept.contains("hello blocked.test"), "{kept}");
-    for head in NAMELESS_HEADS {
-        let answer = py(&id, &format!("raw('192.0.2.2', '{head}')"));
-        assert!(
-            answer.contains("403 Forbidden") && answer.contains("no_name"),
-            "{head}: {answer}"
-        );
-    }
+    one_host_per_connection(&id, "", "no_name");
     assert!(py(&id, "get('http://192.0.2.2/', 'files.test')").starts_with("'hello files.test"));
     // The child keeps the policy it was forked with.
     assert_eq!(py(&child, "resolve('cdn.files.test')"), "'192.0.2.2'");

@@ -1047,7 +1047,7 @@ impl Server {
             Request::Memory => {
                 let index = self.store.index_memory();
                 let heap = sys::heap_figures();
-                ok(Response::Memory {
+                ok(Response::Memory(fissile_proto::snapshotd::MemoryFigures {
                     // One cache shared by every family: each reports the same figures.
                     index_cache_bytes: index.cache_usage.first().copied().unwrap_or(0),
                     index_cache_capacity: index.cache_capacity.first().copied().unwrap_or(0),
@@ -1055,7 +1055,7 @@ impl Server {
                     index_table_reader_bytes: index.table_readers,
                     heap_in_use_bytes: heap.map_or(0, |h| h.in_use),
                     heap_free_bytes: heap.map_or(0, |h| h.free),
-                })
+                }))
             }
         }
     }
