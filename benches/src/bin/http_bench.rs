@@ -142,17 +142,8 @@ impl Daemon {
 
     /// snapshotd's faults served since it started (fissiled's `/metrics`).
     fn faults_served(&self) -> anyhow::Result<f64> {
-        let text = self
-            .http
-            .get(&format!("{}/metrics", self.fissiled.base()))
-            .timeout(Duration::from_secs(60))
-            .set("Authorization", &format!("Bearer {}", self.key))
-            .call()?
-            .into_string()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("fissiled_store_faults_served "))
-            .context("no fissiled_store_faults_served in /metrics")?
-            .trim()
+        self.fissiled
+            .metric("fissiled_store_faults_served")?
             .parse()
             .context("fissiled_store_faults_served")
     }
