@@ -72,6 +72,11 @@ const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"pack.active";
 const META_COMMITTED: &[u8] = b"pack.committed";
 const META_DEAD: &[u8] = b"pack.dead";
+/// Bytes of a chunk key (a blake3 hash) that pick its bucket in the chunk index's memtable.
+const CHUNK_KEY_PREFIX: usize = 8;
+/// Buckets of a chunk index memtable: about one per entry a full memtable holds (a quarter
+/// of [`INDEX_MEMTABLE_BYTES`], some 100 bytes an entry); 2 MiB of pointers each.
+const CHUNK_MEMTABLE_BUCKETS: usize = 1 << 18;
 /// Pages read and hashed per batch during ingest.
 const INGEST_BATCH_PAGES: usize = 256;
 
@@ -615,8 +620,24 @@ impl Store {
             o.set_write_buffer_size(memtable_bytes / 4);
             o
         };
+        // The chunk index's keys are blake3 hashes, uniformly spread: its memtable is a hash
+        // table of small skiplists on their first 8 bytes, so an ingest's look-up of a page
+        // it saw before is a bucket and a step or two, not a walk down a skiplist of every
+        // chunk written since the last flush. Its scans must ask for total order
+        // (`chunk_scan`): a prefix iterator over this memtable starts nowhere.
+        let mut chunks_opts = cf_opts(true);
+        chunks_opts.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(
+            CHUNK_KEY_PREFIX,
+        ));
+        chunks_opts.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+            bucket_count: CHUNK_MEMTABLE_BUCKETS,
+            height: 4,
+            branching_factor: 4,
+        });
+        // A hash memtable takes one writer at a time (ours are serialized anyway).
+        opts.set_allow_concurrent_memtable_write(false);
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_CHUNKS, cf_opts(true)),
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks_opts),
             ColumnFamilyDescriptor::new(CF_MANIFESTS, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_CHILDREN, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_META, cf_opts(false)),
@@ -809,6 +830,15 @@ impl Store {
         let f = Arc::new(File::open(pack::pack_path(&self.packs_dir, n))?);
         readers.insert(n, f.clone());
         Ok(f)
+    }
+
+    /// Every chunk index entry, in key order: memtables included, which only a total-order
+    /// iterator sees in a hash memtable (the only way this index is scanned).
+    fn chunk_scan(&self) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_total_order_seek(true);
+        self.db
+            .iterator_cf_opt(self.cf(CF_CHUNKS), ro, rocksdb::IteratorMode::Start)
     }
 
     fn get_entry(&self, hash: &Hash) -> Result<Option<ChunkEntry>, rocksdb::Error> {
@@ -1293,10 +1323,7 @@ impl Store {
     /// Store-wide figures.
     pub fn stats(&self) -> Result<StoreStats, CheckError> {
         let mut s = StoreStats::default();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
-        {
+        for item in self.chunk_scan() {
             let (_, v) = item.map_err(CheckError::Index)?;
             if let Some(e) = ChunkEntry::decode(&v) {
                 s.chunks += 1;
@@ -1378,10 +1405,7 @@ impl Store {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         let mut scratch = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
-        {
+        for item in self.chunk_scan() {
             let (k, v) = item.map_err(CheckError::Index)?;
             rep.chunks += 1;
             let Ok(hash) = <Hash>::try_from(&k[..]) else {
@@ -1539,10 +1563,7 @@ impl Store {
     /// Dead bytes per pack from a scan of the index (`writer` held: nothing changes it).
     fn measure_dead(&self, writer: &PackWriter) -> Result<BTreeMap<u32, u64>, GcError> {
         let mut live: HashMap<u32, u64> = HashMap::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start)
-        {
+        for item in self.chunk_scan() {
             let (_, v) = item.map_err(GcError::Index)?;
             let e = ChunkEntry::decode(&v).ok_or(GcError::CorruptEntry)?;
             *live.entry(e.location.pack).or_default() += e.location.record_len();
