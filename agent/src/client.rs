@@ -653,6 +653,14 @@ fn expect_ok(r: Response) -> Result<(), ClientError> {
     }
 }
 
+/// Whether an agent connection held outside an [`AgentClient`] (an async reader's socket,
+/// between requests) is still open with nothing to read: what [`AgentClient::is_idle_and_open`]
+/// checks of its own socket, with one non-blocking `MSG_PEEK`.
+pub fn socket_is_idle(s: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    crate::sys::socket_idle(s.as_raw_fd())
+}
+
 /// The error for a response that does not fit the request (its start, for the message).
 pub fn unexpected(r: &Response) -> ClientError {
     let mut s = format!("{r:?}");

@@ -34,15 +34,13 @@ impl AsyncAgent {
         })
     }
 
-    /// Gives the connection back as a blocking client (for the sandbox's pool), if it is
-    /// between requests: nothing unread.
-    pub fn into_client(self) -> Option<AgentClient> {
-        if !self.buf.is_empty() {
-            return None;
-        }
-        let std = self.sock.into_std().ok()?;
-        std.set_nonblocking(false).ok()?;
-        AgentClient::from_connected(std).ok()
+    /// True when this connection can carry another request: nothing unread here and, on the
+    /// socket, nothing to read and no end of stream (a VMM closes its host-side streams when
+    /// a merge or rollback resets the guest's vsock). One `MSG_PEEK`, not the runtime's
+    /// readiness, which may not have seen a close yet. For the sandbox's pool.
+    pub fn is_idle_and_open(&self) -> bool {
+        use std::os::fd::AsFd as _;
+        self.buf.is_empty() && fissile_agent::client::socket_is_idle(self.sock.as_fd())
     }
 
     /// Sends one request, before `deadline`.
@@ -141,7 +139,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn frames_split_anyhow_are_read_whole_and_in_order_and_the_client_comes_back() {
+    async fn frames_split_anyhow_are_read_whole_and_in_order_and_reusable_until_closed() {
         let (mut agent, mut peer) = pair();
         let (deadline, within) = soon();
         agent.send(&Request::Info, deadline, within).await.unwrap();
@@ -178,9 +176,13 @@ mod tests {
         );
         let second = agent.recv(deadline, within).await.unwrap();
         assert!(matches!(second, AgentResponse::Done(_)), "{second:?}");
-        let _peer = writer.join().unwrap();
-        let client = agent.into_client().expect("between requests");
-        assert!(client.is_idle_and_open());
+        let peer = writer.join().unwrap();
+        assert!(agent.is_idle_and_open(), "between requests");
+        drop(peer);
+        assert!(
+            !agent.is_idle_and_open(),
+            "a connection its peer closed is not reusable"
+        );
     }
 
     #[tokio::test]
@@ -210,7 +212,7 @@ mod tests {
             matches!(e, ClientError::Frame(FrameError::Truncated)),
             "{e:?}"
         );
-        assert!(agent.into_client().is_none(), "half a frame is not idle");
+        assert!(!agent.is_idle_and_open(), "half a frame is not idle");
 
         // Output that is always ready does not stretch the deadline.
         let (mut agent, mut peer) = pair();

@@ -187,14 +187,16 @@ fn timeout_ms(timeout_s: Option<f64>) -> Result<Option<u64>, ApiError> {
 /// Most idle agent connections kept per sandbox.
 pub const MAX_IDLE_AGENT_CONNECTIONS: usize = 4;
 
-/// A sandbox's idle agent connections. An exec or command takes one (or opens a new one)
-/// and gives it back when its stream ended cleanly, which saves the hybrid-vsock handshake, a
-/// round trip through the guest, on every cell. A connection the VMM closed (a merge or
-/// rollback resets the guest's vsock) is never handed out: each is checked on the way in
-/// and out, and lifecycle switches clear the pool.
+/// A sandbox's idle agent connections, each registered with the async runtime once, when it
+/// was opened. An exec or command takes one (or opens a new one) and gives it back when its
+/// stream ended cleanly, which saves the hybrid-vsock handshake, a round trip through the
+/// guest, on every cell, and keeps a cell's system calls to its own reads and writes (no
+/// switch between blocking and non-blocking, no re-registration). A connection the VMM
+/// closed (a merge or rollback resets the guest's vsock) is never handed out: each is
+/// checked on the way out, and lifecycle switches clear the pool.
 #[derive(Debug, Default)]
 pub struct AgentPool {
-    idle: std::sync::Mutex<Vec<AgentClient>>,
+    idle: std::sync::Mutex<Vec<AsyncAgent>>,
 }
 
 impl AgentPool {
@@ -205,17 +207,23 @@ impl AgentPool {
         &self,
         vsock: &Path,
         metrics: &crate::metrics::Metrics,
-    ) -> Result<AgentClient, ApiError> {
+    ) -> Result<AsyncAgent, ApiError> {
         if let Some(agent) = self.take() {
             return Ok(agent);
         }
         metrics.agent_connection_opened();
         let vsock = vsock.to_path_buf();
-        crate::app::blocking(move || connect(&vsock)).await
+        let agent = crate::app::blocking(move || connect(&vsock)).await?;
+        AsyncAgent::from_client(agent).map_err(|e| {
+            ApiError::internal(format!(
+                "taking over the agent connection: {}",
+                fissile_proto::error_chain(&e)
+            ))
+        })
     }
 
     /// An idle connection that is still open, if the pool has one.
-    fn take(&self) -> Option<AgentClient> {
+    fn take(&self) -> Option<AsyncAgent> {
         let mut idle = crate::app::lock(&self.idle);
         while let Some(c) = idle.pop() {
             if c.is_idle_and_open() {
@@ -226,11 +234,8 @@ impl AgentPool {
     }
 
     /// Gives back a connection whose last request ended cleanly (dropped if the pool is
-    /// full or the connection is not idle).
-    pub fn put(&self, c: AgentClient) {
-        if !c.is_idle_and_open() {
-            return;
-        }
+    /// full; whether it is still open is checked when it is taken).
+    pub fn put(&self, c: AsyncAgent) {
         let mut idle = crate::app::lock(&self.idle);
         if idle.len() < MAX_IDLE_AGENT_CONNECTIONS {
             idle.push(c);
@@ -240,11 +245,16 @@ impl AgentPool {
     /// Drops every idle connection and keeps `woken` instead: after a sandbox started or
     /// switched state (merge, rollback: the guest's vsock was reset, so the old ones are
     /// closed), the connection it woke its guest on (`Sandbox::take_agent`) serves the next
-    /// request.
+    /// request. Called on the runtime or its blocking pool, whose reactor `woken` joins;
+    /// anywhere else it is dropped and the next request opens its own.
     pub fn reset_with(&self, woken: Option<AgentClient>) {
+        let woken = woken
+            .filter(|_| tokio::runtime::Handle::try_current().is_ok())
+            .filter(AgentClient::is_idle_and_open)
+            .and_then(|c| AsyncAgent::from_client(c).ok());
         let mut idle = crate::app::lock(&self.idle);
         idle.clear();
-        idle.extend(woken.filter(AgentClient::is_idle_and_open));
+        idle.extend(woken);
     }
 }
 
@@ -259,8 +269,8 @@ pub fn connect(vsock: &Path) -> Result<AgentClient, ApiError> {
 }
 
 /// Streams the cell `req` on `agent` as NDJSON.
-pub fn stream(
-    agent: AgentClient,
+pub async fn stream(
+    agent: AsyncAgent,
     vsock: std::path::PathBuf,
     req: ExecRequest,
     guard: StreamGuard,
@@ -300,6 +310,7 @@ pub fn stream(
             .line()
         },
     )
+    .await
 }
 
 /// How long the closing line may wait for a client that stopped reading.
@@ -311,8 +322,8 @@ const LAST_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// (the channel closed) or stops reading until the request's deadline gets `gone` run once
 /// (what it starts is awaited before the connection is given back); the rest is read and
 /// dropped, so the connection ends between requests and goes back to the sandbox's pool.
-fn spawn_stream(
-    agent: AgentClient,
+async fn spawn_stream(
+    mut agent: AsyncAgent,
     request: Request,
     within: std::time::Duration,
     guard: StreamGuard,
@@ -329,43 +340,35 @@ fn spawn_stream(
         // the client) once the next has to be waited for: a cell's result and its `done`
         // may arrive together.
         let mut pending: Vec<u8> = Vec::new();
-        let (conn, done) = match AsyncAgent::from_client(agent) {
-            Err(e) => (None, Err(e)),
-            Ok(mut c) => {
-                let done = async {
-                    c.send(&request, deadline, within).await?;
-                    loop {
-                        let r = match c.buffered()? {
-                            Some(r) => r,
-                            None => {
-                                flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
-                                c.recv(deadline, within).await?
-                            }
-                        };
-                        if r.is_terminal() {
-                            return crate::agent_io::outcome(r);
-                        }
-                        if gone.is_some()
-                            && let Some(line) = event(&r)
-                        {
-                            pending.extend_from_slice(&line);
-                            if pending.len() >= MAX_PENDING {
-                                flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
-                            }
-                        }
+        let done = async {
+            agent.send(&request, deadline, within).await?;
+            loop {
+                let r = match agent.buffered()? {
+                    Some(r) => r,
+                    None => {
+                        flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
+                        agent.recv(deadline, within).await?
+                    }
+                };
+                if r.is_terminal() {
+                    return crate::agent_io::outcome(r);
+                }
+                if gone.is_some()
+                    && let Some(line) = event(&r)
+                {
+                    pending.extend_from_slice(&line);
+                    if pending.len() >= MAX_PENDING {
+                        flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
                     }
                 }
-                .await;
-                (Some(c), done)
             }
-        };
+        }
+        .await;
         if let Some(work) = gone_work {
             // The interrupt has landed before the connection serves another cell.
             let _ = work.await;
         }
-        if done.is_ok()
-            && let Some(agent) = conn.and_then(AsyncAgent::into_client)
-        {
+        if done.is_ok() {
             guard.live().agents.put(agent);
         }
         if gone.is_some() {
@@ -374,7 +377,7 @@ fn spawn_stream(
         }
         drop(guard);
     });
-    ndjson(rx)
+    ndjson_after_first(rx).await
 }
 
 /// Most bytes of lines held back to be sent together.
@@ -404,11 +407,24 @@ async fn flush<G: FnOnce() -> Option<tokio::task::JoinHandle<()>>>(
     }
 }
 
-/// A streamed NDJSON response of the lines received on `rx`.
-pub(crate) fn ndjson(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
-    let body = Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>),
-    );
+/// How long a streamed response's head waits for its first lines, so that a short cell's
+/// head, events and end go out in one write and wake the client once. A stream that has
+/// nothing to say sooner gets its head then; no line is ever held back.
+const HEAD_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// [`ndjson`], answered once the first lines came on `rx` or [`HEAD_WAIT`] passed.
+async fn ndjson_after_first(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    let first = tokio::time::timeout(HEAD_WAIT, rx.recv())
+        .await
+        .ok()
+        .flatten();
+    ndjson(first, rx)
+}
+
+/// A streamed NDJSON response: the `first` lines, then those received on `rx`.
+pub(crate) fn ndjson(first: Option<Bytes>, rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    let lines = tokio_stream::iter(first).chain(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let body = Body::from_stream(lines.map(Ok::<_, std::convert::Infallible>));
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         body,
@@ -525,7 +541,7 @@ pub fn command_request(body: CommandBody) -> Result<ShellRequest, ApiError> {
 
 /// Streams the command `req` on `agent` as NDJSON. A client that disconnects stops receiving
 /// output; the command runs on until it exits or its time limit passes.
-pub fn stream_command(agent: AgentClient, req: ShellRequest, guard: StreamGuard) -> Response {
+pub async fn stream_command(agent: AsyncAgent, req: ShellRequest, guard: StreamGuard) -> Response {
     let within = fissile_agent::client::shell_deadline(&req);
     let t0 = Instant::now();
     spawn_stream(
@@ -563,6 +579,7 @@ pub fn stream_command(agent: AgentClient, req: ShellRequest, guard: StreamGuard)
             .line()
         },
     )
+    .await
 }
 
 #[cfg(test)]

@@ -396,13 +396,7 @@ pub(crate) async fn exec_cell(
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let vsock = live.vsock.clone();
     let agent = live.agents.checkout(&vsock, &app.metrics).await?;
-    Ok(exec::stream(
-        agent,
-        vsock,
-        req,
-        live.stream_guard(),
-        app.metrics.clone(),
-    ))
+    Ok(exec::stream(agent, vsock, req, live.stream_guard(), app.metrics.clone()).await)
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/commands", tag = "execution", request_body = CommandBody, params(("id" = String, Path, description = "sandbox id")),
@@ -418,7 +412,7 @@ pub(crate) async fn run_command(
     let live = app.get_booted(&tenant, &id)?;
     req.env = merged_env(&live.record.env, std::mem::take(&mut req.env));
     let agent = live.agents.checkout(&live.vsock, &app.metrics).await?;
-    Ok(exec::stream_command(agent, req, live.stream_guard()))
+    Ok(exec::stream_command(agent, req, live.stream_guard()).await)
 }
 
 /// Answer of `POST /v1/sandboxes/{id}/interrupt`.

@@ -324,7 +324,7 @@ impl App {
             // Bounded: a client that stopped reading does not keep this task.
             let _ = tokio::time::timeout(Duration::from_secs(30), tx.send(last.line())).await;
         });
-        Ok(crate::exec::ndjson(rx))
+        Ok(crate::exec::ndjson(None, rx))
     }
 
     async fn run_build(
