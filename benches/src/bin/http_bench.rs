@@ -105,7 +105,7 @@ impl Daemon {
     /// Creates a sandbox from `body`, runs `code`, deletes it; the time it all took (ms)
     /// and the cell's value.
     fn create_exec_delete(&self, body: Value, code: &str) -> anyhow::Result<(f64, String)> {
-        let (steps, _, value) = self.create_exec_delete_traced(body, code)?;
+        let (steps, _, value) = self.create_exec_delete_traced(body, code, Duration::ZERO)?;
         Ok((steps.iter().sum(), value))
     }
 
@@ -114,16 +114,19 @@ impl Daemon {
     /// snapshotd served during the create and during the first exec (its `faults_served`
     /// before and after each, outside the timed steps). The figure is the daemon's total:
     /// nothing else runs here meanwhile (a warm pool starts its replacement member a second
-    /// after a take, later than the first exec ends in these runs).
+    /// after a take, later than the first exec ends in these runs). `idle`: how long the new
+    /// sandbox sits idle between the create and the first exec (untimed).
     fn create_exec_delete_traced(
         &self,
         body: Value,
         code: &str,
+        idle: Duration,
     ) -> anyhow::Result<([f64; 3], FirstExec, String)> {
         let f0 = self.faults_served()?;
         let t = Instant::now();
         let id = self.create(body)?;
         let created = ms(t.elapsed());
+        std::thread::sleep(idle);
         let f1 = self.faults_served()?;
         let t = Instant::now();
         let (value, _, guest_ms) = self.exec_timed(&id, code)?;
@@ -314,12 +317,18 @@ fn main() -> anyhow::Result<()> {
     let mut ready = Vec::new();
     let mut ready_steps = Vec::new();
     let mut ready_first = Vec::new();
+    // The same after the new sandbox sat idle (as a pooled member does before a take).
+    let mut ready_idle_first = Vec::new();
     for _ in 0..3 {
-        let (steps, first, value) = d.create_exec_delete_traced(json!({}), "1+1")?;
+        let (steps, first, value) =
+            d.create_exec_delete_traced(json!({}), "1+1", Duration::ZERO)?;
         anyhow::ensure!(value == "2");
         ready.push(steps.iter().sum());
         ready_steps.push(steps);
         ready_first.push(first);
+        let (_, first, value) = d.create_exec_delete_traced(json!({}), "1+1", READY_IDLE)?;
+        anyhow::ensure!(value == "2");
+        ready_idle_first.push(first);
     }
     let (ready_import, _) = d.create_exec_delete(json!({}), IMPORTS)?;
     let r = med(&mut ready);
@@ -352,7 +361,8 @@ fn main() -> anyhow::Result<()> {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        let (steps, first, value) = d.create_exec_delete_traced(json!({}), "1+1")?;
+        let (steps, first, value) =
+            d.create_exec_delete_traced(json!({}), "1+1", Duration::ZERO)?;
         anyhow::ensure!(value == "2");
         pooled.push(steps.iter().sum());
         pooled_steps.push(steps);
@@ -394,13 +404,20 @@ fn main() -> anyhow::Result<()> {
         }),
     ] {
         println!(
-            "  {name:<38} median: ready snapshot {:>7.1}   warm pool {:>7.1}",
+            "  {name:<38} median: ready snapshot {:>7.1}   ready, idle {:.0} s first {:>7.1}   \
+             warm pool {:>7.1}",
             inside(&ready_first, f),
+            READY_IDLE.as_secs_f64(),
+            inside(&ready_idle_first, f),
             inside(&pooled_first, f),
         );
     }
     Ok(())
 }
+
+/// How long a sandbox restored from the ready snapshot sits idle before its first exec, in
+/// the variant that asks whether a pooled member's slower first cell comes from its idling.
+const READY_IDLE: Duration = Duration::from_secs(2);
 
 /// A new user's first cell: the data-science imports.
 const IMPORTS: &str = "import numpy, pandas, matplotlib.pyplot\n1";
