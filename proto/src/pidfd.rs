@@ -162,6 +162,43 @@ impl Pidfd {
         }
     }
 
+    /// For a child of this process: its exit status once it has exited, and the child
+    /// reaped (`block`: waits for the exit; otherwise `None` while it runs). An error for a
+    /// process that is not this process's child or was reaped already (`ECHILD`).
+    pub fn reap(&self, block: bool) -> io::Result<Option<std::process::ExitStatus>> {
+        use std::os::unix::process::ExitStatusExt;
+        let id = libc::id_t::try_from(self.fd.as_raw_fd())
+            .map_err(|_| io::Error::other("a negative descriptor"))?;
+        let flags = libc::WEXITED | if block { 0 } else { libc::WNOHANG };
+        loop {
+            // SAFETY: an all-zero siginfo_t is a valid value of that plain C struct.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid writes only into `info`, which lives across the call; the
+            // descriptor is valid for the call.
+            let r = unsafe { libc::waitid(libc::P_PIDFD, id, &raw mut info, flags) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // SAFETY: waitid filled in a SIGCHLD siginfo (or left it zeroed under WNOHANG),
+            // whose pid and status fields these read.
+            let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+            if pid == 0 {
+                return Ok(None);
+            }
+            // The encoding of wait(2)'s status word, which ExitStatus holds.
+            let raw = match info.si_code {
+                libc::CLD_EXITED => (status & 0xff) << 8,
+                libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+                _ => status & 0x7f,
+            };
+            return Ok(Some(std::process::ExitStatus::from_raw(raw)));
+        }
+    }
+
     /// SIGKILL, then waits up to `timeout` for the exit; true if it exited.
     pub fn kill(&self, timeout: Duration) -> bool {
         let _ = self.signal(libc::SIGKILL);
@@ -172,6 +209,34 @@ impl Pidfd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_is_reaped_with_its_exit_status() {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "read x; exit 7"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let p = Pidfd::open(child.id()).unwrap();
+        assert!(p.reap(false).unwrap().is_none(), "it is still running");
+        drop(child); // closes its stdin: it exits
+        let status = p.reap(true).unwrap().unwrap();
+        assert_eq!(status.code(), Some(7));
+        assert!(p.reap(false).is_err(), "reaped once");
+
+        #[expect(clippy::zombie_processes, reason = "reaped through its pidfd")]
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let p = Pidfd::open(child.id()).unwrap();
+        p.signal(libc::SIGKILL).unwrap();
+        let status = p.reap(true).unwrap().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+    }
 
     #[test]
     fn a_handle_sees_its_process_command_line_and_its_exit() {

@@ -5,9 +5,14 @@
 //!   needs, each at the path it has on the host (so the command line stays the same): the
 //!   VMM binary and the shared libraries' directories (read-only), the kernel and root image
 //!   (read-only), snapshotd's socket, the sandbox's own directory (its sockets and logs; the
-//!   only writable place), `/proc` (`hidepid=invisible`: the VMM sees only itself), and
-//!   device nodes made for it alone (`/dev/kvm`, `/dev/userfaultfd`, `/dev/net/tun` when
-//!   present; owned by its uid, mode 0600) — never the host's `/dev`;
+//!   only writable place), `/proc` (its pid namespace's, `hidepid=invisible`: the VMM sees
+//!   only itself), and device nodes made for it alone (`/dev/kvm`, `/dev/userfaultfd`,
+//!   `/dev/net/tun` when present; owned by its uid, mode 0600) — never the host's `/dev`;
+//! * a pid namespace of its own, where the VMM is the first process (pid 1): it sees no
+//!   other process and can signal none, and nothing it could start outlives it. The hook's
+//!   first process only makes it: it clones the VMM-to-be with `CLONE_NEWPID |
+//!   CLONE_PARENT` (so the VMM is the caller's child like itself), reports its pid
+//!   ([`PidReport`]) and exits; [`spawn`] hands back the VMM's own [`Process`];
 //! * an IPC namespace of its own (network namespaces are [`crate::net`]'s);
 //! * a uid of its own for each VMM ([`JailConfig::uid_base`] + a lease), one shared gid
 //!   ([`JailConfig::gid`]) that snapshotd's socket admits (`fissile-snapshotd serve
@@ -29,6 +34,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+
+use crate::process::Process;
 
 /// Where the jail's uids start by default: far above the ids a distribution hands out.
 pub const DEFAULT_UID_BASE: u32 = 1_000_000;
@@ -376,7 +383,7 @@ pub fn apply(
     cfg: &JailConfig,
     uid: u32,
     spec: &JailSpec,
-) -> Result<(), JailError> {
+) -> Result<PidReport, JailError> {
     apply_as(cmd, uid, cfg.gid, spec)
 }
 
@@ -511,8 +518,14 @@ fn give_dir(
     Ok(())
 }
 
-/// [`apply`] with any `uid` and `gid` (snapshotd's jail runs as its own of both).
-pub fn apply_as(cmd: &mut Command, uid: u32, gid: u32, spec: &JailSpec) -> Result<(), JailError> {
+/// [`apply`] with any `uid` and `gid` (snapshotd's jail runs as its own of both). Start the
+/// command with [`spawn`], which reads the jailed program's pid from the returned report.
+pub fn apply_as(
+    cmd: &mut Command,
+    uid: u32,
+    gid: u32,
+    spec: &JailSpec,
+) -> Result<PidReport, JailError> {
     let root = spec.dir.join(ROOT_DIR);
     let io = JailError::at;
     std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
@@ -566,13 +579,90 @@ pub fn apply_as(cmd: &mut Command, uid: u32, gid: u32, spec: &JailSpec) -> Resul
     let proc_dir = cstr(&root.join("proc"))?;
     let root_c = cstr(&root)?;
     let steps = plan.steps;
+    let (report, report_w) = std::io::pipe().map_err(io("making a pipe for", &spec.dir))?;
+    let report_w = std::os::fd::OwnedFd::from(report_w);
 
     // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // calls are allowed: it makes system calls (unshare, mount, mkdir, open, close, symlink,
-    // mknod, chown, chdir, pivot_root, umount2, chroot, setgroups, setresgid, setresuid,
-    // prctl) on data prepared before the fork, and allocates nothing.
+    // calls are allowed: it makes system calls (clone, write, _exit, unshare, mount, mkdir,
+    // open, close, symlink, mknod, chown, chdir, pivot_root, umount2, chroot, setgroups,
+    // setresgid, setresuid, prctl) on data prepared before the fork, and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || enter(&steps, &root_c, &proc_dir, uid, gid));
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            new_pid_namespace(report_w.as_raw_fd())?;
+            enter(&steps, &root_c, &proc_dir, uid, gid)
+        });
+    }
+    Ok(PidReport(report))
+}
+
+/// Where a jailed program's pid comes from: the pipe its hook's first process writes it to
+/// (see [`new_pid_namespace`]).
+#[derive(Debug)]
+pub struct PidReport(std::io::PipeReader);
+
+/// Starts `cmd` and hands back its program's process: for a command prepared with
+/// [`apply`] or [`apply_as`] (their `report`), the jailed program in its pid namespace,
+/// which is this process's child; the hook's first process, which made it and exited, is
+/// reaped here. Drops `cmd` (its copy of the report pipe) before reading the report.
+pub fn spawn(mut cmd: Command, report: Option<PidReport>) -> std::io::Result<Process> {
+    let spawned = cmd.spawn();
+    drop(cmd);
+    let Some(PidReport(mut report)) = report else {
+        return spawned.map(Process::from_child);
+    };
+    // Every writer is gone once spawn returned (the first process has exited, the program
+    // has exec'd or failed): this read does not wait.
+    let mut pid = [0u8; 4];
+    let pid = std::io::Read::read_exact(&mut report, &mut pid)
+        .ok()
+        .map(|()| u32::from_le_bytes(pid));
+    let mut first = match spawned {
+        Ok(first) => first,
+        Err(e) => {
+            // The program failed in the hook (after the first process reported it): its
+            // exit is ours to reap.
+            if let Some(pid) = pid
+                && let Ok(p) = fissile_proto::pidfd::Pidfd::open(pid)
+            {
+                let _ = p.reap(true);
+            }
+            return Err(e);
+        }
+    };
+    let stdout = first.stdout.take();
+    let made = first.wait()?;
+    let pid = pid.filter(|_| made.success()).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "the jail's first process did not start the program in its own pid namespace \
+             ({made})"
+        ))
+    })?;
+    let handle = fissile_proto::pidfd::Pidfd::open(pid)?;
+    Ok(Process::jailed(handle, stdout))
+}
+
+/// The hook's first step: the rest of the hook and the program run in a child made in a new
+/// pid namespace, as its first process (pid 1), and made with `CLONE_PARENT`, so that it is
+/// the spawner's child like this one; this process writes that child's pid (as the
+/// spawner's namespace numbers it) to `report` and exits. Returns in the child only.
+/// Async-signal-safe.
+fn new_pid_namespace(report: libc::c_int) -> std::io::Result<()> {
+    let flags = libc::CLONE_NEWPID | libc::CLONE_PARENT | libc::SIGCHLD;
+    // SAFETY: clone without CLONE_VM or a new stack is fork: the child gets a copy of this
+    // single-threaded process's memory and returns here with 0; no memory is passed.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::c_long::from(flags), 0, 0, 0, 0) };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid > 0 {
+        let b = u32::try_from(pid).unwrap_or(0).to_le_bytes();
+        // SAFETY: write(2) reads the 4 bytes of `b`, which live across the call; _exit ends
+        // this process without running anything of the parent's (no atexit, no destructors).
+        unsafe {
+            let written = libc::write(report, b.as_ptr().cast(), b.len());
+            libc::_exit(if written == 4 { 0 } else { 1 });
+        }
     }
     Ok(())
 }
@@ -686,7 +776,8 @@ fn enter(
     }
     // SAFETY: as above.
     unsafe {
-        // /proc showing only the VMM's own processes (older kernels: hidepid=2).
+        // /proc of the new pid namespace (mounted by its first process), showing only the
+        // VMM's own processes, and hiding others' anyway (older kernels: hidepid=2).
         let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         if libc::mount(
             c"proc".as_ptr(),
@@ -774,21 +865,32 @@ mod tests {
             (echo x > {image}) 2>/dev/null && echo image-writable
             echo ok > {sandbox}/out && echo dir-writable
             n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo "procs: $n"
+            echo "pid: $$"
+            exit 3
             "#,
             secret = secret.display(),
             image = image.display(),
             sandbox = sandbox.display(),
         );
         let mut cmd = Command::new(&shell);
-        cmd.arg("-c").arg(script);
-        apply(&mut cmd, &cfg, lease.uid(), &spec).unwrap();
-        let out = cmd.output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        cmd.arg("-c")
+            .arg(script)
+            .stdout(std::process::Stdio::piped());
+        let report = apply(&mut cmd, &cfg, lease.uid(), &spec).unwrap();
+        let mut shell_proc = spawn(cmd, Some(report)).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut shell_proc.take_stdout().unwrap(), &mut text).unwrap();
+        // Exited, not yet reaped: the host sees it under its own pid, and as pid 1 of its own
+        // namespace.
+        let host_pid = shell_proc.id();
+        let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).unwrap();
         assert!(
-            out.status.success(),
-            "{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            status.contains(&format!("NSpid:\t{host_pid}\t1\n")),
+            "{status}"
         );
+        // The exit status is the jailed program's, not that of the process that made it.
+        assert_eq!(shell_proc.wait().unwrap().code(), Some(3), "{text}");
+        assert!(text.contains("pid: 1\n"), "{text}");
         let uid = lease.uid();
         assert!(text.contains(&format!("Uid: {uid}")), "{text}");
         assert!(text.contains(&format!("Gid: {}", cfg.gid)), "{text}");
@@ -800,7 +902,7 @@ mod tests {
         assert!(text.contains("image: read only"), "{text}");
         assert!(!text.contains("image-writable"), "{text}");
         assert!(text.contains("dir-writable"), "{text}");
-        // hidepid: only the shell itself (and maybe its subshell) are visible.
+        // Its own pid namespace: only the shell itself (and maybe its subshell) are there.
         let procs: u32 = text
             .lines()
             .find_map(|l| l.strip_prefix("procs: "))
@@ -818,6 +920,43 @@ mod tests {
             std::fs::read_to_string(sandbox.join("out")).unwrap(),
             "ok\n"
         );
+    }
+
+    /// A jailed program is killed and reaped through its handle (the first process of a pid
+    /// namespace ignores signals it has no handler for, except SIGKILL from outside).
+    #[test]
+    fn a_jailed_program_is_killed_and_reaped_through_its_handle() {
+        assert!(is_root(), "the jail needs root: run the tests as root");
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let fifo = cstr(&sandbox.join("fifo")).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+        let shell = std::fs::canonicalize("/bin/sh").unwrap();
+        let cfg = JailConfig::default();
+        let lease = UidLease::new(&cfg).unwrap();
+        let spec = JailSpec {
+            program: shell.clone(),
+            read_only: vec![],
+            sockets: vec![],
+            dir: sandbox.clone(),
+            devices: vec![],
+        };
+        let mut cmd = Command::new(&shell);
+        // Blocks: nothing ever opens the fifo for writing.
+        cmd.arg("-c")
+            .arg(format!("read x < {}", sandbox.join("fifo").display()));
+        let report = apply(&mut cmd, &cfg, lease.uid(), &spec).unwrap();
+        let mut p = spawn(cmd, Some(report)).unwrap();
+        assert!(p.try_wait().unwrap().is_none(), "it waits on the fifo");
+        p.kill().unwrap();
+        let status = p.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert!(!Path::new(&format!("/proc/{}", p.id())).exists(), "reaped");
     }
 
     /// The walk gives every file and directory under the root to the uid, but neither what a

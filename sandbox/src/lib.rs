@@ -11,19 +11,21 @@
 //!
 //! This library starts every VMM process itself (boot, restore, and the children of a
 //! fork: the parent VMM only takes the fork snapshot), so each sandbox owns its process as a
-//! [`Child`]: nothing is ever killed by a bare pid, and a fork that fails half way kills and
-//! reaps the children it started.
+//! child ([`process::Process`]; a jailed VMM, the first process of its own pid namespace, is
+//! this process's child too): nothing is ever killed by a bare pid, and a fork that fails
+//! half way kills and reaps the children it started.
 
 pub mod control;
 pub mod jail;
 pub mod limits;
 pub mod net;
 pub mod paths;
+pub mod process;
 pub mod snapshotd;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
@@ -36,6 +38,7 @@ pub use control::{ControlClient, ControlError};
 use fissile_proto::pidfd::Pidfd;
 pub use limits::{Cgroup, LimitsError, VmmLimits};
 pub use net::NetNs;
+use process::Process;
 pub use snapshotd::Snapshotd;
 
 /// How to boot a sandbox.
@@ -253,7 +256,7 @@ struct Spawner {
 /// process is reaped: fields drop in order) and its network namespace.
 #[derive(Debug)]
 struct Spawned {
-    child: Child,
+    child: Process,
     cgroup: Option<Cgroup>,
     netns: Option<NetNs>,
     /// The jailed VMM's uid ([`jail`]), leased until the VMM has been reaped.
@@ -295,7 +298,7 @@ impl Spawned {
             spawner.vcpus,
         )?;
         // Last: the jail's hook drops root, which the hooks above need.
-        let uid = match &spawner.limits.jail {
+        let (uid, report) = match &spawner.limits.jail {
             Some(cfg) => {
                 let lease = jail::UidLease::new(cfg)?;
                 if let Some(sd) = &spawner.snapshotd {
@@ -322,16 +325,14 @@ impl Spawned {
                     dir: dir.to_path_buf(),
                     devices,
                 };
-                jail::apply(&mut cmd, cfg, lease.uid(), &spec)?;
-                Some(lease)
+                let report = jail::apply(&mut cmd, cfg, lease.uid(), &spec)?;
+                (Some(lease), Some(report))
             }
-            None => None,
+            None => (None, None),
         };
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| SandboxError::Spawn(spawner.vmm.clone(), e))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        let child =
+            jail::spawn(cmd, report).map_err(|e| SandboxError::Spawn(spawner.vmm.clone(), e))?;
         Ok(Spawned {
             child,
             cgroup,
@@ -417,7 +418,7 @@ pub struct BootTimings {
 /// A running sandbox: one `fissile-vmm` process and a connection to its guest agent.
 #[derive(Debug)]
 pub struct Sandbox {
-    proc: Option<Child>,
+    proc: Option<Process>,
     /// A VMM this process did not start (see [`Sandbox::adopt`]).
     adopted: Option<Pidfd>,
     dir: PathBuf,
@@ -646,7 +647,7 @@ impl Sandbox {
     pub fn pid(&self) -> Option<u32> {
         self.proc
             .as_ref()
-            .map(Child::id)
+            .map(Process::id)
             .or_else(|| self.adopted.as_ref().map(Pidfd::pid))
     }
 
@@ -1169,7 +1170,7 @@ mod tests {
     fn a_vmm_that_exits_at_once_is_reported_with_its_log() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmm.log"), "fissile-vmm: no kvm\n").unwrap();
-        let child = Command::new("false").spawn().unwrap();
+        let child = Process::from_child(Command::new("false").spawn().unwrap());
         let spawner = Spawner {
             vmm: "fissile-vmm".into(),
             rootfs: "rootfs".into(),

@@ -2,13 +2,14 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fissile_proto::pidfd::Pidfd;
 
 use crate::SandboxError;
 use crate::paths::find_binary;
+use crate::process::Process;
 
 /// How long snapshotd may take to open its store and listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -24,7 +25,7 @@ pub struct Snapshotd {
 /// Started here, or adopted from an earlier process.
 #[derive(Debug)]
 enum Proc {
-    Child(Child),
+    Child(Process),
     Adopted(Pidfd),
 }
 
@@ -53,6 +54,7 @@ impl Snapshotd {
         let mut cmd = Command::new(&bin);
         cmd.arg("serve");
         let mut root = root.to_path_buf();
+        let mut report = None;
         if let Some(cfg) = jail {
             let io = jail::JailError::at;
             cfg.check()?;
@@ -71,14 +73,13 @@ impl Snapshotd {
                 dir: root.clone(),
                 ..jail::JailSpec::default()
             };
-            jail::apply_as(&mut cmd, uid, uid, &spec)?;
+            report = Some(jail::apply_as(&mut cmd, uid, uid, &spec)?);
             cmd.arg("--vmm-gid")
                 .arg(cfg.gid.to_string())
                 .arg("--listen-fd")
                 .arg(listen_fd.to_string());
         }
-        let mut child = cmd
-            .arg("--root")
+        cmd.arg("--root")
             .arg(&root)
             .arg("--socket")
             .arg(socket)
@@ -87,12 +88,12 @@ impl Snapshotd {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| SandboxError::Spawn(bin.clone(), e))?;
+            .stdout(Stdio::piped());
+        let mut child =
+            jail::spawn(cmd, report).map_err(|e| SandboxError::Spawn(bin.clone(), e))?;
         // The readiness line, read on a helper thread so the wait is bounded.
         let (tx, rx) = std::sync::mpsc::channel();
-        if let Some(out) = child.stdout.take() {
+        if let Some(out) = child.take_stdout() {
             std::thread::spawn(move || {
                 let mut line = String::new();
                 let _ = BufReader::new(out).take(4096).read_line(&mut line);
