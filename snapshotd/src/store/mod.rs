@@ -74,9 +74,19 @@ const META_COMMITTED: &[u8] = b"pack.committed";
 const META_DEAD: &[u8] = b"pack.dead";
 /// Bytes of a chunk key (a blake3 hash) that pick its bucket in the chunk index's memtable.
 const CHUNK_KEY_PREFIX: usize = 8;
-/// Buckets of a chunk index memtable: about one per entry a full memtable holds (a quarter
-/// of [`INDEX_MEMTABLE_BYTES`], some 100 bytes an entry); 2 MiB of pointers each.
-const CHUNK_MEMTABLE_BUCKETS: usize = 1 << 18;
+/// Most buckets of a chunk index memtable: about one per entry a full memtable of the
+/// default size holds (a quarter of [`INDEX_MEMTABLE_BYTES`], some 100 bytes an entry), 2 MiB
+/// of pointers, allocated in the memtable's arena when it starts.
+const CHUNK_MEMTABLE_BUCKETS_MAX: usize = 1 << 18;
+
+/// Buckets of a chunk index memtable of `memtable_bytes` (about one per entry it holds, a
+/// power of two from 1024 to [`CHUNK_MEMTABLE_BUCKETS_MAX`]): small memtables do not start
+/// mostly filled by their bucket array.
+fn chunk_memtable_buckets(memtable_bytes: usize) -> usize {
+    (memtable_bytes / 100)
+        .next_power_of_two()
+        .clamp(1024, CHUNK_MEMTABLE_BUCKETS_MAX)
+}
 /// Pages read and hashed per batch during ingest.
 const INGEST_BATCH_PAGES: usize = 256;
 
@@ -601,7 +611,8 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_db_write_buffer_size(memtable_bytes);
-        // Four shards of 16 MiB: a chunk table's filter block (~1 MiB for a 64 MiB table)
+        // Four shards of 16 MiB: a chunk table's filter block (~2 MiB for a 64 MiB table:
+        // with the prefix extractor below it holds each key's 8-byte prefix beside the key)
         // must fit in a shard, or the cache drops it after every use and reads it again.
         let mut cache_opts = rocksdb::LruCacheOptions::default();
         cache_opts.set_capacity(INDEX_CACHE_BYTES);
@@ -630,7 +641,7 @@ impl Store {
             CHUNK_KEY_PREFIX,
         ));
         chunks_opts.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
-            bucket_count: CHUNK_MEMTABLE_BUCKETS,
+            bucket_count: chunk_memtable_buckets(memtable_bytes / 4),
             height: 4,
             branching_factor: 4,
         });
@@ -833,7 +844,9 @@ impl Store {
     }
 
     /// Every chunk index entry, in key order: memtables included, which only a total-order
-    /// iterator sees in a hash memtable (the only way this index is scanned).
+    /// iterator sees in a hash memtable (the only way this index is scanned). Such an
+    /// iterator sorts a copy of the memtable's entries first: scans are for stats, checks and
+    /// compaction, never per page.
     fn chunk_scan(&self) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_total_order_seek(true);
@@ -1172,7 +1185,7 @@ impl Store {
         let committed = ing.writer.sync().map_err(CreateError::Pack)?;
         let mut batch = WriteBatch::default();
         let chunks = self.cf(CF_CHUNKS);
-        // In key order: the memtable inserts then reuse their skiplist position.
+        // In key order.
         let mut referenced: Vec<Hash> = referenced.into_iter().collect();
         referenced.sort_unstable();
         for hash in &referenced {
@@ -1799,7 +1812,8 @@ fn scan_batch(
     if lookup.is_empty() {
         return Ok(scanned);
     }
-    // Sorted keys let rocksdb walk its memtable and blocks in one pass.
+    // Sorted keys let rocksdb walk the table files' blocks in one pass (the memtable is
+    // hashed: each key is a bucket).
     lookup.sort_unstable_by_key(|a| a.1);
     let keys: Vec<&[u8]> = lookup.iter().map(|(_, h)| h.as_slice()).collect();
     let found = store
