@@ -10,6 +10,7 @@ pub mod net;
 pub mod pidfd;
 #[cfg(feature = "seccomp")]
 pub mod seccomp;
+pub mod signals;
 pub mod snapshotd;
 pub mod uds;
 

@@ -157,6 +157,10 @@ fn main() -> anyhow::Result<()> {
             compact_interval_s,
             seccomp: mode,
         } => {
+            // A jailed snapshotd is its pid namespace's first process: without handlers it
+            // would ignore an interrupt of its orchestrator's process group.
+            fissile_proto::signals::exit_on_termination_signals()
+                .context("handling termination signals")?;
             // Taken first, before anything opens a descriptor that could be mistaken for it.
             let inherited = listen_fd
                 .map(|fd| {

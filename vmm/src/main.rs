@@ -115,6 +115,12 @@ fn main() -> ExitCode {
         .init();
     let raw_args: Vec<String> = std::env::args().skip(1).collect();
     let args = Args::parse();
+    // A jailed VMM is its pid namespace's first process: without handlers it would ignore
+    // an interrupt of its orchestrator's process group.
+    if let Err(e) = fissile_proto::signals::exit_on_termination_signals() {
+        eprintln!("fissile-vmm: handling termination signals: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Err(e) = seccomp::init(args.seccomp) {
         eprintln!("fissile-vmm: {e}");
         return ExitCode::FAILURE;
