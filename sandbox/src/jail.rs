@@ -597,8 +597,10 @@ pub fn apply_as(
 }
 
 /// Where a jailed program's pid comes from: the pipe its hook's first process writes it to
-/// (see [`new_pid_namespace`]).
+/// (see [`new_pid_namespace`]). Hand it to [`spawn`]: without it the first process cannot
+/// report, and the program would be nobody's to reap.
 #[derive(Debug)]
+#[must_use = "start the command with jail::spawn(cmd, Some(report))"]
 pub struct PidReport(std::io::PipeReader);
 
 /// Starts `cmd` and hands back its program's process: for a command prepared with
@@ -611,35 +613,55 @@ pub fn spawn(mut cmd: Command, report: Option<PidReport>) -> std::io::Result<Pro
     let Some(PidReport(mut report)) = report else {
         return spawned.map(Process::from_child);
     };
-    // Every writer is gone once spawn returned (the first process has exited, the program
-    // has exec'd or failed): this read does not wait.
+    // Once spawn returned, the first process has written and exited, or the spawn failed:
+    // this read does not wait (at most for a child another thread forks meanwhile to exec,
+    // which closes its copy of the close-on-exec writer).
     let mut pid = [0u8; 4];
     let pid = std::io::Read::read_exact(&mut report, &mut pid)
         .ok()
         .map(|()| u32::from_le_bytes(pid));
-    let mut first = match spawned {
-        Ok(first) => first,
-        Err(e) => {
-            // The program failed in the hook (after the first process reported it): its
-            // exit is ours to reap.
-            if let Some(pid) = pid
-                && let Ok(p) = fissile_proto::pidfd::Pidfd::open(pid)
-            {
-                let _ = p.reap(true);
-            }
-            return Err(e);
+    // From here on the program, if it was made, is our unreaped child: on any failure it is
+    // killed and reaped, never left running (nor its uid handed on meanwhile).
+    let made = spawned.and_then(|mut first| {
+        let stdout = first.stdout.take();
+        let status = first.wait()?;
+        if status.success() {
+            Ok(stdout)
+        } else {
+            Err(std::io::Error::other(format!(
+                "the jail's first process did not start the program in its own pid \
+                 namespace ({status})"
+            )))
         }
+    });
+    let Some(pid) = pid else {
+        return Err(made
+            .err()
+            .unwrap_or_else(|| std::io::Error::other("the jail's first process reported no pid")));
     };
-    let stdout = first.stdout.take();
-    let made = first.wait()?;
-    let pid = pid.filter(|_| made.success()).ok_or_else(|| {
-        std::io::Error::other(format!(
-            "the jail's first process did not start the program in its own pid namespace \
-             ({made})"
-        ))
-    })?;
-    let handle = fissile_proto::pidfd::Pidfd::open(pid)?;
-    Ok(Process::jailed(handle, stdout))
+    match made.and_then(|stdout| Ok((fissile_proto::pidfd::Pidfd::open(pid)?, stdout))) {
+        Ok((handle, stdout)) => Ok(Process::jailed(handle, stdout)),
+        Err(e) => {
+            kill_and_reap(pid);
+            Err(e)
+        }
+    }
+}
+
+/// SIGKILLs and reaps `pid`, a child of this process not yet reaped (so the pid cannot name
+/// anything else meanwhile).
+fn kill_and_reap(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill and waitpid take a pid and plain integers; waitpid writes nothing with a
+    // null status pointer.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        while libc::waitpid(pid, std::ptr::null_mut(), 0) < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+    }
 }
 
 /// The hook's first step: the rest of the hook and the program run in a child made in a new
@@ -650,18 +672,25 @@ pub fn spawn(mut cmd: Command, report: Option<PidReport>) -> std::io::Result<Pro
 fn new_pid_namespace(report: libc::c_int) -> std::io::Result<()> {
     let flags = libc::CLONE_NEWPID | libc::CLONE_PARENT | libc::SIGCHLD;
     // SAFETY: clone without CLONE_VM or a new stack is fork: the child gets a copy of this
-    // single-threaded process's memory and returns here with 0; no memory is passed.
+    // single-threaded process's memory and returns here with 0; no memory is passed. (It
+    // skips glibc's fork bookkeeping, so glibc's cached thread id is stale in the child:
+    // nothing there before exec relies on it; the hook makes raw system calls only.)
     let pid = unsafe { libc::syscall(libc::SYS_clone, libc::c_long::from(flags), 0, 0, 0, 0) };
     if pid < 0 {
         return Err(std::io::Error::last_os_error());
     }
     if pid > 0 {
         let b = u32::try_from(pid).unwrap_or(0).to_le_bytes();
-        // SAFETY: write(2) reads the 4 bytes of `b`, which live across the call; _exit ends
-        // this process without running anything of the parent's (no atexit, no destructors).
+        // SAFETY: write(2) reads the 4 bytes of `b`, which live across the call; kill takes
+        // plain integers; _exit ends this process without running anything of the parent's
+        // (no atexit, no destructors).
         unsafe {
-            let written = libc::write(report, b.as_ptr().cast(), b.len());
-            libc::_exit(if written == 4 { 0 } else { 1 });
+            if libc::write(report, b.as_ptr().cast(), b.len()) == 4 {
+                libc::_exit(0);
+            }
+            // Unreported, the program would be nobody's to stop: it does not start.
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            libc::_exit(1);
         }
     }
     Ok(())

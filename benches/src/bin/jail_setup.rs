@@ -49,8 +49,8 @@ fn main() -> anyhow::Result<()> {
             dir,
             devices: vec![PathBuf::from("/dev/kvm"), PathBuf::from("/dev/userfaultfd")],
         };
-        jail::apply(&mut cmd, &cfg, lease.uid(), &spec)?;
-        let st = cmd.status()?;
+        let report = jail::apply(&mut cmd, &cfg, lease.uid(), &spec)?;
+        let st = jail::spawn(cmd, Some(report))?.wait()?;
         jailed.push(t0.elapsed());
         anyhow::ensure!(st.success(), "jailed /bin/true failed: {st}");
     }
