@@ -303,21 +303,13 @@ mod tests {
         drop(lazy);
         // The first process of its pid namespace still ends on SIGTERM (its own handler).
         let mut sd = sd;
-        let pid = sd.pid() as libc::pid_t;
-        // SAFETY: kill takes a pid and a signal number; the pid is our unreaped child's.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = sd.exited() {
-                break s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a jailed snapshotd ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let handle = Pidfd::open(sd.pid()).unwrap();
+        handle.signal(libc::SIGTERM).unwrap();
+        assert!(
+            handle.exited(Duration::from_secs(30)).unwrap(),
+            "a jailed snapshotd ignored SIGTERM"
+        );
+        let status = sd.exited().unwrap();
         assert!(
             status.contains(&(128 + libc::SIGTERM).to_string()),
             "{status}"
