@@ -2,7 +2,16 @@
 //! responses without a thread of the blocking pool in between (one hop fewer per cell, and
 //! per event, than [`AgentClient`]'s blocking calls). The frames are the agent protocol's
 //! ([`fissile_proto::frame`]), under the same caps and deadlines.
+//!
+//! The socket is registered with the runtime for reading only. A Unix socket tells a writer
+//! that it may write again each time its peer reads (the VMM taking a request off the
+//! socket), and a registration for both would wake this side for that once per request, for
+//! nothing: a request is a few bytes, written at once. Only a write that would block waits,
+//! through a second registration made for that write alone.
 
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsFd as _;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use fissile_agent::AgentClient;
@@ -11,14 +20,21 @@ use fissile_proto::agent::{
     AGENT_FRAME_CAP, AGENT_PROTOCOL_VERSION, Done, Request, Response as AgentResponse,
 };
 use fissile_proto::frame::{FrameError, decode_body, encode_frame};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// Bytes one read takes off the socket at most.
+const READ_CHUNK: usize = 64 << 10;
 
 /// One agent connection, between requests or in one.
 #[derive(Debug)]
 pub struct AsyncAgent {
-    sock: tokio::net::UnixStream,
+    /// Non-blocking, registered for reading.
+    sock: AsyncFd<UnixStream>,
     /// Bytes read and not yet decoded (at most one frame's beyond what was asked for).
     buf: Vec<u8>,
+    /// Where reads land before they join `buf` (allocated on the first read).
+    scratch: Vec<u8>,
 }
 
 impl AsyncAgent {
@@ -29,8 +45,9 @@ impl AsyncAgent {
         })?;
         std.set_nonblocking(true).map_err(FrameError::Io)?;
         Ok(AsyncAgent {
-            sock: tokio::net::UnixStream::from_std(std).map_err(FrameError::Io)?,
+            sock: register(std, Interest::READABLE).map_err(FrameError::Io)?,
             buf: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -39,8 +56,7 @@ impl AsyncAgent {
     /// a merge or rollback resets the guest's vsock). One `MSG_PEEK`, not the runtime's
     /// readiness, which may not have seen a close yet. For the sandbox's pool.
     pub fn is_idle_and_open(&self) -> bool {
-        use std::os::fd::AsFd as _;
-        self.buf.is_empty() && fissile_agent::client::socket_is_idle(self.sock.as_fd())
+        self.buf.is_empty() && fissile_agent::client::socket_is_idle(self.sock.get_ref().as_fd())
     }
 
     /// Sends one request, before `deadline`.
@@ -51,13 +67,65 @@ impl AsyncAgent {
         within: Duration,
     ) -> Result<(), ClientError> {
         let frame = encode_frame(AGENT_PROTOCOL_VERSION, req)?;
-        match tokio::time::timeout_at(deadline, self.sock.write_all(&frame)).await {
+        match tokio::time::timeout_at(deadline, self.write_all(&frame)).await {
             Err(_) => Err(ClientError::Timeout(within)),
             Ok(r) => Ok(r.map_err(FrameError::Io)?),
         }
     }
 
-    /// Receives one response before `deadline` (`within` names it in the error).
+    /// Writes `bytes` whole: at once when the socket takes them (a request almost always
+    /// fits), else waiting for room through a registration for writing made here.
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        let mut writable: Option<AsyncFd<std::os::fd::OwnedFd>> = None;
+        while !bytes.is_empty() {
+            let written = match &writable {
+                None => match self.sock.get_ref().write(bytes) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let fd = self.sock.get_ref().as_fd().try_clone_to_owned()?;
+                        writable = Some(register(fd, Interest::WRITABLE)?);
+                        continue;
+                    }
+                    r => r,
+                },
+                Some(w) => {
+                    let mut ready = w.writable().await?;
+                    match ready.try_io(|_| self.sock.get_ref().write(bytes)) {
+                        Ok(r) => r,
+                        Err(_would_block) => continue,
+                    }
+                }
+            };
+            match written {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has (waiting until it has something) onto `buf`; 0 at its end.
+    async fn read_some(&mut self) -> std::io::Result<usize> {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; READ_CHUNK];
+        }
+        loop {
+            let mut ready = self.sock.readable().await?;
+            match ready.try_io(|s| s.get_ref().read(&mut self.scratch)) {
+                Ok(Ok(n)) => {
+                    self.buf.extend_from_slice(&self.scratch[..n]);
+                    return Ok(n);
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// Receives one response before `deadline` (`within` names it in the error). Cancel-safe:
+    /// dropped while it waits, it has lost nothing (what it read stays buffered).
     pub async fn recv(
         &mut self,
         deadline: tokio::time::Instant,
@@ -72,8 +140,7 @@ impl AsyncAgent {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClientError::Timeout(within));
             }
-            self.buf.reserve(64 << 10);
-            match tokio::time::timeout_at(deadline, self.sock.read_buf(&mut self.buf)).await {
+            match tokio::time::timeout_at(deadline, self.read_some()).await {
                 Err(_) => return Err(ClientError::Timeout(within)),
                 Ok(Ok(0)) if self.buf.is_empty() => return Err(FrameError::Eof.into()),
                 Ok(Ok(0)) => return Err(FrameError::Truncated.into()),
@@ -108,6 +175,19 @@ impl AsyncAgent {
         self.buf.drain(..end);
         Ok(Some(response?))
     }
+}
+
+/// `fd` registered with the runtime for `interest` only (this module's one `unsafe`: tokio's
+/// safe constructors are deprecated, since they cannot know that a descriptor stays open).
+fn register<T>(fd: T, interest: Interest) -> std::io::Result<AsyncFd<T>>
+where
+    T: std::os::fd::AsRawFd + Into<std::os::fd::OwnedFd>,
+{
+    // SAFETY: `T` owns its descriptor (it converts into an `OwnedFd`: here a `UnixStream` or
+    // an `OwnedFd`), so `as_raw_fd` always names that one descriptor, and it stays open while
+    // the `AsyncFd` holds `fd`: nothing in this module takes it out (`into_inner`) or closes
+    // it; dropping the `AsyncFd` deregisters it before closing it.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
 /// What a request's terminal response means: `Done`, or the agent's failure as
@@ -183,6 +263,39 @@ mod tests {
             !agent.is_idle_and_open(),
             "a connection its peer closed is not reusable"
         );
+    }
+
+    /// A request larger than the socket's buffer waits for room (the registration for
+    /// writing made for it) and arrives whole; one the peer never reads ends at its deadline.
+    #[tokio::test]
+    async fn a_request_larger_than_the_socket_buffer_is_written_whole_or_times_out() {
+        use fissile_proto::agent::ExecRequest;
+        let code = "x".repeat(4 << 20);
+        let req = Request::Exec(ExecRequest {
+            code: code.clone(),
+            ..ExecRequest::default()
+        });
+        let (mut agent, mut peer) = pair();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let got: Request = fissile_proto::frame::read_frame(
+                &mut peer,
+                AGENT_PROTOCOL_VERSION,
+                AGENT_FRAME_CAP,
+            )
+            .unwrap();
+            (got, peer)
+        });
+        let (deadline, within) = soon();
+        agent.send(&req, deadline, within).await.unwrap();
+        let (got, _peer) = reader.join().unwrap();
+        assert!(matches!(got, Request::Exec(ref e) if e.code == code));
+
+        let (mut agent, _peer) = pair();
+        let within = Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + within;
+        let e = agent.send(&req, deadline, within).await.unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
     }
 
     #[tokio::test]

@@ -10,6 +10,10 @@
 //! error); last `done` `{execution_count, duration_ms (guest), server_ms, timed_out,
 //! state_lost}`, or `failed` `{message}` if the sandbox stopped answering.
 //!
+//! Lines that come together leave together (one chunk, one wake-up of the client); a cell's
+//! main result, which the interpreter gives as the cell ends, waits up to 100 ms for
+//! the `done` that follows it, so a short cell's whole response is one write.
+//!
 //! A client that disconnects mid-stream interrupts the cell (a KeyboardInterrupt in the
 //! REPL, whose state is kept); the reader drains the rest and the sandbox stays healthy.
 
@@ -337,14 +341,26 @@ async fn spawn_stream(
         let mut gone = Some(gone);
         let mut gone_work = None;
         // Lines made from the responses at hand, sent together (one chunk, one wake-up of
-        // the client) once the next has to be waited for: a cell's result and its `done`
-        // may arrive together.
+        // the client) once the next has to be waited for, or after a main result, once the
+        // next came or `END_WAIT` passed.
         let mut pending: Vec<u8> = Vec::new();
+        // The last line held is a cell's main result: the next response follows at once.
+        let mut ending = false;
         let done = async {
             agent.send(&request, deadline, within).await?;
             loop {
                 let r = match agent.buffered()? {
                     Some(r) => r,
+                    None if ending => {
+                        ending = false;
+                        match tokio::time::timeout(END_WAIT, agent.recv(deadline, within)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
+                                agent.recv(deadline, within).await?
+                            }
+                        }
+                    }
                     None => {
                         flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
                         agent.recv(deadline, within).await?
@@ -356,6 +372,7 @@ async fn spawn_stream(
                 if gone.is_some()
                     && let Some(line) = event(&r)
                 {
+                    ending = matches!(r, AgentResponse::ExecuteResult(_));
                     pending.extend_from_slice(&line);
                     if pending.len() >= MAX_PENDING {
                         flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
@@ -382,6 +399,14 @@ async fn spawn_stream(
 
 /// Most bytes of lines held back to be sent together.
 const MAX_PENDING: usize = 64 << 10;
+
+/// How long a cell's main result (the value of its last expression, which the interpreter
+/// gives as the cell ends) waits for the lines after it, the cell's end above all, to go out
+/// with them: one write and one wake-up of the client instead of two. The agent sends its
+/// `done` as soon as the cell's output is drained, so the wait is that short; output still
+/// coming after this long goes out as it comes. The same as [`HEAD_WAIT`]: a timer that is
+/// not the runtime's next one costs no extra wake-up of its I/O driver.
+const END_WAIT: std::time::Duration = HEAD_WAIT;
 
 /// Sends the `pending` lines as one chunk (before `deadline`); a client that went away or
 /// stopped reading gets `gone` run (once; what it started is kept in `gone_work`).
