@@ -150,6 +150,11 @@ impl Fissiled {
         &self.base
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it without warning (SIGKILL), as a crash would, and reaps it.
     pub fn kill_hard(&mut self) -> std::io::Result<()> {
         self.child.kill()?;

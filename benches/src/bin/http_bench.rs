@@ -168,6 +168,36 @@ struct FirstExec {
     exec_faults: f64,
 }
 
+/// Each process's on-CPU time so far (ns) and how many times it has waited (voluntary
+/// context switches), summed over its threads (`/proc/PID/task/*/schedstat` and `status`);
+/// 0 for one that is `None` or gone.
+fn process_costs(pids: &[Option<u32>; 3]) -> [(u64, u64); 3] {
+    pids.map(|pid| {
+        let Some(pid) = pid else { return (0, 0) };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return (0, 0);
+        };
+        let mut total = (0, 0);
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                total.0 += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
+                total.1 += s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        total
+    })
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -240,6 +270,29 @@ fn main() -> anyhow::Result<()> {
         server.push(s);
         guest.push(g);
     }
+    // What each path costs the processes on it: on-CPU time and waits, read around a run of
+    // each, after the timed runs (reading /proc between timed calls would disturb them).
+    let vmm = fissile_proto::pidfd::Pidfd::find_all(
+        "fissile-vmm",
+        &d.state
+            .join("sandboxes")
+            .join(&id)
+            .join("api.sock")
+            .to_string_lossy(),
+    )?
+    .first()
+    .map(|p| p.pid());
+    let procs = [Some(std::process::id()), vmm, Some(d.fissiled.pid())];
+    let runs = n.min(100);
+    let c0 = process_costs(&procs);
+    for _ in 0..runs {
+        agent.exec(&req)?;
+    }
+    let c1 = process_costs(&procs);
+    for _ in 0..runs {
+        d.exec(&id, "1+1")?;
+    }
+    let c2 = process_costs(&procs);
     for v in [&mut http, &mut direct, &mut server, &mut guest] {
         v.sort_by(f64::total_cmp);
     }
@@ -259,6 +312,25 @@ fn main() -> anyhow::Result<()> {
         pct(&guest, 0.5),
         pct(&server, 0.5),
         pct(&http, 0.5) - pct(&server, 0.5)
+    );
+    let per = |a: (u64, u64), b: (u64, u64)| {
+        format!(
+            "{:.2} ms, {:.1} waits",
+            b.0.saturating_sub(a.0) as f64 / runs as f64 / 1e6,
+            b.1.saturating_sub(a.1) as f64 / runs as f64
+        )
+    };
+    println!(
+        "  per exec ({runs} more of each), mean on-CPU time and waits (voluntary context \
+         switches){}:\n    \
+         vsock direct: client {}; VMM {} (its guest included)\n    \
+         HTTP:         client {}; VMM {}; fissiled {}",
+        if vmm.is_none() { " (no VMM found)" } else { "" },
+        per(c0[0], c1[0]),
+        per(c0[1], c1[1]),
+        per(c1[0], c2[0]),
+        per(c1[1], c2[1]),
+        per(c1[2], c2[2]),
     );
 
     // 3. fork(4) over HTTP until every child answered vs the daemon's VMM-level figure.
