@@ -2196,11 +2196,26 @@ fn guest_api_warm_pool_serves_creates_and_is_not_adopted() {
         r#"{"metadata":{"from":"pool"},"env":{"WHO":"a"}}"#,
     );
     let a = a["id"].as_str().unwrap().to_string();
-    assert_eq!(value(&d, &key, &a, "import os; os.environ['WHO']"), "'a'");
+    let first = exec(
+        &d,
+        &key,
+        &a,
+        json!({"code": "import os; os.environ['WHO']"}),
+    );
     eprintln!(
         "create + first exec from the warm pool: {} ms",
         t.elapsed().as_millis()
     );
+    let done = first.last().unwrap();
+    assert_eq!(done["type"], "done", "{first:?}");
+    let main = first
+        .iter()
+        .find(|e| e["type"] == "result" && e["is_main_result"] == true)
+        .unwrap_or_else(|| panic!("no main result: {first:?}"));
+    assert_eq!(main["data"]["text/plain"], "'a'", "{first:?}");
+    // The template's warm-up cell, the member's own warm-up cell (run in the background
+    // after its restore), then this one.
+    assert_eq!(done["execution_count"], 3, "{first:?}");
     assert_eq!(
         pool_taken(&d),
         1,
