@@ -177,16 +177,18 @@ impl AsyncAgent {
     }
 }
 
+/// A type that owns one descriptor for its whole life: what [`register`] takes.
+trait OwnsFd: std::os::fd::AsRawFd {}
+impl OwnsFd for UnixStream {}
+impl OwnsFd for std::os::fd::OwnedFd {}
+
 /// `fd` registered with the runtime for `interest` only (this module's one `unsafe`: tokio's
 /// safe constructors are deprecated, since they cannot know that a descriptor stays open).
-fn register<T>(fd: T, interest: Interest) -> std::io::Result<AsyncFd<T>>
-where
-    T: std::os::fd::AsRawFd + Into<std::os::fd::OwnedFd>,
-{
-    // SAFETY: `T` owns its descriptor (it converts into an `OwnedFd`: here a `UnixStream` or
-    // an `OwnedFd`), so `as_raw_fd` always names that one descriptor, and it stays open while
-    // the `AsyncFd` holds `fd`: nothing in this module takes it out (`into_inner`) or closes
-    // it; dropping the `AsyncFd` deregisters it before closing it.
+fn register<T: OwnsFd>(fd: T, interest: Interest) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `T` is a `UnixStream` or an `OwnedFd` (`OwnsFd` is this module's and has no
+    // other implementation): each owns one descriptor, which `as_raw_fd` always names and
+    // which stays open while the `AsyncFd` holds `fd`; nothing in this module takes it out
+    // (`into_inner`) or closes it, and dropping the `AsyncFd` deregisters it before closing it.
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use fissile_proto::agent::ExecRequest;
 use fissile_sandbox::Sandbox;
 
 use crate::app::{App, DEFAULT_TEMPLATE, blocking, lock};
@@ -38,6 +39,11 @@ pub const REFILL_AFTER_MS: u64 = 1_000;
 /// it goes through the interpreter's whole path for a cell and leaves no value behind (`_`
 /// stays as it was).
 pub const MEMBER_WARM_UP: &str = "None";
+
+/// The warm-up cell's time limit (ms): a guest that does not run it by then is dropped (the
+/// agent client's own deadline follows the limit, so a guest that does not answer at all is
+/// given up about a minute later).
+pub const MEMBER_WARM_UP_LIMIT_MS: u64 = 30_000;
 
 /// A pooled sandbox: its record (no tenant) and its running VMM.
 #[derive(Debug)]
@@ -67,6 +73,26 @@ impl WarmPool {
     pub fn idle(&self, shape: &Shape) -> usize {
         lock(&self.shapes).get(shape).map_or(0, |p| p.idle.len())
     }
+}
+
+/// Runs [`MEMBER_WARM_UP`] on a member just restored (within [`MEMBER_WARM_UP_LIMIT_MS`]); an
+/// error when it fails, runs out of time or loses the interpreter's state.
+fn warm_up(sandbox: &mut Sandbox) -> Result<(), ApiError> {
+    let req = ExecRequest {
+        code: MEMBER_WARM_UP.into(),
+        timeout_ms: Some(MEMBER_WARM_UP_LIMIT_MS),
+        ..ExecRequest::default()
+    };
+    let outcome = sandbox
+        .agent()
+        .and_then(|agent| Ok(agent.exec(&req)?))
+        .map_err(|e| ApiError::sandbox("warming up a warm pool member", &e))?;
+    if outcome.done.timed_out || outcome.done.state_lost {
+        return Err(ApiError::internal(format!(
+            "a warm pool member's warm-up cell did not finish in {MEMBER_WARM_UP_LIMIT_MS} ms"
+        )));
+    }
+    Ok(())
 }
 
 impl App {
@@ -161,15 +187,14 @@ impl App {
         self.db.put_sandbox(&record)?;
         let dir = self.dir(&record.id);
         let cfg = self.sandbox_config(dir.clone(), shape.memory_mib, shape.vcpus, None);
-        // Behind the creates and boots already queued: a start permit like any restore.
+        // Behind the creates and boots already queued: a start permit like any restore, held
+        // through the warm-up cell too (it is part of starting, and as busy on the CPUs).
         let permit = self.starts.clone().acquire_owned().await;
         let restored = blocking(move || {
             let _permit = permit;
             let mut sandbox = Sandbox::restore(&cfg, &snapshot)
                 .map_err(|e| ApiError::sandbox("restoring a warm pool member", &e))?;
-            sandbox
-                .exec(MEMBER_WARM_UP)
-                .map_err(|e| ApiError::sandbox("warming up a warm pool member", &e))?;
+            warm_up(&mut sandbox)?;
             Ok(sandbox)
         })
         .await;
