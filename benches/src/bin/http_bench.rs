@@ -168,34 +168,53 @@ struct FirstExec {
     exec_faults: f64,
 }
 
-/// Each process's on-CPU time so far (ns) and how many times it has waited (voluntary
-/// context switches), summed over its threads (`/proc/PID/task/*/schedstat` and `status`);
-/// 0 for one that is `None` or gone.
-fn process_costs(pids: &[Option<u32>; 3]) -> [(u64, u64); 3] {
+/// Each thread's on-CPU time so far (ns) and how many times it has waited (voluntary
+/// context switches), by process (`/proc/PID/task/TID/schedstat` and `status`); nothing for
+/// a process that is `None` or gone.
+fn process_costs(pids: &[Option<u32>; 3]) -> [ThreadCosts; 3] {
     pids.map(|pid| {
-        let Some(pid) = pid else { return (0, 0) };
+        let mut threads = ThreadCosts::new();
+        let Some(pid) = pid else { return threads };
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return (0, 0);
+            return threads;
         };
-        let mut total = (0, 0);
         for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-                total.0 += s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-            if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
-                total.1 += s
-                    .lines()
-                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
+            let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ns = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let waits = std::fs::read_to_string(t.path().join("status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            threads.insert(tid, (ns, waits));
         }
-        total
+        threads
     })
+}
+
+/// On-CPU ns and waits by thread id.
+type ThreadCosts = std::collections::HashMap<u32, (u64, u64)>;
+
+/// What a process's threads spent between two readings: each thread's growth, a thread born
+/// meanwhile in full (one that ended meanwhile is missed: its figures are gone).
+fn spent(before: &ThreadCosts, after: &ThreadCosts) -> (u64, u64) {
+    after
+        .iter()
+        .fold((0, 0), |(ns, waits), (tid, &(a_ns, a_waits))| {
+            let (b_ns, b_waits) = before.get(tid).copied().unwrap_or((0, 0));
+            (
+                ns + a_ns.saturating_sub(b_ns),
+                waits + a_waits.saturating_sub(b_waits),
+            )
+        })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -313,11 +332,12 @@ fn main() -> anyhow::Result<()> {
         pct(&server, 0.5),
         pct(&http, 0.5) - pct(&server, 0.5)
     );
-    let per = |a: (u64, u64), b: (u64, u64)| {
+    let per = |a: &ThreadCosts, b: &ThreadCosts| {
+        let (ns, waits) = spent(a, b);
         format!(
             "{:.2} ms, {:.1} waits",
-            b.0.saturating_sub(a.0) as f64 / runs as f64 / 1e6,
-            b.1.saturating_sub(a.1) as f64 / runs as f64
+            ns as f64 / runs as f64 / 1e6,
+            waits as f64 / runs as f64
         )
     };
     println!(
@@ -326,11 +346,11 @@ fn main() -> anyhow::Result<()> {
          vsock direct: client {}; VMM {} (its guest included)\n    \
          HTTP:         client {}; VMM {}; fissiled {}",
         if vmm.is_none() { " (no VMM found)" } else { "" },
-        per(c0[0], c1[0]),
-        per(c0[1], c1[1]),
-        per(c1[0], c2[0]),
-        per(c1[1], c2[1]),
-        per(c1[2], c2[2]),
+        per(&c0[0], &c1[0]),
+        per(&c0[1], &c1[1]),
+        per(&c1[0], &c2[0]),
+        per(&c1[1], &c2[1]),
+        per(&c1[2], &c2[2]),
     );
 
     // 3. fork(4) over HTTP until every child answered vs the daemon's VMM-level figure.
