@@ -351,19 +351,22 @@ async fn spawn_stream(
             loop {
                 let r = match agent.buffered()? {
                     Some(r) => r,
-                    None if ending => {
-                        ending = false;
-                        match tokio::time::timeout(END_WAIT, agent.recv(deadline, within)).await {
-                            Ok(r) => r?,
-                            Err(_) => {
+                    None => {
+                        // After a main result, the next response within END_WAIT joins it.
+                        let next = if std::mem::take(&mut ending) {
+                            tokio::time::timeout(END_WAIT, agent.recv(deadline, within))
+                                .await
+                                .ok()
+                        } else {
+                            None
+                        };
+                        match next {
+                            Some(r) => r?,
+                            None => {
                                 flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
                                 agent.recv(deadline, within).await?
                             }
                         }
-                    }
-                    None => {
-                        flush(&mut pending, &tx, deadline, &mut gone, &mut gone_work).await;
-                        agent.recv(deadline, within).await?
                     }
                 };
                 if r.is_terminal() {

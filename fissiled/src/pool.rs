@@ -89,7 +89,8 @@ fn warm_up(sandbox: &mut Sandbox) -> Result<(), ApiError> {
         .map_err(|e| ApiError::sandbox("warming up a warm pool member", &e))?;
     if outcome.done.timed_out || outcome.done.state_lost {
         return Err(ApiError::internal(format!(
-            "a warm pool member's warm-up cell did not finish in {MEMBER_WARM_UP_LIMIT_MS} ms"
+            "a warm pool member's warm-up cell timed out ({MEMBER_WARM_UP_LIMIT_MS} ms) or lost \
+             the interpreter's state"
         )));
     }
     Ok(())
