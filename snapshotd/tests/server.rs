@@ -179,7 +179,7 @@ fn dirty_only_create_blobs_and_prefetch_through_daemon() {
 
     let lazy = LazyMemory::restore(d.client(), &child, None).unwrap();
     let mut buf = vec![0u8; PS];
-    lazy.mapping().read_at(0, &mut buf); // first fault starts the prefetch
+    lazy.mapping().read_at(0, &mut buf); // served while the prefetch runs
     let deadline = Instant::now() + Duration::from_secs(20);
     while lazy.session().progress().1 < 300 {
         assert!(
@@ -201,6 +201,47 @@ fn dirty_only_create_blobs_and_prefetch_through_daemon() {
     delete_once_unused(&mut c, &child);
     c.delete(&parent).unwrap();
     assert!(c.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let mem = memory(8, 256, 4); // every 4th page is a zero page
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    // Page 8 is a zero page: a fault on it costs no store read, so it is not recorded.
+    let touched = [201usize, 3, 150, 151, 153, 8, 77];
+    let mut buf = vec![0u8; PS];
+    {
+        let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+        for p in touched {
+            lazy.mapping().read_at(p * PS, &mut buf);
+            assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+        }
+        assert_eq!(lazy.session().failure(), None);
+    }
+    // The session stores the order as it ends; a restart then opens a fresh image.
+    wait_no_conn_threads(d.child.id(), 10, "the first fault session did not end");
+    d.kill();
+    let d = Daemon::start(dir.path());
+    let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+    lazy.mapping().read_at(PS, &mut buf); // served while the prefetch runs
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lazy.session().progress().1 < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the recorded pages were not prefetched: {:?}",
+            lazy.session().progress()
+        );
+        assert_eq!(lazy.session().wait_failure(Duration::from_millis(50)), None);
+    }
+    // Exactly the six non-zero pages touched first, nothing else.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(lazy.session().progress().1, 6);
+    for p in 0..256 {
+        lazy.mapping().read_at(p * PS, &mut buf);
+        assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+    }
 }
 
 /// Deletes `id`, retrying while the daemon still counts a user of its image (a fault

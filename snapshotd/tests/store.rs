@@ -85,6 +85,64 @@ fn create_full_snapshot_reads_back_identical_with_blobs() {
 }
 
 #[test]
+fn a_recorded_touch_order_is_kept_once_survives_reopening_and_passes_to_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mem = memory(3, 64);
+    let id = store.create(&full(&mem)).unwrap().id;
+    assert_eq!(store.view(&id).unwrap().touch_order().count(), 0);
+    // A page beyond the memory is refused and records nothing.
+    let err = store.record_touch_order(&id, &[3, 64]).unwrap_err();
+    assert!(err.to_string().contains("page 64"), "{err}");
+    assert_eq!(store.view(&id).unwrap().touch_order().count(), 0);
+    // Nothing to record: nothing recorded, and a later order still may be.
+    assert!(!store.record_touch_order(&id, &[]).unwrap());
+    // Recorded (the cached view is replaced), then kept: a second order does not replace it.
+    assert!(store.record_touch_order(&id, &[9, 10, 11, 2, 40]).unwrap());
+    let order = vec![9, 10, 11, 2, 40];
+    assert_eq!(
+        store.view(&id).unwrap().touch_order().collect::<Vec<_>>(),
+        order
+    );
+    assert!(!store.record_touch_order(&id, &[1]).unwrap());
+    assert_eq!(
+        store.view(&id).unwrap().touch_order().collect::<Vec<_>>(),
+        order
+    );
+    // A layer created with no order of its own takes its parent's; one with its own keeps it.
+    let mut child_mem = mem.clone();
+    let dirty = mutate(&mut child_mem, 4, 3);
+    let mut req = full(&child_mem);
+    req.parent = Some(id.clone());
+    req.dirty_pages = Some(dirty.clone());
+    let inherits = store.create(&req).unwrap().id;
+    req.touch_order = vec![7, 6];
+    let own = store.create(&req).unwrap().id;
+    drop(req);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.view(&id).unwrap().touch_order().collect::<Vec<_>>(),
+        order
+    );
+    assert_eq!(
+        store
+            .view(&inherits)
+            .unwrap()
+            .touch_order()
+            .collect::<Vec<_>>(),
+        order
+    );
+    assert_eq!(
+        store.view(&own).unwrap().touch_order().collect::<Vec<_>>(),
+        vec![7, 6]
+    );
+    assert_eq!(store.read_all(&id).unwrap(), mem);
+    assert_eq!(store.read_all(&inherits).unwrap(), child_mem);
+    assert!(store.check().unwrap().is_ok());
+}
+
+#[test]
 fn ingest_threads_store_the_same_chunks_once_and_read_back_identical() {
     // 700 pages: batches of 256 split across workers; the same page content repeats in
     // different batches (pages 0..100 again at 400..500), so two workers of one wave both

@@ -6,6 +6,13 @@
 //! for zero pages), and ends when the client closes the socket, the uffd hangs up, or the
 //! daemon shuts down. Heartbeats come from a thread of their own, so a slow batch of store
 //! reads on this one never looks like a dead page server to the client.
+//!
+//! **First-touch order.** A session on a store image whose snapshot has no recorded order
+//! records the pages its faults bring in, in order (the first [`MAX_RECORDED_PAGES`], within
+//! [`RECORD_WINDOW`] of its start), and stores them as the snapshot's order when the window
+//! closes or the session ends. The next session on a fresh image of that snapshot (after an
+//! eviction or a restart) prefetches them in that order from its start, ahead of the vCPUs
+//! that would otherwise fault them in one round trip each.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -20,6 +27,43 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 use super::image::{Image, MaterializeError, PageState};
 use crate::fdio;
 use crate::sys;
+
+/// The most pages a session records as its image's first-touch order (256 MiB of 4 KiB
+/// pages): far more than a guest touches before it answers its first request.
+pub const MAX_RECORDED_PAGES: usize = 65_536;
+
+/// How long after its start a session records first touches.
+pub const RECORD_WINDOW: Duration = Duration::from_secs(30);
+
+/// One image's first-touch order being recorded.
+#[derive(Debug)]
+struct Recording {
+    image: Arc<Image>,
+    pages: Vec<u64>,
+}
+
+impl Recording {
+    /// Stores the order (on this thread).
+    fn save(self) {
+        if self.pages.is_empty() {
+            // Nothing faulted: a later session may still record.
+            self.image.release_touch_recording();
+            return;
+        }
+        match self.image.record_touch_order(&self.pages) {
+            Ok(recorded) => tracing::debug!(
+                snapshot = self.image.id(),
+                pages = self.pages.len(),
+                recorded,
+                "first-touch order"
+            ),
+            Err(e) => tracing::warn!(
+                snapshot = self.image.id(), error = %crate::error_chain(&e),
+                "could not record the first-touch order"
+            ),
+        }
+    }
+}
 
 /// One region of the client's address space, with its image.
 #[derive(Debug, Clone)]
@@ -79,9 +123,14 @@ pub struct Session {
     writer: Arc<Mutex<()>>,
     stats: Arc<SessionStats>,
     stop: Arc<AtomicBool>,
-    prefetch_started: bool,
     /// The daemon's count of faults served (this session's are added when it ends).
     served_total: Arc<AtomicU64>,
+    /// When the session started (for [`RECORD_WINDOW`]).
+    started: Instant,
+    /// First-touch orders still being recorded (see the module docs).
+    recording: Vec<Recording>,
+    /// Threads storing orders whose recording closed; joined when the session ends.
+    savers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Session {
@@ -93,6 +142,17 @@ impl Session {
         socket: UnixStream,
         served_total: Arc<AtomicU64>,
     ) -> Session {
+        let mut recording: Vec<Recording> = Vec::new();
+        for r in &regions {
+            if !recording.iter().any(|x| Arc::ptr_eq(&x.image, &r.image))
+                && r.image.claim_touch_recording()
+            {
+                recording.push(Recording {
+                    image: r.image.clone(),
+                    pages: Vec::new(),
+                });
+            }
+        }
         Session {
             uffd,
             regions,
@@ -100,8 +160,10 @@ impl Session {
             writer: Arc::new(Mutex::new(())),
             stats: Arc::new(SessionStats::default()),
             stop: Arc::new(AtomicBool::new(false)),
-            prefetch_started: false,
             served_total,
+            started: Instant::now(),
+            recording,
+            savers: Vec::new(),
         }
     }
 
@@ -109,7 +171,14 @@ impl Session {
     /// to the client as [`Response::SessionFailed`] before returning it.
     pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
         let heart = self.start_heartbeat();
+        self.start_prefetch();
         let res = self.serve(shutdown);
+        for rec in std::mem::take(&mut self.recording) {
+            rec.save();
+        }
+        for saver in std::mem::take(&mut self.savers) {
+            let _ = saver.join();
+        }
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = heart {
             h.thread().unpark();
@@ -175,6 +244,11 @@ impl Session {
                 HEARTBEAT_INTERVAL_MS as i32,
             )
             .map_err(SessionError::Poll)?;
+            if !self.recording.is_empty() && self.started.elapsed() >= RECORD_WINDOW {
+                for rec in std::mem::take(&mut self.recording) {
+                    self.save_in_background(rec);
+                }
+            }
             if s.readable || s.hangup {
                 // After `FaultSessionStarted` the client sends nothing: data or EOF both end
                 // the session.
@@ -242,14 +316,46 @@ impl Session {
             }
         }
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        if !self.prefetch_started {
-            self.prefetch_started = true;
-            self.start_prefetch();
+        if state == PageState::Present
+            && let Some(i) = self
+                .recording
+                .iter()
+                .position(|x| Arc::ptr_eq(&x.image, &r.image))
+        {
+            self.recording[i].pages.push(page);
+            if self.recording[i].pages.len() >= MAX_RECORDED_PAGES {
+                let rec = self.recording.swap_remove(i);
+                self.save_in_background(rec);
+            }
         }
         Ok(())
     }
 
-    /// After the first fault, fills each image in its recorded first-touch order.
+    /// Stores a closed recording on a thread of its own: the store's writer lock may be
+    /// held by a create for a while, and faults must not wait for it.
+    fn save_in_background(&mut self, rec: Recording) {
+        let rec = Arc::new(Mutex::new(Some(rec)));
+        let theirs = rec.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshotd-touch-order".into())
+            .spawn(move || {
+                if let Some(rec) = theirs.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    rec.save();
+                }
+            });
+        match spawned {
+            Ok(h) => self.savers.push(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a thread; storing the order here");
+                if let Some(rec) = rec.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    rec.save();
+                }
+            }
+        }
+    }
+
+    /// Fills each image in its recorded first-touch order, from the session's start: the
+    /// client starts one before its vCPUs run.
     fn start_prefetch(&self) {
         let mut seen = std::collections::HashSet::new();
         for r in &self.regions {

@@ -30,7 +30,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use crate::store::{ReadError, SnapshotView, Store, ViewError};
+use crate::store::{ReadError, SnapshotView, Store, TouchOrderError, ViewError};
 use crate::sys;
 
 /// What a page turned out to be.
@@ -148,6 +148,9 @@ pub struct Image {
     /// image evicted and opened again (a new memfd) is refused rather than served into a
     /// memfd the client never mapped.
     instance: u64,
+    /// A fault session claimed the recording of the first-touch order
+    /// ([`Image::claim_touch_recording`]).
+    recording_claimed: AtomicBool,
 }
 
 /// How long after it was last handed out an unused image stays, whatever the budget.
@@ -193,6 +196,7 @@ impl Image {
             last_used: AtomicU64::new(0),
             touched_ms: AtomicU64::new(wall_ms()),
             instance: next_instance(),
+            recording_claimed: AtomicBool::new(false),
         })
     }
 
@@ -261,6 +265,7 @@ impl Image {
             last_used: AtomicU64::new(0),
             touched_ms: AtomicU64::new(wall_ms()),
             instance: next_instance(),
+            recording_claimed: AtomicBool::new(false),
         })
     }
 
@@ -537,16 +542,43 @@ impl Image {
         Ok(())
     }
 
-    /// Pages in first-touch order (store images with a recorded order; empty otherwise).
     /// This object's number (see the field).
     pub fn instance(&self) -> u64 {
         self.instance
     }
 
+    /// Pages in first-touch order (store images with a recorded order; empty otherwise).
     pub fn touch_order(&self) -> Vec<u64> {
         match &self.source {
             Source::Store { view, .. } => view.touch_order().collect(),
             _ => Vec::new(),
+        }
+    }
+
+    /// Claims the recording of this snapshot's first-touch order for one fault session:
+    /// true once per image object, and only for an image read from the store whose
+    /// snapshot has no order yet (so every page the session's client touches first comes
+    /// to it as a fault, in order).
+    pub fn claim_touch_recording(&self) -> bool {
+        match &self.source {
+            Source::Store { view, .. } if view.manifest.touch_order.is_empty() => {
+                !self.recording_claimed.swap(true, Ordering::AcqRel)
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives the claim back (the session recorded nothing), so a later session may record.
+    pub fn release_touch_recording(&self) {
+        self.recording_claimed.store(false, Ordering::Release);
+    }
+
+    /// Stores `pages` as the snapshot's first-touch order, unless it has one (see
+    /// [`Store::record_touch_order`]); false for an image not read from the store.
+    pub fn record_touch_order(&self, pages: &[u64]) -> Result<bool, TouchOrderError> {
+        match &self.source {
+            Source::Store { store, .. } => store.record_touch_order(&self.id, pages),
+            _ => Ok(false),
         }
     }
 }

@@ -268,6 +268,28 @@ pub enum DeleteError {
     Index(#[source] rocksdb::Error),
 }
 
+/// Errors recording a snapshot's first-touch order ([`Store::record_touch_order`]).
+#[derive(Debug, thiserror::Error)]
+pub enum TouchOrderError {
+    /// Loading the snapshot failed.
+    #[error("loading snapshot")]
+    View(#[source] ViewError),
+    /// A page is beyond the snapshot's memory.
+    #[error("page {page} is beyond the snapshot's {pages} pages")]
+    OutOfRange {
+        /// The page.
+        page: u64,
+        /// The snapshot's page count.
+        pages: u64,
+    },
+    /// The manifest could not be encoded.
+    #[error("manifest")]
+    Manifest(#[source] ManifestError),
+    /// Index write failed.
+    #[error("index")]
+    Index(#[source] rocksdb::Error),
+}
+
 /// Errors during garbage collection.
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -1175,7 +1197,11 @@ impl Store {
             blobs,
             labels,
             created_unix_ms: now_ms(),
-            touch_order: manifest::build_ranges(&req.touch_order),
+            // None given: the parent's, which a layer on it mostly shares.
+            touch_order: match &parent {
+                Some(p) if req.touch_order.is_empty() => p.manifest.touch_order.clone(),
+                _ => manifest::build_ranges(&req.touch_order),
+            },
         };
         m.validate().map_err(CreateError::Manifest)?;
         let encoded = manifest::encode(&m).map_err(CreateError::Manifest)?;
@@ -1258,6 +1284,34 @@ impl Store {
         lock(&self.views).remove(id);
         tracing::info!(snapshot = id, "snapshot deleted");
         Ok(())
+    }
+
+    /// Records `pages` as snapshot `id`'s first-touch order (what a restore prefetches),
+    /// unless it has one already: an order given at its creation, inherited from its parent
+    /// or recorded by an earlier restore is kept. Returns whether it was recorded.
+    pub fn record_touch_order(&self, id: &str, pages: &[u64]) -> Result<bool, TouchOrderError> {
+        let _w = lock(&self.writer);
+        let mut m = self.load_manifest(id).map_err(TouchOrderError::View)?;
+        if !m.touch_order.is_empty() || pages.is_empty() {
+            return Ok(false);
+        }
+        let count = m.page_count();
+        if let Some(&page) = pages.iter().find(|p| **p >= count) {
+            return Err(TouchOrderError::OutOfRange { page, pages: count });
+        }
+        m.touch_order = manifest::build_ranges(pages);
+        m.validate().map_err(TouchOrderError::Manifest)?;
+        let encoded = manifest::encode(&m).map_err(TouchOrderError::Manifest)?;
+        self.db
+            .put_cf_opt(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded, &sync_opts())
+            .map_err(TouchOrderError::Index)?;
+        lock(&self.views).remove(id);
+        tracing::info!(
+            snapshot = id,
+            pages = pages.len(),
+            "first-touch order recorded"
+        );
+        Ok(true)
     }
 
     /// Lists every snapshot.
