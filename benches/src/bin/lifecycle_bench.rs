@@ -3,7 +3,10 @@
 //!
 //! 1. **restore → first exec** against **cold boot → first exec**: a warm sandbox (Python
 //!    started) is persisted; it is restored from the hot image, and again after a snapshotd
-//!    restart (lazily from the store through userfaultfd). Target ≤ 0.1×.
+//!    restart (lazily from the store through userfaultfd). That lazy restore records the
+//!    pages it touched first as the snapshot's first-touch order; after another restart a
+//!    third restore prefetches them in that order. Targets: ≤ 0.08× from the hot image, ≤ 0.2×
+//!    from the store.
 //! 2. **fork(n)**, n = 1, 4, 16, until every child answered, against the baseline "full
 //!    snapshot + n eager full restores": copying all guest memory to a file, then per child
 //!    reading it back into fresh memory plus a restore process reaching its agent. Target:
@@ -13,7 +16,8 @@
 //!    pages it copied, its PSS, and the whole process). Target < 1 MiB of guest memory per
 //!    child.
 //!
-//! Usage: `lifecycle_bench` (needs KVM; elsewhere `fissile-lab run -- lifecycle_bench`).
+//! Usage: `lifecycle_bench [restore]` (needs KVM; elsewhere `fissile-lab run --
+//! lifecycle_bench`); `restore` runs part 1 only.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -25,6 +29,7 @@ use anyhow::Context;
 use fissile_benches::{eval, smaps};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
+use fissile_snapshotd::client::{Client, DaemonStats};
 
 const MEM_MIB: u64 = 512;
 
@@ -56,33 +61,106 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     let boot_first = t.elapsed();
     let id = cold.persist(Duration::from_secs(300))?;
 
-    let t = Instant::now();
-    let mut hot = Sandbox::restore(&env.cfg(&sd), &id)?;
-    eval(&mut hot, "1+1")?;
-    let hot_first = t.elapsed();
-    drop(hot);
+    let (hot_first, hot_steps) = restore_first_exec(env, &sd, &id)?;
 
+    // Twice lazily from the store, each after a restart: the first records the snapshot's
+    // first-touch order, the second prefetches it.
     sd.kill();
-    let sd = Snapshotd::start(sd_root, sd_sock)?;
-    let t = Instant::now();
-    let mut lazy = Sandbox::restore(&env.cfg(&sd), &id)?;
-    eval(&mut lazy, "1+1")?;
-    let lazy_first = t.elapsed();
-    drop(lazy);
+    let (lazy_first, lazy_steps, lazy_stats) = lazy_restore(env, sd_root, sd_sock, &id)?;
+    let (prefetched_first, prefetched_steps, prefetched_stats) =
+        lazy_restore(env, sd_root, sd_sock, &id)?;
     println!("1. restore -> first exec vs cold boot -> first exec ({MEM_MIB} MiB)");
-    println!("   cold boot -> first exec      {:>9.1} ms", ms(boot_first));
-    for (what, d) in [
-        ("restore, hot image", hot_first),
-        ("restore, from store (uffd)", lazy_first),
+    println!(
+        "   {:<30} {:>9.1} ms",
+        "cold boot -> first exec",
+        ms(boot_first)
+    );
+    // Targets from the speed issue's table.
+    for (what, d, target) in [
+        ("restore, hot image", hot_first, 0.08),
+        ("restore, from store (uffd)", lazy_first, 0.2),
+        ("same, first touches prefetched", prefetched_first, 0.2),
     ] {
         let r = d.as_secs_f64() / boot_first.as_secs_f64();
         println!(
-            "   {what:<28} {:>9.1} ms  ratio {r:.3}x (target <= 0.10x: {})",
+            "   {what:<30} {:>9.1} ms  ratio {r:.3}x (target <= {target:.2}x: {})",
             ms(d),
-            if r <= 0.1 { "met" } else { "MISSED" }
+            if r <= target { "met" } else { "MISSED" }
+        );
+    }
+    println!("   steps:");
+    for (what, steps) in [
+        ("hot image", hot_steps),
+        ("from store", lazy_steps),
+        ("prefetched", prefetched_steps),
+    ] {
+        println!("     {what:<11} {steps}");
+    }
+    for (what, st) in [("from store", lazy_stats), ("prefetched", prefetched_stats)] {
+        println!(
+            "   {what}: {} faults served through userfaultfd, {} pages read from the store",
+            st.faults_served,
+            st.image_bytes / 4096
         );
     }
     Ok(())
+}
+
+/// Starts snapshotd on the store, restores `id` from it (lazily: a fresh daemon has no image
+/// in memory) and times the first exec; then the daemon's counters once the sandbox is gone.
+fn lazy_restore(
+    env: &mut Env,
+    sd_root: &Path,
+    sd_sock: &Path,
+    id: &str,
+) -> anyhow::Result<(Duration, String, DaemonStats)> {
+    let sd = Snapshotd::start(sd_root, sd_sock)?;
+    let (first, steps) = restore_first_exec(env, &sd, id)?;
+    // The fault session ends (and stores the order it recorded) after the VMM exits.
+    std::thread::sleep(Duration::from_secs(2));
+    let stats = Client::connect(sd.socket())?.stats()?;
+    sd.kill();
+    Ok((first, steps, stats))
+}
+
+/// Restores `id` and runs `1+1`: the time until its result, and the steps as a line (the
+/// VMM's own figures from its log, then until the agent answered, then the exec).
+fn restore_first_exec(
+    env: &mut Env,
+    sd: &Snapshotd,
+    id: &str,
+) -> anyhow::Result<(Duration, String)> {
+    let cfg = env.cfg(sd);
+    let t = Instant::now();
+    let mut sb = Sandbox::restore(&cfg, id)?;
+    let ready = t.elapsed();
+    let e = Instant::now();
+    eval(&mut sb, "1+1")?;
+    let exec = e.elapsed();
+    let first = t.elapsed();
+    drop(sb);
+    let log = std::fs::read_to_string(cfg.dir.join("vmm.log")).unwrap_or_default();
+    let vmm: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" restored"))
+        .flat_map(str::split_whitespace)
+        .filter(|w| {
+            ["state_ms=", "memory_ms=", "built_ms="]
+                .iter()
+                .any(|k| w.starts_with(k))
+        })
+        .collect();
+    let steps = format!(
+        "VMM {} | agent answered {:.1} ms | first exec {:.1} ms",
+        if vmm.is_empty() {
+            "(no figures in its log)".to_string()
+        } else {
+            vmm.join(" ")
+        },
+        ms(ready),
+        ms(exec)
+    );
+    Ok((first, steps))
 }
 
 /// The baseline: copy all guest memory to a file (a full snapshot), then `n` times read it
@@ -235,6 +313,9 @@ fn main() -> anyhow::Result<()> {
     let sd_root = tmp.path().join("store");
     let sd_sock = tmp.path().join("sd.sock");
     restore_vs_boot(&mut env, &sd_root, &sd_sock)?;
+    if std::env::args().nth(1).as_deref() == Some("restore") {
+        return Ok(());
+    }
     let sd = Snapshotd::start(&sd_root, &sd_sock)?;
     fork_bench(&mut env, &sd)?;
     merge_bench(&mut env, &sd)?;
