@@ -67,6 +67,20 @@ pub fn reopen_read_only(file: &File) -> io::Result<File> {
     File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
+/// Sets `O_NONBLOCK` on `fd`'s open file description.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor the caller holds open touches no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Readiness of one fd after [`poll2`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ready {

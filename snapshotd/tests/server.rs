@@ -964,14 +964,62 @@ fn an_image_evicted_between_open_and_serve_faults_is_not_a_livelock() {
     assert!(err.to_string().contains("opened again"), "{err}");
 }
 
-/// Reads page `page` of the mapping at `addr` on a thread; fails if the fault is not
-/// resolved within 10 s (the session is then leaked, the thread left blocked).
+#[test]
+fn a_session_makes_a_blocking_userfaultfd_non_blocking_and_serves_it() {
+    // A client could hand over a blocking uffd and read its own events first: a session
+    // thread reading it must never block, so the daemon sets O_NONBLOCK itself.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mem = memory(12, 64, 5);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    let image = d.client().open_image(&id).unwrap();
+    let mapping = image.map_private().unwrap();
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(false)
+        .user_mode_only(false)
+        .create()
+        .unwrap();
+    let flags = || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL on a descriptor this test holds open.
+        unsafe { libc::fcntl(uffd.as_raw_fd(), libc::F_GETFL) }
+    };
+    assert_eq!(flags() & libc::O_NONBLOCK, 0);
+    register_missing(&uffd, &mapping).unwrap();
+    let session = d
+        .client()
+        .serve_faults(
+            &uffd,
+            vec![Region {
+                base: mapping.addr(),
+                len: mapping.len() as u64,
+                snapshot: id.clone(),
+                offset: 0,
+                instance: image.instance,
+            }],
+            SessionHooks::default(),
+        )
+        .unwrap();
+    let session = read_page_within(mapping.addr() as usize, 7, &mem, session);
+    let session = read_page_within(mapping.addr() as usize, 10, &mem, session);
+    assert_ne!(
+        flags() & libc::O_NONBLOCK,
+        0,
+        "the daemon left the uffd blocking"
+    );
+    assert_eq!(session.failure(), None);
+}
+
+/// Reads page `page` of the mapping at `addr` on a thread and gives the session back; fails
+/// if the fault is not resolved within 10 s (the session is then leaked, the thread left
+/// blocked).
 fn read_page_within(
     addr: usize,
     page: usize,
     mem: &[u8],
     session: fissile_snapshotd::client::FaultSession,
-) {
+) -> fissile_snapshotd::client::FaultSession {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; PS];
@@ -983,10 +1031,13 @@ fn read_page_within(
         let _ = tx.send(buf);
     });
     match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(got) => assert!(
-            got == mem[page * PS..(page + 1) * PS],
-            "page {page} differs"
-        ),
+        Ok(got) => {
+            assert!(
+                got == mem[page * PS..(page + 1) * PS],
+                "page {page} differs"
+            );
+            session
+        }
         Err(_) => {
             let failure = session.failure();
             std::mem::forget(session);

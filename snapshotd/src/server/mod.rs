@@ -95,6 +95,9 @@ pub struct Server {
     ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
     /// Faults served by sessions that have ended (live ones add theirs).
     faults_served: Arc<AtomicU64>,
+    /// How long fault sessions keep reading after a fault, in microseconds
+    /// ([`faults::spin_for_host`], [`Server::set_fault_spin`]).
+    spin_us: AtomicU64,
     /// Wakes the housekeeping thread after a delete ([`Server::start_housekeeping`]).
     compact_wake: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
@@ -197,6 +200,7 @@ impl Server {
             vmm_gid: std::sync::OnceLock::new(),
             grants: Mutex::new(HashMap::new()),
             faults_served: Arc::new(AtomicU64::new(0)),
+            spin_us: AtomicU64::new(faults::spin_for_host().as_micros() as u64),
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -518,6 +522,13 @@ impl Server {
         Ok(())
     }
 
+    /// Sets how long fault sessions started from now on keep reading their uffd after a
+    /// fault (zero: they sleep in poll(2) at once; benchmarks compare the two).
+    pub fn set_fault_spin(&self, spin: Duration) {
+        self.spin_us
+            .store(spin.as_micros() as u64, Ordering::Relaxed);
+    }
+
     /// Asks every loop to stop (fault sessions end within one heartbeat interval).
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Relaxed);
@@ -604,7 +615,13 @@ impl Server {
                             return;
                         }
                     };
-                    let session = Session::new(uffd, regions, socket, self.faults_served.clone());
+                    let session = Session::new(
+                        uffd,
+                        regions,
+                        socket,
+                        self.faults_served.clone(),
+                        Duration::from_micros(self.spin_us.load(Ordering::Relaxed)),
+                    );
                     if let Err(e) = session.run(&self.shutdown) {
                         tracing::warn!(error = %crate::error_chain(&e), "fault session failed");
                     }
