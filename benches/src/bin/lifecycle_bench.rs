@@ -139,6 +139,24 @@ fn lazy_restore(
     Ok((first, steps, served(&after, &before)))
 }
 
+/// `text` without its terminal colour sequences (`ESC [ … m`), as the VMM's log has them.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Restores `id` and runs `1+1`: the time until its result, and the steps as a line (the
 /// VMM's own figures from its log, then until the agent answered, then the exec).
 fn restore_first_exec(
@@ -155,7 +173,7 @@ fn restore_first_exec(
     let exec = e.elapsed();
     let first = t.elapsed();
     drop(sb);
-    let log = std::fs::read_to_string(cfg.dir.join("vmm.log")).unwrap_or_default();
+    let log = strip_ansi(&std::fs::read_to_string(cfg.dir.join("vmm.log")).unwrap_or_default());
     let vmm: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" restored"))
@@ -169,7 +187,7 @@ fn restore_first_exec(
     let steps = format!(
         "VMM {} | agent answered {:.1} ms | first exec {:.1} ms",
         if vmm.is_empty() {
-            "(no figures in its log)".to_string()
+            "(its own figures with RUST_LOG=fissile_vmm=info)".to_string()
         } else {
             vmm.join(" ")
         },

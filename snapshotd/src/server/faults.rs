@@ -14,7 +14,7 @@
 //! from running. An idle session never spins.
 //!
 //! **First-touch order.** A session on a store image whose snapshot has no recorded order
-//! records the pages its faults bring in, in order (the first [`MAX_RECORDED_PAGES`], within
+//! records the pages its faults bring in (zero pages too), in order (the first [`MAX_RECORDED_PAGES`], within
 //! [`RECORD_WINDOW`] of its start), and stores them as the snapshot's order when the window
 //! closes or the session ends. The next session on a fresh image of that snapshot (after an
 //! eviction or a restart) prefetches them in that order from its start, ahead of the vCPUs
@@ -367,11 +367,10 @@ impl Session {
             }
         }
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        if state == PageState::Present
-            && let Some(i) = self
-                .recording
-                .iter()
-                .position(|x| Arc::ptr_eq(&x.image, &r.image))
+        if let Some(i) = self
+            .recording
+            .iter()
+            .position(|x| Arc::ptr_eq(&x.image, &r.image))
         {
             self.recording[i].pages.push(page);
             if self.recording[i].pages.len() >= MAX_RECORDED_PAGES {
@@ -428,11 +427,17 @@ impl Session {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        match image.materialize(page, &mut buf) {
-                            Ok(PageState::Present) => {
+                        // A zero page is written as zeros: the client's touch then maps it
+                        // without a fault, which is what prefetching it is for.
+                        let done = match image.materialize(page, &mut buf) {
+                            Ok(PageState::Present) => Ok(()),
+                            Ok(PageState::Zero) => image.fill_zero_page(page, &mut buf),
+                            Err(e) => Err(e),
+                        };
+                        match done {
+                            Ok(()) => {
                                 stats.prefetched.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(PageState::Zero) => {}
                             Err(e) => {
                                 tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
                                 break;

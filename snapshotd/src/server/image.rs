@@ -394,6 +394,22 @@ impl Image {
         }
     }
 
+    /// Writes zeros for `page`, a zero page of the snapshot not yet in the memfd, so a client
+    /// maps it without a fault (a prefetch; a fault on it is resolved with a zero page
+    /// instead). Only for images read from the store, whose holes are all pages not yet
+    /// materialized; elsewhere it does nothing.
+    pub fn fill_zero_page(&self, page: u64, buf: &mut Vec<u8>) -> Result<(), MaterializeError> {
+        let Source::Store { view, .. } = &self.source else {
+            return Ok(());
+        };
+        if !matches!(view.page(page), Some(None)) || bit(&self.present, page) {
+            return Ok(());
+        }
+        buf.clear();
+        buf.resize(self.page_size as usize, 0);
+        self.write_page(page, buf)
+    }
+
     /// Makes `page` available in the memfd (or says it is a zero page), once.
     pub fn materialize(&self, page: u64, buf: &mut Vec<u8>) -> Result<PageState, MaterializeError> {
         if page >= self.memory_size / u64::from(self.page_size) {
