@@ -6,6 +6,8 @@
 //! never holds a request: the exporter's own timeout (`OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s by
 //! default) bounds each export, and a full queue drops spans rather than grow.
 
+use std::io::IsTerminal;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
@@ -65,7 +67,13 @@ pub fn init() -> Result<Telemetry, TelemetryError> {
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("fissiled")));
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        // Colours only on a terminal: a daemon's log is a file or a journal, and every
+        // request's span fields are formatted (with their colours) as it starts.
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
         .with(otel)
         .try_init()
         .map_err(TelemetryError::Subscriber)?;
