@@ -54,6 +54,38 @@ fn png_size(png: &[u8]) -> (u32, u32) {
     (w, h)
 }
 
+/// Sizes of the thread stacks of process `pid`: the anonymous read-write mappings that start
+/// right above a guard page (a small inaccessible mapping), as glibc lays them out.
+fn thread_stack_sizes(pid: u32) -> Vec<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut maps: Vec<(u64, u64, String, bool)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(range), Some(perms)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let named = words.nth(3).is_some();
+        maps.push((start, end, perms.to_string(), named));
+    }
+    maps.windows(2)
+        .filter(|w| {
+            let (guard, stack) = (&w[0], &w[1]);
+            guard.2 == "---p"
+                && guard.1 - guard.0 <= 64 << 10
+                && guard.1 == stack.0
+                && stack.2 == "rw-p"
+                && !stack.3
+        })
+        .map(|w| w[1].1 - w[1].0)
+        .collect()
+}
+
 /// One boot serves many checks (a lab boot costs seconds): the pipeline smoke test (kernel +
 /// image + our VMM + agent + the data-science stack), the agent's exec semantics over vsock,
 /// shell and files in the guest, the control socket, and a clean poweroff.
@@ -66,6 +98,16 @@ fn guest_vmm_boots_the_image_and_the_agent_serves_python_over_vsock() {
     eprintln!(
         "boot: fissile-vmm start -> agent answered: {} ms",
         sb.timings().to_ready.as_millis()
+    );
+
+    // The VMM's threads run on stacks under 2 MiB: a stack of exactly 2 MiB can be a whole
+    // aligned range (one right below guest RAM is), which a host with transparent huge pages
+    // `always` backs with a 2 MiB page at its first touch.
+    let stacks = thread_stack_sizes(sb.pid().unwrap());
+    assert!(stacks.len() >= 3, "thread stacks not found: {stacks:?}");
+    assert!(
+        stacks.iter().all(|&b| b < 2 << 20),
+        "a thread stack of 2 MiB or more: {stacks:?}"
     );
 
     // The agent is init: guest mode, PID 1, our hostname.
