@@ -44,6 +44,37 @@ pub fn smaps(pid: u32, needle: &str) -> (HashMap<String, u64>, HashMap<String, u
     (matching, whole)
 }
 
+/// The `n` largest sums of `field` (kB) in `/proc/<pid>/smaps`, by mapping name (its path,
+/// `[heap]`, `[stack]`…, or `[anon]`), largest first.
+pub fn smaps_top(pid: u32, field: &str, n: usize) -> Vec<(String, u64)> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut by_name: HashMap<String, u64> = HashMap::new();
+    let mut name = String::new();
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            name = line
+                .split_whitespace()
+                .nth(5)
+                .unwrap_or("[anon]")
+                .to_string();
+            continue;
+        }
+        if let Some((f, v)) = line.split_once(':')
+            && f == field
+            && let Some(kb) = v.trim().strip_suffix(" kB")
+        {
+            *by_name.entry(name.clone()).or_default() += kb.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    let mut top: Vec<(String, u64)> = by_name.into_iter().filter(|(_, kb)| *kb > 0).collect();
+    top.sort_by_key(|t| std::cmp::Reverse(t.1));
+    top.truncate(n);
+    top
+}
+
 /// Open descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())

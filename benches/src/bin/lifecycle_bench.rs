@@ -17,8 +17,8 @@
 //!    pages it copied, its PSS, and the whole process). Target < 1 MiB of guest memory per
 //!    child.
 //!
-//! Usage: `lifecycle_bench [restore]` (needs KVM; elsewhere `fissile-lab run --
-//! lifecycle_bench`); `restore` runs part 1 only.
+//! Usage: `lifecycle_bench [restore | fork4]` (needs KVM; elsewhere `fissile-lab run --
+//! lifecycle_bench`); `restore` runs part 1 only, `fork4` fork(4) and part 4 only.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fissile_benches::{eval, smaps};
+use fissile_benches::{eval, smaps, smaps_top};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
 use fissile_snapshotd::client::{Client, DaemonStats};
@@ -236,12 +236,12 @@ fn full_snapshot_baseline(
     Ok(snapshot_cost + restore_costs)
 }
 
-fn fork_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
+fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
     println!("2. fork(n) until every child answered vs full snapshot + n eager full restores");
     let mut parent = Sandbox::boot(&env.cfg(sd))?;
     eval(&mut parent, "import numpy, pandas\nx = 41\n1")?;
     let warm = parent.snapshot(true)?.id;
-    for n in [1u32, 4, 16] {
+    for &n in ns {
         let (children, t) = parent.fork(n)?;
         let ours = t.all_answered_ms;
         // 4. private memory of each child right after fork, before it writes anything.
@@ -272,6 +272,10 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
                     "MISSED"
                 }
             );
+            if let Some(c) = children.first() {
+                let top = smaps_top(c.pid().unwrap_or(0), "Private_Dirty", 8);
+                println!("   first child's Private_Dirty by mapping (kB): {top:?}");
+            }
         }
         drop(children);
         let base = full_snapshot_baseline(env, sd, &warm, n)?;
@@ -346,12 +350,17 @@ fn main() -> anyhow::Result<()> {
     );
     let sd_root = tmp.path().join("store");
     let sd_sock = tmp.path().join("sd.sock");
+    let part = std::env::args().nth(1);
+    if part.as_deref() == Some("fork4") {
+        let sd = Snapshotd::start(&sd_root, &sd_sock)?;
+        return fork_bench(&mut env, &sd, &[4]);
+    }
     restore_vs_boot(&mut env, &sd_root, &sd_sock)?;
-    if std::env::args().nth(1).as_deref() == Some("restore") {
+    if part.as_deref() == Some("restore") {
         return Ok(());
     }
     let sd = Snapshotd::start(&sd_root, &sd_sock)?;
-    fork_bench(&mut env, &sd)?;
+    fork_bench(&mut env, &sd, &[1, 4, 16])?;
     merge_bench(&mut env, &sd)?;
     Ok(())
 }
