@@ -224,6 +224,13 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
     // The session stores the order as it ends; a restart then opens a fresh image.
     wait_no_conn_threads(d.child.id(), 10, "the first fault session did not end");
     d.kill();
+    // The stored order is the pages touched, in the order touched.
+    {
+        let store = fissile_snapshotd::store::Store::open(&dir.path().join("store")).unwrap();
+        let order: Vec<u64> = store.view(&id).unwrap().touch_order().collect();
+        let want: Vec<u64> = touched.iter().map(|&p| p as u64).collect();
+        assert_eq!(order, want);
+    }
     let d = Daemon::start(dir.path());
     let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
     lazy.mapping().read_at(PS, &mut buf); // served while the prefetch runs

@@ -9,21 +9,23 @@
 //!
 //! **Bursts.** A guest faults in bursts (a restore's working set, a new heap). After serving a
 //! fault the thread keeps reading the uffd for [`SPIN`] before it sleeps in poll(2) again, so
-//! the next fault of a burst is read at once rather than after a wake-up. Only on a host with
-//! two CPUs or more ([`spin_for_host`]): on one, spinning would keep the faulting thread
-//! from running. An idle session never spins.
+//! the next fault of a burst is read at once rather than after a wake-up. Only on a host
+//! with two CPUs or more ([`spin_for_host`]), on at most half of them at once: on one,
+//! spinning would keep the faulting thread from running. An idle session never spins.
 //!
-//! **First-touch order.** A session on a store image whose snapshot has no recorded order
-//! records the pages its faults bring in (zero pages too), in order (the first [`MAX_RECORDED_PAGES`], within
-//! [`RECORD_WINDOW`] of its start), and stores them as the snapshot's order when the window
-//! closes or the session ends. The next session on a fresh image of that snapshot (after an
+//! **First-touch order.** The first session on a fresh store image whose snapshot has no
+//! recorded order records the pages its faults bring in (zero pages too), in order (the
+//! first [`MAX_RECORDED_PAGES`], within [`RECORD_WINDOW`] of its start), and stores them as
+//! the snapshot's order when the window closes or the session ends. Pages that other
+//! sessions on the image bring in meanwhile do not fault in its client and are missing from
+//! the order: they are faulted in as before. The next session on a fresh image of that snapshot (after an
 //! eviction or a restart) prefetches them in that order from its start, ahead of the vCPUs
 //! that would otherwise fault them in one round trip each.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,12 +46,44 @@ pub const RECORD_WINDOW: Duration = Duration::from_secs(30);
 /// How long a session keeps reading its uffd after its last fault before it sleeps.
 pub const SPIN: Duration = Duration::from_micros(50);
 
-/// The spin for sessions on this host: [`SPIN`] with two CPUs or more, else none. Call it
-/// before the seccomp filter is installed (it may read cgroup files).
+/// The spin for sessions on this host: [`SPIN`] with two CPUs or more, else none; at most
+/// half the CPUs spin at once (see [`SPINNERS`]). Call it before the seccomp filter is
+/// installed (it may read cgroup files).
 pub fn spin_for_host() -> Duration {
     match std::thread::available_parallelism() {
-        Ok(n) if n.get() >= 2 => SPIN,
+        Ok(n) if n.get() >= 2 => {
+            MAX_SPINNERS.store(n.get() / 2, Ordering::Relaxed);
+            SPIN
+        }
         _ => Duration::ZERO,
+    }
+}
+
+/// Sessions spinning now: a session spins only while fewer than [`MAX_SPINNERS`] do, so
+/// bursts on many sessions at once leave CPUs to the threads that fault.
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Half the host's CPUs ([`spin_for_host`]).
+static MAX_SPINNERS: AtomicUsize = AtomicUsize::new(1);
+
+/// A spinning session's place among [`SPINNERS`], given back when dropped.
+struct SpinSlot;
+
+impl SpinSlot {
+    fn take() -> Option<SpinSlot> {
+        let max = MAX_SPINNERS.load(Ordering::Relaxed);
+        SPINNERS
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SpinSlot)
+    }
+}
+
+impl Drop for SpinSlot {
+    fn drop(&mut self) {
+        SPINNERS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -58,6 +92,9 @@ pub fn spin_for_host() -> Duration {
 struct Recording {
     image: Arc<Image>,
     pages: Vec<u64>,
+    /// The pages in `pages` (a page that faults again, e.g. a zero page the guest gave back,
+    /// is recorded once).
+    seen: std::collections::HashSet<u64>,
 }
 
 impl Recording {
@@ -174,6 +211,7 @@ impl Session {
                 recording.push(Recording {
                     image: r.image.clone(),
                     pages: Vec::new(),
+                    seen: std::collections::HashSet::new(),
                 });
             }
         }
@@ -196,14 +234,8 @@ impl Session {
     /// to the client as [`Response::SessionFailed`] before returning it.
     pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
         let heart = self.start_heartbeat();
-        self.start_prefetch();
+        let prefetchers = self.start_prefetch();
         let res = self.serve(shutdown);
-        for rec in std::mem::take(&mut self.recording) {
-            rec.save();
-        }
-        for saver in std::mem::take(&mut self.savers) {
-            let _ = saver.join();
-        }
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = heart {
             h.thread().unpark();
@@ -215,6 +247,21 @@ impl Session {
             };
             let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = fdio::write_msg(&self.socket, &msg, None);
+        }
+        // The client has its answer; now what may wait (prefetch threads stop within one
+        // page; storing an order may wait for the store's writer lock).
+        for p in prefetchers {
+            if p.join().is_err() {
+                tracing::error!("a prefetch thread panicked");
+            }
+        }
+        for rec in std::mem::take(&mut self.recording) {
+            rec.save();
+        }
+        for saver in std::mem::take(&mut self.savers) {
+            if saver.join().is_err() {
+                tracing::error!("a thread storing a first-touch order panicked");
+            }
         }
         let faults = self.stats.faults.load(Ordering::Relaxed);
         self.served_total.fetch_add(faults, Ordering::Relaxed);
@@ -262,7 +309,7 @@ impl Session {
     fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
         // The client made it, and a read must never block this thread (the client could
         // read the event first): ours is non-blocking whatever it chose.
-        sys::set_nonblocking(self.uffd.as_raw_fd()).map_err(SessionError::NonBlocking)?;
+        sys::set_nonblocking(self.uffd.as_fd()).map_err(SessionError::NonBlocking)?;
         let mut events = EventBuffer::new(64);
         let mut buf = Vec::new();
         while !shutdown.load(Ordering::Relaxed) {
@@ -292,7 +339,11 @@ impl Session {
             if u.hangup && !u.readable {
                 return Ok(());
             }
-            if u.readable && self.drain(&mut events, &mut buf)? > 0 && !self.spin.is_zero() {
+            if u.readable
+                && self.drain(&mut events, &mut buf)? > 0
+                && !self.spin.is_zero()
+                && let Some(_slot) = SpinSlot::take()
+            {
                 // The rest of the burst, read as it comes (see the module docs).
                 let mut until = Instant::now() + self.spin;
                 while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
@@ -371,6 +422,7 @@ impl Session {
             .recording
             .iter()
             .position(|x| Arc::ptr_eq(&x.image, &r.image))
+            && self.recording[i].seen.insert(page)
         {
             self.recording[i].pages.push(page);
             if self.recording[i].pages.len() >= MAX_RECORDED_PAGES {
@@ -406,7 +458,8 @@ impl Session {
 
     /// Fills each image in its recorded first-touch order, from the session's start: the
     /// client starts one before its vCPUs run.
-    fn start_prefetch(&self) {
+    fn start_prefetch(&self) -> Vec<std::thread::JoinHandle<()>> {
+        let mut threads = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for r in &self.regions {
             if !seen.insert(r.image.id().to_string()) {
@@ -445,9 +498,11 @@ impl Session {
                         }
                     }
                 });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "could not start prefetch");
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::warn!(error = %e, "could not start prefetch"),
             }
         }
+        threads
     }
 }

@@ -36,7 +36,8 @@ use crate::sys;
 /// What a page turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageState {
-    /// A zero page: never written to the memfd, resolve with `UFFDIO_ZEROPAGE`.
+    /// A zero page: resolve with `UFFDIO_ZEROPAGE` (a prefetch may write it as zeros into
+    /// the memfd, [`Image::fill_zero_page`]).
     Zero,
     /// Present in the memfd.
     Present,
@@ -572,12 +573,16 @@ impl Image {
     }
 
     /// Claims the recording of this snapshot's first-touch order for one fault session:
-    /// true once per image object, and only for an image read from the store whose
-    /// snapshot has no order yet (so every page the session's client touches first comes
-    /// to it as a fault, in order).
+    /// true once per image object, only for an image read from the store whose snapshot has
+    /// no order yet, and only while the image holds no page (so the pages its client touches
+    /// come to the session as faults, in order, but for those another session brings in
+    /// meanwhile).
     pub fn claim_touch_recording(&self) -> bool {
         match &self.source {
-            Source::Store { view, .. } if view.manifest.touch_order.is_empty() => {
+            Source::Store { view, .. }
+                if view.manifest.touch_order.is_empty()
+                    && self.materialized.load(Ordering::Acquire) == 0 =>
+            {
                 !self.recording_claimed.swap(true, Ordering::AcqRel)
             }
             _ => false,

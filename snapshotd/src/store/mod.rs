@@ -282,11 +282,14 @@ pub enum TouchOrderError {
         /// The snapshot's page count.
         pages: u64,
     },
+    /// The manifest with the order does not validate.
+    #[error("validating the manifest with the order")]
+    Invalid(#[source] ManifestError),
     /// The manifest could not be encoded.
-    #[error("manifest")]
-    Manifest(#[source] ManifestError),
+    #[error("encoding the manifest")]
+    Encode(#[source] ManifestError),
     /// Index write failed.
-    #[error("index")]
+    #[error("writing the manifest")]
     Index(#[source] rocksdb::Error),
 }
 
@@ -1300,8 +1303,8 @@ impl Store {
             return Err(TouchOrderError::OutOfRange { page, pages: count });
         }
         m.touch_order = manifest::build_ranges(pages);
-        m.validate().map_err(TouchOrderError::Manifest)?;
-        let encoded = manifest::encode(&m).map_err(TouchOrderError::Manifest)?;
+        m.validate().map_err(TouchOrderError::Invalid)?;
+        let encoded = manifest::encode(&m).map_err(TouchOrderError::Encode)?;
         self.db
             .put_cf_opt(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded, &sync_opts())
             .map_err(TouchOrderError::Index)?;
