@@ -42,6 +42,16 @@ impl SnapshotdService {
         state_dir: &Path,
         jail: Option<JailConfig>,
     ) -> Result<(SnapshotdService, bool), ApiError> {
+        // A jailed snapshotd cannot read /sys to check this itself.
+        if let Some(why) =
+            fissile_snapshotd::sys::shmem_huge_hazard(Path::new(fissile_snapshotd::sys::THP_SYSFS))
+        {
+            return Err(ApiError::internal(format!(
+                "{why}: snapshotd's images would lose pages (a page written into one brings its \
+                 neighbours in as zeros, hidden from the VMs reading it lazily); set it to \
+                 `advise` or `never`"
+            )));
+        }
         let socket = state_dir.join("snapshotd.sock");
         let pidfile = state_dir.join("snapshotd.pid");
         let earlier = std::fs::read_to_string(&pidfile)

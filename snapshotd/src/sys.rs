@@ -68,8 +68,9 @@ pub fn reopen_read_only(file: &File) -> io::Result<File> {
 }
 
 /// Sets `O_NONBLOCK` on `fd`'s open file description.
-pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor the caller holds open touches no memory.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor borrowed for this call touches no memory.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 {
         return Err(io::Error::last_os_error());
@@ -79,6 +80,44 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Where the kernel's transparent huge page settings live.
+pub const THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage";
+
+/// Why this host's shmem settings would break images read lazily from the store, if they
+/// would: where a write into a memfd may allocate a huge folio (`shmem_enabled` `always`,
+/// `within_size` or `force`, for any folio size), writing one page also makes its
+/// neighbours present, as zeros, so userfaultfd never reports them missing and a client
+/// reads zeros where the snapshot has data. `thp`: [`THP_SYSFS`] (a test gives another).
+pub fn shmem_huge_hazard(thp: &std::path::Path) -> Option<String> {
+    fn selected(text: &str) -> Option<&str> {
+        let start = text.find('[')? + 1;
+        let len = text[start..].find(']')?;
+        Some(&text[start..start + len])
+    }
+    let huge = |v: &str| matches!(v, "always" | "within_size" | "force");
+    let top = std::fs::read_to_string(thp.join("shmem_enabled")).ok()?;
+    let top = selected(&top)?.to_string();
+    if huge(&top) {
+        return Some(format!("{}/shmem_enabled is `{top}`", thp.display()));
+    }
+    let mut sizes: Vec<std::path::PathBuf> = std::fs::read_dir(thp)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("hugepages-"))
+        })
+        .collect();
+    sizes.sort();
+    sizes.into_iter().find_map(|dir| {
+        let path = dir.join("shmem_enabled");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let v = selected(&text)?;
+        huge(v).then(|| format!("{} is `{v}`", path.display()))
+    })
 }
 
 /// Readiness of one fd after [`poll2`].
@@ -376,5 +415,50 @@ pub fn release_free_heap() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thp(top: &str, sizes: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shmem_enabled"), top).unwrap();
+        for (size, v) in sizes {
+            let d = dir.path().join(format!("hugepages-{size}"));
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("shmem_enabled"), v).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn shmem_settings_that_allocate_huge_folios_on_write_are_a_hazard() {
+        let top_never = "always within_size advise [never] deny force\n";
+        let size_never = "always inherit within_size advise [never]\n";
+        let ok = thp(top_never, &[("64kB", size_never), ("2048kB", size_never)]);
+        assert_eq!(shmem_huge_hazard(ok.path()), None);
+        let advise = thp("always within_size [advise] never deny force\n", &[]);
+        assert_eq!(shmem_huge_hazard(advise.path()), None);
+        for v in [
+            "[always] within_size",
+            "always [within_size]",
+            "deny [force]",
+        ] {
+            let d = thp(v, &[]);
+            assert!(shmem_huge_hazard(d.path()).is_some(), "{v}");
+        }
+        let sized = thp(
+            top_never,
+            &[("64kB", "[always] inherit within_size advise never")],
+        );
+        let why = shmem_huge_hazard(sized.path()).unwrap();
+        assert!(why.contains("hugepages-64kB"), "{why}");
+        // Unreadable settings (no THP in the kernel): no hazard to report.
+        assert_eq!(
+            shmem_huge_hazard(std::path::Path::new("/nonexistent")),
+            None
+        );
     }
 }
