@@ -102,7 +102,7 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     }
     for (what, (faults, pages)) in [("from store", lazy_stats), ("prefetched", prefetched_stats)] {
         println!(
-            "   {what}: {faults} faults served through userfaultfd, {pages} pages read from the store"
+            "   {what}: {faults} faults served through userfaultfd, {pages} pages brought into the image (store reads and zero fills)"
         );
     }
     Ok(())
