@@ -1,9 +1,7 @@
 //! Dedup: 8 snapshots of an image, each differing from the base in 1% of pages.
 //! Target: the 8 cost <= 1.1x one image (one image + 8%).
 
-use std::collections::BTreeMap;
-
-use fissile_snapshotd::store::{CreateRequest, Store};
+use fissile_snapshotd::store::Store;
 
 include!("snapshotd_common/helpers.rs");
 
@@ -12,17 +10,7 @@ fn main() -> anyhow::Result<()> {
     let base = random_memory(7, pages);
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
-    let create = |m: &[u8]| {
-        store.create(&CreateRequest {
-            memory: Box::new(m),
-            page_size: 4096,
-            parent: None,
-            dirty_pages: None,
-            blobs: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            touch_order: Vec::new(),
-        })
-    };
+    let create = |m: &[u8]| store.create(&full_request(m));
     create(&base)?;
     let one = store.stats()?.pack_bytes;
     let mut x = 12345u64;

@@ -3,7 +3,6 @@
 //! by side (populate the shared memfd + UFFDIO_WAKE, vs UFFDIO_COPY into the faulting view).
 //! Target: fault service p99 < 50 us.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -11,8 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fissile_snapshotd::client::{Client, LazyMemory, new_uffd, register_missing};
-use fissile_snapshotd::server::Server;
-use fissile_snapshotd::store::{CreateRequest, Store};
+use fissile_snapshotd::store::Store;
 use fissile_snapshotd::sys::{self, Mapping};
 use userfaultfd::{Event, EventBuffer};
 
@@ -118,27 +116,12 @@ fn main() -> anyhow::Result<()> {
     let mem = random_memory(5, PAGES);
     // Two snapshots of the same memory (stored once): a session records its snapshot's
     // first-touch order, which a later session on it would prefetch; each run gets its own.
-    let create = || {
-        store.create(&CreateRequest {
-            memory: Box::new(mem.as_slice()),
-            page_size: 4096,
-            parent: None,
-            dirty_pages: None,
-            blobs: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            touch_order: Vec::new(),
-        })
-    };
+    let create = || store.create(&full_request(mem.as_slice()));
     let id = create()?.id;
     let no_spin_id = create()?.id;
     store.read_all(&id)?; // warm: pack bytes in the page cache ("cached pages")
-    let server = Server::new(store.clone());
     let sock = dir.path().join("s.sock");
-    let listener = Server::bind(&sock)?;
-    {
-        let server = server.clone();
-        std::thread::spawn(move || server.serve(listener));
-    }
+    let server = serve_in_process(&store, &sock)?;
     let lazy = LazyMemory::restore(Client::connect(&sock)?, &id, None)?;
     let snap_lat = touch_all(lazy.mapping(), &shuffled(PAGES, 2), false);
     // The same with sessions that sleep in poll(2) after every fault (no spin).

@@ -3,10 +3,9 @@
 //! look up, zstd, pack, fsync) and a re-ingest of pages already stored (hash, look up).
 //! Target: re-ingest >= 1 GB/s per core, scaling with threads.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
-use fissile_snapshotd::store::{CreateRequest, Store};
+use fissile_snapshotd::store::Store;
 
 include!("snapshotd_common/helpers.rs");
 
@@ -18,15 +17,6 @@ fn main() -> anyhow::Result<()> {
     let pages = mb * 256;
     let mem = random_memory(1, pages);
     let mem: &'static [u8] = Box::leak(mem.into_boxed_slice());
-    let req = |m: &'static [u8]| CreateRequest {
-        memory: Box::new(m),
-        page_size: 4096,
-        parent: None,
-        dirty_pages: None,
-        blobs: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        touch_order: Vec::new(),
-    };
     let mut dst = vec![0u8; mem.len()];
     dst.copy_from_slice(mem); // fault in
     let mut memcpy_best = f64::MAX;
@@ -52,12 +42,12 @@ fn main() -> anyhow::Result<()> {
         let store = Store::open(dir.path())?;
         store.set_ingest_threads(threads);
         let t = Instant::now();
-        store.create(&req(mem))?;
+        store.create(&full_request(mem))?;
         let first = gbps(mem.len(), t.elapsed());
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
-            let out = store.create(&req(mem))?;
+            let out = store.create(&full_request(mem))?;
             best = best.min(t.elapsed().as_secs_f64());
             assert_eq!(out.chunks_written, 0);
         }

@@ -5,14 +5,12 @@
 //! through userfaultfd alone, then again on another fresh image with the first-touch order
 //! that first session recorded prefetched.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
 use fissile_snapshotd::client::{Client, LazyMemory};
-use fissile_snapshotd::server::Server;
-use fissile_snapshotd::store::{CreateRequest, Store};
+use fissile_snapshotd::store::Store;
 
 include!("snapshotd_common/helpers.rs");
 
@@ -25,40 +23,15 @@ fn main() -> anyhow::Result<()> {
     let mem = random_memory(9, pages);
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(&dir.path().join("store"))?);
-    let id = store
-        .create(&CreateRequest {
-            memory: Box::new(mem.as_slice()),
-            page_size: 4096,
-            parent: None,
-            dirty_pages: None,
-            blobs: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            touch_order: Vec::new(),
-        })?
-        .id;
+    let id = store.create(&full_request(mem.as_slice()))?.id;
     // The same memory again (the store keeps its pages once), for the working-set runs: a
     // snapshot no session has recorded an order for yet.
-    let ws_id = store
-        .create(&CreateRequest {
-            memory: Box::new(mem.as_slice()),
-            page_size: 4096,
-            parent: None,
-            dirty_pages: None,
-            blobs: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            touch_order: Vec::new(),
-        })?
-        .id;
+    let ws_id = store.create(&full_request(mem.as_slice()))?.id;
     let file = dir.path().join("plain.img");
     std::fs::write(&file, &mem)?;
     drop(mem);
-    let server = Server::new(store.clone());
     let sock = dir.path().join("s.sock");
-    let listener = Server::bind(&sock)?;
-    {
-        let server = server.clone();
-        std::thread::spawn(move || server.serve(listener));
-    }
+    let server = serve_in_process(&store, &sock)?;
 
     // Baseline: read the whole image from a plain file (page cache warm) into memory.
     let t = Instant::now();
@@ -153,13 +126,8 @@ fn touch_on_fresh_image(
     id: &str,
     order: &[usize],
 ) -> anyhow::Result<std::time::Duration> {
-    let server = Server::new(store.clone());
     let sock = dir.join(format!("{name}.sock"));
-    let listener = Server::bind(&sock)?;
-    {
-        let server = server.clone();
-        std::thread::spawn(move || server.serve(listener));
-    }
+    let server = serve_in_process(store, &sock)?;
     let t = Instant::now();
     let lazy = LazyMemory::restore(Client::connect(&sock)?, id, None)?;
     for &p in order {
