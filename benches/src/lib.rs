@@ -17,58 +17,50 @@ pub fn median(v: &mut [Duration]) -> Duration {
     v[v.len() / 2]
 }
 
-/// The kB fields of `/proc/<pid>/smaps`, summed over the mappings whose line contains
-/// `needle` (first) and over the whole process (second), from one read of the file.
-pub fn smaps(pid: u32, needle: &str) -> (HashMap<String, u64>, HashMap<String, u64>) {
-    let (mut matching, mut whole) = (HashMap::new(), HashMap::new());
+/// Calls `f` with each kB field of `/proc/<pid>/smaps`: its mapping's header line, the
+/// field's name and its value (nothing if the file cannot be read).
+fn for_each_smaps_field(pid: u32, mut f: impl FnMut(&str, &str, u64)) {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (matching, whole);
+        return;
     };
-    let mut inside = false;
+    let mut mapping = "";
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
-            inside = line.contains(needle);
+            mapping = line;
             continue;
         }
         if let Some((field, v)) = line.split_once(':')
             && let Some(kb) = v.trim().strip_suffix(" kB")
         {
-            let kb = kb.trim().parse::<u64>().unwrap_or(0);
-            *whole.entry(field.to_string()).or_default() += kb;
-            if inside {
-                *matching.entry(field.to_string()).or_default() += kb;
-            }
+            f(mapping, field, kb.trim().parse::<u64>().unwrap_or(0));
         }
     }
+}
+
+/// The kB fields of `/proc/<pid>/smaps`, summed over the mappings whose line contains
+/// `needle` (first) and over the whole process (second), from one read of the file.
+pub fn smaps(pid: u32, needle: &str) -> (HashMap<String, u64>, HashMap<String, u64>) {
+    let (mut matching, mut whole) = (HashMap::new(), HashMap::new());
+    for_each_smaps_field(pid, |mapping, field, kb| {
+        *whole.entry(field.to_string()).or_default() += kb;
+        if mapping.contains(needle) {
+            *matching.entry(field.to_string()).or_default() += kb;
+        }
+    });
     (matching, whole)
 }
 
 /// The `n` largest sums of `field` (kB) in `/proc/<pid>/smaps`, by mapping name (its path,
 /// `[heap]`, `[stack]`…, or `[anon]`), largest first.
 pub fn smaps_top(pid: u32, field: &str, n: usize) -> Vec<(String, u64)> {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return Vec::new();
-    };
     let mut by_name: HashMap<String, u64> = HashMap::new();
-    let mut name = String::new();
-    for line in text.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            name = line
-                .split_whitespace()
-                .nth(5)
-                .unwrap_or("[anon]")
-                .to_string();
-            continue;
+    for_each_smaps_field(pid, |mapping, f, kb| {
+        if f == field {
+            let name = mapping.split_whitespace().nth(5).unwrap_or("[anon]");
+            *by_name.entry(name.to_string()).or_default() += kb;
         }
-        if let Some((f, v)) = line.split_once(':')
-            && f == field
-            && let Some(kb) = v.trim().strip_suffix(" kB")
-        {
-            *by_name.entry(name.clone()).or_default() += kb.trim().parse::<u64>().unwrap_or(0);
-        }
-    }
+    });
     let mut top: Vec<(String, u64)> = by_name.into_iter().filter(|(_, kb)| *kb > 0).collect();
     top.sort_by_key(|t| std::cmp::Reverse(t.1));
     top.truncate(n);
