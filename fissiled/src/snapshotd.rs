@@ -43,13 +43,9 @@ impl SnapshotdService {
         jail: Option<JailConfig>,
     ) -> Result<(SnapshotdService, bool), ApiError> {
         // A jailed snapshotd cannot read /sys to check this itself.
-        if let Some(why) =
-            fissile_snapshotd::sys::shmem_huge_hazard(Path::new(fissile_snapshotd::sys::THP_SYSFS))
-        {
+        if let Some(why) = fissile_snapshotd::sys::host_shmem_hazard() {
             return Err(ApiError::internal(format!(
-                "{why}: snapshotd's images would lose pages (a page written into one brings its \
-                 neighbours in as zeros, hidden from the VMs reading it lazily); set it to \
-                 `advise` or `never`"
+                "snapshotd cannot serve here: {why}"
             )));
         }
         let socket = state_dir.join("snapshotd.sock");

@@ -175,14 +175,8 @@ fn main() -> anyhow::Result<()> {
                 .context("--index-memtable-kib is too large")?;
             let store = Store::open_with(&root, memtables)
                 .with_context(|| format!("opening store {}", root.display()))?;
-            if let Some(why) = fissile_snapshotd::sys::shmem_huge_hazard(std::path::Path::new(
-                fissile_snapshotd::sys::THP_SYSFS,
-            )) {
-                bail!(
-                    "{why}: a page written into a snapshot image would bring its neighbours in as \
-                     zeros, hiding them from the VMs that read the image lazily; set it to \
-                     `advise` or `never`"
-                );
+            if let Some(why) = fissile_snapshotd::sys::host_shmem_hazard() {
+                bail!("{why}");
             }
             let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
             let policy = (compact_min_mib > 0).then_some(CompactPolicy {

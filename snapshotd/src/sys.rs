@@ -120,6 +120,18 @@ pub fn shmem_huge_hazard(thp: &std::path::Path) -> Option<String> {
     })
 }
 
+/// [`shmem_huge_hazard`] for this host ([`THP_SYSFS`]), as a whole message: the setting,
+/// what it would do to images and what to set instead.
+pub fn host_shmem_hazard() -> Option<String> {
+    shmem_huge_hazard(std::path::Path::new(THP_SYSFS)).map(|setting| {
+        format!(
+            "{setting}: a page written into a snapshot image would bring its neighbours in as \
+             zeros, hiding them from the VMs that read the image lazily; set it to `advise` or \
+             `never`"
+        )
+    })
+}
+
 /// Readiness of one fd after [`poll2`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ready {
