@@ -180,15 +180,7 @@ fn dirty_only_create_blobs_and_prefetch_through_daemon() {
     let lazy = LazyMemory::restore(d.client(), &child, None).unwrap();
     let mut buf = vec![0u8; PS];
     lazy.mapping().read_at(0, &mut buf); // served while the prefetch runs
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lazy.session().progress().1 < 300 {
-        assert!(
-            Instant::now() < deadline,
-            "prefetch made no progress: {:?}",
-            lazy.session().progress()
-        );
-        assert_eq!(lazy.session().wait_failure(Duration::from_millis(50)), None);
-    }
+    wait_prefetched(&lazy, 300);
     for p in 0..512 {
         lazy.mapping().read_at(p * PS, &mut buf);
         assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
@@ -234,15 +226,7 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
     let d = Daemon::start(dir.path());
     let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
     lazy.mapping().read_at(PS, &mut buf); // served while the prefetch runs
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lazy.session().progress().1 < 7 {
-        assert!(
-            Instant::now() < deadline,
-            "the recorded pages were not prefetched: {:?}",
-            lazy.session().progress()
-        );
-        assert_eq!(lazy.session().wait_failure(Duration::from_millis(50)), None);
-    }
+    wait_prefetched(&lazy, 7);
     // Exactly the seven pages touched first, nothing else.
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(lazy.session().progress().1, 7);
@@ -256,6 +240,20 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
     for p in 0..256 {
         lazy.mapping().read_at(p * PS, &mut buf);
         assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+    }
+}
+
+/// Waits (20 s at most, failing the test past that or on a session failure) until the
+/// session of `lazy` reports at least `pages` pages prefetched.
+fn wait_prefetched(lazy: &LazyMemory, pages: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lazy.session().progress().1 < pages {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {pages} pages were prefetched: {:?}",
+            lazy.session().progress()
+        );
+        assert_eq!(lazy.session().wait_failure(Duration::from_millis(50)), None);
     }
 }
 
