@@ -634,6 +634,9 @@ impl App {
         self.start_egress(&live, &sb);
         live.agents.reset_with(sb.take_agent());
         *lock(&live.sandbox) = Some(sb);
+        // Idle from now: the time it spent queued and starting was not the caller's idling
+        // (a 3 s idle timeout closed a sandbox whose restore waited behind a pool refill).
+        live.touch();
         live.attached.store(true, Ordering::Release);
         self.db.put_sandbox(&record)?;
         Ok(record)
