@@ -254,3 +254,29 @@ impl ControlResponse {
         self
     }
 }
+
+/// What a pre-started VMM (`fissile-vmm --standby`) waits for: one JSON line on its standard
+/// input naming the snapshot to become (at most [`MAX_STANDBY_LINE`] bytes). Until then it
+/// has made its KVM VM and vCPUs and holds no guest; end of input (its orchestrator let it
+/// go, or died) makes it exit with status 0. Once ready to take the request it writes
+/// [`STANDBY_READY`] to its standard output.
+///
+/// ```text
+/// {"snapshot":"<id>"}
+/// {"snapshot":"<id>","start_paused":true}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyRequest {
+    /// The snapshot to restore.
+    pub snapshot: String,
+    /// Stay paused once restored.
+    #[serde(default)]
+    pub start_paused: bool,
+}
+
+/// The longest standby request line.
+pub const MAX_STANDBY_LINE: usize = 4096;
+
+/// The line a pre-started VMM writes once its VM is made and it waits for its request.
+pub const STANDBY_READY: &str = "standby ready\n";

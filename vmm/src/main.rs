@@ -1,5 +1,7 @@
 //! `fissile-vmm`: boots one microVM from flags or a TOML config file, or restores one from a
-//! snapshot in snapshotd (`--restore ID --snapshotd SOCK`), and runs it until the guest
+//! snapshot in snapshotd (`--restore ID --snapshotd SOCK`), or starts ahead of time and
+//! restores the snapshot named on its standard input (`--standby`, see
+//! [`fissile_proto::control::StandbyRequest`]), and runs it until the guest
 //! resets or powers off (exit 0), the control socket asks for shutdown (exit 0), or
 //! something fails (exit 1 with the reason). Host problems (no KVM, KVM-PVM) exit 3; a bad
 //! configuration exits 2; a page server that dies under a restored VM exits 4; a syscall
@@ -11,9 +13,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use fissile_proto::control::{MAX_STANDBY_LINE, STANDBY_READY, StandbyRequest};
 use fissile_vmm::api::ApiServer;
+use fissile_vmm::restore::{Prepared, restore_into};
 use fissile_vmm::seccomp::{self, ThreadClass};
-use fissile_vmm::{RestoreConfig, VmConfig, VmmBuilder, host, restore};
+use fissile_vmm::{RestoreConfig, VmConfig, Vmm, VmmBuilder, host, restore};
 
 /// Exit status for "this host cannot run the VM".
 const EXIT_HOST: u8 = 3;
@@ -94,6 +98,12 @@ struct Args {
     /// With --restore: stay paused (resume through the control socket).
     #[arg(long)]
     start_paused: bool,
+    /// Start ahead of time: make the KVM VM and --vcpus vCPUs, write "standby ready" to
+    /// stdout, then read one JSON line from stdin naming the snapshot to restore
+    /// (`{"snapshot":"<id>"}`; needs --snapshotd, and the other --restore flags as for the
+    /// restore itself). End of input exits 0 without restoring.
+    #[arg(long, conflicts_with = "restore")]
+    standby: bool,
     /// Seccomp filters per thread: `trap` (a syscall outside a thread's list stops the VMM
     /// with the syscall in its log, exit 5), `log` (the kernel logs it and lets it run: for
     /// finding what a new code path needs), `off`.
@@ -148,7 +158,20 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_HOST);
     }
     let mut api_sock = args.api_sock.clone();
-    let built = if let Some(snapshot) = args.restore.clone() {
+    let built = if args.standby {
+        match standby(&args) {
+            Ok(Some(vmm)) => Ok(vmm),
+            Ok(None) => {
+                tracing::info!("standby: released without a request");
+                return ExitCode::SUCCESS;
+            }
+            Err(StandbyError::Config(e)) => {
+                eprintln!("fissile-vmm: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(StandbyError::Restore(e)) => Err(anyhow::Error::from(e)),
+        }
+    } else if let Some(snapshot) = args.restore.clone() {
         let Some(snapshotd) = args.snapshotd.clone() else {
             eprintln!("fissile-vmm: --restore needs --snapshotd");
             return ExitCode::from(EXIT_CONFIG);
@@ -209,6 +232,71 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Why a standby did not become a VM.
+#[derive(Debug, thiserror::Error)]
+enum StandbyError {
+    /// Its flags or its request.
+    #[error("standby: {0}")]
+    Config(String),
+    /// Making the VM, or the restore.
+    #[error(transparent)]
+    Restore(#[from] fissile_vmm::RestoreError),
+}
+
+/// `--standby`: makes the VM and vCPUs, says so on stdout, then waits for the request on
+/// stdin and restores it. `None`: the input ended first.
+fn standby(args: &Args) -> Result<Option<Vmm>, StandbyError> {
+    use std::io::{BufRead, Read, Write};
+    let Some(snapshotd) = args.snapshotd.clone() else {
+        return Err(StandbyError::Config("--standby needs --snapshotd".into()));
+    };
+    let prepared = Prepared::new(args.vcpus.unwrap_or(1))?;
+    tracing::info!(
+        vm_ms = prepared.took.as_secs_f64() * 1e3,
+        uptime_ms = process_uptime_ms(),
+        "standby: VM made, waiting for a snapshot"
+    );
+    // Nobody listening (stdout not a pipe, or closed) is no reason not to wait.
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_all(STANDBY_READY.as_bytes())
+        .and_then(|()| out.flush());
+    drop(out);
+    let mut line = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_STANDBY_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| StandbyError::Config(format!("reading the request: {e}")))?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(StandbyError::Config(if line.len() > MAX_STANDBY_LINE {
+            format!("the request is longer than {MAX_STANDBY_LINE} bytes")
+        } else {
+            "the input ended inside the request line".into()
+        }));
+    }
+    let request: StandbyRequest = serde_json::from_slice(&line)
+        .map_err(|e| StandbyError::Config(format!("bad request: {e}")))?;
+    tracing::info!(snapshot = %request.snapshot, "standby: restoring");
+    let vmm = restore_into(
+        RestoreConfig {
+            snapshot: request.snapshot,
+            snapshotd,
+            rootfs: args.rootfs.clone(),
+            vsock_uds: args.vsock_uds.clone(),
+            net_tap: args.net_tap.clone(),
+            serial_log: args.serial_log.clone(),
+            serial_stderr: args.serial_stderr,
+            start_paused: request.start_paused || args.start_paused,
+        },
+        Some(prepared),
+    )?;
+    Ok(Some(vmm))
 }
 
 /// `--seccomp-selftest`: what the filters allow still works (stderr, a thread through the

@@ -85,10 +85,65 @@ pub enum RestoreError {
     /// Resuming failed.
     #[error("resuming the restored VM")]
     Resume(#[source] PauseError),
+    /// A pre-started VM has another number of vCPUs than the snapshot.
+    #[error("this VMM was started for {prepared} vCPUs, the snapshot has {snapshot}")]
+    Shape {
+        /// vCPUs made ahead of time.
+        prepared: usize,
+        /// vCPUs in the snapshot.
+        snapshot: u8,
+    },
+}
+
+/// What a VM needs before it knows its snapshot: the KVM VM (with its interrupt controller
+/// and timer) and its vCPUs. A pre-started VMM (`fissile-vmm --standby`) makes these while
+/// it waits, so a restore into it skips them.
+#[derive(Debug)]
+pub struct Prepared {
+    vm: Vm,
+    caps: KvmCaps,
+    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+    /// How long making them took.
+    pub took: std::time::Duration,
+}
+
+impl Prepared {
+    /// Makes a KVM VM with `vcpus` vCPUs.
+    pub fn new(vcpus: u8) -> Result<Prepared, RestoreError> {
+        let started = Instant::now();
+        let vm = Vm::new(vcpus).map_err(RestoreError::Vm)?;
+        let caps = KvmCaps::probe(vm.kvm()).map_err(RestoreError::Kvm)?;
+        let mut fds = Vec::with_capacity(usize::from(vcpus));
+        for id in 0..vcpus {
+            let fd = vm
+                .fd()
+                .create_vcpu(u64::from(id))
+                .map_err(|e| RestoreError::Vcpu(VcpuError::Create(id, e)))?;
+            fds.push(Arc::new(Mutex::new(fd)));
+        }
+        Ok(Prepared {
+            vm,
+            caps,
+            vcpus: fds,
+            took: started.elapsed(),
+        })
+    }
+
+    /// The number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus.len()
+    }
 }
 
 /// Restores snapshot `cfg.snapshot` into a new VM in this process.
 pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
+    restore_into(cfg, None)
+}
+
+/// Restores snapshot `cfg.snapshot` into `prepared` (made for as many vCPUs as the snapshot
+/// has; otherwise the restore fails with [`RestoreError::Shape`]) or, without it, into a VM
+/// made here.
+pub fn restore_into(cfg: RestoreConfig, prepared: Option<Prepared>) -> Result<Vmm, RestoreError> {
     let started = Instant::now();
     let mut client =
         Client::connect(&cfg.snapshotd).map_err(|e| RestoreError::Snapshotd("connect", e))?;
@@ -110,6 +165,19 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
             "the snapshot has a network device: give a tap (--net-tap)",
         ));
     }
+    let prepared_by_standby = prepared.is_some();
+    let Prepared {
+        vm, caps, vcpus, ..
+    } = match prepared {
+        Some(p) if p.vcpus() == usize::from(machine.vcpus) => p,
+        Some(p) => {
+            return Err(RestoreError::Shape {
+                prepared: p.vcpus(),
+                snapshot: machine.vcpus,
+            });
+        }
+        None => Prepared::new(machine.vcpus)?,
+    };
 
     let image = client
         .open_image(&cfg.snapshot)
@@ -129,8 +197,6 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
         .map_err(RestoreError::Image)?;
     let t_memory = started.elapsed();
 
-    let vm = Vm::new(machine.vcpus).map_err(RestoreError::Vm)?;
-    let caps = KvmCaps::probe(vm.kvm()).map_err(RestoreError::Kvm)?;
     vm.register_memory(ram.memory()).map_err(RestoreError::Vm)?;
     let rootfs = cfg.rootfs.clone().unwrap_or_else(|| machine.rootfs.clone());
     let serial =
@@ -149,14 +215,6 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
         },
     };
     let bus = build_devices(&vm, ram.memory(), serial, &spec).map_err(RestoreError::Build)?;
-    let mut vcpus = Vec::new();
-    for id in 0..machine.vcpus {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(id))
-            .map_err(|e| RestoreError::Vcpu(VcpuError::Create(id, e)))?;
-        vcpus.push(Arc::new(Mutex::new(fd)));
-    }
     let mut core = VmCore::new(
         Arc::new(RunControl::new(vcpus.len(), Target::Paused)),
         machine,
@@ -180,7 +238,7 @@ pub fn restore(cfg: RestoreConfig) -> Result<Vmm, RestoreError> {
         handle.resume().map_err(RestoreError::Resume)?;
     }
     tracing::info!(
-        snapshot = %cfg.snapshot, complete_image = complete,
+        snapshot = %cfg.snapshot, complete_image = complete, standby = prepared_by_standby,
         state_ms = t_state.as_secs_f64() * 1e3,
         memory_ms = t_memory.as_secs_f64() * 1e3,
         built_ms = t_built.as_secs_f64() * 1e3,
