@@ -22,6 +22,7 @@ pub mod net;
 pub mod paths;
 pub mod process;
 pub mod snapshotd;
+mod standby;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ pub use limits::{Cgroup, LimitsError, VmmLimits};
 pub use net::NetNs;
 use process::Process;
 pub use snapshotd::Snapshotd;
+pub use standby::Standby;
 
 /// How to boot a sandbox.
 #[derive(Debug, Clone)]
@@ -195,6 +197,9 @@ pub enum SandboxError {
     /// The VMM's reply lacks what it should carry.
     #[error("unexpected control reply: {0}")]
     Reply(String),
+    /// A pre-started VMM ([`Standby`]) cannot be used as asked.
+    #[error("standby VMM: {0}")]
+    Standby(String),
     /// Reading host entropy for a restored guest failed.
     #[error("reading host entropy")]
     Entropy(#[source] std::io::Error),
@@ -239,6 +244,15 @@ pub enum SandboxError {
     },
 }
 
+/// Where a fork child starts ([`Sandbox::fork_each_with`]).
+#[derive(Debug)]
+pub enum ChildPlace {
+    /// A new VMM process with its sockets and logs in this directory.
+    Dir(PathBuf),
+    /// A VMM started ahead of time for this sandbox's shape (in its own directory).
+    Standby(Box<Standby>),
+}
+
 /// How a sandbox starts VMM processes (kept for its fork children).
 #[derive(Debug, Clone)]
 struct Spawner {
@@ -268,11 +282,30 @@ impl Spawned {
     /// configured (`kernel`: the kernel a cold boot reads; `snapshot`: the one it restores,
     /// which snapshotd then lets it read — a jailed VMM reads nothing else it did not make).
     fn start(
+        cmd: Command,
+        spawner: &Spawner,
+        dir: &Path,
+        kernel: Option<&Path>,
+        snapshot: Option<&str>,
+    ) -> Result<Spawned, SandboxError> {
+        Self::start_with_io(
+            cmd,
+            spawner,
+            dir,
+            kernel,
+            snapshot,
+            (Stdio::null(), Stdio::null()),
+        )
+    }
+
+    /// [`Spawned::start`] with the program's standard input and output.
+    fn start_with_io(
         mut cmd: Command,
         spawner: &Spawner,
         dir: &Path,
         kernel: Option<&Path>,
         snapshot: Option<&str>,
+        (stdin, stdout): (Stdio, Stdio),
     ) -> Result<Spawned, SandboxError> {
         let netns = match &spawner.network {
             Network::None => None,
@@ -330,7 +363,7 @@ impl Spawned {
             }
             None => (None, None),
         };
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.stdin(stdin).stdout(stdout);
         let child =
             jail::spawn(cmd, report).map_err(|e| SandboxError::Spawn(spawner.vmm.clone(), e))?;
         Ok(Spawned {
@@ -723,9 +756,25 @@ impl Sandbox {
         &mut self,
         dirs: Vec<PathBuf>,
     ) -> Result<(Vec<Result<Sandbox, SandboxError>>, ForkTimings), SandboxError> {
-        let n = u32::try_from(dirs.len()).unwrap_or(u32::MAX);
+        self.fork_each_with(dirs.into_iter().map(ChildPlace::Dir).collect())
+    }
+
+    /// [`Sandbox::fork_each`] with one child per place: a new VMM process in a directory, or
+    /// a pre-started VMM ([`Standby`], started for this sandbox's vCPUs and memory; one of
+    /// another shape fails the fork before it starts). Children start in parallel; each is
+    /// then waited for.
+    pub fn fork_each_with(
+        &mut self,
+        children: Vec<ChildPlace>,
+    ) -> Result<(Vec<Result<Sandbox, SandboxError>>, ForkTimings), SandboxError> {
+        let n = u32::try_from(children.len()).unwrap_or(u32::MAX);
         if n == 0 || n > MAX_FORK_CHILDREN {
             return Err(SandboxError::ForkCount(n));
+        }
+        for child in &children {
+            if let ChildPlace::Standby(s) = child {
+                s.check_shape(&self.spawner)?;
+            }
         }
         let t0 = Instant::now();
         self.forks += 1;
@@ -735,19 +784,22 @@ impl Sandbox {
             .fork
             .ok_or_else(|| SandboxError::Reply("fork without body".into()))?;
         let vmm_ms = t0.elapsed().as_secs_f64() * 1e3;
-        // Start every child first (they restore in parallel), then wait for each.
-        let started: Vec<(PathBuf, Result<Spawned, SandboxError>)> = dirs
+        let started: Vec<Result<(Spawned, PathBuf, Spawner), SandboxError>> = children
             .into_iter()
-            .map(|child_dir| {
-                let child = self.spawner.restore(&fork.snapshot.id, &child_dir);
-                (child_dir, child)
+            .map(|child| match child {
+                ChildPlace::Dir(dir) => self
+                    .spawner
+                    .restore(&fork.snapshot.id, &dir)
+                    .map(|vmm| (vmm, dir, self.spawner.clone())),
+                ChildPlace::Standby(standby) => (*standby).take(&fork.snapshot.id),
             })
             .collect();
         let spawn_ms = t0.elapsed().as_secs_f64() * 1e3 - vmm_ms;
         let children = started
             .into_iter()
-            .map(|(child_dir, child)| {
-                Self::attach(child?, &child_dir, self.spawner.clone(), t0, None)
+            .map(|child| {
+                let (vmm, dir, spawner): (Spawned, PathBuf, Spawner) = child?;
+                Self::attach(vmm, &dir, spawner, t0, None)
             })
             .collect();
         let timings = ForkTimings {
