@@ -147,6 +147,93 @@ fn guest_jailed_vmms_boot_restore_fork_and_merge() {
     assert_eq!(eval(&mut resumed, "x"), "41");
 }
 
+/// Pre-started VMMs (jailed, as fissiled runs them): a standby waits with its VM made and no
+/// control socket; a restore into one and a fork into two work as with new processes (state
+/// kept, distinct entropy per child, a merge back); one of another shape is refused before
+/// the fork and the parent is unharmed; a dropped standby's process is gone.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_standby_vmms_take_a_restore_and_a_fork() {
+    use fissile_sandbox::jail::JailConfig;
+    use fissile_sandbox::{ChildPlace, Standby};
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let jail = JailConfig::default();
+    let sd = Snapshotd::start_for(
+        &dir.path().join("store"),
+        &dir.path().join("sd.sock"),
+        Some(&jail),
+    )
+    .unwrap();
+    let jailed = |name: &str| {
+        let mut cfg = config(&env, &dir.path().join(name), &sd);
+        cfg.limits.jail = Some(jail.clone());
+        cfg
+    };
+    let ready = |name: &str| {
+        let mut s = Standby::start(&jailed(name)).unwrap();
+        s.wait_ready(Duration::from_secs(120)).unwrap();
+        s
+    };
+
+    let mut parent = Sandbox::boot(&jailed("p")).unwrap();
+    assert_eq!(eval(&mut parent, "x = 41\nx"), "41");
+    let snap = parent.snapshot(true).unwrap();
+
+    let standby = ready("r");
+    let pid = standby.pid().unwrap();
+    assert!(
+        !dir.path().join("r/api.sock").exists(),
+        "a standby has a control socket before it has a VM state"
+    );
+    let mut restored = Sandbox::restore_standby(standby, &snap.id).unwrap();
+    assert_eq!(restored.pid(), Some(pid), "not restored into the standby");
+    assert!(restored.jail_uid().is_some(), "the standby is not jailed");
+    assert_eq!(eval(&mut restored, "x"), "41");
+
+    let (children, _) = parent
+        .fork_each_with(vec![
+            ChildPlace::Standby(Box::new(ready("c0"))),
+            ChildPlace::Standby(Box::new(ready("c1"))),
+        ])
+        .unwrap();
+    let mut children: Vec<Sandbox> = children.into_iter().map(Result::unwrap).collect();
+    let mut randoms = Vec::new();
+    for (i, c) in children.iter_mut().enumerate() {
+        assert_eq!(eval(c, "x"), "41", "child {i}");
+        randoms.push(eval(c, "import os\nos.urandom(16).hex()"));
+        eval(c, &format!("x = {}\nx", 100 + i));
+    }
+    randoms.push(eval(&mut parent, "import os\nos.urandom(16).hex()"));
+    let distinct: std::collections::BTreeSet<_> = randoms.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        randoms.len(),
+        "urandom repeated: {randoms:?}"
+    );
+    parent.merge_into(&children[1]).unwrap();
+    assert_eq!(eval(&mut parent, "x"), "101", "the merge did not take");
+
+    // Another shape: refused before the parent forks.
+    let mut wide = jailed("w");
+    wide.vcpus = 2;
+    let wide = Standby::start(&wide).unwrap();
+    match parent.fork_each_with(vec![ChildPlace::Standby(Box::new(wide))]) {
+        Err(SandboxError::Standby(m)) => assert!(m.contains("2 vCPUs"), "{m}"),
+        other => panic!("a standby of another shape was taken: {other:?}"),
+    }
+    assert_eq!(eval(&mut parent, "x"), "101");
+
+    // Dropped: its process is stopped and reaped.
+    let standby = ready("d");
+    let pid = standby.pid().unwrap();
+    drop(standby);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "a dropped standby's process {pid} is still there"
+    );
+}
+
 /// fork(3) from a parent with `x = 41`; the children diverge; child 2 is merged back; a
 /// fork with a child whose VMM fails reports it and leaves no VMM behind.
 #[test]

@@ -13,6 +13,10 @@
 //!    reading it back into fresh memory plus a restore process reaching its agent. Target:
 //!    fork(4) ≤ 0.2× the baseline.
 //! 3. **merge_into** against the winner's dirty-set size (1, 16, 64 MiB written).
+//!
+//!    Each row is also measured into VMMs started ahead of time (`Standby`: process started,
+//!    KVM VM and vCPUs made, ready before the clock starts): a restore from the hot image and
+//!    fork(n) into n of them.
 //! 4. **private memory per child** right after fork (smaps of each child VMM: the guest-RAM
 //!    pages it copied, its PSS, and the whole process). Target < 1 MiB of guest memory per
 //!    child.
@@ -29,10 +33,24 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fissile_benches::{eval, smaps, smaps_top};
 use fissile_proto::control::ControlRequest;
-use fissile_sandbox::{Sandbox, SandboxConfig, Snapshotd};
+use fissile_sandbox::{ChildPlace, Sandbox, SandboxConfig, Snapshotd, Standby};
 use fissile_snapshotd::client::{Client, DaemonStats};
 
 const MEM_MIB: u64 = 512;
+
+/// How long a pre-started VMM may take to be ready (in the lab, several start at once).
+const STANDBY_READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `n` pre-started VMMs for sandboxes of `env`'s shape, each ready.
+fn standbys(env: &mut Env, sd: &Snapshotd, n: u32) -> anyhow::Result<Vec<Standby>> {
+    let mut all = (0..n)
+        .map(|_| Standby::start(&env.cfg(sd)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for s in &mut all {
+        s.wait_ready(STANDBY_READY_TIMEOUT)?;
+    }
+    Ok(all)
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -63,6 +81,7 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     let id = cold.persist(Duration::from_secs(300))?;
 
     let (hot_first, hot_steps) = restore_first_exec(env, &sd, &id)?;
+    let (standby_first, standby_steps) = restore_first_exec_in(env, &sd, &id, true)?;
     // Another snapshot of the same guest (a layer on `id`, stored whole in the store), to
     // warm up a restarted snapshotd (below).
     let spare = Sandbox::restore(&env.cfg(&sd), &id)?.snapshot(true)?.id;
@@ -82,6 +101,7 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     // Targets from the speed issue's table.
     for (what, d, target) in [
         ("restore, hot image", hot_first, 0.08),
+        ("same, into a pre-started VMM", standby_first, 0.08),
         ("restore, from store (uffd)", lazy_first, 0.2),
         ("same, first touches prefetched", prefetched_first, 0.2),
     ] {
@@ -95,6 +115,7 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     println!("   steps:");
     for (what, steps) in [
         ("hot image", hot_steps),
+        ("pre-started", standby_steps),
         ("from store", lazy_steps),
         ("prefetched", prefetched_steps),
     ] {
@@ -164,37 +185,63 @@ fn restore_first_exec(
     sd: &Snapshotd,
     id: &str,
 ) -> anyhow::Result<(Duration, String)> {
+    restore_first_exec_in(env, sd, id, false)
+}
+
+/// [`restore_first_exec`], into a pre-started VMM when `standby` (started and ready before
+/// the clock starts).
+fn restore_first_exec_in(
+    env: &mut Env,
+    sd: &Snapshotd,
+    id: &str,
+    standby: bool,
+) -> anyhow::Result<(Duration, String)> {
     let cfg = env.cfg(sd);
+    let pre = if standby {
+        let mut s = Standby::start(&cfg)?;
+        s.wait_ready(STANDBY_READY_TIMEOUT)?;
+        Some(s)
+    } else {
+        None
+    };
     let t = Instant::now();
-    let mut sb = Sandbox::restore(&cfg, id)?;
+    let mut sb = match pre {
+        Some(s) => Sandbox::restore_standby(s, id)?,
+        None => Sandbox::restore(&cfg, id)?,
+    };
     let ready = t.elapsed();
     let e = Instant::now();
     eval(&mut sb, "1+1")?;
     let exec = e.elapsed();
     let first = t.elapsed();
     drop(sb);
-    let log = strip_ansi(&std::fs::read_to_string(cfg.dir.join("vmm.log")).unwrap_or_default());
-    let vmm: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" restored"))
-        .flat_map(str::split_whitespace)
-        .filter(|w| {
-            ["state_ms=", "memory_ms=", "built_ms="]
-                .iter()
-                .any(|k| w.starts_with(k))
-        })
-        .collect();
     let steps = format!(
         "VMM {} | agent answered {:.1} ms | first exec {:.1} ms",
-        if vmm.is_empty() {
-            "(its own figures with RUST_LOG=fissile_vmm=info)".to_string()
-        } else {
-            vmm.join(" ")
-        },
+        vmm_steps(&cfg.dir),
         ms(ready),
         ms(exec)
     );
     Ok((first, steps))
+}
+
+/// The restore's steps as the VMM in `dir` logged them (with `RUST_LOG=fissile_vmm=info`).
+fn vmm_steps(dir: &Path) -> String {
+    let log = strip_ansi(&std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default());
+    let vmm: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" restored") || l.contains("standby: VM made"))
+        .flat_map(str::split_whitespace)
+        .filter(|w| {
+            ["state_ms=", "memory_ms=", "built_ms=", "vm_ms="]
+                .iter()
+                .any(|k| w.starts_with(k))
+        })
+        .collect();
+    if vmm.is_empty() {
+        "(its own figures with RUST_LOG=fissile_vmm=info)".to_string()
+    } else {
+        vmm.join(" ")
+    }
 }
 
 /// The baseline: copy all guest memory to a file (a full snapshot), then `n` times read it
@@ -277,7 +324,24 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 println!("   first child's Private_Dirty by mapping (kB): {top:?}");
             }
         }
+        let children_dirs: Vec<PathBuf> = children.iter().map(|c| c.dir().to_path_buf()).collect();
         drop(children);
+        // The same fork into n VMMs started ahead of time (a warm pool of them).
+        let pool = standbys(env, sd, n)?;
+        let (outcomes, pt) = parent.fork_each_with(
+            pool.into_iter()
+                .map(|s| ChildPlace::Standby(Box::new(s)))
+                .collect(),
+        )?;
+        let pooled: Vec<Sandbox> = outcomes.into_iter().collect::<Result<_, _>>()?;
+        if let (Some(a), Some(b)) = (children_dirs.first(), pooled.first()) {
+            println!("   first child's VMM steps: new process {}", vmm_steps(a));
+            println!(
+                "   first child's VMM steps: pre-started {}",
+                vmm_steps(b.dir())
+            );
+        }
+        drop(pooled);
         let base = full_snapshot_baseline(env, sd, &warm, n)?;
         let r = ours / ms(base);
         println!(
@@ -291,6 +355,22 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 format!(
                     " (target <= 0.20x: {})",
                     if r <= 0.2 { "met" } else { "MISSED" }
+                )
+            } else {
+                String::new()
+            }
+        );
+        let rp = pt.all_answered_ms / ms(base);
+        println!(
+            "   fork({n:>2}) into {n} pre-started VMMs: {:>9.1} ms (VMM {:.1} ms, requests sent              {:.1} ms) ratio {rp:.3}x, {:.2}x the fork without them{}",
+            pt.all_answered_ms,
+            pt.vmm_ms,
+            pt.spawn_ms,
+            pt.all_answered_ms / ours,
+            if n == 4 {
+                format!(
+                    " (target <= 0.20x: {})",
+                    if rp <= 0.2 { "met" } else { "MISSED" }
                 )
             } else {
                 String::new()
