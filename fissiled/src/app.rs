@@ -56,6 +56,9 @@ pub struct Config {
     /// Sandboxes kept running per ready shape, restored from its ready snapshot ahead of
     /// time, for creates to take (see [`crate::pool`]); 0: none.
     pub warm_pool: usize,
+    /// VMMs started ahead of time per ready shape for forks to put children in (see
+    /// [`crate::standby`]); 0: none.
+    pub standby_pool: usize,
     /// What every VMM runs under (its own cgroup, rlimits).
     pub vmm_limits: fissile_sandbox::VmmLimits,
     /// Every sandbox gets a network device in a namespace of its own (reaching nothing
@@ -205,6 +208,8 @@ pub struct AppState {
     pub tenants: Arc<HashMap<String, TenantLimits>>,
     /// Warm pools (sandboxes restored ahead of time).
     pub pool: Arc<crate::pool::WarmPool>,
+    /// Standby VMMs (started ahead of time, for fork children).
+    pub standbys: Arc<crate::standby::StandbyPool>,
     /// API keys that are not revoked (read at start; the key routes keep it in step with
     /// the store).
     pub keys: Arc<crate::auth::KeyRing>,
@@ -389,6 +394,7 @@ impl App {
             builds: Arc::default(),
             tenants: Arc::new(db_tenants),
             pool: Arc::default(),
+            standbys: Arc::default(),
             keys: Arc::new(crate::auth::KeyRing::new(db_keys)),
             lost: Arc::default(),
         }));
@@ -443,7 +449,8 @@ impl App {
             }
             let dir = self.dir(&r.id);
             if r.tenant.is_empty() {
-                // A warm pool member of the earlier run: stopped, never adopted.
+                // A warm pool member or a standby VMM of the earlier run: stopped, never
+                // adopted.
                 if let Some(pid) = r.vmm_pid {
                     kill_stale(pid, "fissile-vmm", &dir.join("api.sock"));
                 }
@@ -1041,12 +1048,19 @@ impl App {
             }
         }
         let lost = lock(&self.lost).len() as u64;
-        vec![("running", running), ("starting", starting), ("lost", lost)]
+        let standby = self.standbys.idle() as u64;
+        vec![
+            ("running", running),
+            ("starting", starting),
+            ("lost", lost),
+            ("standby", standby),
+        ]
     }
 
     /// Stops every sandbox (daemon shutdown), persisting persistent ones first.
     pub fn stop_all(&self) {
         self.drain_pools();
+        self.drain_standbys();
         let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
         for l in all {
             if let Err(e) = self.close(&l, true) {

@@ -37,6 +37,7 @@ pub mod pool;
 pub mod routes;
 pub mod snapshotd;
 pub mod spaces;
+pub mod standby;
 pub mod telemetry;
 pub mod template_build;
 pub mod template_spec;

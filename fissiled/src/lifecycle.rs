@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use fissile_sandbox::ChildPlace;
 use serde::{Deserialize, Serialize};
 
 use crate::app::{App, Live, blocking, lock};
@@ -79,10 +80,22 @@ impl App {
         // The stored record, not the one registered at start: its egress policy may have
         // changed since (the children run with the current one).
         let current = self.record(tenant, id)?;
+        // Standby VMMs of the parent's shape take the first children (their ids were chosen
+        // when they started); a child with an egress policy needs its namespace routed, which
+        // a standby's is not.
+        let standbys = if current.network.is_none() {
+            self.take_standbys(current.memory_mib, current.vcpus, n as usize)
+        } else {
+            Vec::new()
+        };
         let mut records = Vec::new();
-        for _ in 0..n {
+        for i in 0..n as usize {
+            let child_id = match standbys.get(i) {
+                Some(s) => s.record.id.clone(),
+                None => format!("sb-{}", random_hex(8)?),
+            };
             records.push(SandboxRecord {
-                id: format!("sb-{}", random_hex(8)?),
+                id: child_id,
                 state: SandboxState::Starting,
                 created_ms: now_ms(),
                 space_id: None,
@@ -90,22 +103,38 @@ impl App {
                 ..current.clone()
             });
         }
-        self.reserve(tenant, &records)?;
+        if let Err(e) = self.reserve(tenant, &records) {
+            self.return_standbys(current.memory_mib, current.vcpus, standbys);
+            return Err(e);
+        }
         for r in &records {
             self.db.put_sandbox(r)?;
         }
+        self.metrics.standby_taken(standbys.len());
         let app = self.clone();
-        blocking(move || Ok(app.fork_blocking(&parent, records))).await
+        blocking(move || Ok(app.fork_blocking(&parent, records, standbys))).await
     }
 
-    fn fork_blocking(&self, parent: &Arc<Live>, records: Vec<SandboxRecord>) -> ForkView {
+    fn fork_blocking(
+        &self,
+        parent: &Arc<Live>,
+        records: Vec<SandboxRecord>,
+        standbys: Vec<crate::standby::Member>,
+    ) -> ForkView {
         let t0 = std::time::Instant::now();
-        let dirs = records.iter().map(|r| self.dir(&r.id)).collect();
+        let mut standbys = standbys.into_iter().map(|m| m.standby);
+        let places = records
+            .iter()
+            .map(|r| match standbys.next() {
+                Some(s) => ChildPlace::Standby(Box::new(s)),
+                None => ChildPlace::Dir(self.dir(&r.id)),
+            })
+            .collect();
         let outcome = lock(&parent.sandbox)
             .as_mut()
             .ok_or_else(|| ApiError::conflict("the parent stopped"))
             .and_then(|sb| {
-                sb.fork_each_in(dirs)
+                sb.fork_each_with(places)
                     .map_err(|e| ApiError::sandbox("forking", &e))
             });
         let mut children = Vec::new();

@@ -25,6 +25,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of the `serve` variant's flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve the API.
@@ -76,6 +78,12 @@ enum Cmd {
         /// restoring. Each costs a VMM and the guest memory it touches; 0: no pool.
         #[arg(long, default_value_t = 1)]
         warm_pool: usize,
+        /// VMM processes started ahead of time per ready shape (in their jail, cgroup and
+        /// network namespace, their KVM VM made, no guest yet): a fork of a sandbox of that
+        /// shape with no egress policy puts its children into them instead of starting new
+        /// processes. Each costs a few MiB; 0: none.
+        #[arg(long, default_value_t = 0)]
+        standby_pool: usize,
         /// The cgroup v2 directory under which every VMM gets its own cgroup (memory.max =
         /// guest RAM + overhead, pids.max, cpu.max); `none`: no cgroups. Default:
         /// /sys/fs/cgroup/fissile when run as root on a cgroup v2 host.
@@ -309,6 +317,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             ready_shapes,
             no_ready_snapshots,
             warm_pool,
+            standby_pool,
             cgroup_parent,
             guest_network,
             jail,
@@ -370,6 +379,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
                 }),
                 warm_pool,
+                standby_pool,
                 ready_shapes: if no_ready_snapshots {
                     Vec::new()
                 } else {
@@ -421,7 +431,8 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             _ = term.recv() => {}
         }
     };
-    // Lifecycle timers (idle timeouts, lifetime limits) and warm pool refills, every second.
+    // Lifecycle timers (idle timeouts, lifetime limits), warm pool and standby refills, every
+    // second.
     let reaper = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -432,6 +443,7 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
                 n += 1;
                 let app = app.clone();
                 app.fill_pools();
+                app.fill_standbys();
                 let _ = tokio::task::spawn_blocking(move || {
                     app.reap_idle();
                     // Snapshots a deleted template or space left to snapshotd, each minute.

@@ -57,6 +57,7 @@ pub struct Metrics {
     faults_served: Gauge,
     snapshotd_restarts: Gauge,
     pool_taken: Counter,
+    standby_taken: Counter,
     agent_connections_opened: Counter,
     dns_queries: Family<VerdictLabels, Counter>,
     proxy_connections: Family<VerdictLabels, Counter>,
@@ -81,6 +82,7 @@ impl Default for Metrics {
         let faults_served = Gauge::default();
         let snapshotd_restarts = Gauge::default();
         let pool_taken = Counter::default();
+        let standby_taken = Counter::default();
         let agent_connections_opened = Counter::default();
         let dns_queries = Family::<VerdictLabels, Counter>::default();
         let proxy_connections = Family::<VerdictLabels, Counter>::default();
@@ -97,7 +99,7 @@ impl Default for Metrics {
         );
         registry.register(
             "fissiled_sandboxes",
-            "Sandboxes by state",
+            "Sandboxes by state (standby: VMMs started ahead of time for fork children, no guest yet)",
             sandboxes.clone(),
         );
         registry.register(
@@ -136,6 +138,11 @@ impl Default for Metrics {
             pool_taken.clone(),
         );
         registry.register(
+            "fissiled_standby_taken",
+            "Fork children started in a standby VMM (started ahead of time) instead of a new process",
+            standby_taken.clone(),
+        );
+        registry.register(
             "fissiled_agent_connections_opened",
             "Agent connections opened for execs and commands because a sandbox had none idle (a started, forked, merged or rolled-back sandbox hands over the connection it woke its guest on)",
             agent_connections_opened.clone(),
@@ -167,6 +174,7 @@ impl Default for Metrics {
             faults_served,
             snapshotd_restarts,
             pool_taken,
+            standby_taken,
             agent_connections_opened,
             dns_queries,
             proxy_connections,
@@ -194,6 +202,11 @@ impl Metrics {
     /// Counts a create served by a warm pool member.
     pub fn pool_taken(&self) {
         self.pool_taken.inc();
+    }
+
+    /// Counts fork children started in standby VMMs.
+    pub fn standby_taken(&self, n: usize) {
+        self.standby_taken.inc_by(n as u64);
     }
 
     /// Counts an agent connection opened because a sandbox's pool had none idle.

@@ -216,7 +216,8 @@ impl App {
         }
     }
 
-    fn forget_member(&self, id: &str) {
+    /// Forgets the record and directory of a member (or a standby) that is gone.
+    pub(crate) fn forget_member(&self, id: &str) {
         let _ = self.db.remove_sandbox(id);
         let _ = std::fs::remove_dir_all(self.dir(id));
     }

@@ -1,0 +1,182 @@
+//! Pre-started VMMs for forks (`--standby-pool N`): for each ready shape, N `fissile-vmm`
+//! processes started ahead of time ([`fissile_sandbox::Standby`]: in their jail, cgroup and
+//! network namespace, their KVM VM and vCPUs made, no guest yet), owned by no tenant. A fork
+//! of a sandbox of that shape with no egress policy puts up to n of its children into them
+//! (the rest start new processes, as without the pool), so those children skip the process
+//! start and the VM's creation; the pool starts replacements [`REFILL_AFTER_MS`] after the
+//! last take, behind the creates already queued (a start permit each).
+//!
+//! A standby's id is chosen when it starts (its directory is the sandbox's) and the child
+//! it becomes keeps it. Standbys are in the metadata store with no tenant, like warm pool
+//! members: a daemon killed with `kill -9` finds them at its next start, stops any still
+//! running and removes their directories (a standby exits by itself once its input, held
+//! by the daemon, closes). A graceful stop stops them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fissile_sandbox::Standby;
+
+use crate::app::{App, DEFAULT_TEMPLATE, blocking, lock};
+use crate::db::{SandboxRecord, now_ms, random_hex};
+use crate::error::ApiError;
+use crate::pool::{REFILL_AFTER_MS, RETRY_AFTER_MS};
+
+/// How long a standby may take to make its VM (several may start at once on a small host).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A standby VMM: its record (no tenant) and its process.
+#[derive(Debug)]
+pub struct Member {
+    /// Its record as stored (tenant empty, state starting).
+    pub record: SandboxRecord,
+    /// The waiting VMM.
+    pub standby: Standby,
+}
+
+#[derive(Debug, Default)]
+struct ShapeStandbys {
+    idle: Vec<Member>,
+    starting: usize,
+    failed_at_ms: Option<u64>,
+    taken_at_ms: Option<u64>,
+}
+
+/// The standby VMMs of this daemon, by shape (memory MiB, vCPUs).
+#[derive(Debug, Default)]
+pub struct StandbyPool {
+    shapes: Mutex<HashMap<(u64, u8), ShapeStandbys>>,
+}
+
+impl StandbyPool {
+    /// Idle standbys of every shape.
+    pub fn idle(&self) -> usize {
+        lock(&self.shapes).values().map(|p| p.idle.len()).sum()
+    }
+}
+
+impl App {
+    /// Takes up to `n` idle standbys of the shape.
+    pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize) -> Vec<Member> {
+        let mut shapes = lock(&self.standbys.shapes);
+        let Some(p) = shapes.get_mut(&(memory_mib, vcpus)) else {
+            return Vec::new();
+        };
+        let k = n.min(p.idle.len());
+        if k > 0 {
+            p.taken_at_ms = Some(now_ms());
+        }
+        p.idle.split_off(p.idle.len() - k)
+    }
+
+    /// Gives back standbys a fork could not use (its tenant's quota was full).
+    pub(crate) fn return_standbys(&self, memory_mib: u64, vcpus: u8, members: Vec<Member>) {
+        lock(&self.standbys.shapes)
+            .entry((memory_mib, vcpus))
+            .or_default()
+            .idle
+            .extend(members);
+    }
+
+    /// Starts standbys for every ready shape whose pool is short (called every second),
+    /// [`REFILL_AFTER_MS`] after the last take at the earliest.
+    pub fn fill_standbys(&self) {
+        if self.config.standby_pool == 0 {
+            return;
+        }
+        for &shape in &self.config.ready_shapes {
+            let wanted = {
+                let mut shapes = lock(&self.standbys.shapes);
+                let p = shapes.entry(shape).or_default();
+                let now = now_ms();
+                if p.failed_at_ms
+                    .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
+                    || p.taken_at_ms
+                        .is_some_and(|at| now < at.saturating_add(REFILL_AFTER_MS))
+                {
+                    continue;
+                }
+                let wanted = self
+                    .config
+                    .standby_pool
+                    .saturating_sub(p.idle.len() + p.starting);
+                p.starting += wanted;
+                wanted
+            };
+            for _ in 0..wanted {
+                let app = self.clone();
+                tokio::spawn(async move { app.add_standby(shape).await });
+            }
+        }
+    }
+
+    async fn add_standby(self, shape: (u64, u8)) {
+        let started = self.start_standby(shape).await;
+        let mut shapes = lock(&self.standbys.shapes);
+        let p = shapes.entry(shape).or_default();
+        p.starting = p.starting.saturating_sub(1);
+        match started {
+            Ok(member) => {
+                tracing::debug!(sandbox = %member.record.id, memory_mib = shape.0,
+                    vcpus = shape.1, "standby VMM ready");
+                p.failed_at_ms = None;
+                p.idle.push(member);
+            }
+            Err(e) => {
+                tracing::warn!(memory_mib = shape.0, vcpus = shape.1, error = %e.message,
+                    "a standby VMM failed to start");
+                p.failed_at_ms = Some(now_ms());
+            }
+        }
+    }
+
+    /// Starts one standby of `shape`, recorded with no tenant, and waits until it is ready.
+    async fn start_standby(&self, (memory_mib, vcpus): (u64, u8)) -> Result<Member, ApiError> {
+        let mut record = SandboxRecord::starting(
+            format!("sb-{}", random_hex(8)?),
+            String::new(),
+            DEFAULT_TEMPLATE.to_string(),
+            memory_mib,
+            vcpus,
+        );
+        self.db.put_sandbox(&record)?;
+        let cfg = self.sandbox_config(self.dir(&record.id), memory_mib, vcpus, None);
+        let permit = self.starts.clone().acquire_owned().await;
+        let started = blocking(move || {
+            let _permit = permit;
+            let mut standby = Standby::start(&cfg)
+                .map_err(|e| ApiError::sandbox("starting a standby VMM", &e))?;
+            standby
+                .wait_ready(READY_TIMEOUT)
+                .map_err(|e| ApiError::sandbox("starting a standby VMM", &e))?;
+            Ok(standby)
+        })
+        .await;
+        let stored = started.and_then(|standby| {
+            record.vmm_pid = standby.pid();
+            self.db.put_sandbox(&record)?;
+            Ok(standby)
+        });
+        match stored {
+            Ok(standby) => Ok(Member { record, standby }),
+            Err(e) => {
+                self.forget_member(&record.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops every idle standby (graceful shutdown).
+    pub fn drain_standbys(&self) {
+        let members: Vec<Member> = lock(&self.standbys.shapes)
+            .values_mut()
+            .flat_map(|p| std::mem::take(&mut p.idle))
+            .collect();
+        for m in members {
+            let id = m.record.id.clone();
+            drop(m.standby);
+            self.forget_member(&id);
+        }
+    }
+}
