@@ -2150,6 +2150,130 @@ fn vmms_under(dir: &Path) -> usize {
         .count()
 }
 
+/// `--standby-pool 2`: two VMMs wait with their VM made; fork(3) puts two children into them
+/// and one into a new process; every child has the parent's state and its own entropy, a
+/// standby child merges back, the pool refills, and after `kill -9` the restarted daemon
+/// re-adopts the children and leaves no standby behind.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_api_forks_take_standby_vmms() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = create_key(&state, "acme");
+    let args = [
+        "--ready-shape",
+        "512x1",
+        "--warm-pool",
+        "0",
+        "--standby-pool",
+        "2",
+    ];
+    let mut d = start(&state, &args);
+    let standbys = |d: &Daemon| -> u64 {
+        d.metric("fissiled_sandboxes{state=\"standby\"}")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let taken = |d: &Daemon| -> u64 {
+        d.metric("fissiled_standby_taken_total")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let parent = create(&d, &key, "{}")["id"].as_str().unwrap().to_string();
+    exec(&d, &key, &parent, json!({"code": "x = 41"}));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while standbys(&d) < 2 {
+        assert!(Instant::now() < deadline, "the standby pool never filled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Standbys belong to nobody.
+    let (_, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(taken(&d), 0);
+
+    let (s, v) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{parent}/fork", d.base()),
+        Some(&key),
+        Some(r#"{"n":3}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(taken(&d), 2, "the fork did not take both standbys: {v}");
+    let children: Vec<String> = v["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{c}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(children.len(), 3, "{v}");
+    let rand = "import os; os.urandom(16).hex()";
+    let mut randoms = vec![value(&d, &key, &parent, rand)];
+    for (i, c) in children.iter().enumerate() {
+        assert_eq!(value(&d, &key, c, "x"), "41", "child {c}");
+        randoms.push(value(&d, &key, c, rand));
+        exec(&d, &key, c, json!({"code": format!("x = {}", 100 + i)}));
+    }
+    let distinct: std::collections::BTreeSet<_> = randoms.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        randoms.len(),
+        "urandom repeated: {randoms:?}"
+    );
+    // Children 0 and 1 are the standbys.
+    let (s, v) = call(
+        "POST",
+        &format!(
+            "{}/v1/sandboxes/{parent}/merge_into/{}",
+            d.base(),
+            children[1]
+        ),
+        Some(&key),
+        None,
+    );
+    assert!(s < 300, "merge: {s} {v}");
+    assert_eq!(value(&d, &key, &parent, "x"), "101");
+
+    while standbys(&d) < 2 {
+        assert!(Instant::now() < deadline, "the standby pool never refilled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        vmms_under(&state),
+        6,
+        "the parent, 3 children and 2 standbys"
+    );
+    d.kill_hard().unwrap();
+    let d = start(&state, &["--ready-shape", "512x1", "--warm-pool", "0"]);
+    // A standby exits once its input closes; the restarted daemon stops any left.
+    let gone = Instant::now() + Duration::from_secs(60);
+    while vmms_under(&state) > 4 {
+        assert!(Instant::now() < gone, "the old standbys still run");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(vmms_under(&state), 4);
+    assert_eq!(value(&d, &key, &children[0], "x"), "100");
+    let (_, list) = call(
+        "GET",
+        &format!("{}/v1/sandboxes", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(list.as_array().unwrap().len(), 4, "{list}");
+    assert_eq!(standbys(&d), 0);
+}
+
 /// The `fissiled_warm_pool_taken_total` counter.
 fn pool_taken(d: &Daemon) -> u64 {
     d.metric("fissiled_warm_pool_taken_total")
