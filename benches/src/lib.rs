@@ -68,6 +68,21 @@ pub fn smaps_top(pid: u32, field: &str, n: usize) -> Vec<(String, u64)> {
 }
 
 /// Open descriptors of process `pid`.
+/// The minor and major page faults process `pid` has taken (0, 0 if unreadable), from
+/// `/proc/<pid>/stat` (fields 10 and 12).
+pub fn page_faults(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the `(comm)` field, which may hold spaces: state is field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |n: usize| {
+        rest.split_whitespace()
+            .nth(n - 3)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field(10), field(12))
+}
+
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }

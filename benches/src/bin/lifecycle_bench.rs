@@ -21,8 +21,9 @@
 //!    pages it copied, its PSS, and the whole process). Target < 1 MiB of guest memory per
 //!    child.
 //!
-//! Usage: `lifecycle_bench [restore | fork4]` (needs KVM; elsewhere `fissile-lab run --
-//! lifecycle_bench`); `restore` runs part 1 only, `fork4` fork(4) and part 4 only.
+//! Usage: `lifecycle_bench [restore | fork4 | merge]` (needs KVM; elsewhere `fissile-lab run
+//! -- lifecycle_bench`); `restore` runs part 1 only, `fork4` fork(4) and part 4 only, `merge`
+//! part 3 only.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fissile_benches::{eval, smaps, smaps_top};
+use fissile_benches::{eval, page_faults, smaps, smaps_top};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{ChildPlace, Sandbox, SandboxConfig, Snapshotd, Standby};
 use fissile_snapshotd::client::{Client, DaemonStats};
@@ -393,17 +394,37 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
         let t = Instant::now();
         let snap = children[0].snapshot(false)?;
         let winner_ms = ms(t.elapsed());
+        let faults_before = Client::connect(sd.socket())?.stats()?.faults_served;
+        let pid = parent.pid().unwrap_or(0);
+        let host_before = page_faults(pid);
+        let tm = Instant::now();
         let m = parent.merge_snapshot(&snap.id)?;
-        let total = t.elapsed();
+        let merged = tm.elapsed();
+        let host_merged = page_faults(pid);
+        let te = Instant::now();
         let x = eval(&mut parent, "x")?;
+        let first_exec = te.elapsed();
+        let host_exec = page_faults(pid);
+        let total = t.elapsed();
+        let faults = Client::connect(sd.socket())?
+            .stats()?
+            .faults_served
+            .saturating_sub(faults_before);
         anyhow::ensure!(x == mib.to_string(), "merge lost the winner's x: {x}");
         println!(
             "   winner wrote {mib:>3} MiB: {} dirty pages, winner snapshot {winner_ms:.1} ms, \
-             merge {:.1} ms (parent paused {:.1} ms), {:.1} ms until the parent answered again",
+             merge {:.1} ms (parent paused {:.1} ms), {:.1} ms until the parent answered again \
+             (merge call with the agent's reconnect {:.1} ms, then the first exec {:.1} ms; \
+             {faults} faults served through userfaultfd meanwhile; the VMM process took \
+             {} minor faults in the merge call and {} in the first exec)",
             snap.dirty_pages,
             m.total_ms,
             m.paused_ms,
-            ms(total)
+            ms(total),
+            ms(merged),
+            ms(first_exec),
+            host_merged.0.saturating_sub(host_before.0),
+            host_exec.0.saturating_sub(host_merged.0),
         );
         eval(&mut parent, "blob = None\n1")?;
     }
@@ -431,6 +452,10 @@ fn main() -> anyhow::Result<()> {
     let sd_root = tmp.path().join("store");
     let sd_sock = tmp.path().join("sd.sock");
     let part = std::env::args().nth(1);
+    if part.as_deref() == Some("merge") {
+        let sd = Snapshotd::start(&sd_root, &sd_sock)?;
+        return merge_bench(&mut env, &sd);
+    }
     if part.as_deref() == Some("fork4") {
         let sd = Snapshotd::start(&sd_root, &sd_sock)?;
         return fork_bench(&mut env, &sd, &[4]);
