@@ -791,7 +791,22 @@ impl Sandbox {
                     .spawner
                     .restore(&fork.snapshot.id, &dir)
                     .map(|vmm| (vmm, dir, self.spawner.clone())),
-                ChildPlace::Standby(standby) => (*standby).take(&fork.snapshot.id),
+                // A standby that cannot take the request (its process died) leaves its
+                // directory to a new process.
+                ChildPlace::Standby(standby) => {
+                    let dir = standby.dir().to_path_buf();
+                    (*standby)
+                        .take(&fork.snapshot.id)
+                        .map(|(vmm, dir, _)| (vmm, dir))
+                        .or_else(|e| {
+                            tracing::warn!(dir = %dir.display(), error = %error_chain(&e),
+                                "a standby VMM could not be used; starting a new one");
+                            self.spawner
+                                .restore(&fork.snapshot.id, &dir)
+                                .map(|v| (v, dir))
+                        })
+                        .map(|(vmm, dir)| (vmm, dir, self.spawner.clone()))
+                }
             })
             .collect();
         let spawn_ms = t0.elapsed().as_secs_f64() * 1e3 - vmm_ms;

@@ -8,7 +8,7 @@
 //! A standby's directory is the sandbox's: its sockets and logs are already there, so the
 //! caller picks it when starting the standby. Dropping a standby stops its process.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -74,20 +74,8 @@ impl Standby {
         )?;
         let stdout = vmm.child.take_stdout();
         let (tx, ready) = mpsc::sync_channel(1);
-        // Reads the one ready line; the thread ends with the line or with the process.
-        let reader = std::thread::Builder::new()
-            .name("standby-ready".into())
-            .spawn(move || {
-                let mut line = String::new();
-                let ok = stdout.is_some_and(|out| {
-                    BufReader::new(out).read_line(&mut line).is_ok() && line == STANDBY_READY
-                });
-                let _ = tx.send(ok);
-            });
-        if let Err(e) = reader {
-            return Err(SandboxError::Spawn(spawner.vmm.clone(), e));
-        }
-        Ok(Standby {
+        // From here on, dropping it stops the process.
+        let standby = Standby {
             vmm: Some(vmm),
             request: Some(writer),
             ready,
@@ -95,7 +83,31 @@ impl Standby {
             dir,
             spawner,
             started,
-        })
+        };
+        // Reads the one ready line (no more than its length); the thread ends with the line
+        // or with the process.
+        std::thread::Builder::new()
+            .name("standby-ready".into())
+            .spawn(move || {
+                let mut line = String::new();
+                let ok = stdout.is_some_and(|out| {
+                    BufReader::new(out.take(STANDBY_READY.len() as u64))
+                        .read_line(&mut line)
+                        .is_ok()
+                        && line == STANDBY_READY
+                });
+                let _ = tx.send(ok);
+            })
+            .map_err(|e| SandboxError::Spawn(standby.spawner.vmm.clone(), e))?;
+        Ok(standby)
+    }
+
+    /// Whether its process still runs (a standby that died meanwhile, e.g. killed for
+    /// memory, is of no use: drop it).
+    pub fn is_alive(&mut self) -> bool {
+        self.vmm
+            .as_mut()
+            .is_some_and(|v| matches!(v.child.try_wait(), Ok(None)))
     }
 
     /// Its directory (the sandbox's it becomes).
@@ -155,7 +167,9 @@ impl Standby {
         }
     }
 
-    /// Whether a sandbox of `spawner`'s shape can live in this standby.
+    /// Whether a child of a sandbox started by `spawner` can live in this standby: the same
+    /// vCPUs and memory, and everything its process was started with (VMM binary, root
+    /// image, snapshotd, limits and jail, network and its policy).
     pub(crate) fn check_shape(&self, spawner: &Spawner) -> Result<(), SandboxError> {
         let (a, b) = (&self.spawner, spawner);
         if (a.vcpus, a.mem_mib) != (b.vcpus, b.mem_mib) {
@@ -166,6 +180,15 @@ impl Standby {
                 a.mem_mib,
                 b.vcpus,
                 b.mem_mib
+            )));
+        }
+        if (&a.vmm, &a.rootfs, &a.snapshotd, &a.limits, &a.network)
+            != (&b.vmm, &b.rootfs, &b.snapshotd, &b.limits, &b.network)
+        {
+            return Err(SandboxError::Standby(format!(
+                "the standby in {} was started with another VMM, root image, snapshotd, \
+                 limits or network than the sandbox's",
+                self.dir.display()
             )));
         }
         Ok(())
@@ -218,9 +241,10 @@ impl Drop for Standby {
 }
 
 impl Sandbox {
-    /// Restores `snapshot` into `standby` (a VMM started for this shape, see
-    /// [`Standby::start`]), waits for the agent and gives it fresh entropy and the clock, as
-    /// [`Sandbox::restore`] does.
+    /// Restores `snapshot` into `standby` (a VMM started for the snapshot's shape, see
+    /// [`Standby::start`]: a snapshot with other vCPUs fails the restore; its memory must
+    /// be the standby's `mem_mib`, which sized the VMM's cgroup), waits for the agent and
+    /// gives it fresh entropy and the clock, as [`Sandbox::restore`] does.
     pub fn restore_standby(standby: Standby, snapshot: &str) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
         let (vmm, dir, spawner) = standby.take(snapshot)?;
