@@ -80,22 +80,10 @@ impl App {
         // The stored record, not the one registered at start: its egress policy may have
         // changed since (the children run with the current one).
         let current = self.record(tenant, id)?;
-        // Standby VMMs of the parent's shape take the first children (their ids were chosen
-        // when they started); a child with an egress policy needs its namespace routed, which
-        // a standby's is not.
-        let standbys = if current.network.is_none() {
-            self.take_standbys(current.memory_mib, current.vcpus, n as usize)
-        } else {
-            Vec::new()
-        };
         let mut records = Vec::new();
-        for i in 0..n as usize {
-            let child_id = match standbys.get(i) {
-                Some(s) => s.record.id.clone(),
-                None => format!("sb-{}", random_hex(8)?),
-            };
+        for _ in 0..n {
             records.push(SandboxRecord {
-                id: child_id,
+                id: format!("sb-{}", random_hex(8)?),
                 state: SandboxState::Starting,
                 created_ms: now_ms(),
                 space_id: None,
@@ -103,16 +91,38 @@ impl App {
                 ..current.clone()
             });
         }
+        // Standby VMMs of the parent's shape take the first children, which get their ids
+        // (chosen when they started); a child with an egress policy needs its namespace
+        // routed, which a standby's is not.
+        let mut taken = if current.network.is_none() {
+            self.take_standbys(current.memory_mib, current.vcpus, n as usize)
+        } else {
+            self.take_standbys(current.memory_mib, current.vcpus, 0)
+        };
+        for (r, s) in records.iter_mut().zip(&taken.members) {
+            r.id = s.record.id.clone();
+        }
         if let Err(e) = self.reserve(tenant, &records) {
-            self.return_standbys(current.memory_mib, current.vcpus, standbys);
+            let members = std::mem::take(&mut taken.members);
+            self.return_standbys(current.memory_mib, current.vcpus, members);
             return Err(e);
         }
-        for r in &records {
-            self.db.put_sandbox(r)?;
+        if let Err(e) = records.iter().try_for_each(|r| self.db.put_sandbox(r)) {
+            for r in &records {
+                let _ = self.unreserve(&r.id);
+            }
+            self.stop_standbys(std::mem::take(&mut taken.members));
+            return Err(e.into());
         }
-        self.metrics.standby_taken(standbys.len());
         let app = self.clone();
-        blocking(move || Ok(app.fork_blocking(&parent, records, standbys))).await
+        blocking(move || {
+            let standbys = std::mem::take(&mut taken.members);
+            let view = app.fork_blocking(&parent, records, standbys);
+            // The pool's refill waits for the fork to end.
+            drop(taken);
+            Ok(view)
+        })
+        .await
     }
 
     fn fork_blocking(
@@ -122,6 +132,7 @@ impl App {
         standbys: Vec<crate::standby::Member>,
     ) -> ForkView {
         let t0 = std::time::Instant::now();
+        let from_standby = standbys.len();
         let mut standbys = standbys.into_iter().map(|m| m.standby);
         let places = records
             .iter()
@@ -141,8 +152,11 @@ impl App {
         let mut started = std::collections::BTreeSet::new();
         match outcome {
             Ok((outcomes, _timings)) => {
-                for (record, child) in records.into_iter().zip(outcomes) {
+                for (i, (record, child)) in records.into_iter().zip(outcomes).enumerate() {
                     let id = record.id.clone();
+                    if i < from_standby && child.is_ok() {
+                        self.metrics.standby_taken(1);
+                    }
                     let attached = child
                         .map_err(|e| ApiError::sandbox("starting the child", &e))
                         .and_then(|sb| self.attach(record, sb));

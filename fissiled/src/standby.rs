@@ -4,7 +4,9 @@
 //! of a sandbox of that shape with no egress policy puts up to n of its children into them
 //! (the rest start new processes, as without the pool), so those children skip the process
 //! start and the VM's creation; the pool starts replacements [`REFILL_AFTER_MS`] after the
-//! last take, behind the creates already queued (a start permit each).
+//! last such fork ended (not while one runs: a standby starting competes with the
+//! children's restores for the CPUs), behind the creates already queued (a start permit
+//! each).
 //!
 //! A standby's id is chosen when it starts (its directory is the sandbox's) and the child
 //! it becomes keeps it. Standbys are in the metadata store with no tenant, like warm pool
@@ -33,6 +35,9 @@ pub struct Member {
     pub record: SandboxRecord,
     /// The waiting VMM.
     pub standby: Standby,
+    /// snapshotd's restarts when it started: a jailed VMM sees the socket file that was
+    /// there when it started, so after a restart it can no longer reach snapshotd.
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -40,13 +45,39 @@ struct ShapeStandbys {
     idle: Vec<Member>,
     starting: usize,
     failed_at_ms: Option<u64>,
+    /// When the last fork that took some of them ended.
     taken_at_ms: Option<u64>,
+    /// Forks under way that took some: no refill meanwhile (a standby starting competes
+    /// with the children's restores for the CPUs).
+    forking: usize,
+}
+
+/// Standbys a fork took: hand `members` to the fork and keep the whole until it ends; the
+/// shape's pool refills [`REFILL_AFTER_MS`] after the last such fork ended.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    /// The standbys.
+    pub members: Vec<Member>,
+    hold: Option<(App, (u64, u8))>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some((app, shape)) = self.hold.take() {
+            let mut shapes = lock(&app.standbys.shapes);
+            let p = shapes.entry(shape).or_default();
+            p.forking = p.forking.saturating_sub(1);
+            p.taken_at_ms = Some(now_ms());
+        }
+    }
 }
 
 /// The standby VMMs of this daemon, by shape (memory MiB, vCPUs).
 #[derive(Debug, Default)]
 pub struct StandbyPool {
     shapes: Mutex<HashMap<(u64, u8), ShapeStandbys>>,
+    /// Set by [`App::drain_standbys`]: from then on standbys are stopped, not kept.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl StandbyPool {
@@ -54,24 +85,41 @@ impl StandbyPool {
     pub fn idle(&self) -> usize {
         lock(&self.shapes).values().map(|p| p.idle.len()).sum()
     }
+
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl App {
-    /// Takes up to `n` idle standbys of the shape.
-    pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize) -> Vec<Member> {
+    /// Takes up to `n` idle standbys of the shape that still run and can reach snapshotd.
+    pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize) -> Taken {
+        self.prune_standbys();
+        let shape = (memory_mib, vcpus);
         let mut shapes = lock(&self.standbys.shapes);
-        let Some(p) = shapes.get_mut(&(memory_mib, vcpus)) else {
-            return Vec::new();
+        let Some(p) = shapes.get_mut(&shape) else {
+            return Taken {
+                members: Vec::new(),
+                hold: None,
+            };
         };
         let k = n.min(p.idle.len());
-        if k > 0 {
-            p.taken_at_ms = Some(now_ms());
+        let hold = (k > 0).then(|| {
+            p.forking += 1;
+            (self.clone(), shape)
+        });
+        Taken {
+            members: p.idle.split_off(p.idle.len() - k),
+            hold,
         }
-        p.idle.split_off(p.idle.len() - k)
     }
 
     /// Gives back standbys a fork could not use (its tenant's quota was full).
     pub(crate) fn return_standbys(&self, memory_mib: u64, vcpus: u8, members: Vec<Member>) {
+        if self.standbys.draining() {
+            self.stop_standbys(members);
+            return;
+        }
         lock(&self.standbys.shapes)
             .entry((memory_mib, vcpus))
             .or_default()
@@ -79,19 +127,55 @@ impl App {
             .extend(members);
     }
 
+    /// Stops the idle standbys whose process died or that started before snapshotd's last
+    /// restart (their pool refills).
+    fn prune_standbys(&self) {
+        let generation = self.snapshotd.restarts();
+        let mut stale = Vec::new();
+        for p in lock(&self.standbys.shapes).values_mut() {
+            let mut keep = Vec::with_capacity(p.idle.len());
+            for mut m in std::mem::take(&mut p.idle) {
+                if m.generation == generation && m.standby.is_alive() {
+                    keep.push(m);
+                } else {
+                    stale.push(m);
+                }
+            }
+            p.idle = keep;
+        }
+        self.stop_standbys(stale);
+    }
+
+    /// Stops `members` and forgets them, on the blocking pool (each is a kill and a reap).
+    pub(crate) fn stop_standbys(&self, members: Vec<Member>) {
+        if members.is_empty() {
+            return;
+        }
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for m in members {
+                let id = m.record.id.clone();
+                drop(m.standby);
+                app.forget_member(&id);
+            }
+        });
+    }
+
     /// Starts standbys for every ready shape whose pool is short (called every second),
     /// [`REFILL_AFTER_MS`] after the last take at the earliest.
     pub fn fill_standbys(&self) {
-        if self.config.standby_pool == 0 {
+        if self.config.standby_pool == 0 || self.standbys.draining() {
             return;
         }
+        self.prune_standbys();
         for &shape in &self.config.ready_shapes {
             let wanted = {
                 let mut shapes = lock(&self.standbys.shapes);
                 let p = shapes.entry(shape).or_default();
                 let now = now_ms();
-                if p.failed_at_ms
-                    .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
+                if p.forking > 0
+                    || p.failed_at_ms
+                        .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
                     || p.taken_at_ms
                         .is_some_and(|at| now < at.saturating_add(REFILL_AFTER_MS))
                 {
@@ -117,6 +201,10 @@ impl App {
         let p = shapes.entry(shape).or_default();
         p.starting = p.starting.saturating_sub(1);
         match started {
+            Ok(member) if self.standbys.draining() => {
+                drop(shapes);
+                self.stop_standbys(vec![member]);
+            }
             Ok(member) => {
                 tracing::debug!(sandbox = %member.record.id, memory_mib = shape.0,
                     vcpus = shape.1, "standby VMM ready");
@@ -133,6 +221,7 @@ impl App {
 
     /// Starts one standby of `shape`, recorded with no tenant, and waits until it is ready.
     async fn start_standby(&self, (memory_mib, vcpus): (u64, u8)) -> Result<Member, ApiError> {
+        let generation = self.snapshotd.restarts();
         let mut record = SandboxRecord::starting(
             format!("sb-{}", random_hex(8)?),
             String::new(),
@@ -159,7 +248,11 @@ impl App {
             Ok(standby)
         });
         match stored {
-            Ok(standby) => Ok(Member { record, standby }),
+            Ok(standby) => Ok(Member {
+                record,
+                standby,
+                generation,
+            }),
             Err(e) => {
                 self.forget_member(&record.id);
                 Err(e)
@@ -167,12 +260,19 @@ impl App {
         }
     }
 
-    /// Stops every idle standby (graceful shutdown).
+    /// Stops every idle standby (graceful shutdown); one that finishes starting later, or
+    /// that a fork gives back, is stopped then.
     pub fn drain_standbys(&self) {
-        let members: Vec<Member> = lock(&self.standbys.shapes)
-            .values_mut()
-            .flat_map(|p| std::mem::take(&mut p.idle))
-            .collect();
+        let members: Vec<Member> = {
+            let mut shapes = lock(&self.standbys.shapes);
+            self.standbys
+                .draining
+                .store(true, std::sync::atomic::Ordering::Release);
+            shapes
+                .values_mut()
+                .flat_map(|p| std::mem::take(&mut p.idle))
+                .collect()
+        };
         for m in members {
             let id = m.record.id.clone();
             drop(m.standby);
