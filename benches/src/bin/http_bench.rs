@@ -9,7 +9,9 @@
 //! 2. **exec `1+1`**, p50 and p99 over HTTP (NDJSON to `done`) against the same sandbox's
 //!    agent over vsock directly. Target: HTTP ≤ 1.3×.
 //! 3. **fork(4)** over HTTP until every child's first exec answered, against the daemon's own
-//!    figure for the VMM-level fork (its children answering), `total_ms`.
+//!    figure for the VMM-level fork (its children answering), `total_ms`; and fork(4) of a
+//!    sandbox of the ready shape with its children in standby VMMs (`--standby-pool 4`)
+//!    against the same with a new process per child.
 //!
 //! Usage: `http_bench [N]` (N exec samples, default 200; needs KVM; elsewhere
 //! `fissile-lab run -- http_bench`).
@@ -423,6 +425,12 @@ fn main() -> anyhow::Result<()> {
         ready_idle_first.push(first);
     }
     let (ready_import, _) = d.create_exec_delete(json!({}), IMPORTS)?;
+    // fork(4) of a sandbox of the ready shape, each child a new VMM process (the baseline of
+    // part 6).
+    let mut fork_new = Vec::new();
+    for _ in 0..3 {
+        fork_new.push(fork4(&d)?);
+    }
     let r = med(&mut ready);
     println!("template ready snapshot (made once at daemon start in {build_ms:.0} ms)");
     println!(
@@ -504,7 +512,82 @@ fn main() -> anyhow::Result<()> {
             inside(&pooled_first, f),
         );
     }
+    drop(d);
+
+    // 6. Standby VMMs: the same daemon state, four standbys; fork(4) puts its children in them.
+    let d = start(
+        &ready_state,
+        &[
+            "--ready-shape",
+            "512x1",
+            "--warm-pool",
+            "0",
+            "--standby-pool",
+            "4",
+        ],
+    )?;
+    let mut fork_standby = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        while d.fissiled.metric("fissiled_sandboxes{state=\"standby\"}")? != "4" {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(600),
+                "the standby pool never filled"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        fork_standby.push(fork4(&d)?);
+    }
+    anyhow::ensure!(
+        d.fissiled.metric("fissiled_standby_taken_total")? == "12",
+        "the forks did not take the standbys"
+    );
+    println!("fork(4) of a sandbox restored from the ready snapshot, median of 3");
+    for (name, i) in [
+        ("the fork call (every child answered)", 0),
+        ("until every child's first exec", 1),
+    ] {
+        let new = med(&mut fork_new.iter().map(|f| f[i]).collect::<Vec<_>>());
+        let pre = med(&mut fork_standby.iter().map(|f| f[i]).collect::<Vec<_>>());
+        println!(
+            "  {name:<38} new processes {new:>8.1} ms (baseline)   standby VMMs {pre:>8.1} ms   {:.2}×",
+            pre / new
+        );
+    }
     Ok(())
+}
+
+/// fork(4) of a new sandbox over HTTP: the fork call's time (every child answered), and until
+/// every child's first exec answered; then everything is deleted.
+fn fork4(d: &Daemon) -> anyhow::Result<[f64; 2]> {
+    let parent = d.create(json!({}))?;
+    d.exec(&parent, "x = 1\n1")?;
+    let t = Instant::now();
+    let fork = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{parent}/fork"),
+        Some(json!({ "n": 4 })),
+    )?;
+    let call = ms(t.elapsed());
+    let children: Vec<String> = fork["children"]
+        .as_array()
+        .context("no children")?
+        .iter()
+        .map(|c| {
+            c["id"]
+                .as_str()
+                .map(str::to_string)
+                .context("a child failed")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for c in &children {
+        anyhow::ensure!(d.exec(c, "x")? == "1", "a child lost the parent's state");
+    }
+    let first = ms(t.elapsed());
+    for c in children.iter().chain([&parent]) {
+        d.call("DELETE", &format!("/v1/sandboxes/{c}"), None)?;
+    }
+    Ok([call, first])
 }
 
 /// How long a sandbox restored from the ready snapshot sits idle before its first exec, in
