@@ -176,16 +176,12 @@ fn main() -> ExitCode {
             eprintln!("fissile-vmm: --restore needs --snapshotd");
             return ExitCode::from(EXIT_CONFIG);
         };
-        restore(RestoreConfig {
+        restore(restore_config(
+            &args,
             snapshot,
             snapshotd,
-            rootfs: args.rootfs.clone(),
-            vsock_uds: args.vsock_uds.clone(),
-            net_tap: args.net_tap.clone(),
-            serial_log: args.serial_log.clone(),
-            serial_stderr: args.serial_stderr,
-            start_paused: args.start_paused,
-        })
+            args.start_paused,
+        ))
         .map_err(anyhow::Error::from)
     } else {
         let config = match config_from_args(args) {
@@ -283,20 +279,29 @@ fn standby(args: &Args) -> Result<Option<Vmm>, StandbyError> {
     let request: StandbyRequest = serde_json::from_slice(&line)
         .map_err(|e| StandbyError::Config(format!("bad request: {e}")))?;
     tracing::info!(snapshot = %request.snapshot, "standby: restoring");
-    let vmm = restore_into(
-        RestoreConfig {
-            snapshot: request.snapshot,
-            snapshotd,
-            rootfs: args.rootfs.clone(),
-            vsock_uds: args.vsock_uds.clone(),
-            net_tap: args.net_tap.clone(),
-            serial_log: args.serial_log.clone(),
-            serial_stderr: args.serial_stderr,
-            start_paused: request.start_paused || args.start_paused,
-        },
-        Some(prepared),
-    )?;
-    Ok(Some(vmm))
+    let start_paused = request.start_paused || args.start_paused;
+    let cfg = restore_config(args, request.snapshot, snapshotd, start_paused);
+    Ok(Some(restore_into(cfg, Some(prepared))?))
+}
+
+/// What `--restore` and `--standby` restore with: `snapshot` from `snapshotd`, into this
+/// process's sockets and logs as the flags name them.
+fn restore_config(
+    args: &Args,
+    snapshot: String,
+    snapshotd: PathBuf,
+    start_paused: bool,
+) -> RestoreConfig {
+    RestoreConfig {
+        snapshot,
+        snapshotd,
+        rootfs: args.rootfs.clone(),
+        vsock_uds: args.vsock_uds.clone(),
+        net_tap: args.net_tap.clone(),
+        serial_log: args.serial_log.clone(),
+        serial_stderr: args.serial_stderr,
+        start_paused,
+    }
 }
 
 /// `--seccomp-selftest`: what the filters allow still works (stderr, a thread through the
