@@ -391,14 +391,21 @@ impl Spawner {
 
     /// Starts `fissile-vmm --restore <snapshot>` with its sockets and logs in `dir`.
     fn restore(&self, snapshot: &str, dir: &Path) -> Result<Spawned, SandboxError> {
+        let mut cmd = self.restore_command(dir)?;
+        cmd.arg("--restore").arg(snapshot);
+        Spawned::start(cmd, self, dir, None, Some(snapshot))
+    }
+
+    /// `fissile-vmm` with what any restore into `dir` needs (snapshotd, root image, its
+    /// sockets and console log there, its log in `dir/vmm.log`), `dir` made; the caller adds
+    /// what to restore (`--restore`, or `--standby`).
+    fn restore_command(&self, dir: &Path) -> Result<Command, SandboxError> {
         let sd = self.snapshotd.as_ref().ok_or(SandboxError::NoSnapshotd)?;
         std::fs::create_dir_all(dir).map_err(|e| SandboxError::Dir(dir.to_path_buf(), e))?;
         let vmm_log = File::create(dir.join("vmm.log"))
             .map_err(|e| SandboxError::Dir(dir.to_path_buf(), e))?;
         let mut cmd = Command::new(&self.vmm);
-        cmd.arg("--restore")
-            .arg(snapshot)
-            .arg("--snapshotd")
+        cmd.arg("--snapshotd")
             .arg(sd)
             .arg("--rootfs")
             .arg(&self.rootfs)
@@ -409,7 +416,7 @@ impl Spawner {
             .arg("--serial-log")
             .arg(dir.join("console.log"))
             .stderr(vmm_log);
-        Spawned::start(cmd, self, dir, None, Some(snapshot))
+        Ok(cmd)
     }
 }
 

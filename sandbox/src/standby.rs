@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -38,30 +38,12 @@ impl Standby {
     /// network), with its sockets and logs in `cfg.dir`. Needs snapshotd.
     pub fn start(cfg: &SandboxConfig) -> Result<Standby, SandboxError> {
         let spawner = Spawner::of(cfg);
-        let sd = spawner
-            .snapshotd
-            .as_ref()
-            .ok_or(SandboxError::NoSnapshotd)?;
         let dir = cfg.dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| SandboxError::Dir(dir.clone(), e))?;
-        let vmm_log = std::fs::File::create(dir.join("vmm.log"))
-            .map_err(|e| SandboxError::Dir(dir.clone(), e))?;
         let started = Instant::now();
-        let mut cmd = Command::new(&spawner.vmm);
+        let mut cmd = spawner.restore_command(&dir)?;
         cmd.arg("--standby")
             .arg("--vcpus")
-            .arg(spawner.vcpus.to_string())
-            .arg("--snapshotd")
-            .arg(sd)
-            .arg("--rootfs")
-            .arg(&spawner.rootfs)
-            .arg("--vsock-uds")
-            .arg(dir.join("vsock.sock"))
-            .arg("--api-sock")
-            .arg(dir.join("api.sock"))
-            .arg("--serial-log")
-            .arg(dir.join("console.log"))
-            .stderr(vmm_log);
+            .arg(spawner.vcpus.to_string());
         let (reader, writer) =
             std::io::pipe().map_err(|e| SandboxError::Spawn(spawner.vmm.clone(), e))?;
         let mut vmm = Spawned::start_with_io(
