@@ -57,9 +57,44 @@ pub struct Member {
 #[derive(Debug, Default)]
 struct ShapePool {
     idle: Vec<Member>,
+    refill: Refill,
+}
+
+/// When a shape's pool (warm pool members, standby VMMs: [`crate::standby`]) starts more.
+#[derive(Debug, Default)]
+pub(crate) struct Refill {
+    /// Starts under way.
     starting: usize,
+    /// When the last start failed (none since it last succeeded).
     failed_at_ms: Option<u64>,
-    taken_at_ms: Option<u64>,
+    /// When the last take was (or, for standbys, the last fork that took some ended).
+    pub(crate) taken_at_ms: Option<u64>,
+}
+
+impl Refill {
+    /// How many to start now to have `target` with `idle` idle, counted as starting: none
+    /// within [`RETRY_AFTER_MS`] of a failed start or [`REFILL_AFTER_MS`] of the last take.
+    pub(crate) fn claim(&mut self, idle: usize, target: usize) -> usize {
+        let now = now_ms();
+        if self
+            .failed_at_ms
+            .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
+            || self
+                .taken_at_ms
+                .is_some_and(|at| now < at.saturating_add(REFILL_AFTER_MS))
+        {
+            return 0;
+        }
+        let wanted = target.saturating_sub(idle + self.starting);
+        self.starting += wanted;
+        wanted
+    }
+
+    /// One start claimed with [`Refill::claim`] ended, `ok` or not.
+    pub(crate) fn ended(&mut self, ok: bool) {
+        self.starting = self.starting.saturating_sub(1);
+        self.failed_at_ms = if ok { None } else { Some(now_ms()) };
+    }
 }
 
 /// The warm pools of this daemon, by shape.
@@ -102,7 +137,7 @@ impl App {
         let mut shapes = lock(&self.pool.shapes);
         let p = shapes.get_mut(shape)?;
         let m = p.idle.pop()?;
-        p.taken_at_ms = Some(now_ms());
+        p.refill.taken_at_ms = Some(now_ms());
         Some(m)
     }
 
@@ -133,20 +168,7 @@ impl App {
             let wanted = {
                 let mut shapes = lock(&self.pool.shapes);
                 let p = shapes.entry(shape.clone()).or_default();
-                let now = now_ms();
-                if p.failed_at_ms
-                    .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
-                    || p.taken_at_ms
-                        .is_some_and(|at| now < at.saturating_add(REFILL_AFTER_MS))
-                {
-                    continue;
-                }
-                let wanted = self
-                    .config
-                    .warm_pool
-                    .saturating_sub(p.idle.len() + p.starting);
-                p.starting += wanted;
-                wanted
+                p.refill.claim(p.idle.len(), self.config.warm_pool)
             };
             for _ in 0..wanted {
                 let app = self.clone();
@@ -160,18 +182,16 @@ impl App {
         let started = self.restore_member(&shape, snapshot).await;
         let mut shapes = lock(&self.pool.shapes);
         let p = shapes.entry(shape.clone()).or_default();
-        p.starting = p.starting.saturating_sub(1);
+        p.refill.ended(started.is_ok());
         match started {
             Ok(member) => {
                 tracing::info!(sandbox = %member.record.id, memory_mib = shape.memory_mib,
                     vcpus = shape.vcpus, "warm pool member ready");
-                p.failed_at_ms = None;
                 p.idle.push(member);
             }
             Err(e) => {
                 tracing::warn!(memory_mib = shape.memory_mib, vcpus = shape.vcpus,
                     error = %e.message, "a warm pool member failed to start");
-                p.failed_at_ms = Some(now_ms());
             }
         }
     }

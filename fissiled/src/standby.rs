@@ -3,7 +3,7 @@
 //! network namespace, their KVM VM and vCPUs made, no guest yet), owned by no tenant. A fork
 //! of a sandbox of that shape with no egress policy puts up to n of its children into them
 //! (the rest start new processes, as without the pool), so those children skip the process
-//! start and the VM's creation; the pool starts replacements [`REFILL_AFTER_MS`] after the
+//! start and the VM's creation; the pool starts replacements [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the
 //! last such fork ended (not while one runs: a standby starting competes with the
 //! children's restores for the CPUs), behind the creates already queued (a start permit
 //! each).
@@ -23,7 +23,7 @@ use fissile_sandbox::Standby;
 use crate::app::{App, DEFAULT_TEMPLATE, blocking, lock};
 use crate::db::{SandboxRecord, now_ms, random_hex};
 use crate::error::ApiError;
-use crate::pool::{REFILL_AFTER_MS, RETRY_AFTER_MS};
+use crate::pool::Refill;
 
 /// How long a standby may take to make its VM (several may start at once on a small host).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -43,17 +43,15 @@ pub struct Member {
 #[derive(Debug, Default)]
 struct ShapeStandbys {
     idle: Vec<Member>,
-    starting: usize,
-    failed_at_ms: Option<u64>,
-    /// When the last fork that took some of them ended.
-    taken_at_ms: Option<u64>,
+    /// Its refill (`taken_at_ms`: when the last fork that took some of them ended).
+    refill: Refill,
     /// Forks under way that took some: no refill meanwhile (a standby starting competes
     /// with the children's restores for the CPUs).
     forking: usize,
 }
 
 /// Standbys a fork took: hand `members` to the fork and keep the whole until it ends; the
-/// shape's pool refills [`REFILL_AFTER_MS`] after the last such fork ended.
+/// shape's pool refills [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the last such fork ended.
 #[derive(Debug)]
 pub(crate) struct Taken {
     /// The standbys.
@@ -67,7 +65,7 @@ impl Drop for Taken {
             let mut shapes = lock(&app.standbys.shapes);
             let p = shapes.entry(shape).or_default();
             p.forking = p.forking.saturating_sub(1);
-            p.taken_at_ms = Some(now_ms());
+            p.refill.taken_at_ms = Some(now_ms());
         }
     }
 }
@@ -162,7 +160,7 @@ impl App {
     }
 
     /// Starts standbys for every ready shape whose pool is short (called every second),
-    /// [`REFILL_AFTER_MS`] after the last take at the earliest.
+    /// [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the last take at the earliest.
     pub fn fill_standbys(&self) {
         if self.config.standby_pool == 0 || self.standbys.draining() {
             return;
@@ -172,21 +170,10 @@ impl App {
             let wanted = {
                 let mut shapes = lock(&self.standbys.shapes);
                 let p = shapes.entry(shape).or_default();
-                let now = now_ms();
-                if p.forking > 0
-                    || p.failed_at_ms
-                        .is_some_and(|at| now < at.saturating_add(RETRY_AFTER_MS))
-                    || p.taken_at_ms
-                        .is_some_and(|at| now < at.saturating_add(REFILL_AFTER_MS))
-                {
+                if p.forking > 0 {
                     continue;
                 }
-                let wanted = self
-                    .config
-                    .standby_pool
-                    .saturating_sub(p.idle.len() + p.starting);
-                p.starting += wanted;
-                wanted
+                p.refill.claim(p.idle.len(), self.config.standby_pool)
             };
             for _ in 0..wanted {
                 let app = self.clone();
@@ -199,7 +186,7 @@ impl App {
         let started = self.start_standby(shape).await;
         let mut shapes = lock(&self.standbys.shapes);
         let p = shapes.entry(shape).or_default();
-        p.starting = p.starting.saturating_sub(1);
+        p.refill.ended(started.is_ok());
         match started {
             Ok(member) if self.standbys.draining() => {
                 drop(shapes);
@@ -208,13 +195,11 @@ impl App {
             Ok(member) => {
                 tracing::debug!(sandbox = %member.record.id, memory_mib = shape.0,
                     vcpus = shape.1, "standby VMM ready");
-                p.failed_at_ms = None;
                 p.idle.push(member);
             }
             Err(e) => {
                 tracing::warn!(memory_mib = shape.0, vcpus = shape.1, error = %e.message,
                     "a standby VMM failed to start");
-                p.failed_at_ms = Some(now_ms());
             }
         }
     }
