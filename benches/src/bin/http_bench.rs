@@ -362,17 +362,7 @@ fn main() -> anyhow::Result<()> {
         &format!("/v1/sandboxes/{id}/fork"),
         Some(json!({ "n": 4 })),
     )?;
-    let children: Vec<String> = fork["children"]
-        .as_array()
-        .context("no children")?
-        .iter()
-        .map(|c| {
-            c["id"]
-                .as_str()
-                .map(str::to_string)
-                .context("a child failed")
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let children = child_ids(&fork)?;
     for c in &children {
         d.exec(c, "1+1")?;
     }
@@ -557,6 +547,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The children's ids of a fork's answer (an error if one failed).
+fn child_ids(fork: &Value) -> anyhow::Result<Vec<String>> {
+    fork["children"]
+        .as_array()
+        .context("no children")?
+        .iter()
+        .map(|c| {
+            c["id"]
+                .as_str()
+                .map(str::to_string)
+                .context("a child failed")
+        })
+        .collect()
+}
+
 /// fork(4) of a new sandbox over HTTP: the fork call's time (every child answered), and until
 /// every child's first exec answered; then everything is deleted.
 fn fork4(d: &Daemon) -> anyhow::Result<[f64; 2]> {
@@ -569,17 +574,7 @@ fn fork4(d: &Daemon) -> anyhow::Result<[f64; 2]> {
         Some(json!({ "n": 4 })),
     )?;
     let call = ms(t.elapsed());
-    let children: Vec<String> = fork["children"]
-        .as_array()
-        .context("no children")?
-        .iter()
-        .map(|c| {
-            c["id"]
-                .as_str()
-                .map(str::to_string)
-                .context("a child failed")
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let children = child_ids(&fork)?;
     for c in &children {
         anyhow::ensure!(d.exec(c, "x")? == "1", "a child lost the parent's state");
     }
