@@ -70,4 +70,29 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_filter_allows_the_background_threads_exactly_their_nice_value() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../seccomp/x86_64.json")).unwrap();
+        let rules = json["serve"]["filter"].as_array().unwrap();
+        let rule = rules
+            .iter()
+            .find(|r| r["syscall"] == "setpriority")
+            .expect("setpriority allowed");
+        let vals: Vec<i64> = rule["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["val"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            vals,
+            vec![
+                i64::from(libc::PRIO_PROCESS),
+                0,
+                i64::from(crate::server::BACKGROUND_NICE)
+            ]
+        );
+    }
 }

@@ -415,6 +415,21 @@ pub fn fix_mmap_threshold(bytes: usize) -> bool {
     }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice`. Linux keeps a nice value per
+/// thread, and `setpriority(PRIO_PROCESS, 0, …)` names the calling thread; threads it
+/// starts afterwards inherit the value. Going back up needs privilege, so only a thread that
+/// does background work all its life calls this. The serving filter allows exactly
+/// `(PRIO_PROCESS, 0, BACKGROUND_NICE)` (`seccomp/x86_64.json`).
+pub fn lower_thread_priority(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority reads only its three integer arguments.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Gives the heap memory malloc holds free back to the system (glibc `malloc_trim`: the top
 /// of each arena, and whole free pages inside them with `madvise`). True if it released
 /// anything.

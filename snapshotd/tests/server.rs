@@ -729,6 +729,63 @@ fn adopted_images_serve_at_once_layer_on_their_parent_and_become_durable() {
     );
 }
 
+/// The nice value of each of `pid`'s threads named `name` (`/proc/.../stat` field 19).
+fn nice_of_threads(pid: u32, name: &str) -> Vec<i64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // After `(comm)`: field 3 is the state, so field 19 (nice) is the 17th.
+            let rest = stat.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn ingest_and_housekeeping_run_at_a_lower_priority_than_the_daemon_serves_at() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default filter kills the daemon on a syscall it does not allow: the threads lower
+    // their priority under it (they may start after it is installed).
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let mem = memory(5, 64, 4);
+    let fd = sealed_memfd_with(&mem);
+    let id = c
+        .create_snapshot(
+            &fd,
+            &CreateOptions {
+                memory_size: mem.len() as u64,
+                adopt: true,
+                no_wait_durable: true,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+    c.wait_durable(&id).unwrap();
+    let pid = d.child.id();
+    let nice = fissile_snapshotd::server::BACKGROUND_NICE as i64;
+    assert_eq!(
+        nice_of_threads(pid, "snapshotd-inges"),
+        vec![nice],
+        "ingest thread"
+    );
+    assert_eq!(
+        nice_of_threads(pid, "snapshotd-house"),
+        vec![nice],
+        "housekeeping thread"
+    );
+    // This client's connection is served at the daemon's priority.
+    let conns = nice_of_threads(pid, "snapshotd-conn");
+    assert!(
+        !conns.is_empty() && conns.iter().all(|n| *n == 0),
+        "connection threads: {conns:?}"
+    );
+    ping_ok(&d);
+}
+
 #[test]
 fn adopting_an_unsealed_memfd_is_refused_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -249,7 +249,10 @@ impl Session {
             let _ = fdio::write_msg(&self.socket, &msg, None);
         }
         // The client has its answer; now what may wait (prefetch threads stop within one
-        // page; storing an order may wait for the store's writer lock).
+        // page; storing an order may wait for the store's writer lock), at background
+        // priority: the client (a VMM whose memory just moved, as in a merge) is busy
+        // waking its guest, and this thread ends here.
+        super::run_in_background("fault session's end");
         for p in prefetchers {
             if p.join().is_err() {
                 tracing::error!("a prefetch thread panicked");
@@ -441,6 +444,7 @@ impl Session {
         let spawned = std::thread::Builder::new()
             .name("snapshotd-touch-order".into())
             .spawn(move || {
+                super::run_in_background("first-touch order");
                 if let Some(rec) = theirs.lock().unwrap_or_else(|p| p.into_inner()).take() {
                     rec.save();
                 }

@@ -61,6 +61,22 @@ const MAX_GRANTS_PER_VMM: usize = 65_536;
 
 /// A connection that sends no request for this long is closed (fault sessions excepted).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The nice value of the daemon's background work: the ingest of adopted images (and the
+/// hashing and compression threads it starts), housekeeping, and storing a fault session's
+/// first-touch orders (its threads, and its own thread once its client is gone). Nobody
+/// waits on it but a durable snapshot's caller, while a guest whose VMM shares the CPU
+/// waits on every tick it takes: at nice 10 the scheduler gives one of them about a tenth of a CPU against
+/// one busy vCPU thread at nice 0 and all of an idle one. Faults and requests are served at
+/// the daemon's own priority.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling background thread's priority to [`BACKGROUND_NICE`]; a failure costs
+/// only the priority, so it is logged.
+fn run_in_background(what: &str) {
+    if let Err(e) = sys::lower_thread_priority(BACKGROUND_NICE) {
+        tracing::warn!(thread = what, error = %e, "cannot lower the thread's priority");
+    }
+}
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +228,7 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("snapshotd-ingest".into())
             .spawn(move || {
+                run_in_background("ingest");
                 for job in rx {
                     let Some(server) = weak.upgrade() else { return };
                     server.ingest(job);
@@ -235,6 +252,7 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("snapshotd-house".into())
             .spawn(move || {
+                run_in_background("housekeeping");
                 loop {
                     match rx.recv_timeout(interval) {
                         Ok(()) | Err(RecvTimeoutError::Timeout) => {}
