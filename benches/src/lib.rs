@@ -67,22 +67,41 @@ pub fn smaps_top(pid: u32, field: &str, n: usize) -> Vec<(String, u64)> {
     top
 }
 
-/// Open descriptors of process `pid`.
-/// The minor and major page faults process `pid` has taken (0, 0 if unreadable), from
-/// `/proc/<pid>/stat` (fields 10 and 12).
-pub fn page_faults(pid: u32) -> (u64, u64) {
+/// Field `n` (numbered as in proc(5), from 1) of `/proc/<pid>/stat`; 0 if unreadable.
+fn stat_field(pid: u32, n: usize) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // After the `(comm)` field, which may hold spaces: state is field 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let field = |n: usize| {
-        rest.split_whitespace()
-            .nth(n - 3)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field(10), field(12))
+    rest.split_whitespace()
+        .nth(n - 3)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
+/// The minor and major page faults process `pid` has taken (0, 0 if unreadable), from
+/// `/proc/<pid>/stat` (fields 10 and 12).
+pub fn page_faults(pid: u32) -> (u64, u64) {
+    (stat_field(pid, 10), stat_field(pid, 12))
+}
+
+/// The CPU time (user + system, ms) process `pid` has taken so far, threads that ended
+/// included (`/proc/<pid>/stat` fields 14 and 15, in USER_HZ ticks: 100 a second on Linux).
+pub fn cpu_ms(pid: u32) -> u64 {
+    (stat_field(pid, 14) + stat_field(pid, 15)) * 10
+}
+
+/// A KVM counter summed over every VM on the host (`/sys/kernel/debug/kvm/<name>`, e.g.
+/// `pf_fixed`: guest-physical page faults KVM fixed by mapping a page), if debugfs is
+/// mounted and readable (the lab mounts it).
+pub fn kvm_counter(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/kernel/debug/kvm/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Open descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }

@@ -627,6 +627,8 @@ mount -t tmpfs tmp /tmp
 mount -t tmpfs shm /dev/shm
 # cgroup v2, as on a Fissile host: every VMM gets a cgroup of its own (fissile-sandbox limits).
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo 'lab: cannot mount cgroup2'
+# debugfs: KVM's counters (/sys/kernel/debug/kvm), which benchmarks print beside their times.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 dmesg -n 1
 # The heartbeat, on the second serial port (not the console the command's output is on): the
 # host tells a frozen lab from a slow command by it.
