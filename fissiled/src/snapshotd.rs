@@ -48,7 +48,7 @@ impl SnapshotdService {
                 "snapshotd cannot serve here: {why}"
             )));
         }
-        let socket = state_dir.join("snapshotd.sock");
+        let socket = socket_path(state_dir);
         let pidfile = state_dir.join("snapshotd.pid");
         let earlier = std::fs::read_to_string(&pidfile)
             .ok()
@@ -72,6 +72,8 @@ impl SnapshotdService {
                 Err(e) => {
                     tracing::info!(error = %fissile_proto::error_chain(&e), "starting a new snapshotd");
                     kill_stale(pid, "fissile-snapshotd", &socket);
+                    // One an earlier version started, with its socket in the state directory.
+                    kill_stale(pid, "fissile-snapshotd", &state_dir.join("snapshotd.sock"));
                 }
             }
         }
@@ -153,6 +155,13 @@ fn misfit(pid: u32, cfg: &JailConfig) -> Option<String> {
     None
 }
 
+/// Where the daemon's snapshotd listens: `snapshotd/snapshotd.sock` in the state directory,
+/// alone in its directory, so jails bind the directory and a VMM jailed before a restart
+/// reaches the restarted snapshotd's new socket (see `fissile_sandbox::jail::JailSpec`).
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("snapshotd").join("snapshotd.sock")
+}
+
 /// Starts a snapshotd on `state_dir`'s store and records its pid in `snapshotd.pid` (what a
 /// later run adopts).
 fn spawn(
@@ -161,6 +170,10 @@ fn spawn(
     jail: Option<&JailConfig>,
 ) -> Result<Snapshotd, ApiError> {
     let pidfile = state_dir.join("snapshotd.pid");
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+    }
     let sd = Snapshotd::start_for(&state_dir.join("store"), socket, jail)
         .map_err(|e| ApiError::internal(fissile_proto::error_chain(&e)))?;
     let tmp = state_dir.join("snapshotd.pid.tmp");

@@ -35,9 +35,6 @@ pub struct Member {
     pub record: SandboxRecord,
     /// The waiting VMM.
     pub standby: Standby,
-    /// snapshotd's restarts when it started: a jailed VMM sees the socket file that was
-    /// there when it started, so after a restart it can no longer reach snapshotd.
-    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +87,7 @@ impl StandbyPool {
 }
 
 impl App {
-    /// Takes up to `n` idle standbys of the shape that still run and can reach snapshotd.
+    /// Takes up to `n` idle standbys of the shape that still run.
     pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize) -> Taken {
         self.prune_standbys();
         let shape = (memory_mib, vcpus);
@@ -125,15 +122,15 @@ impl App {
             .extend(members);
     }
 
-    /// Stops the idle standbys whose process died or that started before snapshotd's last
-    /// restart (their pool refills).
+    /// Stops the idle standbys whose process died (their pool refills). One started before
+    /// a snapshotd restart stays: its jail holds snapshotd's socket directory, where the
+    /// restarted one listens.
     fn prune_standbys(&self) {
-        let generation = self.snapshotd.restarts();
         let mut stale = Vec::new();
         for p in lock(&self.standbys.shapes).values_mut() {
             let mut keep = Vec::with_capacity(p.idle.len());
             for mut m in std::mem::take(&mut p.idle) {
-                if m.generation == generation && m.standby.is_alive() {
+                if m.standby.is_alive() {
                     keep.push(m);
                 } else {
                     stale.push(m);
@@ -206,7 +203,6 @@ impl App {
 
     /// Starts one standby of `shape`, recorded with no tenant, and waits until it is ready.
     async fn start_standby(&self, (memory_mib, vcpus): (u64, u8)) -> Result<Member, ApiError> {
-        let generation = self.snapshotd.restarts();
         let mut record = SandboxRecord::starting(
             format!("sb-{}", random_hex(8)?),
             String::new(),
@@ -233,11 +229,7 @@ impl App {
             Ok(standby)
         });
         match stored {
-            Ok(standby) => Ok(Member {
-                record,
-                standby,
-                generation,
-            }),
+            Ok(standby) => Ok(Member { record, standby }),
             Err(e) => {
                 self.forget_member(&record.id);
                 Err(e)

@@ -312,12 +312,19 @@ fn a_killed_snapshotd_is_started_again_and_counted() {
     assert_ne!(first, second);
     let cmdline = std::fs::read_to_string(format!("/proc/{second}/cmdline")).unwrap();
     assert!(cmdline.contains("fissile-snapshotd"), "{cmdline:?}");
+    let sock = state.join("snapshotd").join("snapshotd.sock");
     assert!(
-        cmdline.contains(&*state.join("snapshotd.sock").to_string_lossy()),
+        cmdline.contains(&*sock.to_string_lossy()),
         "same socket: {cmdline:?}"
     );
-    // The store answers through the same socket.
-    fissile_snapshotd::client::Client::connect(&state.join("snapshotd.sock"))
+    // The store answers through the same socket, alone in its directory (what jails bind).
+    let in_dir: Vec<_> = std::fs::read_dir(sock.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(in_dir, vec![std::ffi::OsString::from("snapshotd.sock")]);
+    fissile_snapshotd::client::Client::connect(&sock)
         .and_then(|mut c| c.ping())
         .unwrap();
     assert!(
@@ -329,9 +336,10 @@ fn a_killed_snapshotd_is_started_again_and_counted() {
     );
 }
 
-/// A snapshotd an earlier run left that does not fit the jail (it runs as root and admits no
-/// VMM group, as an older fissiled started it) is replaced at start by a jailed one; a jailed
-/// one left by a daemon killed with -9 is re-adopted as it is.
+/// A snapshotd an earlier run left that does not fit the jail (it runs as root, admits no VMM
+/// group and listens in the state directory itself, as an older fissiled started it) is
+/// replaced at start by a jailed one; a jailed one left by a daemon killed with -9 is
+/// re-adopted as it is.
 #[test]
 fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() {
     use std::io::BufRead;
@@ -377,7 +385,7 @@ fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() 
     let cmdline = std::fs::read(format!("/proc/{jailed}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("--listen-fd "), "{cmdline}");
-    fissile_snapshotd::client::Client::connect(&sock)
+    fissile_snapshotd::client::Client::connect(&state.join("snapshotd").join("snapshotd.sock"))
         .and_then(|mut c| c.ping())
         .unwrap();
 

@@ -4,7 +4,8 @@
 //! * a mount namespace of its own whose root is a small tmpfs holding only what the VMM
 //!   needs, each at the path it has on the host (so the command line stays the same): the
 //!   VMM binary and the shared libraries' directories (read-only), the kernel and root image
-//!   (read-only), snapshotd's socket, the sandbox's own directory (its sockets and logs; the
+//!   (read-only), snapshotd's socket (its directory, read-only, when the socket is alone in
+//!   it: a restarted snapshotd's new socket is then reachable), the sandbox's own directory (its sockets and logs; the
 //!   only writable place), `/proc` (its pid namespace's, `hidepid=invisible`: the VMM sees
 //!   only itself), and device nodes made for it alone (`/dev/kvm`, `/dev/userfaultfd`,
 //!   `/dev/net/tun` when present; owned by its uid, mode 0600) — never the host's `/dev`;
@@ -196,13 +197,27 @@ pub struct JailSpec {
     /// Files bound read-only at their paths (kernel, root image; a block device gets a node
     /// of its own instead, owned by the jail's uid).
     pub read_only: Vec<PathBuf>,
-    /// Unix sockets bound at their paths (snapshotd's).
+    /// Unix sockets at their paths (snapshotd's): the directory, read-only, where the socket
+    /// is all it holds (a socket bound there again later is seen too), else the socket file.
     pub sockets: Vec<PathBuf>,
     /// The directory the program owns and may write (its sockets and logs).
     pub dir: PathBuf,
     /// Host devices to make a node of, owned by the jail's uid (skipped when the host has
     /// none): e.g. `/dev/kvm`.
     pub devices: Vec<PathBuf>,
+}
+
+/// The directory to bind for `socket` instead of the socket itself: its parent, when the
+/// socket is all it holds. A bound socket file is the inode it was at spawn, so a server that
+/// binds its path again (snapshotd restarted) is out of reach of programs jailed before;
+/// through a bound directory they see the new socket. Read-only: connecting needs no write
+/// access to the mount. Anything else in the directory (a store, other sockets) would be in
+/// the jail too, so then the file is bound as before.
+fn socket_dir(socket: &Path) -> Option<&Path> {
+    let dir = socket.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let mut entries = std::fs::read_dir(dir).ok()?;
+    let only = entries.next()?.ok()?;
+    (entries.next().is_none() && only.file_name() == socket.file_name()?).then_some(dir)
 }
 
 /// Preparing a jail failed.
@@ -565,7 +580,10 @@ pub fn apply_as(
         }
     }
     for s in &spec.sockets {
-        plan.bind_file(s, false)?;
+        match socket_dir(s) {
+            Some(dir) => plan.bind_dir(dir, true)?,
+            None => plan.bind_file(s, false)?,
+        }
     }
     plan.bind_dir(&spec.dir, false)?;
     for d in &spec.devices {
@@ -853,6 +871,23 @@ fn enter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_alone_in_its_directory_is_bound_by_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let alone = dir.path().join("sd").join("sd.sock");
+        std::fs::create_dir(alone.parent().unwrap()).unwrap();
+        let _a = std::os::unix::net::UnixListener::bind(&alone).unwrap();
+        assert_eq!(socket_dir(&alone), alone.parent());
+        // Beside anything else (a store, other sockets) only the file is bound.
+        let shared = dir.path().join("shared.sock");
+        let _b = std::os::unix::net::UnixListener::bind(&shared).unwrap();
+        assert_eq!(socket_dir(&shared), None);
+        assert_eq!(
+            socket_dir(&dir.path().join("sd").join("missing.sock")),
+            None
+        );
+    }
 
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.

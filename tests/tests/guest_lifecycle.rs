@@ -20,11 +20,16 @@ fn lifecycle_suite_boots_real_guests() {
 }
 
 fn config(env: &GuestEnv, dir: &Path, sd: &Snapshotd) -> SandboxConfig {
+    config_at(env, dir, sd.socket())
+}
+
+/// [`config`] with snapshotd's socket path (one that outlives a snapshotd).
+fn config_at(env: &GuestEnv, dir: &Path, snapshotd: &Path) -> SandboxConfig {
     let mut cfg = SandboxConfig::from_env(dir).unwrap();
     cfg.kernel = env.kernel.clone();
     cfg.rootfs = env.rootfs.clone();
     cfg.mem_mib = 512;
-    cfg.snapshotd = Some(sd.socket().to_path_buf());
+    cfg.snapshotd = Some(snapshotd.to_path_buf());
     cfg
 }
 
@@ -49,7 +54,8 @@ fn refused(r: Result<impl std::fmt::Debug, SandboxError>) -> (ErrorKind, String)
 
 /// Every VMM of a jailed sandbox — booted, restored, forked, merged — runs as its own
 /// unprivileged uid with no capabilities, in a mount namespace whose root holds only what it
-/// needs, and everything still works: snapshot, restore, fork, merge, persist.
+/// needs, and everything still works: snapshot, restore, fork, merge, persist, and a snapshot
+/// after snapshotd was started again.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_jailed_vmms_boot_restore_fork_and_merge() {
@@ -57,14 +63,12 @@ fn guest_jailed_vmms_boot_restore_fork_and_merge() {
     let env = guest_env();
     let dir = tempfile::tempdir().unwrap();
     let jail = JailConfig::default();
-    let sd = Snapshotd::start_for(
-        &dir.path().join("store"),
-        &dir.path().join("sd.sock"),
-        Some(&jail),
-    )
-    .unwrap();
+    // The socket alone in its directory, as fissiled keeps it: jails bind the directory.
+    let sock = dir.path().join("sd").join("sd.sock");
+    std::fs::create_dir(sock.parent().unwrap()).unwrap();
+    let sd = Snapshotd::start_for(&dir.path().join("store"), &sock, Some(&jail)).unwrap();
     let jailed = |name: &str| {
-        let mut cfg = config(&env, &dir.path().join(name), &sd);
+        let mut cfg = config_at(&env, &dir.path().join(name), &sock);
         cfg.limits.jail = Some(jail.clone());
         cfg
     };
@@ -145,6 +149,20 @@ fn guest_jailed_vmms_boot_restore_fork_and_merge() {
     let mut resumed = Sandbox::restore(&jailed("s"), &persisted).unwrap();
     check(&resumed, "resumed");
     assert_eq!(eval(&mut resumed, "x"), "41");
+
+    // snapshotd stops and starts again (a crash, its filter), binding its socket anew: a VMM
+    // jailed before reaches the new one through the directory its jail holds, and snapshots.
+    let mut before = Sandbox::boot(&jailed("q")).unwrap();
+    eval(&mut before, "y = 7\n1");
+    drop((parent, children, resumed));
+    sd.kill();
+    let sd = Snapshotd::start_for(&dir.path().join("store"), &sock, Some(&jail)).unwrap();
+    let snap = before
+        .snapshot(true)
+        .expect("a VMM jailed before snapshotd's restart snapshots through the new one");
+    let mut after = Sandbox::restore(&jailed("q2"), &snap.id).unwrap();
+    assert_eq!(eval(&mut after, "y"), "7");
+    drop(sd);
 }
 
 /// Pre-started VMMs (jailed, as fissiled runs them): a standby waits with its VM made and no
