@@ -392,7 +392,7 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for mib in [1u64, 16, 64] {
         for idle in [false, true] {
-            rows.push(merge_once(&mut parent, sd, mib, idle)?);
+            rows.push(merge_once(env, &mut parent, sd, mib, idle)?);
         }
     }
     println!("   until the parent answered again / the merge op (target <= 1.2x):");
@@ -412,6 +412,7 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
 /// until snapshotd has ingested the winner's snapshot (and so everything queued before it).
 /// Returns (mib, idle, time until the parent answered again / the merge op).
 fn merge_once(
+    env: &mut Env,
     parent: &mut Sandbox,
     sd: &Snapshotd,
     mib: u64,
@@ -477,6 +478,41 @@ fn merge_once(
         host_merged.0.saturating_sub(host_before.0),
         host_exec.0.saturating_sub(host_merged.0),
     );
+    if idle {
+        // The wake-up's baseline: the same snapshot restored into a new VMM (its agent
+        // answers, then its first exec), and each one's second exec.
+        let k0 = kvm_counter("pf_fixed");
+        let tr = Instant::now();
+        let mut fresh = Sandbox::restore(&env.cfg(sd), &snap.id)?;
+        let restored = tr.elapsed();
+        let k1 = kvm_counter("pf_fixed");
+        let te = Instant::now();
+        let y = eval(&mut fresh, "x")?;
+        let first = te.elapsed();
+        let k2 = kvm_counter("pf_fixed");
+        anyhow::ensure!(y == mib.to_string(), "the restore lost the winner's x: {y}");
+        let mapped = match (k0, k1, k2) {
+            (Some(a), Some(b), Some(c)) => format!(
+                "; KVM mapped {} and {} guest pages",
+                b.saturating_sub(a),
+                c.saturating_sub(b)
+            ),
+            _ => String::new(),
+        };
+        let t2 = Instant::now();
+        eval(&mut fresh, "x")?;
+        let t3 = Instant::now();
+        eval(parent, "x")?;
+        println!(
+            "     baseline, the same snapshot restored into a new VMM: agent answered {:.1} ms \
+             (process start and restore included), first exec {:.1} ms{mapped}; second exec: \
+             restored {:.1} ms, merged parent {:.1} ms",
+            ms(restored),
+            ms(first),
+            ms(t3 - t2),
+            ms(t3.elapsed())
+        );
+    }
     eval(parent, "blob = None\n1")?;
     Ok((mib, idle, ms(answered) / m.total_ms.max(0.001)))
 }
