@@ -243,6 +243,72 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
     }
 }
 
+/// An adopted layer's create may give its first-touch order (a VMM gives its working set):
+/// a fault session on the layer prefetches it from its start, before the snapshot is
+/// durable and after, from the store; an order naming a page past the memory is refused.
+#[test]
+fn an_adopted_layer_prefetches_the_order_its_create_gave() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let pages = 128;
+    let base = memory(21, pages, 4);
+    let base_fd = sealed_memfd_with(&base);
+    let parent = c
+        .create_snapshot(
+            &base_fd,
+            &CreateOptions {
+                memory_size: base.len() as u64,
+                adopt: true,
+                no_wait_durable: true,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+    let layer = |order: Vec<u64>| {
+        let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
+        fd.write_all_at(&[0xC1; PS], 7 * PS as u64).unwrap();
+        fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
+        let opts = CreateOptions {
+            memory_size: base.len() as u64,
+            parent: Some(parent.clone()),
+            dirty_pages: Some(vec![7]),
+            touch_order: order,
+            adopt: true,
+            no_wait_durable: true,
+            ..CreateOptions::default()
+        };
+        d.client().create_snapshot(&fd, &opts)
+    };
+    let err = layer(vec![3, pages as u64]).unwrap_err();
+    assert!(format!("{err}").contains("beyond the memory"), "{err}");
+    let order = vec![100u64, 7, 3, 64];
+    let child = layer(order.clone()).unwrap();
+    let mut want = base.clone();
+    want[7 * PS..8 * PS].fill(0xC1);
+    let mut buf = vec![0u8; PS];
+    for durable in [false, true] {
+        if durable {
+            c.wait_durable(&child).unwrap();
+        }
+        let lazy = LazyMemory::restore(d.client(), &child, None).unwrap();
+        wait_prefetched(&lazy, order.len() as u64);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            lazy.session().progress().1,
+            order.len() as u64,
+            "durable {durable}"
+        );
+        for p in 0..pages {
+            lazy.mapping().read_at(p * PS, &mut buf);
+            assert!(
+                buf == want[p * PS..(p + 1) * PS],
+                "page {p}, durable {durable}"
+            );
+        }
+    }
+}
+
 /// Waits (20 s at most, failing the test past that or on a session failure) until the
 /// session of `lazy` reports at least `pages` pages prefetched.
 fn wait_prefetched(lazy: &LazyMemory, pages: u64) {

@@ -107,10 +107,13 @@ enum Source {
     /// Adopted memfd holding every page (holes are zero pages).
     Full,
     /// Adopted memfd `dirty` holding the pages in `own`; the others come from `base`.
+    /// `order`: the pages its creator gave as its first-touch order, which a fault session
+    /// prefetches (as it does a store image's).
     Layered {
         dirty: File,
         own: Vec<u64>,
         base: RwLock<Base>,
+        order: Vec<u64>,
     },
 }
 
@@ -201,14 +204,15 @@ impl Image {
         })
     }
 
-    /// Adopts `memfd` as the image of snapshot `id`. `layer`: the dirty pages it holds and
-    /// the parent image the other pages come from; `None`: it holds every page.
+    /// Adopts `memfd` as the image of snapshot `id`. `layer`: the dirty pages it holds, the
+    /// parent image the other pages come from, and the first-touch order to prefetch (pages
+    /// past the memory are dropped); `None`: it holds every page.
     pub fn adopt(
         id: &str,
         memfd: File,
         memory_size: u64,
         page_size: u32,
-        layer: Option<(Vec<u64>, Arc<Image>)>,
+        layer: Option<(Vec<u64>, Arc<Image>, Vec<u64>)>,
     ) -> Result<Image, ImageError> {
         let seals =
             sys::seals(&memfd).map_err(|e| ImageError::Adopt(format!("F_GET_SEALS: {e}")))?;
@@ -229,7 +233,7 @@ impl Image {
         let pages = memory_size / u64::from(page_size);
         let (source, memfd) = match layer {
             None => (Source::Full, memfd),
-            Some((mut own, parent)) => {
+            Some((mut own, parent, mut order)) => {
                 if parent.memory_size != memory_size || parent.page_size != page_size {
                     return Err(ImageError::Adopt(
                         "parent image has another memory or page size".into(),
@@ -240,6 +244,7 @@ impl Image {
                 if own.last().is_some_and(|&p| p >= pages) {
                     return Err(ImageError::Adopt("dirty page beyond the memory".into()));
                 }
+                order.retain(|&p| p < pages);
                 let image = sys::memfd_create(&format!("fissile-image-{id}"), memory_size)
                     .map_err(ImageError::Memfd)?;
                 sys::seal_size(&image).map_err(ImageError::Memfd)?;
@@ -248,6 +253,7 @@ impl Image {
                         dirty: memfd,
                         own,
                         base: RwLock::new(Base::Parent(parent)),
+                        order,
                     },
                     image,
                 )
@@ -444,7 +450,9 @@ impl Image {
                 self.write_page(page, buf)?;
                 Ok(PageState::Present)
             }
-            Source::Layered { dirty, own, base } => {
+            Source::Layered {
+                dirty, own, base, ..
+            } => {
                 if bit(&self.present, page) {
                     return Ok(PageState::Present);
                 }
@@ -564,11 +572,13 @@ impl Image {
         self.instance
     }
 
-    /// Pages in first-touch order (store images with a recorded order; empty otherwise).
+    /// Pages in first-touch order: a store image's recorded one, an adopted layer's from its
+    /// create; empty for a full adopted image (every page is in it).
     pub fn touch_order(&self) -> Vec<u64> {
         match &self.source {
             Source::Store { view, .. } => view.touch_order().collect(),
-            _ => Vec::new(),
+            Source::Layered { order, .. } => order.clone(),
+            Source::Full => Vec::new(),
         }
     }
 
@@ -857,10 +867,12 @@ mod tests {
                 dirty,
                 pages * 4096,
                 4096,
-                Some((vec![1], parent.clone())),
+                Some((vec![1], parent.clone(), vec![2, 0, 1, pages])),
             )
             .unwrap(),
         );
+        // The order its create gave, in order, without the page past the memory.
+        assert_eq!(child.touch_order(), vec![2, 0, 1]);
         let mut buf = Vec::new();
         // Before it is durable a fault goes through the parent's image (and fills it).
         assert_eq!(child.materialize(0, &mut buf).unwrap(), PageState::Present);

@@ -418,7 +418,7 @@ impl Server {
                             other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
                         })?,
                 };
-                Some((dirty.clone(), parent_img))
+                Some((dirty.clone(), parent_img, p.touch.clone()))
             }
             (None, None) => None,
             _ => {
@@ -872,6 +872,10 @@ impl Server {
                     || p.touch.len() as u64 + pages.len() as u64 > max
                 {
                     return Err(bad("touch order too long"));
+                }
+                // Checked here, not at ingest: an adopted snapshot is in use long before.
+                if pages.iter().any(|&page| page >= max) {
+                    return Err(bad("touch order names a page beyond the memory"));
                 }
                 p.touch.extend(pages);
                 ok(Response::Ok)

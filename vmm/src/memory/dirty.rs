@@ -22,19 +22,34 @@ pub fn is_private_copy(entry: u64) -> bool {
     entry & (PM_PRESENT | PM_SWAPPED) != 0 && entry & PM_FILE == 0
 }
 
+/// True for a pagemap entry of a page in memory (or swapped out): one the process touched
+/// since the mapping was made, private copy or not.
+pub fn is_resident(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0
+}
+
 /// Indexes (relative to `addr`, in `page_size` units) of the private pages among the `len`
 /// bytes at `addr` of this process.
 pub fn private_pages(addr: *const u8, len: usize, page_size: usize) -> io::Result<Vec<u64>> {
-    let pagemap = File::open("/proc/self/pagemap")?;
-    private_pages_in(&pagemap, addr as u64, len, page_size)
+    Ok(private_and_resident_pages(addr, len, page_size)?.0)
 }
 
-fn private_pages_in(
+/// [`private_pages`], and beside them every resident page ([`is_resident`]), from one pass.
+pub fn private_and_resident_pages(
+    addr: *const u8,
+    len: usize,
+    page_size: usize,
+) -> io::Result<(Vec<u64>, Vec<u64>)> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    pages_in(&pagemap, addr as u64, len, page_size)
+}
+
+fn pages_in(
     pagemap: &File,
     addr: u64,
     len: usize,
     page_size: usize,
-) -> io::Result<Vec<u64>> {
+) -> io::Result<(Vec<u64>, Vec<u64>)> {
     // pagemap has one entry per base (4 KiB) page of the address space.
     const BASE: u64 = 4096;
     if !addr.is_multiple_of(BASE)
@@ -45,7 +60,7 @@ fn private_pages_in(
     }
     let per_page = page_size as u64 / BASE;
     let entries = len as u64 / BASE;
-    let mut out = Vec::new();
+    let (mut private, mut resident) = (Vec::new(), Vec::new());
     let mut buf = vec![0u8; BATCH * 8];
     let mut done = 0u64;
     while done < entries {
@@ -54,16 +69,17 @@ fn private_pages_in(
         pagemap.read_exact_at(chunk, (addr / BASE + done) * 8)?;
         for (i, e) in chunk.chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(e.try_into().map_err(|_| io::Error::other("pagemap"))?);
-            if is_private_copy(entry) {
-                let page = (done + i as u64) / per_page;
-                if out.last() != Some(&page) {
-                    out.push(page);
-                }
+            let page = (done + i as u64) / per_page;
+            if is_private_copy(entry) && private.last() != Some(&page) {
+                private.push(page);
+            }
+            if is_resident(entry) && resident.last() != Some(&page) {
+                resident.push(page);
             }
         }
         done += n as u64;
     }
-    Ok(out)
+    Ok((private, resident))
 }
 
 /// The byte ranges of `file` (the first `size` bytes) that hold data, from SEEK_DATA /
@@ -133,6 +149,15 @@ mod tests {
 
         let dirty = private_pages(r.as_ptr(), r.len() as usize, 4096).unwrap();
         assert_eq!(dirty, vec![3, 5, 40]);
+        // Resident: everything touched, read or written (fault-around may map neighbours of
+        // a read too), in address order.
+        let (private, resident) =
+            private_and_resident_pages(r.as_ptr(), r.len() as usize, 4096).unwrap();
+        assert_eq!(private, dirty);
+        for p in [0u64, 3, 5, 6, 40, 63] {
+            assert!(resident.contains(&p), "page {p} not resident: {resident:?}");
+        }
+        assert!(resident.windows(2).all(|w| w[0] < w[1]), "{resident:?}");
     }
 
     #[test]
@@ -152,5 +177,8 @@ mod tests {
         assert!(is_private_copy(PM_SWAPPED));
         assert!(!is_private_copy(PM_PRESENT | PM_FILE));
         assert!(!is_private_copy(0));
+        assert!(is_resident(PM_PRESENT | PM_FILE));
+        assert!(is_resident(PM_SWAPPED));
+        assert!(!is_resident(PM_FILE));
     }
 }

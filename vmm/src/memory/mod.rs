@@ -315,16 +315,24 @@ impl GuestRam {
     /// Image-backed RAM: the pages (memory offsets / [`PAGE_SIZE`]) written since the image
     /// was mapped, in order.
     pub fn dirty_pages(&self) -> Result<Vec<u64>, MemoryError> {
+        Ok(self.dirty_and_resident_pages()?.0)
+    }
+
+    /// Image-backed RAM: [`GuestRam::dirty_pages`], and every page in memory (read or
+    /// written since the image was mapped: the guest's working set since), in order, from
+    /// one pass over pagemap.
+    pub fn dirty_and_resident_pages(&self) -> Result<(Vec<u64>, Vec<u64>), MemoryError> {
         if !matches!(self.backing, Backing::Image { .. }) {
             return Err(MemoryError::WrongBacking("not an image view"));
         }
-        let mut out = Vec::new();
+        let (mut dirty, mut resident) = (Vec::new(), Vec::new());
         for (addr, len, offset) in self.host_ranges() {
-            let pages = dirty::private_pages(addr, len, PAGE_SIZE as usize)
+            let (d, r) = dirty::private_and_resident_pages(addr, len, PAGE_SIZE as usize)
                 .map_err(MemoryError::Pagemap)?;
-            out.extend(pages.into_iter().map(|p| p + offset / PAGE_SIZE));
+            dirty.extend(d.into_iter().map(|p| p + offset / PAGE_SIZE));
+            resident.extend(r.into_iter().map(|p| p + offset / PAGE_SIZE));
         }
-        Ok(out)
+        Ok((dirty, resident))
     }
 
     /// Copies page `page` of guest RAM into `out` (`PAGE_SIZE` bytes). The VM must be
