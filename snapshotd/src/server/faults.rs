@@ -249,10 +249,7 @@ impl Session {
             let _ = fdio::write_msg(&self.socket, &msg, None);
         }
         // The client has its answer; now what may wait (prefetch threads stop within one
-        // page; storing an order may wait for the store's writer lock), at background
-        // priority: the client (a VMM whose memory just moved, as in a merge) is busy
-        // waking its guest, and this thread ends here.
-        super::run_in_background("fault session's end");
+        // page; storing an order may wait for the store's writer lock).
         for p in prefetchers {
             if p.join().is_err() {
                 tracing::error!("a prefetch thread panicked");

@@ -745,6 +745,16 @@ impl Images {
     /// used first, until the images fit the budget. Returns the ids of dropped images whose
     /// ingest had failed (those snapshots are gone).
     pub fn trim(&self) -> Vec<String> {
+        // Closing an image frees its memory, up to gigabytes: the images dropped here are
+        // closed once the lock, which every open, adoption and restore takes, is released
+        // (the caller may be a background thread at a low priority).
+        let mut evicted = Vec::new();
+        let failed = self.trim_into(&mut evicted);
+        drop(evicted);
+        failed
+    }
+
+    fn trim_into(&self, evicted: &mut Vec<Arc<Image>>) -> Vec<String> {
         let mut map = self.lock();
         let unused = |img: &Arc<Image>| users_of(img) == 0;
         let failed: Vec<String> = map
@@ -754,7 +764,7 @@ impl Images {
             .collect();
         for id in &failed {
             tracing::warn!(snapshot = %id, "dropping an unused image whose ingest failed");
-            map.remove(id);
+            evicted.extend(map.remove(id));
         }
         let mut total: u64 = map.values().map(|i| i.resident_bytes()).sum();
         if total <= self.budget {
@@ -782,7 +792,7 @@ impl Images {
                 break;
             }
             tracing::info!(snapshot = %id, bytes, "evicting an unused image (LRU)");
-            map.remove(&id);
+            evicted.extend(map.remove(&id));
             total = total.saturating_sub(bytes);
         }
         failed

@@ -62,12 +62,15 @@ const MAX_GRANTS_PER_VMM: usize = 65_536;
 /// A connection that sends no request for this long is closed (fault sessions excepted).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The nice value of the daemon's background work: the ingest of adopted images (and the
-/// hashing and compression threads it starts), housekeeping, and storing a fault session's
-/// first-touch orders (its threads, and its own thread once its client is gone). Nobody
-/// waits on it but a durable snapshot's caller, while a guest whose VMM shares the CPU
-/// waits on every tick it takes: at nice 10 the scheduler gives one of them about a tenth of a CPU against
-/// one busy vCPU thread at nice 0 and all of an idle one. Faults and requests are served at
-/// the daemon's own priority.
+/// hashing and compression threads it starts) and storing a fault session's first-touch
+/// orders. Nobody waits on it but a durable snapshot's caller, while a guest whose VMM shares
+/// the CPU waits on every tick it takes. Nice ranks threads within one cgroup: against the
+/// daemon's own serving threads (faults, requests), and against VMMs in the same cgroup (no
+/// cgroups, as in the lab's benchmarks), a thread at nice 10 gets about a tenth of a CPU
+/// beside one busy thread at nice 0, and all of an idle one. VMMs in cgroups of their own
+/// (fissiled as root on cgroup v2) share the CPU with the daemon by the cgroups' weights.
+/// Housekeeping keeps the daemon's priority: `malloc_trim` holds malloc's locks, which the
+/// serving threads need.
 pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling background thread's priority to [`BACKGROUND_NICE`]; a failure costs
@@ -252,7 +255,6 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("snapshotd-house".into())
             .spawn(move || {
-                run_in_background("housekeeping");
                 loop {
                     match rx.recv_timeout(interval) {
                         Ok(()) | Err(RecvTimeoutError::Timeout) => {}
