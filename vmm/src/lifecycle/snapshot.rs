@@ -22,6 +22,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use fissile_proto::control::{ErrorKind, ForkReply, SnapshotReply};
+use fissile_proto::snapshotd::MAX_PAGES_PER_MESSAGE;
 use fissile_snapshotd::client::{self as sd, Client, ClientError, CreateOptions};
 
 use super::image::{self, ImageError};
@@ -223,8 +224,11 @@ fn take(
             // The pages this VM had in memory (its working set since its image was mapped)
             // as the snapshot's first-touch order: whoever maps the snapshot next — this VM
             // itself, a merging parent, a restored child — has snapshotd bring them in from
-            // the start of its fault session instead of taking a fault for each.
+            // the start of its fault session instead of taking a fault for each. At most one
+            // message of them (the lowest 256 MiB's), so a VM with gigabytes in memory costs
+            // its pause one more round trip, not dozens.
             opts.touch_order = resident;
+            opts.touch_order.truncate(MAX_PAGES_PER_MESSAGE);
             at("storing the snapshot");
             let id = client
                 .create_snapshot(&layer, &opts)
