@@ -171,7 +171,11 @@ fn spawn(
 ) -> Result<Snapshotd, ApiError> {
     let pidfile = state_dir.join("snapshotd.pid");
     if let Some(dir) = socket.parent() {
+        // Jails bind this directory as it is: jailed VMMs must be able to search it whatever
+        // the umask (the socket's own mode decides who may connect).
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
     }
     let sd = Snapshotd::start_for(&state_dir.join("store"), socket, jail)

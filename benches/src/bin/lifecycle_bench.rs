@@ -444,7 +444,10 @@ fn merge_once(
     let te = Instant::now();
     let x = eval(parent, "x")?;
     let first_exec = te.elapsed();
-    let (host_exec, sd_cpu) = (page_faults(pid), cpu_ms(sd.pid()) - sd_cpu_before);
+    let (host_exec, sd_cpu) = (
+        page_faults(pid),
+        cpu_ms(sd.pid()).saturating_sub(sd_cpu_before),
+    );
     let answered = tm.elapsed();
     // What the guest's wake-up costs KVM: its working set mapped again, page by page (the
     // merge moved its memory to another image).
