@@ -5,10 +5,11 @@
 //!   needs, each at the path it has on the host (so the command line stays the same): the
 //!   VMM binary and the shared libraries' directories (read-only), the kernel and root image
 //!   (read-only), snapshotd's socket (its directory, read-only, when the socket is alone in
-//!   it: a restarted snapshotd's new socket is then reachable), the sandbox's own directory (its sockets and logs; the
-//!   only writable place), `/proc` (its pid namespace's, `hidepid=invisible`: the VMM sees
-//!   only itself), and device nodes made for it alone (`/dev/kvm`, `/dev/userfaultfd`,
-//!   `/dev/net/tun` when present; owned by its uid, mode 0600) — never the host's `/dev`;
+//!   it: a restarted snapshotd's new socket is then reachable), the sandbox's own directory
+//!   (its sockets and logs; the only writable place), `/proc` (its pid namespace's,
+//!   `hidepid=invisible`: the VMM sees only itself), and device nodes made for it alone
+//!   (`/dev/kvm`, `/dev/userfaultfd`, `/dev/net/tun` when present; owned by its uid, mode
+//!   0600) — never the host's `/dev`;
 //! * a pid namespace of its own, where the VMM is the first process (pid 1): it sees no
 //!   other process and can signal none, and nothing it could start outlives it. The hook's
 //!   first process only makes it: it clones the VMM-to-be with `CLONE_NEWPID |
