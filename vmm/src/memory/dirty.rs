@@ -29,12 +29,8 @@ pub fn is_resident(entry: u64) -> bool {
 }
 
 /// Indexes (relative to `addr`, in `page_size` units) of the private pages among the `len`
-/// bytes at `addr` of this process.
-pub fn private_pages(addr: *const u8, len: usize, page_size: usize) -> io::Result<Vec<u64>> {
-    Ok(private_and_resident_pages(addr, len, page_size)?.0)
-}
-
-/// [`private_pages`], and beside them every resident page ([`is_resident`]), from one pass.
+/// bytes at `addr` of this process ([`is_private_copy`]), and beside them every resident page
+/// ([`is_resident`]), from one pass.
 pub fn private_and_resident_pages(
     addr: *const u8,
     len: usize,
@@ -147,13 +143,11 @@ mod tests {
                 .unwrap();
         }
 
-        let dirty = private_pages(r.as_ptr(), r.len() as usize, 4096).unwrap();
+        let (dirty, resident) =
+            private_and_resident_pages(r.as_ptr(), r.len() as usize, 4096).unwrap();
         assert_eq!(dirty, vec![3, 5, 40]);
         // Resident: everything touched, read or written (fault-around may map neighbours of
         // a read too), in address order.
-        let (private, resident) =
-            private_and_resident_pages(r.as_ptr(), r.len() as usize, 4096).unwrap();
-        assert_eq!(private, dirty);
         for p in [0u64, 3, 5, 6, 40, 63] {
             assert!(resident.contains(&p), "page {p} not resident: {resident:?}");
         }

@@ -313,14 +313,8 @@ impl GuestRam {
     }
 
     /// Image-backed RAM: the pages (memory offsets / [`PAGE_SIZE`]) written since the image
-    /// was mapped, in order.
-    pub fn dirty_pages(&self) -> Result<Vec<u64>, MemoryError> {
-        Ok(self.dirty_and_resident_pages()?.0)
-    }
-
-    /// Image-backed RAM: [`GuestRam::dirty_pages`], and every page in memory (read or
-    /// written since the image was mapped: the guest's working set since), in order, from
-    /// one pass over pagemap.
+    /// was mapped, and every page in memory (read or written since then: the guest's working
+    /// set), each in order, from one pass over pagemap.
     pub fn dirty_and_resident_pages(&self) -> Result<(Vec<u64>, Vec<u64>), MemoryError> {
         if !matches!(self.backing, Backing::Image { .. }) {
             return Err(MemoryError::WrongBacking("not an image view"));
@@ -449,7 +443,7 @@ mod tests {
             .read_slice(&mut buf, GuestAddress(0x5000))
             .unwrap();
         assert_eq!(&buf, b"after!");
-        assert_eq!(ram.dirty_pages().unwrap(), vec![5, 9]);
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![5, 9]);
     }
 
     #[test]
@@ -461,7 +455,7 @@ mod tests {
         ram.memory()
             .write_slice(b"dirty", GuestAddress(0x3000))
             .unwrap();
-        assert_eq!(ram.dirty_pages().unwrap(), vec![3]);
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![3]);
 
         ram.switch_to_image(&image, 64 << 20).unwrap();
         ram.set_image("a", image, None);
@@ -471,7 +465,7 @@ mod tests {
             .read_slice(&mut buf, GuestAddress(0x3000))
             .unwrap();
         assert_eq!(&buf, b"image");
-        assert!(ram.dirty_pages().unwrap().is_empty());
+        assert!(ram.dirty_and_resident_pages().unwrap().0.is_empty());
     }
 
     #[test]
