@@ -254,29 +254,16 @@ fn an_adopted_layer_prefetches_the_order_its_create_gave() {
     let pages = 128;
     let base = memory(21, pages, 4);
     let base_fd = sealed_memfd_with(&base);
-    let parent = c
-        .create_snapshot(
-            &base_fd,
-            &CreateOptions {
-                memory_size: base.len() as u64,
-                adopt: true,
-                no_wait_durable: true,
-                ..CreateOptions::default()
-            },
-        )
-        .unwrap();
+    let parent = c.create_snapshot(&base_fd, &adopting(base.len())).unwrap();
     let layer = |order: Vec<u64>| {
         let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
         fd.write_all_at(&[0xC1; PS], 7 * PS as u64).unwrap();
         fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
         let opts = CreateOptions {
-            memory_size: base.len() as u64,
             parent: Some(parent.clone()),
             dirty_pages: Some(vec![7]),
             touch_order: order,
-            adopt: true,
-            no_wait_durable: true,
-            ..CreateOptions::default()
+            ..adopting(base.len())
         };
         d.client().create_snapshot(&fd, &opts)
     };
@@ -588,14 +575,16 @@ fn die_child_hold_session() {
 
 /// Connection (and fault-session) threads of the daemon: they are named `snapshotd-conn`.
 fn conn_threads(pid: u32) -> usize {
+    threads_named(pid, "snapshotd-conn").count()
+}
+
+/// The `/proc` directories of `pid`'s threads named `name` (`comm`, at most 15 bytes).
+fn threads_named(pid: u32, name: &str) -> impl Iterator<Item = std::path::PathBuf> + '_ {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.trim() == "snapshotd-conn")
-        })
-        .count()
+        .map(|t| t.path())
+        .filter(move |t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == name))
 }
 
 /// Waits until the daemon has no connection threads left (clients of earlier steps are
@@ -657,6 +646,17 @@ fn sealed_memfd_with(mem: &[u8]) -> std::fs::File {
     let f = memfd_with(mem);
     fissile_snapshotd::client::seal_for_adoption(&f).unwrap();
     f
+}
+
+/// Options for a create that adopts a sealed memfd of `len` bytes and answers before the
+/// snapshot is durable (add a parent, dirty pages, blobs or an order with `..adopting(len)`).
+fn adopting(len: usize) -> CreateOptions {
+    CreateOptions {
+        memory_size: len as u64,
+        adopt: true,
+        no_wait_durable: true,
+        ..CreateOptions::default()
+    }
 }
 
 fn read_all(lazy: &LazyMemory, pages: usize) -> Vec<u8> {
@@ -734,11 +734,8 @@ fn adopted_images_serve_at_once_layer_on_their_parent_and_become_durable() {
         .create_snapshot(
             &base_fd,
             &CreateOptions {
-                memory_size: base.len() as u64,
-                adopt: true,
-                no_wait_durable: true,
                 blobs: vec![("vmstate".into(), b"state-1".to_vec())],
-                ..CreateOptions::default()
+                ..adopting(base.len())
             },
         )
         .unwrap();
@@ -762,12 +759,9 @@ fn adopted_images_serve_at_once_layer_on_their_parent_and_become_durable() {
         .create_snapshot(
             &layer_fd,
             &CreateOptions {
-                memory_size: base.len() as u64,
                 parent: Some(parent.clone()),
                 dirty_pages: Some(dirty.clone()),
-                adopt: true,
-                no_wait_durable: true,
-                ..CreateOptions::default()
+                ..adopting(base.len())
             },
         )
         .unwrap();
@@ -797,12 +791,9 @@ fn adopted_images_serve_at_once_layer_on_their_parent_and_become_durable() {
 
 /// The nice value of each of `pid`'s threads named `name` (`/proc/.../stat` field 19).
 fn nice_of_threads(pid: u32, name: &str) -> Vec<i64> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+    threads_named(pid, name)
         .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
             // After `(comm)`: field 3 is the state, so field 19 (nice) is the 17th.
             let rest = stat.rsplit_once(')')?.1;
             rest.split_whitespace().nth(16)?.parse().ok()
@@ -819,17 +810,7 @@ fn the_ingest_runs_at_a_lower_priority_than_the_daemon_serves_at() {
     let mut c = d.client();
     let mem = memory(5, 64, 4);
     let fd = sealed_memfd_with(&mem);
-    let id = c
-        .create_snapshot(
-            &fd,
-            &CreateOptions {
-                memory_size: mem.len() as u64,
-                adopt: true,
-                no_wait_durable: true,
-                ..CreateOptions::default()
-            },
-        )
-        .unwrap();
+    let id = c.create_snapshot(&fd, &adopting(mem.len())).unwrap();
     c.wait_durable(&id).unwrap();
     let pid = d.child.id();
     let nice = fissile_snapshotd::server::BACKGROUND_NICE as i64;
