@@ -408,6 +408,12 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How much a counter read three times (`None`: unreadable) grew between the first two
+/// readings and between the last two.
+fn two_steps([a, b, c]: [Option<u64>; 3]) -> Option<(u64, u64)> {
+    Some((b?.saturating_sub(a?), c?.saturating_sub(b?)))
+}
+
 /// One fork of `parent` whose child writes `mib` MiB and is merged back; `idle`: first wait
 /// until snapshotd has ingested the winner's snapshot (and so everything queued before it).
 /// Returns (mib, idle, time until the parent answered again / the merge op).
@@ -451,15 +457,14 @@ fn merge_once(
     let answered = tm.elapsed();
     // What the guest's wake-up costs KVM: its working set mapped again, page by page (the
     // merge moved its memory to another image).
-    let kvm_faults = match (kvm_before, kvm_merged, kvm_counter("pf_fixed")) {
-        (Some(a), Some(b), Some(c)) => format!(
-            "; KVM mapped {} guest pages in the merge call and {} in the first exec (pf_fixed, \
-             every VM on the host)",
-            b.saturating_sub(a),
-            c.saturating_sub(b)
-        ),
-        _ => String::new(),
-    };
+    let kvm_faults = two_steps([kvm_before, kvm_merged, kvm_counter("pf_fixed")])
+        .map(|(merge, exec)| {
+            format!(
+                "; KVM mapped {merge} guest pages in the merge call and {exec} in the first \
+                 exec (pf_fixed, every VM on the host)"
+            )
+        })
+        .unwrap_or_default();
     let faults = Client::connect(sd.socket())?
         .stats()?
         .faults_served
@@ -494,14 +499,9 @@ fn merge_once(
         let first = te.elapsed();
         let k2 = kvm_counter("pf_fixed");
         anyhow::ensure!(y == mib.to_string(), "the restore lost the winner's x: {y}");
-        let mapped = match (k0, k1, k2) {
-            (Some(a), Some(b), Some(c)) => format!(
-                "; KVM mapped {} and {} guest pages",
-                b.saturating_sub(a),
-                c.saturating_sub(b)
-            ),
-            _ => String::new(),
-        };
+        let mapped = two_steps([k0, k1, k2])
+            .map(|(a, b)| format!("; KVM mapped {a} and {b} guest pages"))
+            .unwrap_or_default();
         let t2 = Instant::now();
         eval(&mut fresh, "x")?;
         let t3 = Instant::now();
