@@ -19,7 +19,7 @@ use fissile_proto::agent::{
     AGENT_FRAME_CAP, AGENT_PROTOCOL_VERSION, AgentInfo, DirEntry, Done, ExecRequest,
     FILE_CHUNK_MAX, FailureKind, MimeBundle, Request, Response, ShellRequest,
 };
-use fissile_proto::frame::{FrameError, read_frame, write_frame};
+use fissile_proto::frame::{FrameError, encode_frame, read_frame, write_frame};
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
@@ -205,13 +205,46 @@ impl AgentClient {
     /// Connects through a Firecracker-style hybrid vsock: the VMM's unix socket `uds`,
     /// `CONNECT <port>\n`, `OK <n>\n`, then the protocol.
     pub fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<Self, ClientError> {
+        Self::hybrid_vsock(uds, port, &[])
+    }
+
+    /// Connects through a hybrid vsock and wakes a restored guest ([`Self::wake`]) in one
+    /// round trip: the `CONNECT` line, `AfterRestore` and `Info` leave in one write, before
+    /// any answer is read. The VMM reads the line byte by byte and leaves what follows in the
+    /// socket until the guest has accepted the connection, then forwards it, so the guest's
+    /// answers follow the `OK` line with no second trip. `within` bounds the answers (the
+    /// client's usual call deadline applies afterwards).
+    pub fn connect_hybrid_vsock_waking(
+        uds: &Path,
+        port: u32,
+        entropy: &[u8],
+        wall_clock_ns: u64,
+        within: Duration,
+    ) -> Result<(Self, AgentInfo), ClientError> {
+        let mut early = encode_frame(
+            AGENT_PROTOCOL_VERSION,
+            &Request::AfterRestore {
+                entropy: entropy.to_vec(),
+                wall_clock_ns,
+            },
+        )?;
+        early.extend(encode_frame(AGENT_PROTOCOL_VERSION, &Request::Info)?);
+        let mut client = Self::hybrid_vsock(uds, port, &early)?;
+        let info = client.wake_answers(within)?;
+        Ok((client, info))
+    }
+
+    /// The `CONNECT` handshake, with `early` (whole frames) written right behind the line.
+    fn hybrid_vsock(uds: &Path, port: u32, early: &[u8]) -> Result<Self, ClientError> {
         let mut s = UnixStream::connect(uds)
             .map_err(|e| ClientError::Connect(uds.display().to_string(), e))?;
         let ctx = |e: io::Error| ClientError::Connect(uds.display().to_string(), e);
         // A guest that never answers the connection request must not hang us.
         s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ctx)?;
-        s.write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(ctx)?;
+        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ctx)?;
+        let mut out = format!("CONNECT {port}\n").into_bytes();
+        out.extend_from_slice(early);
+        s.write_all(&out).map_err(ctx)?;
         // Byte by byte: nothing after the newline may be consumed.
         let mut line = Vec::new();
         let mut b = [0u8; 1];
@@ -592,14 +625,19 @@ impl AgentClient {
     /// clock) and `Info` are sent together and both answers read after, all within one call
     /// deadline. The agent answers a connection's requests in order, so the CRNG is reseeded
     /// before this returns. Both answers are read even when the first is an error, so the
-    /// connection stays in step.
+    /// connection stays in step. [`Self::connect_hybrid_vsock_waking`] sends the two with
+    /// the connection request itself.
     pub fn wake(&mut self, entropy: &[u8], wall_clock_ns: u64) -> Result<AgentInfo, ClientError> {
         self.send(&Request::AfterRestore {
             entropy: entropy.to_vec(),
             wall_clock_ns,
         })?;
         self.send(&Request::Info)?;
-        let within = self.call_timeout;
+        self.wake_answers(self.call_timeout)
+    }
+
+    /// Reads the answers to `AfterRestore` and `Info`, sent in that order, within `within`.
+    fn wake_answers(&mut self, within: Duration) -> Result<AgentInfo, ClientError> {
         self.reader.get_mut().deadline = Some((Instant::now() + within, within));
         let restored = self.recv_frame();
         let info = match &restored {

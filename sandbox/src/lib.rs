@@ -433,9 +433,10 @@ fn grant(socket: &Path, uid: u32, snapshots: &[String], reset: bool) -> Result<(
         })
 }
 
-/// Fresh entropy and the wall clock for a restored guest's agent, and its `Info`, in one
-/// round trip ([`AgentClient::wake`]).
-fn wake(agent: &mut AgentClient) -> Result<AgentInfo, SandboxError> {
+/// Connects to a restored guest's agent and wakes it in one round trip: fresh entropy and
+/// the wall clock, then its `Info`, sent with the connection request
+/// ([`AgentClient::connect_hybrid_vsock_waking`]); `within` bounds the answers.
+fn connect_waking(uds: &Path, within: Duration) -> Result<(AgentClient, AgentInfo), SandboxError> {
     use std::io::Read;
     let mut entropy = [0u8; 64];
     File::open("/dev/urandom")
@@ -445,7 +446,13 @@ fn wake(agent: &mut AgentClient) -> Result<AgentInfo, SandboxError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    Ok(agent.wake(&entropy, now)?)
+    Ok(AgentClient::connect_hybrid_vsock_waking(
+        uds,
+        AGENT_VSOCK_PORT,
+        &entropy,
+        now,
+        within,
+    )?)
 }
 
 /// Timings of one boot.
@@ -655,16 +662,15 @@ impl Sandbox {
     }
 
     /// Connects to the agent and asks its `Info` — with `wake`, together with fresh entropy
-    /// and the clock ([`wake`]).
+    /// and the clock, sent with the connection request ([`connect_waking`]).
     fn try_connect(uds: &Path, wake: bool) -> Result<(AgentClient, AgentInfo), SandboxError> {
         // The client's call deadline: a connection the guest accepted but never answers
         // does not hang the boot.
+        if wake {
+            return connect_waking(uds, fissile_agent::client::DEFAULT_CALL_TIMEOUT);
+        }
         let mut agent = AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)?;
-        let info = if wake {
-            self::wake(&mut agent)?
-        } else {
-            agent.info()?
-        };
+        let info = agent.info()?;
         Ok((agent, info))
     }
 
@@ -947,20 +953,10 @@ impl Sandbox {
         }
     }
 
-    /// One reconnect attempt: connect, `Info` and `AfterRestore` within
-    /// [`RECONNECT_ATTEMPT`] each, then the client's usual deadline again.
+    /// One reconnect attempt: connect, `AfterRestore` and `Info` in one round trip
+    /// ([`connect_waking`]), the answers within [`RECONNECT_ATTEMPT`].
     fn try_reconnect(uds: &Path) -> Result<(AgentClient, AgentInfo), SandboxError> {
-        let mut agent = AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)?;
-        let usual = agent.call_timeout();
-        let set = |a: &mut AgentClient, t| {
-            a.set_call_timeout(t).map_err(|e| {
-                SandboxError::Agent(ClientError::Frame(fissile_proto::frame::FrameError::Io(e)))
-            })
-        };
-        set(&mut agent, RECONNECT_ATTEMPT)?;
-        let info = wake(&mut agent)?;
-        set(&mut agent, usual)?;
-        Ok((agent, info))
+        connect_waking(uds, RECONNECT_ATTEMPT)
     }
 
     /// The VMM's exit status if it has exited (an adopted VMM's status is not known).

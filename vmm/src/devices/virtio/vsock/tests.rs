@@ -789,3 +789,59 @@ fn a_pause_does_not_count_against_the_guests_answer_time() {
     }
     assert!(r.take_rx().iter().all(|(h, _)| h.op != OP_RST));
 }
+
+#[test]
+fn bytes_sent_with_the_connect_line_reach_the_guest_once_it_accepts_after_a_reset() {
+    // The host's one-round-trip wake-up: `CONNECT`, then requests, in one write before any
+    // answer, while the restored guest has not acknowledged its transport reset yet.
+    let mut r = rig();
+    r.give_rx_buffers(4);
+    r.backend.set_paused(true);
+    r.backend.reset_on_resume();
+    let mut client = UnixStream::connect(&r.path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .write_all(format!("CONNECT {GUEST_PORT}\nwake up").as_bytes())
+        .unwrap();
+    let mut events = vec![EpollEvent::default(); 8];
+    for _ in 0..4 {
+        let n = r.epoll.wait(200, &mut events).unwrap();
+        for ev in &events[..n] {
+            r.backend.handle_event(ev.fd(), ev.event_set());
+        }
+    }
+    r.post_event_buffer();
+    r.backend.set_paused(false);
+    assert!(
+        r.take_rx().is_empty(),
+        "held until the reset is acknowledged"
+    );
+    r.post_event_buffer();
+    r.backend.notify(2);
+
+    let pkts = r.take_rx();
+    let ops: Vec<_> = pkts.iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, vec![OP_REQUEST], "no data before the guest accepts");
+    let local = pkts[0].0.src_port;
+    r.guest_send(guest_hdr(local, OP_RESPONSE, 0, CONN_BUF_ALLOC, 0), &[]);
+
+    let mut line = String::new();
+    BufReader::new(&client).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {local}\n"));
+    let mut got = Vec::new();
+    r.pump_until(|r| {
+        got.extend(
+            r.take_rx()
+                .into_iter()
+                .filter(|(h, _)| h.op == OP_RW)
+                .flat_map(|(_, p)| p),
+        );
+        got.len() >= 7
+    });
+    assert_eq!(
+        got, b"wake up",
+        "what followed the line, whole and in order"
+    );
+}
