@@ -14,6 +14,10 @@
 //!    fork(4) ≤ 0.2× the baseline.
 //! 3. **merge_into** against the winner's dirty-set size (1, 16, 64 MiB written).
 //!
+//!    Part 1 also times the wake-up's round trips on a restored guest: connect, then
+//!    `AfterRestore` + `Info` (two trips), against all three in one write (one trip, what a
+//!    restore, fork or merge does).
+//!
 //!    Each row is also measured into VMMs started ahead of time (`Standby`: process started,
 //!    KVM VM and vCPUs made, ready before the clock starts): a restore from the hot image and
 //!    fork(n) into n of them.
@@ -86,6 +90,7 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     // Another snapshot of the same guest (a layer on `id`, stored whole in the store), to
     // warm up a restarted snapshotd (below).
     let spare = Sandbox::restore(&env.cfg(&sd), &id)?.snapshot(true)?.id;
+    let (two_trips, one_trip) = wake_trips(env, &sd, &id)?;
 
     // Twice lazily from the store, each after a restart: the first records the snapshot's
     // first-touch order, the second prefetches it.
@@ -122,12 +127,60 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     ] {
         println!("     {what:<11} {steps}");
     }
+    println!(
+        "   wake-up on a restored guest, median of {WAKE_ROUNDS}: connect, then AfterRestore + Info {:.2} ms; all in one write {:.2} ms (ratio {:.2}x)",
+        ms(two_trips),
+        ms(one_trip),
+        one_trip.as_secs_f64() / two_trips.as_secs_f64()
+    );
     for (what, (faults, pages)) in [("from store", lazy_stats), ("prefetched", prefetched_stats)] {
         println!(
             "   {what}: {faults} faults served through userfaultfd, {pages} pages brought into the image (store reads and zero fills)"
         );
     }
     Ok(())
+}
+
+/// How many wake-ups of each kind [`wake_trips`] times.
+const WAKE_ROUNDS: usize = 21;
+
+/// The median time of a wake-up's connection on a guest restored from `id`, done in two
+/// round trips (connect; `AfterRestore` + `Info`) and in one (all in one write), alternating.
+/// The guest's vsock is not reset between them: this is the round trips alone.
+fn wake_trips(env: &mut Env, sd: &Snapshotd, id: &str) -> anyhow::Result<(Duration, Duration)> {
+    use fissile_agent::AgentClient;
+    use fissile_proto::agent::AGENT_VSOCK_PORT;
+    let cfg = env.cfg(sd);
+    let mut sb = Sandbox::restore(&cfg, id)?;
+    eval(&mut sb, "1+1")?;
+    let uds = cfg.dir.join("vsock.sock");
+    let entropy = [7u8; 64];
+    let now = || -> anyhow::Result<u64> {
+        Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64)
+    };
+    let (mut two, mut one) = (Vec::new(), Vec::new());
+    for _ in 0..WAKE_ROUNDS {
+        let t = Instant::now();
+        let mut agent = AgentClient::connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT)?;
+        agent.wake(&entropy, now()?)?;
+        two.push(t.elapsed());
+        drop(agent);
+        let t = Instant::now();
+        let (agent, _) = AgentClient::connect_hybrid_vsock_waking(
+            &uds,
+            AGENT_VSOCK_PORT,
+            &entropy,
+            now()?,
+            Duration::from_secs(30),
+        )?;
+        one.push(t.elapsed());
+        drop(agent);
+    }
+    two.sort();
+    one.sort();
+    Ok((two[WAKE_ROUNDS / 2], one[WAKE_ROUNDS / 2]))
 }
 
 /// Starts snapshotd on the store and restores `id` from it lazily (a fresh daemon has no
