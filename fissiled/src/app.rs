@@ -56,9 +56,13 @@ pub struct Config {
     /// Sandboxes kept running per ready shape, restored from its ready snapshot ahead of
     /// time, for creates to take (see [`crate::pool`]); 0: none.
     pub warm_pool: usize,
-    /// VMMs started ahead of time per ready shape for forks to put children in (see
-    /// [`crate::standby`]); 0: none.
+    /// VMMs started ahead of time per ready shape for forks to put children in, always
+    /// (see [`crate::standby`]); 0: none unless forks ask ([`Self::standby_on_demand`]).
     pub standby_pool: usize,
+    /// Most standbys per ready shape kept because forks of that shape asked for them: as
+    /// many as its largest fork within [`crate::standby::DEMAND_WINDOW_MS`]; 0: only
+    /// [`Self::standby_pool`].
+    pub standby_on_demand: usize,
     /// What every VMM runs under (its own cgroup, rlimits).
     pub vmm_limits: fissile_sandbox::VmmLimits,
     /// Every sandbox gets a network device in a namespace of its own (reaching nothing

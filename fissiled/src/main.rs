@@ -81,9 +81,15 @@ enum Cmd {
         /// VMM processes started ahead of time per ready shape (in their jail, cgroup and
         /// network namespace, their KVM VM made, no guest yet): a fork of a sandbox of that
         /// shape with no egress policy puts its children into them instead of starting new
-        /// processes. Each costs a few MiB; 0: none.
+        /// processes. Each costs a few MiB; 0: none but those forks ask for
+        /// (`--standby-on-demand`).
         #[arg(long, default_value_t = 0)]
         standby_pool: usize,
+        /// Most standby VMMs per ready shape started because forks asked: after a fork of n
+        /// children of that shape, the pool keeps min(n, this) ready for the next fork (its
+        /// largest fork in the last 10 minutes; then back to `--standby-pool`); 0: off.
+        #[arg(long, default_value_t = 4)]
+        standby_on_demand: usize,
         /// The cgroup v2 directory under which every VMM gets its own cgroup (memory.max =
         /// guest RAM + overhead, pids.max, cpu.max); `none`: no cgroups. Default:
         /// /sys/fs/cgroup/fissile when run as root on a cgroup v2 host.
@@ -318,6 +324,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             no_ready_snapshots,
             warm_pool,
             standby_pool,
+            standby_on_demand,
             cgroup_parent,
             guest_network,
             jail,
@@ -380,6 +387,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 }),
                 warm_pool,
                 standby_pool,
+                standby_on_demand,
                 ready_shapes: if no_ready_snapshots {
                     Vec::new()
                 } else {

@@ -1,5 +1,6 @@
-//! Pre-started VMMs for forks (`--standby-pool N`): for each ready shape, N `fissile-vmm`
-//! processes started ahead of time ([`fissile_sandbox::Standby`]: in their jail, cgroup and
+//! Pre-started VMMs for forks (`--standby-pool N`, `--standby-on-demand M`): for each ready
+//! shape, N `fissile-vmm` processes, or as many as its largest recent fork had children (at
+//! most M; [`DEMAND_WINDOW_MS`] after the last fork, N again), started ahead of time ([`fissile_sandbox::Standby`]: in their jail, cgroup and
 //! network namespace, their KVM VM and vCPUs made, no guest yet), owned by no tenant. A fork
 //! of a sandbox of that shape with no egress policy puts up to n of its children into them
 //! (the rest start new processes, as without the pool), so those children skip the process
@@ -25,6 +26,20 @@ use crate::db::{SandboxRecord, now_ms, random_hex};
 use crate::error::ApiError;
 use crate::pool::Refill;
 
+/// How long a fork's size keeps the standbys it asked for: a shape whose last fork is older
+/// goes back to `--standby-pool` (its extra idle standbys are stopped).
+pub const DEMAND_WINDOW_MS: u64 = 600_000;
+
+/// How many standbys a shape should have: `floor` (`--standby-pool`), or what its forks
+/// asked for (`demand`: the largest fork's child count and when the last fork was), at most
+/// `cap` (`--standby-on-demand`), while that is within [`DEMAND_WINDOW_MS`] of `now_ms`.
+fn target(floor: usize, cap: usize, demand: Option<(usize, u64)>, now_ms: u64) -> usize {
+    let asked = demand
+        .filter(|&(_, at)| now_ms < at.saturating_add(DEMAND_WINDOW_MS))
+        .map_or(0, |(n, _)| n.min(cap));
+    floor.max(asked)
+}
+
 /// How long a standby may take to make its VM (several may start at once on a small host).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -42,9 +57,12 @@ struct ShapeStandbys {
     idle: Vec<Member>,
     /// Its refill (`taken_at_ms`: when the last fork that took some of them ended).
     refill: Refill,
-    /// Forks under way that took some: no refill meanwhile (a standby starting competes
-    /// with the children's restores for the CPUs).
+    /// Forks under way that took some or asked for some: no refill meanwhile (a standby
+    /// starting competes with the children's restores for the CPUs).
     forking: usize,
+    /// The largest child count of this shape's forks, and when the last one was (reset
+    /// when the last is older than [`DEMAND_WINDOW_MS`]).
+    demand: Option<(usize, u64)>,
 }
 
 /// Standbys a fork took: hand `members` to the fork and keep the whole until it ends; the
@@ -87,11 +105,22 @@ impl StandbyPool {
 }
 
 impl App {
-    /// Takes up to `n` idle standbys of the shape that still run.
+    /// Takes up to `n` idle standbys of the shape that still run, and counts the fork's `n`
+    /// as that shape's demand (with `--standby-on-demand`).
     pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize) -> Taken {
         self.prune_standbys();
         let shape = (memory_mib, vcpus);
+        let on_demand = self.config.standby_on_demand > 0 && n > 0;
         let mut shapes = lock(&self.standbys.shapes);
+        if on_demand && self.config.ready_shapes.contains(&shape) {
+            let p = shapes.entry(shape).or_default();
+            let now = now_ms();
+            let fresh = p
+                .demand
+                .filter(|&(_, at)| now < at.saturating_add(DEMAND_WINDOW_MS))
+                .map_or(0, |(m, _)| m);
+            p.demand = Some((fresh.max(n), now));
+        }
         let Some(p) = shapes.get_mut(&shape) else {
             return Taken {
                 members: Vec::new(),
@@ -99,7 +128,7 @@ impl App {
             };
         };
         let k = n.min(p.idle.len());
-        let hold = (k > 0).then(|| {
+        let hold = (k > 0 || on_demand).then(|| {
             p.forking += 1;
             (self.clone(), shape)
         });
@@ -158,20 +187,29 @@ impl App {
 
     /// Starts standbys for every ready shape whose pool is short (called every second),
     /// [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the last take at the earliest.
+    /// A shape whose demand ran out keeps `--standby-pool` of its idle standbys; the rest
+    /// are stopped.
     pub fn fill_standbys(&self) {
-        if self.config.standby_pool == 0 || self.standbys.draining() {
+        let (floor, cap) = (self.config.standby_pool, self.config.standby_on_demand);
+        if (floor == 0 && cap == 0) || self.standbys.draining() {
             return;
         }
         self.prune_standbys();
         for &shape in &self.config.ready_shapes {
-            let wanted = {
+            let (wanted, extra) = {
                 let mut shapes = lock(&self.standbys.shapes);
                 let p = shapes.entry(shape).or_default();
                 if p.forking > 0 {
                     continue;
                 }
-                p.refill.claim(p.idle.len(), self.config.standby_pool)
+                let want = target(floor, cap, p.demand, now_ms());
+                if want == floor {
+                    p.demand = None;
+                }
+                let extra = p.idle.split_off(want.min(p.idle.len()));
+                (p.refill.claim(p.idle.len(), want), extra)
             };
+            self.stop_standbys(extra);
             for _ in 0..wanted {
                 let app = self.clone();
                 tokio::spawn(async move { app.add_standby(shape).await });
@@ -255,5 +293,30 @@ impl App {
             drop(m.standby);
             self.forget_member(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DEMAND_WINDOW_MS, target};
+
+    #[test]
+    fn a_shape_keeps_what_its_largest_recent_fork_asked_for_within_the_cap() {
+        let now = 10 * DEMAND_WINDOW_MS;
+        assert_eq!(target(0, 4, None, now), 0, "no fork, no standbys");
+        assert_eq!(target(2, 4, None, now), 2, "the floor holds without forks");
+        assert_eq!(target(0, 4, Some((3, now - 1)), now), 3);
+        assert_eq!(target(0, 4, Some((16, now)), now), 4, "capped");
+        assert_eq!(
+            target(2, 4, Some((1, now)), now),
+            2,
+            "never below the floor"
+        );
+        assert_eq!(target(0, 0, Some((3, now)), now), 0, "on-demand off");
+        assert_eq!(
+            target(1, 4, Some((3, now - DEMAND_WINDOW_MS)), now),
+            1,
+            "a demand older than the window is gone"
+        );
     }
 }
