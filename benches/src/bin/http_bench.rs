@@ -383,9 +383,17 @@ fn main() -> anyhow::Result<()> {
 
     // 4. The template's ready snapshot (made at daemon start): plain creates restore it.
     let ready_state = tmp.path().join("state-ready");
+    // No standbys (the forks of 5. are the baseline for those of 6.).
     let d = start(
         &ready_state,
-        &["--ready-shape", "512x1", "--warm-pool", "0"],
+        &[
+            "--ready-shape",
+            "512x1",
+            "--warm-pool",
+            "0",
+            "--standby-on-demand",
+            "0",
+        ],
     )?;
     let t = Instant::now();
     let build_ms = loop {
