@@ -821,9 +821,17 @@ impl App {
             (Origin::Ready(_, shape), None) => self.take_member(shape).map(|m| (shape.clone(), m)),
             _ => None,
         };
-        let id = match &member {
-            Some((_, m)) => m.record.id.clone(),
-            None => format!("sb-{}", random_hex(8)?),
+        // Else a standby VMM to restore into, under the same condition.
+        let standby = match (&origin, &spec.network, &member) {
+            (Origin::Ready(..) | Origin::Restore(_), None, None) => {
+                self.take_standbys(spec.memory_mib, spec.vcpus, 1, false)
+            }
+            _ => crate::standby::Taken::none(),
+        };
+        let id = match (&member, standby.members.first()) {
+            (Some((_, m)), _) => m.record.id.clone(),
+            (None, Some(s)) => s.record.id.clone(),
+            (None, None) => format!("sb-{}", random_hex(8)?),
         };
         tracing::Span::current().record("sandbox", id.as_str());
         let space = if spec.persistent {
@@ -872,7 +880,7 @@ impl App {
         };
         let started = match member {
             Some((shape, m)) => self.hand_out(record, &shape, m),
-            None => match self.start_sandbox(record, origin).await {
+            None => match self.start_sandbox(record, origin, standby).await {
                 Err(e) => Err(self.gone_meanwhile(tenant, source).unwrap_or(e)),
                 ok => ok,
             },
@@ -918,16 +926,22 @@ impl App {
         self.attach(record, m.sandbox)
     }
 
-    /// Reserves, starts and attaches one sandbox.
+    /// Reserves, starts and attaches one sandbox: a restore goes into the standby VMM in
+    /// `standby` when it holds one (taken for this record's id, see
+    /// [`App::take_standbys`]).
     #[tracing::instrument(name = "start", skip_all, fields(tenant = %record.tenant, sandbox = %record.id, origin = origin.kind()))]
-    pub async fn start_sandbox(
+    pub(crate) async fn start_sandbox(
         &self,
         record: SandboxRecord,
         origin: Origin,
+        mut standby: crate::standby::Taken,
     ) -> Result<SandboxRecord, ApiError> {
         let id = record.id.clone();
+        // On an error the standby goes back to the pool (with `standby`).
         self.reserve(&record.tenant, std::slice::from_ref(&record))?;
         self.db.put_sandbox(&record)?;
+        let member = standby.members.pop().map(|m| m.standby);
+        let from_standby = member.is_some();
         let cfg = self.sandbox_config(
             self.dir(&id),
             record.memory_mib,
@@ -939,20 +953,31 @@ impl App {
         let app = self.clone();
         let started = blocking(move || {
             let _permit = permit;
+            let restore = |snap: &str| match member {
+                Some(s) => Sandbox::restore_standby_or_new(s, &cfg, snap),
+                None => Sandbox::restore(&cfg, snap),
+            };
             let r = match &origin {
                 Origin::Boot => Sandbox::boot(&cfg),
-                Origin::Restore(snap) => Sandbox::restore(&cfg, snap),
-                Origin::Ready(snap, shape) => Sandbox::restore(&cfg, snap).or_else(|e| {
+                Origin::Restore(snap) => restore(snap),
+                Origin::Ready(snap, shape) => restore(snap).or_else(|e| {
                     app.ready_failed(shape, fissile_proto::error_chain(&e));
                     let _ = std::fs::remove_dir_all(&cfg.dir);
                     Sandbox::boot(&cfg)
                 }),
             };
+            // The standby pool's refill waits for the restore to end.
+            drop(standby);
             r.map_err(|e| ApiError::sandbox("starting the sandbox", &e))
         })
         .await;
         match started {
-            Ok(sb) => self.attach(record, sb),
+            Ok(sb) => {
+                if from_standby {
+                    self.metrics.standby_taken(1);
+                }
+                self.attach(record, sb)
+            }
             Err(e) => {
                 self.unreserve(&id)?;
                 Err(e)

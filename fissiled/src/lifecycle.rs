@@ -95,9 +95,9 @@ impl App {
         // (chosen when they started); a child with an egress policy needs its namespace
         // routed, which a standby's is not.
         let mut taken = if current.network.is_none() {
-            self.take_standbys(current.memory_mib, current.vcpus, n as usize)
+            self.take_standbys(current.memory_mib, current.vcpus, n as usize, true)
         } else {
-            self.take_standbys(current.memory_mib, current.vcpus, 0)
+            self.take_standbys(current.memory_mib, current.vcpus, 0, true)
         };
         for (r, s) in records.iter_mut().zip(&taken.members) {
             r.id = s.record.id.clone();

@@ -139,7 +139,7 @@ impl Default for Metrics {
         );
         registry.register(
             "fissiled_standby_taken",
-            "Fork children started in a standby VMM (started ahead of time) instead of a new process",
+            "Fork children, and sandboxes created from a snapshot or resumed, restored into a standby VMM (started ahead of time) instead of a new process",
             standby_taken.clone(),
         );
         registry.register(
@@ -204,7 +204,7 @@ impl Metrics {
         self.pool_taken.inc();
     }
 
-    /// Counts fork children started in standby VMMs.
+    /// Counts fork children, creates and resumes restored into standby VMMs.
     pub fn standby_taken(&self, n: usize) {
         self.standby_taken.inc_by(n as u64);
     }

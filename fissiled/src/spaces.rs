@@ -94,8 +94,17 @@ impl App {
         let snapshot = space.snapshot.clone().ok_or_else(|| {
             ApiError::conflict(format!("space {id} was never persisted: nothing to resume"))
         })?;
+        // A standby VMM of the space's shape, if its sandbox needs no routed namespace.
+        let standby = if space.network.is_none() {
+            self.take_standbys(space.memory_mib, space.vcpus, 1, false)
+        } else {
+            crate::standby::Taken::none()
+        };
         let record = SandboxRecord {
-            id: format!("sb-{}", random_hex(8)?),
+            id: match standby.members.first() {
+                Some(s) => s.record.id.clone(),
+                None => format!("sb-{}", random_hex(8)?),
+            },
             tenant: tenant.to_string(),
             template: space.template.clone(),
             memory_mib: space.memory_mib,
@@ -121,7 +130,7 @@ impl App {
             self.db.put_space(&current)?;
         }
         let started = self
-            .start_sandbox(record.clone(), Origin::Restore(snapshot))
+            .start_sandbox(record.clone(), Origin::Restore(snapshot), standby)
             .await;
         if started.is_err() {
             let _claim = lock(&self.space_claims);

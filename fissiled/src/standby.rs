@@ -65,8 +65,9 @@ struct ShapeStandbys {
     demand: Option<(usize, u64)>,
 }
 
-/// Standbys a fork took: hand `members` to the fork and keep the whole until it ends; the
-/// shape's pool refills [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the last such fork ended.
+/// Standbys a fork or a create took: hand `members` to it and keep the whole until it ends
+/// (what is left in `members` then goes back to the pool); the shape's pool refills
+/// [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the last such fork or create ended.
 #[derive(Debug)]
 pub(crate) struct Taken {
     /// The standbys.
@@ -74,9 +75,24 @@ pub(crate) struct Taken {
     hold: Option<(App, (u64, u8))>,
 }
 
+impl Taken {
+    /// No standbys.
+    pub(crate) fn none() -> Taken {
+        Taken {
+            members: Vec::new(),
+            hold: None,
+        }
+    }
+}
+
 impl Drop for Taken {
+    /// Gives back the standbys nobody took out of it, and lets the shape's pool refill.
     fn drop(&mut self) {
         if let Some((app, shape)) = self.hold.take() {
+            let unused = std::mem::take(&mut self.members);
+            if !unused.is_empty() {
+                app.return_standbys(shape.0, shape.1, unused);
+            }
             let mut shapes = lock(&app.standbys.shapes);
             let p = shapes.entry(shape).or_default();
             p.forking = p.forking.saturating_sub(1);
@@ -105,12 +121,12 @@ impl StandbyPool {
 }
 
 impl App {
-    /// Takes up to `n` idle standbys of the shape that still run, and counts the fork's `n`
-    /// as that shape's demand (with `--standby-on-demand`).
-    pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize) -> Taken {
+    /// Takes up to `n` idle standbys of the shape that still run; a fork's (`fork`) `n`
+    /// counts as that shape's demand (with `--standby-on-demand`), a create's does not.
+    pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize, fork: bool) -> Taken {
         self.prune_standbys();
         let shape = (memory_mib, vcpus);
-        let on_demand = self.config.standby_on_demand > 0 && n > 0;
+        let on_demand = fork && self.config.standby_on_demand > 0 && n > 0;
         let mut shapes = lock(&self.standbys.shapes);
         if on_demand && self.config.ready_shapes.contains(&shape) {
             let p = shapes.entry(shape).or_default();
@@ -122,10 +138,7 @@ impl App {
             p.demand = Some((fresh.max(n), now));
         }
         let Some(p) = shapes.get_mut(&shape) else {
-            return Taken {
-                members: Vec::new(),
-                hold: None,
-            };
+            return Taken::none();
         };
         let k = n.min(p.idle.len());
         let hold = (k > 0 || on_demand).then(|| {

@@ -234,4 +234,34 @@ impl Sandbox {
         sb.timings.to_ready = started.elapsed();
         Ok(sb)
     }
+
+    /// [`Sandbox::restore_standby`]; a standby that cannot take the request (its process
+    /// died) leaves its directory to [`Sandbox::restore`] with `cfg`, whose `dir` must be
+    /// the standby's.
+    pub fn restore_standby_or_new(
+        standby: Standby,
+        cfg: &SandboxConfig,
+        snapshot: &str,
+    ) -> Result<Sandbox, SandboxError> {
+        if standby.dir() != cfg.dir {
+            return Err(SandboxError::Standby(format!(
+                "the standby's directory {} is not the sandbox's {}",
+                standby.dir().display(),
+                cfg.dir.display()
+            )));
+        }
+        let started = Instant::now();
+        match standby.take(snapshot) {
+            Ok((vmm, dir, spawner)) => {
+                let mut sb = Self::attach(vmm, &dir, spawner, started, None)?;
+                sb.timings.to_ready = started.elapsed();
+                Ok(sb)
+            }
+            Err(e) => {
+                tracing::warn!(dir = %cfg.dir.display(), error = %fissile_proto::error_chain(&e),
+                    "a standby VMM could not be used; starting a new one");
+                Self::restore(cfg, snapshot)
+            }
+        }
+    }
 }

@@ -2153,8 +2153,9 @@ fn vmms_under(dir: &Path) -> usize {
 /// `--standby-pool 2`: two VMMs wait with their VM made; fork(3) puts two children into them
 /// and one into a new process; every child has the parent's state and its own entropy, a
 /// standby child merges back, the pool refills to three (the fork asked for three; the
-/// default `--standby-on-demand` is 4), and after `kill -9` the restarted daemon re-adopts
-/// the children and leaves no standby behind.
+/// default `--standby-on-demand` is 4), a create and a space's resume restore into standbys
+/// too, and after `kill -9` the restarted daemon re-adopts the children and leaves no
+/// standby behind.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_api_forks_take_standby_vmms() {
@@ -2257,6 +2258,53 @@ fn guest_api_forks_take_standby_vmms() {
         vmms_under(&state),
         7,
         "the parent, 3 children and 3 standbys"
+    );
+
+    // A create restores the ready snapshot into a standby, and a persistent one's resume
+    // its space's snapshot; neither adds to the pool's size.
+    let made = create(&d, &key, r#"{"persistent":true}"#);
+    let (made, space) = (
+        made["id"].as_str().unwrap().to_string(),
+        made["space_id"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(taken(&d), 3, "the create did not take a standby");
+    exec(&d, &key, &made, json!({"code": "kept = 'in the space'"}));
+    let (s, _) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{made}", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(s, 204);
+    while standbys(&d) < 3 {
+        assert!(Instant::now() < deadline, "the standby pool never refilled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (s, v) = call(
+        "POST",
+        &format!("{}/v1/spaces/{space}/resume", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(s, 201, "{v}");
+    let resumed = v["id"].as_str().unwrap().to_string();
+    assert_eq!(taken(&d), 4, "the resume did not take a standby");
+    assert_eq!(value(&d, &key, &resumed, "kept"), "'in the space'");
+    let (s, _) = call(
+        "DELETE",
+        &format!("{}/v1/sandboxes/{resumed}", d.base()),
+        Some(&key),
+        None,
+    );
+    assert_eq!(s, 204);
+    while standbys(&d) < 3 {
+        assert!(Instant::now() < deadline, "the standby pool never refilled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        vmms_under(&state),
+        7,
+        "the parent, 3 children and 3 standbys, still"
     );
     d.kill_hard().unwrap();
     let d = start(&state, &["--ready-shape", "512x1", "--warm-pool", "0"]);
