@@ -79,10 +79,16 @@ impl Env {
 
 fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Result<()> {
     let sd = Snapshotd::start(sd_root, sd_sock)?;
+    let pf_before = kvm_counter("pf_fixed");
     let t = Instant::now();
     let mut cold = Sandbox::boot(&env.cfg(&sd))?;
     eval(&mut cold, "1+1")?;
     let boot_first = t.elapsed();
+    let boot_mapped = kvm_counter("pf_fixed")
+        .zip(pf_before)
+        .map_or(String::new(), |(b, a)| {
+            format!(" (KVM mapped {} guest pages)", b.saturating_sub(a))
+        });
     let id = cold.persist(Duration::from_secs(300))?;
 
     let (hot_first, hot_steps) = restore_first_exec(env, &sd, &id)?;
@@ -100,7 +106,7 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
         lazy_restore(env, sd_root, sd_sock, &id, &spare)?;
     println!("1. restore -> first exec vs cold boot -> first exec ({MEM_MIB} MiB)");
     println!(
-        "   {:<30} {:>9.1} ms",
+        "   {:<30} {:>9.1} ms{boot_mapped}",
         "cold boot -> first exec",
         ms(boot_first)
     );
