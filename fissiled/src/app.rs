@@ -56,12 +56,13 @@ pub struct Config {
     /// Sandboxes kept running per ready shape, restored from its ready snapshot ahead of
     /// time, for creates to take (see [`crate::pool`]); 0: none.
     pub warm_pool: usize,
-    /// VMMs started ahead of time per ready shape for forks to put children in, always
-    /// (see [`crate::standby`]); 0: none unless forks ask ([`Self::standby_on_demand`]).
+    /// VMMs started ahead of time per ready shape, always, for forks to put children in and
+    /// for restores (creates from a snapshot, resumes) to restore into (see
+    /// [`crate::standby`]); 0: none unless forks ask ([`Self::standby_on_demand`]).
     pub standby_pool: usize,
     /// Most standbys per ready shape kept because forks of that shape asked for them: as
-    /// many as its largest fork within [`crate::standby::DEMAND_WINDOW_MS`]; 0: only
-    /// [`Self::standby_pool`].
+    /// many as its largest fork since it last went [`crate::standby::DEMAND_WINDOW_MS`]
+    /// without one; 0: only [`Self::standby_pool`].
     pub standby_on_demand: usize,
     /// What every VMM runs under (its own cgroup, rlimits).
     pub vmm_limits: fissile_sandbox::VmmLimits,
@@ -821,7 +822,8 @@ impl App {
             (Origin::Ready(_, shape), None) => self.take_member(shape).map(|m| (shape.clone(), m)),
             _ => None,
         };
-        // Else a standby VMM to restore into, under the same condition.
+        // Else, for a restore with no egress policy (a standby's namespace is not routed),
+        // a standby VMM to restore into.
         let standby = match (&origin, &spec.network, &member) {
             (Origin::Ready(..) | Origin::Restore(_), None, None) => {
                 self.take_standbys(spec.memory_mib, spec.vcpus, 1, false)
@@ -937,11 +939,19 @@ impl App {
         mut standby: crate::standby::Taken,
     ) -> Result<SandboxRecord, ApiError> {
         let id = record.id.clone();
-        // On an error the standby goes back to the pool (with `standby`).
-        self.reserve(&record.tenant, std::slice::from_ref(&record))?;
-        self.db.put_sandbox(&record)?;
-        let member = standby.members.pop().map(|m| m.standby);
-        let from_standby = member.is_some();
+        // The record has the standby's id, which the caller may have published (a resume
+        // saves it in its space): on an error the standby is stopped, not given back.
+        let member = standby.members.pop();
+        if let Err(e) = self.reserve(&record.tenant, std::slice::from_ref(&record)) {
+            self.stop_standbys(member.into_iter().collect());
+            return Err(e);
+        }
+        if let Err(e) = self.db.put_sandbox(&record) {
+            self.unreserve(&id)?;
+            self.stop_standbys(member.into_iter().collect());
+            return Err(e.into());
+        }
+        let member = member.map(|m| m.standby);
         let cfg = self.sandbox_config(
             self.dir(&id),
             record.memory_mib,
@@ -953,17 +963,18 @@ impl App {
         let app = self.clone();
         let started = blocking(move || {
             let _permit = permit;
+            // A standby that cannot be used leaves its directory to a new process.
             let restore = |snap: &str| match member {
                 Some(s) => Sandbox::restore_standby_or_new(s, &cfg, snap),
-                None => Sandbox::restore(&cfg, snap),
+                None => Sandbox::restore(&cfg, snap).map(|sb| (sb, false)),
             };
             let r = match &origin {
-                Origin::Boot => Sandbox::boot(&cfg),
+                Origin::Boot => Sandbox::boot(&cfg).map(|sb| (sb, false)),
                 Origin::Restore(snap) => restore(snap),
                 Origin::Ready(snap, shape) => restore(snap).or_else(|e| {
                     app.ready_failed(shape, fissile_proto::error_chain(&e));
                     let _ = std::fs::remove_dir_all(&cfg.dir);
-                    Sandbox::boot(&cfg)
+                    Sandbox::boot(&cfg).map(|sb| (sb, false))
                 }),
             };
             // The standby pool's refill waits for the restore to end.
@@ -972,7 +983,7 @@ impl App {
         })
         .await;
         match started {
-            Ok(sb) => {
+            Ok((sb, from_standby)) => {
                 if from_standby {
                     self.metrics.standby_taken(1);
                 }

@@ -80,14 +80,16 @@ enum Cmd {
         warm_pool: usize,
         /// VMM processes started ahead of time per ready shape (in their jail, cgroup and
         /// network namespace, their KVM VM made, no guest yet): a fork of a sandbox of that
-        /// shape with no egress policy puts its children into them instead of starting new
+        /// shape with no egress policy puts its children into them, and a create from a
+        /// snapshot or a resume with none restores into one, instead of starting new
         /// processes. Each costs a few MiB; 0: none but those forks ask for
         /// (`--standby-on-demand`).
         #[arg(long, default_value_t = 0)]
         standby_pool: usize,
         /// Most standby VMMs per ready shape started because forks asked: after a fork of n
         /// children of that shape, the pool keeps min(n, this) ready for the next fork (its
-        /// largest fork in the last 10 minutes; then back to `--standby-pool`); 0: off.
+        /// largest fork since the shape last went 10 minutes without one; after such a gap,
+        /// `--standby-pool` again); 0: off.
         #[arg(long, default_value_t = 4)]
         standby_on_demand: usize,
         /// The cgroup v2 directory under which every VMM gets its own cgroup (memory.max =

@@ -1,16 +1,17 @@
-//! Pre-started VMMs for forks (`--standby-pool N`, `--standby-on-demand M`): for each ready
-//! shape, N `fissile-vmm` processes, or as many as its largest recent fork had children (at
-//! most M; [`DEMAND_WINDOW_MS`] after the last fork, N again), started ahead of time ([`fissile_sandbox::Standby`]: in their jail, cgroup and
-//! network namespace, their KVM VM and vCPUs made, no guest yet), owned by no tenant. A fork
-//! of a sandbox of that shape with no egress policy puts up to n of its children into them
-//! (the rest start new processes, as without the pool), so those children skip the process
-//! start and the VM's creation; the pool starts replacements [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the
-//! last such fork ended (not while one runs: a standby starting competes with the
-//! children's restores for the CPUs), behind the creates already queued (a start permit
-//! each).
+//! Pre-started VMMs (`--standby-pool N`, `--standby-on-demand M`): for each ready shape, N
+//! `fissile-vmm` processes, or as many as its largest recent fork had children (at most M;
+//! after [`DEMAND_WINDOW_MS`] without a fork, N again), started ahead of time
+//! ([`fissile_sandbox::Standby`]: in their jail, cgroup and network namespace, their KVM VM
+//! and vCPUs made, no guest yet), owned by no tenant. A fork of a sandbox of that shape with
+//! no egress policy puts up to n of its children into them (the rest start new processes,
+//! as without the pool), and a create from a snapshot or a resume with none restores into
+//! one, so they skip the process start and the VM's creation. The pool starts replacements
+//! [`REFILL_AFTER_MS`](crate::pool::REFILL_AFTER_MS) after the last such fork or restore
+//! ended (not while one runs: a standby starting competes with their restores for the
+//! CPUs), behind the creates already queued (a start permit each).
 //!
 //! A standby's id is chosen when it starts (its directory is the sandbox's) and the child
-//! it becomes keeps it. Standbys are in the metadata store with no tenant, like warm pool
+//! or sandbox it becomes keeps it. Standbys are in the metadata store with no tenant, like warm pool
 //! members: a daemon killed with `kill -9` finds them at its next start, stops any still
 //! running and removes their directories (a standby exits by itself once its input, held
 //! by the daemon, closes). A graceful stop stops them.
@@ -55,10 +56,10 @@ pub struct Member {
 #[derive(Debug, Default)]
 struct ShapeStandbys {
     idle: Vec<Member>,
-    /// Its refill (`taken_at_ms`: when the last fork that took some of them ended).
+    /// Its refill (`taken_at_ms`: when the last fork or restore that took some ended).
     refill: Refill,
-    /// Forks under way that took some or asked for some: no refill meanwhile (a standby
-    /// starting competes with the children's restores for the CPUs).
+    /// Forks and restores under way that took some, and forks that asked for some: no
+    /// refill meanwhile (a standby starting competes with their restores for the CPUs).
     forking: usize,
     /// The largest child count of this shape's forks, and when the last one was (reset
     /// when the last is older than [`DEMAND_WINDOW_MS`]).
@@ -151,13 +152,17 @@ impl App {
         }
     }
 
-    /// Gives back standbys a fork could not use (its tenant's quota was full).
+    /// Gives back standbys an operation did not use (a fork refused by its tenant's quota,
+    /// a [`Taken`] dropped with members left). Once draining (checked under the lock
+    /// [`App::drain_standbys`] sets it under), they are stopped instead.
     pub(crate) fn return_standbys(&self, memory_mib: u64, vcpus: u8, members: Vec<Member>) {
+        let mut shapes = lock(&self.standbys.shapes);
         if self.standbys.draining() {
+            drop(shapes);
             self.stop_standbys(members);
             return;
         }
-        lock(&self.standbys.shapes)
+        shapes
             .entry((memory_mib, vcpus))
             .or_default()
             .idle

@@ -235,14 +235,15 @@ impl Sandbox {
         Ok(sb)
     }
 
-    /// [`Sandbox::restore_standby`]; a standby that cannot take the request (its process
-    /// died) leaves its directory to [`Sandbox::restore`] with `cfg`, whose `dir` must be
-    /// the standby's.
+    /// [`Sandbox::restore_standby`] when `standby` fits `cfg` (its directory, shape, image,
+    /// limits and network), else, or when it fails (its process died, or its restore did
+    /// not come up), [`Sandbox::restore`] with `cfg` in the standby's directory: a standby
+    /// at fault never fails the restore. The flag says whether the standby was used.
     pub fn restore_standby_or_new(
         standby: Standby,
         cfg: &SandboxConfig,
         snapshot: &str,
-    ) -> Result<Sandbox, SandboxError> {
+    ) -> Result<(Sandbox, bool), SandboxError> {
         if standby.dir() != cfg.dir {
             return Err(SandboxError::Standby(format!(
                 "the standby's directory {} is not the sandbox's {}",
@@ -251,16 +252,20 @@ impl Sandbox {
             )));
         }
         let started = Instant::now();
-        match standby.take(snapshot) {
-            Ok((vmm, dir, spawner)) => {
+        let used = standby
+            .check_shape(&Spawner::of(cfg))
+            .and_then(|()| standby.take(snapshot))
+            .and_then(|(vmm, dir, spawner)| {
                 let mut sb = Self::attach(vmm, &dir, spawner, started, None)?;
                 sb.timings.to_ready = started.elapsed();
                 Ok(sb)
-            }
+            });
+        match used {
+            Ok(sb) => Ok((sb, true)),
             Err(e) => {
                 tracing::warn!(dir = %cfg.dir.display(), error = %fissile_proto::error_chain(&e),
-                    "a standby VMM could not be used; starting a new one");
-                Self::restore(cfg, snapshot)
+                    "a standby VMM could not be used; restoring into a new one");
+                Ok((Self::restore(cfg, snapshot)?, false))
             }
         }
     }
