@@ -95,6 +95,21 @@ impl Rig {
         panic!("condition not reached");
     }
 
+    /// The stream payload the guest receives (`OP_RW`), pumped until at least `n` bytes came.
+    fn guest_reads(&mut self, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        self.pump_until(|r| {
+            got.extend(
+                r.take_rx()
+                    .into_iter()
+                    .filter(|(h, _)| h.op == OP_RW)
+                    .flat_map(|(_, p)| p),
+            );
+            got.len() >= n
+        });
+        got
+    }
+
     /// Packets the device has put in the rx queue since the last call.
     fn take_rx(&mut self) -> Vec<(VsockHeader, Vec<u8>)> {
         let mut out = Vec::new();
@@ -180,13 +195,18 @@ fn guest_hdr(local_port: u32, op: u16, len: u32, buf_alloc: u32, fwd_cnt: u32) -
 /// A host client that has connected to the device's socket at `path` and sent its
 /// `CONNECT` line for the guest's port.
 fn host_client(path: &std::path::Path) -> UnixStream {
+    host_client_sending(path, b"")
+}
+
+/// [`host_client`], with `early` written in the same write as the line.
+fn host_client_sending(path: &std::path::Path, early: &[u8]) -> UnixStream {
     let mut client = UnixStream::connect(path).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    client
-        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
-        .unwrap();
+    let mut out = format!("CONNECT {GUEST_PORT}\n").into_bytes();
+    out.extend_from_slice(early);
+    client.write_all(&out).unwrap();
     client
 }
 
@@ -205,17 +225,7 @@ fn bytes_flow_both_ways() {
 
     client.write_all(b"hello").unwrap();
     r.give_rx_buffers(2);
-    let mut got = Vec::new();
-    r.pump_until(|r| {
-        got.extend(
-            r.take_rx()
-                .into_iter()
-                .filter(|(h, _)| h.op == OP_RW)
-                .flat_map(|(_, p)| p),
-        );
-        got.len() >= 5
-    });
-    assert_eq!(got, b"hello");
+    assert_eq!(r.guest_reads(5), b"hello");
 
     r.guest_send(guest_hdr(local, OP_RW, 5, CONN_BUF_ALLOC, 5), b"world");
     let mut buf = [0u8; 5];
@@ -254,15 +264,7 @@ fn host_to_guest_respects_guest_credit_until_credit_update() {
         &[],
     );
     r.give_rx_buffers(16);
-    r.pump_until(|r| {
-        delivered += r
-            .take_rx()
-            .iter()
-            .filter(|(h, _)| h.op == OP_RW)
-            .map(|(_, p)| p.len())
-            .sum::<usize>();
-        delivered >= 2 * guest_buf as usize
-    });
+    delivered += r.guest_reads(guest_buf as usize).len();
     assert_eq!(delivered, 2 * guest_buf as usize);
 }
 
@@ -600,7 +602,12 @@ fn dropping_a_paused_device_does_not_hang() {
 impl Rig {
     /// A host client that has sent its `CONNECT` line, accepted and read by the backend.
     fn client_connecting(&mut self) -> UnixStream {
-        let client = host_client(&self.path);
+        self.client_connecting_sending(b"")
+    }
+
+    /// [`Rig::client_connecting`], with `early` written in the same write as the line.
+    fn client_connecting_sending(&mut self, early: &[u8]) -> UnixStream {
+        let client = host_client_sending(&self.path, early);
         let mut events = vec![EpollEvent::default(); 8];
         // Accept, then read the handshake line (two readiness rounds at most).
         for _ in 0..4 {
@@ -798,20 +805,7 @@ fn bytes_sent_with_the_connect_line_reach_the_guest_once_it_accepts_after_a_rese
     r.give_rx_buffers(4);
     r.backend.set_paused(true);
     r.backend.reset_on_resume();
-    let mut client = UnixStream::connect(&r.path).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client
-        .write_all(format!("CONNECT {GUEST_PORT}\nwake up").as_bytes())
-        .unwrap();
-    let mut events = vec![EpollEvent::default(); 8];
-    for _ in 0..4 {
-        let n = r.epoll.wait(200, &mut events).unwrap();
-        for ev in &events[..n] {
-            r.backend.handle_event(ev.fd(), ev.event_set());
-        }
-    }
+    let client = r.client_connecting_sending(b"wake up");
     r.post_event_buffer();
     r.backend.set_paused(false);
     assert!(
@@ -830,18 +824,9 @@ fn bytes_sent_with_the_connect_line_reach_the_guest_once_it_accepts_after_a_rese
     let mut line = String::new();
     BufReader::new(&client).read_line(&mut line).unwrap();
     assert_eq!(line, format!("OK {local}\n"));
-    let mut got = Vec::new();
-    r.pump_until(|r| {
-        got.extend(
-            r.take_rx()
-                .into_iter()
-                .filter(|(h, _)| h.op == OP_RW)
-                .flat_map(|(_, p)| p),
-        );
-        got.len() >= 7
-    });
     assert_eq!(
-        got, b"wake up",
+        r.guest_reads(7),
+        b"wake up",
         "what followed the line, whole and in order"
     );
 }
