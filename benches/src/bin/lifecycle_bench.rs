@@ -84,11 +84,8 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     let mut cold = Sandbox::boot(&env.cfg(&sd))?;
     eval(&mut cold, "1+1")?;
     let boot_first = t.elapsed();
-    let boot_mapped = kvm_counter("pf_fixed")
-        .zip(pf_before)
-        .map_or(String::new(), |(b, a)| {
-            format!(" (KVM mapped {} guest pages)", b.saturating_sub(a))
-        });
+    let boot_mapped = grew(pf_before, kvm_counter("pf_fixed"))
+        .map_or(String::new(), |n| format!(" (KVM mapped {n} guest pages)"));
     let id = cold.persist(Duration::from_secs(300))?;
 
     let (hot_first, hot_steps) = restore_first_exec(env, &sd, &id)?;
@@ -287,9 +284,9 @@ fn restore_first_exec_in(
     // a restored guest pays to touch memory it has not touched since its restore.
     let mapped = match (
         two_steps([before, at_ready, after_first]),
-        two_steps([after_first, after_first, after_second]),
+        grew(after_first, after_second),
     ) {
-        (Some((wake, first)), Some((_, again))) => format!(
+        (Some((wake, first)), Some(again)) => format!(
             " | KVM mapped {wake} guest pages until the agent answered, {first} in the first \
              exec, {again} in the second ({:.1} ms): {:.3} ms per page mapped",
             ms(second),
@@ -492,7 +489,12 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
 /// How much a counter read three times (`None`: unreadable) grew between the first two
 /// readings and between the last two.
 fn two_steps([a, b, c]: [Option<u64>; 3]) -> Option<(u64, u64)> {
-    Some((b?.saturating_sub(a?), c?.saturating_sub(b?)))
+    Some((grew(a, b)?, grew(b, c)?))
+}
+
+/// How much a counter grew from reading `from` to reading `to` (`None`: either unreadable).
+fn grew(from: Option<u64>, to: Option<u64>) -> Option<u64> {
+    Some(to?.saturating_sub(from?))
 }
 
 /// One fork of `parent` whose child writes `mib` MiB and is merged back; `idle`: first wait
