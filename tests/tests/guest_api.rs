@@ -2183,13 +2183,26 @@ fn guest_api_forks_take_standby_vmms() {
             .parse()
             .unwrap()
     };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    // Waits until `n` standbys are idle; `what` says what never happened.
+    let await_standbys = |d: &Daemon, n: u64, what: &str| {
+        while standbys(d) < n {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let delete = |d: &Daemon, id: &str| {
+        let (s, _) = call(
+            "DELETE",
+            &format!("{}/v1/sandboxes/{id}", d.base()),
+            Some(&key),
+            None,
+        );
+        assert_eq!(s, 204);
+    };
     let parent = create(&d, &key, "{}")["id"].as_str().unwrap().to_string();
     exec(&d, &key, &parent, json!({"code": "x = 41"}));
-    let deadline = Instant::now() + Duration::from_secs(900);
-    while standbys(&d) < 2 {
-        assert!(Instant::now() < deadline, "the standby pool never filled");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    await_standbys(&d, 2, "the standby pool never filled");
     // Standbys belong to nobody.
     let (_, list) = call(
         "GET",
@@ -2247,13 +2260,7 @@ fn guest_api_forks_take_standby_vmms() {
     assert!(s < 300, "merge: {s} {v}");
     assert_eq!(value(&d, &key, &parent, "x"), "101");
 
-    while standbys(&d) < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the standby pool never refilled to the fork's size"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    await_standbys(&d, 3, "the standby pool never refilled to the fork's size");
     assert_eq!(
         vmms_under(&state),
         7,
@@ -2269,17 +2276,8 @@ fn guest_api_forks_take_standby_vmms() {
     );
     assert_eq!(taken(&d), 3, "the create did not take a standby");
     exec(&d, &key, &made, json!({"code": "kept = 'in the space'"}));
-    let (s, _) = call(
-        "DELETE",
-        &format!("{}/v1/sandboxes/{made}", d.base()),
-        Some(&key),
-        None,
-    );
-    assert_eq!(s, 204);
-    while standbys(&d) < 3 {
-        assert!(Instant::now() < deadline, "the standby pool never refilled");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    delete(&d, &made);
+    await_standbys(&d, 3, "the standby pool never refilled");
     let (s, v) = call(
         "POST",
         &format!("{}/v1/spaces/{space}/resume", d.base()),
@@ -2290,17 +2288,8 @@ fn guest_api_forks_take_standby_vmms() {
     let resumed = v["id"].as_str().unwrap().to_string();
     assert_eq!(taken(&d), 4, "the resume did not take a standby");
     assert_eq!(value(&d, &key, &resumed, "kept"), "'in the space'");
-    let (s, _) = call(
-        "DELETE",
-        &format!("{}/v1/sandboxes/{resumed}", d.base()),
-        Some(&key),
-        None,
-    );
-    assert_eq!(s, 204);
-    while standbys(&d) < 3 {
-        assert!(Instant::now() < deadline, "the standby pool never refilled");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    delete(&d, &resumed);
+    await_standbys(&d, 3, "the standby pool never refilled");
     assert_eq!(
         vmms_under(&state),
         7,
