@@ -822,11 +822,10 @@ impl App {
             (Origin::Ready(_, shape), None) => self.take_member(shape).map(|m| (shape.clone(), m)),
             _ => None,
         };
-        // Else, for a restore with no egress policy (a standby's namespace is not routed),
-        // a standby VMM to restore into.
-        let standby = match (&origin, &spec.network, &member) {
-            (Origin::Ready(..) | Origin::Restore(_), None, None) => {
-                self.take_standbys(spec.memory_mib, spec.vcpus, 1, false)
+        // Else, for a restore, a standby VMM to restore into.
+        let standby = match (&origin, &member) {
+            (Origin::Ready(..) | Origin::Restore(_), None) => {
+                self.standby_for_restore(spec.memory_mib, spec.vcpus, spec.network.is_some())
             }
             _ => crate::standby::Taken::none(),
         };

@@ -94,12 +94,8 @@ impl App {
         let snapshot = space.snapshot.clone().ok_or_else(|| {
             ApiError::conflict(format!("space {id} was never persisted: nothing to resume"))
         })?;
-        // A standby VMM of the space's shape, if its sandbox needs no routed namespace.
-        let standby = if space.network.is_none() {
-            self.take_standbys(space.memory_mib, space.vcpus, 1, false)
-        } else {
-            crate::standby::Taken::none()
-        };
+        let standby =
+            self.standby_for_restore(space.memory_mib, space.vcpus, space.network.is_some());
         let record = SandboxRecord {
             id: match standby.members.first() {
                 Some(s) => s.record.id.clone(),

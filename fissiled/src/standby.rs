@@ -35,10 +35,15 @@ pub const DEMAND_WINDOW_MS: u64 = 600_000;
 /// asked for (`demand`: the largest fork's child count and when the last fork was), at most
 /// `cap` (`--standby-on-demand`), while that is within [`DEMAND_WINDOW_MS`] of `now_ms`.
 fn target(floor: usize, cap: usize, demand: Option<(usize, u64)>, now_ms: u64) -> usize {
-    let asked = demand
+    floor.max(asked(demand, now_ms).min(cap))
+}
+
+/// The child count `demand` still asks for at `now_ms`: 0 once its last fork is
+/// [`DEMAND_WINDOW_MS`] old.
+fn asked(demand: Option<(usize, u64)>, now_ms: u64) -> usize {
+    demand
         .filter(|&(_, at)| now_ms < at.saturating_add(DEMAND_WINDOW_MS))
-        .map_or(0, |(n, _)| n.min(cap));
-    floor.max(asked)
+        .map_or(0, |(n, _)| n)
 }
 
 /// How long a standby may take to make its VM (several may start at once on a small host).
@@ -132,11 +137,7 @@ impl App {
         if on_demand && self.config.ready_shapes.contains(&shape) {
             let p = shapes.entry(shape).or_default();
             let now = now_ms();
-            let fresh = p
-                .demand
-                .filter(|&(_, at)| now < at.saturating_add(DEMAND_WINDOW_MS))
-                .map_or(0, |(m, _)| m);
-            p.demand = Some((fresh.max(n), now));
+            p.demand = Some((asked(p.demand, now).max(n), now));
         }
         let Some(p) = shapes.get_mut(&shape) else {
             return Taken::none();
@@ -150,6 +151,16 @@ impl App {
             members: p.idle.split_off(p.idle.len() - k),
             hold,
         }
+    }
+
+    /// One idle standby of the shape for a restore (a create from a snapshot, a resume) of a
+    /// sandbox with no egress policy (`routed`: it has one, and its namespace must be routed,
+    /// which a standby's is not). Restores do not count as demand.
+    pub(crate) fn standby_for_restore(&self, memory_mib: u64, vcpus: u8, routed: bool) -> Taken {
+        if routed {
+            return Taken::none();
+        }
+        self.take_standbys(memory_mib, vcpus, 1, false)
     }
 
     /// Gives back standbys an operation did not use (a fork refused by its tenant's quota,
