@@ -251,15 +251,9 @@ impl Sandbox {
                 cfg.dir.display()
             )));
         }
-        let started = Instant::now();
         let used = standby
             .check_shape(&Spawner::of(cfg))
-            .and_then(|()| standby.take(snapshot))
-            .and_then(|(vmm, dir, spawner)| {
-                let mut sb = Self::attach(vmm, &dir, spawner, started, None)?;
-                sb.timings.to_ready = started.elapsed();
-                Ok(sb)
-            });
+            .and_then(|()| Self::restore_standby(standby, snapshot));
         match used {
             Ok(sb) => Ok((sb, true)),
             Err(e) => {
