@@ -17,6 +17,7 @@
 //!                    -> {"ok":true,"merge":{"snapshot":"...",...}}
 //! {"op":"persist"}   -> {"ok":true,"snapshot":{...}} then the VMM stops
 //! {"op":"memory_hash"} -> {"ok":true,"memory_hash":"<blake3 hex>"}
+//! {"op":"trim"}      -> {"ok":true,"trim":{"private_pages":N,"dropped_pages":M,"paused_ms":..}}
 //! anything bad       -> {"ok":false,"error":"...","error_kind":"bad_request"}
 //! ```
 //!
@@ -90,6 +91,13 @@ pub enum ControlRequest {
     Persist,
     /// blake3 of all guest memory (for tests; pauses the VM while hashing).
     MemoryHash,
+    /// Give back the private copies of guest pages whose bytes equal the snapshot image's
+    /// page, so they are shared with the image (and every other VM mapping it) again. A
+    /// restored or forked guest writes a few hundred pages as it wakes, and about a third of
+    /// them end as they were (a lock taken and released, a count raised and lowered). Only
+    /// for a VM on an image: restored, forked, merged, or snapshotted since it booted
+    /// (`conflict` otherwise). Pauses the VM while it compares.
+    Trim,
     /// What the VM's interrupt path and queues look like (vCPU run state, local APIC,
     /// IOAPIC pins of the virtio devices, each queue's device and guest indices, the vsock
     /// muxer), as text for a person diagnosing a guest that does not answer. Pauses the VM
@@ -169,6 +177,17 @@ pub struct MergeReply {
     pub total_ms: f64,
 }
 
+/// Body of a successful `trim`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrimReply {
+    /// Private copies of guest pages before (the VM's dirty set since its image).
+    pub private_pages: u64,
+    /// Of those, the copies equal to the image's page, now dropped.
+    pub dropped_pages: u64,
+    /// Milliseconds the vCPUs were paused.
+    pub paused_ms: f64,
+}
+
 /// What kind of failure a response reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -209,6 +228,9 @@ pub struct ControlResponse {
     /// guest memory, so two VMs' memory can be compared region by region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_chunks: Option<Vec<String>>,
+    /// Present on a successful `trim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim: Option<TrimReply>,
     /// Present on a successful `debug`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug: Option<String>,

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
 use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT, AgentInfo, ExecRequest};
 use fissile_proto::control::{
-    ControlRequest, MAX_FORK_CHILDREN, MergeReply, SnapshotReply, VmStatus,
+    ControlRequest, MAX_FORK_CHILDREN, MergeReply, SnapshotReply, TrimReply, VmStatus,
 };
 
 pub use control::{ControlClient, ControlError};
@@ -747,6 +747,17 @@ impl Sandbox {
             .call(&ControlRequest::Snapshot { durable })?;
         resp.snapshot
             .ok_or_else(|| SandboxError::Reply("snapshot without body".into()))
+    }
+
+    /// Gives back the private copies of guest pages whose bytes equal the snapshot image's,
+    /// so they are shared with the image again (see `fissile_proto::control`'s `trim`): what
+    /// a restored or forked sandbox wrote as it woke and left as it was. Pauses the VM while
+    /// it compares; refused for a sandbox that is not on an image (booted and never
+    /// snapshotted).
+    pub fn trim(&self) -> Result<TrimReply, SandboxError> {
+        let resp = self.control()?.call(&ControlRequest::Trim)?;
+        resp.trim
+            .ok_or_else(|| SandboxError::Reply("trim without body".into()))
     }
 
     /// Forks into `n` children (copy-on-write, sharing unmodified memory) and returns each

@@ -262,6 +262,9 @@ fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
     let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
     let mut parent = Sandbox::boot(&config(&env, &dir.path().join("p"), &sd)).unwrap();
     assert_eq!(eval(&mut parent, "x = 41\nx"), "41");
+    // A booted VM's memory is its own memfd, not an image: nothing to trim against.
+    let (kind, msg) = refused(parent.trim());
+    assert_eq!(kind, ErrorKind::Conflict, "{msg}");
 
     let (mut children, timings) = parent.fork(3).unwrap();
     eprintln!(
@@ -269,6 +272,27 @@ fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
         timings.vmm_ms, timings.all_answered_ms, timings.snapshot
     );
     assert_eq!(children.len(), 3);
+    // Trim child 0 right after its wake-up, paused throughout: the copies it drops held the
+    // image's bytes, so its memory hashes the same before and after, a second trim finds
+    // only the copies that differ, and the child runs on with its state (below).
+    let mut cc = children[0].control().unwrap();
+    cc.pause().unwrap();
+    let before = cc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let trim = children[0].trim().unwrap();
+    let after = cc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let again = children[0].trim().unwrap();
+    cc.resume().unwrap();
+    eprintln!("trim of a fresh fork child: {trim:?}, then {again:?}");
+    assert!(
+        trim.dropped_pages > 0 && trim.dropped_pages < trim.private_pages,
+        "{trim:?}"
+    );
+    assert_eq!(before, after, "trim changed the guest's memory");
+    assert_eq!(
+        (again.private_pages, again.dropped_pages),
+        (trim.private_pages - trim.dropped_pages, 0),
+        "a second trim: {again:?} after {trim:?}"
+    );
     let modules = ["json", "decimal", "fractions"];
     for (i, c) in children.iter_mut().enumerate() {
         assert_eq!(eval(c, "x"), "41", "child {i} did not inherit x");

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use fissile_proto::control::{
     ControlRequest, ControlResponse, ErrorKind, ForkReply, MAX_REQUEST_LINE, MergeReply,
-    SnapshotReply, VmStatus,
+    SnapshotReply, TrimReply, VmStatus,
 };
 use fissile_proto::uds::BoundSocket;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -48,6 +48,10 @@ pub trait ControlOps: Send + Sync + 'static {
     fn persist(&self) -> Result<SnapshotReply, OpFailure>;
     /// blake3 of guest memory, and of each MiB.
     fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure>;
+    /// Drop the private copies of guest pages equal to the image's.
+    fn trim(&self) -> Result<TrimReply, OpFailure> {
+        Err((ErrorKind::BadRequest, "trim is not supported here".into()))
+    }
     /// The VM's interrupt path and queues as text (diagnosis).
     fn debug(&self) -> Result<String, OpFailure> {
         Err((ErrorKind::BadRequest, "debug is not supported here".into()))
@@ -312,6 +316,13 @@ pub fn handle_line(line: &[u8], vmm: &Ops) -> (ControlResponse, bool) {
             answer(vmm.memory_hash().map(|(h, chunks)| ControlResponse {
                 memory_hash: Some(h),
                 memory_chunks: Some(chunks),
+                ..ControlResponse::ok()
+            })),
+            false,
+        ),
+        ControlRequest::Trim => (
+            answer(vmm.trim().map(|t| ControlResponse {
+                trim: Some(t),
                 ..ControlResponse::ok()
             })),
             false,

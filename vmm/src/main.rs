@@ -71,7 +71,7 @@ struct Args {
     #[arg(long)]
     guest_cid: Option<u32>,
     /// Control socket (JSON lines: status, pause, resume, shutdown, snapshot, fork, merge,
-    /// rollback, persist, memory_hash; see `fissile_proto::control`). Bound once the VM is
+    /// rollback, persist, memory_hash, trim, debug; see `fissile_proto::control`). Bound once the VM is
     /// built (a restored one: once its state is applied).
     #[arg(long)]
     api_sock: Option<PathBuf>,

@@ -16,13 +16,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use fissile_proto::control::{ErrorKind, ForkReply, MergeReply, SnapshotReply, VmStatus};
+use fissile_proto::control::{
+    ErrorKind, ForkReply, MergeReply, SnapshotReply, TrimReply, VmStatus,
+};
 use fissile_proto::error_chain;
 
 use crate::api::{ControlOps, OpFailure};
 use crate::config::MachineConfig;
 use crate::device_manager::DeviceManager;
-use crate::lifecycle::{self, MergeError, Request, RollbackError, SnapshotError};
+use crate::lifecycle::{self, MergeError, Request, RollbackError, SnapshotError, TrimError};
 use crate::memory::GuestRam;
 use crate::vstate::persist::KvmCaps;
 use crate::vstate::vcpu::{ControlError, RunControl, SharedVcpu, Target, VmExit};
@@ -409,6 +411,12 @@ impl VmmHandle {
         self.call(Request::MemoryHash)?
     }
 
+    /// Drops the private copies of guest pages equal to the image's (see
+    /// [`crate::lifecycle::trim`]).
+    pub fn trim(&self) -> Result<TrimReply, TrimError> {
+        self.call(Request::Trim)?
+    }
+
     /// The VM's interrupt path and queues as text (see [`crate::lifecycle::debug`]).
     pub fn debug(&self) -> Result<String, PauseError> {
         self.call(Request::Debug)?
@@ -445,6 +453,9 @@ impl ControlOps for VmmHandle {
     }
     fn memory_hash(&self) -> Result<(String, Vec<String>), OpFailure> {
         VmmHandle::memory_hash(self).map_err(pause_failure)
+    }
+    fn trim(&self) -> Result<TrimReply, OpFailure> {
+        VmmHandle::trim(self).map_err(|e| (e.kind(), error_chain(&e)))
     }
     fn debug(&self) -> Result<String, OpFailure> {
         VmmHandle::debug(self).map_err(pause_failure)

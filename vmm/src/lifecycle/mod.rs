@@ -5,6 +5,7 @@
 //! - [`image`]: guest RAM on a snapshot image (mapping it, its fault session).
 //! - [`snapshot`]: snapshot, fork (a snapshot that becomes the fork point), persist.
 //! - [`merge`]: merge (take a winner's state, lineage checked in snapshotd) and rollback.
+//! - [`trim`]: give back private copies of guest pages equal to the image's.
 //!
 //! Every operation that needs the vCPUs still takes a pause hold of its own
 //! ([`VmCore::paused`]) and gives it back before replying, so a client's `pause` is never
@@ -15,13 +16,15 @@ pub mod image;
 pub mod merge;
 pub mod snapshot;
 pub mod state;
+pub mod trim;
 
 use crossbeam_channel::Sender;
-use fissile_proto::control::{ForkReply, MergeReply, SnapshotReply};
+use fissile_proto::control::{ForkReply, MergeReply, SnapshotReply, TrimReply};
 
 pub use self::merge::{MergeError, RollbackError, SwitchError};
 pub use self::snapshot::SnapshotError;
 pub use self::state::ApplyError;
+pub use self::trim::TrimError;
 use crate::vmm::{PauseError, VmCore};
 use crate::vstate::vcpu::ControlError;
 
@@ -50,6 +53,8 @@ pub(crate) enum Request {
     Persist(Sender<Result<SnapshotReply, SnapshotError>>),
     /// Hash guest memory.
     MemoryHash(Sender<Result<(String, Vec<String>), PauseError>>),
+    /// Drop private copies equal to the image's pages.
+    Trim(Sender<Result<TrimReply, TrimError>>),
     /// [`debug::dump`] of the VM (paused for it).
     Debug(Sender<Result<String, PauseError>>),
     /// End the actor.
@@ -68,6 +73,7 @@ impl Request {
             Request::Rollback { .. } => "rollback",
             Request::Persist(_) => "persist",
             Request::MemoryHash(_) => "memory_hash",
+            Request::Trim(_) => "trim",
             Request::Debug(_) => "debug",
             Request::Stop => "stop",
         }
@@ -102,6 +108,9 @@ pub(crate) fn run(core: &mut VmCore, req: Request) {
                 })
                 .map(|(h, _)| h);
             let _ = reply.send(hashed);
+        }
+        Request::Trim(reply) => {
+            let _ = reply.send(trim::trim(core));
         }
         Request::Debug(reply) => {
             let dumped = core

@@ -79,6 +79,29 @@ pub fn advise(region: &GuestRegionMmap<()>, advice: libc::c_int) -> io::Result<(
     Ok(())
 }
 
+/// Drops this process's private copies among the `len` bytes at `offset` in `region`
+/// (`MADV_DONTNEED`): on a `MAP_PRIVATE` file mapping the range then reads the file's pages
+/// again, and KVM's MMU notifier drops its translations of it. Callers make sure nothing
+/// writes the range meanwhile (a write between deciding to drop a copy and dropping it is
+/// lost) and that the file holds what the range should read.
+pub fn drop_private(region: &GuestRegionMmap<()>, offset: usize, len: usize) -> io::Result<()> {
+    if offset
+        .checked_add(len)
+        .is_none_or(|end| end > region.len() as usize)
+    {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `offset..offset+len` lies inside the region's live mapping (checked above), so
+    // no other mapping is touched; MADV_DONTNEED never unmaps the range, so every pointer
+    // into it stays valid, and guest memory is only accessed through volatile slices, so
+    // contents changing under a reader is not undefined behaviour.
+    let r = unsafe { libc::madvise(region.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use fissile_snapshotd::client::FaultSession;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MemoryRegionAddress,
 };
 
@@ -72,12 +72,24 @@ pub enum MemoryError {
     /// The operation needs another backing.
     #[error("guest memory is {0}")]
     WrongBacking(&'static str),
+    /// Dropping private copies failed.
+    #[error("dropping private copies of guest pages")]
+    Drop(#[source] std::io::Error),
     /// A page index beyond guest memory.
     #[error("page {0} is beyond guest memory")]
     PageOutOfRange(u64),
     /// Copying guest memory (reading a frozen memfd back) failed.
     #[error("copying guest memory: {0}")]
     Copy(&'static str, #[source] std::io::Error),
+}
+
+/// What [`GuestRam::drop_unchanged_copies`] found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Private copies before.
+    pub private_pages: u64,
+    /// Copies equal to the image's page, dropped.
+    pub dropped_pages: u64,
 }
 
 /// What backs guest RAM now.
@@ -329,6 +341,63 @@ impl GuestRam {
         Ok((dirty, resident))
     }
 
+    /// Image-backed RAM: drops each private copy of a page whose bytes equal the image's
+    /// page, so the page is the image's page-cache page again (shared with every VM mapping
+    /// the image; the next write copies it again). The VM must be paused and its devices
+    /// quiet: a write between the comparison and the drop would be lost.
+    ///
+    /// An image with a fault session may still have holes, which read as zeros. That is
+    /// safe here: a page is copied only after the guest (or KVM, or a device) touched it
+    /// through the mapping, and snapshotd resolves that fault by writing the page into the
+    /// memfd, or, for a page that is zeros in the snapshot, by mapping the zero page and
+    /// leaving the hole. So a private copy's page in the memfd holds the snapshot's bytes,
+    /// or is a hole of a zero page; and a dropped page's next fault is resolved the same way.
+    pub fn drop_unchanged_copies(&self) -> Result<Trimmed, MemoryError> {
+        let Backing::Image { image, .. } = &self.backing else {
+            return Err(MemoryError::WrongBacking("not an image view"));
+        };
+        let page = PAGE_SIZE as usize;
+        let (mut theirs, mut ours) = (vec![0u8; page], vec![0u8; page]);
+        let mut trimmed = Trimmed::default();
+        for ((addr, len, offset), region) in self.host_ranges().into_iter().zip(self.memory.iter())
+        {
+            let (private, _) =
+                dirty::private_and_resident_pages(addr, len, page).map_err(MemoryError::Pagemap)?;
+            trimmed.private_pages += private.len() as u64;
+            // Runs of consecutive equal pages: (first page, count), dropped with one call.
+            let mut run: Option<(u64, u64)> = None;
+            let drop_run = |run: Option<(u64, u64)>| match run {
+                Some((first, n)) => {
+                    mapping::drop_private(region, (first * PAGE_SIZE) as usize, n as usize * page)
+                        .map_err(MemoryError::Drop)
+                }
+                None => Ok(()),
+            };
+            for p in private {
+                let at = p * PAGE_SIZE;
+                image
+                    .read_exact_at(&mut theirs, offset + at)
+                    .map_err(|e| MemoryError::Copy("reading the image", e))?;
+                region
+                    .read_slice(&mut ours, MemoryRegionAddress(at))
+                    .map_err(|_| MemoryError::PageOutOfRange(p + offset / PAGE_SIZE))?;
+                if theirs != ours {
+                    continue;
+                }
+                trimmed.dropped_pages += 1;
+                run = match run {
+                    Some((first, n)) if first + n == p => Some((first, n + 1)),
+                    other => {
+                        drop_run(other)?;
+                        Some((p, 1))
+                    }
+                };
+            }
+            drop_run(run)?;
+        }
+        Ok(trimmed)
+    }
+
     /// Copies page `page` of guest RAM into `out` (`PAGE_SIZE` bytes). The VM must be
     /// paused for the copy to be consistent; the copy is volatile either way (snapshotd may
     /// be filling holes of the image this memory maps).
@@ -401,7 +470,6 @@ fn advise_huge_pages(memory: &GuestMemory) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
 
     #[test]
     fn guest_writes_land_in_the_shared_memfd() {
@@ -466,6 +534,73 @@ mod tests {
             .unwrap();
         assert_eq!(&buf, b"image");
         assert!(ram.dirty_and_resident_pages().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn copies_equal_to_the_image_are_dropped_and_changed_ones_kept() {
+        let image = create_memfd("img", 64 << 20).unwrap();
+        for p in 2..8u64 {
+            image.write_all_at(&[p as u8; 16], p * PAGE_SIZE).unwrap();
+        }
+        let ram =
+            GuestRam::from_image("a", image.try_clone().unwrap(), 64 << 20, 64 << 20).unwrap();
+        let write = |page: u64, at: u64, bytes: &[u8]| {
+            ram.memory()
+                .write_slice(bytes, GuestAddress(page * PAGE_SIZE + at))
+                .unwrap()
+        };
+        // Pages 2, 3, 4 and 7 written back as they were (a run of three, then one alone);
+        // 5 changed; 6 changed and then changed back; 9 (zeros in the image) written zeros.
+        for p in [2u64, 3, 4, 7] {
+            write(p, 0, &[p as u8; 16]);
+        }
+        write(5, 8, b"changed");
+        write(6, 0, b"x");
+        write(6, 0, &[6]);
+        write(9, 100, &[0; 8]);
+        write(10, 4095, b"y");
+        assert_eq!(
+            ram.dirty_and_resident_pages().unwrap().0,
+            vec![2, 3, 4, 5, 6, 7, 9, 10]
+        );
+
+        let t = ram.drop_unchanged_copies().unwrap();
+
+        assert_eq!(
+            t,
+            Trimmed {
+                private_pages: 8,
+                dropped_pages: 6
+            }
+        );
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![5, 10]);
+        let read = |page: u64, at: u64, n: usize| {
+            let mut buf = vec![0u8; n];
+            ram.memory()
+                .read_slice(&mut buf, GuestAddress(page * PAGE_SIZE + at))
+                .unwrap();
+            buf
+        };
+        for p in [2u64, 3, 4, 6, 7] {
+            assert_eq!(read(p, 0, 16), vec![p as u8; 16], "page {p}");
+        }
+        assert_eq!(read(5, 0, 15), b"\x05\x05\x05\x05\x05\x05\x05\x05changed");
+        assert_eq!(read(10, 4095, 1), b"y");
+        // A dropped page is copied again by the next write, and the image stays as it was.
+        write(3, 0, b"again");
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![3, 5, 10]);
+        let mut buf = [0u8; 5];
+        image.read_exact_at(&mut buf, 3 * PAGE_SIZE).unwrap();
+        assert_eq!(buf, [3; 5]);
+    }
+
+    #[test]
+    fn trimming_needs_an_image() {
+        let fresh = GuestRam::fresh(64 << 20).unwrap();
+        assert!(matches!(
+            fresh.drop_unchanged_copies(),
+            Err(MemoryError::WrongBacking(_))
+        ));
     }
 
     #[test]
