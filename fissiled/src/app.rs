@@ -45,6 +45,10 @@ pub struct Config {
     pub default_idle_timeout: Option<Duration>,
     /// Longest a sandbox may run (`None`: no limit).
     pub max_lifetime: Option<Duration>,
+    /// A sandbox idle this long is trimmed, once per idle spell: its VMM gives back the
+    /// guest pages it copied that hold the snapshot image's bytes again (see
+    /// [`App::trim_idle`]); `None`: never.
+    pub trim_after: Option<Duration>,
     /// How long a boot may take (counted once it may start).
     pub boot_timeout: Duration,
     /// Most sandboxes booting or restoring at once; later creates queue (so a burst does not
@@ -108,6 +112,9 @@ pub struct Live {
     pub last_used_ms: AtomicU64,
     /// Streams (execs, commands, transfers) running on it now: it is not idle while any is.
     pub active: AtomicUsize,
+    /// The `last_used_ms` of the idle spell in which it was last trimmed (or found
+    /// untrimmable): one trim per spell.
+    pub trimmed_for_ms: AtomicU64,
     /// Its VMM is attached (read without the sandbox's lock, which a long operation holds).
     pub attached: AtomicBool,
     /// Its egress policy as its resolver and proxy see it (`None`: no way out).
@@ -131,6 +138,7 @@ impl Live {
             forks: Mutex::default(),
             last_used_ms: AtomicU64::new(now_ms()),
             active: AtomicUsize::new(0),
+            trimmed_for_ms: AtomicU64::new(0),
             attached: AtomicBool::new(false),
             sandbox: Mutex::new(None),
         })
@@ -1206,6 +1214,61 @@ impl App {
             }
         }
         n
+    }
+}
+
+/// Most sandboxes [`App::trim_idle`] trims per call (each pauses its VM for the comparison),
+/// so one call stays short when many go idle at once; the rest wait for the next call.
+const TRIMS_PER_CALL: usize = 8;
+
+impl App {
+    /// Trims the sandboxes idle for [`Config::trim_after`] and not trimmed since they were
+    /// last used, at most [`TRIMS_PER_CALL`]: each VMM compares the guest pages it copied
+    /// with its snapshot image and gives back those that hold the image's bytes again (a
+    /// woken guest writes a few hundred pages, about a third of which end as they were), so
+    /// an idle sandbox holds only what it changed. A sandbox whose lock an operation holds is
+    /// left for the next call; one not on an image (booted, never snapshotted) is refused
+    /// by its VMM and not asked again until it is used. Returns how many were trimmed.
+    pub fn trim_idle(&self) -> usize {
+        let Some(after) = self.config.trim_after else {
+            return 0;
+        };
+        let now = now_ms();
+        let due: Vec<Arc<Live>> = lock(&self.live)
+            .values()
+            .filter(|l| {
+                let used = l.last_used_ms.load(Ordering::Relaxed);
+                l.booted()
+                    && l.active.load(Ordering::Relaxed) == 0
+                    && now.saturating_sub(used) > after.as_millis() as u64
+                    && l.trimmed_for_ms.load(Ordering::Relaxed) != used
+            })
+            .take(TRIMS_PER_CALL)
+            .cloned()
+            .collect();
+        let mut trimmed = 0;
+        for l in due {
+            let used = l.last_used_ms.load(Ordering::Relaxed);
+            let Ok(guard) = l.sandbox.try_lock() else {
+                continue;
+            };
+            let Some(sb) = guard.as_ref() else {
+                continue;
+            };
+            match sb.trim() {
+                Ok(t) => {
+                    tracing::debug!(sandbox = %l.record.id, private_pages = t.private_pages,
+                        dropped_pages = t.dropped_pages, paused_ms = t.paused_ms, "trimmed");
+                    self.metrics.trimmed(t.dropped_pages);
+                    trimmed += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(sandbox = %l.record.id, error = %e, "not trimmed");
+                }
+            }
+            l.trimmed_for_ms.store(used, Ordering::Relaxed);
+        }
+        trimmed
     }
 }
 

@@ -62,6 +62,11 @@ enum Cmd {
         /// Longest a sandbox may run (seconds); 0: no limit.
         #[arg(long, default_value_t = 0)]
         max_lifetime_s: u64,
+        /// A sandbox idle this long (seconds) is trimmed, once per idle spell: its VMM gives
+        /// back the guest pages it copied that hold its snapshot image's bytes again, so it
+        /// holds only what it changed; 0: never.
+        #[arg(long, default_value_t = 10)]
+        trim_after_s: u64,
         /// Most sandboxes booting or restoring at once (later creates queue); default: the
         /// number of CPUs.
         #[arg(long)]
@@ -321,6 +326,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             max_file_bytes,
             idle_timeout_s,
             max_lifetime_s,
+            trim_after_s,
             max_concurrent_starts,
             ready_shapes,
             no_ready_snapshots,
@@ -383,6 +389,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 max_file_bytes,
                 default_idle_timeout: secs(idle_timeout_s),
                 max_lifetime: secs(max_lifetime_s),
+                trim_after: secs(trim_after_s),
                 boot_timeout: Duration::from_secs(300),
                 max_concurrent_starts: max_concurrent_starts.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
@@ -441,8 +448,8 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             _ = term.recv() => {}
         }
     };
-    // Lifecycle timers (idle timeouts, lifetime limits), warm pool and standby refills, every
-    // second.
+    // Lifecycle timers (idle timeouts, lifetime limits, trims), warm pool and standby
+    // refills, every second.
     let reaper = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -456,6 +463,7 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
                 app.fill_standbys();
                 let _ = tokio::task::spawn_blocking(move || {
                     app.reap_idle();
+                    app.trim_idle();
                     // Snapshots a deleted template or space left to snapshotd, each minute.
                     if n.is_multiple_of(60) {
                         app.retry_unfreed();

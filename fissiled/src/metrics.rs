@@ -58,6 +58,8 @@ pub struct Metrics {
     snapshotd_restarts: Gauge,
     pool_taken: Counter,
     standby_taken: Counter,
+    trims: Counter,
+    trimmed_pages: Counter,
     agent_connections_opened: Counter,
     dns_queries: Family<VerdictLabels, Counter>,
     proxy_connections: Family<VerdictLabels, Counter>,
@@ -83,6 +85,8 @@ impl Default for Metrics {
         let snapshotd_restarts = Gauge::default();
         let pool_taken = Counter::default();
         let standby_taken = Counter::default();
+        let trims = Counter::default();
+        let trimmed_pages = Counter::default();
         let agent_connections_opened = Counter::default();
         let dns_queries = Family::<VerdictLabels, Counter>::default();
         let proxy_connections = Family::<VerdictLabels, Counter>::default();
@@ -143,6 +147,16 @@ impl Default for Metrics {
             standby_taken.clone(),
         );
         registry.register(
+            "fissiled_trims",
+            "Idle sandboxes trimmed (--trim-after-s): their VMMs compared the guest pages they had copied with the snapshot image's",
+            trims.clone(),
+        );
+        registry.register(
+            "fissiled_trimmed_pages",
+            "Guest pages (4 KiB) idle sandboxes gave back to their snapshot image because they held its bytes again",
+            trimmed_pages.clone(),
+        );
+        registry.register(
             "fissiled_agent_connections_opened",
             "Agent connections opened for execs and commands because a sandbox had none idle (a started, forked, merged or rolled-back sandbox hands over the connection it woke its guest on)",
             agent_connections_opened.clone(),
@@ -175,6 +189,8 @@ impl Default for Metrics {
             snapshotd_restarts,
             pool_taken,
             standby_taken,
+            trims,
+            trimmed_pages,
             agent_connections_opened,
             dns_queries,
             proxy_connections,
@@ -207,6 +223,12 @@ impl Metrics {
     /// Counts fork children, creates and resumes restored into standby VMMs.
     pub fn standby_taken(&self, n: usize) {
         self.standby_taken.inc_by(n as u64);
+    }
+
+    /// Counts a trim of an idle sandbox and the pages it gave back.
+    pub fn trimmed(&self, pages: u64) {
+        self.trims.inc();
+        self.trimmed_pages.inc_by(pages);
     }
 
     /// Counts an agent connection opened because a sandbox's pool had none idle.

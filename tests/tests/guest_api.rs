@@ -2153,9 +2153,9 @@ fn vmms_under(dir: &Path) -> usize {
 /// `--standby-pool 2`: two VMMs wait with their VM made; fork(3) puts two children into them
 /// and one into a new process; every child has the parent's state and its own entropy, a
 /// standby child merges back, the pool refills to three (the fork asked for three; the
-/// default `--standby-on-demand` is 4), a create and a space's resume restore into standbys
-/// too, and after `kill -9` the restarted daemon re-adopts the children and leaves no
-/// standby behind.
+/// default `--standby-on-demand` is 4), idle sandboxes are trimmed (`--trim-after-s 1`) and
+/// keep their state, a create and a space's resume restore into standbys too, and after
+/// `kill -9` the restarted daemon re-adopts the children and leaves no standby behind.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_api_forks_take_standby_vmms() {
@@ -2169,6 +2169,8 @@ fn guest_api_forks_take_standby_vmms() {
         "0",
         "--standby-pool",
         "2",
+        "--trim-after-s",
+        "1",
     ];
     let mut d = start(&state, &args);
     let standbys = |d: &Daemon| -> u64 {
@@ -2261,6 +2263,22 @@ fn guest_api_forks_take_standby_vmms() {
     assert_eq!(value(&d, &key, &parent, "x"), "101");
 
     await_standbys(&d, 3, "the standby pool never refilled to the fork's size");
+    // Idle for a second, a sandbox on a snapshot image is trimmed, once per idle spell
+    // (`--trim-after-s 1`): the three children and the merged parent give back the pages
+    // they copied that hold the image's bytes again, and keep their state.
+    let trims = |d: &Daemon| -> (u64, u64) {
+        let m = |name: &str| -> u64 { d.metric(name).unwrap().parse().unwrap() };
+        (m("fissiled_trims_total"), m("fissiled_trimmed_pages_total"))
+    };
+    while trims(&d).0 < 4 {
+        assert!(Instant::now() < deadline, "idle sandboxes were not trimmed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(trims(&d).1 > 0, "trims gave back no pages: {:?}", trims(&d));
+    for (i, c) in children.iter().enumerate() {
+        assert_eq!(value(&d, &key, c, "x"), (100 + i).to_string(), "child {c}");
+    }
+    assert_eq!(value(&d, &key, &parent, "x"), "101");
     assert_eq!(
         vmms_under(&state),
         7,
