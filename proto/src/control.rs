@@ -180,11 +180,12 @@ pub struct MergeReply {
 /// Body of a successful `trim`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrimReply {
-    /// Private copies of guest pages before (the VM's dirty set since its image).
+    /// Private copies of guest pages in memory before (swapped-out ones are left alone).
     pub private_pages: u64,
     /// Of those, the copies equal to the image's page, now dropped.
     pub dropped_pages: u64,
-    /// Milliseconds the vCPUs were paused.
+    /// Milliseconds the second comparison and the drops took, the VM paused (pausing and
+    /// resuming it not counted).
     pub paused_ms: f64,
 }
 

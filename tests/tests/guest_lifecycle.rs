@@ -494,6 +494,24 @@ fn guest_restore_cycles_keep_state_and_persisted_spaces_resume_after_a_snapshotd
     let sd = Snapshotd::start(&store, &sock).unwrap();
     let mut resumed = Sandbox::restore(&cfg("resumed", &sd), &id).unwrap();
     assert_eq!(eval(&mut resumed, "space['answer']"), "42");
+    // Trim a VM whose image snapshotd fills lazily from the store (its holes read as zeros
+    // until then, and zero pages are mapped as the zero page), paused throughout: its memory
+    // hashes the same before and after, and a second trim finds only the copies that differ.
+    let mut rc = resumed.control().unwrap();
+    rc.pause().unwrap();
+    let before = rc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let trim = resumed.trim().unwrap();
+    let after = rc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let again = resumed.trim().unwrap();
+    rc.resume().unwrap();
+    eprintln!("trim of a VM restored from the store: {trim:?}, then {again:?}");
+    assert!(trim.dropped_pages > 0, "{trim:?}");
+    assert_eq!(before, after, "trim changed the guest's memory");
+    assert_eq!(
+        (again.private_pages, again.dropped_pages),
+        (trim.private_pages - trim.dropped_pages, 0),
+        "a second trim: {again:?} after {trim:?}"
+    );
     assert_eq!(
         eval(&mut resumed, "hashlib.sha256(buf).hexdigest()[:16]"),
         h0

@@ -83,13 +83,33 @@ pub enum MemoryError {
     Copy(&'static str, #[source] std::io::Error),
 }
 
-/// What [`GuestRam::drop_unchanged_copies`] found and did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Trimmed {
-    /// Private copies before.
-    pub private_pages: u64,
-    /// Copies equal to the image's page, dropped.
-    pub dropped_pages: u64,
+/// What [`GuestRam::unchanged_copies`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unchanged {
+    /// Private copies in memory.
+    pub copies: u64,
+    /// Those equal to the image's page (memory offsets / [`PAGE_SIZE`]), in order.
+    pub pages: Vec<u64>,
+}
+
+/// Whether page `p` of `region` (at `offset` in guest RAM) holds the bytes of the image's
+/// page (`theirs` and `ours`: a page of scratch each).
+fn equal_to_image(
+    image: &File,
+    region: &GuestRegionMmap<()>,
+    offset: u64,
+    p: u64,
+    theirs: &mut [u8],
+    ours: &mut [u8],
+) -> Result<bool, MemoryError> {
+    let at = p * PAGE_SIZE;
+    image
+        .read_exact_at(theirs, offset + at)
+        .map_err(|e| MemoryError::Copy("reading the image", e))?;
+    region
+        .read_slice(ours, MemoryRegionAddress(at))
+        .map_err(|_| MemoryError::PageOutOfRange(p + offset / PAGE_SIZE))?;
+    Ok(theirs == ours)
 }
 
 /// What backs guest RAM now.
@@ -341,52 +361,66 @@ impl GuestRam {
         Ok((dirty, resident))
     }
 
-    /// Image-backed RAM: drops each private copy of a page whose bytes equal the image's
-    /// page, so the page is the image's page-cache page again (shared with every VM mapping
-    /// the image; the next write copies it again). The VM must be paused and its devices
-    /// quiet: a write between the comparison and the drop would be lost.
+    /// Image-backed RAM: the private copies in memory (not swapped out, not the zero page)
+    /// whose bytes equal the image's page, in order (memory offsets / [`PAGE_SIZE`]), and how
+    /// many copies there are. The VM may run meanwhile (the reads are volatile): a copy it
+    /// changes afterwards fails [`GuestRam::drop_unchanged`]'s second comparison.
     ///
     /// An image with a fault session may still have holes, which read as zeros. That is
     /// safe here: a page is copied only after the guest (or KVM, or a device) touched it
     /// through the mapping, and snapshotd resolves that fault by writing the page into the
     /// memfd, or, for a page that is zeros in the snapshot, by mapping the zero page and
-    /// leaving the hole. So a private copy's page in the memfd holds the snapshot's bytes,
-    /// or is a hole of a zero page; and a dropped page's next fault is resolved the same way.
-    pub fn drop_unchanged_copies(&self) -> Result<Trimmed, MemoryError> {
-        let Backing::Image { image, .. } = &self.backing else {
-            return Err(MemoryError::WrongBacking("not an image view"));
-        };
-        let page = PAGE_SIZE as usize;
-        let (mut theirs, mut ours) = (vec![0u8; page], vec![0u8; page]);
-        let mut trimmed = Trimmed::default();
+    /// leaving the hole. So a copy's page in the memfd holds the snapshot's bytes, or is a
+    /// hole of a zero page; and a dropped page's next fault is resolved the same way.
+    pub fn unchanged_copies(&self) -> Result<Unchanged, MemoryError> {
+        let image = self.image()?;
+        let mut found = Unchanged::default();
+        let (mut theirs, mut ours) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
         for ((addr, len, offset), region) in self.host_ranges().into_iter().zip(self.memory.iter())
         {
-            let (private, _) =
-                dirty::private_and_resident_pages(addr, len, page).map_err(MemoryError::Pagemap)?;
-            trimmed.private_pages += private.len() as u64;
-            // Runs of consecutive equal pages: (first page, count), dropped with one call.
+            let copies = dirty::copies_in_memory(addr, len, PAGE_SIZE as usize)
+                .map_err(MemoryError::Pagemap)?;
+            found.copies += copies.len() as u64;
+            for p in copies {
+                if equal_to_image(image, region, offset, p, &mut theirs, &mut ours)? {
+                    found.pages.push(p + offset / PAGE_SIZE);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Drops each of `pages` ([`GuestRam::unchanged_copies`]) whose copy still equals the
+    /// image's page, so the page is the image's page-cache page again (shared with every VM
+    /// mapping the image; the next write copies it again). Returns how many it dropped. The
+    /// VM must be paused and its devices quiet: a write between this comparison and the drop
+    /// would be lost.
+    pub fn drop_unchanged(&self, pages: &[u64]) -> Result<u64, MemoryError> {
+        let image = self.image()?;
+        let (mut theirs, mut ours) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+        let mut dropped = 0;
+        for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
+        {
+            let (first, end) = (offset / PAGE_SIZE, (offset + len) / PAGE_SIZE);
+            // Runs of consecutive equal pages (region-relative first page, count): one call each.
             let mut run: Option<(u64, u64)> = None;
             let drop_run = |run: Option<(u64, u64)>| match run {
-                Some((first, n)) => {
-                    mapping::drop_private(region, (first * PAGE_SIZE) as usize, n as usize * page)
-                        .map_err(MemoryError::Drop)
-                }
+                Some((p, n)) => mapping::drop_private(
+                    region,
+                    (p * PAGE_SIZE) as usize,
+                    (n * PAGE_SIZE) as usize,
+                )
+                .map_err(MemoryError::Drop),
                 None => Ok(()),
             };
-            for p in private {
-                let at = p * PAGE_SIZE;
-                image
-                    .read_exact_at(&mut theirs, offset + at)
-                    .map_err(|e| MemoryError::Copy("reading the image", e))?;
-                region
-                    .read_slice(&mut ours, MemoryRegionAddress(at))
-                    .map_err(|_| MemoryError::PageOutOfRange(p + offset / PAGE_SIZE))?;
-                if theirs != ours {
+            for &page in pages.iter().filter(|&&p| p >= first && p < end) {
+                let p = page - first;
+                if !equal_to_image(image, region, offset, p, &mut theirs, &mut ours)? {
                     continue;
                 }
-                trimmed.dropped_pages += 1;
+                dropped += 1;
                 run = match run {
-                    Some((first, n)) if first + n == p => Some((first, n + 1)),
+                    Some((q, n)) if q + n == p => Some((q, n + 1)),
                     other => {
                         drop_run(other)?;
                         Some((p, 1))
@@ -395,7 +429,14 @@ impl GuestRam {
             }
             drop_run(run)?;
         }
-        Ok(trimmed)
+        Ok(dropped)
+    }
+
+    fn image(&self) -> Result<&File, MemoryError> {
+        match &self.backing {
+            Backing::Image { image, .. } => Ok(image),
+            Backing::Fresh { .. } => Err(MemoryError::WrongBacking("not an image view")),
+        }
     }
 
     /// Copies page `page` of guest RAM into `out` (`PAGE_SIZE` bytes). The VM must be
@@ -549,6 +590,13 @@ mod tests {
                 .write_slice(bytes, GuestAddress(page * PAGE_SIZE + at))
                 .unwrap()
         };
+        let read = |page: u64, at: u64, n: usize| {
+            let mut buf = vec![0u8; n];
+            ram.memory()
+                .read_slice(&mut buf, GuestAddress(page * PAGE_SIZE + at))
+                .unwrap();
+            buf
+        };
         // Pages 2, 3, 4 and 7 written back as they were (a run of three, then one alone);
         // 5 changed; 6 changed and then changed back; 9 (zeros in the image) written zeros.
         for p in [2u64, 3, 4, 7] {
@@ -564,23 +612,18 @@ mod tests {
             vec![2, 3, 4, 5, 6, 7, 9, 10]
         );
 
-        let t = ram.drop_unchanged_copies().unwrap();
-
-        assert_eq!(
-            t,
-            Trimmed {
-                private_pages: 8,
-                dropped_pages: 6
-            }
-        );
+        let found = ram.unchanged_copies().unwrap();
+        assert_eq!(found.copies, 8);
+        assert_eq!(found.pages, vec![2, 3, 4, 6, 7, 9]);
+        // A candidate changed between the two passes stays.
+        write(4, 0, b"late");
+        assert_eq!(ram.drop_unchanged(&found.pages).unwrap(), 5);
+        assert_eq!(read(4, 0, 4), b"late");
+        write(4, 0, &[4; 4]);
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![4, 5, 10]);
+        assert_eq!(ram.unchanged_copies().unwrap().pages, vec![4]);
+        ram.drop_unchanged(&[4]).unwrap();
         assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![5, 10]);
-        let read = |page: u64, at: u64, n: usize| {
-            let mut buf = vec![0u8; n];
-            ram.memory()
-                .read_slice(&mut buf, GuestAddress(page * PAGE_SIZE + at))
-                .unwrap();
-            buf
-        };
         for p in [2u64, 3, 4, 6, 7] {
             assert_eq!(read(p, 0, 16), vec![p as u8; 16], "page {p}");
         }
@@ -598,7 +641,11 @@ mod tests {
     fn trimming_needs_an_image() {
         let fresh = GuestRam::fresh(64 << 20).unwrap();
         assert!(matches!(
-            fresh.drop_unchanged_copies(),
+            fresh.unchanged_copies(),
+            Err(MemoryError::WrongBacking(_))
+        ));
+        assert!(matches!(
+            fresh.drop_unchanged(&[1]),
             Err(MemoryError::WrongBacking(_))
         ));
     }
