@@ -1217,22 +1217,26 @@ impl App {
     }
 }
 
-/// Most sandboxes [`App::trim_idle`] trims per call (each pauses its VM for the comparison),
-/// so one call stays short when many go idle at once; the rest wait for the next call.
+/// Most sandboxes [`App::trim_idle`] trims per call, and how long it goes on starting
+/// trims: each pauses its VM for a moment, so a call stays short when many sandboxes go idle
+/// at once; the rest wait for the next call.
 const TRIMS_PER_CALL: usize = 8;
+const TRIM_BUDGET: Duration = Duration::from_secs(2);
 
 impl App {
     /// Trims the sandboxes idle for [`Config::trim_after`] and not trimmed since they were
-    /// last used, at most [`TRIMS_PER_CALL`]: each VMM compares the guest pages it copied
-    /// with its snapshot image and gives back those that hold the image's bytes again (a
-    /// woken guest writes a few hundred pages, about a third of which end as they were), so
-    /// an idle sandbox holds only what it changed. A sandbox whose lock an operation holds is
-    /// left for the next call; one not on an image (booted, never snapshotted) is refused
-    /// by its VMM and not asked again until it is used. Returns how many were trimmed.
+    /// last used (at most [`TRIMS_PER_CALL`], within [`TRIM_BUDGET`]): each VMM compares the
+    /// guest pages it copied with its snapshot image and gives back those that hold the
+    /// image's bytes again (a woken guest writes a few hundred pages, about a third of which
+    /// end as they were), so an idle sandbox holds only what it changed. A sandbox whose lock
+    /// an operation holds, or whose trim failed, is tried again on the next call; one not on
+    /// an image (booted, never snapshotted) is refused by its VMM and not asked again until
+    /// it is used. Returns how many were trimmed.
     pub fn trim_idle(&self) -> usize {
         let Some(after) = self.config.trim_after else {
             return 0;
         };
+        let started = std::time::Instant::now();
         let now = now_ms();
         let due: Vec<Arc<Live>> = lock(&self.live)
             .values()
@@ -1243,11 +1247,13 @@ impl App {
                     && now.saturating_sub(used) > after.as_millis() as u64
                     && l.trimmed_for_ms.load(Ordering::Relaxed) != used
             })
-            .take(TRIMS_PER_CALL)
             .cloned()
             .collect();
         let mut trimmed = 0;
         for l in due {
+            if trimmed == TRIMS_PER_CALL || started.elapsed() > TRIM_BUDGET {
+                break;
+            }
             let used = l.last_used_ms.load(Ordering::Relaxed);
             let Ok(guard) = l.sandbox.try_lock() else {
                 continue;
@@ -1262,8 +1268,17 @@ impl App {
                     self.metrics.trimmed(t.dropped_pages);
                     trimmed += 1;
                 }
+                Err(fissile_sandbox::SandboxError::Control(
+                    fissile_sandbox::ControlError::Refused {
+                        kind: fissile_proto::control::ErrorKind::Conflict,
+                        message,
+                    },
+                )) => {
+                    tracing::debug!(sandbox = %l.record.id, %message, "nothing to trim");
+                }
                 Err(e) => {
-                    tracing::debug!(sandbox = %l.record.id, error = %e, "not trimmed");
+                    tracing::debug!(sandbox = %l.record.id, error = %e, "trim failed; trying again");
+                    continue;
                 }
             }
             l.trimmed_for_ms.store(used, Ordering::Relaxed);

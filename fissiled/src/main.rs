@@ -448,8 +448,8 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             _ = term.recv() => {}
         }
     };
-    // Lifecycle timers (idle timeouts, lifetime limits, trims), warm pool and standby
-    // refills, every second.
+    // Lifecycle timers (idle timeouts, lifetime limits), warm pool and standby refills, every
+    // second.
     let reaper = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -463,7 +463,6 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
                 app.fill_standbys();
                 let _ = tokio::task::spawn_blocking(move || {
                     app.reap_idle();
-                    app.trim_idle();
                     // Snapshots a deleted template or space left to snapshotd, each minute.
                     if n.is_multiple_of(60) {
                         app.retry_unfreed();
@@ -473,12 +472,26 @@ async fn serve(db: Db, config: Config, listen: SocketAddr) -> anyhow::Result<()>
             }
         })
     };
+    // Trims of idle sandboxes, every second, on a task of their own: each pauses a VM for a
+    // moment, and a slow one must not hold up the timers and refills above.
+    let trimmer = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let app = app.clone();
+                let _ = tokio::task::spawn_blocking(move || app.trim_idle()).await;
+            }
+        })
+    };
     // snapshotd, started again whenever it exits.
     let supervisor = tokio::spawn(fissiled::snapshotd::watch(app.snapshotd.clone()));
     axum::serve(listener, fissiled::routes::router(app.clone()))
         .with_graceful_shutdown(shutdown)
         .await?;
     reaper.abort();
+    trimmer.abort();
     supervisor.abort();
     tracing::info!("shutting down: persisting spaces, stopping sandboxes");
     tokio::task::spawn_blocking(move || app.stop_all()).await?;

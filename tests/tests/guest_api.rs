@@ -2264,21 +2264,42 @@ fn guest_api_forks_take_standby_vmms() {
 
     await_standbys(&d, 3, "the standby pool never refilled to the fork's size");
     // Idle for a second, a sandbox on a snapshot image is trimmed, once per idle spell
-    // (`--trim-after-s 1`): the three children and the merged parent give back the pages
-    // they copied that hold the image's bytes again, and keep their state.
+    // (`--trim-after-s 1`): after a cell in each, the three children and the merged parent
+    // (the only sandboxes) are each trimmed once more, give back pages they copied that
+    // hold the image's bytes again, and keep their state.
     let trims = |d: &Daemon| -> (u64, u64) {
         let m = |name: &str| -> u64 { d.metric(name).unwrap().parse().unwrap() };
         (m("fissiled_trims_total"), m("fissiled_trimmed_pages_total"))
     };
-    while trims(&d).0 < 4 {
+    let cell = "import json\ny = json.dumps({'x': x})";
+    for c in children.iter().chain([&parent]) {
+        exec(&d, &key, c, json!({ "code": cell }));
+    }
+    let before = trims(&d);
+    while trims(&d).0 < before.0 + 4 {
         assert!(Instant::now() < deadline, "idle sandboxes were not trimmed");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(trims(&d).1 > 0, "trims gave back no pages: {:?}", trims(&d));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = trims(&d);
+    assert_eq!(
+        after.0,
+        before.0 + 4,
+        "a sandbox was trimmed twice in one idle spell"
+    );
+    assert!(
+        after.1 > before.1,
+        "the trims gave back no pages: {before:?} {after:?}"
+    );
     for (i, c) in children.iter().enumerate() {
-        assert_eq!(value(&d, &key, c, "x"), (100 + i).to_string(), "child {c}");
+        let x = 100 + i;
+        assert_eq!(
+            value(&d, &key, c, "y"),
+            format!("'{{\"x\": {x}}}'"),
+            "child {c}"
+        );
     }
-    assert_eq!(value(&d, &key, &parent, "x"), "101");
+    assert_eq!(value(&d, &key, &parent, "y"), r#"'{"x": 101}'"#);
     assert_eq!(
         vmms_under(&state),
         7,
