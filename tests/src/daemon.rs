@@ -76,15 +76,27 @@ impl Fissiled {
     /// The value of the `/metrics` sample named `sample` (with its labels, e.g.
     /// `fissiled_sandboxes{state="lost"}`).
     pub fn metric(&self, sample: &str) -> anyhow::Result<String> {
+        let [v] = self.metrics([sample])?;
+        Ok(v)
+    }
+
+    /// The values of `samples` (as in [`Fissiled::metric`]) from one scrape, so counters
+    /// that move together are read at the same moment.
+    pub fn metrics<const N: usize>(&self, samples: [&str; N]) -> anyhow::Result<[String; N]> {
         let text = ureq::get(&format!("{}/metrics", self.base))
             .timeout(Duration::from_secs(30))
             .call()?
             .into_string()?;
-        let prefix = format!("{sample} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .map(|v| v.trim().to_string())
-            .with_context(|| format!("no {sample} in /metrics:\n{text}"))
+        let mut out: [String; N] = std::array::from_fn(|_| String::new());
+        for (o, sample) in out.iter_mut().zip(samples) {
+            let prefix = format!("{sample} ");
+            *o = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .map(|v| v.trim().to_string())
+                .with_context(|| format!("no {sample} in /metrics:\n{text}"))?;
+        }
+        Ok(out)
     }
 
     /// [`Fissiled::serve_env`] with no kernel or image: nothing it is asked to start can
