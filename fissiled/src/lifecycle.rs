@@ -114,6 +114,9 @@ impl App {
             self.stop_standbys(std::mem::take(&mut taken.members));
             return Err(e.into());
         }
+        if current.network.is_none() {
+            self.fork_demand(current.memory_mib, current.vcpus, n as usize);
+        }
         let app = self.clone();
         blocking(move || {
             let standbys = std::mem::take(&mut taken.members);

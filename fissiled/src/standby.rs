@@ -127,20 +127,21 @@ impl StandbyPool {
 }
 
 impl App {
-    /// Takes up to `n` idle standbys of the shape that still run; a fork's (`fork`) `n`
-    /// counts as that shape's demand (with `--standby-on-demand`), a create's does not.
+    /// Takes up to `n` idle standbys of the shape that still run. A fork's take (`fork`)
+    /// holds the shape's refill until the fork ends; its `n` counts as the shape's demand
+    /// only once the fork passed its quota check ([`App::fork_demand`]).
     pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize, fork: bool) -> Taken {
         self.prune_standbys();
         let shape = (memory_mib, vcpus);
-        let on_demand = fork && self.config.standby_on_demand > 0 && n > 0;
+        let on_demand = self.on_demand(shape, fork, n);
         let mut shapes = lock(&self.standbys.shapes);
-        if on_demand && self.config.ready_shapes.contains(&shape) {
-            let p = shapes.entry(shape).or_default();
-            let now = now_ms();
-            p.demand = Some((asked(p.demand, now).max(n), now));
-        }
-        let Some(p) = shapes.get_mut(&shape) else {
-            return Taken::none();
+        let p = if on_demand {
+            shapes.entry(shape).or_default()
+        } else {
+            let Some(p) = shapes.get_mut(&shape) else {
+                return Taken::none();
+            };
+            p
         };
         let k = n.min(p.idle.len());
         let hold = (k > 0 || on_demand).then(|| {
@@ -151,6 +152,27 @@ impl App {
             members: p.idle.split_off(p.idle.len() - k),
             hold,
         }
+    }
+
+    /// Whether a fork (`fork`) of `n` children of `shape` may size the shape's pool.
+    fn on_demand(&self, shape: (u64, u8), fork: bool, n: usize) -> bool {
+        fork && self.config.standby_on_demand > 0
+            && n > 0
+            && self.config.ready_shapes.contains(&shape)
+    }
+
+    /// Counts a fork of `n` children of the shape, which passed its tenant's quota check, as
+    /// the shape's demand: the pool keeps as many standbys (up to `--standby-on-demand`)
+    /// for [`DEMAND_WINDOW_MS`]. A refused fork does not start standbys.
+    pub(crate) fn fork_demand(&self, memory_mib: u64, vcpus: u8, n: usize) {
+        let shape = (memory_mib, vcpus);
+        if !self.on_demand(shape, true, n) {
+            return;
+        }
+        let mut shapes = lock(&self.standbys.shapes);
+        let p = shapes.entry(shape).or_default();
+        let now = now_ms();
+        p.demand = Some((asked(p.demand, now).max(n), now));
     }
 
     /// One idle standby of the shape for a restore (a create from a snapshot, a resume) of a

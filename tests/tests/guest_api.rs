@@ -2136,6 +2136,11 @@ fn guest_api_tenant_limits_and_lifetimes() {
 
 /// `fissile-vmm` processes whose command line mentions `dir` (this test's state directory).
 fn vmms_under(dir: &Path) -> usize {
+    vmms_under_where(dir, "")
+}
+
+/// [`vmms_under`] whose command line also holds `arg`.
+fn vmms_under_where(dir: &Path, arg: &str) -> usize {
     let dir = dir.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .unwrap()
@@ -2146,6 +2151,7 @@ fn vmms_under(dir: &Path) -> usize {
                 .next()
                 .is_some_and(|a| a.ends_with("fissile-vmm"))
                 && c.contains(&dir)
+                && c.split('\0').any(|a| arg.is_empty() || a == arg)
         })
         .count()
 }
@@ -2154,8 +2160,9 @@ fn vmms_under(dir: &Path) -> usize {
 /// and one into a new process; every child has the parent's state and its own entropy, a
 /// standby child merges back, the pool refills to three (the fork asked for three; the
 /// default `--standby-on-demand` is 4), idle sandboxes are trimmed (`--trim-after-s 3`) and
-/// keep their state, a create and a space's resume restore into standbys too, and after
-/// `kill -9` the restarted daemon re-adopts the children and leaves no standby behind.
+/// keep their state, a create and a space's resume restore into standbys too, after
+/// `kill -9` the restarted daemon re-adopts the children and leaves no standby behind, and a
+/// fork its tenant's quota refuses starts none.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_api_forks_take_standby_vmms() {
@@ -2340,6 +2347,8 @@ fn guest_api_forks_take_standby_vmms() {
         "the parent, 3 children and 3 standbys, still"
     );
     d.kill_hard().unwrap();
+    // The restarted daemon lets acme run the four sandboxes it has and no more.
+    set_tenant(&state, &["--tenant", "acme", "--max-sandboxes", "4"]).unwrap();
     let d = start(&state, &["--ready-shape", "512x1", "--warm-pool", "0"]);
     // A standby exits once its input closes; the restarted daemon stops any left.
     let gone = Instant::now() + Duration::from_secs(60);
@@ -2357,6 +2366,24 @@ fn guest_api_forks_take_standby_vmms() {
     );
     assert_eq!(list.as_array().unwrap().len(), 4, "{list}");
     assert_eq!(standbys(&d), 0);
+    // A fork the tenant's sandbox quota refuses does not count as demand for standbys
+    // (`--standby-on-demand`, default 4): none start. (A refill would start a second after
+    // the fork, on the daemon's one-second tick. Children 0 and 1 began as standbys, so
+    // their command lines hold `--standby` too.)
+    let began_as_standbys = vmms_under_where(&state, "--standby");
+    let (s, v) = call(
+        "POST",
+        &format!("{}/v1/sandboxes/{parent}/fork", d.base()),
+        Some(&key),
+        Some(r#"{"n":2}"#),
+    );
+    assert_eq!((s, error_code(&v)), (429, "quota_exceeded"), "{v}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        vmms_under_where(&state, "--standby"),
+        began_as_standbys,
+        "a refused fork started standbys"
+    );
 }
 
 /// The `fissiled_warm_pool_taken_total` counter.
