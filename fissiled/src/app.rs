@@ -1224,40 +1224,44 @@ const TRIMS_PER_CALL: usize = 8;
 const TRIM_BUDGET: Duration = Duration::from_secs(2);
 
 impl App {
-    /// Trims the sandboxes idle for [`Config::trim_after`] and not trimmed since they were
-    /// last used (at most [`TRIMS_PER_CALL`], within [`TRIM_BUDGET`]): each VMM compares the
-    /// guest pages it copied with its snapshot image and gives back those that hold the
-    /// image's bytes again (a woken guest writes a few hundred pages, about a third of which
-    /// end as they were), so an idle sandbox holds only what it changed. A sandbox whose lock
-    /// an operation holds, or whose trim failed, is tried again on the next call; one not on
-    /// an image (booted, never snapshotted) is refused by its VMM and not asked again until
-    /// it is used. Returns how many were trimmed.
+    /// Trims the running sandboxes idle for [`Config::trim_after`] and not trimmed since
+    /// they were last used (a few per call, within a time budget): each VMM compares the
+    /// guest pages it copied and holds in memory with its snapshot image and gives back
+    /// those that hold the image's bytes again (a woken guest writes a few hundred pages,
+    /// about a third of which end as they were). A sandbox whose lock an operation holds,
+    /// that was used meanwhile, or whose trim failed, is tried again on a later call; one not
+    /// on an image (booted, never snapshotted) is refused by its VMM and not asked again
+    /// until it is used. Warm pool members are not trimmed (they are not running sandboxes
+    /// yet). Returns how many were trimmed.
     pub fn trim_idle(&self) -> usize {
         let Some(after) = self.config.trim_after else {
             return 0;
         };
         let started = std::time::Instant::now();
         let now = now_ms();
-        let due: Vec<Arc<Live>> = lock(&self.live)
+        let idle = |l: &Live, used: u64| {
+            l.booted()
+                && l.active.load(Ordering::Relaxed) == 0
+                && now.saturating_sub(used) > after.as_millis() as u64
+                && l.trimmed_for_ms.load(Ordering::Relaxed) != used
+        };
+        let due: Vec<(Arc<Live>, u64)> = lock(&self.live)
             .values()
-            .filter(|l| {
-                let used = l.last_used_ms.load(Ordering::Relaxed);
-                l.booted()
-                    && l.active.load(Ordering::Relaxed) == 0
-                    && now.saturating_sub(used) > after.as_millis() as u64
-                    && l.trimmed_for_ms.load(Ordering::Relaxed) != used
-            })
-            .cloned()
+            .map(|l| (l.clone(), l.last_used_ms.load(Ordering::Relaxed)))
+            .filter(|(l, used)| idle(l, *used))
             .collect();
         let mut trimmed = 0;
-        for l in due {
+        for (l, used) in due {
             if trimmed == TRIMS_PER_CALL || started.elapsed() > TRIM_BUDGET {
                 break;
             }
-            let used = l.last_used_ms.load(Ordering::Relaxed);
             let Ok(guard) = l.sandbox.try_lock() else {
                 continue;
             };
+            // Used since the sandbox was found idle: its new spell starts now.
+            if l.last_used_ms.load(Ordering::Relaxed) != used || !idle(&l, used) {
+                continue;
+            }
             let Some(sb) = guard.as_ref() else {
                 continue;
             };

@@ -63,8 +63,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         max_lifetime_s: u64,
         /// A sandbox idle this long (seconds) is trimmed, once per idle spell: its VMM gives
-        /// back the guest pages it copied that hold its snapshot image's bytes again, so it
-        /// holds only what it changed; 0: never.
+        /// back the guest pages it copied (and holds in memory) that hold its snapshot
+        /// image's bytes again; 0: never.
         #[arg(long, default_value_t = 10)]
         trim_after_s: u64,
         /// Most sandboxes booting or restoring at once (later creates queue); default: the

@@ -127,9 +127,10 @@ impl StandbyPool {
 }
 
 impl App {
-    /// Takes up to `n` idle standbys of the shape that still run. A fork's take (`fork`)
-    /// holds the shape's refill until the fork ends; its `n` counts as the shape's demand
-    /// only once the fork passed its quota check ([`App::fork_demand`]).
+    /// Takes up to `n` idle standbys of the shape that still run. A take that got some, or a
+    /// fork's (`fork`) that may size the pool, holds the shape's refill until it is dropped;
+    /// a fork's `n` counts as the shape's demand only once the fork passed its quota check
+    /// ([`App::fork_demand`]).
     pub(crate) fn take_standbys(&self, memory_mib: u64, vcpus: u8, n: usize, fork: bool) -> Taken {
         self.prune_standbys();
         let shape = (memory_mib, vcpus);

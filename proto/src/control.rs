@@ -96,7 +96,8 @@ pub enum ControlRequest {
     /// restored or forked guest writes a few hundred pages as it wakes, and about a third of
     /// them end as they were (a lock taken and released, a count raised and lowered). Only
     /// for a VM on an image: restored, forked, merged, or snapshotted since it booted
-    /// (`conflict` otherwise). Pauses the VM while it compares.
+    /// (`conflict` otherwise). Compares with the VM running, then pauses it to compare the
+    /// equal copies again and drop them.
     Trim,
     /// What the VM's interrupt path and queues look like (vCPU run state, local APIC,
     /// IOAPIC pins of the virtio devices, each queue's device and guest indices, the vsock

@@ -751,9 +751,9 @@ impl Sandbox {
 
     /// Gives back the private copies of guest pages whose bytes equal the snapshot image's,
     /// so they are shared with the image again (see `fissile_proto::control`'s `trim`): what
-    /// a restored or forked sandbox wrote as it woke and left as it was. Pauses the VM while
-    /// it compares; refused for a sandbox that is not on an image (booted and never
-    /// snapshotted).
+    /// a restored or forked sandbox wrote as it woke and left as it was. Compares with the VM
+    /// running, then pauses it to compare the equal copies again and drop them; refused for
+    /// a sandbox that is not on an image (booted and never snapshotted).
     pub fn trim(&self) -> Result<TrimReply, SandboxError> {
         let resp = self.control()?.call(&ControlRequest::Trim)?;
         resp.trim

@@ -2271,37 +2271,44 @@ fn guest_api_forks_take_standby_vmms() {
 
     await_standbys(&d, 3, "the standby pool never refilled to the fork's size");
     // Idle for three seconds, a sandbox on a snapshot image is trimmed, once per idle spell
-    // (`--trim-after-s 3`): after a cell in each, the three children and the merged parent
-    // (the only sandboxes) are each trimmed again, then not again while they stay idle
-    // (the counters settle), give back pages they copied that hold the image's bytes again,
-    // and keep their state.
+    // (`--trim-after-s 3`): once no trim is due, a cell in each of the three children and
+    // the merged parent (the only sandboxes) starts a new spell, and each is trimmed exactly
+    // once more, gives back pages it copied that hold the image's bytes again, and keeps
+    // its state.
     let trims = |d: &Daemon| -> (u64, u64) {
         let [n, pages] = d
             .metrics(["fissiled_trims_total", "fissiled_trimmed_pages_total"])
             .unwrap();
         (n.parse().unwrap(), pages.parse().unwrap())
     };
+    // Waits until the counters stop moving (no trim due: every sandbox trimmed in its
+    // idle spell), at least `min` trims in all.
+    let settled = |min: u64| {
+        let mut last = trims(&d);
+        loop {
+            std::thread::sleep(Duration::from_secs(5));
+            let now = trims(&d);
+            if now == last && now.0 >= min {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "trims did not settle: {now:?}");
+            last = now;
+        }
+    };
+    let before = settled(0);
     let cell = "import json\ny = json.dumps({'x': x})";
     for c in children.iter().chain([&parent]) {
         exec(&d, &key, c, json!({ "code": cell }));
     }
-    let before = trims(&d);
-    let mut last = before;
-    loop {
-        std::thread::sleep(Duration::from_secs(5));
-        let now = trims(&d);
-        if now == last && now.0 >= before.0 + 4 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "trims did not settle: {before:?}, then {now:?}"
-        );
-        last = now;
-    }
+    let after = settled(before.0 + 4);
+    assert_eq!(
+        after.0,
+        before.0 + 4,
+        "each sandbox is trimmed once in its idle spell: {before:?}, then {after:?}"
+    );
     assert!(
-        last.1 > before.1,
-        "the trims gave back no pages: {before:?}, then {last:?}"
+        after.1 > before.1,
+        "the trims gave back no pages: {before:?}, then {after:?}"
     );
     for (i, c) in children.iter().enumerate() {
         let x = 100 + i;

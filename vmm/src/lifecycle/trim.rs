@@ -5,9 +5,9 @@
 //! (a lock taken and released, a count raised and lowered). Each is still a private copy:
 //! memory the VM holds alone. Trim compares each copy with the image's page while the VM
 //! runs, then compares the equal ones again with the VM paused and its devices quiet and
-//! drops those, so they are shared with the image (and every other VM mapping it) again. Only VMs on an image (restored, forked, merged, or
-//! booted and snapshotted since); why an image with holes is safe too:
-//! [`crate::memory::GuestRam::drop_unchanged_copies`].
+//! drops those, so they are shared with the image (and every other VM mapping it) again.
+//! Only VMs on an image (restored, forked, merged, or booted and snapshotted since); why an
+//! image with holes is safe too: [`crate::memory::GuestRam::unchanged_copies`].
 
 use fissile_proto::control::{ErrorKind, TrimReply};
 
