@@ -44,6 +44,27 @@ fn eval(sb: &mut Sandbox, code: &str) -> String {
         .to_string()
 }
 
+/// Trims `sb` twice with its VM paused throughout (`what` names it in the log) and returns
+/// the first trim: the copies it drops held the image's bytes, so the memory hashes the same
+/// before and after, and the second trim finds only the copies that differ.
+fn trim_paused(sb: &Sandbox, what: &str) -> fissile_proto::control::TrimReply {
+    let mut ctl = sb.control().unwrap();
+    ctl.pause().unwrap();
+    let before = ctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let trim = sb.trim().unwrap();
+    let after = ctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let again = sb.trim().unwrap();
+    ctl.resume().unwrap();
+    eprintln!("trim of {what}: {trim:?}, then {again:?}");
+    assert_eq!(before, after, "trim changed the guest's memory");
+    assert_eq!(
+        (again.private_pages, again.dropped_pages),
+        (trim.private_pages - trim.dropped_pages, 0),
+        "a second trim: {again:?} after {trim:?}"
+    );
+    trim
+}
+
 /// The kind and message of a refusal by the VMM (fails the test on anything else).
 fn refused(r: Result<impl std::fmt::Debug, SandboxError>) -> (ErrorKind, String) {
     match r {
@@ -275,23 +296,10 @@ fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
     // Trim child 0 right after its wake-up, paused throughout: the copies it drops held the
     // image's bytes, so its memory hashes the same before and after, a second trim finds
     // only the copies that differ, and the child runs on with its state (below).
-    let mut cc = children[0].control().unwrap();
-    cc.pause().unwrap();
-    let before = cc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
-    let trim = children[0].trim().unwrap();
-    let after = cc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
-    let again = children[0].trim().unwrap();
-    cc.resume().unwrap();
-    eprintln!("trim of a fresh fork child: {trim:?}, then {again:?}");
+    let trim = trim_paused(&children[0], "a fresh fork child");
     assert!(
         trim.dropped_pages > 0 && trim.dropped_pages < trim.private_pages,
         "{trim:?}"
-    );
-    assert_eq!(before, after, "trim changed the guest's memory");
-    assert_eq!(
-        (again.private_pages, again.dropped_pages),
-        (trim.private_pages - trim.dropped_pages, 0),
-        "a second trim: {again:?} after {trim:?}"
     );
     let modules = ["json", "decimal", "fractions"];
     for (i, c) in children.iter_mut().enumerate() {
@@ -504,21 +512,8 @@ fn guest_restore_cycles_keep_state_and_persisted_spaces_resume_after_a_snapshotd
     assert_eq!(eval(&mut resumed, "space['answer']"), "42");
     // Then trim it paused throughout: its memory hashes the same before and after, and a
     // second trim finds only the copies that differ.
-    let mut rc = resumed.control().unwrap();
-    rc.pause().unwrap();
-    let before = rc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
-    let trim = resumed.trim().unwrap();
-    let after = rc.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
-    let again = resumed.trim().unwrap();
-    rc.resume().unwrap();
-    eprintln!("trim of a VM restored from the store: {trim:?}, then {again:?}");
+    let trim = trim_paused(&resumed, "a VM restored from the store");
     assert!(trim.dropped_pages > 0, "{trim:?}");
-    assert_eq!(before, after, "trim changed the guest's memory");
-    assert_eq!(
-        (again.private_pages, again.dropped_pages),
-        (trim.private_pages - trim.dropped_pages, 0),
-        "a second trim: {again:?} after {trim:?}"
-    );
     assert_eq!(
         eval(&mut resumed, "hashlib.sha256(buf).hexdigest()[:16]"),
         h0

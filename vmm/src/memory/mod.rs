@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use fissile_snapshotd::client::FaultSession;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MemoryRegionAddress,
 };
 
@@ -90,26 +90,6 @@ pub struct Unchanged {
     pub copies: u64,
     /// Those equal to the image's page (memory offsets / [`PAGE_SIZE`]), in order.
     pub pages: Vec<u64>,
-}
-
-/// Whether page `p` of `region` (at `offset` in guest RAM) holds the bytes of the image's
-/// page (`theirs` and `ours`: a page of scratch each).
-fn equal_to_image(
-    image: &File,
-    region: &GuestRegionMmap<()>,
-    offset: u64,
-    p: u64,
-    theirs: &mut [u8],
-    ours: &mut [u8],
-) -> Result<bool, MemoryError> {
-    let at = p * PAGE_SIZE;
-    image
-        .read_exact_at(theirs, offset + at)
-        .map_err(|e| MemoryError::Copy("reading the image", e))?;
-    region
-        .read_slice(ours, MemoryRegionAddress(at))
-        .map_err(|_| MemoryError::PageOutOfRange(p + offset / PAGE_SIZE))?;
-    Ok(theirs == ours)
 }
 
 /// What backs guest RAM now.
@@ -376,14 +356,14 @@ impl GuestRam {
         let image = self.image()?;
         let mut found = Unchanged::default();
         let (mut theirs, mut ours) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
-        for ((addr, len, offset), region) in self.host_ranges().into_iter().zip(self.memory.iter())
-        {
+        for (addr, len, offset) in self.host_ranges() {
             let copies = dirty::copies_in_memory(addr, len, PAGE_SIZE as usize)
                 .map_err(MemoryError::Pagemap)?;
             found.copies += copies.len() as u64;
             for p in copies {
-                if equal_to_image(image, region, offset, p, &mut theirs, &mut ours)? {
-                    found.pages.push(p + offset / PAGE_SIZE);
+                let page = p + offset / PAGE_SIZE;
+                if self.equal_to_image(image, page, &mut theirs, &mut ours)? {
+                    found.pages.push(page);
                 }
             }
         }
@@ -414,10 +394,10 @@ impl GuestRam {
                 None => Ok(()),
             };
             for &page in pages.iter().filter(|&&p| p >= first && p < end) {
-                let p = page - first;
-                if !equal_to_image(image, region, offset, p, &mut theirs, &mut ours)? {
+                if !self.equal_to_image(image, page, &mut theirs, &mut ours)? {
                     continue;
                 }
+                let p = page - first;
                 dropped += 1;
                 run = match run {
                     Some((q, n)) if q + n == p => Some((q, n + 1)),
@@ -430,6 +410,22 @@ impl GuestRam {
             drop_run(run)?;
         }
         Ok(dropped)
+    }
+
+    /// Whether page `page` of guest RAM (memory offset / [`PAGE_SIZE`]) holds the bytes of
+    /// the image's page (`theirs` and `ours`: a page of scratch each).
+    fn equal_to_image(
+        &self,
+        image: &File,
+        page: u64,
+        theirs: &mut [u8],
+        ours: &mut [u8],
+    ) -> Result<bool, MemoryError> {
+        image
+            .read_exact_at(theirs, page * PAGE_SIZE)
+            .map_err(|e| MemoryError::Copy("reading the image", e))?;
+        self.read_page(page, ours)?;
+        Ok(theirs == ours)
     }
 
     fn image(&self) -> Result<&File, MemoryError> {
@@ -511,6 +507,7 @@ fn advise_huge_pages(memory: &GuestMemory) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn guest_writes_land_in_the_shared_memfd() {
