@@ -165,6 +165,15 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// This thread's zstd decompression context, reused for every record read: a restore's
+    /// prefetch and fault threads read one page at a time, and making a context per page
+    /// cost a quarter of decompressing and verifying it. A frame carries everything its
+    /// decompression needs, so nothing one record leaves in the context affects the next.
+    static UNZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn header_check(first48: &[u8]) -> u32 {
     let h = blake3::hash(first48);
     let b = h.as_bytes();
@@ -215,22 +224,21 @@ pub fn decode_payload(
 ) -> Result<(), RecordError> {
     out.clear();
     if hdr.flags & FLAG_ZSTD != 0 {
-        out.reserve(hdr.raw_len as usize);
-        let mut dec = zstd::bulk::Decompressor::new().map_err(|_| RecordError::Decompress {
+        let failed = || RecordError::Decompress {
             pack: loc.pack,
             offset: loc.offset,
+        };
+        out.reserve(hdr.raw_len as usize);
+        let n = UNZSTD.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new().map_err(|_| failed())?);
+            }
+            let dec = d.as_mut().ok_or_else(failed)?;
+            dec.decompress_to_buffer(payload, out).map_err(|_| failed())
         })?;
-        let n = dec
-            .decompress_to_buffer(payload, out)
-            .map_err(|_| RecordError::Decompress {
-                pack: loc.pack,
-                offset: loc.offset,
-            })?;
         if n != hdr.raw_len as usize {
-            return Err(RecordError::Decompress {
-                pack: loc.pack,
-                offset: loc.offset,
-            });
+            return Err(failed());
         }
     } else {
         out.extend_from_slice(payload);
@@ -504,5 +512,43 @@ mod tests {
         let (recs, _) = scan_pack(&f, 0).unwrap();
         assert_eq!(recs.len(), 1);
         assert!(!recs[0].valid);
+    }
+
+    /// The thread's reused decompression context: a record that fails to decode (a payload
+    /// cut short, garbage, a frame longer than its header says) leaves nothing behind that
+    /// changes how the next one decodes.
+    #[test]
+    fn a_failed_decode_does_not_spoil_the_next() {
+        let page: Vec<u8> = (0..4096u32).map(|i| (i % 13) as u8).collect();
+        let hash = *blake3::hash(&page).as_bytes();
+        let mut rec = Vec::new();
+        encode_record(&hash, &page, &mut rec).unwrap();
+        let hdr = parse_header(&rec).unwrap();
+        assert_ne!(hdr.flags & FLAG_ZSTD, 0, "the page compresses");
+        let payload = rec[RECORD_HEADER_LEN..].to_vec();
+        let loc = Location {
+            pack: 0,
+            offset: 0,
+            stored_len: hdr.stored_len,
+            raw_len: hdr.raw_len,
+        };
+        let mut out = Vec::new();
+        let good = |out: &mut Vec<u8>| {
+            decode_payload(&loc, &hdr, &payload, out).unwrap();
+            assert_eq!(*out, page);
+        };
+        good(&mut out);
+        let short = &payload[..payload.len() / 2];
+        assert!(decode_payload(&loc, &hdr, short, &mut out).is_err());
+        good(&mut out);
+        let garbage: Vec<u8> = payload.iter().map(|b| b ^ 0x5a).collect();
+        assert!(decode_payload(&loc, &hdr, &garbage, &mut out).is_err());
+        good(&mut out);
+        let mut longer = Vec::new();
+        let big: Vec<u8> = page.iter().chain(page.iter()).copied().collect();
+        encode_record(blake3::hash(&big).as_bytes(), &big, &mut longer).unwrap();
+        let mut out = Vec::with_capacity(3 * 4096);
+        assert!(decode_payload(&loc, &hdr, &longer[RECORD_HEADER_LEN..], &mut out).is_err());
+        good(&mut out);
     }
 }
