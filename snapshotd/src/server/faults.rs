@@ -458,7 +458,10 @@ impl Session {
     }
 
     /// Fills each image in its recorded first-touch order, from the session's start: the
-    /// client starts one before its vCPUs run.
+    /// client starts one before its vCPUs run. One thread per image, and more where the
+    /// host has CPUs to spare ([`prefetch_for_host`]): they take the order
+    /// [`PREFETCH_BATCH`] pages at a time from one cursor, so its earliest pages still come
+    /// first.
     fn start_prefetch(&self) -> Vec<std::thread::JoinHandle<()>> {
         let mut threads = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -466,44 +469,106 @@ impl Session {
             if !seen.insert(r.image.id().to_string()) {
                 continue;
             }
-            let order = r.image.touch_order();
+            let order: Arc<[u64]> = r.image.touch_order().into();
             if order.is_empty() {
                 continue;
             }
-            let image = r.image.clone();
-            let stop = self.stop.clone();
-            let stats = self.stats.clone();
-            let spawned = std::thread::Builder::new()
-                .name("snapshotd-prefetch".into())
-                .spawn(move || {
-                    let mut buf = Vec::new();
-                    for page in order {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        // A zero page is written as zeros: the client's touch then maps it
-                        // without a fault, which is what prefetching it is for.
-                        let done = match image.materialize(page, &mut buf) {
-                            Ok(PageState::Present) => Ok(()),
-                            Ok(PageState::Zero) => image.fill_zero_page(page, &mut buf),
-                            Err(e) => Err(e),
-                        };
-                        match done {
-                            Ok(()) => {
-                                stats.prefetched.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
-                                break;
-                            }
-                        }
-                    }
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => tracing::warn!(error = %e, "could not start prefetch"),
+            let next = Arc::new(AtomicUsize::new(0));
+            let wanted = order.len().div_ceil(PREFETCH_BATCH);
+            let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PrefetchSlot::take());
+            for slot in std::iter::once(None).chain(extra.map(Some)) {
+                let (image, order, next) = (r.image.clone(), order.clone(), next.clone());
+                let (stop, stats) = (self.stop.clone(), self.stats.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("snapshotd-prefetch".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        prefetch(&image, &order, &next, &stop, &stats);
+                    });
+                match spawned {
+                    Ok(t) => threads.push(t),
+                    Err(e) => tracing::warn!(error = %e, "could not start prefetch"),
+                }
             }
         }
         threads
+    }
+}
+
+/// Pages a prefetch thread takes from its image's order at a time.
+pub const PREFETCH_BATCH: usize = 16;
+
+/// The most threads that prefetch one image.
+const MAX_PREFETCH_THREADS: usize = 4;
+
+/// Prefetch threads beyond each image's first, on all sessions: at most
+/// [`MAX_PREFETCH_EXTRA`] at once.
+static PREFETCH_EXTRA: AtomicUsize = AtomicUsize::new(0);
+
+/// The host's CPUs less one ([`prefetch_for_host`]); none on a host with one CPU, where
+/// a second thread would only take turns with the first and with the vCPUs it feeds.
+static MAX_PREFETCH_EXTRA: AtomicUsize = AtomicUsize::new(0);
+
+/// Sizes prefetching to this host: images are prefetched by more than one thread only
+/// where there are CPUs beyond one. Call it before the seccomp filter is installed (it
+/// may read cgroup files).
+pub fn prefetch_for_host() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    MAX_PREFETCH_EXTRA.store(cpus - 1, Ordering::Relaxed);
+}
+
+/// An extra prefetch thread's place among [`PREFETCH_EXTRA`], given back when dropped.
+struct PrefetchSlot;
+
+impl PrefetchSlot {
+    fn take() -> Option<PrefetchSlot> {
+        let max = MAX_PREFETCH_EXTRA.load(Ordering::Relaxed);
+        PREFETCH_EXTRA
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PrefetchSlot)
+    }
+}
+
+impl Drop for PrefetchSlot {
+    fn drop(&mut self) {
+        PREFETCH_EXTRA.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One prefetch thread: takes batches of `order` from `next` until none is left, `stop`
+/// is set or a page fails (the rest then fault in as usual).
+fn prefetch(
+    image: &Image,
+    order: &[u64],
+    next: &AtomicUsize,
+    stop: &AtomicBool,
+    stats: &SessionStats,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let from = next.fetch_add(PREFETCH_BATCH, Ordering::Relaxed);
+        let Some(batch) = order.get(from..order.len().min(from + PREFETCH_BATCH)) else {
+            return;
+        };
+        for &page in batch {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            // A zero page is written as zeros: the client's touch then maps it without a
+            // fault, which is what prefetching it is for.
+            let done = match image.materialize(page, &mut buf) {
+                Ok(PageState::Present) => Ok(()),
+                Ok(PageState::Zero) => image.fill_zero_page(page, &mut buf),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
+                return;
+            }
+            stats.prefetched.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }

@@ -212,6 +212,7 @@ impl Server {
 
     /// [`Server::new`] keeping at most `budget` bytes of unused images.
     pub fn with_image_budget(store: Arc<Store>, budget: u64) -> Arc<Server> {
+        faults::prefetch_for_host();
         let (tx, rx) = std::sync::mpsc::channel::<IngestJob>();
         let server = Arc::new(Server {
             store,
