@@ -24,7 +24,8 @@
 //! 4. **private memory per child** right after fork (smaps of each child VMM: the guest-RAM
 //!    pages it copied, its PSS, and the whole process), and again after each child's trim
 //!    (what fissiled does to an idle sandbox: the copies that hold the image's bytes again
-//!    go back to the image). Target < 1 MiB of guest memory per child.
+//!    go back to the image). Target < 1 MiB of guest memory per child. Then again after
+//!    each child ran one exec on its forked state, and after another trim.
 //!
 //! Usage: `lifecycle_bench [restore | fork4 | merge]` (needs KVM; elsewhere `fissile-lab run
 //! -- lifecycle_bench`); `restore` runs part 1 only, `fork4` fork(4) and part 4 only, `merge`
@@ -263,7 +264,9 @@ fn restore_first_exec_in(
         None
     };
     let pf = || kvm_counter("pf_fixed");
+    let sd_cpu = || cpu_ms(sd.pid());
     let before = pf();
+    let sd_before = sd_cpu();
     let t = Instant::now();
     let mut sb = match pre {
         Some(s) => Sandbox::restore_standby(s, id)?,
@@ -271,11 +274,17 @@ fn restore_first_exec_in(
     };
     let ready = t.elapsed();
     let at_ready = pf();
+    let sd_at_ready = sd_cpu();
+    let vmm = sb.pid();
+    let vmm_faults = || vmm.map_or(0, |p| page_faults(p).0);
+    let faults_at_ready = vmm_faults();
     let e = Instant::now();
     eval(&mut sb, "1+1")?;
     let exec = e.elapsed();
     let first = t.elapsed();
     let after_first = pf();
+    let sd_after_first = sd_cpu();
+    let faults_in_exec = vmm_faults().saturating_sub(faults_at_ready);
     let e = Instant::now();
     eval(&mut sb, "1+1")?;
     let second = e.elapsed();
@@ -295,11 +304,16 @@ fn restore_first_exec_in(
         ),
         _ => format!(" | second exec {:.1} ms", ms(second)),
     };
+    // snapshotd's CPU time (user and system, 10 ms ticks): what serving the image cost,
+    // on the lab's one CPU the guest's too.
     let steps = format!(
-        "VMM {} | agent answered {:.1} ms | first exec {:.1} ms{mapped}",
+        "VMM {} | agent answered {:.1} ms (snapshotd CPU {} ms) | first exec {:.1} ms \
+         (snapshotd CPU {} ms, VMM minor faults {faults_in_exec}){mapped}",
         vmm_steps(&cfg.dir),
         ms(ready),
-        ms(exec)
+        sd_at_ready.saturating_sub(sd_before),
+        ms(exec),
+        sd_after_first.saturating_sub(sd_at_ready),
     );
     Ok((first, steps))
 }
@@ -374,7 +388,7 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
     eval(&mut parent, "import numpy, pandas\nx = 41\n1")?;
     let warm = parent.snapshot(true)?.id;
     for &n in ns {
-        let (children, t) = parent.fork(n)?;
+        let (mut children, t) = parent.fork(n)?;
         let ours = t.all_answered_ms;
         // 4. private memory of each child right after fork, before it writes anything.
         if n == 4 {
@@ -430,6 +444,32 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 let top = smaps_top(c.pid().unwrap_or(0), "Private_Dirty", 8);
                 println!("   first child's Private_Dirty by mapping (kB): {top:?}");
             }
+            // And after each child ran one exec on the state it was forked with, before and
+            // after another trim.
+            let guest_anon = |c: &Sandbox| {
+                smaps(c.pid().unwrap_or(0), GUEST_RAM)
+                    .0
+                    .get("Anonymous")
+                    .copied()
+                    .unwrap_or(0)
+            };
+            let mut ran = Vec::new();
+            let mut ran_trimmed = Vec::new();
+            let mut trimmed = Vec::new();
+            for c in &mut children {
+                anyhow::ensure!(eval(c, "x + 1")? == "42", "a child lost its state");
+                ran.push(guest_anon(c));
+            }
+            for c in &children {
+                let t = c.trim()?;
+                trimmed.push(format!("{}/{}", t.dropped_pages, t.private_pages));
+                ran_trimmed.push(guest_anon(c));
+            }
+            // No target of its own: the 1 MiB is for a child that has only answered.
+            println!(
+                "   after one exec each: guest RAM copied (Anonymous) {ran:?} kB; after \
+                 another trim (dropped / private pages: {trimmed:?}) {ran_trimmed:?} kB"
+            );
         }
         let children_dirs: Vec<PathBuf> = children.iter().map(|c| c.dir().to_path_buf()).collect();
         drop(children);
