@@ -44,6 +44,10 @@ def _fissile_main():
     FLUSH_EVERY = 0.02
     state = {"in_cell": False, "critical": 0, "pending_int": False}
     pending = {"s": None, "parts": [], "size": 0}
+    # Set when output waits for the timer: the flusher sleeps on it, so an idle interpreter
+    # wakes nobody (a timer every FLUSH_EVERY would wake an idle sandbox's guest 50 times a
+    # second, and a restored one at once, touching memory it need not touch).
+    flush_due = threading.Event()
 
     def write_all(data):
         view = memoryview(data)
@@ -122,6 +126,8 @@ def _fissile_main():
                 pending["size"] += len(s)
                 if pending["size"] >= FLUSH_AT:
                     flush_pending_locked()
+                elif not flush_due.is_set():
+                    flush_due.set()
             return len(s)
 
         def flush(self):
@@ -150,7 +156,11 @@ def _fissile_main():
 
     def flusher():
         while True:
+            flush_due.wait()
             time.sleep(FLUSH_EVERY)
+            # Cleared before the look at `pending`: output written after the look sets it
+            # again, so none waits for a wake-up that never comes.
+            flush_due.clear()
             if pending["parts"]:
                 try:
                     flush_all()

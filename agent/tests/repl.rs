@@ -120,6 +120,46 @@ fn exec_output_streams_while_the_cell_runs() {
     assert_eq!(seen.concat(), "waiting\nafter\n");
 }
 
+/// An idle interpreter sleeps: its output flusher waits for output rather than waking on a
+/// timer (which would wake an idle sandbox's guest 50 times a second).
+#[test]
+fn an_idle_interpreter_wakes_nobody() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    let pid = c.exec_code("import os\nos.getpid()").unwrap();
+    let pid = pid.result_text().unwrap().to_string();
+    // Output left to the timer: the flusher sends it, then has nothing more to do.
+    let out = c.exec_code("print('tick', end='')").unwrap();
+    assert_eq!(out.stdout(), "tick");
+    // Context switches of every thread of the interpreter's process.
+    let switches = || -> u64 {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        tasks
+            .flatten()
+            .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap_or_default())
+            .flat_map(|s| {
+                s.lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let before = switches();
+    std::thread::sleep(Duration::from_secs(1));
+    let woke = switches() - before;
+    assert!(
+        woke < 10,
+        "an idle interpreter woke {woke} times in a second"
+    );
+    // Output still streams on the timer afterwards.
+    assert_eq!(
+        c.exec_code("print('again', end='')").unwrap().stdout(),
+        "again"
+    );
+}
+
 #[test]
 fn exec_exception_returns_traceback_without_driver_frames() {
     let agent = TestAgent::start();
