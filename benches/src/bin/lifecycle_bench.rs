@@ -382,6 +382,9 @@ fn full_snapshot_baseline(
 /// `fissile-vmm` binary, whose relocated data is a few hundred kB of private pages.)
 const GUEST_RAM: &str = "/memfd:fissile-";
 
+/// How long fork children sit idle while their VMMs' CPU time is measured.
+const IDLE: Duration = Duration::from_secs(5);
+
 fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
     println!("2. fork(n) until every child answered vs full snapshot + n eager full restores");
     let mut parent = Sandbox::boot(&env.cfg(sd))?;
@@ -469,6 +472,23 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
             println!(
                 "   after one exec each: guest RAM copied (Anonymous) {ran:?} kB; after \
                  another trim (dropped / private pages: {trimmed:?}) {ran_trimmed:?} kB"
+            );
+            // What an idle child costs the host's CPU: its VMM's CPU time over a few idle
+            // seconds (10 ms ticks), and its guest RAM copied by the end of them.
+            let cpu: Vec<u64> = children
+                .iter()
+                .map(|c| cpu_ms(c.pid().unwrap_or(0)))
+                .collect();
+            std::thread::sleep(IDLE);
+            let idle_cpu: Vec<u64> = children
+                .iter()
+                .zip(&cpu)
+                .map(|(c, before)| cpu_ms(c.pid().unwrap_or(0)).saturating_sub(*before))
+                .collect();
+            let idle_anon: Vec<u64> = children.iter().map(guest_anon).collect();
+            println!(
+                "   idle for {} s: VMM CPU {idle_cpu:?} ms; guest RAM copied by then {idle_anon:?} kB",
+                IDLE.as_secs()
             );
         }
         let children_dirs: Vec<PathBuf> = children.iter().map(|c| c.dir().to_path_buf()).collect();
