@@ -78,6 +78,30 @@ fn stat_field(pid: u32, n: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// The CPU time (user + system, ms) each thread of process `pid` has taken so far, by
+/// thread name (threads of one name summed), from `/proc/<pid>/task/*/stat`.
+pub fn thread_cpu_ms(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
+        let field = |n: usize| -> u64 {
+            rest.split_whitespace()
+                .nth(n - 3)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        *by_name.entry(name).or_insert(0) += (field(14) + field(15)) * 10;
+    }
+    by_name
+}
+
 /// The minor and major page faults process `pid` has taken (0, 0 if unreadable), from
 /// `/proc/<pid>/stat` (fields 10 and 12).
 pub fn page_faults(pid: u32) -> (u64, u64) {

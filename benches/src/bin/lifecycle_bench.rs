@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fissile_benches::{cpu_ms, eval, kvm_counter, page_faults, smaps, smaps_top};
+use fissile_benches::{cpu_ms, eval, kvm_counter, page_faults, smaps, smaps_top, thread_cpu_ms};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{ChildPlace, Sandbox, SandboxConfig, Snapshotd, Standby};
 use fissile_snapshotd::client::{Client, DaemonStats};
@@ -479,7 +479,17 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 .iter()
                 .map(|c| cpu_ms(c.pid().unwrap_or(0)))
                 .collect();
+            let first = children.first().and_then(Sandbox::pid).unwrap_or(0);
+            let threads = thread_cpu_ms(first);
             std::thread::sleep(IDLE);
+            let by_thread: Vec<(String, u64)> = thread_cpu_ms(first)
+                .into_iter()
+                .map(|(name, ms)| {
+                    let before = threads.get(&name).copied().unwrap_or(0);
+                    (name, ms.saturating_sub(before))
+                })
+                .filter(|(_, ms)| *ms > 0)
+                .collect();
             let idle_cpu: Vec<u64> = children
                 .iter()
                 .zip(&cpu)
@@ -487,7 +497,8 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 .collect();
             let idle_anon: Vec<u64> = children.iter().map(guest_anon).collect();
             println!(
-                "   idle for {} s: VMM CPU {idle_cpu:?} ms; guest RAM copied by then {idle_anon:?} kB",
+                "   idle for {} s: VMM CPU {idle_cpu:?} ms (the first child's by thread: \
+                 {by_thread:?}); guest RAM copied by then {idle_anon:?} kB",
                 IDLE.as_secs()
             );
         }
