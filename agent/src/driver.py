@@ -24,6 +24,7 @@ def _fissile_main():
     import json
     import linecache
     import os
+    import queue
     import signal
     import sys
     import threading
@@ -38,16 +39,19 @@ def _fissile_main():
     ev_fd = 4
     ev_lock = threading.RLock()
     # Output is coalesced per stream and flushed on a stream switch, above FLUSH_AT, on
-    # flush(), at cell end, and by a timer every FLUSH_EVERY seconds so it streams while a
-    # cell runs. Events are capped well below the agent's line cap.
+    # flush(), at cell end, and FLUSH_EVERY seconds after a write left some buffered, so it
+    # streams while a cell runs. Events are capped well below the agent's line cap.
     FLUSH_AT = 32 * 1024
     FLUSH_EVERY = 0.02
-    state = {"in_cell": False, "critical": 0, "pending_int": False}
+    # The flusher sleeps until a write leaves output buffered ("flush_due", set under
+    # ev_lock, one wake-up queued per setting), so an idle interpreter wakes nobody: a timer
+    # every FLUSH_EVERY would wake an idle sandbox's guest 50 times a second, and a restored
+    # one at once. A SimpleQueue, not an Event: its put takes no lock written in Python, so
+    # a trace hook or signal handler that prints in the middle of it cannot deadlock.
+    FLUSHER_IDLE_WAKE = 60.0
+    state = {"in_cell": False, "critical": 0, "pending_int": False, "flush_due": False}
     pending = {"s": None, "parts": [], "size": 0}
-    # Set when output waits for the timer: the flusher sleeps on it, so an idle interpreter
-    # wakes nobody (a timer every FLUSH_EVERY would wake an idle sandbox's guest 50 times a
-    # second, and a restored one at once, touching memory it need not touch).
-    flush_due = threading.Event()
+    flush_wake = queue.SimpleQueue()
 
     def write_all(data):
         view = memoryview(data)
@@ -126,8 +130,9 @@ def _fissile_main():
                 pending["size"] += len(s)
                 if pending["size"] >= FLUSH_AT:
                     flush_pending_locked()
-                elif not flush_due.is_set():
-                    flush_due.set()
+                elif not state["flush_due"]:
+                    state["flush_due"] = True
+                    flush_wake.put(None)
             return len(s)
 
         def flush(self):
@@ -156,11 +161,15 @@ def _fissile_main():
 
     def flusher():
         while True:
-            flush_due.wait()
+            try:
+                flush_wake.get(timeout=FLUSHER_IDLE_WAKE)
+            except queue.Empty:
+                continue
             time.sleep(FLUSH_EVERY)
-            # Cleared before the look at `pending`: output written after the look sets it
-            # again, so none waits for a wake-up that never comes.
-            flush_due.clear()
+            # Cleared before the look at `pending`: a write after the look queues another
+            # wake-up, so no output waits for one that never comes.
+            with ev_lock:
+                state["flush_due"] = False
             if pending["parts"]:
                 try:
                     flush_all()

@@ -92,9 +92,14 @@ fn exec_fd_level_output_of_children_arrives_before_done() {
 fn exec_output_streams_while_the_cell_runs() {
     let agent = TestAgent::start();
     let mut c = agent.client();
-    let flag = agent.path("go");
-    // The cell waits for a file that the test creates only after it has seen the first
-    // line: if output did not stream, the cell would hit its timeout.
+    assert_output_streams(&agent, &mut c, "go");
+}
+
+/// Runs a cell that prints a line without flushing and then waits for a file that the test
+/// creates only after it has seen that line: if output did not stream (the flusher's timer
+/// did not send it), the cell would hit its timeout.
+fn assert_output_streams(agent: &TestAgent, c: &mut fissile_agent::AgentClient, name: &str) {
+    let flag = agent.path(name);
     let code = format!(
         "import os, time\nprint('waiting')\nwhile not os.path.exists({flag:?}):\n    time.sleep(0.005)\nprint('after')",
     );
@@ -121,16 +126,16 @@ fn exec_output_streams_while_the_cell_runs() {
 }
 
 /// An idle interpreter sleeps: its output flusher waits for output rather than waking on a
-/// timer (which would wake an idle sandbox's guest 50 times a second).
+/// timer (which would wake an idle sandbox's guest 50 times a second), and still streams
+/// output on its timer afterwards.
 #[test]
 fn an_idle_interpreter_wakes_nobody() {
     let agent = TestAgent::start();
     let mut c = agent.client();
     let pid = c.exec_code("import os\nos.getpid()").unwrap();
     let pid = pid.result_text().unwrap().to_string();
-    // Output left to the timer: the flusher sends it, then has nothing more to do.
-    let out = c.exec_code("print('tick', end='')").unwrap();
-    assert_eq!(out.stdout(), "tick");
+    // The flusher has sent output on its timer, then has nothing more to do.
+    assert_output_streams(&agent, &mut c, "first");
     // Context switches of every thread of the interpreter's process.
     let switches = || -> u64 {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
@@ -153,11 +158,23 @@ fn an_idle_interpreter_wakes_nobody() {
         woke < 10,
         "an idle interpreter woke {woke} times in a second"
     );
-    // Output still streams on the timer afterwards.
-    assert_eq!(
-        c.exec_code("print('again', end='')").unwrap().stdout(),
-        "again"
-    );
+    // After the idle spell the timer still sends output while a cell runs.
+    assert_output_streams(&agent, &mut c, "again");
+}
+
+/// A trace hook that prints from inside the interpreter's own output path (here as a
+/// `threading.Condition` is entered, with its lock held, as waking the flusher through a
+/// `threading.Event` did: that hung the cell) does not hang it: waking the flusher takes
+/// no lock written in Python, which a nested write could find held.
+#[test]
+fn a_trace_hook_that_prints_does_not_hang_output() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    let code = "import sys\nn = [0]\ndef tr(frame, event, arg):\n    if event == 'return' and frame.f_code.co_name == '__enter__' and type(frame.f_locals.get('self')).__name__ == 'Condition' and n[0] < 5:\n        n[0] += 1\n        print('r', end='')\n    return tr\nsys.settrace(tr)\nprint('x', end='')\nsys.settrace(None)\nn[0]";
+    let out = c.exec(&exec_with_timeout(code, 20_000)).unwrap();
+    assert!(!out.done.timed_out, "the cell hung");
+    assert!(out.error().is_none(), "{:?}", out.error());
+    assert!(out.stdout().contains('x'), "{:?}", out.stdout());
 }
 
 #[test]
