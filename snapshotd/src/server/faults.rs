@@ -474,16 +474,19 @@ impl Session {
                 continue;
             }
             let next = Arc::new(AtomicUsize::new(0));
+            // A page that fails stops all of the image's prefetch threads: the rest of the
+            // order then faults in as usual.
+            let failed = Arc::new(AtomicBool::new(false));
             let wanted = order.len().div_ceil(PREFETCH_BATCH);
             let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PrefetchSlot::take());
             for slot in std::iter::once(None).chain(extra.map(Some)) {
                 let (image, order, next) = (r.image.clone(), order.clone(), next.clone());
-                let (stop, stats) = (self.stop.clone(), self.stats.clone());
+                let (stop, stats, failed) = (self.stop.clone(), self.stats.clone(), failed.clone());
                 let spawned = std::thread::Builder::new()
                     .name("snapshotd-prefetch".into())
                     .spawn(move || {
                         let _slot = slot;
-                        prefetch(&image, &order, &next, &stop, &stats);
+                        prefetch(&image, &order, &next, &stop, &failed, &stats);
                     });
                 match spawned {
                     Ok(t) => threads.push(t),
@@ -539,12 +542,14 @@ impl Drop for PrefetchSlot {
 }
 
 /// One prefetch thread: takes batches of `order` from `next` until none is left, `stop`
-/// is set or a page fails (the rest then fault in as usual).
+/// (the session's) is set, or a page fails here or on another of the image's threads
+/// (`failed`, which this thread sets when one of its pages fails).
 fn prefetch(
     image: &Image,
     order: &[u64],
     next: &AtomicUsize,
     stop: &AtomicBool,
+    failed: &AtomicBool,
     stats: &SessionStats,
 ) {
     let mut buf = Vec::new();
@@ -554,7 +559,7 @@ fn prefetch(
             return;
         };
         for &page in batch {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
                 return;
             }
             // A zero page is written as zeros: the client's touch then maps it without a
@@ -565,10 +570,34 @@ fn prefetch(
                 Err(e) => Err(e),
             };
             if let Err(e) = done {
-                tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
+                if !failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
+                }
                 return;
             }
             stats.prefetched.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Extra prefetch threads take at most the host's share of slots, all sessions
+    /// together, and give each back when they end.
+    #[test]
+    fn extra_prefetch_threads_are_capped_and_give_their_slots_back() {
+        MAX_PREFETCH_EXTRA.store(2, Ordering::Relaxed);
+        let a = PrefetchSlot::take().expect("a first slot");
+        let b = PrefetchSlot::take().expect("a second slot");
+        assert!(PrefetchSlot::take().is_none(), "a third past the cap");
+        drop(a);
+        let c = PrefetchSlot::take().expect("the slot given back");
+        assert_eq!(PREFETCH_EXTRA.load(Ordering::Relaxed), 2);
+        drop((b, c));
+        assert_eq!(PREFETCH_EXTRA.load(Ordering::Relaxed), 0);
+        MAX_PREFETCH_EXTRA.store(0, Ordering::Relaxed);
+        assert!(PrefetchSlot::take().is_none(), "none on a one-CPU host");
     }
 }

@@ -544,6 +544,14 @@ mod tests {
         let garbage: Vec<u8> = payload.iter().map(|b| b ^ 0x5a).collect();
         assert!(decode_payload(&loc, &hdr, &garbage, &mut out).is_err());
         good(&mut out);
+        // A frame whose header is intact and whose blocks are not: decoding gets under way
+        // in the reused context before it fails.
+        let mut torn = payload.clone();
+        for b in &mut torn[8..] {
+            *b ^= 0x5a;
+        }
+        assert!(decode_payload(&loc, &hdr, &torn, &mut out).is_err());
+        good(&mut out);
         let mut longer = Vec::new();
         let big: Vec<u8> = page.iter().chain(page.iter()).copied().collect();
         encode_record(blake3::hash(&big).as_bytes(), &big, &mut longer).unwrap();
