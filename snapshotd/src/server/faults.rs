@@ -52,38 +52,55 @@ pub const SPIN: Duration = Duration::from_micros(50);
 pub fn spin_for_host() -> Duration {
     match std::thread::available_parallelism() {
         Ok(n) if n.get() >= 2 => {
-            MAX_SPINNERS.store(n.get() / 2, Ordering::Relaxed);
+            SPINNERS.set_max(n.get() / 2);
             SPIN
         }
         _ => Duration::ZERO,
     }
 }
 
-/// Sessions spinning now: a session spins only while fewer than [`MAX_SPINNERS`] do, so
-/// bursts on many sessions at once leave CPUs to the threads that fault.
-static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+/// Sessions spinning now: a session spins only while fewer than half the host's CPUs do
+/// ([`spin_for_host`]), so bursts on many sessions at once leave CPUs to the threads that
+/// fault.
+static SPINNERS: Share = Share::new(1);
 
-/// Half the host's CPUs ([`spin_for_host`]).
-static MAX_SPINNERS: AtomicUsize = AtomicUsize::new(1);
+/// Threads doing optional work (spinning, prefetching beyond an image's first thread), all
+/// sessions together: at most `max` at once.
+struct Share {
+    used: AtomicUsize,
+    max: AtomicUsize,
+}
 
-/// A spinning session's place among [`SPINNERS`], given back when dropped.
-struct SpinSlot;
+impl Share {
+    const fn new(max: usize) -> Share {
+        Share {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        }
+    }
 
-impl SpinSlot {
-    fn take() -> Option<SpinSlot> {
-        let max = MAX_SPINNERS.load(Ordering::Relaxed);
-        SPINNERS
+    fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// A place in the share, if one is free; given back when the slot drops.
+    fn take(&'static self) -> Option<ShareSlot> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| SpinSlot)
+            .map(|_| ShareSlot(self))
     }
 }
 
-impl Drop for SpinSlot {
+/// A place taken in a [`Share`].
+struct ShareSlot(&'static Share);
+
+impl Drop for ShareSlot {
     fn drop(&mut self) {
-        SPINNERS.fetch_sub(1, Ordering::AcqRel);
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -342,7 +359,7 @@ impl Session {
             if u.readable
                 && self.drain(&mut events, &mut buf)? > 0
                 && !self.spin.is_zero()
-                && let Some(_slot) = SpinSlot::take()
+                && let Some(_slot) = SPINNERS.take()
             {
                 // The rest of the burst, read as it comes (see the module docs).
                 let mut until = Instant::now() + self.spin;
@@ -478,7 +495,7 @@ impl Session {
             // order then faults in as usual.
             let failed = Arc::new(AtomicBool::new(false));
             let wanted = order.len().div_ceil(PREFETCH_BATCH);
-            let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PrefetchSlot::take());
+            let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PREFETCH_EXTRA.take());
             for slot in std::iter::once(None).chain(extra.map(Some)) {
                 let (image, order, next) = (r.image.clone(), order.clone(), next.clone());
                 let (stop, stats, failed) = (self.stop.clone(), self.stats.clone(), failed.clone());
@@ -504,41 +521,17 @@ pub const PREFETCH_BATCH: usize = 16;
 /// The most threads that prefetch one image.
 const MAX_PREFETCH_THREADS: usize = 4;
 
-/// Prefetch threads beyond each image's first, on all sessions: at most
-/// [`MAX_PREFETCH_EXTRA`] at once.
-static PREFETCH_EXTRA: AtomicUsize = AtomicUsize::new(0);
-
-/// The host's CPUs less one ([`prefetch_for_host`]); none on a host with one CPU, where
-/// a second thread would only take turns with the first and with the vCPUs it feeds.
-static MAX_PREFETCH_EXTRA: AtomicUsize = AtomicUsize::new(0);
+/// Prefetch threads beyond each image's first, all sessions together: at most the host's
+/// CPUs less one ([`prefetch_for_host`]); none on a host with one CPU, where a second
+/// thread would only take turns with the first and with the vCPUs it feeds.
+static PREFETCH_EXTRA: Share = Share::new(0);
 
 /// Sizes prefetching to this host: images are prefetched by more than one thread only
 /// where there are CPUs beyond one. Call it before the seccomp filter is installed (it
 /// may read cgroup files).
 pub fn prefetch_for_host() {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    MAX_PREFETCH_EXTRA.store(cpus - 1, Ordering::Relaxed);
-}
-
-/// An extra prefetch thread's place among [`PREFETCH_EXTRA`], given back when dropped.
-struct PrefetchSlot;
-
-impl PrefetchSlot {
-    fn take() -> Option<PrefetchSlot> {
-        let max = MAX_PREFETCH_EXTRA.load(Ordering::Relaxed);
-        PREFETCH_EXTRA
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| PrefetchSlot)
-    }
-}
-
-impl Drop for PrefetchSlot {
-    fn drop(&mut self) {
-        PREFETCH_EXTRA.fetch_sub(1, Ordering::AcqRel);
-    }
+    PREFETCH_EXTRA.set_max(cpus - 1);
 }
 
 /// One prefetch thread: takes batches of `order` from `next` until none is left, `stop`
@@ -588,16 +581,16 @@ mod tests {
     /// together, and give each back when they end.
     #[test]
     fn extra_prefetch_threads_are_capped_and_give_their_slots_back() {
-        MAX_PREFETCH_EXTRA.store(2, Ordering::Relaxed);
-        let a = PrefetchSlot::take().expect("a first slot");
-        let b = PrefetchSlot::take().expect("a second slot");
-        assert!(PrefetchSlot::take().is_none(), "a third past the cap");
+        PREFETCH_EXTRA.set_max(2);
+        let a = PREFETCH_EXTRA.take().expect("a first slot");
+        let b = PREFETCH_EXTRA.take().expect("a second slot");
+        assert!(PREFETCH_EXTRA.take().is_none(), "a third past the cap");
         drop(a);
-        let c = PrefetchSlot::take().expect("the slot given back");
-        assert_eq!(PREFETCH_EXTRA.load(Ordering::Relaxed), 2);
+        let c = PREFETCH_EXTRA.take().expect("the slot given back");
+        assert_eq!(PREFETCH_EXTRA.used.load(Ordering::Relaxed), 2);
         drop((b, c));
-        assert_eq!(PREFETCH_EXTRA.load(Ordering::Relaxed), 0);
-        MAX_PREFETCH_EXTRA.store(0, Ordering::Relaxed);
-        assert!(PrefetchSlot::take().is_none(), "none on a one-CPU host");
+        assert_eq!(PREFETCH_EXTRA.used.load(Ordering::Relaxed), 0);
+        PREFETCH_EXTRA.set_max(0);
+        assert!(PREFETCH_EXTRA.take().is_none(), "none on a one-CPU host");
     }
 }
