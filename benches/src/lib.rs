@@ -67,15 +67,29 @@ pub fn smaps_top(pid: u32, field: &str, n: usize) -> Vec<(String, u64)> {
     top
 }
 
-/// Field `n` (numbered as in proc(5), from 1) of `/proc/<pid>/stat`; 0 if unreadable.
-fn stat_field(pid: u32, n: usize) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// Field `n` (numbered as in proc(5), from 1) of a `stat` file's text; 0 if absent.
+fn stat_text_field(stat: &str, n: usize) -> u64 {
     // After the `(comm)` field, which may hold spaces: state is field 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     rest.split_whitespace()
         .nth(n - 3)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Field `n` of `/proc/<pid>/stat`; 0 if unreadable.
+fn stat_field(pid: u32, n: usize) -> u64 {
+    stat_text_field(&read_stat(&format!("/proc/{pid}/stat")), n)
+}
+
+fn read_stat(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The CPU time (user + system, ms) in a `stat` file's text: fields 14 and 15, in USER_HZ
+/// ticks (100 a second on Linux).
+fn stat_cpu_ms(stat: &str) -> u64 {
+    (stat_text_field(stat, 14) + stat_text_field(stat, 15)) * 10
 }
 
 /// The CPU time (user + system, ms) each thread of process `pid` has taken so far, by
@@ -86,18 +100,13 @@ pub fn thread_cpu_ms(pid: u32) -> std::collections::BTreeMap<String, u64> {
         return by_name;
     };
     for t in tasks.flatten() {
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
-        let field = |n: usize| -> u64 {
-            rest.split_whitespace()
-                .nth(n - 3)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        *by_name.entry(name).or_insert(0) += (field(14) + field(15)) * 10;
+        let stat = read_stat(&t.path().join("stat").to_string_lossy());
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map_or("", |(n, _)| n)
+            .to_string();
+        *by_name.entry(name).or_insert(0) += stat_cpu_ms(&stat);
     }
     by_name
 }
@@ -111,7 +120,7 @@ pub fn page_faults(pid: u32) -> (u64, u64) {
 /// The CPU time (user + system, ms) process `pid` has taken so far, threads that ended
 /// included (`/proc/<pid>/stat` fields 14 and 15, in USER_HZ ticks: 100 a second on Linux).
 pub fn cpu_ms(pid: u32) -> u64 {
-    (stat_field(pid, 14) + stat_field(pid, 15)) * 10
+    stat_cpu_ms(&read_stat(&format!("/proc/{pid}/stat")))
 }
 
 /// A KVM counter summed over every VM on the host (`/sys/kernel/debug/kvm/<name>`, e.g.

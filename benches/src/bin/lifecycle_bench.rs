@@ -394,6 +394,28 @@ fn full_snapshot_baseline(
 /// `fissile-vmm` binary, whose relocated data is a few hundred kB of private pages.)
 const GUEST_RAM: &str = "/memfd:fissile-";
 
+/// The guest RAM `sb`'s VMM has copied (smaps `Anonymous` of its guest RAM, kB).
+fn guest_anon(sb: &Sandbox) -> u64 {
+    smaps(sb.pid().unwrap_or(0), GUEST_RAM)
+        .0
+        .get("Anonymous")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Trims each of `children`: what each trim dropped of its private pages (`dropped/private`),
+/// how long it paused its VM (ms), and the guest RAM each has copied afterwards (kB).
+fn trim_each(children: &[Sandbox]) -> anyhow::Result<(Vec<String>, Vec<String>, Vec<u64>)> {
+    let (mut trimmed, mut paused, mut anon) = (Vec::new(), Vec::new(), Vec::new());
+    for c in children {
+        let t = c.trim()?;
+        trimmed.push(format!("{}/{}", t.dropped_pages, t.private_pages));
+        paused.push(format!("{:.1}", t.paused_ms));
+        anon.push(guest_anon(c));
+    }
+    Ok((trimmed, paused, anon))
+}
+
 /// How long fork children sit idle while their VMMs' CPU time is measured.
 const IDLE: Duration = Duration::from_secs(5);
 
@@ -435,16 +457,7 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
             );
             // The same children after a trim: each VMM drops its copies whose bytes ended as
             // they were in the image (a lock taken and released, a count raised and lowered).
-            let mut trimmed = Vec::new();
-            let mut trim_paused = Vec::new();
-            let mut anon_after = Vec::new();
-            for c in &children {
-                let t = c.trim()?;
-                trimmed.push(format!("{}/{}", t.dropped_pages, t.private_pages));
-                trim_paused.push(format!("{:.1}", t.paused_ms));
-                let (guest, _) = smaps(c.pid().unwrap_or(0), GUEST_RAM);
-                anon_after.push(guest.get("Anonymous").copied().unwrap_or(0));
-            }
+            let (trimmed, trim_paused, anon_after) = trim_each(&children)?;
             println!(
                 "   after a trim (copies equal to the image dropped / private pages: {trimmed:?}; \
                  paused {trim_paused:?} ms): guest RAM copied (Anonymous) {anon_after:?} kB \
@@ -461,25 +474,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
             }
             // And after each child ran one exec on the state it was forked with, before and
             // after another trim.
-            let guest_anon = |c: &Sandbox| {
-                smaps(c.pid().unwrap_or(0), GUEST_RAM)
-                    .0
-                    .get("Anonymous")
-                    .copied()
-                    .unwrap_or(0)
-            };
             let mut ran = Vec::new();
-            let mut ran_trimmed = Vec::new();
-            let mut trimmed = Vec::new();
             for c in &mut children {
                 anyhow::ensure!(eval(c, "x + 1")? == "42", "a child lost its state");
                 ran.push(guest_anon(c));
             }
-            for c in &children {
-                let t = c.trim()?;
-                trimmed.push(format!("{}/{}", t.dropped_pages, t.private_pages));
-                ran_trimmed.push(guest_anon(c));
-            }
+            let (trimmed, _, ran_trimmed) = trim_each(&children)?;
             // No target of its own: the 1 MiB is for a child that has only answered.
             println!(
                 "   after one exec each: guest RAM copied (Anonymous) {ran:?} kB; after \

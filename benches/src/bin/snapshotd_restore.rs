@@ -1,8 +1,8 @@
 //! Restore-to-first-touch of a 1 GiB image through snapshotd, against reading the same bytes
 //! from a plain file (an eager restore). Also the time to fault in every page lazily, the
 //! store's share of it (and its reads of pages that compress, as a guest's do, which the
-//! random memory does not: this binary's own file), and a guest-like working set (1,600 scattered pages, what a lab
-//! guest touched from its restore to its first result) touched on a fresh image first
+//! random memory does not: this binary's own file), and a guest-like working set (1,600
+//! scattered pages, what a lab guest touched from its restore to its first result) touched on a fresh image first
 //! through userfaultfd alone, then again on another fresh image with the first-touch order
 //! that first session recorded prefetched.
 

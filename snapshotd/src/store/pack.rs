@@ -163,9 +163,6 @@ thread_local! {
     /// 4 KiB page with it — 30% of a first ingest's time.
     static ZSTD: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
         const { std::cell::RefCell::new(None) };
-}
-
-thread_local! {
     /// This thread's zstd decompression context, reused for every record read: a restore's
     /// prefetch and fault threads read one page at a time, and making a context per page
     /// cost a quarter of decompressing and verifying it. A frame carries everything its
