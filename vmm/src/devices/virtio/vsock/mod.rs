@@ -98,9 +98,12 @@ fn event_loop(
 ) {
     crate::seccomp::enter(crate::seccomp::ThreadClass::Vsock);
     let mut events = vec![EpollEvent::default(); 64];
+    let mut wait = muxer::TICK;
     loop {
-        // A timeout, so housekeeping (a transport-reset wait) runs without guest activity.
-        let n = match epoll.wait(500, &mut events) {
+        // A timeout, so housekeeping (a transport-reset wait) runs without guest activity;
+        // long when no timer is armed (a timer armed meanwhile wakes the wait).
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        let n = match epoll.wait(ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -112,6 +115,7 @@ fn event_loop(
             return;
         }
         let mut b = lock(backend);
+        b.woke();
         if b.is_paused() {
             // A snapshot is being taken: leave host data in the sockets and sleep until the
             // pause ends or the device goes away (a VM stopped while paused); the wait
@@ -133,6 +137,7 @@ fn event_loop(
             b.handle_event(ev.fd(), ev.event_set());
         }
         b.tick();
+        wait = b.next_wait();
     }
 }
 

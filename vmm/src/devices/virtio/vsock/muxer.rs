@@ -11,9 +11,12 @@
 //! Bounded time (Firecracker's connection timers): a host client must finish its `CONNECT`
 //! line within [`HANDSHAKE_TIMEOUT`]; the guest must answer a connection request within
 //! [`CONN_REQUEST_TIMEOUT`]; a connection the guest closed must drain to the host within
-//! [`CONN_SHUTDOWN_TIMEOUT`]. [`VsockBackend::tick`] (the event thread, at least every 500 ms)
-//! reaps what overstays. Connecting to a host listener for a guest connection never blocks
-//! (a full backlog resets the guest's request), so a vCPU thread never waits on a host.
+//! [`CONN_SHUTDOWN_TIMEOUT`]. [`VsockBackend::tick`] (the event thread, every [`TICK`] while a
+//! timer is armed) reaps what overstays. With no timer armed the event thread sleeps until a
+//! host socket or the guest needs it (at most [`IDLE_WAIT`]), so an idle VM's VMM does not
+//! wake twice a second; a timer armed meanwhile on another thread wakes it. Connecting to a
+//! host listener for a guest connection never blocks (a full backlog resets the guest's
+//! request), so a vCPU thread never waits on a host.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -28,6 +31,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{CONN_BUF_ALLOC, ConnState, Connection};
 use super::packet::*;
@@ -67,6 +71,12 @@ pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection the guest shut down may take to drain to the host.
 pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often the event thread runs [`VsockBackend::tick`] while a timer is armed.
+pub const TICK: Duration = Duration::from_millis(500);
+/// The event thread's longest sleep with no timer armed (nothing is due then: this only
+/// bounds the wait).
+pub const IDLE_WAIT: Duration = Duration::from_secs(30);
+
 /// Event id: transport reset (virtio 1.2, 5.10.6.5).
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
@@ -84,6 +94,8 @@ pub type ConnKey = (u32, u32);
 enum Owner {
     Listener,
     Wakeup,
+    /// The backend's own eventfd: a timer was armed while the event thread slept.
+    TimerKick,
     Handshake,
     Conn(ConnKey),
 }
@@ -128,6 +140,10 @@ pub struct VsockBackend {
     deferred: Vec<(UnixStream, u32)>,
     /// A transport reset is owed since a restore (sent on resume).
     owe_reset: bool,
+    /// Written when a timer is armed while the event thread sleeps [`IDLE_WAIT`].
+    timer_kick: EventFd,
+    /// The event thread chose [`IDLE_WAIT`] for its current sleep (no timer was armed).
+    sleeping: bool,
 }
 
 /// Creating the backend failed.
@@ -163,8 +179,19 @@ impl VsockBackend {
                 EpollEvent::new(EventSet::IN, fd as u64),
             )
             .map_err(VsockError::Epoll)?;
+        let timer_kick =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Epoll)?;
+        let kick_fd = timer_kick.as_raw_fd();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                kick_fd,
+                EpollEvent::new(EventSet::IN, kick_fd as u64),
+            )
+            .map_err(VsockError::Epoll)?;
         let mut owners = HashMap::new();
         owners.insert(fd, Owner::Listener);
+        owners.insert(kick_fd, Owner::TimerKick);
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -183,7 +210,42 @@ impl VsockBackend {
             reset_pending: None,
             deferred: Vec::new(),
             owe_reset: false,
+            timer_kick,
+            sleeping: false,
         })
+    }
+
+    /// True while a timer runs: a transport reset waiting for its acknowledgement, a
+    /// handshake, a held host client, or a connection with a deadline.
+    pub fn timers_armed(&self) -> bool {
+        self.reset_pending.is_some()
+            || !self.handshakes.is_empty()
+            || !self.deferred.is_empty()
+            || self.conns.values().any(|c| c.deadline.is_some())
+    }
+
+    /// How long the event thread may sleep before its next [`VsockBackend::tick`]: [`TICK`]
+    /// while a timer is armed, else [`IDLE_WAIT`], and then a timer armed on another thread
+    /// before the thread wakes again wakes it through the backend's kick eventfd.
+    pub fn next_wait(&mut self) -> Duration {
+        self.sleeping = !self.timers_armed();
+        if self.sleeping { IDLE_WAIT } else { TICK }
+    }
+
+    /// Called by the event thread, under the lock, as it wakes.
+    pub fn woke(&mut self) {
+        self.sleeping = false;
+    }
+
+    /// Wakes an event thread in its long sleep when a timer has been armed since: every
+    /// entry point other threads call (queue notifications, pause and resume) ends here.
+    fn kick_if_armed(&mut self) {
+        if self.sleeping && self.timers_armed() {
+            self.sleeping = false;
+            if let Err(e) = self.timer_kick.write(1) {
+                tracing::warn!(error = %e, "vsock: waking the event thread failed");
+            }
+        }
     }
 
     /// Registers an fd whose readiness only wakes the loop (e.g. a stop eventfd).
@@ -254,6 +316,7 @@ impl VsockBackend {
                 self.reset_done();
             }
         }
+        self.kick_if_armed();
     }
 
     /// Owes the guest a transport reset, delivered when the VM runs again (after a restore).
@@ -318,6 +381,10 @@ impl VsockBackend {
         match self.owners.get(&fd).copied() {
             Some(Owner::Listener) => self.accept_all(),
             Some(Owner::Wakeup) | None => {}
+            Some(Owner::TimerKick) => {
+                // Level-triggered: drain it, or every wait would end at once.
+                let _ = self.timer_kick.read();
+            }
             Some(Owner::Handshake) => self.read_handshake(fd),
             Some(Owner::Conn(key)) => self.conn_ready(key, events),
         }
@@ -596,6 +663,7 @@ impl VsockBackend {
             self.reset_done();
         }
         self.process_rx();
+        self.kick_if_armed();
     }
 
     /// Handles every packet the guest has sent (at most one queue's worth per call).
@@ -857,8 +925,20 @@ impl VsockBackend {
         None
     }
 
-    /// Tells the guest driver that all connections are gone (after restore/fork).
+    /// Tells the guest driver that all connections are gone (after restore/fork); the
+    /// acknowledgement timer runs from now.
     pub fn send_transport_reset(&mut self) -> bool {
+        let sent = self.write_reset_event();
+        if sent {
+            self.reset_pending = Some(Instant::now());
+            self.kick_if_armed();
+        }
+        sent
+    }
+
+    /// Drops every connection and puts a transport-reset event in the guest's event queue;
+    /// true when the guest got it.
+    fn write_reset_event(&mut self) -> bool {
         self.drop_all_connections();
         let Some(active) = self.active.as_mut() else {
             return false;
@@ -880,9 +960,6 @@ impl VsockBackend {
         };
         let _ = evq.add_used(mem, head, written as u32);
         active.irq.trigger(INT_VRING);
-        if written == 4 {
-            self.reset_pending = Some(Instant::now());
-        }
         written == 4
     }
 }

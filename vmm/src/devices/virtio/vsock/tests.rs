@@ -830,3 +830,84 @@ fn bytes_sent_with_the_connect_line_reach_the_guest_once_it_accepts_after_a_rese
         "what followed the line, whole and in order"
     );
 }
+
+/// With no timer armed the event thread may sleep long; any timer arms the short tick, and
+/// one armed from another thread while the thread sleeps wakes it through the kick eventfd,
+/// which the event handler drains.
+#[test]
+fn the_event_thread_sleeps_long_only_with_no_timer_armed() {
+    let mut r = rig();
+    r.give_rx_buffers(4);
+    assert!(!r.backend.timers_armed());
+    assert_eq!(r.backend.next_wait(), muxer::IDLE_WAIT);
+
+    // A transport reset armed (as a resume does, on another thread) while it sleeps.
+    r.post_event_buffer();
+    assert!(r.backend.send_transport_reset());
+    assert!(r.backend.timers_armed());
+    let mut events = vec![EpollEvent::default(); 8];
+    let n = r.epoll.wait(0, &mut events).unwrap();
+    assert_eq!(n, 1, "the kick wakes the sleeping thread");
+    r.backend.woke();
+    r.backend
+        .handle_event(events[0].fd(), events[0].event_set());
+    assert_eq!(
+        r.epoll.wait(0, &mut events).unwrap(),
+        0,
+        "the kick was drained"
+    );
+    assert_eq!(r.backend.next_wait(), muxer::TICK);
+
+    // The guest acknowledges; a host client's handshake arms its own timer.
+    r.post_event_buffer();
+    r.backend.notify(2);
+    assert_eq!(r.backend.next_wait(), muxer::IDLE_WAIT);
+    let _client = UnixStream::connect(&r.path).unwrap();
+    let n = r.epoll.wait(1000, &mut events).unwrap();
+    r.backend.woke();
+    for ev in &events[..n] {
+        r.backend.handle_event(ev.fd(), ev.event_set());
+    }
+    assert_eq!(r.backend.next_wait(), muxer::TICK, "a handshake is timed");
+}
+
+/// The device's own event thread, asleep with no timer armed, still ends a transport-reset
+/// wait the guest never acknowledges on time: the resume that armed it woke the thread.
+#[test]
+fn a_reset_armed_while_the_event_thread_sleeps_still_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    let mem = test_memory();
+    let rx = TestQueue::new(&mem, 0x10_0000, 64);
+    let tx = TestQueue::new(&mem, 0x20_0000, 64);
+    let mut ev = TestQueue::new(&mem, 0x30_0000, 4);
+    let head = ev.add_chain(&mem, &[(0xf0_0000, 4, true)]);
+    ev.publish(&mem, head);
+    dev.activate(
+        mem.clone(),
+        vec![rx.queue(), tx.queue(), ev.queue()],
+        test_irq(),
+    )
+    .unwrap();
+    // Let the thread finish its first tick and go to its long sleep.
+    std::thread::sleep(Duration::from_millis(700));
+    dev.restored();
+    dev.quiesce(true);
+    dev.quiesce(false);
+    assert!(
+        !dev.debug_state().contains("reset_pending None"),
+        "the reset went out: {}",
+        dev.debug_state()
+    );
+    // The guest never re-posts an event buffer: the wait ends after its timeout and a tick.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !dev.debug_state().contains("reset_pending None") {
+        assert!(
+            Instant::now() < deadline,
+            "the reset wait did not end: {}",
+            dev.debug_state()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
