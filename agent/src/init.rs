@@ -66,6 +66,7 @@ pub fn init_guest() {
         Ok(()) => USER_CGROUP_READY.store(true, Ordering::Relaxed),
         Err(e) => tracing::error!(error = %e, "no user cgroup; user code runs without limits"),
     }
+    quiet_kernel_timers();
     if let Err(e) = sys::sethostname(GUEST_HOSTNAME) {
         tracing::error!(error = %e, "sethostname failed");
     }
@@ -84,6 +85,34 @@ pub fn init_guest() {
     };
     if let Err(e) = std::env::set_current_dir(home) {
         tracing::error!(error = %e, "chdir failed");
+    }
+}
+
+/// Kernel housekeeping that wakes an idle guest, made rarer: every wake-up of every idle
+/// sandbox, warm-pool member and fork child costs host CPU.
+/// * `vm.stat_interval` 1 s → 10 s: the vmstat shepherd's wake-up. An idle CPU folds its
+///   counters as it goes idle anyway, so they lag little.
+/// * the neighbour tables' probe interval 5 s → 60 s: their `managed_work` re-arms itself
+///   at that interval whether or not any entry is managed (none is here).
+const QUIET_SYSCTLS: [(&str, &str); 3] = [
+    ("/proc/sys/vm/stat_interval", "10"),
+    (
+        "/proc/sys/net/ipv4/neigh/default/interval_probe_time_ms",
+        "60000",
+    ),
+    (
+        "/proc/sys/net/ipv6/neigh/default/interval_probe_time_ms",
+        "60000",
+    ),
+];
+
+fn quiet_kernel_timers() {
+    for (path, value) in QUIET_SYSCTLS {
+        if let Err(e) = fs::write(path, value)
+            && Path::new(path).exists()
+        {
+            tracing::warn!(error = %e, path, "cannot set a sysctl");
+        }
     }
 }
 
