@@ -172,23 +172,11 @@ impl VsockBackend {
             .set_nonblocking(true)
             .map_err(|e| VsockError::Bind(uds_path.to_path_buf(), e))?;
         let fd = listener.as_raw_fd();
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, fd as u64),
-            )
-            .map_err(VsockError::Epoll)?;
+        watch_readable(&epoll, fd).map_err(VsockError::Epoll)?;
         let timer_kick =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Epoll)?;
         let kick_fd = timer_kick.as_raw_fd();
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                kick_fd,
-                EpollEvent::new(EventSet::IN, kick_fd as u64),
-            )
-            .map_err(VsockError::Epoll)?;
+        watch_readable(&epoll, kick_fd).map_err(VsockError::Epoll)?;
         let mut owners = HashMap::new();
         owners.insert(fd, Owner::Listener);
         owners.insert(kick_fd, Owner::TimerKick);
@@ -250,11 +238,7 @@ impl VsockBackend {
 
     /// Registers an fd whose readiness only wakes the loop (e.g. a stop eventfd).
     pub fn add_wakeup_fd(&mut self, fd: RawFd) -> std::io::Result<()> {
-        self.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, fd as u64),
-        )?;
+        watch_readable(&self.epoll, fd)?;
         self.owners.insert(fd, Owner::Wakeup);
         Ok(())
     }
@@ -341,8 +325,9 @@ impl VsockBackend {
             .map(|q| format!("avail {} used {}", q.next_avail(), q.next_used()))
             .collect();
         format!(
-            "paused {}, owe_reset {}, reset_pending {:?}, deferred {}, handshakes {}, control queued {}, active {}, queues [{}], conns [{}]",
+            "paused {}, sleeping {}, owe_reset {}, reset_pending {:?}, deferred {}, handshakes {}, control queued {}, active {}, queues [{}], conns [{}]",
             self.paused,
+            self.sleeping,
             self.owe_reset,
             self.reset_pending.map(|t| t.elapsed()),
             self.deferred.len(),
@@ -405,8 +390,7 @@ impl VsockBackend {
                         continue;
                     }
                     let fd = stream.as_raw_fd();
-                    let ev = EpollEvent::new(EventSet::IN, fd as u64);
-                    if self.epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
+                    if watch_readable(&self.epoll, fd).is_err() {
                         continue;
                     }
                     self.owners.insert(fd, Owner::Handshake);
@@ -962,6 +946,15 @@ impl VsockBackend {
         active.irq.trigger(INT_VRING);
         written == 4
     }
+}
+
+/// Adds `fd` to `epoll`, level-triggered for reading, with the fd as its token.
+fn watch_readable(epoll: &Epoll, fd: RawFd) -> std::io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, fd as u64),
+    )
 }
 
 /// A non-blocking stream connected to the unix socket at `path`, or an error at once (no

@@ -890,8 +890,16 @@ fn a_reset_armed_while_the_event_thread_sleeps_still_times_out() {
         test_irq(),
     )
     .unwrap();
-    // Let the thread finish its first tick and go to its long sleep.
-    std::thread::sleep(Duration::from_millis(700));
+    // The thread finishes its first tick and goes to its long sleep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dev.debug_state().contains("sleeping true") {
+        assert!(
+            Instant::now() < deadline,
+            "never slept: {}",
+            dev.debug_state()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     dev.restored();
     dev.quiesce(true);
     dev.quiesce(false);
