@@ -15,8 +15,8 @@ use crate::in_lab;
 /// The command line `fissile-vmm` gives its guest, minus its own `virtio_mmio.device=`
 /// entries (QEMU adds its own).
 pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux \
-                           i8042.nomux i8042.dumbkbd tsc=nowatchdog root=/dev/vda ro \
-                           rootfstype=ext4 init=/usr/sbin/fissile-agent";
+                           i8042.nomux i8042.dumbkbd clocksource=kvm-clock tsc=nowatchdog \
+                           root=/dev/vda ro rootfstype=ext4 init=/usr/sbin/fissile-agent";
 
 /// A running QEMU, killed and reaped on drop.
 #[derive(Debug)]

@@ -239,8 +239,9 @@ fn guest_vmm_boots_the_image_and_the_agent_serves_python_over_vsock() {
 }
 
 /// An idle guest seldom wakes its vCPU: no clocksource watchdog (`tsc=nowatchdog` on the
-/// VMM's command line), the vmstat shepherd every 10 s and the neighbour tables' probe work
-/// every minute (the agent's sysctls), no timer in the agent or the interpreter. Counted in
+/// VMM's command line; the clocksource is kvm-clock, `clocksource=kvm-clock`, checked here),
+/// the vmstat shepherd every 10 s and the neighbour tables' probe work every minute (the
+/// agent's sysctls, checked here), no timer in the agent or the interpreter. Counted in
 /// the guest: local timer interrupts (a wake-up takes about two: its timer and one tick
 /// before the CPU idles again) from one cell to another 10 s later. Every wake-up of every
 /// idle sandbox costs host CPU.
@@ -260,8 +261,8 @@ fn guest_vmm_an_idle_guest_seldom_wakes() {
     let local_timer_interrupts = |sb: &mut Sandbox| -> u64 {
         let out = sb
             .exec(
-                "print(next(l.split()[1] for l in open('/proc/interrupts') \
-                 if l.split()[0] == 'LOC:'))",
+                "print(next(sum(int(n) for n in l.split()[1:] if n.isdigit()) \
+                 for l in open('/proc/interrupts') if l.split()[0] == 'LOC:'))",
             )
             .unwrap();
         assert!(out.error().is_none(), "{:?}", out.outputs);
@@ -275,6 +276,10 @@ fn guest_vmm_an_idle_guest_seldom_wakes() {
         )
         .unwrap();
     assert_eq!(out.stdout().trim(), "10 60000", "the agent's sysctls");
+    let out = sb
+        .exec("print(open('/sys/devices/system/clocksource/clocksource0/current_clocksource').read())")
+        .unwrap();
+    assert_eq!(out.stdout().trim(), "kvm-clock", "the guest's clocksource");
     std::thread::sleep(Duration::from_secs(2));
     let before = local_timer_interrupts(&mut sb);
     std::thread::sleep(IDLE);

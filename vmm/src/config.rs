@@ -8,10 +8,13 @@ use serde::{Deserialize, Serialize};
 /// Kernel command line used when nothing else is configured. `root`, `rootfstype` and `init`
 /// are appended separately so they can be overridden.
 ///
-/// `tsc=nowatchdog`: the guest keeps time with kvm-clock, and the clocksource watchdog
-/// checking the TSC against it would wake every guest, idle or not, twice a second.
+/// `clocksource=kvm-clock`: the guest keeps time with kvm-clock, which a restore sets
+/// (`KVM_SET_CLOCK`) and which stays right on a host whose TSC runs at another rate; a 6.12
+/// guest would otherwise prefer an invariant TSC. `tsc=nowatchdog`: the clocksource watchdog
+/// checking the TSC against kvm-clock would wake every guest, idle or not, twice a second.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux \
-                                   i8042.nomux i8042.dumbkbd tsc=nowatchdog";
+                                   i8042.nomux i8042.dumbkbd clocksource=kvm-clock \
+                                   tsc=nowatchdog";
 /// Default root filesystem type.
 pub const DEFAULT_ROOT_FSTYPE: &str = "ext4";
 /// Default init program inside the guest.
@@ -336,8 +339,8 @@ mod tests {
         assert_eq!(
             line,
             "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux \
-             i8042.dumbkbd tsc=nowatchdog root=/dev/vda ro rootfstype=ext4 init=/sbin/init \
-             loglevel=4"
+             i8042.dumbkbd clocksource=kvm-clock tsc=nowatchdog root=/dev/vda ro \
+             rootfstype=ext4 init=/sbin/init loglevel=4"
         );
     }
 
