@@ -281,14 +281,43 @@ fn guest_vmm_an_idle_guest_seldom_wakes() {
         .unwrap();
     assert_eq!(out.stdout().trim(), "kvm-clock", "the guest's clocksource");
     std::thread::sleep(Duration::from_secs(2));
+    let vmm = sb.pid().unwrap();
     let before = local_timer_interrupts(&mut sb);
+    let vsock_before = thread_switches(vmm, "fissile-vsock");
     std::thread::sleep(IDLE);
+    let vsock_woke = thread_switches(vmm, "fissile-vsock") - vsock_before;
     let woke = local_timer_interrupts(&mut sb) - before;
-    eprintln!("an idle guest took {woke} local timer interrupts in {IDLE:?}");
+    eprintln!(
+        "an idle guest took {woke} local timer interrupts in {IDLE:?}; its VMM's vsock thread \
+         woke {vsock_woke} times"
+    );
+    // The host side: with no timer armed the VMM's vsock thread sleeps (it used to wake
+    // every 500 ms).
+    assert!(
+        vsock_woke <= 3,
+        "the VMM's vsock thread woke {vsock_woke} times in {IDLE:?} of idling"
+    );
     assert!(
         woke <= MOST,
         "an idle guest took {woke} local timer interrupts in {IDLE:?} (at most {MOST})"
     );
+}
+
+/// Context switches so far of the thread named `name` in process `pid`.
+fn thread_switches(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap().trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        return status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+            .sum();
+    }
+    panic!("no thread {name} in process {pid}");
 }
 
 /// User code runs in the guest's `user` cgroup: a memory hog is OOM-killed there (the REPL
