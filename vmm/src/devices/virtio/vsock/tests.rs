@@ -919,3 +919,42 @@ fn a_reset_armed_while_the_event_thread_sleeps_still_times_out() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A deadline armed on a vCPU thread (the guest closes a connection whose data has not
+/// drained to a host client that does not read) wakes an event thread in its long sleep.
+#[test]
+fn a_deadline_armed_by_a_queue_notification_wakes_the_sleeping_event_thread() {
+    let mut r = rig();
+    let (_client, local) = r.connect(CONN_BUF_ALLOC);
+    // More than the host socket holds: the rest waits in the connection.
+    let chunk = vec![7u8; muxer::MAX_PKT_PAYLOAD];
+    for _ in 0..(CONN_BUF_ALLOC as usize / chunk.len()) {
+        let hdr = guest_hdr(local, OP_RW, chunk.len() as u32, CONN_BUF_ALLOC, 0);
+        r.guest_send(hdr, &chunk);
+    }
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = r.epoll.wait(0, &mut events).unwrap();
+        if n == 0 {
+            break;
+        }
+        for ev in &events[..n] {
+            r.backend.handle_event(ev.fd(), ev.event_set());
+        }
+    }
+    assert_eq!(r.backend.next_wait(), muxer::IDLE_WAIT, "no timer yet");
+
+    let mut hdr = guest_hdr(local, OP_SHUTDOWN, 0, CONN_BUF_ALLOC, 0);
+    hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    r.guest_send(hdr, &[]);
+
+    assert_eq!(
+        r.backend.connection_state((local, GUEST_PORT)),
+        Some(ConnState::PeerClosing),
+        "the data is still draining"
+    );
+    assert!(
+        r.epoll.wait(0, &mut events).unwrap() >= 1,
+        "the kick wakes the sleeping thread"
+    );
+}
