@@ -12,11 +12,11 @@ use fissile_proto::agent::{AGENT_READY_PORT, AGENT_VSOCK_PORT};
 
 use crate::in_lab;
 
-/// The command line `fissile-vmm` gives its guest, minus its own `virtio_mmio.device=`
-/// entries (QEMU adds its own).
-pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux \
-                           i8042.nomux i8042.dumbkbd clocksource=kvm-clock tsc=nowatchdog \
-                           root=/dev/vda ro rootfstype=ext4 init=/usr/sbin/fissile-agent";
+/// The command line `fissile-vmm` gives its guest with its default configuration, minus its
+/// own `virtio_mmio.device=` entries (QEMU adds its own).
+fn cmdline(kernel: &Path, rootfs: &Path) -> String {
+    fissile_vmm::config::VmConfig::new(kernel, rootfs).base_cmdline()
+}
 
 /// A running QEMU, killed and reaped on drop.
 #[derive(Debug)]
@@ -52,7 +52,8 @@ pub fn microvm(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32, mem_mib: u64)
     }
     cmd.arg("-kernel")
         .arg(kernel)
-        .args(["-append", CMDLINE])
+        .arg("-append")
+        .arg(cmdline(kernel, rootfs))
         .arg("-drive")
         .arg(format!(
             "id=root,file={},format=raw,if=none,readonly=on",
