@@ -891,15 +891,7 @@ fn a_reset_armed_while_the_event_thread_sleeps_still_times_out() {
     )
     .unwrap();
     // The thread finishes its first tick and goes to its long sleep.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !dev.debug_state().contains("sleeping true") {
-        assert!(
-            Instant::now() < deadline,
-            "never slept: {}",
-            dev.debug_state()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_state(&dev, "sleeping true", Duration::from_secs(5));
     dev.restored();
     dev.quiesce(true);
     dev.quiesce(false);
@@ -909,14 +901,19 @@ fn a_reset_armed_while_the_event_thread_sleeps_still_times_out() {
         dev.debug_state()
     );
     // The guest never re-posts an event buffer: the wait ends after its timeout and a tick.
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while !dev.debug_state().contains("reset_pending None") {
+    wait_for_state(&dev, "reset_pending None", Duration::from_secs(6));
+}
+
+/// Polls the device's one-line state until it contains `what`; fails after `within`.
+fn wait_for_state(dev: &Vsock, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !dev.debug_state().contains(what) {
         assert!(
             Instant::now() < deadline,
-            "the reset wait did not end: {}",
+            "no {what:?} within {within:?}: {}",
             dev.debug_state()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
