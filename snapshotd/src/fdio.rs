@@ -86,6 +86,22 @@ pub fn write_msg<T: Serialize>(
     Ok(())
 }
 
+/// Writes one snapshotd frame on `stream` without waiting: all of it, or an error
+/// (`WouldBlock` when the peer's buffer is full) and nothing written.
+pub fn send_msg_nowait<T: Serialize>(stream: &UnixStream, msg: &T) -> Result<(), FrameError> {
+    let buf = frame::encode_frame(SNAPSHOTD_PROTOCOL_VERSION, msg)?;
+    let sent = crate::sys::send_nowait(stream.as_fd(), &buf).map_err(FrameError::Io)?;
+    if sent != buf.len() {
+        // A stream socket takes a frame this small whole or not at all; should one be split,
+        // the stream is no longer framed and its reader sees the error.
+        return Err(FrameError::Io(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("sent {sent} of a {}-byte frame", buf.len()),
+        )));
+    }
+    Ok(())
+}
+
 impl Read for FdStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut iov = [libc::iovec {

@@ -132,7 +132,7 @@ pub fn host_shmem_hazard() -> Option<String> {
     })
 }
 
-/// Readiness of one fd after [`poll2`].
+/// Readiness of one fd after [`poll`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ready {
     /// Readable.
@@ -141,34 +141,51 @@ pub struct Ready {
     pub hangup: bool,
 }
 
-/// Polls two fds for input with a timeout in milliseconds.
-pub fn poll2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(Ready, Ready)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+/// Polls `fds` for input with a timeout in milliseconds (negative: none); a negative fd is
+/// skipped (never ready). Interrupted by a signal, it reports nothing ready.
+pub fn poll<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[Ready; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `pfds` is a valid array of N pollfd structs for the duration of the call.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok((Ready::default(), Ready::default()));
+            return Ok([Ready::default(); N]);
         }
         return Err(e);
     }
-    let conv = |p: &libc::pollfd| Ready {
+    Ok(pfds.map(|p| Ready {
         readable: p.revents & libc::POLLIN != 0,
         hangup: p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+    }))
+}
+
+/// Polls two fds for input with a timeout in milliseconds ([`poll`]).
+pub fn poll2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(Ready, Ready)> {
+    let [ra, rb] = poll([a, b], timeout_ms)?;
+    Ok((ra, rb))
+}
+
+/// Sends `buf` on the connected socket `fd` without blocking and without SIGPIPE; returns
+/// how many bytes went (`WouldBlock` if none could).
+pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call; `fd` is open.
+    let r = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     };
-    Ok((conv(&fds[0]), conv(&fds[1])))
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
 }
 
 /// A memory mapping owned by this process, unmapped on drop.

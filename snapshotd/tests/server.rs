@@ -228,14 +228,14 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
     lazy.mapping().read_at(PS, &mut buf); // served while the prefetch runs
     wait_prefetched(&lazy, 7);
     // Exactly the seven pages touched first, nothing else.
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(one_beat());
     assert_eq!(lazy.session().progress().1, 7);
     // They map with no fault, the zero page too: only page 1's fault so far.
     for p in [8usize, 201] {
         lazy.mapping().read_at(p * PS, &mut buf);
         assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
     }
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(one_beat());
     assert_eq!(lazy.session().progress(), (1, 7));
     for p in 0..256 {
         lazy.mapping().read_at(p * PS, &mut buf);
@@ -1449,39 +1449,103 @@ fn wakeups_of_threads(pid: u32, prefix: &str) -> (usize, u64) {
     (threads, switches)
 }
 
+/// An idle fault session sleeps in poll(2) with no timeout; a daemon stopping in-process
+/// (as the benchmarks stop theirs) still ends it, through its shutdown eventfd.
 #[test]
-fn an_idle_fault_session_wakes_the_daemon_once_a_heartbeat_not_in_a_poll_loop() {
+fn a_shutdown_ends_fault_sessions_asleep_in_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(fissile_snapshotd::store::Store::open(&dir.path().join("store")).unwrap());
+    let server = fissile_snapshotd::server::Server::new(store);
+    let socket = dir.path().join("s.sock");
+    let listener = fissile_snapshotd::server::Server::bind(&socket).unwrap();
+    let serving = server.clone();
+    std::thread::spawn(move || serving.serve(listener));
+    let mut c = Client::connect(&socket).unwrap();
+    let mem = memory(5, 16, 1);
+    let id = create(&mut c, &mem, CreateOptions::default());
+    let lazy = LazyMemory::restore(Client::connect(&socket).unwrap(), &id, None).unwrap();
+    let mut buf = vec![0u8; PS];
+    lazy.mapping().read_at(0, &mut buf);
+    assert!(buf == mem[..PS]);
+    // Asleep now (its first-touch recording stays open for 30 s).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lazy.session().failure(), None);
+    server.shutdown();
+    let failure = lazy.session().wait_failure(Duration::from_secs(10));
+    assert!(
+        failure
+            .as_deref()
+            .is_some_and(|f| f.contains("connection closed")),
+        "the session did not end: {failure:?}"
+    );
+}
+
+/// Long enough for a session's client to hear a heartbeat sent after now.
+fn one_beat() -> Duration {
+    Duration::from_millis(fissile_proto::snapshotd::HEARTBEAT_INTERVAL_MS + 300)
+}
+
+#[test]
+fn idle_fault_sessions_wake_the_daemon_once_a_heartbeat_for_them_all() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
     let mut c = d.client();
     let mem = memory(9, 64, 1);
     let id = create(&mut c, &mem, CreateOptions::default());
-    let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+    drop(c); // its connection thread ends
+    let sessions = 4;
+    let lazies: Vec<LazyMemory> = (0..sessions)
+        .map(|_| LazyMemory::restore(d.client(), &id, None).unwrap())
+        .collect();
     let mut buf = vec![0u8; PS];
-    lazy.mapping().read_at(0, &mut buf);
+    for lazy in &lazies {
+        lazy.mapping().read_at(0, &mut buf);
+        assert!(buf == mem[..PS]);
+    }
     let pid = d.child.id();
-    // The session (and its heartbeat thread) starts on the daemon's side of the handshake.
+    // The heartbeat thread starts with the first session on the daemon's side; the create's
+    // connection thread ends.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while wakeups_of_threads(pid, "snapshotd-heart").0 == 0 && Instant::now() < deadline {
+    while (wakeups_of_threads(pid, "snapshotd-heart").0 == 0
+        || wakeups_of_threads(pid, "snapshotd-conn").0 != sessions)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (threads, before) = wakeups_of_threads(pid, "snapshotd-heart");
     let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
         .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
         .collect();
-    assert_eq!(threads, 1, "one session, one heartbeat thread: {names:?}");
-
-    std::thread::sleep(Duration::from_secs(4));
-
-    let (_, after) = wakeups_of_threads(pid, "snapshotd-heart");
-    let beats = 4000 / fissile_proto::snapshotd::HEARTBEAT_INTERVAL_MS;
-    // A beat is one wake-up (plus, rarely, a contended lock); polling every 20 ms was 200.
-    assert!(
-        after - before <= 2 * beats + 2,
-        "the idle heartbeat thread woke {} times in 4 s ({beats} beats)",
-        after - before
+    let (hearts, heart_before) = wakeups_of_threads(pid, "snapshotd-heart");
+    assert_eq!(
+        hearts, 1,
+        "{sessions} sessions, one heartbeat thread: {names:?}"
     );
-    assert_eq!(lazy.session().failure(), None, "the client still hears it");
+    // Each session is served on its connection's thread.
+    let (conns, conn_before) = wakeups_of_threads(pid, "snapshotd-conn");
+    assert_eq!(conns, sessions, "{names:?}");
+
+    let idle_ms = 6000;
+    std::thread::sleep(Duration::from_millis(idle_ms));
+
+    let heart = wakeups_of_threads(pid, "snapshotd-heart").1 - heart_before;
+    let conn = wakeups_of_threads(pid, "snapshotd-conn").1 - conn_before;
+    let beats = idle_ms / fissile_proto::snapshotd::HEARTBEAT_INTERVAL_MS;
+    // A beat is one wake-up (plus, rarely, a contended lock) for all sessions; a thread per
+    // session woke `sessions` times a beat, and fault threads polling with a timeout once
+    // each a beat more.
+    assert!(
+        heart <= 2 * beats + 2,
+        "the heartbeat thread woke {heart} times in {idle_ms} ms ({beats} beats)"
+    );
+    assert!(
+        conn <= 2,
+        "{sessions} idle fault threads woke {conn} times in {idle_ms} ms"
+    );
+    for lazy in &lazies {
+        assert_eq!(lazy.session().failure(), None, "the client still hears it");
+        lazy.mapping().read_at(PS, &mut buf);
+        assert!(buf == mem[PS..2 * PS], "still served");
+    }
 }

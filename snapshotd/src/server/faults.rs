@@ -4,8 +4,10 @@
 //! this thread polls the uffd and the session socket, resolves each fault by materializing
 //! the page in the shared image memfd and waking the faulting thread (or `UFFDIO_ZEROPAGE`
 //! for zero pages), and ends when the client closes the socket, the uffd hangs up, or the
-//! daemon shuts down. Heartbeats come from a thread of their own, so a slow batch of store
-//! reads on this one never looks like a dead page server to the client.
+//! daemon shuts down. Heartbeats come from the daemon's heartbeat thread
+//! ([`super::heartbeat`]), so a slow batch of store reads on this one never looks like a dead
+//! page server to the client. Between faults the thread sleeps in poll(2) with no timeout
+//! (the daemon's shutdown eventfd wakes it), or until its first-touch recording closes.
 //!
 //! **Bursts.** A guest faults in bursts (a restore's working set, a new heap). After serving a
 //! fault the thread keeps reading the uffd for [`SPIN`] before it sleeps in poll(2) again, so
@@ -29,9 +31,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fissile_proto::snapshotd::{HEARTBEAT_INTERVAL_MS, Response};
+use fissile_proto::snapshotd::Response;
 use userfaultfd::{Event, EventBuffer, Uffd};
 
+use super::Shutdown;
+use super::heartbeat::{Heart, Pulse};
 use super::image::{Image, MaterializeError, PageState};
 use crate::fdio;
 use crate::sys;
@@ -194,8 +198,8 @@ pub struct Session {
     uffd: Uffd,
     regions: Vec<SessionRegion>,
     socket: UnixStream,
-    /// Serializes writes to the session socket (heartbeats vs. the final failure report).
-    writer: Arc<Mutex<()>>,
+    /// The session's heartbeats (and the lock its final failure report takes).
+    pulse: Option<Arc<Pulse>>,
     stats: Arc<SessionStats>,
     stop: Arc<AtomicBool>,
     /// The daemon's count of faults served (this session's are added when it ends).
@@ -232,13 +236,23 @@ impl Session {
                 });
             }
         }
+        let stats = Arc::new(SessionStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let pulse = match socket.try_clone() {
+            Ok(s) => Some(Arc::new(Pulse::new(s, stats.clone(), stop.clone()))),
+            Err(e) => {
+                // Its client reports the silence and stops its VM.
+                tracing::error!(error = %e, "cannot clone the session socket for heartbeats");
+                None
+            }
+        };
         Session {
             uffd,
             regions,
             socket,
-            writer: Arc::new(Mutex::new(())),
-            stats: Arc::new(SessionStats::default()),
-            stop: Arc::new(AtomicBool::new(false)),
+            pulse,
+            stats,
+            stop,
             served_total,
             started: Instant::now(),
             recording,
@@ -247,24 +261,27 @@ impl Session {
         }
     }
 
-    /// Serves faults until the client goes away or `shutdown` is set. A failure is reported
-    /// to the client as [`Response::SessionFailed`] before returning it.
-    pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
-        let heart = self.start_heartbeat();
+    /// Serves faults until the client goes away or `shutdown` is set, with `heart` beating
+    /// for it. A failure is reported to the client as [`Response::SessionFailed`] before
+    /// returning it.
+    pub fn run(mut self, shutdown: &Shutdown, heart: &Heart) -> Result<(), SessionError> {
+        if let Some(p) = &self.pulse {
+            heart.add(p);
+        }
         let prefetchers = self.start_prefetch();
         let res = self.serve(shutdown);
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = heart {
-            h.thread().unpark();
-            let _ = h.join();
-        }
+        // No beat from here on: the heart looks at `stop` under this lock.
+        let pulse = self.pulse.take();
+        let guard = pulse.as_ref().map(|p| p.write_lock());
         if let Err(e) = &res {
             let msg = Response::SessionFailed {
                 message: crate::error_chain(e),
             };
-            let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = fdio::write_msg(&self.socket, &msg, None);
         }
+        drop(guard);
+        drop(pulse);
         // The client has its answer; now what may wait (prefetch threads stop within one
         // page; storing an order may wait for the store's writer lock).
         for p in prefetchers {
@@ -290,50 +307,20 @@ impl Session {
         res
     }
 
-    /// Sends a heartbeat every [`HEARTBEAT_INTERVAL_MS`] until the session stops or the
-    /// client is gone.
-    fn start_heartbeat(&self) -> Option<std::thread::JoinHandle<()>> {
-        let socket = self.socket.try_clone().ok()?;
-        let (stop, stats, writer) = (self.stop.clone(), self.stats.clone(), self.writer.clone());
-        let beat = Duration::from_millis(HEARTBEAT_INTERVAL_MS);
-        std::thread::Builder::new()
-            .name("snapshotd-heartbeat".into())
-            .spawn(move || {
-                let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    // Asleep until the next beat (`run` unparks it to stop): an idle session
-                    // costs its host one wake-up a beat, not one every few milliseconds.
-                    let due = beat.saturating_sub(last.elapsed());
-                    if !due.is_zero() {
-                        std::thread::park_timeout(due);
-                        continue;
-                    }
-                    last = Instant::now();
-                    let hb = Response::Heartbeat {
-                        faults: stats.faults.load(Ordering::Relaxed),
-                        prefetched: stats.prefetched.load(Ordering::Relaxed),
-                    };
-                    let _guard = writer.lock().unwrap_or_else(|p| p.into_inner());
-                    if fdio::write_msg(&socket, &hb, None).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| tracing::error!(error = %e, "cannot start the heartbeat thread"))
-            .ok()
-    }
-
-    fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), SessionError> {
+    fn serve(&mut self, shutdown: &Shutdown) -> Result<(), SessionError> {
         // The client made it, and a read must never block this thread (the client could
         // read the event first): ours is non-blocking whatever it chose.
         sys::set_nonblocking(self.uffd.as_fd()).map_err(SessionError::NonBlocking)?;
         let mut events = EventBuffer::new(64);
         let mut buf = Vec::new();
-        while !shutdown.load(Ordering::Relaxed) {
-            let (u, s) = sys::poll2(
-                self.uffd.as_raw_fd(),
-                self.socket.as_raw_fd(),
-                HEARTBEAT_INTERVAL_MS as i32,
+        while !shutdown.is_set() {
+            let [u, s, _] = sys::poll(
+                [
+                    self.uffd.as_raw_fd(),
+                    self.socket.as_raw_fd(),
+                    shutdown.wake_fd(),
+                ],
+                self.poll_timeout_ms(shutdown),
             )
             .map_err(SessionError::Poll)?;
             if !self.recording.is_empty() && self.started.elapsed() >= RECORD_WINDOW {
@@ -363,7 +350,7 @@ impl Session {
             {
                 // The rest of the burst, read as it comes (see the module docs).
                 let mut until = Instant::now() + self.spin;
-                while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
+                while Instant::now() < until && !shutdown.is_set() {
                     if self.drain(&mut events, &mut buf)? > 0 {
                         until = Instant::now() + self.spin;
                     } else {
@@ -373,6 +360,19 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// How long `serve` may sleep in poll(2): until the first-touch recording closes, if
+    /// one is open; else for good, unless the daemon has no shutdown eventfd to wake it
+    /// (then a second at a time, to look at the flag).
+    fn poll_timeout_ms(&self, shutdown: &Shutdown) -> i32 {
+        let forever = if shutdown.wake_fd() < 0 { 1000 } else { -1 };
+        if self.recording.is_empty() {
+            return forever;
+        }
+        let left = RECORD_WINDOW.saturating_sub(self.started.elapsed());
+        let ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+        if forever < 0 { ms } else { ms.min(forever) }
     }
 
     /// Reads the uffd's pending events (none if it has none) and serves them; returns how

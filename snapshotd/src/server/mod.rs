@@ -12,6 +12,7 @@
 //! in use (a VM restored lazily from it, a layered child) cannot be deleted.
 
 pub mod faults;
+pub mod heartbeat;
 pub mod image;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +34,7 @@ use fissile_proto::snapshotd::{
 use userfaultfd::Uffd;
 
 use self::faults::{Session, SessionRegion};
+use self::heartbeat::Heart;
 use self::image::{Image, Images};
 use crate::fdio::FdStream;
 use crate::store::manifest::BlobRef;
@@ -97,7 +99,9 @@ pub enum ServeError {
 pub struct Server {
     store: Arc<Store>,
     images: Images,
-    shutdown: AtomicBool,
+    shutdown: Shutdown,
+    /// Beats for every fault session.
+    heart: Heart,
     connections: AtomicUsize,
     /// The gid of jailed VMMs, admitted besides root and our own uid
     /// ([`Server::bind_for_group`]).
@@ -119,6 +123,48 @@ pub struct Server {
     spin_us: AtomicU64,
     /// Wakes the housekeeping thread after a delete ([`Server::start_housekeeping`]).
     compact_wake: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
+}
+
+/// The daemon's stop signal: a flag that its loops look at, and an eventfd that wakes the
+/// fault sessions asleep in poll(2).
+#[derive(Debug)]
+pub struct Shutdown {
+    flag: AtomicBool,
+    /// Readable once set (never read, so it stays readable); `None` if it could not be
+    /// made, and sessions then look at the flag once a second.
+    wake: Option<vmm_sys_util::eventfd::EventFd>,
+}
+
+impl Shutdown {
+    fn new() -> Shutdown {
+        let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| tracing::warn!(error = %e, "no shutdown eventfd; fault sessions poll"))
+            .ok();
+        Shutdown {
+            flag: AtomicBool::new(false),
+            wake,
+        }
+    }
+
+    /// Whether the daemon is stopping.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        if let Some(w) = &self.wake
+            && let Err(e) = w.write(1)
+        {
+            tracing::warn!(error = %e, "waking fault sessions for the shutdown");
+        }
+    }
+
+    /// The eventfd to poll for readability, or -1 (poll(2) skips it) if there is none.
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.wake.as_ref().map_or(-1, |w| w.as_raw_fd())
+    }
 }
 
 /// Gives a connection slot back when a connection thread ends, however it ends.
@@ -221,7 +267,8 @@ impl Server {
             grants: Mutex::new(HashMap::new()),
             faults_served: Arc::new(AtomicU64::new(0)),
             spin_us: AtomicU64::new(faults::spin_for_host().as_micros() as u64),
-            shutdown: AtomicBool::new(false),
+            shutdown: Shutdown::new(),
+            heart: Heart::new(),
             connections: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
             ingested: Condvar::new(),
@@ -262,7 +309,7 @@ impl Server {
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                     let Some(server) = weak.upgrade() else { return };
-                    if server.shutdown.load(Ordering::Relaxed) {
+                    if server.shutdown.is_set() {
                         return;
                     }
                     if let Some(policy) = &policy
@@ -396,7 +443,7 @@ impl Server {
                 .wait_timeout(pending, Duration::from_millis(500))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-            if self.shutdown.load(Ordering::Relaxed) {
+            if self.shutdown.is_set() {
                 return Err(Fail(ErrorCode::Internal, "daemon shutting down".into()));
             }
         }
@@ -514,7 +561,7 @@ impl Server {
     /// Accepts connections forever (until [`Server::shutdown`]).
     pub fn serve(self: &Arc<Server>, listener: UnixListener) -> Result<(), ServeError> {
         for conn in listener.incoming() {
-            if self.shutdown.load(Ordering::Relaxed) {
+            if self.shutdown.is_set() {
                 break;
             }
             let conn = match conn {
@@ -550,9 +597,9 @@ impl Server {
             .store(spin.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// Asks every loop to stop (fault sessions end within one heartbeat interval).
+    /// Asks every loop to stop (fault sessions asleep in poll(2) wake at once).
     pub fn shutdown(&self) {
-        self.shutdown.store(true, Ordering::Relaxed);
+        self.shutdown.set();
     }
 
     fn handle_connection(&self, stream: UnixStream) {
@@ -643,7 +690,7 @@ impl Server {
                         self.faults_served.clone(),
                         Duration::from_micros(self.spin_us.load(Ordering::Relaxed)),
                     );
-                    if let Err(e) = session.run(&self.shutdown) {
+                    if let Err(e) = session.run(&self.shutdown, &self.heart) {
                         tracing::warn!(error = %crate::error_chain(&e), "fault session failed");
                     }
                     return;
