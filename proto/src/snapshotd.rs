@@ -50,10 +50,11 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_REGIONS: usize = 64;
 /// Most snapshots listed in one `List` reply.
 pub const MAX_LIST: usize = 2048;
-/// Interval of fault-session heartbeats: each costs a wake-up of three threads (the
-/// daemon's heartbeat and fault threads, the client's watchdog) per idle session, and there
-/// may be thousands of idle children; 15 beats fit in [`HEARTBEAT_TIMEOUT_MS`].
-pub const HEARTBEAT_INTERVAL_MS: u64 = 1000;
+/// Interval of fault-session heartbeats. A beat wakes each idle session's client watchdog
+/// (there may be thousands of idle children) and the daemon's one heartbeat thread; 7 beats
+/// fit in [`HEARTBEAT_TIMEOUT_MS`], so a heartbeat kept off a CPU for 13 s still raises no
+/// false alarm. Either side may change it as long as it stays well under the timeout.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 2000;
 /// A client that hears nothing for this long declares the page server gone. A daemon that
 /// dies closes the session socket, which the client sees at once; this bound is only for a
 /// daemon that is alive but stuck, so it is generous: a loaded host (or the lab, 10-50x
