@@ -111,6 +111,54 @@ pub fn thread_cpu_ms(pid: u32) -> std::collections::BTreeMap<String, u64> {
     by_name
 }
 
+/// How often each thread of process `pid` has been switched out so far (voluntary and
+/// involuntary context switches: about once per wake-up), by thread name (threads of one
+/// name summed), from `/proc/<pid>/task/*/status`.
+pub fn thread_switches(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let name = field_text(&status, "Name:");
+        *by_name.entry(name).or_insert(0) +=
+            field("voluntary_ctxt_switches:") + field("nonvoluntary_ctxt_switches:");
+    }
+    by_name
+}
+
+fn field_text(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map_or(String::new(), |v| v.trim().to_string())
+}
+
+/// What grew between two by-name readings (`before`, `after`), names that did not left out.
+pub fn grown(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: std::collections::BTreeMap<String, u64>,
+) -> Vec<(String, u64)> {
+    after
+        .into_iter()
+        .map(|(name, n)| {
+            let was = before.get(&name).copied().unwrap_or(0);
+            (name, n.saturating_sub(was))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 /// The minor and major page faults process `pid` has taken (0, 0 if unreadable), from
 /// `/proc/<pid>/stat` (fields 10 and 12).
 pub fn page_faults(pid: u32) -> (u64, u64) {

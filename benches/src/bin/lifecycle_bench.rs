@@ -38,7 +38,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fissile_benches::{cpu_ms, eval, kvm_counter, page_faults, smaps, smaps_top, thread_cpu_ms};
+use fissile_benches::{
+    cpu_ms, eval, grown, kvm_counter, page_faults, smaps, smaps_top, thread_cpu_ms, thread_switches,
+};
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{ChildPlace, Sandbox, SandboxConfig, Snapshotd, Standby};
 use fissile_snapshotd::client::{Client, DaemonStats};
@@ -493,15 +495,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 .collect();
             let first = children.first().and_then(Sandbox::pid).unwrap_or(0);
             let threads = thread_cpu_ms(first);
+            let (vmm_sw, sd_sw) = (thread_switches(first), thread_switches(sd.pid()));
             std::thread::sleep(IDLE);
-            let by_thread: Vec<(String, u64)> = thread_cpu_ms(first)
-                .into_iter()
-                .map(|(name, ms)| {
-                    let before = threads.get(&name).copied().unwrap_or(0);
-                    (name, ms.saturating_sub(before))
-                })
-                .filter(|(_, ms)| *ms > 0)
-                .collect();
+            let by_thread = grown(&threads, thread_cpu_ms(first));
+            let vmm_woke = grown(&vmm_sw, thread_switches(first));
+            // The daemon serves every child's fault session (and the parent's).
+            let sd_woke = grown(&sd_sw, thread_switches(sd.pid()));
             let idle_cpu: Vec<u64> = children
                 .iter()
                 .zip(&cpu)
@@ -512,6 +511,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 "   idle for {} s: VMM CPU {idle_cpu:?} ms (the first child's by thread: \
                  {by_thread:?}); guest RAM copied by then {idle_anon:?} kB",
                 IDLE.as_secs()
+            );
+            println!(
+                "   idle for {} s, thread wake-ups (context switches): the first child's VMM \
+                 {vmm_woke:?}; snapshotd, for all {} children and the parent {sd_woke:?}",
+                IDLE.as_secs(),
+                children.len()
             );
         }
         let children_dirs: Vec<PathBuf> = children.iter().map(|c| c.dir().to_path_buf()).collect();
