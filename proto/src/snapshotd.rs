@@ -317,7 +317,7 @@ pub enum Response {
         images: u64,
         /// Memory those images hold.
         image_bytes: u64,
-        /// Faults served since the daemon started.
+        /// Faults served since the daemon started, by running fault sessions too.
         faults_served: u64,
     },
     /// The fault session runs.

@@ -202,7 +202,8 @@ pub struct Session {
     pulse: Option<Arc<Pulse>>,
     stats: Arc<SessionStats>,
     stop: Arc<AtomicBool>,
-    /// The daemon's count of faults served (this session's are added when it ends).
+    /// The daemon's count of faults served by ended sessions (this one's are added when it
+    /// stops serving).
     served_total: Arc<AtomicU64>,
     /// When the session started (for [`RECORD_WINDOW`]).
     started: Instant,
@@ -271,6 +272,10 @@ impl Session {
         let prefetchers = self.start_prefetch();
         let res = self.serve(shutdown);
         self.stop.store(true, Ordering::Relaxed);
+        // Final now (only `serve` counts faults): the daemon's total takes them over from
+        // the heart's sum of live sessions, which skips a stopped one.
+        let faults = self.stats.faults.load(Ordering::Relaxed);
+        self.served_total.fetch_add(faults, Ordering::Relaxed);
         // No beat from here on: the heart looks at `stop` under this lock.
         let pulse = self.pulse.take();
         let guard = pulse.as_ref().map(|p| p.write_lock());
@@ -297,8 +302,6 @@ impl Session {
                 tracing::error!("a thread storing a first-touch order panicked");
             }
         }
-        let faults = self.stats.faults.load(Ordering::Relaxed);
-        self.served_total.fetch_add(faults, Ordering::Relaxed);
         tracing::info!(
             faults,
             prefetched = self.stats.prefetched.load(Ordering::Relaxed),

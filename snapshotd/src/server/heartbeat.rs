@@ -121,6 +121,18 @@ impl Heart {
         self.shared.changed.notify_all();
     }
 
+    /// Faults served so far by the sessions still serving (not stopped).
+    pub fn live_faults(&self) -> u64 {
+        self.shared
+            .lock()
+            .pulses
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|p| !p.stop.load(Ordering::Relaxed))
+            .map(|p| p.stats.faults.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Sessions beaten for now (those not yet dropped).
     pub fn sessions(&self) -> usize {
         self.shared

@@ -116,7 +116,8 @@ pub struct Server {
     /// Background ingest jobs, run one at a time in commit order (a layered snapshot's parent
     /// is always ingested before it).
     ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
-    /// Faults served by sessions that have ended (live ones add theirs).
+    /// Faults served by sessions that have stopped serving (live ones are counted by
+    /// [`Heart::live_faults`]).
     faults_served: Arc<AtomicU64>,
     /// How long fault sessions keep reading after a fault, in microseconds
     /// ([`faults::spin_for_host`], [`Server::set_fault_spin`]).
@@ -1130,7 +1131,8 @@ impl Server {
                     pack_bytes: s.pack_bytes,
                     images: images as u64,
                     image_bytes,
-                    faults_served: self.faults_served.load(Ordering::Relaxed),
+                    faults_served: self.faults_served.load(Ordering::Relaxed)
+                        + self.heart.live_faults(),
                 })
             }
             Request::Memory => {
