@@ -426,9 +426,14 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
     let mut parent = Sandbox::boot(&env.cfg(sd))?;
     eval(&mut parent, "import numpy, pandas\nx = 41\n1")?;
     let warm = parent.snapshot(true)?.id;
+    let served =
+        || -> anyhow::Result<u64> { Ok(Client::connect(sd.socket())?.stats()?.faults_served) };
     for &n in ns {
+        let before = served()?;
         let (mut children, t) = parent.fork(n)?;
         let ours = t.all_answered_ms;
+        // Pages the children's guests touched that were not in the layer's image yet.
+        let faults = served()?.saturating_sub(before);
         // 4. private memory of each child right after fork, before it writes anything.
         if n == 4 {
             // Anonymous = the child's own copies of guest pages (copy-on-write). A page it only
@@ -523,12 +528,14 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
         drop(children);
         // The same fork into n VMMs started ahead of time (a warm pool of them).
         let pool = standbys(env, sd, n)?;
+        let pool_before = served()?;
         let (outcomes, pt) = parent.fork_each_with(
             pool.into_iter()
                 .map(|s| ChildPlace::Standby(Box::new(s)))
                 .collect(),
         )?;
         let pooled: Vec<Sandbox> = outcomes.into_iter().collect::<Result<_, _>>()?;
+        let pool_faults = served()?.saturating_sub(pool_before);
         if let (Some(a), Some(b)) = (children_dirs.first(), pooled.first()) {
             println!("   first child's VMM steps: new process {}", vmm_steps(a));
             println!(
@@ -540,8 +547,8 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
         let base = full_snapshot_baseline(env, sd, &warm, n)?;
         let r = ours / ms(base);
         println!(
-            "   fork({n:>2}): {ours:>9.1} ms (VMM {:.1} ms, paused {:.1} ms, {} dirty pages) \
-             baseline {:>9.1} ms  ratio {r:.3}x{}",
+            "   fork({n:>2}): {ours:>9.1} ms (VMM {:.1} ms, paused {:.1} ms, {} dirty pages, \
+             {faults} faults served through userfaultfd) baseline {:>9.1} ms  ratio {r:.3}x{}",
             t.vmm_ms,
             t.snapshot.paused_ms,
             t.snapshot.dirty_pages,
@@ -557,7 +564,7 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
         );
         let rp = pt.all_answered_ms / ms(base);
         println!(
-            "   fork({n:>2}) into {n} pre-started VMMs: {:>9.1} ms (VMM {:.1} ms, requests sent              {:.1} ms) ratio {rp:.3}x, {:.2}x the fork without them{}",
+            "   fork({n:>2}) into {n} pre-started VMMs: {:>9.1} ms (VMM {:.1} ms, requests sent              {:.1} ms, {pool_faults} faults served through userfaultfd) ratio {rp:.3}x, {:.2}x the fork without them{}",
             pt.all_answered_ms,
             pt.vmm_ms,
             pt.spawn_ms,
