@@ -50,6 +50,11 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_REGIONS: usize = 64;
 /// Most snapshots listed in one `List` reply.
 pub const MAX_LIST: usize = 2048;
+/// Most runs of pages in one `LayerOpened` (each becomes a mapping of its own in the VMM; a
+/// layer with more is opened as an image with a fault session).
+pub const MAX_LAYER_RUNS: usize = 4096;
+/// Most layers `OpenLayer` goes down through to a complete image.
+pub const MAX_LAYER_DEPTH: u32 = 8;
 /// Interval of fault-session heartbeats. A beat wakes each idle session's client watchdog
 /// (there may be thousands of idle children) and the daemon's one heartbeat thread; 7 beats
 /// fit in [`HEARTBEAT_TIMEOUT_MS`], so a heartbeat kept off a CPU for 13 s still raises no
@@ -61,6 +66,19 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 2000;
 /// slower than hardware) can keep the heartbeat thread off a CPU for seconds, and a false
 /// alarm stops a healthy VM.
 pub const HEARTBEAT_TIMEOUT_MS: u64 = 15_000;
+
+/// `pages` (ascending) as runs `(first page, pages)` of consecutive pages: how a layer's
+/// own pages travel in `LayerOpened` and are mapped.
+pub fn page_runs(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
 
 /// One guest memory region served by a fault session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +202,15 @@ pub enum Request {
     /// of an older build; and a request of its own, not more fields on `Stats`, which an
     /// older daemon still answers.
     Memory,
+    /// How a layer adopted from a fork maps without a fault session → `LayerOpened` + the
+    /// read-only memfd of its own pages (at their offsets in the memory). Only for a layer
+    /// whose other pages all come from open adopted layers (at most [`MAX_LAYER_DEPTH`])
+    /// over an image that is complete and open; otherwise an `Error` (`BadRequest`), and the
+    /// client opens the layer's image as usual.
+    OpenLayer {
+        /// The layer's snapshot id.
+        snapshot: String,
+    },
 }
 
 /// Most snapshots one `Grant` names.
@@ -343,11 +370,37 @@ pub enum Response {
     },
     /// Reply to `Memory` (last, like every addition).
     Memory(MemoryFigures),
+    /// Reply to `OpenLayer`: `base` is the layer's parent; with `below` 0 its image is
+    /// complete (`OpenImage`), else it is a layer too (`OpenLayer` it). Map the complete
+    /// image privately, then each layer's memfd privately over it at its `runs`, the deepest
+    /// first.
+    LayerOpened {
+        /// The snapshot holding every page the layer does not.
+        base: String,
+        /// Layers between `base` and the complete image (0: `base`'s image is complete).
+        below: u32,
+        /// Bytes.
+        memory_size: u64,
+        /// Page size.
+        page_size: u32,
+        /// The layer's own pages as `(first page, pages)`, ascending, apart, at most
+        /// [`MAX_LAYER_RUNS`].
+        runs: Vec<(u64, u64)>,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_become_runs_of_consecutive_pages() {
+        assert_eq!(page_runs(&[]), vec![]);
+        assert_eq!(
+            page_runs(&[3, 4, 5, 9, 11, 12]),
+            vec![(3, 3), (9, 1), (11, 2)]
+        );
+    }
     use crate::frame::{encode_frame, read_frame};
 
     /// Postcard numbers variants by position: peers of another build (a VMM or a daemon

@@ -136,6 +136,26 @@ pub struct OpenedImage {
     pub instance: u64,
 }
 
+/// A fork's layer that maps without a fault session ([`Client::open_layer`]).
+#[derive(Debug)]
+pub struct OpenedLayer {
+    /// The layer's parent, which holds every page the layer does not: with `below` 0 its
+    /// image is complete ([`Client::open_image`]), else it is a layer too
+    /// ([`Client::open_layer`]).
+    pub base: String,
+    /// Layers between `base` and the complete image.
+    pub below: u32,
+    /// Read-only descriptor of the memfd holding the layer's own pages at their offsets:
+    /// map it privately over the base at `runs`.
+    pub pages: File,
+    /// Bytes.
+    pub memory_size: u64,
+    /// Page size.
+    pub page_size: u32,
+    /// The layer's own pages as `(first page, pages)`, ascending, apart.
+    pub runs: Vec<(u64, u64)>,
+}
+
 impl OpenedImage {
     /// Maps the image copy-on-write.
     pub fn map_private(&self) -> io::Result<Mapping> {
@@ -323,6 +343,38 @@ impl Client {
                     page_size,
                     complete,
                     instance,
+                })
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Gets `snapshot` as a layer over a complete image (through other layers, see
+    /// [`OpenedLayer::below`]), if it is one the daemon can hand out that way (a fork's layer
+    /// whose parents' images are open); a daemon error ([`ClientError::Daemon`]) otherwise,
+    /// and then [`Client::open_image`] is the way.
+    pub fn open_layer(&mut self, snapshot: &str) -> Result<OpenedLayer, ClientError> {
+        match self.call(
+            &Request::OpenLayer {
+                snapshot: snapshot.to_string(),
+            },
+            None,
+        )? {
+            Response::LayerOpened {
+                base,
+                below,
+                memory_size,
+                page_size,
+                runs,
+            } => {
+                let fd: OwnedFd = self.conn.take_fd().ok_or(ClientError::MissingFd)?;
+                Ok(OpenedLayer {
+                    base,
+                    below,
+                    pages: File::from(fd),
+                    memory_size,
+                    page_size,
+                    runs,
                 })
             }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),

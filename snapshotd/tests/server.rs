@@ -296,6 +296,77 @@ fn an_adopted_layer_prefetches_the_order_its_create_gave() {
     }
 }
 
+/// A fork's layer over a complete image opens as that image plus the layer's own pages
+/// (what a fork child maps, with no fault session); before and after the layer is durable.
+/// Anything else is refused, and opening its image still works.
+#[test]
+fn a_layer_over_a_complete_image_opens_as_two_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let pages = 64;
+    let base = memory(31, pages, 4);
+    let parent = c
+        .create_snapshot(&sealed_memfd_with(&base), &adopting(base.len()))
+        .unwrap();
+    let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
+    for p in [5u64, 6, 40] {
+        fd.write_all_at(&[0xA5; PS], p * PS as u64).unwrap();
+    }
+    fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
+    let opts = CreateOptions {
+        parent: Some(parent.clone()),
+        dirty_pages: Some(vec![5, 6, 40]),
+        ..adopting(base.len())
+    };
+    let child = c.create_snapshot(&fd, &opts).unwrap();
+    for durable in [false, true] {
+        if durable {
+            c.wait_durable(&child).unwrap();
+        }
+        let layer = c.open_layer(&child).unwrap();
+        assert_eq!(
+            (&layer.base, layer.below),
+            (&parent, 0),
+            "durable {durable}"
+        );
+        assert_eq!(layer.runs, vec![(5, 2), (40, 1)]);
+        assert_eq!(layer.memory_size, base.len() as u64);
+        let mut page = vec![0u8; PS];
+        layer
+            .pages
+            .read_exact_at(&mut page, 40 * PS as u64)
+            .unwrap();
+        assert!(page.iter().all(|&b| b == 0xA5));
+        let img = c.open_image(&layer.base).unwrap();
+        assert!(img.complete);
+        img.memfd.read_exact_at(&mut page, 7 * PS as u64).unwrap();
+        assert!(page == base[7 * PS..8 * PS]);
+    }
+    // A layer over that layer: its parent is a layer with the complete image below it.
+    let fd2 = sys::memfd_create("layer2", base.len() as u64).unwrap();
+    fd2.write_all_at(&[0x5A; PS], 6 * PS as u64).unwrap();
+    fissile_snapshotd::client::seal_for_adoption(&fd2).unwrap();
+    let opts = CreateOptions {
+        parent: Some(child.clone()),
+        dirty_pages: Some(vec![6]),
+        ..adopting(base.len())
+    };
+    let grandchild = c.create_snapshot(&fd2, &opts).unwrap();
+    let top = c.open_layer(&grandchild).unwrap();
+    assert_eq!(
+        (&top.base, top.below, &top.runs),
+        (&child, 1, &vec![(6, 1)])
+    );
+    // A complete image is no layer; nor is a snapshot read from the store.
+    let err = c.open_layer(&parent).unwrap_err();
+    assert!(format!("{err}").contains("not a layer"), "{err}");
+    let stored = create(&mut c, &base, CreateOptions::default());
+    let err = c.open_layer(&stored).unwrap_err();
+    assert!(format!("{err}").contains("not a layer"), "{err}");
+    assert!(c.open_image(&stored).is_ok(), "the connection still serves");
+}
+
 /// Waits (20 s at most, failing the test past that or on a session failure) until the
 /// session of `lazy` reports at least `pages` pages prefetched.
 fn wait_prefetched(lazy: &LazyMemory, pages: u64) {

@@ -3,7 +3,9 @@
 //!
 //! 1. fetch and decode the VM-state blob (validated as untrusted input);
 //! 2. map the snapshot's image privately as guest RAM; unless the image is complete, register
-//!    it with userfaultfd and hand that to snapshotd, so pages arrive on first touch;
+//!    it with userfaultfd and hand that to snapshotd, so pages arrive on first touch. A fork's
+//!    layer over a complete image (what a fork child restores) is mapped as that image with
+//!    the layer's own pages over it: nothing to fault in, no session;
 //! 3. rebuild the VM and devices from the state's machine description and this VMM's own
 //!    sockets, apply the state;
 //! 4. start the vCPUs paused, then resume (unless asked to stay paused). vsock connections
@@ -179,22 +181,40 @@ pub fn restore_into(cfg: RestoreConfig, prepared: Option<Prepared>) -> Result<Vm
         None => Prepared::new(machine.vcpus)?,
     };
 
-    let image = client
-        .open_image(&cfg.snapshot)
-        .map_err(|e| RestoreError::Snapshotd("opening the image", e))?;
-    let complete = image.complete;
-    let mut ram = GuestRam::from_image(
-        &cfg.snapshot,
-        image
-            .memfd
-            .try_clone()
-            .map_err(|e| RestoreError::Memory(MemoryError::MemoryBackingFile("dup", e)))?,
-        image.memory_size,
-        machine.mem_size,
-    )
-    .map_err(RestoreError::Memory)?;
-    image::attach(&mut ram, &cfg.snapshotd, &cfg.snapshot, image, false)
-        .map_err(RestoreError::Image)?;
+    let layered = image::open_layered(&mut client, &cfg.snapshotd, &cfg.snapshot);
+    let layers = layered.as_ref().map_or(0, |l| l.layers.len());
+    let (ram, complete) = match layered {
+        Some(l) => (
+            GuestRam::from_layers(
+                &cfg.snapshot,
+                l.base.memfd,
+                l.base.memory_size,
+                l.layers,
+                machine.mem_size,
+            )
+            .map_err(RestoreError::Memory)?,
+            true,
+        ),
+        None => {
+            let image = client
+                .open_image(&cfg.snapshot)
+                .map_err(|e| RestoreError::Snapshotd("opening the image", e))?;
+            let complete = image.complete;
+            let mut ram = GuestRam::from_image(
+                &cfg.snapshot,
+                image
+                    .memfd
+                    .try_clone()
+                    .map_err(|e| RestoreError::Memory(MemoryError::MemoryBackingFile("dup", e)))?,
+                image.memory_size,
+                machine.mem_size,
+            )
+            .map_err(RestoreError::Memory)?;
+            image::attach(&mut ram, &cfg.snapshotd, &cfg.snapshot, image, false)
+                .map_err(RestoreError::Image)?;
+            (ram, complete)
+        }
+    };
     let t_memory = started.elapsed();
 
     vm.register_memory(ram.memory()).map_err(RestoreError::Vm)?;
@@ -238,7 +258,7 @@ pub fn restore_into(cfg: RestoreConfig, prepared: Option<Prepared>) -> Result<Vm
         handle.resume().map_err(RestoreError::Resume)?;
     }
     tracing::info!(
-        snapshot = %cfg.snapshot, complete_image = complete, standby = prepared_by_standby,
+        snapshot = %cfg.snapshot, complete_image = complete, layers, standby = prepared_by_standby,
         state_ms = t_state.as_secs_f64() * 1e3,
         memory_ms = t_memory.as_secs_f64() * 1e3,
         built_ms = t_built.as_secs_f64() * 1e3,

@@ -30,6 +30,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use fissile_proto::snapshotd::page_runs;
+
 use crate::store::{ReadError, SnapshotView, Store, TouchOrderError, ViewError};
 use crate::sys;
 
@@ -368,6 +370,51 @@ impl Image {
     /// True when every page is in the memfd (a full adopted image): no faults to serve.
     pub fn is_complete(&self) -> bool {
         matches!(self.source, Source::Full)
+    }
+
+    /// For a layered image whose other pages all come from open layered images (at most
+    /// `max_depth`) over a complete open image: how a client maps it without a fault
+    /// session ([`LayerView`]). `None` for any other image.
+    pub fn layer_view(&self, max_depth: u32) -> Option<LayerView<'_>> {
+        let Source::Layered { dirty, own, .. } = &self.source else {
+            return None;
+        };
+        let parent = self.parent_image()?;
+        let mut below = 0;
+        let mut cur = parent.clone();
+        loop {
+            if cur.memory_size != self.memory_size || cur.page_size != self.page_size {
+                return None;
+            }
+            if cur.is_complete() {
+                break;
+            }
+            below += 1;
+            if below > max_depth {
+                return None;
+            }
+            cur = cur.parent_image()?;
+        }
+        Some(LayerView {
+            base: parent.id.clone(),
+            below,
+            pages: dirty,
+            runs: page_runs(own),
+        })
+    }
+
+    /// A layered image's parent image, while it is open.
+    fn parent_image(&self) -> Option<Arc<Image>> {
+        let Source::Layered { base, .. } = &self.source else {
+            return None;
+        };
+        match &*base
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Base::Parent(p) => Some(p.clone()),
+            Base::Store { parent, .. } => parent.upgrade(),
+        }
     }
 
     /// True for adopted images (their memory lives only here until evicted).
@@ -797,6 +844,19 @@ impl Images {
         }
         failed
     }
+}
+
+/// How a layered image maps without a fault session ([`Image::layer_view`]).
+#[derive(Debug)]
+pub struct LayerView<'a> {
+    /// Its parent's snapshot id.
+    pub base: String,
+    /// Layered images between the parent and the complete image (0: the parent is it).
+    pub below: u32,
+    /// The memfd holding its own pages at their offsets.
+    pub pages: &'a File,
+    /// Its own pages as ascending runs `(first, count)`.
+    pub runs: Vec<(u64, u64)>,
 }
 
 #[cfg(test)]

@@ -28,8 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fissile_proto::frame::FrameError;
 use fissile_proto::snapshotd::{
-    ErrorCode, MAX_BLOB_PIECE, MAX_BLOBS_TOTAL, MAX_GRANT, MAX_LABELS, MAX_LIST, MAX_NAME_LEN,
-    MAX_PAGES_PER_MESSAGE, MAX_REGIONS, Region, Request, Response, SnapshotInfo,
+    ErrorCode, MAX_BLOB_PIECE, MAX_BLOBS_TOTAL, MAX_GRANT, MAX_LABELS, MAX_LAYER_DEPTH,
+    MAX_LAYER_RUNS, MAX_LIST, MAX_NAME_LEN, MAX_PAGES_PER_MESSAGE, MAX_REGIONS, Region, Request,
+    Response, SnapshotInfo,
 };
 use userfaultfd::Uffd;
 
@@ -777,6 +778,7 @@ impl Server {
                 parent: Some(p), ..
             } => self.check(who, p)?,
             Request::OpenImage { snapshot }
+            | Request::OpenLayer { snapshot }
             | Request::Info { snapshot }
             | Request::WaitDurable { snapshot }
             | Request::GetBlob { snapshot, .. } => self.check(who, snapshot)?,
@@ -1005,6 +1007,40 @@ impl Server {
                         memory_size: img.memory_size(),
                         page_size: img.page_size(),
                         complete: img.is_complete(),
+                    },
+                    Some(fd),
+                ))
+            }
+            Request::OpenLayer { snapshot } => {
+                let img = self
+                    .images
+                    .get_or_open(&self.store, &snapshot)
+                    .map_err(|e| match e {
+                        image::ImageError::View(v) => Fail::from(v),
+                        other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
+                    })?;
+                let Some(view) = img.layer_view(MAX_LAYER_DEPTH) else {
+                    return Err(bad(format!(
+                        "snapshot {snapshot} is not a layer over a complete open image: open its \
+                         image"
+                    )));
+                };
+                if view.runs.len() > MAX_LAYER_RUNS {
+                    return Err(bad(format!(
+                        "snapshot {snapshot}'s own pages make {} runs (at most {MAX_LAYER_RUNS}): \
+                         open its image",
+                        view.runs.len()
+                    )));
+                }
+                let fd = sys::reopen_read_only(view.pages)
+                    .map_err(|e| Fail(ErrorCode::Internal, format!("reopening the layer: {e}")))?;
+                Ok(Next::Reply(
+                    Response::LayerOpened {
+                        base: view.base,
+                        below: view.below,
+                        memory_size: img.memory_size(),
+                        page_size: img.page_size(),
+                        runs: view.runs,
                     },
                     Some(fd),
                 ))

@@ -1,12 +1,13 @@
 //! Guest RAM on a snapshot image: connecting to snapshotd, mapping an image (with a fault
-//! session unless it is complete), and what a dead page server does to this VMM.
+//! session unless it is complete) or a fork's layers over a complete image (none needed),
+//! and what a dead page server does to this VMM.
 
 use std::path::Path;
 
-use fissile_proto::snapshotd::Region;
+use fissile_proto::snapshotd::{MAX_LAYER_DEPTH, Region};
 use fissile_snapshotd::client::{self as sd, Client, ClientError, OpenedImage, SessionHooks};
 
-use crate::memory::{GuestRam, ImageFaults, MemoryError};
+use crate::memory::{GuestRam, ImageFaults, Layer, MAX_LAYER_MAPPINGS, MemoryError, PAGE_SIZE};
 use crate::seccomp::{self, ThreadClass};
 
 /// Mapping a snapshot image as guest RAM failed.
@@ -84,4 +85,105 @@ pub(crate) fn attach(
     };
     ram.set_image(snapshot, image.memfd, faults);
     Ok(())
+}
+
+/// A snapshot that maps as layers over a complete image, with no fault session
+/// ([`open_layered`]).
+#[derive(Debug)]
+pub(crate) struct Layered {
+    /// The complete image.
+    pub base: OpenedImage,
+    /// The layers, the deepest first (the snapshot's own last).
+    pub layers: Vec<Layer>,
+}
+
+/// `snapshot` as layers over a complete image, if snapshotd hands it out that way (a fork's
+/// layer, perhaps over other layers, whose images are open); `None` means the usual way,
+/// the snapshot's own image with a fault session. `client` is connected to `socket`; after a
+/// refusal it still is (a new connection if the daemon dropped the old one).
+pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -> Option<Layered> {
+    let mut layers = Vec::new();
+    let mut name = snapshot.to_string();
+    let base = loop {
+        let layer = match client.open_layer(&name) {
+            Ok(layer) => layer,
+            Err(ClientError::Daemon { message, .. }) => {
+                tracing::debug!(%message, snapshot = %name, "not a layer over a complete image");
+                return None;
+            }
+            Err(e) => {
+                // A daemon of an older build may close the connection over a request it
+                // does not know: carry on with a new one (if that fails too, what comes next
+                // says why).
+                tracing::debug!(error = %fissile_proto::error_chain(&e), "opening as a layer");
+                if let Ok(fresh) = Client::connect(socket) {
+                    *client = fresh;
+                }
+                return None;
+            }
+        };
+        let runs: usize = layers.iter().map(|l: &Layer| l.runs.len()).sum();
+        let fits = u64::from(layer.page_size) == PAGE_SIZE
+            && layers.len() < MAX_LAYER_DEPTH as usize
+            && layer.below <= MAX_LAYER_DEPTH
+            && runs + layer.runs.len() <= MAX_LAYER_MAPPINGS;
+        if !fits {
+            return None;
+        }
+        let (below, parent, size) = (layer.below, layer.base.clone(), layer.memory_size);
+        layers.push(Layer {
+            pages: layer.pages,
+            runs: layer.runs,
+        });
+        if below == 0 {
+            break client
+                .open_image(&parent)
+                .map_err(|e| {
+                    tracing::debug!(error = %fissile_proto::error_chain(&e), base = %parent, "opening a layer's base");
+                })
+                .ok()
+                .filter(|b| b.complete && b.memory_size == size && u64::from(b.page_size) == PAGE_SIZE)?;
+        }
+        name = parent;
+    };
+    layers.reverse();
+    Some(Layered { base, layers })
+}
+
+/// What a switch of this VM's RAM (merge, rollback) maps ([`open_for_switch`]).
+#[derive(Debug)]
+pub(crate) enum SwitchTo {
+    /// Layers over a complete image: no fault session.
+    Layers(Layered),
+    /// The snapshot's image (with a fault session unless it is complete).
+    Image(OpenedImage),
+}
+
+/// Opens `snapshot` for a switch: as layers over a complete image where snapshotd hands it
+/// out that way, else its image.
+pub(crate) fn open_for_switch(
+    client: &mut Client,
+    socket: &Path,
+    snapshot: &str,
+) -> Result<SwitchTo, ClientError> {
+    match open_layered(client, socket, snapshot) {
+        Some(l) => Ok(SwitchTo::Layers(l)),
+        None => client.open_image(snapshot).map(SwitchTo::Image),
+    }
+}
+
+/// Switches guest RAM to `to` (opened for `snapshot`). The VM must be paused; on an error
+/// its memory may be half switched.
+pub(crate) fn switch(
+    ram: &mut GuestRam,
+    socket: &Path,
+    snapshot: &str,
+    to: SwitchTo,
+) -> Result<(), ImageError> {
+    match to {
+        SwitchTo::Layers(l) => ram
+            .switch_to_layers(snapshot, l.base.memfd, l.base.memory_size, l.layers)
+            .map_err(ImageError::Memory),
+        SwitchTo::Image(image) => attach(ram, socket, snapshot, image, true),
+    }
 }

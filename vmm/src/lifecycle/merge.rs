@@ -11,8 +11,9 @@
 //! **rollback(snapshot)**: the same switch without the lineage check; the orchestrator
 //! decides which snapshots a sandbox may go back to (its own earlier ones).
 //!
-//! The switch itself: fetch and validate the snapshot's state blob, open its image, pause,
-//! map the image in place of guest RAM, apply the state, resume. If mapping or applying
+//! The switch itself: fetch and validate the snapshot's state blob, open its image (or its
+//! layers over a complete image: see `image::open_layered`), pause, map it in place of
+//! guest RAM, apply the state, resume. If mapping or applying
 //! fails half way the VM is stopped, since its state would be mixed.
 
 use std::time::Instant;
@@ -197,12 +198,11 @@ fn switch(core: &mut VmCore, client: &mut Client, snapshot: &str) -> Result<f64,
         .get_blob(snapshot, STATE_BLOB)
         .map_err(|e| SwitchError::Store("reading the VM state", e))?;
     let state = MicrovmState::decode(&blob).map_err(SwitchError::State)?;
-    let image = client
-        .open_image(snapshot)
+    let image = image::open_for_switch(client, &socket, snapshot)
         .map_err(|e| SwitchError::Store("opening the image", e))?;
     let ((), paused_ms) = core.paused(SwitchError::Pause, |core| {
         core.step("switching memory to the snapshot");
-        if let Err(e) = image::attach(&mut core.ram, &socket, snapshot, image, true) {
+        if let Err(e) = image::switch(&mut core.ram, &socket, snapshot, image) {
             core.control
                 .request_exit(VmExit::Failed(format!("switching memory: {e}")));
             return Err(SwitchError::Image(e));

@@ -22,12 +22,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use fissile_proto::control::{ErrorKind, ForkReply, SnapshotReply};
-use fissile_proto::snapshotd::MAX_PAGES_PER_MESSAGE;
+use fissile_proto::snapshotd::{MAX_LAYER_DEPTH, MAX_PAGES_PER_MESSAGE, page_runs};
 use fissile_snapshotd::client::{self as sd, Client, ClientError, CreateOptions};
 
 use super::image::{self, ImageError};
 use crate::lifecycle::state::CaptureError;
-use crate::memory::{Backing, GuestRam, MemoryError, PAGE_SIZE, create_memfd};
+use crate::memory::{
+    Backing, GuestRam, Layer, MAX_LAYER_MAPPINGS, MemoryError, PAGE_SIZE, create_memfd,
+};
 use crate::snapshot::{STATE_BLOB, StateFormatError};
 use crate::vmm::{QueueError, VmCore};
 use crate::vstate::vcpu::{ControlError, VmExit};
@@ -220,6 +222,7 @@ fn take(
             step("memory", &mut t);
             opts.parent = Some(base.clone());
             let n = dirty.len() as u64;
+            let runs = page_runs(&dirty);
             opts.dirty_pages = Some(dirty);
             // The pages this VM had in memory (its working set since its image was mapped)
             // as the snapshot's first-touch order: whoever maps the snapshot next — this VM
@@ -235,10 +238,17 @@ fn take(
                 .map_err(SnapshotError::Store)?;
             step("store", &mut t);
             at("switching memory to the snapshot");
-            let switched = client
-                .open_image(&id)
-                .map_err(ImageError::Open)
-                .and_then(|img| image::attach(ram, socket, &id, img, true));
+            // Mapped as layers over a complete image where RAM is one now (the new layer's
+            // pages from our own memfd: no fault session); else the snapshot's image.
+            let switched = match local_layers(ram, &layer, runs) {
+                Some((base, layers)) => ram
+                    .switch_to_layers(&id, base, size, layers)
+                    .map_err(ImageError::Memory),
+                None => client
+                    .open_image(&id)
+                    .map_err(ImageError::Open)
+                    .and_then(|img| image::attach(ram, socket, &id, img, true)),
+            };
             if let Err(e) = switched {
                 control.request_exit(VmExit::Failed(format!("switching to snapshot {id}: {e}")));
                 return Err(SnapshotError::Switch(id, e));
@@ -255,6 +265,29 @@ fn take(
         paused_ms: 0.0,
         steps_ms: steps,
     })
+}
+
+/// RAM after this VM's snapshot whose own pages are in `layer` at `runs`, as layers over
+/// the complete image RAM maps now (with the layers RAM has over it, then this one), if it
+/// maps one and the layers stay within their bounds.
+fn local_layers(ram: &GuestRam, layer: &File, runs: Vec<(u64, u64)>) -> Option<(File, Vec<Layer>)> {
+    let (image, below) = ram.complete_view()?;
+    let total: usize = below.iter().map(|l| l.runs.len()).sum::<usize>() + runs.len();
+    if below.len() >= MAX_LAYER_DEPTH as usize || total > MAX_LAYER_MAPPINGS {
+        return None;
+    }
+    let mut layers = Vec::with_capacity(below.len() + 1);
+    for l in below {
+        layers.push(Layer {
+            pages: l.pages.try_clone().ok()?,
+            runs: l.runs.clone(),
+        });
+    }
+    layers.push(Layer {
+        pages: layer.try_clone().ok()?,
+        runs,
+    });
+    Some((image.try_clone().ok()?, layers))
 }
 
 /// Copies guest pages `pages` into the same offsets of `dst`.

@@ -68,6 +68,49 @@ pub fn replace(
     Ok(())
 }
 
+/// Maps `len` bytes of `file` from `file_offset` privately over the `len` bytes at `offset`
+/// in `region`, in place (`MAP_FIXED`): a layer's own pages over its base image. The range
+/// stays mapped throughout, as in [`replace`].
+pub fn overlay(
+    region: &GuestRegionMmap<()>,
+    offset: usize,
+    len: usize,
+    file: &File,
+    file_offset: u64,
+) -> io::Result<()> {
+    if offset
+        .checked_add(len)
+        .is_none_or(|end| end > region.len() as usize)
+    {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let file_offset = libc::off_t::try_from(file_offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `offset..offset+len` lies inside the region's live mapping (checked above), so
+    // MAP_FIXED replaces part of vm-memory's own mapping and touches no other; the range is
+    // never unmapped in between, so pointers into it stay valid; `file` is a valid
+    // descriptor.
+    let ptr = unsafe {
+        let at = region.as_ptr().add(offset);
+        let ptr = libc::mmap(
+            at.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            Share::Private.flags() | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            file_offset,
+        );
+        (ptr, at)
+    };
+    if ptr.0 == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if ptr.0.cast::<u8>() != ptr.1 {
+        return Err(io::Error::other("MAP_FIXED returned another address"));
+    }
+    Ok(())
+}
+
 /// Gives `advice` (`MADV_HUGEPAGE`, `MADV_NOHUGEPAGE`) for the whole region, best effort.
 pub fn advise(region: &GuestRegionMmap<()>, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: the range is the region's live mapping; these advice values change how the

@@ -8,7 +8,9 @@
 //! * **Image** (restored, forked or merged): a `MAP_PRIVATE` view of a snapshot image memfd
 //!   from snapshotd; pages not materialized yet fault to snapshotd through userfaultfd
 //!   (unless the image is complete). What the VM writes becomes private copies, which
-//!   [`dirty`] finds for the next snapshot.
+//!   [`dirty`] finds for the next snapshot. A fork's layer over a complete image (through
+//!   other layers, perhaps) is mapped with no fault session: the complete image, and each
+//!   layer's own pages mapped over it where it has them, the deepest first ([`Layer`]).
 //!
 //! - [`mapping`]: the unsafe mmap operations (replace in place, advice, bytes).
 //! - [`dirty`]: the dirty set of a private view, from pagemap.
@@ -66,6 +68,12 @@ pub enum MemoryError {
     /// Replacing the mapping (fork, merge) failed.
     #[error("switching guest memory to another image")]
     Replace(#[source] std::io::Error),
+    /// A layer's page runs are not ascending, apart and within the memory.
+    #[error("a layer's pages: {0}")]
+    BadLayer(String),
+    /// Mapping a layer's pages over its base image failed.
+    #[error("mapping a layer's pages over its base image")]
+    Overlay(#[source] std::io::Error),
     /// Reading the dirty set failed.
     #[error("reading /proc/self/pagemap")]
     Pagemap(#[source] std::io::Error),
@@ -104,11 +112,67 @@ pub enum Backing {
     Image {
         /// The snapshot whose image is mapped.
         snapshot: String,
-        /// The image memfd (read-only descriptor from snapshotd).
+        /// The image memfd (read-only descriptor from snapshotd); for layers mapped over a
+        /// complete image, that image's.
         image: File,
         /// The fault session serving its holes (`None` for complete images).
         faults: Option<ImageFaults>,
+        /// Layers mapped over `image`, the deepest first ([`GuestRam::from_layers`]).
+        layers: Vec<Layer>,
     },
+}
+
+/// A layer's own pages, mapped privately over the image (and the layers below) where it has
+/// them.
+#[derive(Debug)]
+pub struct Layer {
+    /// Descriptor of the memfd holding them at their offsets in the memory.
+    pub pages: File,
+    /// Them as `(first page, pages)`: ascending and apart (checked when mapped).
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl Layer {
+    /// Whether `page` is one of the layer's own.
+    fn holds(&self, page: u64) -> bool {
+        let i = self.runs.partition_point(|&(first, _)| first <= page);
+        i > 0 && page < self.runs[i - 1].0 + self.runs[i - 1].1
+    }
+}
+
+/// The most mappings layers may add to guest RAM, all together (each run is one, and may
+/// split another in two; a process has at most about 65,000).
+pub const MAX_LAYER_MAPPINGS: usize = 8192;
+
+/// Checks every layer's runs ([`check_runs`]) and that they make at most
+/// [`MAX_LAYER_MAPPINGS`] mappings.
+fn check_layers(layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
+    let runs: usize = layers.iter().map(|l| l.runs.len()).sum();
+    if runs > MAX_LAYER_MAPPINGS {
+        return Err(MemoryError::BadLayer(format!(
+            "{runs} runs of pages in {} layers (at most {MAX_LAYER_MAPPINGS})",
+            layers.len()
+        )));
+    }
+    layers.iter().try_for_each(|l| check_runs(&l.runs, pages))
+}
+
+/// Checks that `runs` are ascending, apart, non-empty and within `pages` pages.
+fn check_runs(runs: &[(u64, u64)], pages: u64) -> Result<(), MemoryError> {
+    let mut end = 0u64;
+    for (i, &(first, n)) in runs.iter().enumerate() {
+        let last = first.checked_add(n).filter(|&e| n > 0 && e <= pages);
+        match last {
+            Some(e) if i == 0 || first > end => end = e,
+            _ => {
+                return Err(MemoryError::BadLayer(format!(
+                    "run {i} ({first}, {n}) is empty, overlaps or touches the one before, or \
+                     ends past page {pages}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A userfaultfd and the snapshotd session serving it. Field order matters: the session
@@ -208,9 +272,90 @@ impl GuestRam {
                 snapshot: snapshot.to_string(),
                 image,
                 faults: None,
+                layers: Vec::new(),
             },
             size,
         })
+    }
+
+    /// RAM as a private view of layer `snapshot`: the complete image `base` (`base_size`
+    /// bytes) with `layers` mapped privately over it, the deepest first (each run checked:
+    /// ascending, apart, within the memory). No page faults to anyone: every file is complete.
+    pub fn from_layers(
+        snapshot: &str,
+        base: File,
+        base_size: u64,
+        layers: Vec<Layer>,
+        size: u64,
+    ) -> Result<GuestRam, MemoryError> {
+        check_layers(&layers, size / PAGE_SIZE)?;
+        let mut ram = GuestRam::from_image(snapshot, base, base_size, size)?;
+        ram.map_layers(&layers)?;
+        if let Backing::Image { layers: ours, .. } = &mut ram.backing {
+            *ours = layers;
+        }
+        Ok(ram)
+    }
+
+    /// Maps each of `layers`' runs privately over guest RAM, the deepest first.
+    fn map_layers(&self, layers: &[Layer]) -> Result<(), MemoryError> {
+        for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
+        {
+            let (first, end) = (offset / PAGE_SIZE, (offset + len) / PAGE_SIZE);
+            for layer in layers {
+                for &(p, n) in &layer.runs {
+                    // The part of the run inside this region.
+                    let (from, to) = (p.max(first), (p + n).min(end));
+                    if from >= to {
+                        continue;
+                    }
+                    mapping::overlay(
+                        region,
+                        ((from - first) * PAGE_SIZE) as usize,
+                        ((to - from) * PAGE_SIZE) as usize,
+                        &layer.pages,
+                        from * PAGE_SIZE,
+                    )
+                    .map_err(MemoryError::Overlay)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Switches RAM to a private view of layer `snapshot` (fork, merge): the complete image
+    /// `base` with `layers` over it, as in [`GuestRam::from_layers`]. Every private page is
+    /// dropped. The VM must be paused.
+    pub fn switch_to_layers(
+        &mut self,
+        snapshot: &str,
+        base: File,
+        base_size: u64,
+        layers: Vec<Layer>,
+    ) -> Result<(), MemoryError> {
+        check_layers(&layers, self.size / PAGE_SIZE)?;
+        self.switch_to_image(&base, base_size)?;
+        self.set_image(snapshot, base, None);
+        self.map_layers(&layers)?;
+        if let Backing::Image { layers: ours, .. } = &mut self.backing {
+            *ours = layers;
+        }
+        Ok(())
+    }
+
+    /// The layers mapped over the image (the deepest first), and the image, when RAM is
+    /// a complete image with layers over it or without (no fault session): what a layer
+    /// snapshot of this VM can be mapped over without one.
+    pub fn complete_view(&self) -> Option<(&File, &[Layer])> {
+        match &self.backing {
+            Backing::Image {
+                image,
+                faults: None,
+                layers,
+                ..
+            } => Some((image, layers)),
+            _ => None,
+        }
     }
 
     /// The guest memory (clones share the mappings).
@@ -297,6 +442,7 @@ impl GuestRam {
             snapshot: snapshot.to_string(),
             image,
             faults,
+            layers: Vec::new(),
         };
     }
 
@@ -310,9 +456,11 @@ impl GuestRam {
                 vm: self.size,
             });
         }
-        // The old session (if any) serves a mapping that is about to disappear.
-        if let Backing::Image { faults, .. } = &mut self.backing {
+        // The old session (if any) serves a mapping that is about to disappear, and the
+        // new mapping covers a layer's pages.
+        if let Backing::Image { faults, layers, .. } = &mut self.backing {
             faults.take();
+            layers.clear();
         }
         self.replace_all(image)
     }
@@ -421,7 +569,16 @@ impl GuestRam {
         theirs: &mut [u8],
         ours: &mut [u8],
     ) -> Result<bool, MemoryError> {
-        image
+        // The topmost layer holding the page, else the image.
+        let source = match &self.backing {
+            Backing::Image { layers, .. } => layers
+                .iter()
+                .rev()
+                .find(|l| l.holds(page))
+                .map_or(image, |l| &l.pages),
+            Backing::Fresh { .. } => image,
+        };
+        source
             .read_exact_at(theirs, page * PAGE_SIZE)
             .map_err(|e| MemoryError::Copy("reading the image", e))?;
         self.read_page(page, ours)?;
@@ -550,6 +707,151 @@ mod tests {
             .unwrap();
         assert_eq!(&buf, b"after!");
         assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![5, 9]);
+    }
+
+    #[test]
+    fn a_layer_maps_its_own_pages_over_its_base_and_trims_against_them() {
+        let size = 64u64 << 20;
+        let base = create_memfd("base", size).unwrap();
+        let layer = create_memfd("layer", size).unwrap();
+        for p in 0..12u64 {
+            base.write_all_at(&[b'b'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        // The layer's own pages: 3, 4 and 9 (other offsets of its memfd hold junk that must
+        // never show).
+        for p in [3u64, 4, 9] {
+            layer.write_all_at(&[b'L'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        layer.write_all_at(&[b'?'; 4096], 5 * PAGE_SIZE).unwrap();
+        let ram = GuestRam::from_layers(
+            "l",
+            base.try_clone().unwrap(),
+            size,
+            vec![Layer {
+                pages: layer.try_clone().unwrap(),
+                runs: vec![(3, 2), (9, 1)],
+            }],
+            size,
+        )
+        .unwrap();
+        let page = |p: u64| {
+            let mut b = vec![0u8; 4096];
+            ram.read_page(p, &mut b).unwrap();
+            b[0]
+        };
+        let seen: Vec<u8> = (0..12).map(page).collect();
+        assert_eq!(seen, b"bbbLLbbbbLbb".to_vec());
+        assert_eq!(page(100), 0, "a hole of the base reads as zeros");
+        // Nothing is private until written; then a write to an own page and to a base page
+        // are both dirty, and each trims against its own file.
+        assert!(ram.dirty_and_resident_pages().unwrap().0.is_empty());
+        ram.memory()
+            .write_slice(&[b'L'; 8], GuestAddress(4 * PAGE_SIZE))
+            .unwrap();
+        ram.memory()
+            .write_slice(&[b'b'; 8], GuestAddress(6 * PAGE_SIZE))
+            .unwrap();
+        ram.memory()
+            .write_slice(b"new", GuestAddress(9 * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![4, 6, 9]);
+        let same = ram.unchanged_copies().unwrap();
+        assert_eq!(
+            same.pages,
+            vec![4, 6],
+            "9 changed; 4 equals the layer's page, 6 the base's"
+        );
+        assert_eq!(ram.drop_unchanged(&same.pages).unwrap(), 2);
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![9]);
+        assert_eq!(
+            (page(4), page(6)),
+            (b'L', b'b'),
+            "dropped copies read their file again"
+        );
+    }
+
+    #[test]
+    fn layers_stack_the_topmost_wins_and_a_switch_drops_private_pages() {
+        let size = 64u64 << 20;
+        let base = create_memfd("base", size).unwrap();
+        let (l1, l2) = (
+            create_memfd("l1", size).unwrap(),
+            create_memfd("l2", size).unwrap(),
+        );
+        for p in 0..10u64 {
+            base.write_all_at(&[b'b'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        for p in [3u64, 4] {
+            l1.write_all_at(&[b'1'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        for p in [4u64, 7] {
+            l2.write_all_at(&[b'2'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        let layer = |f: &File, runs: Vec<(u64, u64)>| Layer {
+            pages: f.try_clone().unwrap(),
+            runs,
+        };
+        let mut ram = GuestRam::fresh(size).unwrap();
+        ram.memory()
+            .write_slice(b"private", GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        let memfd = ram.freeze_fresh().unwrap();
+        ram.set_image("fresh", memfd, None);
+        ram.memory()
+            .write_slice(b"private", GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        ram.switch_to_layers(
+            "l2",
+            base.try_clone().unwrap(),
+            size,
+            vec![layer(&l1, vec![(3, 2)]), layer(&l2, vec![(4, 1), (7, 1)])],
+        )
+        .unwrap();
+        let mut b = vec![0u8; 4096];
+        let seen: Vec<u8> = (0..10)
+            .map(|p| {
+                ram.read_page(p, &mut b).unwrap();
+                b[0]
+            })
+            .collect();
+        assert_eq!(seen, b"bbb12bb2bb".to_vec());
+        assert!(ram.dirty_and_resident_pages().unwrap().0.is_empty());
+        assert_eq!(ram.base_snapshot(), Some("l2"));
+        let (image, layers) = ram.complete_view().unwrap();
+        assert_eq!(layers.len(), 2);
+        image.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], b'b');
+        // A copy of page 4 equal to the topmost layer's is unchanged; one equal to the
+        // layer below is not.
+        ram.memory()
+            .write_slice(&[b'2'; 4], GuestAddress(4 * PAGE_SIZE))
+            .unwrap();
+        ram.memory()
+            .write_slice(&[b'2'; 4], GuestAddress(3 * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(ram.unchanged_copies().unwrap().pages, vec![4]);
+    }
+
+    #[test]
+    fn a_layer_with_bad_runs_is_refused() {
+        let size = 64u64 << 20;
+        let pages = size / PAGE_SIZE;
+        let f = || create_memfd("x", size).unwrap();
+        for runs in [
+            vec![(3, 0)],
+            vec![(3, 2), (4, 1)],
+            vec![(3, 2), (5, 1)],
+            vec![(9, 1), (3, 1)],
+            vec![(pages - 1, 2)],
+            vec![(u64::MAX, 2)],
+        ] {
+            let layers = vec![Layer {
+                pages: f(),
+                runs: runs.clone(),
+            }];
+            let err = GuestRam::from_layers("l", f(), size, layers, size).unwrap_err();
+            assert!(matches!(err, MemoryError::BadLayer(_)), "{runs:?}: {err}");
+        }
     }
 
     #[test]
