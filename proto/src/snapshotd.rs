@@ -11,7 +11,9 @@
 //! Requests that hand over a descriptor ([`Request::CreateBegin`]: the memory, a memfd or
 //! any readable file; [`Request::ServeFaults`]: a userfaultfd) carry exactly one fd as
 //! `SCM_RIGHTS` on the `sendmsg` that sends the frame's first byte. The reply to
-//! [`Request::OpenImage`] ([`Response::ImageOpened`]) carries the image memfd the same way.
+//! [`Request::OpenImage`] ([`Response::ImageOpened`]) carries the image memfd the same way,
+//! and the reply to [`Request::OpenLayer`] ([`Response::LayerOpened`]) the memfd of the
+//! layer's own pages.
 //!
 //! # Conversation
 //! Strict request/response, one outstanding request per connection, except:
