@@ -55,7 +55,7 @@ pub const MAX_LIST: usize = 2048;
 /// Most runs of pages in one `LayerOpened` (each becomes a mapping of its own in the VMM; a
 /// layer with more is opened as an image with a fault session).
 pub const MAX_LAYER_RUNS: usize = 4096;
-/// Most layers `OpenLayer` goes down through to a complete image.
+/// Most layers in one `OpenLayer` chain (the layer asked for and those below it).
 pub const MAX_LAYER_DEPTH: u32 = 8;
 /// Interval of fault-session heartbeats. A beat wakes each idle session's client watchdog
 /// (there may be thousands of idle children) and the daemon's one heartbeat thread; 7 beats
@@ -375,11 +375,12 @@ pub enum Response {
     /// Reply to `OpenLayer`: `base` is the layer's parent; with `below` 0 its image is
     /// complete (`OpenImage`), else it is a layer too (`OpenLayer` it). Map the complete
     /// image privately, then each layer's memfd privately over it at its `runs`, the deepest
-    /// first.
+    /// first. The layer and those below it are at most [`MAX_LAYER_DEPTH`].
     LayerOpened {
         /// The snapshot holding every page the layer does not.
         base: String,
-        /// Layers between `base` and the complete image (0: `base`'s image is complete).
+        /// How many of the images from `base` down to the complete one are layers (0:
+        /// `base`'s image is complete).
         below: u32,
         /// Bytes.
         memory_size: u64,
@@ -448,6 +449,18 @@ mod tests {
             heap_free_bytes: 0,
         });
         assert_eq!(resp(&memory), 12);
+        let layer = Request::OpenLayer {
+            snapshot: String::new(),
+        };
+        assert_eq!(req(&layer), 17);
+        let opened = Response::LayerOpened {
+            base: String::new(),
+            below: 0,
+            memory_size: 0,
+            page_size: 0,
+            runs: Vec::new(),
+        };
+        assert_eq!(resp(&opened), 13);
     }
 
     #[test]

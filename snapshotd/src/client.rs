@@ -143,7 +143,7 @@ pub struct OpenedLayer {
     /// image is complete ([`Client::open_image`]), else it is a layer too
     /// ([`Client::open_layer`]).
     pub base: String,
-    /// Layers between `base` and the complete image.
+    /// How many of the images from `base` down to the complete one are layers.
     pub below: u32,
     /// Read-only descriptor of the memfd holding the layer's own pages at their offsets:
     /// map it privately over the base at `runs`.
@@ -334,8 +334,8 @@ impl Client {
                 page_size,
                 complete,
                 instance,
-                ..
-            } => {
+                snapshot: opened,
+            } if opened == snapshot => {
                 let fd: OwnedFd = self.conn.take_fd().ok_or(ClientError::MissingFd)?;
                 Ok(OpenedImage {
                     memfd: File::from(fd),

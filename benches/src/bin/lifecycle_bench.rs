@@ -432,7 +432,8 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
         let before = served()?;
         let (mut children, t) = parent.fork(n)?;
         let ours = t.all_answered_ms;
-        // Pages the children's guests touched that were not in the layer's image yet.
+        // Faults served by every fault session meanwhile (the children's, the parent's): pages
+        // a guest touched that were not in its image yet.
         let faults = served()?.saturating_sub(before);
         // 4. private memory of each child right after fork, before it writes anything.
         if n == 4 {

@@ -273,9 +273,14 @@ impl Session {
         let res = self.serve(shutdown);
         self.stop.store(true, Ordering::Relaxed);
         // Final now (only `serve` counts faults): the daemon's total takes them over from
-        // the heart's sum of live sessions, which skips a stopped one.
+        // the heart's sum of live sessions.
         let faults = self.stats.faults.load(Ordering::Relaxed);
-        self.served_total.fetch_add(faults, Ordering::Relaxed);
+        match &self.pulse {
+            Some(p) => heart.hand_over(p, &self.served_total),
+            None => {
+                self.served_total.fetch_add(faults, Ordering::Relaxed);
+            }
+        }
         // No beat from here on: the heart looks at `stop` under this lock.
         let pulse = self.pulse.take();
         let guard = pulse.as_ref().map(|p| p.write_lock());

@@ -11,7 +11,7 @@
 //! look at its stop flag, so no beat follows a session's final failure report.
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ pub struct Pulse {
     stop: Arc<AtomicBool>,
     /// Set when a beat could not be sent whole: none after that.
     broken: AtomicBool,
+    /// Set when the session's faults went to the daemon's total ([`Heart::hand_over`]).
+    handed_over: AtomicBool,
 }
 
 impl Pulse {
@@ -42,6 +44,7 @@ impl Pulse {
             stats,
             stop,
             broken: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
         }
     }
 
@@ -50,10 +53,18 @@ impl Pulse {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends one beat unless the session stopped or an earlier beat failed.
+    /// Sends one beat unless the session stopped or an earlier beat failed. Never waits for
+    /// the writer lock: its holder is the session writing its failure report (it stops).
     fn beat(&self) {
-        let _guard = self.write_lock();
         if self.stop.load(Ordering::Relaxed) || self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let _guard = match self.writer.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if self.stop.load(Ordering::Relaxed) {
             return;
         }
         let hb = Response::Heartbeat {
@@ -121,16 +132,29 @@ impl Heart {
         self.shared.changed.notify_all();
     }
 
-    /// Faults served so far by the sessions still serving (not stopped).
-    pub fn live_faults(&self) -> u64 {
-        self.shared
-            .lock()
+    /// Adds the faults of `pulse`'s session, which no longer serves, to `total` (the
+    /// daemon's count of ended sessions' faults), under the lock [`Heart::faults_served`]
+    /// reads under: a reading counts them once, never twice or not at all.
+    pub fn hand_over(&self, pulse: &Pulse, total: &AtomicU64) {
+        let _members = self.shared.lock();
+        total.fetch_add(
+            pulse.stats.faults.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        pulse.handed_over.store(true, Ordering::Relaxed);
+    }
+
+    /// `total` (ended sessions' faults) plus the faults of the sessions not handed over yet.
+    pub fn faults_served(&self, total: &AtomicU64) -> u64 {
+        let members = self.shared.lock();
+        let live: u64 = members
             .pulses
             .iter()
             .filter_map(Weak::upgrade)
-            .filter(|p| !p.stop.load(Ordering::Relaxed))
+            .filter(|p| !p.handed_over.load(Ordering::Relaxed))
             .map(|p| p.stats.faults.load(Ordering::Relaxed))
-            .sum()
+            .sum();
+        total.load(Ordering::Relaxed) + live
     }
 
     /// Sessions beaten for now (those not yet dropped).
@@ -218,15 +242,18 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        // A stopped session hears nothing more, the other still does.
+        // A stopped session hears nothing more, the other still does: after the stop, at most
+        // the beat already on its way, then silence over two more beats.
         a.stop.store(true, Ordering::Relaxed);
-        let _ = rb.read_msg::<Response>().unwrap();
-        ra.stream()
-            .set_read_timeout(Some(Duration::from_millis(HEARTBEAT_INTERVAL_MS / 2)))
-            .unwrap();
-        // Any beat sent to `a` before the stop was read above or is read now; none after.
+        std::thread::sleep(Duration::from_millis(HEARTBEAT_INTERVAL_MS / 2));
+        ra.stream().set_nonblocking(true).unwrap();
         let _ = ra.read_msg::<Response>();
+        ra.stream().set_nonblocking(false).unwrap();
+        ra.stream()
+            .set_read_timeout(Some(Duration::from_millis(2 * HEARTBEAT_INTERVAL_MS + 500)))
+            .unwrap();
         assert!(ra.read_msg::<Response>().is_err(), "a beat after the stop");
+        let _ = rb.read_msg::<Response>().unwrap();
         drop(a);
         let _ = rb.read_msg::<Response>().unwrap();
         // The thread may still hold `a` for the rest of its round.

@@ -372,8 +372,8 @@ impl Image {
         matches!(self.source, Source::Full)
     }
 
-    /// For a layered image whose other pages all come from open layered images (at most
-    /// `max_depth`) over a complete open image: how a client maps it without a fault
+    /// For a layered image whose other pages all come from open layered images (with it, at
+    /// most `max_depth`) over a complete open image: how a client maps it without a fault
     /// session ([`LayerView`]). `None` for any other image.
     pub fn layer_view(&self, max_depth: u32) -> Option<LayerView<'_>> {
         let Source::Layered { dirty, own, .. } = &self.source else {
@@ -390,7 +390,8 @@ impl Image {
                 break;
             }
             below += 1;
-            if below > max_depth {
+            // This layer and `below` layers under it.
+            if below >= max_depth {
                 return None;
             }
             cur = cur.parent_image()?;

@@ -118,7 +118,7 @@ pub struct Server {
     /// is always ingested before it).
     ingest_tx: Mutex<Option<std::sync::mpsc::Sender<IngestJob>>>,
     /// Faults served by sessions that have stopped serving (live ones are counted by
-    /// [`Heart::live_faults`]).
+    /// [`Heart::faults_served`]).
     faults_served: Arc<AtomicU64>,
     /// How long fault sessions keep reading after a fault, in microseconds
     /// ([`faults::spin_for_host`], [`Server::set_fault_spin`]).
@@ -1167,8 +1167,7 @@ impl Server {
                     pack_bytes: s.pack_bytes,
                     images: images as u64,
                     image_bytes,
-                    faults_served: self.faults_served.load(Ordering::Relaxed)
-                        + self.heart.live_faults(),
+                    faults_served: self.heart.faults_served(&self.faults_served),
                 })
             }
             Request::Memory => {

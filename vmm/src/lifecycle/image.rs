@@ -103,6 +103,7 @@ pub(crate) struct Layered {
 /// refusal it still is (a new connection if the daemon dropped the old one).
 pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -> Option<Layered> {
     let mut layers = Vec::new();
+    let mut sizes = Vec::new();
     let mut name = snapshot.to_string();
     let base = loop {
         let layer = match client.open_layer(&name) {
@@ -130,24 +131,41 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
         if !fits {
             return None;
         }
-        let (below, parent, size) = (layer.below, layer.base.clone(), layer.memory_size);
+        let (below, parent) = (layer.below, layer.base.clone());
+        sizes.push(layer.memory_size);
         layers.push(Layer {
             pages: layer.pages,
             runs: layer.runs,
         });
         if below == 0 {
-            break client
-                .open_image(&parent)
-                .map_err(|e| {
+            match client.open_image(&parent) {
+                Ok(b) => break b,
+                Err(e) => {
                     tracing::debug!(error = %fissile_proto::error_chain(&e), base = %parent, "opening a layer's base");
-                })
-                .ok()
-                .filter(|b| b.complete && b.memory_size == size && u64::from(b.page_size) == PAGE_SIZE)?;
+                    if !matches!(e, ClientError::Daemon { .. }) {
+                        // A reply may still be on its way: never read it as the next one's.
+                        if let Ok(fresh) = Client::connect(socket) {
+                            *client = fresh;
+                        }
+                    }
+                    return None;
+                }
+            }
         }
         name = parent;
     };
     layers.reverse();
-    Some(Layered { base, layers })
+    // What snapshotd said, checked before anything is mapped: every memfd as large as the
+    // memory, the runs within it, ascending and apart.
+    let size = base.memory_size;
+    let fits = base.complete
+        && u64::from(base.page_size) == PAGE_SIZE
+        && sizes.iter().all(|&s| s == size)
+        && layers
+            .iter()
+            .all(|l| l.pages.metadata().is_ok_and(|m| m.len() >= size))
+        && crate::memory::check_layers(&layers, size / PAGE_SIZE).is_ok();
+    fits.then_some(Layered { base, layers })
 }
 
 /// What a switch of this VM's RAM (merge, rollback) maps ([`open_for_switch`]).

@@ -146,7 +146,7 @@ pub const MAX_LAYER_MAPPINGS: usize = 8192;
 
 /// Checks every layer's runs ([`check_runs`]) and that they make at most
 /// [`MAX_LAYER_MAPPINGS`] mappings.
-fn check_layers(layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
+pub(crate) fn check_layers(layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
     let runs: usize = layers.iter().map(|l| l.runs.len()).sum();
     if runs > MAX_LAYER_MAPPINGS {
         return Err(MemoryError::BadLayer(format!(
@@ -519,7 +519,7 @@ impl GuestRam {
     }
 
     /// Drops each of `pages` ([`GuestRam::unchanged_copies`]) whose copy still equals the
-    /// image's page, so the page is the image's page-cache page again (shared with every VM
+    /// image's page, so the page is the image's (or its layer's) page-cache page again (shared with every VM
     /// mapping the image; the next write copies it again). Returns how many it dropped. The
     /// VM must be paused and its devices quiet: a write between this comparison and the drop
     /// would be lost.
@@ -821,15 +821,19 @@ mod tests {
         assert_eq!(layers.len(), 2);
         image.read_exact_at(&mut b, 0).unwrap();
         assert_eq!(b[0], b'b');
-        // A copy of page 4 equal to the topmost layer's is unchanged; one equal to the
-        // layer below is not.
+        // A copy is unchanged when it equals the topmost layer holding its page: page 3's
+        // (layer 1) and page 7's (layer 2); page 4 equal to layer 1 is not, layer 2 has it.
         ram.memory()
-            .write_slice(&[b'2'; 4], GuestAddress(4 * PAGE_SIZE))
+            .write_slice(&[b'1'; 4], GuestAddress(3 * PAGE_SIZE))
             .unwrap();
         ram.memory()
-            .write_slice(&[b'2'; 4], GuestAddress(3 * PAGE_SIZE))
+            .write_slice(&[b'1'; 4096], GuestAddress(4 * PAGE_SIZE))
             .unwrap();
-        assert_eq!(ram.unchanged_copies().unwrap().pages, vec![4]);
+        ram.memory()
+            .write_slice(&[b'2'; 4], GuestAddress(7 * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![3, 4, 7]);
+        assert_eq!(ram.unchanged_copies().unwrap().pages, vec![3, 7]);
     }
 
     #[test]
