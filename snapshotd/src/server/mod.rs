@@ -604,6 +604,16 @@ impl Server {
         self.shutdown.set();
     }
 
+    /// The image of `snapshot`, opened if it is not open yet (`OpenImage`, `OpenLayer`).
+    fn open_image(&self, snapshot: &str) -> Result<Arc<Image>, Fail> {
+        self.images
+            .get_or_open(&self.store, snapshot)
+            .map_err(|e| match e {
+                image::ImageError::View(v) => Fail::from(v),
+                other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
+            })
+    }
+
     fn handle_connection(&self, stream: UnixStream) {
         let peer =
             match fissile_proto::uds::trusted_peer_or_group(&stream, self.vmm_gid.get().copied()) {
@@ -990,13 +1000,7 @@ impl Server {
                 })
             }
             Request::OpenImage { snapshot } => {
-                let img = self
-                    .images
-                    .get_or_open(&self.store, &snapshot)
-                    .map_err(|e| match e {
-                        image::ImageError::View(v) => Fail::from(v),
-                        other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
-                    })?;
+                let img = self.open_image(&snapshot)?;
                 let fd = img
                     .client_fd()
                     .map_err(|e| Fail(ErrorCode::Internal, e.to_string()))?;
@@ -1012,13 +1016,7 @@ impl Server {
                 ))
             }
             Request::OpenLayer { snapshot } => {
-                let img = self
-                    .images
-                    .get_or_open(&self.store, &snapshot)
-                    .map_err(|e| match e {
-                        image::ImageError::View(v) => Fail::from(v),
-                        other => Fail(ErrorCode::Internal, crate::error_chain(&other)),
-                    })?;
+                let img = self.open_image(&snapshot)?;
                 let Some(view) = img.layer_view(MAX_LAYER_DEPTH) else {
                     return Err(bad(format!(
                         "snapshot {snapshot} is not a layer over a complete open image: open its \

@@ -7,7 +7,7 @@ use std::path::Path;
 use fissile_proto::snapshotd::{MAX_LAYER_DEPTH, Region};
 use fissile_snapshotd::client::{self as sd, Client, ClientError, OpenedImage, SessionHooks};
 
-use crate::memory::{GuestRam, ImageFaults, Layer, MAX_LAYER_MAPPINGS, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestRam, ImageFaults, Layer, MemoryError, PAGE_SIZE};
 use crate::seccomp::{self, ThreadClass};
 
 /// Mapping a snapshot image as guest RAM failed.
@@ -106,28 +106,11 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
     let mut sizes = Vec::new();
     let mut name = snapshot.to_string();
     let base = loop {
-        let layer = match client.open_layer(&name) {
-            Ok(layer) => layer,
-            Err(ClientError::Daemon { message, .. }) => {
-                tracing::debug!(%message, snapshot = %name, "not a layer over a complete image");
-                return None;
-            }
-            Err(e) => {
-                // A daemon of an older build may close the connection over a request it
-                // does not know: carry on with a new one (if that fails too, what comes next
-                // says why).
-                tracing::debug!(error = %fissile_proto::error_chain(&e), "opening as a layer");
-                if let Ok(fresh) = Client::connect(socket) {
-                    *client = fresh;
-                }
-                return None;
-            }
-        };
-        let runs: usize = layers.iter().map(|l: &Layer| l.runs.len()).sum();
+        let opened = client.open_layer(&name);
+        let layer = or_refused(opened, client, socket, &name)?;
         let fits = u64::from(layer.page_size) == PAGE_SIZE
             && layers.len() < MAX_LAYER_DEPTH as usize
-            && layer.below <= MAX_LAYER_DEPTH
-            && runs + layer.runs.len() <= MAX_LAYER_MAPPINGS;
+            && layer.below <= MAX_LAYER_DEPTH;
         if !fits {
             return None;
         }
@@ -138,25 +121,14 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
             runs: layer.runs,
         });
         if below == 0 {
-            match client.open_image(&parent) {
-                Ok(b) => break b,
-                Err(e) => {
-                    tracing::debug!(error = %fissile_proto::error_chain(&e), base = %parent, "opening a layer's base");
-                    if !matches!(e, ClientError::Daemon { .. }) {
-                        // A reply may still be on its way: never read it as the next one's.
-                        if let Ok(fresh) = Client::connect(socket) {
-                            *client = fresh;
-                        }
-                    }
-                    return None;
-                }
-            }
+            let opened = client.open_image(&parent);
+            break or_refused(opened, client, socket, &parent)?;
         }
         name = parent;
     };
     layers.reverse();
     // What snapshotd said, checked before anything is mapped: every memfd as large as the
-    // memory, the runs within it, ascending and apart.
+    // memory, the runs within it, ascending and apart, and not too many of them.
     let size = base.memory_size;
     let fits = base.complete
         && u64::from(base.page_size) == PAGE_SIZE
@@ -166,6 +138,30 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
             .all(|l| l.pages.metadata().is_ok_and(|m| m.len() >= size))
         && crate::memory::check_layers(&layers, size / PAGE_SIZE).is_ok();
     fits.then_some(Layered { base, layers })
+}
+
+/// `opened` (a request of [`open_layered`] about `snapshot`), or `None` after logging why.
+/// On a failure other than the daemon's answer the connection is in doubt (a daemon of an
+/// older build may close it over a request it does not know; a reply may still be on its
+/// way, never to be read as the next request's), so `client` becomes a new one (if that
+/// fails too, what the caller asks next says why).
+fn or_refused<T>(
+    opened: Result<T, ClientError>,
+    client: &mut Client,
+    socket: &Path,
+    snapshot: &str,
+) -> Option<T> {
+    let e = match opened {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    tracing::debug!(error = %fissile_proto::error_chain(&e), %snapshot, "not opened as layers");
+    if !matches!(e, ClientError::Daemon { .. })
+        && let Ok(fresh) = Client::connect(socket)
+    {
+        *client = fresh;
+    }
+    None
 }
 
 /// What a switch of this VM's RAM (merge, rollback) maps ([`open_for_switch`]).
