@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{KVM_MP_STATE_UNINITIALIZED, kvm_mp_state};
+use kvm_ioctls::Cap;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::KernelLoader;
@@ -182,6 +183,7 @@ impl VmmBuilder {
             );
         }
         let supported = vm.supported_cpuid()?;
+        let tsc_deadline_timer = vm.kvm().check_extension(Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm
@@ -193,6 +195,7 @@ impl VmmBuilder {
                 vcpus: config.vcpus,
                 entry,
                 hide_xsave,
+                tsc_deadline_timer,
             };
             vcpu::configure_vcpu(&fd, &supported, &boot)?;
             if id > 0 {

@@ -103,6 +103,8 @@ pub struct VcpuBoot {
     pub entry: u64,
     /// Hide XSAVE/AVX (lab quirk).
     pub hide_xsave: bool,
+    /// Offer the TSC-deadline timer (KVM emulates it).
+    pub tsc_deadline_timer: bool,
 }
 
 /// Sets CPUID, MSRs, FPU, registers and LAPIC LINT0/LINT1 of a fresh vCPU.
@@ -114,6 +116,7 @@ pub fn configure_vcpu(fd: &VcpuFd, supported: &CpuId, boot: &VcpuBoot) -> Result
             vcpu_id: boot.id,
             vcpus: boot.vcpus,
             hide_xsave: boot.hide_xsave,
+            tsc_deadline_timer: boot.tsc_deadline_timer,
         },
     );
     fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;

@@ -1,6 +1,6 @@
 //! Guest CPUID: KVM's supported set, with per-vCPU APIC ids, a consistent topology (one
-//! package, one thread per core, `vcpus` cores), the hypervisor bit, no KVM async page
-//! faults, and the lab quirk.
+//! package, one thread per core, `vcpus` cores), the hypervisor bit, the TSC-deadline timer
+//! KVM emulates, no KVM async page faults, and the lab quirk.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -13,9 +13,15 @@ pub struct CpuidParams {
     pub vcpus: u8,
     /// Hide XSAVE/AVX from the guest (the lab's emulated SVM mishandles XSETBV).
     pub hide_xsave: bool,
+    /// KVM's in-kernel LAPIC emulates the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`),
+    /// which `KVM_GET_SUPPORTED_CPUID` does not report: offer it. Without it Linux calibrates
+    /// the LAPIC timer against the PIT at boot, waiting 100 ms of ticks (a quarter of a
+    /// second in the lab); QEMU and Firecracker offer it too.
+    pub tsc_deadline_timer: bool,
 }
 
 const LEAF1_ECX_FMA: u32 = 1 << 12;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
@@ -52,6 +58,9 @@ pub fn filter_cpuid(entries: &mut [kvm_cpuid_entry2], params: CpuidParams) {
                 // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | ((vcpus & 0xff) << 16);
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                if params.tsc_deadline_timer {
+                    entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 if params.vcpus > 1 {
                     entry.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -141,6 +150,7 @@ mod tests {
                 vcpu_id: 2,
                 vcpus: 4,
                 hide_xsave: false,
+                tsc_deadline_timer: false,
             },
         );
 
@@ -149,6 +159,26 @@ mod tests {
         assert_eq!(entries[0].ebx & 0xffff, 0x0800);
         assert_ne!(entries[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(entries[0].edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(
+            entries[0].ecx & LEAF1_ECX_TSC_DEADLINE,
+            0,
+            "not offered unless KVM has it"
+        );
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_when_kvm_emulates_it() {
+        let mut entries = vec![entry(1, 0, 0, 0, 0, 0)];
+        filter_cpuid(
+            &mut entries,
+            CpuidParams {
+                vcpu_id: 0,
+                vcpus: 1,
+                hide_xsave: true,
+                tsc_deadline_timer: true,
+            },
+        );
+        assert_ne!(entries[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
@@ -160,6 +190,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpus: 1,
                 hide_xsave: false,
+                tsc_deadline_timer: false,
             },
         );
         assert_eq!(e[0].eax & KVM_HIDDEN_ASYNC_PF, 0);
@@ -180,6 +211,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpus: 1,
                 hide_xsave: true,
+                tsc_deadline_timer: false,
             },
         );
 
@@ -198,6 +230,7 @@ mod tests {
                 vcpu_id: 3,
                 vcpus: 5,
                 hide_xsave: false,
+                tsc_deadline_timer: false,
             },
         );
 
