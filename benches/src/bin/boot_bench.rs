@@ -5,7 +5,12 @@
 //!
 //! Usage: `boot_bench [N]` (default 5 of each). Needs a KVM that boots standard guests: on
 //! other hosts run it in the lab, `fissile-lab run -- boot_bench` (what `scripts/bench` does).
-//! Target: ours ≤ 0.8× QEMU microvm.
+//! Target: ours ≤ 0.7× QEMU microvm (the speed issue's figure).
+//!
+//! Each run is also split in two with the agent's own uptime when it answered (its monotonic
+//! clock, which runs on kvm-clock by then): the VMM and the kernel until the agent (init)
+//! started, and the agent until it answered. The guest's clocks cannot split the first step
+//! further: until the kernel switches to kvm-clock its uptime advances only with timer ticks.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,20 +21,48 @@ use fissile_sandbox::{Sandbox, SandboxConfig};
 
 const MEM_MIB: u64 = 512;
 
-fn ours(cfg: &SandboxConfig) -> anyhow::Result<Duration> {
+/// One cold boot: the time from the VMM's start until the agent answered, and how long of it
+/// the agent had been running.
+#[derive(Debug, Clone, Copy)]
+struct Boot {
+    total: Duration,
+    /// The agent's uptime when it answered (at most `total`).
+    agent: Duration,
+}
+
+impl Boot {
+    fn new(total: Duration, agent_uptime_ns: u64) -> Boot {
+        Boot {
+            total,
+            agent: Duration::from_nanos(agent_uptime_ns).min(total),
+        }
+    }
+
+    /// The VMM and the kernel until the agent started.
+    fn until_init(self) -> Duration {
+        self.total - self.agent
+    }
+}
+
+fn ours(cfg: &SandboxConfig) -> anyhow::Result<Boot> {
     let sb = Sandbox::boot(cfg).context("fissile-vmm boot")?;
-    let t = sb.timings().to_ready;
+    // The `Info` that ended the wait: its uptime is the agent's when it answered.
+    let boot = Boot::new(sb.timings().to_ready, sb.info().uptime_ns);
     let status = sb.poweroff(Duration::from_secs(60))?;
     if !status.success() {
         bail!("fissile-vmm exited with {status}");
     }
-    Ok(t)
+    Ok(boot)
 }
 
-fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32) -> anyhow::Result<Duration> {
+fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32) -> anyhow::Result<Boot> {
     let cmd = fissile_benches::qemu::microvm(kernel, rootfs, dir, cid, MEM_MIB);
-    let (_vm, _agent, t) = fissile_benches::qemu::start(cmd, cid)?;
-    Ok(t)
+    let (_vm, mut agent, total) = fissile_benches::qemu::start(cmd, cid)?;
+    let since = std::time::Instant::now();
+    let uptime_ns = agent.info()?.uptime_ns;
+    // Its uptime when it answered the readiness `Info`: less the time since.
+    let elapsed = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    Ok(Boot::new(total, uptime_ns.saturating_sub(elapsed)))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -53,25 +86,49 @@ fn main() -> anyhow::Result<()> {
             "native KVM"
         }
     );
+    println!("  each: total (VMM and kernel until the agent started + agent until it answered)");
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for i in 0..n {
         let t_ours = ours(&cfg)?;
         let t_qemu = qemu(&kernel, &rootfs, tmp.path(), 100 + i as u32)?;
         println!(
-            "  run {i}: fissile-vmm {:>8.1} ms   qemu microvm {:>8.1} ms",
-            ms(t_ours),
-            ms(t_qemu)
+            "  run {i}: fissile-vmm {}   qemu microvm {}",
+            steps(&t_ours),
+            steps(&t_qemu)
         );
         a.push(t_ours);
         b.push(t_qemu);
     }
-    let (ma, mb) = (median(&mut a), median(&mut b));
-    let ratio = ma.as_secs_f64() / mb.as_secs_f64();
+    let (ma, mb) = (medians(&a), medians(&b));
+    let ratio = ma.total.as_secs_f64() / mb.total.as_secs_f64();
     println!(
-        "  median: fissile-vmm {:.1} ms, qemu microvm {:.1} ms, ratio {ratio:.2}x (target <= 0.80x: {})",
-        ms(ma),
-        ms(mb),
-        if ratio <= 0.8 { "met" } else { "MISSED" }
+        "  median: fissile-vmm {}, qemu microvm {}, ratio {ratio:.2}x (target <= 0.70x: {})",
+        steps(&ma),
+        steps(&mb),
+        if ratio <= 0.7 { "met" } else { "MISSED" }
+    );
+    println!(
+        "  median step ratios: until the agent started {:.2}x, the agent until it answered {:.2}x",
+        ma.until_init().as_secs_f64() / mb.until_init().as_secs_f64(),
+        ma.agent.as_secs_f64() / mb.agent.as_secs_f64()
     );
     Ok(())
+}
+
+fn steps(b: &Boot) -> String {
+    format!(
+        "{:>7.1} ms ({:>7.1} + {:>5.1})",
+        ms(b.total),
+        ms(b.until_init()),
+        ms(b.agent)
+    )
+}
+
+/// The median of the totals and of the agent's times, each on its own.
+fn medians(runs: &[Boot]) -> Boot {
+    let m = |f: fn(&Boot) -> Duration| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Boot {
+        total: m(|b| b.total),
+        agent: m(|b| b.agent).min(m(|b| b.total)),
+    }
 }
