@@ -75,16 +75,30 @@ pub fn lab_command(args: &[String]) -> String {
     cmd
 }
 
-/// True when the host KVM is KVM-PVM: `CONFIG_KVM_PVM=y` in /proc/config.gz, or no `svm`/`vmx`
-/// CPU flag although `/dev/kvm` exists.
+/// True when the host KVM is KVM-PVM. KVM takes one vendor module at a time, so the one
+/// `/sys/module` shows answers it without more work; failing that, `CONFIG_KVM_PVM=y` in
+/// /proc/config.gz (which costs a `zcat`), or no `svm`/`vmx` CPU flag although `/dev/kvm`
+/// exists.
 pub fn is_kvm_pvm() -> bool {
-    if kernel_config_has("CONFIG_KVM_PVM=y") == Some(true) {
-        return true;
+    match kvm_vendor_module(Path::new("/sys/module")) {
+        Some(module) => return module == KVM_PVM_MODULE,
+        None if kernel_config_has("CONFIG_KVM_PVM=y") == Some(true) => return true,
+        None => {}
     }
     match std::fs::read_to_string("/proc/cpuinfo") {
         Ok(cpuinfo) => !cpuinfo_has_virt_flag(&cpuinfo),
         Err(_) => false,
     }
+}
+
+/// KVM-PVM's vendor module.
+const KVM_PVM_MODULE: &str = "kvm_pvm";
+
+/// The KVM vendor module loaded (or built in) according to `sys_module` (`/sys/module`).
+fn kvm_vendor_module(sys_module: &Path) -> Option<&'static str> {
+    [KVM_PVM_MODULE, "kvm_amd", "kvm_intel"]
+        .into_iter()
+        .find(|m| sys_module.join(m).is_dir())
 }
 
 /// True if any `flags` line of /proc/cpuinfo text lists `svm` or `vmx`.
@@ -169,6 +183,17 @@ mod tests {
         assert!(!cpuinfo_has_virt_flag(text));
         let text = "processor : 0\nflags\t\t: fpu svm sse2\n";
         assert!(cpuinfo_has_virt_flag(text));
+    }
+
+    #[test]
+    fn the_loaded_vendor_module_names_the_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(kvm_vendor_module(dir.path()), None);
+        std::fs::create_dir(dir.path().join("kvm")).unwrap();
+        std::fs::create_dir(dir.path().join("kvm_amd")).unwrap();
+        assert_eq!(kvm_vendor_module(dir.path()), Some("kvm_amd"));
+        std::fs::create_dir(dir.path().join(KVM_PVM_MODULE)).unwrap();
+        assert_eq!(kvm_vendor_module(dir.path()), Some(KVM_PVM_MODULE));
     }
 
     #[test]
