@@ -677,6 +677,9 @@ impl Server {
                     return;
                 }
             };
+            // A VMM asks `OpenLayer` first of every snapshot it maps; "not a layer" is an
+            // answer then, not a failure worth an operator's attention.
+            let probe = matches!(req, Request::OpenLayer { .. });
             let next = self.handle(&mut conn, &mut pending, req, who);
             conn.drop_fds();
             let sent = match next {
@@ -708,7 +711,11 @@ impl Server {
                     return;
                 }
                 Err(Fail(code, message)) => {
-                    tracing::info!(?code, %message, "request failed");
+                    if probe && code == ErrorCode::BadRequest {
+                        tracing::debug!(%message, "not opened as layers");
+                    } else {
+                        tracing::info!(?code, %message, "request failed");
+                    }
                     self.reply(&mut conn, Response::Error { code, message }, None)
                 }
             };
