@@ -55,8 +55,10 @@ pub const MAX_LIST: usize = 2048;
 /// Most runs of pages in one `LayerOpened` (each becomes a mapping of its own in the VMM; a
 /// layer with more is opened as an image with a fault session).
 pub const MAX_LAYER_RUNS: usize = 4096;
-/// Most layers in one `OpenLayer` chain (the layer asked for and those below it).
-pub const MAX_LAYER_DEPTH: u32 = 8;
+/// Most layers in one `OpenLayer` chain (the layer asked for and those below it). Each
+/// round of fork and merge lays two more under a parent's next fork (its fork snapshot and
+/// the winner's); what bounds a VM's mappings is the runs of all its layers together.
+pub const MAX_LAYER_DEPTH: u32 = 32;
 /// Interval of fault-session heartbeats. A beat wakes each idle session's client watchdog
 /// (there may be thousands of idle children) and the daemon's one heartbeat thread; 7 beats
 /// fit in [`HEARTBEAT_TIMEOUT_MS`], so a heartbeat kept off a CPU for 13 s still raises no

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use fissile_proto::frame::{encode_frame, read_frame};
 use fissile_proto::snapshotd::{
-    ErrorCode, Region, Request, Response, SNAPSHOTD_FRAME_CAP, SNAPSHOTD_PROTOCOL_VERSION,
+    ErrorCode, MAX_LAYER_DEPTH, Region, Request, Response, SNAPSHOTD_FRAME_CAP,
+    SNAPSHOTD_PROTOCOL_VERSION,
 };
 use fissile_snapshotd::client::{
     Client, CreateOptions, LazyMemory, SessionHooks, new_uffd, register_missing,
@@ -365,6 +366,43 @@ fn a_layer_over_a_complete_image_opens_as_two_files() {
     let err = c.open_layer(&stored).unwrap_err();
     assert!(format!("{err}").contains("not a layer"), "{err}");
     assert!(c.open_image(&stored).is_ok(), "the connection still serves");
+}
+
+#[test]
+fn a_chain_of_max_depth_layers_opens_as_layers_and_a_deeper_one_is_refused() {
+    // What many rounds of fork and merge leave: each round lays a fork snapshot and a winner
+    // under the parent's next fork.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let pages = 64;
+    let base = memory(37, pages, 4);
+    let mut parent = c
+        .create_snapshot(&sealed_memfd_with(&base), &adopting(base.len()))
+        .unwrap();
+    let mut chain = Vec::new();
+    for i in 0..=MAX_LAYER_DEPTH {
+        let page = u64::from(i) % pages as u64;
+        let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
+        fd.write_all_at(&[i as u8 + 1; PS], page * PS as u64)
+            .unwrap();
+        fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
+        let opts = CreateOptions {
+            parent: Some(parent.clone()),
+            dirty_pages: Some(vec![page]),
+            ..adopting(base.len())
+        };
+        parent = c.create_snapshot(&fd, &opts).unwrap();
+        chain.push(parent.clone());
+    }
+    let deepest_allowed = &chain[MAX_LAYER_DEPTH as usize - 1];
+    let top = c.open_layer(deepest_allowed).unwrap();
+    assert_eq!(top.below, MAX_LAYER_DEPTH - 1);
+    assert_eq!(top.base, chain[MAX_LAYER_DEPTH as usize - 2]);
+    let err = c.open_layer(&parent).unwrap_err();
+    assert!(format!("{err}").contains("not a layer"), "{err}");
+    // Eight rounds of fork and merge still map as layers (the limit was 8: four rounds).
+    const _: () = assert!(MAX_LAYER_DEPTH >= 16);
 }
 
 /// Waits (20 s at most, failing the test past that or on a session failure) until the
