@@ -59,6 +59,11 @@ pub const MAX_LAYER_RUNS: usize = 4096;
 /// round of fork and merge lays two more under a parent's next fork (its fork snapshot and
 /// the winner's); what bounds a VM's mappings is the runs of all its layers together.
 pub const MAX_LAYER_DEPTH: u32 = 32;
+/// snapshotd flattens a layered snapshot with this many layered snapshots below it after its
+/// ingest (`serve --flatten-below`): its image gets every page and counts as complete, so
+/// layers over it chain from it and a chain never outgrows [`MAX_LAYER_DEPTH`] in rounds of
+/// fork and merge.
+pub const FLATTEN_BELOW: u32 = MAX_LAYER_DEPTH / 2;
 /// Interval of fault-session heartbeats. A beat wakes each idle session's client watchdog
 /// (there may be thousands of idle children) and the daemon's one heartbeat thread; 7 beats
 /// fit in [`HEARTBEAT_TIMEOUT_MS`], so a heartbeat kept off a CPU for 13 s still raises no

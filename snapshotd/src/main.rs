@@ -35,6 +35,11 @@ enum Cmd {
         /// least recently used are dropped (they are read back from the store when needed).
         #[arg(long, default_value_t = 4096)]
         image_cache_mib: u64,
+        /// A snapshot layered on this many layered snapshots (a fork and a merge add two) is
+        /// flattened after its ingest: its image gets every page, at the cost of one copy of
+        /// the memory, and later layers chain from it (0: never).
+        #[arg(long, default_value_t = fissile_snapshotd::server::image::FLATTEN_BELOW)]
+        flatten_below: u32,
         /// KiB of index memtables, all column families together (see
         /// `Store::open_with`); small values make RocksDB flush and compact often (tests).
         #[arg(long, default_value_t = (fissile_snapshotd::store::INDEX_MEMTABLE_BYTES >> 10) as u64)]
@@ -149,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             root,
             socket,
             image_cache_mib,
+            flatten_below,
             index_memtable_kib,
             vmm_gid,
             listen_fd,
@@ -179,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                 bail!("{why}");
             }
             let server = Server::with_image_budget(Arc::new(store), image_cache_mib << 20);
+            server.set_flatten_below(flatten_below);
             let policy = (compact_min_mib > 0).then_some(CompactPolicy {
                 pack_dead_percent: compact_dead_percent,
                 min_reclaim_bytes: compact_min_mib << 20,

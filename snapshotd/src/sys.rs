@@ -67,6 +67,41 @@ pub fn reopen_read_only(file: &File) -> io::Result<File> {
     File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
+/// The byte ranges of `file`'s first `len` bytes that hold data (`SEEK_DATA`, `SEEK_HOLE`):
+/// a memfd's holes read as zeros. It moves the file offset, which may be shared with the
+/// process that handed the memfd over, but neither lseek with an explicit position nor the
+/// positional reads and writes used on memfds here and in the VMM depend on it.
+pub fn data_ranges(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let end =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos: libc::off_t = 0;
+    while pos < end {
+        // SAFETY: lseek(2) on a descriptor `file` keeps open; it touches no memory of ours.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // No data past `pos`.
+            }
+            return Err(e);
+        }
+        if start >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let stop = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if stop <= start {
+            return Err(io::Error::last_os_error());
+        }
+        let stop = stop.min(end);
+        ranges.push((start as u64, stop as u64));
+        pos = stop;
+    }
+    Ok(ranges)
+}
+
 /// Sets `O_NONBLOCK` on `fd`'s open file description.
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     let fd = fd.as_raw_fd();

@@ -371,9 +371,9 @@ fn a_layer_over_a_complete_image_opens_as_two_files() {
 #[test]
 fn a_chain_of_max_depth_layers_opens_as_layers_and_a_deeper_one_is_refused() {
     // What many rounds of fork and merge leave: each round lays a fork snapshot and a winner
-    // under the parent's next fork.
+    // under the parent's next fork. (Without flattening, which would shorten the chain.)
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
+    let d = Daemon::start_with(dir.path(), &["--flatten-below", "0"]);
     let mut c = d.client();
     let pages = 64;
     let base = memory(37, pages, 4);
@@ -403,6 +403,75 @@ fn a_chain_of_max_depth_layers_opens_as_layers_and_a_deeper_one_is_refused() {
     assert!(format!("{err}").contains("not a layer"), "{err}");
     // Eight rounds of fork and merge still map as layers (the limit was 8: four rounds).
     const _: () = assert!(MAX_LAYER_DEPTH >= 16);
+}
+
+#[test]
+fn a_deep_layer_is_flattened_after_its_ingest_and_layers_over_it_chain_from_it() {
+    use fissile_snapshotd::server::image::FLATTEN_BELOW;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let pages = 64;
+    let base = memory(41, pages, 4);
+    let mut expected = base.clone();
+    let mut top = c
+        .create_snapshot(&sealed_memfd_with(&base), &adopting(base.len()))
+        .unwrap();
+    // FLATTEN_BELOW + 1 layers, each writing one page: a non-zero page over a zero one
+    // (page 4, layer 8), pages later layers write again, zeros over a non-zero page (page 3,
+    // layer 15, over layer 3 and the base).
+    for i in 0..=FLATTEN_BELOW {
+        let page = (u64::from(i) * 5) % 12;
+        let content = if i == 15 {
+            [0u8; PS]
+        } else {
+            [i as u8 + 1; PS]
+        };
+        let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
+        fd.write_all_at(&content, page * PS as u64).unwrap();
+        fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
+        expected[page as usize * PS..][..PS].copy_from_slice(&content);
+        let opts = CreateOptions {
+            parent: Some(top.clone()),
+            dirty_pages: Some(vec![page]),
+            ..adopting(base.len())
+        };
+        top = c.create_snapshot(&fd, &opts).unwrap();
+    }
+    c.wait_durable(&top).unwrap();
+    // The ingest thread flattens it right after its ingest.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let img = loop {
+        let img = c.open_image(&top).unwrap();
+        if img.complete {
+            break img;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deep layer was not flattened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut got = vec![0u8; base.len()];
+    img.memfd.read_exact_at(&mut got, 0).unwrap();
+    for (i, (g, e)) in got.chunks(PS).zip(expected.chunks(PS)).enumerate() {
+        assert!(
+            g == e,
+            "page {i} of the flattened image differs from its chain"
+        );
+    }
+    // A layer over it chains from it: nothing below.
+    let fd = sys::memfd_create("over", base.len() as u64).unwrap();
+    fd.write_all_at(&[0xEE; PS], 9 * PS as u64).unwrap();
+    fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
+    let opts = CreateOptions {
+        parent: Some(top.clone()),
+        dirty_pages: Some(vec![9]),
+        ..adopting(base.len())
+    };
+    let over = c.create_snapshot(&fd, &opts).unwrap();
+    let layer = c.open_layer(&over).unwrap();
+    assert_eq!((&layer.base, layer.below), (&top, 0));
 }
 
 /// Waits (20 s at most, failing the test past that or on a session failure) until the

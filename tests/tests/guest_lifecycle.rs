@@ -806,6 +806,60 @@ fn guest_shutdown_of_a_paused_vm_ends_the_vmm() {
     assert!(status.success(), "{status}");
 }
 
+/// A VM snapshotted again and again makes a chain of layers; snapshotd flattens the one
+/// with `FLATTEN_BELOW` layers below it, and a restore of a later snapshot maps over that
+/// flattened image: the restored VM holds the same memory as the VM, and the same state.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_a_flattened_chain_of_snapshots_restores_the_same_memory() {
+    use fissile_proto::snapshotd::FLATTEN_BELOW;
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let mut vm = Sandbox::boot(&config(&env, &dir.path().join("vm"), &sd)).unwrap();
+    eval(&mut vm, "xs = []\n1");
+    // The boot's snapshot is complete; each later one is a layer over the one before.
+    let mut ids = Vec::new();
+    for i in 0..=FLATTEN_BELOW + 1 {
+        eval(&mut vm, &format!("xs.append({i})\nlen(xs)"));
+        ids.push(vm.snapshot(true).unwrap().id);
+    }
+    // The first layer with FLATTEN_BELOW layers below it: ids[FLATTEN_BELOW + 1] (ids[0] is
+    // complete). Its image becomes complete once flattened.
+    let flat = &ids[FLATTEN_BELOW as usize + 1];
+    let mut client = fissile_snapshotd::client::Client::connect(sd.socket()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !client.open_image(flat).unwrap().complete {
+        assert!(
+            Instant::now() < deadline,
+            "snapshot {flat} was not flattened"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One more snapshot, over the flattened one, restored paused in another VMM.
+    eval(&mut vm, "xs.append('last')\nlen(xs)");
+    let mut ctl = vm.control().unwrap();
+    ctl.pause().unwrap();
+    let snap = vm.snapshot(true).unwrap();
+    let layer = client.open_layer(&snap.id).unwrap();
+    assert_eq!(
+        (&layer.base, layer.below),
+        (ids.last().unwrap(), 0),
+        "the last snapshot lies right over the flattened one"
+    );
+    let rdir = dir.path().join("r");
+    let mut restored = spawn_paused_restore(&env, &sd, &snap.id, &rdir);
+    let mut rctl = connect_when_listening(&rdir.join("api.sock"));
+    let a = ctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let b = rctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
+    let _ = restored.kill();
+    let _ = restored.wait();
+    assert_eq!(a, b, "the VM and its restore over a flattened chain differ");
+    ctl.resume().unwrap();
+    let n = FLATTEN_BELOW + 3;
+    assert_eq!(eval(&mut vm, "len(xs), xs[-1]"), format!("({n}, 'last')"));
+}
+
 /// Starts `fissile-vmm --restore <id> --start-paused` with its sockets in `dir`.
 fn spawn_paused_restore(
     env: &GuestEnv,

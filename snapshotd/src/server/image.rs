@@ -20,6 +20,12 @@
 //! unused durable one can be evicted, each snapshot deleted), and a fault on a deep layer
 //! does not fill every level's memfd.
 //!
+//! A client maps a layer over a complete image with no fault session (`OpenLayer`): the
+//! complete image, then each layer's own pages over it. Each round of fork and merge adds two
+//! layers, so a layer with [`FLATTEN_BELOW`] layers below it is *flattened* after its ingest:
+//! its memfd gets every page from its chain, it counts as complete, and layers over it chain
+//! from it ([`Image::flatten`]).
+//!
 //! A fault only ever reaches us for a page that is not in the image memfd yet (MISSING mode
 //! on a private mapping fires for holes only), so "present" pages are resolved by a wake.
 
@@ -157,7 +163,18 @@ pub struct Image {
     /// A fault session claimed the recording of the first-touch order
     /// ([`Image::claim_touch_recording`]).
     recording_claimed: AtomicBool,
+    /// A layered image whose memfd was filled with every page ([`Image::flatten`]).
+    flat: AtomicBool,
 }
+
+/// A layered image with this many layered images below it, or more, is flattened after its
+/// ingest ([`Image::flatten`]) unless configured otherwise: each round of fork and merge lays
+/// two layers under a parent's next fork, and chains longer than `MAX_LAYER_DEPTH` map with
+/// a fault session.
+pub use fissile_proto::snapshotd::FLATTEN_BELOW;
+
+/// Longest chain [`Image::flatten`] walks.
+const MAX_FLATTEN_CHAIN: usize = 1024;
 
 /// How long after it was last handed out an unused image stays, whatever the budget.
 pub const OPEN_GRACE_MS: u64 = 5_000;
@@ -203,6 +220,7 @@ impl Image {
             touched_ms: AtomicU64::new(wall_ms()),
             instance: next_instance(),
             recording_claimed: AtomicBool::new(false),
+            flat: AtomicBool::new(false),
         })
     }
 
@@ -275,6 +293,7 @@ impl Image {
             touched_ms: AtomicU64::new(wall_ms()),
             instance: next_instance(),
             recording_claimed: AtomicBool::new(false),
+            flat: AtomicBool::new(false),
         })
     }
 
@@ -367,9 +386,111 @@ impl Image {
         }
     }
 
-    /// True when every page is in the memfd (a full adopted image): no faults to serve.
+    /// True when every page is in the memfd (a full adopted image, or a flattened layered
+    /// one): no faults to serve.
     pub fn is_complete(&self) -> bool {
-        matches!(self.source, Source::Full)
+        matches!(self.source, Source::Full) || self.flat.load(Ordering::Acquire)
+    }
+
+    /// For a layered image: the layered images below it down to a complete open one, the
+    /// nearest first, and that one; `None` when the chain is not open (an image read from
+    /// the store, or one evicted) or longer than [`MAX_FLATTEN_CHAIN`].
+    fn open_chain(&self) -> Option<(Vec<Arc<Image>>, Arc<Image>)> {
+        let mut layers = Vec::new();
+        let mut cur = self.parent_image()?;
+        loop {
+            if cur.memory_size != self.memory_size || cur.page_size != self.page_size {
+                return None;
+            }
+            if cur.is_complete() {
+                return Some((layers, cur));
+            }
+            if layers.len() >= MAX_FLATTEN_CHAIN {
+                return None;
+            }
+            let next = cur.parent_image()?;
+            layers.push(cur);
+            cur = next;
+        }
+    }
+
+    /// How many layered images lie below this layered one, down to a complete open image
+    /// (`None`: not layered, or the chain is not open).
+    pub fn layers_below(&self) -> Option<u32> {
+        if !matches!(self.source, Source::Layered { .. }) {
+            return None;
+        }
+        self.open_chain()
+            .map(|(layers, _)| u32::try_from(layers.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Fills this layered image's memfd with every page it lacks, each from the topmost
+    /// image of its chain that holds it (its own adopted pages, a layer's below, else the
+    /// complete image at the bottom; zero pages stay holes), then counts it complete: a
+    /// client maps it with no fault session, and layers over it chain from here. Pages a
+    /// fault session wrote meanwhile are left alone (they hold the same bytes). Costs one
+    /// copy of the memory's non-zero pages. Returns false, changing nothing a client sees,
+    /// when the chain is not open.
+    pub fn flatten(&self) -> Result<bool, MaterializeError> {
+        if !matches!(self.source, Source::Layered { .. }) {
+            return Ok(false);
+        }
+        if self.is_complete() {
+            return Ok(true);
+        }
+        let Some((layers, base)) = self.open_chain() else {
+            return Ok(false);
+        };
+        let ps = u64::from(self.page_size);
+        let count = self.memory_size / ps;
+        // The pages that may be non-zero: the base's data and every layer's own.
+        let mut pages: Vec<u64> = Vec::new();
+        let ranges = sys::data_ranges(&base.memfd, self.memory_size).map_err(|source| {
+            MaterializeError::Parent {
+                parent: base.id.clone(),
+                page: 0,
+                source,
+            }
+        })?;
+        for (from, to) in ranges {
+            pages.extend(from / ps..to.div_ceil(ps));
+        }
+        for img in std::iter::once(self).chain(layers.iter().map(|l| &**l)) {
+            if let Source::Layered { own, .. } = &img.source {
+                pages.extend_from_slice(own);
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        let mut buf = vec![0u8; ps as usize];
+        for page in pages {
+            if page >= count || bit(&self.present, page) {
+                continue;
+            }
+            let (from, file) = std::iter::once(self)
+                .chain(layers.iter().map(|l| &**l))
+                .find_map(|img| img.own_page(page).map(|f| (img, f)))
+                .unwrap_or((&*base, &base.memfd));
+            file.read_exact_at(&mut buf, page * ps)
+                .map_err(|source| MaterializeError::Parent {
+                    parent: from.id.clone(),
+                    page,
+                    source,
+                })?;
+            if buf.iter().any(|&b| b != 0) {
+                self.write_page(page, &buf)?;
+            }
+        }
+        self.flat.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    /// The adopted memfd holding `page`, if this is a layered image that holds it itself.
+    fn own_page(&self, page: u64) -> Option<&File> {
+        match &self.source {
+            Source::Layered { dirty, own, .. } if own.binary_search(&page).is_ok() => Some(dirty),
+            _ => None,
+        }
     }
 
     /// For a layered image whose other pages all come from open layered images (with it, at

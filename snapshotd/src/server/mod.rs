@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -64,6 +64,30 @@ const MAX_GRANTS_PER_VMM: usize = 65_536;
 
 /// A connection that sends no request for this long is closed (fault sessions excepted).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// What an `OpenLayer` refusal of a snapshot that is no layer says.
+const NOT_A_LAYER: &str = "is not a layer";
+
+/// Flattens `image` (snapshot `id`, just ingested) when it has `at_least` layers below it
+/// ([`image::FLATTEN_BELOW`] unless configured): a few more rounds of fork and merge would
+/// outgrow `MAX_LAYER_DEPTH`. Layers over it then chain from it.
+fn flatten_if_deep(id: &str, image: &image::Image, at_least: u32) {
+    if image.layers_below().is_none_or(|below| below < at_least) {
+        return;
+    }
+    let t0 = Instant::now();
+    match image.flatten() {
+        Ok(true) => tracing::info!(
+            snapshot = %id, pages = image.materialized_pages(),
+            ms = t0.elapsed().as_millis() as u64, "flattened a deep layer"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            snapshot = %id, error = %crate::error_chain(&e),
+            "flattening a deep layer failed (it stays layered)"
+        ),
+    }
+}
+
 /// The nice value of the daemon's background work: the ingest of adopted images (and the
 /// hashing and compression threads it starts) and storing a fault session's first-touch
 /// orders. Nobody waits on it but a durable snapshot's caller, while a guest whose VMM shares
@@ -123,6 +147,9 @@ pub struct Server {
     /// How long fault sessions keep reading after a fault, in microseconds
     /// ([`faults::spin_for_host`], [`Server::set_fault_spin`]).
     spin_us: AtomicU64,
+    /// Layered images with this many layers below them are flattened after their ingest
+    /// (0: never; [`Server::set_flatten_below`]).
+    flatten_below: AtomicU32,
     /// Wakes the housekeeping thread after a delete ([`Server::start_housekeeping`]).
     compact_wake: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
@@ -269,6 +296,7 @@ impl Server {
             grants: Mutex::new(HashMap::new()),
             faults_served: Arc::new(AtomicU64::new(0)),
             spin_us: AtomicU64::new(faults::spin_for_host().as_micros() as u64),
+            flatten_below: AtomicU32::new(image::FLATTEN_BELOW),
             shutdown: Shutdown::new(),
             heart: Heart::new(),
             connections: AtomicUsize::new(0),
@@ -390,7 +418,12 @@ impl Server {
                 }
             })
             .map_err(|e| crate::error_chain(&e));
+        let durable = result.is_ok();
         self.finish_ingest(&job.id, result);
+        let below = self.flatten_below.load(Ordering::Relaxed);
+        if durable && below > 0 {
+            flatten_if_deep(&job.id, &job.image, below);
+        }
     }
 
     fn finish_ingest(&self, id: &str, result: Result<(), String>) {
@@ -592,6 +625,12 @@ impl Server {
         Ok(())
     }
 
+    /// Sets how many layered images must lie below a layered one for it to be flattened
+    /// after its ingest ([`image::Image::flatten`]; 0: never).
+    pub fn set_flatten_below(&self, layers: u32) {
+        self.flatten_below.store(layers, Ordering::Relaxed);
+    }
+
     /// Sets how long fault sessions started from now on keep reading their uffd after a
     /// fault (zero: they sleep in poll(2) at once; benchmarks compare the two).
     pub fn set_fault_spin(&self, spin: Duration) {
@@ -678,7 +717,8 @@ impl Server {
                 }
             };
             // A VMM asks `OpenLayer` first of every snapshot it maps; "not a layer" is an
-            // answer then, not a failure worth an operator's attention.
+            // answer then, not a failure worth an operator's attention (a layer with too many
+            // runs, which sends a VM to a fault session, still is).
             let probe = matches!(req, Request::OpenLayer { .. });
             let next = self.handle(&mut conn, &mut pending, req, who);
             conn.drop_fds();
@@ -711,7 +751,7 @@ impl Server {
                     return;
                 }
                 Err(Fail(code, message)) => {
-                    if probe && code == ErrorCode::BadRequest {
+                    if probe && message.contains(NOT_A_LAYER) {
                         tracing::debug!(%message, "not opened as layers");
                     } else {
                         tracing::info!(?code, %message, "request failed");
@@ -1026,7 +1066,7 @@ impl Server {
                 let img = self.open_image(&snapshot)?;
                 let Some(view) = img.layer_view(MAX_LAYER_DEPTH) else {
                     return Err(bad(format!(
-                        "snapshot {snapshot} is not a layer over a complete open image: open its \
+                        "snapshot {snapshot} {NOT_A_LAYER} over a complete open image: open its \
                          image"
                     )));
                 };
