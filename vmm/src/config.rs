@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 /// are appended separately so they can be overridden.
 ///
 /// `clocksource=kvm-clock`: the guest keeps time with kvm-clock, which a restore sets
-/// (`KVM_SET_CLOCK`) and which stays right on a host whose TSC runs at another rate; a 6.12
-/// guest would otherwise prefer an invariant TSC. `tsc=nowatchdog`: the clocksource watchdog
+/// (`KVM_SET_CLOCK`) and which stays right on a host whose TSC runs at another rate (its
+/// TSC-deadline timers do not: see `vstate::persist`); a 6.12 guest would otherwise prefer
+/// an invariant TSC. `tsc=nowatchdog`: the clocksource watchdog
 /// checking the TSC against kvm-clock would wake every guest, idle or not, twice a second.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux \
                                    i8042.nomux i8042.dumbkbd clocksource=kvm-clock \

@@ -4,7 +4,12 @@
 //!
 //! Order on restore follows what KVM needs (and Firecracker does): CPUID first, then
 //! mp_state, regs, sregs, XSAVE/FPU, XCRs, debug registers, LAPIC, MSRs (the TSC deadline MSR
-//! needs the LAPIC), then pending events last.
+//! needs the LAPIC, and goes after the TSC), then pending events last.
+//!
+//! Not saved: the vCPUs' TSC rate. A guest on the TSC-deadline timer programs its timers in
+//! TSC cycles at the rate it measured at boot, so a restore on a host whose TSC runs at
+//! another rate would fire them early or late by that ratio (snapshots are restored on the
+//! host that took them today).
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
@@ -21,6 +26,8 @@ pub const MAX_MSRS: usize = 1024;
 /// KVM's async page fault MSR (`MSR_KVM_ASYNC_PF_EN`): turned off when a state is applied to
 /// a fresh vCPU, never written on a vCPU that ran (see [`VcpuState::msrs_to_apply`]).
 const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+/// `MSR_IA32_TSC_DEADLINE`: the LAPIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// The Hyper-V synthetic MSR range.
 const HYPERV_MSRS: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
 /// kvmclock's wall-clock MSRs (old and new). Writing one makes KVM write the wall-clock
@@ -262,15 +269,23 @@ impl VcpuState {
     /// Seen in the soak: about one merge in 150-300 left the parent's vCPU blocked in
     /// `kvm_vcpu_block`, runnable, IF clear (the winner was snapshotted inside the
     /// scheduler), its LAPIC holding the timer and the vsock interrupt in IRR.
+    ///
+    /// The TSC-deadline MSR goes last, after `MSR_IA32_TSC`: KVM arms the deadline timer
+    /// against the TSC when the MSR is written, and a TSC written after it would not re-arm
+    /// it. (KVM's index list happens to put it after the TSC; nothing here relies on that.)
     pub fn msrs_to_apply(&self, fresh: bool) -> Vec<kvm_msr_entry> {
-        self.msrs
+        let mut entries: Vec<kvm_msr_entry> = self
+            .msrs
             .iter()
             .filter(|e| fresh || e.index != MSR_KVM_ASYNC_PF_EN)
             .map(|e| match e.index {
                 MSR_KVM_ASYNC_PF_EN => kvm_msr_entry { data: 0, ..*e },
                 _ => *e,
             })
-            .collect()
+            .collect();
+        // A stable sort: only the deadline MSR moves.
+        entries.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
+        entries
     }
 
     /// Writes the state into a vCPU that is not running. `fresh`: the vCPU has never run,
@@ -397,7 +412,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn async_pf_is_turned_off_on_a_fresh_vcpu_and_left_alone_on_one_that_ran() {
+    fn async_pf_is_turned_off_on_a_fresh_vcpu_and_left_alone_on_one_that_ran_and_the_deadline_goes_last()
+     {
         let msr = |index, data| kvm_msr_entry {
             index,
             data,
@@ -407,8 +423,9 @@ mod tests {
             cpuid: vec![kvm_cpuid_entry2::default()],
             msrs: vec![
                 msr(0x10, 7),
+                msr(MSR_IA32_TSC_DEADLINE, 9),
                 msr(MSR_KVM_ASYNC_PF_EN, 0x1000 | 1),
-                msr(0x6e0, 9),
+                msr(0x1b, 3),
             ],
             regs: Default::default(),
             sregs: Default::default(),
@@ -422,10 +439,19 @@ mod tests {
         let pairs = |v: Vec<kvm_msr_entry>| -> Vec<(u32, u64)> {
             v.iter().map(|e| (e.index, e.data)).collect()
         };
+        // The TSC-deadline MSR goes last (after the TSC, 0x10); the others keep their order.
         assert_eq!(
             pairs(state.msrs_to_apply(true)),
-            [(0x10, 7), (MSR_KVM_ASYNC_PF_EN, 0), (0x6e0, 9)]
+            [
+                (0x10, 7),
+                (MSR_KVM_ASYNC_PF_EN, 0),
+                (0x1b, 3),
+                (MSR_IA32_TSC_DEADLINE, 9)
+            ]
         );
-        assert_eq!(pairs(state.msrs_to_apply(false)), [(0x10, 7), (0x6e0, 9)]);
+        assert_eq!(
+            pairs(state.msrs_to_apply(false)),
+            [(0x10, 7), (0x1b, 3), (MSR_IA32_TSC_DEADLINE, 9)]
+        );
     }
 }
