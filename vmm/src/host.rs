@@ -75,10 +75,9 @@ pub fn lab_command(args: &[String]) -> String {
     cmd
 }
 
-/// True when the host KVM is KVM-PVM. KVM takes one vendor module at a time, so the one
-/// `/sys/module` shows answers it without more work; failing that, `CONFIG_KVM_PVM=y` in
-/// /proc/config.gz (which costs a `zcat`), or no `svm`/`vmx` CPU flag although `/dev/kvm`
-/// exists.
+/// True when the host KVM is KVM-PVM. `/sys/module` answers without more work where it can
+/// ([`kvm_vendor_module`]); failing that, `CONFIG_KVM_PVM=y` in /proc/config.gz (which costs
+/// a `zcat`), or no `svm`/`vmx` CPU flag although `/dev/kvm` exists.
 pub fn is_kvm_pvm() -> bool {
     match kvm_vendor_module(Path::new("/sys/module")) {
         Some(module) => return module == KVM_PVM_MODULE,
@@ -94,11 +93,18 @@ pub fn is_kvm_pvm() -> bool {
 /// KVM-PVM's vendor module.
 const KVM_PVM_MODULE: &str = "kvm_pvm";
 
-/// The KVM vendor module loaded (or built in) according to `sys_module` (`/sys/module`).
+/// The KVM vendor module according to `sys_module` (`/sys/module`): `kvm_pvm` if it is there
+/// at all (loaded, or built in); else `kvm_amd` or `kvm_intel` if it is a loaded module (it
+/// has an `initstate`; one whose init failed is unloaded). KVM takes one vendor module at a
+/// time. A built-in `kvm_amd`/`kvm_intel` has a directory even where its init failed (the
+/// other vendor's CPU), so it says nothing: `None`.
 fn kvm_vendor_module(sys_module: &Path) -> Option<&'static str> {
-    [KVM_PVM_MODULE, "kvm_amd", "kvm_intel"]
+    if sys_module.join(KVM_PVM_MODULE).is_dir() {
+        return Some(KVM_PVM_MODULE);
+    }
+    ["kvm_amd", "kvm_intel"]
         .into_iter()
-        .find(|m| sys_module.join(m).is_dir())
+        .find(|m| sys_module.join(m).join("initstate").is_file())
 }
 
 /// True if any `flags` line of /proc/cpuinfo text lists `svm` or `vmx`.
@@ -190,7 +196,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(kvm_vendor_module(dir.path()), None);
         std::fs::create_dir(dir.path().join("kvm")).unwrap();
+        // Built in (no initstate): says nothing.
         std::fs::create_dir(dir.path().join("kvm_amd")).unwrap();
+        assert_eq!(kvm_vendor_module(dir.path()), None);
+        std::fs::write(dir.path().join("kvm_amd/initstate"), "live\n").unwrap();
         assert_eq!(kvm_vendor_module(dir.path()), Some("kvm_amd"));
         std::fs::create_dir(dir.path().join(KVM_PVM_MODULE)).unwrap();
         assert_eq!(kvm_vendor_module(dir.path()), Some(KVM_PVM_MODULE));
