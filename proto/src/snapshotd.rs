@@ -48,6 +48,12 @@ pub const MAX_BLOBS_TOTAL: u64 = 256 << 20;
 pub const MAX_NAME_LEN: usize = 256;
 /// Most labels per snapshot.
 pub const MAX_LABELS: usize = 64;
+/// Labels with this prefix are the daemon's own: a create that gives one is refused.
+pub const RESERVED_LABEL_PREFIX: &str = "fissile.";
+/// The label of a snapshot the store wrote as a full manifest because its parent chain was
+/// too long (its `parent` is then `None`): the parent it was made over. Only the daemon sets
+/// it ([`RESERVED_LABEL_PREFIX`]), so a lineage check may follow it.
+pub const LABEL_FLATTENED_FROM: &str = "fissile.flattened_from";
 /// Most regions in one `ServeFaults`.
 pub const MAX_REGIONS: usize = 64;
 /// Most snapshots listed in one `List` reply.

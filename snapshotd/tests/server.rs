@@ -1013,6 +1013,47 @@ fn the_ingest_runs_at_a_lower_priority_than_the_daemon_serves_at() {
 }
 
 #[test]
+fn a_snapshot_flattened_past_the_chain_limit_names_its_parent_and_reserved_labels_are_refused() {
+    use fissile_proto::snapshotd::LABEL_FLATTENED_FROM;
+    use fissile_snapshotd::store::MAX_CHAIN_DEPTH;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let mem = memory(43, 8, 0);
+    let mut parent = create(&mut c, &mem, CreateOptions::default());
+    // Past the store's chain limit a create is written as a full manifest with no parent;
+    // the label says what it was made over (what merge's lineage check follows).
+    for _ in 0..=MAX_CHAIN_DEPTH {
+        let opts = CreateOptions {
+            parent: Some(parent.clone()),
+            dirty_pages: Some(vec![1]),
+            ..CreateOptions::default()
+        };
+        let id = create(&mut c, &mem, opts);
+        let info = c.info(&id).unwrap();
+        let over = info.parent.clone().or_else(|| {
+            info.labels
+                .iter()
+                .find(|(k, _)| k == LABEL_FLATTENED_FROM)
+                .map(|(_, v)| v.clone())
+        });
+        assert_eq!(over.as_ref(), Some(&parent), "{info:?}");
+        parent = id;
+    }
+    let flattened = c.info(&parent).unwrap();
+    assert_eq!(flattened.parent, None, "the last create is past the limit");
+    // A client cannot forge that label (nor any other of the daemon's own).
+    let forged = CreateOptions {
+        labels: vec![(LABEL_FLATTENED_FROM.to_string(), parent.clone())],
+        memory_size: mem.len() as u64,
+        ..CreateOptions::default()
+    };
+    let err = c.create_snapshot(&memfd_with(&mem), &forged).unwrap_err();
+    assert!(format!("{err}").contains("daemon's own"), "{err}");
+    assert!(c.info(&parent).is_ok(), "the connection still serves");
+}
+
+#[test]
 fn adopting_an_unsealed_memfd_is_refused_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fissile_proto::frame::FrameError;
 use fissile_proto::snapshotd::{
     ErrorCode, MAX_BLOB_PIECE, MAX_BLOBS_TOTAL, MAX_GRANT, MAX_LABELS, MAX_LAYER_DEPTH,
-    MAX_LAYER_RUNS, MAX_LIST, MAX_NAME_LEN, MAX_PAGES_PER_MESSAGE, MAX_REGIONS, Region, Request,
-    Response, SnapshotInfo,
+    MAX_LAYER_RUNS, MAX_LIST, MAX_NAME_LEN, MAX_PAGES_PER_MESSAGE, MAX_REGIONS,
+    RESERVED_LABEL_PREFIX, Region, Request, Response, SnapshotInfo,
 };
 use userfaultfd::Uffd;
 
@@ -907,6 +907,15 @@ impl Server {
                         .any(|(k, v)| k.len() > MAX_NAME_LEN || v.len() > MAX_NAME_LEN)
                 {
                     return Err(bad("too many or too long labels"));
+                }
+                if let Some((k, _)) = labels
+                    .iter()
+                    .find(|(k, _)| k.starts_with(RESERVED_LABEL_PREFIX))
+                {
+                    return Err(bad(format!(
+                        "label {k:?}: labels starting with {RESERVED_LABEL_PREFIX:?} are the \
+                         daemon's own"
+                    )));
                 }
                 if parent.as_ref().is_some_and(|p| p.len() > MAX_NAME_LEN) {
                     return Err(bad("parent id too long"));

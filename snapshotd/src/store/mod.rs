@@ -1167,7 +1167,10 @@ impl Store {
         let mut labels = req.labels.clone();
         if let (Some(pv), true) = (&parent, flatten) {
             // Too deep: write a full manifest (parent's pages + changes), no data dependency.
-            labels.insert("fissile.flattened_from".into(), pv.id().to_string());
+            labels.insert(
+                fissile_proto::snapshotd::LABEL_FLATTENED_FROM.into(),
+                pv.id().to_string(),
+            );
             let mut full: Vec<Option<Hash>> = pv.pages.clone();
             for (idx, h) in &entries {
                 full[*idx as usize] = *h;
