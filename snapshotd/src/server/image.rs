@@ -173,8 +173,8 @@ pub struct Image {
 /// a fault session.
 pub use fissile_proto::snapshotd::FLATTEN_BELOW;
 
-/// Longest chain [`Image::flatten`] walks.
-const MAX_FLATTEN_CHAIN: usize = 1024;
+/// Longest chain of images [`Image::open_chain`] walks (for a flatten or a layer view).
+const MAX_CHAIN_WALK: usize = 1024;
 
 /// How long after it was last handed out an unused image stays, whatever the budget.
 pub const OPEN_GRACE_MS: u64 = 5_000;
@@ -394,7 +394,7 @@ impl Image {
 
     /// For a layered image: the layered images below it down to a complete open one, the
     /// nearest first, and that one; `None` when the chain is not open (an image read from
-    /// the store, or one evicted) or longer than [`MAX_FLATTEN_CHAIN`].
+    /// the store, or one evicted) or longer than [`MAX_CHAIN_WALK`].
     fn open_chain(&self) -> Option<(Vec<Arc<Image>>, Arc<Image>)> {
         let mut layers = Vec::new();
         let mut cur = self.parent_image()?;
@@ -405,7 +405,7 @@ impl Image {
             if cur.is_complete() {
                 return Some((layers, cur));
             }
-            if layers.len() >= MAX_FLATTEN_CHAIN {
+            if layers.len() >= MAX_CHAIN_WALK {
                 return None;
             }
             let next = cur.parent_image()?;
@@ -455,7 +455,11 @@ impl Image {
         for (from, to) in ranges {
             pages.extend(from / ps..to.div_ceil(ps));
         }
-        for img in std::iter::once(self).chain(layers.iter().map(|l| &**l)) {
+        // This image and the layers below it, the topmost first.
+        let chain: Vec<&Image> = std::iter::once(self)
+            .chain(layers.iter().map(|l| &**l))
+            .collect();
+        for img in &chain {
             if let Source::Layered { own, .. } = &img.source {
                 pages.extend_from_slice(own);
             }
@@ -467,9 +471,9 @@ impl Image {
             if page >= count || bit(&self.present, page) {
                 continue;
             }
-            let (from, file) = std::iter::once(self)
-                .chain(layers.iter().map(|l| &**l))
-                .find_map(|img| img.own_page(page).map(|f| (img, f)))
+            let (from, file) = chain
+                .iter()
+                .find_map(|&img| img.own_page(page).map(|f| (img, f)))
                 .unwrap_or((&*base, &base.memfd));
             file.read_exact_at(&mut buf, page * ps)
                 .map_err(|source| MaterializeError::Parent {
@@ -500,23 +504,12 @@ impl Image {
         let Source::Layered { dirty, own, .. } = &self.source else {
             return None;
         };
-        let parent = self.parent_image()?;
-        let mut below = 0;
-        let mut cur = parent.clone();
-        loop {
-            if cur.memory_size != self.memory_size || cur.page_size != self.page_size {
-                return None;
-            }
-            if cur.is_complete() {
-                break;
-            }
-            below += 1;
-            // This layer and `below` layers under it.
-            if below >= max_depth {
-                return None;
-            }
-            cur = cur.parent_image()?;
-        }
+        let (layers, complete) = self.open_chain()?;
+        // This layer and `below` layers under it.
+        let below = u32::try_from(layers.len())
+            .ok()
+            .filter(|&b| b < max_depth)?;
+        let parent = layers.first().unwrap_or(&complete);
         Some(LayerView {
             base: parent.id.clone(),
             below,
