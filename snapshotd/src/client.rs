@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use fissile_proto::frame::FrameError;
 use fissile_proto::snapshotd::{
-    ErrorCode, HEARTBEAT_TIMEOUT_MS, MAX_BLOB_PIECE, MAX_PAGES_PER_MESSAGE, Region, Request,
-    Response, SnapshotInfo,
+    ErrorCode, HEARTBEAT_TIMEOUT_MS, LABEL_FLATTENED_FROM, MAX_BLOB_PIECE, MAX_PAGES_PER_MESSAGE,
+    Region, Request, Response, SnapshotInfo,
 };
 use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
 
@@ -725,4 +725,46 @@ pub fn register_missing(uffd: &Uffd, mapping: &Mapping) -> Result<(), ClientErro
     )
     .map(|_| ())
     .map_err(|e| ClientError::Uffd("register", e))
+}
+
+/// The snapshot `info` describes was made over: its parent, or, where the store wrote it as
+/// a full manifest because its chain had grown too long, the parent it records it was
+/// flattened from ([`LABEL_FLATTENED_FROM`]; only the daemon sets it, creates that give a
+/// reserved label are refused). What a lineage check follows.
+pub fn made_over(info: &SnapshotInfo) -> Option<String> {
+    info.parent.clone().or_else(|| {
+        info.labels
+            .iter()
+            .find(|(k, _)| k == LABEL_FLATTENED_FROM)
+            .map(|(_, v)| v.clone())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(parent: Option<&str>, labels: &[(&str, &str)]) -> SnapshotInfo {
+        SnapshotInfo {
+            id: "s".into(),
+            memory_size: 4096,
+            page_size: 4096,
+            parent: parent.map(String::from),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            blobs: Vec::new(),
+            created_unix_ms: 0,
+            durable: true,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_made_over_its_parent_or_what_the_store_flattened_it_from() {
+        assert_eq!(made_over(&info(Some("p"), &[])).as_deref(), Some("p"));
+        let flat = info(None, &[("x", "y"), (LABEL_FLATTENED_FROM, "f")]);
+        assert_eq!(made_over(&flat).as_deref(), Some("f"));
+        assert_eq!(made_over(&info(None, &[("x", "y")])), None);
+    }
 }

@@ -17,7 +17,7 @@ use fissile_proto::snapshotd::{
     SNAPSHOTD_PROTOCOL_VERSION,
 };
 use fissile_snapshotd::client::{
-    Client, CreateOptions, LazyMemory, SessionHooks, new_uffd, register_missing,
+    Client, CreateOptions, LazyMemory, SessionHooks, made_over, new_uffd, register_missing,
 };
 use fissile_snapshotd::sys;
 use rand::rngs::StdRng;
@@ -1031,13 +1031,7 @@ fn a_snapshot_flattened_past_the_chain_limit_names_its_parent_and_reserved_label
         };
         let id = create(&mut c, &mem, opts);
         let info = c.info(&id).unwrap();
-        let over = info.parent.clone().or_else(|| {
-            info.labels
-                .iter()
-                .find(|(k, _)| k == LABEL_FLATTENED_FROM)
-                .map(|(_, v)| v.clone())
-        });
-        assert_eq!(over.as_ref(), Some(&parent), "{info:?}");
+        assert_eq!(made_over(&info).as_ref(), Some(&parent), "{info:?}");
         parent = id;
     }
     let flattened = c.info(&parent).unwrap();

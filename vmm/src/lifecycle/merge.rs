@@ -19,8 +19,7 @@
 use std::time::Instant;
 
 use fissile_proto::control::{ErrorKind, MergeReply};
-use fissile_proto::snapshotd::{LABEL_FLATTENED_FROM, SnapshotInfo};
-use fissile_snapshotd::client::{Client, ClientError};
+use fissile_snapshotd::client::{Client, ClientError, made_over};
 
 use super::SnapshotError;
 use super::image::{self, ImageError};
@@ -167,19 +166,6 @@ pub(crate) fn merge(core: &mut VmCore, snapshot: &str) -> Result<MergeReply, Mer
     })
 }
 
-/// The snapshot `info`'s was made over: its parent, or, where the store wrote it as a full
-/// manifest because its chain had grown too long (every round of fork and merge adds two
-/// snapshots to it), the parent it records it was flattened from. Only the daemon sets that
-/// label (creates that give a reserved label are refused).
-fn made_over(info: &SnapshotInfo) -> Option<String> {
-    info.parent.clone().or_else(|| {
-        info.labels
-            .iter()
-            .find(|(k, _)| k == LABEL_FLATTENED_FROM)
-            .map(|(_, v)| v.clone())
-    })
-}
-
 /// Returns this VM to `snapshot` (see the module docs).
 pub(crate) fn rollback(core: &mut VmCore, snapshot: &str) -> Result<MergeReply, RollbackError> {
     let t0 = Instant::now();
@@ -230,33 +216,4 @@ fn switch(core: &mut VmCore, client: &mut Client, snapshot: &str) -> Result<f64,
         Ok(())
     })?;
     Ok(paused_ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(parent: Option<&str>, labels: &[(&str, &str)]) -> SnapshotInfo {
-        SnapshotInfo {
-            id: "s".into(),
-            memory_size: 4096,
-            page_size: 4096,
-            parent: parent.map(String::from),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            blobs: Vec::new(),
-            created_unix_ms: 0,
-            durable: true,
-        }
-    }
-
-    #[test]
-    fn a_snapshot_is_made_over_its_parent_or_what_the_store_flattened_it_from() {
-        assert_eq!(made_over(&info(Some("p"), &[])).as_deref(), Some("p"));
-        let flat = info(None, &[("x", "y"), (LABEL_FLATTENED_FROM, "f")]);
-        assert_eq!(made_over(&flat).as_deref(), Some("f"));
-        assert_eq!(made_over(&info(None, &[("x", "y")])), None);
-    }
 }
