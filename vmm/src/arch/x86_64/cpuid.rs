@@ -121,6 +121,16 @@ pub fn filter_cpuid(entries: &mut [kvm_cpuid_entry2], params: CpuidParams) {
 mod tests {
     use super::*;
 
+    /// vCPU `vcpu_id` of `vcpus`, no lab quirk, no TSC-deadline timer.
+    fn params(vcpu_id: u8, vcpus: u8) -> CpuidParams {
+        CpuidParams {
+            vcpu_id,
+            vcpus,
+            hide_xsave: false,
+            tsc_deadline_timer: false,
+        }
+    }
+
     fn entry(
         function: u32,
         index: u32,
@@ -144,15 +154,7 @@ mod tests {
     fn leaf1_gets_apic_id_count_and_hypervisor_bit() {
         let mut entries = vec![entry(1, 0, 0, 0x0008_0800, 0, 0)];
 
-        filter_cpuid(
-            &mut entries,
-            CpuidParams {
-                vcpu_id: 2,
-                vcpus: 4,
-                hide_xsave: false,
-                tsc_deadline_timer: false,
-            },
-        );
+        filter_cpuid(&mut entries, params(2, 4));
 
         assert_eq!(entries[0].ebx >> 24, 2);
         assert_eq!((entries[0].ebx >> 16) & 0xff, 4);
@@ -172,10 +174,9 @@ mod tests {
         filter_cpuid(
             &mut entries,
             CpuidParams {
-                vcpu_id: 0,
-                vcpus: 1,
                 hide_xsave: true,
                 tsc_deadline_timer: true,
+                ..params(0, 1)
             },
         );
         assert_ne!(entries[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
@@ -184,15 +185,7 @@ mod tests {
     #[test]
     fn kvm_async_page_faults_are_hidden() {
         let mut e = vec![entry(KVM_CPUID_FEATURES, 0, 0x0100_7eff, 0, 0, 0)];
-        filter_cpuid(
-            &mut e,
-            CpuidParams {
-                vcpu_id: 0,
-                vcpus: 1,
-                hide_xsave: false,
-                tsc_deadline_timer: false,
-            },
-        );
+        filter_cpuid(&mut e, params(0, 1));
         assert_eq!(e[0].eax & KVM_HIDDEN_ASYNC_PF, 0);
         // Everything else KVM offers stays (clock source, PV EOI, ...).
         assert_eq!(e[0].eax, 0x0100_7eff & !KVM_HIDDEN_ASYNC_PF);
@@ -208,10 +201,8 @@ mod tests {
         filter_cpuid(
             &mut entries,
             CpuidParams {
-                vcpu_id: 0,
-                vcpus: 1,
                 hide_xsave: true,
-                tsc_deadline_timer: false,
+                ..params(0, 1)
             },
         );
 
@@ -224,15 +215,7 @@ mod tests {
     fn leaf_0xb_describes_cores_with_x2apic_id() {
         let mut entries = vec![entry(0xb, 0, 0, 0, 0, 0), entry(0xb, 1, 0, 0, 1, 0)];
 
-        filter_cpuid(
-            &mut entries,
-            CpuidParams {
-                vcpu_id: 3,
-                vcpus: 5,
-                hide_xsave: false,
-                tsc_deadline_timer: false,
-            },
-        );
+        filter_cpuid(&mut entries, params(3, 5));
 
         assert_eq!(entries[0].ebx, 1);
         assert_eq!(entries[1].ebx, 5);
