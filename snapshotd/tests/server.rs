@@ -310,17 +310,13 @@ fn a_layer_over_a_complete_image_opens_as_two_files() {
     let parent = c
         .create_snapshot(&sealed_memfd_with(&base), &adopting(base.len()))
         .unwrap();
-    let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
-    for p in [5u64, 6, 40] {
-        fd.write_all_at(&[0xA5; PS], p * PS as u64).unwrap();
-    }
-    fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
-    let opts = CreateOptions {
-        parent: Some(parent.clone()),
-        dirty_pages: Some(vec![5, 6, 40]),
-        ..adopting(base.len())
-    };
-    let child = c.create_snapshot(&fd, &opts).unwrap();
+    let a5 = [0xA5; PS];
+    let child = adopt_layer(
+        &mut c,
+        &parent,
+        base.len(),
+        &[(5, &a5), (6, &a5), (40, &a5)],
+    );
     for durable in [false, true] {
         if durable {
             c.wait_durable(&child).unwrap();
@@ -345,15 +341,7 @@ fn a_layer_over_a_complete_image_opens_as_two_files() {
         assert!(page == base[7 * PS..8 * PS]);
     }
     // A layer over that layer: its parent is a layer with the complete image below it.
-    let fd2 = sys::memfd_create("layer2", base.len() as u64).unwrap();
-    fd2.write_all_at(&[0x5A; PS], 6 * PS as u64).unwrap();
-    fissile_snapshotd::client::seal_for_adoption(&fd2).unwrap();
-    let opts = CreateOptions {
-        parent: Some(child.clone()),
-        dirty_pages: Some(vec![6]),
-        ..adopting(base.len())
-    };
-    let grandchild = c.create_snapshot(&fd2, &opts).unwrap();
+    let grandchild = adopt_layer(&mut c, &child, base.len(), &[(6, &[0x5A; PS])]);
     let top = c.open_layer(&grandchild).unwrap();
     assert_eq!(
         (&top.base, top.below, &top.runs),
@@ -383,16 +371,7 @@ fn a_chain_of_max_depth_layers_opens_as_layers_and_a_deeper_one_is_refused() {
     let mut chain = Vec::new();
     for i in 0..=MAX_LAYER_DEPTH {
         let page = u64::from(i) % pages as u64;
-        let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
-        fd.write_all_at(&[i as u8 + 1; PS], page * PS as u64)
-            .unwrap();
-        fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
-        let opts = CreateOptions {
-            parent: Some(parent.clone()),
-            dirty_pages: Some(vec![page]),
-            ..adopting(base.len())
-        };
-        parent = c.create_snapshot(&fd, &opts).unwrap();
+        parent = adopt_layer(&mut c, &parent, base.len(), &[(page, &[i as u8 + 1; PS])]);
         chain.push(parent.clone());
     }
     let deepest_allowed = &chain[MAX_LAYER_DEPTH as usize - 1];
@@ -427,16 +406,8 @@ fn a_deep_layer_is_flattened_after_its_ingest_and_layers_over_it_chain_from_it()
         } else {
             [i as u8 + 1; PS]
         };
-        let fd = sys::memfd_create("layer", base.len() as u64).unwrap();
-        fd.write_all_at(&content, page * PS as u64).unwrap();
-        fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
         expected[page as usize * PS..][..PS].copy_from_slice(&content);
-        let opts = CreateOptions {
-            parent: Some(top.clone()),
-            dirty_pages: Some(vec![page]),
-            ..adopting(base.len())
-        };
-        top = c.create_snapshot(&fd, &opts).unwrap();
+        top = adopt_layer(&mut c, &top, base.len(), &[(page, &content)]);
     }
     c.wait_durable(&top).unwrap();
     // The ingest thread flattens it right after its ingest.
@@ -461,15 +432,7 @@ fn a_deep_layer_is_flattened_after_its_ingest_and_layers_over_it_chain_from_it()
         );
     }
     // A layer over it chains from it: nothing below.
-    let fd = sys::memfd_create("over", base.len() as u64).unwrap();
-    fd.write_all_at(&[0xEE; PS], 9 * PS as u64).unwrap();
-    fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
-    let opts = CreateOptions {
-        parent: Some(top.clone()),
-        dirty_pages: Some(vec![9]),
-        ..adopting(base.len())
-    };
-    let over = c.create_snapshot(&fd, &opts).unwrap();
+    let over = adopt_layer(&mut c, &top, base.len(), &[(9, &[0xEE; PS])]);
     let layer = c.open_layer(&over).unwrap();
     assert_eq!((&layer.base, layer.below), (&top, 0));
 }
@@ -824,6 +787,22 @@ fn sealed_memfd_with(mem: &[u8]) -> std::fs::File {
     let f = memfd_with(mem);
     fissile_snapshotd::client::seal_for_adoption(&f).unwrap();
     f
+}
+
+/// Adopts, over `parent`, a layer of a `len`-byte memory whose own pages are `pages` (each a
+/// page number and its bytes); returns its id.
+fn adopt_layer(c: &mut Client, parent: &str, len: usize, pages: &[(u64, &[u8])]) -> String {
+    let fd = sys::memfd_create("layer", len as u64).unwrap();
+    for &(p, bytes) in pages {
+        fd.write_all_at(bytes, p * PS as u64).unwrap();
+    }
+    fissile_snapshotd::client::seal_for_adoption(&fd).unwrap();
+    let opts = CreateOptions {
+        parent: Some(parent.to_string()),
+        dirty_pages: Some(pages.iter().map(|&(p, _)| p).collect()),
+        ..adopting(len)
+    };
+    c.create_snapshot(&fd, &opts).unwrap()
 }
 
 /// Options for a create that adopts a sealed memfd of `len` bytes and answers before the
