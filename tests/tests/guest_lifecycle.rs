@@ -705,13 +705,7 @@ fn guest_concurrent_clients_during_fork_and_merge_leave_consistent_memory() {
     // memory.
     ctl.pause().unwrap();
     let snap = parent.snapshot(false).unwrap();
-    let rdir = dir.path().join("r");
-    let mut restored = spawn_paused_restore(&env, &sd, &snap.id, &rdir);
-    let mut rctl = connect_when_listening(&rdir.join("api.sock"));
-    let a = ctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
-    let b = rctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
-    let _ = restored.kill();
-    let _ = restored.wait();
+    let (a, b) = memory_hashes_with_a_paused_restore(&env, &sd, &mut ctl, &snap.id, dir.path());
     assert_eq!(a, b, "the VM and its snapshot differ");
     ctl.resume().unwrap();
     assert_eq!(eval(&mut parent, "x"), "102");
@@ -847,17 +841,30 @@ fn guest_a_flattened_chain_of_snapshots_restores_the_same_memory() {
         (ids.last().unwrap(), 0),
         "the last snapshot lies right over the flattened one"
     );
-    let rdir = dir.path().join("r");
-    let mut restored = spawn_paused_restore(&env, &sd, &snap.id, &rdir);
+    let (a, b) = memory_hashes_with_a_paused_restore(&env, &sd, &mut ctl, &snap.id, dir.path());
+    assert_eq!(a, b, "the VM and its restore over a flattened chain differ");
+    ctl.resume().unwrap();
+    let n = FLATTEN_BELOW + 3;
+    assert_eq!(eval(&mut vm, "len(xs), xs[-1]"), format!("({n}, 'last')"));
+}
+
+/// The memory hashes of the paused VM behind `ctl` and of its snapshot `id` restored paused
+/// into another VMM (its sockets in `dir/r`), which is stopped after.
+fn memory_hashes_with_a_paused_restore(
+    env: &GuestEnv,
+    sd: &Snapshotd,
+    ctl: &mut fissile_sandbox::ControlClient,
+    id: &str,
+    dir: &Path,
+) -> (Option<String>, Option<String>) {
+    let rdir = dir.join("r");
+    let mut restored = spawn_paused_restore(env, sd, id, &rdir);
     let mut rctl = connect_when_listening(&rdir.join("api.sock"));
     let a = ctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
     let b = rctl.call(&ControlRequest::MemoryHash).unwrap().memory_hash;
     let _ = restored.kill();
     let _ = restored.wait();
-    assert_eq!(a, b, "the VM and its restore over a flattened chain differ");
-    ctl.resume().unwrap();
-    let n = FLATTEN_BELOW + 3;
-    assert_eq!(eval(&mut vm, "len(xs), xs[-1]"), format!("({n}, 'last')"));
+    (a, b)
 }
 
 /// Starts `fissile-vmm --restore <id> --start-paused` with its sockets in `dir`.
