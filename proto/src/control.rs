@@ -176,6 +176,12 @@ pub struct MergeReply {
     pub paused_ms: f64,
     /// Milliseconds for the whole operation (lineage check, state and image included).
     pub total_ms: f64,
+    /// Memory moved in place: only the pages this VM wrote since its snapshot and the
+    /// target's own pages changed, and the guest's working set stayed mapped (the target
+    /// is layers over the snapshot this VM ran on: a winner over its fork, or this VM's
+    /// latest snapshot). `false`: every mapping was replaced.
+    #[serde(default)]
+    pub in_place: bool,
 }
 
 /// Body of a successful `trim`.

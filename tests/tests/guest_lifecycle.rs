@@ -345,6 +345,13 @@ fn guest_fork_three_children_diverge_and_the_parent_merges_one() {
         .merge
         .unwrap();
     eprintln!("merge: {merge:?}");
+    // The winner's layer lies over the fork snapshot the parent runs on: the parent's
+    // memory moves in place (what it wrote since the fork dropped, the winner's pages mapped
+    // over), and must then equal the winner's.
+    assert!(
+        merge.in_place,
+        "the merge remapped all of memory: {merge:?}"
+    );
     let hp = pc.call(&ControlRequest::MemoryHash).unwrap();
     let hw = wc.call(&ControlRequest::MemoryHash).unwrap();
     let differing: Vec<usize> = hp

@@ -7,7 +7,7 @@ use std::path::Path;
 use fissile_proto::snapshotd::{MAX_LAYER_DEPTH, Region};
 use fissile_snapshotd::client::{self as sd, Client, ClientError, OpenedImage, SessionHooks};
 
-use crate::memory::{GuestRam, ImageFaults, Layer, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestRam, ImageFaults, Layer, MAX_LAYER_MAPPINGS, MemoryError, PAGE_SIZE};
 use crate::seccomp::{self, ThreadClass};
 
 /// Mapping a snapshot image as guest RAM failed.
@@ -93,8 +93,23 @@ pub(crate) fn attach(
 pub(crate) struct Layered {
     /// The complete image.
     pub base: OpenedImage,
+    /// The snapshot whose image `base` is.
+    pub base_name: String,
     /// The layers, the deepest first (the snapshot's own last).
     pub layers: Vec<Layer>,
+    /// The snapshot of each layer, in the same order.
+    pub names: Vec<String>,
+}
+
+impl Layered {
+    /// How many of the layers lie at or below `snapshot`, if it is in this chain (its base,
+    /// or one of its layers): the layers after them are what `snapshot` lacks.
+    fn at_or_below(&self, snapshot: &str) -> Option<usize> {
+        if self.base_name == snapshot {
+            return Some(0);
+        }
+        self.names.iter().position(|n| n == snapshot).map(|i| i + 1)
+    }
 }
 
 /// `snapshot` as layers over a complete image, if snapshotd hands it out that way (a fork's
@@ -103,9 +118,10 @@ pub(crate) struct Layered {
 /// refusal it still is (a new connection if the daemon dropped the old one).
 pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -> Option<Layered> {
     let mut layers = Vec::new();
+    let mut names = Vec::new();
     let mut sizes = Vec::new();
     let mut name = snapshot.to_string();
-    let base = loop {
+    let (base, base_name) = loop {
         let opened = client.open_layer(&name);
         let layer = or_refused(opened, client, socket, &name)?;
         let fits = u64::from(layer.page_size) == PAGE_SIZE
@@ -120,13 +136,14 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
             pages: layer.pages,
             runs: layer.runs,
         });
+        names.push(std::mem::replace(&mut name, parent));
         if below == 0 {
-            let opened = client.open_image(&parent);
-            break or_refused(opened, client, socket, &parent)?;
+            let opened = client.open_image(&name);
+            break (or_refused(opened, client, socket, &name)?, name);
         }
-        name = parent;
     };
     layers.reverse();
+    names.reverse();
     // What snapshotd said, checked before anything is mapped: every memfd as large as the
     // memory, the runs within it, ascending and apart, and not too many of them.
     let size = base.memory_size;
@@ -137,7 +154,12 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
             .iter()
             .all(|l| l.pages.metadata().is_ok_and(|m| m.len() >= size))
         && crate::memory::check_layers(&layers, size / PAGE_SIZE).is_ok();
-    fits.then_some(Layered { base, layers })
+    fits.then_some(Layered {
+        base,
+        base_name,
+        layers,
+        names,
+    })
 }
 
 /// `opened` (a request of [`open_layered`] about `snapshot`), or `None` after logging why.
@@ -188,16 +210,56 @@ pub(crate) fn open_for_switch(
 
 /// Switches guest RAM to `to` (opened for `snapshot`). The VM must be paused; on an error
 /// its memory may be half switched.
+///
+/// Where `snapshot` is layers over the snapshot RAM is a complete view of now (a winner
+/// merged into its fork's parent, or a rollback to this VM's latest snapshot), RAM moves in
+/// place ([`GuestRam::advance`]): only the pages this VM wrote and the layers' own pages
+/// change, and the guest's working set stays mapped. Else every mapping is replaced.
+/// Returns whether RAM moved in place.
 pub(crate) fn switch(
     ram: &mut GuestRam,
     socket: &Path,
     snapshot: &str,
     to: SwitchTo,
-) -> Result<(), ImageError> {
+) -> Result<bool, ImageError> {
     match to {
-        SwitchTo::Layers(l) => ram
-            .switch_to_layers(snapshot, l.base.memfd, l.base.memory_size, l.layers)
-            .map_err(ImageError::Memory),
-        SwitchTo::Image(image) => attach(ram, socket, snapshot, image, true),
+        SwitchTo::Layers(mut l) => match in_place_from(ram, &l) {
+            Some(at) => {
+                let (private, _) = ram.dirty_and_resident_pages().map_err(ImageError::Memory)?;
+                let layers = l.layers.split_off(at);
+                tracing::info!(
+                    snapshot,
+                    layers = layers.len(),
+                    dropped = private.len(),
+                    "switching memory in place"
+                );
+                ram.advance(snapshot, layers, &private)
+                    .map_err(ImageError::Memory)?;
+                Ok(true)
+            }
+            None => ram
+                .switch_to_layers(snapshot, l.base.memfd, l.base.memory_size, l.layers)
+                .map_err(ImageError::Memory)
+                .map(|()| false),
+        },
+        SwitchTo::Image(image) => attach(ram, socket, snapshot, image, true).map(|()| false),
     }
+}
+
+/// How many of `l`'s layers RAM has already, where RAM can move to `l` in place: RAM is a
+/// complete view of a snapshot in `l`'s chain, and RAM's layers with the rest of `l`'s
+/// leave room for one more (this VM's next snapshot, a fork's, is then mapped in place too).
+fn in_place_from(ram: &GuestRam, l: &Layered) -> Option<usize> {
+    let at = l.at_or_below(ram.base_snapshot()?)?;
+    let (_, ours) = ram.complete_view()?;
+    let more = &l.layers[at..];
+    let runs = more.iter().map(|l| l.runs.len()).sum();
+    fits_over(ours, more.len() + 1, runs).then_some(at)
+}
+
+/// Whether `depth` more layers making `runs` mappings fit over RAM's layers `ours`: at most
+/// [`MAX_LAYER_DEPTH`] layers and [`MAX_LAYER_MAPPINGS`] mappings in all.
+pub(crate) fn fits_over(ours: &[Layer], depth: usize, runs: usize) -> bool {
+    let mapped: usize = ours.iter().map(|l| l.runs.len()).sum();
+    ours.len() + depth <= MAX_LAYER_DEPTH as usize && mapped + runs <= MAX_LAYER_MAPPINGS
 }

@@ -13,8 +13,11 @@
 //!
 //! The switch itself: fetch and validate the snapshot's state blob, open its image (or its
 //! layers over a complete image: see `image::open_layered`), pause, map it in place of
-//! guest RAM, apply the state, resume. If mapping or applying
-//! fails half way the VM is stopped, since its state would be mixed.
+//! guest RAM, apply the state, resume. A winner's layers lie over the fork snapshot this VM
+//! runs on, so a merge usually moves memory in place (`image::switch`): the pages this VM
+//! wrote since the fork are dropped and the winner's own pages mapped over, and the rest of
+//! the guest's working set stays mapped. If mapping or applying fails half way the VM is
+//! stopped, since its state would be mixed.
 
 use std::time::Instant;
 
@@ -154,15 +157,16 @@ pub(crate) fn merge(core: &mut VmCore, snapshot: &str) -> Result<MergeReply, Mer
             _ => return Err(MergeError::NotChild(snapshot.to_string())),
         }
     }
-    let paused_ms = switch(core, &mut client, snapshot)?;
+    let (paused_ms, in_place) = switch(core, &mut client, snapshot)?;
     core.lineage.fork = None;
     core.lineage.own.clear();
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(snapshot, paused_ms, total_ms, "merged");
+    tracing::info!(snapshot, paused_ms, total_ms, in_place, "merged");
     Ok(MergeReply {
         snapshot: snapshot.to_string(),
         paused_ms,
         total_ms,
+        in_place,
     })
 }
 
@@ -170,15 +174,16 @@ pub(crate) fn merge(core: &mut VmCore, snapshot: &str) -> Result<MergeReply, Mer
 pub(crate) fn rollback(core: &mut VmCore, snapshot: &str) -> Result<MergeReply, RollbackError> {
     let t0 = Instant::now();
     let mut client = connect(core)?;
-    let paused_ms = switch(core, &mut client, snapshot)?;
+    let (paused_ms, in_place) = switch(core, &mut client, snapshot)?;
     core.lineage.fork = None;
     core.lineage.own.clear();
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(snapshot, paused_ms, total_ms, "rolled back");
+    tracing::info!(snapshot, paused_ms, total_ms, in_place, "rolled back");
     Ok(MergeReply {
         snapshot: snapshot.to_string(),
         paused_ms,
         total_ms,
+        in_place,
     })
 }
 
@@ -190,8 +195,13 @@ fn connect(core: &VmCore) -> Result<Client, SwitchError> {
     })
 }
 
-/// Maps `snapshot`'s image and applies its state; returns how long the VM was paused.
-fn switch(core: &mut VmCore, client: &mut Client, snapshot: &str) -> Result<f64, SwitchError> {
+/// Maps `snapshot`'s image and applies its state; returns how long the VM was paused and
+/// whether memory moved in place.
+fn switch(
+    core: &mut VmCore,
+    client: &mut Client,
+    snapshot: &str,
+) -> Result<(f64, bool), SwitchError> {
     let socket = core.snapshotd.clone().ok_or(SwitchError::NoSnapshotd)?;
     core.step("reading the snapshot");
     let blob = client
@@ -200,20 +210,23 @@ fn switch(core: &mut VmCore, client: &mut Client, snapshot: &str) -> Result<f64,
     let state = MicrovmState::decode(&blob).map_err(SwitchError::State)?;
     let image = image::open_for_switch(client, &socket, snapshot)
         .map_err(|e| SwitchError::Store("opening the image", e))?;
-    let ((), paused_ms) = core.paused(SwitchError::Pause, |core| {
+    let (in_place, paused_ms) = core.paused(SwitchError::Pause, |core| {
         core.step("switching memory to the snapshot");
-        if let Err(e) = image::switch(&mut core.ram, &socket, snapshot, image) {
-            core.control
-                .request_exit(VmExit::Failed(format!("switching memory: {e}")));
-            return Err(SwitchError::Image(e));
-        }
+        let in_place = match image::switch(&mut core.ram, &socket, snapshot, image) {
+            Ok(in_place) => in_place,
+            Err(e) => {
+                core.control
+                    .request_exit(VmExit::Failed(format!("switching memory: {e}")));
+                return Err(SwitchError::Image(e));
+            }
+        };
         core.step("applying the snapshot's VM state");
         if let Err(e) = core.apply_state(&state, false) {
             core.control
                 .request_exit(VmExit::Failed(format!("applying state: {e}")));
             return Err(SwitchError::Apply(e));
         }
-        Ok(())
+        Ok(in_place)
     })?;
-    Ok(paused_ms)
+    Ok((paused_ms, in_place))
 }

@@ -9,8 +9,9 @@
 //!    * an **image-backed** VM (restored, forked, merged) copies only the pages it dirtied
 //!      since its base into a sparse memfd, adopted as a layer on the base snapshot;
 //! 3. the VM continues on a copy-on-write view of the new snapshot (its dirty set is empty
-//!    again, its private pages are released); pages not in the new image yet fault to
-//!    snapshotd.
+//!    again, its private pages are released): in place where RAM is a complete view (the
+//!    new layer mapped over the pages it wrote, the rest of its working set left mapped),
+//!    else remapped, and pages not in the new image yet fault to snapshotd.
 //!
 //! The image is usable as soon as snapshotd adopted it; the store ingests it in the
 //! background. A durable snapshot waits for that *after* the VM runs again (the handle does,
@@ -22,14 +23,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use fissile_proto::control::{ErrorKind, ForkReply, SnapshotReply};
-use fissile_proto::snapshotd::{MAX_LAYER_DEPTH, MAX_PAGES_PER_MESSAGE, page_runs};
+use fissile_proto::snapshotd::{MAX_PAGES_PER_MESSAGE, page_runs};
 use fissile_snapshotd::client::{self as sd, Client, ClientError, CreateOptions};
 
 use super::image::{self, ImageError};
 use crate::lifecycle::state::CaptureError;
-use crate::memory::{
-    Backing, GuestRam, Layer, MAX_LAYER_MAPPINGS, MemoryError, PAGE_SIZE, create_memfd,
-};
+use crate::memory::{Backing, GuestRam, Layer, MemoryError, PAGE_SIZE, create_memfd};
 use crate::snapshot::{STATE_BLOB, StateFormatError};
 use crate::vmm::{QueueError, VmCore};
 use crate::vstate::vcpu::{ControlError, VmExit};
@@ -238,16 +237,20 @@ fn take(
                 .map_err(SnapshotError::Store)?;
             step("store", &mut t);
             at("switching memory to the snapshot");
-            // Mapped as layers over a complete image where RAM is one now (the new layer's
-            // pages from our own memfd: no fault session); else the snapshot's image.
-            let switched = match local_layers(ram, &layer, runs) {
-                Some((base, layers)) => ram
-                    .switch_to_layers(&id, base, size, layers)
+            // In place where RAM is a complete view: the new layer is mapped over the pages
+            // the VM wrote (from our own memfd), and the rest of its working set stays
+            // mapped. Else the snapshot as snapshotd hands it out: layers over a complete
+            // image where it can, else its image with a fault session.
+            let in_place = ram
+                .complete_view()
+                .is_some_and(|(_, ours)| image::fits_over(ours, 1, runs.len()));
+            let switched = match (in_place, layer.try_clone()) {
+                (true, Ok(pages)) => ram
+                    .advance(&id, vec![Layer { pages, runs }], &[])
                     .map_err(ImageError::Memory),
-                None => client
-                    .open_image(&id)
+                _ => image::open_for_switch(client, socket, &id)
                     .map_err(ImageError::Open)
-                    .and_then(|img| image::attach(ram, socket, &id, img, true)),
+                    .and_then(|to| image::switch(ram, socket, &id, to).map(|_| ())),
             };
             if let Err(e) = switched {
                 control.request_exit(VmExit::Failed(format!("switching to snapshot {id}: {e}")));
@@ -265,29 +268,6 @@ fn take(
         paused_ms: 0.0,
         steps_ms: steps,
     })
-}
-
-/// RAM after this VM's snapshot whose own pages are in `layer` at `runs`, as layers over
-/// the complete image RAM maps now (with the layers RAM has over it, then this one), if it
-/// maps one and the layers stay within their bounds.
-fn local_layers(ram: &GuestRam, layer: &File, runs: Vec<(u64, u64)>) -> Option<(File, Vec<Layer>)> {
-    let (image, below) = ram.complete_view()?;
-    let total: usize = below.iter().map(|l| l.runs.len()).sum::<usize>() + runs.len();
-    if below.len() >= MAX_LAYER_DEPTH as usize || total > MAX_LAYER_MAPPINGS {
-        return None;
-    }
-    let mut layers = Vec::with_capacity(below.len() + 1);
-    for l in below {
-        layers.push(Layer {
-            pages: l.pages.try_clone().ok()?,
-            runs: l.runs.clone(),
-        });
-    }
-    layers.push(Layer {
-        pages: layer.try_clone().ok()?,
-        runs,
-    });
-    Some((image.try_clone().ok()?, layers))
 }
 
 /// Copies guest pages `pages` into the same offsets of `dst`.

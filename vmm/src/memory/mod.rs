@@ -147,7 +147,12 @@ pub const MAX_LAYER_MAPPINGS: usize = 8192;
 /// Checks every layer's runs ([`check_runs`]) and that they make at most
 /// [`MAX_LAYER_MAPPINGS`] mappings.
 pub(crate) fn check_layers(layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
-    let runs: usize = layers.iter().map(|l| l.runs.len()).sum();
+    check_layers_over(0, layers, pages)
+}
+
+/// [`check_layers`] for `layers` mapped over layers that made `mapped` mappings already.
+fn check_layers_over(mapped: usize, layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
+    let runs: usize = mapped + layers.iter().map(|l| l.runs.len()).sum::<usize>();
     if runs > MAX_LAYER_MAPPINGS {
         return Err(MemoryError::BadLayer(format!(
             "{runs} runs of pages in {} layers (at most {MAX_LAYER_MAPPINGS})",
@@ -343,6 +348,43 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Moves RAM in place to `snapshot`: the snapshot RAM is a complete view of (with no
+    /// fault session) with `layers` over it, the deepest first. The private copies of
+    /// `drop` (pages in order) are dropped first: a merge or rollback passes every private
+    /// copy, since the target holds none of what this VM wrote; a snapshot of this VM passes
+    /// none, since its own layer holds exactly those pages. Then each layer's runs are
+    /// mapped over. Unlike a switch, every other page stays mapped, so the guest's working
+    /// set (and KVM's translations of it) survive. The VM must be paused.
+    pub fn advance(
+        &mut self,
+        snapshot: &str,
+        layers: Vec<Layer>,
+        drop: &[u64],
+    ) -> Result<(), MemoryError> {
+        let Backing::Image {
+            faults: None,
+            layers: ours,
+            ..
+        } = &self.backing
+        else {
+            return Err(MemoryError::WrongBacking("not a complete image view"));
+        };
+        let mapped = ours.iter().map(|l| l.runs.len()).sum();
+        check_layers_over(mapped, &layers, self.size / PAGE_SIZE)?;
+        self.drop_pages(drop)?;
+        self.map_layers(&layers)?;
+        if let Backing::Image {
+            snapshot: name,
+            layers: ours,
+            ..
+        } = &mut self.backing
+        {
+            *name = snapshot.to_string();
+            ours.extend(layers);
+        }
+        Ok(())
+    }
+
     /// The layers mapped over the image (the deepest first), and the image, when RAM is
     /// a complete image with layers over it or without (no fault session): what a layer
     /// snapshot of this VM can be mapped over without one.
@@ -526,38 +568,41 @@ impl GuestRam {
     pub fn drop_unchanged(&self, pages: &[u64]) -> Result<u64, MemoryError> {
         let image = self.image()?;
         let (mut theirs, mut ours) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
-        let mut dropped = 0;
+        let mut equal = Vec::with_capacity(pages.len());
+        for &page in pages {
+            if self.equal_to_image(image, page, &mut theirs, &mut ours)? {
+                equal.push(page);
+            }
+        }
+        self.drop_pages(&equal)?;
+        Ok(equal.len() as u64)
+    }
+
+    /// Drops the private copies of `pages` (memory offsets / [`PAGE_SIZE`], in order), one
+    /// `MADV_DONTNEED` per run of consecutive pages: each reads its file's page again.
+    fn drop_pages(&self, pages: &[u64]) -> Result<(), MemoryError> {
         for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
         {
             let (first, end) = (offset / PAGE_SIZE, (offset + len) / PAGE_SIZE);
-            // Runs of consecutive equal pages (region-relative first page, count): one call each.
-            let mut run: Option<(u64, u64)> = None;
-            let drop_run = |run: Option<(u64, u64)>| match run {
-                Some((p, n)) => mapping::drop_private(
-                    region,
-                    (p * PAGE_SIZE) as usize,
-                    (n * PAGE_SIZE) as usize,
-                )
-                .map_err(MemoryError::Drop),
-                None => Ok(()),
+            let drop_run = |(p, n): (u64, u64)| {
+                mapping::drop_private(region, (p * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize)
+                    .map_err(MemoryError::Drop)
             };
+            // Runs of consecutive pages (region-relative first page, count).
+            let mut run: Option<(u64, u64)> = None;
             for &page in pages.iter().filter(|&&p| p >= first && p < end) {
-                if !self.equal_to_image(image, page, &mut theirs, &mut ours)? {
-                    continue;
-                }
                 let p = page - first;
-                dropped += 1;
                 run = match run {
                     Some((q, n)) if q + n == p => Some((q, n + 1)),
                     other => {
-                        drop_run(other)?;
+                        other.map(drop_run).transpose()?;
                         Some((p, 1))
                     }
                 };
             }
-            drop_run(run)?;
+            run.map(drop_run).transpose()?;
         }
-        Ok(dropped)
+        Ok(())
     }
 
     /// Whether page `page` of guest RAM (memory offset / [`PAGE_SIZE`]) holds the bytes of
@@ -834,6 +879,127 @@ mod tests {
             .unwrap();
         assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![3, 4, 7]);
         assert_eq!(ram.unchanged_copies().unwrap().pages, vec![3, 7]);
+    }
+
+    #[test]
+    fn advancing_in_place_keeps_the_working_set_mapped_and_reads_as_a_switch() {
+        let size = 64u64 << 20;
+        let base = create_memfd("base", size).unwrap();
+        for p in 0..10u64 {
+            base.write_all_at(&[b'b'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        let (own, winner) = (
+            create_memfd("own", size).unwrap(),
+            create_memfd("winner", size).unwrap(),
+        );
+        let layer = |f: &File, runs: Vec<(u64, u64)>| Layer {
+            pages: f.try_clone().unwrap(),
+            runs,
+        };
+        let mut ram = GuestRam::from_image("s0", base.try_clone().unwrap(), size, size).unwrap();
+        let page = |ram: &GuestRam, p: u64| {
+            let mut b = vec![0u8; 4096];
+            ram.read_page(p, &mut b).unwrap();
+            b[0]
+        };
+        // The guest reads pages 1 and 2 and writes 5 and 6.
+        assert_eq!((page(&ram, 1), page(&ram, 2)), (b'b', b'b'));
+        for p in [5u64, 6] {
+            ram.memory()
+                .write_slice(&[b'o'; 4096], GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            own.write_all_at(&[b'o'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        // Its snapshot: its own layer (the pages it wrote) mapped over them.
+        ram.advance("s1", vec![layer(&own, vec![(5, 2)])], &[])
+            .unwrap();
+        let (dirty, resident) = ram.dirty_and_resident_pages().unwrap();
+        assert!(dirty.is_empty(), "the layer replaced the private copies");
+        assert!(
+            resident.contains(&1) && resident.contains(&2),
+            "pages read before stay mapped: {resident:?}"
+        );
+        // A merge: the guest wrote pages 3 and 6 since; the winner's layer over s1 holds
+        // 6 and 8.
+        for p in [3u64, 6] {
+            ram.memory()
+                .write_slice(b"mine", GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+        }
+        for p in [6u64, 8] {
+            winner.write_all_at(&[b'w'; 4096], p * PAGE_SIZE).unwrap();
+        }
+        let (private, _) = ram.dirty_and_resident_pages().unwrap();
+        assert_eq!(private, vec![3, 6]);
+        ram.advance("w", vec![layer(&winner, vec![(6, 1), (8, 1)])], &private)
+            .unwrap();
+        let (dirty, resident) = ram.dirty_and_resident_pages().unwrap();
+        assert!(dirty.is_empty());
+        assert!(resident.contains(&1) && resident.contains(&2));
+        assert_eq!(ram.base_snapshot(), Some("w"));
+        assert_eq!(ram.complete_view().unwrap().1.len(), 2);
+        // The same memory as the winner's chain mapped from scratch.
+        let fresh = GuestRam::from_layers(
+            "w",
+            base.try_clone().unwrap(),
+            size,
+            vec![
+                layer(&own, vec![(5, 2)]),
+                layer(&winner, vec![(6, 1), (8, 1)]),
+            ],
+            size,
+        )
+        .unwrap();
+        let seen: Vec<u8> = (0..10).map(|p| page(&ram, p)).collect();
+        assert_eq!(seen, b"bbbbbowbwb".to_vec());
+        assert_eq!(seen, (0..10).map(|p| page(&fresh, p)).collect::<Vec<u8>>());
+        assert_eq!(ram.hash().0, fresh.hash().0);
+    }
+
+    #[test]
+    fn advancing_past_the_mapping_limit_is_refused_and_changes_nothing() {
+        let size = 128u64 << 20;
+        let base = create_memfd("base", size).unwrap();
+        let many: Vec<(u64, u64)> = (0..MAX_LAYER_MAPPINGS as u64).map(|i| (2 * i, 1)).collect();
+        let f = || create_memfd("layer", size).unwrap();
+        let mut ram = GuestRam::from_layers(
+            "l",
+            base.try_clone().unwrap(),
+            size,
+            vec![Layer {
+                pages: f(),
+                runs: many,
+            }],
+            size,
+        )
+        .unwrap();
+        ram.memory()
+            .write_slice(b"kept", GuestAddress(PAGE_SIZE))
+            .unwrap();
+        let err = ram
+            .advance(
+                "m",
+                vec![Layer {
+                    pages: f(),
+                    runs: vec![(30_000, 1)],
+                }],
+                &[1],
+            )
+            .unwrap_err();
+        assert!(matches!(err, MemoryError::BadLayer(_)), "{err}");
+        assert_eq!(ram.base_snapshot(), Some("l"));
+        assert_eq!(ram.dirty_and_resident_pages().unwrap().0, vec![1]);
+        let mut b = [0u8; 4];
+        ram.memory()
+            .read_slice(&mut b, GuestAddress(PAGE_SIZE))
+            .unwrap();
+        assert_eq!(&b, b"kept");
+        // Fresh RAM has no snapshot to advance from.
+        let mut fresh = GuestRam::fresh(64 << 20).unwrap();
+        assert!(matches!(
+            fresh.advance("x", Vec::new(), &[]),
+            Err(MemoryError::WrongBacking(_))
+        ));
     }
 
     #[test]
