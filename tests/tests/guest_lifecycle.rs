@@ -855,6 +855,68 @@ fn guest_a_flattened_chain_of_snapshots_restores_the_same_memory() {
     assert_eq!(eval(&mut vm, "len(xs), xs[-1]"), format!("({n}, 'last')"));
 }
 
+/// A snapshot records its vCPUs' TSC rate; a restore on a host whose TSC runs at another
+/// rate (here: a copy of the snapshot whose state says 10% faster) scales the vCPUs to it
+/// where KVM can, and otherwise refuses with both rates named, leaving the snapshot usable.
+#[test]
+#[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
+fn guest_a_restore_takes_the_snapshots_tsc_rate_or_says_why_not() {
+    use fissile_snapshotd::client::{Client, CreateOptions, seal_for_adoption};
+    use fissile_vmm::snapshot::{MicrovmState, STATE_BLOB};
+    let env = guest_env();
+    let dir = tempfile::tempdir().unwrap();
+    let sd = Snapshotd::start(&dir.path().join("store"), &dir.path().join("sd.sock")).unwrap();
+    let mut vm = Sandbox::boot(&config(&env, &dir.path().join("vm"), &sd)).unwrap();
+    eval(&mut vm, "x = 7\n1");
+    let snap = vm.snapshot(true).unwrap();
+    drop(vm);
+    let mut client = Client::connect(sd.socket()).unwrap();
+    let mut state = MicrovmState::decode(&client.get_blob(&snap.id, STATE_BLOB).unwrap()).unwrap();
+    let host = state.tsc_khz.expect("the snapshot records no TSC rate");
+    let faster = host + host / 10;
+    state.tsc_khz = Some(faster);
+    // The same memory (a layer over the snapshot with no pages of its own), that state.
+    let size = state.machine.mem_size;
+    let memfd = fissile_vmm::memory::create_memfd("empty-layer", size).unwrap();
+    seal_for_adoption(&memfd).unwrap();
+    let opts = CreateOptions {
+        memory_size: size,
+        parent: Some(snap.id.clone()),
+        dirty_pages: Some(Vec::new()),
+        blobs: vec![(STATE_BLOB.to_string(), state.encode().unwrap())],
+        adopt: true,
+        ..CreateOptions::default()
+    };
+    let faster_id = client.create_snapshot(&memfd, &opts).unwrap();
+
+    let cfg = config(&env, &dir.path().join("f"), &sd);
+    match Sandbox::restore(&cfg, &faster_id) {
+        Ok(mut f) => {
+            assert_eq!(eval(&mut f, "x"), "7");
+            let log = f.vmm_log_tail(200);
+            assert!(
+                log.contains("TSC scaled to the snapshot's rate")
+                    && log.contains(&faster.to_string()),
+                "restored with no TSC scaling logged:\n{log}"
+            );
+            eprintln!("scaled from {host} to {faster} kHz");
+        }
+        Err(e) => {
+            let msg = fissile_proto::error_chain(&e);
+            assert!(
+                msg.contains(&format!("the snapshot's TSC runs at {faster} kHz"))
+                    && msg.contains(&format!("{host} kHz"))
+                    && msg.contains("could not scale"),
+                "{msg}"
+            );
+            eprintln!("this host cannot scale the TSC: {msg}");
+        }
+    }
+    // The snapshot itself restores as before.
+    let mut r = Sandbox::restore(&config(&env, &dir.path().join("r"), &sd), &snap.id).unwrap();
+    assert_eq!(eval(&mut r, "x"), "7");
+}
+
 /// The memory hashes of the paused VM behind `ctl` and of its snapshot `id` restored paused
 /// into another VMM (its sockets in `dir/r`), which is stopped after.
 fn memory_hashes_with_a_paused_restore(

@@ -9,7 +9,8 @@
 //! +----------+-------------------+----------------+-------------------+----------------+
 //! ```
 //! The format version is the snapshot format's own, not the binary's: any change to
-//! [`MicrovmState`] bumps it (no per-field versioning). Decoding checks the magic, the
+//! [`MicrovmState`] bumps it (no per-field versioning). The previous version still decodes
+//! (format 2 lacks only the TSC rate). Decoding checks the magic, the
 //! version, the length (capped at [`MAX_STATE_BYTES`] before anything is allocated) and the
 //! checksum, then [`MicrovmState::validate`] checks the contents as untrusted input.
 //!
@@ -31,7 +32,11 @@ use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
 /// First bytes of every VM-state blob.
 pub const STATE_MAGIC: &[u8; 8] = b"FSSLVMST";
 /// Version of the VM-state format.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+pub const STATE_FORMAT_VERSION: u32 = 3;
+/// The format before the TSC rate was saved: decoded into a state without one.
+const STATE_FORMAT_V2: u32 = 2;
+/// TSC rates accepted from a state blob, kHz (1 MHz to 20 GHz).
+const TSC_KHZ_RANGE: std::ops::RangeInclusive<u32> = 1_000..=20_000_000;
 /// Largest VM-state blob accepted.
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 /// Name of the VM-state blob in snapshotd.
@@ -66,6 +71,34 @@ pub struct MicrovmState {
     pub serial: SerialSaved,
     /// The virtio-mmio transports in slot order.
     pub mmio: Vec<MmioTransportState>,
+    /// The vCPUs' TSC rate in kHz (`None`: unknown, format 2 or a host that cannot say). A
+    /// guest on the TSC-deadline timer programs its timers in TSC cycles at the rate it
+    /// measured at boot, so a restore sets this rate where the host's differs.
+    pub tsc_khz: Option<u32>,
+}
+
+/// Format 2 of [`MicrovmState`]: the same without the TSC rate.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct MicrovmStateV2 {
+    machine: MachineConfig,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    serial: SerialSaved,
+    mmio: Vec<MmioTransportState>,
+}
+
+impl From<MicrovmStateV2> for MicrovmState {
+    fn from(v: MicrovmStateV2) -> MicrovmState {
+        MicrovmState {
+            machine: v.machine,
+            vm: v.vm,
+            vcpus: v.vcpus,
+            serial: v.serial,
+            mmio: v.mmio,
+            tsc_khz: None,
+        }
+    }
 }
 
 /// Decoding or validating a VM-state blob failed.
@@ -78,7 +111,10 @@ pub enum StateFormatError {
     #[error("not a Fissile VM state (bad magic)")]
     Magic,
     /// Another format version.
-    #[error("VM state format {found} is not supported (this VMM reads {STATE_FORMAT_VERSION})")]
+    #[error(
+        "VM state format {found} is not supported (this VMM reads {STATE_FORMAT_V2} and \
+         {STATE_FORMAT_VERSION})"
+    )]
     Version {
         /// Version in the blob.
         found: u32,
@@ -114,14 +150,7 @@ impl MicrovmState {
     /// Encodes into the blob format.
     pub fn encode(&self) -> Result<Vec<u8>, StateFormatError> {
         let payload = postcard::to_allocvec(self).map_err(StateFormatError::Encode)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&payload);
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        Ok(out)
+        Ok(frame(STATE_FORMAT_VERSION, &payload))
     }
 
     /// Decodes and validates a blob.
@@ -133,7 +162,7 @@ impl MicrovmState {
             return Err(StateFormatError::Magic);
         }
         let version = u32::from_le_bytes([blob[8], blob[9], blob[10], blob[11]]);
-        if version != STATE_FORMAT_VERSION {
+        if version != STATE_FORMAT_VERSION && version != STATE_FORMAT_V2 {
             return Err(StateFormatError::Version { found: version });
         }
         let mut len = [0u8; 8];
@@ -153,8 +182,14 @@ impl MicrovmState {
         if blake3::hash(&blob[..end]).as_bytes() != &blob[end..] {
             return Err(StateFormatError::Checksum);
         }
-        let state: MicrovmState =
-            postcard::from_bytes(&blob[HEADER_LEN..end]).map_err(StateFormatError::Decode)?;
+        let payload = &blob[HEADER_LEN..end];
+        let state: MicrovmState = if version == STATE_FORMAT_V2 {
+            postcard::from_bytes::<MicrovmStateV2>(payload)
+                .map_err(StateFormatError::Decode)?
+                .into()
+        } else {
+            postcard::from_bytes(payload).map_err(StateFormatError::Decode)?
+        };
         state.validate()?;
         Ok(state)
     }
@@ -188,11 +223,26 @@ impl MicrovmState {
         if m.guest_cid.is_some_and(|c| c < 3) {
             return Err(StateFormatError::Invalid("reserved guest CID".into()));
         }
+        if let Some(khz) = self.tsc_khz.filter(|k| !TSC_KHZ_RANGE.contains(k)) {
+            return Err(StateFormatError::Invalid(format!("TSC rate {khz} kHz")));
+        }
         for (i, v) in self.vcpus.iter().enumerate() {
             v.validate(i).map_err(StateFormatError::Vcpu)?;
         }
         Ok(())
     }
+}
+
+/// The blob of `payload` in format `version`: header, payload, checksum.
+fn frame(version: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
+    out.extend_from_slice(STATE_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
 }
 
 #[cfg(test)]
@@ -267,6 +317,7 @@ mod tests {
                     queues: vec![],
                 })
                 .collect(),
+            tsc_khz: Some(2_994_374),
         }
     }
 
@@ -276,6 +327,26 @@ mod tests {
         let back = MicrovmState::decode(&blob).unwrap();
         assert_eq!(back.encode().unwrap(), blob);
         assert_eq!(back.vcpus[0].regs.rip, 0x1234);
+        assert_eq!(back.tsc_khz, Some(2_994_374));
+    }
+
+    #[test]
+    fn a_format_2_state_decodes_without_a_tsc_rate() {
+        let s = state();
+        let v2 = MicrovmStateV2 {
+            machine: s.machine.clone(),
+            vm: s.vm.clone(),
+            vcpus: s.vcpus.clone(),
+            serial: s.serial.clone(),
+            mmio: s.mmio.clone(),
+        };
+        let blob = frame(2, &postcard::to_allocvec(&v2).unwrap());
+        let back = MicrovmState::decode(&blob).unwrap();
+        assert_eq!(back.tsc_khz, None);
+        assert_eq!(back.vcpus[0].regs.rip, 0x1234);
+        // Re-encoded, it is format 3.
+        let again = back.encode().unwrap();
+        assert_eq!(again[8..12], STATE_FORMAT_VERSION.to_le_bytes());
     }
 
     #[test]
@@ -324,6 +395,12 @@ mod tests {
         let mut s = state();
         s.mmio.pop();
         assert!(MicrovmState::decode(&s.encode().unwrap()).is_err());
+        for khz in [0, 999, 20_000_001] {
+            let mut s = state();
+            s.tsc_khz = Some(khz);
+            let err = MicrovmState::decode(&s.encode().unwrap()).unwrap_err();
+            assert!(matches!(err, StateFormatError::Invalid(_)), "{khz}: {err}");
+        }
         let mut s = state();
         s.vcpus[0].xsave.truncate(10);
         assert!(matches!(

@@ -10,7 +10,7 @@ use crate::devices::legacy::serial::SerialStateError;
 use crate::devices::virtio::persist::TransportStateError;
 use crate::snapshot::{MicrovmState, Persist};
 use crate::vmm::{VmCore, lock};
-use crate::vstate::persist::{KvmStateError, VcpuState, VmState};
+use crate::vstate::persist::{self, KvmStateError, VcpuState, VmState};
 use crate::vstate::vcpu::{SharedVcpu, VCPU_LOCK_TIMEOUT, lock_within};
 
 /// A paused vCPU's fd stayed locked by its thread (see [`lock_within`]).
@@ -82,9 +82,14 @@ impl VmCore {
     pub(crate) fn capture_state(&self) -> Result<MicrovmState, CaptureError> {
         let vm = VmState::capture(self.vm.fd()).map_err(CaptureError::Kvm)?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        let mut tsc_khz = None;
         for (i, v) in self.vcpus.iter().enumerate() {
             let fd = self.lock_vcpu(i, v).map_err(CaptureError::VcpuBusy)?;
             vcpus.push(VcpuState::capture(&fd, i, &self.caps).map_err(CaptureError::Kvm)?);
+            // Every vCPU runs at the rate KVM gave the VM; vCPU 0's stands for them all.
+            if i == 0 {
+                tsc_khz = persist::tsc_khz(&fd);
+            }
         }
         let serial = lock(self.bus.serial()).save();
         let mmio = self
@@ -99,6 +104,7 @@ impl VmCore {
             vcpus,
             serial,
             mmio,
+            tsc_khz,
         })
     }
 
@@ -123,6 +129,9 @@ impl VmCore {
         state.vm.apply(self.vm.fd()).map_err(ApplyError::Kvm)?;
         for (i, (v, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
             let fd = self.lock_vcpu(i, v).map_err(ApplyError::VcpuBusy)?;
+            if let Some(khz) = state.tsc_khz {
+                persist::apply_tsc_khz(&fd, i, khz).map_err(ApplyError::Kvm)?;
+            }
             s.apply(&fd, i, fresh).map_err(ApplyError::Kvm)?;
         }
         lock(self.bus.serial())

@@ -6,10 +6,10 @@
 //! mp_state, regs, sregs, XSAVE/FPU, XCRs, debug registers, LAPIC, MSRs (the TSC deadline MSR
 //! needs the LAPIC, and goes after the TSC), then pending events last.
 //!
-//! Not saved: the vCPUs' TSC rate. A guest on the TSC-deadline timer programs its timers in
-//! TSC cycles at the rate it measured at boot, so a restore on a host whose TSC runs at
-//! another rate would fire them early or late by that ratio (snapshots are restored on the
-//! host that took them today).
+//! The vCPUs' TSC rate is saved beside them ([`tsc_khz`]) and set first on restore where the
+//! host's differs ([`apply_tsc_khz`]): a guest on the TSC-deadline timer programs its timers
+//! in TSC cycles at the rate it measured at boot, so on a host whose TSC runs at another
+//! rate they would fire early or late by that ratio.
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
@@ -73,6 +73,24 @@ pub enum KvmStateError {
         /// What is wrong.
         why: String,
     },
+    /// The snapshot's TSC rate differs from this host's and KVM could not scale the vCPU to
+    /// it (no TSC scaling on this host).
+    #[error(
+        "vCPU {vcpu}: the snapshot's TSC runs at {saved} kHz, this host's at {}, and KVM \
+         could not scale it (KVM_SET_TSC_KHZ): restore it on a host of the same TSC rate",
+        host.map_or("an unknown rate".to_string(), |h| format!("{h} kHz"))
+    )]
+    TscRate {
+        /// vCPU index.
+        vcpu: usize,
+        /// The snapshot's rate.
+        saved: u32,
+        /// This host's, if KVM says.
+        host: Option<u32>,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// This host's XSAVE area is larger than the 4 KiB `kvm_xsave` (AMX).
     #[error("XSAVE state of {0} bytes (AMX) is not supported")]
     XsaveTooLarge(i32),
@@ -108,6 +126,41 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     /// Pending exceptions, interrupts, NMIs, SMIs.
     pub events: kvm_vcpu_events,
+}
+
+/// How far a host's TSC rate may be from a snapshot's before the vCPUs are scaled to it:
+/// 250 parts per million (Firecracker's tolerance; NTP corrects that much).
+const TSC_KHZ_TOLERANCE_PPM: u64 = 250;
+
+/// The TSC rate of vCPU `fd` in kHz, `None` where KVM cannot say (no
+/// `KVM_CAP_GET_TSC_KHZ`).
+pub fn tsc_khz(fd: &VcpuFd) -> Option<u32> {
+    fd.get_tsc_khz().ok().filter(|&k| k > 0)
+}
+
+/// Whether a TSC running at `host` kHz is within [`TSC_KHZ_TOLERANCE_PPM`] of `saved`.
+fn tsc_close_enough(host: u32, saved: u32) -> bool {
+    u64::from(host.abs_diff(saved)) * 1_000_000 <= u64::from(saved) * TSC_KHZ_TOLERANCE_PPM
+}
+
+/// Sets vCPU `vcpu`'s TSC rate to a snapshot's `saved` kHz, unless it runs close enough to
+/// it already (a restore on the host that took the snapshot, or one of the same rate).
+/// Call before the vCPU's MSRs are written: the TSC is written at the new rate.
+pub fn apply_tsc_khz(fd: &VcpuFd, vcpu: usize, saved: u32) -> Result<(), KvmStateError> {
+    let host = tsc_khz(fd);
+    if host.is_some_and(|h| tsc_close_enough(h, saved)) {
+        return Ok(());
+    }
+    fd.set_tsc_khz(saved)
+        .map_err(|source| KvmStateError::TscRate {
+            vcpu,
+            saved,
+            host,
+            source,
+        })?;
+    tracing::warn!(vcpu, saved_khz = saved, host_khz = ?host,
+        "TSC scaled to the snapshot's rate (this host's TSC runs at another)");
+    Ok(())
 }
 
 /// The VM-wide KVM state.
@@ -410,6 +463,16 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tsc_rate_within_250_ppm_needs_no_scaling() {
+        assert!(tsc_close_enough(2_994_374, 2_994_374));
+        assert!(tsc_close_enough(2_994_374 + 748, 2_994_374));
+        assert!(tsc_close_enough(2_994_374 - 748, 2_994_374));
+        assert!(!tsc_close_enough(2_994_374 + 749, 2_994_374));
+        assert!(!tsc_close_enough(3_400_000, 2_994_374));
+        assert!(!tsc_close_enough(0, 2_994_374));
+    }
 
     #[test]
     fn async_pf_is_turned_off_on_a_fresh_vcpu_and_left_alone_on_one_that_ran_and_the_deadline_goes_last()
