@@ -6,8 +6,9 @@
 //!   [`fissile_proto::snapshotd`]) to create snapshots from memory handed over as an fd, to
 //!   open lazily materialized shared base images, and to serve userfaultfd faults.
 //! * [`seccomp`]: the daemon's filter, on every thread once it serves.
-//! * [`client`]: the library VMMs link to talk to the daemon. With `default-features = false`
-//!   (no `daemon` feature) the crate is only this client: no rocksdb, no zstd.
+//! * [`client`], [`fdio`], [`sys`]: the client VMMs link to talk to the daemon, re-exported
+//!   from `fissile-snapshotd-client`, a crate of its own so that the VMM never links the
+//!   store (rocksdb, zstd).
 //!
 //! # How faults are served (decision)
 //! A restored VMM maps the snapshot's image memfd `MAP_PRIVATE` and registers the mapping
@@ -19,14 +20,10 @@
 //! faulting view, is slightly cheaper per fault but private to one view (no sharing); the
 //! `snapshotd_fault` benchmark measures both on this host.
 
-pub mod client;
-pub mod fdio;
-#[cfg(feature = "daemon")]
 pub mod seccomp;
-#[cfg(feature = "daemon")]
 pub mod server;
-#[cfg(feature = "daemon")]
 pub mod store;
-pub mod sys;
+
+pub use fissile_snapshotd_client::{client, fdio, sys};
 
 pub use fissile_proto::error_chain;

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use fissile_snapshotd::client::{Client, ClientError};
+use fissile_snapshotd_client::client::{Client, ClientError};
 
 use crate::builder::{BuildError, DeviceSpec, build_devices, serial_output, start};
 use crate::lifecycle::ApplyError;

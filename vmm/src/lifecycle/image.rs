@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use fissile_proto::snapshotd::{MAX_LAYER_DEPTH, Region};
-use fissile_snapshotd::client::{self as sd, Client, ClientError, OpenedImage, SessionHooks};
+use fissile_snapshotd_client::client::{
+    self as sd, Client, ClientError, OpenedImage, SessionHooks,
+};
 
 use crate::memory::{GuestRam, ImageFaults, Layer, MAX_LAYER_MAPPINGS, MemoryError, PAGE_SIZE};
 use crate::seccomp::{self, ThreadClass};

@@ -22,7 +22,7 @@
 use std::time::Instant;
 
 use fissile_proto::control::{ErrorKind, MergeReply};
-use fissile_snapshotd::client::{Client, ClientError, made_over};
+use fissile_snapshotd_client::client::{Client, ClientError, made_over};
 
 use super::SnapshotError;
 use super::image::{self, ImageError};

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use fissile_proto::control::{ErrorKind, ForkReply, SnapshotReply};
 use fissile_proto::snapshotd::{MAX_PAGES_PER_MESSAGE, page_runs};
-use fissile_snapshotd::client::{self as sd, Client, ClientError, CreateOptions};
+use fissile_snapshotd_client::client::{self as sd, Client, ClientError, CreateOptions};
 
 use super::image::{self, ImageError};
 use crate::lifecycle::state::CaptureError;

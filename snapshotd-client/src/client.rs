@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use fissile_snapshotd::client::{Client, LazyMemory};
+//! use fissile_snapshotd_client::client::{Client, LazyMemory};
 //! let client = Client::connect("/run/fissile/snapshotd.sock".as_ref())?;
 //! // Map a snapshot's memory lazily: pages arrive from snapshotd on first touch.
 //! let mem = LazyMemory::restore(client, "0123abcd", None)?;

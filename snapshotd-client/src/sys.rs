@@ -1,7 +1,7 @@
 //! The few system calls libc does not wrap safely: memfd, seals, mmap, poll, fcntl. Most
-//! of the crate's `unsafe` lives here; the rest is the userfaultfd ioctls
-//! (`server/faults.rs`) and taking ownership of received descriptors (`fdio.rs`,
-//! `server/mod.rs`).
+//! of the client's `unsafe` lives here, the rest in taking ownership of received descriptors
+//! (`fdio.rs`); the daemon's is in its userfaultfd ioctls (`fissile-snapshotd`'s
+//! `server/faults.rs`) and received descriptors (`server/mod.rs`).
 
 use std::ffi::CString;
 use std::fs::File;
