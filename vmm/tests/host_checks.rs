@@ -67,3 +67,20 @@ fn no_kernel_flag_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(stderr.contains("missing --kernel"), "{stderr}");
 }
+
+/// The binary links no C++ (so not the store's rocksdb, whose static constructors ran at
+/// every VMM start while a workspace build unified it in): `libstdc++` is not among the
+/// libraries it needs. (The name is in the dynamic string table of a binary that needs it.)
+#[test]
+fn the_vmm_binary_links_no_cplusplus_and_so_no_rocksdb() {
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_fissile-vmm")).unwrap();
+    let needs = |lib: &[u8]| binary.windows(lib.len()).any(|w| w == lib);
+    assert!(
+        needs(b"libc.so.6"),
+        "no libc.so.6 in the binary: the check reads nothing"
+    );
+    assert!(
+        !needs(b"libstdc++.so"),
+        "fissile-vmm links libstdc++: something pulls C++ (rocksdb?) into the VMM"
+    );
+}
