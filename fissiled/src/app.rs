@@ -1131,16 +1131,16 @@ impl App {
     /// gone already.
     pub fn free_snapshots(&self, snapshots: &[String]) {
         let socket = self.snapshotd.socket().to_path_buf();
-        let mut client = fissile_snapshotd::client::Client::connect(&socket);
+        let mut client = fissile_snapshotd_client::client::Client::connect(&socket);
         for snap in snapshots {
             let freed = match &mut client {
                 Ok(c) => c.delete(snap),
-                Err(_) => fissile_snapshotd::client::Client::connect(&socket)
+                Err(_) => fissile_snapshotd_client::client::Client::connect(&socket)
                     .and_then(|mut c| c.delete(snap)),
             };
             match freed {
                 Ok(()) => {}
-                Err(fissile_snapshotd::client::ClientError::Daemon {
+                Err(fissile_snapshotd_client::client::ClientError::Daemon {
                     code: fissile_proto::snapshotd::ErrorCode::NotFound,
                     ..
                 }) => {}
@@ -1165,14 +1165,15 @@ impl App {
         if ids.is_empty() {
             return 0;
         }
-        let Ok(mut c) = fissile_snapshotd::client::Client::connect(self.snapshotd.socket()) else {
+        let Ok(mut c) = fissile_snapshotd_client::client::Client::connect(self.snapshotd.socket())
+        else {
             return ids.len();
         };
         let mut left = 0;
         for id in ids {
             let gone = match c.delete(&id) {
                 Ok(()) => true,
-                Err(fissile_snapshotd::client::ClientError::Daemon { code, .. }) => {
+                Err(fissile_snapshotd_client::client::ClientError::Daemon { code, .. }) => {
                     code == fissile_proto::snapshotd::ErrorCode::NotFound
                 }
                 Err(_) => false,

@@ -277,7 +277,7 @@ impl Metrics {
     pub fn render(
         &self,
         sandboxes: &[(&str, u64)],
-        store: Option<&fissile_snapshotd::client::DaemonStats>,
+        store: Option<&fissile_snapshotd_client::client::DaemonStats>,
         network: &fissile_sandbox::net::egress::EgressCounters,
         snapshotd_restarts: u64,
     ) -> String {

@@ -727,7 +727,7 @@ pub struct Health {
 async fn metrics(State(app): State<App>) -> Response {
     let text = blocking(move || {
         let socket = app.snapshotd.socket().to_path_buf();
-        let store = fissile_snapshotd::client::Client::connect(&socket)
+        let store = fissile_snapshotd_client::client::Client::connect(&socket)
             .and_then(|mut c| c.stats())
             .ok();
         let network = app.network_totals();

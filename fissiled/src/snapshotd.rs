@@ -43,7 +43,7 @@ impl SnapshotdService {
         jail: Option<JailConfig>,
     ) -> Result<(SnapshotdService, bool), ApiError> {
         // A jailed snapshotd cannot read /sys to check this itself.
-        if let Some(why) = fissile_snapshotd::sys::host_shmem_hazard() {
+        if let Some(why) = fissile_snapshotd_client::sys::host_shmem_hazard() {
             return Err(ApiError::internal(format!(
                 "snapshotd cannot serve here: {why}"
             )));

@@ -324,7 +324,7 @@ fn a_killed_snapshotd_is_started_again_and_counted() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(in_dir, vec![std::ffi::OsString::from("snapshotd.sock")]);
-    fissile_snapshotd::client::Client::connect(&sock)
+    fissile_snapshotd_client::client::Client::connect(&sock)
         .and_then(|mut c| c.ping())
         .unwrap();
     assert!(
@@ -385,9 +385,11 @@ fn an_unjailed_snapshotd_left_running_is_replaced_and_a_jailed_one_is_adopted() 
     let cmdline = std::fs::read(format!("/proc/{jailed}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("--listen-fd "), "{cmdline}");
-    fissile_snapshotd::client::Client::connect(&state.join("snapshotd").join("snapshotd.sock"))
-        .and_then(|mut c| c.ping())
-        .unwrap();
+    fissile_snapshotd_client::client::Client::connect(
+        &state.join("snapshotd").join("snapshotd.sock"),
+    )
+    .and_then(|mut c| c.ping())
+    .unwrap();
 
     d.kill_hard().unwrap();
     let d = Fissiled::serve_without_guests(bin, &state, &env).unwrap();

@@ -423,7 +423,7 @@ impl Spawner {
 /// Lets the jailed VMM of `uid` read `snapshots` in the snapshotd at `socket` (`reset`:
 /// instead of what it was granted before).
 fn grant(socket: &Path, uid: u32, snapshots: &[String], reset: bool) -> Result<(), SandboxError> {
-    fissile_snapshotd::client::Client::connect(socket)
+    fissile_snapshotd_client::client::Client::connect(socket)
         .and_then(|mut c| c.grant(uid, snapshots, reset))
         .map_err(|e| {
             SandboxError::Snapshotd(format!(

@@ -126,7 +126,7 @@ impl Snapshotd {
         let fail = |why: String| SandboxError::Adopt { pid, why };
         let handle = Pidfd::open_matching(pid, "fissile-snapshotd", &socket.to_string_lossy())
             .map_err(|e| fail(e.to_string()))?;
-        fissile_snapshotd::client::Client::connect(socket)
+        fissile_snapshotd_client::client::Client::connect(socket)
             .and_then(|mut c| c.ping())
             .map_err(|e| fail(format!("it does not answer: {}", crate::error_chain(&e))))?;
         Ok(Snapshotd {
@@ -201,7 +201,7 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    use fissile_snapshotd::client::{Client, CreateOptions, LazyMemory};
+    use fissile_snapshotd_client::client::{Client, CreateOptions, LazyMemory};
 
     use super::*;
     use crate::jail::JailConfig;
