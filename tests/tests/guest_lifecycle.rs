@@ -856,8 +856,10 @@ fn guest_a_flattened_chain_of_snapshots_restores_the_same_memory() {
 }
 
 /// A snapshot records its vCPUs' TSC rate; a restore on a host whose TSC runs at another
-/// rate (here: a copy of the snapshot whose state says 10% faster) scales the vCPUs to it
-/// where KVM can, and otherwise refuses with both rates named, leaving the snapshot usable.
+/// rate (here: copies of the snapshot whose state says 10% faster, and 10% slower) sets the
+/// vCPUs to it (scaled by the CPU, or a faster one caught up by KVM) or, where KVM cannot
+/// (a slower rate with no TSC scaling), refuses with both rates named; the snapshot itself
+/// stays usable.
 #[test]
 #[ignore = "guest test: boots microVMs; run by this binary's suite entry test"]
 fn guest_a_restore_takes_the_snapshots_tsc_rate_or_says_why_not() {
@@ -871,45 +873,46 @@ fn guest_a_restore_takes_the_snapshots_tsc_rate_or_says_why_not() {
     let snap = vm.snapshot(true).unwrap();
     drop(vm);
     let mut client = Client::connect(sd.socket()).unwrap();
-    let mut state = MicrovmState::decode(&client.get_blob(&snap.id, STATE_BLOB).unwrap()).unwrap();
+    let state = MicrovmState::decode(&client.get_blob(&snap.id, STATE_BLOB).unwrap()).unwrap();
     let host = state.tsc_khz.expect("the snapshot records no TSC rate");
-    let faster = host + host / 10;
-    state.tsc_khz = Some(faster);
-    // The same memory (a layer over the snapshot with no pages of its own), that state.
-    let size = state.machine.mem_size;
-    let memfd = fissile_vmm::memory::create_memfd("empty-layer", size).unwrap();
-    seal_for_adoption(&memfd).unwrap();
-    let opts = CreateOptions {
-        memory_size: size,
-        parent: Some(snap.id.clone()),
-        dirty_pages: Some(Vec::new()),
-        blobs: vec![(STATE_BLOB.to_string(), state.encode().unwrap())],
-        adopt: true,
-        ..CreateOptions::default()
-    };
-    let faster_id = client.create_snapshot(&memfd, &opts).unwrap();
-
-    let cfg = config(&env, &dir.path().join("f"), &sd);
-    match Sandbox::restore(&cfg, &faster_id) {
-        Ok(mut f) => {
-            assert_eq!(eval(&mut f, "x"), "7");
-            let log = f.vmm_log_tail(200);
-            assert!(
-                log.contains("TSC scaled to the snapshot's rate")
-                    && log.contains(&faster.to_string()),
-                "restored with no TSC scaling logged:\n{log}"
-            );
-            eprintln!("scaled from {host} to {faster} kHz");
-        }
-        Err(e) => {
-            let msg = fissile_proto::error_chain(&e);
-            assert!(
-                msg.contains(&format!("the snapshot's TSC runs at {faster} kHz"))
-                    && msg.contains(&format!("{host} kHz"))
-                    && msg.contains("could not scale"),
-                "{msg}"
-            );
-            eprintln!("this host cannot scale the TSC: {msg}");
+    for (name, khz) in [("faster", host + host / 10), ("slower", host - host / 10)] {
+        // The same memory (a layer over the snapshot with no pages of its own), that rate.
+        let mut edited = state.clone();
+        edited.tsc_khz = Some(khz);
+        let size = state.machine.mem_size;
+        let memfd = fissile_vmm::memory::create_memfd("empty-layer", size).unwrap();
+        seal_for_adoption(&memfd).unwrap();
+        let opts = CreateOptions {
+            memory_size: size,
+            parent: Some(snap.id.clone()),
+            dirty_pages: Some(Vec::new()),
+            blobs: vec![(STATE_BLOB.to_string(), edited.encode().unwrap())],
+            adopt: true,
+            ..CreateOptions::default()
+        };
+        let id = client.create_snapshot(&memfd, &opts).unwrap();
+        match Sandbox::restore(&config(&env, &dir.path().join(name), &sd), &id) {
+            Ok(mut r) => {
+                assert_eq!(eval(&mut r, "x"), "7");
+                let log = r.vmm_log_tail(200);
+                assert!(
+                    log.contains("TSC set to the snapshot's rate")
+                        && log.contains(&khz.to_string()),
+                    "{name}: restored with no TSC rate set in its log:\n{log}"
+                );
+                eprintln!("{name}: set from {host} to {khz} kHz");
+            }
+            Err(e) => {
+                let msg = fissile_proto::error_chain(&e);
+                assert!(
+                    name == "slower"
+                        && msg.contains(&format!("the snapshot's TSC runs at {khz} kHz"))
+                        && msg.contains(&format!("{host} kHz"))
+                        && msg.contains("could not scale"),
+                    "{name}: {msg}"
+                );
+                eprintln!("{name}: this host cannot scale the TSC: {msg}");
+            }
         }
     }
     // The snapshot itself restores as before.

@@ -130,7 +130,8 @@ impl VmCore {
         for (i, (v, s)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
             let fd = self.lock_vcpu(i, v).map_err(ApplyError::VcpuBusy)?;
             if let Some(khz) = state.tsc_khz {
-                persist::apply_tsc_khz(&fd, i, khz).map_err(ApplyError::Kvm)?;
+                persist::apply_tsc_khz(&fd, i, khz, self.caps.tsc_control)
+                    .map_err(ApplyError::Kvm)?;
             }
             s.apply(&fd, i, fresh).map_err(ApplyError::Kvm)?;
         }

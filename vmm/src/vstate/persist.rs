@@ -9,7 +9,8 @@
 //! The vCPUs' TSC rate is saved beside them ([`tsc_khz`]) and set first on restore where the
 //! host's differs ([`apply_tsc_khz`]): a guest on the TSC-deadline timer programs its timers
 //! in TSC cycles at the rate it measured at boot, so on a host whose TSC runs at another
-//! rate they would fire early or late by that ratio.
+//! rate they would fire early or late by that ratio. A state without a rate (format 2)
+//! leaves the vCPUs at the rate they have.
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
@@ -73,20 +74,21 @@ pub enum KvmStateError {
         /// What is wrong.
         why: String,
     },
-    /// The snapshot's TSC rate differs from this host's and KVM could not scale the vCPU to
-    /// it (no TSC scaling on this host).
+    /// The snapshot's TSC rate differs from the vCPU's and KVM could not set it (a slower
+    /// rate on a host without TSC scaling).
     #[error(
-        "vCPU {vcpu}: the snapshot's TSC runs at {saved} kHz, this host's at {}, and KVM \
-         could not scale it (KVM_SET_TSC_KHZ): restore it on a host of the same TSC rate",
-        host.map_or("an unknown rate".to_string(), |h| format!("{h} kHz"))
+        "vCPU {vcpu}: the snapshot's TSC runs at {saved} kHz, this vCPU's at {}, and KVM \
+         could not scale it (KVM_SET_TSC_KHZ; a slower rate needs TSC scaling): restore it \
+         on a host of the same TSC rate",
+        current.map_or("an unknown rate".to_string(), |h| format!("{h} kHz"))
     )]
     TscRate {
         /// vCPU index.
         vcpu: usize,
         /// The snapshot's rate.
         saved: u32,
-        /// This host's, if KVM says.
-        host: Option<u32>,
+        /// The vCPU's rate before, if KVM says (the host's, unless set before).
+        current: Option<u32>,
         /// Cause.
         #[source]
         source: kvm_ioctls::Error,
@@ -145,21 +147,35 @@ fn tsc_close_enough(host: u32, saved: u32) -> bool {
 
 /// Sets vCPU `vcpu`'s TSC rate to a snapshot's `saved` kHz, unless it runs close enough to
 /// it already (a restore on the host that took the snapshot, or one of the same rate).
-/// Call before the vCPU's MSRs are written: the TSC is written at the new rate.
-pub fn apply_tsc_khz(fd: &VcpuFd, vcpu: usize, saved: u32) -> Result<(), KvmStateError> {
-    let host = tsc_khz(fd);
-    if host.is_some_and(|h| tsc_close_enough(h, saved)) {
+/// Call before the vCPU's MSRs are written: the TSC is written at the new rate. `scaling`:
+/// the host can scale the TSC ([`KvmCaps::tsc_control`]); without it KVM takes a faster
+/// rate by catching the TSC up at each VM entry and refuses a slower one.
+pub fn apply_tsc_khz(
+    fd: &VcpuFd,
+    vcpu: usize,
+    saved: u32,
+    scaling: bool,
+) -> Result<(), KvmStateError> {
+    let current = tsc_khz(fd);
+    if current.is_some_and(|c| tsc_close_enough(c, saved)) {
         return Ok(());
     }
     fd.set_tsc_khz(saved)
         .map_err(|source| KvmStateError::TscRate {
             vcpu,
             saved,
-            host,
+            current,
             source,
         })?;
-    tracing::warn!(vcpu, saved_khz = saved, host_khz = ?host,
-        "TSC scaled to the snapshot's rate (this host's TSC runs at another)");
+    if vcpu == 0 {
+        let how = if scaling {
+            "scaled by the CPU"
+        } else {
+            "caught up by KVM at each VM entry (this host cannot scale the TSC)"
+        };
+        tracing::warn!(saved_khz = saved, current_khz = ?current,
+            "TSC set to the snapshot's rate: {how}");
+    }
     Ok(())
 }
 
@@ -183,6 +199,10 @@ pub struct KvmCaps {
     pub xcrs: bool,
     /// Candidate MSRs to save (KVM's index list).
     pub msr_indices: Vec<u32>,
+    /// KVM_CAP_TSC_CONTROL: the CPU scales a vCPU's TSC to another rate. Without it KVM
+    /// still takes a faster rate (it catches the TSC up at each VM entry) but refuses a
+    /// slower one.
+    pub tsc_control: bool,
 }
 
 impl KvmCaps {
@@ -207,6 +227,7 @@ impl KvmCaps {
             xsave: kvm.check_extension(Cap::Xsave),
             xcrs: kvm.check_extension(Cap::Xcrs),
             msr_indices,
+            tsc_control: kvm.check_extension(Cap::TscControl),
         })
     }
 }
