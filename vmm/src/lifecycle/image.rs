@@ -225,9 +225,8 @@ pub(crate) fn switch(
     to: SwitchTo,
 ) -> Result<bool, ImageError> {
     match to {
-        SwitchTo::Layers(mut l) => match in_place_from(ram, &l) {
-            Some(at) => {
-                let (private, _) = ram.dirty_and_resident_pages().map_err(ImageError::Memory)?;
+        SwitchTo::Layers(mut l) => match in_place_from(ram, &l).zip(private_pages(ram)) {
+            Some((at, private)) => {
                 let layers = l.layers.split_off(at);
                 tracing::info!(
                     snapshot,
@@ -245,6 +244,18 @@ pub(crate) fn switch(
                 .map(|()| false),
         },
         SwitchTo::Image(image) => attach(ram, socket, snapshot, image, true).map(|()| false),
+    }
+}
+
+/// Every private copy in RAM (what a move in place drops); `None` (and a full switch, which
+/// needs no pagemap) where pagemap cannot be read.
+fn private_pages(ram: &GuestRam) -> Option<Vec<u64>> {
+    match ram.dirty_and_resident_pages() {
+        Ok((private, _)) => Some(private),
+        Err(e) => {
+            tracing::warn!(error = %fissile_proto::error_chain(&e), "switching memory whole");
+            None
+        }
     }
 }
 

@@ -239,18 +239,23 @@ fn take(
             at("switching memory to the snapshot");
             // In place where RAM is a complete view: the new layer is mapped over the pages
             // the VM wrote (from our own memfd), and the rest of its working set stays
-            // mapped. Else the snapshot as snapshotd hands it out: layers over a complete
-            // image where it can, else its image with a fault session.
-            let in_place = ram
-                .complete_view()
-                .is_some_and(|(_, ours)| image::fits_over(ours, 1, runs.len()));
-            let switched = match (in_place, layer.try_clone()) {
-                (true, Ok(pages)) => ram
+            // mapped. Else, where RAM is a complete view past the layer limits, the snapshot
+            // as snapshotd hands it out (layers over a complete image, flattened where
+            // snapshotd flattened them); else (RAM has a fault session, so no layer over
+            // its image opens without one) the snapshot's image with a fault session.
+            let complete = ram.complete_view();
+            let in_place = complete.is_some_and(|(_, ours)| image::fits_over(ours, 1, runs.len()));
+            let switched = match (in_place, complete.is_some(), layer.try_clone()) {
+                (true, _, Ok(pages)) => ram
                     .advance(&id, vec![Layer { pages, runs }], &[])
                     .map_err(ImageError::Memory),
-                _ => image::open_for_switch(client, socket, &id)
+                (_, true, _) => image::open_for_switch(client, socket, &id)
                     .map_err(ImageError::Open)
                     .and_then(|to| image::switch(ram, socket, &id, to).map(|_| ())),
+                _ => client
+                    .open_image(&id)
+                    .map_err(ImageError::Open)
+                    .and_then(|img| image::attach(ram, socket, &id, img, true)),
             };
             if let Err(e) = switched {
                 control.request_exit(VmExit::Failed(format!("switching to snapshot {id}: {e}")));

@@ -108,9 +108,10 @@ pub enum Backing {
         /// The memfd (created with `MFD_ALLOW_SEALING`).
         memfd: File,
     },
-    /// A private view of snapshot `snapshot`'s image.
+    /// A private view of snapshot `snapshot`'s memory.
     Image {
-        /// The snapshot whose image is mapped.
+        /// The snapshot whose memory RAM holds (but for the VM's private copies): its own
+        /// image, or an ancestor's image with layers over it up to this snapshot's.
         snapshot: String,
         /// The image memfd (read-only descriptor from snapshotd); for layers mapped over a
         /// complete image, that image's.
