@@ -79,13 +79,20 @@ pub fn control_json(data: &[u8]) {
 pub fn vm_state(data: &[u8]) {
     let _ = MicrovmState::decode(data);
     let _ = MicrovmState::decode(&seal_state(data));
+    // Format 2 (no TSC rate), which a VMM still decodes.
+    let _ = MicrovmState::decode(&seal_state_as(2, data));
 }
 
 /// `payload` wrapped as a state blob: magic, format version, length, payload, blake3.
 pub fn seal_state(payload: &[u8]) -> Vec<u8> {
+    seal_state_as(STATE_FORMAT_VERSION, payload)
+}
+
+/// [`seal_state`] with format version `version`.
+pub fn seal_state_as(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut blob = Vec::with_capacity(payload.len() + 52);
     blob.extend_from_slice(STATE_MAGIC);
-    blob.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    blob.extend_from_slice(&version.to_le_bytes());
     blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     blob.extend_from_slice(payload);
     let sum = blake3::hash(&blob);
