@@ -1,4 +1,6 @@
-//! The few system calls libc does not wrap safely: memfd, seals, mmap, poll, fcntl. Most
+//! The few system calls libc does not wrap safely: memfd, seals, mmap, poll, fcntl; and the
+//! daemon's process helpers that need them (an inherited listener, thread priority, the
+//! heap's figures and trimming), small enough to live beside them. Most
 //! of the client's `unsafe` lives here, the rest in taking ownership of received descriptors
 //! (`fdio.rs`); the daemon's is in its userfaultfd ioctls (`fissile-snapshotd`'s
 //! `server/faults.rs`) and received descriptors (`server/mod.rs`).
@@ -471,7 +473,7 @@ pub fn fix_mmap_threshold(bytes: usize) -> bool {
 /// thread, and `setpriority(PRIO_PROCESS, 0, …)` names the calling thread; threads it
 /// starts afterwards inherit the value. Going back up needs privilege, so only a thread that
 /// does background work all its life calls this. The serving filter allows exactly
-/// `(PRIO_PROCESS, 0, BACKGROUND_NICE)` (`seccomp/x86_64.json`).
+/// `(PRIO_PROCESS, 0, BACKGROUND_NICE)` (`snapshotd/seccomp/x86_64.json`).
 pub fn lower_thread_priority(nice: i32) -> io::Result<()> {
     // SAFETY: setpriority reads only its three integer arguments.
     let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
