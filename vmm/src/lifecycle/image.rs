@@ -128,7 +128,7 @@ pub(crate) fn open_layered(client: &mut Client, socket: &Path, snapshot: &str) -
         let layer = or_refused(opened, client, socket, &name)?;
         let fits = u64::from(layer.page_size) == PAGE_SIZE
             && layers.len() < MAX_LAYER_DEPTH as usize
-            && layer.below <= MAX_LAYER_DEPTH;
+            && layer.below < MAX_LAYER_DEPTH;
         if !fits {
             return None;
         }
