@@ -20,6 +20,7 @@
 //! faulting view, is slightly cheaper per fault but private to one view (no sharing); the
 //! `snapshotd_fault` benchmark measures both on this host.
 
+pub mod process;
 pub mod seccomp;
 pub mod server;
 pub mod store;

@@ -138,7 +138,7 @@ enum Cmd {
     },
 }
 
-/// Heap blocks from this size up get mappings of their own (see `sys::fix_mmap_threshold`).
+/// Heap blocks from this size up get mappings of their own (see `process::fix_mmap_threshold`).
 const MMAP_THRESHOLD: usize = 256 << 10;
 
 fn main() -> anyhow::Result<()> {
@@ -170,13 +170,13 @@ fn main() -> anyhow::Result<()> {
             // Taken first, before anything opens a descriptor that could be mistaken for it.
             let inherited = listen_fd
                 .map(|fd| {
-                    fissile_snapshotd::sys::inherited_listener(fd, &socket)
+                    fissile_snapshotd::process::inherited_listener(fd, &socket)
                         .with_context(|| format!("--listen-fd {fd}"))
                 })
                 .transpose()?;
             // Before rocksdb's threads: big blocks (a snapshot's page map, memtable arenas)
             // are mapped apart and unmapped when freed, not left in malloc's arenas.
-            fissile_snapshotd::sys::fix_mmap_threshold(MMAP_THRESHOLD);
+            fissile_snapshotd::process::fix_mmap_threshold(MMAP_THRESHOLD);
             let memtables = usize::try_from(index_memtable_kib << 10)
                 .context("--index-memtable-kib is too large")?;
             let store = Store::open_with(&root, memtables)

@@ -103,7 +103,7 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// Lowers the calling background thread's priority to [`BACKGROUND_NICE`]; a failure costs
 /// only the priority, so it is logged.
 fn run_in_background(what: &str) {
-    if let Err(e) = sys::lower_thread_priority(BACKGROUND_NICE) {
+    if let Err(e) = crate::process::lower_thread_priority(BACKGROUND_NICE) {
         tracing::warn!(thread = what, error = %e, "cannot lower the thread's priority");
     }
 }
@@ -348,7 +348,7 @@ impl Server {
                         tracing::warn!(error = %crate::error_chain(&e), "compaction failed");
                     }
                     drop(server);
-                    sys::release_free_heap();
+                    crate::process::release_free_heap();
                 }
             });
         match spawned {
@@ -1226,7 +1226,7 @@ impl Server {
             }
             Request::Memory => {
                 let index = self.store.index_memory();
-                let heap = sys::heap_figures();
+                let heap = crate::process::heap_figures();
                 ok(Response::Memory(fissile_proto::snapshotd::MemoryFigures {
                     // One cache shared by every family: each reports the same figures.
                     index_cache_bytes: index.cache_usage.first().copied().unwrap_or(0),
