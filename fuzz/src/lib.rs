@@ -21,7 +21,7 @@ use fissile_vmm::devices::virtio::chain::collect_chain;
 use fissile_vmm::devices::virtio::net::Net;
 use fissile_vmm::devices::virtio::{IrqTrigger, VirtioDevice};
 use fissile_vmm::memory::GuestMemory;
-use fissile_vmm::snapshot::{MicrovmState, STATE_FORMAT_VERSION, STATE_MAGIC};
+use fissile_vmm::snapshot::{MicrovmState, STATE_FORMAT_VERSION, seal};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -78,26 +78,9 @@ pub fn control_json(data: &[u8]) {
 /// behind them are reached too.
 pub fn vm_state(data: &[u8]) {
     let _ = MicrovmState::decode(data);
-    let _ = MicrovmState::decode(&seal_state(data));
+    let _ = MicrovmState::decode(&seal(STATE_FORMAT_VERSION, data));
     // Format 2 (no TSC rate), which a VMM still decodes.
-    let _ = MicrovmState::decode(&seal_state_as(2, data));
-}
-
-/// `payload` wrapped as a state blob: magic, format version, length, payload, blake3.
-pub fn seal_state(payload: &[u8]) -> Vec<u8> {
-    seal_state_as(STATE_FORMAT_VERSION, payload)
-}
-
-/// [`seal_state`] with format version `version`.
-pub fn seal_state_as(version: u32, payload: &[u8]) -> Vec<u8> {
-    let mut blob = Vec::with_capacity(payload.len() + 52);
-    blob.extend_from_slice(STATE_MAGIC);
-    blob.extend_from_slice(&version.to_le_bytes());
-    blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    blob.extend_from_slice(payload);
-    let sum = blake3::hash(&blob);
-    blob.extend_from_slice(sum.as_bytes());
-    blob
+    let _ = MicrovmState::decode(&seal(2, data));
 }
 
 /// The rootfs template parser (TOML specs).

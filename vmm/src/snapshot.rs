@@ -150,7 +150,7 @@ impl MicrovmState {
     /// Encodes into the blob format.
     pub fn encode(&self) -> Result<Vec<u8>, StateFormatError> {
         let payload = postcard::to_allocvec(self).map_err(StateFormatError::Encode)?;
-        Ok(frame(STATE_FORMAT_VERSION, &payload))
+        Ok(seal(STATE_FORMAT_VERSION, &payload))
     }
 
     /// Decodes and validates a blob.
@@ -233,8 +233,9 @@ impl MicrovmState {
     }
 }
 
-/// The blob of `payload` in format `version`: header, payload, checksum.
-fn frame(version: u32, payload: &[u8]) -> Vec<u8> {
+/// The blob of `payload` in format `version`: header, payload, checksum (what
+/// [`MicrovmState::encode`] writes; the fuzzer seals arbitrary payloads with it too).
+pub fn seal(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
     out.extend_from_slice(STATE_MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
@@ -340,7 +341,7 @@ mod tests {
             serial: s.serial.clone(),
             mmio: s.mmio.clone(),
         };
-        let blob = frame(2, &postcard::to_allocvec(&v2).unwrap());
+        let blob = seal(2, &postcard::to_allocvec(&v2).unwrap());
         let back = MicrovmState::decode(&blob).unwrap();
         assert_eq!(back.tsc_khz, None);
         assert_eq!(back.vcpus[0].regs.rip, 0x1234);
