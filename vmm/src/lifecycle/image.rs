@@ -266,13 +266,12 @@ fn in_place_from(ram: &GuestRam, l: &Layered) -> Option<usize> {
     let at = l.at_or_below(ram.base_snapshot()?)?;
     let (_, ours) = ram.complete_view()?;
     let more = &l.layers[at..];
-    let runs = more.iter().map(|l| l.runs.len()).sum();
-    fits_over(ours, more.len() + 1, runs).then_some(at)
+    fits_over(ours, more.len() + 1, crate::memory::mappings(more)).then_some(at)
 }
 
 /// Whether `depth` more layers making `runs` mappings fit over RAM's layers `ours`: at most
 /// [`MAX_LAYER_DEPTH`] layers and [`MAX_LAYER_MAPPINGS`] mappings in all.
 pub(crate) fn fits_over(ours: &[Layer], depth: usize, runs: usize) -> bool {
-    let mapped: usize = ours.iter().map(|l| l.runs.len()).sum();
-    ours.len() + depth <= MAX_LAYER_DEPTH as usize && mapped + runs <= MAX_LAYER_MAPPINGS
+    ours.len() + depth <= MAX_LAYER_DEPTH as usize
+        && crate::memory::mappings(ours) + runs <= MAX_LAYER_MAPPINGS
 }

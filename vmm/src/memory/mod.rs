@@ -145,6 +145,11 @@ impl Layer {
 /// split another in two; a process has at most about 65,000).
 pub const MAX_LAYER_MAPPINGS: usize = 8192;
 
+/// How many mappings `layers` add to guest RAM: one per run.
+pub(crate) fn mappings(layers: &[Layer]) -> usize {
+    layers.iter().map(|l| l.runs.len()).sum()
+}
+
 /// Checks every layer's runs ([`check_runs`]) and that they make at most
 /// [`MAX_LAYER_MAPPINGS`] mappings.
 pub(crate) fn check_layers(layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
@@ -153,7 +158,7 @@ pub(crate) fn check_layers(layers: &[Layer], pages: u64) -> Result<(), MemoryErr
 
 /// [`check_layers`] for `layers` mapped over layers that made `mapped` mappings already.
 fn check_layers_over(mapped: usize, layers: &[Layer], pages: u64) -> Result<(), MemoryError> {
-    let runs: usize = mapped + layers.iter().map(|l| l.runs.len()).sum::<usize>();
+    let runs = mapped + mappings(layers);
     if runs > MAX_LAYER_MAPPINGS {
         return Err(MemoryError::BadLayer(format!(
             "{runs} runs of pages in {} layers (at most {MAX_LAYER_MAPPINGS})",
@@ -370,8 +375,7 @@ impl GuestRam {
         else {
             return Err(MemoryError::WrongBacking("not a complete image view"));
         };
-        let mapped = ours.iter().map(|l| l.runs.len()).sum();
-        check_layers_over(mapped, &layers, self.size / PAGE_SIZE)?;
+        check_layers_over(mappings(ours), &layers, self.size / PAGE_SIZE)?;
         self.drop_pages(drop)?;
         self.map_layers(&layers)?;
         if let Backing::Image {
