@@ -225,24 +225,26 @@ pub(crate) fn switch(
     to: SwitchTo,
 ) -> Result<bool, ImageError> {
     match to {
-        SwitchTo::Layers(mut l) => match in_place_from(ram, &l).zip(private_pages(ram)) {
-            Some((at, private)) => {
-                let layers = l.layers.split_off(at);
-                tracing::info!(
-                    snapshot,
-                    layers = layers.len(),
-                    dropped = private.len(),
-                    "switching memory in place"
-                );
-                ram.advance(snapshot, layers, &private)
-                    .map_err(ImageError::Memory)?;
-                Ok(true)
+        SwitchTo::Layers(mut l) => {
+            match in_place_from(ram, &l).and_then(|at| Some((at, private_pages(ram)?))) {
+                Some((at, private)) => {
+                    let layers = l.layers.split_off(at);
+                    tracing::info!(
+                        snapshot,
+                        layers = layers.len(),
+                        dropped = private.len(),
+                        "switching memory in place"
+                    );
+                    ram.advance(snapshot, layers, &private)
+                        .map_err(ImageError::Memory)?;
+                    Ok(true)
+                }
+                None => ram
+                    .switch_to_layers(snapshot, l.base.memfd, l.base.memory_size, l.layers)
+                    .map_err(ImageError::Memory)
+                    .map(|()| false),
             }
-            None => ram
-                .switch_to_layers(snapshot, l.base.memfd, l.base.memory_size, l.layers)
-                .map_err(ImageError::Memory)
-                .map(|()| false),
-        },
+        }
         SwitchTo::Image(image) => attach(ram, socket, snapshot, image, true).map(|()| false),
     }
 }
