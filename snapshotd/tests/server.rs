@@ -220,9 +220,20 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
     // The stored order is the pages touched, in the order touched.
     {
         let store = fissile_snapshotd::store::Store::open(&dir.path().join("store")).unwrap();
-        let order: Vec<u64> = store.view(&id).unwrap().touch_order().collect();
+        let view = store.view(&id).unwrap();
+        let order: Vec<u64> = view.touch_order().collect();
         let want: Vec<u64> = touched.iter().map(|&p| p as u64).collect();
         assert_eq!(order, want);
+        // With their contents, which the next restore reads in one piece.
+        let stored = view.touch_pages().expect("the pages' contents are stored");
+        assert_eq!((stored.pages(), stored.pieces()), (touched.len(), 1));
+        let mut got = Vec::new();
+        store.read_touch_pages(&view, &stored, 0, &mut got).unwrap();
+        let want: Vec<u8> = touched
+            .iter()
+            .flat_map(|&p| mem[p * PS..(p + 1) * PS].to_vec())
+            .collect();
+        assert!(got == want, "the stored contents differ from the pages");
     }
     let d = Daemon::start(dir.path());
     let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
@@ -242,6 +253,57 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
         lazy.mapping().read_at(p * PS, &mut buf);
         assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
     }
+}
+
+/// A restore whose first touches span more than one piece of stored contents: the next
+/// restore brings each piece in (every page of the order, none of them faulting), the
+/// pages read as the snapshot's, and the store's blob is not listed as the snapshot's.
+#[test]
+fn a_recorded_order_over_several_pieces_prefetches_every_page_from_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let pages = 640;
+    let mem = memory(11, pages, 5);
+    let id = create(&mut d.client(), &mem, CreateOptions::default());
+    // 300 scattered pages (a fifth of them zero pages): pieces of 256 and 44 pages.
+    let touched: Vec<usize> = (0..300).map(|i| (i * 7 + 3) % pages).collect();
+    let mut buf = vec![0u8; PS];
+    {
+        let lazy = LazyMemory::restore(d.client(), &id, None).unwrap();
+        for &p in &touched {
+            lazy.mapping().read_at(p * PS, &mut buf);
+        }
+        assert_eq!(lazy.session().failure(), None);
+    }
+    wait_no_conn_threads(d.child.id(), 10, "the first fault session did not end");
+    d.kill();
+    let d = Daemon::start(dir.path());
+    let mut c = d.client();
+    let info = c.list().unwrap().into_iter().find(|i| i.id == id).unwrap();
+    assert!(info.blobs.is_empty(), "{:?}", info.blobs);
+    let reads_before = read_syscalls(d.child.id());
+    let lazy = LazyMemory::restore(c, &id, None).unwrap();
+    wait_prefetched(&lazy, touched.len() as u64);
+    // Two pieces are two reads of the store; page by page, each of the ~240 pages with
+    // content would be one at least (a handful more: the requests, the index).
+    let reads = read_syscalls(d.child.id()) - reads_before;
+    assert!(
+        reads < 100,
+        "the daemon read {reads} times to prefetch 300 pages"
+    );
+    std::thread::sleep(one_beat());
+    assert_eq!(lazy.session().progress(), (0, touched.len() as u64));
+    for &p in &touched {
+        lazy.mapping().read_at(p * PS, &mut buf);
+        assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+    }
+    std::thread::sleep(one_beat());
+    assert_eq!(lazy.session().progress().0, 0, "a prefetched page faulted");
+    for p in 0..pages {
+        lazy.mapping().read_at(p * PS, &mut buf);
+        assert!(buf == mem[p * PS..(p + 1) * PS], "page {p}");
+    }
+    assert_eq!(lazy.session().failure(), None);
 }
 
 /// An adopted layer's create may give its first-touch order (a VMM gives its working set):
@@ -435,6 +497,15 @@ fn a_deep_layer_is_flattened_after_its_ingest_and_layers_over_it_chain_from_it()
     let over = adopt_layer(&mut c, &top, base.len(), &[(9, &[0xEE; PS])]);
     let layer = c.open_layer(&over).unwrap();
     assert_eq!((&layer.base, layer.below), (&top, 0));
+}
+
+/// How many read system calls process `pid` has made (`syscr` of `/proc/PID/io`).
+fn read_syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscr: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
 }
 
 /// Waits (20 s at most, failing the test past that or on a session failure) until the

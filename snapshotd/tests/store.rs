@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use fissile_snapshotd::store::pack::PACK_HEADER_LEN;
 use fissile_snapshotd::store::{
     CompactPolicy, CreateRequest, INDEX_CACHE_BYTES, INDEX_MEMTABLE_BYTES, ReadError, Store,
+    TOUCH_PAGES_BLOB, TouchOrderError,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -92,19 +93,23 @@ fn a_recorded_touch_order_is_kept_once_survives_reopening_and_passes_to_layers()
     let id = store.create(&full(&mem)).unwrap().id;
     assert_eq!(store.view(&id).unwrap().touch_order().count(), 0);
     // A page beyond the memory is refused and records nothing.
-    let err = store.record_touch_order(&id, &[3, 64]).unwrap_err();
+    let err = store.record_touch_order(&id, &[3, 64], &[]).unwrap_err();
     assert!(err.to_string().contains("page 64"), "{err}");
     assert_eq!(store.view(&id).unwrap().touch_order().count(), 0);
     // Nothing to record: nothing recorded, and a later order still may be.
-    assert!(!store.record_touch_order(&id, &[]).unwrap());
+    assert!(!store.record_touch_order(&id, &[], &[]).unwrap());
     // Recorded (the cached view is replaced), then kept: a second order does not replace it.
-    assert!(store.record_touch_order(&id, &[9, 10, 11, 2, 40]).unwrap());
+    assert!(
+        store
+            .record_touch_order(&id, &[9, 10, 11, 2, 40], &[])
+            .unwrap()
+    );
     let order = vec![9, 10, 11, 2, 40];
     assert_eq!(
         store.view(&id).unwrap().touch_order().collect::<Vec<_>>(),
         order
     );
-    assert!(!store.record_touch_order(&id, &[1]).unwrap());
+    assert!(!store.record_touch_order(&id, &[1], &[]).unwrap());
     assert_eq!(
         store.view(&id).unwrap().touch_order().collect::<Vec<_>>(),
         order
@@ -140,6 +145,77 @@ fn a_recorded_touch_order_is_kept_once_survives_reopening_and_passes_to_layers()
     assert_eq!(store.read_all(&id).unwrap(), mem);
     assert_eq!(store.read_all(&inherits).unwrap(), child_mem);
     assert!(store.check().unwrap().is_ok());
+}
+
+/// An order recorded with its pages' contents keeps them as one blob of large pieces: they
+/// read back piece by piece as given, survive reopening, count as references (check, then
+/// delete and gc leave nothing), are not inherited by a layer (its pages differ), and a
+/// client cannot create a blob of that name. Contents that do not fit the order are refused
+/// and record nothing.
+#[test]
+fn a_touch_order_recorded_with_its_pages_keeps_them_in_pieces_counted_as_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mem = memory(5, 512);
+    let id = store.create(&full(&mem)).unwrap().id;
+    // 300 scattered pages (a quarter of them zero pages): two pieces, 256 + 44 pages.
+    let order: Vec<u64> = (0..300u64).map(|i| (i * 7 + 3) % 512).collect();
+    let ps = PS as usize;
+    let contents: Vec<u8> = order
+        .iter()
+        .flat_map(|&p| mem[p as usize * ps..(p as usize + 1) * ps].to_vec())
+        .collect();
+    for (pages, bytes) in [(300, ps + 1), (2, 3 * ps)] {
+        let err = store
+            .record_touch_order(&id, &order[..pages], &contents[..bytes])
+            .unwrap_err();
+        assert!(matches!(err, TouchOrderError::Contents { .. }), "{err}");
+    }
+    assert_eq!(store.view(&id).unwrap().touch_order().count(), 0);
+    assert!(store.record_touch_order(&id, &order, &contents).unwrap());
+    assert!(store.check().unwrap().is_ok());
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let view = store.view(&id).unwrap();
+    assert_eq!(view.touch_order().collect::<Vec<_>>(), order);
+    let stored = view.touch_pages().expect("the pages' contents are stored");
+    assert_eq!(
+        (stored.pages(), stored.pieces(), stored.per_piece()),
+        (300, 2, 256)
+    );
+    assert_eq!(stored.piece_pages(1), 44);
+    let (mut got, mut buf) = (Vec::new(), Vec::new());
+    for i in 0..stored.pieces() {
+        store.read_touch_pages(&view, &stored, i, &mut buf).unwrap();
+        got.extend_from_slice(&buf);
+    }
+    assert!(got == contents, "the pieces differ from the contents given");
+    assert!(store.read_touch_pages(&view, &stored, 2, &mut buf).is_err());
+    // A layer inherits the order, not the contents.
+    let mut child_mem = mem.clone();
+    let dirty = mutate(&mut child_mem, 4, 3);
+    let mut req = full(&child_mem);
+    req.parent = Some(id.clone());
+    req.dirty_pages = Some(dirty);
+    let child = store.create(&req).unwrap().id;
+    drop(req);
+    let child_view = store.view(&child).unwrap();
+    assert_eq!(child_view.touch_order().collect::<Vec<_>>(), order);
+    assert!(child_view.touch_pages().is_none());
+    assert_eq!(store.read_all(&child).unwrap(), child_mem);
+    // The store's blob name is its own.
+    let mut req = full(&mem);
+    req.blobs.insert(TOUCH_PAGES_BLOB.to_string(), vec![1; 8]);
+    let err = store.create(&req).unwrap_err();
+    assert!(err.to_string().contains("invalid"), "{err}");
+    drop(req);
+    // Deleting releases the pieces with the pages: nothing is left after gc.
+    store.delete(&child).unwrap();
+    store.delete(&id).unwrap();
+    store.gc().unwrap();
+    assert!(store.check().unwrap().is_ok());
+    assert_eq!(store.stats().unwrap().chunks, 0);
+    assert_accounted(&store, dir.path());
 }
 
 #[test]

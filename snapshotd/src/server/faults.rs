@@ -20,9 +20,12 @@
 //! first [`MAX_RECORDED_PAGES`], within [`RECORD_WINDOW`] of its start), and stores them as
 //! the snapshot's order when the window closes or the session ends. Pages that other
 //! sessions on the image bring in meanwhile do not fault in its client and are missing from
-//! the order: they are faulted in as before. The next session on a fresh image of that snapshot (after an
-//! eviction or a restart) prefetches them in that order from its start, ahead of the vCPUs
-//! that would otherwise fault them in one round trip each.
+//! the order: they are faulted in as before. The order is stored with the contents of its
+//! first pages (at most [`crate::store::MAX_TOUCH_PAGES_STORED`]), in 1 MiB pieces. The
+//! next session on a fresh image of that snapshot (after an eviction or a restart)
+//! prefetches them in that order from its start, ahead of the vCPUs that would otherwise
+//! fault them in one round trip each: a piece at a time (one index lookup, read, zstd frame
+//! and hash for 256 pages), then any further pages of the order one by one.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
@@ -38,6 +41,7 @@ use super::Shutdown;
 use super::heartbeat::{Heart, Pulse};
 use super::image::{Image, MaterializeError, PageState};
 use crate::fdio;
+use crate::store::TouchPages;
 use crate::sys;
 
 /// The most pages a session records as its image's first-touch order (256 MiB of 4 KiB
@@ -498,20 +502,30 @@ impl Session {
             if order.is_empty() {
                 continue;
             }
-            let next = Arc::new(AtomicUsize::new(0));
+            // The order's first pages whose contents are stored with it come in pieces
+            // (`next_piece`); the rest page by page (`next`, from the first page after them).
+            let stored = r.image.touch_pages().map(Arc::new);
+            let next_piece = Arc::new(AtomicUsize::new(0));
+            let next = Arc::new(AtomicUsize::new(stored.as_ref().map_or(0, |s| s.pages())));
             // A page that fails stops all of the image's prefetch threads: the rest of the
             // order then faults in as usual.
             let failed = Arc::new(AtomicBool::new(false));
-            let wanted = order.len().div_ceil(PREFETCH_BATCH);
+            let wanted = stored.as_ref().map_or(0, |s| s.pieces())
+                + (order.len() - next.load(Ordering::Relaxed)).div_ceil(PREFETCH_BATCH);
             let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PREFETCH_EXTRA.take());
             for slot in std::iter::once(None).chain(extra.map(Some)) {
-                let (image, order, next) = (r.image.clone(), order.clone(), next.clone());
+                let (image, order) = (r.image.clone(), order.clone());
+                let cursors = Cursors {
+                    stored: stored.clone(),
+                    next_piece: next_piece.clone(),
+                    next: next.clone(),
+                };
                 let (stop, stats, failed) = (self.stop.clone(), self.stats.clone(), failed.clone());
                 let spawned = std::thread::Builder::new()
                     .name("snapshotd-prefetch".into())
                     .spawn(move || {
                         let _slot = slot;
-                        prefetch(&image, &order, &next, &stop, &failed, &stats);
+                        prefetch(&image, &order, &cursors, &stop, &failed, &stats);
                     });
                 match spawned {
                     Ok(t) => threads.push(t),
@@ -542,20 +556,54 @@ pub fn prefetch_for_host() {
     PREFETCH_EXTRA.set_max(cpus - 1);
 }
 
-/// One prefetch thread: takes batches of `order` from `next` until none is left, `stop`
-/// (the session's) is set, or a page fails here or on another of the image's threads
-/// (`failed`, which this thread sets when one of its pages fails).
+/// Where an image's prefetch threads are in its order.
+struct Cursors {
+    /// The contents of the order's first pages, stored with it.
+    stored: Option<Arc<TouchPages>>,
+    /// The next piece of `stored` to bring in.
+    next_piece: Arc<AtomicUsize>,
+    /// The next page of the order to bring in page by page (those after `stored`'s).
+    next: Arc<AtomicUsize>,
+}
+
+/// One prefetch thread: takes the pieces of the order's stored pages one at a time, then
+/// batches of the rest of `order`, until none is left, `stop` (the session's) is set, or a
+/// page fails here or on another of the image's threads (`failed`, which this thread sets
+/// when one of its pages fails).
 fn prefetch(
     image: &Image,
     order: &[u64],
-    next: &AtomicUsize,
+    cursors: &Cursors,
     stop: &AtomicBool,
     failed: &AtomicBool,
     stats: &SessionStats,
 ) {
+    let fail = |e: MaterializeError| {
+        if !failed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
+        }
+    };
     let mut buf = Vec::new();
+    if let Some(stored) = &cursors.stored {
+        loop {
+            let index = cursors.next_piece.fetch_add(1, Ordering::Relaxed);
+            if index >= stored.pieces() {
+                break;
+            }
+            if stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let pages = order.get(index * stored.per_piece()..).unwrap_or_default();
+            match image.install_touch_pages(stored, index, pages, stop, &mut buf) {
+                Ok(n) => {
+                    stats.prefetched.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => return fail(e),
+            }
+        }
+    }
     loop {
-        let from = next.fetch_add(PREFETCH_BATCH, Ordering::Relaxed);
+        let from = cursors.next.fetch_add(PREFETCH_BATCH, Ordering::Relaxed);
         let Some(batch) = order.get(from..order.len().min(from + PREFETCH_BATCH)) else {
             return;
         };
@@ -571,10 +619,7 @@ fn prefetch(
                 Err(e) => Err(e),
             };
             if let Err(e) = done {
-                if !failed.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
-                }
-                return;
+                return fail(e);
             }
             stats.prefetched.fetch_add(1, Ordering::Relaxed);
         }

@@ -38,7 +38,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use fissile_proto::snapshotd::page_runs;
 
-use crate::store::{ReadError, SnapshotView, Store, TouchOrderError, ViewError};
+use crate::store::{
+    MAX_TOUCH_PAGES_STORED, ReadError, SnapshotView, Store, TouchOrderError, TouchPages, ViewError,
+};
 use crate::sys;
 
 /// What a page turned out to be.
@@ -768,11 +770,85 @@ impl Image {
 
     /// Stores `pages` as the snapshot's first-touch order, unless it has one (see
     /// [`Store::record_touch_order`]); false for an image not read from the store.
+    ///
+    /// The contents of its first pages (at most [`MAX_TOUCH_PAGES_STORED`]) are stored with
+    /// it, read from this image: pages not in the memfd are brought in first, and a page
+    /// that cannot be ends the contents there (the rest is prefetched page by page).
     pub fn record_touch_order(&self, pages: &[u64]) -> Result<bool, TouchOrderError> {
-        match &self.source {
-            Source::Store { store, .. } => store.record_touch_order(&self.id, pages),
-            _ => Ok(false),
+        let Source::Store { store, .. } = &self.source else {
+            return Ok(false);
+        };
+        let ps = self.page_size as usize;
+        let take = pages.len().min(MAX_TOUCH_PAGES_STORED);
+        let mut contents = Vec::with_capacity(take * ps);
+        let mut buf = Vec::new();
+        for &page in &pages[..take] {
+            let read = match self.materialize(page, &mut buf) {
+                Ok(PageState::Present) => self.read_page_of(&self.memfd, page, &mut buf),
+                Ok(PageState::Zero) => {
+                    buf.clear();
+                    buf.resize(ps, 0);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = read {
+                tracing::warn!(
+                    snapshot = self.id, page, error = %crate::error_chain(&e),
+                    "storing the first-touch pages' contents up to this page only"
+                );
+                break;
+            }
+            contents.extend_from_slice(&buf);
         }
+        store.record_touch_order(&self.id, pages, &contents)
+    }
+
+    /// The stored contents of this image's first pages in first-touch order, if any (only an
+    /// image read from the store has them).
+    pub fn touch_pages(&self) -> Option<TouchPages> {
+        match &self.source {
+            Source::Store { view, .. } => view.touch_pages(),
+            _ => None,
+        }
+    }
+
+    /// Brings in piece `index` of `stored` (this image's [`Image::touch_pages`]): `pages`
+    /// are the order's pages from that piece's first on. Pages already in the memfd are
+    /// left alone; the others, zero pages too, are written from the piece, so a client maps
+    /// them without a fault. Returns how many it wrote; stops early once `stop` is set.
+    pub fn install_touch_pages(
+        &self,
+        stored: &TouchPages,
+        index: usize,
+        pages: &[u64],
+        stop: &AtomicBool,
+        buf: &mut Vec<u8>,
+    ) -> Result<u64, MaterializeError> {
+        let Source::Store { view, store } = &self.source else {
+            return Ok(0);
+        };
+        store
+            .read_touch_pages(view, stored, index, buf)
+            .map_err(MaterializeError::Read)?;
+        let ps = self.page_size as usize;
+        let mut written = 0;
+        for (page, data) in pages.iter().copied().zip(buf.chunks_exact(ps)) {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if view.page(page).is_none() {
+                return Err(MaterializeError::OutOfRange {
+                    snapshot: self.id.clone(),
+                    page,
+                });
+            }
+            if !bit(&self.present, page) {
+                self.write_page(page, data)?;
+                written += 1;
+            }
+        }
+        Ok(written)
     }
 }
 

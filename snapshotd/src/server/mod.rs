@@ -1294,7 +1294,12 @@ fn info(m: &crate::store::manifest::Manifest) -> SnapshotInfo {
         page_size: m.page_size,
         parent: m.parent.clone(),
         labels: m.labels.clone().into_iter().collect(),
-        blobs: m.blobs.keys().cloned().collect(),
+        blobs: m
+            .blobs
+            .keys()
+            .filter(|name| name.as_str() != crate::store::TOUCH_PAGES_BLOB)
+            .cloned()
+            .collect(),
         created_unix_ms: m.created_unix_ms,
         durable: true,
     }

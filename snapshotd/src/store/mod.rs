@@ -64,6 +64,12 @@ pub const INDEX_CACHE_BYTES: usize = 64 << 20;
 /// family had its own 32 MiB cache, index and filter blocks outside any cache, and up to two
 /// 64 MiB memtables (some 650 MiB for our four).
 pub const INDEX_MEMTABLE_BYTES: usize = 64 << 20;
+/// The blob holding the contents of a snapshot's first pages in first-touch order
+/// ([`Store::record_touch_order`]); clients cannot name a blob so (it has a `/`).
+pub const TOUCH_PAGES_BLOB: &str = "snapshotd/first-touch-pages";
+/// The most pages of a first-touch order whose contents are stored with it (64 MiB of 4 KiB
+/// pages); a restore prefetches any further pages one by one.
+pub const MAX_TOUCH_PAGES_STORED: usize = 16_384;
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
 const CF_CHILDREN: &str = "children";
@@ -288,6 +294,23 @@ pub enum TouchOrderError {
     /// The manifest could not be encoded.
     #[error("encoding the manifest")]
     Encode(#[source] ManifestError),
+    /// The pages' contents given do not fit the order.
+    #[error("{bytes} bytes of page contents for an order of {pages} pages")]
+    Contents {
+        /// Bytes given.
+        bytes: usize,
+        /// Pages in the order.
+        pages: usize,
+    },
+    /// Storing the pages' contents failed.
+    #[error("storing the pages' contents")]
+    Ingest(#[source] Box<CreateError>),
+    /// Syncing the pack failed.
+    #[error("syncing the pack")]
+    Pack(#[source] io::Error),
+    /// A chunk's index entry is missing.
+    #[error("a stored chunk has no index entry")]
+    CorruptEntry,
     /// Index write failed.
     #[error("writing the manifest")]
     Index(#[source] rocksdb::Error),
@@ -429,6 +452,36 @@ impl PageSource for FileSource {
     }
 }
 
+/// The stored contents of a snapshot's first pages in first-touch order
+/// ([`SnapshotView::touch_pages`]), in pieces of [`TouchPages::per_piece`] pages.
+#[derive(Debug, Clone)]
+pub struct TouchPages {
+    blob: BlobRef,
+    pages: usize,
+    per_piece: usize,
+}
+
+impl TouchPages {
+    /// Pages stored: the first this many of the order.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+    /// Pieces to read ([`Store::read_touch_pages`]).
+    pub fn pieces(&self) -> usize {
+        self.pages.div_ceil(self.per_piece)
+    }
+    /// Pages in piece `index`: the order's pages from `index * per_piece()` on.
+    pub fn piece_pages(&self, index: usize) -> usize {
+        self.pages
+            .saturating_sub(index * self.per_piece)
+            .min(self.per_piece)
+    }
+    /// Pages in each piece but the last.
+    pub fn per_piece(&self) -> usize {
+        self.per_piece
+    }
+}
+
 /// A snapshot with its parent chain resolved into one page map.
 #[derive(Debug)]
 pub struct SnapshotView {
@@ -466,6 +519,35 @@ impl SnapshotView {
             .touch_order
             .iter()
             .flat_map(|(s, c)| *s..s.saturating_add(*c))
+    }
+    /// The stored contents of the first pages of the first-touch order, if any
+    /// ([`Store::record_touch_order`]). `None` too for a blob that does not fit the order
+    /// (a manifest is untrusted input): a restore then prefetches page by page.
+    pub fn touch_pages(&self) -> Option<TouchPages> {
+        let blob = self.manifest.blobs.get(TOUCH_PAGES_BLOB)?;
+        let ps = self.page_size() as usize;
+        let len = match blob {
+            BlobRef::Inline(data) => data.len(),
+            BlobRef::Chunks { len, .. } => usize::try_from(*len).ok()?,
+        };
+        let order: u64 = self.manifest.touch_order.iter().map(|(_, c)| *c).sum();
+        let pages = len / ps;
+        if len == 0
+            || !len.is_multiple_of(ps)
+            || !BLOB_CHUNK_LEN.is_multiple_of(ps)
+            || pages > MAX_TOUCH_PAGES_STORED
+            || pages as u64 > order
+        {
+            return None;
+        }
+        Some(TouchPages {
+            blob: blob.clone(),
+            pages,
+            per_piece: match blob {
+                BlobRef::Inline(_) => pages,
+                BlobRef::Chunks { .. } => BLOB_CHUNK_LEN / ps,
+            },
+        })
     }
     /// Number of non-zero pages.
     pub fn nonzero_pages(&self) -> u64 {
@@ -1184,6 +1266,11 @@ impl Store {
             ing.load_existing(&inherited)?;
         }
         let mut blobs = BTreeMap::new();
+        if req.blobs.contains_key(TOUCH_PAGES_BLOB) {
+            return Err(CreateError::Invalid(format!(
+                "the blob name {TOUCH_PAGES_BLOB} is the store's own"
+            )));
+        }
         for (name, data) in &req.blobs {
             blobs.insert(name.clone(), ing.store_blob(data)?);
         }
@@ -1295,8 +1382,38 @@ impl Store {
     /// Records `pages` as snapshot `id`'s first-touch order (what a restore prefetches),
     /// unless it has one already: an order given at its creation, inherited from its parent
     /// or recorded by an earlier restore is kept. Returns whether it was recorded.
-    pub fn record_touch_order(&self, id: &str, pages: &[u64]) -> Result<bool, TouchOrderError> {
-        let _w = lock(&self.writer);
+    ///
+    /// `contents` holds the contents of the order's first pages, one page after another
+    /// (empty: none; at most [`MAX_TOUCH_PAGES_STORED`] pages). They are stored with the
+    /// order as the blob [`TOUCH_PAGES_BLOB`], in [`BLOB_CHUNK_LEN`] chunks, so a restore
+    /// reads them in a few large reads and zstd frames instead of one index lookup, read
+    /// and frame per page ([`SnapshotView::touch_pages`]). They must be the snapshot's own
+    /// contents of those pages (the caller read them from the store): the store cannot
+    /// tell otherwise. A snapshot layered on this one inherits its order, not the blob.
+    pub fn record_touch_order(
+        &self,
+        id: &str,
+        pages: &[u64],
+        contents: &[u8],
+    ) -> Result<bool, TouchOrderError> {
+        let mut writer = lock(&self.writer);
+        let start_len = writer.len();
+        let result = self.record_touch_order_locked(&mut writer, id, pages, contents);
+        if result.is_err()
+            && let Err(e) = writer.rollback(start_len)
+        {
+            tracing::error!(error = %e, "rolling back pack after a failed first-touch order");
+        }
+        result
+    }
+
+    fn record_touch_order_locked(
+        &self,
+        writer: &mut PackWriter,
+        id: &str,
+        pages: &[u64],
+        contents: &[u8],
+    ) -> Result<bool, TouchOrderError> {
         let mut m = self.load_manifest(id).map_err(TouchOrderError::View)?;
         if !m.touch_order.is_empty() || pages.is_empty() {
             return Ok(false);
@@ -1305,19 +1422,97 @@ impl Store {
         if let Some(&page) = pages.iter().find(|p| **p >= count) {
             return Err(TouchOrderError::OutOfRange { page, pages: count });
         }
+        let ps = m.page_size as usize;
+        let stored = contents.len() / ps;
+        if !contents.len().is_multiple_of(ps)
+            || stored > pages.len().min(MAX_TOUCH_PAGES_STORED)
+            || (stored > 0 && !BLOB_CHUNK_LEN.is_multiple_of(ps))
+        {
+            return Err(TouchOrderError::Contents {
+                bytes: contents.len(),
+                pages: pages.len(),
+            });
+        }
+        let before = m.distinct_chunks();
+        let mut ing = Ingest {
+            store: self,
+            writer,
+            known: HashMap::new(),
+            chunks_written: 0,
+            bytes_written: 0,
+        };
+        if stored > 0 {
+            let blob = ing
+                .store_blob(contents)
+                .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
+            m.blobs.insert(TOUCH_PAGES_BLOB.to_string(), blob);
+        }
         m.touch_order = manifest::build_ranges(pages);
         m.validate().map_err(TouchOrderError::Invalid)?;
         let encoded = manifest::encode(&m).map_err(TouchOrderError::Encode)?;
+        let mut added: Vec<Hash> = m.distinct_chunks().difference(&before).copied().collect();
+        added.sort_unstable();
+        let known = std::mem::take(&mut ing.known);
+        let committed = ing.writer.sync().map_err(TouchOrderError::Pack)?;
+        let mut batch = WriteBatch::default();
+        for hash in &added {
+            let mut e = *known.get(hash).ok_or(TouchOrderError::CorruptEntry)?;
+            e.refcount += 1;
+            batch.put_cf(self.cf(CF_CHUNKS), hash, e.encode());
+        }
+        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded);
+        let meta = self.cf(CF_META);
+        batch.put_cf(
+            meta,
+            META_ACTIVE,
+            u64::from(ing.writer.number).to_le_bytes(),
+        );
+        batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
         self.db
-            .put_cf_opt(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded, &sync_opts())
+            .write_opt(batch, &sync_opts())
             .map_err(TouchOrderError::Index)?;
         lock(&self.views).remove(id);
         tracing::info!(
             snapshot = id,
             pages = pages.len(),
+            stored,
             "first-touch order recorded"
         );
         Ok(true)
+    }
+
+    /// Reads piece `index` of `view`'s stored first-touch pages ([`TouchPages`]) into `out`.
+    pub fn read_touch_pages(
+        &self,
+        view: &SnapshotView,
+        pages: &TouchPages,
+        index: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReadError> {
+        let first = (index * pages.per_piece) as u64;
+        match (&pages.blob, index) {
+            (BlobRef::Inline(data), 0) => {
+                out.clear();
+                out.extend_from_slice(data);
+            }
+            (BlobRef::Chunks { hashes, .. }, i) if i < hashes.len() => {
+                self.read_chunk(&hashes[i], view.id(), first, out)?;
+            }
+            _ => {
+                return Err(ReadError::OutOfRange {
+                    snapshot: view.id().to_string(),
+                    page: first,
+                });
+            }
+        }
+        let want = pages.piece_pages(index) * view.page_size() as usize;
+        if out.len() != want {
+            return Err(ReadError::MissingChunk {
+                snapshot: view.id().to_string(),
+                page: first,
+            });
+        }
+        Ok(())
     }
 
     /// Lists every snapshot.
