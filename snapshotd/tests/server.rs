@@ -309,10 +309,12 @@ fn a_recorded_order_over_several_pieces_prefetches_every_page_from_them() {
 /// An adopted layer's create may give its first-touch order (a VMM gives its working set):
 /// a fault session on the layer prefetches it from its start, before the snapshot is
 /// durable and after, from the store; an order naming a page past the memory is refused.
+/// After a restart, the first session reading it from the store stores the order's
+/// contents with it once its prefetch ends.
 #[test]
 fn an_adopted_layer_prefetches_the_order_its_create_gave() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
+    let mut d = Daemon::start(dir.path());
     let mut c = d.client();
     let pages = 128;
     let base = memory(21, pages, 4);
@@ -357,6 +359,33 @@ fn an_adopted_layer_prefetches_the_order_its_create_gave() {
             );
         }
     }
+    // From the store after a restart, the order has no contents yet: this session
+    // prefetches it page by page, then stores them with it.
+    drop(c);
+    wait_no_conn_threads(d.child.id(), 10, "the fault sessions did not end");
+    d.kill();
+    let d = Daemon::start(dir.path());
+    {
+        let lazy = LazyMemory::restore(d.client(), &child, None).unwrap();
+        wait_prefetched(&lazy, order.len() as u64);
+        lazy.mapping().read_at(100 * PS, &mut buf);
+        assert!(buf == want[100 * PS..101 * PS]);
+    }
+    wait_no_conn_threads(d.child.id(), 10, "the fault session did not end");
+    drop(d);
+    let store = fissile_snapshotd::store::Store::open(&dir.path().join("store")).unwrap();
+    let view = store.view(&child).unwrap();
+    assert_eq!(view.touch_order().collect::<Vec<_>>(), order);
+    let stored = view.touch_pages().expect("the pages' contents are stored");
+    assert_eq!(stored.pages(), order.len());
+    let mut got = Vec::new();
+    store.read_touch_pages(&view, &stored, 0, &mut got).unwrap();
+    let expected: Vec<u8> = order
+        .iter()
+        .flat_map(|&p| want[p as usize * PS..(p as usize + 1) * PS].to_vec())
+        .collect();
+    assert!(got == expected, "the stored contents differ from the pages");
+    assert!(store.check().unwrap().is_ok());
 }
 
 /// A fork's layer over a complete image opens as that image plus the layer's own pages

@@ -25,7 +25,9 @@
 //! next session on a fresh image of that snapshot (after an eviction or a restart)
 //! prefetches them in that order from its start, ahead of the vCPUs that would otherwise
 //! fault them in one round trip each: a piece at a time (one index lookup, read, zstd frame
-//! and hash for 256 pages), then any further pages of the order one by one.
+//! and hash for 256 pages), then any further pages of the order one by one. An order given
+//! at a snapshot's creation (or inherited) has no contents: the first session that
+//! prefetches it page by page stores them once its prefetch ends.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
@@ -513,7 +515,12 @@ impl Session {
             let wanted = stored.as_ref().map_or(0, |s| s.pieces())
                 + (order.len() - next.load(Ordering::Relaxed)).div_ceil(PREFETCH_BATCH);
             let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PREFETCH_EXTRA.take());
-            for slot in std::iter::once(None).chain(extra.map(Some)) {
+            let slots: Vec<_> = std::iter::once(None).chain(extra.map(Some)).collect();
+            let running = Arc::new(AtomicUsize::new(slots.len()));
+            // Set by a thread that stopped before the order's end (session over, a failure).
+            let cut_short = Arc::new(AtomicBool::new(false));
+            let started = Instant::now();
+            for slot in slots {
                 let (image, order) = (r.image.clone(), order.clone());
                 let cursors = Cursors {
                     stored: stored.clone(),
@@ -521,11 +528,34 @@ impl Session {
                     next: next.clone(),
                 };
                 let (stop, stats, failed) = (self.stop.clone(), self.stats.clone(), failed.clone());
+                let (running, cut_short) = (running.clone(), cut_short.clone());
                 let spawned = std::thread::Builder::new()
                     .name("snapshotd-prefetch".into())
                     .spawn(move || {
                         let _slot = slot;
-                        prefetch(&image, &order, &cursors, &stop, &failed, &stats);
+                        if !prefetch(&image, &order, &cursors, &stop, &failed, &stats) {
+                            cut_short.store(true, Ordering::Release);
+                        }
+                        if running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            tracing::info!(
+                                snapshot = image.id(),
+                                order = order.len(),
+                                stored = cursors.stored.as_ref().map_or(0, |s| s.pages()),
+                                ms = started.elapsed().as_millis() as u64,
+                                "prefetch ended"
+                            );
+                            // The whole order is in the image now: if the snapshot has no
+                            // contents stored with it, store them for the next restore.
+                            if !cut_short.load(Ordering::Acquire)
+                                && image.claim_touch_pages()
+                                && let Err(e) = image.store_touch_pages()
+                            {
+                                tracing::warn!(
+                                    snapshot = image.id(), error = %crate::error_chain(&e),
+                                    "could not store the first-touch pages"
+                                );
+                            }
+                        }
                     });
                 match spawned {
                     Ok(t) => threads.push(t),
@@ -567,9 +597,9 @@ struct Cursors {
 }
 
 /// One prefetch thread: takes the pieces of the order's stored pages one at a time, then
-/// batches of the rest of `order`, until none is left, `stop` (the session's) is set, or a
-/// page fails here or on another of the image's threads (`failed`, which this thread sets
-/// when one of its pages fails).
+/// batches of the rest of `order`, until none is left (returns true), `stop` (the
+/// session's) is set, or a page fails here or on another of the image's threads (`failed`,
+/// which this thread sets when one of its pages fails).
 fn prefetch(
     image: &Image,
     order: &[u64],
@@ -577,11 +607,12 @@ fn prefetch(
     stop: &AtomicBool,
     failed: &AtomicBool,
     stats: &SessionStats,
-) {
+) -> bool {
     let fail = |e: MaterializeError| {
         if !failed.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = %crate::error_chain(&e), "prefetch stopped");
         }
+        false
     };
     let mut buf = Vec::new();
     if let Some(stored) = &cursors.stored {
@@ -591,7 +622,7 @@ fn prefetch(
                 break;
             }
             if stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
-                return;
+                return false;
             }
             let pages = order.get(index * stored.per_piece()..).unwrap_or_default();
             match image.install_touch_pages(stored, index, pages, stop, &mut buf) {
@@ -605,11 +636,11 @@ fn prefetch(
     loop {
         let from = cursors.next.fetch_add(PREFETCH_BATCH, Ordering::Relaxed);
         let Some(batch) = order.get(from..order.len().min(from + PREFETCH_BATCH)) else {
-            return;
+            return true;
         };
         for &page in batch {
             if stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
-                return;
+                return false;
             }
             // A zero page is written as zeros: the client's touch then maps it without a
             // fault, which is what prefetching it is for.

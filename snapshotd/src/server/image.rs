@@ -778,6 +778,39 @@ impl Image {
         let Source::Store { store, .. } = &self.source else {
             return Ok(false);
         };
+        store.record_touch_order(&self.id, pages, &self.contents_of(pages))
+    }
+
+    /// Claims the storing of the contents of this snapshot's first-touch pages for one fault
+    /// session: true once per image object, only for an image read from the store whose
+    /// snapshot has an order (given at its creation or inherited) and no contents.
+    pub fn claim_touch_pages(&self) -> bool {
+        match &self.source {
+            Source::Store { view, .. }
+                if !view.manifest.touch_order.is_empty() && view.touch_pages().is_none() =>
+            {
+                !self.recording_claimed.swap(true, Ordering::AcqRel)
+            }
+            _ => false,
+        }
+    }
+
+    /// Stores the contents of the snapshot's first-touch pages (at most
+    /// [`MAX_TOUCH_PAGES_STORED`]), read from this image, with its order (see
+    /// [`Store::record_touch_pages`]), so the next restore prefetches them in pieces. Call
+    /// it once its session prefetched the order: then every page is in the memfd already.
+    pub fn store_touch_pages(&self) -> Result<bool, TouchOrderError> {
+        let Source::Store { store, view } = &self.source else {
+            return Ok(false);
+        };
+        let order: Vec<u64> = view.touch_order().collect();
+        store.record_touch_pages(&self.id, &self.contents_of(&order))
+    }
+
+    /// The contents of the first of `pages` (at most [`MAX_TOUCH_PAGES_STORED`]), one after
+    /// another, read from this image: pages not in the memfd are brought in first, and a
+    /// page that cannot be ends the contents there.
+    fn contents_of(&self, pages: &[u64]) -> Vec<u8> {
         let ps = self.page_size as usize;
         let take = pages.len().min(MAX_TOUCH_PAGES_STORED);
         let mut contents = Vec::with_capacity(take * ps);
@@ -801,7 +834,7 @@ impl Image {
             }
             contents.extend_from_slice(&buf);
         }
-        store.record_touch_order(&self.id, pages, &contents)
+        contents
     }
 
     /// The stored contents of this image's first pages in first-touch order, if any (only an
@@ -816,7 +849,8 @@ impl Image {
     /// Brings in piece `index` of `stored` (this image's [`Image::touch_pages`]): `pages`
     /// are the order's pages from that piece's first on. Pages already in the memfd are
     /// left alone; the others, zero pages too, are written from the piece, so a client maps
-    /// them without a fault. Returns how many it wrote; stops early once `stop` is set.
+    /// them without a fault. Returns how many pages of the piece are in the memfd now (all
+    /// unless `stop` was set meanwhile, which stops it early).
     pub fn install_touch_pages(
         &self,
         stored: &TouchPages,
@@ -832,7 +866,7 @@ impl Image {
             .read_touch_pages(view, stored, index, buf)
             .map_err(MaterializeError::Read)?;
         let ps = self.page_size as usize;
-        let mut written = 0;
+        let mut done = 0;
         for (page, data) in pages.iter().copied().zip(buf.chunks_exact(ps)) {
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -845,10 +879,10 @@ impl Image {
             }
             if !bit(&self.present, page) {
                 self.write_page(page, data)?;
-                written += 1;
             }
+            done += 1;
         }
-        Ok(written)
+        Ok(done)
     }
 }
 
@@ -919,10 +953,16 @@ impl Images {
             self.touch(img);
             return Ok(img.clone());
         }
+        let started = std::time::Instant::now();
         let img = Arc::new(Image::open(store.clone(), id)?);
         self.touch(&img);
         map.insert(id.to_string(), img.clone());
-        tracing::info!(snapshot = id, bytes = img.memory_size, "image opened");
+        tracing::info!(
+            snapshot = id,
+            bytes = img.memory_size,
+            ms = started.elapsed().as_millis() as u64,
+            "image opened"
+        );
         Ok(img)
     }
 

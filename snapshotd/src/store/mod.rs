@@ -1396,9 +1396,27 @@ impl Store {
         pages: &[u64],
         contents: &[u8],
     ) -> Result<bool, TouchOrderError> {
+        self.touch_write(id, Some(pages), contents)
+    }
+
+    /// Stores `contents` as the contents of the first pages of snapshot `id`'s first-touch
+    /// order, as [`Store::record_touch_order`] does with a new order: for an order given at
+    /// its creation or inherited, which has none. Returns whether they were stored (not
+    /// when the snapshot has no order, or has contents already).
+    pub fn record_touch_pages(&self, id: &str, contents: &[u8]) -> Result<bool, TouchOrderError> {
+        self.touch_write(id, None, contents)
+    }
+
+    /// [`Store::record_touch_order`] (`pages` given) or [`Store::record_touch_pages`].
+    fn touch_write(
+        &self,
+        id: &str,
+        pages: Option<&[u64]>,
+        contents: &[u8],
+    ) -> Result<bool, TouchOrderError> {
         let mut writer = lock(&self.writer);
         let start_len = writer.len();
-        let result = self.record_touch_order_locked(&mut writer, id, pages, contents);
+        let result = self.touch_write_locked(&mut writer, id, pages, contents);
         if result.is_err()
             && let Err(e) = writer.rollback(start_len)
         {
@@ -1407,30 +1425,44 @@ impl Store {
         result
     }
 
-    fn record_touch_order_locked(
+    fn touch_write_locked(
         &self,
         writer: &mut PackWriter,
         id: &str,
-        pages: &[u64],
+        pages: Option<&[u64]>,
         contents: &[u8],
     ) -> Result<bool, TouchOrderError> {
         let mut m = self.load_manifest(id).map_err(TouchOrderError::View)?;
-        if !m.touch_order.is_empty() || pages.is_empty() {
-            return Ok(false);
-        }
-        let count = m.page_count();
-        if let Some(&page) = pages.iter().find(|p| **p >= count) {
-            return Err(TouchOrderError::OutOfRange { page, pages: count });
-        }
+        let order_len = match pages {
+            Some(pages) => {
+                if !m.touch_order.is_empty() || pages.is_empty() {
+                    return Ok(false);
+                }
+                let count = m.page_count();
+                if let Some(&page) = pages.iter().find(|p| **p >= count) {
+                    return Err(TouchOrderError::OutOfRange { page, pages: count });
+                }
+                pages.len()
+            }
+            None => {
+                if m.touch_order.is_empty()
+                    || m.blobs.contains_key(TOUCH_PAGES_BLOB)
+                    || contents.is_empty()
+                {
+                    return Ok(false);
+                }
+                m.touch_order.iter().map(|(_, c)| *c as usize).sum()
+            }
+        };
         let ps = m.page_size as usize;
         let stored = contents.len() / ps;
         if !contents.len().is_multiple_of(ps)
-            || stored > pages.len().min(MAX_TOUCH_PAGES_STORED)
+            || stored > order_len.min(MAX_TOUCH_PAGES_STORED)
             || (stored > 0 && !BLOB_CHUNK_LEN.is_multiple_of(ps))
         {
             return Err(TouchOrderError::Contents {
                 bytes: contents.len(),
-                pages: pages.len(),
+                pages: order_len,
             });
         }
         let before = m.distinct_chunks();
@@ -1447,7 +1479,9 @@ impl Store {
                 .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
             m.blobs.insert(TOUCH_PAGES_BLOB.to_string(), blob);
         }
-        m.touch_order = manifest::build_ranges(pages);
+        if let Some(pages) = pages {
+            m.touch_order = manifest::build_ranges(pages);
+        }
         m.validate().map_err(TouchOrderError::Invalid)?;
         let encoded = manifest::encode(&m).map_err(TouchOrderError::Encode)?;
         let mut added: Vec<Hash> = m.distinct_chunks().difference(&before).copied().collect();
@@ -1472,12 +1506,20 @@ impl Store {
             .write_opt(batch, &sync_opts())
             .map_err(TouchOrderError::Index)?;
         lock(&self.views).remove(id);
-        tracing::info!(
-            snapshot = id,
-            pages = pages.len(),
-            stored,
-            "first-touch order recorded"
-        );
+        match pages {
+            Some(_) => tracing::info!(
+                snapshot = id,
+                pages = order_len,
+                stored,
+                "first-touch order recorded"
+            ),
+            None => tracing::info!(
+                snapshot = id,
+                pages = order_len,
+                stored,
+                "first-touch pages stored"
+            ),
+        }
         Ok(true)
     }
 
