@@ -1,6 +1,7 @@
 //! Shared pieces of the benchmark binaries in `src/bin/`.
 
 pub mod qemu;
+pub mod tally;
 
 /// True inside the lab (nested KVM under QEMU TCG), where times are ~10-50x real hardware
 /// and only ratios measured in the same run mean anything. The lab's init sets the variable.

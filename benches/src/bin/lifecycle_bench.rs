@@ -5,9 +5,10 @@
 //!    started) is persisted; it is restored from the hot image, and again after a snapshotd
 //!    restart (lazily from the store through userfaultfd; the restarted daemon first serves an
 //!    untimed lazy restore of another snapshot, so its code is warm). That lazy restore
-//!    records the pages it touched first as the snapshot's first-touch order; after another
-//!    restart a third restore prefetches them in that order. Targets: ≤ 0.08× from the hot
-//!    image, ≤ 0.2× from the store.
+//!    records the pages it touched first as the snapshot's first-touch order, with their
+//!    contents; after another restart a third restore prefetches them in that order, and
+//!    after one more a fourth does so into a pre-started VMM (as fissiled restores).
+//!    Targets: ≤ 0.08× from the hot image, ≤ 0.2× from the store.
 //! 2. **fork(n)**, n = 1, 4, 16, until every child answered, against the baseline "full
 //!    snapshot + n eager full restores": copying all guest memory to a file, then per child
 //!    reading it back into fresh memory plus a restore process reaching its agent. Target:
@@ -27,9 +28,11 @@
 //!    go back to the image). Target < 1 MiB of guest memory per child. Then again after
 //!    each child ran one exec on its forked state, and after another trim.
 //!
-//! Usage: `lifecycle_bench [restore | fork4 | merge | rounds]` (needs KVM; elsewhere
-//! `fissile-lab run -- lifecycle_bench`); `restore` runs part 1 only, `fork4` fork(4) and part
-//! 4 only, `merge` part 3 only. `rounds` (not in the whole run) merges a 1 MiB winner into one
+//! Usage: `lifecycle_bench [restore | fork4 | merge | rounds] [--runs N]` (needs KVM;
+//! elsewhere `fissile-lab run -- lifecycle_bench`); `restore` runs part 1 only, `fork4`
+//! fork(4) and part 4 only, `merge` part 3 only. `--runs N` runs it N times over, each with
+//! a store of its own, then prints every row's min / median / max over the runs, its target
+//! judged on the median. `rounds` (not in the whole run) merges a 1 MiB winner into one
 //! parent 20 times over, each time with the store idle: each round lays two layers, so it
 //! passes the depth at which snapshotd flattens a layer (16 below it).
 
@@ -40,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fissile_benches::tally::Tally;
 use fissile_benches::{
     cpu_ms, eval, grown, kvm_counter, page_faults, smaps, smaps_top, thread_cpu_ms, thread_switches,
 };
@@ -83,7 +87,12 @@ impl Env {
     }
 }
 
-fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Result<()> {
+fn restore_vs_boot(
+    env: &mut Env,
+    sd_root: &Path,
+    sd_sock: &Path,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
     let sd = Snapshotd::start(sd_root, sd_sock)?;
     let pf_before = kvm_counter("pf_fixed");
     let t = Instant::now();
@@ -101,12 +110,16 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
     let spare = Sandbox::restore(&env.cfg(&sd), &id)?.snapshot(true)?.id;
     let (two_trips, one_trip) = wake_trips(env, &sd, &id)?;
 
-    // Twice lazily from the store, each after a restart: the first records the snapshot's
-    // first-touch order, the second prefetches it.
+    // Three times lazily from the store, each after a restart: the first records the
+    // snapshot's first-touch order (and stores its pages' contents), the second prefetches
+    // it, and so does the third, into a pre-started VMM (as fissiled restores).
     sd.kill();
-    let (lazy_first, lazy_steps, lazy_stats) = lazy_restore(env, sd_root, sd_sock, &id, &spare)?;
+    let (lazy_first, lazy_steps, lazy_stats) =
+        lazy_restore(env, sd_root, sd_sock, &id, &spare, false)?;
     let (prefetched_first, prefetched_steps, prefetched_stats) =
-        lazy_restore(env, sd_root, sd_sock, &id, &spare)?;
+        lazy_restore(env, sd_root, sd_sock, &id, &spare, false)?;
+    let (pre_lazy_first, pre_lazy_steps, pre_lazy_stats) =
+        lazy_restore(env, sd_root, sd_sock, &id, &spare, true)?;
     println!("1. restore -> first exec vs cold boot -> first exec ({MEM_MIB} MiB)");
     println!(
         "   {:<30} {:>9.1} ms{boot_mapped}",
@@ -114,13 +127,36 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
         ms(boot_first)
     );
     // Targets from the speed issue's table.
-    for (what, d, target) in [
-        ("restore, hot image", hot_first, 0.08),
-        ("same, into a pre-started VMM", standby_first, 0.08),
-        ("restore, from store (uffd)", lazy_first, 0.2),
-        ("same, first touches prefetched", prefetched_first, 0.2),
+    // (as printed, its row in the summary, time, target)
+    for (what, row, d, target) in [
+        ("restore, hot image", "restore, hot image", hot_first, 0.08),
+        (
+            "same, into a pre-started VMM",
+            "restore, hot image, pre-started VMM",
+            standby_first,
+            0.08,
+        ),
+        (
+            "restore, from store (uffd)",
+            "restore, from store",
+            lazy_first,
+            0.2,
+        ),
+        (
+            "same, first touches prefetched",
+            "restore, from store, prefetched",
+            prefetched_first,
+            0.2,
+        ),
+        (
+            "same, into a pre-started VMM",
+            "restore, prefetched, pre-started VMM",
+            pre_lazy_first,
+            0.2,
+        ),
     ] {
         let r = d.as_secs_f64() / boot_first.as_secs_f64();
+        tally.ratio(row, r, Some(target));
         println!(
             "   {what:<30} {:>9.1} ms  ratio {r:.3}x (target <= {target:.2}x: {})",
             ms(d),
@@ -133,8 +169,9 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
         ("pre-started", standby_steps),
         ("from store", lazy_steps),
         ("prefetched", prefetched_steps),
+        ("prefetched, pre-started", pre_lazy_steps),
     ] {
-        println!("     {what:<11} {steps}");
+        println!("     {what:<23} {steps}");
     }
     println!(
         "   wake-up on a restored guest, median of {WAKE_ROUNDS}: connect, then AfterRestore + Info {:.2} ms; all in one write {:.2} ms (ratio {:.2}x)",
@@ -142,7 +179,11 @@ fn restore_vs_boot(env: &mut Env, sd_root: &Path, sd_sock: &Path) -> anyhow::Res
         ms(one_trip),
         one_trip.as_secs_f64() / two_trips.as_secs_f64()
     );
-    for (what, (faults, pages)) in [("from store", lazy_stats), ("prefetched", prefetched_stats)] {
+    for (what, (faults, pages)) in [
+        ("from store", lazy_stats),
+        ("prefetched", prefetched_stats),
+        ("prefetched, pre-started", pre_lazy_stats),
+    ] {
         println!(
             "   {what}: {faults} faults served through userfaultfd, {pages} pages brought into the image (store reads and zero fills)"
         );
@@ -204,13 +245,14 @@ fn lazy_restore(
     sd_sock: &Path,
     id: &str,
     spare: &str,
+    standby: bool,
 ) -> anyhow::Result<(Duration, String, (u64, u64))> {
     let sd = Snapshotd::start(sd_root, sd_sock)?;
     restore_first_exec(env, &sd, spare)?;
     // A fault session ends (and stores the order it recorded) after its VMM exits.
     std::thread::sleep(Duration::from_secs(2));
     let before = Client::connect(sd.socket())?.stats()?;
-    let (first, steps) = restore_first_exec(env, &sd, id)?;
+    let (first, steps) = restore_first_exec_in(env, &sd, id, standby)?;
     std::thread::sleep(Duration::from_secs(2));
     let after = Client::connect(sd.socket())?.stats()?;
     sd.kill();
@@ -423,7 +465,7 @@ fn trim_each(children: &[Sandbox]) -> anyhow::Result<(Vec<String>, Vec<String>, 
 /// How long fork children sit idle while their VMMs' CPU time is measured.
 const IDLE: Duration = Duration::from_secs(5);
 
-fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
+fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32], tally: &mut Tally) -> anyhow::Result<()> {
     println!("2. fork(n) until every child answered vs full snapshot + n eager full restores");
     let mut parent = Sandbox::boot(&env.cfg(sd))?;
     eval(&mut parent, "import numpy, pandas\nx = 41\n1")?;
@@ -464,6 +506,19 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
                 } else {
                     "MISSED"
                 }
+            );
+            let most = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64;
+            tally.record(
+                "fork(4): guest RAM copied, the most of a child",
+                "kB",
+                most(&anon),
+                Some(1023.0),
+            );
+            tally.record(
+                "fork(4): whole VMM Private_Dirty, the most of a child",
+                "kB",
+                most(&whole),
+                Some(4096.0),
             );
             // The same children after a trim: each VMM drops its copies whose bytes ended as
             // they were in the image (a lock taken and released, a count raised and lowered).
@@ -549,6 +604,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
         drop(pooled);
         let base = full_snapshot_baseline(env, sd, &warm, n)?;
         let r = ours / ms(base);
+        let target = match n {
+            4 => Some(0.2),
+            16 => Some(0.3),
+            _ => None,
+        };
+        tally.ratio(&format!("fork({n}), new processes"), r, target);
         println!(
             "   fork({n:>2}): {ours:>9.1} ms (VMM {:.1} ms, paused {:.1} ms, {} dirty pages, \
              {faults} faults served through userfaultfd) baseline {:>9.1} ms  ratio {r:.3}x{}",
@@ -566,6 +627,7 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
             }
         );
         let rp = pt.all_answered_ms / ms(base);
+        tally.ratio(&format!("fork({n}), pre-started VMMs"), rp, target);
         println!(
             "   fork({n:>2}) into {n} pre-started VMMs: {:>9.1} ms (VMM {:.1} ms, requests sent              {:.1} ms, {pool_faults} faults served through userfaultfd) ratio {rp:.3}x, {:.2}x the fork without them{}",
             pt.all_answered_ms,
@@ -585,7 +647,7 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
+fn merge_bench(env: &mut Env, sd: &Snapshotd, tally: &mut Tally) -> anyhow::Result<()> {
     println!(
         "3. merge_into against the winner's dirty set, once right after the winner's snapshot \
          (snapshotd still ingesting it and the fork's in the background) and once with the \
@@ -607,6 +669,11 @@ fn merge_bench(env: &mut Env, sd: &Snapshotd) -> anyhow::Result<()> {
             "store ingesting"
         };
         println!("     {mib:>2} MiB, {store:<15}: {ratio:.1}x");
+        tally.ratio(
+            &format!("merge {mib} MiB, {store}: answered / op"),
+            ratio,
+            Some(1.2),
+        );
     }
     let _ = parent.control()?.call(&ControlRequest::Status)?;
     Ok(())
@@ -787,27 +854,53 @@ fn main() -> anyhow::Result<()> {
             "native KVM"
         }
     );
-    let sd_root = tmp.path().join("store");
-    let sd_sock = tmp.path().join("sd.sock");
-    let part = std::env::args().nth(1);
-    if part.as_deref() == Some("merge") {
-        let sd = Snapshotd::start(&sd_root, &sd_sock)?;
-        return merge_bench(&mut env, &sd);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs: usize = match args.iter().position(|a| a == "--runs") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .context("--runs needs a number of runs, at least 1")?,
+        None => 1,
+    };
+    let part = args.first().filter(|a| !a.starts_with("--")).cloned();
+    let mut tally = Tally::default();
+    for run in 0..runs {
+        if runs > 1 {
+            println!("== run {} of {runs}", run + 1);
+        }
+        // A store of its own per run, so each records its own first-touch orders.
+        let dir = tmp.path().join(format!("run{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let (sd_root, sd_sock) = (dir.join("store"), dir.join("sd.sock"));
+        match part.as_deref() {
+            Some("merge") => {
+                let sd = Snapshotd::start(&sd_root, &sd_sock)?;
+                merge_bench(&mut env, &sd, &mut tally)?;
+            }
+            Some("rounds") => {
+                let sd = Snapshotd::start(&sd_root, &sd_sock)?;
+                rounds_bench(&mut env, &sd)?;
+            }
+            Some("fork4") => {
+                let sd = Snapshotd::start(&sd_root, &sd_sock)?;
+                fork_bench(&mut env, &sd, &[4], &mut tally)?;
+            }
+            Some("restore") => restore_vs_boot(&mut env, &sd_root, &sd_sock, &mut tally)?,
+            None => {
+                restore_vs_boot(&mut env, &sd_root, &sd_sock, &mut tally)?;
+                let sd = Snapshotd::start(&sd_root, &sd_sock)?;
+                fork_bench(&mut env, &sd, &[1, 4, 16], &mut tally)?;
+                merge_bench(&mut env, &sd, &mut tally)?;
+            }
+            Some(other) => anyhow::bail!(
+                "unknown part {other:?}: restore, fork4, merge, rounds or none (all but rounds)"
+            ),
+        }
     }
-    if part.as_deref() == Some("rounds") {
-        let sd = Snapshotd::start(&sd_root, &sd_sock)?;
-        return rounds_bench(&mut env, &sd);
+    if runs > 1 {
+        println!("summary of {runs} runs: min / median / max (a target judged on the median)");
+        print!("{}", tally.summary());
     }
-    if part.as_deref() == Some("fork4") {
-        let sd = Snapshotd::start(&sd_root, &sd_sock)?;
-        return fork_bench(&mut env, &sd, &[4]);
-    }
-    restore_vs_boot(&mut env, &sd_root, &sd_sock)?;
-    if part.as_deref() == Some("restore") {
-        return Ok(());
-    }
-    let sd = Snapshotd::start(&sd_root, &sd_sock)?;
-    fork_bench(&mut env, &sd, &[1, 4, 16])?;
-    merge_bench(&mut env, &sd)?;
     Ok(())
 }
