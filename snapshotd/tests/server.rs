@@ -257,7 +257,8 @@ fn a_restore_records_its_first_touches_and_the_next_restore_prefetches_them() {
 
 /// A restore whose first touches span more than one piece of stored contents: the next
 /// restore brings each piece in (every page of the order, none of them faulting), the
-/// pages read as the snapshot's, and the store's blob is not listed as the snapshot's.
+/// pages read as the snapshot's, and the store's blob is not listed as the snapshot's (nor
+/// can a client create a blob of that name).
 #[test]
 fn a_recorded_order_over_several_pieces_prefetches_every_page_from_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,8 +280,21 @@ fn a_recorded_order_over_several_pieces_prefetches_every_page_from_them() {
     d.kill();
     let d = Daemon::start(dir.path());
     let mut c = d.client();
-    let info = c.list().unwrap().into_iter().find(|i| i.id == id).unwrap();
+    let info = c.info(&id).unwrap();
     assert!(info.blobs.is_empty(), "{:?}", info.blobs);
+    // A client cannot name a blob as the store's own.
+    let f = memfd_with(&mem);
+    let err = c
+        .create_snapshot(
+            &f,
+            &CreateOptions {
+                memory_size: mem.len() as u64,
+                blobs: vec![("snapshotd/first-touch-pages".into(), vec![1; 8])],
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("store's own"), "{err}");
     let reads_before = read_syscalls(d.child.id());
     let lazy = LazyMemory::restore(c, &id, None).unwrap();
     wait_prefetched(&lazy, touched.len() as u64);

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use fissile_snapshotd::store::pack::PACK_HEADER_LEN;
 use fissile_snapshotd::store::{
     CompactPolicy, CreateRequest, INDEX_CACHE_BYTES, INDEX_MEMTABLE_BYTES, ReadError, Store,
-    TOUCH_PAGES_BLOB, TouchOrderError,
+    TOUCH_PAGES_BLOB, TouchOrderError, touch_pages_storable,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -203,12 +203,49 @@ fn a_touch_order_recorded_with_its_pages_keeps_them_in_pieces_counted_as_referen
     assert_eq!(child_view.touch_order().collect::<Vec<_>>(), order);
     assert!(child_view.touch_pages().is_none());
     assert_eq!(store.read_all(&child).unwrap(), child_mem);
-    // The store's blob name is its own.
+    // The store's blob names are its own.
+    for name in [TOUCH_PAGES_BLOB, "snapshotd/other"] {
+        let mut req = full(&mem);
+        req.blobs.insert(name.to_string(), vec![1; 8]);
+        let err = store.create(&req).unwrap_err();
+        assert!(err.to_string().contains("invalid"), "{err}");
+    }
+    // Contents for an order given at create (none stored with it yet): stored once, and
+    // only where there is an order.
+    let plain = store.create(&full(&mem)).unwrap().id;
+    assert!(!store.record_touch_pages(&plain, &contents).unwrap());
     let mut req = full(&mem);
-    req.blobs.insert(TOUCH_PAGES_BLOB.to_string(), vec![1; 8]);
-    let err = store.create(&req).unwrap_err();
-    assert!(err.to_string().contains("invalid"), "{err}");
+    req.touch_order = order[..20].to_vec();
+    let given = store.create(&req).unwrap().id;
     drop(req);
+    assert!(store.view(&given).unwrap().touch_pages().is_none());
+    let err = store
+        .record_touch_pages(&given, &contents[..21 * ps])
+        .unwrap_err();
+    assert!(matches!(err, TouchOrderError::Contents { .. }), "{err}");
+    assert!(
+        store
+            .record_touch_pages(&given, &contents[..20 * ps])
+            .unwrap()
+    );
+    assert!(
+        !store
+            .record_touch_pages(&given, &contents[..20 * ps])
+            .unwrap()
+    );
+    let view = store.view(&given).unwrap();
+    let stored = view.touch_pages().expect("stored");
+    store.read_touch_pages(&view, &stored, 0, &mut buf).unwrap();
+    assert!(
+        buf == contents[..20 * ps],
+        "the pieces differ from the contents given"
+    );
+    assert!(store.check().unwrap().is_ok());
+    // Pages that do not divide a piece have none stored; 4 KiB pages up to 64 MiB of them.
+    assert_eq!(touch_pages_storable(2 << 20), 0);
+    assert_eq!(touch_pages_storable(4096), 16_384);
+    store.delete(&given).unwrap();
+    store.delete(&plain).unwrap();
     // Deleting releases the pieces with the pages: nothing is left after gc.
     store.delete(&child).unwrap();
     store.delete(&id).unwrap();

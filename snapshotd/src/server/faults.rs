@@ -21,13 +21,13 @@
 //! the snapshot's order when the window closes or the session ends. Pages that other
 //! sessions on the image bring in meanwhile do not fault in its client and are missing from
 //! the order: they are faulted in as before. The order is stored with the contents of its
-//! first pages (at most [`crate::store::MAX_TOUCH_PAGES_STORED`]), in 1 MiB pieces. The
+//! first pages (at most [`crate::store::MAX_TOUCH_BYTES_STORED`]), in 1 MiB pieces. The
 //! next session on a fresh image of that snapshot (after an eviction or a restart)
 //! prefetches them in that order from its start, ahead of the vCPUs that would otherwise
 //! fault them in one round trip each: a piece at a time (one index lookup, read, zstd frame
 //! and hash for 256 pages), then any further pages of the order one by one. An order given
 //! at a snapshot's creation (or inherited) has no contents: the first session that
-//! prefetches it page by page stores them once its prefetch ends.
+//! prefetches it page by page to its end stores them then.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
@@ -299,7 +299,8 @@ impl Session {
         drop(guard);
         drop(pulse);
         // The client has its answer; now what may wait (prefetch threads stop within one
-        // page; storing an order may wait for the store's writer lock).
+        // piece or page, unless one is storing the order's contents; storing an order may
+        // wait for the store's writer lock).
         for p in prefetchers {
             if p.join().is_err() {
                 tracing::error!("a prefetch thread panicked");
@@ -516,10 +517,14 @@ impl Session {
                 + (order.len() - next.load(Ordering::Relaxed)).div_ceil(PREFETCH_BATCH);
             let extra = (1..MAX_PREFETCH_THREADS.min(wanted)).map_while(|_| PREFETCH_EXTRA.take());
             let slots: Vec<_> = std::iter::once(None).chain(extra.map(Some)).collect();
-            let running = Arc::new(AtomicUsize::new(slots.len()));
-            // Set by a thread that stopped before the order's end (session over, a failure).
-            let cut_short = Arc::new(AtomicBool::new(false));
-            let started = Instant::now();
+            let end = Arc::new(PrefetchEnd {
+                image: r.image.clone(),
+                order: order.len(),
+                stored: stored.as_ref().map_or(0, |s| s.pages()),
+                started: Instant::now(),
+                running: AtomicUsize::new(slots.len()),
+                cut_short: AtomicBool::new(false),
+            });
             for slot in slots {
                 let (image, order) = (r.image.clone(), order.clone());
                 let cursors = Cursors {
@@ -528,38 +533,21 @@ impl Session {
                     next: next.clone(),
                 };
                 let (stop, stats, failed) = (self.stop.clone(), self.stats.clone(), failed.clone());
-                let (running, cut_short) = (running.clone(), cut_short.clone());
+                let thread_end = end.clone();
                 let spawned = std::thread::Builder::new()
                     .name("snapshotd-prefetch".into())
                     .spawn(move || {
-                        let _slot = slot;
-                        if !prefetch(&image, &order, &cursors, &stop, &failed, &stats) {
-                            cut_short.store(true, Ordering::Release);
-                        }
-                        if running.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            tracing::info!(
-                                snapshot = image.id(),
-                                order = order.len(),
-                                stored = cursors.stored.as_ref().map_or(0, |s| s.pages()),
-                                ms = started.elapsed().as_millis() as u64,
-                                "prefetch ended"
-                            );
-                            // The whole order is in the image now: if the snapshot has no
-                            // contents stored with it, store them for the next restore.
-                            if !cut_short.load(Ordering::Acquire)
-                                && image.claim_touch_pages()
-                                && let Err(e) = image.store_touch_pages()
-                            {
-                                tracing::warn!(
-                                    snapshot = image.id(), error = %crate::error_chain(&e),
-                                    "could not store the first-touch pages"
-                                );
-                            }
-                        }
+                        let done = prefetch(&image, &order, &cursors, &stop, &failed, &stats);
+                        drop(slot);
+                        thread_end.thread_ended(done);
                     });
                 match spawned {
                     Ok(t) => threads.push(t),
-                    Err(e) => tracing::warn!(error = %e, "could not start prefetch"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not start prefetch");
+                        // The other threads take its share of the order.
+                        end.thread_ended(true);
+                    }
                 }
             }
         }
@@ -584,6 +572,52 @@ static PREFETCH_EXTRA: Share = Share::new(0);
 pub fn prefetch_for_host() {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     PREFETCH_EXTRA.set_max(cpus - 1);
+}
+
+/// What the last of an image's prefetch threads does as it ends.
+struct PrefetchEnd {
+    image: Arc<Image>,
+    /// Pages in the order.
+    order: usize,
+    /// Of them, pages whose contents are stored with it.
+    stored: usize,
+    started: Instant,
+    /// Threads that have not ended yet.
+    running: AtomicUsize,
+    /// Set by a thread that stopped before the order's end (session over, a failure).
+    cut_short: AtomicBool,
+}
+
+impl PrefetchEnd {
+    /// One thread ended (`done`: it found the order's end). The last one logs the
+    /// prefetch's time and, when every thread got to the end, so the whole order is in the
+    /// image, stores its pages' contents with it if the snapshot has none (at a background
+    /// priority: the next restore is what they are for).
+    fn thread_ended(&self, done: bool) {
+        if !done {
+            self.cut_short.store(true, Ordering::Release);
+        }
+        if self.running.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        tracing::info!(
+            snapshot = self.image.id(),
+            order = self.order,
+            stored = self.stored,
+            ms = self.started.elapsed().as_millis() as u64,
+            "prefetch ended"
+        );
+        if self.cut_short.load(Ordering::Acquire) || !self.image.claim_touch_pages() {
+            return;
+        }
+        super::run_in_background("snapshotd-prefetch");
+        if let Err(e) = self.image.store_touch_pages() {
+            tracing::warn!(
+                snapshot = self.image.id(), error = %crate::error_chain(&e),
+                "could not store the first-touch pages"
+            );
+        }
+    }
 }
 
 /// Where an image's prefetch threads are in its order.

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use fissile_proto::snapshotd::page_runs;
 
 use crate::store::{
-    MAX_TOUCH_PAGES_STORED, ReadError, SnapshotView, Store, TouchOrderError, TouchPages, ViewError,
+    ReadError, SnapshotView, Store, TouchOrderError, TouchPages, ViewError, touch_pages_storable,
 };
 use crate::sys;
 
@@ -771,7 +771,7 @@ impl Image {
     /// Stores `pages` as the snapshot's first-touch order, unless it has one (see
     /// [`Store::record_touch_order`]); false for an image not read from the store.
     ///
-    /// The contents of its first pages (at most [`MAX_TOUCH_PAGES_STORED`]) are stored with
+    /// The contents of its first pages (at most [`touch_pages_storable`]) are stored with
     /// it, read from this image: pages not in the memfd are brought in first, and a page
     /// that cannot be ends the contents there (the rest is prefetched page by page).
     pub fn record_touch_order(&self, pages: &[u64]) -> Result<bool, TouchOrderError> {
@@ -796,7 +796,7 @@ impl Image {
     }
 
     /// Stores the contents of the snapshot's first-touch pages (at most
-    /// [`MAX_TOUCH_PAGES_STORED`]), read from this image, with its order (see
+    /// [`touch_pages_storable`]), read from this image, with its order (see
     /// [`Store::record_touch_pages`]), so the next restore prefetches them in pieces. Call
     /// it once its session prefetched the order: then every page is in the memfd already.
     pub fn store_touch_pages(&self) -> Result<bool, TouchOrderError> {
@@ -807,12 +807,16 @@ impl Image {
         store.record_touch_pages(&self.id, &self.contents_of(&order))
     }
 
-    /// The contents of the first of `pages` (at most [`MAX_TOUCH_PAGES_STORED`]), one after
-    /// another, read from this image: pages not in the memfd are brought in first, and a
-    /// page that cannot be ends the contents there.
+    /// The contents of the first of `pages` (at most [`touch_pages_storable`]), one after
+    /// another, read from this image: pages not in the memfd are brought in first. Each page
+    /// read is checked against its hash in the snapshot's page map; a page that cannot be
+    /// brought in, or reads otherwise, ends the contents there.
     fn contents_of(&self, pages: &[u64]) -> Vec<u8> {
+        let Source::Store { view, .. } = &self.source else {
+            return Vec::new();
+        };
         let ps = self.page_size as usize;
-        let take = pages.len().min(MAX_TOUCH_PAGES_STORED);
+        let take = pages.len().min(touch_pages_storable(self.page_size));
         let mut contents = Vec::with_capacity(take * ps);
         let mut buf = Vec::new();
         for &page in &pages[..take] {
@@ -829,6 +833,20 @@ impl Image {
                 tracing::warn!(
                     snapshot = self.id, page, error = %crate::error_chain(&e),
                     "storing the first-touch pages' contents up to this page only"
+                );
+                break;
+            }
+            let fits = match view.page(page) {
+                Some(Some(hash)) => blake3::hash(&buf).as_bytes() == hash,
+                Some(None) => buf.iter().all(|&b| b == 0),
+                None => false,
+            };
+            if !fits {
+                tracing::error!(
+                    snapshot = self.id,
+                    page,
+                    "a page in the image differs from the snapshot's; storing the first-touch \
+                     pages' contents up to this page only"
                 );
                 break;
             }

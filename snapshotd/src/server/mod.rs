@@ -1006,6 +1006,11 @@ impl Server {
                 if name.len() > MAX_NAME_LEN || data.len() > MAX_BLOB_PIECE {
                     return Err(bad("blob name or piece too long"));
                 }
+                if name.starts_with(crate::store::STORE_BLOB_PREFIX) {
+                    return Err(bad(
+                        "blob names starting \"snapshotd/\" are the store's own",
+                    ));
+                }
                 if p.blob_bytes + data.len() as u64 > MAX_BLOBS_TOTAL
                     || (!p.blobs.contains_key(&name) && p.blobs.len() >= MAX_LABELS)
                 {

@@ -65,11 +65,24 @@ pub const INDEX_CACHE_BYTES: usize = 64 << 20;
 /// 64 MiB memtables (some 650 MiB for our four).
 pub const INDEX_MEMTABLE_BYTES: usize = 64 << 20;
 /// The blob holding the contents of a snapshot's first pages in first-touch order
-/// ([`Store::record_touch_order`]); clients cannot name a blob so (it has a `/`).
+/// ([`Store::record_touch_order`]). Blob names starting `snapshotd/` are the store's own: a
+/// create naming one is refused.
 pub const TOUCH_PAGES_BLOB: &str = "snapshotd/first-touch-pages";
-/// The most pages of a first-touch order whose contents are stored with it (64 MiB of 4 KiB
-/// pages); a restore prefetches any further pages one by one.
-pub const MAX_TOUCH_PAGES_STORED: usize = 16_384;
+/// Prefix of the blob names the store keeps for itself.
+pub const STORE_BLOB_PREFIX: &str = "snapshotd/";
+/// The most bytes of first-touch pages stored with an order (16,384 pages of 4 KiB); a
+/// restore prefetches any further pages one by one.
+pub const MAX_TOUCH_BYTES_STORED: usize = 64 << 20;
+
+/// How many pages of `page_size` bytes of an order's first pages can have their contents
+/// stored with it: none where a page does not divide the pieces ([`BLOB_CHUNK_LEN`]).
+pub fn touch_pages_storable(page_size: u32) -> usize {
+    let ps = page_size as usize;
+    if ps == 0 || !BLOB_CHUNK_LEN.is_multiple_of(ps) {
+        return 0;
+    }
+    MAX_TOUCH_BYTES_STORED / ps
+}
 const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
 const CF_CHILDREN: &str = "children";
@@ -312,7 +325,7 @@ pub enum TouchOrderError {
     #[error("a stored chunk has no index entry")]
     CorruptEntry,
     /// Index write failed.
-    #[error("writing the manifest")]
+    #[error("reading or writing the index")]
     Index(#[source] rocksdb::Error),
 }
 
@@ -534,8 +547,7 @@ impl SnapshotView {
         let pages = len / ps;
         if len == 0
             || !len.is_multiple_of(ps)
-            || !BLOB_CHUNK_LEN.is_multiple_of(ps)
-            || pages > MAX_TOUCH_PAGES_STORED
+            || pages > touch_pages_storable(self.page_size())
             || pages as u64 > order
         {
             return None;
@@ -1266,9 +1278,9 @@ impl Store {
             ing.load_existing(&inherited)?;
         }
         let mut blobs = BTreeMap::new();
-        if req.blobs.contains_key(TOUCH_PAGES_BLOB) {
+        if let Some(name) = req.blobs.keys().find(|n| n.starts_with(STORE_BLOB_PREFIX)) {
             return Err(CreateError::Invalid(format!(
-                "the blob name {TOUCH_PAGES_BLOB} is the store's own"
+                "the blob name {name:?} is the store's own (names starting {STORE_BLOB_PREFIX:?} are)"
             )));
         }
         for (name, data) in &req.blobs {
@@ -1384,7 +1396,7 @@ impl Store {
     /// or recorded by an earlier restore is kept. Returns whether it was recorded.
     ///
     /// `contents` holds the contents of the order's first pages, one page after another
-    /// (empty: none; at most [`MAX_TOUCH_PAGES_STORED`] pages). They are stored with the
+    /// (empty: none; at most [`touch_pages_storable`] pages). They are stored with the
     /// order as the blob [`TOUCH_PAGES_BLOB`], in [`BLOB_CHUNK_LEN`] chunks, so a restore
     /// reads them in a few large reads and zstd frames instead of one index lookup, read
     /// and frame per page ([`SnapshotView::touch_pages`]). They must be the snapshot's own
@@ -1414,9 +1426,19 @@ impl Store {
         pages: Option<&[u64]>,
         contents: &[u8],
     ) -> Result<bool, TouchOrderError> {
+        // Hashed and compressed before the writer lock, which creates wait for.
+        let pieces = if contents.len() > INLINE_BLOB_MAX {
+            contents
+                .chunks(BLOB_CHUNK_LEN)
+                .map(|piece| encode_chunk(blake3::hash(piece).as_bytes(), piece))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?
+        } else {
+            Vec::new()
+        };
         let mut writer = lock(&self.writer);
         let start_len = writer.len();
-        let result = self.touch_write_locked(&mut writer, id, pages, contents);
+        let result = self.touch_write_locked(&mut writer, id, pages, contents, pieces);
         if result.is_err()
             && let Err(e) = writer.rollback(start_len)
         {
@@ -1431,6 +1453,7 @@ impl Store {
         id: &str,
         pages: Option<&[u64]>,
         contents: &[u8],
+        pieces: Vec<EncodedChunk>,
     ) -> Result<bool, TouchOrderError> {
         let mut m = self.load_manifest(id).map_err(TouchOrderError::View)?;
         let order_len = match pages {
@@ -1457,8 +1480,7 @@ impl Store {
         let ps = m.page_size as usize;
         let stored = contents.len() / ps;
         if !contents.len().is_multiple_of(ps)
-            || stored > order_len.min(MAX_TOUCH_PAGES_STORED)
-            || (stored > 0 && !BLOB_CHUNK_LEN.is_multiple_of(ps))
+            || stored > order_len.min(touch_pages_storable(m.page_size))
         {
             return Err(TouchOrderError::Contents {
                 bytes: contents.len(),
@@ -1474,9 +1496,27 @@ impl Store {
             bytes_written: 0,
         };
         if stored > 0 {
-            let blob = ing
-                .store_blob(contents)
-                .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
+            let blob = if pieces.is_empty() {
+                BlobRef::Inline(contents.to_vec())
+            } else {
+                let hashes: Vec<Hash> = pieces.iter().map(|p| p.hash).collect();
+                let (mut found, mut missing) = (Vec::new(), Vec::new());
+                for piece in pieces {
+                    match self
+                        .get_entry(&piece.hash)
+                        .map_err(TouchOrderError::Index)?
+                    {
+                        Some(e) => found.push((piece.hash, e)),
+                        None => missing.push(piece),
+                    }
+                }
+                ing.absorb(found, missing)
+                    .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
+                BlobRef::Chunks {
+                    len: contents.len() as u64,
+                    hashes,
+                }
+            };
             m.blobs.insert(TOUCH_PAGES_BLOB.to_string(), blob);
         }
         if let Some(pages) = pages {
