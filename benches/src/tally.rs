@@ -38,8 +38,9 @@ impl Tally {
         }
     }
 
-    /// The summary: per row its min / median / max and how many runs gave it, and whether
-    /// the median meets the row's target. Empty when nothing was recorded.
+    /// The summary: per row its min / median (the upper one of an even count, as
+    /// [`crate::median`]) / max and how many runs gave it, and whether the median meets the
+    /// row's target. Empty when nothing was recorded.
     pub fn summary(&self) -> String {
         let mut out = String::new();
         let width = self.rows.iter().map(|r| r.name.len()).max().unwrap_or(0);

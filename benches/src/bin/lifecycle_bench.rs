@@ -249,11 +249,13 @@ fn lazy_restore(
 ) -> anyhow::Result<(Duration, String, (u64, u64))> {
     let sd = Snapshotd::start(sd_root, sd_sock)?;
     restore_first_exec(env, &sd, spare)?;
-    // A fault session ends (and stores the order it recorded) after its VMM exits.
-    std::thread::sleep(Duration::from_secs(2));
+    // A fault session ends (and stores the order it recorded, or its pages' contents)
+    // after its VMM exits: in the lab that takes up to a second or so. (A restore that
+    // finds no order stored shows it: as many faults as pages brought in.)
+    std::thread::sleep(Duration::from_secs(5));
     let before = Client::connect(sd.socket())?.stats()?;
     let (first, steps) = restore_first_exec_in(env, &sd, id, standby)?;
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(5));
     let after = Client::connect(sd.socket())?.stats()?;
     sd.kill();
     let served = |a: &DaemonStats, b: &DaemonStats| {
@@ -500,8 +502,14 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32], tally: &mut Tally) -> a
                 "4. private memory per child right after fork(4) (each child has answered its \
                  agent handshake):\n   guest RAM copied (Anonymous) {anon:?} kB (target < 1024 kB: \
                  {}); guest RAM PSS {pss:?} kB; read-only page cache only it maps \
-                 (Private_Clean) {clean:?} kB; whole VMM process Private_Dirty {whole:?} kB",
+                 (Private_Clean) {clean:?} kB; whole VMM process Private_Dirty {whole:?} kB \
+                 (target <= 4096 kB: {})",
                 if anon.iter().all(|&k| k < 1024) {
+                    "met"
+                } else {
+                    "MISSED"
+                },
+                if whole.iter().all(|&k| k <= 4096) {
                     "met"
                 } else {
                     "MISSED"
@@ -617,13 +625,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32], tally: &mut Tally) -> a
             t.snapshot.paused_ms,
             t.snapshot.dirty_pages,
             ms(base),
-            if n == 4 {
-                format!(
-                    " (target <= 0.20x: {})",
-                    if r <= 0.2 { "met" } else { "MISSED" }
-                )
-            } else {
-                String::new()
+            match target {
+                Some(t) => format!(
+                    " (target <= {t:.2}x: {})",
+                    if r <= t { "met" } else { "MISSED" }
+                ),
+                None => String::new(),
             }
         );
         let rp = pt.all_answered_ms / ms(base);
@@ -634,13 +641,12 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32], tally: &mut Tally) -> a
             pt.vmm_ms,
             pt.spawn_ms,
             pt.all_answered_ms / ours,
-            if n == 4 {
-                format!(
-                    " (target <= 0.20x: {})",
-                    if rp <= 0.2 { "met" } else { "MISSED" }
-                )
-            } else {
-                String::new()
+            match target {
+                Some(t) => format!(
+                    " (target <= {t:.2}x: {})",
+                    if rp <= t { "met" } else { "MISSED" }
+                ),
+                None => String::new(),
             }
         );
     }
@@ -854,16 +860,24 @@ fn main() -> anyhow::Result<()> {
             "native KVM"
         }
     );
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs: usize = match args.iter().position(|a| a == "--runs") {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .context("--runs needs a number of runs, at least 1")?,
-        None => 1,
-    };
-    let part = args.first().filter(|a| !a.starts_with("--")).cloned();
+    let (mut part, mut runs) = (None::<String>, 1usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => {
+                runs = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .context("--runs needs a number of runs, at least 1")?;
+            }
+            "restore" | "fork4" | "merge" | "rounds" if part.is_none() => part = Some(a),
+            other => anyhow::bail!(
+                "unexpected argument {other:?}; usage: lifecycle_bench [restore | fork4 | merge \
+                 | rounds] [--runs N]"
+            ),
+        }
+    }
     let mut tally = Tally::default();
     for run in 0..runs {
         if runs > 1 {
@@ -886,17 +900,16 @@ fn main() -> anyhow::Result<()> {
                 let sd = Snapshotd::start(&sd_root, &sd_sock)?;
                 fork_bench(&mut env, &sd, &[4], &mut tally)?;
             }
-            Some("restore") => restore_vs_boot(&mut env, &sd_root, &sd_sock, &mut tally)?,
+            Some(_) => restore_vs_boot(&mut env, &sd_root, &sd_sock, &mut tally)?,
             None => {
                 restore_vs_boot(&mut env, &sd_root, &sd_sock, &mut tally)?;
                 let sd = Snapshotd::start(&sd_root, &sd_sock)?;
                 fork_bench(&mut env, &sd, &[1, 4, 16], &mut tally)?;
                 merge_bench(&mut env, &sd, &mut tally)?;
             }
-            Some(other) => anyhow::bail!(
-                "unknown part {other:?}: restore, fork4, merge, rounds or none (all but rounds)"
-            ),
         }
+        // Its daemon has ended: the next run starts from an empty disk.
+        let _ = std::fs::remove_dir_all(&dir);
     }
     if runs > 1 {
         println!("summary of {runs} runs: min / median / max (a target judged on the median)");
