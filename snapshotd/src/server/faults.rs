@@ -105,6 +105,11 @@ impl Share {
     }
 }
 
+/// Stores of first-touch pages' contents running at once, all sessions together: each holds
+/// up to [`crate::store::MAX_TOUCH_BYTES_STORED`] and their compressed pieces in memory
+/// while it runs.
+static CONTENTS_STORES: Share = Share::new(2);
+
 /// A place taken in a [`Share`].
 struct ShareSlot(&'static Share);
 
@@ -132,7 +137,9 @@ impl Recording {
             self.image.release_touch_recording();
             return;
         }
-        match self.image.record_touch_order(&self.pages) {
+        // Its pages' contents too, unless as many stores of them as allowed run already.
+        let slot = CONTENTS_STORES.take();
+        match self.image.record_touch_order(&self.pages, slot.is_some()) {
             Ok(recorded) => tracing::debug!(
                 snapshot = self.image.id(),
                 pages = self.pages.len(),
@@ -610,6 +617,11 @@ impl PrefetchEnd {
         if self.cut_short.load(Ordering::Acquire) || !self.image.claim_touch_pages() {
             return;
         }
+        let Some(_slot) = CONTENTS_STORES.take() else {
+            // Left to a later session.
+            self.image.release_touch_recording();
+            return;
+        };
         super::run_in_background("snapshotd-prefetch");
         if let Err(e) = self.image.store_touch_pages() {
             tracing::warn!(

@@ -763,7 +763,8 @@ impl Image {
         }
     }
 
-    /// Gives the claim back (the session recorded nothing), so a later session may record.
+    /// Gives the claim back (the session recorded nothing, or left the contents to a later
+    /// one), so a later session may record or store them.
     pub fn release_touch_recording(&self) {
         self.recording_claimed.store(false, Ordering::Release);
     }
@@ -771,14 +772,24 @@ impl Image {
     /// Stores `pages` as the snapshot's first-touch order, unless it has one (see
     /// [`Store::record_touch_order`]); false for an image not read from the store.
     ///
-    /// The contents of its first pages (at most [`touch_pages_storable`]) are stored with
-    /// it, read from this image: pages not in the memfd are brought in first, and a page
-    /// that cannot be ends the contents there (the rest is prefetched page by page).
-    pub fn record_touch_order(&self, pages: &[u64]) -> Result<bool, TouchOrderError> {
+    /// With `contents`, the contents of its first pages (at most [`touch_pages_storable`])
+    /// are stored with it, read from this image: pages not in the memfd are brought in
+    /// first, and a page that cannot be ends the contents there (the rest is prefetched page
+    /// by page). Without, a later session stores them ([`Image::store_touch_pages`]).
+    pub fn record_touch_order(
+        &self,
+        pages: &[u64],
+        contents: bool,
+    ) -> Result<bool, TouchOrderError> {
         let Source::Store { store, .. } = &self.source else {
             return Ok(false);
         };
-        store.record_touch_order(&self.id, pages, &self.contents_of(pages))
+        let contents = if contents {
+            self.contents_of(pages)
+        } else {
+            Vec::new()
+        };
+        store.record_touch_order(&self.id, pages, &contents)
     }
 
     /// Claims the storing of the contents of this snapshot's first-touch pages for one fault
