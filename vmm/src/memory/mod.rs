@@ -23,6 +23,7 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
+use fissile_proto::snapshotd::page_runs;
 use fissile_snapshotd_client::client::FaultSession;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -586,26 +587,23 @@ impl GuestRam {
     /// Drops the private copies of `pages` (memory offsets / [`PAGE_SIZE`], in order), one
     /// `MADV_DONTNEED` per run of consecutive pages: each reads its file's page again.
     fn drop_pages(&self, pages: &[u64]) -> Result<(), MemoryError> {
+        let runs = page_runs(pages);
         for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
         {
             let (first, end) = (offset / PAGE_SIZE, (offset + len) / PAGE_SIZE);
-            let drop_run = |(p, n): (u64, u64)| {
-                mapping::drop_private(region, (p * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize)
-                    .map_err(MemoryError::Drop)
-            };
-            // Runs of consecutive pages (region-relative first page, count).
-            let mut run: Option<(u64, u64)> = None;
-            for &page in pages.iter().filter(|&&p| p >= first && p < end) {
-                let p = page - first;
-                run = match run {
-                    Some((q, n)) if q + n == p => Some((q, n + 1)),
-                    other => {
-                        other.map(drop_run).transpose()?;
-                        Some((p, 1))
-                    }
-                };
+            for &(p, n) in &runs {
+                // The part of the run inside this region.
+                let (from, to) = (p.max(first), (p + n).min(end));
+                if from >= to {
+                    continue;
+                }
+                mapping::drop_private(
+                    region,
+                    ((from - first) * PAGE_SIZE) as usize,
+                    ((to - from) * PAGE_SIZE) as usize,
+                )
+                .map_err(MemoryError::Drop)?;
             }
-            run.map(drop_run).transpose()?;
         }
         Ok(())
     }
