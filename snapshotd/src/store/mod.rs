@@ -1314,27 +1314,19 @@ impl Store {
         let (chunks_written, bytes_written) = (ing.chunks_written, ing.bytes_written);
         let known = std::mem::take(&mut ing.known);
         let committed = ing.writer.sync().map_err(CreateError::Pack)?;
-        let mut batch = WriteBatch::default();
-        let chunks = self.cf(CF_CHUNKS);
-        // In key order.
-        let mut referenced: Vec<Hash> = referenced.into_iter().collect();
-        referenced.sort_unstable();
-        for hash in &referenced {
-            let mut e = *known.get(hash).ok_or(CreateError::CorruptEntry)?;
-            e.refcount += 1;
-            batch.put_cf(chunks, hash, e.encode());
-        }
-        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded);
+        let referenced: Vec<Hash> = referenced.into_iter().collect();
+        let mut batch = self
+            .manifest_batch(
+                &known,
+                referenced,
+                &id,
+                &encoded,
+                (ing.writer.number, committed),
+            )
+            .ok_or(CreateError::CorruptEntry)?;
         if let Some(p) = &parent_id {
             batch.put_cf(self.cf(CF_CHILDREN), child_key(p, &id), b"");
         }
-        let meta = self.cf(CF_META);
-        batch.put_cf(
-            meta,
-            META_ACTIVE,
-            u64::from(ing.writer.number).to_le_bytes(),
-        );
-        batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(CreateError::Index)?;
@@ -1344,6 +1336,32 @@ impl Store {
             chunks_written,
             bytes_written,
         })
+    }
+
+    /// The index writes that commit manifest `encoded` of snapshot `id`: one reference more
+    /// for each chunk of `new_refs` (each in `known`, written in key order), the manifest,
+    /// and the active pack with its committed length (`pack`: number, length). `None` if a
+    /// chunk is not in `known`.
+    fn manifest_batch(
+        &self,
+        known: &HashMap<Hash, ChunkEntry>,
+        mut new_refs: Vec<Hash>,
+        id: &str,
+        encoded: &[u8],
+        (pack, committed): (u32, u64),
+    ) -> Option<WriteBatch> {
+        let mut batch = WriteBatch::default();
+        new_refs.sort_unstable();
+        for hash in &new_refs {
+            let mut e = *known.get(hash)?;
+            e.refcount += 1;
+            batch.put_cf(self.cf(CF_CHUNKS), hash, e.encode());
+        }
+        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), encoded);
+        let meta = self.cf(CF_META);
+        batch.put_cf(meta, META_ACTIVE, u64::from(pack).to_le_bytes());
+        batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
+        Some(batch)
     }
 
     /// Deletes snapshot `id` (refused while snapshots are layered on it).
@@ -1524,24 +1542,12 @@ impl Store {
         }
         m.validate().map_err(TouchOrderError::Invalid)?;
         let encoded = manifest::encode(&m).map_err(TouchOrderError::Encode)?;
-        let mut added: Vec<Hash> = m.distinct_chunks().difference(&before).copied().collect();
-        added.sort_unstable();
+        let added: Vec<Hash> = m.distinct_chunks().difference(&before).copied().collect();
         let known = std::mem::take(&mut ing.known);
         let committed = ing.writer.sync().map_err(TouchOrderError::Pack)?;
-        let mut batch = WriteBatch::default();
-        for hash in &added {
-            let mut e = *known.get(hash).ok_or(TouchOrderError::CorruptEntry)?;
-            e.refcount += 1;
-            batch.put_cf(self.cf(CF_CHUNKS), hash, e.encode());
-        }
-        batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), &encoded);
-        let meta = self.cf(CF_META);
-        batch.put_cf(
-            meta,
-            META_ACTIVE,
-            u64::from(ing.writer.number).to_le_bytes(),
-        );
-        batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
+        let batch = self
+            .manifest_batch(&known, added, id, &encoded, (ing.writer.number, committed))
+            .ok_or(TouchOrderError::CorruptEntry)?;
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(TouchOrderError::Index)?;
