@@ -1178,13 +1178,7 @@ impl Store {
         let flatten = parent
             .as_ref()
             .is_some_and(|p| p.manifest.depth + 1 > MAX_CHAIN_DEPTH);
-        let mut ing = Ingest {
-            store: self,
-            writer,
-            known: HashMap::new(),
-            chunks_written: 0,
-            bytes_written: 0,
-        };
+        let mut ing = Ingest::new(self, writer);
         // Per changed page: (index, content).
         let mut entries: Vec<(u64, Option<Hash>)> = Vec::new();
         let zero = vec![0u8; ps as usize];
@@ -1506,13 +1500,7 @@ impl Store {
             });
         }
         let before = m.distinct_chunks();
-        let mut ing = Ingest {
-            store: self,
-            writer,
-            known: HashMap::new(),
-            chunks_written: 0,
-            bytes_written: 0,
-        };
+        let mut ing = Ingest::new(self, writer);
         if stored > 0 {
             let blob = if pieces.is_empty() {
                 BlobRef::Inline(contents.to_vec())
@@ -2184,7 +2172,18 @@ struct Ingest<'a> {
     bytes_written: u64,
 }
 
-impl Ingest<'_> {
+impl<'a> Ingest<'a> {
+    /// An ingest appending to `writer`, nothing known or written yet.
+    fn new(store: &'a Store, writer: &'a mut PackWriter) -> Ingest<'a> {
+        Ingest {
+            store,
+            writer,
+            known: HashMap::new(),
+            chunks_written: 0,
+            bytes_written: 0,
+        }
+    }
+
     /// Takes one scanned batch: index entries the store has, and records of chunks it does
     /// not (appended unless an earlier batch appended the same chunk).
     fn absorb(
