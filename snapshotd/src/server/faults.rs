@@ -552,8 +552,10 @@ impl Session {
                     Ok(t) => threads.push(t),
                     Err(e) => {
                         tracing::warn!(error = %e, "could not start prefetch");
-                        // The other threads take its share of the order.
-                        end.thread_ended(true);
+                        // Counted as cut short: were it the image's only thread, nothing
+                        // would bring the order in, and the contents are not stored on
+                        // this (the session's) thread.
+                        end.thread_ended(false);
                     }
                 }
             }
