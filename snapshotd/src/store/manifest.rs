@@ -157,6 +157,11 @@ impl Manifest {
         self.memory_size / u64::from(self.page_size)
     }
 
+    /// Pages in the first-touch order.
+    pub fn touch_order_len(&self) -> u64 {
+        self.touch_order.iter().map(|(_, c)| *c).sum()
+    }
+
     /// Checks every field is coherent.
     pub fn validate(&self) -> Result<(), ManifestError> {
         check_shape(self.page_size, self.memory_size).map_err(ManifestError::Invalid)?;

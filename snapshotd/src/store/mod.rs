@@ -543,7 +543,7 @@ impl SnapshotView {
             BlobRef::Inline(data) => data.len(),
             BlobRef::Chunks { len, .. } => usize::try_from(*len).ok()?,
         };
-        let order: u64 = self.manifest.touch_order.iter().map(|(_, c)| *c).sum();
+        let order = self.manifest.touch_order_len();
         let pages = len / ps;
         if len == 0
             || !len.is_multiple_of(ps)
@@ -1439,15 +1439,7 @@ impl Store {
         contents: &[u8],
     ) -> Result<bool, TouchOrderError> {
         // Hashed and compressed before the writer lock, which creates wait for.
-        let pieces = if contents.len() > INLINE_BLOB_MAX {
-            contents
-                .chunks(BLOB_CHUNK_LEN)
-                .map(|piece| encode_chunk(blake3::hash(piece).as_bytes(), piece))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?
-        } else {
-            Vec::new()
-        };
+        let pieces = encode_blob(contents).map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
         let mut writer = lock(&self.writer);
         let start_len = writer.len();
         let result = self.touch_write_locked(&mut writer, id, pages, contents, pieces);
@@ -1486,7 +1478,7 @@ impl Store {
                 {
                     return Ok(false);
                 }
-                m.touch_order.iter().map(|(_, c)| *c as usize).sum()
+                usize::try_from(m.touch_order_len()).unwrap_or(usize::MAX)
             }
         };
         let ps = m.page_size as usize;
@@ -1502,27 +1494,9 @@ impl Store {
         let before = m.distinct_chunks();
         let mut ing = Ingest::new(self, writer);
         if stored > 0 {
-            let blob = if pieces.is_empty() {
-                BlobRef::Inline(contents.to_vec())
-            } else {
-                let hashes: Vec<Hash> = pieces.iter().map(|p| p.hash).collect();
-                let (mut found, mut missing) = (Vec::new(), Vec::new());
-                for piece in pieces {
-                    match self
-                        .get_entry(&piece.hash)
-                        .map_err(TouchOrderError::Index)?
-                    {
-                        Some(e) => found.push((piece.hash, e)),
-                        None => missing.push(piece),
-                    }
-                }
-                ing.absorb(found, missing)
-                    .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
-                BlobRef::Chunks {
-                    len: contents.len() as u64,
-                    hashes,
-                }
-            };
+            let blob = ing
+                .store_encoded_blob(contents, pieces)
+                .map_err(|e| TouchOrderError::Ingest(Box::new(e)))?;
             m.blobs.insert(TOUCH_PAGES_BLOB.to_string(), blob);
         }
         if let Some(pages) = pages {
@@ -2083,6 +2057,17 @@ struct EncodedChunk {
     raw_len: u32,
 }
 
+/// Blob `data`'s pieces of [`BLOB_CHUNK_LEN`], each hashed and encoded as a pack record;
+/// none for a blob small enough ([`INLINE_BLOB_MAX`]) to live in its manifest.
+fn encode_blob(data: &[u8]) -> Result<Vec<EncodedChunk>, CreateError> {
+    if data.len() <= INLINE_BLOB_MAX {
+        return Ok(Vec::new());
+    }
+    data.chunks(BLOB_CHUNK_LEN)
+        .map(|piece| encode_chunk(blake3::hash(piece).as_bytes(), piece))
+        .collect()
+}
+
 /// `raw` with address `h` as a pack record (compressed when that is smaller).
 fn encode_chunk(h: &Hash, raw: &[u8]) -> Result<EncodedChunk, CreateError> {
     let mut record = Vec::new();
@@ -2204,10 +2189,6 @@ impl<'a> Ingest<'a> {
         Ok(())
     }
 
-    fn append(&mut self, h: &Hash, raw: &[u8]) -> Result<ChunkEntry, CreateError> {
-        self.append_encoded(&encode_chunk(h, raw)?)
-    }
-
     /// Appends an encoded chunk to the pack being written (a new pack when it is full).
     fn append_encoded(&mut self, m: &EncodedChunk) -> Result<ChunkEntry, CreateError> {
         if self.writer.len() >= PACK_TARGET_LEN {
@@ -2241,20 +2222,32 @@ impl<'a> Ingest<'a> {
     }
 
     fn store_blob(&mut self, data: &[u8]) -> Result<BlobRef, CreateError> {
-        if data.len() <= INLINE_BLOB_MAX {
+        self.store_encoded_blob(data, encode_blob(data)?)
+    }
+
+    /// Stores blob `data`, whose pieces [`encode_blob`] gave: in the manifest when it has
+    /// none, else each piece appended unless the store has it already.
+    fn store_encoded_blob(
+        &mut self,
+        data: &[u8],
+        pieces: Vec<EncodedChunk>,
+    ) -> Result<BlobRef, CreateError> {
+        if pieces.is_empty() {
             return Ok(BlobRef::Inline(data.to_vec()));
         }
-        let mut hashes = Vec::new();
-        for piece in data.chunks(BLOB_CHUNK_LEN) {
-            let h = *blake3::hash(piece).as_bytes();
-            if !self.known.contains_key(&h) {
-                let e = match self.store.get_entry(&h).map_err(CreateError::Index)? {
+        let hashes = pieces.iter().map(|p| p.hash).collect();
+        for piece in pieces {
+            if !self.known.contains_key(&piece.hash) {
+                let e = match self
+                    .store
+                    .get_entry(&piece.hash)
+                    .map_err(CreateError::Index)?
+                {
                     Some(e) => e,
-                    None => self.append(&h, piece)?,
+                    None => self.append_encoded(&piece)?,
                 };
-                self.known.insert(h, e);
+                self.known.insert(piece.hash, e);
             }
-            hashes.push(h);
         }
         Ok(BlobRef::Chunks {
             len: data.len() as u64,
