@@ -311,24 +311,35 @@ impl GuestRam {
 
     /// Maps each of `layers`' runs privately over guest RAM, the deepest first.
     fn map_layers(&self, layers: &[Layer]) -> Result<(), MemoryError> {
+        for layer in layers {
+            self.for_each_part(&layer.runs, |region, offset, len, memory_offset| {
+                mapping::overlay(region, offset, len, &layer.pages, memory_offset)
+                    .map_err(MemoryError::Overlay)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with each part of `runs` (memory page, count) that lies in one region of
+    /// guest RAM: the region, the part's offset in it and length (bytes), and its offset in
+    /// guest memory.
+    fn for_each_part(
+        &self,
+        runs: &[(u64, u64)],
+        mut f: impl FnMut(&GuestRegionMmap<()>, usize, usize, u64) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
         for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
         {
             let (first, end) = (offset / PAGE_SIZE, (offset + len) / PAGE_SIZE);
-            for layer in layers {
-                for &(p, n) in &layer.runs {
-                    // The part of the run inside this region.
-                    let (from, to) = (p.max(first), (p + n).min(end));
-                    if from >= to {
-                        continue;
-                    }
-                    mapping::overlay(
+            for &(p, n) in runs {
+                let (from, to) = (p.max(first), (p + n).min(end));
+                if from < to {
+                    f(
                         region,
                         ((from - first) * PAGE_SIZE) as usize,
                         ((to - from) * PAGE_SIZE) as usize,
-                        &layer.pages,
                         from * PAGE_SIZE,
-                    )
-                    .map_err(MemoryError::Overlay)?;
+                    )?;
                 }
             }
         }
@@ -587,25 +598,9 @@ impl GuestRam {
     /// Drops the private copies of `pages` (memory offsets / [`PAGE_SIZE`], in order), one
     /// `MADV_DONTNEED` per run of consecutive pages: each reads its file's page again.
     fn drop_pages(&self, pages: &[u64]) -> Result<(), MemoryError> {
-        let runs = page_runs(pages);
-        for ((_, len, offset), region) in ram_regions(self.size).into_iter().zip(self.memory.iter())
-        {
-            let (first, end) = (offset / PAGE_SIZE, (offset + len) / PAGE_SIZE);
-            for &(p, n) in &runs {
-                // The part of the run inside this region.
-                let (from, to) = (p.max(first), (p + n).min(end));
-                if from >= to {
-                    continue;
-                }
-                mapping::drop_private(
-                    region,
-                    ((from - first) * PAGE_SIZE) as usize,
-                    ((to - from) * PAGE_SIZE) as usize,
-                )
-                .map_err(MemoryError::Drop)?;
-            }
-        }
-        Ok(())
+        self.for_each_part(&page_runs(pages), |region, offset, len, _| {
+            mapping::drop_private(region, offset, len).map_err(MemoryError::Drop)
+        })
     }
 
     /// Whether page `page` of guest RAM (memory offset / [`PAGE_SIZE`]) holds the bytes of
