@@ -42,6 +42,16 @@ fn lab_cmdline() -> String {
     cmdline
 }
 
+/// The lab's CPU count: 1, or `FISSILE_LAB_SMP` (for experiments only: with 2, QEMU's TCG
+/// emulation of SVM kills nested guests and, in runs over a minute, the lab kernel itself
+/// now and then: see ARCHITECTURE.md's lab section).
+fn lab_smp() -> String {
+    std::env::var("FISSILE_LAB_SMP")
+        .ok()
+        .filter(|v| matches!(v.as_str(), "1" | "2"))
+        .unwrap_or_else(|| "1".to_string())
+}
+
 /// Marker printed right before the command runs.
 const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
@@ -453,8 +463,9 @@ impl Lab {
         let payload = build_payload(&self.cfg, run_dir.path(), script, extra)?;
         let heartbeat = run_dir.path().join("heartbeat");
         let monitor = run_dir.path().join("monitor.sock");
+        let smp = lab_smp();
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "1"])
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", &smp])
             .args(["-m", &format!("{}M", self.cfg.mem_mib)])
             .args(["-machine", "q35", "-nodefaults", "-nographic", "-no-reboot"])
             .args(["-serial", "stdio", "-serial"])
