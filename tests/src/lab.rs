@@ -42,16 +42,6 @@ fn lab_cmdline() -> String {
     cmdline
 }
 
-/// The lab's CPU count: 1, or `FISSILE_LAB_SMP` (for experiments only: with 2, QEMU's TCG
-/// emulation of SVM kills nested guests and, in runs over a minute, the lab kernel itself
-/// now and then: see ARCHITECTURE.md's lab section).
-fn lab_smp() -> String {
-    std::env::var("FISSILE_LAB_SMP")
-        .ok()
-        .filter(|v| matches!(v.as_str(), "1" | "2"))
-        .unwrap_or_else(|| "1".to_string())
-}
-
 /// Marker printed right before the command runs.
 const BEGIN: &str = "@@FISSILE-LAB-BEGIN@@";
 /// Marker printed after the command, followed by its exit status.
@@ -134,6 +124,16 @@ pub enum LabError {
     /// A filesystem or process operation failed.
     #[error("{0}")]
     Io(String, #[source] io::Error),
+    /// An environment variable has a value the lab does not take.
+    #[error("{name}={value:?}: {expected}")]
+    Setting {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
+    },
     /// The lab did not finish in time.
     #[error("lab run timed out after {secs} s; console tail:\n{tail}")]
     Timeout {
@@ -250,6 +250,10 @@ pub struct LabConfig {
     pub bin_dir: PathBuf,
     /// Lab memory in MiB.
     pub mem_mib: u32,
+    /// Lab CPUs: 1, or 2 with `FISSILE_LAB_SMP=2`, for experiments only (with two, QEMU's
+    /// TCG emulation of SVM kills a nested guest now and then and, in runs over a minute, the
+    /// lab kernel itself: see ARCHITECTURE.md's lab section).
+    pub cpus: u8,
     /// Echo the lab console to stderr while it runs.
     pub verbose: bool,
     /// Print the command's own output to stdout as it arrives (the whole output is still
@@ -323,6 +327,7 @@ impl LabConfig {
     ///
     /// `FISSILE_GUEST_KERNEL` / `FISSILE_GUEST_ROOTFS` override the builds.
     pub fn from_env() -> Result<LabConfig, LabError> {
+        let cpus = lab_cpus(std::env::var_os("FISSILE_LAB_SMP").as_deref())?;
         let cache = cache_root();
         let bin_dir = bin_dir();
         let guest_kernel = match std::env::var_os("FISSILE_GUEST_KERNEL") {
@@ -359,10 +364,25 @@ impl LabConfig {
             guest_rootfs,
             bin_dir,
             mem_mib: 3072,
+            cpus,
             verbose: std::env::var_os("FISSILE_LAB_VERBOSE").is_some(),
             stream_output: false,
             forward: Vec::new(),
         })
+    }
+}
+
+/// The lab's CPUs from `FISSILE_LAB_SMP`'s value: 1 when unset, else 1 or 2.
+fn lab_cpus(value: Option<&std::ffi::OsStr>) -> Result<u8, LabError> {
+    match value {
+        None => Ok(1),
+        Some(v) if v == "1" => Ok(1),
+        Some(v) if v == "2" => Ok(2),
+        Some(v) => Err(LabError::Setting {
+            name: "FISSILE_LAB_SMP",
+            value: v.to_string_lossy().into_owned(),
+            expected: "1 (the default) or 2",
+        }),
     }
 }
 
@@ -463,7 +483,7 @@ impl Lab {
         let payload = build_payload(&self.cfg, run_dir.path(), script, extra)?;
         let heartbeat = run_dir.path().join("heartbeat");
         let monitor = run_dir.path().join("monitor.sock");
-        let smp = lab_smp();
+        let smp = self.cfg.cpus.to_string();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", &smp])
             .args(["-m", &format!("{}M", self.cfg.mem_mib)])
@@ -1137,6 +1157,21 @@ fn ask_monitor(socket: &Path, command: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lab_has_one_cpu_unless_told_two_and_refuses_other_counts() {
+        use std::ffi::OsStr;
+        assert_eq!(lab_cpus(None).unwrap(), 1);
+        assert_eq!(lab_cpus(Some(OsStr::new("1"))).unwrap(), 1);
+        assert_eq!(lab_cpus(Some(OsStr::new("2"))).unwrap(), 2);
+        for bad in ["", "0", "3", "two", " 2"] {
+            let e = lab_cpus(Some(OsStr::new(bad))).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("FISSILE_LAB_SMP={bad:?}: 1 (the default) or 2")
+            );
+        }
+    }
 
     #[test]
     fn module_order_puts_dependencies_first() {
