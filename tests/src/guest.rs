@@ -180,7 +180,8 @@ pub fn run_guest_suite(filter: &str, timeout: Duration) {
         // In the lab, or natively where this host's KVM boots guests (the lab's native mode
         // runs the same script under `timeout`, the binary linked onto `PATH`).
         let (out, st) = {
-            let cfg = LabConfig::from_env().expect("lab inputs (kernel, image, binaries)");
+            let cfg = LabConfig::from_env()
+                .expect("lab inputs (kernel, image, binaries, FISSILE_LAB_SMP)");
             let lab = Lab::prepare(cfg).expect("preparing the lab");
             let name = "fissile-guest-suite";
             let script = suite_script(name, &todo, GUEST_TEST_LIMIT);

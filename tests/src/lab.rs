@@ -2,8 +2,9 @@
 //!
 //! On this project's build hosts `/dev/kvm` is KVM-PVM, which only runs PVM-patched guest
 //! kernels. The lab is a QEMU TCG virtual machine with an emulated AMD SVM CPU (`-cpu EPYC
-//! -smp 1`) running Debian's own kernel with `kvm_amd nested=1 npt=1`, so inside it
-//! `/dev/kvm` is a real (nested) KVM that boots our microVM guest.
+//! -smp 1`; two CPUs with `FISSILE_LAB_SMP=2`, for experiments only) running Debian's own
+//! kernel with `kvm_amd nested=1 npt=1`, so inside it `/dev/kvm` is a real (nested) KVM
+//! that boots our microVM guest.
 //!
 //! A lab run boots QEMU with:
 //! * `-kernel`: Debian's `linux-image-amd64` vmlinuz from the host's `/boot`;
@@ -252,7 +253,8 @@ pub struct LabConfig {
     pub mem_mib: u32,
     /// Lab CPUs: 1, or 2 with `FISSILE_LAB_SMP=2`, for experiments only (with two, QEMU's
     /// TCG emulation of SVM kills a nested guest now and then and, in runs over a minute, the
-    /// lab kernel itself: see ARCHITECTURE.md's lab section).
+    /// lab kernel itself: see ARCHITECTURE.md's lab section). No effect where the command
+    /// runs natively.
     pub cpus: u8,
     /// Echo the lab console to stderr while it runs.
     pub verbose: bool,
