@@ -145,6 +145,74 @@ fn passed<'a>(output: &str, tests: &'a [String]) -> Vec<&'a String> {
         .collect()
 }
 
+/// A short account of a failed suite run from its `output` (of [`suite_script`]): which of
+/// `tests` passed, failed (with their exit status) or never finished, then each failed
+/// test's panic messages (with a few lines after each), then the end of its output.
+fn failure_report(output: &str, tests: &[String]) -> String {
+    /// Lines kept after a panic's first line, and from the end of a failed test's output.
+    const AFTER_PANIC: usize = 12;
+    const TAIL: usize = 60;
+    // Each test's part of the output: from the end of the previous report line to its own.
+    let mut parts: Vec<(&str, &str, &str)> = Vec::new(); // (test, status, its output)
+    let mut start = 0;
+    let mut at = 0;
+    for line in output.split_inclusive('\n') {
+        at += line.len();
+        let Some(rest) = line.trim_end().strip_prefix("guest test ") else {
+            continue;
+        };
+        if let Some((name, status)) = rest.rsplit_once(" exit ")
+            && tests.iter().any(|t| t == name)
+        {
+            parts.push((name, status, &output[start..at]));
+            start = at;
+        }
+    }
+    let unfinished = &output[start..];
+    let failed: Vec<_> = parts.iter().filter(|(_, st, _)| *st != "0").collect();
+    let never: Vec<&String> = tests
+        .iter()
+        .filter(|t| !parts.iter().any(|(name, _, _)| name == t))
+        .collect();
+    let mut r = format!(
+        "GUEST SUITE FAILED: {} of {} guest tests passed; failed: {:?}; never finished: {:?}\n",
+        parts.len() - failed.len(),
+        tests.len(),
+        failed
+            .iter()
+            .map(|(name, st, _)| format!("{name} (exit {st})"))
+            .collect::<Vec<_>>(),
+        never
+    );
+    let mut account = |name: &str, text: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        r.push_str(&format!("\n==== {name}: its panics ====\n"));
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains("panicked at") {
+                for l in lines.iter().skip(i).take(AFTER_PANIC + 1) {
+                    r.push_str(l);
+                    r.push('\n');
+                }
+                r.push_str("...\n");
+            }
+        }
+        r.push_str(&format!(
+            "==== {name}: the last {TAIL} lines of its output ====\n"
+        ));
+        for l in &lines[lines.len().saturating_sub(TAIL)..] {
+            r.push_str(l);
+            r.push('\n');
+        }
+    };
+    for (name, _, text) in &failed {
+        account(name, text);
+    }
+    if !unfinished.trim().is_empty() {
+        account("(after the last finished test)", unfinished);
+    }
+    r
+}
+
 /// `output` of [`suite_script`] up to the end of its last `guest test <name> exit <status>`
 /// line: what the tests that finished printed.
 fn finished_part(output: &str) -> &str {
@@ -163,7 +231,9 @@ fn finished_part(output: &str) -> &str {
 /// substring filter), each as its own process bounded by [`GUEST_TEST_LIMIT`] and each run
 /// of the suite by `timeout`: natively when this host's KVM can boot our guest, else in one
 /// lab boot (two, and so up to twice `timeout`, if the first lab froze).
-/// Panics with the output unless every one of them ran and passed. A lab that froze (its
+/// Panics unless every one of them ran and passed, with a short report first (which tests
+/// failed or never finished, their panics and last lines: what a CI log that keeps only the
+/// start and end of a long failure still shows) and the whole output after it. A lab that froze (its
 /// own kernel stopped, whatever the tests did) is said so and replaced once by a fresh lab
 /// for the tests it did not finish.
 pub fn run_guest_suite(filter: &str, timeout: Duration) {
@@ -202,8 +272,14 @@ pub fn run_guest_suite(filter: &str, timeout: Duration) {
                         .collect();
                     let done = passed(out, &todo);
                     assert_eq!(
-                        finished, done,
-                        "guest tests failed before the lab froze (output below)\n{output}{out}\n{e}"
+                        finished,
+                        done,
+                        "guest tests failed before the lab froze\n{}\n---- the whole output \
+                         ----\n{output}{out}\n{e}",
+                        failure_report(
+                            out,
+                            &finished.iter().map(|t| t.to_string()).collect::<Vec<_>>()
+                        )
                     );
                     let done: Vec<String> = done.into_iter().cloned().collect();
                     todo.retain(|t| !done.contains(t));
@@ -215,14 +291,34 @@ pub fn run_guest_suite(filter: &str, timeout: Duration) {
                     output.push_str("\n(the lab froze; a fresh lab runs the rest)\n");
                     continue;
                 }
-                Err(e) => panic!("lab run: {e}"),
+                Err(e) => {
+                    // What the tests printed before (a frozen lab's output holds it; a timed
+                    // out one's console tail is in `e`).
+                    let before = match &e {
+                        LabError::Frozen { output: out, .. } => format!("{output}{out}"),
+                        _ => output,
+                    };
+                    panic!(
+                        "lab run (attempt {attempt}): {e}\n{}\n---- the whole output ----\n{before}",
+                        failure_report(&before, &todo)
+                    )
+                }
             }
         };
         output.push_str(&out);
         status = st;
         break;
     }
-    eprintln!("{output}");
+    if status != 0 || passed(&output, &expected).len() != expected.len() {
+        // The report first (a CI log that shows only the start and the end of a long
+        // failure still shows which test failed and how), the whole output after it.
+        eprintln!(
+            "{}\n---- the whole output of the guest suite ----\n{output}",
+            failure_report(&output, &expected)
+        );
+    } else {
+        eprintln!("{output}");
+    }
     assert_eq!(status, 0, "guest tests failed (output above)");
     let ok = passed(&output, &expected);
     assert_eq!(
@@ -292,5 +388,30 @@ mod tests {
         assert_eq!(passed(&text, &tests), vec!["ok_a", "ok_b"]);
         let cut = finished_part("guest test ok_a exit 0\ntest x ... ");
         assert_eq!(cut, "guest test ok_a exit 0\n");
+
+        // The failure report names the failed tests first and shows their panics.
+        let out = "boot\nguest test ok_a exit 0\nstep 1\nthread 'fails' panicked at x.rs:1:\nboom\n\
+                   guest test fails exit 101\nguest test ok_b exit 0\ntest hangs ... ";
+        let r = failure_report(out, &tests);
+        assert!(
+            r.starts_with(
+                "GUEST SUITE FAILED: 2 of 4 guest tests passed; failed: [\"fails (exit 101)\"]; \
+                 never finished: [\"hangs\"]\n"
+            ),
+            "{r}"
+        );
+        assert!(
+            r.contains("==== fails: its panics ====\nthread 'fails' panicked at x.rs:1:\nboom\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("==== (after the last finished test): the last 60 lines"),
+            "{r}"
+        );
+        assert!(r.contains("test hangs ... "), "{r}");
+        assert!(
+            !r.contains("boot"),
+            "a passed test's output is left out: {r}"
+        );
     }
 }
