@@ -117,6 +117,10 @@ pub struct Live {
     pub trimmed_for_ms: AtomicU64,
     /// Its VMM is attached (read without the sandbox's lock, which a long operation holds).
     pub attached: AtomicBool,
+    /// Closed ([`App::close`] sets it under the sandbox's lock): a VMM that finishes
+    /// starting afterwards is stopped, not attached ([`App::attach`] reads it under the same
+    /// lock).
+    pub closed: AtomicBool,
     /// Its egress policy as its resolver and proxy see it (`None`: no way out).
     pub policy: Arc<crate::egress::PolicyCell>,
     /// Its resolver and proxy, while its VMM runs in a network namespace.
@@ -140,6 +144,7 @@ impl Live {
             active: AtomicUsize::new(0),
             trimmed_for_ms: AtomicU64::new(0),
             attached: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             sandbox: Mutex::new(None),
         })
     }
@@ -635,7 +640,13 @@ impl App {
 
     /// Attaches a started sandbox to its reserved entry and records it running (the agent
     /// connection it started with goes into the entry's pool, for its first request); if the
-    /// entry was deleted meanwhile the sandbox is stopped.
+    /// entry was deleted meanwhile, or its record cannot be written, the sandbox is stopped
+    /// (and the entry forgotten).
+    ///
+    /// The record is written and the VMM published under the sandbox's lock, the order
+    /// [`App::close`] follows: a close (a delete, an idle or lifetime timer) either runs
+    /// first, and this stops the VMM, or after, and finds it attached and its record written
+    /// (it never removes a record that this then writes back).
     pub fn attach(
         &self,
         mut record: SandboxRecord,
@@ -653,12 +664,27 @@ impl App {
         record.vmm_pid = sb.pid();
         self.start_egress(&live, &sb);
         live.agents.reset_with(sb.take_agent());
-        *lock(&live.sandbox) = Some(sb);
+        let mut guard = lock(&live.sandbox);
+        if live.closed.load(Ordering::Acquire) {
+            drop(guard);
+            drop(sb);
+            return Err(ApiError::conflict(format!(
+                "sandbox {} was deleted while it started",
+                record.id
+            )));
+        }
+        if let Err(e) = self.db.put_sandbox(&record) {
+            live.closed.store(true, Ordering::Release);
+            drop(guard);
+            drop(sb);
+            let _ = self.unreserve(&record.id);
+            return Err(e.into());
+        }
+        *guard = Some(sb);
         // Idle from now: the time it spent queued and starting was not the caller's idling
         // (a 3 s idle timeout closed a sandbox whose restore waited behind a pool refill).
         live.touch();
         live.attached.store(true, Ordering::Release);
-        self.db.put_sandbox(&record)?;
         Ok(record)
     }
 
@@ -1043,6 +1069,7 @@ impl App {
                 None => None,
             };
             live.attached.store(false, Ordering::Release);
+            live.closed.store(true, Ordering::Release);
             (guard.take(), persisted)
         };
         // The sandbox leaves the registry before its space says "persisted", and its record
@@ -1054,8 +1081,11 @@ impl App {
         {
             // Nothing is lost: the sandbox goes back, running, as it was.
             let attached = sb.is_some();
-            *lock(&live.sandbox) = sb;
+            let mut guard = lock(&live.sandbox);
+            *guard = sb;
+            live.closed.store(false, Ordering::Release);
             live.attached.store(attached, Ordering::Release);
+            drop(guard);
             lock(&self.live).insert(id, Arc::clone(live));
             return Err(e);
         }
