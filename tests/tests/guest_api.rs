@@ -742,7 +742,7 @@ fn guest_api_spaces_persist_and_survive_a_killed_daemon() {
         "POST",
         &format!("{}/v1/sandboxes", d.base()),
         Some(&a),
-        Some(r#"{"persistent":true,"idle_timeout_s":2}"#),
+        Some(r#"{"persistent":true,"idle_timeout_s":6}"#),
     );
     assert_eq!(s, 201, "{v}");
     let idle = v["id"].as_str().unwrap().to_string();
@@ -2067,7 +2067,9 @@ fn guest_api_tenant_limits_and_lifetimes() {
         ],
     )
     .unwrap();
-    let set = set_tenant(&state, &["--tenant", "small", "--idle-timeout-s", "3"]).unwrap();
+    // Long enough that `first` is still there for the quota checks after its create however
+    // slow the lab (a pause of a few seconds between two requests happens there).
+    let set = set_tenant(&state, &["--tenant", "small", "--idle-timeout-s", "10"]).unwrap();
     let limits: Value = serde_json::from_str(set.trim()).unwrap();
     assert_eq!(
         (
@@ -2078,7 +2080,7 @@ fn guest_api_tenant_limits_and_lifetimes() {
         (&json!("small"), &json!(1), &json!(1)),
         "a second `set` keeps what the first set: {limits}"
     );
-    assert_eq!(limits["idle_timeout_s"], 3, "{limits}");
+    assert_eq!(limits["idle_timeout_s"], 10, "{limits}");
     let err = set_tenant(&state, &["--tenant", "small", "--max-fork", "0"]).unwrap_err();
     assert!(err.contains("--max-fork"), "{err}");
 
@@ -2116,7 +2118,7 @@ fn guest_api_tenant_limits_and_lifetimes() {
     let other = create(&d, &big, "{}");
     let other = other["id"].as_str().unwrap().to_string();
 
-    // small's sandbox closes after 3 s idle (its tenant's timeout), big's short one at its own
+    // small's sandbox closes after 10 s idle (its tenant's timeout), big's short one at its own
     // 4 s lifetime; big's other sandbox has neither timer and stays.
     let gone =
         |id: &str, key: &str| call("GET", &format!("{sandboxes}/{id}"), Some(key), None).0 == 404;
@@ -2282,11 +2284,13 @@ fn guest_api_forks_take_standby_vmms() {
         (n.parse().unwrap(), pages.parse().unwrap())
     };
     // Waits until the counters stop moving (no trim due: every sandbox trimmed in its
-    // idle spell), at least `min` trims in all.
+    // idle spell), at least `min` trims in all. Still for 10 s: longer than a trim takes to
+    // come due (3 s idle, then up to a 1 s tick) and to run in the lab, so a trim still due
+    // is never read as none.
     let settled = |min: u64| {
         let mut last = trims(&d);
         loop {
-            std::thread::sleep(Duration::from_secs(5));
+            std::thread::sleep(Duration::from_secs(10));
             let now = trims(&d);
             if now == last && now.0 >= min {
                 return now;
