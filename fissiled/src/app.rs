@@ -119,8 +119,9 @@ pub struct Live {
     pub attached: AtomicBool,
     /// Closed ([`App::close`] sets it under the sandbox's lock): a VMM that finishes
     /// starting afterwards is stopped, not attached ([`App::attach`] reads it under the same
-    /// lock).
-    pub closed: AtomicBool,
+    /// lock), and a start still waiting for its guest gives up (its
+    /// [`SandboxConfig::cancel`](fissile_sandbox::SandboxConfig::cancel)).
+    pub closed: Arc<AtomicBool>,
     /// Its egress policy as its resolver and proxy see it (`None`: no way out).
     pub policy: Arc<crate::egress::PolicyCell>,
     /// Its resolver and proxy, while its VMM runs in a network namespace.
@@ -144,7 +145,7 @@ impl Live {
             active: AtomicUsize::new(0),
             trimmed_for_ms: AtomicU64::new(0),
             attached: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
             sandbox: Mutex::new(None),
         })
     }
@@ -598,6 +599,7 @@ impl App {
             snapshotd: Some(self.snapshotd.socket().to_path_buf()),
             limits: self.config.vmm_limits.clone(),
             network,
+            cancel: None,
         }
     }
 
@@ -655,10 +657,7 @@ impl App {
         let live = lock(&self.live).get(&record.id).cloned();
         let Some(live) = live else {
             drop(sb);
-            return Err(ApiError::conflict(format!(
-                "sandbox {} was deleted while it started",
-                record.id
-            )));
+            return Err(deleted_while_starting(&record.id));
         };
         record.state = SandboxState::Running;
         record.vmm_pid = sb.pid();
@@ -668,10 +667,7 @@ impl App {
         if live.closed.load(Ordering::Acquire) {
             drop(guard);
             drop(sb);
-            return Err(ApiError::conflict(format!(
-                "sandbox {} was deleted while it started",
-                record.id
-            )));
+            return Err(deleted_while_starting(&record.id));
         }
         if let Err(e) = self.db.put_sandbox(&record) {
             live.closed.store(true, Ordering::Release);
@@ -985,17 +981,33 @@ impl App {
             return Err(e.into());
         }
         let member = member.map(|m| m.standby);
-        let cfg = self.sandbox_config(
+        let mut cfg = self.sandbox_config(
             self.dir(&id),
             record.memory_mib,
             record.vcpus,
             record.network.as_ref(),
         );
+        // A delete while it starts closes its entry, which cancels the start (or its VMM is
+        // stopped at `attach`): the answer is then that, and a ready snapshot is not blamed
+        // for it.
+        let entry = lock(&self.live).get(&id).cloned();
+        cfg.cancel = entry.as_ref().map(|l| Arc::clone(&l.closed));
+        let deleted = move || {
+            entry
+                .as_ref()
+                .is_some_and(|l| l.closed.load(Ordering::Acquire))
+        };
+        let gone = deleted.clone();
+        let deleted_id = id.clone();
         // Queued behind other starts; the reservation above already holds the quota.
         let permit = self.starts.clone().acquire_owned().await;
         let app = self.clone();
         let started = blocking(move || {
             let _permit = permit;
+            if gone() {
+                // Deleted while it waited for its turn: nothing to start.
+                return Err(deleted_while_starting(&deleted_id));
+            }
             // A standby that cannot be used leaves its directory to a new process.
             let restore = |snap: &str| match member {
                 Some(s) => Sandbox::restore_standby_or_new(s, &cfg, snap),
@@ -1005,6 +1017,9 @@ impl App {
                 Origin::Boot => Sandbox::boot(&cfg).map(|sb| (sb, false)),
                 Origin::Restore(snap) => restore(snap),
                 Origin::Ready(snap, shape) => restore(snap).or_else(|e| {
+                    if gone() {
+                        return Err(e);
+                    }
                     app.ready_failed(shape, fissile_proto::error_chain(&e));
                     let _ = std::fs::remove_dir_all(&cfg.dir);
                     Sandbox::boot(&cfg).map(|sb| (sb, false))
@@ -1012,7 +1027,13 @@ impl App {
             };
             // The standby pool's refill waits for the restore to end.
             drop(standby);
-            r.map_err(|e| ApiError::sandbox("starting the sandbox", &e))
+            r.map_err(|e| {
+                if gone() {
+                    deleted_while_starting(&deleted_id)
+                } else {
+                    ApiError::sandbox("starting the sandbox", &e)
+                }
+            })
         })
         .await;
         match started {
@@ -1024,7 +1045,11 @@ impl App {
             }
             Err(e) => {
                 self.unreserve(&id)?;
-                Err(e)
+                Err(if deleted() {
+                    deleted_while_starting(&id)
+                } else {
+                    e
+                })
             }
         }
     }
@@ -1320,6 +1345,11 @@ impl App {
         }
         trimmed
     }
+}
+
+/// The answer to a start whose sandbox was deleted meanwhile (its VMM is stopped).
+fn deleted_while_starting(id: &str) -> ApiError {
+    ApiError::conflict(format!("sandbox {id} was deleted while it started"))
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ mod standby;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fissile_agent::{AgentClient, ClientError, ExecOutcome, ReadyListener};
@@ -69,6 +71,10 @@ pub struct SandboxConfig {
     pub limits: VmmLimits,
     /// The guest's network (none by default).
     pub network: Network,
+    /// Set (by another thread) to give up a start under way: the wait for its guest stops
+    /// with [`SandboxError::Cancelled`] and its VMM is stopped (a sandbox deleted while it
+    /// started). Only the start watches it, not what the sandbox does later.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// A sandbox's network: the guest brings up `eth0` with the layout of `fissile_proto::net`
@@ -115,6 +121,7 @@ impl SandboxConfig {
             snapshotd: None,
             limits: VmmLimits::from_env(),
             network: Network::None,
+            cancel: None,
         })
     }
 }
@@ -136,6 +143,9 @@ pub enum SandboxError {
     /// Creating the working directory or a log file failed.
     #[error("preparing sandbox directory {0}")]
     Dir(PathBuf, #[source] std::io::Error),
+    /// The start was given up ([`SandboxConfig::cancel`]): its VMM is stopped.
+    #[error("the start was cancelled")]
+    Cancelled,
     /// Spawning the VMM failed.
     #[error("starting {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
@@ -260,6 +270,9 @@ struct Spawner {
     rootfs: PathBuf,
     snapshotd: Option<PathBuf>,
     boot_timeout: Duration,
+    /// [`SandboxConfig::cancel`] while the start it came from waits (cleared once the
+    /// sandbox is attached: its fork children do not watch it).
+    cancel: Option<Arc<AtomicBool>>,
     limits: VmmLimits,
     mem_mib: u64,
     vcpus: u8,
@@ -382,6 +395,7 @@ impl Spawner {
             rootfs: cfg.rootfs.clone(),
             snapshotd: cfg.snapshotd.clone(),
             boot_timeout: cfg.boot_timeout,
+            cancel: cfg.cancel.clone(),
             limits: cfg.limits.clone(),
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
@@ -539,7 +553,7 @@ impl Sandbox {
     fn attach(
         vmm: Spawned,
         dir: &Path,
-        spawner: Spawner,
+        mut spawner: Spawner,
         started: Instant,
         ready: Option<ReadyListener>,
     ) -> Result<Sandbox, SandboxError> {
@@ -555,6 +569,17 @@ impl Sandbox {
         let mut backoff = Duration::from_millis(5);
         let mut signalled = ready.is_none();
         loop {
+            // Given up (the sandbox was deleted while it started): it stops now rather than
+            // at the boot timeout.
+            if spawner
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Acquire))
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SandboxError::Cancelled);
+            }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(SandboxError::VmmExited {
                     status: status.to_string(),
@@ -573,6 +598,7 @@ impl Sandbox {
                 // A restored guest (no readiness listener) is woken in the same round trip.
                 match Self::try_connect(&uds, ready.is_none()) {
                     Ok((agent, info)) => {
+                        spawner.cancel = None;
                         return Ok(Sandbox {
                             proc: Some(child),
                             adopted: None,
@@ -1257,6 +1283,7 @@ mod tests {
             rootfs: "rootfs".into(),
             snapshotd: None,
             boot_timeout: Duration::from_secs(10),
+            cancel: None,
             limits: VmmLimits::default(),
             mem_mib: 512,
             vcpus: 1,
@@ -1273,5 +1300,48 @@ mod tests {
 
         assert!(matches!(err, SandboxError::VmmExited { .. }), "{err}");
         assert!(err.to_string().contains("no kvm"), "{err}");
+    }
+
+    /// A start given up while it waits for its guest stops its VMM at once, not at the boot
+    /// timeout.
+    #[test]
+    fn a_cancelled_start_stops_its_vmm_before_the_boot_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("sleep").arg("600").spawn().unwrap();
+        let pid = child.id();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let spawner = Spawner {
+            vmm: "fissile-vmm".into(),
+            rootfs: "rootfs".into(),
+            snapshotd: None,
+            boot_timeout: Duration::from_secs(300),
+            cancel: Some(Arc::clone(&cancel)),
+            limits: VmmLimits::default(),
+            mem_mib: 512,
+            vcpus: 1,
+            network: Network::None,
+        };
+        let vmm = Spawned {
+            child: Process::from_child(child),
+            cgroup: None,
+            netns: None,
+            uid: None,
+        };
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            cancel.store(true, Ordering::Release);
+        });
+        let t = Instant::now();
+
+        let err = Sandbox::attach(vmm, dir.path(), spawner, Instant::now(), None).unwrap_err();
+
+        setter.join().unwrap();
+        assert!(matches!(err, SandboxError::Cancelled), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        // Killed and reaped: no process has its pid any more.
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the VMM (pid {pid}) still runs"
+        );
     }
 }

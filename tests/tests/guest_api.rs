@@ -2134,6 +2134,66 @@ fn guest_api_tenant_limits_and_lifetimes() {
     assert_eq!(value(&d, &big, &other, "6 * 7"), "42");
     // small's quota is free again.
     create(&d, &small, "{}");
+
+    // A sandbox deleted while it starts (a cold boot: seconds in the lab) is stopped: its
+    // create answers 409 and says so, and no record or VMM of it is left.
+    let vmms = vmms_under(&state);
+    let creating = {
+        let (url, key) = (sandboxes.clone(), big.clone());
+        std::thread::spawn(move || {
+            call(
+                "POST",
+                &url,
+                Some(&key),
+                Some(r#"{"metadata":{"job":"doomed"}}"#),
+            )
+        })
+    };
+    let doomed = format!("{sandboxes}?metadata.job=doomed");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (id, state_seen) = loop {
+        let (_, list) = call("GET", &doomed, Some(&big), None);
+        if let Some(sb) = list.as_array().unwrap().first() {
+            break (sb["id"].as_str().unwrap().to_string(), sb["state"].clone());
+        }
+        assert!(Instant::now() < deadline, "the create never showed up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (s, v) = call("DELETE", &format!("{sandboxes}/{id}"), Some(&big), None);
+    assert_eq!(s, 204, "{v}");
+    let deleted = Instant::now();
+    let (s, v) = creating.join().unwrap();
+    // The start stops when its directory goes, not at the daemon's 300 s boot timeout.
+    assert!(
+        deleted.elapsed() < Duration::from_secs(120),
+        "the create answered {:?} after the delete: {v}",
+        deleted.elapsed()
+    );
+    if s == 201 && !guest_env().in_lab {
+        // A fast host finished the start before the delete came: an ordinary delete.
+        assert_eq!(v["id"], id.as_str(), "{v}");
+    } else {
+        assert_eq!(state_seen, "starting");
+        assert_eq!((s, error_code(&v)), (409, "conflict"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("was deleted while it started"),
+            "{v}"
+        );
+    }
+    assert!(gone(&id, &big));
+    let (_, list) = call("GET", &doomed, Some(&big), None);
+    assert_eq!(list, json!([]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vmms_under(&state) > vmms {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted sandbox's VMM still runs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `fissile-vmm` processes whose command line mentions `dir` (this test's state directory).
