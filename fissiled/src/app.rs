@@ -646,9 +646,9 @@ impl App {
     /// (and the entry forgotten).
     ///
     /// The record is written and the VMM published under the sandbox's lock, the order
-    /// [`App::close`] follows: a close (a delete, an idle or lifetime timer) either runs
-    /// first, and this stops the VMM, or after, and finds it attached and its record written
-    /// (it never removes a record that this then writes back).
+    /// [`App::close`] follows: a close (a delete of the sandbox or of its space, the daemon
+    /// stopping) either runs first, and this stops the VMM, or after, and finds it attached
+    /// and its record written (it never removes a record that this then writes back).
     pub fn attach(
         &self,
         mut record: SandboxRecord,
@@ -661,8 +661,6 @@ impl App {
         };
         record.state = SandboxState::Running;
         record.vmm_pid = sb.pid();
-        self.start_egress(&live, &sb);
-        live.agents.reset_with(sb.take_agent());
         let mut guard = lock(&live.sandbox);
         if live.closed.load(Ordering::Acquire) {
             drop(guard);
@@ -676,6 +674,8 @@ impl App {
             let _ = self.unreserve(&record.id);
             return Err(e.into());
         }
+        self.start_egress(&live, &sb);
+        live.agents.reset_with(sb.take_agent());
         *guard = Some(sb);
         // Idle from now: the time it spent queued and starting was not the caller's idling
         // (a 3 s idle timeout closed a sandbox whose restore waited behind a pool refill).
@@ -975,6 +975,10 @@ impl App {
             self.stop_standbys(member.into_iter().collect());
             return Err(e);
         }
+        // Its entry, taken before its record is written (a delete finds it by the record):
+        // a delete while it starts closes the entry, which cancels the start (or its VMM is
+        // stopped at `attach`). The answer is then that, and a ready snapshot is not blamed.
+        let entry = lock(&self.live).get(&id).cloned();
         if let Err(e) = self.db.put_sandbox(&record) {
             self.unreserve(&id)?;
             self.stop_standbys(member.into_iter().collect());
@@ -987,10 +991,6 @@ impl App {
             record.vcpus,
             record.network.as_ref(),
         );
-        // A delete while it starts closes its entry, which cancels the start (or its VMM is
-        // stopped at `attach`): the answer is then that, and a ready snapshot is not blamed
-        // for it.
-        let entry = lock(&self.live).get(&id).cloned();
         cfg.cancel = entry.as_ref().map(|l| Arc::clone(&l.closed));
         let deleted = move || {
             entry

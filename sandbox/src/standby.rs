@@ -11,7 +11,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::mpsc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use fissile_proto::control::{STANDBY_READY, StandbyRequest};
@@ -228,8 +229,19 @@ impl Sandbox {
     /// be the standby's `mem_mib`, which sized the VMM's cgroup), waits for the agent and
     /// gives it fresh entropy and the clock, as [`Sandbox::restore`] does.
     pub fn restore_standby(standby: Standby, snapshot: &str) -> Result<Sandbox, SandboxError> {
+        Self::restore_standby_cancellable(standby, snapshot, None)
+    }
+
+    /// [`Sandbox::restore_standby`] that gives up when `cancel` is set (see
+    /// [`SandboxConfig::cancel`]).
+    fn restore_standby_cancellable(
+        standby: Standby,
+        snapshot: &str,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        let (vmm, dir, spawner) = standby.take(snapshot)?;
+        let (vmm, dir, mut spawner) = standby.take(snapshot)?;
+        spawner.cancel = cancel;
         let mut sb = Self::attach(vmm, &dir, spawner, started, None)?;
         sb.timings.to_ready = started.elapsed();
         Ok(sb)
@@ -251,11 +263,13 @@ impl Sandbox {
                 cfg.dir.display()
             )));
         }
-        let used = standby
-            .check_shape(&Spawner::of(cfg))
-            .and_then(|()| Self::restore_standby(standby, snapshot));
+        let used = standby.check_shape(&Spawner::of(cfg)).and_then(|()| {
+            Self::restore_standby_cancellable(standby, snapshot, cfg.cancel.clone())
+        });
         match used {
             Ok(sb) => Ok((sb, true)),
+            // Given up: no new VMM either.
+            Err(SandboxError::Cancelled) => Err(SandboxError::Cancelled),
             Err(e) => {
                 tracing::warn!(dir = %cfg.dir.display(), error = %fissile_proto::error_chain(&e),
                     "a standby VMM could not be used; restoring into a new one");
