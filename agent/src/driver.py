@@ -160,6 +160,9 @@ def _fissile_main():
             flush_all()
 
     def flusher():
+        # SIGINT is for the main thread, where Python runs its handler (the agent sends it
+        # there); taken by this thread it would not wake a main thread blocked in a call.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         while True:
             try:
                 flush_wake.get(timeout=FLUSHER_IDLE_WAKE)

@@ -507,7 +507,7 @@ impl ReplManager {
     /// Sends SIGINT to the running cell; false when no cell is running.
     pub(crate) fn interrupt(&self) -> bool {
         let pid = self.running.load(Ordering::SeqCst);
-        pid > 0 && sys::kill(pid, libc::SIGINT).is_ok()
+        pid > 0 && sys::signal_main_thread(pid, libc::SIGINT).is_ok()
     }
 
     /// Kills the interpreter's process group (agent shutdown).
@@ -644,7 +644,7 @@ impl ReplManager {
                     tracing::info!("the client went away: interrupting its cell");
                     run.client_gone = true;
                     run.peer = None;
-                    let _ = sys::kill(repl.pid, libc::SIGINT);
+                    let _ = sys::signal_main_thread(repl.pid, libc::SIGINT);
                     interrupted = true;
                     deadline = Some(Instant::now() + grace);
                 }
@@ -658,7 +658,7 @@ impl ReplManager {
                     return (CellEnd::Finished, interrupted);
                 }
                 Err(RecvTimeoutError::Timeout) if !interrupted => {
-                    let _ = sys::kill(repl.pid, libc::SIGINT);
+                    let _ = sys::signal_main_thread(repl.pid, libc::SIGINT);
                     interrupted = true;
                     deadline = Some(Instant::now() + grace);
                     continue;

@@ -63,6 +63,17 @@ pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<()> {
     check(unsafe { libc::kill(pid, sig) }).map(|_| ())
 }
 
+/// Sends `sig` to the main thread of process `pid` (tgkill(2) with the process's own id as
+/// the thread): a signal sent to the process may go to another of its threads (the kernel
+/// picks one that does not block it, not always the main one), and CPython runs its signal
+/// handlers only in the main thread, which a signal taken by another thread does not wake
+/// from a blocking call (a `time.sleep(600)` in a cell would sleep on through an interrupt).
+pub(crate) fn signal_main_thread(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: tgkill(2) takes three integers and has no memory-safety preconditions.
+    let ret = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, sig) };
+    check(i32::try_from(ret).unwrap_or(-1)).map(|_| ())
+}
+
 /// Blocks until any child ends and reaps it.
 pub(crate) fn wait_any() -> io::Result<(i32, ChildExit)> {
     let mut status: libc::c_int = 0;
