@@ -246,7 +246,7 @@ fn validate(body: CreateBody) -> Result<CreateSpec, ApiError> {
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body(content = Option<CreateBody>, description = "optional: an empty body is `{}` (every default)"), 
-    responses((status = 201, description = "created and running", body = SandboxView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such template or snapshot", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    responses((status = 201, description = "created and running", body = SandboxView), (status = 400, description = "bad input", body = ErrorBody), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such template or snapshot", body = ErrorBody), (status = 409, description = "deleted while it started (its VMM is stopped)", body = ErrorBody), (status = 413, description = "too large", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 pub(crate) async fn create(
     State(app): State<App>,
@@ -690,7 +690,7 @@ pub(crate) async fn delete_space(
 }
 
 #[utoipa::path(post, path = "/v1/spaces/{id}/resume", tag = "spaces",  params(("id" = String, Path, description = "space id")),
-    responses((status = 201, description = "a new sandbox with the space's state", body = SandboxView), (status = 200, description = "the sandbox already running it", body = SandboxView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such space", body = ErrorBody), (status = 409, description = "never persisted, or lost", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
+    responses((status = 201, description = "a new sandbox with the space's state", body = SandboxView), (status = 200, description = "the sandbox already running it", body = SandboxView), (status = 401, description = "no key, a wrong key or a revoked key", body = ErrorBody), (status = 404, description = "no such space", body = ErrorBody), (status = 409, description = "never persisted, or lost, or the sandbox was deleted while it started", body = ErrorBody), (status = 429, description = "a quota is exhausted", body = ErrorBody), (status = 500, description = "the daemon failed", body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 pub(crate) async fn resume_space(
     State(app): State<App>,
