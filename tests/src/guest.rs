@@ -300,7 +300,7 @@ pub fn run_guest_suite(filter: &str, timeout: Duration) {
                     };
                     panic!(
                         "lab run (attempt {attempt}): {e}\n{}\n---- the whole output ----\n{before}",
-                        failure_report(&before, &todo)
+                        failure_report(&before, &expected)
                     )
                 }
             }
