@@ -1,9 +1,10 @@
 //! Binding unix-socket listeners without clobbering what is not ours: a stale socket file
 //! (nobody listening) is replaced, but a path that is not a socket, or a socket another
 //! process still serves, is an error. Listeners are made owner-only (`0600`); a socket file
-//! is removed on shutdown only if it is still the one we bound.
+//! is removed on shutdown only if it is still the one we bound. Also: reading a handshake line
+//! without consuming what follows it ([`read_line_unbuffered`]).
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -154,6 +155,50 @@ fn clear_stale(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Reads from `stream` up to and including the first `\n`, appending the bytes before it to
+/// `line`, and never consumes a byte after it (those belong to what the line introduces,
+/// such as the hybrid vsock's `CONNECT <port>` and `OK <port>` lines): each round peeks at
+/// what has come (`MSG_PEEK`), then takes exactly what belongs to the line. Two system
+/// calls for a line that came whole, where reading byte by byte took one per byte.
+///
+/// `Ok(true)`: the line is complete (the newline was read). `Ok(false)`: the peer closed
+/// first. A blocking stream's read timeout, or a non-blocking stream with the line not
+/// complete yet, is `WouldBlock` (or `TimedOut`), and what came so far is in `line` (call
+/// again to go on). A line of more than `max` bytes is `InvalidData`.
+pub fn read_line_unbuffered(
+    mut stream: &UnixStream,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<bool> {
+    let mut buf = [0u8; 256];
+    loop {
+        // One byte past `max`: a line that long is refused without waiting for its end.
+        let want = (max.saturating_sub(line.len()) + 1).min(buf.len());
+        let n = match rustix::net::recv(stream, &mut buf[..want], rustix::net::RecvFlags::PEEK) {
+            Ok((n, _)) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        let end = buf[..n].iter().position(|&b| b == b'\n');
+        let take = end.map_or(n, |i| i + 1);
+        // The peeked bytes are in the socket and nobody else reads it: this takes them.
+        stream.read_exact(&mut buf[..take])?;
+        line.extend_from_slice(&buf[..end.unwrap_or(take)]);
+        if line.len() > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a line of more than {max} bytes"),
+            ));
+        }
+        if end.is_some() {
+            return Ok(true);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +225,45 @@ mod tests {
         let err = BoundSocket::bind(&plain).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
         assert_eq!(std::fs::read(&plain).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_line_is_read_without_what_follows_it() {
+        use std::io::Write;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"CONNECT 1024\nearly frame").unwrap();
+        let mut line = Vec::new();
+        assert!(read_line_unbuffered(&b, &mut line, 32).unwrap());
+        assert_eq!(line, b"CONNECT 1024");
+        // What followed the newline is still in the socket, whole.
+        b.set_nonblocking(true).unwrap();
+        let mut rest = [0u8; 64];
+        let n = (&b).read(&mut rest).unwrap();
+        assert_eq!(&rest[..n], b"early frame");
+
+        // A line in pieces on a non-blocking stream: each call keeps what came.
+        let mut line = Vec::new();
+        a.write_all(b"OK 12").unwrap();
+        let err = read_line_unbuffered(&b, &mut line, 32).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(line, b"OK 12");
+        a.write_all(b"34\nnext").unwrap();
+        assert!(read_line_unbuffered(&b, &mut line, 32).unwrap());
+        assert_eq!(line, b"OK 1234");
+
+        // Too long a line is refused once it passes the limit, not at its end.
+        let mut line = Vec::new();
+        a.write_all(b"xxxxxxxxxxxx").unwrap();
+        let err = read_line_unbuffered(&b, &mut line, 8).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+
+        // A peer that closes before the newline.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"OK").unwrap();
+        drop(a);
+        let mut line = Vec::new();
+        assert!(!read_line_unbuffered(&b, &mut line, 32).unwrap());
+        assert_eq!(line, b"OK");
     }
 
     #[test]
