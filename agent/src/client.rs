@@ -245,17 +245,12 @@ impl AgentClient {
         let mut out = format!("CONNECT {port}\n").into_bytes();
         out.extend_from_slice(early);
         s.write_all(&out).map_err(ctx)?;
-        // Byte by byte: nothing after the newline may be consumed.
+        // Nothing after the newline may be consumed: the guest's answers may follow it.
         let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while line.len() < 64 {
-            if s.read(&mut b).map_err(ctx)? == 0 {
-                break;
-            }
-            if b[0] == b'\n' {
-                break;
-            }
-            line.push(b[0]);
+        match fissile_proto::uds::read_line_unbuffered(&s, &mut line, 64) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {}
+            Err(e) => return Err(ctx(e)),
         }
         s.set_read_timeout(None).map_err(ctx)?;
         let line = String::from_utf8_lossy(&line).into_owned();
@@ -754,16 +749,12 @@ impl ReadyListener {
             Err(e) => return Err(ctx(e)),
         };
         crate::sys::set_recv_timeout(conn.as_raw_fd(), Duration::from_secs(5)).map_err(ctx)?;
-        let mut stream = std::fs::File::from(conn);
+        let stream = UnixStream::from(conn);
         let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while line.len() < 128 {
-            match stream.read(&mut b) {
-                Ok(0) => break,
-                Ok(_) if b[0] == b'\n' => break,
-                Ok(_) => line.push(b[0]),
-                Err(e) => return Err(ctx(e)),
-            }
+        match fissile_proto::uds::read_line_unbuffered(&stream, &mut line, 128) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {}
+            Err(e) => return Err(ctx(e)),
         }
         let line = String::from_utf8_lossy(&line).into_owned();
         if !line.starts_with("READY") {

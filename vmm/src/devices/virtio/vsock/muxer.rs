@@ -19,7 +19,7 @@
 //! request), so a vCPU thread never waits on a host.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -402,6 +402,9 @@ impl VsockBackend {
                             since: Instant::now(),
                         },
                     );
+                    // A client writes its line as soon as it is connected, often before
+                    // the accept: read it now rather than after another epoll round.
+                    self.read_handshake(fd);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -421,32 +424,18 @@ impl VsockBackend {
         self.handshakes.remove(&fd)
     }
 
-    /// Reads the `CONNECT <port>\n` line one byte at a time, so no data after it is consumed.
+    /// Reads the `CONNECT <port>\n` line, and no data after it (a waking client's first
+    /// frames follow the line; they wait in the socket until the guest has accepted).
     fn read_handshake(&mut self, fd: RawFd) {
         let Some(hs) = self.handshakes.get_mut(&fd) else {
             return;
         };
-        let mut byte = [0u8; 1];
-        loop {
-            match hs.stream.read(&mut byte) {
-                Ok(0) => {
-                    self.close_handshake(fd);
-                    return;
-                }
-                Ok(_) if byte[0] == b'\n' => break,
-                Ok(_) => {
-                    hs.line.push(byte[0]);
-                    if hs.line.len() > MAX_CONNECT_LINE {
-                        self.close_handshake(fd);
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.close_handshake(fd);
-                    return;
-                }
+        match fissile_proto::uds::read_line_unbuffered(&hs.stream, &mut hs.line, MAX_CONNECT_LINE) {
+            Ok(true) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Ok(false) | Err(_) => {
+                self.close_handshake(fd);
+                return;
             }
         }
         let Some(mut hs) = self.close_handshake(fd) else {
