@@ -12,12 +12,19 @@
 //! set the guest up and begins serving): the VMM, the kernel and that set-up, then the agent
 //! serving until it answered. The guest's clocks cannot split the first step further: until
 //! the kernel switches to kvm-clock its uptime advances only with timer ticks.
+//!
+//! After each boot, the same VM's vsock path on its own ([`WIRE_CONNECTS`] new connections
+//! answering `Info`, then [`WIRE_ECHOES`] `Echo` round trips on one): our VMM's vsock muxer
+//! against the kernel's vhost-vsock, which is what the agent's answer above, a restored
+//! guest's reconnect and every exec pay.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fissile_agent::AgentClient;
 use fissile_benches::{in_lab, median};
+use fissile_proto::agent::AGENT_VSOCK_PORT;
 use fissile_sandbox::{Sandbox, SandboxConfig};
 
 const MEM_MIB: u64 = 512;
@@ -45,25 +52,68 @@ impl Boot {
     }
 }
 
-fn ours(cfg: &SandboxConfig) -> anyhow::Result<Boot> {
+/// New connections timed on each booted VM.
+const WIRE_CONNECTS: usize = 10;
+/// `Echo` round trips timed on each booted VM.
+const WIRE_ECHOES: usize = 30;
+
+/// A booted VM's vsock path: the medians of a new connection answering `Info` (connect,
+/// handshake, one call) and of one `Echo` round trip on an open connection.
+#[derive(Debug, Clone, Copy)]
+struct Wire {
+    connect: Duration,
+    echo: Duration,
+}
+
+/// Times [`WIRE_CONNECTS`] connections made by `connect` (each answering `Info`, then
+/// closed), then [`WIRE_ECHOES`] echoes on one more.
+fn wire(mut connect: impl FnMut() -> anyhow::Result<AgentClient>) -> anyhow::Result<Wire> {
+    let mut connects = Vec::with_capacity(WIRE_CONNECTS);
+    for _ in 0..WIRE_CONNECTS {
+        let t = Instant::now();
+        let mut c = connect()?;
+        c.info()?;
+        connects.push(t.elapsed());
+    }
+    let mut c = connect()?;
+    let mut echoes = Vec::with_capacity(WIRE_ECHOES);
+    for _ in 0..WIRE_ECHOES {
+        let t = Instant::now();
+        c.echo(b"fissile boot_bench")?;
+        echoes.push(t.elapsed());
+    }
+    Ok(Wire {
+        connect: median(&mut connects),
+        echo: median(&mut echoes),
+    })
+}
+
+fn ours(cfg: &SandboxConfig) -> anyhow::Result<(Boot, Wire)> {
     let sb = Sandbox::boot(cfg).context("fissile-vmm boot")?;
     // The `Info` that ended the wait: its uptime is the agent's when it answered.
     let boot = Boot::new(sb.timings().to_ready, sb.info().uptime_ns);
+    let uds = sb.dir().join("vsock.sock");
+    let wire = wire(|| Ok(AgentClient::connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT)?))
+        .context("fissile-vmm vsock")?;
     let status = sb.poweroff(Duration::from_secs(60))?;
     if !status.success() {
         bail!("fissile-vmm exited with {status}");
     }
-    Ok(boot)
+    Ok((boot, wire))
 }
 
-fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32) -> anyhow::Result<Boot> {
+fn qemu(kernel: &Path, rootfs: &Path, dir: &Path, cid: u32) -> anyhow::Result<(Boot, Wire)> {
     let cmd = fissile_benches::qemu::microvm(kernel, rootfs, dir, cid, MEM_MIB);
     let (_vm, mut agent, total) = fissile_benches::qemu::start(cmd, cid)?;
-    let since = std::time::Instant::now();
+    let since = Instant::now();
     let uptime_ns = agent.info()?.uptime_ns;
     // Its uptime when it answered the readiness `Info`: less the time since.
     let elapsed = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    Ok(Boot::new(total, uptime_ns.saturating_sub(elapsed)))
+    let boot = Boot::new(total, uptime_ns.saturating_sub(elapsed));
+    drop(agent);
+    let wire = wire(|| Ok(AgentClient::connect_vsock(cid, AGENT_VSOCK_PORT)?))
+        .context("qemu vhost-vsock")?;
+    Ok((boot, wire))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -91,16 +141,26 @@ fn main() -> anyhow::Result<()> {
         "  each: total (VMM, kernel and guest set-up until the agent served + the agent until it answered)"
     );
     let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut wa, mut wb) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let t_ours = ours(&cfg)?;
-        let t_qemu = qemu(&kernel, &rootfs, tmp.path(), 100 + i as u32)?;
+        let (t_ours, w_ours) = ours(&cfg)?;
+        let (t_qemu, w_qemu) = qemu(&kernel, &rootfs, tmp.path(), 100 + i as u32)?;
         println!(
             "  run {i}: fissile-vmm {}   qemu microvm {}",
             run(&t_ours),
             run(&t_qemu)
         );
+        println!(
+            "         vsock: connect + Info {:>5.2} ms, echo {:>5.2} ms   vhost-vsock: {:>5.2} ms, {:>5.2} ms",
+            ms(w_ours.connect),
+            ms(w_ours.echo),
+            ms(w_qemu.connect),
+            ms(w_qemu.echo)
+        );
         a.push(t_ours);
         b.push(t_qemu);
+        wa.push(w_ours);
+        wb.push(w_qemu);
     }
     let (ma, mb) = (medians(&a), medians(&b));
     let ratio = ma.0.as_secs_f64() / mb.0.as_secs_f64();
@@ -114,6 +174,18 @@ fn main() -> anyhow::Result<()> {
         "  median step ratios: until the agent served {:.2}x, the agent until it answered {:.2}x",
         ma.1.as_secs_f64() / mb.1.as_secs_f64(),
         ma.2.as_secs_f64() / mb.2.as_secs_f64()
+    );
+    let m = |w: &[Wire], f: fn(&Wire) -> Duration| median(&mut w.iter().map(f).collect::<Vec<_>>());
+    let (ca, cb) = (m(&wa, |w| w.connect), m(&wb, |w| w.connect));
+    let (ea, eb) = (m(&wa, |w| w.echo), m(&wb, |w| w.echo));
+    println!(
+        "  vsock path, medians of the runs' medians (our muxer vs vhost-vsock): connect + Info {:.2} vs {:.2} ms ({:.2}x), echo {:.2} vs {:.2} ms ({:.2}x)",
+        ms(ca),
+        ms(cb),
+        ca.as_secs_f64() / cb.as_secs_f64(),
+        ms(ea),
+        ms(eb),
+        ea.as_secs_f64() / eb.as_secs_f64()
     );
     Ok(())
 }
