@@ -210,9 +210,9 @@ impl AgentClient {
 
     /// Connects through a hybrid vsock and wakes a restored guest ([`Self::wake`]) in one
     /// round trip: the `CONNECT` line, `AfterRestore` and `Info` leave in one write, before
-    /// any answer is read. The VMM reads the line byte by byte and leaves what follows in the
-    /// socket until the guest has accepted the connection, then forwards it, so the guest's
-    /// answers follow the `OK` line with no second trip. `within` bounds the answers (the
+    /// any answer is read. The VMM reads the line without consuming what follows it, which
+    /// waits in the socket until the guest has accepted the connection, then goes on to it,
+    /// so the guest's answers follow the `OK` line with no second trip. `within` bounds the answers (the
     /// client's usual call deadline applies afterwards).
     pub fn connect_hybrid_vsock_waking(
         uds: &Path,
@@ -247,14 +247,18 @@ impl AgentClient {
         s.write_all(&out).map_err(ctx)?;
         // Nothing after the newline may be consumed: the guest's answers may follow it.
         let mut line = Vec::new();
-        match fissile_proto::uds::read_line_unbuffered(&s, &mut line, 64) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {}
+        let complete = match fissile_proto::uds::read_line_unbuffered(&s, &mut line, 64) {
+            Ok(complete) => complete,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(ClientError::Handshake(
+                    "the VMM's answer to `CONNECT` is longer than 64 bytes".into(),
+                ));
+            }
             Err(e) => return Err(ctx(e)),
-        }
+        };
         s.set_read_timeout(None).map_err(ctx)?;
         let line = String::from_utf8_lossy(&line).into_owned();
-        if !line.starts_with("OK ") {
+        if !complete || !line.starts_with("OK ") {
             return Err(ClientError::Handshake(format!(
                 "expected `OK <port>`, got {line:?}"
             )));
@@ -753,7 +757,11 @@ impl ReadyListener {
         let mut line = Vec::new();
         match fissile_proto::uds::read_line_unbuffered(&stream, &mut line, 128) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(ClientError::Handshake(
+                    "the readiness line is longer than 128 bytes".into(),
+                ));
+            }
             Err(e) => return Err(ctx(e)),
         }
         let line = String::from_utf8_lossy(&line).into_owned();

@@ -164,7 +164,8 @@ fn clear_stale(path: &Path) -> io::Result<()> {
 /// `Ok(true)`: the line is complete (the newline was read). `Ok(false)`: the peer closed
 /// first. A blocking stream's read timeout, or a non-blocking stream with the line not
 /// complete yet, is `WouldBlock` (or `TimedOut`), and what came so far is in `line` (call
-/// again to go on). A line of more than `max` bytes is `InvalidData`.
+/// again to go on). A line of more than `max` bytes is `InvalidData`. Works on any stream
+/// socket wrapped as a `UnixStream` that supports `MSG_PEEK` (AF_VSOCK does since Linux 5.x).
 pub fn read_line_unbuffered(
     mut stream: &UnixStream,
     line: &mut Vec<u8>,
@@ -173,7 +174,10 @@ pub fn read_line_unbuffered(
     let mut buf = [0u8; 256];
     loop {
         // One byte past `max`: a line that long is refused without waiting for its end.
-        let want = (max.saturating_sub(line.len()) + 1).min(buf.len());
+        let want = max
+            .saturating_sub(line.len())
+            .saturating_add(1)
+            .min(buf.len());
         let n = match rustix::net::recv(stream, &mut buf[..want], rustix::net::RecvFlags::PEEK) {
             Ok((n, _)) => n,
             Err(rustix::io::Errno::INTR) => continue,
@@ -251,9 +255,15 @@ mod tests {
         assert!(read_line_unbuffered(&b, &mut line, 32).unwrap());
         assert_eq!(line, b"OK 1234");
 
-        // Too long a line is refused once it passes the limit, not at its end.
+        // A line of exactly `max` bytes is read; one byte more is refused once it passes
+        // the limit, not at its end.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"12345678\n").unwrap();
         let mut line = Vec::new();
-        a.write_all(b"xxxxxxxxxxxx").unwrap();
+        assert!(read_line_unbuffered(&b, &mut line, 8).unwrap());
+        assert_eq!(line, b"12345678");
+        a.write_all(b"123456789").unwrap();
+        let mut line = Vec::new();
         let err = read_line_unbuffered(&b, &mut line, 8).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
 

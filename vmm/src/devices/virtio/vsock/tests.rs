@@ -219,6 +219,23 @@ fn connect_handshake_sends_request_and_answers_ok() {
 }
 
 #[test]
+fn a_line_sent_before_the_accept_is_read_with_the_accept() {
+    let mut r = rig();
+    r.give_rx_buffers(1);
+    let _client = host_client(&r.path);
+    // One readiness round, the listener's: the accept reads the line that is already there.
+    let mut events = vec![EpollEvent::default(); 8];
+    let n = r.epoll.wait(2000, &mut events).unwrap();
+    assert_eq!(n, 1, "only the listener is ready");
+    r.backend
+        .handle_event(events[0].fd(), events[0].event_set());
+    let pkts = r.take_rx();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!(pkts[0].0.op, OP_REQUEST);
+    assert_eq!(pkts[0].0.dst_port, GUEST_PORT);
+}
+
+#[test]
 fn bytes_flow_both_ways() {
     let mut r = rig();
     let (mut client, local) = r.connect(CONN_BUF_ALLOC);
