@@ -991,12 +991,10 @@ impl App {
             record.vcpus,
             record.network.as_ref(),
         );
-        cfg.cancel = entry.as_ref().map(|l| Arc::clone(&l.closed));
-        let deleted = move || {
-            entry
-                .as_ref()
-                .is_some_and(|l| l.closed.load(Ordering::Acquire))
-        };
+        // One flag: the start's wait loop watches it, and so do the checks here.
+        let closed = entry.map(|l| Arc::clone(&l.closed));
+        cfg.cancel = closed.clone();
+        let deleted = move || closed.as_ref().is_some_and(|c| c.load(Ordering::Acquire));
         let gone = deleted.clone();
         let deleted_id = id.clone();
         // Queued behind other starts; the reservation above already holds the quota.
