@@ -258,8 +258,9 @@ fn a_touch_order_recorded_with_its_pages_keeps_them_in_pieces_counted_as_referen
 #[test]
 fn ingest_threads_store_the_same_chunks_once_and_read_back_identical() {
     // 700 pages: batches of 256 split across workers; the same page content repeats in
-    // different batches (pages 0..100 again at 400..500), so two workers of one wave both
-    // find it missing and only one copy may be written.
+    // different batches (pages 0..100 again at 400..500), so two workers may both find it
+    // missing and only one copy may be written. Workers' results come in any order: a
+    // layer on the snapshot, its dirty pages in every batch, must read back all the same.
     let mut mem = memory(9, 700);
     let (head, tail) = mem.split_at_mut(400 * PS as usize);
     tail[..100 * PS as usize].copy_from_slice(&head[..100 * PS as usize]);
@@ -275,6 +276,23 @@ fn ingest_threads_store_the_same_chunks_once_and_read_back_identical() {
         assert_eq!(
             again.chunks_written, 0,
             "{threads} threads: a re-ingest wrote chunks"
+        );
+        let mut child = mem.clone();
+        let mut dirty: Vec<u64> = (0..700).step_by(7).collect();
+        for &p in &dirty {
+            child[p as usize * PS as usize..][..PS as usize].fill(p as u8 ^ 0x5a);
+        }
+        // One of them becomes zeros, overriding the parent's page.
+        child[PS as usize * 301..][..PS as usize].fill(0);
+        dirty.push(301);
+        let mut req = full(&child);
+        req.parent = Some(out.id.clone());
+        req.dirty_pages = Some(dirty);
+        let layer = store.create(&req).unwrap();
+        assert_eq!(
+            store.read_all(&layer.id).unwrap(),
+            child,
+            "{threads} threads: a layer"
         );
         written.push((out.chunks_written, out.bytes_written));
     }

@@ -39,7 +39,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -1200,53 +1200,74 @@ impl Store {
             })
             .collect();
         let mut pages_scanned = 0u64;
-        // In waves of one batch per thread: the workers read, hash, look up and compress;
-        // then this thread takes their results in page order (appends, the page list).
-        for wave in batches.chunks(threads) {
-            let memory = &*req.memory;
-            let (known, zero) = (&ing.known, zero.as_slice());
-            let scanned: Vec<Result<Scanned, CreateError>> = if wave.len() == 1 {
-                vec![scan_batch(
-                    self,
-                    memory,
-                    wave[0],
-                    ps,
-                    zero,
-                    known,
-                    &mut bufs[0],
-                )]
-            } else {
-                std::thread::scope(|scope| {
-                    let workers: Vec<_> = wave
-                        .iter()
-                        .zip(bufs.iter_mut())
-                        .map(|(&batch, buf)| {
-                            scope.spawn(move || {
-                                scan_batch(self, memory, batch, ps, zero, known, buf)
-                            })
-                        })
-                        .collect();
-                    workers
-                        .into_iter()
-                        .map(|w| w.join().unwrap_or(Err(CreateError::Worker)))
-                        .collect()
-                })
-            };
-            for (batch, scanned) in wave.iter().zip(scanned) {
-                let scanned = scanned?;
-                ing.absorb(scanned.found, scanned.missing)?;
-                for (i, h) in scanned.hashes.iter().enumerate() {
-                    let idx = batch.0 + i as u64;
-                    let differs = match &parent {
-                        Some(pv) => pv.page(idx).flatten() != h.as_ref(),
-                        None => h.is_some(),
-                    };
-                    if differs {
-                        entries.push((idx, *h));
-                    }
+        // The changed pages of one scanned batch (taken in any order; sorted after).
+        let mut take = |ing: &mut Ingest<'_>, batch: (u64, usize), scanned: Scanned| {
+            ing.absorb(scanned.found, scanned.missing)?;
+            for (i, h) in scanned.hashes.iter().enumerate() {
+                let idx = batch.0 + i as u64;
+                let differs = match &parent {
+                    Some(pv) => pv.page(idx).flatten() != h.as_ref(),
+                    None => h.is_some(),
+                };
+                if differs {
+                    entries.push((idx, *h));
                 }
-                pages_scanned += batch.1 as u64;
             }
+            pages_scanned += batch.1 as u64;
+            Ok::<(), CreateError>(())
+        };
+        let memory = &*req.memory;
+        let zero = zero.as_slice();
+        if threads == 1 || batches.len() == 1 {
+            for &batch in &batches {
+                let scanned = scan_batch(self, memory, batch, ps, zero, &ing.known, &mut bufs[0])?;
+                take(&mut ing, batch, scanned)?;
+            }
+        } else {
+            // The workers read, hash, look up and compress batches taken from one cursor;
+            // this thread takes their results as they come (appends, the page list), so no
+            // worker waits for another's batch or for this thread. Workers cannot see what
+            // this create has already appended (`ing.known` changes under them): a chunk in
+            // two batches may be looked up and compressed twice, and is appended once.
+            let next = AtomicUsize::new(0);
+            let stop = AtomicBool::new(false);
+            let no_known = HashMap::new();
+            let result = std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(threads);
+                for buf in &mut bufs {
+                    let (tx, next, stop, batches, no_known) =
+                        (tx.clone(), &next, &stop, &batches, &no_known);
+                    scope.spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let Some(&batch) = batches.get(next.fetch_add(1, Ordering::Relaxed))
+                            else {
+                                break;
+                            };
+                            let scanned = scan_batch(self, memory, batch, ps, zero, no_known, buf);
+                            if tx.send((batch, scanned)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                drop(tx);
+                let mut taken = 0;
+                for (batch, scanned) in rx {
+                    if let Err(e) = scanned.and_then(|scanned| take(&mut ing, batch, scanned)) {
+                        stop.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                    taken += 1;
+                }
+                // Every sender gone with batches left: a worker panicked.
+                if taken == batches.len() {
+                    Ok(())
+                } else {
+                    Err(CreateError::Worker)
+                }
+            });
+            result?;
+            entries.sort_unstable_by_key(|&(idx, _)| idx);
         }
         let (parent_id, depth) = match (&parent, flatten) {
             (Some(pv), false) => (Some(pv.id().to_string()), pv.manifest.depth + 1),
