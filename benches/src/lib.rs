@@ -172,6 +172,22 @@ pub fn cpu_ms(pid: u32) -> u64 {
     stat_cpu_ms(&read_stat(&format!("/proc/{pid}/stat")))
 }
 
+/// The time (ms) every CPU of the host has spent idle so far, waiting for I/O included
+/// (`/proc/stat`'s `cpu` line, fields 4 and 5, in USER_HZ ticks); 0 if unreadable. Beside
+/// a step's wall time it tells waiting (idle CPUs) from work (none idle).
+pub fn host_idle_ms() -> u64 {
+    let stat = read_stat("/proc/stat");
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    (ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0)) * 10
+}
+
 /// A KVM counter summed over every VM on the host (`/sys/kernel/debug/kvm/<name>`, e.g.
 /// `pf_fixed`: guest-physical page faults KVM fixed by mapping a page), if debugfs is
 /// mounted and readable (the lab mounts it).
@@ -181,6 +197,21 @@ pub fn kvm_counter(name: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Every KVM counter of [`kvm_counter`] by name (the files directly in
+/// `/sys/kernel/debug/kvm`), empty if debugfs is not readable.
+pub fn kvm_counters() -> std::collections::BTreeMap<String, u64> {
+    let Ok(dir) = std::fs::read_dir("/sys/kernel/debug/kvm") else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            Some((name.clone(), kvm_counter(&name)?))
+        })
+        .collect()
 }
 
 /// Open descriptors of process `pid`.

@@ -48,7 +48,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fissile_benches::tally::Tally;
 use fissile_benches::{
-    cpu_ms, eval, grown, kvm_counter, page_faults, smaps, smaps_top, thread_cpu_ms, thread_switches,
+    cpu_ms, eval, grown, host_idle_ms, kvm_counter, kvm_counters, page_faults, smaps, smaps_top,
+    thread_cpu_ms, thread_switches,
 };
 use fissile_proto::control::ControlRequest;
 use fissile_sandbox::{ChildPlace, Sandbox, SandboxConfig, Snapshotd, Standby};
@@ -316,8 +317,13 @@ fn restore_first_exec_in(
     };
     let pf = || kvm_counter("pf_fixed");
     let sd_cpu = || cpu_ms(sd.pid());
+    // Faults snapshotd served (every session: here only this VM's has any to serve).
+    let sd_faults =
+        || -> anyhow::Result<u64> { Ok(Client::connect(sd.socket())?.stats()?.faults_served) };
+    let faults_before = sd_faults()?;
     let before = pf();
     let sd_before = sd_cpu();
+    let idle_before = host_idle_ms();
     let t = Instant::now();
     let mut sb = match pre {
         Some(s) => Sandbox::restore_standby(s, id)?,
@@ -326,25 +332,45 @@ fn restore_first_exec_in(
     let ready = t.elapsed();
     let at_ready = pf();
     let sd_at_ready = sd_cpu();
+    let idle_at_ready = host_idle_ms();
+    // Read outside the timed steps (a round trip to snapshotd).
+    let faults_at_ready = sd_faults()?;
     let vmm = sb.pid();
+    let vmm_threads = || vmm.map_or_else(Default::default, thread_cpu_ms);
+    let threads_at_ready = vmm_threads();
     // Minor faults: pages already in the image (prefetched, or copied on write); major:
     // those that waited, such as the ones snapshotd served through userfaultfd when the
     // vCPU thread took them itself (KVM's asynchronous faults are a kworker's).
     let vmm_faults = || vmm.map_or((0, 0), page_faults);
-    let faults_at_ready = vmm_faults();
+    let vmm_faults_at_ready = vmm_faults();
+    let idle_at_exec = host_idle_ms();
+    let kvm_at_exec = kvm_counters();
     let e = Instant::now();
     eval(&mut sb, "1+1")?;
     let exec = e.elapsed();
-    let first = t.elapsed();
+    let first = ready + exec;
     let after_first = pf();
     let sd_after_first = sd_cpu();
+    let idle_after_first = host_idle_ms();
     let faults_in_exec = {
         let (minor, major) = vmm_faults();
         (
-            minor.saturating_sub(faults_at_ready.0),
-            major.saturating_sub(faults_at_ready.1),
+            minor.saturating_sub(vmm_faults_at_ready.0),
+            major.saturating_sub(vmm_faults_at_ready.1),
         )
     };
+    // The VMM's threads that took CPU time in the exec (10 ms ticks).
+    let threads_in_exec = grown(&threads_at_ready, vmm_threads())
+        .iter()
+        .map(|(name, ms)| format!("{name} {ms}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let uffd_in_exec = sd_faults()?.saturating_sub(faults_at_ready);
+    let kvm_in_exec = grown(&kvm_at_exec, kvm_counters())
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let e = Instant::now();
     eval(&mut sb, "1+1")?;
     let second = e.elapsed();
@@ -367,14 +393,22 @@ fn restore_first_exec_in(
     // snapshotd's CPU time (user and system, 10 ms ticks; the whole daemon, so threads
     // of earlier rows still ending count too): what serving the image cost, on the lab's
     // one CPU the guest's too.
+    // Host CPU idle (all CPUs; the lab has one): a step that waits shows it here, one that
+    // works does not.
     let steps = format!(
-        "VMM {} | agent answered {:.1} ms (snapshotd CPU {} ms) | first exec {:.1} ms \
-         (snapshotd CPU {} ms, VMM page faults {} minor, {} major){mapped}",
+        "VMM {} | agent answered {:.1} ms (snapshotd CPU {} ms, {} uffd faults, host idle {} \
+         ms) | first exec {:.1} ms (snapshotd CPU {} ms, {} uffd faults, host idle {} ms, VMM \
+         threads' CPU ms [{threads_in_exec}], KVM [{kvm_in_exec}], VMM page faults {} minor, {} \
+         major){mapped}",
         vmm_steps(&cfg.dir),
         ms(ready),
         sd_at_ready.saturating_sub(sd_before),
+        faults_at_ready.saturating_sub(faults_before),
+        idle_at_ready.saturating_sub(idle_before),
         ms(exec),
         sd_after_first.saturating_sub(sd_at_ready),
+        uffd_in_exec,
+        idle_after_first.saturating_sub(idle_at_exec),
         faults_in_exec.0,
         faults_in_exec.1,
     );
