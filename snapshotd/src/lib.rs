@@ -1,7 +1,8 @@
 //! snapshotd: Fissile's content-addressed snapshot store and page server.
 //!
 //! * [`store`]: the library. Pages are addressed by blake3, stored once (zstd, append-only
-//!   pack files, rocksdb index with refcounts), verified on every read.
+//!   pack files, rocksdb index; unreferenced chunks swept after deletes), verified on
+//!   every read.
 //! * [`server`]: the daemon. A unix-socket API (protocol in
 //!   [`fissile_proto::snapshotd`]) to create snapshots from memory handed over as an fd, to
 //!   open lazily materialized shared base images, and to serve userfaultfd faults.

@@ -362,6 +362,10 @@ fn layered_snapshot_from_dirty_pages_reads_back_and_pins_parent() {
     );
     store.delete(&child.id).unwrap();
     store.delete(&parent.id).unwrap();
+    // Their chunks stay indexed until a sweep (no create references them meanwhile).
+    let unreferenced = store.check().unwrap().unreferenced;
+    assert!(unreferenced > 0);
+    assert_eq!(store.sweep().unwrap(), unreferenced);
     assert_eq!(store.stats().unwrap().chunks, 0);
     let gc = store.gc().unwrap();
     assert!(gc.bytes_after < gc.bytes_before, "{gc:?}");
@@ -421,6 +425,54 @@ fn assert_accounted(store: &Store, root: &Path) {
 }
 
 #[test]
+fn a_sweep_drops_only_unreferenced_chunks_and_a_create_keeps_those_it_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // `b` shares its first 300 pages with `a`.
+    let a = memory(21, 600);
+    let mut b = memory(22, 600);
+    b[..300 * PS as usize].copy_from_slice(&a[..300 * PS as usize]);
+    let pages = |m: &[u8]| -> HashSet<Vec<u8>> {
+        m.chunks_exact(PS as usize)
+            .filter(|p| p.iter().any(|x| *x != 0))
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let (in_a, in_b) = (pages(&a), pages(&b));
+    let only_a = in_a.difference(&in_b).count() as u64;
+    assert!(only_a > 100 && in_b.len() > 300);
+    let ia = store.create(&full(&a)).unwrap().id;
+    let ib = store.create(&full(&b)).unwrap().id;
+    assert_eq!(store.sweep().unwrap(), 0);
+    assert_eq!(store.stats().unwrap().chunks, only_a + in_b.len() as u64);
+    store.delete(&ia).unwrap();
+    // `a`'s own pages go; the shared ones stay for `b`.
+    assert_eq!(store.sweep().unwrap(), only_a);
+    assert_eq!(store.stats().unwrap().chunks, in_b.len() as u64);
+    assert_eq!(store.read_all(&ib).unwrap(), b);
+    assert!(store.check().unwrap().is_ok());
+    assert_eq!(store.sweep_if_due().unwrap(), 0, "nothing deleted since");
+
+    // Deleted, then stored again before a sweep: the create finds every chunk still
+    // indexed, writes none, and its manifest keeps them.
+    store.delete(&ib).unwrap();
+    assert_eq!(store.check().unwrap().unreferenced, in_b.len() as u64);
+    let again = store.create(&full(&b)).unwrap();
+    assert_eq!(again.chunks_written, 0);
+    assert_eq!(store.sweep().unwrap(), 0);
+    assert_eq!(store.read_all(&again.id).unwrap(), b);
+
+    // A delete the store did not sweep before it closed (a crash) is swept after the open.
+    store.delete(&again.id).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.sweep_if_due().unwrap(), in_b.len() as u64);
+    assert_eq!(store.stats().unwrap().chunks, 0);
+    assert!(store.check().unwrap().is_ok());
+    assert_accounted(&store, dir.path());
+}
+
+#[test]
 fn deletes_record_dead_bytes_durably_and_compaction_reclaims_them_while_reads_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -430,10 +482,13 @@ fn deletes_record_dead_bytes_durably_and_compaction_reclaims_them_while_reads_go
     assert_eq!(store.dead_bytes(), 0);
     assert_accounted(&store, dir.path());
     store.delete(&ia).unwrap();
+    // Counted by the sweep that drops the chunks only `ia` referenced.
+    assert_eq!(store.dead_bytes(), 0);
+    assert!(store.sweep().unwrap() > 0);
     let dead = store.dead_bytes();
     assert!(dead > 0);
     assert_accounted(&store, dir.path());
-    // Recorded with the delete: a reopened store knows them without measuring.
+    // Recorded with the sweep: a reopened store knows them without measuring.
     drop(store);
     let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
     assert_eq!(store.dead_bytes(), dead);

@@ -322,8 +322,10 @@ impl Server {
         server
     }
 
-    /// Housekeeping in the background, after every delete and every `interval`: the packs
-    /// `policy` selects (none without one) are rewritten, one at a time, while the daemon
+    /// Housekeeping in the background, after every delete and every `interval`: the index
+    /// entries of chunks no snapshot references any more are swept (after a delete or the
+    /// daemon's start), the packs `policy` selects (none without one) are rewritten, one at
+    /// a time, while the daemon
     /// serves (reads go on; an ingest or delete waits at most for the pack being rewritten);
     /// then the heap malloc holds free goes back to the system (what freed images, views
     /// and memtables left), so the daemon's memory follows what it holds.
@@ -341,6 +343,9 @@ impl Server {
                     let Some(server) = weak.upgrade() else { return };
                     if server.shutdown.is_set() {
                         return;
+                    }
+                    if let Err(e) = server.store.sweep_if_due() {
+                        tracing::warn!(error = %crate::error_chain(&e), "sweep failed");
                     }
                     if let Some(policy) = &policy
                         && let Err(e) = server.store.compact(policy)

@@ -204,8 +204,8 @@ impl Manifest {
         Ok(())
     }
 
-    /// Every distinct chunk this manifest itself references (not its parent's): each holds
-    /// one reference count for this snapshot.
+    /// Every distinct chunk this manifest itself references (not its parent's): what keeps
+    /// them live (a sweep drops the index entries of chunks no manifest references).
     pub fn distinct_chunks(&self) -> HashSet<Hash> {
         let mut set = HashSet::new();
         for run in &self.runs {

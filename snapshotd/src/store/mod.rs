@@ -3,7 +3,7 @@
 //! # Layout of a store root
 //! ```text
 //! ROOT/index/            rocksdb; column families:
-//!     chunks     blake3 hash (32 bytes) -> ChunkEntry (pack, offset, stored_len, raw_len, refcount)
+//!     chunks     blake3 hash (32 bytes) -> ChunkEntry (pack, offset, stored_len, raw_len)
 //!     manifests  snapshot id            -> encoded Manifest (see [`manifest`])
 //!     children   parent id \0 child id  -> ""   (a snapshot with children cannot be deleted)
 //!     meta       "format", "pack.active", "pack.committed", "pack.dead" (pack -> dead bytes)
@@ -12,20 +12,26 @@
 //!
 //! # Durability
 //! `create`: append every new chunk to the active pack, `fdatasync` it, then one rocksdb
-//! `WriteBatch` with `sync = true` holding the chunk entries, refcount increments, the
-//! manifest and the new committed length of the active pack; only then is the id returned.
+//! `WriteBatch` with `sync = true` holding the new chunks' entries, the manifest and the new
+//! committed length of the active pack; only then is the id returned.
 //! After a crash, bytes past `pack.committed` (and pack files numbered after the active one)
 //! were never acknowledged: [`Store::open`] truncates/removes them.
 //!
-//! # Reference counts
-//! A chunk's refcount is the number of manifests that reference it *directly* (each manifest
-//! counts every distinct chunk once). A layered manifest (created relative to a parent)
-//! references only its own pages and pins its parent: a snapshot with children cannot be
-//! deleted. [`Store::delete`] drops entries whose count reaches zero and adds their bytes to
-//! their pack's dead count (`meta` "pack.dead", written in the same batch); [`Store::compact`]
-//! rewrites the packs whose dead share passed a [`CompactPolicy`] (the daemon runs it in the
-//! background, a pack at a time), [`Store::gc`] every pack with dead bytes (offline, and it
-//! measures the dead bytes from the index again).
+//! # Liveness
+//! A chunk is live while a manifest references it (a layered manifest references only its
+//! own pages and pins its parent: a snapshot with children cannot be deleted). Nothing
+//! counts references: a create writes index entries for the chunks it appended and nothing
+//! for the ones it found stored, so storing pages again costs their hashing and lookup
+//! only. [`Store::delete`] drops the manifest; [`Store::sweep`] (mark and sweep, the writer
+//! lock held: creates wait) then drops the entries no manifest references and adds their
+//! bytes to their pack's dead count (`meta` "pack.dead", in the same batch), and
+//! [`Store::compact`] (which sweeps first after a delete or an open) rewrites the packs
+//! whose dead share passed a [`CompactPolicy`] (the daemon runs it in the background, a
+//! pack at a time), [`Store::gc`] every pack with dead bytes (offline, and it measures the
+//! dead bytes from the index again). An entry a delete left unreferenced may be found by a
+//! create before the sweep: the create's manifest references it, and it stays. Format 1
+//! stores (reference counts in the entries) open as format 2; an older binary refuses
+//! format 2, whose entries carry no counts for it to trust.
 //!
 //! # Reads
 //! Every chunk read is verified against its blake3 hash; a mismatch is a [`ReadError`]
@@ -55,7 +61,10 @@ pub const MAX_CHAIN_DEPTH: u32 = 16;
 /// A pack is sealed and a new one started once it grows past this.
 pub const PACK_TARGET_LEN: u64 = 1 << 30;
 /// Store format version recorded in `meta`.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+pub const STORE_FORMAT_VERSION: u32 = 2;
+/// The earlier format, which kept a reference count in each chunk entry (opened as
+/// [`STORE_FORMAT_VERSION`]: the counts are not read).
+const STORE_FORMAT_COUNTED: u32 = 1;
 /// The index's block cache, one for every column family (index and filter blocks included).
 pub const INDEX_CACHE_BYTES: usize = 64 << 20;
 /// What the index's memtables may hold, all column families together, before RocksDB
@@ -114,11 +123,11 @@ const INGEST_BATCH_PAGES: usize = 256;
 pub struct ChunkEntry {
     /// Where the chunk is.
     pub location: Location,
-    /// Number of manifests referencing it.
-    pub refcount: u64,
 }
 
 impl ChunkEntry {
+    /// Bytes of an entry: the location, then 8 bytes where format 1 kept a reference count
+    /// (written as zeros, never read).
     const LEN: usize = 28;
 
     fn encode(&self) -> [u8; Self::LEN] {
@@ -127,7 +136,6 @@ impl ChunkEntry {
         b[4..12].copy_from_slice(&self.location.offset.to_le_bytes());
         b[12..16].copy_from_slice(&self.location.stored_len.to_le_bytes());
         b[16..20].copy_from_slice(&self.location.raw_len.to_le_bytes());
-        b[20..28].copy_from_slice(&self.refcount.to_le_bytes());
         b
     }
 
@@ -142,7 +150,6 @@ impl ChunkEntry {
                 stored_len: u32::from_le_bytes(b[12..16].try_into().ok()?),
                 raw_len: u32::from_le_bytes(b[16..20].try_into().ok()?),
             },
-            refcount: u64::from_le_bytes(b[20..28].try_into().ok()?),
         })
     }
 }
@@ -321,9 +328,6 @@ pub enum TouchOrderError {
     /// Syncing the pack failed.
     #[error("syncing the pack")]
     Pack(#[source] io::Error),
-    /// A chunk's index entry is missing.
-    #[error("a stored chunk has no index entry")]
-    CorruptEntry,
     /// Index write failed.
     #[error("reading or writing the index")]
     Index(#[source] rocksdb::Error),
@@ -344,6 +348,9 @@ pub enum GcError {
     /// The index holds a corrupt chunk entry.
     #[error("index entry for a chunk is corrupt")]
     CorruptEntry,
+    /// A manifest does not decode: a sweep cannot tell what it references, and drops nothing.
+    #[error("manifest of snapshot {0} is corrupt; nothing swept")]
+    CorruptManifest(String, #[source] ManifestError),
     /// A pack holds bytes that are not records before its end; it is left as it is.
     #[error("pack {pack} has unreadable bytes at offset {offset}; left as it is")]
     Unreadable {
@@ -593,6 +600,9 @@ pub struct CheckReport {
     pub snapshots: u64,
     /// Chunks examined and verified.
     pub chunks: u64,
+    /// Of them, chunks no manifest references (a delete's, until the next sweep): not a
+    /// problem.
+    pub unreferenced: u64,
     /// Everything wrong, one line each; empty means consistent.
     pub problems: Vec<String>,
 }
@@ -662,6 +672,9 @@ pub struct Store {
     root: PathBuf,
     /// Threads that read, hash, look up and compress pages during a create.
     ingest_threads: AtomicUsize,
+    /// Set by a delete (and at open: one may have come just before a crash); the next
+    /// [`Store::compact`] sweeps first.
+    sweep_due: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -790,6 +803,15 @@ impl Store {
         match get_u64(META_FORMAT)? {
             None => {}
             Some(v) if v == u64::from(STORE_FORMAT_VERSION) => {}
+            Some(v) if v == u64::from(STORE_FORMAT_COUNTED) => {
+                let mut b = WriteBatch::default();
+                b.put_cf(
+                    meta,
+                    META_FORMAT,
+                    u64::from(STORE_FORMAT_VERSION).to_le_bytes(),
+                );
+                db.write_opt(b, &sync_opts()).map_err(OpenError::Index)?;
+            }
             Some(v) => return Err(OpenError::Format(v as u32)),
         }
         let active = get_u64(META_ACTIVE)?;
@@ -838,6 +860,7 @@ impl Store {
             seq,
             root: root.to_path_buf(),
             ingest_threads: AtomicUsize::new(default_ingest_threads()),
+            sweep_due: AtomicBool::new(true),
         };
         if recorded.is_none() {
             // A new store, or one from before dead bytes were recorded: measure them once.
@@ -1201,8 +1224,11 @@ impl Store {
             .collect();
         let mut pages_scanned = 0u64;
         // The changed pages of one scanned batch (taken in any order; sorted after).
-        let mut take = |ing: &mut Ingest<'_>, batch: (u64, usize), scanned: Scanned| {
-            ing.absorb(scanned.found, scanned.missing)?;
+        // `remember`: keep the chunks found stored, for later batches to skip (workers that
+        // cannot see them have no use for them).
+        let mut take = |ing: &mut Ingest<'_>, batch: (u64, usize), scanned: Scanned, remember| {
+            let found = if remember { scanned.found } else { Vec::new() };
+            ing.absorb(found, scanned.missing)?;
             for (i, h) in scanned.hashes.iter().enumerate() {
                 let idx = batch.0 + i as u64;
                 let differs = match &parent {
@@ -1221,7 +1247,7 @@ impl Store {
         if threads == 1 || batches.len() == 1 {
             for &batch in &batches {
                 let scanned = scan_batch(self, memory, batch, ps, zero, &ing.known, &mut bufs[0])?;
-                take(&mut ing, batch, scanned)?;
+                take(&mut ing, batch, scanned, true)?;
             }
         } else {
             // The workers read, hash, look up and compress batches taken from one cursor;
@@ -1231,7 +1257,7 @@ impl Store {
             // two batches may be looked up and compressed twice, and is appended once.
             let next = AtomicUsize::new(0);
             let stop = AtomicBool::new(false);
-            let no_known = HashMap::new();
+            let no_known = HashSet::new();
             let result = std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(threads);
                 for buf in &mut bufs {
@@ -1253,7 +1279,9 @@ impl Store {
                 drop(tx);
                 let mut taken = 0;
                 for (batch, scanned) in rx {
-                    if let Err(e) = scanned.and_then(|scanned| take(&mut ing, batch, scanned)) {
+                    if let Err(e) =
+                        scanned.and_then(|scanned| take(&mut ing, batch, scanned, false))
+                    {
                         stop.store(true, Ordering::Relaxed);
                         return Err(e);
                     }
@@ -1289,8 +1317,6 @@ impl Store {
                 .enumerate()
                 .filter_map(|(i, h)| h.map(|h| (i as u64, Some(h))))
                 .collect();
-            let inherited: Vec<Hash> = entries.iter().filter_map(|(_, h)| *h).collect();
-            ing.load_existing(&inherited)?;
         }
         let mut blobs = BTreeMap::new();
         if let Some(name) = req.blobs.keys().find(|n| n.starts_with(STORE_BLOB_PREFIX)) {
@@ -1325,20 +1351,10 @@ impl Store {
         };
         m.validate().map_err(CreateError::Manifest)?;
         let encoded = manifest::encode(&m).map_err(CreateError::Manifest)?;
-        let referenced = m.distinct_chunks();
         let (chunks_written, bytes_written) = (ing.chunks_written, ing.bytes_written);
-        let known = std::mem::take(&mut ing.known);
         let committed = ing.writer.sync().map_err(CreateError::Pack)?;
-        let referenced: Vec<Hash> = referenced.into_iter().collect();
-        let mut batch = self
-            .manifest_batch(
-                &known,
-                referenced,
-                &id,
-                &encoded,
-                (ing.writer.number, committed),
-            )
-            .ok_or(CreateError::CorruptEntry)?;
+        let mut batch =
+            self.manifest_batch(&ing.appended, &id, &encoded, (ing.writer.number, committed));
         if let Some(p) = &parent_id {
             batch.put_cf(self.cf(CF_CHILDREN), child_key(p, &id), b"");
         }
@@ -1353,30 +1369,25 @@ impl Store {
         })
     }
 
-    /// The index writes that commit manifest `encoded` of snapshot `id`: one reference more
-    /// for each chunk of `new_refs` (each in `known`, written in key order), the manifest,
-    /// and the active pack with its committed length (`pack`: number, length). `None` if a
-    /// chunk is not in `known`.
+    /// The index writes that commit manifest `encoded` of snapshot `id`: the entries of the
+    /// chunks it appended (`appended`), the manifest, and the active pack with its committed
+    /// length (`pack`: number, length). Chunks it found stored need no write.
     fn manifest_batch(
         &self,
-        known: &HashMap<Hash, ChunkEntry>,
-        mut new_refs: Vec<Hash>,
+        appended: &[(Hash, ChunkEntry)],
         id: &str,
         encoded: &[u8],
         (pack, committed): (u32, u64),
-    ) -> Option<WriteBatch> {
+    ) -> WriteBatch {
         let mut batch = WriteBatch::default();
-        new_refs.sort_unstable();
-        for hash in &new_refs {
-            let mut e = *known.get(hash)?;
-            e.refcount += 1;
+        for (hash, e) in appended {
             batch.put_cf(self.cf(CF_CHUNKS), hash, e.encode());
         }
         batch.put_cf(self.cf(CF_MANIFESTS), id.as_bytes(), encoded);
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_ACTIVE, u64::from(pack).to_le_bytes());
         batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
-        Some(batch)
+        batch
     }
 
     /// Deletes snapshot `id` (refused while snapshots are layered on it).
@@ -1392,33 +1403,15 @@ impl Store {
             }
         }
         let mut batch = WriteBatch::default();
-        let chunks = self.cf(CF_CHUNKS);
-        let mut dead = lock(&self.dead);
-        let mut now_dead = dead.clone();
-        for hash in m.distinct_chunks() {
-            match self.get_entry(&hash).map_err(DeleteError::Index)? {
-                Some(mut e) if e.refcount > 1 => {
-                    e.refcount -= 1;
-                    batch.put_cf(chunks, hash, e.encode());
-                }
-                Some(e) => {
-                    batch.delete_cf(chunks, hash);
-                    *now_dead.entry(e.location.pack).or_default() += e.location.record_len();
-                }
-                None => {
-                    tracing::warn!(snapshot = id, chunk = %hex(&hash), "referenced chunk missing")
-                }
-            }
-        }
         batch.delete_cf(self.cf(CF_MANIFESTS), id.as_bytes());
         if let Some(p) = &m.parent {
             batch.delete_cf(children, child_key(p, id));
         }
-        batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&now_dead));
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(DeleteError::Index)?;
-        *dead = now_dead;
+        // Its chunks no other manifest references go at the next sweep.
+        self.sweep_due.store(true, Ordering::Release);
         lock(&self.views).remove(id);
         tracing::info!(snapshot = id, "snapshot deleted");
         Ok(())
@@ -1512,7 +1505,6 @@ impl Store {
                 pages: order_len,
             });
         }
-        let before = m.distinct_chunks();
         let mut ing = Ingest::new(self, writer);
         if stored > 0 {
             let blob = ing
@@ -1525,12 +1517,9 @@ impl Store {
         }
         m.validate().map_err(TouchOrderError::Invalid)?;
         let encoded = manifest::encode(&m).map_err(TouchOrderError::Encode)?;
-        let added: Vec<Hash> = m.distinct_chunks().difference(&before).copied().collect();
-        let known = std::mem::take(&mut ing.known);
         let committed = ing.writer.sync().map_err(TouchOrderError::Pack)?;
-        let batch = self
-            .manifest_batch(&known, added, id, &encoded, (ing.writer.number, committed))
-            .ok_or(TouchOrderError::CorruptEntry)?;
+        let batch =
+            self.manifest_batch(&ing.appended, id, &encoded, (ing.writer.number, committed));
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(TouchOrderError::Index)?;
@@ -1679,12 +1668,13 @@ impl Store {
         Ok(s)
     }
 
-    /// Verifies the whole store: manifests decode, chains resolve, refcounts match the
-    /// manifests, every indexed chunk reads back and verifies, pack files are intact.
+    /// Verifies the whole store: manifests decode, chains resolve, every chunk a manifest
+    /// references is indexed, every indexed chunk reads back and verifies, pack files are
+    /// intact.
     pub fn check(&self) -> Result<CheckReport, CheckError> {
         let _w = lock(&self.writer);
         let mut rep = CheckReport::default();
-        let mut want_refs: HashMap<Hash, u64> = HashMap::new();
+        let mut referenced: HashSet<Hash> = HashSet::new();
         let mut ids = HashSet::new();
         let mut parents = Vec::new();
         for item in self
@@ -1703,9 +1693,7 @@ impl Store {
                         rep.problems
                             .push(format!("snapshot {id}: manifest names {}", m.id));
                     }
-                    for h in m.distinct_chunks() {
-                        *want_refs.entry(h).or_default() += 1;
-                    }
+                    referenced.extend(m.distinct_chunks());
                     if let Some(p) = m.parent.clone() {
                         parents.push((id.clone(), p));
                     }
@@ -1758,14 +1746,8 @@ impl Store {
                 continue;
             };
             seen.insert(hash);
-            let want = want_refs.get(&hash).copied().unwrap_or(0);
-            if want != e.refcount {
-                rep.problems.push(format!(
-                    "chunk {}: refcount {} but {} manifests reference it",
-                    hex(&hash),
-                    e.refcount,
-                    want
-                ));
+            if !referenced.contains(&hash) {
+                rep.unreferenced += 1;
             }
             if e.location.pack == active && e.location.offset + e.location.record_len() > committed
             {
@@ -1785,7 +1767,7 @@ impl Store {
                 rep.problems.push(format!("chunk {}: {msg}", hex(&hash)));
             }
         }
-        for h in want_refs.keys() {
+        for h in &referenced {
             if !seen.contains(h) {
                 rep.problems.push(format!(
                     "chunk {} referenced but missing from the index",
@@ -1802,7 +1784,79 @@ impl Store {
         Ok(rep)
     }
 
-    /// Bytes of pack files that hold no live chunk (as recorded; [`Store::gc`] measures).
+    /// Drops the index entries of the chunks no manifest references (a delete's, until
+    /// then in the index) and adds their bytes to their packs' dead counts, in one batch:
+    /// marks every manifest's chunks, then sweeps the index, the writer lock held throughout
+    /// (creates, which may find and reference any entry, wait). Returns the entries
+    /// dropped. A manifest that does not decode stops it before anything is dropped.
+    pub fn sweep(&self) -> Result<u64, GcError> {
+        let _writer = lock(&self.writer);
+        let mut dead = lock(&self.dead);
+        self.sweep_locked(&mut dead)
+    }
+
+    /// [`Store::sweep`] if a delete (or the store's open) came since the last one; else 0.
+    pub fn sweep_if_due(&self) -> Result<u64, GcError> {
+        if self.sweep_due.load(Ordering::Acquire) {
+            self.sweep()
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// [`Store::sweep`], with `writer` and `dead` held by the caller.
+    fn sweep_locked(&self, dead: &mut BTreeMap<u32, u64>) -> Result<u64, GcError> {
+        let t = Instant::now();
+        // Cleared first: a delete after this point (which waits for the writer lock the
+        // caller holds) sets it again.
+        self.sweep_due.store(false, Ordering::Release);
+        let swept = (|| {
+            let mut live: HashSet<Hash> = HashSet::new();
+            for item in self
+                .db
+                .iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start)
+            {
+                let (k, v) = item.map_err(GcError::Index)?;
+                let m = manifest::decode(&v).map_err(|e| {
+                    GcError::CorruptManifest(String::from_utf8_lossy(&k).into_owned(), e)
+                })?;
+                live.extend(m.distinct_chunks());
+            }
+            let mut batch = WriteBatch::default();
+            let mut now_dead = dead.clone();
+            let mut dropped = 0u64;
+            for item in self.chunk_scan() {
+                let (k, v) = item.map_err(GcError::Index)?;
+                if <Hash>::try_from(&k[..]).is_ok_and(|h| live.contains(&h)) {
+                    continue;
+                }
+                let e = ChunkEntry::decode(&v).ok_or(GcError::CorruptEntry)?;
+                batch.delete_cf(self.cf(CF_CHUNKS), &k);
+                *now_dead.entry(e.location.pack).or_default() += e.location.record_len();
+                dropped += 1;
+            }
+            if dropped > 0 {
+                batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&now_dead));
+                self.db
+                    .write_opt(batch, &sync_opts())
+                    .map_err(GcError::Index)?;
+                *dead = now_dead;
+            }
+            Ok(dropped)
+        })();
+        match &swept {
+            Ok(dropped) => tracing::info!(
+                dropped,
+                ms = t.elapsed().as_millis() as u64,
+                "unreferenced chunks swept"
+            ),
+            Err(_) => self.sweep_due.store(true, Ordering::Release),
+        }
+        swept
+    }
+
+    /// Bytes of pack files that hold no live chunk (as recorded; chunks a delete left
+    /// unreferenced count once swept; [`Store::gc`] measures).
     pub fn dead_bytes(&self) -> u64 {
         lock(&self.dead).values().sum()
     }
@@ -1838,6 +1892,7 @@ impl Store {
     /// the pack being rewritten), if together they hold at least its `min_reclaim_bytes`.
     /// Reads go on throughout. What the daemon runs in the background.
     pub fn compact(&self, policy: &CompactPolicy) -> Result<GcReport, GcError> {
+        self.sweep_if_due()?;
         let mut rep = GcReport {
             bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
             ..GcReport::default()
@@ -1871,6 +1926,7 @@ impl Store {
             ..GcReport::default()
         };
         let mut dead = lock(&self.dead);
+        self.sweep_locked(&mut dead)?;
         self.remeasure_dead(&writer, &mut dead)?;
         let victims: Vec<u32> = dead.keys().copied().collect();
         for n in victims {
@@ -1969,13 +2025,7 @@ impl Store {
             let location = writer
                 .append_encoded(&record, r.location.stored_len, r.location.raw_len)
                 .map_err(GcError::Pack)?;
-            moved.push((
-                r.hash,
-                ChunkEntry {
-                    location,
-                    refcount: e.refcount,
-                },
-            ));
+            moved.push((r.hash, ChunkEntry { location }));
         }
         let committed = writer.sync().map_err(GcError::Pack)?;
         // Recorded as wholly dead until it is gone: a crash before the removal leaves a pack
@@ -2106,7 +2156,7 @@ fn encode_chunk(h: &Hash, raw: &[u8]) -> Result<EncodedChunk, CreateError> {
 #[derive(Debug)]
 struct Scanned {
     hashes: Vec<Option<Hash>>,
-    found: Vec<(Hash, ChunkEntry)>,
+    found: Vec<Hash>,
     missing: Vec<EncodedChunk>,
 }
 
@@ -2119,7 +2169,7 @@ fn scan_batch(
     (start, n): (u64, usize),
     ps: u32,
     zero: &[u8],
-    known: &HashMap<Hash, ChunkEntry>,
+    known: &HashSet<Hash>,
     buf: &mut [u8],
 ) -> Result<Scanned, CreateError> {
     let ps = ps as usize;
@@ -2135,7 +2185,7 @@ fn scan_batch(
     let mut asked = HashSet::new();
     for (i, h) in hashes.iter().enumerate() {
         if let Some(h) = h
-            && !known.contains_key(h)
+            && !known.contains(h)
             && asked.insert(*h)
         {
             lookup.push((i, *h));
@@ -2159,8 +2209,8 @@ fn scan_batch(
     for ((i, h), res) in lookup.iter().zip(found) {
         match res.map_err(CreateError::Index)? {
             Some(v) => {
-                let e = ChunkEntry::decode(&v).ok_or(CreateError::CorruptEntry)?;
-                scanned.found.push((*h, e));
+                ChunkEntry::decode(&v).ok_or(CreateError::CorruptEntry)?;
+                scanned.found.push(*h);
             }
             None => scanned
                 .missing
@@ -2173,7 +2223,10 @@ fn scan_batch(
 struct Ingest<'a> {
     store: &'a Store,
     writer: &'a mut PackWriter,
-    known: HashMap<Hash, ChunkEntry>,
+    /// Chunks this ingest found stored or appended.
+    known: HashSet<Hash>,
+    /// Those it appended, with their entries (what its commit writes to the index).
+    appended: Vec<(Hash, ChunkEntry)>,
     chunks_written: u64,
     bytes_written: u64,
 }
@@ -2184,28 +2237,22 @@ impl<'a> Ingest<'a> {
         Ingest {
             store,
             writer,
-            known: HashMap::new(),
+            known: HashSet::new(),
+            appended: Vec::new(),
             chunks_written: 0,
             bytes_written: 0,
         }
     }
 
-    /// Takes one scanned batch: index entries the store has, and records of chunks it does
-    /// not (appended unless an earlier batch appended the same chunk).
-    fn absorb(
-        &mut self,
-        found: Vec<(Hash, ChunkEntry)>,
-        missing: Vec<EncodedChunk>,
-    ) -> Result<(), CreateError> {
-        for (h, e) in found {
-            self.known.entry(h).or_insert(e);
-        }
+    /// Takes one scanned batch: chunks the store has (remembered, so later batches skip
+    /// their lookup), and records of chunks it does not (appended unless an earlier batch
+    /// appended the same chunk).
+    fn absorb(&mut self, found: Vec<Hash>, missing: Vec<EncodedChunk>) -> Result<(), CreateError> {
+        self.known.extend(found);
         for m in missing {
-            if self.known.contains_key(&m.hash) {
-                continue;
+            if self.known.insert(m.hash) {
+                self.append_encoded(&m)?;
             }
-            let e = self.append_encoded(&m)?;
-            self.known.insert(m.hash, e);
         }
         Ok(())
     }
@@ -2221,25 +2268,9 @@ impl<'a> Ingest<'a> {
             .map_err(CreateError::Pack)?;
         self.chunks_written += 1;
         self.bytes_written += location.record_len();
-        Ok(ChunkEntry {
-            location,
-            refcount: 0,
-        })
-    }
-
-    /// Loads index entries for chunks inherited by a flattened manifest.
-    fn load_existing(&mut self, hashes: &[Hash]) -> Result<(), CreateError> {
-        for h in hashes {
-            if !self.known.contains_key(h) {
-                let e = self
-                    .store
-                    .get_entry(h)
-                    .map_err(CreateError::Index)?
-                    .ok_or(CreateError::CorruptEntry)?;
-                self.known.insert(*h, e);
-            }
-        }
-        Ok(())
+        let entry = ChunkEntry { location };
+        self.appended.push((m.hash, entry));
+        Ok(entry)
     }
 
     fn store_blob(&mut self, data: &[u8]) -> Result<BlobRef, CreateError> {
@@ -2258,21 +2289,79 @@ impl<'a> Ingest<'a> {
         }
         let hashes = pieces.iter().map(|p| p.hash).collect();
         for piece in pieces {
-            if !self.known.contains_key(&piece.hash) {
-                let e = match self
+            if self.known.insert(piece.hash)
+                && self
                     .store
                     .get_entry(&piece.hash)
                     .map_err(CreateError::Index)?
-                {
-                    Some(e) => e,
-                    None => self.append_encoded(&piece)?,
-                };
-                self.known.insert(piece.hash, e);
+                    .is_none()
+            {
+                self.append_encoded(&piece)?;
             }
         }
         Ok(BlobRef::Chunks {
             len: data.len() as u64,
             hashes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A format 1 store (a reference count in each entry) opens as format 2: its entries
+    /// read as they were, their counts ignored, and its chunks go once unreferenced.
+    #[test]
+    fn a_format_1_store_opens_and_its_counts_are_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mem: Vec<u8> = (0..64 * 4096)
+            .map(|i| (i / 4096 * 7 + i % 251) as u8)
+            .collect();
+        let req = |mem: &[u8]| CreateRequest {
+            memory: Box::new(mem.to_vec()),
+            page_size: DEFAULT_PAGE_SIZE,
+            parent: None,
+            dirty_pages: None,
+            blobs: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            touch_order: Vec::new(),
+        };
+        let id = {
+            let store = Store::open(dir.path()).expect("open");
+            let id = store.create(&req(&mem)).expect("create").id;
+            // As format 1 wrote it: the format, and a count of 3 in every entry.
+            let mut batch = WriteBatch::default();
+            for item in store.chunk_scan() {
+                let (k, v) = item.expect("entry");
+                let mut v = v.to_vec();
+                v[20..28].copy_from_slice(&3u64.to_le_bytes());
+                batch.put_cf(store.cf(CF_CHUNKS), k, v);
+            }
+            let format = u64::from(STORE_FORMAT_COUNTED).to_le_bytes();
+            batch.put_cf(store.cf(CF_META), META_FORMAT, format);
+            store.db.write(batch).expect("write");
+            id
+        };
+        let store = Store::open(dir.path()).expect("a format 1 store opens");
+        let format = store
+            .db
+            .get_cf(store.cf(CF_META), META_FORMAT)
+            .expect("get");
+        assert_eq!(
+            format.as_deref(),
+            Some(&u64::from(STORE_FORMAT_VERSION).to_le_bytes()[..])
+        );
+        assert_eq!(store.read_all(&id).expect("read"), mem);
+        assert!(store.check().expect("check").is_ok());
+        let chunks = store.stats().expect("stats").chunks;
+        assert!(chunks > 60, "{chunks}");
+        store.delete(&id).expect("delete");
+        assert_eq!(
+            store.sweep().expect("sweep"),
+            chunks,
+            "counts of 3 kept nothing"
+        );
+        assert_eq!(store.stats().expect("stats").chunks, 0);
     }
 }
