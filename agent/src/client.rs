@@ -212,8 +212,8 @@ impl AgentClient {
     /// round trip: the `CONNECT` line, `AfterRestore` and `Info` leave in one write, before
     /// any answer is read. The VMM reads the line without consuming what follows it, which
     /// waits in the socket until the guest has accepted the connection, then goes on to it,
-    /// so the guest's answers follow the `OK` line with no second trip. `within` bounds the answers (the
-    /// client's usual call deadline applies afterwards).
+    /// so the guest's answers follow the `OK` line with no second trip. `within` bounds the
+    /// answers (the client's usual call deadline applies afterwards).
     pub fn connect_hybrid_vsock_waking(
         uds: &Path,
         port: u32,
@@ -246,18 +246,8 @@ impl AgentClient {
         out.extend_from_slice(early);
         s.write_all(&out).map_err(ctx)?;
         // Nothing after the newline may be consumed: the guest's answers may follow it.
-        let mut line = Vec::new();
-        let complete = match fissile_proto::uds::read_line_unbuffered(&s, &mut line, 64) {
-            Ok(complete) => complete,
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Err(ClientError::Handshake(
-                    "the VMM's answer to `CONNECT` is longer than 64 bytes".into(),
-                ));
-            }
-            Err(e) => return Err(ctx(e)),
-        };
+        let (line, complete) = handshake_line(&s, 64, "the VMM's answer to `CONNECT`", ctx)?;
         s.set_read_timeout(None).map_err(ctx)?;
-        let line = String::from_utf8_lossy(&line).into_owned();
         if !complete || !line.starts_with("OK ") {
             return Err(ClientError::Handshake(format!(
                 "expected `OK <port>`, got {line:?}"
@@ -683,6 +673,25 @@ pub fn shell_deadline(req: &ShellRequest) -> Duration {
     }
 }
 
+/// A handshake line from `s` ([`fissile_proto::uds::read_line_unbuffered`]: nothing after
+/// its newline is consumed), as text, and whether it ended with a newline; one longer than
+/// `max` bytes is a handshake error naming `what`, other failures `ctx`'s.
+fn handshake_line(
+    s: &UnixStream,
+    max: usize,
+    what: &str,
+    ctx: impl Fn(io::Error) -> ClientError,
+) -> Result<(String, bool), ClientError> {
+    let mut line = Vec::new();
+    match fissile_proto::uds::read_line_unbuffered(s, &mut line, max) {
+        Ok(complete) => Ok((String::from_utf8_lossy(&line).into_owned(), complete)),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(ClientError::Handshake(format!(
+            "{what} is longer than {max} bytes"
+        ))),
+        Err(e) => Err(ctx(e)),
+    }
+}
+
 fn expect_ok(r: Response) -> Result<(), ClientError> {
     match r {
         Response::Ok => Ok(()),
@@ -754,17 +763,7 @@ impl ReadyListener {
         };
         crate::sys::set_recv_timeout(conn.as_raw_fd(), Duration::from_secs(5)).map_err(ctx)?;
         let stream = UnixStream::from(conn);
-        let mut line = Vec::new();
-        match fissile_proto::uds::read_line_unbuffered(&stream, &mut line, 128) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Err(ClientError::Handshake(
-                    "the readiness line is longer than 128 bytes".into(),
-                ));
-            }
-            Err(e) => return Err(ctx(e)),
-        }
-        let line = String::from_utf8_lossy(&line).into_owned();
+        let (line, _) = handshake_line(&stream, 128, "the readiness line", ctx)?;
         if !line.starts_with("READY") {
             return Err(ClientError::Handshake(format!(
                 "expected `READY ...`, got {line:?}"
