@@ -349,7 +349,7 @@ pub enum Response {
     Stats {
         /// Snapshots.
         snapshots: u64,
-        /// Chunks.
+        /// Chunks in the index (a deleted snapshot's until the sweep after the delete).
         chunks: u64,
         /// Raw bytes of all chunks.
         raw_bytes: u64,

@@ -473,7 +473,7 @@ fn a_sweep_drops_only_unreferenced_chunks_and_a_create_keeps_those_it_finds() {
 }
 
 #[test]
-fn deletes_record_dead_bytes_durably_and_compaction_reclaims_them_while_reads_go_on() {
+fn sweeps_record_dead_bytes_durably_and_compaction_reclaims_them_while_reads_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let (a, b) = (memory(15, 600), memory(16, 600));

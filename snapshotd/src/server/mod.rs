@@ -325,8 +325,8 @@ impl Server {
     /// Housekeeping in the background, after every delete and every `interval`: the index
     /// entries of chunks no snapshot references any more are swept (after a delete or the
     /// daemon's start), the packs `policy` selects (none without one) are rewritten, one at
-    /// a time, while the daemon
-    /// serves (reads go on; an ingest or delete waits at most for the pack being rewritten);
+    /// a time, while the daemon serves (reads go on; an ingest or delete waits at most for
+    /// the pack being rewritten or a sweep's drop: its mark runs without the writer lock);
     /// then the heap malloc holds free goes back to the system (what freed images, views
     /// and memtables left), so the daemon's memory follows what it holds.
     pub fn start_housekeeping(self: &Arc<Self>, policy: Option<CompactPolicy>, interval: Duration) {

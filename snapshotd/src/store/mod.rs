@@ -22,8 +22,9 @@
 //! own pages and pins its parent: a snapshot with children cannot be deleted). Nothing
 //! counts references: a create writes index entries for the chunks it appended and nothing
 //! for the ones it found stored, so storing pages again costs their hashing and lookup
-//! only. [`Store::delete`] drops the manifest; [`Store::sweep`] (mark and sweep, the writer
-//! lock held: creates wait) then drops the entries no manifest references and adds their
+//! only. [`Store::delete`] drops the manifest; [`Store::sweep`] (mark and sweep: it marks
+//! over a point-in-time view of the index without the writer lock, and marks the manifests
+//! committed meanwhile too) then drops the entries no manifest references and adds their
 //! bytes to their pack's dead count (`meta` "pack.dead", in the same batch), and
 //! [`Store::compact`] (which sweeps first after a delete or an open) rewrites the packs
 //! whose dead share passed a [`CompactPolicy`] (the daemon runs it in the background, a
@@ -351,6 +352,9 @@ pub enum GcError {
     /// A manifest does not decode: a sweep cannot tell what it references, and drops nothing.
     #[error("manifest of snapshot {0} is corrupt; nothing swept")]
     CorruptManifest(String, #[source] ManifestError),
+    /// A manifest written during a sweep's mark could not be read; nothing swept.
+    #[error("reading a manifest written during the sweep; nothing swept")]
+    Manifest(#[source] ViewError),
     /// A pack holds bytes that are not records before its end; it is left as it is.
     #[error("pack {pack} has unreadable bytes at offset {offset}; left as it is")]
     Unreadable {
@@ -632,7 +636,7 @@ pub struct GcReport {
 pub struct StoreStats {
     /// Snapshots.
     pub snapshots: u64,
-    /// Chunks in the index.
+    /// Chunks in the index (those a delete left unreferenced until the next sweep too).
     pub chunks: u64,
     /// Sum of raw chunk lengths.
     pub raw_bytes: u64,
@@ -640,7 +644,8 @@ pub struct StoreStats {
     pub stored_bytes: u64,
     /// Pack file bytes on disk.
     pub pack_bytes: u64,
-    /// Bytes of pack files that hold no live chunk (reclaimed by compaction).
+    /// Bytes of pack files that hold no live chunk (reclaimed by compaction; a deleted
+    /// snapshot's chunks count from the sweep that drops them).
     pub dead_bytes: u64,
 }
 
@@ -664,7 +669,8 @@ pub struct Store {
     db: DB,
     writer: Mutex<PackWriter>,
     gc_lock: RwLock<()>,
-    /// Dead bytes per pack (as recorded in `meta`); locked only while `writer` is held.
+    /// Dead bytes per pack (as recorded in `meta`); changed only with `writer` held (taken
+    /// first when both are).
     dead: Mutex<BTreeMap<u32, u64>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
     views: Mutex<HashMap<String, Arc<SnapshotView>>>,
@@ -672,9 +678,17 @@ pub struct Store {
     root: PathBuf,
     /// Threads that read, hash, look up and compress pages during a create.
     ingest_threads: AtomicUsize,
-    /// Set by a delete (and at open: one may have come just before a crash); the next
-    /// [`Store::compact`] sweeps first.
+    /// Set by a delete (and at open: one may have come just before a crash); the daemon's
+    /// housekeeping, [`Store::compact`] and [`Store::gc`] sweep when it is set.
     sweep_due: AtomicBool,
+    /// Held through a sweep: one at a time (each notes commits in `sweep_log`).
+    sweeping: Mutex<()>,
+    /// While a sweep marks without the writer lock: the manifests committed meanwhile
+    /// (creates and first-touch orders note them, under the writer lock).
+    sweep_log: Mutex<Option<Vec<String>>>,
+    /// Opened as format 1: the first write that leaves a count untrue (any, here) records
+    /// format 2 in its batch, so a binary that trusts counts refuses the store after it.
+    format_pending: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -800,20 +814,13 @@ impl Store {
                 ))),
             }
         };
-        match get_u64(META_FORMAT)? {
-            None => {}
-            Some(v) if v == u64::from(STORE_FORMAT_VERSION) => {}
-            Some(v) if v == u64::from(STORE_FORMAT_COUNTED) => {
-                let mut b = WriteBatch::default();
-                b.put_cf(
-                    meta,
-                    META_FORMAT,
-                    u64::from(STORE_FORMAT_VERSION).to_le_bytes(),
-                );
-                db.write_opt(b, &sync_opts()).map_err(OpenError::Index)?;
-            }
+        // A format 1 store is read as it is; its first write records format 2.
+        let format_pending = match get_u64(META_FORMAT)? {
+            None => false,
+            Some(v) if v == u64::from(STORE_FORMAT_VERSION) => false,
+            Some(v) if v == u64::from(STORE_FORMAT_COUNTED) => true,
             Some(v) => return Err(OpenError::Format(v as u32)),
-        }
+        };
         let active = get_u64(META_ACTIVE)?;
         let writer = match active {
             None => {
@@ -861,6 +868,9 @@ impl Store {
             root: root.to_path_buf(),
             ingest_threads: AtomicUsize::new(default_ingest_threads()),
             sweep_due: AtomicBool::new(true),
+            sweeping: Mutex::new(()),
+            sweep_log: Mutex::new(None),
+            format_pending: AtomicBool::new(format_pending),
         };
         if recorded.is_none() {
             // A new store, or one from before dead bytes were recorded: measure them once.
@@ -1167,6 +1177,13 @@ impl Store {
         let parent = match &req.parent {
             None => None,
             Some(p) => {
+                // Read again under the writer lock: a view cached before the parent's
+                // delete must not found a layer (or a flattened copy) on swept chunks.
+                if !self.manifest_exists(p)? {
+                    return Err(CreateError::Parent(Box::new(ViewError::NotFound(
+                        p.clone(),
+                    ))));
+                }
                 let v = self.view(p).map_err(|e| CreateError::Parent(Box::new(e)))?;
                 if v.memory_size() != memory_size || v.page_size() != ps {
                     return Err(CreateError::Invalid(
@@ -1260,38 +1277,53 @@ impl Store {
             let no_known = HashSet::new();
             let result = std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(threads);
-                for buf in &mut bufs {
-                    let (tx, next, stop, batches, no_known) =
-                        (tx.clone(), &next, &stop, &batches, &no_known);
-                    scope.spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            let Some(&batch) = batches.get(next.fetch_add(1, Ordering::Relaxed))
-                            else {
-                                break;
-                            };
-                            let scanned = scan_batch(self, memory, batch, ps, zero, no_known, buf);
-                            if tx.send((batch, scanned)).is_err() {
-                                break;
+                let workers: Vec<_> = bufs
+                    .iter_mut()
+                    .map(|buf| {
+                        let (tx, next, stop, batches, no_known) =
+                            (tx.clone(), &next, &stop, &batches, &no_known);
+                        scope.spawn(move || {
+                            while !stop.load(Ordering::Relaxed) {
+                                let Some(&batch) =
+                                    batches.get(next.fetch_add(1, Ordering::Relaxed))
+                                else {
+                                    break;
+                                };
+                                let scanned =
+                                    scan_batch(self, memory, batch, ps, zero, no_known, buf);
+                                if tx.send((batch, scanned)).is_err() {
+                                    break;
+                                }
                             }
-                        }
-                    });
-                }
+                        })
+                    })
+                    .collect();
                 drop(tx);
                 let mut taken = 0;
-                for (batch, scanned) in rx {
+                let mut failed = None;
+                for (batch, scanned) in rx.iter() {
                     if let Err(e) =
                         scanned.and_then(|scanned| take(&mut ing, batch, scanned, false))
                     {
                         stop.store(true, Ordering::Relaxed);
-                        return Err(e);
+                        failed = Some(e);
+                        break;
                     }
                     taken += 1;
                 }
-                // Every sender gone with batches left: a worker panicked.
-                if taken == batches.len() {
-                    Ok(())
-                } else {
-                    Err(CreateError::Worker)
+                // Workers waiting to send see the channel closed and stop.
+                drop(rx);
+                // Joined here, so a worker's panic is this create's error, not a panic of
+                // the scope (which would skip the caller's rollback of the pack).
+                let panicked = workers
+                    .into_iter()
+                    .map(|w| w.join())
+                    .filter(Result::is_err)
+                    .count();
+                match failed {
+                    Some(e) => Err(e),
+                    None if panicked > 0 || taken != batches.len() => Err(CreateError::Worker),
+                    None => Ok(()),
                 }
             });
             result?;
@@ -1361,6 +1393,8 @@ impl Store {
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(CreateError::Index)?;
+        self.format_upgraded();
+        self.note_committed(&id);
         Ok(CreateOutcome {
             id,
             pages_scanned,
@@ -1387,6 +1421,7 @@ impl Store {
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_ACTIVE, u64::from(pack).to_le_bytes());
         batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
+        self.upgrade_format(&mut batch);
         batch
     }
 
@@ -1407,9 +1442,11 @@ impl Store {
         if let Some(p) = &m.parent {
             batch.delete_cf(children, child_key(p, id));
         }
+        self.upgrade_format(&mut batch);
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(DeleteError::Index)?;
+        self.format_upgraded();
         // Its chunks no other manifest references go at the next sweep.
         self.sweep_due.store(true, Ordering::Release);
         lock(&self.views).remove(id);
@@ -1523,6 +1560,8 @@ impl Store {
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(TouchOrderError::Index)?;
+        self.format_upgraded();
+        self.note_committed(id);
         lock(&self.views).remove(id);
         match pages {
             Some(_) => tracing::info!(
@@ -1784,15 +1823,60 @@ impl Store {
         Ok(rep)
     }
 
+    /// Adds format 2 to `batch` while the store is still recorded as format 1 (the caller
+    /// holds the writer lock; [`Store::format_upgraded`] once it is written).
+    fn upgrade_format(&self, batch: &mut WriteBatch) {
+        if self.format_pending.load(Ordering::Acquire) {
+            batch.put_cf(
+                self.cf(CF_META),
+                META_FORMAT,
+                u64::from(STORE_FORMAT_VERSION).to_le_bytes(),
+            );
+        }
+    }
+
+    /// A batch from [`Store::upgrade_format`] was written.
+    fn format_upgraded(&self) {
+        self.format_pending.store(false, Ordering::Release);
+    }
+
+    /// Manifest `id` was committed (the writer lock held): a sweep marking meanwhile marks it.
+    fn note_committed(&self, id: &str) {
+        if let Some(log) = lock(&self.sweep_log).as_mut() {
+            log.push(id.to_string());
+        }
+    }
+
     /// Drops the index entries of the chunks no manifest references (a delete's, until
-    /// then in the index) and adds their bytes to their packs' dead counts, in one batch:
-    /// marks every manifest's chunks, then sweeps the index, the writer lock held throughout
-    /// (creates, which may find and reference any entry, wait). Returns the entries
-    /// dropped. A manifest that does not decode stops it before anything is dropped.
+    /// then in the index) and adds their bytes to their packs' dead counts, in one batch.
+    /// Marks without the writer lock, over a point-in-time view of the index taken under
+    /// it (manifests committed meanwhile are noted and marked after), then takes the lock
+    /// to drop what is still unreferenced: creates wait only for the drop. Returns the
+    /// entries dropped. A manifest that does not decode stops it before anything is
+    /// dropped (the next delete or open asks for another).
     pub fn sweep(&self) -> Result<u64, GcError> {
+        let _one = lock(&self.sweeping);
+        let t = Instant::now();
+        let point = {
+            let _writer = lock(&self.writer);
+            // Cleared first: a delete after this point (which waits for the writer lock)
+            // sets it again.
+            self.sweep_due.store(false, Ordering::Release);
+            *lock(&self.sweep_log) = Some(Vec::new());
+            self.db.snapshot()
+        };
+        let candidates = self.unreferenced_at(&point);
+        drop(point);
         let _writer = lock(&self.writer);
         let mut dead = lock(&self.dead);
-        self.sweep_locked(&mut dead)
+        let committed = lock(&self.sweep_log).take().unwrap_or_default();
+        let dropped = self.drop_unreferenced(candidates?, &committed, &mut dead)?;
+        tracing::info!(
+            dropped,
+            ms = t.elapsed().as_millis() as u64,
+            "unreferenced chunks swept"
+        );
+        Ok(dropped)
     }
 
     /// [`Store::sweep`] if a delete (or the store's open) came since the last one; else 0.
@@ -1804,55 +1888,75 @@ impl Store {
         }
     }
 
-    /// [`Store::sweep`], with `writer` and `dead` held by the caller.
-    fn sweep_locked(&self, dead: &mut BTreeMap<u32, u64>) -> Result<u64, GcError> {
-        let t = Instant::now();
-        // Cleared first: a delete after this point (which waits for the writer lock the
-        // caller holds) sets it again.
-        self.sweep_due.store(false, Ordering::Release);
-        let swept = (|| {
-            let mut live: HashSet<Hash> = HashSet::new();
-            for item in self
-                .db
-                .iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start)
-            {
-                let (k, v) = item.map_err(GcError::Index)?;
-                let m = manifest::decode(&v).map_err(|e| {
-                    GcError::CorruptManifest(String::from_utf8_lossy(&k).into_owned(), e)
-                })?;
-                live.extend(m.distinct_chunks());
-            }
-            let mut batch = WriteBatch::default();
-            let mut now_dead = dead.clone();
-            let mut dropped = 0u64;
-            for item in self.chunk_scan() {
-                let (k, v) = item.map_err(GcError::Index)?;
-                if <Hash>::try_from(&k[..]).is_ok_and(|h| live.contains(&h)) {
-                    continue;
-                }
-                let e = ChunkEntry::decode(&v).ok_or(GcError::CorruptEntry)?;
-                batch.delete_cf(self.cf(CF_CHUNKS), &k);
-                *now_dead.entry(e.location.pack).or_default() += e.location.record_len();
-                dropped += 1;
-            }
-            if dropped > 0 {
-                batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&now_dead));
-                self.db
-                    .write_opt(batch, &sync_opts())
-                    .map_err(GcError::Index)?;
-                *dead = now_dead;
-            }
-            Ok(dropped)
-        })();
-        match &swept {
-            Ok(dropped) => tracing::info!(
-                dropped,
-                ms = t.elapsed().as_millis() as u64,
-                "unreferenced chunks swept"
-            ),
-            Err(_) => self.sweep_due.store(true, Ordering::Release),
+    /// The chunks indexed at `point` that no manifest at `point` references.
+    fn unreferenced_at(
+        &self,
+        point: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+    ) -> Result<HashSet<Hash>, GcError> {
+        let mut live: HashSet<Hash> = HashSet::new();
+        for item in point.iterator_cf(self.cf(CF_MANIFESTS), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(GcError::Index)?;
+            let m = manifest::decode(&v).map_err(|e| {
+                GcError::CorruptManifest(String::from_utf8_lossy(&k).into_owned(), e)
+            })?;
+            live.extend(m.distinct_chunks());
         }
-        swept
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_total_order_seek(true);
+        let mut unreferenced = HashSet::new();
+        for item in point.iterator_cf_opt(self.cf(CF_CHUNKS), ro, rocksdb::IteratorMode::Start) {
+            let (k, _) = item.map_err(GcError::Index)?;
+            let hash = <Hash>::try_from(&k[..]).map_err(|_| GcError::CorruptEntry)?;
+            if !live.contains(&hash) {
+                unreferenced.insert(hash);
+            }
+        }
+        Ok(unreferenced)
+    }
+
+    /// Drops the index entries of `candidates` (unreferenced at a point in time) that no
+    /// manifest of `committed` (those written since) references, where they are now, and
+    /// counts their bytes dead; `writer` and `dead` held by the caller.
+    fn drop_unreferenced(
+        &self,
+        mut candidates: HashSet<Hash>,
+        committed: &[String],
+        dead: &mut BTreeMap<u32, u64>,
+    ) -> Result<u64, GcError> {
+        for id in committed {
+            match self.load_manifest(id) {
+                Ok(m) => {
+                    for h in m.distinct_chunks() {
+                        candidates.remove(&h);
+                    }
+                }
+                // Deleted since: it protects nothing.
+                Err(ViewError::NotFound(_)) => {}
+                Err(e) => return Err(GcError::Manifest(e)),
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let mut now_dead = dead.clone();
+        let mut dropped = 0u64;
+        for hash in candidates {
+            // Where it is now (a compaction may have moved it since).
+            let Some(e) = self.get_entry(&hash).map_err(GcError::Index)? else {
+                continue;
+            };
+            batch.delete_cf(self.cf(CF_CHUNKS), hash);
+            *now_dead.entry(e.location.pack).or_default() += e.location.record_len();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.upgrade_format(&mut batch);
+            batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&now_dead));
+            self.db
+                .write_opt(batch, &sync_opts())
+                .map_err(GcError::Index)?;
+            self.format_upgraded();
+            *dead = now_dead;
+        }
+        Ok(dropped)
     }
 
     /// Bytes of pack files that hold no live chunk (as recorded; chunks a delete left
@@ -1888,11 +1992,16 @@ impl Store {
         Ok((victims, total))
     }
 
-    /// Rewrites the packs `policy` selects, one at a time (ingests and deletes wait only for
-    /// the pack being rewritten), if together they hold at least its `min_reclaim_bytes`.
-    /// Reads go on throughout. What the daemon runs in the background.
+    /// Sweeps if a delete came since the last sweep ([`Store::sweep_if_due`]; a failed
+    /// sweep is logged, and the dead bytes already counted are still reclaimed), then
+    /// rewrites the packs `policy` selects, one at a time (ingests and deletes wait only for
+    /// the pack being rewritten, or a sweep's drop), if together they hold at least its
+    /// `min_reclaim_bytes`. Reads go on throughout. What the daemon runs in the background.
     pub fn compact(&self, policy: &CompactPolicy) -> Result<GcReport, GcError> {
-        self.sweep_if_due()?;
+        // A failed sweep leaves the dead bytes already counted to reclaim.
+        if let Err(e) = self.sweep_if_due() {
+            tracing::warn!(error = %crate::error_chain(&e), "sweep failed");
+        }
         let mut rep = GcReport {
             bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
             ..GcReport::default()
@@ -1920,13 +2029,19 @@ impl Store {
     /// counts), then rewrites every pack that holds any (moving its live records to the active
     /// pack) or removes it when none is live.
     pub fn gc(&self) -> Result<GcReport, GcError> {
+        let _one = lock(&self.sweeping);
         let mut writer = lock(&self.writer);
         let mut rep = GcReport {
             bytes_before: self.pack_bytes().map_err(GcError::Pack)?,
             ..GcReport::default()
         };
         let mut dead = lock(&self.dead);
-        self.sweep_locked(&mut dead)?;
+        // The writer lock held throughout: nothing commits meanwhile.
+        self.sweep_due.store(false, Ordering::Release);
+        let point = self.db.snapshot();
+        let unreferenced = self.unreferenced_at(&point);
+        drop(point);
+        self.drop_unreferenced(unreferenced?, &[], &mut dead)?;
         self.remeasure_dead(&writer, &mut dead)?;
         let victims: Vec<u32> = dead.keys().copied().collect();
         for n in victims {
@@ -2040,6 +2155,8 @@ impl Store {
         batch.put_cf(meta, META_ACTIVE, u64::from(writer.number).to_le_bytes());
         batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
         batch.put_cf(meta, META_DEAD, encode_dead(&now_dead));
+        // Moved entries carry no count a format 1 binary could trust.
+        self.upgrade_format(&mut batch);
         {
             let _g = self
                 .gc_lock
@@ -2048,6 +2165,7 @@ impl Store {
             self.db
                 .write_opt(batch, &sync_opts())
                 .map_err(GcError::Index)?;
+            self.format_upgraded();
             *dead = now_dead;
             lock(&self.readers).remove(&n);
             fs::remove_file(pack::pack_path(&self.packs_dir, n)).map_err(GcError::Pack)?;
@@ -2310,26 +2428,42 @@ impl<'a> Ingest<'a> {
 mod tests {
     use super::*;
 
-    /// A format 1 store (a reference count in each entry) opens as format 2: its entries
-    /// read as they were, their counts ignored, and its chunks go once unreferenced.
-    #[test]
-    fn a_format_1_store_opens_and_its_counts_are_ignored() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mem: Vec<u8> = (0..64 * 4096)
-            .map(|i| (i / 4096 * 7 + i % 251) as u8)
-            .collect();
-        let req = |mem: &[u8]| CreateRequest {
-            memory: Box::new(mem.to_vec()),
+    /// `pages` distinct, non-zero pages.
+    fn memory(pages: usize, seed: u8) -> Vec<u8> {
+        (0..pages * 4096)
+            .map(|i| ((i / 4096) as u8) ^ ((i / 4096 / 256) as u8 * 31) ^ seed ^ (i % 253) as u8)
+            .collect()
+    }
+
+    fn request(mem: &[u8]) -> CreateRequest<'_> {
+        CreateRequest {
+            memory: Box::new(mem),
             page_size: DEFAULT_PAGE_SIZE,
             parent: None,
             dirty_pages: None,
             blobs: BTreeMap::new(),
             labels: BTreeMap::new(),
             touch_order: Vec::new(),
-        };
+        }
+    }
+
+    fn format(store: &Store) -> Option<Vec<u8>> {
+        store
+            .db
+            .get_cf(store.cf(CF_META), META_FORMAT)
+            .expect("get")
+    }
+
+    /// A format 1 store (a reference count in each entry) is read as it is; its first
+    /// write records format 2; its counts are never read, and its chunks go once
+    /// unreferenced.
+    #[test]
+    fn a_format_1_store_is_read_as_is_and_its_first_write_makes_it_format_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mem = memory(64, 1);
         let id = {
             let store = Store::open(dir.path()).expect("open");
-            let id = store.create(&req(&mem)).expect("create").id;
+            let id = store.create(&request(&mem)).expect("create").id;
             // As format 1 wrote it: the format, and a count of 3 in every entry.
             let mut batch = WriteBatch::default();
             for item in store.chunk_scan() {
@@ -2338,30 +2472,103 @@ mod tests {
                 v[20..28].copy_from_slice(&3u64.to_le_bytes());
                 batch.put_cf(store.cf(CF_CHUNKS), k, v);
             }
-            let format = u64::from(STORE_FORMAT_COUNTED).to_le_bytes();
-            batch.put_cf(store.cf(CF_META), META_FORMAT, format);
+            let counted = u64::from(STORE_FORMAT_COUNTED).to_le_bytes();
+            batch.put_cf(store.cf(CF_META), META_FORMAT, counted);
             store.db.write(batch).expect("write");
             id
         };
+        let v1 = Some(u64::from(STORE_FORMAT_COUNTED).to_le_bytes().to_vec());
         let store = Store::open(dir.path()).expect("a format 1 store opens");
-        let format = store
-            .db
-            .get_cf(store.cf(CF_META), META_FORMAT)
-            .expect("get");
-        assert_eq!(
-            format.as_deref(),
-            Some(&u64::from(STORE_FORMAT_VERSION).to_le_bytes()[..])
-        );
         assert_eq!(store.read_all(&id).expect("read"), mem);
         assert!(store.check().expect("check").is_ok());
+        assert_eq!(format(&store), v1, "reads leave it format 1");
         let chunks = store.stats().expect("stats").chunks;
         assert!(chunks > 60, "{chunks}");
         store.delete(&id).expect("delete");
+        let v2 = Some(u64::from(STORE_FORMAT_VERSION).to_le_bytes().to_vec());
+        assert_eq!(format(&store), v2, "the delete recorded format 2");
         assert_eq!(
             store.sweep().expect("sweep"),
             chunks,
             "counts of 3 kept nothing"
         );
         assert_eq!(store.stats().expect("stats").chunks, 0);
+    }
+
+    /// A create that commits while a sweep marks (without the writer lock) keeps the
+    /// chunks it found stored unreferenced: the sweep marks what was committed meanwhile.
+    #[test]
+    fn a_create_during_a_sweeps_mark_keeps_the_chunks_it_references() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mem = memory(300, 2);
+        let first = store.create(&request(&mem)).expect("create").id;
+        let chunks = store.stats().expect("stats").chunks;
+        assert!(chunks > 250, "{chunks}");
+        store.delete(&first).expect("delete");
+        // A sweep's first step: the point it marks at, commits noted from here on.
+        let point = {
+            let _writer = lock(&store.writer);
+            *lock(&store.sweep_log) = Some(Vec::new());
+            store.db.snapshot()
+        };
+        // Meanwhile the same pages again: every chunk found indexed, none written.
+        let again = store.create(&request(&mem)).expect("create");
+        assert_eq!(again.chunks_written, 0);
+        let candidates = store.unreferenced_at(&point).expect("mark");
+        drop(point);
+        assert_eq!(candidates.len() as u64, chunks, "unreferenced at the point");
+        let _writer = lock(&store.writer);
+        let mut dead = lock(&store.dead);
+        let committed = lock(&store.sweep_log).take().expect("noting");
+        assert_eq!(committed, vec![again.id.clone()]);
+        assert_eq!(
+            store
+                .drop_unreferenced(candidates.clone(), &committed, &mut dead)
+                .expect("drop"),
+            0
+        );
+        drop((dead, _writer));
+        assert_eq!(store.read_all(&again.id).expect("read"), mem);
+        assert!(store.check().expect("check").is_ok());
+    }
+
+    /// A source whose read fails part way through.
+    #[derive(Debug)]
+    struct FailingAt(Vec<u8>, u64);
+
+    impl PageSource for FailingAt {
+        fn len(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            if offset >= self.1 {
+                return Err(io::Error::other("the source failed"));
+            }
+            buf.copy_from_slice(&self.0[offset as usize..][..buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// An ingest whose source fails in a later batch, on several workers, fails as a
+    /// whole, appends nothing that stays, and leaves the store as it was.
+    #[test]
+    fn an_ingest_whose_source_fails_part_way_fails_whole_on_every_thread_count() {
+        for threads in [1, 2, 4] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(dir.path()).expect("open");
+            store.set_ingest_threads(threads);
+            let mem = memory(2000, 3);
+            let fail_at = 1500 * 4096;
+            let mut req = request(&mem);
+            req.memory = Box::new(FailingAt(mem.clone(), fail_at));
+            let err = store.create(&req).expect_err("the source failed");
+            assert!(matches!(err, CreateError::Source(_)), "{threads}: {err:?}");
+            assert_eq!(store.list().expect("list").len(), 0);
+            assert_eq!(store.stats().expect("stats").chunks, 0, "{threads}");
+            let ok = store.create(&request(&mem)).expect("a create after it");
+            assert_eq!(store.read_all(&ok.id).expect("read"), mem);
+            assert!(store.check().expect("check").is_ok());
+        }
     }
 }
