@@ -30,9 +30,9 @@
 //! whose dead share passed a [`CompactPolicy`] (the daemon runs it in the background, a
 //! pack at a time), [`Store::gc`] every pack with dead bytes (offline, and it measures the
 //! dead bytes from the index again). An entry a delete left unreferenced may be found by a
-//! create before the sweep: the create's manifest references it, and it stays. Format 1
-//! stores (reference counts in the entries) open as format 2; an older binary refuses
-//! format 2, whose entries carry no counts for it to trust.
+//! create before the sweep: the create's manifest references it, and it stays. A format 1
+//! store (reference counts in the entries) is read as it is, and its first write records
+//! format 2, which an older binary refuses: the entries carry no counts for it to trust.
 //!
 //! # Reads
 //! Every chunk read is verified against its blake3 hash; a mismatch is a [`ReadError`]
