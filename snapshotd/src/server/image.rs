@@ -29,12 +29,12 @@
 //! A fault only ever reaches us for a page that is not in the image memfd yet (MISSING mode
 //! on a private mapping fires for holes only), so "present" pages are resolved by a wake.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use fissile_proto::snapshotd::page_runs;
 
@@ -925,6 +925,12 @@ impl Image {
 #[derive(Debug)]
 pub struct Images {
     map: Mutex<HashMap<String, Arc<Image>>>,
+    /// Snapshots whose store delete runs ([`Images::delete_unused`]), outside `map`'s lock
+    /// so opens of other snapshots go on while it waits for the store's writer lock; an
+    /// open of one of them waits for its end. Changed with `map` held (taken after it).
+    deleting: Mutex<HashSet<String>>,
+    /// Notified as a delete ends.
+    deleted: Condvar,
     budget: u64,
     clock: AtomicU64,
     /// [`OPEN_GRACE_MS`], or less in tests.
@@ -934,6 +940,20 @@ pub struct Images {
 impl Default for Images {
     fn default() -> Self {
         Self::new(DEFAULT_IMAGE_BUDGET)
+    }
+}
+
+/// The mark of a delete of `id` running ([`Images::delete_unused`]): taken off, and the
+/// opens waiting for it woken, when dropped (a delete that panicked too).
+struct Deleting<'a> {
+    images: &'a Images,
+    id: &'a str,
+}
+
+impl Drop for Deleting<'_> {
+    fn drop(&mut self) {
+        self.images.lock_deleting().remove(self.id);
+        self.images.deleted.notify_all();
     }
 }
 
@@ -955,6 +975,8 @@ impl Images {
     pub fn with_grace(budget: u64, grace_ms: u64) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            deleting: Mutex::new(HashSet::new()),
+            deleted: Condvar::new(),
             budget,
             clock: AtomicU64::new(1),
             grace_ms,
@@ -967,6 +989,33 @@ impl Images {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn lock_deleting(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.deleting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The set's lock, once no delete of `id` runs (waiting for one that does).
+    fn lock_unless_deleting(
+        &self,
+        id: &str,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Image>>> {
+        loop {
+            let map = self.lock();
+            if !self.lock_deleting().contains(id) {
+                return map;
+            }
+            drop(map);
+            let mut deleting = self.lock_deleting();
+            while deleting.contains(id) {
+                deleting = self
+                    .deleted
+                    .wait(deleting)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+    }
+
     fn touch(&self, img: &Image) {
         img.last_used.store(
             self.clock.fetch_add(1, Ordering::Relaxed),
@@ -977,7 +1026,7 @@ impl Images {
 
     /// The image of snapshot `id`, opened from the store on first use.
     pub fn get_or_open(&self, store: &Arc<Store>, id: &str) -> Result<Arc<Image>, ImageError> {
-        let mut map = self.lock();
+        let mut map = self.lock_unless_deleting(id);
         if let Some(img) = map.get(id) {
             self.touch(img);
             return Ok(img.clone());
@@ -995,9 +1044,12 @@ impl Images {
         Ok(img)
     }
 
-    /// The image of `id` if it is open.
+    /// The image of `id` if it is open (and no delete of it runs).
     pub fn get(&self, id: &str) -> Option<Arc<Image>> {
         let map = self.lock();
+        if self.lock_deleting().contains(id) {
+            return None;
+        }
         let img = map.get(id)?;
         self.touch(img);
         Some(img.clone())
@@ -1015,24 +1067,35 @@ impl Images {
     }
 
     /// Runs `delete` (the store's delete of snapshot `id`) unless its image is in use, then,
-    /// if it succeeded, forgets the image, all under the set's lock: no open, fault session or layered
-    /// create can take the image between the check and the delete (each of those takes the
-    /// lock first and, once it is gone, finds the snapshot gone from the store too). `Err`
-    /// carries the image's users when it is in use; `delete` did not run.
+    /// if it succeeded, forgets the image. The check marks `id` as being deleted under the
+    /// set's lock, and `delete` runs without it: opens of other snapshots go on meanwhile,
+    /// and no open, fault session or layered create can take this image between the check
+    /// and the delete (each waits for the delete's end and, once it is gone, finds the
+    /// snapshot gone from the store too). `Err` carries the image's users when it is in
+    /// use; `delete` did not run.
     pub fn delete_unused<T, E>(
         &self,
         id: &str,
         delete: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, usize> {
-        let mut map = self.lock();
-        let users = map.get(id).map_or(0, users_of);
-        if users > 0 {
-            return Err(users);
+        {
+            // After any other delete of `id` has ended.
+            let map = self.lock_unless_deleting(id);
+            let users = map.get(id).map_or(0, users_of);
+            if users > 0 {
+                return Err(users);
+            }
+            self.lock_deleting().insert(id.to_string());
         }
+        let marked = Deleting { images: self, id };
         let out = delete();
+        let mut map = self.lock();
         if out.is_ok() {
             map.remove(id);
         }
+        // With the set's lock held: an open that waited finds the image gone with the mark.
+        drop(marked);
+        drop(map);
         Ok(out)
     }
 
@@ -1171,6 +1234,64 @@ mod tests {
             touch_order: Vec::new(),
         };
         store.create_as(id, &req).unwrap();
+    }
+
+    /// While a delete waits (for the store's writer lock, here for a channel), an open of
+    /// another snapshot goes on, and an open of the one being deleted waits for the delete
+    /// and then finds it gone.
+    #[test]
+    fn opens_of_other_snapshots_go_on_while_a_delete_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mem = vec![7u8; 4 * 4096];
+        create(&store, "gone", &mem, None);
+        create(&store, "other", &mem, None);
+        let images = Arc::new(Images::new(1 << 30));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let deleter = {
+            let (images, store) = (images.clone(), store.clone());
+            std::thread::spawn(move || {
+                images.delete_unused("gone", || {
+                    wait.recv().unwrap();
+                    store.delete("gone")
+                })
+            })
+        };
+        while !images.lock_deleting().contains("gone") {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let other = {
+            let (images, store) = (images.clone(), store.clone());
+            std::thread::spawn(move || images.get_or_open(&store, "other").map(|_| ()))
+        };
+        let t = std::time::Instant::now();
+        while !other.is_finished() && t.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(
+            other.is_finished(),
+            "an open of another snapshot waited for the delete"
+        );
+        other
+            .join()
+            .unwrap()
+            .expect("another snapshot opens meanwhile");
+        let opener = {
+            let (images, store) = (images.clone(), store.clone());
+            std::thread::spawn(move || images.get_or_open(&store, "gone").map(|_| ()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!opener.is_finished(), "an open of it waits for the delete");
+        go.send(()).unwrap();
+        deleter.join().unwrap().expect("unused").expect("deleted");
+        assert!(
+            matches!(
+                opener.join().unwrap(),
+                Err(ImageError::View(ViewError::NotFound(_)))
+            ),
+            "found gone"
+        );
+        assert!(images.lock_deleting().is_empty());
     }
 
     #[test]

@@ -1194,8 +1194,9 @@ impl Server {
                         format!("snapshot {snapshot} is not durable yet"),
                     ));
                 }
-                // Checked and deleted under the images' lock: nothing opens the image or
-                // starts a fault session on it in between.
+                // Checked under the images' lock and marked as being deleted: nothing opens
+                // the image or starts a fault session on it until the delete ends, while
+                // opens of other snapshots go on as it waits for the store's writer lock.
                 self.images
                     .delete_unused(&snapshot, || self.store.delete(&snapshot))
                     .map_err(|users| {
