@@ -63,8 +63,8 @@ pub const MAX_CHAIN_DEPTH: u32 = 16;
 pub const PACK_TARGET_LEN: u64 = 1 << 30;
 /// Store format version recorded in `meta`.
 pub const STORE_FORMAT_VERSION: u32 = 2;
-/// The earlier format, which kept a reference count in each chunk entry (opened as
-/// [`STORE_FORMAT_VERSION`]: the counts are not read).
+/// The earlier format, which kept a reference count in each chunk entry: read as it is (the
+/// counts never), and recorded as [`STORE_FORMAT_VERSION`] by its first write.
 const STORE_FORMAT_COUNTED: u32 = 1;
 /// The index's block cache, one for every column family (index and filter blocks included).
 pub const INDEX_CACHE_BYTES: usize = 64 << 20;
@@ -1390,10 +1390,7 @@ impl Store {
         if let Some(p) = &parent_id {
             batch.put_cf(self.cf(CF_CHILDREN), child_key(p, &id), b"");
         }
-        self.db
-            .write_opt(batch, &sync_opts())
-            .map_err(CreateError::Index)?;
-        self.format_upgraded();
+        self.commit(batch).map_err(CreateError::Index)?;
         self.note_committed(&id);
         Ok(CreateOutcome {
             id,
@@ -1421,7 +1418,6 @@ impl Store {
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_ACTIVE, u64::from(pack).to_le_bytes());
         batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
-        self.upgrade_format(&mut batch);
         batch
     }
 
@@ -1442,11 +1438,7 @@ impl Store {
         if let Some(p) = &m.parent {
             batch.delete_cf(children, child_key(p, id));
         }
-        self.upgrade_format(&mut batch);
-        self.db
-            .write_opt(batch, &sync_opts())
-            .map_err(DeleteError::Index)?;
-        self.format_upgraded();
+        self.commit(batch).map_err(DeleteError::Index)?;
         // Its chunks no other manifest references go at the next sweep.
         self.sweep_due.store(true, Ordering::Release);
         lock(&self.views).remove(id);
@@ -1557,10 +1549,7 @@ impl Store {
         let committed = ing.writer.sync().map_err(TouchOrderError::Pack)?;
         let batch =
             self.manifest_batch(&ing.appended, id, &encoded, (ing.writer.number, committed));
-        self.db
-            .write_opt(batch, &sync_opts())
-            .map_err(TouchOrderError::Index)?;
-        self.format_upgraded();
+        self.commit(batch).map_err(TouchOrderError::Index)?;
         self.note_committed(id);
         lock(&self.views).remove(id);
         match pages {
@@ -1823,9 +1812,10 @@ impl Store {
         Ok(rep)
     }
 
-    /// Adds format 2 to `batch` while the store is still recorded as format 1 (the caller
-    /// holds the writer lock; [`Store::format_upgraded`] once it is written).
-    fn upgrade_format(&self, batch: &mut WriteBatch) {
+    /// Writes `batch` durably, with format 2 in it while the store is still recorded as
+    /// format 1 (the caller holds the writer lock): every write that leaves a count untrue
+    /// goes through here.
+    fn commit(&self, mut batch: WriteBatch) -> Result<(), rocksdb::Error> {
         if self.format_pending.load(Ordering::Acquire) {
             batch.put_cf(
                 self.cf(CF_META),
@@ -1833,11 +1823,9 @@ impl Store {
                 u64::from(STORE_FORMAT_VERSION).to_le_bytes(),
             );
         }
-    }
-
-    /// A batch from [`Store::upgrade_format`] was written.
-    fn format_upgraded(&self) {
+        self.db.write_opt(batch, &sync_opts())?;
         self.format_pending.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Manifest `id` was committed (the writer lock held): a sweep marking meanwhile marks it.
@@ -1948,12 +1936,8 @@ impl Store {
             dropped += 1;
         }
         if dropped > 0 {
-            self.upgrade_format(&mut batch);
             batch.put_cf(self.cf(CF_META), META_DEAD, encode_dead(&now_dead));
-            self.db
-                .write_opt(batch, &sync_opts())
-                .map_err(GcError::Index)?;
-            self.format_upgraded();
+            self.commit(batch).map_err(GcError::Index)?;
             *dead = now_dead;
         }
         Ok(dropped)
@@ -2155,17 +2139,13 @@ impl Store {
         batch.put_cf(meta, META_ACTIVE, u64::from(writer.number).to_le_bytes());
         batch.put_cf(meta, META_COMMITTED, committed.to_le_bytes());
         batch.put_cf(meta, META_DEAD, encode_dead(&now_dead));
-        // Moved entries carry no count a format 1 binary could trust.
-        self.upgrade_format(&mut batch);
         {
             let _g = self
                 .gc_lock
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.db
-                .write_opt(batch, &sync_opts())
-                .map_err(GcError::Index)?;
-            self.format_upgraded();
+            // Moved entries carry no count a format 1 binary could trust.
+            self.commit(batch).map_err(GcError::Index)?;
             *dead = now_dead;
             lock(&self.readers).remove(&n);
             fs::remove_file(pack::pack_path(&self.packs_dir, n)).map_err(GcError::Pack)?;
