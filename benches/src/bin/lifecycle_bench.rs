@@ -318,9 +318,7 @@ fn restore_first_exec_in(
     let pf = || kvm_counter("pf_fixed");
     let sd_cpu = || cpu_ms(sd.pid());
     // Faults snapshotd served (every session: here only this VM's has any to serve).
-    let sd_faults =
-        || -> anyhow::Result<u64> { Ok(Client::connect(sd.socket())?.stats()?.faults_served) };
-    let faults_before = sd_faults()?;
+    let faults_before = faults_served(sd)?;
     let before = pf();
     let sd_before = sd_cpu();
     let idle_before = host_idle_ms();
@@ -334,7 +332,7 @@ fn restore_first_exec_in(
     let sd_at_ready = sd_cpu();
     let idle_at_ready = host_idle_ms();
     // Read outside the timed steps (a round trip to snapshotd).
-    let faults_at_ready = sd_faults()?;
+    let faults_at_ready = faults_served(sd)?;
     let vmm = sb.pid();
     let vmm_threads = || vmm.map_or_else(Default::default, thread_cpu_ms);
     let threads_at_ready = vmm_threads();
@@ -360,17 +358,9 @@ fn restore_first_exec_in(
         )
     };
     // The VMM's threads that took CPU time in the exec (10 ms ticks).
-    let threads_in_exec = grown(&threads_at_ready, vmm_threads())
-        .iter()
-        .map(|(name, ms)| format!("{name} {ms}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let uffd_in_exec = sd_faults()?.saturating_sub(faults_at_ready);
-    let kvm_in_exec = grown(&kvm_at_exec, kvm_counters())
-        .iter()
-        .map(|(name, n)| format!("{name} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let threads_in_exec = named(grown(&threads_at_ready, vmm_threads()));
+    let uffd_in_exec = faults_served(sd)?.saturating_sub(faults_at_ready);
+    let kvm_in_exec = named(grown(&kvm_at_exec, kvm_counters()));
     let e = Instant::now();
     eval(&mut sb, "1+1")?;
     let second = e.elapsed();
@@ -413,6 +403,20 @@ fn restore_first_exec_in(
         faults_in_exec.1,
     );
     Ok((first, steps))
+}
+
+/// The faults `sd` has served so far, by every fault session.
+fn faults_served(sd: &Snapshotd) -> anyhow::Result<u64> {
+    Ok(Client::connect(sd.socket())?.stats()?.faults_served)
+}
+
+/// `name n` of each of `counts`, comma-separated.
+fn named(counts: Vec<(String, u64)>) -> String {
+    counts
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The restore's steps as the VMM in `dir` logged them (with `RUST_LOG=fissile_vmm=info`).
@@ -509,8 +513,7 @@ fn fork_bench(env: &mut Env, sd: &Snapshotd, ns: &[u32], tally: &mut Tally) -> a
     let mut parent = Sandbox::boot(&env.cfg(sd))?;
     eval(&mut parent, "import numpy, pandas\nx = 41\n1")?;
     let warm = parent.snapshot(true)?.id;
-    let served =
-        || -> anyhow::Result<u64> { Ok(Client::connect(sd.socket())?.stats()?.faults_served) };
+    let served = || faults_served(sd);
     for &n in ns {
         let before = served()?;
         let (mut children, t) = parent.fork(n)?;
@@ -806,7 +809,7 @@ fn merge_once(
     } else {
         "store ingesting".to_string()
     };
-    let faults_before = Client::connect(sd.socket())?.stats()?.faults_served;
+    let faults_before = faults_served(sd)?;
     let pid = parent.pid().unwrap_or(0);
     let (host_before, sd_cpu_before) = (page_faults(pid), cpu_ms(sd.pid()));
     let kvm_before = kvm_counter("pf_fixed");
@@ -832,10 +835,7 @@ fn merge_once(
             )
         })
         .unwrap_or_default();
-    let faults = Client::connect(sd.socket())?
-        .stats()?
-        .faults_served
-        .saturating_sub(faults_before);
+    let faults = faults_served(sd)?.saturating_sub(faults_before);
     anyhow::ensure!(x == mib.to_string(), "merge lost the winner's x: {x}");
     // A steady exec of the merged parent: no wake-up, its working set mapped (in the
     // "store ingesting" rows snapshotd may still be ingesting beside it).
